@@ -1,0 +1,1 @@
+"""kernelscope service: REST API, Redis store, stream workers, embedded mode and CLI."""

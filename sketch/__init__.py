@@ -1,0 +1,1 @@
+"""kernelscope sketch core: sketch operators, kernel statistics and entropy estimators (no I/O)."""

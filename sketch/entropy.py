@@ -1,0 +1,595 @@
+"""First-order entropy change ``dH1`` of a policy-gradient step and its diagnostics (math.md §2-4).
+
+Everything is computed from the step's kernel ``K`` (float64 ``[n, n]``, rows in the order of
+``StepSequences``) and the per-sequence metadata:
+
+* ``c_i = lambda_i A_i`` (:func:`update_coefficients`, math.md §2): ``g_hat = sum_i c_i w_i``;
+* ``h_j = -(S_j - Sbar_{p,-j}) / (B M_p)`` (:func:`entropy_coefficients`, math.md §3):
+  ``grad_hat H = sum_j h_j w_j``;
+* ``dH1 = eta sum_{j in E, i in U} h_j W(j, i) K(j, i) c_i`` (math.md §4) with
+
+  - ``independent``: E = entropy-role rows, U = update-role rows, W = 1 (E, U disjoint);
+  - ``u_statistic``: E = U = update-role rows, W = 0 for ``j = i``, ``M_p / (M_p - 1)`` for
+    ``j != i`` of the same prompt (U-statistic normalisation, see :func:`pair_products`;
+    math.md's plain ``j != i`` sum is biased by ``(M_p - 1) / M_p`` on that part), 1 across
+    prompts;
+  - ``plugin``: E = U = update-role rows, W = 1 (``j = i`` included: biased).
+
+See docs/estimators.md for every returned number, its conventions and edge cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sketch.kernel import FloatArray, check_kernel
+from sketch.noise_scale import NoiseScale, noise_scale
+from sketch.realized import Realized, realized_from_entropies, realized_from_logprobs
+from sketch.second_order import delta_h2 as second_order_delta_h2
+from sketch.second_order import displacement
+from sketch.sequences import (
+    BoolArray,
+    Normalization,
+    Role,
+    StepSequences,
+    group_sizes,
+    leave_one_out_mean,
+)
+
+
+class Estimator(str, Enum):
+    """Which pairs ``(j in E, i in U)`` enter ``dH1`` (math.md §4)."""
+
+    INDEPENDENT = "independent"
+    U_STATISTIC = "u_statistic"
+    PLUGIN = "plugin"
+
+
+# ----------------------------------------------------------------------------- coefficients
+
+
+def update_coefficients(
+    seqs: StepSequences,
+    normalization: Normalization | str = Normalization.DR_GRPO,
+    max_length: int | None = None,
+) -> FloatArray:
+    """``c_i = lambda_i A_i``, float64 ``[n]``, zero for non-update rows (math.md §2).
+
+    ``B`` = number of distinct prompts among update rows, ``G_p`` = update rows of prompt ``p``:
+
+    * ``dr_grpo``: ``lambda_i = 1 / (B G_p L_max(p))`` with ``L_max(p) = max_length`` when given,
+      else the largest ``n_i`` among the update rows of ``p``;
+    * ``grpo``: ``lambda_i = 1 / (B G_p n_i)``;
+    * ``sequence_mean``: ``lambda_i = 1 / (B G_p)``;
+    * a finite per-sequence ``weight`` overrides ``lambda_i``.
+
+    Raises ``ValueError`` when a needed length is 0 (a zero divisor).
+    """
+    norm = Normalization(normalization)
+    upd = seqs.update_mask
+    codes, prompts = seqs.prompt_index(upd)
+    c = np.zeros(seqs.n, dtype=np.float64)
+    if not prompts:
+        return c
+    B = float(len(prompts))
+    G = group_sizes(codes).astype(np.float64)
+    idx = np.flatnonzero(upd)
+    # Only rows without an explicit weight need the normalisation's lengths.
+    default = idx[np.isnan(seqs.weight[idx])]
+    lam = np.full(seqs.n, np.nan)
+    if norm is Normalization.SEQUENCE_MEAN:
+        lam[default] = 1.0 / (B * G[default])
+    elif norm is Normalization.GRPO:
+        lengths = seqs.num_tokens[default].astype(np.float64)
+        if np.any(lengths <= 0):
+            raise ValueError("grpo normalisation needs num_tokens >= 1 for every update sequence")
+        lam[default] = 1.0 / (B * G[default] * lengths)
+    else:
+        if max_length is not None:
+            if max_length <= 0:
+                raise ValueError(f"max_length must be positive, got {max_length}")
+            L = np.full(seqs.n, float(max_length))
+        else:
+            per_prompt = np.zeros(len(prompts))
+            np.maximum.at(per_prompt, codes[idx], seqs.num_tokens[idx].astype(np.float64))
+            L = np.zeros(seqs.n)
+            L[idx] = per_prompt[codes[idx]]
+        if np.any(L[default] <= 0):
+            raise ValueError("dr_grpo normalisation needs a positive max length for every prompt")
+        lam[default] = 1.0 / (B * G[default] * L[default])
+    explicit = idx[~np.isnan(seqs.weight[idx])]
+    lam[explicit] = seqs.weight[explicit]
+    c[idx] = lam[idx] * seqs.advantage[idx]
+    return c
+
+
+def entropy_coefficients(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
+    """``h_j = -(S_j - Sbar_{p,-j}) / (B M_p)``, float64 ``[n]``, 0 outside ``mask`` (math.md §3).
+
+    ``B`` = number of distinct prompts among the masked rows, ``M_p`` = masked rows of prompt
+    ``p``; ``Sbar_{p,-j}`` is the leave-one-out mean (0 when ``M_p = 1``).
+    """
+    keep = np.asarray(mask, dtype=bool)
+    codes, prompts = seqs.prompt_index(keep)
+    h = np.zeros(seqs.n, dtype=np.float64)
+    if not prompts:
+        return h
+    B = float(len(prompts))
+    M = group_sizes(codes).astype(np.float64)
+    base = leave_one_out_mean(seqs.logprob, codes)
+    h[keep] = -(seqs.logprob[keep] - base[keep]) / (B * M[keep])
+    return h
+
+
+def default_estimator(seqs: StepSequences) -> Estimator:
+    """``independent`` when the step has entropy-role rows, else ``u_statistic``."""
+    return Estimator.INDEPENDENT if seqs.entropy_mask.any() else Estimator.U_STATISTIC
+
+
+def estimator_sets(
+    seqs: StepSequences, estimator: Estimator | str
+) -> tuple[BoolArray, BoolArray, bool]:
+    """``(E mask, U mask, exclude_diagonal)`` for an estimator (math.md §4 table)."""
+    est = Estimator(estimator)
+    upd = seqs.update_mask
+    if est is Estimator.INDEPENDENT:
+        return seqs.entropy_mask, upd, False
+    return upd.copy(), upd, est is Estimator.U_STATISTIC
+
+
+# ----------------------------------------------------------------------------- result types
+
+
+@dataclass(frozen=True)
+class PairTypeValue:
+    """One pair type's part of ``dH1`` and its share ``value / dH1`` (``None`` when dH1 = 0)."""
+
+    value: float
+    share: float | None
+
+
+@dataclass(frozen=True)
+class Quadrant:
+    """``sum`` of ``a_i`` and ``count`` of update sequences in one quadrant.
+
+    ``advantage``: ``"positive"`` (``A_i > 0``) or ``"negative"`` (``A_i <= 0``; ``A_i = 0`` has
+    ``a_i = 0`` and only adds to the count).  ``logprob``: ``"above_mean"`` (``S_i`` > the mean
+    of ``S`` over its prompt's update rows) or ``"below_mean"`` (``<=``, so a prompt's single
+    sequence is ``below_mean``).
+    """
+
+    advantage: str
+    logprob: str
+    sum: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """What drives ``dH1``: pair types, quadrants of update sequences, parameter groups."""
+
+    pair_types: dict[str, PairTypeValue]
+    quadrants: list[Quadrant]
+    groups: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class SequenceContribution:
+    """One sequence's part of ``dH1``.
+
+    ``a``: ``a_i = eta c_i sum_j h_j K(j, i)`` when it is an update row of the estimator (else
+    ``None``); ``b``: ``b_j = eta h_j sum_i K(j, i) c_i`` when it is an entropy row of the
+    estimator (else ``None``); ``u_statistic`` leaves out ``j = i`` in both sums.  ``c`` and
+    ``h`` are its coefficients (``None`` outside U / E).
+    """
+
+    id: str
+    prompt_id: str
+    role: str
+    advantage: float
+    logprob: float
+    num_tokens: int
+    a: float | None
+    b: float | None
+    c: float | None
+    h: float | None
+
+
+@dataclass(frozen=True)
+class EntropyChange:
+    """The answer of ``GET .../steps/{step}/entropy`` (architecture.md), see docs/estimators.md.
+
+    ``delta_h1_plus_h2`` adds ``delta_h2`` to the first-order change along the same update
+    (``delta_h1_applied`` when the applied update is known, else ``delta_h1``).
+    ``ratio = delta_h1 / realized.delta_h`` (``None`` without a realized change or when it is 0).
+    """
+
+    delta_h1: float
+    estimator: Estimator
+    se_sampling: float
+    se_sketch: float
+    decomposition: Decomposition
+    per_sequence: list[SequenceContribution]
+    delta_h1_diag: float | None
+    cov_baseline: float | None
+    noise_scale: NoiseScale
+    learning_rate: float
+    step_norm: float
+    normalization: Normalization
+    num_update: int
+    num_entropy: int
+    num_prompts: int
+    delta_h1_applied: float | None = None
+    delta_h2: float | None = None
+    delta_h1_plus_h2: float | None = None
+    realized: Realized | None = None
+    ratio: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready plain Python: floats, ints, str, lists, dicts; ``None`` for missing/NaN."""
+        out = _plain(self)
+        assert isinstance(out, dict)
+        return out
+
+
+def _plain(obj: Any) -> Any:
+    """Recursively convert dataclasses, enums and numpy values; NaN/Inf become ``None``."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_plain(v) for v in obj.tolist()]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _share(value: float, total: float) -> float | None:
+    return value / total if total != 0.0 else None
+
+
+@dataclass(frozen=True)
+class PairProducts:
+    """Pair sums of ``h_j W(j, i) K(j, i) c_i`` (without ``eta``) for one estimator.
+
+    ``W(j, i)`` is the estimator's pair weight (math.md §4 and docs/estimators.md): 1 for every
+    pair in ``independent`` and ``plugin``; in ``u_statistic`` 0 for ``j = i`` and
+    ``M_p / (M_p - 1)`` for ``j != i`` of the same prompt (the U-statistic normalisation that
+    makes the same-prompt part unbiased, see :func:`pair_products`), 1 across prompts.
+
+    ``row_b[j] = sum_i W(j, i) K(j, i) c_i`` and ``row_a[i] = sum_j h_j W(j, i) K(j, i)``
+    (float64 ``[n]``), and the totals by pair type.
+    """
+
+    row_b: FloatArray
+    row_a: FloatArray
+    diagonal: float
+    same_prompt: float
+    cross_prompt: float
+
+    @property
+    def total(self) -> float:
+        return self.diagonal + self.same_prompt + self.cross_prompt
+
+
+def pair_products(
+    K: FloatArray,
+    h: FloatArray,
+    c: FloatArray,
+    seqs: StepSequences,
+    ent: BoolArray,
+    estimator: Estimator,
+) -> PairProducts:
+    """The pair sums of ``dH1 / eta`` for ``estimator``, by per-prompt blocks (cost ``sum G_p^2``).
+
+    Why ``M_p / (M_p - 1)`` in ``u_statistic``: ``h`` and ``c`` each carry ``1 / M_p`` (mean over
+    the prompt's samples), so the ``M_p^2`` same-prompt pairs estimate the product of two means;
+    dropping the ``M_p`` diagonal pairs leaves ``M_p (M_p - 1)`` pairs, whose plain sum has
+    expectation ``(M_p - 1) / M_p`` times the target.  Rescaling by ``M_p / (M_p - 1)`` is the
+    usual U-statistic ``1 / (M (M - 1))`` normalisation.  A prompt with ``M_p = 1`` has no
+    same-prompt pair in ``u_statistic`` (its same-prompt part cannot be estimated; see
+    docs/estimators.md).
+    """
+    codes_all, _ = seqs.prompt_index()
+    codes_ent, _ = seqs.prompt_index(ent)
+    M = group_sizes(codes_ent)
+    ustat = estimator is Estimator.U_STATISTIC
+    Kc = K @ c
+    Kh = K.T @ h
+    row_b = Kc.copy()
+    row_a = Kh.copy()
+    diagonal = 0.0
+    same = 0.0
+    within_total = 0.0
+    for p in np.unique(codes_all):
+        rows = np.flatnonzero(codes_all == p)
+        hp = h[rows]
+        cp = c[rows]
+        if not (hp.any() or cp.any()):
+            continue
+        block = K[np.ix_(rows, rows)]
+        s_c = block @ cp  # sum over i in p of K(j, i) c_i, j = i included
+        s_h = block.T @ hp
+        dblock = np.diag(block)
+        within = float(hp @ s_c)
+        diag_here = float(np.sum(hp * dblock * cp))
+        within_total += within
+        if ustat:
+            m = int(M[rows][M[rows] > 0].max(initial=0))
+            factor = m / (m - 1) if m >= 2 else 0.0
+            row_b[rows] += (factor - 1.0) * s_c - factor * dblock * cp
+            row_a[rows] += (factor - 1.0) * s_h - factor * dblock * hp
+            same += factor * (within - diag_here)
+        else:
+            diagonal += diag_here
+            same += within - diag_here
+    cross = float(h @ Kc) - within_total
+    return PairProducts(
+        row_b=row_b, row_a=row_a, diagonal=diagonal, same_prompt=same, cross_prompt=cross
+    )
+
+
+def first_order_change(
+    K: NDArray[Any],
+    seqs: StepSequences,
+    learning_rate: float,
+    estimator: Estimator | str | None = None,
+    normalization: Normalization | str = Normalization.DR_GRPO,
+    max_length: int | None = None,
+) -> float:
+    """Only ``dH1`` (the ``delta_h1`` of :func:`entropy_change`), without the diagnostics."""
+    mat = check_kernel(K, seqs.n)
+    est = default_estimator(seqs) if estimator is None else Estimator(estimator)
+    ent, _ = _checked_sets(seqs, est)
+    c = update_coefficients(seqs, normalization, max_length)
+    h = entropy_coefficients(seqs, ent)
+    return float(learning_rate) * pair_products(mat, h, c, seqs, ent, est).total
+
+
+def _checked_sets(seqs: StepSequences, est: Estimator) -> tuple[BoolArray, BoolArray]:
+    ent, upd, _ = estimator_sets(seqs, est)
+    if not upd.any():
+        raise ValueError("the step has no update-role sequences: nothing drives the step")
+    if not ent.any():
+        raise ValueError(
+            "the independent estimator needs entropy-role sequences; use u_statistic or plugin"
+        )
+    return ent, upd
+
+
+def covariance_baseline(seqs: StepSequences) -> float | None:
+    """``-(1/B) sum_p Cov_{i in p}(S_i, A_i)`` over update rows (Cui et al. 2025, Thm. 2).
+
+    Sample covariance with ``ddof = 1`` per prompt; prompts with a single update row have no
+    covariance and contribute 0 but still count in ``B``.  ``None`` without update rows.
+    """
+    upd = seqs.update_mask
+    codes, prompts = seqs.prompt_index(upd)
+    if not prompts:
+        return None
+    total = 0.0
+    for p in range(len(prompts)):
+        rows = codes == p
+        if rows.sum() < 2:
+            continue
+        S = seqs.logprob[rows]
+        A = seqs.advantage[rows]
+        total += float(np.sum((S - S.mean()) * (A - A.mean())) / (S.size - 1))
+    return -total / len(prompts)
+
+
+def _quadrants(seqs: StepSequences, a: FloatArray, upd: BoolArray) -> list[Quadrant]:
+    codes, prompts = seqs.prompt_index(upd)
+    sums = np.bincount(codes[upd], weights=seqs.logprob[upd], minlength=len(prompts))
+    sizes = np.bincount(codes[upd], minlength=len(prompts))
+    mean = np.zeros(seqs.n)
+    mean[upd] = sums[codes[upd]] / sizes[codes[upd]]
+    positive = seqs.advantage > 0
+    above = seqs.logprob > mean
+    out = []
+    for adv_name, adv in (("positive", positive), ("negative", ~positive)):
+        for lp_name, lp in (("above_mean", above), ("below_mean", ~above)):
+            rows = upd & adv & lp
+            out.append(Quadrant(adv_name, lp_name, float(a[rows].sum()), int(rows.sum())))
+    return out
+
+
+def _se_sampling(seqs: StepSequences, b: FloatArray, ent: BoolArray) -> float:
+    """``sqrt(sum_p M_p var_{j in E ∩ p}(b_j))`` with the unbiased sample variance (ddof = 1);
+    prompts with ``M_p = 1`` have no within-prompt spread and contribute 0."""
+    codes, prompts = seqs.prompt_index(ent)
+    total = 0.0
+    for p in range(len(prompts)):
+        bp = b[codes == p]
+        if bp.size >= 2:
+            total += bp.size * float(np.var(bp, ddof=1))
+    return math.sqrt(total)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def entropy_change(
+    K: NDArray[Any],
+    seqs: StepSequences,
+    learning_rate: float,
+    *,
+    estimator: Estimator | str | None = None,
+    normalization: Normalization | str = Normalization.DR_GRPO,
+    max_length: int | None = None,
+    k_applied: NDArray[Any] | None = None,
+    sketch_variance_factor: float = 0.0,
+    group_kernels: Mapping[str, NDArray[Any]] | None = None,
+    realized: Realized | float | None = None,
+    entropy_before: float | None = None,
+    entropy_after: float | None = None,
+) -> EntropyChange:
+    """Predict the first-order entropy change of the step and explain it (math.md §2–§6).
+
+    Parameters
+    ----------
+    K: float64 ``[n, n]`` kernel over the step's sequences in ``seqs`` order (``K = Y Y^T``).
+    seqs: the step's sequences.
+    learning_rate: ``eta``.
+    estimator: ``independent`` / ``u_statistic`` / ``plugin``; default
+        :func:`default_estimator`.  ``independent`` without entropy-role rows raises.
+    normalization, max_length: how ``lambda_i`` is set (math.md §2).
+    k_applied: float64 ``[n]``, ``K(j, u) = <w_j, u>`` with the applied update row ``u``.
+    sketch_variance_factor: the sketch's ``c`` in ``Var(<Phi a, Phi b>) <= c (|a|^2 |b|^2 +
+        <a, b>^2)`` (``1/k`` for dense kinds, 0 for ``exact``).
+    group_kernels: ``{group: K_g}`` with ``sum_g K_g = K`` for the per-group split of dH1.
+    realized: an explicit realized change (a :class:`Realized` or a number); else the posted
+        ``entropy_before`` / ``entropy_after`` when both are given; else the estimate from
+        ``logprob_after`` (:func:`sketch.realized.realized_from_logprobs`) when available.
+
+    Raises ``ValueError`` on shape mismatches, non-finite inputs, a step without update-role
+    rows, or ``independent`` without entropy-role rows.
+    """
+    eta = float(learning_rate)
+    if not math.isfinite(eta):
+        raise ValueError("learning_rate must be finite")
+    if not (math.isfinite(sketch_variance_factor) and sketch_variance_factor >= 0):
+        raise ValueError("sketch_variance_factor must be finite and >= 0")
+    mat = check_kernel(K, seqs.n)
+    est = default_estimator(seqs) if estimator is None else Estimator(estimator)
+    norm = Normalization(normalization)
+    ent, upd = _checked_sets(seqs, est)
+
+    c = update_coefficients(seqs, norm, max_length)
+    h = entropy_coefficients(seqs, ent)
+    dK = np.diag(mat).copy()
+    pairs = pair_products(mat, h, c, seqs, ent, est)
+    b = eta * h * pairs.row_b
+    a = eta * c * pairs.row_a
+    delta_h1 = eta * pairs.total
+    pair_types = {
+        name: PairTypeValue(value, _share(value, delta_h1))
+        for name, value in (
+            ("diagonal", eta * pairs.diagonal),
+            ("same_prompt", eta * pairs.same_prompt),
+            ("cross_prompt", eta * pairs.cross_prompt),
+        )
+    }
+
+    groups: dict[str, float] | None = None
+    if group_kernels is not None:
+        groups = {
+            str(name): eta * pair_products(check_kernel(Kg, seqs.n), h, c, seqs, ent, est).total
+            for name, Kg in group_kernels.items()
+        }
+
+    # Diagonal-kernel approximation, always with h over the update rows.
+    h_upd = entropy_coefficients(seqs, upd)
+    delta_h1_diag = eta * float(np.sum(h_upd * dK * c))
+
+    # Sketch error bar: u = grad_hat H, v = g_hat, all in sketched units.
+    Kc = mat @ c
+    u2 = max(float(h @ (mat @ h)), 0.0)
+    v2 = max(float(c @ Kc), 0.0)
+    uv = float(h @ Kc)
+    se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * (u2 * v2 + uv * uv))
+
+    delta_h1_applied: float | None = None
+    if k_applied is not None:
+        applied = np.asarray(k_applied, dtype=np.float64).reshape(-1)
+        if applied.shape != (seqs.n,) or not np.all(np.isfinite(applied)):
+            raise ValueError(f"k_applied must be {seqs.n} finite values")
+        delta_h1_applied = float(h @ applied)
+
+    d = displacement(mat, c, eta, k_applied)
+    dh2 = second_order_delta_h2(seqs, ent, d)
+    first = delta_h1_applied if delta_h1_applied is not None else delta_h1
+    total = None if dh2 is None else first + dh2
+
+    if isinstance(realized, Realized):
+        real: Realized | None = realized
+    elif realized is not None:
+        real = Realized(delta_h=float(realized), source="given")
+    elif entropy_before is not None and entropy_after is not None:
+        real = realized_from_entropies(entropy_before, entropy_after)
+    else:
+        real = realized_from_logprobs(seqs)
+    ratio = None
+    if real is not None and real.delta_h != 0.0:
+        ratio = delta_h1 / real.delta_h
+
+    per_sequence = [
+        SequenceContribution(
+            id=seqs.ids[i],
+            prompt_id=seqs.prompt_ids[i],
+            role=seqs.role[i].value,
+            advantage=float(seqs.advantage[i]),
+            logprob=float(seqs.logprob[i]),
+            num_tokens=int(seqs.num_tokens[i]),
+            a=float(a[i]) if upd[i] else None,
+            b=float(b[i]) if ent[i] else None,
+            c=float(c[i]) if upd[i] else None,
+            h=float(h[i]) if ent[i] else None,
+        )
+        for i in range(seqs.n)
+    ]
+
+    return EntropyChange(
+        delta_h1=delta_h1,
+        estimator=est,
+        se_sampling=_se_sampling(seqs, b, ent),
+        se_sketch=se_sketch,
+        decomposition=Decomposition(
+            pair_types=pair_types, quadrants=_quadrants(seqs, a, upd), groups=groups
+        ),
+        per_sequence=per_sequence,
+        delta_h1_diag=delta_h1_diag,
+        cov_baseline=covariance_baseline(seqs),
+        noise_scale=noise_scale(mat, c, seqs.prompt_ids, upd),
+        learning_rate=eta,
+        step_norm=abs(eta) * math.sqrt(v2),
+        normalization=norm,
+        num_update=int(upd.sum()),
+        num_entropy=int(ent.sum()),
+        num_prompts=len(seqs.prompt_index(upd)[1]),
+        delta_h1_applied=delta_h1_applied,
+        delta_h2=dh2,
+        delta_h1_plus_h2=total,
+        realized=real,
+        ratio=ratio,
+    )
+
+
+__all__ = [
+    "Decomposition",
+    "EntropyChange",
+    "Estimator",
+    "PairTypeValue",
+    "Quadrant",
+    "Role",
+    "SequenceContribution",
+    "covariance_baseline",
+    "default_estimator",
+    "entropy_change",
+    "entropy_coefficients",
+    "estimator_sets",
+    "first_order_change",
+    "pair_products",
+    "update_coefficients",
+]

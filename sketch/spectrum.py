@@ -1,0 +1,155 @@
+"""Spectrum of the Fisher kernel (math.md §5).
+
+``K = Y Y^T`` has the eigenvalues ``s^2`` of the singular values ``s`` of ``Y`` and the left
+singular vectors of ``Y`` as eigenvectors.  A ``k``-dimensional sketch has rank
+``<= min(k, n)``; when ``k < n`` the thin SVD of the ``n x k`` matrix is both cheaper and more
+accurate than ``eigh`` of the ``n x n`` kernel (no roundoff-sized spurious eigenvalues).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from sketch.kernel import FloatArray, as_float64, check_kernel
+
+#: Relative tolerance for negative eigenvalues: ``eigh`` of a PSD matrix returns eigenvalues
+#: down to about ``-n * eps * lambda_max``.  Anything in ``[-tol, 0)`` with
+#: ``tol = NEGATIVE_TOLERANCE * max(n, 1) * max|lambda|`` is roundoff and clipped to 0; a more
+#: negative eigenvalue means the input is not a kernel and raises ``ValueError``.
+NEGATIVE_TOLERANCE = 1e-10
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigen-summary of a kernel.
+
+    Attributes
+    ----------
+    eigenvalues: float64 ``[n]``, descending, >= 0 (zeros past the rank of a thin sketch).
+    trace: ``sum_i K(i, i)``.
+    effective_rank: ``exp(-sum q log q)``, ``q = lambda / sum lambda`` (0 for the zero kernel).
+    participation_ratio: ``(sum lambda)^2 / sum lambda^2`` (0 for the zero kernel).
+    eigenvectors: float64 ``[min(top, ...), n]`` (one eigenvector per row, unit norm, sign fixed so
+        that its largest-magnitude entry is positive) or ``None`` when ``top == 0``.
+    """
+
+    eigenvalues: FloatArray
+    trace: float
+    effective_rank: float
+    participation_ratio: float
+    eigenvectors: FloatArray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form matching ``GET .../kernel/spectrum``."""
+        out: dict[str, Any] = {
+            "eigenvalues": [float(x) for x in self.eigenvalues],
+            "trace": float(self.trace),
+            "effective_rank": float(self.effective_rank),
+            "participation_ratio": float(self.participation_ratio),
+        }
+        if self.eigenvectors is not None:
+            out["eigenvectors"] = [[float(x) for x in row] for row in self.eigenvectors]
+        return out
+
+
+def _clip_eigenvalues(values: FloatArray, n: int) -> FloatArray:
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    tol = NEGATIVE_TOLERANCE * max(n, 1) * scale
+    if values.size and float(values.min()) < -tol:
+        raise ValueError(
+            f"kernel is not positive semidefinite: eigenvalue {float(values.min()):.3e} "
+            f"below -{tol:.3e}"
+        )
+    return np.clip(values, 0.0, None)
+
+
+def _fix_signs(vectors: FloatArray) -> FloatArray:
+    """Make the largest-magnitude entry of every column positive (deterministic output)."""
+    if vectors.size == 0:
+        return vectors
+    pivot = vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])]
+    signs = np.where(pivot < 0, -1.0, 1.0)
+    return np.asarray(vectors * signs[None, :], dtype=np.float64)
+
+
+def spectral_summary(eigenvalues: FloatArray) -> tuple[float, float]:
+    """``(effective_rank, participation_ratio)`` of non-negative eigenvalues.
+
+    ``0 log 0 = 0``; both are 0 when every eigenvalue is 0.
+    """
+    total = float(eigenvalues.sum())
+    if total <= 0.0:
+        return 0.0, 0.0
+    q = eigenvalues / total
+    q = q[q > 0]
+    effective_rank = float(np.exp(-np.sum(q * np.log(q))))
+    participation_ratio = total**2 / float(np.sum(eigenvalues**2))
+    return effective_rank, participation_ratio
+
+
+def spectrum(
+    Y: torch.Tensor | NDArray[Any] | None = None,
+    K: NDArray[Any] | None = None,
+    top: int = 0,
+) -> Spectrum:
+    """Spectrum of ``K`` (given directly) or of ``K = Y Y^T`` (from the sketch matrix).
+
+    Parameters
+    ----------
+    Y: sketch matrix ``[n, k]`` (any float dtype; upcast to float64).  Preferred when given:
+        the SVD path is used when ``k < n``, ``eigh`` of ``Y Y^T`` otherwise.
+    K: kernel ``[n, n]`` (used when ``Y`` is None): ``eigh`` in float64.
+    top: number of leading eigenvectors to return; capped at ``n`` and, on the SVD path,
+        at ``k`` (beyond the rank bound the eigenvectors of eigenvalue 0 are arbitrary).
+    """
+    if top < 0:
+        raise ValueError("top must be >= 0")
+    if Y is not None:
+        rows = as_float64(Y)
+        if rows.ndim != 2:
+            raise ValueError(f"sketch matrix must be 2-D [n, k], got shape {rows.shape}")
+        if not np.all(np.isfinite(rows)):
+            raise ValueError("sketch matrix contains NaN or Inf")
+        n, k = rows.shape
+        trace = float(np.sum(rows * rows))
+        if k < n:
+            U, s, _ = np.linalg.svd(rows, full_matrices=False)
+            values = np.zeros(n, dtype=np.float64)
+            values[: s.size] = s**2  # already descending; the rest of the rank is exactly 0
+            vectors = U
+        else:
+            mat = rows @ rows.T
+            values, vectors = _eigh_descending(0.5 * (mat + mat.T))
+    elif K is not None:
+        mat = check_kernel(K)
+        n = mat.shape[0]
+        trace = float(np.trace(mat))
+        values, vectors = _eigh_descending(0.5 * (mat + mat.T))
+    else:
+        raise ValueError("give the sketch matrix Y or the kernel K")
+    values = _clip_eigenvalues(values, n)
+    effective_rank, participation_ratio = spectral_summary(values)
+    eigenvectors = None
+    if top > 0:
+        # Past the rank bound min(k, n) the eigenvectors of eigenvalue 0 are arbitrary: cap.
+        eigenvectors = np.ascontiguousarray(_fix_signs(vectors[:, :top]).T)
+    return Spectrum(
+        eigenvalues=values,
+        trace=trace,
+        effective_rank=effective_rank,
+        participation_ratio=participation_ratio,
+        eigenvectors=eigenvectors,
+    )
+
+
+def _eigh_descending(mat: FloatArray) -> tuple[FloatArray, FloatArray]:
+    if mat.shape[0] == 0:
+        return np.zeros(0), np.zeros((0, 0))
+    values, vectors = np.linalg.eigh(mat)
+    order = np.argsort(values)[::-1]
+    return np.asarray(values[order], dtype=np.float64), np.asarray(vectors[:, order])

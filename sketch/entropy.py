@@ -209,7 +209,9 @@ class EntropyChange:
 
     ``delta_h1_plus_h2`` adds ``delta_h2`` to the first-order change along the same update
     (``delta_h1_applied`` when the applied update is known, else ``delta_h1``).
-    ``ratio = delta_h1 / realized.delta_h`` (``None`` without a realized change or when it is 0).
+    ``ratio = realized.delta_h / delta_h1``: how many times the linear prediction the step really
+    moved (math.md §6: "1.05x the linear one"); ``None`` without a realized change or when
+    ``delta_h1`` is 0.
     """
 
     delta_h1: float
@@ -531,8 +533,8 @@ def entropy_change(
     else:
         real = realized_from_logprobs(seqs)
     ratio = None
-    if real is not None and real.delta_h != 0.0:
-        ratio = delta_h1 / real.delta_h
+    if real is not None and delta_h1 != 0.0:
+        ratio = real.delta_h / delta_h1
 
     per_sequence = [
         SequenceContribution(

@@ -503,7 +503,7 @@ def test_to_dict_is_json_ready_without_nan() -> None:
     assert len(d["per_sequence"]) == seqs.n
     assert isinstance(d["per_sequence"][0]["role"], str)
     assert d["realized"]["source"] == "logprob_after"
-    assert d["ratio"] == pytest.approx(out.delta_h1 / out.realized.delta_h)  # type: ignore[union-attr]
+    assert d["ratio"] == pytest.approx(out.realized.delta_h / out.delta_h1)  # type: ignore[union-attr]
 
 
 def test_realized_precedence() -> None:
@@ -522,7 +522,7 @@ def test_realized_precedence() -> None:
     assert auto.realized is not None and auto.realized.source == "logprob_after"
     posted = entropy_change(K, seqs, 1.0, entropy_before=10.0, entropy_after=9.5)
     assert posted.realized is not None and posted.realized.delta_h == pytest.approx(-0.5)
-    assert posted.ratio == pytest.approx(posted.delta_h1 / -0.5)
+    assert posted.ratio == pytest.approx(-0.5 / posted.delta_h1)
     given = entropy_change(K, seqs, 1.0, realized=0.25, entropy_before=1.0, entropy_after=2.0)
     assert given.realized == Realized(delta_h=0.25, source="given")
 

@@ -1,0 +1,345 @@
+"""Analysis of a step: assemble its sketch matrix from the stored parts and call ``sketch/``.
+
+The matrix ``Y`` (float64 ``[n, k]``, rows in the step's sequence order) is the sum of the
+partial sketches of every sketched upload, per sequence id (math.md §7: partial sketches add
+up).  ``K = Y Y^T`` is the Fisher kernel.  Everything CPU-heavy here is synchronous and is run
+by the routes in a worker thread (``run_in_threadpool``) so that the event loop stays free.
+
+Results are cached in Redis under the step's data version (see :mod:`service.store`), so a
+repeated query is a hash lookup and any new part or metadata invalidates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_np
+from safetensors.numpy import save as save_np
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ProblemError
+from service.keys import APPLIED_UPDATE_ID
+from service.store import StepCounts, StepSnapshot, Store
+from service.uploads import read_header, sequence_ids
+from sketch.base import Sketcher
+from sketch.blocks import block_statistics
+from sketch.entropy import entropy_change
+from sketch.groups import GroupedSketcher
+from sketch.kernel import cosine, kernel_from_rows
+from sketch.sequences import StepSequences
+from sketch.spec import SketchSpec, build_sketcher
+from sketch.spectrum import spectrum
+
+MAX_WAIT_S = 300.0
+SPECTRUM_HEAD = 8
+
+
+def sketcher_for_run(run: Mapping[str, Any]) -> Sketcher:
+    """Build the run's sketcher from its stored spec (``sketch.spec.build_sketcher``)."""
+    return build_sketcher(SketchSpec.from_dict(run["sketch"]), run.get("parameters"))
+
+
+@lru_cache(maxsize=64)
+def _cached_sketcher(spec_json: str) -> Sketcher:
+    return sketcher_for_run(json.loads(spec_json))
+
+
+def run_sketcher(run: Mapping[str, Any]) -> Sketcher:
+    """The run's sketcher, memoised per spec in this process."""
+    keep = ("sketch", "parameters")
+    return _cached_sketcher(json.dumps({k: run.get(k) for k in keep}))
+
+
+@dataclass
+class StepMatrix:
+    """A step's assembled data at one version.
+
+    ``Y``: float64 ``[n, k]``, row ``i`` the summed sketch of ``seqs.ids[i]``; ``applied``:
+    float64 ``[k]`` sketch of the applied update ``u`` (id ``__applied_update__``) or None.
+    """
+
+    version: int
+    seqs: StepSequences
+    Y: np.ndarray
+    applied: np.ndarray | None
+    learning_rate: float
+    max_length: int | None
+    entropy_before: float | None
+    entropy_after: float | None
+
+    def role_rows(self, role: str) -> np.ndarray:
+        """Row indices of ``role`` (``update``, ``entropy`` or ``all``), in step order."""
+        if role == "all":
+            return np.arange(self.seqs.n)
+        return np.flatnonzero(self.seqs.role_mask(role))
+
+
+def assemble(snapshot: StepSnapshot) -> StepMatrix:
+    """Sum the parts per sequence id and align them with the metadata.
+
+    Raises a 409 problem listing ``missing_rows`` (metadata without sketched data) and
+    ``rows_without_metadata`` (sketched ids without metadata); both may still arrive.
+    """
+    sums: dict[str, np.ndarray] = {}
+    for part in snapshot.parts.values():
+        arrays = load_np(part)
+        for i, seq_id in enumerate(sequence_ids(read_header(part)[1])):
+            row = arrays["sketch"][i].astype(np.float64)
+            if seq_id in sums:
+                sums[seq_id] += row
+            else:
+                sums[seq_id] = row
+    ids = [i for i in snapshot.order if i in snapshot.sequences]
+    missing = [i for i in ids if i not in sums]
+    orphans = sorted(i for i in sums if i not in snapshot.sequences and i != APPLIED_UPDATE_ID)
+    if missing or orphans:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} sequences have no sketched rows: {missing[:20]}")
+        if orphans:
+            parts.append(f"{len(orphans)} sketched ids have no metadata: {orphans[:20]}")
+        raise ProblemError(
+            409,
+            "; ".join(parts) + " (post them, then ask again)",
+            title="Step incomplete",
+            missing_rows=missing,
+            rows_without_metadata=orphans,
+        )
+    if not ids:
+        raise ProblemError(409, "the step has no sequence metadata yet", title="Step incomplete")
+    seqs = StepSequences.from_records([snapshot.sequences[i] for i in ids])
+    f = snapshot.step_fields
+    return StepMatrix(
+        version=snapshot.version,
+        seqs=seqs,
+        Y=np.stack([sums[i] for i in ids]),
+        applied=sums.get(APPLIED_UPDATE_ID),
+        learning_rate=float(f.get("learning_rate", "0")),
+        max_length=int(f["max_length"]) if "max_length" in f else None,
+        entropy_before=float(f["entropy_before"]) if "entropy_before" in f else None,
+        entropy_after=float(f["entropy_after"]) if "entropy_after" in f else None,
+    )
+
+
+def _matrix_bytes(m: StepMatrix) -> bytes:
+    tensors = {"Y": np.ascontiguousarray(m.Y)}
+    if m.applied is not None:
+        tensors["applied"] = np.ascontiguousarray(m.applied)
+    meta = {
+        "records": json.dumps(m.seqs.to_records()),
+        "fields": json.dumps(
+            [m.learning_rate, m.max_length, m.entropy_before, m.entropy_after, m.version]
+        ),
+    }
+    return save_np(tensors, metadata=meta)
+
+
+def _matrix_from_bytes(data: bytes) -> StepMatrix:
+    # float64 tensors: outside the upload dtypes that read_header accepts, so parsed here
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+    arrays = load_np(data)
+    lr, max_length, before, after, version = json.loads(meta["fields"])
+    return StepMatrix(
+        version=int(version),
+        seqs=StepSequences.from_records(json.loads(meta["records"])),
+        Y=arrays["Y"],
+        applied=arrays.get("applied"),
+        learning_rate=float(lr),
+        max_length=max_length,
+        entropy_before=before,
+        entropy_after=after,
+    )
+
+
+def step_problem(status: dict[str, Any], detail: str) -> ProblemError:
+    """A 409 carrying the step status (``step_status`` member)."""
+    return ProblemError(409, detail, title="Step not ready", step_status=status)
+
+
+async def ready_step(
+    store: Store, run_id: str, step: int, wait: float, max_sequences: int
+) -> StepCounts:
+    """The step's counts once it is ``ready``; polls up to ``wait`` seconds.
+
+    404 if the step does not exist; 409 with the status when it is ``failed`` or still not
+    ready after ``wait`` (0 = answer at once); 422 when it has more than ``max_sequences``
+    sequences (checked before anything is loaded).
+    """
+    deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
+    while True:
+        counts = await store.step_counts(run_id, step)
+        if not counts.exists:
+            raise ProblemError(404, f"run {run_id!r} has no step {step}")
+        state = counts.state
+        if state == "ready":
+            if counts.sequences > max_sequences:
+                raise ProblemError(
+                    422,
+                    f"{counts.sequences} sequences exceed KERNELSCOPE_MAX_SEQUENCES="
+                    f"{max_sequences} for an n x n analysis",
+                )
+            return counts
+        remaining = deadline - time.monotonic()
+        if state == "failed" or remaining <= 0:
+            if state == "failed":
+                detail = "an upload of this step failed (see errors); re-send it to retry"
+            elif counts.pending_uploads:
+                detail = f"{counts.pending_uploads} uploads still queued; retry or use ?wait="
+            else:
+                detail = "the step has no sketched rows or no sequence metadata yet"
+            raise step_problem(counts.status(run_id, step), detail)
+        await asyncio.sleep(min(0.1, remaining))
+
+
+async def load_matrix(store: Store, run_id: str, step: int) -> StepMatrix:
+    """The step's assembled matrix at its current version (cached in Redis)."""
+    version = await store.version(run_id, step)
+    cached = await store.cache_get(run_id, step, version, "matrix")
+    if cached is not None:
+        return await run_in_threadpool(_matrix_from_bytes, cached)
+    snapshot = await store.snapshot(run_id, step)
+    matrix = await run_in_threadpool(assemble, snapshot)
+    data = await run_in_threadpool(_matrix_bytes, matrix)
+    await store.cache_put(run_id, step, matrix.version, "matrix", data)
+    return matrix
+
+
+async def cached_result(
+    store: Store,
+    run_id: str,
+    step: int,
+    query: str,
+    compute: Callable[[StepMatrix], bytes],
+    after: Callable[[StepMatrix, bytes], Any] | None = None,
+) -> bytes:
+    """``compute(matrix)`` at the step's current version, from the cache when possible.
+
+    ``after`` (async) runs once per freshly computed result (the entropy summary).
+    """
+    version = await store.version(run_id, step)
+    cached = await store.cache_get(run_id, step, version, query)
+    if cached is not None:
+        return cached
+    matrix = await load_matrix(store, run_id, step)
+    try:
+        result = await run_in_threadpool(compute, matrix)
+    except ValueError as exc:  # the core refuses inputs it cannot analyse (sketch/ docstrings)
+        raise ProblemError(422, f"cannot compute {query.split('|')[0]}: {exc}") from None
+    await store.cache_put(run_id, step, matrix.version, query, result)
+    if after is not None:
+        await after(matrix, result)
+    return result
+
+
+# --------------------------------------------------------------------------- computations
+# Each returns JSON bytes (or npy bytes), ready to cache and to send.
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=False).encode()
+
+
+def _role_kernel(m: StepMatrix, role: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = m.role_rows(role)
+    if rows.size == 0:
+        raise ProblemError(422, f"the step has no {role!r} sequences")
+    return rows, kernel_from_rows(m.Y[rows])
+
+
+def kernel_matrix(m: StepMatrix, role: str, normalize: bool) -> tuple[list[str], np.ndarray]:
+    """``(ids, K)`` over ``role``, or the cosine ``rho`` with ``normalize``."""
+    rows, K = _role_kernel(m, role)
+    return [m.seqs.ids[i] for i in rows], (cosine(K) if normalize else K)
+
+
+def kernel_json(m: StepMatrix, role: str, normalize: bool) -> bytes:
+    ids, K = kernel_matrix(m, role, normalize)
+    return _json({"ids": ids, "matrix": K.tolist()})
+
+
+def kernel_npy(m: StepMatrix, role: str, normalize: bool) -> bytes:
+    """``K`` as an .npy body (``numpy.save``, float64 ``[n, n]``)."""
+    _, K = kernel_matrix(m, role, normalize)
+    buf = io.BytesIO()
+    np.save(buf, K, allow_pickle=False)
+    return buf.getvalue()
+
+
+def diagonal_json(m: StepMatrix, role: str) -> bytes:
+    rows = m.role_rows(role)
+    values = np.einsum("ij,ij->i", m.Y[rows], m.Y[rows])
+    return _json(
+        [
+            {"id": m.seqs.ids[i], "prompt_id": m.seqs.prompt_ids[i], "value": float(v)}
+            for i, v in zip(rows, values, strict=True)
+        ]
+    )
+
+
+def spectrum_json(m: StepMatrix, role: str, top: int) -> bytes:
+    rows = m.role_rows(role)
+    if rows.size == 0:
+        raise ProblemError(422, f"the step has no {role!r} sequences")
+    return _json(spectrum(Y=m.Y[rows], top=min(top, int(rows.size))).to_dict())
+
+
+def blocks_json(m: StepMatrix, role: str) -> bytes:
+    rows, K = _role_kernel(m, role)
+    return _json(block_statistics(K, [m.seqs.prompt_ids[i] for i in rows]).to_dict())
+
+
+def entropy_json(
+    m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher, estimator: str | None
+) -> bytes:
+    """``sketch.entropy.entropy_change`` on the step (math.md §4), as JSON bytes."""
+    K = kernel_from_rows(m.Y)
+    group_kernels = None
+    if isinstance(sketcher, GroupedSketcher):  # K = sum_g K_g over the groups' columns
+        group_kernels = {
+            g: kernel_from_rows(m.Y[:, sl]) for g, sl in sketcher.group_slices().items()
+        }
+    k_applied = None if m.applied is None else m.Y @ m.applied
+    result = entropy_change(
+        K,
+        m.seqs,
+        m.learning_rate,
+        estimator=estimator,
+        normalization=run["normalization"],
+        max_length=m.max_length,
+        k_applied=k_applied,
+        sketch_variance_factor=float(sketcher.variance_factor()),
+        group_kernels=group_kernels,
+        entropy_before=m.entropy_before,
+        entropy_after=m.entropy_after,
+    )
+    return _json(result.to_dict())
+
+
+def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-step row kept without TTL for ``GET /v1/runs/{run_id}/entropy``."""
+    realized = entropy.get("realized")
+    rows = m.role_rows("update")
+    head: list[float] = []
+    if rows.size:
+        head = [float(x) for x in spectrum(Y=m.Y[rows]).eigenvalues[:SPECTRUM_HEAD]]
+    return {
+        "delta_h1": entropy["delta_h1"],
+        "estimator": entropy["estimator"],
+        "se_sampling": entropy["se_sampling"],
+        "se_sketch": entropy["se_sketch"],
+        "realized": None if realized is None else realized.get("delta_h"),
+        "ratio": entropy.get("ratio"),
+        "delta_h1_applied": entropy.get("delta_h1_applied"),
+        "delta_h2": entropy.get("delta_h2"),
+        "spectrum_head": head,
+        "version": m.version,
+    }

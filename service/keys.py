@@ -1,0 +1,117 @@
+"""The Redis key layout (documented in docs/keys.md).
+
+Every key starts with the configurable prefix ``P`` (``KERNELSCOPE_KEY_PREFIX``, default ``ks``).
+Keys of one run carry the hash tag ``{r:<run_id>}`` so that a Redis Cluster keeps a run's keys
+in one slot (multi-key transactions and ``MGET`` over one run stay legal); the job streams carry
+the tag ``{jobs}``.  Run ids and sequence ids are validated against ``ID_PATTERN`` before they
+reach a key, so no input can name a key outside its own run.
+
+=====================================  ======  ==============================================
+key                                    type    content
+=====================================  ======  ==============================================
+``P:runs``                             zset    run ids, score = creation time (unix seconds)
+``P:{r:R}:spec``                       string  the run spec, JSON (never changes)
+``P:{r:R}:steps``                      zset    step numbers that have data, score = step
+``P:{r:R}:summary``                    hash    step -> JSON summary of its last entropy
+                                               analysis (no TTL: the run's history)
+``P:{r:R}:s:S:step``                   hash    learning_rate, max_length, entropy_before/after
+``P:{r:R}:s:S:seqs``                   hash    sequence id -> JSON metadata (upsert by id)
+``P:{r:R}:s:S:order``                  zset    sequence id, score = first-seen position
+``P:{r:R}:s:S:uploads``                hash    upload id -> JSON record (state, ids, error)
+``P:{r:R}:s:S:raw:U``                  string  raw upload body (claim check, TTL raw_ttl_s)
+``P:{r:R}:s:S:part:U``                 string  partial sketch of upload U, safetensors
+                                               ``sketch`` [n, k] float32 + ``sequence_ids``
+``P:{r:R}:s:S:version``                string  counter, INCR on any change of parts/sequences
+``P:{r:R}:s:S:cache``                  hash    "<version>|<query>" -> cached result bytes
+``P:{jobs}:stream``                    stream  jobs {run_id, step, upload_id, kind}; group
+                                               ``workers``
+``P:{jobs}:dead``                      stream  dead-lettered jobs with their error
+=====================================  ======  ==============================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+"""Run ids and sequence ids: letters, digits and ``._:-``, 1 to 128 characters."""
+ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # use fullmatch: "$" would allow a "\n"
+APPLIED_UPDATE_ID = "__applied_update__"
+"""Reserved sequence id of the applied-update row ``u = theta_after - theta_before`` (math.md)."""
+GROUP = "workers"
+"""Consumer group of the job stream."""
+
+
+def check_id(value: str) -> str:
+    """Return ``value`` if it is a legal run or sequence id, else raise ``ValueError``."""
+    if not ID_RE.fullmatch(value):
+        raise ValueError(f"invalid id {value[:140]!r}: expected {ID_PATTERN}")
+    return value
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key builder for one prefix.  Every method returns ``bytes``-safe ``str`` keys."""
+
+    prefix: str
+
+    # global keys
+    @property
+    def runs(self) -> str:
+        return f"{self.prefix}:runs"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.prefix}:{{jobs}}:stream"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:{{jobs}}:dead"
+
+    # per run
+    def run_base(self, run_id: str) -> str:
+        return f"{self.prefix}:{{r:{check_id(run_id)}}}"
+
+    def spec(self, run_id: str) -> str:
+        return f"{self.run_base(run_id)}:spec"
+
+    def steps(self, run_id: str) -> str:
+        return f"{self.run_base(run_id)}:steps"
+
+    def summary(self, run_id: str) -> str:
+        return f"{self.run_base(run_id)}:summary"
+
+    def run_pattern(self, run_id: str) -> str:
+        """``SCAN MATCH`` pattern of every key of the run (the hash tag braces escaped)."""
+        return f"{self.prefix}:\\{{r:{check_id(run_id)}\\}}:*"
+
+    # per step
+    def step_base(self, run_id: str, step: int) -> str:
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        return f"{self.run_base(run_id)}:s:{int(step)}"
+
+    def step(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:step"
+
+    def seqs(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:seqs"
+
+    def order(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:order"
+
+    def uploads(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:uploads"
+
+    def raw(self, run_id: str, step: int, upload_id: str) -> str:
+        return f"{self.step_base(run_id, step)}:raw:{check_id(upload_id)}"
+
+    def part(self, run_id: str, step: int, upload_id: str) -> str:
+        return f"{self.step_base(run_id, step)}:part:{check_id(upload_id)}"
+
+    def version(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:version"
+
+    def cache(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:cache"

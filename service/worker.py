@@ -1,0 +1,321 @@
+"""The stream worker: sketch queued uploads into partial sketches (architecture.md, step 4).
+
+One loop, arq-like::
+
+    reclaim jobs idle past claim_idle_ms (XAUTOCLAIM)   -- a crashed worker's jobs
+    else read new jobs (XREADGROUP, group "workers", up to worker_batch, blocking)
+    group them by (run, step); per group: one run spec, one MGET of the raw bodies, one sketcher
+    per job: sketch in a thread -> store the part, mark done, unlink raw, XACK (one MULTI)
+             failure -> retried by whoever reclaims it; after max_attempts deliveries -> dead letter
+
+Any number of workers on any hosts may share one Redis: the consumer group hands each job to
+one consumer, a part is keyed by its upload id (a job done twice writes the same value), and
+consumer names are unique (host-pid-random).  SIGTERM / SIGINT set the stop event: the current
+batch finishes, then the worker exits.
+
+Run: ``python -m service.worker --redis-url redis://... --device auto|cpu|cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from service.analysis import run_sketcher
+from service.keys import GROUP
+from service.metrics import (
+    mark_process_dead,
+    record_job,
+    record_rows_sketched,
+    record_worker_heartbeat,
+)
+from service.settings import Settings
+from service.store import UPLOAD_QUEUED, Store
+from service.uploads import read_header, sequence_ids
+from sketch.base import Sketcher
+
+log = logging.getLogger("kernelscope.worker")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch sees no CUDA device")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def consumer_name() -> str:
+    """A consumer name unique across hosts and restarts: ``host-pid-random``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.device) -> bytes:
+    """Turn a validated upload into its partial sketch (safetensors bytes).
+
+    ``gradients``: every tensor (``param`` or ``param@offset``) is moved to ``device`` and
+    sketched; the sum over tensors is ``[n, k]``.  ``sketches``: the client's ``sketch``
+    ``[n, k]`` as float32.  The part holds ``sketch`` float32 ``[n, k]`` and the metadata
+    ``sequence_ids`` (row order).
+    """
+    _, metadata = read_header(body)
+    ids = sequence_ids(metadata)
+    tensors = load_safetensors(body)
+    if kind == "sketches":
+        rows = tensors["sketch"].to(torch.float32)
+    else:
+        with torch.no_grad():
+            rows = sketcher.sketch({k: v.to(device) for k, v in tensors.items()})
+    rows = rows.to(device="cpu", dtype=torch.float32).contiguous()
+    if rows.shape != (len(ids), sketcher.dim):
+        raise ValueError(
+            f"sketch has shape {list(rows.shape)}, expected [{len(ids)}, {sketcher.dim}]"
+        )
+    if not torch.isfinite(rows).all():
+        raise ValueError("the sketch of this upload is not finite (overflow in float32?)")
+    return save_safetensors({"sketch": rows}, metadata={"sequence_ids": json.dumps(ids)})
+
+
+class Worker:
+    """A consumer of the job stream.
+
+    ``Worker(settings, device="auto").run(stop)`` processes jobs until ``stop`` is set (then
+    finishes the batch in hand).  Pass ``redis`` to share a client (embedded mode); otherwise
+    one is opened from ``settings.redis_url`` and closed on exit.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        device: str = "auto",
+        *,
+        redis: Redis | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.device = resolve_device(device)
+        self.name = name or consumer_name()
+        self._redis = redis
+        self.processed = 0
+        self.failed = 0
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Process jobs until ``stop`` is set."""
+        stop = stop or asyncio.Event()
+        redis = self._redis
+        if redis is None:
+            if not self.settings.redis_url:
+                raise RuntimeError("the worker needs a Redis: set REDIS_URL or --redis-url")
+            redis = Redis.from_url(self.settings.redis_url, decode_responses=False)
+        store = Store(redis, self.settings.key_prefix, self.settings.raw_ttl_s)
+        await store.ensure_group()
+        # Register now (XREADGROUP on an empty stream does not): operators and tests can see
+        # a live worker in XINFO CONSUMERS before it gets its first job.
+        await redis.xgroup_createconsumer(store.keys.stream, GROUP, self.name)
+        log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
+        try:
+            while not stop.is_set():
+                record_worker_heartbeat(self.name)
+                try:
+                    await self._iteration(store)
+                except (RedisError, OSError) as exc:
+                    # Redis restarting or unreachable: jobs in hand stay pending and are
+                    # reclaimed; a Redis that lost the group (no persistence) gets it back.
+                    log.warning("redis error (%s: %s); retrying in 1 s", type(exc).__name__, exc)
+                    await asyncio.sleep(1.0)
+                    with contextlib.suppress(RedisError, OSError):
+                        await store.ensure_group()
+        finally:
+            await self._leave(store)
+            if self._redis is None:
+                await redis.aclose()
+
+    async def _iteration(self, store: Store) -> None:
+        """Read one batch, group it by (run, step), process each group."""
+        entries = await self._next_batch(store)
+        if not entries:
+            return
+        if self.settings.worker_stall_s:
+            await asyncio.sleep(self.settings.worker_stall_s)
+        groups: dict[tuple[str, int], list[Entry]] = defaultdict(list)
+        for entry_id, fields in entries:
+            groups[(fields[b"run_id"].decode(), int(fields[b"step"]))].append((entry_id, fields))
+        for (run_id, step), jobs in groups.items():
+            await self._process(store, run_id, step, jobs)
+
+    async def _leave(self, store: Store) -> None:
+        """Remove this consumer from the group unless it still holds jobs (DELCONSUMER
+        would drop them; a crashed worker's jobs stay for XAUTOCLAIM)."""
+        try:
+            pending = await store.redis.xpending_range(
+                store.keys.stream, GROUP, "-", "+", 1, consumername=self.name
+            )
+            if not pending:
+                await store.redis.xgroup_delconsumer(store.keys.stream, GROUP, self.name)
+        except Exception as exc:  # best effort on the way out
+            log.warning("could not leave the consumer group: %s", exc)
+
+    async def _next_batch(self, store: Store) -> list[Entry]:
+        """Reclaimed jobs first (they are the oldest), else new ones (blocking read)."""
+        s = self.settings
+        claimed = await store.redis.xautoclaim(
+            store.keys.stream, GROUP, self.name, s.claim_idle_ms, "0-0", count=s.worker_batch
+        )
+        entries = [(e[0], e[1]) for e in claimed[1] if e and e[1]]
+        if entries:
+            log.info("reclaimed %d idle jobs", len(entries))
+            return entries
+        read: Any = await store.redis.xreadgroup(
+            GROUP,
+            self.name,
+            {store.keys.stream: ">"},
+            count=s.worker_batch,
+            block=s.worker_block_ms,
+        )
+        return [(e[0], e[1]) for _, batch in read or [] for e in batch if e[1]]
+
+    async def _deliveries(self, store: Store, entry_ids: list[bytes]) -> list[int]:
+        """How often each entry was delivered (XPENDING): crashes and failures both count."""
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for entry_id in entry_ids:
+                pipe.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
+            answers = await pipe.execute()
+        return [int(a[0]["times_delivered"]) if a else 1 for a in answers]
+
+    async def _process(self, store: Store, run_id: str, step: int, jobs: list[Entry]) -> None:
+        run = await store.get_run(run_id)
+        upload_ids = [fields[b"upload_id"].decode() for _, fields in jobs]
+        bodies = await store.raw_bodies(run_id, step, upload_ids) if run else [None] * len(jobs)
+        deliveries = await self._deliveries(store, [entry_id for entry_id, _ in jobs])
+        for (entry_id, fields), upload_id, body, delivered in zip(
+            jobs, upload_ids, bodies, deliveries, strict=True
+        ):
+            record = await store.upload_record(run_id, step, upload_id) if run else None
+            if run is None or record is None or record["state"] != UPLOAD_QUEUED:
+                await store.ack(entry_id)  # run deleted, or the job was already finished
+                continue
+            if delivered > self.settings.max_attempts:
+                last = record.get("last_error") or "the worker was lost while processing it"
+                await self._dead(store, run_id, step, upload_id, entry_id, delivered - 1, last)
+                continue
+            if body is None:
+                error = "raw upload expired or deleted before it was sketched (raw_ttl_s)"
+                await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
+                continue
+            started = time.perf_counter()
+            keep = asyncio.create_task(self._keep_claimed(store, entry_id))
+            try:
+                sketcher = run_sketcher(run)  # memoised per run spec
+                part = await asyncio.to_thread(
+                    sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
+                )
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                log.warning("job %s (upload %s) failed: %s", entry_id, upload_id, error)
+                if delivered >= self.settings.max_attempts:
+                    await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
+                else:  # stays pending; reclaimed after claim_idle_ms by any worker
+                    await store.record_error(run_id, step, upload_id, error)
+                    record_job(0.0, "retry")
+                continue
+            finally:
+                keep.cancel()
+            await store.complete_upload(run_id, step, upload_id, entry_id, part)
+            record_rows_sketched(int(record["rows"]))
+            record_job(time.perf_counter() - started, "ok")
+            self.processed += 1
+            log.info("sketched upload %s of %s/%d (%s)", upload_id, run_id, step, self.name)
+
+    async def _keep_claimed(self, store: Store, entry_id: bytes | str) -> None:
+        """While a job is being sketched, reset its idle time (XCLAIM JUSTID to ourselves,
+        which does not count as a delivery) so that a slow job is not taken over by another
+        worker as if this one had died."""
+        period = max(self.settings.claim_idle_ms / 3000.0, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            with contextlib.suppress(RedisError):  # a missed beat only risks a duplicate run
+                await store.redis.xclaim(
+                    store.keys.stream, GROUP, self.name, 0, [entry_id], justid=True
+                )
+
+    async def _dead(
+        self,
+        store: Store,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        entry_id: bytes,
+        attempts: int,
+        error: str,
+    ) -> None:
+        log.error("dead-lettering upload %s of %s/%d: %s", upload_id, run_id, step, error)
+        self.failed += 1
+        record_job(0.0, "dead_letter")
+        await store.dead_letter(run_id, step, upload_id, entry_id, error, attempts)
+
+
+async def run_worker(
+    settings: Settings, device: str = "auto", stop: asyncio.Event | None = None
+) -> Worker:
+    """Run one worker until ``stop`` is set or SIGTERM/SIGINT arrives; returns it (counts)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # not possible outside the main thread or on non-POSIX loops: then stop is the only way
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    worker = Worker(settings, device)
+    await worker.run(stop)
+    return worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m service.worker [--redis-url URL] [--device auto|cpu|cuda]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.worker", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--redis-url", default=None, help="default: REDIS_URL / KERNELSCOPE_REDIS_URL"
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--key-prefix", default=None, help="default: KERNELSCOPE_KEY_PREFIX or ks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("KERNELSCOPE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    overrides: dict[str, Any] = {}
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    if args.key_prefix:
+        overrides["key_prefix"] = args.key_prefix
+    settings = Settings(**overrides)
+    try:
+        asyncio.run(run_worker(settings, args.device))
+    finally:
+        mark_process_dead()  # multiprocess metrics: drop this process's live gauges
+
+
+if __name__ == "__main__":
+    main()

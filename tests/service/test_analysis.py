@@ -1,0 +1,242 @@
+"""Analysis routes with an in-process worker (``service.worker.Worker``, as the embedded mode
+runs it): applied-update row, parameter groups, entropy-role rows, realized entropies,
+cache invalidation, incomplete steps, the size limit, and the run's entropy history."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from redis.asyncio import Redis
+
+from service.analysis import sketcher_for_run
+from service.app import create_app
+from service.keys import APPLIED_UPDATE_ID, Keys
+from service.settings import Settings
+from service.worker import Worker
+from sketch.entropy import entropy_change
+from sketch.groups import GroupedSketcher
+from sketch.kernel import kernel_from_rows
+from sketch.realized import realized_from_entropies
+from sketch.sequences import StepSequences
+from tests.service.conftest import OCTET, StepData, assert_kernel_close, safetensors_body
+
+
+def drain(settings: Settings) -> Worker:
+    """Run one in-process worker until the job stream is empty (every job acked)."""
+
+    async def go() -> Worker:
+        stop = asyncio.Event()
+        worker = Worker(settings.model_copy(update={"worker_block_ms": 50}), device="cpu")
+        task = asyncio.create_task(worker.run(stop))
+        redis = Redis.from_url(str(settings.redis_url))
+        try:
+            for _ in range(1200):
+                if task.done() or await redis.xlen(Keys(settings.key_prefix).stream) == 0:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await task
+            await redis.aclose()
+        return worker
+
+    return asyncio.run(go())
+
+
+def post(api: TestClient, path: str, **kwargs: Any) -> dict[str, Any]:
+    response = api.post(path, **kwargs)
+    assert response.status_code in (200, 201, 202), response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+GROUPS = [{"name": "attn", "pattern": r".*\.attn\..*", "dim": 24}]
+
+
+def test_entropy_with_groups_applied_update_entropy_role_and_realized(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    data = step_data
+    n = len(data.ids)
+    run = post(
+        client,
+        "/v1/runs",
+        json={
+            "run_id": "g",
+            "sketch": {"kind": "gaussian", "dim": 40, "seed": 2, "groups": GROUPS},
+        },
+    )
+    sketcher = sketcher_for_run(run)
+    assert isinstance(sketcher, GroupedSketcher)
+    assert run["k"] == sketcher.dim == 64
+    # the last prompt's responses become entropy-role samples; logprob_after on all
+    seqs = [dict(s) for s in data.sequences]
+    for i, s in enumerate(seqs):
+        s["logprob_after"] = s["logprob"] + 0.01 * (i - 2)
+        if s["prompt_id"] == "p1":
+            s["role"] = "entropy"
+    gen = torch.Generator().manual_seed(9)
+    u = {k: 1e-3 * torch.randn(v.shape[1:], generator=gen) for k, v in data.grads.items()}
+    post(client, "/v1/runs/g/steps/4/sequences", json={"learning_rate": 0.05, "sequences": seqs})
+    post(client, "/v1/runs/g/steps/4/realized", json={"entropy_before": 10.0, "entropy_after": 9.5})
+    post(
+        client,
+        "/v1/runs/g/steps/4/gradients",
+        content=safetensors_body(data.grads, data.ids),
+        headers=OCTET,
+    )
+    post(
+        client,
+        "/v1/runs/g/steps/4/gradients",
+        content=safetensors_body({k: v[None] for k, v in u.items()}, [APPLIED_UPDATE_ID]),
+        headers=OCTET,
+    )
+    assert drain(settings).processed == 2
+    status = client.get("/v1/runs/g/steps/4").json()
+    assert status["state"] == "ready" and status["rows"] == n and status["applied_update"]
+
+    got = client.get("/v1/runs/g/steps/4/entropy", params={"estimator": "independent"}).json()
+    Y = sketcher.sketch(data.grads).double().numpy()
+    y_u = sketcher.sketch({k: v[None] for k, v in u.items()}).double().numpy()[0]
+    groups = {g: kernel_from_rows(Y[:, sl]) for g, sl in sketcher.group_slices().items()}
+    want = entropy_change(
+        kernel_from_rows(Y),
+        StepSequences.from_records(seqs),
+        0.05,
+        estimator="independent",
+        k_applied=Y @ y_u,
+        sketch_variance_factor=sketcher.variance_factor(),
+        group_kernels=groups,
+        entropy_before=10.0,
+        entropy_after=9.5,
+    ).to_dict()
+    for field in ("delta_h1", "delta_h1_applied", "se_sampling", "se_sketch", "ratio"):
+        assert got[field] == pytest.approx(want[field], rel=1e-5), field
+    assert got["realized"]["delta_h"] == pytest.approx(realized_from_entropies(10.0, 9.5).delta_h)
+    assert set(got["decomposition"]["groups"]) == {"attn", "default"}
+    assert got["decomposition"]["groups"] == pytest.approx(
+        want["decomposition"]["groups"], rel=1e-5
+    )
+    assert sum(got["decomposition"]["groups"].values()) == pytest.approx(got["delta_h1"], rel=1e-6)
+
+    kernel_update = client.get("/v1/runs/g/steps/4/kernel", params={"role": "update"}).json()
+    assert kernel_update["ids"] == [
+        i for i, s in zip(data.ids, seqs, strict=True) if s.get("role") != "entropy"
+    ]
+    every = client.get("/v1/runs/g/steps/4/kernel", params={"role": "all", "normalize": True})
+    rho = np.array(every.json()["matrix"])
+    np.testing.assert_allclose(np.diag(rho), 1.0, rtol=1e-9)
+
+    # the default-estimator query writes the history row; new metadata invalidates the cache
+    first = client.get("/v1/runs/g/steps/4/entropy").json()
+    history = client.get("/v1/runs/g/entropy").json()["steps"]
+    assert history[0]["step"] == 4 and history[0]["delta_h1"] == first["delta_h1"]
+    assert history[0]["realized"] == pytest.approx(-0.5)
+    assert len(history[0]["spectrum_head"]) == min(8, 3)
+    seqs[0] = {**seqs[0], "advantage": seqs[0]["advantage"] + 1.0}
+    post(
+        client, "/v1/runs/g/steps/4/sequences", json={"learning_rate": 0.05, "sequences": seqs[:1]}
+    )
+    second = client.get("/v1/runs/g/steps/4/entropy").json()
+    assert second["delta_h1"] != first["delta_h1"]
+    assert client.get("/v1/runs/g/entropy").json()["steps"][0]["delta_h1"] == second["delta_h1"]
+    detail = client.get("/v1/runs/g").json()
+    assert [s["step"] for s in detail["steps"]] == [4] and detail["k"] == 64
+
+
+def test_incomplete_step_names_the_missing_ids(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    data = step_data
+    post(client, "/v1/runs", json={"run_id": "m", "sketch": {"kind": "countsketch", "dim": 16}})
+    seqs = [*data.sequences[:4], {**data.sequences[0], "id": "extra"}]
+    post(client, "/v1/runs/m/steps/0/sequences", json={"learning_rate": 0.1, "sequences": seqs})
+    rows = slice(1, 6)  # p0-r1 .. p1-r2: p0-r0 and "extra" have no rows, p1-r1, p1-r2 no metadata
+    post(
+        client,
+        "/v1/runs/m/steps/0/gradients",
+        content=safetensors_body({k: v[rows] for k, v in data.grads.items()}, data.ids[rows]),
+        headers=OCTET,
+    )
+    drain(settings)
+    assert client.get("/v1/runs/m/steps/0").json()["state"] == "ready"
+    response = client.get("/v1/runs/m/steps/0/kernel")
+    assert response.status_code == 409
+    body = response.json()
+    assert body["missing_rows"] == ["p0-r0", "extra"]
+    assert body["rows_without_metadata"] == ["p1-r1", "p1-r2"]
+
+
+def test_too_many_sequences_is_422(settings: Settings, step_data: StepData) -> None:
+    small = settings.model_copy(update={"max_sequences": 4})
+    with TestClient(create_app(small)) as api:
+        post(api, "/v1/runs", json={"run_id": "big", "sketch": {"kind": "countsketch", "dim": 8}})
+        post(
+            api,
+            "/v1/runs/big/steps/0/sequences",
+            json={"learning_rate": 0.1, "sequences": step_data.sequences},
+        )
+        post(
+            api,
+            "/v1/runs/big/steps/0/gradients",
+            content=safetensors_body(step_data.grads, step_data.ids),
+            headers=OCTET,
+        )
+        drain(small)
+        response = api.get("/v1/runs/big/steps/0/kernel")
+        assert (
+            response.status_code == 422 and "KERNELSCOPE_MAX_SEQUENCES" in response.json()["detail"]
+        )
+
+
+def test_client_sketch_upload_adds_to_gradient_rows(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    """A client-made sketch of some parameters plus raw rows of the others give the sketch of
+    the whole gradient (math.md §7)."""
+    data = step_data
+    run = post(
+        client, "/v1/runs", json={"run_id": "mix", "sketch": {"kind": "rademacher", "dim": 32}}
+    )
+    sketcher = sketcher_for_run(run)
+    names = list(data.grads)
+    client_part = sketcher.sketch({k: data.grads[k] for k in names[:5]})
+    post(
+        client,
+        "/v1/runs/mix/steps/0/sketches",
+        content=safetensors_body({"sketch": client_part}, data.ids),
+        headers=OCTET,
+    )
+    post(
+        client,
+        "/v1/runs/mix/steps/0/gradients",
+        content=safetensors_body({k: data.grads[k] for k in names[5:]}, data.ids),
+        headers=OCTET,
+    )
+    post(
+        client,
+        "/v1/runs/mix/steps/0/sequences",
+        json={"learning_rate": 0.1, "sequences": data.sequences},
+    )
+    drain(settings)
+    K = np.array(client.get("/v1/runs/mix/steps/0/kernel").json()["matrix"])
+    Y = sketcher.sketch(data.grads).double().numpy()
+    assert_kernel_close(K, Y @ Y.T)
+    # an estimator the step cannot support is a 422 problem, not a 500
+    refused = client.get("/v1/runs/mix/steps/0/entropy", params={"estimator": "independent"})
+    assert refused.status_code == 422 and "entropy-role" in refused.json()["detail"]
+
+
+def test_health_metrics_dashboard_and_delete(client: TestClient, settings: Settings) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "redis": True, "detail": None}
+    post(client, "/v1/runs", json={"run_id": "d", "sketch": {"kind": "countsketch", "dim": 4}})
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200 and "kernelscope_queue_length" in metrics.text
+    assert client.get("/").status_code == 200
+    assert client.delete("/v1/runs/d").status_code == 204
+    assert client.get("/v1/runs").json() == []

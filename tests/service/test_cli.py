@@ -1,0 +1,267 @@
+"""The ``kernelscope`` command line: help texts, and ``runs`` / ``report`` against a live service.
+
+The live service is ``embedded_service`` on the test Redis (``redis_url`` fixture) with a
+worker, fed one tiny GPT-2 GRPO step with exact per-sequence gradients (``step_data``), so the
+numbers in the report are the ones the real API computes; the tests look them up in the API's
+JSON and find them, formatted by ``format_number``, in the printed tables.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+import torch
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.embedded import embedded_service
+from service.report import format_number
+from service.settings import Settings
+from tests.service.conftest import StepData, safetensors_body
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "240", "KERNELSCOPE_URL": "", "KERNELSCOPE_TOKEN": ""}
+RUN_ID = "cli-run"
+STEP = 3
+TOKEN = "s3cret-token"
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, list(args), env=WIDE)
+
+
+def test_top_level_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    for command in ("serve", "worker", "runs", "report", "demo"):
+        assert command in result.output
+    assert "KERNELSCOPE_" in result.output and "REDIS_URL" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            "serve",
+            [
+                "--host",
+                "--port",
+                "--workers-in-process",
+                "--no-worker",
+                "--data-dir",
+                "127.0.0.1",
+                "8000",
+                "embedded",
+                "kernelscope serve",
+            ],
+        ),
+        ("worker", ["--device", "--redis-url", "auto", "cuda", "kernelscope worker"]),
+        ("runs", ["--url", "--token", "http://127.0.0.1:8000", "kernelscope runs"]),
+        (
+            "report",
+            ["--estimator", "--top", "--head", "--wait", "RUN", "STEP", "kernelscope report"],
+        ),
+    ],
+)
+def test_each_command_help_explains_defaults_and_examples(
+    command: str, expected: list[str]
+) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    for text in expected:
+        assert text in result.output, (command, text)
+
+
+def test_worker_without_redis_exits_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_URL", "KERNELSCOPE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    result = invoke("worker", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "REDIS_URL" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_worker_on_cuda_without_a_gpu_exits_with_a_clear_error() -> None:
+    result = invoke("worker", "--device", "cuda", "--redis-url", "redis://127.0.0.1:1/0")
+    assert result.exit_code == 2
+    assert "cuda" in result.output.lower()
+
+
+@dataclass
+class Live:
+    url: str
+    api: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def live(
+    redis_url: str, step_data: StepData, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Live]:
+    """A service (token-protected) holding one analysed step ``RUN_ID/STEP``."""
+    prefix = f"kstest-cli-{secrets.token_hex(4)}"
+    settings = Settings(
+        redis_url=redis_url,
+        key_prefix=prefix,
+        token=TOKEN,
+        data_dir=tmp_path_factory.mktemp("unused"),
+        worker_block_ms=100,
+    )
+    try:
+        with embedded_service(settings, port=0, workers=1, device="cpu") as svc:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            with httpx.Client(base_url=svc.url, headers=headers, timeout=60) as api:
+                _push_step(api, step_data)
+                yield Live(svc.url, api)
+    finally:
+        client = redis_sync.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.unlink(*keys)
+        client.close()
+
+
+def _push_step(api: httpx.Client, data: StepData) -> None:
+    run = {
+        "run_id": RUN_ID,
+        "sketch": {"kind": "exact", "dim": 1},
+        "parameters": data.parameters,
+    }
+    assert api.post("/v1/runs", json=run).status_code == 201
+    # logprob_after gives the realized change and the second-order term a value.
+    sequences = [
+        {**s, "logprob_after": s["logprob"] + 0.01 * (k % 3 - 1)}
+        for k, s in enumerate(data.sequences)
+    ]
+    body = {"learning_rate": data.learning_rate, "sequences": sequences}
+    r = api.post(f"/v1/runs/{RUN_ID}/steps/{STEP}/sequences", json=body)
+    assert r.status_code == 200, r.text
+    r = api.post(
+        f"/v1/runs/{RUN_ID}/steps/{STEP}/gradients",
+        content=safetensors_body(data.grads, data.ids),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 60
+    while api.get(f"/v1/runs/{RUN_ID}/steps/{STEP}").json()["state"] != "ready":
+        assert time.monotonic() < deadline, "the step did not become ready"
+        time.sleep(0.05)
+
+
+def test_runs_lists_the_run(live: Live, step_data: StepData) -> None:
+    result = invoke("runs", "--url", live.url, "--token", TOKEN)
+    assert result.exit_code == 0, result.output
+    n_params = sum(_numel(shape) for shape in step_data.parameters.values())
+    for text in (RUN_ID, "exact", str(n_params), "dr_grpo", "sgd"):
+        assert text in result.output, text
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def test_runs_needs_the_token(live: Live) -> None:
+    result = invoke("runs", "--url", live.url)
+    assert result.exit_code == 1
+    assert "401" in result.output
+
+
+def test_report_step_shows_the_api_numbers(live: Live, step_data: StepData) -> None:
+    result = invoke("report", RUN_ID, str(STEP), "--url", live.url, "--token", TOKEN, "--top", "6")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    base = f"/v1/runs/{RUN_ID}/steps/{STEP}"
+    entropy = live.api.get(f"{base}/entropy").json()
+    spectrum = live.api.get(f"{base}/kernel/spectrum").json()
+    blocks = live.api.get(f"{base}/kernel/blocks").json()
+
+    expected: dict[str, Any] = {
+        "state": "ready",
+        "rows": len(step_data.ids),
+        "dH1": entropy["delta_h1"],
+        "se_sampling": entropy["se_sampling"],
+        "dH1_diag": entropy["delta_h1_diag"],
+        "cov_baseline": entropy["cov_baseline"],
+        "dH2": entropy["delta_h2"],
+        "realized": entropy["realized"]["delta_h"],
+        "ratio": entropy["ratio"],
+        "eigenvalue 1": spectrum["eigenvalues"][0],
+        "eigenvalue 2": spectrum["eigenvalues"][1],
+        "effective rank": spectrum["effective_rank"],
+        "participation ratio": spectrum["participation_ratio"],
+        "trace": spectrum["trace"],
+        "mean K diagonal": blocks["diagonal"]["mean_k"],
+        "mean rho cross": blocks["cross_prompt"]["mean_rho"],
+        "same-prompt share": blocks["same_prompt"]["share_frobenius"],
+    }
+    for name, pair in entropy["decomposition"]["pair_types"].items():
+        expected[f"pair type {name}"] = pair["value"]
+    for quadrant in entropy["decomposition"]["quadrants"]:
+        if quadrant["count"]:
+            expected[f"quadrant {quadrant['advantage']}/{quadrant['logprob']}"] = quadrant["sum"]
+    for name, value in expected.items():
+        assert value is not None, f"the API gave no {name}"
+        assert format_number(value) in out, f"{name} = {format_number(value)} not in the report"
+    # exact sketch: no sketch error
+    assert entropy["se_sketch"] == 0.0
+
+    # The "driving entropy down" table starts with the most negative a_i.
+    a = [(s["a"], s["id"]) for s in entropy["per_sequence"] if s["a"] is not None]
+    worst_a, worst_id = min(a)
+    section = out[out.index("driving entropy down") :]
+    first_row = next(line for line in section.splitlines() if "p" in line and "-r" in line)
+    assert worst_id in first_row and format_number(worst_a) in first_row
+
+
+def test_report_history_after_analysis(live: Live) -> None:
+    # Analyse the step (the summary row is written by the entropy analysis).
+    live.api.get(f"/v1/runs/{RUN_ID}/steps/{STEP}/entropy").raise_for_status()
+    history = live.api.get(f"/v1/runs/{RUN_ID}/entropy").json()
+    row = next(r for r in history["steps"] if r["step"] == STEP)
+    result = invoke("report", RUN_ID, "--url", live.url, "--token", TOKEN)
+    assert result.exit_code == 0, result.output
+    line = next(
+        line for line in result.output.splitlines() if format_number(row["delta_h1"]) in line
+    )
+    assert line.strip("│ ").startswith(str(STEP))
+    for key in ("se_sampling", "realized", "delta_h2"):
+        assert format_number(row[key]) in line, key
+
+
+def test_report_pending_step_shows_only_its_status(live: Live, step_data: StepData) -> None:
+    body = {"learning_rate": 0.1, "sequences": step_data.sequences}
+    live.api.post(f"/v1/runs/{RUN_ID}/steps/9/sequences", json=body).raise_for_status()
+    result = invoke("report", RUN_ID, "9", "--url", live.url, "--token", TOKEN, "--wait", "0.3")
+    assert result.exit_code == 0, result.output
+    assert "pending" in result.output and "entropy change" not in result.output
+    status = live.api.get(f"/v1/runs/{RUN_ID}/steps/9").json()
+    assert status["state"] == "pending" and str(status["sequences"]) in result.output
+
+
+def test_report_unknown_run_is_a_clear_error(live: Live) -> None:
+    result = invoke("report", "no-such-run", "1", "--url", live.url, "--token", TOKEN)
+    assert result.exit_code == 1
+    assert "404" in result.output and "no-such-run" in result.output
+
+
+def test_report_unreachable_service() -> None:
+    result = invoke("runs", "--url", "http://127.0.0.1:9")
+    assert result.exit_code == 1
+    assert "cannot reach" in result.output
+
+
+def test_deployment_doc_lists_every_setting() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
+    for name in Settings.model_fields:
+        assert f"KERNELSCOPE_{name.upper()}" in doc, name

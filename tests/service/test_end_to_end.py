@@ -1,0 +1,206 @@
+"""End to end over real HTTP with a real worker process: exact per-sequence gradients of a
+tiny GPT-2 give K = W W^T and the core's dH1; countsketch gives the core's sketch; sharded
+uploads (two ranks, by parameter and by @offset slice, out of order, metadata last) give the
+same kernel as one upload, and a re-sent upload changes nothing."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import redis as redis_sync
+import torch
+
+from service.analysis import sketcher_for_run
+from sketch.blocks import block_statistics
+from sketch.entropy import entropy_change
+from sketch.sequences import StepSequences
+from sketch.spectrum import spectrum
+from tests.service.conftest import (
+    LIVE_MAX_BODY_MB,
+    OCTET,
+    LiveService,
+    StepData,
+    assert_kernel_close,
+    safetensors_body,
+    store_dump,
+)
+
+WAIT = {"wait": 120}
+
+
+def create(http: httpx.Client, run_id: str, kind: str, dim: int, **extra: Any) -> dict[str, Any]:
+    spec = {"run_id": run_id, "sketch": {"kind": kind, "dim": dim, "seed": 11}, **extra}
+    response = http.post("/v1/runs", json=spec)
+    assert response.status_code == 201, response.text
+    run: dict[str, Any] = response.json()
+    return run
+
+
+def post_sequences(http: httpx.Client, run_id: str, data: StepData) -> None:
+    body = {"learning_rate": data.learning_rate, "sequences": data.sequences}
+    response = http.post(f"/v1/runs/{run_id}/steps/0/sequences", json=body)
+    assert response.status_code == 200 and response.json()["sequences"] == len(data.ids)
+
+
+def upload(
+    http: httpx.Client, run_id: str, tensors: dict[str, torch.Tensor], ids: list[str]
+) -> dict[str, Any]:
+    response = http.post(
+        f"/v1/runs/{run_id}/steps/0/gradients",
+        content=safetensors_body(tensors, ids),
+        headers=OCTET,
+    )
+    assert response.status_code == 202, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def kernel(http: httpx.Client, run_id: str, **params: Any) -> tuple[list[str], np.ndarray]:
+    response = http.get(f"/v1/runs/{run_id}/steps/0/kernel", params={**WAIT, **params})
+    assert response.status_code == 200, response.text
+    return response.json()["ids"], np.array(response.json()["matrix"])
+
+
+def expected_entropy(data: StepData, K: np.ndarray, variance_factor: float) -> dict[str, Any]:
+    seqs = StepSequences.from_records(data.sequences)
+    return entropy_change(
+        K, seqs, data.learning_rate, normalization="dr_grpo", sketch_variance_factor=variance_factor
+    ).to_dict()
+
+
+def test_exact_and_countsketch_end_to_end(live_service: LiveService, step_data: StepData) -> None:
+    data = step_data
+    WWt = data.W @ data.W.T
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        exact = create(http, "exact", "exact", 1, parameters=data.parameters)
+        assert exact["k"] == data.W.shape[1]
+        post_sequences(http, "exact", data)
+        assert upload(http, "exact", data.grads, data.ids)["rows"] == len(data.ids)
+
+        ids, K = kernel(http, "exact")
+        assert ids == data.ids
+        np.testing.assert_allclose(K, WWt, rtol=1e-6, atol=1e-9 * np.abs(WWt).max())
+
+        npy = http.get(
+            "/v1/runs/exact/steps/0/kernel",
+            params=WAIT,
+            headers={"Accept": "application/octet-stream"},
+        )
+        assert npy.headers["content-type"] == "application/octet-stream"
+        np.testing.assert_array_equal(np.load(io.BytesIO(npy.content), allow_pickle=False), K)
+
+        entropy = http.get("/v1/runs/exact/steps/0/entropy", params=WAIT).json()
+        want = expected_entropy(data, WWt, 0.0)
+        assert entropy["estimator"] == want["estimator"] == "u_statistic"
+        for field in ("delta_h1", "se_sampling", "delta_h1_diag", "cov_baseline"):
+            assert entropy[field] == pytest.approx(want[field], rel=1e-6, abs=1e-12), field
+        assert entropy["se_sketch"] == 0.0
+        assert [r["a"] for r in entropy["per_sequence"]] == pytest.approx(
+            [r["a"] for r in want["per_sequence"]], rel=1e-6, abs=1e-12
+        )
+        plugin = http.get("/v1/runs/exact/steps/0/entropy", params={"estimator": "plugin"}).json()
+        assert plugin["estimator"] == "plugin"
+
+        diag = http.get("/v1/runs/exact/steps/0/kernel/diagonal").json()
+        assert [d["id"] for d in diag] == data.ids
+        assert [d["value"] for d in diag] == pytest.approx(np.diag(WWt).tolist(), rel=1e-6)
+        spec = http.get("/v1/runs/exact/steps/0/kernel/spectrum", params={"top": 2}).json()
+        want_spec = spectrum(K=WWt, top=2).to_dict()
+        assert spec["eigenvalues"] == pytest.approx(want_spec["eigenvalues"], rel=1e-5, abs=1e-9)
+        assert len(spec["eigenvectors"]) == 2
+        blocks = http.get("/v1/runs/exact/steps/0/kernel/blocks").json()
+        prompts = [s["prompt_id"] for s in data.sequences]
+        want_blocks = block_statistics(WWt, prompts).to_dict()
+        assert blocks["same_prompt"]["mean_k"] == pytest.approx(
+            want_blocks["same_prompt"]["mean_k"], rel=1e-6
+        )
+        history = http.get("/v1/runs/exact/entropy").json()["steps"]
+        assert [h["step"] for h in history] == [0]
+        assert history[0]["delta_h1"] == pytest.approx(want["delta_h1"], rel=1e-6, abs=1e-12)
+
+        # countsketch: the service's rows are the core's sketch of the same gradients
+        cs = create(http, "cs", "countsketch", 64)
+        post_sequences(http, "cs", data)
+        upload(http, "cs", data.grads, data.ids)
+        sketcher = sketcher_for_run(cs)
+        Y = sketcher.sketch(data.grads).double().numpy()
+        _, Kcs = kernel(http, "cs")
+        assert_kernel_close(Kcs, Y @ Y.T)
+        entropy_cs = http.get("/v1/runs/cs/steps/0/entropy", params=WAIT).json()
+        want_cs = expected_entropy(data, Y @ Y.T, sketcher.variance_factor())
+        assert entropy_cs["delta_h1"] == pytest.approx(want_cs["delta_h1"], rel=1e-5, abs=1e-12)
+        assert entropy_cs["se_sketch"] == pytest.approx(want_cs["se_sketch"], rel=1e-5)
+        assert entropy_cs["se_sketch"] > 0
+
+        status = http.get("/v1/runs/cs/steps/0").json()
+        assert status["state"] == "ready" and status["rows"] == status["sequences"] == 6
+
+        # over real HTTP, the body limit holds by Content-Length and for a chunked stream
+        limit = LIVE_MAX_BODY_MB << 20
+        url = "/v1/runs/cs/steps/0/gradients"
+        chunks = (b"\0" * 65536 for _ in range(limit // 65536 + 1))
+        for body in (b"\0" * (limit + 1), chunks):
+            refused = http.post(url, content=body, headers=OCTET)
+            assert refused.status_code == 413
+            assert refused.headers["content-type"] == "application/problem+json"
+        assert http.get("/v1/runs/cs/steps/0").json() == status
+        assert http.delete("/v1/runs/cs").status_code == 204
+        assert http.get("/v1/runs/cs").status_code == 404
+
+
+def shards(data: StepData) -> list[tuple[dict[str, torch.Tensor], list[str]]]:
+    """Four uploads from two ranks: rank 0 holds the embeddings and block 0, rank 1 the rest;
+    the token embedding is cut into two flat slices held by different ranks."""
+    n = len(data.ids)
+    names = list(data.grads)
+    wte = data.grads["transformer.wte.weight"].reshape(n, -1)
+    cut = 300
+    rank0 = [m for m in names if ".h.1." not in m and m != "transformer.wte.weight"]
+    rank1 = [m for m in names if ".h.1." in m]
+    half = len(rank1) // 2
+    return [
+        ({m: data.grads[m] for m in rank1[half:]}, data.ids),
+        ({"transformer.wte.weight@0": wte[:, :cut].contiguous()}, data.ids),
+        (
+            {
+                f"transformer.wte.weight@{cut}": wte[:, cut:].contiguous(),
+                **{m: data.grads[m] for m in rank1[:half]},
+            },
+            data.ids,
+        ),
+        ({m: data.grads[m].reshape(n, -1) for m in rank0}, data.ids),
+    ]
+
+
+def test_sharded_uploads_equal_one_upload(
+    live_service: LiveService, step_data: StepData, redis_client: redis_sync.Redis, key_prefix: str
+) -> None:
+    data = step_data
+    parts = shards(data)
+    covered = sum(t[0].numel() for p, _ in parts for t in p.values())
+    assert covered == data.W.shape[1]  # the four uploads tile the gradient exactly
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        for run_id in ("whole", "sharded"):
+            create(http, run_id, "countsketch", 48, parameters=data.parameters)
+        post_sequences(http, "whole", data)
+        upload(http, "whole", data.grads, data.ids)
+        answers = [upload(http, "sharded", tensors, ids) for tensors, ids in parts]
+        assert len({a["upload_id"] for a in answers}) == 4
+        post_sequences(http, "sharded", data)  # metadata last
+        _, K_whole = kernel(http, "whole")
+        _, K_sharded = kernel(http, "sharded")
+        assert_kernel_close(K_sharded, K_whole)
+
+        prefix = f"{key_prefix}:{{r:sharded}}"
+        before = store_dump(redis_client, prefix)
+        again = upload(http, "sharded", *parts[1])
+        assert again == {**answers[1], "queued": False}
+        assert store_dump(redis_client, prefix) == before
+        _, K_again = kernel(http, "sharded")
+        np.testing.assert_array_equal(K_again, K_sharded)
+        status = http.get("/v1/runs/sharded/steps/0").json()
+        assert status["uploads"] == 4 and status["rows"] == 6 and status["state"] == "ready"

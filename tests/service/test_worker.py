@@ -1,0 +1,67 @@
+"""Worker pieces that the end-to-end tests do not isolate: devices, consumer names, and the
+claim heartbeat that keeps a slow job from being taken over."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from redis.asyncio import Redis
+
+from service.keys import GROUP
+from service.settings import Settings
+from service.store import Store
+from service.worker import Worker, consumer_name, resolve_device
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+def test_consumer_names_are_unique() -> None:
+    names = {consumer_name() for _ in range(100)}
+    assert len(names) == 100
+    assert all(n.count("-") >= 2 for n in names)
+
+
+def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings) -> None:
+    """While a job is in hand the worker re-claims it to itself (XCLAIM JUSTID): its idle
+    time stays below claim_idle_ms and its delivery count stays 1; once it stops, idle grows."""
+
+    async def go() -> None:
+        idle_ms = 600
+        redis = Redis.from_url(str(settings.redis_url))
+        store = Store(redis, settings.key_prefix)
+        await store.ensure_group()
+        worker = Worker(settings.model_copy(update={"claim_idle_ms": idle_ms}), device="cpu")
+        entry_id = await redis.xadd(store.keys.stream, {"run_id": "r", "step": "0"})
+        await redis.xreadgroup(GROUP, worker.name, {store.keys.stream: ">"}, count=1)
+
+        async def pending() -> dict[str, Any]:
+            [info] = await redis.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
+            return dict(info)
+
+        keep = asyncio.create_task(worker._keep_claimed(store, entry_id))
+        try:
+            for _ in range(6):  # 6 x 0.5 s: well past claim_idle_ms in total
+                await asyncio.sleep(0.5)
+                info = await pending()
+                assert info["time_since_delivered"] < idle_ms
+                assert info["times_delivered"] == 1
+                assert info["consumer"].decode() == worker.name
+        finally:
+            keep.cancel()
+        await asyncio.sleep(idle_ms / 1000 + 0.2)
+        assert (await pending())["time_since_delivered"] > idle_ms  # now reclaimable
+        await redis.aclose()
+
+    asyncio.run(go())

@@ -1,0 +1,222 @@
+"""Benchmark: per-sequence gradient capture against one plain batched backward (CPU).
+
+A GPT-2 of about 10M parameters built from a config (no download), ``n`` sequences of a
+16-token prompt and a ``T``-token response (default n = 32, T = 64).  Methods:
+
+* ``plain``: one batched forward + backward of ``sum_i S_i`` (what a trainer does anyway);
+* ``loop``: ``capture_gradients(method="loop")``, one backward per sequence;
+* ``vmap``: ``capture_gradients(method="vmap")``, ``torch.func`` in chunks;
+* ``factorised``: ``FactorisedCapture`` (kronecker sketch of width ``k`` from hooks, one
+  batched backward; vector parameters captured exactly and count-sketched).
+
+Peak memory: each method runs once in its own subprocess, and the table reports its RSS
+high-water mark (``ru_maxrss``; tracemalloc does not see torch's allocations) above the RSS
+after building the model and batch.  Times: one subprocess runs all methods interleaved,
+round by round (one warm-up round, then ``--repeats``), so that load from other processes
+hits every method alike; the table gives the best and the median round, with one torch
+thread by default.  Ratios are against ``plain`` measured in the same process.
+
+    python bench/capture.py            # the full setting
+    python bench/capture.py --quick    # a small model, n = 8, T = 16: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+METHODS = ("plain", "loop", "vmap", "factorised")
+
+
+def _config(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab": 2048, "n": 8, "T": 16, "k": 256}
+    return {"n_embd": 256, "n_layer": 6, "n_head": 8, "vocab": 16384, "n": 32, "T": 64, "k": 4096}
+
+
+def _rss_mib() -> float:
+    """Current resident set size (MiB), from /proc."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    """RSS high-water mark of this process (MiB); Linux reports ru_maxrss in KiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
+    """The GPT-2 (eval mode) and a right-padded batch of ``n`` sequences."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clients.capture import SequenceBatch
+
+    warnings.simplefilter("ignore")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    prompt_len = 16
+    config = GPT2Config(
+        n_embd=cfg["n_embd"],
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        vocab_size=cfg["vocab"],
+        n_positions=prompt_len + cfg["T"] + 8,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts = [torch.randint(0, cfg["vocab"], (prompt_len,), generator=g) for _ in range(cfg["n"])]
+    # response lengths between T/2 and T, so that there is padding as in a real batch
+    lengths = [cfg["T"] - (i * 7) % (cfg["T"] // 2) for i in range(cfg["n"])]
+    responses = [torch.randint(0, cfg["vocab"], (t,), generator=g) for t in lengths]
+    return model, SequenceBatch.from_pairs(prompts, responses)
+
+
+def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callable[[], object]:
+    """A closure running ``method`` once on the batch."""
+    from clients.capture import capture_gradients, response_logprobs
+    from clients.factorised import FactorisedCapture
+
+    if method == "plain":
+
+        def plain() -> None:
+            model.zero_grad(set_to_none=True)
+            out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            response_logprobs(out.logits, batch.input_ids, batch.response_mask).sum().backward()
+
+        return plain
+    if method == "loop":
+        return lambda: capture_gradients(model, batch, method="loop")
+    if method == "vmap":
+        return lambda: capture_gradients(model, batch, method="vmap", chunk_size=8)
+    if method == "factorised":
+        capture = FactorisedCapture(model, dim=cfg["k"], seed=0)
+        return lambda: capture(batch)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run_memory(method: str, cfg: dict[str, Any], seed: int, threads: int) -> dict[str, Any]:
+    """Peak RSS of one method, alone in this process, above the RSS of model + batch."""
+    model, batch = _setup(cfg, seed, threads)
+    base = _rss_mib()
+    _runner(method, model, batch, cfg)()
+    return {"method": method, "peak_mib": _peak_mib() - base}
+
+
+def run_timing(
+    methods: list[str], cfg: dict[str, Any], repeats: int, seed: int, threads: int
+) -> dict[str, Any]:
+    """Times of every method, interleaved round by round in one process (one warm-up round),
+    so that load from other processes hits all methods alike."""
+    import torch
+
+    model, batch = _setup(cfg, seed, threads)
+    runners = {m: _runner(m, model, batch, cfg) for m in methods}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for round_ in range(repeats + 1):
+        for m in methods:
+            t0 = time.perf_counter()
+            runners[m]()
+            if round_ > 0:
+                times[m].append(time.perf_counter() - t0)
+    return {
+        "times": times,
+        "params": sum(p.numel() for p in model.parameters()),
+        "n": cfg["n"],
+        "T": cfg["T"],
+        "k": cfg["k"],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _subprocess(args: list[str]) -> dict[str, Any] | None:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    if out.returncode != 0:
+        print(f"{args}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small model and batch")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run (0: torch's default)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cfg = _config(args.quick)
+    methods = args.methods.split(",")
+    if args.worker == "timing":
+        print(json.dumps(run_timing(methods, cfg, args.repeats, args.seed, args.threads)))
+        return 0
+    if args.worker is not None:
+        print(json.dumps(run_memory(args.worker, cfg, args.seed, args.threads)))
+        return 0
+
+    common = ["--seed", str(args.seed), "--threads", str(args.threads)]
+    common += ["--quick"] if args.quick else []
+    timing = _subprocess(
+        ["--worker", "timing", "--methods", args.methods, "--repeats", str(args.repeats), *common]
+    )
+    if timing is None:
+        return 1
+    memory = {}
+    for m in methods:
+        row = _subprocess(["--worker", m, *common])
+        memory[m] = float("nan") if row is None else row["peak_mib"]
+    best = {m: min(t) for m, t in timing["times"].items()}
+    print(
+        f"GPT-2 {timing['params'] / 1e6:.1f}M parameters, n = {timing['n']} sequences, "
+        f"response <= {timing['T']} tokens (+16 prompt), kronecker k = {timing['k']}, "
+        f"{timing['threads']} torch thread(s), CPU; best of {args.repeats} interleaved rounds"
+    )
+    plain = best.get("plain", float("nan"))
+    loop = best.get("loop", float("nan"))
+    print(
+        f"{'method':<12}{'best s':>9}{'median s':>10}{'x plain':>9}{'loop / it':>11}"
+        f"{'peak MiB':>10}"
+    )
+    rows = []
+    for m in methods:
+        med = statistics.median(timing["times"][m])
+        print(
+            f"{m:<12}{best[m]:>9.3f}{med:>10.3f}{best[m] / plain:>9.2f}{loop / best[m]:>11.2f}"
+            f"{memory[m]:>10.0f}"
+        )
+        rows.append({"method": m, "seconds": best[m], "median_seconds": med, "peak_mib": memory[m]})
+    if args.json is not None:
+        args.json.write_text(json.dumps({"config": cfg, "timing": timing, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""Exact per-sequence score gradients of a causal language model (math.md §1).
+
+For sequence ``i`` = prompt tokens followed by response tokens,
+
+    S_i = sum over response positions t of log pi(x_t | x_<t),     w_i = dS_i / dtheta,
+
+the sum of the response tokens' log-probs only (the prompt conditions them but its own
+log-probs are not in ``S_i``; padding is neither conditioned on nor counted).
+
+Two ways to get every ``w_i``:
+
+* ``vmap``: ``torch.func.vmap(grad(S))`` over the sequences with ``functional_call``, in
+  chunks of ``chunk_size`` sequences (one vectorised forward/backward per chunk);
+* ``loop``: one forward/backward per sequence, each trimmed to its own length.
+
+``vmap`` is tried first; if the model cannot be vmapped (data-dependent control flow,
+``.item()``, random ops) the capture falls back to the loop and says so with a warning.
+Under ``vmap`` no attention mask is passed: with right padding and a causal model the padded
+positions come after every real token, so they cannot change a real token's logits, and the
+loss ignores them (batches are always re-packed to right padding, see :class:`SequenceBatch`).
+
+The gradients come back as named tensors ``{param_name: [n, *shape]}`` (float32), ready for
+``Client.push_gradients``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from clients.filters import ParameterFilter, select_parameters
+
+Method = Literal["auto", "vmap", "loop"]
+
+
+@dataclass(frozen=True)
+class SequenceBatch:
+    """A right-padded batch of ``n`` (prompt, response) sequences.
+
+    Attributes
+    ----------
+    input_ids:
+        ``[n, L]`` int64 token ids, real tokens first, padding after them.
+    attention_mask:
+        ``[n, L]`` int64, 1 on real tokens (prompt and response), 0 on padding.
+    response_mask:
+        ``[n, L]`` bool, True at the positions whose token's log-prob is in ``S_i``
+        (the response tokens); always False at position 0 and on padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [n, L], got {tuple(self.input_ids.shape)}")
+        shape = self.input_ids.shape
+        if self.attention_mask.shape != shape or self.response_mask.shape != shape:
+            raise ValueError("input_ids, attention_mask and response_mask must have one shape")
+        mask = self.attention_mask
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError(
+                "the batch is not right-padded (a real token after padding): build it with "
+                "SequenceBatch.from_padded, which re-packs any padding"
+            )
+        if bool(self.response_mask[:, 0].any()):
+            raise ValueError("the first token of a sequence cannot be a response token")
+        if bool((self.response_mask & ~self.attention_mask.bool()).any()):
+            raise ValueError("response_mask marks padded positions")
+
+    @property
+    def size(self) -> int:
+        """The number of sequences ``n``."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[n]`` int64: real tokens per sequence (prompt + response)."""
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        """``[n]`` int64: response tokens per sequence (``num_tokens`` of the API)."""
+        return self.response_mask.sum(dim=1)
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        """The same batch on ``device``."""
+        return SequenceBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)
+        )
+
+    def select(self, rows: slice | Sequence[int] | torch.Tensor) -> SequenceBatch:
+        """A sub-batch of the given rows (padding columns kept)."""
+        return SequenceBatch(
+            self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
+        )
+
+    @classmethod
+    def from_pairs(
+        cls,
+        prompts: Sequence[torch.Tensor | Sequence[int]],
+        responses: Sequence[torch.Tensor | Sequence[int]],
+        pad_token_id: int = 0,
+    ) -> SequenceBatch:
+        """Right-pad ``prompts[i] + responses[i]`` (1-D token ids) into one batch."""
+        if len(prompts) != len(responses) or not prompts:
+            raise ValueError("need as many prompts as responses, at least one")
+        rows = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            p = torch.as_tensor(prompt, dtype=torch.long).reshape(-1)
+            r = torch.as_tensor(response, dtype=torch.long).reshape(-1)
+            if p.numel() == 0:
+                raise ValueError("every prompt needs at least one token (e.g. BOS)")
+            rows.append((p, r))
+        width = max(p.numel() + r.numel() for p, r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        response_mask = torch.zeros((n, width), dtype=torch.bool)
+        for i, (p, r) in enumerate(rows):
+            lp, lr = p.numel(), r.numel()
+            input_ids[i, :lp] = p
+            input_ids[i, lp : lp + lr] = r
+            attention[i, : lp + lr] = 1
+            response_mask[i, lp : lp + lr] = True
+        return cls(input_ids, attention, response_mask)
+
+    @classmethod
+    def from_padded(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+    ) -> SequenceBatch:
+        """Re-pack an arbitrarily padded batch (left, right or mixed) to right padding.
+
+        ``response_mask`` marks response tokens in the input layout; the real tokens of each
+        row keep their order.
+        """
+        real = attention_mask.bool()
+        # Stable sort moves real tokens to the front, in their order: right padding.
+        order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
+        return cls(
+            torch.gather(input_ids.long(), 1, order),
+            torch.gather(real.long(), 1, order),
+            torch.gather(response_mask.bool() & real, 1, order),
+        )
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The ``[n, L, V]`` logits of a model output (a tensor or an object with ``.logits``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError("the model output has no logits")
+    return logits
+
+
+def forward_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``model(input_ids, attention_mask)`` logits ``[n, L, V]``; no KV cache for HF models."""
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if hasattr(model, "config"):  # transformers: a cache is useless here and breaks vmap
+        kwargs["use_cache"] = False
+    return logits_of(model(input_ids, **kwargs))
+
+
+def response_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """``S_i = sum_t log softmax(logits[i, t-1])[input_ids[i, t]]`` over response positions.
+
+    ``logits`` ``[n, L, V]``, ``input_ids`` ``[n, L]``, ``response_mask`` ``[n, L]`` bool.
+    Returns ``[n]`` float32.  Masked positions are removed with ``where`` (not a product), so
+    a non-finite logit on a padded position cannot leak into ``S_i`` or its gradient.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    mask = response_mask[:, 1:]
+    return torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(dim=-1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Switch dropout & co. off for the block (the score function of the deterministic policy)."""
+    if not enabled:
+        yield
+        return
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def sequence_logprobs(
+    model: nn.Module, batch: SequenceBatch, *, use_eval_mode: bool = True
+) -> torch.Tensor:
+    """``[n]`` float32 ``S_i`` of every sequence, without gradients (e.g. ``logprob_after``)."""
+    with torch.no_grad(), eval_mode(model, use_eval_mode):
+        logits = forward_logits(model, batch.input_ids, batch.attention_mask)
+        return response_logprobs(logits, batch.input_ids, batch.response_mask)
+
+
+@dataclass
+class CapturedGradients:
+    """Per-sequence score gradients.
+
+    Attributes
+    ----------
+    logprobs:
+        ``[n]`` float32 ``S_i`` (detached).
+    gradients:
+        ``{param_name: [n, *shape]}`` float32, ``w_i`` restricted to the selected parameters.
+    num_tokens:
+        ``[n]`` int64 response lengths.
+    method:
+        ``"vmap"`` or ``"loop"``: what actually ran.
+    """
+
+    logprobs: torch.Tensor
+    gradients: dict[str, torch.Tensor]
+    num_tokens: torch.Tensor
+    method: str
+
+    def flat(self) -> torch.Tensor:
+        """``[n, N]``: the rows ``w_i`` with parameters concatenated in ``gradients`` order."""
+        n = self.logprobs.shape[0]
+        return torch.cat([g.reshape(n, -1) for g in self.gradients.values()], dim=1)
+
+    @property
+    def parameters(self) -> dict[str, list[int]]:
+        """``{name: shape}`` of the captured parameters (``create_run``'s ``parameters``)."""
+        return {k: list(v.shape[1:]) for k, v in self.gradients.items()}
+
+
+def _vmap_chunk(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    batch: SequenceBatch,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from torch.func import functional_call, grad_and_value, vmap
+
+    def score(p: dict[str, torch.Tensor], ids: torch.Tensor, rmask: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(
+            functional_call(model, p, (ids.unsqueeze(0),), {"use_cache": False})
+            if hasattr(model, "config")
+            else functional_call(model, p, (ids.unsqueeze(0),))
+        )
+        return response_logprobs(logits, ids.unsqueeze(0), rmask.unsqueeze(0))[0]
+
+    detached = {k: v.detach() for k, v in params.items()}
+    grads, values = vmap(grad_and_value(score), in_dims=(None, 0, 0))(
+        detached, batch.input_ids, batch.response_mask
+    )
+    return values.detach(), {k: g.detach().float() for k, g in grads.items()}
+
+
+def _loop_chunk(
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    batch: SequenceBatch,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    names = list(params)
+    tensors = [params[k] for k in names]
+    values = []
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    for i in range(batch.size):
+        length = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i : i + 1, :length]
+        logits = forward_logits(model, ids)
+        s = response_logprobs(logits, ids, batch.response_mask[i : i + 1, :length])[0]
+        grads = torch.autograd.grad(s, tensors, allow_unused=True)
+        values.append(s.detach())
+        for name, t, g in zip(names, tensors, grads, strict=True):
+            rows[name].append(torch.zeros_like(t) if g is None else g.detach())
+    return torch.stack(values), {k: torch.stack(v).float() for k, v in rows.items()}
+
+
+def capture_gradients(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    parameter_filter: ParameterFilter | None = None,
+    method: Method = "auto",
+    chunk_size: int = 8,
+    use_eval_mode: bool = True,
+) -> CapturedGradients:
+    """Per-sequence score gradients ``w_i = dS_i/dtheta`` of the selected parameters.
+
+    Parameters
+    ----------
+    model:
+        a causal LM: ``model(input_ids[, attention_mask])`` returns ``[n, L, V]`` logits or an
+        object with ``.logits`` (transformers).  Its parameters are not modified and no
+        ``.grad`` is written.
+    batch:
+        the sequences, right-padded (:class:`SequenceBatch`), on the model's device.
+    method:
+        ``"vmap"`` (``torch.func``, chunks of ``chunk_size`` sequences), ``"loop"`` (one
+        backward per sequence), or ``"auto"``: vmap, falling back to the loop with a warning
+        when the model cannot be vmapped.
+    use_eval_mode:
+        run the model in eval mode (no dropout), restoring its modes afterwards.
+
+    Returns
+    -------
+    :class:`CapturedGradients` with ``gradients[name]`` ``[n, *param.shape]`` float32.
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    params = select_parameters(model, parameter_filter)
+    chunks = [batch.select(slice(s, s + chunk_size)) for s in range(0, batch.size, chunk_size)]
+    used = method
+    values: list[torch.Tensor] = []
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in params}
+    with eval_mode(model, use_eval_mode):
+        for chunk in chunks:
+            if used in ("auto", "vmap"):
+                try:
+                    s, g = _vmap_chunk(model, params, chunk)
+                    used = "vmap"
+                except Exception as exc:  # any vmap failure means "this model cannot be vmapped"
+                    if method == "vmap":
+                        raise
+                    warnings.warn(
+                        f"vmap capture failed for {type(model).__name__} "
+                        f"({type(exc).__name__}: {str(exc)[:200]}); using the per-sequence loop",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    used = "loop"
+                    s, g = _loop_chunk(model, params, chunk)
+            else:
+                s, g = _loop_chunk(model, params, chunk)
+            values.append(s)
+            for k in params:
+                parts[k].append(g[k])
+    return CapturedGradients(
+        logprobs=torch.cat(values).float(),
+        gradients={k: torch.cat(v) for k, v in parts.items()},
+        num_tokens=batch.num_tokens,
+        method=used,
+    )

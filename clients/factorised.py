@@ -1,0 +1,457 @@
+"""Factorised per-sequence ``kronecker`` sketches from forward/backward hooks (math.md §7).
+
+For a linear layer ``y_t = W x_t (+ b)`` with weight ``W`` (``out x in``), the score gradient of
+sequence ``i`` is ``G_i = sum_t delta_t x_t^T`` over its tokens, with ``delta_t = dS_i/dy_t``.
+The run's ``kronecker`` sketch of that parameter is ``A G_i B^T`` (``A: k_out x out``,
+``B: k_in x in``, from :class:`sketch.kronecker.KroneckerSketch`), and
+
+    A G_i B^T = sum_t (A delta_t) (B x_t)^T,
+
+so each token's input and output gradient are projected first (``k_out`` and ``k_in``
+numbers) and the per-sequence outer-product sum is done in the small space.  This is the LoGra
+construction (Choe et al. 2024, "What is your data worth to GPT?").  One batched backward of
+``sum_i S_i`` gives every sequence's sketch, because a causal LM does not mix sequences of a
+batch: the output gradient at a token of row ``i`` is the gradient of ``S_i`` alone.  The
+``[n, out, in]`` per-sequence gradients are never formed.
+
+Layers and parameters handled:
+
+* ``nn.Linear`` weight (``out x in``): ``A`` acts on ``delta``, ``B`` on ``x``;
+* GPT-2's ``transformers.pytorch_utils.Conv1D`` weight, stored ``in x out`` (``y = x W + b``):
+  the declared shape is ``[in, out]``, so ``A`` (``k_0 x in``) acts on ``x`` and ``B`` on
+  ``delta``, which is exactly the sketch of the declared ``[in, out]`` gradient
+  ``sum_t x_t delta_t^T``;
+* ``nn.Embedding`` weight (``num x dim``): ``G = sum_t e_{id_t} delta_t^T``, so
+  ``A x_t = A[:, id_t]``; tokens equal to ``padding_idx`` get no gradient, as in PyTorch;
+* biases of the above: ``sum_t delta_t``, exact per sequence;
+* other parameters of modules without children (LayerNorm, RMSNorm, ...): their per-sequence
+  gradients are computed from the module's saved input and output gradient with
+  ``torch.func.vjp`` (small: these parameters are vectors), then sketched by the run's sketcher
+  (``countsketch`` for 1-D parameters inside ``kronecker``), unless ``non_matrix="exclude"``.
+
+A parameter used by several modules (GPT-2's ``wte`` tied to ``lm_head``) gets the sum of its
+contributions, as the sketch is linear.  Selected parameters that no supported module owns are
+left out with a warning (or an error with ``strict=True``); :attr:`FactorisedCapture.parameters`
+lists exactly what the rows cover: declare it in ``create_run``.
+
+Padding: batches are right-padded (:class:`clients.capture.SequenceBatch`); the loss ignores
+padded positions and a causal model cannot carry them into earlier tokens, so their output
+gradients are zero; the hooks also drop padded tokens explicitly (``where`` on the attention
+mask), so a non-finite value there cannot leak in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from clients.capture import (
+    SequenceBatch,
+    eval_mode,
+    forward_logits,
+    logits_of,
+    response_logprobs,
+)
+from clients.filters import ParameterFilter, select_parameters
+from sketch.kronecker import KroneckerSketch
+
+_HFConv1D: type[nn.Module] | None
+try:  # GPT-2 family; optional so that the module works without transformers
+    from transformers.pytorch_utils import Conv1D as _Conv1D
+
+    _HFConv1D = _Conv1D
+except ImportError:  # pragma: no cover - transformers is a declared dependency
+    _HFConv1D = None
+
+NonMatrix = Literal["sketch", "exclude"]
+
+
+@dataclass
+class FactorisedSketches:
+    """Result of one factorised capture.
+
+    Attributes
+    ----------
+    logprobs:
+        ``[n]`` float32 ``S_i``.
+    sketch:
+        ``[n, k]`` float32, row ``i`` = the run's ``kronecker`` sketch of ``w_i`` restricted to
+        :attr:`FactorisedCapture.parameters`; push it with ``Client.push_sketches``.
+    num_tokens:
+        ``[n]`` int64 response lengths.
+    """
+
+    logprobs: torch.Tensor
+    sketch: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+@dataclass
+class _Accumulator:
+    """Per-capture state the hooks write into."""
+
+    token_mask: torch.Tensor  # [n, L] bool: real tokens
+    cores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, k_out, k_in]
+    vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, numel]
+    recomputing: bool = False  # a generic module is re-run inside its hook: hooks stay quiet
+    registered: int = 0  # tensor hooks registered in the forward pass ...
+    fired: int = 0  # ... and run in the backward pass: equal when nothing was missed
+    roots: list[torch.Tensor] = field(default_factory=list)  # embedding outputs
+
+    def clear(self) -> None:
+        self.cores.clear()
+        self.vectors.clear()
+        self.registered = self.fired = 0
+        self.roots.clear()
+
+    def add_core(self, name: str, core: torch.Tensor) -> None:
+        self.cores[name] = core if name not in self.cores else self.cores[name] + core
+
+    def add_vector(self, name: str, grads: torch.Tensor) -> None:
+        flat = grads.reshape(grads.shape[0], -1).float()
+        self.vectors[name] = flat if name not in self.vectors else self.vectors[name] + flat
+
+
+def _tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n, T, d]`` view of a ``[n, ..., d]`` activation (float32)."""
+    return t.reshape(n, -1, t.shape[-1]).float()
+
+
+class FactorisedCapture:
+    """Per-sequence ``kronecker`` sketches of a causal LM's score gradients, by hooks.
+
+    Parameters
+    ----------
+    model:
+        a causal LM (``model(input_ids, attention_mask)`` gives ``[n, L, V]`` logits or an
+        object with ``.logits``); it must not mix the rows of a batch.
+    dim, seed:
+        the run's sketch spec ``{"kind": "kronecker", "dim": dim, "seed": seed}``.
+    parameter_filter:
+        which parameters to study (default: all trainable ones).
+    non_matrix:
+        ``"sketch"``: vector parameters (biases, norm weights) are captured exactly per
+        sequence and sketched by the run's sketcher; ``"exclude"``: left out (rows then cover
+        the matrix parameters only; :attr:`parameters` says which).
+    strict:
+        raise instead of warning when a selected parameter cannot be captured by hooks.
+    use_eval_mode:
+        run the model in eval mode (no dropout) during the capture.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dim: int,
+        seed: int,
+        parameter_filter: ParameterFilter | None = None,
+        non_matrix: NonMatrix = "sketch",
+        strict: bool = False,
+        use_eval_mode: bool = True,
+    ) -> None:
+        self.model = model
+        self.use_eval_mode = use_eval_mode
+        try:
+            accepted = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            accepted = {}  # type: ignore[assignment]
+        self._takes_position_ids = "position_ids" in accepted and hasattr(model, "config")
+        selected = select_parameters(model, parameter_filter)
+        canonical = {id(p): n for n, p in selected.items()}
+        # (module, kind, {attr: canonical name}) for every supported module owning a selected param
+        self._plan: list[tuple[nn.Module, str, dict[str, str]]] = []
+        covered: set[str] = set()
+        for module in model.modules():
+            own = {
+                attr: canonical[id(p)]
+                for attr, p in module.named_parameters(recurse=False)
+                if id(p) in canonical
+            }
+            if not own:
+                continue
+            kind = self._kind(module)
+            if kind in ("generic", "layernorm") and non_matrix == "exclude":
+                continue
+            if kind == "generic" and any(True for _ in module.children()):
+                continue
+            if non_matrix == "exclude":
+                own = {a: n for a, n in own.items() if a == "weight"}
+            self._plan.append((module, kind, own))
+            covered.update(own.values())
+        missing = [n for n in selected if n not in covered]
+        if missing and strict:
+            raise ValueError(f"no hook can capture these parameters: {missing}")
+        if missing and non_matrix != "exclude":
+            warnings.warn(
+                f"factorised capture leaves out {len(missing)} parameter(s) that no supported "
+                f"module owns: {missing[:8]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        #: ``{name: shape}`` of the parameters the sketches cover (``create_run``'s
+        #: ``parameters``), in ``named_parameters()`` order.
+        self.parameters: dict[str, list[int]] = {
+            n: list(p.shape) for n, p in selected.items() if n in covered
+        }
+        if not self.parameters:
+            raise ValueError("the factorised capture covers no parameter of this model")
+        self.sketcher = KroneckerSketch(dim, seed, self.parameters)
+        self.dim = int(dim)
+        self.seed = int(seed)
+        device = next(iter(selected.values())).device
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for _, kind, own in self._plan:
+            if kind in ("linear", "conv1d", "embedding") and "weight" in own:
+                name = own["weight"]
+                if name not in self._factors:
+                    a, b = self.sketcher.factors(name, device)
+                    self._factors[name] = (a.float(), b.float())
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The run's sketch spec for ``create_run``."""
+        return {"kind": "kronecker", "dim": self.dim, "seed": self.seed}
+
+    @staticmethod
+    def _kind(module: nn.Module) -> str:
+        if isinstance(module, nn.Linear):
+            return "linear"
+        if _HFConv1D is not None and isinstance(module, _HFConv1D):
+            return "conv1d"
+        if isinstance(module, nn.Embedding):
+            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+                return "generic"
+            return "embedding"
+        if isinstance(module, nn.LayerNorm):
+            return "layernorm"
+        return "generic"
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _linear(self, own: Mapping[str, str], transposed: bool, acc: _Accumulator) -> Callable:
+        def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
+            n = acc.token_mask.shape[0]
+            xs, ds = _tokens(x, n), _tokens(grad, n)
+            keep = acc.token_mask.unsqueeze(-1) if xs.shape[1] == acc.token_mask.shape[1] else None
+
+            def masked(t: torch.Tensor) -> torch.Tensor:
+                # on the small projected tensors: cheaper than masking x and delta themselves
+                return t if keep is None else torch.where(keep, t, torch.zeros((), dtype=t.dtype))
+
+            if "weight" in own:
+                name = own["weight"]
+                a, b = self._factors[name]
+                if transposed:  # Conv1D: declared [in, out], G = sum_t x_t delta_t^T
+                    core = torch.bmm(masked(xs @ a.T).transpose(1, 2), masked(ds @ b.T))
+                else:  # Linear: declared [out, in], G = sum_t delta_t x_t^T
+                    core = torch.bmm(masked(ds @ a.T).transpose(1, 2), masked(xs @ b.T))
+                acc.add_core(name, core)
+            if "bias" in own:
+                acc.add_vector(own["bias"], masked(ds).sum(dim=1))
+
+        return on_grad
+
+    def _embedding(
+        self, module: nn.Embedding, own: Mapping[str, str], acc: _Accumulator
+    ) -> Callable:
+        name = own["weight"]
+
+        def on_grad(ids: torch.Tensor, grad: torch.Tensor) -> None:
+            n = acc.token_mask.shape[0]
+            ids = ids.reshape(n, -1)
+            ds = _tokens(grad, n)
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            if ids.shape[1] == acc.token_mask.shape[1]:
+                keep = keep & acc.token_mask
+            if module.padding_idx is not None:
+                keep = keep & (ids != module.padding_idx)
+            ds = torch.where(keep.unsqueeze(-1), ds, torch.zeros_like(ds))
+            a, b = self._factors[name]
+            ax = a.T[ids]  # [n, T, k_out]: A e_{id_t} = A[:, id_t]
+            acc.add_core(name, torch.bmm(ax.transpose(1, 2), ds @ b.T))
+
+        return on_grad
+
+    def _layernorm(
+        self, module: nn.LayerNorm, own: Mapping[str, str], acc: _Accumulator
+    ) -> Callable:
+        """``y = xhat * weight + bias``: ``dS_i/dweight = sum_t delta_t * xhat_t``, ``dS_i/dbias =
+        sum_t delta_t`` (exact, per sequence, without re-running the module under vmap)."""
+
+        def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
+            n = acc.token_mask.shape[0]
+            shape = tuple(module.normalized_shape)
+            xhat = torch.nn.functional.layer_norm(x.float(), shape, eps=module.eps)
+            xs = xhat.reshape(n, -1, *shape)
+            ds = grad.float().reshape(n, -1, *shape)
+            if xs.shape[1] == acc.token_mask.shape[1]:
+                keep = acc.token_mask.reshape(n, -1, *([1] * len(shape)))
+                ds = torch.where(keep, ds, torch.zeros_like(ds))
+            if "weight" in own:
+                acc.add_vector(own["weight"], (ds * xs).sum(dim=1))
+            if "bias" in own:
+                acc.add_vector(own["bias"], ds.sum(dim=1))
+
+        return on_grad
+
+    def _generic(self, module: nn.Module, own: Mapping[str, str], acc: _Accumulator) -> Callable:
+        from torch.func import functional_call, vjp, vmap
+
+        def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
+            n = acc.token_mask.shape[0]
+            params = {a: getattr(module, a).detach() for a in own}
+            xs = x.detach().reshape(n, 1, *x.shape[1:]) if x.shape[0] == n else None
+            if xs is None:
+                raise RuntimeError(f"{type(module).__name__}: input is not batch-first")
+            gs = grad.reshape(n, 1, *grad.shape[1:])
+            if gs.ndim >= 3 and gs.shape[2] == acc.token_mask.shape[1]:
+                keep = acc.token_mask.reshape(n, 1, -1, *([1] * (gs.ndim - 3)))
+                gs = torch.where(keep, gs, torch.zeros_like(gs))
+
+            def one(xi: torch.Tensor, gi: torch.Tensor) -> dict[str, torch.Tensor]:
+                pull = vjp(lambda p: functional_call(module, p, (xi,)), params)[1]
+                grads: dict[str, torch.Tensor] = pull(gi)[0]
+                return grads
+
+            acc.recomputing = True
+            try:
+                per_seq = vmap(one)(xs, gs)
+            except Exception:  # a module vmap cannot handle: one sequence at a time
+                rows = [one(xs[i], gs[i]) for i in range(n)]
+                per_seq = {a: torch.stack([r[a] for r in rows]) for a in own}
+            finally:
+                acc.recomputing = False
+            for attr, name in own.items():
+                acc.add_vector(name, per_seq[attr])
+
+        return on_grad
+
+    @contextlib.contextmanager
+    def _hooks(self, acc: _Accumulator) -> Iterator[None]:
+        handles = []
+        for module, kind, own in self._plan:
+            if kind == "linear":
+                on_grad = self._linear(own, False, acc)
+            elif kind == "conv1d":
+                on_grad = self._linear(own, True, acc)
+            elif kind == "embedding":
+                assert isinstance(module, nn.Embedding)
+                on_grad = self._embedding(module, own, acc)
+            elif kind == "layernorm":
+                assert isinstance(module, nn.LayerNorm)
+                on_grad = self._layernorm(module, own, acc)
+            else:
+                on_grad = self._generic(module, own, acc)
+
+            def forward_hook(
+                mod: nn.Module,
+                args: tuple[Any, ...],
+                output: Any,
+                on_grad: Callable = on_grad,
+            ) -> None:
+                if acc.recomputing:
+                    return
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise RuntimeError(f"{type(mod).__name__}: expected a tensor input")
+                if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                    return
+                if output.shape[0] != acc.token_mask.shape[0]:
+                    raise RuntimeError(
+                        f"{type(mod).__name__} ran on a batch of {output.shape[0]} rows, not "
+                        f"{acc.token_mask.shape[0]}: its output is broadcast over the sequences, "
+                        "so per-sequence gradients cannot be separated; exclude its parameters"
+                    )
+                x = args[0].detach()
+                if not args[0].requires_grad:
+                    acc.roots.append(output)
+
+                def tensor_hook(g: torch.Tensor) -> None:
+                    acc.fired += 1
+                    on_grad(x, g.detach())
+
+                # A tensor hook sees dS/d(output) of this very call: a module called twice gets
+                # two contributions, which add up like the gradient does.
+                output.register_hook(tensor_hook)
+                acc.registered += 1
+
+            handles.append(module.register_forward_hook(forward_hook))
+        planned = {id(m) for m, _, _ in self._plan}
+        for module in self.model.modules():
+            if isinstance(module, nn.Embedding) and id(module) not in planned:
+
+                def root_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                    if isinstance(output, torch.Tensor) and output.requires_grad:
+                        acc.roots.append(output)
+
+                handles.append(module.register_forward_hook(root_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- capture -----------------------------------------------------------------------------
+
+    def _forward(self, batch: SequenceBatch) -> torch.Tensor:
+        if not self._takes_position_ids:
+            return forward_logits(self.model, batch.input_ids, batch.attention_mask)
+        # Per-row position ids: GPT-2 would otherwise look its position embeddings up once for
+        # the whole batch ([1, L]) and broadcast them, summing the rows' gradients together.
+        n, width = batch.input_ids.shape
+        positions = torch.arange(width, device=batch.input_ids.device).expand(n, width)
+        return logits_of(
+            self.model(
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=positions,
+                use_cache=False,
+            )
+        )
+
+    def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
+        out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)
+        for core in acc.cores.values():
+            # KroneckerSketch lays vec(A G B^T) out row-major: entry (a, b) at a * k_in + b.
+            out = out + core.reshape(n, self.sketcher.k_out * self.sketcher.k_in)
+        for name, flat in acc.vectors.items():
+            out = out + self.sketcher.sketch_slice(name, flat, 0).to(device)
+        return out
+
+    def capture(self, batch: SequenceBatch) -> FactorisedSketches:
+        """Sketch every sequence's score gradient with one batched forward and backward.
+
+        ``batch`` is right-padded and on the model's device.  Returns ``[n, k]`` rows equal (to
+        float rounding) to ``KroneckerSketch(dim, seed, parameters).sketch(w)`` of the explicit
+        per-sequence gradients ``w``.  No ``.grad`` of the model is written.
+        """
+        acc = _Accumulator(token_mask=batch.attention_mask.bool())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with eval_mode(self.model, self.use_eval_mode), self._hooks(acc):
+            logits = self._forward(batch)
+            logprobs = response_logprobs(logits, batch.input_ids, batch.response_mask)
+            # Differentiate to the embedding outputs only: every hooked output lies between
+            # them and the loss, and autograd then skips the weight-gradient products (half of
+            # a backward).  autograd.grad, not backward(): no parameter's .grad is touched.
+            if acc.roots:
+                torch.autograd.grad(logprobs.sum(), acc.roots, allow_unused=True)
+            if not acc.roots or acc.fired != acc.registered:
+                # some hooked output is not upstream of an embedding: run the full backward
+                acc.clear()
+                logits = self._forward(batch)
+                logprobs = response_logprobs(logits, batch.input_ids, batch.response_mask)
+                torch.autograd.grad(logprobs.sum(), params, allow_unused=True)
+        return FactorisedSketches(
+            logprobs=logprobs.detach(),
+            sketch=self._rows(acc, batch.size, logprobs.device),
+            num_tokens=batch.num_tokens,
+        )
+
+    __call__ = capture

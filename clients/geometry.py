@@ -1,0 +1,161 @@
+"""Adam geometry and the real optimizer step (math.md §1).
+
+In ``adam`` geometry a run's rows are ``sqrt(P) * w_i`` (elementwise) with
+
+    P = 1 / (sqrt(v_hat) + eps),     v_hat = v / (1 - beta2^t),
+
+``v`` the optimizer's second-moment state (``exp_avg_sq``, or ``max_exp_avg_sq`` with amsgrad)
+and ``t`` its step count; the kernel of the scaled rows is ``K(i, j) = w_i^T P w_j``, the
+preconditioned Fisher kernel that first-order predictions need when the update is
+``eta * P * g_hat`` (momentum ignored).  This is exactly the denominator ``torch.optim.Adam`` /
+``AdamW`` divide by, so with ``beta1 = 0`` and no weight decay the step taken is
+``-lr * P * g``.
+
+Which ``v``: ``P`` is read from the optimizer's state when :func:`adam_preconditioner` is
+called.  Call it after ``optimizer.step()`` to use the ``v_t`` that the step just used (the
+``w_i`` themselves are the gradients at the parameters before the step, captured earlier);
+before the first step the state is empty and the function raises.
+
+The applied update ``u = theta_after - theta_before`` (:class:`AppliedUpdateCapture`) is the
+step really taken (momentum, clipping, weight decay included).  In ``adam`` geometry it is sent
+as ``u / sqrt(P)`` so that ``<sqrt(P) w, u / sqrt(P)> = <w, u>``: the row with the reserved id
+``__applied_update__`` then gives ``<w_j, u>`` against every sketched row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from clients.capture import SequenceBatch, sequence_logprobs
+from clients.filters import ParameterFilter, select_parameters
+
+APPLIED_UPDATE_ID = "__applied_update__"
+"""Reserved sequence id of the applied-update row (architecture.md)."""
+
+
+def _step_count(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    parameter_filter: ParameterFilter | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{name: sqrt(P)}`` from an ``Adam`` / ``AdamW`` state, ``P = 1/(sqrt(v_hat) + eps)``.
+
+    Each value has the parameter's shape, float32, on its device.  Only the parameters chosen
+    by ``parameter_filter`` (default: all trainable) are returned; every one of them must be in
+    the optimizer with a state (i.e. after at least one ``optimizer.step()``).
+    """
+    groups: dict[int, Mapping[str, Any]] = {}
+    for param_group in optimizer.param_groups:
+        for p in param_group["params"]:
+            groups[id(p)] = param_group
+    out: dict[str, torch.Tensor] = {}
+    for name, p in select_parameters(model, parameter_filter).items():
+        found = groups.get(id(p))
+        if found is None:
+            raise ValueError(f"parameter {name!r} is not handled by this optimizer")
+        group = found
+        if "betas" not in group or "eps" not in group:
+            raise TypeError("adam_preconditioner needs an Adam-family optimizer (betas, eps)")
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in state or "step" not in state:
+            raise ValueError(
+                f"parameter {name!r} has no Adam state yet: take one optimizer step first "
+                "(or use the sgd geometry for the first step)"
+            )
+        beta2 = float(group["betas"][1])
+        eps = float(group["eps"])
+        step = _step_count(state["step"])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        v_hat = v.detach().float() / (1.0 - beta2**step)
+        precond = 1.0 / (v_hat.sqrt() + eps)
+        out[name] = precond.sqrt()
+    return out
+
+
+def scale_rows(
+    gradients: Mapping[str, torch.Tensor], sqrt_p: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{name: rows * sqrt(P)}``: rows ``[n, *shape]`` (or ``[n, numel]``) times ``sqrt(P)``.
+
+    The kernel of the result is ``w_i^T P w_j``.  Every gradient name needs a ``sqrt_p`` entry.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, rows in gradients.items():
+        if name not in sqrt_p:
+            raise KeyError(f"no preconditioner for parameter {name!r}")
+        scale = sqrt_p[name].to(device=rows.device, dtype=torch.float32).reshape(1, -1)
+        out[name] = (rows.reshape(rows.shape[0], -1).float() * scale).reshape(rows.shape)
+    return out
+
+
+def unscale_update(
+    update: Mapping[str, torch.Tensor], sqrt_p: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{name: u / sqrt(P)}``, the applied update's row in ``adam`` geometry (shapes kept)."""
+    return {
+        name: u.float() / sqrt_p[name].to(device=u.device, dtype=torch.float32)
+        for name, u in update.items()
+    }
+
+
+@dataclass
+class AppliedUpdateCapture:
+    """Context manager around ``optimizer.step()`` recording ``u = theta_after - theta_before``.
+
+    >>> with AppliedUpdateCapture(model) as applied:
+    ...     optimizer.step()
+    >>> applied.update   # {name: tensor of the parameter's shape}, float32
+
+    ``parameter_filter`` picks the parameters (the run's declared ones).  The snapshot costs one
+    copy of those parameters.
+    """
+
+    model: nn.Module
+    parameter_filter: ParameterFilter | None = None
+    update: dict[str, torch.Tensor] = field(default_factory=dict)
+    _before: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __enter__(self) -> AppliedUpdateCapture:
+        params = select_parameters(self.model, self.parameter_filter)
+        self._before = {k: p.detach().clone() for k, p in params.items()}
+        self.update = {}
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._before = {}
+            return
+        params = dict(self.model.named_parameters())
+        self.update = {
+            k: (params[k].detach().float() - before.float()) for k, before in self._before.items()
+        }
+        self._before = {}
+
+    def values(self, sqrt_p: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The update to push with ``Client.push_applied_update`` (parameter shapes).
+
+        With ``sqrt_p`` (adam geometry) it is ``u / sqrt(P)``; without, ``u`` (sgd geometry).
+        """
+        if not self.update:
+            raise RuntimeError("no update captured: use the object as a context manager first")
+        return dict(self.update) if sqrt_p is None else unscale_update(self.update, sqrt_p)
+
+
+def logprob_after(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """``[n]`` float32 ``S'_i``: the same sequences' response log-probs after the step."""
+    return sequence_logprobs(model, batch)

@@ -1,0 +1,494 @@
+"""kernelscope inside TRL's ``GRPOTrainer`` (optional extra ``kernelscope[trl]``).
+
+:class:`KernelscopeGRPOTrainer` is a ``trl.GRPOTrainer`` that, at every optimizer step, pushes
+to a kernelscope service what the step is made of (math.md §1):
+
+* per sequence: ``prompt_id`` (its generation group), ``logprob`` ``S_i``, ``advantage`` (TRL's,
+  after its ``scale_rewards``), ``num_tokens`` (its completion-mask length) and ``weight``:
+  the factor TRL's loss puts on ``A_i dS_i/dtheta`` (:func:`trl_sequence_weights`), so that
+  ``sum_i weight_i A_i dS_i/dtheta`` *is* the negative gradient of TRL's loss for the step,
+  gradient accumulation included;
+* per sequence, its score gradient ``w_i = dS_i/dtheta``: exact rows pushed raw (any
+  server-side sketch kind) or client-made ``kronecker`` sketches (factorised capture);
+* after ``optimizer.step()``: the applied update ``theta_after - theta_before`` (the reserved
+  row ``__applied_update__``, so ``delta_h1_applied`` accounts for Adam, clipping, weight
+  decay) and ``logprob_after`` of the same sequences (realized change, second order).
+
+It reads the fields TRL already computed (``prompt_ids``, ``prompt_mask``,
+``completion_ids``, ``completion_mask``, ``advantages``, ``num_items_in_batch``) in
+``compute_loss``; the capture itself runs extra forward/backward passes with
+``torch.autograd.grad`` / ``torch.func`` and never touches ``.grad``, so training is unchanged.
+
+Supported settings (checked at construction; anything else raises
+:class:`UnsupportedTRLSettingError`): see ``docs/trl.md``.  In short, every setting under which the
+step's gradient is exactly ``-sum_i weight_i A_i dS_i/dtheta``: on-policy steps (PPO ratio 1:
+``num_iterations == 1`` and generation aligned with the accumulation window), no KL term
+(``beta == 0``), no entropy bonus or entropy mask, temperature 1, one process, no vLLM, no
+tools.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "clients.trl needs the optional extra: pip install 'kernelscope[trl]'"
+    ) from exc
+
+from clients.capture import SequenceBatch, capture_gradients, sequence_logprobs
+from clients.filters import ParameterFilter, select_parameters
+from clients.http import Client
+
+if TYPE_CHECKING:
+    from clients.factorised import FactorisedCapture
+
+#: Loss types whose on-policy gradient is ``-sum_i weight_i A_i dS_i/dtheta`` (see
+#: :func:`trl_sequence_weights`).
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo")
+
+#: The service's normalisation whose default ``lambda_i`` equals TRL's weight (math.md §2),
+#: used as the run's ``normalization``; explicit ``weight`` values are pushed in every case.
+_RUN_NORMALIZATION = {
+    "grpo": "grpo",
+    "sapo": "grpo",
+    "dr_grpo": "dr_grpo",
+    "luspo": "sequence_mean",
+}
+
+
+class UnsupportedTRLSettingError(ValueError):
+    """A ``GRPOConfig`` setting under which kernelscope cannot reproduce TRL's gradient."""
+
+
+def trl_sequence_weights(
+    loss_type: str,
+    completion_mask: torch.Tensor,
+    *,
+    gradient_accumulation_steps: int,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | None = None,
+    steps_per_generation: int = 1,
+    num_processes: int = 1,
+    epsilon_high: float | None = None,
+) -> torch.Tensor:
+    """``lambda_i`` of one TRL micro-batch: float64 ``[b]``.
+
+    TRL's loss for a micro-batch of ``b`` completions, at PPO ratio 1 (``coef_1 = exp(logp -
+    logp.detach())``, whose gradient is ``dlogp``), has the gradient
+    ``-sum_i lambda_i A_i dS_i/dtheta`` with (``n_i`` = ``completion_mask[i].sum()``,
+    ``GA`` = gradient accumulation steps, ``P`` = processes, DDP averaging over them):
+
+    ============================  =============================================================
+    ``grpo``, ``sapo``            ``1 / (b * max(n_i, 1) * GA * P)``  (per-sequence token mean)
+    ``bnpo``                      ``1 / (max(sum_i n_i, 1) * GA * P)``  (micro-batch token mean)
+    ``dr_grpo``                   ``1 / (b * max_completion_length * GA * P)``
+    ``dapo``, ``cispo``, ``vespo``  ``spg / (max(N_items, 1) * GA)``, ``N_items`` = completion
+                                  tokens of the whole generation batch (all processes), ``spg``
+                                  = steps per generation; ``cispo`` times ``min(1, eps_high)``
+    ``luspo``                     ``1 / (b * GA * P)``  (sequence sum, batch mean)
+    ============================  =============================================================
+
+    ``sapo``'s soft gate ``sigmoid(tau (r - 1)) 4 / tau`` has slope 1 at ``r = 1`` and
+    ``vespo``'s gamma weight is 1 at ``w = 1``, so they reduce to the rows above; sequence-level
+    importance sampling gives the same weights at ratio 1 (``d/dtheta`` of ``n_i`` times the
+    mean log-ratio is ``dS_i``).
+    """
+    mask = completion_mask.to(torch.float64)
+    b = mask.shape[0]
+    ga = float(gradient_accumulation_steps)
+    lengths = mask.sum(dim=1)
+    if loss_type in ("grpo", "sapo"):
+        return 1.0 / (b * lengths.clamp(min=1.0) * ga * num_processes)
+    if loss_type == "bnpo":
+        return torch.full(
+            (b,), 1.0 / (max(float(lengths.sum()), 1.0) * ga * num_processes), dtype=torch.float64
+        )
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("dr_grpo needs max_completion_length")
+        return torch.full(
+            (b,), 1.0 / (b * max_completion_length * ga * num_processes), dtype=torch.float64
+        )
+    if loss_type in ("dapo", "cispo", "vespo"):
+        if num_items_in_batch is None:
+            raise ValueError(f"{loss_type} needs num_items_in_batch")
+        # TRL: normalizer = N_items / P * GA / spg, and DDP averages the P ranks' gradients.
+        normalizer = max(float(num_items_in_batch), 1.0) / num_processes * ga / steps_per_generation
+        value = 1.0 / (normalizer * num_processes)
+        if loss_type == "cispo":
+            if epsilon_high is None:
+                raise ValueError("cispo needs epsilon_high")
+            value *= min(1.0, float(epsilon_high))
+        return torch.full((b,), value, dtype=torch.float64)
+    if loss_type == "luspo":
+        return torch.full((b,), 1.0 / (b * ga * num_processes), dtype=torch.float64)
+    raise UnsupportedTRLSettingError(
+        f"loss_type={loss_type!r} is not supported; supported: {', '.join(SUPPORTED_LOSS_TYPES)}"
+    )
+
+
+def check_supported(trainer: GRPOTrainer) -> None:
+    """Raise :class:`UnsupportedTRLSettingError` naming every setting of ``trainer`` under which
+    ``sum_i weight_i A_i dS_i/dtheta`` would not be TRL's gradient (see ``docs/trl.md``)."""
+    args: Any = trainer.args  # a GRPOConfig
+    problems: list[str] = []
+    if trainer.loss_type not in SUPPORTED_LOSS_TYPES:
+        problems.append(
+            f"loss_type={trainer.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})"
+        )
+    if trainer.num_iterations != 1:
+        problems.append(
+            f"num_iterations={trainer.num_iterations}: later iterations are off-policy (PPO ratio "
+            "!= 1, clipping active), so the gradient is no longer sum_i weight_i A_i dS_i"
+        )
+    generate_every = args.steps_per_generation * trainer.num_iterations
+    if args.gradient_accumulation_steps % generate_every != 0:
+        problems.append(
+            f"steps_per_generation={args.steps_per_generation} does not divide "
+            f"gradient_accumulation_steps={args.gradient_accumulation_steps}: completions would "
+            "be reused after an optimizer step (off-policy)"
+        )
+    if trainer.beta != 0.0:
+        problems.append(f"beta={trainer.beta}: the KL term's gradient is not of the form A_i dS_i")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        problems.append(
+            "an entropy bonus (entropy_coef / adaptive entropy) adds a non-A_i dS_i term"
+        )
+    if trainer.top_entropy_quantile < 1.0:
+        problems.append(
+            f"top_entropy_quantile={trainer.top_entropy_quantile}: the token mask makes the "
+            "gradient a sum over a subset of tokens, not dS_i"
+        )
+    if trainer.off_policy_mask_threshold is not None:
+        problems.append("off_policy_mask_threshold is set (sequence masking by KL)")
+    if float(trainer.temperature) != 1.0:
+        problems.append(
+            f"temperature={trainer.temperature}: TRL trains log softmax(logits / T); the capture "
+            "differentiates the model's own log-probs"
+        )
+    if trainer.use_vllm:
+        problems.append("use_vllm=True (importance-sampling correction against the vLLM sampler)")
+    if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):
+        problems.append("tools / environments (tool-output tokens are masked out of the loss)")
+    if trainer.accelerator.num_processes != 1:
+        problems.append(
+            f"{trainer.accelerator.num_processes} processes: groups span ranks; run one process"
+        )
+    if getattr(args, "delta", None) is not None and float(args.delta) <= 1.0:
+        problems.append(f"delta={args.delta} <= 1 clips the ratio at 1")
+    if getattr(trainer, "aux_loss_enabled", False):
+        problems.append("a MoE router auxiliary loss is enabled")
+    if problems:
+        raise UnsupportedTRLSettingError(
+            "kernelscope cannot reproduce this GRPO step's gradient: " + "; ".join(problems)
+        )
+
+
+@dataclass
+class KernelscopeConfig:
+    """Where and how to push.
+
+    Attributes
+    ----------
+    url, token:
+        the service (``kernelscope serve``) and its bearer token, if any.
+    run_id:
+        the run to create (default: ``trl-<random>``).
+    sketch:
+        the run's sketch spec ``{"kind", "dim", "seed"}``.  ``kind="kronecker"`` makes the
+        client sketch per-sequence gradients with hooks (factorised capture) and push ``k``
+        floats per sequence; any other kind captures exact per-sequence gradients and pushes
+        them raw for the service to sketch.
+    parameter_filter:
+        which parameters to study (default: every trainable parameter).
+    capture_method:
+        ``"auto"`` / ``"vmap"`` / ``"loop"`` for exact capture (``clients.capture``).
+    chunk_size:
+        sequences per vmap chunk.
+    push_applied_update, push_logprob_after:
+        push ``theta_after - theta_before`` and ``S'_i`` after each optimizer step.
+    check_logprobs:
+        on the first micro-batch, compare the captured ``S_i`` with TRL's own log-probs and
+        warn (``RuntimeWarning``) when they differ (one extra forward).
+    """
+
+    url: str
+    token: str | None = None
+    run_id: str | None = None
+    sketch: Mapping[str, Any] = field(
+        default_factory=lambda: {"kind": "countsketch", "dim": 1024, "seed": 0}
+    )
+    parameter_filter: ParameterFilter | None = None
+    capture_method: str = "auto"
+    chunk_size: int = 8
+    push_applied_update: bool = True
+    push_logprob_after: bool = True
+    check_logprobs: bool = True
+
+
+@dataclass
+class _Window:
+    """What one optimizer step (one accumulation window) has captured so far."""
+
+    step: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[tuple[list[str], SequenceBatch]] = field(default_factory=list)
+    before: dict[str, torch.Tensor] | None = None
+
+
+class _PushAfterStep(TrainerCallback):
+    """Snapshots the parameters before ``optimizer.step()`` and pushes after it."""
+
+    def __init__(self, trainer: KernelscopeGRPOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._kernelscope_before_step()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._kernelscope_after_step()
+
+
+class KernelscopeGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` that pushes every optimizer step to kernelscope.
+
+    Same constructor as ``GRPOTrainer`` plus ``kernelscope`` (a :class:`KernelscopeConfig`)
+    and, optionally, ``kernelscope_client`` (a ready :class:`clients.http.Client`).  The
+    service's step number is ``state.global_step`` at the time of the optimizer step (0, 1,
+    ...).  The run's id is :attr:`kernelscope_run_id`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        kernelscope: KernelscopeConfig,
+        kernelscope_client: Client | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        check_supported(self)
+        self.kernelscope = kernelscope
+        self.kernelscope_client = kernelscope_client or Client(
+            kernelscope.url, token=kernelscope.token
+        )
+        self.kernelscope_run_id = kernelscope.run_id or f"trl-{uuid.uuid4().hex[:12]}"
+        policy = self._kernelscope_policy()
+        spec = dict(kernelscope.sketch)
+        self._factorised: FactorisedCapture | None = None
+        if spec.get("kind") == "kronecker":
+            from clients.factorised import FactorisedCapture
+
+            self._factorised = FactorisedCapture(
+                policy,
+                dim=int(spec["dim"]),
+                seed=int(spec.get("seed", 0)),
+                parameter_filter=kernelscope.parameter_filter,
+            )
+            declared = self._factorised.parameters
+        else:
+            declared = {
+                n: list(p.shape)
+                for n, p in select_parameters(policy, kernelscope.parameter_filter).items()
+            }
+        self._kernelscope_parameters = declared
+        self.kernelscope_client.create_run(
+            run_id=self.kernelscope_run_id,
+            sketch=spec,
+            normalization=_RUN_NORMALIZATION.get(self.loss_type, "dr_grpo"),
+            geometry="sgd",
+            parameters=declared,
+        )
+        self._ks_generation = 0
+        self._ks_window: _Window | None = None
+        self._ks_checked = False
+        self.add_callback(_PushAfterStep(self))
+
+    # -- what TRL computed ----------------------------------------------------------------
+
+    @property
+    def _grpo_args(self) -> Any:
+        return self.args  # a GRPOConfig (typed TrainingArguments in the base class)
+
+    def _kernelscope_policy(self) -> nn.Module:
+        policy: nn.Module = self.accelerator.unwrap_model(self.model)
+        return policy
+
+    def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
+        output: dict[str, Any] = super()._generate_and_score_completions(inputs)
+        if self._kernelscope_policy().training:
+            # Before TRL shuffles and splits the generation batch: completions of one prompt
+            # are consecutive here (RepeatSampler), num_generations of them.
+            # Ids unique over the run: generation g's sequence j is g * n + j.
+            n = int(output["advantages"].shape[0])
+            index = torch.arange(n, device=output["advantages"].device)
+            offset = self._ks_generation * n
+            output["kernelscope_index"] = index + offset
+            output["kernelscope_group"] = index // int(self._grpo_args.num_generations) + offset
+            self._ks_generation += 1
+        return output
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor:
+        if self._kernelscope_policy().training and "kernelscope_index" in inputs:
+            self._kernelscope_capture(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _kernelscope_weights(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        items = inputs.get("num_items_in_batch")
+        return trl_sequence_weights(
+            self.loss_type,
+            mask,
+            gradient_accumulation_steps=int(self.current_gradient_accumulation_steps),
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=None if items is None else float(items),
+            steps_per_generation=int(self._grpo_args.steps_per_generation),
+            num_processes=int(self.accelerator.num_processes),
+            epsilon_high=float(self.epsilon_high),
+        )
+
+    def _kernelscope_capture(self, inputs: Mapping[str, Any]) -> None:
+        """Capture ``S_i``, ``w_i`` and the metadata of one micro-batch and push the rows."""
+        step = int(self.state.global_step)
+        if self._ks_window is None or self._ks_window.step != step:
+            self._ks_window = _Window(step=step)
+        window = self._ks_window
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        # TRL left-pads prompts and right-pads completions; the capture wants right padding
+        # (it keeps each row's real tokens in order: see SequenceBatch.from_padded).
+        batch = SequenceBatch.from_padded(
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1).bool(),
+        )
+        index = inputs["kernelscope_index"].tolist()
+        groups = inputs["kernelscope_group"].tolist()
+        ids = [f"s{i}" for i in index]
+        policy = self._kernelscope_policy()
+        client, run_id = self.kernelscope_client, self.kernelscope_run_id
+        # Same autocast as TRL's loss (TRL turns bf16 on by default, even on a CPU), so that
+        # S_i and w_i are those of the function the step differentiates.
+        with self.accelerator.autocast():
+            if self._factorised is not None:
+                sketches = self._factorised.capture(batch)
+                logprobs = sketches.logprobs
+                client.push_sketches(run_id, step, sketches.sketch, ids)
+            else:
+                captured = capture_gradients(
+                    policy,
+                    batch,
+                    parameter_filter=self.kernelscope.parameter_filter,
+                    method=self.kernelscope.capture_method,  # type: ignore[arg-type]
+                    chunk_size=self.kernelscope.chunk_size,
+                )
+                logprobs = captured.logprobs
+                client.push_gradients(run_id, step, captured.gradients, ids)
+        if self.kernelscope.check_logprobs and not self._ks_checked:
+            self._kernelscope_check_logprobs(inputs, logprobs)
+        weights = self._kernelscope_weights(inputs)
+        advantages = inputs["advantages"].detach().reshape(-1).double().cpu()
+        for j, seq_id in enumerate(ids):
+            window.records.append(
+                {
+                    "id": seq_id,
+                    "prompt_id": f"p{groups[j]}",
+                    "logprob": float(logprobs[j]),
+                    "advantage": float(advantages[j]),
+                    "num_tokens": int(batch.num_tokens[j]),
+                    "weight": float(weights[j]),
+                }
+            )
+        window.batches.append((ids, batch))
+
+    def _kernelscope_check_logprobs(
+        self, inputs: Mapping[str, Any], logprobs: torch.Tensor
+    ) -> None:
+        """Compare the captured ``S_i`` with TRL's own per-token log-probs (one forward, on
+        the first micro-batch only) and warn when they differ: then the captured gradients are
+        not those of TRL's loss (e.g. absolute position embeddings, as GPT-2's, with
+        left-padded prompts: TRL's forward shifts every position by the padding)."""
+        self._ks_checked = True
+        completion_mask = inputs["completion_mask"]
+        with torch.no_grad():
+            per_token, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+                torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+                inputs["completion_ids"].size(1),
+            )
+        trl_logprobs = (per_token * completion_mask).sum(dim=1).float().cpu()
+        ours = logprobs.float().cpu()
+        gap = float((trl_logprobs - ours).abs().max())
+        tolerance = 1e-3 * (1.0 + float(trl_logprobs.abs().max()))
+        if not gap <= tolerance:
+            warnings.warn(
+                f"kernelscope: the captured log-probs differ from TRL's by up to {gap:.3g} "
+                f"(tolerance {tolerance:.3g}); the pushed gradients are not those of TRL's loss. "
+                "Likely cause: a model with absolute position embeddings (GPT-2) and prompts "
+                "of different lengths (TRL left-pads them); see docs/trl.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # -- around optimizer.step() -----------------------------------------------------------
+
+    def _kernelscope_selected(self) -> dict[str, torch.Tensor]:
+        policy = self._kernelscope_policy()
+        params = dict(policy.named_parameters())
+        return {n: params[n] for n in self._kernelscope_parameters}
+
+    def _kernelscope_before_step(self) -> None:
+        window = self._ks_window
+        if window is None or not self.kernelscope.push_applied_update:
+            return
+        window.before = {n: p.detach().clone() for n, p in self._kernelscope_selected().items()}
+
+    def _current_learning_rate(self) -> float:
+        # The scheduler steps after optimizer.step(): this is the rate the step uses.
+        assert self.optimizer is not None
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _kernelscope_after_step(self) -> None:
+        window = self._ks_window
+        if window is None or not window.records:
+            return
+        client, run_id = self.kernelscope_client, self.kernelscope_run_id
+        if window.before is not None:
+            update = {
+                n: (p.detach() - window.before[n]).float()
+                for n, p in self._kernelscope_selected().items()
+            }
+            client.push_applied_update(run_id, window.step, update)
+        records = window.records
+        if self.kernelscope.push_logprob_after:
+            policy = self._kernelscope_policy()
+            after: dict[str, float] = {}
+            for ids, batch in window.batches:
+                with self.accelerator.autocast():
+                    values = sequence_logprobs(policy, batch)
+                after.update({i: float(v) for i, v in zip(ids, values.tolist(), strict=True)})
+            records = [{**r, "logprob_after": after[r["id"]]} for r in records]
+        max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
+        client.push_sequences(
+            run_id, window.step, self._current_learning_rate(), records, max_length=max_length
+        )
+        self._ks_window = None

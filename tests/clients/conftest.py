@@ -1,0 +1,114 @@
+"""Tiny causal LMs built from configs (no downloads) and batches for the client tests."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from clients.capture import SequenceBatch
+
+VOCAB = 40
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0) -> nn.Module:
+    """GPT-2 (Conv1D layers, tied wte/lm_head, LayerNorms with biases), ~10k parameters."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        vocab_size=VOCAB,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    model = GPT2LMHeadModel(config)
+    # Non-trivial biases and norm parameters, so that every gradient term is exercised.
+    with torch.no_grad():
+        for _name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """Llama-style (nn.Linear without bias, RMSNorm, GQA, untied head, padding_idx 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def make_batch(seed: int = 1, n: int = 5, pad_token_id: int = 0) -> SequenceBatch:
+    """``n`` sequences with different prompt and response lengths (so there is padding).
+
+    Token 0 (Llama's padding_idx) also occurs inside real sequences on purpose.
+    """
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for i in range(n):
+        lp = 1 + (i * 2) % 5
+        lr = 2 + (i * 3) % 6
+        prompts.append(torch.randint(0, VOCAB, (lp,), generator=g))
+        responses.append(torch.randint(0, VOCAB, (lr,), generator=g))
+    prompts[0][0] = 0
+    responses[1][0] = 0
+    return SequenceBatch.from_pairs(prompts, responses, pad_token_id=pad_token_id)
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_name(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+@pytest.fixture
+def model(model_name: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MODELS[model_name]()
+
+
+@pytest.fixture
+def batch() -> SequenceBatch:
+    return make_batch()
+
+
+# The live service (uvicorn + worker subprocesses on a real Redis) and its helpers come from
+# the service tests' conftest; importing the fixtures here makes them visible to this folder.
+from tests.service.conftest import (  # noqa: E402, F401
+    LiveService,
+    free_port,
+    key_prefix,
+    live_service,
+    redis_url,
+)

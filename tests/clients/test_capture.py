@@ -1,0 +1,216 @@
+"""Exact per-sequence capture: against autograd of each S_i computed alone."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from clients.capture import (
+    SequenceBatch,
+    capture_gradients,
+    forward_logits,
+    sequence_logprobs,
+)
+from clients.filters import ParameterFilter
+from tests.clients.conftest import VOCAB, make_batch, tiny_gpt2
+
+
+def _reference(
+    model: nn.Module, batch: SequenceBatch, i: int
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """S_i and dS_i/dtheta of sequence i alone: unpadded, summed token by token in float64."""
+    length = int(batch.attention_mask[i].sum())
+    ids = batch.input_ids[i, :length]
+    model.eval()
+    logits = forward_logits(model, ids.unsqueeze(0))[0]
+    s = torch.zeros((), dtype=torch.float64)
+    for t in range(1, length):
+        if batch.response_mask[i, t]:
+            s = s + torch.log_softmax(logits[t - 1].double(), dim=-1)[ids[t]]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(s, params, allow_unused=True)
+    out = {
+        n: (torch.zeros_like(p) if g is None else g)
+        for n, p, g in zip(names, params, grads, strict=True)
+    }
+    return float(s.detach()), out
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_exact_gradients_equal_autograd_of_each_sequence(
+    model: nn.Module, batch: SequenceBatch, method: str
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture_gradients(model, batch, method=method, chunk_size=2)  # type: ignore[arg-type]
+    assert captured.method == method
+    assert set(captured.gradients) == {n for n, _ in model.named_parameters()}
+    for i in range(batch.size):
+        s_ref, g_ref = _reference(model, batch, i)
+        assert captured.logprobs[i].item() == pytest.approx(s_ref, rel=1e-5, abs=1e-5)
+        for name, g in g_ref.items():
+            torch.testing.assert_close(captured.gradients[name][i], g, rtol=1e-4, atol=1e-6)
+
+
+def test_logprob_is_response_tokens_only(model: nn.Module, batch: SequenceBatch) -> None:
+    s = sequence_logprobs(model, batch)
+    whole = []
+    for i in range(batch.size):
+        s_ref, _ = _reference(model, batch, i)
+        assert s[i].item() == pytest.approx(s_ref, rel=1e-5)
+        # the sum over every predicted token (prompt included) is a different number
+        length = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i, :length]
+        with torch.no_grad():
+            logp = torch.log_softmax(forward_logits(model, ids[None])[0, :-1].double(), -1)
+        whole.append(float(logp.gather(-1, ids[1:, None]).sum()))
+    prompt_lengths = batch.lengths - batch.num_tokens
+    for i in range(batch.size):
+        if prompt_lengths[i] > 1:
+            assert whole[i] < s[i].item() - 1e-3
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_padding_tokens_change_nothing(model: nn.Module, batch: SequenceBatch, method: str) -> None:
+    pad = batch.attention_mask == 0
+    assert pad.any()
+    scrambled = batch.input_ids.clone()
+    scrambled[pad] = torch.randint(1, VOCAB, (int(pad.sum()),))
+    other = SequenceBatch(scrambled, batch.attention_mask, batch.response_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = capture_gradients(model, batch, method=method)  # type: ignore[arg-type]
+        b = capture_gradients(model, other, method=method)  # type: ignore[arg-type]
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-6)
+    for name in a.gradients:
+        torch.testing.assert_close(a.gradients[name], b.gradients[name], rtol=1e-5, atol=1e-7)
+
+
+def test_left_padding_is_repacked(model: nn.Module, batch: SequenceBatch) -> None:
+    """A left-padded batch gives the same S_i as the right-padded one."""
+    n, width = batch.input_ids.shape
+    ids = torch.full_like(batch.input_ids, 7)
+    att = torch.zeros_like(batch.attention_mask)
+    resp = torch.zeros_like(batch.response_mask)
+    for i in range(n):
+        length = int(batch.lengths[i])
+        ids[i, width - length :] = batch.input_ids[i, :length]
+        att[i, width - length :] = 1
+        resp[i, width - length :] = batch.response_mask[i, :length]
+    repacked = SequenceBatch.from_padded(ids, att, resp)
+    assert torch.equal(repacked.attention_mask, batch.attention_mask)
+    assert torch.equal(repacked.response_mask, batch.response_mask)
+    real = batch.attention_mask.bool()
+    assert torch.equal(repacked.input_ids[real], batch.input_ids[real])
+    torch.testing.assert_close(sequence_logprobs(model, repacked), sequence_logprobs(model, batch))
+
+
+class _ItemModel(nn.Module):
+    """A model vmap cannot handle (``.item()`` in forward); ``forward(ids)`` -> logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.proj = nn.Linear(8, VOCAB)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        scale = 1.0 + 0.0 * float(input_ids.float().mean().item())
+        h = torch.cumsum(self.embed(input_ids), dim=1) * scale
+        out: torch.Tensor = self.proj(torch.tanh(h))
+        return out
+
+
+def test_auto_falls_back_to_loop_when_vmap_fails() -> None:
+    torch.manual_seed(0)
+    model = _ItemModel()
+    batch = make_batch(n=4)
+    with pytest.warns(RuntimeWarning, match="per-sequence loop"):
+        auto = capture_gradients(model, batch, method="auto")
+    assert auto.method == "loop"
+    with pytest.raises(RuntimeError):
+        capture_gradients(model, batch, method="vmap")
+    for i in range(batch.size):
+        s_ref, g_ref = _reference(model, batch, i)
+        assert auto.logprobs[i].item() == pytest.approx(s_ref, rel=1e-5)
+        for name, g in g_ref.items():
+            torch.testing.assert_close(auto.gradients[name][i], g, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_mode_is_used_and_restored() -> None:
+    model = tiny_gpt2(dropout=0.5)
+    model.train()
+    batch = make_batch(n=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = capture_gradients(model, batch, method="vmap")
+        b = capture_gradients(model, batch, method="loop")
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_filter_selects_the_captured_subset(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    matrices = ParameterFilter(min_ndim=2, exclude_regex=r"(wte|embed_tokens|lm_head)")
+    captured = capture_gradients(model, batch, parameter_filter=matrices, method="loop")
+    expected = [
+        n
+        for n, p in model.named_parameters()
+        if p.ndim >= 2 and not any(s in n for s in ("wte", "embed_tokens", "lm_head"))
+    ]
+    assert list(captured.gradients) == expected
+    assert captured.parameters == matrices.declared_parameters(model)
+    full = capture_gradients(model, batch, method="loop")
+    for name in expected:
+        torch.testing.assert_close(captured.gradients[name], full.gradients[name])
+    assert captured.flat().shape == (
+        batch.size,
+        sum(model.get_parameter(n).numel() for n in expected),
+    )
+    one = ParameterFilter(include=[names[-1]])
+    assert list(one.named_parameters(model)) == [names[-1]]
+    with pytest.raises(ValueError, match="selects no parameter"):
+        capture_gradients(model, batch, parameter_filter=ParameterFilter(lora_only=True))
+
+
+def test_lora_only_filter_keeps_adapter_parameters() -> None:
+    class Adapted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = nn.Linear(4, 4)
+            self.lora_A = nn.Linear(4, 2, bias=False)
+            self.lora_B = nn.Linear(2, 4, bias=False)
+
+    model = Adapted()
+    model.base.requires_grad_(False)
+    assert list(ParameterFilter(lora_only=True).named_parameters(model)) == [
+        "lora_A.weight",
+        "lora_B.weight",
+    ]
+    assert ParameterFilter(trainable_only=False).declared_parameters(model)["base.weight"] == [4, 4]
+    assert ParameterFilter().declared_parameters(model) == {
+        "lora_A.weight": [2, 4],
+        "lora_B.weight": [4, 2],
+    }
+
+
+def test_batch_validation() -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        SequenceBatch.from_pairs([[]], [[1, 2]])
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="first token"):
+        SequenceBatch(ids, torch.ones_like(ids), torch.tensor([[True, True, False]]))
+    with pytest.raises(ValueError, match="padded"):
+        SequenceBatch(ids, torch.tensor([[1, 1, 0]]), torch.tensor([[False, True, True]]))
+    with pytest.raises(ValueError, match="right-padded"):
+        SequenceBatch(ids, torch.tensor([[0, 1, 1]]), torch.tensor([[False, False, True]]))
+    b = SequenceBatch.from_pairs([[1], [2, 3]], [[4, 5, 6], [7]])
+    assert b.num_tokens.tolist() == [3, 1]
+    assert b.lengths.tolist() == [4, 3]

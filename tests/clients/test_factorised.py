@@ -1,0 +1,184 @@
+"""Factorised (hook) kronecker capture == the server's kronecker sketch of explicit gradients."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from clients.capture import SequenceBatch, capture_gradients
+from clients.factorised import FactorisedCapture
+from clients.filters import ParameterFilter
+from sketch.kronecker import KroneckerSketch
+from tests.clients.conftest import VOCAB, make_batch, tiny_gpt2
+
+DIM, SEED = 48, 11
+
+
+def _explicit(model: nn.Module, batch: SequenceBatch) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture_gradients(model, batch, method="loop").gradients
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to float32 rounding of the sums involved (relative to the row scale)."""
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1e-12))
+
+
+def test_factorised_equals_kronecker_sketch_per_sequence(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    # every parameter is covered: matrices by hooks, vectors exactly then CountSketch
+    assert capture.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
+    result = capture(batch)
+    grads = _explicit(model, batch)
+    server = KroneckerSketch(DIM, SEED, capture.parameters)
+    assert result.sketch.shape == (batch.size, DIM)
+    for i in range(batch.size):
+        row_i = server.sketch({k: g[i : i + 1] for k, g in grads.items()})
+        _close(result.sketch[i : i + 1], row_i)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = capture_gradients(model, batch, method="loop").logprobs
+    torch.testing.assert_close(result.logprobs, s, rtol=1e-5, atol=1e-5)
+    assert torch.equal(result.num_tokens, batch.num_tokens)
+
+
+def test_factorised_equals_kronecker_sketch_parameter_by_parameter(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    """Each parameter alone (Conv1D/Linear, tied embedding, biases, norms, padding_idx).
+
+    Layer 1 repeats layer 0's kinds of parameters: it is skipped to keep the test short.
+    """
+    grads = _explicit(model, batch)
+    for name in [n for n in grads if ".1." not in n]:
+        capture = FactorisedCapture(
+            model, dim=DIM, seed=SEED, parameter_filter=ParameterFilter(include=[name])
+        )
+        assert list(capture.parameters) == [name]
+        server = KroneckerSketch(DIM, SEED, capture.parameters)
+        want = server.sketch({name: grads[name]})
+        assert float(want.abs().max()) > 0, name
+        _close(capture(batch).sketch, want)
+
+
+def test_non_matrix_exclude_covers_matrices_only(model: nn.Module, batch: SequenceBatch) -> None:
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED, non_matrix="exclude")
+    matrices = {n: list(p.shape) for n, p in model.named_parameters() if p.ndim == 2}
+    assert capture.parameters == matrices
+    grads = _explicit(model, batch)
+    want = KroneckerSketch(DIM, SEED, matrices).sketch({k: grads[k] for k in matrices})
+    _close(capture(batch).sketch, want)
+
+
+def test_padding_changes_nothing_and_no_grad_is_written(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    pad = batch.attention_mask == 0
+    scrambled = batch.input_ids.clone()
+    scrambled[pad] = torch.randint(1, VOCAB, (int(pad.sum()),))
+    a = capture(batch)
+    b = capture(SequenceBatch(scrambled, batch.attention_mask, batch.response_mask))
+    torch.testing.assert_close(a.sketch, b.sketch, rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_sub_batches_give_the_same_rows(model: nn.Module) -> None:
+    """A row depends on its own sequence only: capturing in two halves changes nothing."""
+    batch = make_batch(n=6, seed=4)
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    whole = capture(batch).sketch
+    halves = torch.cat(
+        [capture(batch.select(slice(0, 3))).sketch, capture(batch.select(slice(3, 6))).sketch]
+    )
+    torch.testing.assert_close(whole, halves, rtol=1e-4, atol=1e-5 * float(whole.abs().max()))
+
+
+class _Scaled(nn.Module):
+    """A module with a raw parameter and a child: no hook can capture ``gain``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.gain = nn.Parameter(torch.ones(8))
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = torch.cumsum(self.embed(input_ids), dim=1) * self.gain
+        out: torch.Tensor = self.head(torch.tanh(h))
+        return out
+
+
+def test_uncapturable_parameters_are_left_out_or_refused() -> None:
+    torch.manual_seed(0)
+    model = _Scaled()
+    with pytest.warns(RuntimeWarning, match="leaves out 1 parameter"):
+        capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    assert "gain" not in capture.parameters
+    batch = make_batch(n=3)
+    grads = _explicit(model, batch)
+    want = KroneckerSketch(DIM, SEED, capture.parameters).sketch(
+        {k: grads[k] for k in capture.parameters}
+    )
+    _close(capture(batch).sketch, want)
+    with pytest.raises(ValueError, match="gain"):
+        FactorisedCapture(model, dim=DIM, seed=SEED, strict=True)
+
+
+class _Prefixed(nn.Module):
+    """A linear layer fed by a learned prefix, not by the embeddings: its output is not
+    upstream of any embedding output, so the capture must fall back to a full backward."""
+
+    def __init__(self, broadcast: bool = False) -> None:
+        super().__init__()
+        self.broadcast = broadcast
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.prefix = nn.Parameter(torch.randn(1, 1, 8))
+        self.prefix_proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        prefix = self.prefix if self.broadcast else self.prefix.expand(input_ids.shape[0], 1, 8)
+        h = torch.cumsum(self.embed(input_ids), dim=1) + self.prefix_proj(prefix)
+        out: torch.Tensor = self.head(torch.tanh(h))
+        return out
+
+
+def test_outputs_off_the_embedding_paths_and_frozen_embeddings() -> None:
+    torch.manual_seed(0)
+    batch = make_batch(n=3)
+    prefixed = _Prefixed()
+    with pytest.warns(RuntimeWarning, match="prefix"):
+        capture = FactorisedCapture(prefixed, dim=DIM, seed=SEED)
+    assert "prefix_proj.weight" in capture.parameters
+    grads = _explicit(prefixed, batch)
+    want = KroneckerSketch(DIM, SEED, capture.parameters).sketch(
+        {k: grads[k] for k in capture.parameters}
+    )
+    _close(capture(batch).sketch, want)
+    with pytest.warns(RuntimeWarning, match="prefix"):
+        broadcasting = FactorisedCapture(_Prefixed(broadcast=True), dim=DIM, seed=SEED)
+    with pytest.raises(RuntimeError, match="broadcast"):  # one row for the whole batch
+        broadcasting(batch)
+
+    model = tiny_gpt2()  # LoRA-like: embeddings frozen, so no embedding output needs a gradient
+    model.get_parameter("transformer.wte.weight").requires_grad_(False)
+    model.get_parameter("transformer.wpe.weight").requires_grad_(False)
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    assert "transformer.wte.weight" not in capture.parameters
+    grads = _explicit(model, batch)
+    want = KroneckerSketch(DIM, SEED, capture.parameters).sketch(
+        {k: grads[k] for k in capture.parameters}
+    )
+    _close(capture(batch).sketch, want)

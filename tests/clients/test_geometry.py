@@ -1,0 +1,144 @@
+"""Adam geometry, the applied update and logprob_after."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from clients.capture import SequenceBatch, capture_gradients, response_logprobs, sequence_logprobs
+from clients.geometry import (
+    AppliedUpdateCapture,
+    adam_preconditioner,
+    logprob_after,
+    scale_rows,
+    unscale_update,
+)
+from tests.clients.conftest import make_batch, tiny_gpt2
+
+
+def _loss_step(model: nn.Module, batch: SequenceBatch, optimizer: torch.optim.Optimizer) -> None:
+    """One policy-gradient-like step: maximise a weighted sum of the S_i."""
+    optimizer.zero_grad()
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    s = response_logprobs(out, batch.input_ids, batch.response_mask)
+    weights = torch.linspace(-1.0, 1.0, s.shape[0])
+    (-(weights * s).sum()).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_preconditioner_is_the_denominator_adam_divides_by(amsgrad: bool) -> None:
+    """With beta1 = 0 and no weight decay Adam's step is exactly -lr * P * g."""
+    model = tiny_gpt2().eval()
+    batch = make_batch(n=4)
+    lr = 1e-2
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-6, amsgrad=amsgrad)
+    for _ in range(2):
+        _loss_step(model, make_batch(seed=5, n=4), opt)
+    opt.zero_grad()
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    (-response_logprobs(out, batch.input_ids, batch.response_mask).sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    with AppliedUpdateCapture(model) as applied:
+        opt.step()
+    sqrt_p = adam_preconditioner(opt, model)
+    assert set(sqrt_p) == set(grads)
+    params = dict(model.named_parameters())
+    for name, g in grads.items():
+        # u = theta' - theta is exact up to the float32 rounding of theta' (half an ulp of theta)
+        ulp = float(params[name].detach().abs().max()) * 2.0**-23
+        expected = -lr * sqrt_p[name] ** 2 * g
+        torch.testing.assert_close(applied.update[name], expected, rtol=1e-4, atol=ulp)
+
+
+def test_preconditioner_formula_from_state() -> None:
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    for seed in range(3):
+        _loss_step(model, make_batch(seed=seed, n=3), opt)
+    sqrt_p = adam_preconditioner(opt, model)
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        v_hat = state["exp_avg_sq"].double() / (1 - 0.95 ** float(state["step"]))
+        expected = (1.0 / (v_hat.sqrt() + 1e-8)).sqrt()
+        torch.testing.assert_close(sqrt_p[name].double(), expected, rtol=1e-5, atol=0)
+
+
+def test_preconditioner_needs_a_state() -> None:
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="no Adam state"):
+        adam_preconditioner(torch.optim.Adam(model.parameters()), model)
+    with pytest.raises(TypeError, match="Adam-family"):
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+        adam_preconditioner(sgd, model)
+
+
+def test_scaled_rows_give_the_preconditioned_kernel() -> None:
+    model = tiny_gpt2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _loss_step(model, make_batch(seed=3, n=3), opt)
+    batch = make_batch(n=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture_gradients(model, batch, method="loop")
+    sqrt_p = adam_preconditioner(opt, model)
+    scaled = scale_rows(captured.gradients, sqrt_p)
+    n = batch.size
+    rows = torch.cat([scaled[k].reshape(n, -1) for k in captured.gradients], 1).double()
+    kernel = rows @ rows.T
+    W = captured.flat().double()
+    P = torch.cat([sqrt_p[k].reshape(-1) ** 2 for k in captured.gradients]).double()
+    direct = torch.stack(
+        [torch.stack([(W[i] * P * W[j]).sum() for j in range(n)]) for i in range(n)]
+    )
+    torch.testing.assert_close(kernel, direct, rtol=1e-5, atol=0)
+    # the applied-update row in adam geometry keeps inner products with the rows: <w, u>
+    u = {k: torch.randn_like(v) for k, v in sqrt_p.items()}
+    u_row = torch.cat([v.reshape(-1) for v in unscale_update(u, sqrt_p).values()]).double()
+    u_flat = torch.cat([u[k].reshape(-1) for k in captured.gradients]).double()
+    torch.testing.assert_close(rows @ u_row, W @ u_flat, rtol=1e-5, atol=1e-9)
+
+
+def test_applied_update_is_theta_after_minus_theta_before() -> None:
+    model = tiny_gpt2()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    batch = make_batch(n=3)
+    with AppliedUpdateCapture(model) as applied:
+        _loss_step(model, batch, opt)
+    after = dict(model.named_parameters())
+    assert set(applied.update) == set(before)
+    for name, u in applied.update.items():
+        torch.testing.assert_close(u, after[name].detach() - before[name], rtol=0, atol=0)
+    assert any(bool(u.abs().max() > 0) for u in applied.update.values())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.zero_grad()
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    (-response_logprobs(out, batch.input_ids, batch.response_mask).sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(grads) == len(before)
+    with AppliedUpdateCapture(model) as applied_sgd:
+        sgd.step()
+    for name, g in grads.items():  # g is the gradient of the loss -sum S_i: u = -lr * g
+        ulp = float(after[name].detach().abs().max()) * 2.0**-23
+        torch.testing.assert_close(applied_sgd.values()[name], -0.5 * g, rtol=1e-5, atol=ulp)
+
+
+def test_logprob_after_is_the_same_sequences_after_the_step() -> None:
+    model = tiny_gpt2()
+    batch = make_batch(n=4)
+    before = sequence_logprobs(model, batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.zero_grad()
+    model.eval()
+    out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    (-response_logprobs(out, batch.input_ids, batch.response_mask).sum()).backward()
+    opt.step()
+    after = logprob_after(model, batch)
+    assert bool((after > before).all())  # a step up the gradient of sum S_i raises every S_i here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(after, capture_gradients(model, batch, method="loop").logprobs)

@@ -66,9 +66,11 @@ def prompt_gram(
         [lookup.setdefault(str(prompt_ids[int(i)]), len(lookup)) for i in rows], dtype=np.int64
     )
     B = len(lookup)
-    all_codes = np.full(n, -1, dtype=np.int64)
-    all_codes[rows] = codes
-    gram = float(B) ** 2 * block_sums(coef[:, None] * mat * coef[None, :], all_codes, B)
+    # Only the kept rows enter: cut the kernel down first (entropy-role rows can outnumber
+    # the update rows by 100x, and the full n x n product would dominate the analysis).
+    sub = mat[np.ix_(rows, rows)]
+    kept = coef[rows]
+    gram = float(B) ** 2 * block_sums(kept[:, None] * sub * kept[None, :], codes, B)
     return 0.5 * (gram + gram.T), list(lookup)
 
 

@@ -17,12 +17,15 @@ project relies on:
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from enum import Enum
 
 import torch
+
+from sketch.hashing import Workspace
 
 Shape = tuple[int, ...]
 
@@ -70,7 +73,9 @@ class Sketcher(ABC):
         self.dim = int(dim)
         self.seed = int(seed)
         self.parameters: dict[str, Shape] | None = (
-            None if parameters is None else {k: tuple(int(s) for s in v) for k, v in parameters.items()}
+            None
+            if parameters is None
+            else {k: tuple(int(s) for s in v) for k, v in parameters.items()}
         )
 
     @abstractmethod
@@ -104,3 +109,93 @@ class Sketcher(ABC):
 
         ``1/k`` for the dense kinds, 0 for ``exact``; see each kind's docstring.
         """
+
+    def numel(self, name: str) -> int | None:
+        """Declared number of elements of parameter ``name`` (``None`` without declarations).
+
+        Raises ``KeyError`` for a name outside the declared parameters.
+        """
+        if self.parameters is None:
+            return None
+        if name not in self.parameters:
+            raise KeyError(f"parameter {name!r} is not among the declared parameters")
+        return math.prod(self.parameters[name])
+
+    def check_slice(self, name: str, values: torch.Tensor, offset: int) -> torch.Tensor:
+        """Validate a slice for :meth:`sketch_slice`; returns ``values`` as a 2-D tensor.
+
+        Checks: 2-D floating ``[n, d]``, ``offset >= 0`` and, when shapes are declared,
+        ``offset + d <= numel(name)``.
+        """
+        if values.dim() != 2:
+            raise ValueError(f"{name}: expected values [n, d], got shape {tuple(values.shape)}")
+        if not values.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {values.dtype}")
+        if offset < 0:
+            raise ValueError(f"{name}: negative offset {offset}")
+        size = self.numel(name)
+        if size is not None and offset + values.shape[1] > size:
+            raise ValueError(
+                f"{name}: slice [{offset}, {offset + values.shape[1]}) exceeds numel {size}"
+            )
+        return values
+
+
+#: Entries of the random matrix generated per block by the dense kinds (a speed/memory
+#: trade-off only: results do not depend on it beyond float rounding of the sums).
+BLOCK_ENTRIES = 1 << 18
+
+
+class DenseSketcher(Sketcher):
+    """Shared loop of the dense kinds: ``y = scale * sum_blocks X_block @ E_block``.
+
+    Subclasses provide :meth:`columns`, the unscaled entries ``E[c, r]`` (``Phi[r, c] =
+    scale * E[c, r]``) of a run of consecutive coordinates.  The matrix is generated in
+    blocks of ``max(1, block_entries // dim)`` coordinates and multiplied into the rows at
+    once (TRAK-style amortisation over the ``n`` rows), so memory stays ``O(block_entries)``
+    whatever the parameter size.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        seed: int,
+        parameters: Mapping[str, Sequence[int]] | None = None,
+        block_entries: int = BLOCK_ENTRIES,
+    ):
+        super().__init__(dim, seed, parameters)
+        self.block_coords = max(1, int(block_entries) // self.dim)
+        self.scale = 1.0 / math.sqrt(self.dim)
+
+    @abstractmethod
+    def columns(
+        self,
+        name: str,
+        start: int,
+        count: int,
+        device: torch.device,
+        workspace: Workspace | None = None,
+    ) -> torch.Tensor:
+        """Unscaled entries for flat indices ``start .. start + count - 1`` of ``name``.
+
+        Returns ``[count, dim]`` float32 on ``device``: row ``c`` is column
+        ``start + c`` of ``Phi`` divided by ``scale`` (a view into ``workspace`` when given,
+        valid until its next use).
+        """
+
+    def matrix(
+        self, name: str, start: int, count: int, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """``Phi[:, start:start + count]`` for parameter ``name``: ``[dim, count]`` float32."""
+        return (self.columns(name, start, count, torch.device(device)) * self.scale).T
+
+    def sketch_slice(self, name: str, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        values = self.check_slice(name, values, offset)
+        n, d = values.shape
+        out = torch.zeros(n, self.dim, dtype=torch.float32, device=values.device)
+        workspace = Workspace()
+        for c0 in range(0, d, self.block_coords):
+            c1 = min(d, c0 + self.block_coords)
+            block = self.columns(name, offset + c0, c1 - c0, values.device, workspace)
+            out.addmm_(values[:, c0:c1].to(torch.float32), block)
+        return out.mul_(self.scale)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# CUDA checks of the sketch operators, a few minutes on one GPU:
+#   1. the CPU = CUDA tests (pytest -m cuda, tests/sketch/test_cuda.py),
+#   2. the sketch benchmark on the device, with the device's own copy bandwidth and matmul
+#      rate as baselines (targets: countsketch >= 40% of copy, dense kinds >= 40% of matmul).
+# Without CUDA it still runs: the tests skip and the benchmark runs on the CPU (--quick).
+# Usage: bench/gpu.sh [extra bench/sketch.py flags, e.g. --compile]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+
+if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    DEVICE=cuda
+    "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")'
+    SIZE_FLAGS=()
+else
+    DEVICE=cpu
+    echo "no CUDA device: CUDA tests skip, benchmark falls back to --device cpu --quick"
+    SIZE_FLAGS=(--quick)
+fi
+
+echo "== pytest -m cuda"
+# exit code 5 = everything deselected/skipped (no CUDA): not a failure here
+"$PY" -m pytest -q -m cuda tests/sketch/test_cuda.py -p no:cacheprovider || [ $? -eq 5 ]
+
+echo "== bench/sketch.py --device $DEVICE"
+"$PY" bench/sketch.py --device "$DEVICE" "${SIZE_FLAGS[@]}" "$@"

@@ -1,0 +1,105 @@
+"""Grouped sketches: routing by pattern (first match wins, the rest to "default"), column
+layout, per-group kernels summing to the full kernel, and agreement with the ungrouped
+sketcher of each group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sketch.groups import GroupedSketcher
+from sketch.spec import GroupSpec, SketchSpec, build_sketcher, make_sketcher
+
+PARAMS = {
+    "model.layers.0.attn.q.weight": (6, 4),
+    "model.layers.0.mlp.up.weight": (8, 4),
+    "model.layers.0.attn.q.bias": (6,),
+    "lm_head.weight": (5, 4),
+}
+GROUPS = (
+    GroupSpec("attn", r".*\.attn\..*", 8),
+    GroupSpec("mlp", r".*\.mlp\..*|.*attn.*", 12),  # attn names match "attn" first
+)
+
+
+def _grad(n: int = 4) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(n, *v, generator=gen) for k, v in PARAMS.items()}
+
+
+@pytest.mark.parametrize("kind", ["exact", "countsketch", "gaussian", "rademacher", "kronecker"])
+def test_group_kernels_sum_to_full_kernel(kind: str) -> None:
+    sketcher = build_sketcher(SketchSpec(kind, 16, 3, GROUPS), PARAMS)
+    assert isinstance(sketcher, GroupedSketcher)
+    grad = _grad()
+    y = sketcher.sketch(grad).double()
+    slices = sketcher.group_slices()
+    assert list(slices) == ["attn", "mlp", "default"]
+    assert sketcher.dim == sketcher.total_dim == y.shape[1] == max(s.stop for s in slices.values())
+    full = y @ y.T
+    parts = sum(y[:, s] @ y[:, s].T for s in slices.values())
+    torch.testing.assert_close(parts, full)
+    # each group's columns are that group's own sketch of its parameters
+    for group, members in [
+        ("attn", ["model.layers.0.attn.q.weight", "model.layers.0.attn.q.bias"]),
+        ("mlp", ["model.layers.0.mlp.up.weight"]),
+        ("default", ["lm_head.weight"]),
+    ]:
+        dim = {"attn": 8, "mlp": 12, "default": 16}[group]
+        own = make_sketcher(kind, dim, 3, {m: PARAMS[m] for m in members})
+        expected = own.sketch({m: grad[m] for m in members}).double()
+        torch.testing.assert_close(y[:, slices[group]], expected)
+
+
+def test_routing_first_match_and_default() -> None:
+    sketcher = build_sketcher(SketchSpec("countsketch", 16, 0, GROUPS), PARAMS)
+    assert isinstance(sketcher, GroupedSketcher)
+    assert sketcher.route("model.layers.0.attn.q.weight") == "attn"
+    assert sketcher.route("model.layers.0.mlp.up.weight") == "mlp"
+    assert sketcher.route("lm_head.weight") == "default"
+    # fullmatch, not search: a pattern matching only a substring does not route
+    partial = build_sketcher(SketchSpec("countsketch", 4, 0, (GroupSpec("g", "attn", 4),)))
+    assert isinstance(partial, GroupedSketcher)
+    assert partial.route("x.attn.y") == "default" and partial.route("attn") == "g"
+    assert sketcher.group_slices() == {
+        "attn": slice(0, 8),
+        "mlp": slice(8, 20),
+        "default": slice(20, 36),
+    }
+
+
+def test_grouped_slices_add_up_and_land_in_their_group() -> None:
+    sketcher = build_sketcher(SketchSpec("gaussian", 16, 3, GROUPS), PARAMS)
+    assert isinstance(sketcher, GroupedSketcher)
+    grad = _grad()
+    name = "model.layers.0.mlp.up.weight"
+    flat = grad[name].reshape(4, -1)
+    whole = sketcher.sketch({name: grad[name]})
+    parts = sketcher.sketch({name: flat[:, :10]}) + sketcher.sketch({f"{name}@10": flat[:, 10:]})
+    torch.testing.assert_close(parts, whole)
+    outside = [s for g, s in sketcher.group_slices().items() if g != "mlp"]
+    assert all(whole[:, s].abs().sum() == 0 for s in outside)
+
+
+def test_exact_groups_use_numels_and_variance_factors() -> None:
+    exact = build_sketcher(SketchSpec("exact", 1, 0, GROUPS), PARAMS)
+    assert isinstance(exact, GroupedSketcher)
+    assert exact.group_slices() == {
+        "attn": slice(0, 30),
+        "mlp": slice(30, 62),
+        "default": slice(62, 82),
+    }
+    assert exact.variance_factor() == 0.0
+    dense = build_sketcher(SketchSpec("gaussian", 16, 0, GROUPS), PARAMS)
+    assert isinstance(dense, GroupedSketcher)
+    assert dense.group_variance_factors() == {"attn": 1 / 8, "mlp": 1 / 12, "default": 1 / 16}
+    assert dense.variance_factor() == 1 / 8
+
+
+def test_exact_group_without_members_is_empty() -> None:
+    spec = SketchSpec("exact", 1, 0, (GroupSpec("none", "nothing", 4),))
+    sketcher = build_sketcher(spec, {"a": (2, 2)})
+    assert isinstance(sketcher, GroupedSketcher)
+    assert sketcher.group_slices() == {"none": slice(0, 0), "default": slice(0, 4)}
+    y = sketcher.sketch({"a": torch.ones(1, 2, 2)})
+    assert torch.equal(y, torch.ones(1, 4))

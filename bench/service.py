@@ -501,11 +501,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("sequences", "parameters", "upload_rows", "query_n", "query_k"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    # The machine may be shared: the load before and after says how much the numbers are worth.
+    load_before = os.getloadavg()
     results = run(cfg)
     load = os.getloadavg()
     device = (
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+        f"load average {load_before[0]:.1f} before, {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} after"
     )
     _print_table(cfg, results, device)
 

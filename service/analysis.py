@@ -6,7 +6,9 @@ up).  ``K = Y Y^T`` is the Fisher kernel.  Everything CPU-heavy here is synchron
 by the routes in a worker thread (``run_in_threadpool``) so that the event loop stays free.
 
 Results are cached in Redis under the step's data version (see :mod:`service.store`), so a
-repeated query is a hash lookup and any new part or metadata invalidates it.
+repeated query is a hash lookup and any new part or metadata invalidates it.  The assembled
+matrix and what is derived from it (the kernel, the eigenvalues) are kept in this process
+(:class:`MatrixMemo`), so the routes of one step share one kernel per version.
 """
 
 from __future__ import annotations
@@ -14,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import secrets
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as load_np
-from safetensors.numpy import save as save_np
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import ProblemError
@@ -36,10 +41,20 @@ from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
-from sketch.spectrum import spectrum
+from sketch.spectrum import Spectrum, spectrum
 
 MAX_WAIT_S = 300.0
 SPECTRUM_HEAD = 8
+#: Assembled step matrices (with their kernels) kept in this process: the analysis routes of
+#: one step (kernel, spectrum, blocks, entropy) are usually asked one after the other, and
+#: each would otherwise fetch and decode ``Y`` from Redis and rebuild ``K`` again.
+MEMO_MATRICES = 2
+#: BLAS threads for the eigen-decompositions (``role_spectrum``).  Their reduction to
+#: tridiagonal form is memory-bound and synchronises its threads at every column: measured on
+#: the shared 2-core host, ``eigvalsh`` of a 2048 x 2048 kernel took 0.24 s with 2 threads and
+#: 0.4 s with 1 when idle, but 16-26 s with 2 threads (0.4-0.6 s with 1) whenever another
+#: process held a core.  One thread trades a little idle speed for never stalling.
+EIGEN_BLAS_THREADS = 1
 
 
 def sketcher_for_run(run: Mapping[str, Any]) -> Sketcher:
@@ -64,6 +79,10 @@ class StepMatrix:
 
     ``Y``: float64 ``[n, k]``, row ``i`` the summed sketch of ``seqs.ids[i]``; ``applied``:
     float64 ``[k]`` sketch of the applied update ``u`` (id ``__applied_update__``) or None.
+
+    Derived values (the kernel, the eigenvalues per role) are computed at most once per
+    matrix, i.e. per data version, and shared by all routes (:meth:`kernel`,
+    :meth:`eigen_summary`); they are read-only arrays.
     """
 
     version: int
@@ -74,12 +93,127 @@ class StepMatrix:
     max_length: int | None
     entropy_before: float | None
     entropy_after: float | None
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # Routes run in threadpool threads: two requests must not both build the same value.  One
+    # lock per value, so that a long eigen-decomposition does not hold up the blocks' kernel.
+    _locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False, compare=False)
+    _locks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def role_rows(self, role: str) -> np.ndarray:
         """Row indices of ``role`` (``update``, ``entropy`` or ``all``), in step order."""
         if role == "all":
             return np.arange(self.seqs.n)
         return np.flatnonzero(self.seqs.role_mask(role))
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        with self._locks_lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self._derived:
+                self._derived[key] = make()
+            return self._derived[key]
+
+    def kernel(self, role: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, K)``: the role's row indices and ``K = Y Y^T`` over them (float64
+        ``[r, r]``, read-only).  ``Y Y^T`` of all rows is formed once; a role's kernel is its
+        sub-matrix (an entry ``<y_i, y_j>`` does not depend on the other rows)."""
+        rows = self.role_rows(role)
+        if rows.size == 0:
+            raise ProblemError(422, f"the step has no {role!r} sequences")
+
+        def full() -> np.ndarray:
+            K = kernel_from_rows(self.Y)
+            K.flags.writeable = False  # shared by every route: nobody may change it
+            return K
+
+        K_all = self._once("kernel", full)
+        if rows.size == self.seqs.n:
+            return rows, K_all
+
+        def sub() -> np.ndarray:
+            K = K_all[np.ix_(rows, rows)]
+            K.flags.writeable = False
+            return K
+
+        return rows, self._once(f"kernel|{role}", sub)
+
+    def eigen_summary(self, role: str) -> Spectrum:
+        """The role's spectrum without eigenvectors (eigenvalues, trace, effective rank,
+        participation ratio), computed once; see :func:`role_spectrum`."""
+        summary: Spectrum = self._once(f"spectrum|{role}", lambda: role_spectrum(self, role, 0))
+        return summary
+
+
+# The BLAS thread count is process-wide: the lock keeps concurrent eigen-decompositions from
+# restoring each other's limits out of order (which could leave it at 1 for good).
+_EIGEN_LOCK = threading.Lock()
+try:
+    from threadpoolctl import ThreadpoolController
+
+    _BLAS: ThreadpoolController | None = ThreadpoolController()
+except ImportError:  # optional: without it LAPACK keeps its default thread count
+    _BLAS = None
+
+
+def role_spectrum(m: StepMatrix, role: str, top: int) -> Spectrum:
+    """``sketch.spectrum.spectrum`` of the role's kernel with ``top`` eigenvectors.
+
+    ``k < n``: the SVD of the role's rows of ``Y`` (singular values only when ``top == 0``);
+    ``k >= n``: the eigenvalues of the cached kernel (``eigvalsh``; a full ``eigh`` only when
+    ``top > 0``).  LAPACK runs on ``EIGEN_BLAS_THREADS`` threads.
+    """
+    rows = m.role_rows(role)
+    if rows.size == 0:
+        raise ProblemError(422, f"the step has no {role!r} sequences")
+    Y = m.Y if rows.size == m.seqs.n else m.Y[rows]
+    K = m.kernel(role)[1] if Y.shape[1] >= Y.shape[0] else None
+    with _EIGEN_LOCK:
+        if _BLAS is None:
+            return spectrum(Y=Y, K=K, top=min(top, int(rows.size)))
+        with _BLAS.limit(limits=EIGEN_BLAS_THREADS, user_api="blas"):
+            return spectrum(Y=Y, K=K, top=min(top, int(rows.size)))
+
+
+class MatrixMemo:
+    """The last ``MEMO_MATRICES`` assembled matrices of this process, by cache token.
+
+    A token is a random name written into the step's Redis cache hash
+    (``{version}|matrix.token``) by the first process that assembled that version.  That hash
+    is unlinked on every version bump and with the run, so a token names exactly one data
+    state: a memo entry is found only while its data is current, even across a run deleted
+    and re-created under the same id.
+    """
+
+    def __init__(self, size: int = MEMO_MATRICES) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, StepMatrix] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> StepMatrix | None:
+        with self._lock:
+            matrix = self._entries.get(token)
+            if matrix is not None:
+                self._entries.move_to_end(token)
+            return matrix
+
+    def put(self, token: str, matrix: StepMatrix) -> None:
+        with self._lock:
+            self._entries[token] = matrix
+            self._entries.move_to_end(token)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+# One memo per store (per app): tests run several apps with their own Redis side by side.
+_MEMOS: weakref.WeakKeyDictionary[Store, MatrixMemo] = weakref.WeakKeyDictionary()
+
+
+def matrix_memo(store: Store) -> MatrixMemo:
+    """The in-process memo of ``store``'s assembled matrices."""
+    memo = _MEMOS.get(store)
+    if memo is None:
+        memo = _MEMOS[store] = MatrixMemo()
+    return memo
 
 
 def assemble(snapshot: StepSnapshot) -> StepMatrix:
@@ -129,37 +263,6 @@ def assemble(snapshot: StepSnapshot) -> StepMatrix:
     )
 
 
-def _matrix_bytes(m: StepMatrix) -> bytes:
-    tensors = {"Y": np.ascontiguousarray(m.Y)}
-    if m.applied is not None:
-        tensors["applied"] = np.ascontiguousarray(m.applied)
-    meta = {
-        "records": json.dumps(m.seqs.to_records()),
-        "fields": json.dumps(
-            [m.learning_rate, m.max_length, m.entropy_before, m.entropy_after, m.version]
-        ),
-    }
-    return save_np(tensors, metadata=meta)
-
-
-def _matrix_from_bytes(data: bytes) -> StepMatrix:
-    # float64 tensors: outside the upload dtypes that read_header accepts, so parsed here
-    header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
-    arrays = load_np(data)
-    lr, max_length, before, after, version = json.loads(meta["fields"])
-    return StepMatrix(
-        version=int(version),
-        seqs=StepSequences.from_records(json.loads(meta["records"])),
-        Y=arrays["Y"],
-        applied=arrays.get("applied"),
-        learning_rate=float(lr),
-        max_length=max_length,
-        entropy_before=before,
-        entropy_after=after,
-    )
-
-
 def step_problem(status: dict[str, Any], detail: str) -> ProblemError:
     """A 409 carrying the step status (``step_status`` member)."""
     return ProblemError(409, detail, title="Step not ready", step_status=status)
@@ -201,15 +304,27 @@ async def ready_step(
 
 
 async def load_matrix(store: Store, run_id: str, step: int) -> StepMatrix:
-    """The step's assembled matrix at its current version (cached in Redis)."""
+    """The step's assembled matrix at its current version.
+
+    From this process's memo when the version's token names an entry, else assembled from
+    the parts and memoised under the version's token.  Assembling (the float32 parts and one
+    sum per row) costs about what fetching and decoding a cached float64 copy of ``Y`` would,
+    so ``Y`` itself is not cached in Redis: only the small token is.
+    """
     version = await store.version(run_id, step)
-    cached = await store.cache_get(run_id, step, version, "matrix")
-    if cached is not None:
-        return await run_in_threadpool(_matrix_from_bytes, cached)
+    memo = matrix_memo(store)
+    token = await store.cache_get(run_id, step, version, "matrix.token")
+    if token is not None:
+        hit = memo.get(token.decode())
+        if hit is not None:
+            return hit
     snapshot = await store.snapshot(run_id, step)
     matrix = await run_in_threadpool(assemble, snapshot)
-    data = await run_in_threadpool(_matrix_bytes, matrix)
-    await store.cache_put(run_id, step, matrix.version, "matrix", data)
+    # The first process to assemble a version names it; the others memoise under that name.
+    token = await store.cache_put_once(
+        run_id, step, matrix.version, "matrix.token", secrets.token_hex(16).encode()
+    )
+    memo.put(token.decode(), matrix)
     return matrix
 
 
@@ -223,7 +338,8 @@ async def cached_result(
 ) -> bytes:
     """``compute(matrix)`` at the step's current version, from the cache when possible.
 
-    ``after`` (async) runs once per freshly computed result (the entropy summary).
+    ``after`` (async) runs once per freshly computed result (the entropy summary); the
+    matrix comes from :func:`load_matrix`, so the routes share its kernel and spectrum.
     """
     version = await store.version(run_id, step)
     cached = await store.cache_get(run_id, step, version, query)
@@ -248,16 +364,9 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, allow_nan=False).encode()
 
 
-def _role_kernel(m: StepMatrix, role: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = m.role_rows(role)
-    if rows.size == 0:
-        raise ProblemError(422, f"the step has no {role!r} sequences")
-    return rows, kernel_from_rows(m.Y[rows])
-
-
 def kernel_matrix(m: StepMatrix, role: str, normalize: bool) -> tuple[list[str], np.ndarray]:
     """``(ids, K)`` over ``role``, or the cosine ``rho`` with ``normalize``."""
-    rows, K = _role_kernel(m, role)
+    rows, K = m.kernel(role)
     return [m.seqs.ids[i] for i in rows], (cosine(K) if normalize else K)
 
 
@@ -286,14 +395,14 @@ def diagonal_json(m: StepMatrix, role: str) -> bytes:
 
 
 def spectrum_json(m: StepMatrix, role: str, top: int) -> bytes:
-    rows = m.role_rows(role)
-    if rows.size == 0:
-        raise ProblemError(422, f"the step has no {role!r} sequences")
-    return _json(spectrum(Y=m.Y[rows], top=min(top, int(rows.size))).to_dict())
+    """The role's spectrum; eigenvectors are only computed for ``top > 0``."""
+    if top == 0:
+        return _json(m.eigen_summary(role).to_dict())
+    return _json(role_spectrum(m, role, top).to_dict())
 
 
 def blocks_json(m: StepMatrix, role: str) -> bytes:
-    rows, K = _role_kernel(m, role)
+    rows, K = m.kernel(role)
     return _json(block_statistics(K, [m.seqs.prompt_ids[i] for i in rows]).to_dict())
 
 
@@ -301,7 +410,7 @@ def entropy_json(
     m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher, estimator: str | None
 ) -> bytes:
     """``sketch.entropy.entropy_change`` on the step (math.md §4), as JSON bytes."""
-    K = kernel_from_rows(m.Y)
+    _, K = m.kernel("all")
     group_kernels = None
     if isinstance(sketcher, GroupedSketcher):  # K = sum_g K_g over the groups' columns
         group_kernels = {
@@ -325,12 +434,15 @@ def entropy_json(
 
 
 def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-step row kept without TTL for ``GET /v1/runs/{run_id}/entropy``."""
+    """The per-step row kept without TTL for ``GET /v1/runs/{run_id}/entropy``.
+
+    CPU work (the update kernel's eigenvalues, shared with the spectrum route): run it in a
+    worker thread.
+    """
     realized = entropy.get("realized")
-    rows = m.role_rows("update")
     head: list[float] = []
-    if rows.size:
-        head = [float(x) for x in spectrum(Y=m.Y[rows]).eigenvalues[:SPECTRUM_HEAD]]
+    if m.role_rows("update").size:
+        head = [float(x) for x in m.eigen_summary("update").eigenvalues[:SPECTRUM_HEAD]]
     return {
         "delta_h1": entropy["delta_h1"],
         "estimator": entropy["estimator"],

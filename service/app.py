@@ -2,21 +2,64 @@
 
 Run it with ``python -m uvicorn service.app:create_app --factory`` (settings from the
 environment) or through ``kernelscope serve``.
+
+The app starts and keeps answering while Redis is down: every Redis-touching route answers a
+503 problem and ``/healthz`` a 503 with the reason, and both recover by themselves when Redis
+returns (the client reconnects per command; the job stream's consumer group, which the
+lifespan could not create, is created by the first request that finds Redis up).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import install_problem_handlers
+from service.errors import (
+    RequestIdMiddleware,
+    install_problem_handlers,
+    install_problem_openapi,
+    install_request_id_logging,
+)
 from service.metrics import QueryLatencyMiddleware
 from service.routers import analysis, dashboard, health, metrics, runs, steps, uploads
 from service.settings import Settings
 from service.store import Store
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_group_once(app: FastAPI) -> bool:
+    """Create the job stream's consumer group unless done already; False while Redis is down."""
+    if app.state.group_ready:
+        return True
+    try:
+        await app.state.store.ensure_group()
+    except (RedisError, OSError) as exc:
+        log.warning("Redis unavailable, job stream group not created yet: %s", exc)
+        return False
+    app.state.group_ready = True
+    return True
+
+
+class _LazyGroupMiddleware:
+    """Before a request, create the consumer group if the lifespan could not (Redis down at
+    startup).  Costs one attribute test per request once the group exists."""
+
+    def __init__(self, app: ASGIApp, owner: FastAPI) -> None:
+        self.app = app
+        self.owner = owner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.owner.state.group_ready:
+            await ensure_group_once(self.owner)
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> FastAPI:
@@ -26,20 +69,40 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     mode); otherwise one is made from ``settings.redis_url``, which must then be set.
     """
     settings = settings or Settings()
+    install_request_id_logging()
     owns_redis = redis is None
+    bulk: SyncRedis | None = None
     if redis is None:
         if not settings.redis_url:
             raise RuntimeError(
                 "no Redis configured: set REDIS_URL (or run `kernelscope serve` for embedded mode)"
             )
-        redis = Redis.from_url(settings.redis_url, decode_responses=False)
+        # Timeouts so that a Redis that stops answering (host gone, process frozen) gives a
+        # 503 after a bounded wait instead of a request that hangs for ever.
+        timeout = settings.redis_timeout_s
+        redis = Redis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+        )
+        # Upload bodies go through a blocking client in a thread: no copies (Store.add_upload).
+        bulk = SyncRedis.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await app.state.store.ensure_group()
+        # Never fail startup on Redis: the app answers 503 until Redis is back.
+        await ensure_group_once(app)
         yield
         if owns_redis:
             await app.state.redis.aclose()
+        if bulk is not None:
+            bulk.close()
 
     app = FastAPI(
         title="kernelscope",
@@ -49,9 +112,16 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     )
     app.state.settings = settings
     app.state.redis = redis
-    app.state.store = Store(redis, settings.key_prefix, settings.raw_ttl_s, settings.cache_ttl_s)
+    app.state.store = Store(
+        redis, settings.key_prefix, settings.raw_ttl_s, settings.cache_ttl_s, bulk=bulk
+    )
+    app.state.group_ready = False
     install_problem_handlers(app)
+    # add_middleware wraps outwards: the request id is set before anything else runs.
+    app.add_middleware(_LazyGroupMiddleware, owner=app)
     app.add_middleware(QueryLatencyMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     for module in (runs, steps, uploads, analysis, health, metrics, dashboard):
         app.include_router(module.router)
+    install_problem_openapi(app)
     return app

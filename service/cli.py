@@ -147,6 +147,15 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            envvar="KERNELSCOPE_INSECURE",
+            help="Allow binding a non-loopback address without KERNELSCOPE_TOKEN (anyone who "
+            "can reach the port can then read and delete every run).",
+        ),
+    ] = False,
 ) -> None:
     """Run the kernelscope service: REST API, dashboard and stream workers.
 
@@ -162,7 +171,11 @@ def serve(
 
         kernelscope serve
 
-        kernelscope serve --host 0.0.0.0 --port 9000 --workers-in-process 2
+        KERNELSCOPE_TOKEN=s3cret kernelscope serve --host 0.0.0.0 --port 9000
+
+        kernelscope serve --workers-in-process 2
+
+    A non-loopback --host needs KERNELSCOPE_TOKEN (or --insecure).
 
         REDIS_URL=redis://redis:6379/0 kernelscope serve --no-worker
     """
@@ -174,6 +187,15 @@ def serve(
     if redis_url is not None:
         overrides["redis_url"] = redis_url
     settings = Settings(**overrides)
+    bind_host = settings.host if host is None else host
+    if not settings.token and not insecure and not is_loopback(bind_host):
+        _err().print(
+            f"[red]error:[/red] refusing to serve on {bind_host} without a token: anyone who "
+            "can reach it could read and delete every run. Set KERNELSCOPE_TOKEN, bind "
+            "127.0.0.1, or pass --insecure.",
+            highlight=False,
+        )
+        raise typer.Exit(code=2)
     _configure_logging(log_level)
     workers = workers_in_process if worker else 0
     mode = "external Redis" if settings.redis_url else f"embedded Redis in {settings.data_dir}"
@@ -254,10 +276,31 @@ def worker_command(
     _out().print("worker stopped")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` exposes the service to this machine only.
+
+    ``localhost`` and loopback literals (127.0.0.0/8, ::1) are; the wildcard addresses
+    (``0.0.0.0``, ``::``, ``""``) and every other address or name are not.
+    """
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
 def _configure_logging(level: str) -> None:
-    """Log kernelscope's own messages (worker jobs, shutdown) at ``level`` to stderr."""
+    """Log kernelscope's own messages (worker jobs, shutdown) at ``level`` to stderr, each line
+    with the id of the request it belongs to (``-`` outside a request)."""
+    from service.errors import install_request_id_logging
+
+    install_request_id_logging()
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
@@ -56,3 +57,21 @@ async def get_run(run_id: RunId, store: StoreDep) -> dict[str, Any]:
 
 
 RunDep = Annotated[dict[str, Any], Depends(get_run)]
+
+
+def check_sketch_memory(rows: int, run: Mapping[str, Any], settings: Settings) -> None:
+    """422 when an upload of ``rows`` sequences would make a sketch larger than the limit.
+
+    A worker allocates the upload's sketch ``[n, k]`` float32 (``n * k * 4`` bytes, ``k`` the
+    run's width) on top of the body; the body limit bounds the body but not ``n * k`` (a
+    small body of many one-entry rows on a run with ``k = 2^20`` would ask for gigabytes), so
+    this is checked after validation and before anything is stored or queued.
+    """
+    need = int(rows) * int(run["k"]) * 4
+    if need > settings.max_sketch_bytes:
+        raise ProblemError(
+            422,
+            f"{rows} rows x k={run['k']} make a {need / 2**20:.0f} MiB sketch, over the limit "
+            f"of {settings.max_sketch_mb:g} MiB (KERNELSCOPE_MAX_SKETCH_MB): send fewer rows "
+            "per upload",
+        )

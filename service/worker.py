@@ -4,7 +4,8 @@ One loop, arq-like::
 
     reclaim jobs idle past claim_idle_ms (XAUTOCLAIM)   -- a crashed worker's jobs
     else read new jobs (XREADGROUP, group "workers", up to worker_batch, blocking)
-    group them by (run, step); per group: one run spec, one MGET of the raw bodies, one sketcher
+    group them by (run, step); per group: one run spec and sketcher; raw bodies fetched one
+    job ahead (at most two in memory)
     per job: sketch in a thread -> store the part, mark done, unlink raw, XACK (one MULTI)
              failure -> retried by whoever reclaims it; after max_attempts deliveries -> dead letter
 
@@ -129,12 +130,9 @@ class Worker:
                 raise RuntimeError("the worker needs a Redis: set REDIS_URL or --redis-url")
             redis = Redis.from_url(self.settings.redis_url, decode_responses=False)
         store = Store(redis, self.settings.key_prefix, self.settings.raw_ttl_s)
-        await store.ensure_group()
-        # Register now (XREADGROUP on an empty stream does not): operators and tests can see
-        # a live worker in XINFO CONSUMERS before it gets its first job.
-        await redis.xgroup_createconsumer(store.keys.stream, GROUP, self.name)
-        log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
         try:
+            if await self._register(store, stop):
+                log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
             while not stop.is_set():
                 record_worker_heartbeat(self.name)
                 try:
@@ -150,6 +148,24 @@ class Worker:
             await self._leave(store)
             if self._redis is None:
                 await redis.aclose()
+
+    async def _register(self, store: Store, stop: asyncio.Event) -> bool:
+        """Create the group and register this consumer, waiting for Redis if it is down.
+
+        A worker started before its Redis (compose, a restart) must not exit. Registering
+        up front (XREADGROUP on an empty stream does not) lets operators and tests see a live
+        worker in XINFO CONSUMERS before it gets its first job. False if stopped first.
+        """
+        while not stop.is_set():
+            try:
+                await store.ensure_group()
+                await store.redis.xgroup_createconsumer(store.keys.stream, GROUP, self.name)
+                return True
+            except (RedisError, OSError) as exc:
+                log.warning("redis unreachable (%s: %s); retrying in 1 s", type(exc).__name__, exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+        return False
 
     async def _iteration(self, store: Store) -> None:
         """Read one batch, group it by (run, step), process each group."""
@@ -206,46 +222,77 @@ class Worker:
     async def _process(self, store: Store, run_id: str, step: int, jobs: list[Entry]) -> None:
         run = await store.get_run(run_id)
         upload_ids = [fields[b"upload_id"].decode() for _, fields in jobs]
-        bodies = await store.raw_bodies(run_id, step, upload_ids) if run else [None] * len(jobs)
         deliveries = await self._deliveries(store, [entry_id for entry_id, _ in jobs])
-        for (entry_id, fields), upload_id, body, delivered in zip(
-            jobs, upload_ids, bodies, deliveries, strict=True
-        ):
-            record = await store.upload_record(run_id, step, upload_id) if run else None
-            if run is None or record is None or record["state"] != UPLOAD_QUEUED:
-                await store.ack(entry_id)  # run deleted, or the job was already finished
-                continue
-            if delivered > self.settings.max_attempts:
-                last = record.get("last_error") or "the worker was lost while processing it"
-                await self._dead(store, run_id, step, upload_id, entry_id, delivered - 1, last)
-                continue
-            if body is None:
-                error = "raw upload expired or deleted before it was sketched (raw_ttl_s)"
-                await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
-                continue
-            started = time.perf_counter()
-            keep = asyncio.create_task(self._keep_claimed(store, entry_id))
-            try:
-                sketcher = run_sketcher(run)  # memoised per run spec
-                part = await asyncio.to_thread(
-                    sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
+
+        def fetch(index: int) -> asyncio.Task[bytes | None] | None:
+            if run is None or index >= len(jobs):
+                return None
+            return asyncio.create_task(store.raw_body(run_id, step, upload_ids[index]))
+
+        # Raw bodies are fetched one job ahead: the next one arrives while this one is being
+        # sketched, and at most two bodies are held whatever worker_batch is.
+        upcoming = fetch(0)
+        try:
+            for index, ((entry_id, fields), upload_id, delivered) in enumerate(
+                zip(jobs, upload_ids, deliveries, strict=True)
+            ):
+                body = None if upcoming is None else await upcoming
+                upcoming = fetch(index + 1)
+                await self._process_job(
+                    store, run, run_id, step, entry_id, fields, upload_id, body, delivered
                 )
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"[:2000]
-                log.warning("job %s (upload %s) failed: %s", entry_id, upload_id, error)
-                if delivered >= self.settings.max_attempts:
-                    await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
-                else:  # stays pending; reclaimed after claim_idle_ms by any worker
-                    await store.record_error(run_id, step, upload_id, error)
-                    record_job(0.0, "retry")
-                continue
-            finally:
-                keep.cancel()
-            await store.complete_upload(run_id, step, upload_id, entry_id, part)
-            record_rows_sketched(int(record["rows"]))
-            record_job(time.perf_counter() - started, "ok")
-            self.processed += 1
-            log.info("sketched upload %s of %s/%d (%s)", upload_id, run_id, step, self.name)
+                del body  # not held while the next job's body is awaited
+        finally:
+            if upcoming is not None:
+                upcoming.cancel()
+
+    async def _process_job(
+        self,
+        store: Store,
+        run: dict[str, Any] | None,
+        run_id: str,
+        step: int,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        upload_id: str,
+        body: bytes | None,
+        delivered: int,
+    ) -> None:
+        record = await store.upload_record(run_id, step, upload_id) if run else None
+        if run is None or record is None or record["state"] != UPLOAD_QUEUED:
+            await store.ack(entry_id)  # run deleted, or the job was already finished
+            return
+        if delivered > self.settings.max_attempts:
+            last = record.get("last_error") or "the worker was lost while processing it"
+            await self._dead(store, run_id, step, upload_id, entry_id, delivered - 1, last)
+            return
+        if body is None:
+            error = "raw upload expired or deleted before it was sketched (raw_ttl_s)"
+            await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
+            return
+        started = time.perf_counter()
+        keep = asyncio.create_task(self._keep_claimed(store, entry_id))
+        try:
+            sketcher = run_sketcher(run)  # memoised per run spec
+            part = await asyncio.to_thread(
+                sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
+            )
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            log.warning("job %s (upload %s) failed: %s", entry_id, upload_id, error)
+            if delivered >= self.settings.max_attempts:
+                await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
+            else:  # stays pending; reclaimed after claim_idle_ms by any worker
+                await store.record_error(run_id, step, upload_id, error)
+                record_job(0.0, "retry")
+            return
+        finally:
+            keep.cancel()
+        await store.complete_upload(run_id, step, upload_id, entry_id, part)
+        record_rows_sketched(int(record["rows"]))
+        record_job(time.perf_counter() - started, "ok")
+        self.processed += 1
+        log.info("sketched upload %s of %s/%d (%s)", upload_id, run_id, step, self.name)
 
     async def _keep_claimed(self, store: Store, entry_id: bytes | str) -> None:
         """While a job is being sketched, reset its idle time (XCLAIM JUSTID to ourselves,

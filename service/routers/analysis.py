@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from service import analysis as an
 from service.deps import RunDep, SettingsDep, StepNo, StoreDep, require_token
@@ -164,7 +165,9 @@ async def step_entropy(
     run_id = run["run_id"]
 
     async def keep_summary(m: an.StepMatrix, body: bytes) -> None:
-        await store.put_summary(run_id, step, an.entropy_summary(m, json.loads(body)))
+        # the summary needs the update kernel's eigenvalues: CPU work, off the event loop
+        summary = await run_in_threadpool(an.entropy_summary, m, json.loads(body))
+        await store.put_summary(run_id, step, summary)
 
     return await _answer(
         store,

@@ -12,7 +12,13 @@ from service.schemas import Health
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
+@router.get(
+    "/healthz",
+    response_model=Health,
+    responses={
+        503: {"model": Health, "description": "Redis does not answer (the reason in detail)"}
+    },
+)
 async def healthz(store: StoreDep) -> JSONResponse:
     """200 ``ok`` when Redis answers PING, else 503 ``degraded``."""
     try:

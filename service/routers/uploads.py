@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Request
-from starlette.concurrency import run_in_threadpool
 
-from service.deps import RunDep, SettingsDep, StepNo, StoreDep, require_token
+from service.deps import (
+    RunDep,
+    SettingsDep,
+    StepNo,
+    StoreDep,
+    check_sketch_memory,
+    require_token,
+)
 from service.errors import ProblemError
 from service.metrics import record_upload, upload_outcome
 from service.schemas import UploadAccepted
@@ -16,7 +23,8 @@ from service.uploads import (
     UploadKind,
     check_media_type,
     read_body,
-    upload_id_for,
+    upload_hash,
+    upload_id_from,
     validate_upload,
 )
 
@@ -52,18 +60,22 @@ async def _accept(
     limit: int,
     idempotency_key: str | None,
 ) -> dict[str, Any]:
-    body = b""
+    body = bytearray()
     try:
         check_media_type(request.headers.get("content-type"))
-        body = await read_body(request, limit)
-        parsed = await run_in_threadpool(validate_upload, body, kind, run)
+        # The id hashes the body (without an Idempotency-Key) chunk by chunk as it arrives.
+        digest = upload_hash(kind, idempotency_key)
+        body = await read_body(request, limit, digest if idempotency_key is None else None)
+        # Parsing and the finiteness scan are O(body) CPU: off the event loop.
+        parsed = await anyio.to_thread.run_sync(validate_upload, body, kind, run)
+        check_sketch_memory(parsed.rows, run, request.app.state.settings)
     except ProblemError as exc:
         # an unread body (415, 413) is counted by its declared length
         declared = request.headers.get("content-length", "")
         nbytes = len(body) or (int(declared) if declared.isdigit() else 0)
         record_upload(upload_outcome(exc.status), nbytes, 0, kind)
         raise
-    upload_id = upload_id_for(kind, body, idempotency_key)
+    upload_id = upload_id_from(digest)
     queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)
     record_upload("accepted", len(body), parsed.rows, kind)
     return {"upload_id": upload_id, "rows": parsed.rows, "queued": queued}

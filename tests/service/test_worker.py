@@ -65,3 +65,23 @@ def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings
         await redis.aclose()
 
     asyncio.run(go())
+
+
+def test_worker_waits_for_an_unreachable_redis_and_stops_cleanly(settings: Settings) -> None:
+    """A worker started before its Redis (compose, restarts) keeps retrying instead of exiting,
+    and still stops promptly when asked."""
+    from tests.service.conftest import free_port
+
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        worker = Worker(down, device="cpu")
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(2.5)
+        assert not task.done(), "the worker gave up while Redis was unreachable"
+        stop.set()
+        await asyncio.wait_for(task, timeout=5.0)
+        assert worker.processed == 0
+
+    asyncio.run(go())

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import analysis as an
 from service.deps import RunDep, SettingsDep, StepNo, StoreDep, require_token
+from service.errors import ProblemError
 from service.schemas import (
     DiagonalEntry,
     Estimator,
@@ -182,10 +183,25 @@ async def step_entropy(
 
 
 @router.get("/entropy", response_model=RunEntropyOut)
-async def run_entropy(run: RunDep, store: StoreDep) -> dict[str, Any]:
-    """One row per analysed step: predicted ``delta_h1``, realized change, ratio, error bars
-    (the last entropy analysis of each step, kept without TTL)."""
-    summaries = await store.summaries(run["run_id"])
+async def run_entropy(run: RunDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    """One row per analysed step: predicted ``delta_h1``, realized change, ratio, error bars.
+
+    Rows are the steps' default-estimator entropy analyses, kept without TTL.  A ready step
+    without a row, or whose data changed since its row was written, is analysed now, so the
+    history never depends on which steps someone happened to query.  Steps that cannot be
+    analysed (pending, failed, incomplete) keep their last row, if any."""
+    run_id = run["run_id"]
+    summaries = await store.summaries(run_id)
+    for step in await store.list_steps(run_id):
+        row = summaries.get(step)
+        if row is not None and row.get("version") == await store.version(run_id, step):
+            continue
+        try:
+            await step_entropy(run=run, step=step, store=store, settings=settings)
+        except ProblemError as exc:
+            if exc.status not in (409, 422):
+                raise
+    summaries = await store.summaries(run_id)
     return {
         "run_id": run["run_id"],
         "steps": [{"step": s, **summaries[s]} for s in sorted(summaries)],

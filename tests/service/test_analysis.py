@@ -132,19 +132,21 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
     rho = np.array(every.json()["matrix"])
     np.testing.assert_allclose(np.diag(rho), 1.0, rtol=1e-9)
 
-    # the default-estimator query writes the history row; new metadata invalidates the cache
-    first = client.get("/v1/runs/g/steps/4/entropy").json()
+    # the history analyses a ready step nobody queried yet, with the default estimator
     history = client.get("/v1/runs/g/entropy").json()["steps"]
+    first = client.get("/v1/runs/g/steps/4/entropy").json()
     assert history[0]["step"] == 4 and history[0]["delta_h1"] == first["delta_h1"]
     assert history[0]["realized"] == pytest.approx(-0.5)
     assert len(history[0]["spectrum_head"]) == min(8, 3)
+    # new metadata invalidates the cache, and the history refreshes its stale row by itself
     seqs[0] = {**seqs[0], "advantage": seqs[0]["advantage"] + 1.0}
     post(
         client, "/v1/runs/g/steps/4/sequences", json={"learning_rate": 0.05, "sequences": seqs[:1]}
     )
+    refreshed = client.get("/v1/runs/g/entropy").json()["steps"][0]
     second = client.get("/v1/runs/g/steps/4/entropy").json()
     assert second["delta_h1"] != first["delta_h1"]
-    assert client.get("/v1/runs/g/entropy").json()["steps"][0]["delta_h1"] == second["delta_h1"]
+    assert refreshed["delta_h1"] == second["delta_h1"]
     detail = client.get("/v1/runs/g").json()
     assert [s["step"] for s in detail["steps"]] == [4] and detail["k"] == 64
 

@@ -66,7 +66,8 @@ UPLOAD_KINDS = ("gradients", "sketches")
 
 uploads_total = Counter(
     "uploads",
-    "Uploads received (gradients or client sketches), by outcome (accepted, or the 4xx reason).",
+    "Uploads received (gradients or client sketches), by outcome (accepted, duplicate, or the "
+    "4xx reason).",
     ["kind", "outcome"],
     namespace=NAMESPACE,
 )

@@ -77,7 +77,8 @@ async def _accept(
         raise
     upload_id = upload_id_from(digest)
     queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)
-    record_upload("accepted", len(body), parsed.rows, kind)
+    # a re-sent upload (same id) is harmless and queues nothing: count it apart
+    record_upload("accepted" if queued else "duplicate", len(body), parsed.rows, kind)
     return {"upload_id": upload_id, "rows": parsed.rows, "queued": queued}
 
 

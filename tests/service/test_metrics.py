@@ -277,3 +277,20 @@ def test_metrics_endpoint_counts_a_known_push_exactly(
     assert beats and max(beats) > 0
     idle = [name for name, _ in after if name == "kernelscope_worker_consumer_idle_seconds"]
     assert len(idle) == 1
+
+    # a re-sent upload is counted as a duplicate and queues no job
+    r = httpx.post(f"{url}/sketches", content=body, headers=OCTET, timeout=30)
+    assert r.status_code == 202 and r.json()["queued"] is False, r.text
+    again = scrape()
+    dup = {"kind": "sketches", "outcome": "duplicate"}
+    assert (
+        value(again, "kernelscope_uploads_total", **dup)
+        - value(after, "kernelscope_uploads_total", **dup)
+        == 1
+    )
+    assert value(again, "kernelscope_uploads_total", **ok) == value(
+        after, "kernelscope_uploads_total", **ok
+    )
+    assert value(again, "kernelscope_jobs_total", outcome="ok") == value(
+        after, "kernelscope_jobs_total", outcome="ok"
+    )

@@ -27,6 +27,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import orjson
 from safetensors.numpy import load as load_np
 from starlette.concurrency import run_in_threadpool
 
@@ -372,7 +373,13 @@ def kernel_matrix(m: StepMatrix, role: str, normalize: bool) -> tuple[list[str],
 
 def kernel_json(m: StepMatrix, role: str, normalize: bool) -> bytes:
     ids, K = kernel_matrix(m, role, normalize)
-    return _json({"ids": ids, "matrix": K.tolist()})
+    # n^2 floats: orjson writes a float64 array directly (about 10x faster than json on
+    # K.tolist() at n = 2048, the same shortest round-trip repr), but it would write NaN as
+    # null where json refuses: keep that guarantee explicitly.
+    if not np.isfinite(K).all():
+        raise ValueError("the kernel holds NaN or Inf")
+    matrix = np.ascontiguousarray(K, dtype=np.float64)
+    return orjson.dumps({"ids": ids, "matrix": matrix}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def kernel_npy(m: StepMatrix, role: str, normalize: bool) -> bytes:

@@ -225,12 +225,17 @@ def _push_step(
         json={"learning_rate": 1e-5, "sequences": _sequences(ids, cfg.prompts_per, step)},
     )
     t0 = time.perf_counter()
-    for body in bodies:
+    for i, body in enumerate(bodies):
+        # like clients.http.Client: each upload carries its own Idempotency-Key, so the API
+        # need not hash the body to make the upload id
         _post_ok(
             client,
             f"/v1/runs/{run_id}/steps/{step}/gradients",
             content=body,
-            headers={"Content-Type": "application/octet-stream"},
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Idempotency-Key": f"{run_id}-{step}-{i}",
+            },
         )
     posted = time.perf_counter() - t0
     return _wait_ready(client, run_id, step) - t0, posted

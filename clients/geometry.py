@@ -142,7 +142,9 @@ class AppliedUpdateCapture:
             return
         params = dict(self.model.named_parameters())
         self.update = {
-            k: (params[k].detach().float() - before.float()) for k, before in self._before.items()
+            # subtract in the parameters' own dtype (exact for float64 too), then cast
+            k: (params[k].detach() - before).float()
+            for k, before in self._before.items()
         }
         self._before = {}
 

@@ -43,8 +43,16 @@ from typing import Any
 
 import httpx
 import torch
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from clients.capture import SequenceBatch, capture_gradients, sequence_logprobs
@@ -389,7 +397,18 @@ def _train(
     rows: list[DemoStep] = []
     title = f"{run_id}: predicted vs realized entropy change per step ({config.estimator})"
     started = time.monotonic()
-    with Live(_table(rows, title), console=console, refresh_per_second=4) as live:
+    # the table of finished steps, with a progress bar over the run under it
+    progress = Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    bar = progress.add_task("steps", total=steps)
+    with Live(Group(_table(rows, title), progress), console=console, refresh_per_second=4) as live:
         for step in range(steps):
             step_batch = sample_step(
                 model,
@@ -453,7 +472,8 @@ def _train(
                     top_down=_top_down(report.per_sequence, responses),
                 )
             )
-            live.update(_table(rows, title))
+            progress.advance(bar)
+            live.update(Group(_table(rows, title), progress))
     _summary(rows, console, time.monotonic() - started)
     return rows
 

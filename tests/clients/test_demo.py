@@ -70,6 +70,7 @@ def test_demo_against_live_service(live_service: LiveService) -> None:
     _check_steps(rows, 3)
     text = console.export_text()
     assert "pred dH1" in text and "realized" in text
+    assert "training" in text and "3/3 steps" in text  # the progress bar under the table
 
     factorised = DemoConfig(**{**SMALL.__dict__, "capture": "factorised", "sketch_dim": 64})
     rows = run_demo(

@@ -6,7 +6,8 @@ Coordinate ``c`` (flat index ``i`` of parameter ``name``) has the hash
 column ``Phi[:, c]`` is ``s(c) * e_{b(c)}``, and ``y[b] = sum_{c: b(c) = b} s(c) x_c``
 (a scatter-add).
 
-Sums are accumulated in float64 and rounded to float32 once, so the result does not depend
+Sums are accumulated in float64 (positive and negative terms apart, subtracted at the end)
+and rounded to float32 once, so the result does not depend
 on the order of the additions (CPU loop, CUDA atomics, block size) except when a float64
 rounding difference straddles a float32 rounding boundary (probability about 1e-8 per
 entry): CPU and CUDA agree bit for bit in practice.
@@ -27,8 +28,13 @@ import torch
 from sketch.base import Sketcher, SketchKind
 from sketch.hashing import Stream, bucket_and_sign, coord_hash
 
-#: Coordinates hashed and scattered per block (speed/memory only; results do not depend on it).
-BLOCK_COORDS = 1 << 12
+#: Float64 entries (rows x coordinates) widened and scattered per block: 8 MiB.  Speed and
+#: memory only; results do not depend on it.  Measured on a 2-core CPU with 64 rows: blocks of
+#: 4096 coordinates ran at 6 GB/s, 16384 at 8.2-8.6 GB/s (per-block hashing overhead), 65536 at
+#: 4.7 GB/s (the widened block falls out of cache).
+BLOCK_ENTRIES = 1 << 20
+#: Bounds on the coordinates per block whatever the number of rows.
+MIN_BLOCK_COORDS, MAX_BLOCK_COORDS = 1 << 10, 1 << 14
 
 
 class CountSketch(Sketcher):
@@ -41,10 +47,11 @@ class CountSketch(Sketcher):
         dim: int,
         seed: int,
         parameters: Mapping[str, Sequence[int]] | None = None,
-        block_coords: int = BLOCK_COORDS,
+        block_coords: int | None = None,
     ):
         super().__init__(dim, seed, parameters)
-        self.block_coords = max(1, int(block_coords))
+        #: None: chosen per call from the number of rows (``BLOCK_ENTRIES``).
+        self.block_coords = None if block_coords is None else max(1, int(block_coords))
 
     def buckets_signs(
         self, name: str, start: int, count: int, device: torch.device | str = "cpu"
@@ -66,17 +73,27 @@ class CountSketch(Sketcher):
     def sketch_slice(self, name: str, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
         values = self.check_slice(name, values, offset)
         n, d = values.shape
-        acc = torch.zeros(n, self.dim, dtype=torch.float64, device=values.device)
-        # one float64 buffer reused per block: the signed copy stays in cache
-        buffer = torch.empty(
-            n, min(d, self.block_coords), dtype=torch.float64, device=values.device
+        k = self.dim
+        # Positive and negative coordinates go to separate halves of a [n, 2k] accumulator
+        # (y = plus - minus at the end): the scatter needs no per-entry multiply by the sign,
+        # which is about 20% of the time on a CPU.
+        acc = torch.zeros(n, 2 * k, dtype=torch.float64, device=values.device)
+        block = self.block_coords or min(
+            MAX_BLOCK_COORDS, max(MIN_BLOCK_COORDS, BLOCK_ENTRIES // max(n, 1))
         )
-        for c0 in range(0, d, self.block_coords):
-            c1 = min(d, c0 + self.block_coords)
-            bucket, sign = self.buckets_signs(name, offset + c0, c1 - c0, values.device)
-            signed = torch.mul(values[:, c0:c1], sign.to(torch.float64), out=buffer[:, : c1 - c0])
-            acc.index_add_(1, bucket, signed)
-        return acc.to(torch.float32)
+        # one float64 buffer reused per block: the widened copy stays in cache
+        buffer = torch.empty(n, min(d, block), dtype=torch.float64, device=values.device)
+        for c0 in range(0, d, block):
+            c1 = min(d, c0 + block)
+            hashes = coord_hash(
+                self.seed, name, Stream.COUNTSKETCH, offset + c0, c1 - c0, values.device
+            )
+            bucket, _ = bucket_and_sign(hashes, k)
+            target = bucket + (hashes & 1) * k  # bit 0 set: sign -1 (bucket_and_sign)
+            wide = buffer[:, : c1 - c0]
+            wide.copy_(values[:, c0:c1])
+            acc.index_add_(1, target, wide)
+        return (acc[:, :k] - acc[:, k:]).to(torch.float32)
 
     def variance_factor(self) -> float:
         return 1.0 / self.dim

@@ -37,13 +37,11 @@ import io
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from processes import child_process, free_port, wait_http  # bench/processes.py
 from safetensors.torch import save as save_torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,43 +137,6 @@ def run_id(trainer: int) -> str:
 
 
 # ------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def process(
-    args: Sequence[str], env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process, SIGTERMed (then killed) on exit."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(list(args), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s")
 
 
 def wait_workers(redis_url: str, prefix: str, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -366,9 +328,9 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
     base_url = f"http://127.0.0.1:{port}"
     try:
         with contextlib.ExitStack() as stack:
-            api = stack.enter_context(process(api_args, env, logs / "api.log"))
+            api = stack.enter_context(child_process(api_args, env, logs / "api.log"))
             workers = [
-                stack.enter_context(process(worker_args, env, logs / f"worker-{i}.log"))
+                stack.enter_context(child_process(worker_args, env, logs / f"worker-{i}.log"))
                 for i in range(cfg.workers)
             ]
             wait_http(f"{base_url}/healthz", api)

@@ -39,12 +39,9 @@ import io
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +49,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from processes import child_process, free_port, wait_http  # bench/processes.py
 from safetensors.numpy import save as save_np
 from safetensors.torch import save as save_torch
 
@@ -85,42 +83,6 @@ class Results:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2.0).status_code < 500:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s")
-
-
-@contextlib.contextmanager
-def _process(
-    args: Sequence[str], env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(list(args), env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def _status_kb(pid: int, field_name: str) -> int:
@@ -448,24 +410,24 @@ def run(cfg: Config) -> Results:
         "PYTHONPATH": str(ROOT),
     }
     env.pop("KERNELSCOPE_TOKEN", None)
-    api_port, sink_port = _free_port(), _free_port()
+    api_port, sink_port = free_port(), free_port()
     py = sys.executable
     results = Results()
     serve = [py, "-m", "service", "serve", "--no-worker", "--port", str(api_port)]
     try:
         with (
-            _process([*serve, "--log-level", "warning"], env, workdir / "api.log") as api_proc,
-            _process(
+            child_process([*serve, "--log-level", "warning"], env, workdir / "api.log") as api_proc,
+            child_process(
                 [py, "-m", "service", "worker", "--device", "cpu"], env, workdir / "worker.log"
             ) as worker_proc,
-            _process(
+            child_process(
                 [py, __file__, "sink", "--port", str(sink_port)], env, workdir / "sink.log"
             ) as sink_proc,
         ):
             api_url = f"http://127.0.0.1:{api_port}"
             sink_url = f"http://127.0.0.1:{sink_port}"
-            _wait_http(f"{api_url}/healthz", api_proc)
-            _wait_http(f"{sink_url}/docs", sink_proc)
+            wait_http(f"{api_url}/healthz", api_proc)
+            wait_http(f"{sink_url}/docs", sink_proc)
             pids = {"api": api_proc.pid, "worker": worker_proc.pid}
             with httpx.Client(base_url=api_url, timeout=600.0) as api:
                 bench_ingest(cfg, api, sink_url, pids, results)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from sketch.blocks import PairStats
+
 FloatArray = NDArray[np.float64]
 
 
@@ -187,29 +189,6 @@ class Spectrum:
 
 
 @dataclass(frozen=True)
-class PairStats:
-    """Statistics of one pair type (math.md §5); ``None`` where a block has no pair."""
-
-    count: int
-    mean_k: float | None
-    mean_abs_k: float | None
-    mean_rho: float | None
-    mean_abs_rho: float | None
-    share_frobenius: float | None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PairStats:
-        return cls(
-            count=int(data.get("count", 0)),
-            mean_k=_opt_float(data.get("mean_k")),
-            mean_abs_k=_opt_float(data.get("mean_abs_k")),
-            mean_rho=_opt_float(data.get("mean_rho")),
-            mean_abs_rho=_opt_float(data.get("mean_abs_rho")),
-            share_frobenius=_opt_float(data.get("share_frobenius")),
-        )
-
-
-@dataclass(frozen=True)
 class Blocks:
     """Pair-type statistics and the ``B x B`` prompt matrices of mean K and mean rho."""
 
@@ -225,9 +204,9 @@ class Blocks:
     def from_json(cls, data: dict[str, Any]) -> Blocks:
         pm = data.get("prompt_matrix") or {}
         return cls(
-            diagonal=PairStats.from_json(data["diagonal"]),
-            same_prompt=PairStats.from_json(data["same_prompt"]),
-            cross_prompt=PairStats.from_json(data["cross_prompt"]),
+            diagonal=PairStats.from_dict(data["diagonal"]),
+            same_prompt=PairStats.from_dict(data["same_prompt"]),
+            cross_prompt=PairStats.from_dict(data["cross_prompt"]),
             prompts=[str(p) for p in pm.get("prompts", [])],
             prompt_mean_k=_array(pm.get("mean_k")),
             prompt_mean_rho=_array(pm.get("mean_rho")),

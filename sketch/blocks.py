@@ -16,7 +16,7 @@ Zero-norm rows: the cosine ``rho`` of any pair involving a row with ``K(i, i) = 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,23 @@ class PairStats:
     mean_rho: float | None
     mean_abs_rho: float | None
     share_frobenius: float | None  # sum of K^2 over these pairs / |K|_F^2
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PairStats:
+        """The inverse of :meth:`to_dict` (the API's JSON; clients read it back with this)."""
+
+        def opt(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        return cls(
+            count=int(data.get("count", 0)),
+            mean_k=opt("mean_k"),
+            mean_abs_k=opt("mean_abs_k"),
+            mean_rho=opt("mean_rho"),
+            mean_abs_rho=opt("mean_abs_rho"),
+            share_frobenius=opt("share_frobenius"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sketch.blocks import block_statistics
+from sketch.blocks import PairStats, block_statistics
 from sketch.kernel import cosine, diagonal, kernel_from_rows
 from sketch.noise_scale import noise_scale, prompt_gram
 from sketch.spectrum import spectrum
@@ -148,6 +148,9 @@ def test_blocks_known_kernel() -> None:
     d = out.to_dict()
     assert d["prompt_matrix"]["mean_k"][1][1] is None
     json.dumps(d, allow_nan=False)
+    # the JSON reads back into the same statistics (clients.results uses from_dict)
+    for name in ("diagonal", "same_prompt", "cross_prompt"):
+        assert PairStats.from_dict(d[name]) == getattr(out, name)
 
 
 def test_blocks_random_against_loops() -> None:

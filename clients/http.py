@@ -276,6 +276,36 @@ def _sequence_dict(seq: Any) -> dict[str, Any]:
     }
 
 
+def plan_sketch_uploads(
+    run_id: str,
+    step: int,
+    sketch: torch.Tensor,
+    sequence_ids: Sequence[str],
+    max_body_bytes: int,
+    key_salt: str = "",
+) -> list[PlannedUpload]:
+    """:func:`plan_uploads` for a client sketch ``[n, k]``: split by rows only (a sketch row
+    cannot be sliced by columns)."""
+    plans = plan_uploads(
+        "sketches",
+        run_id,
+        step,
+        {"sketch": sketch},
+        sequence_ids,
+        max_body_bytes,
+        torch.float32,
+        key_salt,
+    )
+    if any(list(p.tensors) != ["sketch"] for p in plans):
+        raise ValueError("a sketch row is larger than max_body_bytes")
+    return plans
+
+
+def _upload_headers(plan: PlannedUpload) -> dict[str, str]:
+    """A safetensors body with the upload's deterministic idempotency key (retries reuse it)."""
+    return {"Content-Type": "application/octet-stream", "Idempotency-Key": plan.key}
+
+
 def _step_path(run_id: str, step: int, tail: str = "") -> str:
     return f"/v1/runs/{run_id}/steps/{int(step)}{tail}"
 
@@ -509,10 +539,7 @@ class Client:
                     "POST",
                     _step_path(run_id, step, f"/{plan.kind}"),
                     content=body,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Idempotency-Key": plan.key,
-                    },
+                    headers=_upload_headers(plan),
                 )
                 receipts.append(_receipt(plan, response, len(body)))
                 if advance is not None:
@@ -559,19 +586,9 @@ class Client:
         key_salt: str = "",
     ) -> PushResult:
         """``POST .../sketches``: client-made rows ``[n, k]`` (the run's spec; partials add up)."""
-        plans = plan_uploads(
-            "sketches",
-            run_id,
-            step,
-            {"sketch": sketch},
-            sequence_ids,
-            max_body_bytes or self.max_body_bytes,
-            torch.float32,
-            key_salt,
+        plans = plan_sketch_uploads(
+            run_id, step, sketch, sequence_ids, max_body_bytes or self.max_body_bytes, key_salt
         )
-        if any(list(p.tensors) != ["sketch"] for p in plans):
-            # a sketch row cannot be sliced by columns: split by rows only
-            raise ValueError("a sketch row is larger than max_body_bytes")
         return self._push(plans, run_id, step, progress=False)
 
     def push_applied_update(
@@ -858,10 +875,7 @@ class AsyncClient:
                     "POST",
                     _step_path(run_id, step, f"/{plan.kind}"),
                     content=body,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Idempotency-Key": plan.key,
-                    },
+                    headers=_upload_headers(plan),
                 )
                 receipts.append(_receipt(plan, response, len(body)))
                 if advance is not None:
@@ -904,18 +918,9 @@ class AsyncClient:
         key_salt: str = "",
     ) -> PushResult:
         """See :meth:`Client.push_sketches`."""
-        plans = plan_uploads(
-            "sketches",
-            run_id,
-            step,
-            {"sketch": sketch},
-            sequence_ids,
-            max_body_bytes or self.max_body_bytes,
-            torch.float32,
-            key_salt,
+        plans = plan_sketch_uploads(
+            run_id, step, sketch, sequence_ids, max_body_bytes or self.max_body_bytes, key_salt
         )
-        if any(list(p.tensors) != ["sketch"] for p in plans):
-            raise ValueError("a sketch row is larger than max_body_bytes")
         return await self._push(plans, run_id, step, progress=False)
 
     async def push_applied_update(

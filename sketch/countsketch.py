@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from sketch.base import Sketcher, SketchKind
-from sketch.hashing import Stream, bucket_and_sign, coord_hash
+from sketch.hashing import Stream, bucket_and_sign, bucket_of, coord_hash
 
 #: Float64 entries (rows x coordinates) widened and scattered per block: 8 MiB.  Speed and
 #: memory only; results do not depend on it.  Measured on a 2-core CPU with 64 rows: blocks of
@@ -88,8 +88,7 @@ class CountSketch(Sketcher):
             hashes = coord_hash(
                 self.seed, name, Stream.COUNTSKETCH, offset + c0, c1 - c0, values.device
             )
-            bucket, _ = bucket_and_sign(hashes, k)
-            target = bucket + (hashes & 1) * k  # bit 0 set: sign -1 (bucket_and_sign)
+            target = bucket_of(hashes, k) + (hashes & 1) * k  # bit 0 set: sign -1
             wide = buffer[:, : c1 - c0]
             wide.copy_(values[:, c0:c1])
             acc.index_add_(1, target, wide)

@@ -209,11 +209,15 @@ def bucket_and_sign(hashes: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch
     ``[0, dim)``), ``sign = +1`` if bit 0 of ``h`` is 0, else ``-1``; the two use disjoint
     bits, so they are independent.  Returns ``(bucket int64 [B], sign float32 [B])``.
     """
+    sign = 1.0 - 2.0 * (hashes & 1).to(torch.float32)
+    return bucket_of(hashes, dim), sign
+
+
+def bucket_of(hashes: torch.Tensor, dim: int) -> torch.Tensor:
+    """The CountSketch bucket alone (see :func:`bucket_and_sign`): int64 ``[B]`` in ``[0, dim)``."""
     if not 0 < dim <= 1 << 31:
         raise ValueError(f"dimension {dim} out of range (0, 2^31]")
-    bucket = ((hashes >> 1) * dim) >> 31
-    sign = 1.0 - 2.0 * (hashes & 1).to(torch.float32)
-    return bucket, sign
+    return ((hashes >> 1) * dim) >> 31
 
 
 # --- tables turning hash bits into entries --------------------------------------------

@@ -1,4 +1,4 @@
-"""FastAPI dependencies, in one place: settings, Redis client, store, auth, path parameters."""
+"""FastAPI dependencies, in one place: settings, store, auth, path parameters."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Request
-from redis.asyncio import Redis
 
 from service.auth import check_bearer
 from service.errors import ProblemError
@@ -22,12 +21,6 @@ def get_settings(request: Request) -> Settings:
     """The app's settings (``app.state.settings``)."""
     settings: Settings = request.app.state.settings
     return settings
-
-
-def get_redis(request: Request) -> Redis:
-    """The app's binary-safe Redis client (``app.state.redis``)."""
-    redis: Redis = request.app.state.redis
-    return redis
 
 
 def get_store(request: Request) -> Store:

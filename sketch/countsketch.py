@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from sketch import cpu_kernels
 from sketch.base import Sketcher, SketchKind
-from sketch.hashing import Stream, bucket_and_sign, bucket_of, coord_hash
+from sketch.hashing import MASK32, Stream, bucket_and_sign, bucket_of, coord_hash, derive_key
 
 #: Float64 entries (rows x coordinates) widened and scattered per block: 8 MiB.  Speed and
 #: memory only; results do not depend on it.  Measured on a 2-core CPU with 64 rows: blocks of
@@ -78,6 +79,13 @@ class CountSketch(Sketcher):
         # (y = plus - minus at the end): the scatter needs no per-entry multiply by the sign,
         # which is about 20% of the time on a CPU.
         acc = torch.zeros(n, 2 * k, dtype=torch.float64, device=values.device)
+        if (
+            cpu_kernels.enabled()
+            and values.device.type == "cpu"
+            and values.dtype in (torch.float32, torch.float64)
+        ):
+            self._scatter_numba(acc, name, values, offset)
+            return (acc[:, :k] - acc[:, k:]).to(torch.float32)
         block = self.block_coords or min(
             MAX_BLOCK_COORDS, max(MIN_BLOCK_COORDS, BLOCK_ENTRIES // max(n, 1))
         )
@@ -93,6 +101,21 @@ class CountSketch(Sketcher):
             wide.copy_(values[:, c0:c1])
             acc.index_add_(1, target, wide)
         return (acc[:, :k] - acc[:, k:]).to(torch.float32)
+
+    def _scatter_numba(
+        self, acc: torch.Tensor, name: str, values: torch.Tensor, offset: int
+    ) -> None:
+        if values.stride(1) != 1:
+            values = values.contiguous()
+        d = values.shape[1]
+        c0 = 0
+        while c0 < d:
+            # the key changes at multiples of 2^32 of the flat index (coord_hash's high word)
+            hi = (offset + c0) >> 32
+            c1 = min(d, ((hi + 1) << 32) - offset)
+            key = derive_key(self.seed, name, Stream.COUNTSKETCH, hi)
+            cpu_kernels.countsketch_add(acc, values[:, c0:c1], (offset + c0) & MASK32, key)
+            c0 = c1
 
     def variance_factor(self) -> float:
         return 1.0 / self.dim

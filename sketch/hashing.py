@@ -39,6 +39,8 @@ from enum import IntEnum
 
 import torch
 
+from sketch import cpu_kernels
+
 MASK32 = 0xFFFFFFFF
 MUL1 = 0x21F0AAAD
 MUL2 = 0x735A2D97
@@ -398,6 +400,9 @@ def gaussian_columns(
     generator when enabled (callers pass it for their fixed-size blocks only)."""
     hashes = coord_hash(seed, name, stream, start, count, device)
     keys = cached_row_keys((rows + 1) // 2, device)
+    if hashes.device.type == "cpu" and cpu_kernels.enabled():
+        block = _scratch(ws, "entries", (count, rows), torch.float32, hashes.device)
+        return cpu_kernels.gaussian_block(hashes, keys, gaussian_table(hashes.device), block)
     if _compile_enabled and allow_compile:
         out = _run_compiled("gaussian", _gaussian_block, hashes, keys, gaussian_table(device))
         if out is not None:
@@ -421,6 +426,9 @@ def sign_columns(
     :func:`gaussian_columns`."""
     hashes = coord_hash(seed, name, stream, start, count, device)
     keys = cached_row_keys((rows + 31) // 32, device)
+    if hashes.device.type == "cpu" and cpu_kernels.enabled():
+        block = _scratch(ws, "entries", (count, rows), torch.float32, hashes.device)
+        return cpu_kernels.sign_block(hashes, keys, block)
     if _compile_enabled and allow_compile:
         shifts = torch.arange(32, dtype=torch.int64, device=hashes.device)
         out = _run_compiled("sign", _sign_block, hashes, keys, shifts)

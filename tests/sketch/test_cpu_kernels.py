@@ -1,0 +1,96 @@
+"""The numba CPU loops against the torch path they replace: the same sketch matrices bit for
+bit and, for CountSketch, the same sketches bit for bit, whatever the shapes, offsets,
+dtypes and thread counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from sketch import cpu_kernels
+from sketch.countsketch import CountSketch
+from sketch.gaussian import GaussianSketch
+from sketch.rademacher import RademacherSketch
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.enabled(), reason="numba loops switched off")
+
+
+@pytest.fixture
+def torch_path() -> Iterator[None]:
+    cpu_kernels.use_numba(False)
+    try:
+        yield
+    finally:
+        cpu_kernels.use_numba(True)
+
+
+def _both(fn):  # type: ignore[no-untyped-def]
+    """``fn()`` with the numba loops, then with the torch path."""
+    fast = fn()
+    cpu_kernels.use_numba(False)
+    try:
+        slow = fn()
+    finally:
+        cpu_kernels.use_numba(True)
+    return fast, slow
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "k", "offset", "dtype"),
+    [
+        (1, 10, 8, 0, torch.float32),
+        (7, 5000, 64, 123, torch.float32),  # rows not a multiple of the four-row sweep
+        (64, 70_000, 1024, 0, torch.float32),  # threaded (above PARALLEL_MIN_ENTRIES)
+        (9, 40_000, 4096, 0, torch.float64),
+        (5, 6000, 256, (1 << 32) - 2500, torch.float32),  # straddles a change of key
+    ],
+)
+def test_countsketch_numba_equals_torch(
+    n: int, d: int, k: int, offset: int, dtype: torch.dtype
+) -> None:
+    gen = torch.Generator().manual_seed(n * d + k)
+    x = (torch.randn(n, d, generator=gen) * torch.rand(n, d, generator=gen).pow(8) * 1e3).to(dtype)
+    sketcher = CountSketch(k, 7)
+    fast, slow = _both(lambda: sketcher.sketch_slice("layer.weight", x, offset))
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast, slow)
+
+
+def test_countsketch_numba_handles_strided_rows_and_thread_counts() -> None:
+    x = torch.randn(40, 30_000)[:, ::3]  # columns not contiguous
+    sketcher = CountSketch(512, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = sketcher.sketch_slice("w", x)
+        torch.set_num_threads(max(2, threads))
+        multi = sketcher.sketch_slice("w", x)
+    finally:
+        torch.set_num_threads(threads)
+    _, slow = _both(lambda: sketcher.sketch_slice("w", x))
+    assert torch.equal(single, multi)
+    assert torch.equal(single, slow)
+
+
+def test_countsketch_bfloat16_takes_the_torch_path() -> None:
+    x = torch.randn(3, 100).to(torch.bfloat16)
+    sketcher = CountSketch(16, 1)
+    fast, slow = _both(lambda: sketcher.sketch_slice("w", x))
+    assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("kind", [GaussianSketch, RademacherSketch])
+@pytest.mark.parametrize("k", [1, 7, 33, 256])
+def test_dense_entries_numba_equal_torch(kind: type, k: int) -> None:
+    sketcher = kind(k, 11, block_entries=k * 100)
+    cols_fast, cols_slow = _both(
+        lambda: sketcher.columns("blocks.0.w", (1 << 32) - 40, 100, torch.device("cpu")).clone()
+    )
+    assert torch.equal(cols_fast, cols_slow)
+    # the same matrix; the products may differ in float32 rounding only (the torch path can
+    # hand BLAS a strided block, which changes its summation order)
+    x = torch.randn(5, 350)
+    fast, slow = _both(lambda: sketcher.sketch_slice("blocks.0.w", x, 17))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)

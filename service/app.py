@@ -30,7 +30,7 @@ from service.errors import (
 from service.metrics import QueryLatencyMiddleware
 from service.routers import analysis, dashboard, health, metrics, runs, steps, uploads
 from service.settings import Settings
-from service.store import Store
+from service.store import Store, bulk_client
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
             socket_timeout=timeout,
         )
         # Upload bodies go through a blocking client in a thread: no copies (Store.add_upload).
-        bulk = SyncRedis.from_url(
-            settings.redis_url,
-            decode_responses=False,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-        )
+        bulk = bulk_client(settings.redis_url, timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

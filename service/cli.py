@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from service import loop as service_loop
 from service.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -272,7 +273,7 @@ def worker_command(
     except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without a GPU
         _err().print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from exc
-    asyncio.run(main())
+    service_loop.run(main())
     _out().print("worker stopped")
 
 

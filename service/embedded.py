@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from service import loop as service_loop
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class _ApiThread(threading.Thread):
         try:
             # Not the main thread: uvicorn installs no signal handlers here; the owner stops
             # the server by setting ``should_exit``.
-            asyncio.run(self.server.serve(sockets=[self._sock]))
+            service_loop.run(self.server.serve(sockets=[self._sock]))
         except BaseException as exc:  # SystemExit from a failed lifespan startup included
             self.error = exc
             logger.exception("API server failed")
@@ -292,7 +293,7 @@ class _WorkerThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            asyncio.run(self._main())
+            service_loop.run(self._main())
         except BaseException as exc:
             self.error = exc
             logger.exception("worker thread %s failed", self.name)

@@ -33,11 +33,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from service import loop as service_loop
 from service.analysis import run_sketcher
 from service.keys import GROUP
 from service.metrics import (
@@ -47,7 +49,7 @@ from service.metrics import (
     record_worker_heartbeat,
 )
 from service.settings import Settings
-from service.store import UPLOAD_QUEUED, Store
+from service.store import UPLOAD_QUEUED, Store, bulk_client
 from service.uploads import read_header, sequence_ids
 from sketch.base import Sketcher
 
@@ -125,11 +127,14 @@ class Worker:
         """Process jobs until ``stop`` is set."""
         stop = stop or asyncio.Event()
         redis = self._redis
+        bulk: SyncRedis | None = None
         if redis is None:
             if not self.settings.redis_url:
                 raise RuntimeError("the worker needs a Redis: set REDIS_URL or --redis-url")
             redis = Redis.from_url(self.settings.redis_url, decode_responses=False)
-        store = Store(redis, self.settings.key_prefix, self.settings.raw_ttl_s)
+            # raw bodies are read with a blocking client in a thread (Store.raw_body)
+            bulk = bulk_client(self.settings.redis_url)
+        store = Store(redis, self.settings.key_prefix, self.settings.raw_ttl_s, bulk=bulk)
         try:
             if await self._register(store, stop):
                 log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
@@ -148,6 +153,8 @@ class Worker:
             await self._leave(store)
             if self._redis is None:
                 await redis.aclose()
+            if bulk is not None:
+                bulk.close()
 
     async def _register(self, store: Store, stop: asyncio.Event) -> bool:
         """Create the group and register this consumer, waiting for Redis if it is down.
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         overrides["key_prefix"] = args.key_prefix
     settings = Settings(**overrides)
     try:
-        asyncio.run(run_worker(settings, args.device))
+        service_loop.run(run_worker(settings, args.device))
     finally:
         mark_process_dead()  # multiprocess metrics: drop this process's live gauges
 

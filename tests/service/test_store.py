@@ -6,10 +6,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from redis.asyncio import Redis
 
 from service.settings import Settings
-from service.store import Store
+from service.store import Store, bulk_client
 
 
 def with_store(settings: Settings, body: Callable[[Store, Redis], Awaitable[Any]]) -> Any:
@@ -84,3 +85,27 @@ def test_delete_run_removes_only_its_own_keys(settings: Settings) -> None:
         assert [r["run_id"] for r in await store.list_runs()] == ["ab"]
 
     with_store(settings, body)
+
+
+def test_bulk_client_stores_and_reads_bodies_byte_for_byte(settings: Settings) -> None:
+    """Upload bodies through the blocking bulk client (Python packer, hiredis reader when
+    installed) land and come back unchanged, through both the API's and the worker's path."""
+    body = bytearray(np.random.default_rng(0).integers(0, 256, 3_000_017, dtype=np.uint8).tobytes())
+    bulk = bulk_client(str(settings.redis_url), timeout_s=10.0)
+
+    async def go(store: Store, redis: Redis) -> None:
+        queued = await store.add_upload("r", 0, "u1", "gradients", ["a"], body)
+        assert queued
+        assert await redis.get(store.keys.raw("r", 0, "u1")) == bytes(body)  # asyncio reader
+        assert await store.raw_body("r", 0, "u1") == bytes(body)  # bulk reader
+        await store.delete_run("r")
+
+    async def wrapped() -> None:
+        redis = Redis.from_url(str(settings.redis_url))
+        try:
+            await go(Store(redis, settings.key_prefix, bulk=bulk), redis)
+        finally:
+            await redis.aclose()
+            bulk.close()
+
+    asyncio.run(wrapped())

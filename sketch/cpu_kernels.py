@@ -44,7 +44,9 @@ _enabled = numba is not None and os.environ.get("KERNELSCOPE_SKETCH_NUMBA", "1")
 #: tens of microseconds).
 PARALLEL_MIN_ENTRIES = 1 << 18
 #: Coordinates hashed per block of the scatter loop: the targets (8 bytes each) stay in L1/L2.
-SCATTER_BLOCK = 1 << 12
+SCATTER_BLOCK = 1 << 13
+#: Rows added per sweep over a block's coordinates (the kernel is written for four).
+SWEEP_ROWS = 4
 
 
 def enabled() -> bool:
@@ -77,6 +79,15 @@ if numba is not None:
     @numba.njit(nogil=True, cache=True)
     def _countsketch_cols(acc, x, lo_start, key, dim, block):  # type: ignore[no-untyped-def]
         n, d = x.shape
+        groups = n // SWEEP_ROWS
+        # The accumulator of each group of SWEEP_ROWS rows is held interleaved, [2k, rows]:
+        # one coordinate's adds for the group land in one cache line instead of one line per
+        # row (the [n, 2k] rows outgrow L1 for k >= 1024).  Copied in and out, so the adds
+        # happen in the same order as on acc itself.
+        inter = np.empty((groups, 2 * dim, SWEEP_ROWS), np.float64)
+        for g in range(groups):
+            for j in range(SWEEP_ROWS):
+                inter[g, :, j] = acc[g * SWEEP_ROWS + j]
         target = np.empty(min(block, d), np.int64)
         one = np.uint64(1)
         k = np.uint64(dim)
@@ -86,23 +97,23 @@ if numba is not None:
                 h = _mix32(np.uint64(lo_start + c) ^ key)
                 bucket = ((h >> one) * k) >> np.uint64(31)
                 target[c - c0] = np.int64(bucket + (h & one) * k)
-            # four rows per sweep: four independent chains of loads and adds per target load
-            r = 0
-            while r + 4 <= n:
-                a0, a1, a2, a3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
+            for g in range(groups):
+                a = inter[g]
+                r = g * SWEEP_ROWS
                 x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
                 for c in range(c0, c1):
                     t = target[c - c0]
-                    a0[t] += x0[c]
-                    a1[t] += x1[c]
-                    a2[t] += x2[c]
-                    a3[t] += x3[c]
-                r += 4
-            while r < n:
-                a, row = acc[r], x[r]
+                    a[t, 0] += x0[c]
+                    a[t, 1] += x1[c]
+                    a[t, 2] += x2[c]
+                    a[t, 3] += x3[c]
+            for r in range(groups * SWEEP_ROWS, n):
+                row_acc, row = acc[r], x[r]
                 for c in range(c0, c1):
-                    a[target[c - c0]] += row[c]
-                r += 1
+                    row_acc[target[c - c0]] += row[c]
+        for g in range(groups):
+            for j in range(SWEEP_ROWS):
+                acc[g * SWEEP_ROWS + j] = inter[g, :, j]
 
     @numba.njit(nogil=True, cache=True)
     def _gaussian_block(hashes, keys, table, out):  # type: ignore[no-untyped-def]
@@ -162,11 +173,11 @@ def countsketch_add(acc: torch.Tensor, values: torch.Tensor, lo_start: int, key:
     if threads == 1 or n * d < PARALLEL_MIN_ENTRIES:
         _countsketch_cols(a, x, lo_start, key64, k, SCATTER_BLOCK)
         return
-    # Rows split into one contiguous range per thread (multiples of four, the kernel's
-    # sweep width): each thread owns its rows of the accumulator and hashes every coordinate
-    # itself (hashing is a few percent of the scatter), so the additions happen in exactly
-    # the order of the single-thread loop.
-    step = -(-n // (4 * threads)) * 4
+    # Rows split into one contiguous range per thread (multiples of SWEEP_ROWS): each thread
+    # owns its rows of the accumulator and hashes every coordinate itself (hashing is a few
+    # percent of the scatter), so the additions happen in exactly the order of the
+    # single-thread loop.
+    step = -(-n // (SWEEP_ROWS * threads)) * SWEEP_ROWS
     futures = [
         _executor().submit(
             _countsketch_cols, a[r : r + step], x[r : r + step], lo_start, key64, k, SCATTER_BLOCK

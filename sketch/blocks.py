@@ -18,16 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from sketch.kernel import FloatArray, block_sums, check_kernel, cosine
-
-
-def _none_if_nan(x: float) -> float | None:
-    return None if not np.isfinite(x) else float(x)
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,9 @@ class PromptMatrix:
 
     def to_dict(self) -> dict[str, Any]:
         def rows(mat: FloatArray) -> list[list[float | None]]:
-            return [[_none_if_nan(float(x)) for x in row] for row in mat]
+            cells = mat.astype(object)
+            cells[~np.isfinite(mat)] = None
+            return cast(list[list[float | None]], cells.tolist())
 
         return {
             "prompts": list(self.prompts),
@@ -111,23 +109,51 @@ class Blocks:
         }
 
 
-def _pair_stats(
-    K: FloatArray, rho: FloatArray, mask: NDArray[np.bool_], total_sq: float
-) -> PairStats:
-    count = int(mask.sum())
-    if count == 0:
-        return PairStats(0, None, None, None, None, None)
-    k = K[mask]
-    r = rho[mask]
-    share = float(np.sum(k * k) / total_sq) if total_sq > 0 else None
-    return PairStats(
-        count=count,
-        mean_k=float(k.mean()),
-        mean_abs_k=float(np.abs(k).mean()),
-        mean_rho=float(r.mean()),
-        mean_abs_rho=float(np.abs(r).mean()),
-        share_frobenius=share,
-    )
+@dataclass(frozen=True)
+class _Sums:
+    """Sums over a set of ordered pairs: the sufficient statistics of :class:`PairStats`."""
+
+    count: int
+    k: float
+    abs_k: float
+    rho: float
+    abs_rho: float
+    k_sq: float
+
+    @classmethod
+    def of(cls, k: FloatArray, rho: FloatArray) -> _Sums:
+        return cls(
+            k.size,
+            float(k.sum()),
+            float(np.abs(k).sum()),
+            float(rho.sum()),
+            float(np.abs(rho).sum()),
+            float(np.dot(k.ravel(), k.ravel())),
+        )
+
+    def __sub__(self, other: _Sums) -> _Sums:
+        # sums of non-negative terms stay non-negative through the rounding of the difference
+        return _Sums(
+            self.count - other.count,
+            self.k - other.k,
+            max(0.0, self.abs_k - other.abs_k),
+            self.rho - other.rho,
+            max(0.0, self.abs_rho - other.abs_rho),
+            max(0.0, self.k_sq - other.k_sq),
+        )
+
+    def stats(self, total_sq: float) -> PairStats:
+        if self.count == 0:
+            return PairStats(0, None, None, None, None, None)
+        c = float(self.count)
+        return PairStats(
+            count=self.count,
+            mean_k=self.k / c,
+            mean_abs_k=self.abs_k / c,
+            mean_rho=self.rho / c,
+            mean_abs_rho=self.abs_rho / c,
+            share_frobenius=self.k_sq / total_sq if total_sq > 0 else None,
+        )
 
 
 def block_statistics(K: NDArray[Any], prompt_ids: Sequence[str]) -> Blocks:
@@ -139,25 +165,30 @@ def block_statistics(K: NDArray[Any], prompt_ids: Sequence[str]) -> Blocks:
     prompt_ids: ``n`` prompt ids aligned with the rows; prompts are ordered by first appearance.
     """
     mat = check_kernel(K, len(prompt_ids))
-    n = mat.shape[0]
     rho = cosine(mat)
     lookup: dict[str, int] = {}
     codes = np.array([lookup.setdefault(str(p), len(lookup)) for p in prompt_ids], dtype=np.int64)
-    same = codes[:, None] == codes[None, :]
-    eye = np.eye(n, dtype=bool)
-    total_sq = float(np.sum(mat * mat))
     B = len(lookup)
-    off = ~eye
-    sum_k = block_sums(np.where(off, mat, 0.0), codes, B)
-    sum_rho = block_sums(np.where(off, rho, 0.0), codes, B)
+    # Whole-matrix sums, minus the same-prompt pairs (about n * group size entries, gathered
+    # by index): cross-prompt sums without masking or copying the n x n matrices.
+    everything = _Sums.of(mat, rho)
+    same_i, same_j = np.nonzero(codes[:, None] == codes[None, :])
+    same_all = _Sums.of(mat[same_i, same_j], rho[same_i, same_j])
+    diagonal = _Sums.of(np.diag(mat).copy(), np.diag(rho).copy())
+    sum_k = block_sums(mat, codes, B)
+    sum_rho = block_sums(rho, codes, B)
+    # the prompt matrix averages over i != j: take the diagonal out of the (p, p) blocks
+    sum_k[np.diag_indices(B)] -= np.bincount(codes, weights=np.diag(mat), minlength=B)
+    sum_rho[np.diag_indices(B)] -= np.bincount(codes, weights=np.diag(rho), minlength=B)
     sizes = np.bincount(codes, minlength=B).astype(np.float64)
     pairs = np.outer(sizes, sizes) - np.diag(sizes)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_k = np.where(pairs > 0, sum_k / np.where(pairs > 0, pairs, 1.0), np.nan)
         mean_rho = np.where(pairs > 0, sum_rho / np.where(pairs > 0, pairs, 1.0), np.nan)
+    total_sq = everything.k_sq
     return Blocks(
-        diagonal=_pair_stats(mat, rho, eye, total_sq),
-        same_prompt=_pair_stats(mat, rho, same & off, total_sq),
-        cross_prompt=_pair_stats(mat, rho, ~same, total_sq),
+        diagonal=diagonal.stats(total_sq),
+        same_prompt=(same_all - diagonal).stats(total_sq),
+        cross_prompt=(everything - same_all).stats(total_sq),
         prompt_matrix=PromptMatrix(prompts=list(lookup), mean_k=mean_k, mean_rho=mean_rho),
     )

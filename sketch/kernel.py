@@ -87,7 +87,9 @@ def block_sums(X: NDArray[Any], codes: NDArray[np.int64], num_groups: int) -> Fl
     sorted_codes = codes[order]
     starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
     present = sorted_codes[starts]
-    sub = mat[np.ix_(order, order)]
+    # rows already grouped (GRPO pushes each prompt's group together): no n x n copy
+    in_order = keep.size == mat.shape[0] and bool(np.all(order == np.arange(mat.shape[0])))
+    sub = mat if in_order else mat[np.ix_(order, order)]
     summed = np.add.reduceat(np.add.reduceat(sub, starts, axis=0), starts, axis=1)
     out[np.ix_(present, present)] = summed
     return out

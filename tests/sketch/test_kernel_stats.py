@@ -153,9 +153,15 @@ def test_blocks_known_kernel() -> None:
         assert PairStats.from_dict(d[name]) == getattr(out, name)
 
 
-def test_blocks_random_against_loops() -> None:
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        ["x", "y", "x", "z", "y", "x"],  # interleaved: block sums permute the rows
+        ["x", "x", "x", "y", "y", "z"],  # grouped, as GRPO pushes them: no permutation
+    ],
+)
+def test_blocks_random_against_loops(prompts: list[str]) -> None:
     rng = np.random.default_rng(3)
-    prompts = ["x", "y", "x", "z", "y", "x"]
     Y = rng.normal(size=(6, 4))
     K = kernel_from_rows(Y)
     rho = cosine(K)

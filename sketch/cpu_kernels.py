@@ -182,8 +182,10 @@ def countsketch_add(acc: torch.Tensor, values: torch.Tensor, lo_start: int, key:
         _executor().submit(
             _countsketch_cols, a[r : r + step], x[r : r + step], lo_start, key64, k, SCATTER_BLOCK
         )
-        for r in range(0, n, step)
+        for r in range(step, n, step)
     ]
+    # the calling thread takes the first range itself (one hand-off fewer)
+    _countsketch_cols(a[:step], x[:step], lo_start, key64, k, SCATTER_BLOCK)
     for f in futures:
         f.result()
 

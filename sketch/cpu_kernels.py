@@ -26,8 +26,10 @@ loops off; without numba installed they are off.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
+from typing import cast
 
 import numpy as np
 import torch
@@ -60,6 +62,17 @@ def use_numba(on: bool) -> None:
     _enabled = bool(on) and numba is not None
 
 
+def _jit(fn: Callable[..., None]) -> Callable[..., None]:
+    """``numba.njit(nogil=True, cache=True)``; without caching where no cache directory is
+    writable (a read-only install and no writable home: numba refuses ``cache=True`` at
+    decoration time), so that importing the sketch core never fails for it."""
+    assert numba is not None
+    try:
+        return cast(Callable[..., None], numba.njit(nogil=True, cache=True)(fn))
+    except RuntimeError:
+        return cast(Callable[..., None], numba.njit(nogil=True)(fn))
+
+
 if numba is not None:
     _U16 = np.uint64(16)
     _U15 = np.uint64(15)
@@ -76,7 +89,7 @@ if numba is not None:
         x ^= x >> _U15
         return x
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit
     def _countsketch_cols(acc, x, lo_start, key, dim, block):  # type: ignore[no-untyped-def]
         n, d = x.shape
         groups = n // SWEEP_ROWS
@@ -115,7 +128,7 @@ if numba is not None:
             for j in range(SWEEP_ROWS):
                 acc[g * SWEEP_ROWS + j] = inter[g, :, j]
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit
     def _gaussian_block(hashes, keys, table, out):  # type: ignore[no-untyped-def]
         rows = out.shape[1]
         low = np.uint64(0xFFFF)
@@ -127,7 +140,7 @@ if numba is not None:
                 if 2 * j + 1 < rows:
                     out[c, 2 * j + 1] = table[w & low]
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit
     def _sign_block(hashes, keys, out):  # type: ignore[no-untyped-def]
         rows = out.shape[1]
         one = np.uint64(1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numba
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +96,24 @@ def test_dense_entries_numba_equal_torch(kind: type, k: int) -> None:
     x = torch.randn(5, 350)
     fast, slow = _both(lambda: sketcher.sketch_slice("blocks.0.w", x, 17))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba finds no writable cache directory it refuses ``cache=True`` when the
+    function is decorated; the kernels are then compiled per process instead."""
+    from numba.core import caching
+
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # older numba: _CacheImpl
+    monkeypatch.setattr(impl, "_locator_classes", [])
+    with pytest.raises(RuntimeError, match="no locator"):
+        numba.njit(cache=True)(lambda x: x)  # what the fallback is for
+
+    def double(out, x):  # type: ignore[no-untyped-def]
+        for i in range(x.shape[0]):
+            out[i] = 2 * x[i]
+
+    fn = cpu_kernels._jit(double)
+    x = np.arange(5.0)
+    out = np.empty_like(x)
+    fn(out, x)
+    assert out.tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]

@@ -73,7 +73,7 @@ class CountSketch(Sketcher):
 
     def sketch_slice(self, name: str, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
         values = self.check_slice(name, values, offset)
-        n, d = values.shape
+        n = values.shape[0]
         k = self.dim
         # Positive and negative coordinates go to separate halves of a [n, 2k] accumulator
         # (y = plus - minus at the end): the scatter needs no per-entry multiply by the sign,
@@ -85,7 +85,15 @@ class CountSketch(Sketcher):
             and values.dtype in (torch.float32, torch.float64)
         ):
             self._scatter_numba(acc, name, values, offset)
-            return (acc[:, :k] - acc[:, k:]).to(torch.float32)
+        else:
+            self._scatter_torch(acc, name, values, offset)
+        return (acc[:, :k] - acc[:, k:]).to(torch.float32)
+
+    def _scatter_torch(
+        self, acc: torch.Tensor, name: str, values: torch.Tensor, offset: int
+    ) -> None:
+        n, d = values.shape
+        k = self.dim
         block = self.block_coords or min(
             MAX_BLOCK_COORDS, max(MIN_BLOCK_COORDS, BLOCK_ENTRIES // max(n, 1))
         )
@@ -100,7 +108,6 @@ class CountSketch(Sketcher):
             wide = buffer[:, : c1 - c0]
             wide.copy_(values[:, c0:c1])
             acc.index_add_(1, target, wide)
-        return (acc[:, :k] - acc[:, k:]).to(torch.float32)
 
     def _scatter_numba(
         self, acc: torch.Tensor, name: str, values: torch.Tensor, offset: int

@@ -73,27 +73,37 @@ class CountSketch(Sketcher):
 
     def sketch_slice(self, name: str, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
         values = self.check_slice(name, values, offset)
-        n = values.shape[0]
-        k = self.dim
-        # Positive and negative coordinates go to separate halves of a [n, 2k] accumulator
-        # (y = plus - minus at the end): the scatter needs no per-entry multiply by the sign,
-        # which is about 20% of the time on a CPU.
-        acc = torch.zeros(n, 2 * k, dtype=torch.float64, device=values.device)
         if (
             cpu_kernels.enabled()
             and values.device.type == "cpu"
             and values.dtype in (torch.float32, torch.float64)
         ):
-            self._scatter_numba(acc, name, values, offset)
-        else:
-            self._scatter_torch(acc, name, values, offset)
-        return (acc[:, :k] - acc[:, k:]).to(torch.float32)
+            if values.stride(1) != 1:
+                values = values.contiguous()
+            chunks = self._key_chunks(name, values.shape[1], offset)
+            return cpu_kernels.countsketch(values, chunks, self.dim)
+        return self._sketch_torch(name, values, offset)
 
-    def _scatter_torch(
-        self, acc: torch.Tensor, name: str, values: torch.Tensor, offset: int
-    ) -> None:
+    def _key_chunks(self, name: str, d: int, offset: int) -> list[tuple[int, int, int, int]]:
+        """``(c0, c1, lo_start, key)`` per run of the ``d`` columns sharing ``coord_hash``'s
+        key (it changes at multiples of ``2^32`` of the flat index)."""
+        chunks = []
+        c0 = 0
+        while c0 < d:
+            hi = (offset + c0) >> 32
+            c1 = min(d, ((hi + 1) << 32) - offset)
+            key = derive_key(self.seed, name, Stream.COUNTSKETCH, hi)
+            chunks.append((c0, c1, (offset + c0) & MASK32, key))
+            c0 = c1
+        return chunks
+
+    def _sketch_torch(self, name: str, values: torch.Tensor, offset: int) -> torch.Tensor:
         n, d = values.shape
         k = self.dim
+        # Positive and negative coordinates go to separate halves of a [n, 2k] accumulator
+        # (y = plus - minus at the end): the scatter needs no per-entry multiply by the sign,
+        # which is about 20% of the time on a CPU.
+        acc = torch.zeros(n, 2 * k, dtype=torch.float64, device=values.device)
         block = self.block_coords or min(
             MAX_BLOCK_COORDS, max(MIN_BLOCK_COORDS, BLOCK_ENTRIES // max(n, 1))
         )
@@ -108,21 +118,7 @@ class CountSketch(Sketcher):
             wide = buffer[:, : c1 - c0]
             wide.copy_(values[:, c0:c1])
             acc.index_add_(1, target, wide)
-
-    def _scatter_numba(
-        self, acc: torch.Tensor, name: str, values: torch.Tensor, offset: int
-    ) -> None:
-        if values.stride(1) != 1:
-            values = values.contiguous()
-        d = values.shape[1]
-        c0 = 0
-        while c0 < d:
-            # the key changes at multiples of 2^32 of the flat index (coord_hash's high word)
-            hi = (offset + c0) >> 32
-            c1 = min(d, ((hi + 1) << 32) - offset)
-            key = derive_key(self.seed, name, Stream.COUNTSKETCH, hi)
-            cpu_kernels.countsketch_add(acc, values[:, c0:c1], (offset + c0) & MASK32, key)
-            c0 = c1
+        return (acc[:, :k] - acc[:, k:]).to(torch.float32)
 
     def variance_factor(self) -> float:
         return 1.0 / self.dim

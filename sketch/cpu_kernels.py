@@ -4,7 +4,10 @@
   accumulator.  torch's ``index_add_`` needs one dtype on both sides, so the torch path
   first widens every block to float64 (an extra write and read of twice the input) and
   then scatters along dim 1; here one loop reads the float32 rows and adds into the
-  float64 accumulator directly, hashing the coordinates on the way.
+  float64 accumulator directly, four rows at a time as one 4-wide vector add per
+  coordinate (an LLVM intrinsic, since LLVM does not vectorise the scatter by itself), and
+  writes the float32 result, so no ``[n, 2k]`` float64 array is copied or subtracted in
+  torch afterwards.
 * **Dense entries.**  ``mix32(coord_hash ^ row_key)`` and a table lookup per entry, which
   torch evaluates as about a dozen elementwise passes over ``int64 [B, W]`` temporaries,
   run here as one pass that writes the float32 block.
@@ -26,7 +29,7 @@ loops off; without numba installed they are off.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import cast
@@ -37,6 +40,9 @@ import torch
 numba: ModuleType | None
 try:
     import numba
+    from llvmlite import ir as llvm_ir
+    from numba.core import types
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
     numba = None
 
@@ -45,8 +51,9 @@ _enabled = numba is not None and os.environ.get("KERNELSCOPE_SKETCH_NUMBA", "1")
 #: Below this many input entries a call runs on the calling thread (thread hand-off costs
 #: tens of microseconds).
 PARALLEL_MIN_ENTRIES = 1 << 18
-#: Coordinates hashed per block of the scatter loop: the targets (8 bytes each) stay in L1/L2.
-SCATTER_BLOCK = 1 << 13
+#: Coordinates hashed per block of the scatter loop (their targets, 4 bytes each, stream
+#: through L2 while one group's accumulator stays there).  Speed only, not results.
+SCATTER_BLOCK = 1 << 17
 #: Rows added per sweep over a block's coordinates (the kernel is written for four).
 SWEEP_ROWS = 4
 
@@ -89,44 +96,115 @@ if numba is not None:
         x ^= x >> _U15
         return x
 
+    _I32 = llvm_ir.IntType(32)
+
+    @intrinsic
+    def _add_8_coords(typingctx, acc, target, x0, x1, x2, x3, i):  # type: ignore[no-untyped-def]
+        """``acc[target[c], j] += x_j[c]`` for ``c`` in ``i .. i + 7`` and rows ``j = 0..3``.
+
+        LLVM does not vectorise this scatter on its own (it cannot prove that ``acc`` and the
+        rows do not overlap), so it is spelled out in IR: one unaligned 8-wide load per row,
+        a 4 x 8 transpose by shuffles, and per coordinate one 4-wide float64 load, add and
+        store at ``acc[target[c]]`` (the four rows' sums sit next to each other).  The same
+        IEEE additions in the same order as the scalar loop, so results are bit-identical.
+        ``acc``: ``[2k, 4]`` float64 C-contiguous; ``target``: uint32; rows: float32 or
+        float64 with unit stride (the caller checks).
+        """
+        sig = types.void(acc, target, x0, x1, x2, x3, i)
+        wide = x0.dtype == types.float32
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            def data(pos):  # type: ignore[no-untyped-def]
+                array = context.make_array(signature.args[pos])(context, builder, args[pos])
+                return array.data
+
+            def shuffle(a, b, mask):  # type: ignore[no-untyped-def]
+                lanes = llvm_ir.Constant(
+                    llvm_ir.VectorType(_I32, len(mask)), [llvm_ir.Constant(_I32, m) for m in mask]
+                )
+                return builder.shuffle_vector(a, b, lanes)
+
+            start = args[6]
+            element = llvm_ir.FloatType() if wide else llvm_ir.DoubleType()
+            row8 = llvm_ir.VectorType(element, 8)
+            sum4 = llvm_ir.VectorType(llvm_ir.DoubleType(), 4)
+            # unaligned loads: a row may start anywhere (align = the element's own size)
+            rows = [
+                builder.load(
+                    builder.bitcast(builder.gep(data(p), [start]), row8.as_pointer()),
+                    align=4 if wide else 8,
+                )
+                for p in range(2, 6)
+            ]
+            # interleave rows 0/1 and 2/3, coordinates 0-3 and 4-7: [a0 b0 a1 b1 a2 b2 a3 b3]
+            low, high = [0, 8, 1, 9, 2, 10, 3, 11], [4, 12, 5, 13, 6, 14, 7, 15]
+            pairs = [
+                (shuffle(rows[0], rows[1], low), shuffle(rows[2], rows[3], low)),
+                (shuffle(rows[0], rows[1], high), shuffle(rows[2], rows[3], high)),
+            ]
+            acc_data, target_data = data(0), data(1)
+            for c in range(8):
+                front, back = pairs[c // 4]
+                j = 2 * (c % 4)
+                column = shuffle(front, back, [j, j + 1, 8 + j, 9 + j])
+                if wide:
+                    column = builder.fpext(column, sum4)
+                t = builder.load(
+                    builder.gep(target_data, [builder.add(start, llvm_ir.Constant(start.type, c))])
+                )
+                slot = builder.mul(builder.zext(t, start.type), llvm_ir.Constant(start.type, 4))
+                where = builder.bitcast(builder.gep(acc_data, [slot]), sum4.as_pointer())
+                builder.store(builder.fadd(builder.load(where, align=8), column), where, align=8)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @_jit
-    def _countsketch_cols(acc, x, lo_start, key, dim, block):  # type: ignore[no-untyped-def]
+    def _countsketch_scatter(inter, tail, x, lo_start, key, dim, block):  # type: ignore[no-untyped-def]
         n, d = x.shape
-        groups = n // SWEEP_ROWS
-        # The accumulator of each group of SWEEP_ROWS rows is held interleaved, [2k, rows]:
-        # one coordinate's adds for the group land in one cache line instead of one line per
-        # row (the [n, 2k] rows outgrow L1 for k >= 1024).  Copied in and out, so the adds
-        # happen in the same order as on acc itself.
-        inter = np.empty((groups, 2 * dim, SWEEP_ROWS), np.float64)
-        for g in range(groups):
-            for j in range(SWEEP_ROWS):
-                inter[g, :, j] = acc[g * SWEEP_ROWS + j]
-        target = np.empty(min(block, d), np.int64)
+        groups = inter.shape[0]
+        target = np.empty(min(block, d), np.uint32)
         one = np.uint64(1)
         k = np.uint64(dim)
         for c0 in range(0, d, block):
             c1 = min(d, c0 + block)
+            m = c1 - c0
+            m8 = m - m % 8
             for c in range(c0, c1):
                 h = _mix32(np.uint64(lo_start + c) ^ key)
                 bucket = ((h >> one) * k) >> np.uint64(31)
-                target[c - c0] = np.int64(bucket + (h & one) * k)
+                target[c - c0] = np.uint32(bucket + (h & one) * k)
+            # Group by group over the whole block: a group's accumulator ([2k, 4] float64,
+            # 256 KiB at k = 4096) is brought into L2 once per block, not once per small block.
             for g in range(groups):
                 a = inter[g]
-                r = g * SWEEP_ROWS
-                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-                for c in range(c0, c1):
-                    t = target[c - c0]
-                    a[t, 0] += x0[c]
-                    a[t, 1] += x1[c]
-                    a[t, 2] += x2[c]
-                    a[t, 3] += x3[c]
-            for r in range(groups * SWEEP_ROWS, n):
-                row_acc, row = acc[r], x[r]
+                r = SWEEP_ROWS * g
+                x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+                for i in range(0, m8, 8):
+                    _add_8_coords(a, target, x0, x1, x2, x3, i)  # type: ignore[call-arg]
+                for i in range(m8, m):
+                    t = target[i]
+                    a[t, 0] += x0[i]
+                    a[t, 1] += x1[i]
+                    a[t, 2] += x2[i]
+                    a[t, 3] += x3[i]
+            for r in range(SWEEP_ROWS * groups, n):
+                row_acc, row = tail[r - SWEEP_ROWS * groups], x[r]
                 for c in range(c0, c1):
                     row_acc[target[c - c0]] += row[c]
-        for g in range(groups):
+
+    @_jit
+    def _countsketch_finish(inter, tail, out):  # type: ignore[no-untyped-def]
+        dim = out.shape[1]
+        for g in range(inter.shape[0]):
             for j in range(SWEEP_ROWS):
-                acc[g * SWEEP_ROWS + j] = inter[g, :, j]
+                row = out[SWEEP_ROWS * g + j]
+                for b in range(dim):
+                    row[b] = np.float32(inter[g, b, j] - inter[g, dim + b, j])
+        for r in range(tail.shape[0]):
+            row = out[SWEEP_ROWS * inter.shape[0] + r]
+            for b in range(dim):
+                row[b] = np.float32(tail[r, b] - tail[r, dim + b])
 
     @_jit
     def _gaussian_block(hashes, keys, table, out):  # type: ignore[no-untyped-def]
@@ -170,37 +248,53 @@ def _as_uint64(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy().view(np.uint64)
 
 
-def countsketch_add(acc: torch.Tensor, values: torch.Tensor, lo_start: int, key: int) -> None:
-    """Scatter ``values`` into ``acc`` in place: the numba form of CountSketch's block loop.
+def _countsketch_rows(
+    x: np.ndarray, chunks: Sequence[tuple[int, int, int, int]], out: np.ndarray
+) -> None:
+    """Rows ``x`` ``[m, d]`` into ``out`` ``[m, k]``: scatter every chunk, then finish."""
+    m, dim = out.shape
+    groups = m // SWEEP_ROWS
+    inter = np.zeros((groups, 2 * dim, SWEEP_ROWS), np.float64)
+    tail = np.zeros((m - SWEEP_ROWS * groups, 2 * dim), np.float64)
+    for c0, c1, lo_start, key in chunks:
+        _countsketch_scatter(inter, tail, x[:, c0:c1], lo_start, np.uint64(key), dim, SCATTER_BLOCK)
+    _countsketch_finish(inter, tail, out)
 
-    ``acc``: ``[n, 2k]`` float64 CPU, contiguous (positive terms in ``[:, :k]``, negative in
-    ``[:, k:]``); ``values``: ``[n, d]`` float32 or float64 CPU, rows contiguous; coordinate
-    ``c`` has ``coord_hash = mix32(((lo_start + c) mod 2^32) ^ key)`` (the caller splits at
-    multiples of ``2^32``, where the key changes, so ``lo_start + d <= 2^32``).
+
+def countsketch(
+    values: torch.Tensor, chunks: Sequence[tuple[int, int, int, int]], dim: int
+) -> torch.Tensor:
+    """CountSketch of ``values`` (``[n, d]`` float32 or float64 CPU, unit column stride) to
+    ``[n, dim]`` float32: the numba form of :meth:`sketch.countsketch.CountSketch.sketch_slice`.
+
+    ``chunks``: ``(c0, c1, lo_start, key)`` covering the columns in order; column ``c`` of a
+    chunk has ``coord_hash = mix32((lo_start + c - c0) ^ key)`` (the caller splits at
+    multiples of ``2^32`` of the flat index, where the key changes).  Each row's positive and
+    negative terms are summed apart in float64, in increasing coordinate order, and the
+    difference is rounded to float32, as on the torch path.
     """
-    n, d = values.shape
-    k = acc.shape[1] // 2
-    a, x = acc.numpy(), values.detach().numpy()
-    key64 = np.uint64(key)
+    if values.stride(1) != 1:
+        raise ValueError("countsketch: rows must have unit column stride")
+    n = values.shape[0]
+    x = values.detach().numpy()
+    out = np.empty((n, dim), np.float32)
     threads = max(1, torch.get_num_threads())
-    if threads == 1 or n * d < PARALLEL_MIN_ENTRIES:
-        _countsketch_cols(a, x, lo_start, key64, k, SCATTER_BLOCK)
-        return
+    if threads == 1 or values.numel() < PARALLEL_MIN_ENTRIES:
+        _countsketch_rows(x, chunks, out)
+        return torch.from_numpy(out)
     # Rows split into one contiguous range per thread (multiples of SWEEP_ROWS): each thread
-    # owns its rows of the accumulator and hashes every coordinate itself (hashing is a few
-    # percent of the scatter), so the additions happen in exactly the order of the
-    # single-thread loop.
+    # owns its rows' accumulators and hashes every coordinate itself (hashing is a few
+    # percent of the scatter), so the additions happen in exactly the order of one thread.
     step = -(-n // (SWEEP_ROWS * threads)) * SWEEP_ROWS
     futures = [
-        _executor().submit(
-            _countsketch_cols, a[r : r + step], x[r : r + step], lo_start, key64, k, SCATTER_BLOCK
-        )
+        _executor().submit(_countsketch_rows, x[r : r + step], chunks, out[r : r + step])
         for r in range(step, n, step)
     ]
     # the calling thread takes the first range itself (one hand-off fewer)
-    _countsketch_cols(a[:step], x[:step], lo_start, key64, k, SCATTER_BLOCK)
+    _countsketch_rows(x[:step], chunks, out[:step])
     for f in futures:
         f.result()
+    return torch.from_numpy(out)
 
 
 def gaussian_block(

@@ -60,6 +60,21 @@ def test_countsketch_numba_equals_torch(
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("start", range(9))
+@pytest.mark.parametrize(
+    ("n", "dtype"), [(4, torch.float32), (6, torch.float64), (66, torch.float32)]
+)
+def test_countsketch_numba_unaligned_rows(start: int, n: int, dtype: torch.dtype) -> None:
+    """Rows that start at any element (the vector loads are unaligned) and column counts
+    that leave a remainder after the eight-coordinate steps; 66 rows take the threaded path
+    with a row range that is not a multiple of four."""
+    base = torch.randn(n, 4100 + 9, generator=torch.Generator().manual_seed(start), dtype=dtype)
+    x = base[:, start : start + 4100 - start]
+    sketcher = CountSketch(300, 5)
+    fast, slow = _both(lambda: sketcher.sketch_slice("w", x, 3 * start))
+    assert torch.equal(fast, slow)
+
+
 def test_countsketch_numba_handles_strided_rows_and_thread_counts() -> None:
     x = torch.randn(40, 30_000)[:, ::3]  # columns not contiguous
     sketcher = CountSketch(512, 3)

@@ -261,6 +261,21 @@ def _countsketch_rows(
     _countsketch_finish(inter, tail, out)
 
 
+def _split_rows(n: int, entries: int, align: int, run: Callable[[int, int], object]) -> None:
+    """``run(r0, r1)`` over ``[0, n)``: one contiguous range per torch thread (a multiple of
+    ``align`` rows each), or in one call below ``PARALLEL_MIN_ENTRIES`` entries.  The calling
+    thread takes the first range itself (one hand-off fewer)."""
+    threads = max(1, torch.get_num_threads())
+    if threads == 1 or entries < PARALLEL_MIN_ENTRIES or n <= align:
+        run(0, n)
+        return
+    step = -(-n // (align * threads)) * align
+    futures = [_executor().submit(run, r, min(n, r + step)) for r in range(step, n, step)]
+    run(0, min(n, step))
+    for f in futures:
+        f.result()
+
+
 def countsketch(
     values: torch.Tensor, chunks: Sequence[tuple[int, int, int, int]], dim: int
 ) -> torch.Tensor:
@@ -275,25 +290,17 @@ def countsketch(
     """
     if values.stride(1) != 1:
         raise ValueError("countsketch: rows must have unit column stride")
-    n = values.shape[0]
     x = values.detach().numpy()
-    out = np.empty((n, dim), np.float32)
-    threads = max(1, torch.get_num_threads())
-    if threads == 1 or values.numel() < PARALLEL_MIN_ENTRIES:
-        _countsketch_rows(x, chunks, out)
-        return torch.from_numpy(out)
-    # Rows split into one contiguous range per thread (multiples of SWEEP_ROWS): each thread
-    # owns its rows' accumulators and hashes every coordinate itself (hashing is a few
-    # percent of the scatter), so the additions happen in exactly the order of one thread.
-    step = -(-n // (SWEEP_ROWS * threads)) * SWEEP_ROWS
-    futures = [
-        _executor().submit(_countsketch_rows, x[r : r + step], chunks, out[r : r + step])
-        for r in range(step, n, step)
-    ]
-    # the calling thread takes the first range itself (one hand-off fewer)
-    _countsketch_rows(x[:step], chunks, out[:step])
-    for f in futures:
-        f.result()
+    out = np.empty((x.shape[0], dim), np.float32)
+    # Each thread owns its rows' accumulators and hashes every coordinate itself (hashing is
+    # a few percent of the scatter), so the additions happen in exactly the order of one
+    # thread.
+    _split_rows(
+        x.shape[0],
+        x.size,
+        SWEEP_ROWS,
+        lambda r0, r1: _countsketch_rows(x[r0:r1], chunks, out[r0:r1]),
+    )
     return torch.from_numpy(out)
 
 
@@ -301,13 +308,19 @@ def gaussian_block(
     hashes: torch.Tensor, keys: torch.Tensor, table: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """Fill ``out`` (``[B, rows]`` float32 CPU, contiguous) with the Gaussian entries of
-    :func:`sketch.hashing.gaussian_entries` for ``hashes`` ``[B]`` and row keys ``[W]``."""
+    :func:`sketch.hashing.gaussian_entries` for ``hashes`` ``[B]`` and row keys ``[W]``.
+
+    One thread: the block is multiplied by torch's ``addmm`` next, whose OpenMP workers
+    spin-wait on the other cores between calls; splitting the entries over threads made the
+    dense sketches 5-19% slower with two threads (1.2-1.4x faster only with
+    ``OMP_WAIT_POLICY=PASSIVE``, which slows the GEMM itself)."""
     _gaussian_block(_as_uint64(hashes), _as_uint64(keys), table.numpy(), out.numpy())
     return out
 
 
 def sign_block(hashes: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` (``[B, rows]`` float32 CPU, contiguous) with the ±1 entries of
-    :func:`sketch.hashing.sign_entries` for ``hashes`` ``[B]`` and row keys ``[W]``."""
+    :func:`sketch.hashing.sign_entries` for ``hashes`` ``[B]`` and row keys ``[W]`` (one
+    thread, as :func:`gaussian_block`)."""
     _sign_block(_as_uint64(hashes), _as_uint64(keys), out.numpy())
     return out

@@ -261,15 +261,15 @@ def _countsketch_rows(
     _countsketch_finish(inter, tail, out)
 
 
-def _split_rows(n: int, entries: int, align: int, run: Callable[[int, int], object]) -> None:
+def _split_rows(n: int, entries: int, run: Callable[[int, int], object]) -> None:
     """``run(r0, r1)`` over ``[0, n)``: one contiguous range per torch thread (a multiple of
-    ``align`` rows each), or in one call below ``PARALLEL_MIN_ENTRIES`` entries.  The calling
-    thread takes the first range itself (one hand-off fewer)."""
+    ``SWEEP_ROWS`` rows each), or in one call below ``PARALLEL_MIN_ENTRIES`` entries.  The
+    calling thread takes the first range itself (one hand-off fewer)."""
     threads = max(1, torch.get_num_threads())
-    if threads == 1 or entries < PARALLEL_MIN_ENTRIES or n <= align:
+    if threads == 1 or entries < PARALLEL_MIN_ENTRIES or n <= SWEEP_ROWS:
         run(0, n)
         return
-    step = -(-n // (align * threads)) * align
+    step = -(-n // (SWEEP_ROWS * threads)) * SWEEP_ROWS
     futures = [_executor().submit(run, r, min(n, r + step)) for r in range(step, n, step)]
     run(0, min(n, step))
     for f in futures:
@@ -295,12 +295,7 @@ def countsketch(
     # Each thread owns its rows' accumulators and hashes every coordinate itself (hashing is
     # a few percent of the scatter), so the additions happen in exactly the order of one
     # thread.
-    _split_rows(
-        x.shape[0],
-        x.size,
-        SWEEP_ROWS,
-        lambda r0, r1: _countsketch_rows(x[r0:r1], chunks, out[r0:r1]),
-    )
+    _split_rows(x.shape[0], x.size, lambda r0, r1: _countsketch_rows(x[r0:r1], chunks, out[r0:r1]))
     return torch.from_numpy(out)
 
 

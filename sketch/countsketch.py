@@ -27,7 +27,7 @@ import torch
 
 from sketch import cpu_kernels
 from sketch.base import Sketcher, SketchKind
-from sketch.hashing import MASK32, Stream, bucket_and_sign, bucket_of, coord_hash, derive_key
+from sketch.hashing import Stream, bucket_and_sign, bucket_of, coord_hash, key_chunks
 
 #: Float64 entries (rows x coordinates) widened and scattered per block: 8 MiB.  Speed and
 #: memory only; results do not depend on it.  Measured on a 2-core CPU with 64 rows: blocks of
@@ -80,22 +80,9 @@ class CountSketch(Sketcher):
         ):
             if values.stride(1) != 1:
                 values = values.contiguous()
-            chunks = self._key_chunks(name, values.shape[1], offset)
+            chunks = key_chunks(self.seed, name, Stream.COUNTSKETCH, offset, values.shape[1])
             return cpu_kernels.countsketch(values, chunks, self.dim)
         return self._sketch_torch(name, values, offset)
-
-    def _key_chunks(self, name: str, d: int, offset: int) -> list[tuple[int, int, int, int]]:
-        """``(c0, c1, lo_start, key)`` per run of the ``d`` columns sharing ``coord_hash``'s
-        key (it changes at multiples of ``2^32`` of the flat index)."""
-        chunks = []
-        c0 = 0
-        while c0 < d:
-            hi = (offset + c0) >> 32
-            c1 = min(d, ((hi + 1) << 32) - offset)
-            key = derive_key(self.seed, name, Stream.COUNTSKETCH, hi)
-            chunks.append((c0, c1, (offset + c0) & MASK32, key))
-            c0 = c1
-        return chunks
 
     def _sketch_torch(self, name: str, values: torch.Tensor, offset: int) -> torch.Tensor:
         n, d = values.shape

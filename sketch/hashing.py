@@ -149,6 +149,25 @@ def derive_key(seed: int, name: str, stream: int, hi: int = 0) -> int:
     return fold_words((seed & MASK32, seed >> 32, nid & MASK32, nid >> 32, int(stream), hi))
 
 
+def key_chunks(
+    seed: int, name: str, stream: int, start: int, count: int
+) -> list[tuple[int, int, int, int]]:
+    """The flat indices ``start .. start + count - 1`` as runs that share one key:
+    ``(c0, c1, lo_start, key)`` per run, covering positions ``c0 .. c1 - 1`` of the range,
+    whose hashes are ``mix32((lo_start + c - c0) ^ key)`` (the key changes at multiples of
+    ``2^32``, so a run never straddles one)."""
+    if start < 0 or count < 0:
+        raise ValueError("flat indices must be non-negative")
+    chunks = []
+    pos, end = start, start + count
+    while pos < end:
+        hi = pos >> 32
+        stop = min(end, (hi + 1) << 32)
+        chunks.append((pos - start, stop - start, pos & MASK32, derive_key(seed, name, stream, hi)))
+        pos = stop
+    return chunks
+
+
 def coord_hash(
     seed: int, name: str, stream: int, start: int, count: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -157,20 +176,10 @@ def coord_hash(
     Returns ``[count]`` ``int64`` with values in ``[0, 2^32)``:
     ``mix32((i mod 2^32) ^ derive_key(seed, name, stream, i >> 32))``.
     """
-    if start < 0 or count < 0:
-        raise ValueError("flat indices must be non-negative")
-    parts: list[torch.Tensor] = []
-    pos, end = start, start + count
-    while pos < end:
-        # a block never straddles a multiple of 2^32, so its high word is one constant
-        hi = pos >> 32
-        stop = min(end, (hi + 1) << 32)
-        key = derive_key(seed, name, stream, hi)
-        lo = torch.arange(
-            pos & MASK32, (pos & MASK32) + (stop - pos), dtype=torch.int64, device=device
-        )
-        parts.append(mix32(lo.bitwise_xor_(key)))
-        pos = stop
+    parts = [
+        mix32(torch.arange(lo, lo + (c1 - c0), dtype=torch.int64, device=device).bitwise_xor_(key))
+        for c0, c1, lo, key in key_chunks(seed, name, stream, start, count)
+    ]
     if not parts:
         return torch.empty(0, dtype=torch.int64, device=device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -398,11 +407,12 @@ def gaussian_columns(
     ``start + c``; entry ``r`` comes from word ``r // 2`` of that coordinate (high 16 bits
     for even ``r``, low 16 bits for odd ``r``).  ``allow_compile``: use the compiled
     generator when enabled (callers pass it for their fixed-size blocks only)."""
-    hashes = coord_hash(seed, name, stream, start, count, device)
     keys = cached_row_keys((rows + 1) // 2, device)
-    if hashes.device.type == "cpu" and cpu_kernels.enabled():
-        block = _scratch(ws, "entries", (count, rows), torch.float32, hashes.device)
-        return cpu_kernels.gaussian_block(hashes, keys, gaussian_table(hashes.device), block)
+    if torch.device(device).type == "cpu" and cpu_kernels.enabled():
+        block = _scratch(ws, "entries", (count, rows), torch.float32, keys.device)
+        chunks = key_chunks(seed, name, stream, start, count)
+        return cpu_kernels.gaussian_block(chunks, keys, gaussian_table(keys.device), block)
+    hashes = coord_hash(seed, name, stream, start, count, device)
     if _compile_enabled and allow_compile:
         out = _run_compiled("gaussian", _gaussian_block, hashes, keys, gaussian_table(device))
         if out is not None:
@@ -424,11 +434,11 @@ def sign_columns(
     """±1 columns: ``[count, rows]`` float32; entry ``r`` is bit ``r % 32`` of word
     ``r // 32`` of the coordinate (``+1`` for a 0 bit).  ``allow_compile`` as in
     :func:`gaussian_columns`."""
-    hashes = coord_hash(seed, name, stream, start, count, device)
     keys = cached_row_keys((rows + 31) // 32, device)
-    if hashes.device.type == "cpu" and cpu_kernels.enabled():
-        block = _scratch(ws, "entries", (count, rows), torch.float32, hashes.device)
-        return cpu_kernels.sign_block(hashes, keys, block)
+    if torch.device(device).type == "cpu" and cpu_kernels.enabled():
+        block = _scratch(ws, "entries", (count, rows), torch.float32, keys.device)
+        return cpu_kernels.sign_block(key_chunks(seed, name, stream, start, count), keys, block)
+    hashes = coord_hash(seed, name, stream, start, count, device)
     if _compile_enabled and allow_compile:
         shifts = torch.arange(32, dtype=torch.int64, device=hashes.device)
         out = _run_compiled("sign", _sign_block, hashes, keys, shifts)

@@ -99,7 +99,7 @@ def test_countsketch_bfloat16_takes_the_torch_path() -> None:
 
 
 @pytest.mark.parametrize("kind", [GaussianSketch, RademacherSketch])
-@pytest.mark.parametrize("k", [1, 7, 33, 256])
+@pytest.mark.parametrize("k", [1, 7, 16, 33, 47, 256])
 def test_dense_entries_numba_equal_torch(kind: type, k: int) -> None:
     sketcher = kind(k, 11, block_entries=k * 100)
     cols_fast, cols_slow = _both(

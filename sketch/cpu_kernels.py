@@ -240,9 +240,9 @@ if numba is not None:
             x = builder.xor(x, words)
             # mix32 (sketch.hashing): 32-bit wrapping multiplies, as the integer recipe
             x = builder.xor(x, builder.lshr(x, _splat32(16)))
-            x = builder.mul(x, _splat32(0x21F0AAAD))
+            x = builder.mul(x, _splat32(int(_MUL1)))
             x = builder.xor(x, builder.lshr(x, _splat32(15)))
-            x = builder.mul(x, _splat32(0x735A2D97))
+            x = builder.mul(x, _splat32(int(_MUL2)))
             x = builder.xor(x, builder.lshr(x, _splat32(15)))
             index = [builder.lshr(x, _splat32(16)), builder.and_(x, _splat32(0xFFFF))]
             entries16 = llvm_ir.VectorType(llvm_ir.FloatType(), 16)
@@ -260,7 +260,7 @@ if numba is not None:
         return sig, codegen
 
     @_jit
-    def _gaussian_block(lo_start, key, keys, keys32, table, out):  # type: ignore[no-untyped-def]
+    def _gaussian_block(lo_start, key, keys32, table, out):  # type: ignore[no-untyped-def]
         rows = out.shape[1]
         low = np.uint64(0xFFFF)
         vector_words = (rows // 16) * 8  # words whose 16 entries all exist
@@ -269,8 +269,8 @@ if numba is not None:
             row = out[c]
             for j in range(0, vector_words, 8):
                 _gaussian_16(row, table, np.uint32(h), keys32, j)  # type: ignore[call-arg]
-            for j in range(vector_words, keys.shape[0]):
-                w = _mix32(h ^ keys[j])
+            for j in range(vector_words, keys32.shape[0]):
+                w = _mix32(h ^ np.uint64(keys32[j]))
                 row[2 * j] = table[w >> _U16]
                 if 2 * j + 1 < rows:
                     row[2 * j + 1] = table[w & low]
@@ -370,10 +370,9 @@ def gaussian_block(
     spin-wait on the other cores between calls; splitting the entries over threads made the
     dense sketches 5-19% slower with two threads (1.2-1.4x faster only with
     ``OMP_WAIT_POLICY=PASSIVE``, which slows the GEMM itself)."""
-    k, t, o = _as_uint64(keys), table.numpy(), out.numpy()
-    k32 = k.astype(np.uint32)
+    k32, t, o = _as_uint64(keys).astype(np.uint32), table.numpy(), out.numpy()
     for c0, c1, lo_start, key in chunks:
-        _gaussian_block(lo_start, np.uint64(key), k, k32, t, o[c0:c1])
+        _gaussian_block(lo_start, np.uint64(key), k32, t, o[c0:c1])
     return out
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -104,7 +106,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> None:
         have_trak = False
     from scipy.linalg import clarkson_woodruff_transform
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     clock = "CPU time" if CLOCK is time.process_time else "wall time"
     print(f"## Speed ({where}, {torch.get_num_threads()} threads, {clock}, n = {n} rows, fp32)\n")
     print("read = a torch reduction over the input (cpu) or a device copy of it (cuda).")
@@ -275,6 +277,21 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> None:
                     f"{np.mean(errs):.4f} | {predicted:.4f} | {np.mean(zs):.2f} |",
                     flush=True,
                 )
+
+
+def cpu_name() -> str:
+    """``cpu: <model>, <cores> cores``; the project's VMs change model between days, and the
+    ratios (more than the rates) depend on it."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {model}, {os.cpu_count()} cores"
 
 
 def main() -> None:

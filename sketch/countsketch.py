@@ -78,8 +78,6 @@ class CountSketch(Sketcher):
             and values.device.type == "cpu"
             and values.dtype in (torch.float32, torch.float64)
         ):
-            if values.stride(1) != 1:
-                values = values.contiguous()
             chunks = key_chunks(self.seed, name, Stream.COUNTSKETCH, offset, values.shape[1])
             return cpu_kernels.countsketch(values, chunks, self.dim)
         return self._sketch_torch(name, values, offset)

@@ -336,8 +336,9 @@ def _split_rows(n: int, entries: int, run: Callable[[int, int], object]) -> None
 def countsketch(
     values: torch.Tensor, chunks: Sequence[tuple[int, int, int, int]], dim: int
 ) -> torch.Tensor:
-    """CountSketch of ``values`` (``[n, d]`` float32 or float64 CPU, unit column stride) to
-    ``[n, dim]`` float32: the numba form of :meth:`sketch.countsketch.CountSketch.sketch_slice`.
+    """CountSketch of ``values`` (``[n, d]`` float32 or float64 CPU; rows without unit column
+    stride are copied first) to ``[n, dim]`` float32: the numba form of
+    :meth:`sketch.countsketch.CountSketch.sketch_slice`.
 
     ``chunks``: ``(c0, c1, lo_start, key)`` covering the columns in order; column ``c`` of a
     chunk has ``coord_hash = mix32((lo_start + c - c0) ^ key)`` (the caller splits at
@@ -345,8 +346,8 @@ def countsketch(
     negative terms are summed apart in float64, in increasing coordinate order, and the
     difference is rounded to float32, as on the torch path.
     """
-    if values.stride(1) != 1:
-        raise ValueError("countsketch: rows must have unit column stride")
+    if values.stride(1) != 1:  # the vector loads read eight neighbouring columns
+        values = values.contiguous()
     x = values.detach().numpy()
     out = np.empty((x.shape[0], dim), np.float32)
     # Each thread owns its rows' accumulators and hashes every coordinate itself (hashing is

@@ -32,7 +32,13 @@ from numpy.typing import NDArray
 
 from sketch.kernel import FloatArray, check_kernel
 from sketch.noise_scale import NoiseScale, noise_scale
-from sketch.realized import Realized, realized_from_entropies, realized_from_logprobs
+from sketch.ratio import RatioInterval, fieller_interval
+from sketch.realized import (
+    Realized,
+    RealizedParts,
+    realized_from_entropies,
+    realized_parts,
+)
 from sketch.second_order import delta_h2 as second_order_delta_h2
 from sketch.second_order import displacement
 from sketch.sequences import (
@@ -42,7 +48,9 @@ from sketch.sequences import (
     StepSequences,
     group_sizes,
     leave_one_out_mean,
+    per_prompt_covariance,
 )
+from sketch.taylor import TaylorCheck, taylor_check
 
 
 class Estimator(str, Enum):
@@ -211,7 +219,10 @@ class EntropyChange:
     (``delta_h1_applied`` when the applied update is known, else ``delta_h1``).
     ``ratio = realized.delta_h / delta_h1``: how many times the linear prediction the step really
     moved (math.md §6: "1.05x the linear one"); ``None`` without a realized change or when
-    ``delta_h1`` is 0.
+    ``delta_h1`` is 0.  ``ratio_interval``: its Fieller interval (:mod:`sketch.ratio`) from
+    ``se_sampling``, ``se_sketch``, ``realized.se`` and the covariance of the two estimates;
+    ``taylor``: the step's size ``KL(pi || pi')`` and whether a Taylor prediction can hold
+    (:mod:`sketch.taylor`).
     """
 
     delta_h1: float
@@ -234,6 +245,8 @@ class EntropyChange:
     delta_h1_plus_h2: float | None = None
     realized: Realized | None = None
     ratio: float | None = None
+    ratio_interval: RatioInterval | None = None
+    taylor: TaylorCheck | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready plain Python: floats, ints, str, lists, dicts; ``None`` for missing/NaN."""
@@ -420,13 +433,33 @@ def _quadrants(seqs: StepSequences, a: FloatArray, upd: BoolArray) -> list[Quadr
 def _se_sampling(seqs: StepSequences, b: FloatArray, ent: BoolArray) -> float:
     """``sqrt(sum_p M_p var_{j in E ∩ p}(b_j))`` with the unbiased sample variance (ddof = 1);
     prompts with ``M_p = 1`` have no within-prompt spread and contribute 0."""
-    codes, prompts = seqs.prompt_index(ent)
-    total = 0.0
-    for p in range(len(prompts)):
-        bp = b[codes == p]
-        if bp.size >= 2:
-            total += bp.size * float(np.var(bp, ddof=1))
-    return math.sqrt(total)
+    variance = per_prompt_covariance(b, b, seqs.prompt_index(ent)[0])
+    return 0.0 if variance is None else math.sqrt(max(variance, 0.0))
+
+
+def _ratio(
+    parts: RealizedParts | None,
+    real: Realized,
+    delta_h1: float,
+    var_h1: float,
+    b: FloatArray,
+    seqs: StepSequences,
+    ent: BoolArray,
+) -> RatioInterval | None:
+    """``realized / dH1`` with its Fieller interval (math.md §6).
+
+    The covariance of the two estimates is the per-prompt covariance of their per-row parts
+    over the rows both use (the entropy-role rows with ``logprob_after`` by default); a posted
+    or given realized change is taken as exact (variance 0, no covariance).
+    """
+    if delta_h1 == 0.0:
+        return None
+    var_x = 0.0 if real.se is None else real.se**2
+    cov = 0.0
+    if parts is not None and parts.realized is real and real.se is not None:
+        both = ent & parts.mask
+        cov = per_prompt_covariance(parts.delta, b, seqs.prompt_index(both)[0]) or 0.0
+    return fieller_interval(real.delta_h, delta_h1, var_x, var_h1, cov)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -463,7 +496,8 @@ def entropy_change(
     group_kernels: ``{group: K_g}`` with ``sum_g K_g = K`` for the per-group split of dH1.
     realized: an explicit realized change (a :class:`Realized` or a number); else the posted
         ``entropy_before`` / ``entropy_after`` when both are given; else the estimate from
-        ``logprob_after`` (:func:`sketch.realized.realized_from_logprobs`) when available.
+        ``logprob_after`` (:func:`sketch.realized.realized_parts`) when available.  The step's
+        KL (:mod:`sketch.taylor`) comes from ``logprob_after`` whatever the realized source.
 
     Raises ``ValueError`` on shape mismatches, non-finite inputs, a step without update-role
     rows, or ``independent`` without entropy-role rows.
@@ -524,6 +558,7 @@ def entropy_change(
     first = delta_h1_applied if delta_h1_applied is not None else delta_h1
     total = None if dh2 is None else first + dh2
 
+    parts = realized_parts(seqs)
     if isinstance(realized, Realized):
         real: Realized | None = realized
     elif realized is not None:
@@ -531,10 +566,19 @@ def entropy_change(
     elif entropy_before is not None and entropy_after is not None:
         real = realized_from_entropies(entropy_before, entropy_after)
     else:
-        real = realized_from_logprobs(seqs)
-    ratio = None
-    if real is not None and delta_h1 != 0.0:
-        ratio = real.delta_h / delta_h1
+        real = None if parts is None else parts.realized
+    se_sampling = _se_sampling(seqs, b, ent)
+    var_h1 = se_sampling**2 + se_sketch**2
+    ratio_interval = None
+    if real is not None:
+        ratio_interval = _ratio(parts, real, delta_h1, var_h1, b, seqs, ent)
+    taylor = taylor_check(
+        None if parts is None else parts.realized.kl,
+        None if parts is None else parts.realized.kl_se,
+        delta_h1,
+        math.sqrt(var_h1),
+        dh2,
+    )
 
     per_sequence = [
         SequenceContribution(
@@ -555,7 +599,7 @@ def entropy_change(
     return EntropyChange(
         delta_h1=delta_h1,
         estimator=est,
-        se_sampling=_se_sampling(seqs, b, ent),
+        se_sampling=se_sampling,
         se_sketch=se_sketch,
         decomposition=Decomposition(
             pair_types=pair_types, quadrants=_quadrants(seqs, a, upd), groups=groups
@@ -574,7 +618,9 @@ def entropy_change(
         delta_h2=dh2,
         delta_h1_plus_h2=total,
         realized=real,
-        ratio=ratio,
+        ratio=None if ratio_interval is None else ratio_interval.value,
+        ratio_interval=ratio_interval,
+        taylor=taylor,
     )
 
 

@@ -1,28 +1,59 @@
-"""Realized entropy change of a step, to judge the prediction (math.md §6).
+"""Realized entropy change of a step and the step's size, to judge the prediction (math.md §6).
 
-From ``logprob_after``: per prompt, with the sequences ``j`` of that prompt sampled from
-``pi(.|p)`` and importance ratios ``r_j = exp(S'_j - S_j) = pi'(t_j|p) / pi(t_j|p)``,
+From ``logprob_after``: per prompt ``p``, the ``M_p`` sequences ``j`` of that prompt were
+sampled from ``pi(.|p)``; ``S_j = log pi(t_j|p)``, ``S'_j = log pi'(t_j|p)`` and the importance
+ratios ``r_j = exp(S'_j - S_j) = pi'(t_j|p) / pi(t_j|p)`` give ``E_pi'[f] = E_pi[r f]``.
 
-    H_before(p) ~ -mean_j S_j,
-    H_after(p)  ~ -sum_j r_j S'_j / sum_j r_j        (self-normalised importance sampling),
-    dH_realized = (1/B) sum_p (H_after(p) - H_before(p)).
+* ``control_variate`` (the default): ordinary importance sampling with ``E_pi[r] = 1`` as a
+  control variate whose coefficient is the leave-one-out mean ``b_{p,-j}`` of ``S`` over the
+  prompt's other samples,
 
-The normalised weights ``r_j / sum r`` are ``softmax(S' - S)`` over the prompt's rows, computed
-with a max-shift (log-sum-exp) so that sequence log-probs of hundreds of nats do not overflow.
+      dH(p) ~ -(1/M_p) sum_j [ r_j (S'_j - b_{p,-j}) - (S_j - b_{p,-j}) ].
+
+  Exactly unbiased for every ``M_p >= 1``: ``b_{p,-j}`` does not depend on sample ``j``, so
+  ``E[r_j b_{p,-j}] = E[b_{p,-j}]`` and ``E[r_j S'_j] = E_pi'[S']``.  To first order in the
+  step it is ``-(1/M_p) sum_j (S'_j - S_j)(1 + S_j - b_{p,-j})``: the sample covariance of
+  ``S' - S`` and ``S`` with divisor ``M_p - 1`` instead of SNIS's ``M_p`` (math.md §6).
+* ``snis``: self-normalised importance sampling, ``H_after(p) ~ -sum_j r_j S'_j / sum_j r_j``,
+  ``H_before(p) ~ -mean_j S_j``.  Consistent but biased toward zero by a factor ``(M_p - 1) /
+  M_p`` at first order (0.75 at ``M_p = 4``); kept for comparison as ``delta_h_snis``.
+
+``dH_realized = (1/B) sum_p dH(p)``, with the standard error of a sum of independent per-prompt
+means, ``se^2 = sum_p M_p var_{j in p}(x_j)`` over the per-row parts ``x_j`` (ddof 1).
+
+The step's size is ``KL(pi || pi') = (1/B) sum_p E_pi[S - S']``, estimated per prompt by
+``mean_j [(r_j - 1) - log r_j]`` (Schulman's "k3": ``mean(S - S')`` plus the zero-mean control
+variate ``r - 1``; unbiased, never negative, and of order ``|S' - S|^2`` per sample instead of
+``|S' - S|``, so that its standard error is small next to the KL at small steps).
 
 Or the trainer posts ``entropy_before`` / ``entropy_after`` and the change is their difference.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.special import logsumexp
 
-from sketch.sequences import StepSequences
+from sketch.sequences import (
+    FloatArray,
+    StepSequences,
+    group_sizes,
+    leave_one_out_mean,
+    per_prompt_covariance,
+)
+
+
+class RealizedEstimator(str, Enum):
+    """How ``dH_realized`` is estimated from ``logprob_after`` (math.md §6)."""
+
+    CONTROL_VARIATE = "control_variate"
+    SNIS = "snis"
 
 
 @dataclass(frozen=True)
@@ -34,6 +65,11 @@ class Realized:
     ``entropy_before`` / ``entropy_after`` are the prompt-averaged sequence entropies in nats
     (``None`` when only the change is known); ``num_sequences`` / ``num_prompts`` count the
     rows used for the ``logprob_after`` estimate (0 otherwise).
+
+    From ``logprob_after`` only: ``estimator`` (which one gave ``delta_h``), ``se`` (its standard
+    error; ``None`` when no prompt has two rows), ``delta_h_snis`` (the self-normalised
+    estimate, for comparison), ``kl`` / ``kl_se`` (``KL(pi || pi')`` per prompt, averaged over
+    prompts, and its standard error).
     """
 
     delta_h: float
@@ -42,16 +78,24 @@ class Realized:
     entropy_after: float | None = None
     num_sequences: int = 0
     num_prompts: int = 0
+    estimator: RealizedEstimator | None = None
+    se: float | None = None
+    delta_h_snis: float | None = None
+    kl: float | None = None
+    kl_se: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "delta_h": float(self.delta_h),
-            "source": self.source,
-            "entropy_before": self.entropy_before,
-            "entropy_after": self.entropy_after,
-            "num_sequences": int(self.num_sequences),
-            "num_prompts": int(self.num_prompts),
-        }
+
+@dataclass(frozen=True)
+class RealizedParts:
+    """A ``logprob_after`` estimate with its per-row parts (for covariances with other sums).
+
+    ``delta``: float64 ``[n]``, ``x_j`` with ``sum_j x_j = realized.delta_h`` (0 outside
+    ``mask``); ``mask``: bool ``[n]``, the rows used.
+    """
+
+    realized: Realized
+    delta: FloatArray
+    mask: NDArray[np.bool_]
 
 
 def default_realized_mask(seqs: StepSequences) -> NDArray[np.bool_]:
@@ -69,39 +113,75 @@ def default_realized_mask(seqs: StepSequences) -> NDArray[np.bool_]:
     return known & seqs.update_mask
 
 
-def realized_from_logprobs(
-    seqs: StepSequences, mask: NDArray[Any] | None = None
-) -> Realized | None:
-    """``dH_realized`` from ``logprob_after`` over the rows in ``mask``.
+def realized_parts(
+    seqs: StepSequences,
+    mask: NDArray[Any] | None = None,
+    estimator: RealizedEstimator | str = RealizedEstimator.CONTROL_VARIATE,
+) -> RealizedParts | None:
+    """``dH_realized`` from ``logprob_after`` over the rows in ``mask``, with its per-row parts.
 
-    ``mask`` defaults to :func:`default_realized_mask`.  Rows in the mask whose
-    ``logprob_after`` is unknown are dropped.  Returns ``None`` when no row is usable.
+    ``mask`` defaults to :func:`default_realized_mask`; rows whose ``logprob_after`` is unknown
+    are dropped.  ``estimator`` picks ``delta_h``; the SNIS value is always in
+    ``delta_h_snis``.  Returns ``None`` when no row is usable.
     """
+    est = RealizedEstimator(estimator)
     keep = default_realized_mask(seqs) if mask is None else np.asarray(mask, dtype=bool)
     keep = keep & seqs.has_logprob_after
     if not keep.any():
         return None
     codes, prompts = seqs.prompt_index(keep)
-    before = np.empty(len(prompts))
-    after = np.empty(len(prompts))
-    for p in range(len(prompts)):
-        rows = codes == p
-        S = seqs.logprob[rows]
-        S_after = seqs.logprob_after[rows]
-        log_r = S_after - S
-        weights = np.exp(log_r - logsumexp(log_r))
-        before[p] = -float(S.mean())
-        after[p] = -float(np.sum(weights * S_after))
-    h_before = float(before.mean())
-    h_after = float(after.mean())
-    return Realized(
-        delta_h=float(np.mean(after - before)),
+    B = len(prompts)
+    M = group_sizes(codes).astype(np.float64)
+    idx = np.flatnonzero(keep)
+    S = seqs.logprob[idx]
+    S_after = seqs.logprob_after[idx]
+    log_r = S_after - S
+    r = np.exp(log_r)
+    base = leave_one_out_mean(seqs.logprob, codes)[idx]
+    weight = 1.0 / (B * M[idx])
+
+    cv = np.zeros(seqs.n)
+    cv[idx] = -(r * (S_after - base) - (S - base)) * weight
+    kl = np.zeros(seqs.n)
+    kl[idx] = (np.expm1(log_r) - log_r) * weight
+
+    snis = 0.0
+    for p in range(B):
+        rows = codes[idx] == p
+        w = np.exp(log_r[rows] - logsumexp(log_r[rows]))
+        snis += (-float(np.sum(w * S_after[rows])) + float(S[rows].mean())) / B
+
+    h_before = -float(np.sum(S * weight))
+    delta = float(cv.sum()) if est is RealizedEstimator.CONTROL_VARIATE else snis
+    parts = cv if est is RealizedEstimator.CONTROL_VARIATE else np.zeros(seqs.n)
+    realized = Realized(
+        delta_h=delta,
         source="logprob_after",
         entropy_before=h_before,
-        entropy_after=h_after,
+        entropy_after=h_before + delta,
         num_sequences=int(keep.sum()),
-        num_prompts=len(prompts),
+        num_prompts=B,
+        estimator=est,
+        se=_sqrt(per_prompt_covariance(cv, cv, codes)) if parts is cv else None,
+        delta_h_snis=snis,
+        kl=float(kl.sum()),
+        kl_se=_sqrt(per_prompt_covariance(kl, kl, codes)),
     )
+    return RealizedParts(realized=realized, delta=parts, mask=keep)
+
+
+def _sqrt(variance: float | None) -> float | None:
+    return None if variance is None else math.sqrt(max(variance, 0.0))
+
+
+def realized_from_logprobs(
+    seqs: StepSequences,
+    mask: NDArray[Any] | None = None,
+    estimator: RealizedEstimator | str = RealizedEstimator.CONTROL_VARIATE,
+) -> Realized | None:
+    """``dH_realized`` from ``logprob_after`` (see :func:`realized_parts`)."""
+    parts = realized_parts(seqs, mask, estimator)
+    return None if parts is None else parts.realized
 
 
 def realized_from_entropies(entropy_before: float, entropy_after: float) -> Realized:

@@ -247,3 +247,22 @@ def leave_one_out_mean(values: FloatArray, codes: IntArray) -> FloatArray:
     several = sizes >= 2
     out[several] = (sums[codes[several]] - values[several]) / (sizes[several] - 1)
     return out
+
+
+def per_prompt_covariance(x: FloatArray, y: FloatArray, codes: IntArray) -> float | None:
+    """``sum_p M_p cov_{j in p}(x_j, y_j)`` (ddof 1) over the rows with ``codes >= 0``.
+
+    The covariance of ``sum_j x_j`` and ``sum_j y_j`` when each prompt's rows are i.i.d. and
+    the prompts independent (``x = y``: the variance, math.md §4 "se_sampling").  A prompt with
+    one row has no spread and adds 0; ``None`` when no prompt has two rows.
+    """
+    total = 0.0
+    seen = False
+    for p in range(int(codes.max(initial=-1)) + 1):
+        rows = codes == p
+        size = int(rows.sum())
+        if size >= 2:
+            xp, yp = x[rows], y[rows]
+            total += size * float(np.sum((xp - xp.mean()) * (yp - yp.mean()))) / (size - 1)
+            seen = True
+    return total if seen else None

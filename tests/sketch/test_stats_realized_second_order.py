@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from sketch.entropy import entropy_change, entropy_coefficients
-from sketch.realized import default_realized_mask, realized_from_entropies, realized_from_logprobs
+from sketch.realized import (
+    RealizedEstimator,
+    default_realized_mask,
+    realized_from_entropies,
+    realized_from_logprobs,
+)
 from sketch.second_order import curvature, delta_h2, displacement
 from sketch.sequences import Role, StepSequences, leave_one_out_mean
 
@@ -49,6 +54,9 @@ def model(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarr
 
 
 def test_realized_by_hand() -> None:
+    """Both estimators of math.md §6 on three rows written out: prompt ``a`` with two rows
+    (leave-one-out baselines ``b_1 = S_2``, ``b_2 = S_1``), prompt ``b`` with one (baseline 0);
+    and the KL estimate ``mean((r - 1) - log r)``."""
     seqs = StepSequences.from_records(
         [
             {"id": "1", "prompt_id": "a", "logprob": -2.0, "advantage": 0, "num_tokens": 1},
@@ -56,37 +64,65 @@ def test_realized_by_hand() -> None:
             {"id": "3", "prompt_id": "b", "logprob": -1.0, "advantage": 0, "num_tokens": 1},
         ]
     )
+    S = seqs.logprob
     after = np.array([-1.5, -4.5, -1.2])
-    seqs = StepSequences(
+    seqs = with_after(seqs, S, after)
+    r = np.exp(after - S)
+    # control variate: dH(p) = -mean_j [r_j (S'_j - b_j) - (S_j - b_j)]
+    cv_a = -(
+        (r[0] * (after[0] - S[1]) - (S[0] - S[1])) + (r[1] * (after[1] - S[0]) - (S[1] - S[0]))
+    )
+    cv_a /= 2
+    cv_b = -(r[2] * after[2] - S[2])
+    # snis: -sum r S' / sum r + mean S
+    snis_a = -(r[0] * after[0] + r[1] * after[1]) / (r[0] + r[1]) - 3.0
+    snis_b = 1.2 - 1.0
+    out = realized_from_logprobs(seqs)
+    assert out is not None and out.source == "logprob_after"
+    assert out.estimator is RealizedEstimator.CONTROL_VARIATE
+    assert out.delta_h == pytest.approx((cv_a + cv_b) / 2, rel=1e-13)
+    assert out.delta_h_snis == pytest.approx((snis_a + snis_b) / 2, rel=1e-13)
+    assert out.entropy_before == pytest.approx((3.0 + 1.0) / 2)
+    assert out.entropy_after == pytest.approx(out.entropy_before + out.delta_h)
+    assert out.num_prompts == 2 and out.num_sequences == 3
+    kl = (np.expm1(after - S) - (after - S)) / np.array([4.0, 4.0, 2.0])
+    assert out.kl == pytest.approx(kl.sum(), rel=1e-13)
+    # se: only prompt a has two rows; its parts are x_j / (B M_p), M_p var(x) = 2 var(x).
+    x = np.array(
+        [r[0] * (after[0] - S[1]) - (S[0] - S[1]), r[1] * (after[1] - S[0]) - (S[1] - S[0])]
+    )
+    assert out.se == pytest.approx(math.sqrt(2 * np.var(-x / 4, ddof=1)), rel=1e-12)
+    snis = realized_from_logprobs(seqs, estimator="snis")
+    assert snis is not None and snis.delta_h == pytest.approx(out.delta_h_snis, rel=1e-15)
+    assert snis.se is None
+
+
+def test_realized_is_shift_invariant_with_two_rows_per_prompt() -> None:
+    """Sequence log-probs of thousands of nats: the estimate moves by rounding only (every
+    prompt has a leave-one-out baseline; a prompt with one row has baseline 0, see math.md)."""
+    records = [
+        {"id": str(i), "prompt_id": "ab"[i // 2], "logprob": lp, "advantage": 0, "num_tokens": 1}
+        for i, lp in enumerate([-2.0, -4.0, -1.0, -3.0])
+    ]
+    seqs = StepSequences.from_records(records)
+    after = np.array([-1.5, -4.5, -1.2, -2.0])
+    out = realized_from_logprobs(with_after(seqs, seqs.logprob, after))
+    far = realized_from_logprobs(with_after(seqs, seqs.logprob - 3000.0, after - 3000.0))
+    assert out is not None and far is not None
+    assert far.delta_h == pytest.approx(out.delta_h, rel=1e-9)
+    assert far.delta_h_snis == pytest.approx(out.delta_h_snis, rel=1e-9)
+    assert far.kl == pytest.approx(out.kl, rel=1e-9)
+
+
+def with_after(seqs: StepSequences, logprob: np.ndarray, after: np.ndarray) -> StepSequences:
+    return StepSequences(
         ids=seqs.ids,
         prompt_ids=seqs.prompt_ids,
-        logprob=seqs.logprob,
+        logprob=logprob,
         advantage=seqs.advantage,
         num_tokens=seqs.num_tokens,
         logprob_after=after,
     )
-    r = np.exp(after - seqs.logprob)
-    h_after_a = -(r[0] * after[0] + r[1] * after[1]) / (r[0] + r[1])
-    h_before_a = 3.0
-    h_after_b = 1.2
-    h_before_b = 1.0
-    out = realized_from_logprobs(seqs)
-    assert out is not None and out.source == "logprob_after"
-    expected = ((h_after_a - h_before_a) + (h_after_b - h_before_b)) / 2
-    assert out.delta_h == pytest.approx(expected, rel=1e-13)
-    assert out.entropy_before == pytest.approx((h_before_a + h_before_b) / 2)
-    assert out.num_prompts == 2 and out.num_sequences == 3
-    # Shift invariance / stability with sequence log-probs of thousands of nats.
-    shifted = StepSequences(
-        ids=seqs.ids,
-        prompt_ids=seqs.prompt_ids,
-        logprob=seqs.logprob - 3000.0,
-        advantage=seqs.advantage,
-        num_tokens=seqs.num_tokens,
-        logprob_after=after - 3000.0,
-    )
-    out2 = realized_from_logprobs(shifted)
-    assert out2 is not None and out2.delta_h == pytest.approx(expected, rel=1e-9)
 
 
 def test_realized_default_rows_and_posted() -> None:
@@ -107,7 +143,9 @@ def test_realized_default_rows_and_posted() -> None:
     )
     np.testing.assert_array_equal(default_realized_mask(seqs), [False, True, False])
     out = realized_from_logprobs(seqs)
-    assert out is not None and out.delta_h == pytest.approx(0.5)
+    # one row: plain importance sampling, -(r S' - S); SNIS would say 0.5
+    assert out is not None and out.delta_h == pytest.approx(2.5 * math.exp(-0.5) - 2.0)
+    assert out.delta_h_snis == pytest.approx(0.5)
     none = StepSequences.from_records(
         [{"id": "u", "prompt_id": "a", "logprob": -1, "advantage": 1, "num_tokens": 1}]
     )
@@ -119,7 +157,7 @@ def test_realized_default_rows_and_posted() -> None:
 
 
 def test_realized_on_known_distribution() -> None:
-    """Samples from pi; the estimate of H(pi') - H(pi) is unbiased up to O(1/M) (SNIS)."""
+    """Samples from pi; the estimate of H(pi') - H(pi) is unbiased (control variate)."""
     theta, probs, S_all, _ = model(0)
     gen = torch.Generator().manual_seed(1)
     u = 0.3 * torch.randn(theta.shape, generator=gen, dtype=torch.float64)

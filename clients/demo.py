@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ from clients.grpo import (
     train_step,
 )
 from clients.http import Client
+from service.report import ratio_text
 
 #: Seconds to wait for a child service to answer ``/healthz``.
 SERVICE_START_TIMEOUT_S = 120.0
@@ -130,6 +131,39 @@ class DemoStep:
     ratio: float | None
     step_norm: float | None
     top_down: list[TopSequence] = field(default_factory=list)
+    realized_se: float | None = None
+    realized_snis: float | None = None
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    ratio_estimable: bool | None = None
+    kl: float | None = None
+    regime: str | None = None
+
+    def ratio_cell(self) -> dict[str, Any]:
+        """The keys :func:`service.report.ratio_text` reads."""
+        return {
+            "ratio": self.ratio,
+            "ratio_low": self.ratio_low,
+            "ratio_high": self.ratio_high,
+            "ratio_estimable": self.ratio_estimable,
+            "regime": self.regime,
+        }
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What an observer of :func:`run_demo` gets after each step (``docs/demo_exact.py``
+    enumerates the demo's response space with it).
+
+    ``params_before``: detached copies of the parameters before the optimizer step; ``model``:
+    the model after it; ``prompts``: ``[B, prompt_length]`` long, the fixed prompt set.
+    """
+
+    row: DemoStep
+    model: torch.nn.Module
+    params_before: dict[str, torch.Tensor]
+    prompts: torch.Tensor
+    config: DemoConfig
 
 
 @contextlib.contextmanager
@@ -272,16 +306,17 @@ def _table(rows: list[DemoStep], title: str) -> Table:
     table = Table(
         title=title,
         header_style="bold",
-        caption="ratio = realized / pred;  + dH2: first plus second order (math.md §4);  "
-        "top-3: id(A_i, S_i - mean_p S) a_i",
+        caption="ratio = realized / pred [2 s.e.];  + dH2: first plus second order (math.md §4);"
+        "  KL: the step's size;  top-3: id(A_i, S_i - mean_p S) a_i",
     )
     table.add_column("step", justify="right")
     table.add_column("reward", justify="right")
     table.add_column("H", justify="right")
     table.add_column("pred dH1 ± se", justify="right")
     table.add_column("+ dH2", justify="right")
-    table.add_column("realized", justify="right")
+    table.add_column("realized ± se", justify="right")
     table.add_column("ratio", justify="right")
+    table.add_column("KL", justify="right")
     table.add_column("pushing entropy down hardest")
     for r in rows:
         se = math.hypot(r.se_sampling, r.se_sketch)
@@ -295,22 +330,12 @@ def _table(rows: list[DemoStep], title: str) -> Table:
             _fmt(r.entropy, ".2f"),
             f"{_fmt(r.delta_h1)}±{se:.3f}",
             _fmt(r.delta_h1_plus_h2),
-            _fmt(r.realized),
-            _fmt(r.ratio, ".2f"),
+            _fmt(r.realized) + ("" if r.realized_se is None else f"±{r.realized_se:.3f}"),
+            ratio_text(r.ratio_cell()),
+            _fmt(r.kl, ".3f"),
             top,
         )
     return table
-
-
-def _realized(report: Any, key: str) -> float | None:
-    """``realized[key]`` of an entropy report (``delta_h``, ``entropy_before``, ...)."""
-    realized = report.realized
-    if isinstance(realized, dict):
-        value = realized.get(key)
-        return None if value is None else float(value)
-    if isinstance(realized, (int, float)) and key == "delta_h":
-        return float(realized)
-    return None
 
 
 def run_demo(
@@ -322,12 +347,14 @@ def run_demo(
     config: DemoConfig | None = None,
     console: Console | None = None,
     run_id: str | None = None,
+    observer: Callable[[StepContext], None] | None = None,
 ) -> list[DemoStep]:
     """Train ``steps`` GRPO steps of a tiny GPT-2 and push each to kernelscope.
 
     ``url``: an existing service; None starts one (:func:`child_service`).  ``keep_alive``:
     after training, print the dashboard URL and keep the service up until Ctrl-C (False for
-    tests and scripts).  Returns the per-step numbers the table shows.
+    tests and scripts).  ``observer`` is called after each step.  Returns the per-step numbers
+    the table shows.
     """
     console = console or Console()
     config = config or DemoConfig()
@@ -339,7 +366,8 @@ def run_demo(
             url = stack.enter_context(child_service())
         client = stack.enter_context(Client(url, token=token))
         console.print(f"service: {url}   dashboard: {url}/")
-        rows = _train(client, steps, config, console, run_id or f"demo-{uuid.uuid4().hex[:8]}")
+        run_id = run_id or f"demo-{uuid.uuid4().hex[:8]}"
+        rows = _train(client, steps, config, console, run_id, observer)
         if keep_alive:
             console.print(f"\n[bold]dashboard:[/] {url}/   (Ctrl-C to stop)")
             with contextlib.suppress(KeyboardInterrupt):
@@ -349,7 +377,12 @@ def run_demo(
 
 
 def _train(
-    client: Client, steps: int, config: DemoConfig, console: Console, run_id: str
+    client: Client,
+    steps: int,
+    config: DemoConfig,
+    console: Console,
+    run_id: str,
+    observer: Callable[[StepContext], None] | None = None,
 ) -> list[DemoStep]:
     task = CopyTask(config.vocab_size, config.prompt_length, config.max_new_tokens)
     model = build_tiny_gpt2(
@@ -437,6 +470,9 @@ def _train(
                 logprobs = captured.logprobs
                 client.push_gradients(run_id, step, captured.gradients, ids)
 
+            before = (
+                {n: p.detach().clone() for n, p in model.named_parameters()} if observer else {}
+            )
             applied = AppliedUpdateCapture(model, covered)
             train_step(model, optimizer, step_batch, config.max_new_tokens, around_step=applied)
             client.push_applied_update(run_id, step, applied.update)
@@ -448,30 +484,35 @@ def _train(
             )
             status = client.wait_ready(run_id, step, timeout=config.ready_timeout_s)
             report = client.entropy(run_id, step, estimator=config.estimator)
-            realized = _realized(report, "delta_h")
-            ratio = (
-                realized / report.delta_h1
-                if realized is not None and report.delta_h1 != 0.0
-                else None
+            realized = report.realized or {}
+            interval = report.ratio_interval or {}
+            taylor = report.taylor or {}
+            row = DemoStep(
+                step=step,
+                state=status.state,
+                reward_mean=float(step_batch.rewards.mean()),
+                entropy=_opt(realized.get("entropy_before")),
+                delta_h1=report.delta_h1,
+                se_sampling=report.se_sampling,
+                se_sketch=report.se_sketch,
+                delta_h1_applied=report.delta_h1_applied,
+                delta_h2=report.delta_h2,
+                delta_h1_plus_h2=_opt(report.raw.get("delta_h1_plus_h2")),
+                realized=report.realized_delta,
+                ratio=report.ratio,
+                step_norm=_opt(report.raw.get("step_norm")),
+                top_down=_top_down(report.per_sequence, responses),
+                realized_se=_opt(realized.get("se")),
+                realized_snis=_opt(realized.get("delta_h_snis")),
+                ratio_low=_opt(interval.get("low")),
+                ratio_high=_opt(interval.get("high")),
+                ratio_estimable=interval.get("estimable"),
+                kl=_opt(taylor.get("kl")),
+                regime=taylor.get("regime"),
             )
-            rows.append(
-                DemoStep(
-                    step=step,
-                    state=status.state,
-                    reward_mean=float(step_batch.rewards.mean()),
-                    entropy=_realized(report, "entropy_before"),
-                    delta_h1=report.delta_h1,
-                    se_sampling=report.se_sampling,
-                    se_sketch=report.se_sketch,
-                    delta_h1_applied=report.delta_h1_applied,
-                    delta_h2=report.delta_h2,
-                    delta_h1_plus_h2=_opt(report.raw.get("delta_h1_plus_h2")),
-                    realized=realized,
-                    ratio=ratio,
-                    step_norm=_opt(report.raw.get("step_norm")),
-                    top_down=_top_down(report.per_sequence, responses),
-                )
-            )
+            rows.append(row)
+            if observer is not None:
+                observer(StepContext(row, model, before, prompts, config))
             progress.advance(bar)
             live.update(Group(_table(rows, title), progress))
     _summary(rows, console, time.monotonic() - started)
@@ -483,16 +524,22 @@ def _opt(value: Any) -> float | None:
 
 
 def _summary(rows: list[DemoStep], console: Console, seconds: float) -> None:
-    """Totals over the run: predicted against realized."""
+    """Totals over the run: predicted against realized, and on which side of 1 the steps'
+    ratios fall (all steps with a ratio, and those whose ratio is estimable)."""
     pairs = [(r.delta_h1, r.realized) for r in rows if r.realized is not None]
     if not pairs:
         return
     console.print()
     predicted = sum(p for p, _ in pairs)
     realized = sum(q for _, q in pairs)
+    ratios = [r.ratio for r in rows if r.ratio is not None]
+    judged = [r.ratio for r in rows if r.ratio is not None and r.ratio_estimable]
     console.print(
         f"over {len(pairs)} steps: predicted dH1 sum {predicted:+.3e}, realized sum {realized:+.3e}"
         + (f", ratio {realized / predicted:.2f}" if predicted != 0.0 else "")
+        + f"; ratio below / above 1: {sum(x < 1 for x in ratios)} / {sum(x > 1 for x in ratios)}"
+        + f" ({sum(x < 1 for x in judged)} / {sum(x > 1 for x in judged)} of the"
+        + f" {len(judged)} estimable)"
         + f"; reward {rows[0].reward_mean:.2f} -> {rows[-1].reward_mean:.2f}"
         + f"; {seconds / len(rows):.1f} s per step"
     )

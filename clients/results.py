@@ -218,9 +218,10 @@ class Blocks:
 class EntropyReport:
     """``GET .../steps/{step}/entropy``: ``dH1`` with error bars and its decomposition.
 
-    Optional members (``delta_h1_applied``, ``delta_h2``, ``realized``) are ``None`` when the
-    step lacks what they need; ``decomposition``, ``per_sequence`` and ``noise_scale`` are
-    the JSON objects as sent.
+    Optional members (``delta_h1_applied``, ``delta_h2``, ``realized``, ``ratio``) are
+    ``None`` when the step lacks what they need; ``realized``, ``ratio_interval``, ``taylor``,
+    ``decomposition``, ``per_sequence`` and ``noise_scale`` are the JSON objects as sent
+    (math.md §6 and docs/estimators.md define their members).
     """
 
     delta_h1: float
@@ -235,7 +236,15 @@ class EntropyReport:
     decomposition: dict[str, Any]
     per_sequence: Any
     noise_scale: Any
-    raw: dict[str, Any] = field(repr=False, compare=False)
+    ratio: float | None = None
+    ratio_interval: dict[str, Any] | None = None
+    taylor: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def realized_delta(self) -> float | None:
+        """``realized.delta_h``, the realized change (``None`` when unknown)."""
+        return _opt_float(self.realized["delta_h"]) if self.realized else None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EntropyReport:
@@ -252,13 +261,17 @@ class EntropyReport:
             decomposition=dict(data.get("decomposition") or {}),
             per_sequence=data.get("per_sequence"),
             noise_scale=data.get("noise_scale"),
+            ratio=_opt_float(data.get("ratio")),
+            ratio_interval=data.get("ratio_interval"),
+            taylor=data.get("taylor"),
             raw=data,
         )
 
 
 @dataclass(frozen=True)
 class HistoryRow:
-    """One step of a run's entropy history: predicted, realized, ratio, error bars."""
+    """One step of a run's entropy history: predicted, realized, ratio, error bars, regime
+    (the fields of ``RunEntropyRow`` in docs/api.md)."""
 
     step: int
     delta_h1: float
@@ -270,9 +283,17 @@ class HistoryRow:
     delta_h1_applied: float | None
     delta_h2: float | None
     spectrum_head: FloatArray
+    realized_se: float | None = None
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    ratio_estimable: bool | None = None
+    kl: float | None = None
+    kl_se: float | None = None
+    regime: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HistoryRow:
+        estimable = data.get("ratio_estimable")
         return cls(
             step=int(data["step"]),
             delta_h1=float(data["delta_h1"]),
@@ -284,6 +305,13 @@ class HistoryRow:
             delta_h1_applied=_opt_float(data.get("delta_h1_applied")),
             delta_h2=_opt_float(data.get("delta_h2")),
             spectrum_head=_array(data.get("spectrum_head") or []),
+            realized_se=_opt_float(data.get("realized_se")),
+            ratio_low=_opt_float(data.get("ratio_low")),
+            ratio_high=_opt_float(data.get("ratio_high")),
+            ratio_estimable=None if estimable is None else bool(estimable),
+            kl=_opt_float(data.get("kl")),
+            kl_se=_opt_float(data.get("kl_se")),
+            regime=data.get("regime"),
         )
 
 

@@ -45,6 +45,10 @@ from sketch.spec import SketchSpec, build_sketcher
 from sketch.spectrum import Spectrum, spectrum
 
 MAX_WAIT_S = 300.0
+#: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
+#: of an older revision are recomputed instead of served (their data version alone would not
+#: change across an upgrade).
+ANALYSIS_REVISION = 2
 SPECTRUM_HEAD = 8
 #: Assembled step matrices (with their kernels) kept in this process: the analysis routes of
 #: one step (kernel, spectrum, blocks, entropy) are usually asked one after the other, and
@@ -446,7 +450,9 @@ def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]
     CPU work (the update kernel's eigenvalues, shared with the spectrum route): run it in a
     worker thread.
     """
-    realized = entropy.get("realized")
+    realized = entropy.get("realized") or {}
+    interval = entropy.get("ratio_interval") or {}
+    taylor = entropy.get("taylor") or {}
     head: list[float] = []
     if m.role_rows("update").size:
         head = [float(x) for x in m.eigen_summary("update").eigenvalues[:SPECTRUM_HEAD]]
@@ -455,10 +461,21 @@ def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]
         "estimator": entropy["estimator"],
         "se_sampling": entropy["se_sampling"],
         "se_sketch": entropy["se_sketch"],
-        "realized": None if realized is None else realized.get("delta_h"),
+        "realized": realized.get("delta_h"),
+        "realized_se": realized.get("se"),
+        "realized_source": realized.get("source"),
+        "realized_snis": realized.get("delta_h_snis"),
         "ratio": entropy.get("ratio"),
+        "ratio_low": interval.get("low"),
+        "ratio_high": interval.get("high"),
+        "ratio_estimable": interval.get("estimable"),
+        "kl": taylor.get("kl"),
+        "kl_se": taylor.get("kl_se"),
+        "regime": taylor.get("regime"),
         "delta_h1_applied": entropy.get("delta_h1_applied"),
         "delta_h2": entropy.get("delta_h2"),
+        "delta_h1_plus_h2": entropy.get("delta_h1_plus_h2"),
         "spectrum_head": head,
         "version": m.version,
+        "revision": ANALYSIS_REVISION,
     }

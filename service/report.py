@@ -207,12 +207,16 @@ def history_table(run_id: str, history: Mapping[str, Any]) -> Table:
         ("se_sampling", "se_sampling"),
         ("se_sketch", "se_sketch"),
         ("realized", "realized"),
-        ("realized/dH1", "ratio"),
+        ("realized_se", "realized_se"),
+        ("KL", "kl"),
         ("dH1_applied", "delta_h1_applied"),
         ("dH2", "delta_h2"),
         ("estimator", "estimator"),
     )
-    for header, _ in columns:
+    for header, _ in columns[:6]:
+        table.add_column(header, justify="right", overflow="fold")
+    table.add_column("realized/dH1 [2 s.e.]", justify="right", overflow="fold")
+    for header, _ in columns[6:]:
         table.add_column(
             header, justify="left" if header == "estimator" else "right", overflow="fold"
         )
@@ -220,13 +224,43 @@ def history_table(run_id: str, history: Mapping[str, Any]) -> Table:
     steps = history.get("steps", [])
     for row in steps:
         head = row.get("spectrum_head") or []
+        cells = [format_number(row.get(key)) for _, key in columns]
         table.add_row(
-            *(format_number(row.get(key)) for _, key in columns),
+            *cells[:6],
+            ratio_text(row),
+            *cells[6:],
             ", ".join(format_number(x) for x in head[:3]),
         )
     if not steps:
         table.caption = "no analysed step yet"
+    else:
+        table.caption = RATIO_CAPTION
     return table
+
+
+RATIO_CAPTION = (
+    "realized/dH1 with its Fieller interval; 'not estimable': |dH1| <= 2 s.e.; "
+    "'outside Taylor': KL(pi||pi') or |dH2|/|dH1| too large for a Taylor prediction (math.md §6)"
+)
+
+
+def ratio_text(row: Mapping[str, Any]) -> str:
+    """The ratio cell of a history row or an entropy answer (flattened keys ``ratio``,
+    ``ratio_low``, ``ratio_high``, ``ratio_estimable``, ``regime``): the flag instead of the
+    number when the step is outside the Taylor regime or the ratio is not estimable."""
+    if row.get("regime") == "outside":
+        return "outside Taylor"
+    if row.get("ratio") is None:
+        return _MISSING
+    if row.get("ratio_estimable") is False:
+        return "not estimable"
+    low, high = row.get("ratio_low"), row.get("ratio_high")
+    text = f"{row['ratio']:.2f}"
+    if _is_number(low) and _is_number(high):
+        text += f" [{low:.2f}, {high:.2f}]"
+    if row.get("regime") == "second_order":
+        text += " (2nd order)"
+    return text
 
 
 # --------------------------------------------------------------------------------------- step
@@ -262,20 +296,18 @@ def _se_total(entropy: Mapping[str, Any]) -> float | None:
     return math.sqrt(sum(float(p) ** 2 for p in parts))
 
 
-def _realized_value(realized: Any) -> Any:
-    """The realized change, whether the API gives a number or an object with ``delta_h``."""
-    if isinstance(realized, Mapping):
-        for key in ("delta_h", "value", "delta_h_realized", "realized"):
-            if key in realized:
-                return realized[key]
-        return None
-    return realized
-
-
 def entropy_table(entropy: Mapping[str, Any]) -> Table:
     """The headline numbers of ``GET .../entropy`` with their error bars (math.md §4, §6)."""
-    realized_obj = entropy.get("realized")
-    realized = _realized_value(realized_obj)
+    realized_obj = entropy.get("realized") or {}
+    interval = entropy.get("ratio_interval") or {}
+    taylor = entropy.get("taylor") or {}
+    flat = {
+        "ratio": entropy.get("ratio"),
+        "ratio_low": interval.get("low"),
+        "ratio_high": interval.get("high"),
+        "ratio_estimable": interval.get("estimable"),
+        "regime": taylor.get("regime"),
+    }
     rows: list[tuple[str, Any, str]] = [
         ("estimator", entropy.get("estimator"), "independent / u_statistic / plugin"),
         ("update rows", entropy.get("num_update"), "sequences driving the step (U)"),
@@ -285,8 +317,12 @@ def entropy_table(entropy: Mapping[str, Any]) -> Table:
         ("se_sampling", entropy.get("se_sampling"), "std error from the sampled sequences"),
         ("se_sketch", entropy.get("se_sketch"), "std error from the random sketch"),
         ("se_total", _se_total(entropy), "sqrt(se_sampling^2 + se_sketch^2)"),
-        ("realized", realized, "the entropy change that happened"),
-        ("realized/dH1", entropy.get("ratio"), "the API's ratio: 1 = first order explains it"),
+        ("realized", realized_obj.get("delta_h"), "the entropy change that happened"),
+        ("realized_se", realized_obj.get("se"), "its std error (importance sampling, math.md §6)"),
+        ("realized/dH1", ratio_text(flat), "1 = first order explains it; [2 s.e. interval]"),
+        ("KL(pi||pi')", taylor.get("kl"), "the step's size, nats (math.md §6)"),
+        ("KL se", taylor.get("kl_se"), "its std error"),
+        ("regime", taylor.get("regime"), "; ".join(taylor.get("reasons") or [])),
         ("dH1_applied", entropy.get("delta_h1_applied"), "<grad_hat H, u> with the applied update"),
         ("dH2", entropy.get("delta_h2"), "second-order (curvature) term"),
         ("dH1+dH2", entropy.get("delta_h1_plus_h2"), "compare with realized"),
@@ -295,10 +331,9 @@ def entropy_table(entropy: Mapping[str, Any]) -> Table:
         ("learning_rate", entropy.get("learning_rate"), "eta"),
         ("step_norm", entropy.get("step_norm"), "eta |g_hat|: dH1 is linear in it"),
     ]
-    if isinstance(realized_obj, Mapping):
-        for key in ("source", "entropy_before", "entropy_after"):
-            if key in realized_obj:
-                rows.append((f"realized.{key}", realized_obj[key], ""))
+    for key in ("source", "estimator", "delta_h_snis", "entropy_before", "entropy_after"):
+        if key in realized_obj:
+            rows.append((f"realized.{key}", realized_obj[key], ""))
     noise = entropy.get("noise_scale")
     if isinstance(noise, Mapping):
         for key, value in noise.items():

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.keys import APPLIED_UPDATE_ID, ID_PATTERN
 from sketch.base import SketchKind
+from sketch.taylor import Regime
 
 Normalization = Literal["dr_grpo", "grpo", "sequence_mean"]
 Geometry = Literal["sgd", "adam"]
@@ -304,17 +305,39 @@ class SpectrumOut(BaseModel):
 
 
 class RunEntropyRow(BaseModel):
-    """One step of ``GET /v1/runs/{run_id}/entropy``."""
+    """One step of ``GET /v1/runs/{run_id}/entropy`` (math.md §4 and §6)."""
 
     step: int
     delta_h1: float
     se_sampling: float
     se_sketch: float
     estimator: str
-    realized: float | None = None
+    realized: float | None = Field(
+        default=None, description="the realized change (math.md §6; control-variate estimate)"
+    )
+    realized_se: float | None = Field(
+        default=None, description="its standard error (null when posted or not estimable)"
+    )
+    realized_source: Literal["logprob_after", "posted", "given"] | None = None
+    realized_snis: float | None = Field(
+        default=None, description="the self-normalised estimate, biased by (M-1)/M; comparison"
+    )
     ratio: float | None = Field(default=None, description="realized / delta_h1 (as in the step)")
+    ratio_low: float | None = Field(
+        default=None, description="Fieller interval of the ratio at 2 s.e. (null: not estimable)"
+    )
+    ratio_high: float | None = None
+    ratio_estimable: bool | None = Field(
+        default=None, description="false when |delta_h1| <= 2 s.e.: the ratio is noise"
+    )
+    kl: float | None = Field(default=None, description="KL(pi || pi') of the step, nats")
+    kl_se: float | None = None
+    regime: Regime | None = Field(
+        default=None, description="first_order, second_order, outside or unknown (math.md §6)"
+    )
     delta_h1_applied: float | None = None
     delta_h2: float | None = None
+    delta_h1_plus_h2: float | None = None
     spectrum_head: list[float] = Field(default_factory=list)
 
 

@@ -176,7 +176,7 @@ async def step_entropy(
         run,
         step,
         wait,
-        f"entropy|{estimator}",
+        f"entropy|{estimator}|r{an.ANALYSIS_REVISION}",
         lambda m: an.entropy_json(m, run, an.run_sketcher(run), estimator),
         after=keep_summary if estimator is None else None,
     )
@@ -194,7 +194,11 @@ async def run_entropy(run: RunDep, store: StoreDep, settings: SettingsDep) -> di
     summaries = await store.summaries(run_id)
     for step in await store.list_steps(run_id):
         row = summaries.get(step)
-        if row is not None and row.get("version") == await store.version(run_id, step):
+        if (
+            row is not None
+            and row.get("revision") == an.ANALYSIS_REVISION
+            and row.get("version") == await store.version(run_id, step)
+        ):
             continue
         try:
             await step_entropy(run=run, step=step, store=store, settings=settings)

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from service.cli import app
 from service.embedded import embedded_service
-from service.report import format_number
+from service.report import format_number, ratio_text
 from service.settings import Settings
 from tests.service.conftest import StepData, safetensors_body
 
@@ -195,7 +195,8 @@ def test_report_step_shows_the_api_numbers(live: Live, step_data: StepData) -> N
         "cov_baseline": entropy["cov_baseline"],
         "dH2": entropy["delta_h2"],
         "realized": entropy["realized"]["delta_h"],
-        "ratio": entropy["ratio"],
+        "realized se": entropy["realized"]["se"],
+        "KL": entropy["taylor"]["kl"],
         "eigenvalue 1": spectrum["eigenvalues"][0],
         "eigenvalue 2": spectrum["eigenvalues"][1],
         "effective rank": spectrum["effective_rank"],
@@ -213,6 +214,18 @@ def test_report_step_shows_the_api_numbers(live: Live, step_data: StepData) -> N
     for name, value in expected.items():
         assert value is not None, f"the API gave no {name}"
         assert format_number(value) in out, f"{name} = {format_number(value)} not in the report"
+    # the ratio with its interval, or the flag that replaces it (math.md §6)
+    interval = entropy["ratio_interval"]
+    cell = ratio_text(
+        {
+            "ratio": entropy["ratio"],
+            "ratio_low": interval["low"],
+            "ratio_high": interval["high"],
+            "ratio_estimable": interval["estimable"],
+            "regime": entropy["taylor"]["regime"],
+        }
+    )
+    assert cell in out and entropy["taylor"]["regime"] in out
     # exact sketch: no sketch error
     assert entropy["se_sketch"] == 0.0
 
@@ -235,8 +248,9 @@ def test_report_history_after_analysis(live: Live) -> None:
         line for line in result.output.splitlines() if format_number(row["delta_h1"]) in line
     )
     assert line.strip("│ ").startswith(str(STEP))
-    for key in ("se_sampling", "realized", "delta_h2"):
+    for key in ("se_sampling", "realized", "realized_se", "kl", "delta_h2"):
         assert format_number(row[key]) in line, key
+    assert ratio_text(row) in line
 
 
 def test_report_pending_step_shows_only_its_status(live: Live, step_data: StepData) -> None:

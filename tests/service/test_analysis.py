@@ -5,15 +5,17 @@ cache invalidation, incomplete steps, the size limit, and the run's entropy hist
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
 import pytest
+import redis as redis_sync
 import torch
 from fastapi.testclient import TestClient
 from redis.asyncio import Redis
 
-from service.analysis import sketcher_for_run
+from service.analysis import ANALYSIS_REVISION, sketcher_for_run
 from service.app import create_app
 from service.keys import APPLIED_UPDATE_ID, Keys
 from service.settings import Settings
@@ -118,6 +120,16 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
     for field in ("delta_h1", "delta_h1_applied", "se_sampling", "se_sketch", "ratio"):
         assert got[field] == pytest.approx(want[field], rel=1e-5), field
     assert got["realized"]["delta_h"] == pytest.approx(realized_from_entropies(10.0, 9.5).delta_h)
+    # a posted change is taken as exact: the interval carries only the prediction's error
+    assert got["realized"]["se"] is None and got["ratio_interval"]["correlation"] == 0.0
+    interval, expected = got["ratio_interval"], want["ratio_interval"]
+    assert interval["estimable"] is expected["estimable"]
+    for field in ("low", "high"):
+        value = expected[field]
+        assert interval[field] == (None if value is None else pytest.approx(value, rel=1e-4))
+    # the step's KL comes from logprob_after even when the realized change was posted
+    assert got["taylor"]["kl"] == pytest.approx(want["taylor"]["kl"], rel=1e-9)
+    assert got["taylor"]["kl"] > 0 and got["taylor"]["regime"] == want["taylor"]["regime"]
     assert set(got["decomposition"]["groups"]) == {"attn", "default"}
     assert got["decomposition"]["groups"] == pytest.approx(
         want["decomposition"]["groups"], rel=1e-5
@@ -137,6 +149,18 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
     first = client.get("/v1/runs/g/steps/4/entropy").json()
     assert history[0]["step"] == 4 and history[0]["delta_h1"] == first["delta_h1"]
     assert history[0]["realized"] == pytest.approx(-0.5)
+    assert history[0]["realized_source"] == "posted" and history[0]["realized_se"] is None
+    for field, value in (
+        ("ratio", first["ratio"]),
+        ("ratio_low", first["ratio_interval"]["low"]),
+        ("ratio_high", first["ratio_interval"]["high"]),
+        ("ratio_estimable", first["ratio_interval"]["estimable"]),
+        ("kl", first["taylor"]["kl"]),
+        ("kl_se", first["taylor"]["kl_se"]),
+        ("regime", first["taylor"]["regime"]),
+        ("delta_h1_plus_h2", first["delta_h1_plus_h2"]),
+    ):
+        assert history[0][field] == value, field
     assert len(history[0]["spectrum_head"]) == min(8, 3)
     # new metadata invalidates the cache, and the history refreshes its stale row by itself
     seqs[0] = {**seqs[0], "advantage": seqs[0]["advantage"] + 1.0}
@@ -149,6 +173,20 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
     assert refreshed["delta_h1"] == second["delta_h1"]
     detail = client.get("/v1/runs/g").json()
     assert [s["step"] for s in detail["steps"]] == [4] and detail["k"] == 64
+
+    # a row written by an older analysis (before an upgrade that added fields) is recomputed
+    # rather than served without them, although the step's data did not change; the upgraded
+    # service has no cached answer yet (its cache names carry the revision)
+    redis = redis_sync.Redis.from_url(str(settings.redis_url))
+    keys = Keys(settings.key_prefix)
+    row = json.loads(redis.hget(keys.summary("g"), "4"))
+    old = {k: v for k, v in row.items() if k not in ("kl", "regime", "revision")}
+    redis.hset(keys.summary("g"), "4", json.dumps(old))
+    redis.unlink(keys.cache("g", 4))
+    upgraded = client.get("/v1/runs/g/entropy").json()["steps"][0]
+    assert upgraded["kl"] == second["taylor"]["kl"] and upgraded["regime"] is not None
+    assert json.loads(redis.hget(keys.summary("g"), "4"))["revision"] == ANALYSIS_REVISION
+    redis.close()
 
 
 def test_incomplete_step_names_the_missing_ids(

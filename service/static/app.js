@@ -29,7 +29,16 @@
     hist: "#56B4E9",
     pos: "#D55E00",
     neg: "#0072B2",
+    second: "#E69F00",
+    kl: "#0072B2",
+    firstLimit: "#009E73",
+    secondLimit: "#D55E00",
+    notEstimable: "#7f7f7f",
+    outside: "#D55E00",
   };
+  // KL(π‖π′) thresholds of the Taylor regimes, nats (sketch/taylor.py, docs/math.md §6)
+  const KL_FIRST_ORDER = 0.03;
+  const KL_SECOND_ORDER = 0.3;
 
   // ---------------------------------------------------------------- token and API access
   const TOKEN_KEY = "kernelscope.token";
@@ -179,33 +188,76 @@
     body.append(el("p", { class: "empty", text }));
   }
 
+  /** A marker of `shape` (circle, square, diamond) centred on (x, y); circles stay <circle>. */
+  function marker(parent, shape, x, y, r, attrs) {
+    if (shape === "square") return svg("rect", { x: x - r, y: y - r, width: 2 * r, height: 2 * r, ...attrs }, parent);
+    if (shape === "diamond") {
+      const a = r * 1.35;
+      return svg("path", { d: `M${x},${y - a}L${x + a},${y}L${x},${y + a}L${x - a},${y}Z`, ...attrs }, parent);
+    }
+    return svg("circle", { cx: x, cy: y, r, ...attrs }, parent);
+  }
+
+  /** The legend swatch of a series: a line, a dashed line, or its marker's shape. */
+  function swatchKind(s) {
+    if (s.flag) return s.shape === "diamond" ? "diamond" : "ring";
+    if (s.line) return s.dash ? "dash" : "line";
+    return s.shape === "square" ? "square" : "dot";
+  }
+
   /**
    * An x-y chart: markers, optional lines and error bars, horizontal reference lines.
-   * series: [{name, label, color, points: [{x, y, lo?, hi?, tip?}], line?, dash?, markers?}]
-   * Markers are <circle class="pt" data-series=name>, one per point with a finite y.
+   * series: [{name, label, color, points: [{x, y, lo?, hi?, tip?}], line?, dash?, markers?,
+   *          shape?, flag?}]
+   * Markers are <circle class="pt" data-series=name> (a <rect> or <path> for shape "square" /
+   * "diamond"), one per point with a finite y; error bars are <g class="errbar"
+   * data-series=name>.  A `flag` series has no y: its points are hollow markers in a lane under
+   * the plot, off the value axis (<... class="flag" data-series=name>), for x that have no
+   * value to draw.
+   * yInclude: values the y axis covers even without a point there.
+   * errClip: error bars reach at most this many times the span of the points (reference lines,
+   * yInclude) beyond it, so that one huge bar does not flatten the others; a cut end has an
+   * arrow.
    */
   function xyChart(body, opts) {
-    const series = opts.series.filter((s) => s.points.some((p) => isNum(p.y)));
+    const has = (s) => (s.flag ? s.points.some((p) => isNum(p.x)) : s.points.some((p) => isNum(p.y)));
+    const series = opts.series.filter(has);
     const refs = opts.refLines || [];
     const vrefs = opts.vLines || [];
+    const include = opts.yInclude || [];
     if (!series.length) {
       emptyNote(body, opts.empty || "no data yet");
       return;
     }
     body.append(
       legend([
-        ...series.map((s) => ({ label: s.label || s.name, color: s.color, kind: s.line ? (s.dash ? "dash" : "line") : "dot" })),
+        ...series.map((s) => ({ label: s.label || s.name, color: s.color, kind: swatchKind(s) })),
         ...refs.filter((r) => r.label).map((r) => ({ label: r.label, color: r.color, kind: "dash" })),
         ...vrefs.filter((r) => r.label).map((r) => ({ label: r.label, color: r.color, kind: "vdash" })),
       ]),
     );
     const width = Math.max(300, body.clientWidth || 560);
     const height = opts.height || 250;
-    const pts = series.flatMap((s) => s.points.filter((p) => isNum(p.y) && isNum(p.x)));
-    const ys = pts.flatMap((p) => [p.y, p.lo, p.hi].filter(isNum)).concat(refs.map((r) => r.y));
-    const xs = pts.map((p) => p.x).concat(vrefs.map((v) => v.x));
     const logY = Boolean(opts.logY);
-    const yPos = logY ? ys.filter((v) => v > 0) : ys;
+    const valued = series.filter((s) => !s.flag);
+    const flags = series.filter((s) => s.flag);
+    const pts = valued.flatMap((s) => s.points.filter((p) => isNum(p.y) && isNum(p.x)));
+    const usable = (v) => isNum(v) && (!logY || v > 0);
+    // the y range: the points and reference lines, then the error bars (clipped, see errClip)
+    const tf = logY ? Math.log10 : (v) => v;
+    const core = pts.map((p) => p.y).concat(refs.map((r) => r.y), include).filter(usable);
+    let clipLo = -Infinity;
+    let clipHi = Infinity;
+    if (isNum(opts.errClip) && core.length) {
+      const a = Math.min(...core.map(tf));
+      const b = Math.max(...core.map(tf));
+      const span = b > a ? b - a : Math.abs(a) || 1;
+      clipLo = a - opts.errClip * span;
+      clipHi = b + opts.errClip * span;
+    }
+    const bars = pts.flatMap((p) => [p.lo, p.hi]).filter(usable).map((v) => Math.min(clipHi, Math.max(clipLo, tf(v))));
+    const yPos = core.map(tf).concat(bars);
+    if (!yPos.length) yPos.push(logY ? -1 : 0, logY ? 0 : 1);
     let yMin = Math.min(...yPos);
     let yMax = Math.max(...yPos);
     if (!logY && yMax > yMin) {
@@ -214,7 +266,14 @@
       yMin -= pad;
       yMax += pad;
     }
-    const plotH = height - 12 - 42;
+    if (logY) {
+      yMin = 10 ** yMin;
+      yMax = 10 ** yMax;
+    }
+    const xs = pts.map((p) => p.x).concat(flags.flatMap((s) => s.points.map((p) => p.x).filter(isNum)), vrefs.map((v) => v.x));
+    // a flag series gets a lane of its own under the plot, off the value axis
+    const lane = flags.length ? 18 : 0;
+    const plotH = height - 12 - 42 - lane;
     const yTicks = logY ? logTicks(yMin, yMax, Math.floor(plotH / 28)) : niceTicks(yMin, yMax, Math.max(3, Math.floor(plotH / 40)));
     yMin = yTicks.lo;
     yMax = yTicks.hi;
@@ -255,9 +314,10 @@
     for (const t of xTicks.ticks) {
       const x = sx(t);
       svg("line", { x1: x, x2: x, y1: top, y2: top + plotH }, grid);
-      svg("text", { x, y: top + plotH + 15, "text-anchor": "middle", class: "tick", text: fmt(t) }, root);
+      svg("text", { x, y: top + plotH + lane + 15, "text-anchor": "middle", class: "tick", text: fmt(t) }, root);
     }
     svg("rect", { x: left, y: top, width: plotW, height: plotH, class: "frame" }, root);
+    if (lane) svg("rect", { x: left, y: top + plotH, width: plotW, height: lane, class: "flag-lane" }, root);
     svg("text", { x: left + plotW / 2, y: height - 6, "text-anchor": "middle", class: "axis-label", text: opts.xLabel }, root);
     svg("text", { x: 12, y: top + plotH / 2, "text-anchor": "middle", class: "axis-label", transform: `rotate(-90 12 ${top + plotH / 2})`, text: opts.yLabel }, root);
     const clipId = `clip${++chartIds.n}`;
@@ -269,7 +329,13 @@
     for (const v of vrefs) {
       tip(svg("line", { x1: sx(v.x), x2: sx(v.x), y1: top, y2: top + plotH, stroke: v.color, class: "ref" }, plot), v.label || "");
     }
-    for (const s of series) {
+    // an error bar's end beyond the plot (errClip, or <= 0 on a log axis) stops at the frame
+    // with an arrowhead instead of a cap
+    const barEnd = (v, up) => {
+      const cut = !isNum(v) || (logY && v <= 0) || (up ? v > yMax : v < yMin);
+      return { y: cut ? (up ? top : top + plotH) : sy(v), cut };
+    };
+    for (const s of valued) {
       const good = s.points.filter((p) => isNum(p.y) && isNum(p.x) && (!logY || p.y > 0));
       if (s.line && good.length > 1) {
         const d = good.map((p, i) => `${i ? "L" : "M"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join("");
@@ -278,17 +344,28 @@
       for (const p of good) {
         if (isNum(p.lo) && isNum(p.hi)) {
           const x = sx(p.x);
-          const g = svg("g", { class: "errbar", stroke: s.color }, plot);
-          svg("line", { x1: x, x2: x, y1: sy(p.hi), y2: sy(p.lo) }, g);
-          svg("line", { x1: x - 4, x2: x + 4, y1: sy(p.hi), y2: sy(p.hi) }, g);
-          svg("line", { x1: x - 4, x2: x + 4, y1: sy(p.lo), y2: sy(p.lo) }, g);
+          const g = svg("g", { class: "errbar", stroke: s.color, "data-series": s.name }, plot);
+          const hi = barEnd(p.hi, true);
+          const lo = barEnd(p.lo, false);
+          svg("line", { x1: x, x2: x, y1: hi.y, y2: lo.y }, g);
+          for (const [end, dir] of [[hi, 1], [lo, -1]]) {
+            if (end.cut) svg("path", { d: `M${x - 4},${end.y + 6 * dir}L${x},${end.y}L${x + 4},${end.y + 6 * dir}`, fill: "none", class: "cut" }, g);
+            else svg("line", { x1: x - 4, x2: x + 4, y1: end.y, y2: end.y }, g);
+          }
         }
       }
       if (s.markers !== false) {
         for (const p of good) {
-          const c = svg("circle", { cx: sx(p.x), cy: sy(p.y), r: s.radius || 3.5, fill: s.color, class: "pt", "data-series": s.name }, plot);
+          const c = marker(plot, s.shape, sx(p.x), sy(p.y), s.radius || 3.5, { fill: s.color, class: "pt", "data-series": s.name });
           tip(c, p.tip || `${s.label || s.name}: x=${fmt(p.x)}, y=${fmt(p.y)}`);
         }
+      }
+    }
+    // points without a value: hollow markers in the lane under the plot
+    for (const s of flags) {
+      for (const p of s.points.filter((q) => isNum(q.x))) {
+        const c = marker(root, s.shape, sx(p.x), top + plotH + lane / 2, 4, { fill: "#fff", stroke: s.color, "stroke-width": 1.8, class: "flag", "data-series": s.name });
+        tip(c, p.tip || `${s.label || s.name}: x=${fmt(p.x)}`);
       }
     }
     body.append(root);
@@ -603,11 +680,45 @@
   /** se of dH1 combining sampling and sketch error (independent sources). */
   const seTotal = (r) => Math.sqrt((isNum(r.se_sampling) ? r.se_sampling ** 2 : 0) + (isNum(r.se_sketch) ? r.se_sketch ** 2 : 0));
 
-  /** Realized change as a number, whether the API gives a number or an object. */
-  function realizedValue(v) {
-    if (isNum(v)) return v;
-    if (v && typeof v === "object") return [v.delta_h, v.delta_h_realized, v.value, v.delta].find(isNum) ?? null;
-    return null;
+  /** Fixed-point text as Python's f"{v:.2f}" (the terminal report's ratio cell). */
+  const fixed2 = (v) => v.toFixed(2);
+
+  /**
+   * The ratio cell of a flat row (ratio, ratio_low, ratio_high, ratio_estimable, regime), by
+   * the rules of service/report.py `ratio_text`: the flag instead of the number when the step is
+   * outside the Taylor regime or the ratio is not estimable.
+   */
+  function ratioText(r) {
+    if (r.regime === "outside") return "outside Taylor";
+    if (!isNum(r.ratio)) return "–";
+    if (r.ratio_estimable === false) return "not estimable";
+    let text = fixed2(r.ratio);
+    if (isNum(r.ratio_low) && isNum(r.ratio_high)) text += ` [${fixed2(r.ratio_low)}, ${fixed2(r.ratio_high)}]`;
+    if (r.regime === "second_order") text += " (2nd order)";
+    return text;
+  }
+
+  /** The ratio when it is worth a number (estimable, inside the Taylor regime), else null. */
+  const ratioShown = (r) => (r.regime !== "outside" && r.ratio_estimable !== false && isNum(r.ratio) ? r.ratio : null);
+
+  const REGIMES = {
+    first_order: "first order",
+    second_order: "second order",
+    outside: "outside Taylor",
+    unknown: "unknown",
+  };
+  const REGIME_NOTES = {
+    first_order: `KL(π‖π′) ≤ ${KL_FIRST_ORDER} nats: dH1 alone should match the realized change`,
+    second_order: "compare dH1 + dH2 with the realized change",
+    outside: "the step is too large for a Taylor prediction",
+    unknown: "no logprob_after: the step's size is not known",
+  };
+  const regimeLabel = (v) => (v ? REGIMES[v] || String(v) : "–");
+
+  /** "x ± se" as a node: the value, then the s.e. in muted text (only when known). */
+  function pmText(v, se) {
+    if (!isNum(v)) return "–";
+    return isNum(se) ? el("span", {}, fmt(v), el("span", { class: "pm", text: ` ± ${fmt(se)}` })) : fmt(v);
   }
 
   function noiseValue(v) {
@@ -615,22 +726,105 @@
     return v && isNum(v.b_simple) ? v.b_simple : null;
   }
 
-  /** A run: entropy over steps, ratio, noise scale, steps table. */
+  /** A run: entropy over steps, ratio, step size, noise scale, steps table. */
   function runPage(runId) {
     setCrumbs([{ label: "runs", href: "#/" }, { label: runId }]);
     const head = el("section", { class: "card run-head" }, el("h2", { text: `Run ${runId}` }), el("p", { class: "empty", text: "loading…" }));
     const cEntropy = el("section", { class: "wide" });
     const cRatio = el("section");
+    const cKl = el("section");
     const cStepNorm = el("section");
     const cNoise = el("section");
-    const cBaseline = el("section");
+    const cBaseline = el("section", { class: "wide" });
     const steps = el("section", { class: "card wide" });
-    view.replaceChildren(head, el("div", { class: "grid" }, cEntropy, cRatio, cStepNorm, cNoise, cBaseline, steps));
+    view.replaceChildren(head, el("div", { class: "grid" }, cEntropy, cRatio, cKl, cStepNorm, cNoise, cBaseline, steps));
     const stepsSort = { key: "step", dir: "desc" };
     const stepCache = new Map(); // step -> {key, row}: the last full analysis of each step
     const stepKey = (s) => `${s.rows}|${s.sequences}|${s.uploads}|${s.pending_uploads}|${s.learning_rate}|${s.applied_update}`;
     let sig = "";
     let lastData = null;
+
+    /** ± 2 s.e. around v, or no bar when the s.e. is unknown. */
+    const bar2 = (v, se) => (isNum(v) && isNum(se) ? { lo: v - 2 * se, hi: v + 2 * se } : {});
+
+    function drawEntropy(rows) {
+      const body = chartCard(cEntropy, "entropy", "Entropy change per step: predicted against realized", "predicted dH1 with ±2 s.e. bars (sampling and sketch error combined); the realized change with ±2 s.e. bars when it is estimated from logprob_after (a posted change has none); dH1 along the update the optimizer really applied; the second-order prediction dH1 + dH2");
+      xyChart(body, {
+        xLabel: "step",
+        yLabel: "entropy change ΔH (nats)",
+        xInteger: true,
+        height: 280,
+        errClip: 1,
+        refLines: [{ y: 0, color: "#999" }],
+        series: [
+          { name: "predicted", label: "predicted dH1 ± 2 s.e.", color: COLORS.predicted, line: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1, lo: r.delta_h1 - 2 * seTotal(r), hi: r.delta_h1 + 2 * seTotal(r), tip: `step ${r.step}: dH1 = ${fmt(r.delta_h1)} ± ${fmt(seTotal(r))} nats (${r.estimator})` })) },
+          {
+            name: "realized",
+            label: "realized ΔH ± 2 s.e.",
+            color: COLORS.realized,
+            line: true,
+            points: rows.map((r) => ({
+              x: r.step,
+              y: r.realized,
+              ...bar2(r.realized, r.realized_se),
+              tip: `step ${r.step}: realized ΔH = ${fmt(r.realized)}${isNum(r.realized_se) ? ` ± ${fmt(r.realized_se)}` : ""} nats (${r.realized_source || "?"})`,
+            })),
+          },
+          { name: "applied", label: "dH1 of the applied update", color: COLORS.applied, line: true, dash: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1_applied })) },
+          { name: "second-order", label: "dH1 + dH2 (second order)", color: COLORS.second, line: true, dash: true, radius: 2.5, points: rows.map((r) => ({ x: r.step, y: r.delta_h1_plus_h2, tip: `step ${r.step}: dH1 + dH2 = ${fmt(r.delta_h1_plus_h2)} nats` })) },
+        ],
+        empty: "no analysed step yet",
+      });
+    }
+
+    function drawRatio(rows) {
+      const shown = rows.filter((r) => isNum(ratioShown(r)));
+      const tipOf = (r) => `step ${r.step}: realized / dH1 = ${ratioText(r)}`;
+      const ratioPoint = (r) => ({ x: r.step, y: r.ratio, lo: r.ratio_low, hi: r.ratio_high, tip: tipOf(r) });
+      const body = chartCard(cRatio, "ratio", "Realized / predicted", "realized ΔH / dH1 with its Fieller interval at ±2 s.e.; 1 = first order explains all of it; squares: second-order regime (compare dH1 + dH2); in the strip under the plot: the ratio is not estimable (|dH1| ≤ 2 s.e.: noise) or the step is outside the Taylor regime");
+      xyChart(body, {
+        xLabel: "step",
+        yLabel: "realized ΔH / dH1 (ratio)",
+        xInteger: true,
+        errClip: 1.5,
+        yInclude: [0, 2],
+        refLines: [{ y: 1, color: "#999", label: "ratio 1" }],
+        series: [
+          { name: "ratio", label: "ratio ± 2 s.e.", color: COLORS.ratio, points: shown.filter((r) => r.regime !== "second_order").map(ratioPoint) },
+          { name: "ratio-second-order", label: "ratio, 2nd-order regime", color: COLORS.ratio, shape: "square", points: shown.filter((r) => r.regime === "second_order").map(ratioPoint) },
+          { name: "not-estimable", label: "not estimable", color: COLORS.notEstimable, flag: true, points: rows.filter((r) => r.regime !== "outside" && isNum(r.ratio) && r.ratio_estimable === false).map((r) => ({ x: r.step, tip: `step ${r.step}: ratio not estimable, |dH1| = ${fmt(Math.abs(r.delta_h1))} ≤ 2 s.e. = ${fmt(2 * seTotal(r))} (realized / dH1 would read ${fmt(r.ratio)})` })) },
+          { name: "outside", label: "outside Taylor regime", color: COLORS.outside, flag: true, shape: "diamond", points: rows.filter((r) => r.regime === "outside").map((r) => ({ x: r.step, tip: `step ${r.step}: outside the Taylor regime${r.regime_reasons && r.regime_reasons.length ? ` (${r.regime_reasons.join("; ")})` : ""}` })) },
+        ],
+        empty: "no step with a realized change yet (POST …/realized or logprob_after)",
+      });
+    }
+
+    function drawKl(rows) {
+      const kls = rows.map((r) => r.kl).filter((v) => isNum(v) && v > 0);
+      const logY = kls.length === rows.filter((r) => isNum(r.kl)).length && kls.length > 0 && Math.max(KL_SECOND_ORDER, ...kls) / Math.min(KL_FIRST_ORDER, ...kls) > 30;
+      const body = chartCard(cKl, "kl", "Step size KL(π‖π′)", `KL of the policy after the step from the policy before, per prompt and averaged (nats, from logprob_after), ±2 s.e.; up to ${KL_FIRST_ORDER} nats dH1 alone should match the realized change, up to ${KL_SECOND_ORDER} compare dH1 + dH2, beyond it no Taylor prediction holds`);
+      xyChart(body, {
+        xLabel: "step",
+        yLabel: `KL(π‖π′) (nats${logY ? ", log scale" : ""})`,
+        xInteger: true,
+        logY,
+        errClip: 1,
+        refLines: [
+          { y: KL_FIRST_ORDER, color: COLORS.firstLimit, label: `first-order limit ${KL_FIRST_ORDER}` },
+          { y: KL_SECOND_ORDER, color: COLORS.secondLimit, label: `second-order limit ${KL_SECOND_ORDER}` },
+        ],
+        series: [
+          {
+            name: "kl",
+            label: "KL ± 2 s.e.",
+            color: COLORS.kl,
+            line: true,
+            points: rows.map((r) => ({ x: r.step, y: r.kl, ...bar2(r.kl, r.kl_se), tip: `step ${r.step}: KL = ${fmt(r.kl)}${isNum(r.kl_se) ? ` ± ${fmt(r.kl_se)}` : ""} nats, ${regimeLabel(r.regime)}` })),
+          },
+        ],
+        empty: "no step with logprob_after yet: the step's size needs the log-probs after the update",
+      });
+    }
 
     function draw() {
       const { run, rows } = lastData;
@@ -647,20 +841,7 @@
         ),
       );
       const pts = (key, f = (r) => r[key]) => rows.map((r) => ({ x: r.step, y: f(r) }));
-      const body = chartCard(cEntropy, "entropy", "Entropy change per step: predicted against realized", "predicted dH1 with ±2 s.e. bars (sampling and sketch error combined), the realized change, and dH1 along the update the optimizer really applied");
-      xyChart(body, {
-        xLabel: "step",
-        yLabel: "entropy change ΔH (nats)",
-        xInteger: true,
-        height: 280,
-        refLines: [{ y: 0, color: "#999" }],
-        series: [
-          { name: "predicted", label: "predicted dH1 ± 2 s.e.", color: COLORS.predicted, line: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1, lo: r.delta_h1 - 2 * seTotal(r), hi: r.delta_h1 + 2 * seTotal(r), tip: `step ${r.step}: dH1 = ${fmt(r.delta_h1)} ± ${fmt(seTotal(r))} nats (${r.estimator})` })) },
-          { name: "realized", label: "realized ΔH", color: COLORS.realized, line: true, points: pts("realized", (r) => realizedValue(r.realized)) },
-          { name: "applied", label: "dH1 of the applied update", color: COLORS.applied, line: true, dash: true, points: pts("delta_h1_applied") },
-        ],
-        empty: "no analysed step yet",
-      });
+      drawEntropy(rows);
       xyChart(chartCard(cBaseline, "baseline", "Covariance baseline (Cui et al. 2025)", "−(1/B) Σ_p Cov(S, A): the entropy dynamics with an identity kernel, no learning rate; compare its sign and trend with dH1"), {
         xLabel: "step",
         yLabel: "−mean Cov(S, A) (nats × adv.)",
@@ -671,7 +852,7 @@
       });
       const norms = pts("step_norm").filter((p) => isNum(p.y) && p.y > 0);
       const normLog = norms.length > 1 && Math.max(...norms.map((p) => p.y)) / Math.min(...norms.map((p) => p.y)) > 20;
-      xyChart(chartCard(cStepNorm, "step-norm", "Step size", "η·|ĝ|, the length of the predicted update; second-order effects grow with it"), {
+      xyChart(chartCard(cStepNorm, "step-norm", "Step length in the sketch", "η·|ĝ|, the length of the predicted update; second-order effects grow with it (the step's size in the policy is KL(π‖π′))"), {
         xLabel: "step",
         yLabel: "η·|ĝ| (sketch norm)",
         xInteger: true,
@@ -679,14 +860,8 @@
         series: [{ name: "step-norm", label: "η·|ĝ|", color: COLORS.predicted, line: true, points: norms }],
         empty: "no analysed step yet",
       });
-      xyChart(chartCard(cRatio, "ratio", "Realized / predicted", "1 = first order explains the whole change; far from 1 = curvature or noise"), {
-        xLabel: "step",
-        yLabel: "realized ΔH / dH1 (ratio)",
-        xInteger: true,
-        refLines: [{ y: 1, color: "#999", label: "ratio 1" }],
-        series: [{ name: "ratio", label: "realized / predicted", color: COLORS.ratio, line: true, points: pts("ratio") }],
-        empty: "no step with a realized change yet (POST …/realized or logprob_after)",
-      });
+      drawRatio(rows);
+      drawKl(rows);
       const noise = pts("noise_scale", (r) => noiseValue(r.noise_scale));
       const pos = noise.filter((p) => isNum(p.y));
       const logY = pos.length > 1 && pos.every((p) => p.y > 0) && Math.max(...pos.map((p) => p.y)) / Math.min(...pos.map((p) => p.y)) > 20;
@@ -700,44 +875,89 @@
         series: [{ name: "noise", label: "B_simple", color: COLORS.noise, line: true, points: noise }],
         empty: "not estimable yet (needs at least 2 prompts with a signal)",
       });
+      drawSteps(run, rows);
+    }
+
+    function drawSteps(run, rows) {
       const statusByStep = new Map((run.steps || []).map((s) => [s.step, s]));
       const byStep = new Map(rows.map((r) => [r.step, r]));
       const tableRows = [...statusByStep.values()].map((s) => {
         const r = byStep.get(s.step) || {};
-        return { step: s.step, state: s.state, sequences: s.sequences, rows: s.rows, pending: s.pending_uploads, dh1: r.delta_h1, se: isNum(r.delta_h1) ? seTotal(r) : null, realized: realizedValue(r.realized), ratio: r.ratio, baseline: r.cov_baseline };
+        return {
+          step: s.step,
+          state: s.state,
+          sequences: s.sequences,
+          rows: s.rows,
+          pending: s.pending_uploads,
+          dh1: r.delta_h1,
+          se: isNum(r.delta_h1) ? seTotal(r) : null,
+          realized: r.realized,
+          realized_se: r.realized_se,
+          realized_source: r.realized_source,
+          ratio: ratioShown(r),
+          ratio_text: isNum(r.delta_h1) ? ratioText(r) : "–",
+          kl: r.kl,
+          kl_se: r.kl_se,
+          regime: r.regime,
+          regime_reasons: r.regime_reasons,
+          baseline: r.cov_baseline,
+        };
       });
+      steps.dataset.chart = "steps";
       steps.replaceChildren(
         el("h3", { text: "Steps" }),
-        sortableTable(
-          tableRows,
-          [
-            { key: "step", label: "step", num: true, fmt: (v) => el("a", { href: `#/runs/${enc(runId)}/steps/${v}`, text: v }) },
-            { key: "state", label: "state", fmt: (v) => el("span", { class: `state ${v}`, text: v }) },
-            { key: "sequences", label: "sequences", num: true },
-            { key: "rows", label: "rows", num: true },
-            { key: "pending", label: "queued uploads", num: true },
-            { key: "dh1", label: "dH1 (nats)", num: true, fmt: (v) => fmt(v) },
-            { key: "se", label: "s.e.", num: true, fmt: (v) => fmt(v) },
-            { key: "realized", label: "realized (nats)", num: true, fmt: (v) => fmt(v) },
-            { key: "ratio", label: "ratio", num: true, fmt: (v) => fmt(v) },
-            { key: "baseline", label: "cov. baseline", num: true, fmt: (v) => fmt(v) },
-          ],
-          stepsSort,
+        el("p", { class: "sub", text: "entropy changes and KL(π‖π′) in nats; realized and KL ± 1 s.e.; ratio: realized / dH1 with its Fieller interval at 2 s.e.; “not estimable”: |dH1| ≤ 2 s.e.; “outside Taylor”: KL(π‖π′) or |dH2| / |dH1| too large for a Taylor prediction; “(2nd order)”: compare dH1 + dH2 (docs/math.md §6). Click a header to sort." }),
+        el(
+          "div",
+          { class: "table-scroll" },
+          sortableTable(
+            tableRows,
+            [
+              { key: "step", label: "step", num: true, fmt: (v) => el("a", { href: `#/runs/${enc(runId)}/steps/${v}`, text: v }) },
+              { key: "state", label: "state", fmt: (v) => el("span", { class: `state ${v}`, text: v }) },
+              { key: "sequences", label: "sequences", num: true },
+              { key: "rows", label: "rows", num: true },
+              { key: "pending", label: "queued", num: true, title: "queued uploads; sort by them" },
+              { key: "dh1", label: "dH1", num: true, fmt: (v) => fmt(v) },
+              { key: "se", label: "s.e.", num: true, fmt: (v) => fmt(v) },
+              { key: "realized", label: "realized ± s.e.", num: true, fmt: (v, r) => el("span", { title: r.realized_source ? `source: ${r.realized_source}` : null }, pmText(v, r.realized_se)) },
+              { key: "ratio", label: "realized / dH1 [2 s.e.]", num: true, fmt: (v, r) => el("span", { class: isNum(v) ? null : "flagged" }, r.ratio_text) },
+              { key: "kl", label: "KL(π‖π′) ± s.e.", num: true, fmt: (v, r) => pmText(v, r.kl_se) },
+              { key: "regime", label: "regime", fmt: (v, r) => el("span", { class: `regime ${v || "none"}`, title: (r.regime_reasons && r.regime_reasons.length ? r.regime_reasons.join("; ") : REGIME_NOTES[v]) || null, text: regimeLabel(v) }) },
+              { key: "baseline", label: "cov. baseline", num: true, fmt: (v) => fmt(v) },
+            ],
+            stepsSort,
+          ),
         ),
       );
     }
 
-    /** The fields of a step's full entropy answer that the run page draws. */
+    /** The fields of a step's full entropy answer that the run page draws, flat as the history's. */
     function fromEntropy(step, e) {
+      const real = e.realized || {};
+      const interval = e.ratio_interval || {};
+      const taylor = e.taylor || {};
       return {
         step,
         delta_h1: e.delta_h1,
         estimator: e.estimator,
         se_sampling: e.se_sampling,
         se_sketch: e.se_sketch,
-        realized: realizedValue(e.realized),
+        realized: e.realized ? real.delta_h : null,
+        realized_se: real.se ?? null,
+        realized_source: real.source ?? null,
+        realized_snis: real.delta_h_snis ?? null,
+        ratio: e.ratio ?? null,
+        ratio_low: interval.low ?? null,
+        ratio_high: interval.high ?? null,
+        ratio_estimable: interval.estimable ?? null,
+        kl: taylor.kl ?? null,
+        kl_se: taylor.kl_se ?? null,
+        regime: taylor.regime ?? null,
+        regime_reasons: taylor.reasons || [],
         delta_h1_applied: e.delta_h1_applied,
         delta_h2: e.delta_h2,
+        delta_h1_plus_h2: e.delta_h1_plus_h2,
         cov_baseline: e.cov_baseline,
         noise_scale: noiseValue(e.noise_scale),
         step_norm: e.step_norm,
@@ -778,10 +998,8 @@
           .map((step) => {
             const hit = stepCache.get(step);
             const base = summaries.get(step) || {};
-            const row = hit && hit.row ? { ...base, ...hit.row } : { ...base, realized: realizedValue(base.realized) };
-            // ratio computed here, realized / predicted, whatever the server's convention
-            row.ratio = isNum(row.realized) && isNum(row.delta_h1) && row.delta_h1 !== 0 ? row.realized / row.delta_h1 : null;
-            return row;
+            // the step's own answer wins over the history row (both carry the server's ratio)
+            return hit && hit.row ? { ...base, ...hit.row } : { ...base };
           })
           .filter((r) => isNum(r.delta_h1));
         const next = JSON.stringify([run, rows]);
@@ -819,6 +1037,40 @@
         contribution: pick("contribution", "a", "b", "value"),
       };
     });
+  }
+
+  /** The numbers at the top of the step page, from the step's entropy answer. */
+  function stepKpis(e) {
+    const real = e.realized || {};
+    const interval = e.ratio_interval || {};
+    const taylor = e.taylor || {};
+    const flat = { ratio: e.ratio, ratio_low: interval.low, ratio_high: interval.high, ratio_estimable: interval.estimable, regime: taylor.regime };
+    let realNote = "none yet: POST …/realized, or send logprob_after with the sequences";
+    if (real.source === "logprob_after") {
+      realNote = `${(real.estimator || "?").replace(/_/g, " ")} estimate from logprob_after over ${real.num_sequences} sequences, ${real.num_prompts} prompts; self-normalised (SNIS) ${fmt(real.delta_h_snis)}, for comparison`;
+    } else if (real.source === "posted") {
+      realNote = "posted entropy_after − entropy_before, taken as exact (no s.e.)";
+    } else if (real.source === "given") {
+      realNote = "given by the caller, taken as exact (no s.e.)";
+    }
+    let ratioNote = "";
+    if (taylor.regime === "outside") ratioNote = "the step is outside the Taylor regime: no ratio (see the regime)";
+    else if (isNum(e.ratio) && interval.estimable === false) ratioNote = `|dH1| ≤ ${fmt(interval.z)} s.e.: realized / dH1 = ${fmt(e.ratio)} would be noise`;
+    else if (isNum(interval.low)) ratioNote = `Fieller interval at ±${fmt(interval.z)} s.e.; error correlation ${fmt(interval.correlation, 2)}`;
+    const reasons = taylor.reasons || [];
+    return [
+      { key: "dh1", label: "dH1 ± 1 s.e. (predicted, nats)", value: e.delta_h1, se: seTotal(e), text: pmText(e.delta_h1, seTotal(e)), note: `estimator ${e.estimator}; s.e. sampling ${fmt(e.se_sampling)}, sketch ${fmt(e.se_sketch)}`, title: "first-order entropy change η <grad_hat H, g_hat>" },
+      { key: "realized", label: "realized ΔH ± 1 s.e. (nats)", value: real.delta_h, se: real.se, text: pmText(real.delta_h, real.se), note: realNote, title: "the entropy change that happened (docs/math.md §6)" },
+      { key: "ratio", label: "realized / dH1 [2 s.e.]", value: e.ratio, text: ratioText(flat), note: ratioNote, title: "1 = first order explains the whole change" },
+      { key: "kl", label: "step size KL(π‖π′) ± 1 s.e. (nats)", value: taylor.kl, se: taylor.kl_se, text: pmText(taylor.kl, taylor.kl_se), note: `limits ${KL_FIRST_ORDER} nats (first order), ${KL_SECOND_ORDER} nats (second order)`, title: "KL of the policy after the step from the policy before, per prompt, averaged; from logprob_after" },
+      { key: "regime", label: "Taylor regime", text: regimeLabel(taylor.regime), note: reasons.length ? reasons.join("; ") : REGIME_NOTES[taylor.regime] || "", title: "which prediction the step's size allows (docs/math.md §6)" },
+      { key: "dh1-dh2", label: "dH1 + dH2 (second order, nats)", value: e.delta_h1_plus_h2, text: fmt(e.delta_h1_plus_h2), note: "compare with the realized change in the second-order regime", title: "first-order change along the applied update plus the curvature term" },
+      { key: "applied", label: "dH1 applied update", value: e.delta_h1_applied, text: fmt(e.delta_h1_applied), title: "<grad H, u> with the real update" },
+      { key: "dh2", label: "dH2 (second order)", value: e.delta_h2, text: fmt(e.delta_h2), title: "curvature term from logprob_after" },
+      { key: "diag", label: "dH1 if K were diagonal", value: e.delta_h1_diag, text: fmt(e.delta_h1_diag), title: "diagonal-kernel approximation" },
+      { key: "baseline", label: "covariance baseline", value: e.cov_baseline, text: fmt(e.cov_baseline), title: "−(1/B) Σ_p Cov(S, A), Cui et al. 2025" },
+      { key: "noise", label: "noise scale B_simple", value: noiseValue(e.noise_scale), text: fmt(noiseValue(e.noise_scale)), title: "prompts" },
+    ];
   }
 
   /** A step: spectrum, heatmaps, diagonal, decomposition, sequence table. */
@@ -862,20 +1114,22 @@
     function draw() {
       const { spectrum, blocks, diagonal, entropy } = data;
       const e = entropy;
-      const realized = realizedValue(e.realized);
-      const items = [
-        ["dH1 (predicted, nats)", [fmt(e.delta_h1), el("span", { class: "pm", text: ` ± ${fmt(seTotal(e))}` })], `estimator ${e.estimator}; s.e. sampling ${fmt(e.se_sampling)}, sketch ${fmt(e.se_sketch)}`],
-        ["realized ΔH (nats)", fmt(realized), "entropy_after − entropy_before, or the importance-weighted estimate"],
-        ["ratio", isNum(realized) && e.delta_h1 ? fmt(realized / e.delta_h1) : "–", "realized / predicted"],
-        ["dH1 applied update", fmt(e.delta_h1_applied), "<grad H, u> with the real update"],
-        ["dH2 (second order)", fmt(e.delta_h2), "curvature term from logprob_after"],
-        ["dH1 if K were diagonal", fmt(e.delta_h1_diag), "diagonal-kernel approximation"],
-        ["covariance baseline", fmt(e.cov_baseline), "−(1/B) Σ_p Cov(S, A), Cui et al. 2025"],
-        ["noise scale B_simple", fmt(noiseValue(e.noise_scale)), "prompts"],
-      ];
       summary.replaceChildren(
         el("h3", { text: "Entropy change of this step" }),
-        el("div", { class: "kpis" }, items.map(([k, v, t]) => el("div", { class: "kpi", title: t }, el("div", { class: "kpi-v" }, v), el("div", { class: "kpi-k", text: k })))),
+        el("p", { class: "sub", text: "± 1 standard error (the run page's bars are ±2 s.e.); the ratio's interval is Fieller's at ±2 s.e. (docs/math.md §6). Hover a number for its definition." }),
+        el(
+          "div",
+          { class: "kpis" },
+          stepKpis(e).map((k) =>
+            el(
+              "div",
+              { class: "kpi", title: k.title, "data-kpi": k.key, "data-value": isNum(k.value) ? k.value : null, "data-se": isNum(k.se) ? k.se : null },
+              el("div", { class: "kpi-v" }, k.text),
+              el("div", { class: "kpi-k", text: k.label }),
+              k.note ? el("div", { class: "kpi-n", text: k.note }) : null,
+            ),
+          ),
+        ),
       );
 
       const eig = (spectrum.eigenvalues || []).filter(isNum);

@@ -1,13 +1,18 @@
 """The dashboard in a real browser: headless Debian Chromium driven by Python Playwright.
 
 A live service (uvicorn and a worker as subprocesses, on the test Redis) is filled by a short
-run: three GRPO-shaped steps of client-made sketches with sequence metadata, an applied-update
-row and the trainer's realized entropy change.  The tests then check, against the API's own
-answers, that every chart on the run and step pages is drawn with the expected number of SVG
-points, cells or bars, that the sequence table sorts, that no text inside a chart overlaps
-another at 1280x800 and 1920x1080, that the console stays free of errors, and that a step
-pushed during the test appears without a reload.  Screenshots of both pages at both sizes go
-to ``artifacts/dashboard/`` (look at them).
+run: five GRPO-shaped steps of client-made sketches with sequence metadata (update and
+entropy-role sequences), an applied-update row, and either ``logprob_after`` (the service
+estimates the realized change with its s.e. and the step's KL) or the trainer's realized
+entropy change.  The steps cover each case the pages tell apart: first order, a posted change,
+a ratio that is not estimable, second order, outside the Taylor regime.  The tests then check,
+against the API's own answers, that every chart on the run and step pages is drawn with the
+expected number of SVG points, cells, bars and error bars, that a ratio is drawn with its
+interval only where it is estimable and inside the Taylor regime (else a marker), that the
+tables and headline numbers say what ``kernelscope report`` prints, that the sequence table
+sorts, that no text inside a chart overlaps another at 1280x800 and 1920x1080, that the console
+stays free of errors, and that a step pushed during the test appears without a reload.
+Screenshots of both pages at both sizes go to ``artifacts/dashboard/`` (look at them).
 
 Skipped when Playwright or ``/usr/bin/chromium`` is missing (``apt-get install chromium``,
 ``pip install playwright``; never ``playwright install``).
@@ -20,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,9 @@ import numpy as np
 import pytest
 import torch
 
+from service.report import ratio_text
+from sketch.entropy import update_coefficients
+from sketch.sequences import StepSequences
 from tests.service.conftest import OCTET, LiveService, free_port, safetensors_body
 
 CHROMIUM = "/usr/bin/chromium"
@@ -41,8 +50,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "dashboard"
 VIEWPORTS = [(1280, 800), (1920, 1080)]
-PROMPTS, GROUP, K = 4, 4, 12
-LEARNING_RATE = 0.5
+PROMPTS, GROUP, ENTROPY_GROUP, K = 4, 4, 4, 64
 APPLIED = "__applied_update__"
 
 
@@ -80,41 +88,84 @@ def dashboard_service(redis_url: str, key_prefix: str, tmp_path: Path) -> Iterat
 
 
 # ------------------------------------------------------------------ a short run
-def make_step(step: int, seed: int) -> tuple[dict[str, Any], list[str], torch.Tensor]:
+@dataclass(frozen=True)
+class StepPlan:
+    """How one step of the test run is made (:func:`make_step`).
+
+    ``signal``: how strongly the log-prob drives both the reward and a shared direction of the
+    score gradients (0: the step has no entropy signal, so ``|dH1| <= 2 s.e.``);
+    ``logprob_after``: whether the sequences carry ``S'`` (then the service estimates the
+    realized change with its s.e. and the step's KL), else the trainer posts the change.
+    """
+
+    signal: float
+    learning_rate: float
+    logprob_after: bool
+
+
+# every kind of step the pages distinguish; the test checks the regimes against the API first
+PLANS = {
+    0: StepPlan(1.0, 0.05, True),  # first order: realized ± se, KL, a ratio with its interval
+    1: StepPlan(1.0, 0.05, False),  # realized posted by the trainer: no s.e., regime unknown
+    2: StepPlan(0.0, 0.05, True),  # no signal: the ratio is not estimable
+    3: StepPlan(2.0, 0.05, True),  # second order: 0.03 < KL <= 0.3
+    4: StepPlan(2.0, 0.12, True),  # outside the Taylor regime: KL > 0.3
+    5: StepPlan(1.0, 0.05, False),  # pushed while the page is open; realized posted later
+}
+FIRST_STEPS = 5  # steps 0..4 before the browser opens
+
+
+def make_step(
+    step: int, seed: int, plan: StepPlan = PLANS[0]
+) -> tuple[dict[str, Any], list[str], torch.Tensor]:
     """Metadata and client sketches ``[n + 1, K]`` (last row: the applied update) of one step.
 
-    Rows share a prompt direction plus noise, so the prompt heatmaps have structure; the
-    applied update is ``eta * g_hat`` perturbed by 20 % per coordinate, as momentum or clipping
-    would.
+    Each prompt has ``GROUP`` update and ``ENTROPY_GROUP`` entropy-role sequences.  Rows share
+    a prompt direction plus noise, so the prompt heatmaps have structure, and a direction ``v``
+    along which sequences with a high log-prob within their prompt lie (``plan.signal``); the
+    rewards follow the log-prob as well, so the step moves the entropy.  The applied update is
+    ``eta * g_hat`` (the service's ``c``) perturbed by 20 % per coordinate, as momentum or
+    clipping would; ``logprob_after`` is ``S + <w, u>``, the first-order change of the update.
     """
     rng = np.random.default_rng(seed)
     prompt_dirs = rng.normal(size=(PROMPTS, K))
+    v = rng.normal(size=K)
     rows: list[np.ndarray] = []
     sequences: list[dict[str, Any]] = []
     for p in range(PROMPTS):
-        rewards = rng.uniform(size=GROUP)
-        for r in range(GROUP):
-            rows.append(prompt_dirs[p] + 0.6 * rng.normal(size=K))
-            sequences.append(
-                {
-                    "id": f"s{step}-p{p}-r{r}",
-                    "prompt_id": f"prompt-{p}",
-                    "logprob": float(-20 + 4 * rng.normal()),
-                    "advantage": float(rewards[r] - rewards.mean()),
-                    "num_tokens": int(rng.integers(5, 40)),
-                }
-            )
+        for role, size in (("update", GROUP), ("entropy", ENTROPY_GROUP)):
+            logprob = -20 + 4 * rng.normal(size=size)
+            z = (logprob - logprob.mean()) / 4
+            rewards = rng.uniform(size=size) + plan.signal * z
+            advantage = rewards - rewards.mean() if role == "update" else np.zeros(size)
+            for r in range(size):
+                rows.append(
+                    prompt_dirs[p] + plan.signal * np.tanh(2 * z[r]) * v + 0.6 * rng.normal(size=K)
+                )
+                sequences.append(
+                    {
+                        "id": f"s{step}-p{p}-{role[0]}{r}",
+                        "prompt_id": f"prompt-{p}",
+                        "logprob": float(logprob[r]),
+                        "advantage": float(advantage[r]),
+                        "num_tokens": int(rng.integers(5, 40)),
+                        "role": role,
+                    }
+                )
     Y = np.asarray(rows)
-    c = np.array([s["advantage"] for s in sequences]) / (PROMPTS * GROUP)
-    applied = LEARNING_RATE * (c @ Y) * (1 + 0.2 * rng.normal(size=K))
+    c = update_coefficients(StepSequences.from_records(sequences), "dr_grpo")
+    applied = plan.learning_rate * (c @ Y) * (1 + 0.2 * rng.normal(size=K))
+    if plan.logprob_after:
+        for seq, d in zip(sequences, Y @ applied, strict=True):
+            seq["logprob_after"] = float(seq["logprob"] + d)
     sketch = torch.tensor(np.vstack([Y, applied]), dtype=torch.float32)
     ids = [str(s["id"]) for s in sequences] + [APPLIED]
-    return {"learning_rate": LEARNING_RATE, "sequences": sequences}, ids, sketch
+    return {"learning_rate": plan.learning_rate, "sequences": sequences}, ids, sketch
 
 
 def push_step(base: str, run_id: str, step: int) -> None:
-    """Sequences and the sketch upload of one step."""
-    meta, ids, sketch = make_step(step, seed=100 + step)
+    """Sequences and the sketch upload of one step (made by its plan)."""
+    meta, ids, sketch = make_step(step, seed=100 + step, plan=PLANS[step])
     url = f"{base}/v1/runs/{run_id}/steps/{step}"
     r = httpx.post(f"{url}/sequences", json=meta, timeout=30)
     assert r.status_code == 200, r.text
@@ -170,7 +221,7 @@ def push_grouped_run(base: str, run_id: str) -> dict[str, Any]:
     }
     r = httpx.post(f"{base}/v1/runs", json=spec, timeout=30)
     assert r.status_code == 201, r.text
-    meta, _, _ = make_step(0, seed=7)
+    meta, _, _ = make_step(0, seed=7, plan=PLANS[1])  # no S': random gradients below
     ids = [s["id"] for s in meta["sequences"]]
     url = f"{base}/v1/runs/{run_id}/steps/0"
     r = httpx.post(f"{url}/sequences", json=meta, timeout=30)
@@ -234,6 +285,27 @@ OVERLAPS_JS = """
 
 
 # ------------------------------------------------------------------ the test
+REGIME_LABELS = {
+    "first_order": "first order",
+    "second_order": "second order",
+    "outside": "outside Taylor",
+    "unknown": "unknown",
+}
+
+
+def flat_ratio(entropy: dict[str, Any]) -> dict[str, Any]:
+    """The ratio fields of a step's entropy answer, flat as ``service.report.ratio_text``
+    reads them (as ``report.entropy_table`` does)."""
+    interval = entropy.get("ratio_interval") or {}
+    return {
+        "ratio": entropy.get("ratio"),
+        "ratio_low": interval.get("low"),
+        "ratio_high": interval.get("high"),
+        "ratio_estimable": interval.get("estimable"),
+        "regime": (entropy.get("taylor") or {}).get("regime"),
+    }
+
+
 @needs_browser
 @pytest.mark.browser
 @pytest.mark.timeout(300)
@@ -245,15 +317,38 @@ def test_dashboard_pages_render_sort_and_update_live(
     base = dashboard_service.base_url
     run_id = "browser-run"
     create_run(base, run_id)
-    for step in range(3):
+    steps = range(FIRST_STEPS)
+    for step in steps:
         push_step(base, run_id, step)
-    for step in range(3):
-        post_realized(base, run_id, step)
+    for step in steps:
+        if PLANS[step].logprob_after:
+            wait_ready(base, run_id, step)
+        else:
+            post_realized(base, run_id, step)
     entropy = {
         s: httpx.get(f"{base}/v1/runs/{run_id}/steps/{s}/entropy?wait=30", timeout=60).json()
-        for s in range(3)
+        for s in steps
     }
-    step = 1
+    history = {
+        row["step"]: row
+        for row in httpx.get(f"{base}/v1/runs/{run_id}/entropy", timeout=60).json()["steps"]
+    }
+    # the run holds every kind of step the pages tell apart
+    assert [entropy[s]["taylor"]["regime"] for s in steps] == [
+        "first_order",
+        "unknown",
+        "first_order",
+        "second_order",
+        "outside",
+    ]
+    assert entropy[0]["ratio_interval"]["estimable"] and entropy[0]["ratio_interval"]["low"]
+    assert entropy[0]["realized"]["se"] is not None and entropy[0]["taylor"]["kl"] is not None
+    assert entropy[1]["realized"]["source"] == "posted" and entropy[1]["realized"]["se"] is None
+    assert entropy[2]["ratio"] is not None and entropy[2]["ratio_interval"]["estimable"] is False
+    # the history's rows are the step answers' fields, flattened (what the page merges)
+    for s in steps:
+        assert ratio_text(history[s]) == ratio_text(flat_ratio(entropy[s])), s
+    step = 0  # the step page: realized with its s.e., KL, a ratio with its interval
     spectrum = httpx.get(f"{base}/v1/runs/{run_id}/steps/{step}/kernel/spectrum", timeout=60).json()
     blocks = httpx.get(f"{base}/v1/runs/{run_id}/steps/{step}/kernel/blocks", timeout=60).json()
     diagonal = httpx.get(f"{base}/v1/runs/{run_id}/steps/{step}/kernel/diagonal", timeout=60).json()
@@ -270,31 +365,105 @@ def test_dashboard_pages_render_sort_and_update_live(
             def count(selector: str) -> int:
                 return int(page.locator(selector).count())
 
+            def tips(selector: str) -> list[str]:
+                found: list[str] = page.eval_on_selector_all(
+                    f"{selector} title", "els => els.map(e => e.textContent)"
+                )
+                return found
+
+            def n_steps(predicate: Any) -> int:
+                return sum(bool(predicate(entropy[s])) for s in steps)
+
             # ---- runs list
             page.goto(f"{base}/?poll=500")
             page.wait_for_selector(f"a[href='#/runs/{run_id}']")
             last_step = page.locator("td[data-key=last]").first.inner_text()
-            assert last_step == "2"
-            assert "gaussian k=12 seed=7" in page.locator("td[data-key=spec]").first.inner_text()
+            assert last_step == str(FIRST_STEPS - 1)
+            assert f"gaussian k={K} seed=7" in page.locator("td[data-key=spec]").first.inner_text()
 
             # ---- run page
             page.goto(f"{base}/?poll=500#/runs/{run_id}")
             pred = "[data-chart=entropy] circle.pt[data-series=predicted]"
-            page.wait_for_function(f"document.querySelectorAll('{pred}').length === 3")
-            assert count("[data-chart=entropy] circle.pt[data-series=realized]") == 3
-            assert count("[data-chart=entropy] circle.pt[data-series=applied]") == 3
-            n_baseline = sum(entropy[s]["cov_baseline"] is not None for s in range(3))
-            assert n_baseline == 3
+            page.wait_for_function(f"document.querySelectorAll('{pred}').length === {FIRST_STEPS}")
+            assert count("[data-chart=entropy] circle.pt[data-series=realized]") == FIRST_STEPS
+            assert count("[data-chart=entropy] circle.pt[data-series=applied]") == FIRST_STEPS
+            n_baseline = n_steps(lambda e: e["cov_baseline"] is not None)
+            assert n_baseline == FIRST_STEPS
             assert count("[data-chart=baseline] circle.pt[data-series=baseline]") == n_baseline
-            assert count("[data-chart=step-norm] circle.pt[data-series=step-norm]") == 3
-            assert count("[data-chart=entropy] g.errbar") == 3
-            assert count("[data-chart=ratio] circle.pt[data-series=ratio]") == 3
-            n_noise = sum(entropy[s]["noise_scale"]["b_simple"] is not None for s in range(3))
+            assert count("[data-chart=step-norm] circle.pt[data-series=step-norm]") == FIRST_STEPS
+            assert count("[data-chart=entropy] g.errbar[data-series=predicted]") == FIRST_STEPS
+            # realized ± 2 s.e. where the service estimated it (a posted change has no s.e.)
+            n_real_se = n_steps(lambda e: e["realized"]["se"] is not None)
+            assert n_real_se == 4
+            assert count("[data-chart=entropy] g.errbar[data-series=realized]") == n_real_se
+            n_h2 = n_steps(lambda e: e["delta_h1_plus_h2"] is not None)
+            assert count("[data-chart=entropy] circle.pt[data-series=second-order]") == n_h2
+            n_noise = n_steps(lambda e: e["noise_scale"]["b_simple"] is not None)
             assert count("[data-chart=noise] circle.pt[data-series=noise]") == n_noise
             # the drawn predicted values are the API's (tooltips carry them)
-            tips = page.eval_on_selector_all(f"{pred} title", "els => els.map(e => e.textContent)")
-            for s, tip in zip(range(3), tips, strict=True):
+            for s, tip in zip(steps, tips(pred), strict=True):
                 assert tip.startswith(f"step {s}: dH1 = "), tip
+            # the ratio: a point with its interval only where it is estimable and inside the
+            # Taylor regime; the not-estimable step and the outside step get their markers
+            shown = [
+                s
+                for s in steps
+                if entropy[s]["taylor"]["regime"] != "outside"
+                and entropy[s]["ratio_interval"]["estimable"]
+            ]
+            first = [s for s in shown if entropy[s]["taylor"]["regime"] != "second_order"]
+            second = [s for s in shown if entropy[s]["taylor"]["regime"] == "second_order"]
+            assert first == [0, 1] and second == [3]
+            ratio_pts = "[data-chart=ratio] .pt[data-series=ratio]"
+            assert tips(ratio_pts) == [
+                f"step {s}: realized / dH1 = {ratio_text(flat_ratio(entropy[s]))}" for s in first
+            ]
+            assert count("[data-chart=ratio] g.errbar[data-series=ratio]") == len(first)
+            second_pts = "[data-chart=ratio] rect.pt[data-series=ratio-second-order]"
+            assert tips(second_pts) == [
+                f"step {s}: realized / dH1 = {ratio_text(flat_ratio(entropy[s]))}" for s in second
+            ]
+            assert tips(second_pts)[0].endswith("(2nd order)")
+            assert count("[data-chart=ratio] g.errbar[data-series=ratio-second-order]") == 1
+            not_est = tips("[data-chart=ratio] .flag[data-series=not-estimable]")
+            assert len(not_est) == 1 and not_est[0].startswith("step 2: ratio not estimable")
+            outside = tips("[data-chart=ratio] .flag[data-series=outside]")
+            assert len(outside) == 1 and outside[0].startswith("step 4: outside the Taylor")
+            legend = page.locator("[data-chart=ratio] .legend").inner_text()
+            assert "not estimable" in legend and "outside Taylor regime" in legend
+            subtitle = page.locator("[data-chart=ratio] .sub").inner_text()
+            assert "Fieller interval at ±2 s.e." in subtitle
+            # the step's KL with ±2 s.e. and the two thresholds of the Taylor regimes
+            n_kl = n_steps(lambda e: e["taylor"]["kl"] is not None)
+            assert n_kl == 4
+            assert count("[data-chart=kl] circle.pt[data-series=kl]") == n_kl
+            n_kl_se = n_steps(lambda e: e["taylor"]["kl_se"] is not None)
+            assert count("[data-chart=kl] g.errbar[data-series=kl]") == n_kl_se
+            assert count("[data-chart=kl] line.ref") == 2
+            legend = page.locator("[data-chart=kl] .legend").inner_text()
+            assert "first-order limit 0.03" in legend and "second-order limit 0.3" in legend
+            for s, tip in zip([0, 2, 3, 4], tips("[data-chart=kl] .pt"), strict=True):
+                assert tip.startswith(f"step {s}: KL = "), tip
+            # the steps table: realized ± s.e., the ratio as the report writes it, KL, regime
+            cells = page.eval_on_selector_all(
+                "[data-chart=steps] tbody tr",
+                """trs => trs.map(tr => Object.fromEntries([...tr.querySelectorAll('td')].map(
+                    td => [td.dataset.key, {text: td.innerText, value: td.dataset.value}])))""",
+            )
+            assert len(cells) == FIRST_STEPS
+            for row in cells:
+                s = int(row["step"]["text"])
+                e, h = entropy[s], history[s]
+                assert row["ratio"]["text"] == ratio_text(h), (s, row["ratio"])
+                assert float(row["realized"]["value"]) == pytest.approx(e["realized"]["delta_h"])
+                assert ("±" in row["realized"]["text"]) == (e["realized"]["se"] is not None)
+                kl = e["taylor"]["kl"]
+                assert (row["kl"]["value"] is None) == (kl is None), (s, row["kl"])
+                if kl is not None:
+                    assert float(row["kl"]["value"]) == pytest.approx(kl)
+                    assert "±" in row["kl"]["text"]
+                label = REGIME_LABELS[e["taylor"]["regime"]]
+                assert row["regime"]["text"] == label, (s, row["regime"])
             for w, h in VIEWPORTS:
                 page.set_viewport_size({"width": w, "height": h})
                 page.wait_for_timeout(400)  # the resize redraw is debounced by 150 ms
@@ -304,15 +473,21 @@ def test_dashboard_pages_render_sort_and_update_live(
 
             # ---- a new step pushed now appears without a reload
             page.evaluate("window.__no_reload_marker = 42")
-            push_step(base, run_id, 3)
-            post_realized(base, run_id, 3)
+            live = FIRST_STEPS
+            push_step(base, run_id, live)
+            post_realized(base, run_id, live)
             page.wait_for_function(
-                f"document.querySelectorAll('{pred}').length === 4", timeout=90_000
+                f"document.querySelectorAll('{pred}').length === {live + 1}", timeout=90_000
             )
             # the realized change, posted after the step was analysed, follows on a later poll
             real = "[data-chart=entropy] circle.pt[data-series=realized]"
             page.wait_for_function(
-                f"document.querySelectorAll('{real}').length === 4", timeout=90_000
+                f"document.querySelectorAll('{real}').length === {live + 1}", timeout=90_000
+            )
+            ratio_sel = "[data-chart=ratio] .pt[data-series=ratio]"
+            page.wait_for_function(
+                f"document.querySelectorAll('{ratio_sel}').length === {len(first) + 1}",
+                timeout=90_000,
             )
             assert page.evaluate("window.__no_reload_marker") == 42
 
@@ -338,6 +513,33 @@ def test_dashboard_pages_render_sort_and_update_live(
             ]
             assert sum(counts) == len(diagonal) == PROMPTS * GROUP
             e = entropy[step]
+
+            # the headline numbers: realized ± s.e. with its estimator and the SNIS value, the
+            # ratio with its interval, KL ± s.e. and the regime
+            def kpi(key: str) -> dict[str, Any]:
+                found: dict[str, Any] = page.eval_on_selector(
+                    f"[data-kpi={key}]",
+                    """k => ({value: k.dataset.value, se: k.dataset.se,
+                        text: k.querySelector('.kpi-v').innerText,
+                        label: k.querySelector('.kpi-k').innerText,
+                        note: (k.querySelector('.kpi-n') || {}).innerText || ''})""",
+                )
+                return found
+
+            realized = kpi("realized")
+            assert float(realized["value"]) == pytest.approx(e["realized"]["delta_h"])
+            assert float(realized["se"]) == pytest.approx(e["realized"]["se"])
+            assert "± 1 s.e." in realized["label"] and "±" in realized["text"]
+            assert e["realized"]["estimator"].replace("_", " ") in realized["note"]
+            assert "SNIS" in realized["note"] and e["realized"]["delta_h_snis"] is not None
+            ratio = kpi("ratio")
+            assert ratio["text"] == ratio_text(flat_ratio(e)) and "[" in ratio["text"]
+            assert "Fieller" in ratio["note"]
+            kl = kpi("kl")
+            assert float(kl["value"]) == pytest.approx(e["taylor"]["kl"])
+            assert float(kl["se"]) == pytest.approx(e["taylor"]["kl_se"])
+            assert kpi("regime")["text"] == REGIME_LABELS[e["taylor"]["regime"]]
+            assert float(kpi("dh1-dh2")["value"]) == pytest.approx(e["delta_h1_plus_h2"])
             n_pairs = sum(
                 v is not None and v["value"] is not None
                 for v in e["decomposition"]["pair_types"].values()
@@ -375,6 +577,18 @@ def test_dashboard_pages_render_sort_and_update_live(
                 assert page.evaluate(OVERLAPS_JS) == []
                 page.screenshot(path=str(ARTIFACTS / f"step-{w}x{h}.png"), full_page=True)
             page.set_viewport_size({"width": 1280, "height": 800})
+
+            # ---- the flagged steps: the flag instead of a ratio, the regime with its reasons
+            for s, flag in ((2, "not estimable"), (4, "outside Taylor")):
+                page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/{s}")
+                page.wait_for_selector("[data-kpi=ratio]")
+                assert kpi("ratio")["text"] == flag == ratio_text(flat_ratio(entropy[s]))
+                regime = kpi("regime")
+                assert regime["text"] == REGIME_LABELS[entropy[s]["taylor"]["regime"]]
+                for reason in entropy[s]["taylor"]["reasons"]:
+                    assert reason in regime["note"]
+                assert page.evaluate(OVERLAPS_JS) == []
+            page.screenshot(path=str(ARTIFACTS / "step-outside-1280x800.png"), full_page=True)
 
             # ---- a run with parameter groups: the per-group decomposition is drawn
             grouped = push_grouped_run(base, "browser-groups")

@@ -74,7 +74,7 @@ def scan(seeds: int, tokens: int) -> np.ndarray:
 def _table(rows: np.ndarray, column: int, bins: tuple[float, ...], name: str) -> list[str]:
     lines = [
         f"| {name} | steps | first order: median, p90 | second order: median, p90"
-        " | median |dH2/dH1| |",
+        r" | median \|dH2/dH1\| |",
         "|---|---|---|---|---|",
     ]
     for lo, hi in itertools.pairwise(bins):
@@ -99,13 +99,13 @@ def main() -> None:
     started = time.perf_counter()
     rows = scan(2 if args.quick else 8, 5)
     print(f"{len(rows)} exact steps in {time.perf_counter() - started:.0f} s\n")
-    print("\n".join(_table(rows, 0, KL_BINS, "KL(pi||pi') bin")))
+    print("\n".join(_table(rows, 0, KL_BINS, "KL(pi‖pi') bin")))
     print()
-    print("\n".join(_table(rows, 3, RATIO_BINS, "|dH2/dH1| bin")))
+    print("\n".join(_table(rows, 3, RATIO_BINS, "\\|dH2/dH1\\| bin")))
     print()
     small = rows[rows[:, 0] <= KL_SECOND_ORDER]
     print(f"steps with KL <= {KL_SECOND_ORDER}:\n")
-    print("\n".join(_table(small, 3, RATIO_BINS, "|dH2/dH1| bin")))
+    print("\n".join(_table(small, 3, RATIO_BINS, "\\|dH2/dH1\\| bin")))
     print()
     for lo, hi, column, label in (
         (0.0, KL_FIRST_ORDER, 1, "first order"),

@@ -73,20 +73,22 @@ def test_fieller_covers_at_its_nominal_level_for_normal_estimates(rho: float) ->
 
 
 def test_taylor_regimes_follow_the_documented_thresholds() -> None:
-    small = taylor_check(0.5 * KL_FIRST_ORDER, 0.001, 1.0, 0.1, 0.1)
+    small = taylor_check(0.5 * KL_FIRST_ORDER, 0.001, 1.0, 0.1, 0.05)
     assert small.regime is Regime.FIRST_ORDER and small.reasons == []
-    assert small.h2_ratio == pytest.approx(0.1)
+    assert small.h2_ratio == pytest.approx(0.05)
     by_kl = taylor_check(2 * KL_FIRST_ORDER, 0.001, 1.0, 0.1, 0.0)
     assert by_kl.regime is Regime.SECOND_ORDER and "KL" in by_kl.reasons[0]
     by_h2 = taylor_check(0.001, 0.001, 1.0, 0.1, 2 * H2_RATIO_FIRST_ORDER)
     assert by_h2.regime is Regime.SECOND_ORDER and "dH2" in by_h2.reasons[0]
     big = taylor_check(2 * KL_SECOND_ORDER, 0.01, 1.0, 0.1, 0.1)
     assert big.regime is Regime.OUTSIDE
-    diverging = taylor_check(0.001, 0.001, 1.0, 0.1, -1.5)
-    assert diverging.regime is Regime.OUTSIDE and diverging.h2_ratio == pytest.approx(1.5)
+    # a large second-order term at a small KL calls for second order, not for "outside"
+    curved = taylor_check(0.001, 0.001, 1.0, 0.1, -1.5)
+    assert curved.regime is Regime.SECOND_ORDER and curved.h2_ratio == pytest.approx(1.5)
     # a prediction near zero is measured against its noise floor z se, not against itself
-    near_zero = taylor_check(0.001, 0.001, 0.001, 0.1, 0.05)
-    assert near_zero.h2_ratio == pytest.approx(0.05 / (2 * 0.1))
+    near_zero = taylor_check(0.001, 0.001, 0.001, 0.1, 0.01)
+    assert near_zero.h2_ratio == pytest.approx(0.01 / (2 * 0.1))
     assert near_zero.regime is Regime.FIRST_ORDER
+    assert taylor_check(0.001, 0.001, 0.0, 0.0, 0.01).regime is Regime.SECOND_ORDER
     unknown = taylor_check(None, None, 1.0, 0.1, None)
     assert unknown.regime is Regime.UNKNOWN and unknown.kl is None

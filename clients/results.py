@@ -290,6 +290,7 @@ class HistoryRow:
     kl: float | None = None
     kl_se: float | None = None
     regime: str | None = None
+    regime_reasons: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HistoryRow:
@@ -312,6 +313,7 @@ class HistoryRow:
             kl=_opt_float(data.get("kl")),
             kl_se=_opt_float(data.get("kl_se")),
             regime=data.get("regime"),
+            regime_reasons=tuple(data.get("regime_reasons") or ()),
         )
 
 

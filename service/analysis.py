@@ -472,6 +472,7 @@ def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]
         "kl": taylor.get("kl"),
         "kl_se": taylor.get("kl_se"),
         "regime": taylor.get("regime"),
+        "regime_reasons": taylor.get("reasons") or [],
         "delta_h1_applied": entropy.get("delta_h1_applied"),
         "delta_h2": entropy.get("delta_h2"),
         "delta_h1_plus_h2": entropy.get("delta_h1_plus_h2"),

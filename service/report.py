@@ -240,7 +240,7 @@ def history_table(run_id: str, history: Mapping[str, Any]) -> Table:
 
 RATIO_CAPTION = (
     "realized/dH1 with its Fieller interval; 'not estimable': |dH1| <= 2 s.e.; "
-    "'outside Taylor': KL(pi||pi') or |dH2|/|dH1| too large for a Taylor prediction (math.md §6)"
+    "'outside Taylor': KL(pi||pi') > 0.3, too large a step for a Taylor prediction (math.md §6)"
 )
 
 

@@ -335,6 +335,9 @@ class RunEntropyRow(BaseModel):
     regime: Regime | None = Field(
         default=None, description="first_order, second_order, outside or unknown (math.md §6)"
     )
+    regime_reasons: list[str] = Field(
+        default_factory=list, description="the thresholds the step passed, one sentence each"
+    )
     delta_h1_applied: float | None = None
     delta_h2: float | None = None
     delta_h1_plus_h2: float | None = None

@@ -906,7 +906,7 @@
       steps.dataset.chart = "steps";
       steps.replaceChildren(
         el("h3", { text: "Steps" }),
-        el("p", { class: "sub", text: "entropy changes and KL(π‖π′) in nats; realized and KL ± 1 s.e.; ratio: realized / dH1 with its Fieller interval at 2 s.e.; “not estimable”: |dH1| ≤ 2 s.e.; “outside Taylor”: KL(π‖π′) or |dH2| / |dH1| too large for a Taylor prediction; “(2nd order)”: compare dH1 + dH2 (docs/math.md §6). Click a header to sort." }),
+        el("p", { class: "sub", text: "entropy changes and KL(π‖π′) in nats; realized and KL ± 1 s.e.; ratio: realized / dH1 with its Fieller interval at 2 s.e.; “not estimable”: |dH1| ≤ 2 s.e.; “outside Taylor”: KL(π‖π′) > 0.3, too large a step for a Taylor prediction; “(2nd order)”: compare dH1 + dH2 (docs/math.md §6). Click a header to sort." }),
         el(
           "div",
           { class: "table-scroll" },

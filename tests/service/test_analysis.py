@@ -158,6 +158,7 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
         ("kl", first["taylor"]["kl"]),
         ("kl_se", first["taylor"]["kl_se"]),
         ("regime", first["taylor"]["regime"]),
+        ("regime_reasons", first["taylor"]["reasons"]),
         ("delta_h1_plus_h2", first["delta_h1_plus_h2"]),
     ):
         assert history[0][field] == value, field

@@ -218,7 +218,7 @@ class EntropyChange:
     ``delta_h1_plus_h2`` adds ``delta_h2`` to the first-order change along the same update
     (``delta_h1_applied`` when the applied update is known, else ``delta_h1``).
     ``ratio = realized.delta_h / delta_h1``: how many times the linear prediction the step really
-    moved (math.md §6: "1.05x the linear one"); ``None`` without a realized change or when
+    moved (math.md §6); ``None`` without a realized change or when
     ``delta_h1`` is 0.  ``ratio_interval``: its Fieller interval (:mod:`sketch.ratio`) from
     ``se_sampling``, ``se_sketch``, ``realized.se`` and the covariance of the two estimates;
     ``taylor``: the step's size ``KL(pi || pi')`` and whether a Taylor prediction can hold

@@ -402,8 +402,9 @@ def sampling_study(
     for step, e in sorted(exact.items()):
         S, S_after = e.logprob_before, e.logprob_after
         num_prompts = S.shape[0]
-        probs = np.exp(S)
-        probs /= probs.sum(axis=1, keepdims=True)
+        # inverse-CDF sampling: O(M log R) a draw instead of rng.choice's O(R) with p=
+        cdf = np.cumsum(np.exp(S), axis=1)
+        cdf /= cdf[:, -1:]
         for M in sizes:
             cv: list[float] = []
             se: list[float] = []
@@ -411,7 +412,8 @@ def sampling_study(
             k3: list[float] = []
             k1: list[float] = []
             for _ in range(draws):
-                idx = np.stack([rng.choice(S.shape[1], size=M, p=pr) for pr in probs])
+                idx = np.stack([np.searchsorted(row, rng.random(M), side="right") for row in cdf])
+                idx = np.minimum(idx, S.shape[1] - 1)
                 before = np.take_along_axis(S, idx, 1).reshape(-1)
                 after = np.take_along_axis(S_after, idx, 1).reshape(-1)
                 seqs = StepSequences(

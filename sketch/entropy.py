@@ -285,16 +285,54 @@ def _share(value: float, total: float) -> float | None:
 
 
 @dataclass(frozen=True)
+class UpdateKernels:
+    """The step's update rows against the score rows (math.md §4 "Update rows").
+
+    The step is ``g_hat = sum_{i in U} u_i``; ``u_i = c_i w_i`` for a plain policy-gradient
+    loss, or any per-sequence update row a trainer sends (``u_i = sum_t c_{i,t} grad log
+    pi(y_{i,t})`` for a loss built from token log-probs).
+
+    ``cross``: float64 ``[n, n]``, ``cross[j, i] = <w_j, u_i>`` (0 in the columns of rows
+    outside ``U``); ``gram``: float64 ``[n, n]``, ``gram[i, i'] = <u_i, u_i'>``.  Both in the
+    kernel's geometry (``w_j^T P u_i`` in ``adam``).
+    """
+
+    cross: FloatArray
+    gram: FloatArray
+
+
+def coefficient_updates(K: FloatArray, c: FloatArray) -> UpdateKernels:
+    """``u_i = c_i w_i``: ``cross = K diag(c)``, ``gram = diag(c) K diag(c)``."""
+    coef = np.asarray(c, dtype=np.float64)
+    return UpdateKernels(cross=K * coef[None, :], gram=coef[:, None] * K * coef[None, :])
+
+
+def row_updates(
+    Y: NDArray[Any], c: NDArray[Any], U: NDArray[Any], has_row: NDArray[Any]
+) -> UpdateKernels:
+    """Update kernels from sketched rows: ``Y`` float ``[n, k]`` score rows, ``U`` float
+    ``[n, k]`` update rows, valid where ``has_row`` (bool ``[n]``); the other rows take
+    ``u_i = c_i w_i`` (``c`` float64 ``[n]``, 0 outside ``U``)."""
+    Yd = np.asarray(Y, dtype=np.float64)
+    coef = np.asarray(c, dtype=np.float64)
+    mask = np.asarray(has_row, dtype=bool)
+    V = np.where(mask[:, None], np.asarray(U, dtype=np.float64), coef[:, None] * Yd)
+    return UpdateKernels(cross=Yd @ V.T, gram=V @ V.T)
+
+
+@dataclass(frozen=True)
 class PairProducts:
-    """Pair sums of ``h_j W(j, i) K(j, i) c_i`` (without ``eta``) for one estimator.
+    """Pair sums of ``h_j W(j, i) C(j, i)`` (without ``eta``) for one estimator, with the
+    cross kernel ``C(j, i) = <w_j, u_i>`` (``K(j, i) c_i`` for ``u_i = c_i w_i``).
 
     ``W(j, i)`` is the estimator's pair weight (math.md §4 and docs/estimators.md): 1 for every
     pair in ``independent`` and ``plugin``; in ``u_statistic`` 0 for ``j = i`` and
     ``M_p / (M_p - 1)`` for ``j != i`` of the same prompt (the U-statistic normalisation that
     makes the same-prompt part unbiased, see :func:`pair_products`), 1 across prompts.
 
-    ``row_b[j] = sum_i W(j, i) K(j, i) c_i`` and ``row_a[i] = sum_j h_j W(j, i) K(j, i)``
-    (float64 ``[n]``), and the totals by pair type.
+    ``row_b[j] = sum_i W(j, i) C(j, i)`` and ``row_a[i] = sum_j h_j W(j, i) C(j, i)``
+    (float64 ``[n]``; ``b_j = eta h_j row_b[j]``, ``a_i = eta row_a[i]``), and the totals by
+    pair type.
     """
 
     row_b: FloatArray
@@ -309,16 +347,15 @@ class PairProducts:
 
 
 def pair_products(
-    K: FloatArray,
+    C: FloatArray,
     h: FloatArray,
-    c: FloatArray,
     seqs: StepSequences,
     ent: BoolArray,
     estimator: Estimator,
 ) -> PairProducts:
     """The pair sums of ``dH1 / eta`` for ``estimator``, by per-prompt blocks (cost ``sum G_p^2``).
 
-    Why ``M_p / (M_p - 1)`` in ``u_statistic``: ``h`` and ``c`` each carry ``1 / M_p`` (mean over
+    Why ``M_p / (M_p - 1)`` in ``u_statistic``: ``h`` and ``u`` each carry ``1 / M_p`` (mean over
     the prompt's samples), so the ``M_p^2`` same-prompt pairs estimate the product of two means;
     dropping the ``M_p`` diagonal pairs leaves ``M_p (M_p - 1)`` pairs, whose plain sum has
     expectation ``(M_p - 1) / M_p`` times the target.  Rescaling by ``M_p / (M_p - 1)`` is the
@@ -330,36 +367,34 @@ def pair_products(
     codes_ent, _ = seqs.prompt_index(ent)
     M = group_sizes(codes_ent)
     ustat = estimator is Estimator.U_STATISTIC
-    Kc = K @ c
-    Kh = K.T @ h
-    row_b = Kc.copy()
-    row_a = Kh.copy()
+    C1 = C.sum(axis=1)
+    row_b = C1.copy()
+    row_a = C.T @ h
     diagonal = 0.0
     same = 0.0
     within_total = 0.0
     for p in np.unique(codes_all):
         rows = np.flatnonzero(codes_all == p)
         hp = h[rows]
-        cp = c[rows]
-        if not (hp.any() or cp.any()):
+        if not hp.any():  # no entropy row of this prompt: no same-prompt pair
             continue
-        block = K[np.ix_(rows, rows)]
-        s_c = block @ cp  # sum over i in p of K(j, i) c_i, j = i included
+        block = C[np.ix_(rows, rows)]
+        s_c = block.sum(axis=1)  # sum over i in p of C(j, i), j = i included
         s_h = block.T @ hp
         dblock = np.diag(block)
         within = float(hp @ s_c)
-        diag_here = float(np.sum(hp * dblock * cp))
+        diag_here = float(np.sum(hp * dblock))
         within_total += within
         if ustat:
             m = int(M[rows][M[rows] > 0].max(initial=0))
             factor = m / (m - 1) if m >= 2 else 0.0
-            row_b[rows] += (factor - 1.0) * s_c - factor * dblock * cp
+            row_b[rows] += (factor - 1.0) * s_c - factor * dblock
             row_a[rows] += (factor - 1.0) * s_h - factor * dblock * hp
             same += factor * (within - diag_here)
         else:
             diagonal += diag_here
             same += within - diag_here
-    cross = float(h @ Kc) - within_total
+    cross = float(h @ C1) - within_total
     return PairProducts(
         row_b=row_b, row_a=row_a, diagonal=diagonal, same_prompt=same, cross_prompt=cross
     )
@@ -372,14 +407,26 @@ def first_order_change(
     estimator: Estimator | str | None = None,
     normalization: Normalization | str = Normalization.DR_GRPO,
     max_length: int | None = None,
+    update: UpdateKernels | None = None,
 ) -> float:
     """Only ``dH1`` (the ``delta_h1`` of :func:`entropy_change`), without the diagnostics."""
     mat = check_kernel(K, seqs.n)
     est = default_estimator(seqs) if estimator is None else Estimator(estimator)
-    ent, _ = _checked_sets(seqs, est)
-    c = update_coefficients(seqs, normalization, max_length)
+    ent, upd = _checked_sets(seqs, est)
     h = entropy_coefficients(seqs, ent)
-    return float(learning_rate) * pair_products(mat, h, c, seqs, ent, est).total
+    if update is None:
+        step = coefficient_updates(mat, update_coefficients(seqs, normalization, max_length))
+    else:
+        step = _checked_update(update, seqs.n, upd)
+    return float(learning_rate) * pair_products(step.cross, h, seqs, ent, est).total
+
+
+def _checked_update(update: UpdateKernels, n: int, upd: BoolArray) -> UpdateKernels:
+    """``update`` with its shapes checked and the rows outside ``U`` zeroed (only update-role
+    sequences drive the step)."""
+    cross = check_kernel(update.cross, n) * upd[None, :]
+    gram = check_kernel(update.gram, n) * (upd[:, None] & upd[None, :])
+    return UpdateKernels(cross=cross, gram=gram)
 
 
 def _checked_sets(seqs: StepSequences, est: Estimator) -> tuple[BoolArray, BoolArray]:
@@ -475,7 +522,8 @@ def entropy_change(
     max_length: int | None = None,
     k_applied: NDArray[Any] | None = None,
     sketch_variance_factor: float = 0.0,
-    group_kernels: Mapping[str, NDArray[Any]] | None = None,
+    group_kernels: Mapping[str, NDArray[Any] | UpdateKernels] | None = None,
+    update: UpdateKernels | None = None,
     realized: Realized | float | None = None,
     entropy_before: float | None = None,
     entropy_after: float | None = None,
@@ -493,7 +541,11 @@ def entropy_change(
     k_applied: float64 ``[n]``, ``K(j, u) = <w_j, u>`` with the applied update row ``u``.
     sketch_variance_factor: the sketch's ``c`` in ``Var(<Phi a, Phi b>) <= c (|a|^2 |b|^2 +
         <a, b>^2)`` (``1/k`` for dense kinds, 0 for ``exact``).
-    group_kernels: ``{group: K_g}`` with ``sum_g K_g = K`` for the per-group split of dH1.
+    group_kernels: ``{group: K_g}`` with ``sum_g K_g = K`` for the per-group split of dH1; with
+        update rows, ``{group: UpdateKernels}`` of the group's columns (``sum_g`` of the cross
+        kernels is ``update.cross``).
+    update: the step's update rows (:class:`UpdateKernels`, math.md §4 "Update rows"); default
+        ``u_i = c_i w_i`` (:func:`coefficient_updates`).
     realized: an explicit realized change (a :class:`Realized` or a number); else the posted
         ``entropy_before`` / ``entropy_after`` when both are given; else the estimate from
         ``logprob_after`` (:func:`sketch.realized.realized_parts`) when available.  The step's
@@ -514,10 +566,11 @@ def entropy_change(
 
     c = update_coefficients(seqs, norm, max_length)
     h = entropy_coefficients(seqs, ent)
-    dK = np.diag(mat).copy()
-    pairs = pair_products(mat, h, c, seqs, ent, est)
+    step = coefficient_updates(mat, c) if update is None else _checked_update(update, seqs.n, upd)
+    C = step.cross
+    pairs = pair_products(C, h, seqs, ent, est)
     b = eta * h * pairs.row_b
-    a = eta * c * pairs.row_a
+    a = eta * pairs.row_a
     delta_h1 = eta * pairs.total
     pair_types = {
         name: PairTypeValue(value, _share(value, delta_h1))
@@ -530,20 +583,24 @@ def entropy_change(
 
     groups: dict[str, float] | None = None
     if group_kernels is not None:
-        groups = {
-            str(name): eta * pair_products(check_kernel(Kg, seqs.n), h, c, seqs, ent, est).total
-            for name, Kg in group_kernels.items()
-        }
+        groups = {}
+        for name, part in group_kernels.items():
+            cross = (
+                _checked_update(part, seqs.n, upd).cross
+                if isinstance(part, UpdateKernels)
+                else coefficient_updates(check_kernel(part, seqs.n), c).cross
+            )
+            groups[str(name)] = eta * pair_products(cross, h, seqs, ent, est).total
 
     # Diagonal-kernel approximation, always with h over the update rows.
     h_upd = entropy_coefficients(seqs, upd)
-    delta_h1_diag = eta * float(np.sum(h_upd * dK * c))
+    delta_h1_diag = eta * float(np.sum(h_upd * np.diag(C)))
 
     # Sketch error bar: u = grad_hat H, v = g_hat, all in sketched units.
-    Kc = mat @ c
+    C1 = C.sum(axis=1)
     u2 = max(float(h @ (mat @ h)), 0.0)
-    v2 = max(float(c @ Kc), 0.0)
-    uv = float(h @ Kc)
+    v2 = max(float(step.gram.sum()), 0.0)
+    uv = float(h @ C1)
     se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * (u2 * v2 + uv * uv))
 
     delta_h1_applied: float | None = None
@@ -553,7 +610,7 @@ def entropy_change(
             raise ValueError(f"k_applied must be {seqs.n} finite values")
         delta_h1_applied = float(h @ applied)
 
-    d = displacement(mat, c, eta, k_applied)
+    d = eta * C1 if k_applied is None else displacement(mat, c, eta, k_applied)
     dh2 = second_order_delta_h2(seqs, ent, d)
     first = delta_h1_applied if delta_h1_applied is not None else delta_h1
     total = None if dh2 is None else first + dh2
@@ -607,7 +664,7 @@ def entropy_change(
         per_sequence=per_sequence,
         delta_h1_diag=delta_h1_diag,
         cov_baseline=covariance_baseline(seqs),
-        noise_scale=noise_scale(mat, c, seqs.prompt_ids, upd),
+        noise_scale=noise_scale(step.gram, upd.astype(np.float64), seqs.prompt_ids, upd),
         learning_rate=eta,
         step_norm=abs(eta) * math.sqrt(v2),
         normalization=norm,
@@ -632,6 +689,8 @@ __all__ = [
     "Quadrant",
     "Role",
     "SequenceContribution",
+    "UpdateKernels",
+    "coefficient_updates",
     "covariance_baseline",
     "default_estimator",
     "entropy_change",
@@ -639,5 +698,6 @@ __all__ = [
     "estimator_sets",
     "first_order_change",
     "pair_products",
+    "row_updates",
     "update_coefficients",
 ]

@@ -180,6 +180,13 @@ class ExactPolicy:
         self, params: Mapping[str, torch.Tensor], ids: torch.Tensor
     ) -> torch.Tensor:
         """``S`` of the sequences ``ids`` (``[..., P + L]`` long) under ``params``: ``[...]``."""
+        return self._token_logprobs(params, ids).sum(-1)
+
+    def _token_logprobs(
+        self, params: Mapping[str, torch.Tensor], ids: torch.Tensor
+    ) -> torch.Tensor:
+        """``log pi(y_t | p, y_<t)`` of the response tokens of ``ids`` (``[..., P + L]`` long)
+        under ``params``: ``[..., L]``."""
         lead = ids.shape[:-1]
         flat_ids = ids.reshape(-1, ids.shape[-1])
         logits = functional_call(self.model, dict(params), (flat_ids,), {"use_cache": False}).logits
@@ -188,7 +195,33 @@ class ExactPolicy:
         response_logits = logits[:, self.prompt_length - 1 : -1, : self.response_vocab]
         log_probs = torch.log_softmax(response_logits, dim=-1)
         targets = flat_ids[:, self.prompt_length :, None]
-        return log_probs.gather(-1, targets).squeeze(-1).sum(-1).reshape(lead)
+        return log_probs.gather(-1, targets).squeeze(-1).reshape(*lead, -1)
+
+    def token_logprobs(
+        self,
+        prompt_idx: torch.Tensor,
+        response_idx: torch.Tensor,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per-token log-probs of the sequences ``(prompt_idx[i], response_idx[i])``:
+        ``[n, L]`` (differentiable in ``params``; the current parameters by default)."""
+        ids = self.input_ids[prompt_idx, response_idx]
+        return self._token_logprobs(self.params if params is None else params, ids)
+
+    def update_rows(
+        self, prompt_idx: torch.Tensor, response_idx: torch.Tensor, coefficients: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sequence update rows ``u_i = sum_t c_{i,t} grad log pi(y_{i,t} | ...)`` (math.md
+        §4 "Update rows"): flat ``[n, N]``; ``coefficients`` ``[n, L]``, treated as constants."""
+        ids = self.input_ids[prompt_idx, response_idx]
+
+        def one(params: Params, seq: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+            return (self._token_logprobs(params, seq[None])[0] * coef).sum()
+
+        grads = vmap(grad(one), in_dims=(None, 0, 0))(
+            self.params, ids, coefficients.detach().to(torch.float64)
+        )
+        return torch.cat([grads[n].reshape(ids.shape[0], -1) for n in self.names], dim=1)
 
     def log_probs(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Exact ``S(t|p)`` for every prompt and response: ``[B, R]`` float64.

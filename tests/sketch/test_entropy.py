@@ -15,6 +15,7 @@ from sketch.entropy import (
     entropy_change,
     entropy_coefficients,
     first_order_change,
+    row_updates,
     update_coefficients,
 )
 from sketch.realized import Realized
@@ -111,18 +112,27 @@ def ref_weight(seqs: StepSequences, E: list[int], estimator: str, j: int, i: int
     return M / (M - 1)
 
 
-def ref_all(K: np.ndarray, seqs: StepSequences, eta: float, estimator: str, norm: str) -> dict:
-    """dH1, a_i, b_j, pair types, quadrants, dH1_diag by double loops."""
+def ref_all(
+    K: np.ndarray,
+    seqs: StepSequences,
+    eta: float,
+    estimator: str,
+    norm: str,
+    cross: np.ndarray | None = None,
+) -> dict:
+    """dH1, a_i, b_j, pair types, quadrants, dH1_diag by double loops; ``cross[j, i] = <w_j,
+    u_i>`` (default ``K(j, i) c_i``)."""
     E, U = ref_sets(seqs, estimator)
     c = ref_c(seqs, norm)
     h = ref_h(seqs, E)
+    C = K * c[None, :] if cross is None else cross
     total = 0.0
     a: defaultdict[int, float] = defaultdict(float)
     b: defaultdict[int, float] = defaultdict(float)
     parts = {"diagonal": 0.0, "same_prompt": 0.0, "cross_prompt": 0.0}
     for j in E:
         for i in U:
-            term = eta * h[j] * K[j, i] * c[i] * ref_weight(seqs, E, estimator, j, i)
+            term = eta * h[j] * C[j, i] * ref_weight(seqs, E, estimator, j, i)
             total += term
             a[i] += term
             b[j] += term
@@ -133,7 +143,7 @@ def ref_all(K: np.ndarray, seqs: StepSequences, eta: float, estimator: str, norm
             else:
                 parts["cross_prompt"] += term
     hU = ref_h(seqs, U)
-    diag = sum(eta * hU[i] * K[i, i] * c[i] for i in U)
+    diag = sum(eta * hU[i] * C[i, i] for i in U)
     quads: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
     for i in U:
         p = seqs.prompt_ids[i]
@@ -581,3 +591,63 @@ def test_unbiasedness_on_gaussian_score_model() -> None:
     # -(1/M) of the same-prompt part, i.e. target/M; check the test can tell the difference.
     mean_u, se_u = stats["u_statistic"]
     assert abs(mean_u - target * (M - 1) / M) > 4 * se_u
+
+
+# ----------------------------------------------------------------------------- update rows
+
+
+def factor(K: np.ndarray) -> np.ndarray:
+    """Rows ``Y`` with ``Y Y^T = K`` (to rounding), from the eigen-decomposition."""
+    lam, V = np.linalg.eigh(K)
+    return V * np.sqrt(np.clip(lam, 0.0, None))[None, :]
+
+
+@pytest.mark.parametrize("estimator", ["independent", "u_statistic", "plugin"])
+def test_update_rows_against_double_loops(estimator: str) -> None:
+    """Arbitrary update rows ``u_i`` (math.md §4 "Update rows"): every number against the
+    double loops over ``C(j, i) = <w_j, u_i>``; rows ``u_i = c_i w_i`` give exactly the answer
+    of the coefficient path; a row sent for an entropy-role sequence is ignored."""
+    rng = np.random.default_rng(17)
+    seqs, K = make_step(rng, [3, 4, 2], [3, 2, 4])
+    Y = factor(K)
+    c = ref_c(seqs, "dr_grpo")
+    upd = seqs.update_mask
+    eta = 0.3
+    plain = entropy_change(K, seqs, eta, estimator=estimator)
+    same = entropy_change(
+        K, seqs, eta, estimator=estimator, update=row_updates(Y, c, c[:, None] * Y, upd)
+    )
+    for field in ("delta_h1", "se_sampling", "delta_h1_diag", "step_norm"):
+        assert getattr(same, field) == pytest.approx(getattr(plain, field), rel=1e-9), field
+    assert same.noise_scale.tr_sigma == pytest.approx(plain.noise_scale.tr_sigma, rel=1e-9)
+    for x, y in zip(same.per_sequence, plain.per_sequence, strict=True):
+        for mine, theirs in ((x.a, y.a), (x.b, y.b)):
+            assert mine == (None if theirs is None else pytest.approx(theirs, abs=1e-12))
+
+    U = rng.normal(size=Y.shape)
+    has_row = upd | (rng.random(seqs.n) < 0.5)  # some entropy rows "send" one too: ignored
+    rows = row_updates(Y, c, U, has_row)
+    out = entropy_change(K, seqs, eta, estimator=estimator, update=rows)
+    V = np.where(upd[:, None], U, 0.0)
+    ref = ref_all(K, seqs, eta, estimator, "dr_grpo", cross=Y @ V.T)
+    assert out.delta_h1 == pytest.approx(ref["total"], rel=1e-9)
+    assert out.delta_h1_diag == pytest.approx(ref["diag"], rel=1e-9)
+    for name, value in ref["parts"].items():
+        assert out.decomposition.pair_types[name].value == pytest.approx(value, abs=1e-12)
+    for i, s in enumerate(out.per_sequence):
+        if s.a is not None:
+            assert s.a == pytest.approx(ref["a"][i], abs=1e-12)
+        if s.b is not None:
+            assert s.b == pytest.approx(ref["b"][i], abs=1e-12)
+    g = V.sum(axis=0)
+    assert out.step_norm == pytest.approx(eta * float(np.linalg.norm(g)), rel=1e-9)
+    assert first_order_change(K, seqs, eta, estimator, update=rows) == pytest.approx(out.delta_h1)
+    # per-group cross kernels add up to the whole
+    half = Y.shape[1] // 2
+    groups = {
+        "a": row_updates(Y[:, :half], c, U[:, :half], has_row),
+        "b": row_updates(Y[:, half:], c, U[:, half:], has_row),
+    }
+    grouped = entropy_change(K, seqs, eta, estimator=estimator, update=rows, group_kernels=groups)
+    assert grouped.decomposition.groups is not None
+    assert sum(grouped.decomposition.groups.values()) == pytest.approx(out.delta_h1, rel=1e-9)

@@ -60,6 +60,8 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 APPLIED_UPDATE_ID = "__applied_update__"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 UploadKind = Literal["gradients", "sketches"]
+#: Score rows ``w_i = dS_i/dtheta`` or update rows ``u_i`` of the step (math.md §4 "Update rows").
+RowKind = Literal["score", "update"]
 _DTYPES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
@@ -97,6 +99,7 @@ class PlannedUpload:
     sequence_ids: list[str]
     key: str
     dtype: torch.dtype
+    rows: RowKind = "score"
 
     @property
     def data_bytes(self) -> int:
@@ -109,9 +112,10 @@ class PlannedUpload:
             k: v.detach().to(device="cpu", dtype=self.dtype).contiguous().clone()
             for k, v in self.tensors.items()
         }
-        return safetensors.torch.save(
-            tensors, metadata={"sequence_ids": json.dumps(self.sequence_ids)}
-        )
+        metadata = {"sequence_ids": json.dumps(self.sequence_ids)}
+        if self.rows == "update":
+            metadata["rows"] = "update"
+        return safetensors.torch.save(tensors, metadata=metadata)
 
 
 def idempotency_key(
@@ -153,8 +157,12 @@ def plan_uploads(
     max_body_bytes: int,
     dtype: torch.dtype = torch.float32,
     salt: str = "",
+    row_kind: RowKind = "score",
 ) -> list[PlannedUpload]:
     """Split named row tensors ``{name: [n, ...]}`` into uploads of at most ``max_body_bytes``.
+
+    ``row_kind``: ``score`` rows ``w_i`` or ``update`` rows ``u_i`` (math.md §4 "Update rows"; the
+    ``rows`` metadata entry, and part of each upload's ``Idempotency-Key``).
 
     Whole parameters are packed together while they fit; a parameter too big for one upload is
     cut into flat column slices ``name@offset`` (an input already named ``name@offset`` keeps
@@ -179,6 +187,7 @@ def plan_uploads(
             raise TypeError(f"tensor {name!r} is not a float tensor")
         flat[name] = t.detach().reshape(n, -1)
     item = _DTYPES[dtype]
+    key_salt = salt if row_kind == "score" else f"{salt}|rows=update"
     longest_name = max(len(k) for k in flat) + 24
     # Rows per upload: one column of every row plus the header must fit.
     rows_per = n
@@ -199,8 +208,8 @@ def plan_uploads(
         def flush(current: dict[str, torch.Tensor] = current, r_ids: list[str] = r_ids) -> None:
             if current:
                 shapes = {k: list(v.shape) for k, v in current.items()}
-                key = idempotency_key(kind, run_id, step, r_ids, shapes, salt)
-                plans.append(PlannedUpload(kind, dict(current), list(r_ids), key, dtype))
+                key = idempotency_key(kind, run_id, step, r_ids, shapes, key_salt)
+                plans.append(PlannedUpload(kind, dict(current), list(r_ids), key, dtype, row_kind))
                 current.clear()
 
         def used(current: dict[str, torch.Tensor] = current, r_ids: list[str] = r_ids) -> int:
@@ -283,6 +292,7 @@ def plan_sketch_uploads(
     sequence_ids: Sequence[str],
     max_body_bytes: int,
     key_salt: str = "",
+    row_kind: RowKind = "score",
 ) -> list[PlannedUpload]:
     """:func:`plan_uploads` for a client sketch ``[n, k]``: split by rows only (a sketch row
     cannot be sliced by columns)."""
@@ -295,6 +305,7 @@ def plan_sketch_uploads(
         max_body_bytes,
         torch.float32,
         key_salt,
+        row_kind,
     )
     if any(list(p.tensors) != ["sketch"] for p in plans):
         raise ValueError("a sketch row is larger than max_body_bytes")
@@ -557,11 +568,13 @@ class Client:
         progress: bool = False,
         dtype: torch.dtype = torch.float32,
         key_salt: str = "",
+        rows: RowKind = "score",
     ) -> PushResult:
         """``POST .../gradients``: raw rows ``{param or param@offset: [n, ...]}``.
 
         Split into uploads of at most ``max_body_bytes`` (default: the client's), each retried
         with its own deterministic ``Idempotency-Key``.  ``progress`` shows a rich bar.
+        ``rows="update"`` sends update rows ``u_i`` instead of score rows (math.md §4).
         """
         plans = plan_uploads(
             "gradients",
@@ -572,6 +585,7 @@ class Client:
             max_body_bytes or self.max_body_bytes,
             dtype,
             key_salt,
+            rows,
         )
         return self._push(plans, run_id, step, progress)
 
@@ -584,10 +598,18 @@ class Client:
         *,
         max_body_bytes: int | None = None,
         key_salt: str = "",
+        rows: RowKind = "score",
     ) -> PushResult:
-        """``POST .../sketches``: client-made rows ``[n, k]`` (the run's spec; partials add up)."""
+        """``POST .../sketches``: client-made rows ``[n, k]`` (the run's spec; partials add up);
+        ``rows="update"`` for update rows (math.md §4)."""
         plans = plan_sketch_uploads(
-            run_id, step, sketch, sequence_ids, max_body_bytes or self.max_body_bytes, key_salt
+            run_id,
+            step,
+            sketch,
+            sequence_ids,
+            max_body_bytes or self.max_body_bytes,
+            key_salt,
+            rows,
         )
         return self._push(plans, run_id, step, progress=False)
 
@@ -893,6 +915,7 @@ class AsyncClient:
         progress: bool = False,
         dtype: torch.dtype = torch.float32,
         key_salt: str = "",
+        rows: RowKind = "score",
     ) -> PushResult:
         """See :meth:`Client.push_gradients`."""
         plans = plan_uploads(
@@ -904,6 +927,7 @@ class AsyncClient:
             max_body_bytes or self.max_body_bytes,
             dtype,
             key_salt,
+            rows,
         )
         return await self._push(plans, run_id, step, progress)
 
@@ -916,10 +940,17 @@ class AsyncClient:
         *,
         max_body_bytes: int | None = None,
         key_salt: str = "",
+        rows: RowKind = "score",
     ) -> PushResult:
         """See :meth:`Client.push_sketches`."""
         plans = plan_sketch_uploads(
-            run_id, step, sketch, sequence_ids, max_body_bytes or self.max_body_bytes, key_salt
+            run_id,
+            step,
+            sketch,
+            sequence_ids,
+            max_body_bytes or self.max_body_bytes,
+            key_salt,
+            rows,
         )
         return await self._push(plans, run_id, step, progress=False)
 

@@ -34,10 +34,10 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import ProblemError
 from service.keys import APPLIED_UPDATE_ID
 from service.store import StepCounts, StepSnapshot, Store
-from service.uploads import read_header, sequence_ids
+from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
-from sketch.entropy import entropy_change
+from sketch.entropy import entropy_change, row_updates, update_coefficients
 from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.sequences import StepSequences
@@ -83,7 +83,9 @@ class StepMatrix:
     """A step's assembled data at one version.
 
     ``Y``: float64 ``[n, k]``, row ``i`` the summed sketch of ``seqs.ids[i]``; ``applied``:
-    float64 ``[k]`` sketch of the applied update ``u`` (id ``__applied_update__``) or None.
+    float64 ``[k]`` sketch of the applied update ``u`` (id ``__applied_update__``) or None;
+    ``U``: float64 ``[n, k]`` summed update rows (math.md §4 "Update rows"), valid where
+    ``has_update``, or None when the step has none.
 
     Derived values (the kernel, the eigenvalues per role) are computed at most once per
     matrix, i.e. per data version, and shared by all routes (:meth:`kernel`,
@@ -98,6 +100,8 @@ class StepMatrix:
     max_length: int | None
     entropy_before: float | None
     entropy_after: float | None
+    U: np.ndarray | None = None
+    has_update: np.ndarray | None = None
     _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Routes run in threadpool threads: two requests must not both build the same value.  One
     # lock per value, so that a long eigen-decomposition does not hold up the blocks' kernel.
@@ -228,34 +232,53 @@ def assemble(snapshot: StepSnapshot) -> StepMatrix:
     ``rows_without_metadata`` (sketched ids without metadata); both may still arrive.
     """
     sums: dict[str, np.ndarray] = {}
+    updates: dict[str, np.ndarray] = {}
     for part in snapshot.parts.values():
         arrays = load_np(part)
-        for i, seq_id in enumerate(sequence_ids(read_header(part)[1])):
+        metadata = read_header(part)[1]
+        target = updates if row_kind(metadata) == "update" else sums
+        for i, seq_id in enumerate(sequence_ids(metadata)):
             row = arrays["sketch"][i].astype(np.float64)
-            if seq_id in sums:
-                sums[seq_id] += row
+            if seq_id in target:
+                target[seq_id] += row
             else:
-                sums[seq_id] = row
+                target[seq_id] = row
     ids = [i for i in snapshot.order if i in snapshot.sequences]
     missing = [i for i in ids if i not in sums]
-    orphans = sorted(i for i in sums if i not in snapshot.sequences and i != APPLIED_UPDATE_ID)
-    if missing or orphans:
+    orphans = sorted(
+        i
+        for i in set(sums) | set(updates)
+        if i not in snapshot.sequences and i != APPLIED_UPDATE_ID
+    )
+    not_update = sorted(
+        i
+        for i in updates
+        if i in snapshot.sequences and (snapshot.sequences[i].get("role") or "update") != "update"
+    )
+    if missing or orphans or not_update:
         parts = []
         if missing:
             parts.append(f"{len(missing)} sequences have no sketched rows: {missing[:20]}")
         if orphans:
             parts.append(f"{len(orphans)} sketched ids have no metadata: {orphans[:20]}")
+        if not_update:
+            parts.append(
+                f"{len(not_update)} update rows belong to sequences that are not update-role:"
+                f" {not_update[:20]}"
+            )
         raise ProblemError(
             409,
             "; ".join(parts) + " (post them, then ask again)",
             title="Step incomplete",
             missing_rows=missing,
             rows_without_metadata=orphans,
+            update_rows_without_update_role=not_update,
         )
     if not ids:
         raise ProblemError(409, "the step has no sequence metadata yet", title="Step incomplete")
     seqs = StepSequences.from_records([snapshot.sequences[i] for i in ids])
     f = snapshot.step_fields
+    zero = np.zeros(next(iter(sums.values())).shape[0])
     return StepMatrix(
         version=snapshot.version,
         seqs=seqs,
@@ -265,6 +288,8 @@ def assemble(snapshot: StepSnapshot) -> StepMatrix:
         max_length=int(f["max_length"]) if "max_length" in f else None,
         entropy_before=float(f["entropy_before"]) if "entropy_before" in f else None,
         entropy_after=float(f["entropy_after"]) if "entropy_after" in f else None,
+        U=np.stack([updates.get(i, zero) for i in ids]) if updates else None,
+        has_update=np.array([i in updates for i in ids]) if updates else None,
     )
 
 
@@ -422,11 +447,20 @@ def entropy_json(
 ) -> bytes:
     """``sketch.entropy.entropy_change`` on the step (math.md §4), as JSON bytes."""
     _, K = m.kernel("all")
-    group_kernels = None
+    group_kernels: dict[str, Any] | None = None
+    update = None
+    if m.U is not None and m.has_update is not None:  # update rows (math.md §4)
+        c = update_coefficients(m.seqs, run["normalization"], m.max_length)
+        update = row_updates(m.Y, c, m.U, m.has_update)
     if isinstance(sketcher, GroupedSketcher):  # K = sum_g K_g over the groups' columns
-        group_kernels = {
-            g: kernel_from_rows(m.Y[:, sl]) for g, sl in sketcher.group_slices().items()
-        }
+        slices = sketcher.group_slices().items()
+        if update is None:
+            group_kernels = {g: kernel_from_rows(m.Y[:, sl]) for g, sl in slices}
+        else:
+            assert m.U is not None and m.has_update is not None
+            group_kernels = {
+                g: row_updates(m.Y[:, sl], c, m.U[:, sl], m.has_update) for g, sl in slices
+            }
     k_applied = None if m.applied is None else m.Y @ m.applied
     result = entropy_change(
         K,
@@ -438,6 +472,7 @@ def entropy_json(
         k_applied=k_applied,
         sketch_variance_factor=float(sketcher.variance_factor()),
         group_kernels=group_kernels,
+        update=update,
         entropy_before=m.entropy_before,
         entropy_after=m.entropy_after,
     )

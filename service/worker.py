@@ -50,7 +50,7 @@ from service.metrics import (
 )
 from service.settings import Settings
 from service.store import UPLOAD_QUEUED, Store, bulk_client
-from service.uploads import read_header, sequence_ids
+from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 
 log = logging.getLogger("kernelscope.worker")
@@ -80,10 +80,13 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
     ``gradients``: every tensor (``param`` or ``param@offset``) is moved to ``device`` and
     sketched; the sum over tensors is ``[n, k]``.  ``sketches``: the client's ``sketch``
     ``[n, k]`` as float32.  The part holds ``sketch`` float32 ``[n, k]`` and the metadata
-    ``sequence_ids`` (row order).
+    ``sequence_ids`` (row order) and, for update rows, ``rows = "update"``.
     """
     _, metadata = read_header(body)
     ids = sequence_ids(metadata)
+    part_metadata = {"sequence_ids": json.dumps(ids)}
+    if row_kind(metadata) == "update":
+        part_metadata["rows"] = "update"
     tensors = load_safetensors(body)
     if kind == "sketches":
         rows = tensors["sketch"].to(torch.float32)
@@ -97,7 +100,7 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
         )
     if not torch.isfinite(rows).all():
         raise ValueError("the sketch of this upload is not finite (overflow in float32?)")
-    return save_safetensors({"sketch": rows}, metadata={"sequence_ids": json.dumps(ids)})
+    return save_safetensors({"sketch": rows}, metadata=part_metadata)
 
 
 class Worker:

@@ -33,6 +33,7 @@ from clients.errors import (
 )
 from clients.factorised import FactorisedCapture
 from clients.http import AsyncClient, Client, RetryPolicy, plan_uploads, sketch_spec_dict
+from service.uploads import read_header
 from tests.clients.conftest import LiveService, free_port, make_batch, tiny_gpt2
 
 FAST_RETRY = RetryPolicy(attempts=5, backoff_s=0.01, max_backoff_s=0.05)
@@ -106,6 +107,18 @@ def test_plan_uploads_splits_by_parameter_slice_and_row() -> None:
     assert offsets[0] == 100 and len(offsets) > 1
     body = safetensors.torch.load(sliced[0].body())
     assert all(t.dtype == torch.float32 for t in body.values())
+
+
+def test_update_rows_carry_their_kind_and_their_own_keys() -> None:
+    """``row_kind="update"`` (math.md §4 "Update rows") writes ``rows: update`` into each body's
+    metadata and gives keys of their own: update rows of the same ids and shapes as the score
+    rows are a different upload, never a re-send of them."""
+    tensors = {"w": torch.ones(2, 8)}
+    score = plan_uploads("gradients", "r", 0, tensors, ["x", "y"], 1 << 20)
+    update = plan_uploads("gradients", "r", 0, tensors, ["x", "y"], 1 << 20, row_kind="update")
+    assert {p.key for p in score}.isdisjoint(p.key for p in update)
+    assert read_header(update[0].body())[1]["rows"] == "update"
+    assert "rows" not in read_header(score[0].body())[1]
 
 
 def test_sketch_spec_dict_accepts_dicts_and_objects() -> None:

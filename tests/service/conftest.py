@@ -91,11 +91,14 @@ def store_dump(client: redis_sync.Redis, prefix: str) -> dict[bytes, bytes | Non
 
 
 # ------------------------------------------------------------------- request bodies
-def safetensors_body(tensors: Mapping[str, torch.Tensor], ids: list[str]) -> bytes:
-    """A gradient or sketch upload body with the ``sequence_ids`` metadata."""
-    return save_safetensors(
-        {k: v.contiguous() for k, v in tensors.items()}, metadata={"sequence_ids": json.dumps(ids)}
-    )
+def safetensors_body(
+    tensors: Mapping[str, torch.Tensor], ids: list[str], rows: str | None = None
+) -> bytes:
+    """A gradient or sketch upload body with the ``sequence_ids`` metadata (and ``rows``)."""
+    metadata = {"sequence_ids": json.dumps(ids)}
+    if rows is not None:
+        metadata["rows"] = rows
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 OCTET = {"content-type": "application/octet-stream"}

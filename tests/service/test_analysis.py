@@ -20,7 +20,7 @@ from service.app import create_app
 from service.keys import APPLIED_UPDATE_ID, Keys
 from service.settings import Settings
 from service.worker import Worker
-from sketch.entropy import entropy_change
+from sketch.entropy import entropy_change, row_updates, update_coefficients
 from sketch.groups import GroupedSketcher
 from sketch.kernel import kernel_from_rows
 from sketch.realized import realized_from_entropies
@@ -281,3 +281,84 @@ def test_health_metrics_dashboard_and_delete(client: TestClient, settings: Setti
     assert client.get("/").status_code == 200
     assert client.delete("/v1/runs/d").status_code == 204
     assert client.get("/v1/runs").json() == []
+
+
+def test_update_rows_drive_the_prediction(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    """Update rows ``u_i`` next to the score rows (math.md §4 "Update rows", the ``rows``
+    metadata entry): the answer is ``sketch.entropy`` with :func:`row_updates` of the sketched
+    rows, for raw gradient uploads and for client sketches; a sequence without an update row
+    keeps ``u_i = c_i w_i``; bad row kinds and contradictions are refused."""
+    data = step_data
+    run = post(client, "/v1/runs", json={"run_id": "u", "sketch": {"kind": "gaussian", "dim": 48}})
+    sketcher = sketcher_for_run(run)
+    seqs = [dict(s) for s in data.sequences]
+    seqs[-1]["role"] = "entropy"
+    body = {"learning_rate": 0.05, "sequences": seqs}
+    post(client, "/v1/runs/u/steps/0/sequences", json=body)
+    post(
+        client,
+        "/v1/runs/u/steps/0/gradients",
+        content=safetensors_body(data.grads, data.ids),
+        headers=OCTET,
+    )
+    gen = torch.Generator().manual_seed(4)
+    updates = {k: 1e-2 * torch.randn(v.shape, generator=gen) for k, v in data.grads.items()}
+    with_rows = data.ids[:-2]  # the last update row is left out: u_i = c_i w_i there
+    raw = {k: v[: len(with_rows)] for k, v in updates.items()}
+    half = len(with_rows) // 2
+    post(
+        client,
+        "/v1/runs/u/steps/0/gradients",
+        content=safetensors_body({k: v[:half] for k, v in raw.items()}, with_rows[:half], "update"),
+        headers=OCTET,
+    )
+    client_sketch = sketcher.sketch({k: v[half:] for k, v in raw.items()})
+    post(
+        client,
+        "/v1/runs/u/steps/0/sketches",
+        content=safetensors_body({"sketch": client_sketch}, with_rows[half:], "update"),
+        headers=OCTET,
+    )
+    assert drain(settings).processed == 3
+    got = client.get("/v1/runs/u/steps/0/entropy").json()
+
+    Y = sketcher.sketch(data.grads).double().numpy()
+    U = np.zeros_like(Y)
+    U[: len(with_rows)] = sketcher.sketch(raw).double().numpy()
+    has_row = np.arange(len(data.ids)) < len(with_rows)
+    records = StepSequences.from_records(seqs)
+    c = update_coefficients(records, "dr_grpo")
+    want = entropy_change(
+        kernel_from_rows(Y),
+        records,
+        0.05,
+        sketch_variance_factor=sketcher.variance_factor(),
+        update=row_updates(Y, c, U, has_row),
+    ).to_dict()
+    plain = entropy_change(
+        kernel_from_rows(Y), records, 0.05, sketch_variance_factor=sketcher.variance_factor()
+    ).to_dict()
+    for field in ("delta_h1", "se_sampling", "se_sketch", "step_norm", "delta_h1_diag"):
+        assert got[field] == pytest.approx(want[field], rel=1e-5), field
+    assert got["delta_h1"] != pytest.approx(plain["delta_h1"], rel=1e-3)
+
+    bad = safetensors_body({k: v[:1] for k, v in raw.items()}, with_rows[:1], "updates")
+    refused = client.post("/v1/runs/u/steps/0/gradients", content=bad, headers=OCTET)
+    assert refused.status_code == 422 and "'rows'" in refused.json()["detail"]
+    applied = safetensors_body({k: v[:1] for k, v in raw.items()}, [APPLIED_UPDATE_ID], "update")
+    refused = client.post("/v1/runs/u/steps/0/gradients", content=applied, headers=OCTET)
+    assert refused.status_code == 422
+    # an update row for an entropy-role sequence contradicts its metadata: 409, nothing lost
+    last = {k: v[-1:] for k, v in updates.items()}
+    post(
+        client,
+        "/v1/runs/u/steps/0/gradients",
+        content=safetensors_body(last, data.ids[-1:], "update"),
+        headers=OCTET,
+    )
+    drain(settings)
+    conflict = client.get("/v1/runs/u/steps/0/entropy")
+    assert conflict.status_code == 409
+    assert conflict.json()["update_rows_without_update_role"] == [data.ids[-1]]

@@ -179,17 +179,26 @@ def forward_logits(
 
 
 def response_logprobs(
-    logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``S_i = sum_t log softmax(logits[i, t-1])[input_ids[i, t]]`` over response positions.
 
     ``logits`` ``[n, L, V]``, ``input_ids`` ``[n, L]``, ``response_mask`` ``[n, L]`` bool.
+    ``weights`` ``[n, L]`` float (optional): ``sum_t weights[i, t] log pi(input_ids[i, t] |
+    ...)`` instead, whose gradient is the update row ``u_i`` when the weights are the loss's
+    token coefficients ``c_{i,t} = -dL/d log pi_{i,t}`` (math.md §4 "Update rows").
     Returns ``[n]`` float32.  Masked positions are removed with ``where`` (not a product), so
     a non-finite logit on a padded position cannot leak into ``S_i`` or its gradient.
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = response_mask[:, 1:]
+    if weights is not None:  # padded weights may hold anything: zero them before the product
+        w = weights[:, 1:].float()
+        token_logp = token_logp * torch.where(mask, w, torch.zeros_like(w))
     return torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(dim=-1)
 
 
@@ -253,20 +262,23 @@ def _vmap_chunk(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
     batch: SequenceBatch,
+    weights: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from torch.func import functional_call, grad_and_value, vmap
 
-    def score(p: dict[str, torch.Tensor], ids: torch.Tensor, rmask: torch.Tensor) -> torch.Tensor:
+    def score(
+        p: dict[str, torch.Tensor], ids: torch.Tensor, rmask: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
         logits = logits_of(
             functional_call(model, p, (ids.unsqueeze(0),), {"use_cache": False})
             if hasattr(model, "config")
             else functional_call(model, p, (ids.unsqueeze(0),))
         )
-        return response_logprobs(logits, ids.unsqueeze(0), rmask.unsqueeze(0))[0]
+        return response_logprobs(logits, ids.unsqueeze(0), rmask.unsqueeze(0), w.unsqueeze(0))[0]
 
     detached = {k: v.detach() for k, v in params.items()}
-    grads, values = vmap(grad_and_value(score), in_dims=(None, 0, 0))(
-        detached, batch.input_ids, batch.response_mask
+    grads, values = vmap(grad_and_value(score), in_dims=(None, 0, 0, 0))(
+        detached, batch.input_ids, batch.response_mask, weights
     )
     return values.detach(), {k: g.detach().float() for k, g in grads.items()}
 
@@ -275,6 +287,7 @@ def _loop_chunk(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
     batch: SequenceBatch,
+    weights: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     names = list(params)
     tensors = [params[k] for k in names]
@@ -284,7 +297,9 @@ def _loop_chunk(
         length = int(batch.attention_mask[i].sum())
         ids = batch.input_ids[i : i + 1, :length]
         logits = forward_logits(model, ids)
-        s = response_logprobs(logits, ids, batch.response_mask[i : i + 1, :length])[0]
+        s = response_logprobs(
+            logits, ids, batch.response_mask[i : i + 1, :length], weights[i : i + 1, :length]
+        )[0]
         grads = torch.autograd.grad(s, tensors, allow_unused=True)
         values.append(s.detach())
         for name, t, g in zip(names, tensors, grads, strict=True):
@@ -300,8 +315,10 @@ def capture_gradients(
     method: Method = "auto",
     chunk_size: int = 8,
     use_eval_mode: bool = True,
+    token_coefficients: torch.Tensor | None = None,
 ) -> CapturedGradients:
-    """Per-sequence score gradients ``w_i = dS_i/dtheta`` of the selected parameters.
+    """Per-sequence score gradients ``w_i = dS_i/dtheta`` of the selected parameters, or update
+    rows ``u_i`` (math.md §4 "Update rows").
 
     Parameters
     ----------
@@ -317,6 +334,12 @@ def capture_gradients(
         when the model cannot be vmapped.
     use_eval_mode:
         run the model in eval mode (no dropout), restoring its modes afterwards.
+    token_coefficients:
+        ``[n, L]`` float, laid out like ``input_ids``: ``c_{i,t} = -dL/d log pi(input_ids[i,
+        t] | ...)`` of the trainer's loss at every response position (autograd on the loss
+        with the token log-probs as leaves; 0 elsewhere).  The rows are then the update rows
+        ``u_i = sum_t c_{i,t} grad log pi_{i,t}``, to push with ``rows="update"``, and
+        ``logprobs`` holds ``sum_t c_{i,t} log pi_{i,t}``.
 
     Returns
     -------
@@ -324,16 +347,26 @@ def capture_gradients(
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
+    if token_coefficients is None:
+        weights = batch.response_mask.float()
+    else:
+        weights = token_coefficients.to(device=batch.input_ids.device, dtype=torch.float32)
+        if weights.shape != batch.input_ids.shape:
+            raise ValueError(
+                f"token_coefficients: shape {tuple(weights.shape)}, expected "
+                f"{tuple(batch.input_ids.shape)} (laid out like input_ids)"
+            )
     params = select_parameters(model, parameter_filter)
-    chunks = [batch.select(slice(s, s + chunk_size)) for s in range(0, batch.size, chunk_size)]
+    spans = [slice(s, s + chunk_size) for s in range(0, batch.size, chunk_size)]
     used = method
     values: list[torch.Tensor] = []
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in params}
     with eval_mode(model, use_eval_mode):
-        for chunk in chunks:
+        for span in spans:
+            chunk, w = batch.select(span), weights[span]
             if used in ("auto", "vmap"):
                 try:
-                    s, g = _vmap_chunk(model, params, chunk)
+                    s, g = _vmap_chunk(model, params, chunk, w)
                     used = "vmap"
                 except Exception as exc:  # any vmap failure means "this model cannot be vmapped"
                     if method == "vmap":
@@ -345,9 +378,9 @@ def capture_gradients(
                         stacklevel=2,
                     )
                     used = "loop"
-                    s, g = _loop_chunk(model, params, chunk)
+                    s, g = _loop_chunk(model, params, chunk, w)
             else:
-                s, g = _loop_chunk(model, params, chunk)
+                s, g = _loop_chunk(model, params, chunk, w)
             values.append(s)
             for k in params:
                 parts[k].append(g[k])

@@ -86,11 +86,15 @@ class FactorisedSketches:
         :attr:`FactorisedCapture.parameters`; push it with ``Client.push_sketches``.
     num_tokens:
         ``[n]`` int64 response lengths.
+    update_sketch:
+        ``[n, k]`` float32 sketches of the update rows ``u_i`` (math.md §4 "Update rows") when
+        ``token_coefficients`` were given; push them with ``push_sketches(..., rows="update")``.
     """
 
     logprobs: torch.Tensor
     sketch: torch.Tensor
     num_tokens: torch.Tensor
+    update_sketch: torch.Tensor | None = None
 
 
 @dataclass
@@ -425,33 +429,62 @@ class FactorisedCapture:
             out = out + self.sketcher.sketch_slice(name, flat, 0).to(device)
         return out
 
-    def capture(self, batch: SequenceBatch) -> FactorisedSketches:
+    def capture(
+        self, batch: SequenceBatch, token_coefficients: torch.Tensor | None = None
+    ) -> FactorisedSketches:
         """Sketch every sequence's score gradient with one batched forward and backward.
 
         ``batch`` is right-padded and on the model's device.  Returns ``[n, k]`` rows equal (to
         float rounding) to ``KroneckerSketch(dim, seed, parameters).sketch(w)`` of the explicit
         per-sequence gradients ``w``.  No ``.grad`` of the model is written.
+
+        ``token_coefficients`` (``[n, L]`` float, laid out like ``input_ids``: the loss's
+        ``c_{i,t} = -dL/d log pi_{i,t}`` at response positions) adds the sketches of the update
+        rows ``u_i = sum_t c_{i,t} grad log pi_{i,t}`` from one more backward over the same
+        forward graph (a sequence's tokens only reach its own rows, so the per-sequence split
+        of the hooks holds for any per-token weights).
         """
         acc = _Accumulator(token_mask=batch.attention_mask.bool())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        weights = None
+        if token_coefficients is not None:
+            weights = token_coefficients.to(device=batch.input_ids.device, dtype=torch.float32)
+            if weights.shape != batch.input_ids.shape:
+                raise ValueError(
+                    f"token_coefficients: shape {tuple(weights.shape)}, expected "
+                    f"{tuple(batch.input_ids.shape)} (laid out like input_ids)"
+                )
         with eval_mode(self.model, self.use_eval_mode), self._hooks(acc):
             logits = self._forward(batch)
             logprobs = response_logprobs(logits, batch.input_ids, batch.response_mask)
             # Differentiate to the embedding outputs only: every hooked output lies between
             # them and the loss, and autograd then skips the weight-gradient products (half of
             # a backward).  autograd.grad, not backward(): no parameter's .grad is touched.
-            if acc.roots:
-                torch.autograd.grad(logprobs.sum(), acc.roots, allow_unused=True)
-            if not acc.roots or acc.fired != acc.registered:
+            targets: list[torch.Tensor] = list(acc.roots) if acc.roots else list(params)
+            keep = weights is not None
+            torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
+            if acc.roots and acc.fired != acc.registered:
                 # some hooked output is not upstream of an embedding: run the full backward
                 acc.clear()
                 logits = self._forward(batch)
                 logprobs = response_logprobs(logits, batch.input_ids, batch.response_mask)
-                torch.autograd.grad(logprobs.sum(), params, allow_unused=True)
+                targets = list(params)
+                torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
+            sketch = self._rows(acc, batch.size, logprobs.device)
+            update_sketch = None
+            if weights is not None:
+                acc.cores.clear()
+                acc.vectors.clear()
+                weighted = response_logprobs(
+                    logits, batch.input_ids, batch.response_mask, weights
+                ).sum()
+                torch.autograd.grad(weighted, targets, allow_unused=True)
+                update_sketch = self._rows(acc, batch.size, logprobs.device)
         return FactorisedSketches(
             logprobs=logprobs.detach(),
-            sketch=self._rows(acc, batch.size, logprobs.device),
+            sketch=sketch,
             num_tokens=batch.num_tokens,
+            update_sketch=update_sketch,
         )
 
     __call__ = capture

@@ -214,3 +214,59 @@ def test_batch_validation() -> None:
     b = SequenceBatch.from_pairs([[1], [2, 3]], [[4, 5, 6], [7]])
     assert b.num_tokens.tolist() == [3, 1]
     assert b.lengths.tolist() == [4, 3]
+
+
+def token_coefficients(batch: SequenceBatch, seed: int = 3) -> torch.Tensor:
+    """Random per-token coefficients ``c_{i,t}`` at response positions (0 elsewhere, NaN on
+    padding to show it never counts)."""
+    g = torch.Generator().manual_seed(seed)
+    coef = torch.randn(batch.input_ids.shape, generator=g)
+    coef = torch.where(batch.response_mask, coef, torch.zeros_like(coef))
+    return torch.where(batch.attention_mask.bool(), coef, torch.full_like(coef, float("nan")))
+
+
+@pytest.mark.parametrize("method", ["vmap", "loop"])
+def test_update_rows_from_token_coefficients(
+    model: nn.Module, batch: SequenceBatch, method: str
+) -> None:
+    """``token_coefficients`` give the update rows ``u_i = sum_t c_{i,t} grad log pi_{i,t}``
+    (math.md §4 "Update rows") of each sequence, against autograd token by token; coefficients
+    equal to 1 on the response give the score rows back."""
+    coef = token_coefficients(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture_gradients(
+            model,
+            batch,
+            method=method,
+            chunk_size=2,
+            token_coefficients=coef,  # type: ignore[arg-type]
+        )
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    model.eval()
+    for i in range(batch.size):
+        length = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i, :length]
+        logits = forward_logits(model, ids.unsqueeze(0))[0]
+        value = torch.zeros((), dtype=torch.float64)
+        for t in range(1, length):
+            if batch.response_mask[i, t]:
+                logp = torch.log_softmax(logits[t - 1].double(), dim=-1)[ids[t]]
+                value = value + float(coef[i, t]) * logp
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        assert captured.logprobs[i].item() == pytest.approx(
+            float(value.detach()), rel=1e-5, abs=1e-5
+        )
+        for name, g in zip(names, grads, strict=True):
+            want = torch.zeros_like(captured.gradients[name][i]) if g is None else g.float()
+            torch.testing.assert_close(captured.gradients[name][i], want, rtol=1e-4, atol=1e-6)
+    ones = batch.response_mask.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        as_scores = capture_gradients(model, batch, method=method, token_coefficients=ones)  # type: ignore[arg-type]
+        scores = capture_gradients(model, batch, method=method)  # type: ignore[arg-type]
+    for name, g in scores.gradients.items():
+        torch.testing.assert_close(as_scores.gradients[name], g)
+    with pytest.raises(ValueError, match="laid out like input_ids"):
+        capture_gradients(model, batch, token_coefficients=coef[:, :-1])

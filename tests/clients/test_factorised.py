@@ -182,3 +182,25 @@ def test_outputs_off_the_embedding_paths_and_frozen_embeddings() -> None:
         {k: grads[k] for k in capture.parameters}
     )
     _close(capture(batch).sketch, want)
+
+
+def test_factorised_update_rows_from_token_coefficients(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    """One forward and two backwards: the score sketches as without coefficients, and the
+    update rows' sketches equal the kronecker sketch of the explicit ``u_i`` (math.md §4)."""
+    from tests.clients.test_capture import token_coefficients
+
+    coef = token_coefficients(batch)
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    result = capture(batch, token_coefficients=coef)
+    plain = capture(batch)
+    _close(result.sketch, plain.sketch)
+    assert result.update_sketch is not None and plain.update_sketch is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explicit = capture_gradients(model, batch, method="loop", token_coefficients=coef)
+    server = KroneckerSketch(DIM, SEED, capture.parameters)
+    for i in range(batch.size):
+        row_i = server.sketch({k: g[i : i + 1] for k, g in explicit.gradients.items()})
+        _close(result.update_sketch[i : i + 1], row_i)

@@ -145,13 +145,20 @@ class SequenceBatch:
         row keep their order.
         """
         real = attention_mask.bool()
-        # Stable sort moves real tokens to the front, in their order: right padding.
-        order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices
         return cls(
-            torch.gather(input_ids.long(), 1, order),
-            torch.gather(real.long(), 1, order),
-            torch.gather(response_mask.bool() & real, 1, order),
+            repack(input_ids.long(), real),
+            repack(real.long(), real),
+            repack(response_mask.bool() & real, real),
         )
+
+
+def repack(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[n, L]`` laid out as :meth:`SequenceBatch.from_padded` lays out the tokens
+    of a batch with this ``attention_mask``: each row's real positions first, in their order
+    (e.g. per-token coefficients that follow their tokens)."""
+    # Stable sort moves real tokens to the front, in their order: right padding.
+    order = torch.sort((~attention_mask.bool()).to(torch.int8), dim=1, stable=True).indices
+    return torch.gather(values, 1, order)
 
 
 def logits_of(output: Any) -> torch.Tensor:

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "clients.trl needs the optional extra: pip install 'kernelscope[trl]'"
     ) from exc
 
-from clients.capture import SequenceBatch, capture_gradients, sequence_logprobs
+from clients.capture import SequenceBatch, capture_gradients, repack, sequence_logprobs
 from clients.filters import ParameterFilter, select_parameters
 from clients.http import Client
 
@@ -138,55 +138,76 @@ def trl_sequence_weights(
     )
 
 
+def trl_token_coefficients(
+    trainer: GRPOTrainer, model: nn.Module, inputs: Mapping[str, Any]
+) -> torch.Tensor:
+    """``c_{i,t} = -dL/d log pi_{i,t}`` of TRL's own loss on one micro-batch: ``[b, T]`` float32,
+    laid out like ``completion_ids`` (math.md §4 "Update rows").
+
+    TRL's ``compute_loss`` runs as it does in training, except that its per-token log-probs are
+    replaced by leaves (the same values, detached): autograd of the loss with respect to them
+    gives every token's coefficient, whatever the loss type, PPO ratio, clipping, KL term, token
+    mask or importance weight.  The model's forward runs without a graph, so this costs one
+    forward.  What does not flow through the sampled tokens' log-probs (an entropy bonus, a MoE
+    router loss) is not in ``c`` (docs/trl.md).  Nothing is written to ``.grad``.
+    """
+    real = trainer._get_per_token_logps_and_entropies
+    leaves: list[torch.Tensor] = []
+
+    def as_leaves(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            logps, entropies, *rest = real(*args, **kwargs)
+        leaf = logps.detach().requires_grad_(True)
+        leaves.append(leaf)
+        return (leaf, entropies, *rest)
+
+    trainer._get_per_token_logps_and_entropies = as_leaves  # type: ignore[method-assign]
+    try:
+        # TRL's own compute_loss, not a subclass's (the kernelscope trainer captures there)
+        loss = GRPOTrainer.compute_loss(trainer, model, dict(inputs))
+    finally:
+        del trainer._get_per_token_logps_and_entropies
+    if len(leaves) != 1:
+        raise RuntimeError(f"TRL's loss computed its log-probs {len(leaves)} times, expected 1")
+    (grad,) = torch.autograd.grad(loss, leaves[0], allow_unused=True)
+    if grad is None:
+        return torch.zeros_like(leaves[0], dtype=torch.float32)
+    return (-grad).float()
+
+
 def check_supported(trainer: GRPOTrainer) -> None:
-    """Raise :class:`UnsupportedTRLSettingError` naming every setting of ``trainer`` under which
-    ``sum_i weight_i A_i dS_i/dtheta`` would not be TRL's gradient (see ``docs/trl.md``)."""
+    """Raise :class:`UnsupportedTRLSettingError` naming every setting of ``trainer`` that the
+    capture cannot reproduce (see ``docs/trl.md``).  Settings whose gradient is a sum over the
+    sampled tokens' log-probs (later PPO passes, the KL term, clipping, token and tool masks,
+    the off-policy mask, vLLM's importance correction) are covered by update rows
+    (:func:`trl_token_coefficients`); what remains is what does not flow through those
+    log-probs, or what the capture does not compute the same way."""
     args: Any = trainer.args  # a GRPOConfig
     problems: list[str] = []
     if trainer.loss_type not in SUPPORTED_LOSS_TYPES:
         problems.append(
             f"loss_type={trainer.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})"
         )
-    if trainer.num_iterations != 1:
+    if trainer.num_iterations != 1 and args.gradient_accumulation_steps > args.steps_per_generation:
         problems.append(
-            f"num_iterations={trainer.num_iterations}: later iterations are off-policy (PPO ratio "
-            "!= 1, clipping active), so the gradient is no longer sum_i weight_i A_i dS_i"
+            f"num_iterations={trainer.num_iterations} with gradient_accumulation_steps="
+            f"{args.gradient_accumulation_steps} > steps_per_generation="
+            f"{args.steps_per_generation}: one optimizer step would train on the same completions "
+            "twice, under one sequence id"
         )
-    generate_every = args.steps_per_generation * trainer.num_iterations
-    if args.gradient_accumulation_steps % generate_every != 0:
-        problems.append(
-            f"steps_per_generation={args.steps_per_generation} does not divide "
-            f"gradient_accumulation_steps={args.gradient_accumulation_steps}: completions would "
-            "be reused after an optimizer step (off-policy)"
-        )
-    if trainer.beta != 0.0:
-        problems.append(f"beta={trainer.beta}: the KL term's gradient is not of the form A_i dS_i")
     if getattr(trainer, "_entropy_bonus_enabled", False):
         problems.append(
             "an entropy bonus (entropy_coef / adaptive entropy) adds a non-A_i dS_i term"
         )
-    if trainer.top_entropy_quantile < 1.0:
-        problems.append(
-            f"top_entropy_quantile={trainer.top_entropy_quantile}: the token mask makes the "
-            "gradient a sum over a subset of tokens, not dS_i"
-        )
-    if trainer.off_policy_mask_threshold is not None:
-        problems.append("off_policy_mask_threshold is set (sequence masking by KL)")
     if float(trainer.temperature) != 1.0:
         problems.append(
             f"temperature={trainer.temperature}: TRL trains log softmax(logits / T); the capture "
             "differentiates the model's own log-probs"
         )
-    if trainer.use_vllm:
-        problems.append("use_vllm=True (importance-sampling correction against the vLLM sampler)")
-    if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):
-        problems.append("tools / environments (tool-output tokens are masked out of the loss)")
     if trainer.accelerator.num_processes != 1:
         problems.append(
             f"{trainer.accelerator.num_processes} processes: groups span ranks; run one process"
         )
-    if getattr(args, "delta", None) is not None and float(args.delta) <= 1.0:
-        problems.append(f"delta={args.delta} <= 1 clips the ratio at 1")
     if getattr(trainer, "aux_loss_enabled", False):
         problems.append("a MoE router auxiliary loss is enabled")
     if problems:
@@ -221,6 +242,11 @@ class KernelscopeConfig:
     check_logprobs:
         on the first micro-batch, compare the captured ``S_i`` with TRL's own log-probs and
         warn (``RuntimeWarning``) when they differ (one extra forward).
+    update_rows:
+        push update rows ``u_i`` from TRL's own token coefficients (math.md §4 "Update rows",
+        :func:`trl_token_coefficients`, one extra forward per micro-batch): ``None`` (default)
+        when the coefficients differ from the on-policy ``weight_i A_i`` (a later PPO pass, the
+        KL term, a mask, an importance weight), ``True`` always, ``False`` never.
     """
 
     url: str
@@ -235,6 +261,7 @@ class KernelscopeConfig:
     push_applied_update: bool = True
     push_logprob_after: bool = True
     check_logprobs: bool = True
+    update_rows: bool | None = None
 
 
 @dataclass
@@ -385,27 +412,32 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         ids = [f"s{i}" for i in index]
         policy = self._kernelscope_policy()
         client, run_id = self.kernelscope_client, self.kernelscope_run_id
+        weights = self._kernelscope_weights(inputs)
+        advantages = inputs["advantages"].detach().reshape(-1).double().cpu()
+        layout = self._kernelscope_update_layout(inputs, weights, advantages)
         # Same autocast as TRL's loss (TRL turns bf16 on by default, even on a CPU), so that
         # S_i and w_i are those of the function the step differentiates.
         with self.accelerator.autocast():
             if self._factorised is not None:
-                sketches = self._factorised.capture(batch)
+                sketches = self._factorised.capture(batch, token_coefficients=layout)
                 logprobs = sketches.logprobs
                 client.push_sketches(run_id, step, sketches.sketch, ids)
+                if sketches.update_sketch is not None:
+                    client.push_sketches(run_id, step, sketches.update_sketch, ids, rows="update")
             else:
-                captured = capture_gradients(
-                    policy,
-                    batch,
-                    parameter_filter=self.kernelscope.parameter_filter,
-                    method=self.kernelscope.capture_method,  # type: ignore[arg-type]
-                    chunk_size=self.kernelscope.chunk_size,
-                )
+                options: dict[str, Any] = {
+                    "parameter_filter": self.kernelscope.parameter_filter,
+                    "method": self.kernelscope.capture_method,
+                    "chunk_size": self.kernelscope.chunk_size,
+                }
+                captured = capture_gradients(policy, batch, **options)
                 logprobs = captured.logprobs
                 client.push_gradients(run_id, step, captured.gradients, ids)
+                if layout is not None:
+                    updates = capture_gradients(policy, batch, token_coefficients=layout, **options)
+                    client.push_gradients(run_id, step, updates.gradients, ids, rows="update")
         if self.kernelscope.check_logprobs and not self._ks_checked:
             self._kernelscope_check_logprobs(inputs, logprobs)
-        weights = self._kernelscope_weights(inputs)
-        advantages = inputs["advantages"].detach().reshape(-1).double().cpu()
         for j, seq_id in enumerate(ids):
             window.records.append(
                 {
@@ -418,6 +450,27 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 }
             )
         window.batches.append((ids, batch))
+
+    def _kernelscope_update_layout(
+        self, inputs: Mapping[str, Any], weights: torch.Tensor, advantages: torch.Tensor
+    ) -> torch.Tensor | None:
+        """TRL's token coefficients laid out like the capture batch's ``input_ids``, or None
+        when no update rows are to be pushed (:attr:`KernelscopeConfig.update_rows`)."""
+        if self.kernelscope.update_rows is False:
+            return None
+        model = self.model
+        assert model is not None
+        coefficients = trl_token_coefficients(self, model, inputs)
+        mask = inputs["completion_mask"]
+        if self.kernelscope.update_rows is None:
+            on_policy = (weights.double() * advantages.to(weights.device))[:, None] * mask
+            scale = float(on_policy.abs().max()) + 1e-30
+            if torch.allclose(coefficients.double(), on_policy, rtol=1e-5, atol=1e-6 * scale):
+                return None
+        prompt_mask = inputs["prompt_mask"]
+        attention = torch.cat([prompt_mask, mask], dim=1)
+        zeros = torch.zeros_like(prompt_mask, dtype=coefficients.dtype)
+        return repack(torch.cat([zeros, coefficients.to(zeros.device)], dim=1), attention)
 
     def _kernelscope_check_logprobs(
         self, inputs: Mapping[str, Any], logprobs: torch.Tensor

@@ -34,7 +34,7 @@ from transformers import (  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict  # noqa: E402
 
-from clients.capture import SequenceBatch, capture_gradients  # noqa: E402
+from clients.capture import SequenceBatch, capture_gradients, repack  # noqa: E402
 from clients.http import Client  # noqa: E402
 from clients.trl import (  # noqa: E402
     SUPPORTED_LOSS_TYPES,
@@ -43,6 +43,7 @@ from clients.trl import (  # noqa: E402
     UnsupportedTRLSettingError,
     check_supported,
     trl_sequence_weights,
+    trl_token_coefficients,
 )
 from tests.clients.conftest import LiveService  # noqa: E402
 
@@ -182,13 +183,117 @@ def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> 
         torch.testing.assert_close(predicted, expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def _perturbed_logps(
+    trainer: GRPOTrainer, micro: dict[str, Any], scale: float, seed: int
+) -> torch.Tensor:
+    """TRL's per-token log-probs of the micro-batch's completions under the model with its
+    parameters moved by ``scale`` times Gaussian noise: an earlier policy (a later PPO pass) or
+    a reference policy for the KL term."""
+    import copy
+
+    other = copy.deepcopy(trainer.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            other,
+            torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
+            torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1),
+            micro["completion_ids"].size(1),
+        )
+    return logps.detach()
+
+
+# Settings beyond the on-policy case, injected the way TRL's own code feeds them to
+# ``_compute_loss``: the trainer attribute or config field that turns them on, and the input
+# that ``_generate_and_score_completions`` would have produced (an earlier policy's
+# ``old_per_token_logps`` on a later PPO pass, the reference ``ref_per_token_logps`` for beta,
+# a ``tool_mask``, the vLLM sampler's ``importance_sampling_ratio``).
+UPDATE_ROW_SETTINGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "later_pass_clipped": ("grpo", {"num_iterations": 2}, {"old": 0.05}),
+    "kl_beta": ("grpo", {}, {"beta": 0.04, "ref": 0.05}),
+    "kl_beta_later_pass_dapo": ("dapo", {}, {"beta": 0.04, "ref": 0.05, "old": 0.05}),
+    "two_sided_delta": ("bnpo", {"delta": 1.02}, {"old": 0.05}),
+    "entropy_mask": ("dapo", {"top_entropy_quantile": 0.5}, {}),
+    "off_policy_mask": ("dapo", {"off_policy_mask_threshold": 0.0}, {"old": 0.05}),
+    "tool_mask": ("dr_grpo", {}, {"tool_mask": True}),
+    "vllm_is_correction": ("grpo", {}, {"is_ratio": True}),
+    "sequence_level_sapo": ("sapo", {}, {"old": 0.05}),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(UPDATE_ROW_SETTINGS))
+def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -> None:
+    """``sum_i u_i``, with ``u_i = sum_t c_{i,t} grad log pi_{i,t}`` and ``c`` from
+    :func:`trl_token_coefficients`, equals ``-grad`` of TRL's own ``compute_loss`` on a real
+    micro-batch, for settings whose gradient is not ``sum_i weight_i A_i dS_i``: a later PPO
+    pass with clipping, the KL term, two-sided clipping, the entropy and off-policy masks, a tool
+    mask and the vLLM importance-sampling correction."""
+    loss_type, config, inject = UPDATE_ROW_SETTINGS[setting]
+    trainer = _plain_trainer(tmp_path, loss_type=loss_type, **config)
+    model = trainer.model
+    model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    torch.manual_seed(0)
+    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
+    micro = dict(split_tensor_dict(generation, 2)[0])
+    trainer.current_gradient_accumulation_steps = 2
+    mask = micro["completion_mask"]
+    if "old" in inject:
+        micro["old_per_token_logps"] = _perturbed_logps(trainer, micro, inject["old"], seed=1)
+    if "ref" in inject:
+        trainer.beta = inject["beta"]
+        micro["ref_per_token_logps"] = _perturbed_logps(trainer, micro, inject["ref"], seed=2)
+    if inject.get("tool_mask"):
+        tool = torch.ones_like(mask)
+        tool[:, 1::3] = 0  # every third completion token came from a tool: not trained on
+        micro["tool_mask"] = tool
+    if inject.get("is_ratio"):
+        trainer.use_vllm = True
+        trainer.vllm_importance_sampling_correction = True
+        g = torch.Generator().manual_seed(3)
+        micro["importance_sampling_ratio"] = torch.rand(mask.shape, generator=g) * 1.5 + 0.25
+
+    model.zero_grad(set_to_none=True)
+    trainer.compute_loss(model, micro).backward()
+    trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    coefficients = trl_token_coefficients(trainer, model, micro)
+    assert all(p.grad is None for p in model.parameters())
+    plain = trl_sequence_weights(
+        loss_type,
+        mask,
+        gradient_accumulation_steps=2,
+        max_completion_length=6,
+        num_items_in_batch=float(micro["num_items_in_batch"]),
+        steps_per_generation=2,
+        epsilon_high=float(trainer.epsilon_high),
+    )
+    on_policy = (plain * micro["advantages"].double())[:, None].float() * mask
+    assert not torch.allclose(coefficients, on_policy, atol=1e-6), "the setting changes nothing"
+
+    full = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)
+    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
+    batch = SequenceBatch.from_padded(
+        full, attention, torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool()
+    )
+    layout = repack(
+        torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients], 1), attention
+    )
+    captured = capture_gradients(model, batch, token_coefficients=layout)
+    for name, rows_u in captured.gradients.items():
+        predicted = rows_u.sum(0)
+        expected = -trl_grad.get(name, torch.zeros_like(predicted))
+        torch.testing.assert_close(predicted, expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"num_iterations": 2}, "num_iterations"),
         ({"temperature": 0.7}, "temperature"),
-        ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
-        ({"steps_per_generation": 4}, "steps_per_generation"),
+        ({"num_iterations": 2, "steps_per_generation": 1}, "same completions twice"),
     ],
 )
 def test_unsupported_settings_are_refused(
@@ -199,14 +304,28 @@ def test_unsupported_settings_are_refused(
         check_supported(trainer)
 
 
-def test_kl_term_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_iterations": 2},
+        {"top_entropy_quantile": 0.5},
+        {"steps_per_generation": 4},
+        {"off_policy_mask_threshold": 0.1},
+        {"delta": 1.5},
+    ],
+)
+def test_settings_covered_by_update_rows_are_accepted(
+    tmp_path: Path, overrides: dict[str, Any]
+) -> None:
+    check_supported(_plain_trainer(tmp_path, **overrides))
+
+
+def test_kl_term_is_accepted(tmp_path: Path) -> None:
     # A real beta > 0 makes TRL load a reference model by name (a download); the check reads
     # the trainer's attribute, so set it on a built trainer.
     trainer = _plain_trainer(tmp_path)
-    check_supported(trainer)  # the defaults (dapo, beta 0, ...) are supported
     trainer.beta = 0.04
-    with pytest.raises(UnsupportedTRLSettingError, match="beta"):
-        check_supported(trainer)
+    check_supported(trainer)
 
 
 @pytest.mark.parametrize(("make_model", "warns"), [(tiny_llama, False), (tiny_gpt2, True)])
@@ -239,12 +358,20 @@ def test_weights_unknown_loss_type() -> None:
         trl_sequence_weights("made_up", torch.ones(2, 3), gradient_accumulation_steps=1)
 
 
-def test_trainer_pushes_two_steps(live_service: LiveService, tmp_path: Path) -> None:
-    """A real GRPO run (dapo loss, accumulation 2) with plain SGD and no clipping: the service
-    holds both steps, ready, with every generated sequence; and since the applied update is
-    then exactly ``eta * sum_i weight_i A_i w_i``, the service's ``plugin`` prediction
-    ``eta h^T K c`` (built from our weights and learning rate) equals ``<grad_hat H, u>``
-    computed from the real parameter change."""
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_iterations": 2, "epsilon": 0.02}],
+    ids=["on_policy", "later_pass_clipped"],
+)
+def test_trainer_pushes_two_steps(
+    live_service: LiveService, tmp_path: Path, overrides: dict[str, Any]
+) -> None:
+    """A real GRPO run (dapo loss, accumulation 2) with plain SGD and no gradient clipping: the
+    service holds both steps, ready, with every generated sequence; and since the applied update
+    is then exactly ``-eta grad L``, the service's ``plugin`` prediction (built from the pushed
+    rows and learning rate) equals ``<grad_hat H, u>`` computed from the real parameter change.
+    With ``num_iterations = 2`` the second step trains again on the first step's completions,
+    at PPO ratio != 1 with clipping: the identity then holds only through the update rows."""
     args = grpo_args(
         tmp_path,
         max_steps=2,
@@ -253,6 +380,7 @@ def test_trainer_pushes_two_steps(live_service: LiveService, tmp_path: Path) -> 
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         weight_decay=0.0,
+        **overrides,
     )
     trainer = KernelscopeGRPOTrainer(
         model=tiny_llama(),

@@ -20,11 +20,11 @@ It reads the fields TRL already computed (``prompt_ids``, ``prompt_mask``,
 ``torch.autograd.grad`` / ``torch.func`` and never touches ``.grad``, so training is unchanged.
 
 Supported settings (checked at construction; anything else raises
-:class:`UnsupportedTRLSettingError`): see ``docs/trl.md``.  In short, every setting under which the
-step's gradient is exactly ``-sum_i weight_i A_i dS_i/dtheta``: on-policy steps (PPO ratio 1:
-``num_iterations == 1`` and generation aligned with the accumulation window), no KL term
-(``beta == 0``), no entropy bonus or entropy mask, temperature 1, one process, no vLLM, no
-tools.
+:class:`UnsupportedTRLSettingError`): see ``docs/trl.md``.  In short, every loss built from the
+sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
+term, clipping, token and tool masks and importance corrections through update rows
+(:func:`trl_token_coefficients`, math.md §4 "Update rows").  Refused: temperature != 1, an
+entropy bonus, a MoE router loss, more than one process.
 """
 
 from __future__ import annotations

@@ -190,17 +190,23 @@ def response_logprobs(
     input_ids: torch.Tensor,
     response_mask: torch.Tensor,
     weights: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``S_i = sum_t log softmax(logits[i, t-1])[input_ids[i, t]]`` over response positions.
+    """``S_i = sum_t log softmax(logits[i, t-1] / T)[input_ids[i, t]]`` over response positions.
 
     ``logits`` ``[n, L, V]``, ``input_ids`` ``[n, L]``, ``response_mask`` ``[n, L]`` bool.
     ``weights`` ``[n, L]`` float (optional): ``sum_t weights[i, t] log pi(input_ids[i, t] |
     ...)`` instead, whose gradient is the update row ``u_i`` when the weights are the loss's
     token coefficients ``c_{i,t} = -dL/d log pi_{i,t}`` (math.md §4 "Update rows").
+    ``temperature`` ``T``: the tempered policy a trainer samples from and trains (TRL divides
+    its logits by ``T``); 1 is the model's own softmax.
     Returns ``[n]`` float32.  Masked positions are removed with ``where`` (not a product), so
     a non-finite logit on a padded position cannot leak into ``S_i`` or its gradient.
     """
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scaled = logits[:, :-1].float()
+    logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, dim=-1)
     token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = response_mask[:, 1:]
     if weights is not None:  # padded weights may hold anything: zero them before the product
@@ -225,12 +231,18 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 
 def sequence_logprobs(
-    model: nn.Module, batch: SequenceBatch, *, use_eval_mode: bool = True
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    use_eval_mode: bool = True,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """``[n]`` float32 ``S_i`` of every sequence, without gradients (e.g. ``logprob_after``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode):
         logits = forward_logits(model, batch.input_ids, batch.attention_mask)
-        return response_logprobs(logits, batch.input_ids, batch.response_mask)
+        return response_logprobs(
+            logits, batch.input_ids, batch.response_mask, temperature=temperature
+        )
 
 
 @dataclass
@@ -270,6 +282,7 @@ def _vmap_chunk(
     params: Mapping[str, torch.Tensor],
     batch: SequenceBatch,
     weights: torch.Tensor,
+    temperature: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from torch.func import functional_call, grad_and_value, vmap
 
@@ -281,7 +294,9 @@ def _vmap_chunk(
             if hasattr(model, "config")
             else functional_call(model, p, (ids.unsqueeze(0),))
         )
-        return response_logprobs(logits, ids.unsqueeze(0), rmask.unsqueeze(0), w.unsqueeze(0))[0]
+        return response_logprobs(
+            logits, ids.unsqueeze(0), rmask.unsqueeze(0), w.unsqueeze(0), temperature
+        )[0]
 
     detached = {k: v.detach() for k, v in params.items()}
     grads, values = vmap(grad_and_value(score), in_dims=(None, 0, 0, 0))(
@@ -295,6 +310,7 @@ def _loop_chunk(
     params: Mapping[str, nn.Parameter],
     batch: SequenceBatch,
     weights: torch.Tensor,
+    temperature: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     names = list(params)
     tensors = [params[k] for k in names]
@@ -305,7 +321,11 @@ def _loop_chunk(
         ids = batch.input_ids[i : i + 1, :length]
         logits = forward_logits(model, ids)
         s = response_logprobs(
-            logits, ids, batch.response_mask[i : i + 1, :length], weights[i : i + 1, :length]
+            logits,
+            ids,
+            batch.response_mask[i : i + 1, :length],
+            weights[i : i + 1, :length],
+            temperature,
         )[0]
         grads = torch.autograd.grad(s, tensors, allow_unused=True)
         values.append(s.detach())
@@ -323,6 +343,7 @@ def capture_gradients(
     chunk_size: int = 8,
     use_eval_mode: bool = True,
     token_coefficients: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> CapturedGradients:
     """Per-sequence score gradients ``w_i = dS_i/dtheta`` of the selected parameters, or update
     rows ``u_i`` (math.md §4 "Update rows").
@@ -347,6 +368,9 @@ def capture_gradients(
         with the token log-probs as leaves; 0 elsewhere).  The rows are then the update rows
         ``u_i = sum_t c_{i,t} grad log pi_{i,t}``, to push with ``rows="update"``, and
         ``logprobs`` holds ``sum_t c_{i,t} log pi_{i,t}``.
+    temperature:
+        capture the tempered policy ``softmax(logits / T)`` that the trainer samples from and
+        trains (TRL's ``temperature``); its entropy is then the one predicted.
 
     Returns
     -------
@@ -373,7 +397,7 @@ def capture_gradients(
             chunk, w = batch.select(span), weights[span]
             if used in ("auto", "vmap"):
                 try:
-                    s, g = _vmap_chunk(model, params, chunk, w)
+                    s, g = _vmap_chunk(model, params, chunk, w, temperature)
                     used = "vmap"
                 except Exception as exc:  # any vmap failure means "this model cannot be vmapped"
                     if method == "vmap":
@@ -385,9 +409,9 @@ def capture_gradients(
                         stacklevel=2,
                     )
                     used = "loop"
-                    s, g = _loop_chunk(model, params, chunk, w)
+                    s, g = _loop_chunk(model, params, chunk, w, temperature)
             else:
-                s, g = _loop_chunk(model, params, chunk, w)
+                s, g = _loop_chunk(model, params, chunk, w, temperature)
             values.append(s)
             for k in params:
                 parts[k].append(g[k])

@@ -160,9 +160,14 @@ class FactorisedCapture:
         non_matrix: NonMatrix = "sketch",
         strict: bool = False,
         use_eval_mode: bool = True,
+        temperature: float = 1.0,
     ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.use_eval_mode = use_eval_mode
+        #: the sampling temperature ``T`` of the policy ``softmax(logits / T)`` (TRL's)
+        self.temperature = float(temperature)
         try:
             accepted = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -456,7 +461,9 @@ class FactorisedCapture:
                 )
         with eval_mode(self.model, self.use_eval_mode), self._hooks(acc):
             logits = self._forward(batch)
-            logprobs = response_logprobs(logits, batch.input_ids, batch.response_mask)
+            logprobs = response_logprobs(
+                logits, batch.input_ids, batch.response_mask, temperature=self.temperature
+            )
             # Differentiate to the embedding outputs only: every hooked output lies between
             # them and the loss, and autograd then skips the weight-gradient products (half of
             # a backward).  autograd.grad, not backward(): no parameter's .grad is touched.
@@ -467,7 +474,9 @@ class FactorisedCapture:
                 # some hooked output is not upstream of an embedding: run the full backward
                 acc.clear()
                 logits = self._forward(batch)
-                logprobs = response_logprobs(logits, batch.input_ids, batch.response_mask)
+                logprobs = response_logprobs(
+                    logits, batch.input_ids, batch.response_mask, temperature=self.temperature
+                )
                 targets = list(params)
                 torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
             sketch = self._rows(acc, batch.size, logprobs.device)
@@ -476,7 +485,7 @@ class FactorisedCapture:
                 acc.cores.clear()
                 acc.vectors.clear()
                 weighted = response_logprobs(
-                    logits, batch.input_ids, batch.response_mask, weights
+                    logits, batch.input_ids, batch.response_mask, weights, self.temperature
                 ).sum()
                 torch.autograd.grad(weighted, targets, allow_unused=True)
                 update_sketch = self._rows(acc, batch.size, logprobs.device)

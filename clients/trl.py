@@ -23,8 +23,9 @@ Supported settings (checked at construction; anything else raises
 :class:`UnsupportedTRLSettingError`): see ``docs/trl.md``.  In short, every loss built from the
 sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
 term, clipping, token and tool masks and importance corrections through update rows
-(:func:`trl_token_coefficients`, math.md §4 "Update rows").  Refused: temperature != 1, an
-entropy bonus, a MoE router loss, more than one process.
+(:func:`trl_token_coefficients`, math.md §4 "Update rows").  Refused: an entropy bonus, a MoE
+router loss, more than one process.  With ``temperature != 1`` every log-prob is the tempered
+policy's, as TRL trains it, and so is the entropy predicted.
 """
 
 from __future__ import annotations
@@ -199,11 +200,6 @@ def check_supported(trainer: GRPOTrainer) -> None:
         problems.append(
             "an entropy bonus (entropy_coef / adaptive entropy) adds a non-A_i dS_i term"
         )
-    if float(trainer.temperature) != 1.0:
-        problems.append(
-            f"temperature={trainer.temperature}: TRL trains log softmax(logits / T); the capture "
-            "differentiates the model's own log-probs"
-        )
     if trainer.accelerator.num_processes != 1:
         problems.append(
             f"{trainer.accelerator.num_processes} processes: groups span ranks; run one process"
@@ -321,6 +317,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 dim=int(spec["dim"]),
                 seed=int(spec.get("seed", 0)),
                 parameter_filter=kernelscope.parameter_filter,
+                temperature=float(self.temperature),
             )
             declared = self._factorised.parameters
         else:
@@ -429,6 +426,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     "parameter_filter": self.kernelscope.parameter_filter,
                     "method": self.kernelscope.capture_method,
                     "chunk_size": self.kernelscope.chunk_size,
+                    "temperature": float(self.temperature),
                 }
                 captured = capture_gradients(policy, batch, **options)
                 logprobs = captured.logprobs
@@ -537,7 +535,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             after: dict[str, float] = {}
             for ids, batch in window.batches:
                 with self.accelerator.autocast():
-                    values = sequence_logprobs(policy, batch)
+                    values = sequence_logprobs(policy, batch, temperature=float(self.temperature))
                 after.update({i: float(v) for i, v in zip(ids, values.tolist(), strict=True)})
             records = [{**r, "logprob_after": after[r["id"]]} for r in records]
         max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None

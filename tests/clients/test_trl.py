@@ -220,6 +220,7 @@ UPDATE_ROW_SETTINGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "tool_mask": ("dr_grpo", {}, {"tool_mask": True}),
     "vllm_is_correction": ("grpo", {}, {"is_ratio": True}),
     "sequence_level_sapo": ("sapo", {}, {"old": 0.05}),
+    "temperature": ("dapo", {"temperature": 0.7}, {"old": 0.05}),
 }
 
 
@@ -282,7 +283,8 @@ def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -
     layout = repack(
         torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients], 1), attention
     )
-    captured = capture_gradients(model, batch, token_coefficients=layout)
+    temperature = float(trainer.temperature)
+    captured = capture_gradients(model, batch, token_coefficients=layout, temperature=temperature)
     for name, rows_u in captured.gradients.items():
         predicted = rows_u.sum(0)
         expected = -trl_grad.get(name, torch.zeros_like(predicted))
@@ -292,7 +294,6 @@ def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"temperature": 0.7}, "temperature"),
         ({"num_iterations": 2, "steps_per_generation": 1}, "same completions twice"),
     ],
 )
@@ -312,6 +313,7 @@ def test_unsupported_settings_are_refused(
         {"steps_per_generation": 4},
         {"off_policy_mask_threshold": 0.1},
         {"delta": 1.5},
+        {"temperature": 0.7},
     ],
 )
 def test_settings_covered_by_update_rows_are_accepted(

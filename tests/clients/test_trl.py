@@ -419,3 +419,53 @@ def test_trainer_pushes_two_steps(
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
             default = client.entropy(trainer.kernelscope_run_id, step)
             assert math.isfinite(default.delta_h1)
+
+
+def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path) -> None:
+    """A real GRPO run with a ``peft`` LoRA adapter on the attention projections and
+    ``ParameterFilter(lora_only=True)``: only the adapter parameters are declared, captured and
+    updated, and the identity of the one-process test holds over them (plain SGD, no gradient
+    clipping: the ``plugin`` prediction equals ``delta_h1_applied`` from the real change of the
+    adapter parameters), also on a later pass at ratio != 1 with clipping (update rows)."""
+    peft = pytest.importorskip("peft")
+    from clients.filters import ParameterFilter
+
+    args = grpo_args(
+        tmp_path,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        num_iterations=2,
+        epsilon=0.02,
+    )
+    trainer = KernelscopeGRPOTrainer(
+        model=tiny_llama(),
+        reward_funcs=first_char_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=char_tokenizer(),
+        peft_config=peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        ),
+        kernelscope=KernelscopeConfig(
+            url=live_service.base_url,
+            sketch={"kind": "countsketch", "dim": 256, "seed": 1},
+            parameter_filter=ParameterFilter(lora_only=True),
+        ),
+    )
+    trainer.train()
+    with Client(live_service.base_url) as client:
+        run = client.get_run(trainer.kernelscope_run_id)
+        assert run.parameters is not None and run.parameters
+        assert all("lora_" in name for name in run.parameters)
+        adapter = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
+        assert sum(math.prod(s) for s in run.parameters.values()) == adapter
+        for step in (0, 1):
+            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
+            assert status.state == "ready" and status.applied_update
+            report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
+            assert report.delta_h1 != 0.0
+            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)

@@ -152,8 +152,8 @@ def realized_parts(
         snis += (-float(np.sum(w * S_after[rows])) + float(S[rows].mean())) / B
 
     h_before = -float(np.sum(S * weight))
-    delta = float(cv.sum()) if est is RealizedEstimator.CONTROL_VARIATE else snis
-    parts = cv if est is RealizedEstimator.CONTROL_VARIATE else np.zeros(seqs.n)
+    use_cv = est is RealizedEstimator.CONTROL_VARIATE
+    delta = float(cv.sum()) if use_cv else snis
     realized = Realized(
         delta_h=delta,
         source="logprob_after",
@@ -162,12 +162,12 @@ def realized_parts(
         num_sequences=int(keep.sum()),
         num_prompts=B,
         estimator=est,
-        se=_sqrt(per_prompt_covariance(cv, cv, codes)) if parts is cv else None,
+        se=_sqrt(per_prompt_covariance(cv, cv, codes)) if use_cv else None,
         delta_h_snis=snis,
         kl=float(kl.sum()),
         kl_se=_sqrt(per_prompt_covariance(kl, kl, codes)),
     )
-    return RealizedParts(realized=realized, delta=parts, mask=keep)
+    return RealizedParts(realized=realized, delta=cv if use_cv else np.zeros(seqs.n), mask=keep)
 
 
 def _sqrt(variance: float | None) -> float | None:

@@ -360,6 +360,39 @@ def test_weights_unknown_loss_type() -> None:
         trl_sequence_weights("made_up", torch.ones(2, 3), gradient_accumulation_steps=1)
 
 
+SKETCH_512 = {"kind": "countsketch", "dim": 512, "seed": 1}
+
+
+def sgd_args(tmp_path: Path, learning_rate: float, **overrides: Any) -> GRPOConfig:
+    """Two steps of plain SGD (constant rate, no gradient clipping, no weight decay): the
+    applied update is exactly ``-eta grad L``, so ``plugin dH1 = delta_h1_applied``."""
+    return grpo_args(
+        tmp_path,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        **overrides,
+    )
+
+
+def sgd_trainer(
+    args: GRPOConfig, kernelscope: KernelscopeConfig, **kwargs: Any
+) -> KernelscopeGRPOTrainer:
+    """A kernelscope trainer of the tiny Llama on the test prompts (``kwargs``: e.g. LoRA)."""
+    return KernelscopeGRPOTrainer(
+        model=tiny_llama(),
+        reward_funcs=first_char_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=char_tokenizer(),
+        kernelscope=kernelscope,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_iterations": 2, "epsilon": 0.02}],
@@ -374,26 +407,8 @@ def test_trainer_pushes_two_steps(
     rows and learning rate) equals ``<grad_hat H, u>`` computed from the real parameter change.
     With ``num_iterations = 2`` the second step trains again on the first step's completions,
     at PPO ratio != 1 with clipping: the identity then holds only through the update rows."""
-    args = grpo_args(
-        tmp_path,
-        max_steps=2,
-        optim="sgd",
-        learning_rate=0.05,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        **overrides,
-    )
-    trainer = KernelscopeGRPOTrainer(
-        model=tiny_llama(),
-        reward_funcs=first_char_reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-        processing_class=char_tokenizer(),
-        kernelscope=KernelscopeConfig(
-            url=live_service.base_url, sketch={"kind": "countsketch", "dim": 512, "seed": 1}
-        ),
-    )
+    args = sgd_args(tmp_path, learning_rate=0.05, **overrides)
+    trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512))
     trainer.train()
     generated = args.per_device_train_batch_size * args.steps_per_generation
     with Client(live_service.base_url) as client:
@@ -430,30 +445,16 @@ def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path)
     peft = pytest.importorskip("peft")
     from clients.filters import ParameterFilter
 
-    args = grpo_args(
-        tmp_path,
-        max_steps=2,
-        optim="sgd",
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        num_iterations=2,
-        epsilon=0.02,
-    )
-    trainer = KernelscopeGRPOTrainer(
-        model=tiny_llama(),
-        reward_funcs=first_char_reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-        processing_class=char_tokenizer(),
-        peft_config=peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
-        ),
-        kernelscope=KernelscopeConfig(
+    args = sgd_args(tmp_path, learning_rate=0.5, num_iterations=2, epsilon=0.02)
+    trainer = sgd_trainer(
+        args,
+        KernelscopeConfig(
             url=live_service.base_url,
             sketch={"kind": "countsketch", "dim": 256, "seed": 1},
             parameter_filter=ParameterFilter(lora_only=True),
+        ),
+        peft_config=peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
         ),
     )
     trainer.train()

@@ -483,11 +483,13 @@ class Client:
         normalization: str = "dr_grpo",
         geometry: str = "sgd",
         parameters: Mapping[str, Sequence[int]] | None = None,
+        ranks: int = 1,
     ) -> RunInfo:
         """``POST /v1/runs``.  ``sketch``: ``{"kind", "dim", "seed", "groups"?}`` or a spec object.
 
         ``parameters`` (``{name: shape}``, e.g. ``ParameterFilter.declared_parameters(model)``
         or ``FactorisedCapture.parameters``) is required by ``exact`` and ``kronecker``.
+        ``ranks``: trainer processes that push each step (each with ``push_sequences(rank=)``).
         """
         body: dict[str, Any] = {
             "sketch": sketch_spec_dict(sketch),
@@ -498,6 +500,8 @@ class Client:
             body["run_id"] = run_id
         if parameters is not None:
             body["parameters"] = {k: [int(s) for s in v] for k, v in parameters.items()}
+        if ranks != 1:
+            body["ranks"] = int(ranks)
         # Without a run id a retried POST could create two runs: retry only with an id.
         return RunInfo.from_json(
             self._json("POST", "/v1/runs", json=body, retry=run_id is not None)
@@ -526,15 +530,20 @@ class Client:
         learning_rate: float,
         sequences: Sequence[Mapping[str, Any] | Any],
         max_length: int | None = None,
+        rank: int | None = None,
     ) -> dict[str, Any]:
         """``POST .../sequences``: metadata rows (``id``, ``prompt_id``, ``logprob``,
-        ``advantage``, ``num_tokens``, optional ``role``, ``weight``, ``logprob_after``)."""
+        ``advantage``, ``num_tokens``, optional ``role``, ``weight``, ``logprob_after``).
+        ``rank``: the pushing trainer process in a run of several ``ranks``, sent after that
+        rank's rows (the step is ready once every rank has reported)."""
         body: dict[str, Any] = {
             "learning_rate": float(learning_rate),
             "sequences": [_sequence_dict(s) for s in sequences],
         }
         if max_length is not None:
             body["max_length"] = int(max_length)
+        if rank is not None:
+            body["rank"] = int(rank)
         data: dict[str, Any] = self._json("POST", _step_path(run_id, step, "/sequences"), json=body)
         return data
 
@@ -837,6 +846,7 @@ class AsyncClient:
         normalization: str = "dr_grpo",
         geometry: str = "sgd",
         parameters: Mapping[str, Sequence[int]] | None = None,
+        ranks: int = 1,
     ) -> RunInfo:
         """See :meth:`Client.create_run`."""
         body: dict[str, Any] = {
@@ -848,6 +858,8 @@ class AsyncClient:
             body["run_id"] = run_id
         if parameters is not None:
             body["parameters"] = {k: [int(s) for s in v] for k, v in parameters.items()}
+        if ranks != 1:
+            body["ranks"] = int(ranks)
         data = await self._json("POST", "/v1/runs", json=body, retry=run_id is not None)
         return RunInfo.from_json(data)
 
@@ -872,6 +884,7 @@ class AsyncClient:
         learning_rate: float,
         sequences: Sequence[Mapping[str, Any] | Any],
         max_length: int | None = None,
+        rank: int | None = None,
     ) -> dict[str, Any]:
         """See :meth:`Client.push_sequences`."""
         body: dict[str, Any] = {
@@ -880,6 +893,8 @@ class AsyncClient:
         }
         if max_length is not None:
             body["max_length"] = int(max_length)
+        if rank is not None:
+            body["rank"] = int(rank)
         data: dict[str, Any] = await self._json(
             "POST", _step_path(run_id, step, "/sequences"), json=body
         )

@@ -81,6 +81,8 @@ class StepStatus:
     applied_update: bool
     learning_rate: float | None
     errors: tuple[UploadError, ...]
+    ranks_expected: int
+    ranks_reported: tuple[int, ...]
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
@@ -101,6 +103,8 @@ class StepStatus:
                 )
                 for e in data.get("errors") or []
             ),
+            ranks_expected=int(data.get("ranks_expected", 1)),
+            ranks_reported=tuple(int(r) for r in data.get("ranks_reported") or ()),
             raw=data,
         )
 
@@ -114,6 +118,7 @@ class RunInfo:
     normalization: str
     geometry: str
     parameters: dict[str, list[int]] | None
+    ranks: int
     k: int
     created_at: float
     steps: tuple[StepStatus, ...] | None
@@ -128,6 +133,7 @@ class RunInfo:
             normalization=str(data.get("normalization", "")),
             geometry=str(data.get("geometry", "")),
             parameters=data.get("parameters"),
+            ranks=int(data.get("ranks", 1)),
             k=int(data.get("k", 0)),
             created_at=float(data.get("created_at", 0.0)),
             steps=None if steps is None else tuple(StepStatus.from_json(s) for s in steps),

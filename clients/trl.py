@@ -24,8 +24,9 @@ Supported settings (checked at construction; anything else raises
 sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
 term, clipping, token and tool masks and importance corrections through update rows
 (:func:`trl_token_coefficients`, math.md §4 "Update rows").  Refused: an entropy bonus, a MoE
-router loss, more than one process.  With ``temperature != 1`` every log-prob is the tempered
-policy's, as TRL trains it, and so is the entropy predicted.
+router loss.  Under accelerate/DDP every rank pushes its own completions and the run waits for
+all of them (``ranks``; docs/trl.md "Many ranks").  With ``temperature != 1`` every log-prob
+is the tempered policy's, as TRL trains it, and so is the entropy predicted.
 """
 
 from __future__ import annotations
@@ -142,8 +143,9 @@ def trl_sequence_weights(
 def trl_token_coefficients(
     trainer: GRPOTrainer, model: nn.Module, inputs: Mapping[str, Any]
 ) -> torch.Tensor:
-    """``c_{i,t} = -dL/d log pi_{i,t}`` of TRL's own loss on one micro-batch: ``[b, T]`` float32,
-    laid out like ``completion_ids`` (math.md §4 "Update rows").
+    """``c_{i,t} = -(1/P) dL/d log pi_{i,t}`` of TRL's own loss on one micro-batch: ``[b, T]``
+    float32, laid out like ``completion_ids`` (math.md §4 "Update rows"); ``P`` processes, whose
+    gradients DDP averages.
 
     TRL's ``compute_loss`` runs as it does in training, except that its per-token log-probs are
     replaced by leaves (the same values, detached): autograd of the loss with respect to them
@@ -173,7 +175,8 @@ def trl_token_coefficients(
     (grad,) = torch.autograd.grad(loss, leaves[0], allow_unused=True)
     if grad is None:
         return torch.zeros_like(leaves[0], dtype=torch.float32)
-    return (-grad).float()
+    # DDP averages the ranks' gradients: this rank's share of the step's gradient is 1/P.
+    return (-grad / trainer.accelerator.num_processes).float()
 
 
 def check_supported(trainer: GRPOTrainer) -> None:
@@ -199,10 +202,6 @@ def check_supported(trainer: GRPOTrainer) -> None:
     if getattr(trainer, "_entropy_bonus_enabled", False):
         problems.append(
             "an entropy bonus (entropy_coef / adaptive entropy) adds a non-A_i dS_i term"
-        )
-    if trainer.accelerator.num_processes != 1:
-        problems.append(
-            f"{trainer.accelerator.num_processes} processes: groups span ranks; run one process"
         )
     if getattr(trainer, "aux_loss_enabled", False):
         problems.append("a MoE router auxiliary loss is enabled")
@@ -305,7 +304,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self.kernelscope_client = kernelscope_client or Client(
             kernelscope.url, token=kernelscope.token
         )
-        self.kernelscope_run_id = kernelscope.run_id or f"trl-{uuid.uuid4().hex[:12]}"
+        self.kernelscope_run_id = self._kernelscope_shared_run_id(kernelscope.run_id)
         policy = self._kernelscope_policy()
         spec = dict(kernelscope.sketch)
         self._factorised: FactorisedCapture | None = None
@@ -332,6 +331,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             normalization=_RUN_NORMALIZATION.get(self.loss_type, "dr_grpo"),
             geometry="sgd",
             parameters=declared,
+            ranks=int(self.accelerator.num_processes),
         )
         self._ks_generation = 0
         self._ks_window: _Window | None = None
@@ -348,15 +348,30 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         policy: nn.Module = self.accelerator.unwrap_model(self.model)
         return policy
 
+    def _kernelscope_shared_run_id(self, run_id: str | None) -> str:
+        """The configured run id, or one drawn on the main process and shared with every rank."""
+        if run_id is not None:
+            return run_id
+        drawn = [f"trl-{uuid.uuid4().hex[:12]}"]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(drawn, from_process=0)
+        return drawn[0]
+
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         output: dict[str, Any] = super()._generate_and_score_completions(inputs)
         if self._kernelscope_policy().training:
-            # Before TRL shuffles and splits the generation batch: completions of one prompt
-            # are consecutive here (RepeatSampler), num_generations of them.
-            # Ids unique over the run: generation g's sequence j is g * n + j.
+            # Before TRL shuffles and splits the generation batch.  TRL gathers the ranks'
+            # completions in rank order, groups num_generations consecutive ones (one prompt,
+            # RepeatSampler; a group may span ranks) and keeps rank r's slice
+            # [r * n, (r + 1) * n).  Ids unique over the run: generation g's global completion
+            # j is g * n * P + j, its group g * n * P + j // num_generations.
             n = int(output["advantages"].shape[0])
-            index = torch.arange(n, device=output["advantages"].device)
-            offset = self._ks_generation * n
+            total = n * int(self.accelerator.num_processes)
+            first = int(self.accelerator.process_index) * n
+            index = torch.arange(first, first + n, device=output["advantages"].device)
+            offset = self._ks_generation * total
             output["kernelscope_index"] = index + offset
             output["kernelscope_group"] = index // int(self._grpo_args.num_generations) + offset
             self._ks_generation += 1
@@ -509,7 +524,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
     def _kernelscope_before_step(self) -> None:
         window = self._ks_window
-        if window is None or not self.kernelscope.push_applied_update:
+        # Every rank applies the same (all-reduced) update: the main process pushes it.
+        if (
+            window is None
+            or not self.kernelscope.push_applied_update
+            or not self.accelerator.is_main_process
+        ):
             return
         window.before = {n: p.detach().clone() for n, p in self._kernelscope_selected().items()}
 
@@ -539,7 +559,14 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 after.update({i: float(v) for i, v in zip(ids, values.tolist(), strict=True)})
             records = [{**r, "logprob_after": after[r["id"]]} for r in records]
         max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
+        # Last, after this rank's rows: the step is ready once every rank has reported.
+        ranks = int(self.accelerator.num_processes)
         client.push_sequences(
-            run_id, window.step, self._current_learning_rate(), records, max_length=max_length
+            run_id,
+            window.step,
+            self._current_learning_rate(),
+            records,
+            max_length=max_length,
+            rank=int(self.accelerator.process_index) if ranks > 1 else None,
         )
         self._ks_window = None

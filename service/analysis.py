@@ -299,7 +299,7 @@ def step_problem(status: dict[str, Any], detail: str) -> ProblemError:
 
 
 async def ready_step(
-    store: Store, run_id: str, step: int, wait: float, max_sequences: int
+    store: Store, run: Mapping[str, Any], step: int, wait: float, max_sequences: int
 ) -> StepCounts:
     """The step's counts once it is ``ready``; polls up to ``wait`` seconds.
 
@@ -307,9 +307,10 @@ async def ready_step(
     ready after ``wait`` (0 = answer at once); 422 when it has more than ``max_sequences``
     sequences (checked before anything is loaded).
     """
+    run_id = str(run["run_id"])
     deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
     while True:
-        counts = await store.step_counts(run_id, step)
+        counts = await store.step_counts(run_id, step, int(run.get("ranks", 1)))
         if not counts.exists:
             raise ProblemError(404, f"run {run_id!r} has no step {step}")
         state = counts.state
@@ -327,6 +328,11 @@ async def ready_step(
                 detail = "an upload of this step failed (see errors); re-send it to retry"
             elif counts.pending_uploads:
                 detail = f"{counts.pending_uploads} uploads still queued; retry or use ?wait="
+            elif counts.sequences and counts.ranks_missing:
+                detail = (
+                    f"{len(counts.ranks_reported)} of {counts.ranks_expected} ranks have posted "
+                    "their sequences; retry or use ?wait="
+                )
             else:
                 detail = "the step has no sketched rows or no sequence metadata yet"
             raise step_problem(counts.status(run_id, step), detail)

@@ -101,6 +101,9 @@ class Keys:
     def order(self, run_id: str, step: int) -> str:
         return f"{self.step_base(run_id, step)}:order"
 
+    def ranks(self, run_id: str, step: int) -> str:
+        return f"{self.step_base(run_id, step)}:ranks"
+
     def uploads(self, run_id: str, step: int) -> str:
         return f"{self.step_base(run_id, step)}:uploads"
 

@@ -64,6 +64,13 @@ class RunCreate(BaseModel):
     parameters: dict[str, list[int]] | None = Field(
         default=None, description="Declared parameter shapes {name: shape}; enables shape checks."
     )
+    ranks: int = Field(
+        default=1,
+        ge=1,
+        le=1 << 16,
+        description="Trainer processes that push each step (data-parallel ranks); a step is "
+        "ready once every rank has posted its sequences.",
+    )
 
     @field_validator("parameters")
     @classmethod
@@ -109,6 +116,7 @@ class Run(BaseModel):
     normalization: Normalization
     geometry: Geometry
     parameters: dict[str, list[int]] | None
+    ranks: int = Field(default=1, description="Trainer processes that push each step.")
     k: int = Field(description="Total sketch width of a row (sum over groups; N for exact).")
     created_at: float
 
@@ -167,6 +175,12 @@ class SequencesIn(BaseModel):
     )
     learning_rate: float = Field(ge=0, allow_inf_nan=False)
     max_length: int | None = Field(default=None, ge=1)
+    rank: int | None = Field(
+        default=None,
+        ge=0,
+        description="The pushing trainer process, 0 <= rank < the run's ranks (required when "
+        "ranks > 1; default 0). Each rank posts its sequences after its rows.",
+    )
     sequences: list[SequenceIn] = Field(max_length=1 << 16)
 
     @model_validator(mode="after")
@@ -224,8 +238,9 @@ class UploadError(BaseModel):
 class StepStatus(BaseModel):
     """``GET /v1/runs/{run_id}/steps/{step}``.
 
-    ``pending``: some upload is queued (not yet sketched) or no sketched row / no metadata yet;
-    ``failed``: an upload was dead-lettered (see ``errors``); else ``ready``.
+    ``pending``: some upload is queued (not yet sketched), no sketched row / no metadata yet, or
+    fewer than ``ranks_expected`` trainer ranks have posted their sequences; ``failed``: an
+    upload was dead-lettered (see ``errors``); else ``ready``.
     """
 
     model_config = ConfigDict(
@@ -242,6 +257,8 @@ class StepStatus(BaseModel):
                     "applied_update": False,
                     "learning_rate": 1e-6,
                     "errors": [],
+                    "ranks_expected": 1,
+                    "ranks_reported": [0],
                 }
             ]
         }
@@ -256,6 +273,8 @@ class StepStatus(BaseModel):
     applied_update: bool
     learning_rate: float | None
     errors: list[UploadError]
+    ranks_expected: int = Field(description="the run's ranks")
+    ranks_reported: list[int] = Field(description="ranks that posted sequences, ascending")
 
 
 class RunDetail(Run):

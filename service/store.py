@@ -42,13 +42,14 @@ BULK_BUFFER_CUTOFF = 6000
 # the cache: one atomic script (the order position depends on what is already stored).
 _UPSERT_SEQUENCES = """
 local n = redis.call('ZCARD', KEYS[2])
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   if redis.call('ZADD', KEYS[2], 'NX', n, ARGV[i]) == 1 then n = n + 1 end
 end
 redis.call('HSET', KEYS[3], 'learning_rate', ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], 'max_length', ARGV[2]) end
 redis.call('ZADD', KEYS[6], ARGV[3], ARGV[3])
+redis.call('SADD', KEYS[7], ARGV[4])
 redis.call('INCR', KEYS[4])
 redis.call('UNLINK', KEYS[5])
 return redis.call('HLEN', KEYS[1])
@@ -93,6 +94,16 @@ class StepCounts:
     applied_update: bool
     learning_rate: float | None
     errors: list[dict[str, Any]]
+    ranks_expected: int = 1
+    ranks_reported: list[int] = field(default_factory=list)
+
+    @property
+    def ranks_missing(self) -> int:
+        """Ranks that have not posted their sequences yet.  With one rank, any sequences
+        count (steps stored before ranks were recorded have none)."""
+        if self.ranks_expected == 1:
+            return 0 if self.sequences else 1
+        return self.ranks_expected - len(self.ranks_reported)
 
     @property
     def state(self) -> str:
@@ -101,7 +112,7 @@ class StepCounts:
             return "pending"
         if self.errors:
             return "failed"
-        if self.sequences and self.rows:
+        if self.sequences and self.rows and not self.ranks_missing:
             return "ready"
         return "pending"
 
@@ -118,6 +129,8 @@ class StepCounts:
             "applied_update": self.applied_update,
             "learning_rate": self.learning_rate,
             "errors": self.errors,
+            "ranks_expected": self.ranks_expected,
+            "ranks_reported": self.ranks_reported,
         }
 
 
@@ -222,11 +235,13 @@ class Store:
         learning_rate: float,
         max_length: int | None,
         sequences: Iterable[Mapping[str, Any]],
+        rank: int = 0,
     ) -> int:
-        """Upsert sequence metadata by id; returns the step's metadata row count."""
+        """Upsert sequence metadata by id and record that ``rank`` has reported; returns the
+        step's metadata row count."""
         k = self.keys
         args: list[Any] = [repr(float(learning_rate)), "" if max_length is None else max_length]
-        args.append(step)
+        args += [step, int(rank)]
         for seq in sequences:
             args += [str(seq["id"]), _dumps(dict(seq))]
         keys = [
@@ -236,6 +251,7 @@ class Store:
             k.version(run_id, step),
             k.cache(run_id, step),
             k.steps(run_id),
+            k.ranks(run_id, step),
         ]
         return int(await self._upsert(keys=keys, args=args))
 
@@ -255,15 +271,16 @@ class Store:
             pipe.unlink(k.cache(run_id, step))
             await pipe.execute()
 
-    async def step_counts(self, run_id: str, step: int) -> StepCounts:
-        """Counts behind ``GET .../steps/{step}`` (one transaction)."""
+    async def step_counts(self, run_id: str, step: int, ranks: int = 1) -> StepCounts:
+        """Counts behind ``GET .../steps/{step}`` (one transaction); ``ranks``: the run's."""
         k = self.keys
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zscore(k.steps(run_id), str(step))
             pipe.hlen(k.seqs(run_id, step))
             pipe.hvals(k.uploads(run_id, step))
             pipe.hget(k.step(run_id, step), "learning_rate")
-            exists, n_seq, records, lr = await pipe.execute()
+            pipe.smembers(k.ranks(run_id, step))
+            exists, n_seq, records, lr, reported = await pipe.execute()
         rows: set[str] = set()
         pending = 0
         errors: list[dict[str, Any]] = []
@@ -292,6 +309,8 @@ class Store:
             applied_update=applied,
             learning_rate=None if lr is None else float(lr),
             errors=sorted(errors, key=lambda e: e["upload_id"]),
+            ranks_expected=ranks,
+            ranks_reported=sorted(int(_text(r)) for r in reported),
         )
 
     async def snapshot(self, run_id: str, step: int) -> StepSnapshot:

@@ -19,7 +19,7 @@ from service.schemas import Run, RunCreate, RunDetail
 router = APIRouter(prefix="/v1/runs", tags=["runs"], dependencies=[Depends(require_token)])
 
 # Fields that define a run; a second POST with the same id must match them all.
-_SPEC_FIELDS = ("sketch", "normalization", "geometry", "parameters")
+_SPEC_FIELDS = ("sketch", "normalization", "geometry", "parameters", "ranks")
 
 
 def _sketch_width(run: dict[str, Any]) -> int:
@@ -48,7 +48,11 @@ async def create_run(body: RunCreate, store: StoreDep, response: Response) -> di
     stored, created = await store.create_run(run)
     if not created:
         # compared as JSON text: the order of the declared parameters is part of the spec
-        if any(json.dumps(stored.get(f)) != json.dumps(run.get(f)) for f in _SPEC_FIELDS):
+        # runs stored before ``ranks`` existed have one rank
+        if any(
+            json.dumps(stored.get(f, 1 if f == "ranks" else None)) != json.dumps(run.get(f))
+            for f in _SPEC_FIELDS
+        ):
             raise ProblemError(
                 409,
                 f"run {run['run_id']!r} exists with another spec (a run's spec never changes)",
@@ -67,9 +71,7 @@ async def list_runs(store: StoreDep) -> list[dict[str, Any]]:
 @router.get("/{run_id}", response_model=RunDetail)
 async def get_run(run: RunDep, store: StoreDep) -> dict[str, Any]:
     """One run with the status of each of its steps."""
-    steps = [
-        await step_status(store, run["run_id"], s) for s in await store.list_steps(run["run_id"])
-    ]
+    steps = [await step_status(store, run, s) for s in await store.list_steps(run["run_id"])]
     return {**run, "steps": steps}
 
 

@@ -16,9 +16,10 @@ router = APIRouter(
 )
 
 
-async def step_status(store: Store, run_id: str, step: int) -> dict[str, Any]:
-    """The status of an existing step, or a 404 problem."""
-    counts = await store.step_counts(run_id, step)
+async def step_status(store: Store, run: dict[str, Any], step: int) -> dict[str, Any]:
+    """The status of an existing step of ``run``, or a 404 problem."""
+    run_id = run["run_id"]
+    counts = await store.step_counts(run_id, step, run.get("ranks", 1))
     if not counts.exists:
         raise ProblemError(404, f"run {run_id!r} has no step {step}")
     return counts.status(run_id, step)
@@ -28,13 +29,23 @@ async def step_status(store: Store, run_id: str, step: int) -> dict[str, Any]:
 async def post_sequences(
     run: RunDep, step: StepNo, body: SequencesIn, store: StoreDep
 ) -> dict[str, Any]:
-    """Upsert the step's sequence metadata by id and set its learning rate (math.md §1)."""
+    """Upsert the step's sequence metadata by id, set its learning rate (math.md §1) and
+    record that the pushing rank has reported (a run of several ranks needs ``rank``)."""
+    ranks = int(run.get("ranks", 1))
+    if body.rank is None and ranks > 1:
+        raise ProblemError(
+            422, f"run {run['run_id']!r} has {ranks} ranks: every sequences push needs its rank"
+        )
+    rank = body.rank or 0
+    if rank >= ranks:
+        raise ProblemError(422, f"rank {rank} out of range: run {run['run_id']!r} has {ranks}")
     total = await store.upsert_sequences(
         run["run_id"],
         step,
         body.learning_rate,
         body.max_length,
         [s.model_dump(mode="json") for s in body.sequences],
+        rank=rank,
     )
     return {
         "run_id": run["run_id"],
@@ -55,6 +66,7 @@ async def post_realized(
 
 @router.get("/{step}", response_model=StepStatus)
 async def get_step(run: RunDep, step: StepNo, store: StoreDep) -> dict[str, Any]:
-    """``pending`` while uploads are queued (or nothing is sketched yet), ``failed`` when an
-    upload was dead-lettered (``errors`` says why), else ``ready``."""
-    return await step_status(store, run["run_id"], step)
+    """``pending`` while uploads are queued, nothing is sketched yet or a rank has not posted
+    its sequences; ``failed`` when an upload was dead-lettered (``errors`` says why); else
+    ``ready``."""
+    return await step_status(store, run, step)

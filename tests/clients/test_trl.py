@@ -11,6 +11,9 @@ bf16 precision.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +49,7 @@ from clients.trl import (  # noqa: E402
     trl_token_coefficients,
 )
 from tests.clients.conftest import LiveService  # noqa: E402
+from tests.service.conftest import free_port  # noqa: E402
 
 CHARS = "abcdefgh"
 PROMPTS = ["abc", "bcdef", "cd", "defg"]  # different lengths: TRL left-pads them
@@ -364,18 +368,19 @@ SKETCH_512 = {"kind": "countsketch", "dim": 512, "seed": 1}
 
 
 def sgd_args(tmp_path: Path, learning_rate: float, **overrides: Any) -> GRPOConfig:
-    """Two steps of plain SGD (constant rate, no gradient clipping, no weight decay): the
-    applied update is exactly ``-eta grad L``, so ``plugin dH1 = delta_h1_applied``."""
-    return grpo_args(
-        tmp_path,
-        max_steps=2,
-        optim="sgd",
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
+    """Two steps (unless overridden) of plain SGD (constant rate, no gradient clipping, no
+    weight decay): the applied update is exactly ``-eta grad L``, so ``plugin dH1 =
+    delta_h1_applied``."""
+    values: dict[str, Any] = {
+        "max_steps": 2,
+        "optim": "sgd",
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "weight_decay": 0.0,
         **overrides,
-    )
+    }
+    return grpo_args(tmp_path, **values)
 
 
 def sgd_trainer(
@@ -470,3 +475,45 @@ def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path)
             report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
             assert report.delta_h1 != 0.0
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+
+
+def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` of a real GRPO run with ``use_cpu``
+    (gloo DDP on the CPU: accelerate 1.15's ``--cpu`` launches several processes only through
+    mpirun) and plain SGD: each rank pushes its own completions (3 per micro-batch, generation
+    groups of 4, so one group spans the ranks), the main process pushes the applied update
+    once, and every step is ready with both ranks' sequences: 12 per step, four per prompt.
+    Step 1 re-trains step 0's completions (same ids) at ratio != 1 with clipping (update
+    rows); step 2's are new ids.  The one-process identity holds on every step:
+    ``plugin dH1 = delta_h1_applied`` from the DDP-averaged update."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(Path(__file__).with_name("trl_ranks.py")), live_service.base_url, str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run_id = (tmp_path / "run_id").read_text()
+    with Client(live_service.base_url) as client:
+        assert client.get_run(run_id).ranks == 2
+        ids: list[list[str]] = []
+        for step in (0, 1, 2):
+            status = client.wait_ready(run_id, step, timeout=60)
+            assert status.state == "ready"
+            assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
+            assert status.sequences == status.rows == 12
+            assert status.applied_update
+            diagonal = client.diagonal(run_id, step)
+            ids.append(sorted(diagonal.ids))
+            groups: dict[str, int] = {}
+            for prompt in diagonal.prompt_ids:
+                groups[prompt] = groups.get(prompt, 0) + 1
+            assert sorted(groups.values()) == [4, 4, 4]
+            report = client.entropy(run_id, step, estimator="plugin")
+            assert report.delta_h1 != 0.0
+            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+        assert len(set(ids[0])) == 12 and ids[1] == ids[0]
+        assert not set(ids[2]) & set(ids[0])

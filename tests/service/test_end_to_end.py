@@ -6,6 +6,7 @@ same kernel as one upload, and a re-sent upload changes nothing."""
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import httpx
@@ -204,3 +205,62 @@ def test_sharded_uploads_equal_one_upload(
         np.testing.assert_array_equal(K_again, K_sharded)
         status = http.get("/v1/runs/sharded/steps/0").json()
         assert status["uploads"] == 4 and status["rows"] == 6 and status["state"] == "ready"
+
+
+def test_step_of_two_ranks_is_ready_when_both_reported(
+    live_service: LiveService, step_data: StepData
+) -> None:
+    """A run of ``ranks = 2``: each rank pushes its own sequences' rows, then its sequences
+    with its ``rank``.  After rank 0 the step stays pending (analyses answer 409 naming the
+    missing rank) although its rows are sketched; after rank 1 it is ready and its kernel is
+    the one-rank run's.  A push without ``rank``, or with one out of range, is a 422."""
+    data = step_data
+    half = len(data.ids) // 2
+    sides = [slice(0, half), slice(half, None)]
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        create(http, "one", "countsketch", 48, parameters=data.parameters)
+        create(http, "two", "countsketch", 48, parameters=data.parameters, ranks=2)
+        again = http.post(
+            "/v1/runs",
+            json={"run_id": "two", "sketch": {"kind": "countsketch", "dim": 48, "seed": 11}},
+        )
+        assert again.status_code == 409  # another number of ranks is another spec
+        post_sequences(http, "one", data)
+        upload(http, "one", data.grads, data.ids)
+
+        def push(rank: int | None, side: slice) -> httpx.Response:
+            body: dict[str, Any] = {
+                "learning_rate": data.learning_rate,
+                "sequences": data.sequences[side],
+            }
+            if rank is not None:
+                body["rank"] = rank
+            return http.post("/v1/runs/two/steps/0/sequences", json=body)
+
+        for side in sides:
+            upload(http, "two", {m: g[side] for m, g in data.grads.items()}, data.ids[side])
+        for bad in (None, 2):
+            answer = push(bad, sides[0])
+            assert answer.status_code == 422
+            assert answer.headers["content-type"] == "application/problem+json"
+        assert push(0, sides[0]).status_code == 200
+        deadline = time.monotonic() + 120
+        while http.get("/v1/runs/two/steps/0").json()["pending_uploads"]:
+            assert time.monotonic() < deadline, "uploads not sketched in 120 s"
+            time.sleep(0.1)
+        waited = http.get("/v1/runs/two/steps/0/kernel", params={"wait": 1})
+        assert waited.status_code == 409
+        problem = waited.json()
+        assert "1 of 2 ranks" in problem["detail"]
+        status = problem["step_status"]
+        assert status["state"] == "pending" and status["pending_uploads"] == 0
+        assert status["ranks_expected"] == 2 and status["ranks_reported"] == [0]
+        assert push(1, sides[1]).status_code == 200
+        assert push(1, sides[1]).status_code == 200  # a re-sent push is harmless
+        ids_two, K_two = kernel(http, "two")
+        ids_one, K_one = kernel(http, "one")
+        assert ids_two == ids_one
+        assert_kernel_close(K_two, K_one)
+        status = http.get("/v1/runs/two/steps/0").json()
+        assert status["state"] == "ready" and status["ranks_reported"] == [0, 1]
+        assert http.get("/v1/runs/one/steps/0").json()["ranks_reported"] == [0]

@@ -1,0 +1,41 @@
+"""Two-step SGD GRPO run under ``accelerate launch`` (one process per rank), for
+``test_trl.py::test_two_ranks_push_one_step_each``.
+
+Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_ranks.py URL OUT``
+(the run has ``use_cpu``: gloo DDP on the CPU).
+The main process writes the run id to ``OUT_DIR/run_id``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from clients.trl import KernelscopeConfig
+from tests.clients.test_trl import SKETCH_512, sgd_args, sgd_trainer
+
+
+def main(url: str, out: Path) -> None:
+    warnings.simplefilter("ignore")
+    # 3 completions per rank and micro-batch, groups of 4: group 1 spans the two ranks.  Steps
+    # 0 and 1 train on generation 0 (step 1 at ratio != 1, clipped: update rows), step 2 on
+    # generation 1.
+    args = sgd_args(
+        out,
+        learning_rate=0.05,
+        per_device_train_batch_size=3,
+        num_generations=4,
+        num_iterations=2,
+        epsilon=0.02,
+        max_steps=3,
+        ddp_backend="gloo",
+    )
+    trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512))
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        (out / "run_id").write_text(trainer.kernelscope_run_id)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from clients.filters import ParameterFilter, select_parameters
+from sketch.base import Sketcher
 
 Method = Literal["auto", "vmap", "loop"]
 
@@ -334,6 +335,67 @@ def _loop_chunk(
     return torch.stack(values), {k: torch.stack(v).float() for k, v in rows.items()}
 
 
+def iter_captured_chunks(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    parameter_filter: ParameterFilter | None = None,
+    method: Method = "auto",
+    chunk_size: int = 8,
+    use_eval_mode: bool = True,
+    token_coefficients: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    row_scale: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[slice, torch.Tensor, dict[str, torch.Tensor], str]]:
+    """:func:`capture_gradients` one chunk of ``chunk_size`` sequences at a time: yields
+    ``(rows, logprobs [c], {name: [c, *shape]} float32, method used)``.
+
+    Only one chunk's per-sequence gradients exist at a time (plus what the caller keeps), so
+    memory is ``chunk_size x N`` floats whatever ``n``.  ``row_scale`` (``{name: sqrt(P)}``,
+    the parameter's shape) multiplies every row elementwise (``adam`` geometry,
+    :mod:`clients.geometry`).
+    """
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    if token_coefficients is None:
+        weights = batch.response_mask.float()
+    else:
+        weights = token_coefficients.to(device=batch.input_ids.device, dtype=torch.float32)
+        if weights.shape != batch.input_ids.shape:
+            raise ValueError(
+                f"token_coefficients: shape {tuple(weights.shape)}, expected "
+                f"{tuple(batch.input_ids.shape)} (laid out like input_ids)"
+            )
+    params = select_parameters(model, parameter_filter)
+    if row_scale is not None and set(row_scale) != set(params):
+        raise KeyError("row_scale must have one entry per selected parameter")
+    used: str = method
+    with eval_mode(model, use_eval_mode):
+        for start in range(0, batch.size, chunk_size):
+            span = slice(start, min(start + chunk_size, batch.size))
+            chunk, w = batch.select(span), weights[span]
+            if used in ("auto", "vmap"):
+                try:
+                    s, g = _vmap_chunk(model, params, chunk, w, temperature)
+                    used = "vmap"
+                except Exception as exc:  # any vmap failure means "this model cannot be vmapped"
+                    if method == "vmap":
+                        raise
+                    warnings.warn(
+                        f"vmap capture failed for {type(model).__name__} "
+                        f"({type(exc).__name__}: {str(exc)[:200]}); using the per-sequence loop",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    used = "loop"
+                    s, g = _loop_chunk(model, params, chunk, w, temperature)
+            else:
+                s, g = _loop_chunk(model, params, chunk, w, temperature)
+            if row_scale is not None:
+                g = {k: v * row_scale[k].to(device=v.device, dtype=v.dtype) for k, v in g.items()}
+            yield span, s, g, used
+
+
 def capture_gradients(
     model: nn.Module,
     batch: SequenceBatch,
@@ -344,6 +406,7 @@ def capture_gradients(
     use_eval_mode: bool = True,
     token_coefficients: torch.Tensor | None = None,
     temperature: float = 1.0,
+    row_scale: Mapping[str, torch.Tensor] | None = None,
 ) -> CapturedGradients:
     """Per-sequence score gradients ``w_i = dS_i/dtheta`` of the selected parameters, or update
     rows ``u_i`` (math.md §4 "Update rows").
@@ -371,53 +434,105 @@ def capture_gradients(
     temperature:
         capture the tempered policy ``softmax(logits / T)`` that the trainer samples from and
         trains (TRL's ``temperature``); its entropy is then the one predicted.
+    row_scale:
+        ``{name: sqrt(P)}``: rows ``sqrt(P) w_i`` (``adam`` geometry, :mod:`clients.geometry`).
 
     Returns
     -------
-    :class:`CapturedGradients` with ``gradients[name]`` ``[n, *param.shape]`` float32.
+    :class:`CapturedGradients` with ``gradients[name]`` ``[n, *param.shape]`` float32.  It holds
+    all ``n x N`` floats: for large models use :func:`capture_sketches`.
     """
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    if token_coefficients is None:
-        weights = batch.response_mask.float()
-    else:
-        weights = token_coefficients.to(device=batch.input_ids.device, dtype=torch.float32)
-        if weights.shape != batch.input_ids.shape:
-            raise ValueError(
-                f"token_coefficients: shape {tuple(weights.shape)}, expected "
-                f"{tuple(batch.input_ids.shape)} (laid out like input_ids)"
-            )
-    params = select_parameters(model, parameter_filter)
-    spans = [slice(s, s + chunk_size) for s in range(0, batch.size, chunk_size)]
-    used = method
     values: list[torch.Tensor] = []
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in params}
-    with eval_mode(model, use_eval_mode):
-        for span in spans:
-            chunk, w = batch.select(span), weights[span]
-            if used in ("auto", "vmap"):
-                try:
-                    s, g = _vmap_chunk(model, params, chunk, w, temperature)
-                    used = "vmap"
-                except Exception as exc:  # any vmap failure means "this model cannot be vmapped"
-                    if method == "vmap":
-                        raise
-                    warnings.warn(
-                        f"vmap capture failed for {type(model).__name__} "
-                        f"({type(exc).__name__}: {str(exc)[:200]}); using the per-sequence loop",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    used = "loop"
-                    s, g = _loop_chunk(model, params, chunk, w, temperature)
-            else:
-                s, g = _loop_chunk(model, params, chunk, w, temperature)
-            values.append(s)
-            for k in params:
-                parts[k].append(g[k])
+    parts: dict[str, list[torch.Tensor]] = {}
+    used: str = method
+    for _, s, g, method_used in iter_captured_chunks(
+        model,
+        batch,
+        parameter_filter=parameter_filter,
+        method=method,
+        chunk_size=chunk_size,
+        use_eval_mode=use_eval_mode,
+        token_coefficients=token_coefficients,
+        temperature=temperature,
+        row_scale=row_scale,
+    ):
+        used = method_used
+        values.append(s)
+        for k, v in g.items():
+            parts.setdefault(k, []).append(v)
     return CapturedGradients(
         logprobs=torch.cat(values).float(),
         gradients={k: torch.cat(v) for k, v in parts.items()},
+        num_tokens=batch.num_tokens,
+        method=used,
+    )
+
+
+@dataclass
+class CapturedSketches:
+    """Per-sequence sketched rows made on the trainer (:func:`capture_sketches`).
+
+    Attributes
+    ----------
+    logprobs:
+        ``[n]`` float32 ``S_i`` (or ``sum_t c_{i,t} log pi_{i,t}`` for update rows).
+    sketch:
+        ``[n, k]`` float32, ``Phi w_i`` with the run's sketch: push with
+        ``Client.push_sketches``.
+    num_tokens:
+        ``[n]`` int64 response lengths.
+    method:
+        ``"vmap"`` or ``"loop"``.
+    """
+
+    logprobs: torch.Tensor
+    sketch: torch.Tensor
+    num_tokens: torch.Tensor
+    method: str
+
+
+def capture_sketches(
+    model: nn.Module,
+    batch: SequenceBatch,
+    sketcher: Sketcher,
+    *,
+    parameter_filter: ParameterFilter | None = None,
+    method: Method = "auto",
+    chunk_size: int = 8,
+    use_eval_mode: bool = True,
+    token_coefficients: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    row_scale: Mapping[str, torch.Tensor] | None = None,
+) -> CapturedSketches:
+    """:func:`capture_gradients`, sketched on the trainer one chunk at a time.
+
+    ``sketcher`` is the run's (``sketch.spec.build_sketcher(spec, parameters)``): every column
+    of ``Phi`` is a pure function of the seed, the parameter name and the coordinate, so the
+    rows are those the service would make from the raw rows (bit for bit for the same chunk of
+    rows, ``tests/clients/test_capture.py``), and only ``k`` floats per sequence leave the
+    trainer.  At most ``chunk_size`` sequences' gradients exist at a time.
+    """
+    values: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    used: str = method
+    for _, s, g, method_used in iter_captured_chunks(
+        model,
+        batch,
+        parameter_filter=parameter_filter,
+        method=method,
+        chunk_size=chunk_size,
+        use_eval_mode=use_eval_mode,
+        token_coefficients=token_coefficients,
+        temperature=temperature,
+        row_scale=row_scale,
+    ):
+        used = method_used
+        values.append(s)
+        rows.append(sketcher.sketch(g))
+        del g
+    return CapturedSketches(
+        logprobs=torch.cat(values).float(),
+        sketch=torch.cat(rows),
         num_tokens=batch.num_tokens,
         method=used,
     )

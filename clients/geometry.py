@@ -82,6 +82,55 @@ def adam_preconditioner(
     return out
 
 
+def is_adam(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` (or the optimizer an accelerate wrapper holds) is ``Adam`` or
+    ``AdamW`` (torch's, including the fused and foreach variants)."""
+    return isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.Adam)
+
+
+def adam_step_preconditioner(
+    optimizer: torch.optim.Optimizer, parameters: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{name: sqrt(P_t)}`` of the ``Adam`` / ``AdamW`` step about to be taken.
+
+    Call it after the step's gradient is complete (accumulated, all-reduced, clipped) and before
+    ``optimizer.step()``: it computes what that step will divide by, from each parameter's
+    ``.grad`` ``g`` and state (``v``, ``step``; empty before the first step), as torch does:
+    ``v_t = beta2 v + (1 - beta2) g^2`` (``g + lambda theta`` with ``Adam``'s coupled weight
+    decay), ``v_hat = v_t / (1 - beta2^t)`` (``max(v_max, v_t)`` with amsgrad),
+    ``P_t = 1 / (sqrt(v_hat) + eps)``.  With ``beta1 = 0`` and no weight decay the step is
+    exactly ``-lr P_t g``, so the ``adam``-geometry kernel ``w_i^T P_t w_j`` gives the step's
+    first-order prediction.  A parameter without a gradient gets ``P_t`` from ``g = 0``.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, torch.optim.Adam):
+        raise TypeError(f"adam geometry needs torch's Adam or AdamW, got {type(inner).__name__}")
+    groups: dict[int, Mapping[str, Any]] = {}
+    for param_group in inner.param_groups:
+        for p in param_group["params"]:
+            groups[id(p)] = param_group
+    out: dict[str, torch.Tensor] = {}
+    for name, p in parameters.items():
+        group = groups.get(id(p))
+        if group is None:
+            raise ValueError(f"parameter {name!r} is not handled by this optimizer")
+        beta2, eps = float(group["betas"][1]), float(group["eps"])
+        g = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+        decay = float(group.get("weight_decay", 0.0))
+        if decay and not group.get("decoupled_weight_decay", False):
+            g = g + decay * p.detach().float()
+        state = inner.state.get(p, {})
+        step = _step_count(state.get("step", 0.0)) + 1.0
+        v = g * g * (1.0 - beta2)
+        if "exp_avg_sq" in state:
+            v = v + beta2 * state["exp_avg_sq"].detach().float()
+        if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+            v = torch.maximum(v, state["max_exp_avg_sq"].detach().float())
+        v_hat = v / (1.0 - beta2**step)
+        out[name] = (1.0 / (v_hat.sqrt() + eps)).sqrt()
+    return out
+
+
 def scale_rows(
     gradients: Mapping[str, torch.Tensor], sqrt_p: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:

@@ -31,11 +31,12 @@ is the tempered policy's, as TRL trains it, and so is the entropy predicted.
 
 from __future__ import annotations
 
+import math
 import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -48,12 +49,24 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "clients.trl needs the optional extra: pip install 'kernelscope[trl]'"
     ) from exc
 
-from clients.capture import SequenceBatch, capture_gradients, repack, sequence_logprobs
+from clients.capture import (
+    SequenceBatch,
+    iter_captured_chunks,
+    repack,
+    sequence_logprobs,
+)
 from clients.filters import ParameterFilter, select_parameters
+from clients.geometry import adam_step_preconditioner, is_adam, unscale_update
 from clients.http import Client
+from sketch.base import Sketcher
+from sketch.spec import SketchSpec, build_sketcher
 
 if TYPE_CHECKING:
     from clients.factorised import FactorisedCapture
+
+#: Above this many studied parameters, ``sketch_on="auto"`` sketches rows on the trainer and
+#: pushes ``k`` floats per sequence instead of ``N`` (docs/trl.md "Where rows are sketched").
+TRAINER_SKETCH_MIN_PARAMETERS = 1 << 20
 
 #: Loss types whose on-policy gradient is ``-sum_i weight_i A_i dS_i/dtheta`` (see
 #: :func:`trl_sequence_weights`).
@@ -224,14 +237,28 @@ class KernelscopeConfig:
     sketch:
         the run's sketch spec ``{"kind", "dim", "seed"}``.  ``kind="kronecker"`` makes the
         client sketch per-sequence gradients with hooks (factorised capture) and push ``k``
-        floats per sequence; any other kind captures exact per-sequence gradients and pushes
-        them raw for the service to sketch.
+        floats per sequence; any other kind captures exact per-sequence gradients, a chunk of
+        ``chunk_size`` sequences at a time, and sketches them where ``sketch_on`` says.
+    sketch_on:
+        ``"trainer"``: sketch each chunk of exact rows on the trainer's device with the run's
+        spec (the same rows the service would make) and push ``k`` floats per sequence;
+        ``"service"``: push the raw rows; ``"auto"`` (default): the trainer when the studied
+        parameters number at least :data:`TRAINER_SKETCH_MIN_PARAMETERS`.  ``exact`` runs
+        always push raw rows.
+    geometry:
+        ``"adam"``: rows ``sqrt(P_t) w_i`` with ``P_t`` the preconditioner of the step being
+        taken (:func:`clients.geometry.adam_step_preconditioner`), so ``delta_h1`` predicts the
+        Adam step (momentum aside); ``"sgd"``: raw score gradients (the plain-SGD
+        counterfactual); ``"auto"`` (default): ``adam`` when the optimizer is torch's Adam or
+        AdamW and the capture is exact, else ``sgd`` (the Kronecker factorisation of
+        ``kind="kronecker"`` cannot carry an elementwise ``P``).
     parameter_filter:
         which parameters to study (default: every trainable parameter).
     capture_method:
         ``"auto"`` / ``"vmap"`` / ``"loop"`` for exact capture (``clients.capture``).
     chunk_size:
-        sequences per vmap chunk.
+        sequences per chunk of exact capture: at most this many sequences' gradients exist
+        at a time.
     push_applied_update, push_logprob_after:
         push ``theta_after - theta_before`` and ``S'_i`` after each optimizer step.
     check_logprobs:
@@ -251,7 +278,9 @@ class KernelscopeConfig:
         default_factory=lambda: {"kind": "countsketch", "dim": 1024, "seed": 0}
     )
     parameter_filter: ParameterFilter | None = None
-    capture_method: str = "auto"
+    sketch_on: Literal["auto", "trainer", "service"] = "auto"
+    geometry: Literal["auto", "sgd", "adam"] = "auto"
+    capture_method: Literal["auto", "vmap", "loop"] = "auto"
     chunk_size: int = 8
     push_applied_update: bool = True
     push_logprob_after: bool = True
@@ -260,13 +289,24 @@ class KernelscopeConfig:
 
 
 @dataclass
+class _MicroBatch:
+    """One training micro-batch, kept until the step's gradient is complete: its sequence ids,
+    the capture batch and TRL's token coefficients (None: no update rows)."""
+
+    ids: list[str]
+    batch: SequenceBatch
+    coefficients: torch.Tensor | None
+
+
+@dataclass
 class _Window:
-    """What one optimizer step (one accumulation window) has captured so far."""
+    """What one optimizer step (one accumulation window) has recorded so far."""
 
     step: int
-    records: list[dict[str, Any]] = field(default_factory=list)
-    batches: list[tuple[list[str], SequenceBatch]] = field(default_factory=list)
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    micro: list[_MicroBatch] = field(default_factory=list)
     before: dict[str, torch.Tensor] | None = None
+    sqrt_p: dict[str, torch.Tensor] | None = None
 
 
 class _PushAfterStep(TrainerCallback):
@@ -289,6 +329,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     and, optionally, ``kernelscope_client`` (a ready :class:`clients.http.Client`).  The
     service's step number is ``state.global_step`` at the time of the optimizer step (0, 1,
     ...).  The run's id is :attr:`kernelscope_run_id`.
+
+    Each micro-batch's sequences are recorded in ``compute_loss``; their rows are captured once
+    the step's gradient is complete, just before ``optimizer.step()`` (the parameters do not
+    move within an accumulation window, so the rows are the same, and the Adam preconditioner
+    of the step is known then).
     """
 
     def __init__(
@@ -325,11 +370,17 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 for n, p in select_parameters(policy, kernelscope.parameter_filter).items()
             }
         self._kernelscope_parameters = declared
+        #: where exact rows are sketched: a trainer-side sketcher, or None (raw pushes)
+        self.kernelscope_sketcher: Sketcher | None = self._kernelscope_trainer_sketcher(
+            spec, declared
+        )
+        #: ``"adam"`` or ``"sgd"``: the geometry of the pushed rows (KernelscopeConfig.geometry)
+        self.kernelscope_geometry = self._kernelscope_resolve_geometry()
         self.kernelscope_client.create_run(
             run_id=self.kernelscope_run_id,
             sketch=spec,
             normalization=_RUN_NORMALIZATION.get(self.loss_type, "dr_grpo"),
-            geometry="sgd",
+            geometry=self.kernelscope_geometry,
             parameters=declared,
             ranks=int(self.accelerator.num_processes),
         )
@@ -338,15 +389,39 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._ks_checked = False
         self.add_callback(_PushAfterStep(self))
 
-    # -- what TRL computed ----------------------------------------------------------------
+    # -- configuration ---------------------------------------------------------------------
 
-    @property
-    def _grpo_args(self) -> Any:
-        return self.args  # a GRPOConfig (typed TrainingArguments in the base class)
+    def _kernelscope_trainer_sketcher(
+        self, spec: Mapping[str, Any], declared: Mapping[str, list[int]]
+    ) -> Sketcher | None:
+        where = self.kernelscope.sketch_on
+        if self._factorised is not None or spec.get("kind") == "exact" or where == "service":
+            return None
+        size = sum(math.prod(shape) for shape in declared.values())
+        if where == "auto" and size < TRAINER_SKETCH_MIN_PARAMETERS:
+            return None
+        return build_sketcher(SketchSpec.from_dict(spec), declared)
 
-    def _kernelscope_policy(self) -> nn.Module:
-        policy: nn.Module = self.accelerator.unwrap_model(self.model)
-        return policy
+    def _kernelscope_resolve_geometry(self) -> str:
+        wanted = self.kernelscope.geometry
+        if self.optimizer is not None:
+            adam = is_adam(self.optimizer)
+        else:
+            optimizer_cls, _ = self.get_optimizer_cls_and_kwargs(self.args, cast(Any, self.model))
+            adam = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Adam)
+        if wanted == "adam" and not adam:
+            raise UnsupportedTRLSettingError(
+                "geometry='adam' needs torch's Adam or AdamW as the optimizer"
+            )
+        if wanted == "adam" and self._factorised is not None:
+            raise UnsupportedTRLSettingError(
+                "geometry='adam' needs exact capture: the Kronecker factorisation of "
+                "kind='kronecker' cannot carry the elementwise preconditioner; use another kind "
+                "(sketched on the trainer) or geometry='sgd'"
+            )
+        if wanted == "auto":
+            return "adam" if adam and self._factorised is None else "sgd"
+        return wanted
 
     def _kernelscope_shared_run_id(self, run_id: str | None) -> str:
         """The configured run id, or one drawn on the main process and shared with every rank."""
@@ -358,6 +433,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
             broadcast_object_list(drawn, from_process=0)
         return drawn[0]
+
+    # -- what TRL computed ----------------------------------------------------------------
+
+    @property
+    def _grpo_args(self) -> Any:
+        return self.args  # a GRPOConfig (typed TrainingArguments in the base class)
+
+    def _kernelscope_policy(self) -> nn.Module:
+        policy: nn.Module = self.accelerator.unwrap_model(self.model)
+        return policy
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         output: dict[str, Any] = super()._generate_and_score_completions(inputs)
@@ -385,7 +470,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
         if self._kernelscope_policy().training and "kernelscope_index" in inputs:
-            self._kernelscope_capture(inputs)
+            self._kernelscope_record(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _kernelscope_weights(self, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -404,8 +489,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             epsilon_high=float(self.epsilon_high),
         )
 
-    def _kernelscope_capture(self, inputs: Mapping[str, Any]) -> None:
-        """Capture ``S_i``, ``w_i`` and the metadata of one micro-batch and push the rows."""
+    def _kernelscope_record(self, inputs: Mapping[str, Any]) -> None:
+        """Record one micro-batch: its sequences' metadata, capture batch and token
+        coefficients (the rows are captured before the optimizer step)."""
         step = int(self.state.global_step)
         if self._ks_window is None or self._ks_window.step != step:
             self._ks_window = _Window(step=step)
@@ -422,47 +508,20 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         index = inputs["kernelscope_index"].tolist()
         groups = inputs["kernelscope_group"].tolist()
         ids = [f"s{i}" for i in index]
-        policy = self._kernelscope_policy()
-        client, run_id = self.kernelscope_client, self.kernelscope_run_id
         weights = self._kernelscope_weights(inputs)
         advantages = inputs["advantages"].detach().reshape(-1).double().cpu()
-        layout = self._kernelscope_update_layout(inputs, weights, advantages)
-        # Same autocast as TRL's loss (TRL turns bf16 on by default, even on a CPU), so that
-        # S_i and w_i are those of the function the step differentiates.
-        with self.accelerator.autocast():
-            if self._factorised is not None:
-                sketches = self._factorised.capture(batch, token_coefficients=layout)
-                logprobs = sketches.logprobs
-                client.push_sketches(run_id, step, sketches.sketch, ids)
-                if sketches.update_sketch is not None:
-                    client.push_sketches(run_id, step, sketches.update_sketch, ids, rows="update")
-            else:
-                options: dict[str, Any] = {
-                    "parameter_filter": self.kernelscope.parameter_filter,
-                    "method": self.kernelscope.capture_method,
-                    "chunk_size": self.kernelscope.chunk_size,
-                    "temperature": float(self.temperature),
-                }
-                captured = capture_gradients(policy, batch, **options)
-                logprobs = captured.logprobs
-                client.push_gradients(run_id, step, captured.gradients, ids)
-                if layout is not None:
-                    updates = capture_gradients(policy, batch, token_coefficients=layout, **options)
-                    client.push_gradients(run_id, step, updates.gradients, ids, rows="update")
+        coefficients = self._kernelscope_update_layout(inputs, weights, advantages)
         if self.kernelscope.check_logprobs and not self._ks_checked:
-            self._kernelscope_check_logprobs(inputs, logprobs)
+            self._kernelscope_check_logprobs(inputs, batch)
         for j, seq_id in enumerate(ids):
-            window.records.append(
-                {
-                    "id": seq_id,
-                    "prompt_id": f"p{groups[j]}",
-                    "logprob": float(logprobs[j]),
-                    "advantage": float(advantages[j]),
-                    "num_tokens": int(batch.num_tokens[j]),
-                    "weight": float(weights[j]),
-                }
-            )
-        window.batches.append((ids, batch))
+            window.records[seq_id] = {
+                "id": seq_id,
+                "prompt_id": f"p{groups[j]}",
+                "advantage": float(advantages[j]),
+                "num_tokens": int(batch.num_tokens[j]),
+                "weight": float(weights[j]),
+            }
+        window.micro.append(_MicroBatch(ids, batch, coefficients))
 
     def _kernelscope_update_layout(
         self, inputs: Mapping[str, Any], weights: torch.Tensor, advantages: torch.Tensor
@@ -485,25 +544,24 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         zeros = torch.zeros_like(prompt_mask, dtype=coefficients.dtype)
         return repack(torch.cat([zeros, coefficients.to(zeros.device)], dim=1), attention)
 
-    def _kernelscope_check_logprobs(
-        self, inputs: Mapping[str, Any], logprobs: torch.Tensor
-    ) -> None:
-        """Compare the captured ``S_i`` with TRL's own per-token log-probs (one forward, on
+    def _kernelscope_check_logprobs(self, inputs: Mapping[str, Any], batch: SequenceBatch) -> None:
+        """Compare the capture's ``S_i`` with TRL's own per-token log-probs (two forwards, on
         the first micro-batch only) and warn when they differ: then the captured gradients are
         not those of TRL's loss (e.g. absolute position embeddings, as GPT-2's, with
         left-padded prompts: TRL's forward shifts every position by the padding)."""
         self._ks_checked = True
         completion_mask = inputs["completion_mask"]
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             per_token, _, _ = self._get_per_token_logps_and_entropies(
                 self.model,
                 torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
                 torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
                 inputs["completion_ids"].size(1),
             )
+            policy = self.accelerator.unwrap_model(self.model)
+            ours = sequence_logprobs(policy, batch, temperature=float(self.temperature))
         trl_logprobs = (per_token * completion_mask).sum(dim=1).float().cpu()
-        ours = logprobs.float().cpu()
-        gap = float((trl_logprobs - ours).abs().max())
+        gap = float((trl_logprobs - ours.float().cpu()).abs().max())
         tolerance = 1e-3 * (1.0 + float(trl_logprobs.abs().max()))
         if not gap <= tolerance:
             warnings.warn(
@@ -523,15 +581,61 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         return {n: params[n] for n in self._kernelscope_parameters}
 
     def _kernelscope_before_step(self) -> None:
+        """The step's gradient is complete (accumulated, all-reduced, clipped): capture and
+        push every recorded micro-batch's rows, then snapshot the parameters."""
         window = self._ks_window
-        # Every rank applies the same (all-reduced) update: the main process pushes it.
-        if (
-            window is None
-            or not self.kernelscope.push_applied_update
-            or not self.accelerator.is_main_process
-        ):
+        if window is None or not window.micro:
             return
-        window.before = {n: p.detach().clone() for n, p in self._kernelscope_selected().items()}
+        if self.kernelscope_geometry == "adam":
+            assert self.optimizer is not None
+            window.sqrt_p = adam_step_preconditioner(self.optimizer, self._kernelscope_selected())
+        # Same autocast as TRL's loss (TRL turns bf16 on by default, even on a CPU), so that
+        # S_i and w_i are those of the function the step differentiates.
+        with self.accelerator.autocast():
+            for micro in window.micro:
+                logprobs = self._kernelscope_push_rows(window, micro, None)
+                if micro.coefficients is not None:
+                    self._kernelscope_push_rows(window, micro, micro.coefficients)
+                for seq_id, value in zip(micro.ids, logprobs.tolist(), strict=True):
+                    window.records[seq_id]["logprob"] = float(value)
+        # Every rank applies the same (all-reduced) update: the main process pushes it.
+        if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
+            window.before = {n: p.detach().clone() for n, p in self._kernelscope_selected().items()}
+
+    def _kernelscope_push_rows(
+        self, window: _Window, micro: _MicroBatch, coefficients: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Capture and push one micro-batch's score rows (``coefficients`` None) or update rows;
+        returns the ``[n]`` values the capture computed (``S_i`` for score rows)."""
+        client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
+        rows: Literal["score", "update"] = "score" if coefficients is None else "update"
+        if self._factorised is not None:
+            sketches = self._factorised.capture(micro.batch, token_coefficients=coefficients)
+            sketch = sketches.sketch if coefficients is None else sketches.update_sketch
+            assert sketch is not None
+            client.push_sketches(run_id, step, sketch, micro.ids, rows=rows)
+            return sketches.logprobs
+        values: list[torch.Tensor] = []
+        sketched: list[torch.Tensor] = []
+        for span, s, gradients, _ in iter_captured_chunks(
+            self._kernelscope_policy(),
+            micro.batch,
+            parameter_filter=self.kernelscope.parameter_filter,
+            method=self.kernelscope.capture_method,
+            chunk_size=self.kernelscope.chunk_size,
+            token_coefficients=coefficients,
+            temperature=float(self.temperature),
+            row_scale=window.sqrt_p,
+        ):
+            values.append(s)
+            if self.kernelscope_sketcher is not None:
+                sketched.append(self.kernelscope_sketcher.sketch(gradients))
+            else:
+                client.push_gradients(run_id, step, gradients, micro.ids[span], rows=rows)
+            del gradients  # one chunk of per-sequence gradients at a time
+        if sketched:
+            client.push_sketches(run_id, step, torch.cat(sketched), micro.ids, rows=rows)
+        return torch.cat(values)
 
     def _current_learning_rate(self) -> float:
         # The scheduler steps after optimizer.step(): this is the rate the step uses.
@@ -548,15 +652,20 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 n: (p.detach() - window.before[n]).float()
                 for n, p in self._kernelscope_selected().items()
             }
+            if window.sqrt_p is not None:
+                # adam geometry: <sqrt(P) w_j, u / sqrt(P)> = <w_j, u>
+                update = unscale_update(update, window.sqrt_p)
             client.push_applied_update(run_id, window.step, update)
-        records = window.records
+        records = list(window.records.values())
         if self.kernelscope.push_logprob_after:
             policy = self._kernelscope_policy()
             after: dict[str, float] = {}
-            for ids, batch in window.batches:
+            for micro in window.micro:
                 with self.accelerator.autocast():
-                    values = sequence_logprobs(policy, batch, temperature=float(self.temperature))
-                after.update({i: float(v) for i, v in zip(ids, values.tolist(), strict=True)})
+                    values = sequence_logprobs(
+                        policy, micro.batch, temperature=float(self.temperature)
+                    )
+                after.update({i: float(v) for i, v in zip(micro.ids, values.tolist(), strict=True)})
             records = [{**r, "logprob_after": after[r["id"]]} for r in records]
         max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
         # Last, after this rank's rows: the step is ready once every rank has reported.

@@ -92,10 +92,12 @@ class Sketcher(ABC):
 
         Keys are ``param`` (values ``[n, *shape]`` or ``[n, numel]``) or ``param@offset``
         (a flat slice ``[n, d]``).  Returns the sum of the per-tensor sketches, ``[n, dim]``
-        float32.
+        float32, added in the order of ``(param, offset)``: the rows do not depend on the
+        mapping's order, so a trainer's sketch and the service's sketch of the same rows (read
+        back from safetensors, whose tensor order is its own) are equal bit for bit.
         """
         out: torch.Tensor | None = None
-        for key, values in gradient.items():
+        for key, values in sorted(gradient.items(), key=lambda kv: parse_tensor_name(kv[0])):
             name, offset = parse_tensor_name(key)
             part = self.sketch_slice(name, values.reshape(values.shape[0], -1), offset)
             out = part if out is None else out + part

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,11 +12,15 @@ from torch import nn
 from clients.capture import (
     SequenceBatch,
     capture_gradients,
+    capture_sketches,
     forward_logits,
+    iter_captured_chunks,
     sequence_logprobs,
 )
 from clients.filters import ParameterFilter
-from tests.clients.conftest import VOCAB, make_batch, tiny_gpt2
+from clients.http import Client
+from sketch.spec import SketchSpec, build_sketcher
+from tests.clients.conftest import VOCAB, LiveService, make_batch, tiny_gpt2
 
 
 def _reference(
@@ -270,3 +275,59 @@ def test_update_rows_from_token_coefficients(
         torch.testing.assert_close(as_scores.gradients[name], g)
     with pytest.raises(ValueError, match="laid out like input_ids"):
         capture_gradients(model, batch, token_coefficients=coef[:, :-1])
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian", "rademacher", "kronecker"])
+def test_trainer_side_sketches_are_the_services_bit_for_bit(
+    live_service: LiveService, kind: str
+) -> None:
+    """Rows sketched on the trainer (:func:`capture_sketches`, one chunk at a time) equal the
+    service's sketch of the same raw rows bit for bit: run ``raw`` gets each chunk's exact
+    gradients (one upload per chunk), run ``trainer`` the chunks' trainer-side sketches, and
+    the two kernels are identical arrays."""
+    model = tiny_gpt2().eval()
+    batch = make_batch(n=6)
+    parameters = {n: list(p.shape) for n, p in model.named_parameters()}
+    spec = {"kind": kind, "dim": 64, "seed": 3}
+    sketcher = build_sketcher(SketchSpec.from_dict(spec), parameters)
+    ids = [f"s{i}" for i in range(batch.size)]
+    records = [
+        {"id": i, "prompt_id": "p0", "logprob": -1.0, "advantage": 1.0, "num_tokens": 1}
+        for i in ids
+    ]
+    captured = capture_sketches(model, batch, sketcher, chunk_size=4)
+    with Client(live_service.base_url) as client:
+        kernels = {}
+        for run in ("raw", "trainer"):
+            run_id = f"{kind}-{run}"
+            client.create_run(run_id, sketch=spec, parameters=parameters)
+            for span, _, rows, _ in iter_captured_chunks(model, batch, chunk_size=4):
+                if run == "raw":
+                    client.push_gradients(run_id, 0, rows, ids[span])
+                else:
+                    sketched = sketcher.sketch(rows)
+                    torch.testing.assert_close(sketched, captured.sketch[span], rtol=0, atol=0)
+                    client.push_sketches(run_id, 0, sketched, ids[span])
+            client.push_sequences(run_id, 0, 0.1, records)
+            kernels[run] = client.kernel(run_id, 0, wait=60).matrix
+        np.testing.assert_array_equal(kernels["trainer"], kernels["raw"])
+
+
+def test_sketches_of_any_chunking_agree_and_scale_rows() -> None:
+    """Chunk size changes only float rounding; ``row_scale`` multiplies the rows before the
+    sketch (the sketch of ``sqrt(P) w_i``)."""
+    model = tiny_gpt2().eval()
+    batch = make_batch(n=5)
+    parameters = {n: list(p.shape) for n, p in model.named_parameters()}
+    sketcher = build_sketcher(
+        SketchSpec.from_dict({"kind": "gaussian", "dim": 32, "seed": 0}), parameters
+    )
+    one = capture_sketches(model, batch, sketcher, chunk_size=5)
+    two = capture_sketches(model, batch, sketcher, chunk_size=2)
+    torch.testing.assert_close(two.sketch, one.sketch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two.logprobs, one.logprobs)
+    scale = {n: torch.rand_like(p) + 0.5 for n, p in model.named_parameters()}
+    scaled = capture_sketches(model, batch, sketcher, chunk_size=5, row_scale=scale)
+    exact = capture_gradients(model, batch, chunk_size=5)
+    expected = sketcher.sketch({n: g * scale[n] for n, g in exact.gradients.items()})
+    torch.testing.assert_close(scaled.sketch, expected, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,8 @@ from clients.capture import SequenceBatch, capture_gradients, response_logprobs,
 from clients.geometry import (
     AppliedUpdateCapture,
     adam_preconditioner,
+    adam_step_preconditioner,
+    is_adam,
     logprob_after,
     scale_rows,
     unscale_update,
@@ -52,6 +54,41 @@ def test_preconditioner_is_the_denominator_adam_divides_by(amsgrad: bool) -> Non
         ulp = float(params[name].detach().abs().max()) * 2.0**-23
         expected = -lr * sqrt_p[name] ** 2 * g
         torch.testing.assert_close(applied.update[name], expected, rtol=1e-4, atol=ulp)
+
+
+@pytest.mark.parametrize(
+    ("cls", "amsgrad", "decay"),
+    [
+        (torch.optim.AdamW, False, 0.0),
+        (torch.optim.Adam, True, 0.0),
+        (torch.optim.Adam, False, 0.1),  # coupled decay: g + lambda theta
+    ],
+)
+def test_step_preconditioner_is_what_the_next_step_divides_by(
+    cls: type[torch.optim.Adam], amsgrad: bool, decay: float
+) -> None:
+    """Before each of three steps (the first from an empty state), ``sqrt(P_t)`` computed from
+    ``.grad`` and the state gives the step exactly: ``delta theta = -lr P_t g`` (beta1 = 0)."""
+    model = tiny_gpt2().eval()
+    lr = 1e-2
+    opt = cls(
+        model.parameters(), lr=lr, betas=(0.0, 0.99), eps=1e-6, amsgrad=amsgrad, weight_decay=decay
+    )
+    assert is_adam(opt) and not is_adam(torch.optim.SGD(model.parameters(), lr=0.1))
+    params = dict(model.named_parameters())
+    for seed in range(3):
+        batch = make_batch(seed=seed, n=4)
+        opt.zero_grad()
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        s = response_logprobs(out, batch.input_ids, batch.response_mask)
+        (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
+        sqrt_p = adam_step_preconditioner(opt, params)
+        before = {k: p.detach().clone() for k, p in params.items()}
+        grads = {k: p.grad.detach().clone() + decay * before[k] for k, p in params.items()}
+        opt.step()
+        for k, p in params.items():
+            expected = -lr * sqrt_p[k] ** 2 * grads[k]
+            torch.testing.assert_close(p.detach() - before[k], expected, rtol=1e-4, atol=1e-7)
 
 
 def test_preconditioner_formula_from_state() -> None:

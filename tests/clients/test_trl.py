@@ -350,11 +350,10 @@ def test_logprob_check_flags_absolute_positions_with_left_padding(
         torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1),
         torch.cat([torch.zeros_like(micro["prompt_mask"]), micro["completion_mask"]], dim=1).bool(),
     )
-    logprobs = capture_gradients(trainer.model, batch).logprobs
     # The check only reads the model and TRL's log-prob helper: run it on the plain trainer.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        KernelscopeGRPOTrainer._kernelscope_check_logprobs(trainer, micro, logprobs)
+        KernelscopeGRPOTrainer._kernelscope_check_logprobs(trainer, micro, batch)
     flagged = [w for w in caught if "captured log-probs differ" in str(w.message)]
     assert bool(flagged) == warns
 
@@ -439,6 +438,37 @@ def test_trainer_pushes_two_steps(
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
             default = client.entropy(trainer.kernelscope_run_id, step)
             assert math.isfinite(default.delta_h1)
+
+
+def test_adam_geometry_with_rows_sketched_on_the_trainer(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """A real GRPO run with AdamW (``beta1 = 0``, no weight decay, no clipping: the step is
+    exactly ``-lr P_t g``) and rows sketched on the trainer: the run is in ``adam`` geometry
+    (the default for Adam), the rows are ``sqrt(P_t) w_i`` with the preconditioner of the step
+    being taken (also the first, from an empty state), and the ``plugin`` prediction equals
+    ``delta_h1_applied`` on both steps, the second a later pass at ratio != 1 (update rows)."""
+    args = sgd_args(
+        tmp_path,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        adam_beta1=0.0,
+        num_iterations=2,
+        epsilon=0.02,
+    )
+    trainer = sgd_trainer(
+        args, KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer")
+    )
+    assert trainer.kernelscope_geometry == "adam" and trainer.kernelscope_sketcher is not None
+    trainer.train()
+    with Client(live_service.base_url) as client:
+        assert client.get_run(trainer.kernelscope_run_id).geometry == "adam"
+        for step in (0, 1):
+            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
+            assert status.state == "ready" and status.applied_update
+            report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
+            assert report.delta_h1 != 0.0
+            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
 def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path) -> None:

@@ -655,7 +655,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             if window.sqrt_p is not None:
                 # adam geometry: <sqrt(P) w_j, u / sqrt(P)> = <w_j, u>
                 update = unscale_update(update, window.sqrt_p)
-            client.push_applied_update(run_id, window.step, update)
+            sketcher = (
+                self._factorised.sketcher
+                if self._factorised is not None
+                else self.kernelscope_sketcher
+            )
+            if sketcher is None:
+                client.push_applied_update(run_id, window.step, update)
+            else:  # k floats, like the rows, instead of N
+                rows = {n: u.reshape(1, -1) for n, u in update.items()}
+                client.push_applied_update(run_id, window.step, sketch=sketcher.sketch(rows)[0])
         records = list(window.records.values())
         if self.kernelscope.push_logprob_after:
             policy = self._kernelscope_policy()

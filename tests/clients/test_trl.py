@@ -471,6 +471,32 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
+def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> None:
+    """``kind="kronecker"``: factorised rows, update rows (a later pass at ratio != 1) and the
+    applied update all sketched on the trainer; ``sgd`` geometry even with AdamW (refused
+    explicitly), and with plain SGD the identity ``plugin dH1 = delta_h1_applied`` holds."""
+    kronecker = {"kind": "kronecker", "dim": 256, "seed": 2}
+    with pytest.raises(UnsupportedTRLSettingError, match="elementwise preconditioner"):
+        sgd_trainer(
+            grpo_args(tmp_path),
+            KernelscopeConfig(url=live_service.base_url, sketch=kronecker, geometry="adam"),
+        )
+    adamw = sgd_trainer(
+        grpo_args(tmp_path), KernelscopeConfig(url=live_service.base_url, sketch=kronecker)
+    )
+    assert adamw.kernelscope_geometry == "sgd"
+    args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02)
+    trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=kronecker))
+    trainer.train()
+    with Client(live_service.base_url) as client:
+        for step in (0, 1):
+            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
+            assert status.state == "ready" and status.applied_update
+            report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
+            assert report.delta_h1 != 0.0
+            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+
+
 def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path) -> None:
     """A real GRPO run with a ``peft`` LoRA adapter on the attention projections and
     ``ParameterFilter(lora_only=True)``: only the adapter parameters are declared, captured and

@@ -1,0 +1,304 @@
+"""Benchmark: what attaching kernelscope costs a real TRL ``GRPOTrainer`` step (CPU, fp32).
+
+A Qwen2 decoder (rotary positions, grouped-query attention, SwiGLU) built from a config at
+about 10M and about 100M parameters, a word-level tokenizer built in code (nothing is
+downloaded), ``--prompts`` prompts x ``--generations`` completions of up to ``--tokens``
+tokens per optimizer step (generation included), AdamW at lr 1e-6.  Modes, each in its own
+process (so that its peak RSS is its own), against one ``kernelscope serve`` on loopback:
+
+* ``off``: a plain ``trl.GRPOTrainer``;
+* ``kronecker``: ``KernelscopeGRPOTrainer`` with factorised kronecker rows made on the
+  trainer (``k``, sgd geometry);
+* ``countsketch``: exact per-sequence capture a chunk at a time, count-sketched on the trainer
+  (``k``, Adam geometry, the default for AdamW).
+
+Per mode: the median wall time of an optimizer step after the first (warm-up), the peak RSS,
+and the bytes pushed per step (request bodies, counted in the client's transport).  ``T_train``
+is the plain step's training forward and backward (TRL's ``compute_loss`` plus the
+``backward``, summed over the step's micro-batches), timed in the ``off`` process.  Added time
+is reported as a multiple of ``T_train`` and as a share of the plain step; ratios come from
+processes of the same run.
+
+    python bench/trl_step.py                  # 10M and 100M (about half an hour on 2 cores)
+    python bench/trl_step.py --sizes 10M      # one size
+    python bench/trl_step.py --quick          # a 1M model, 2 prompts: a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# The repository before bench/ (the script's own directory): bench/sketch.py is not `sketch`.
+sys.path.insert(0, str(REPO))
+
+from processes import child_process, free_port, wait_http  # noqa: E402  (bench/processes.py)
+
+MODES = ("off", "kronecker", "countsketch")
+
+#: Qwen2 shapes: about 1M (quick), 10M and 100M parameters (untied embeddings).
+SIZES: dict[str, dict[str, int]] = {
+    "1M": {"vocab": 2048, "hidden": 64, "layers": 2, "intermediate": 256, "heads": 4, "kv": 2},
+    "10M": {"vocab": 8192, "hidden": 256, "layers": 6, "intermediate": 1024, "heads": 8, "kv": 2},
+    "100M": {
+        "vocab": 16384,
+        "hidden": 768,
+        "layers": 12,
+        "intermediate": 2048,
+        "heads": 12,
+        "kv": 4,
+    },
+}
+
+
+def _peak_mib() -> float:
+    """RSS high-water mark of this process (MiB); Linux reports ru_maxrss in KiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(size: str) -> Any:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    s = SIZES[size]
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=s["vocab"],
+        hidden_size=s["hidden"],
+        num_hidden_layers=s["layers"],
+        intermediate_size=s["intermediate"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def build_tokenizer(vocab: int) -> Any:
+    """Word-level: ``<pad>`` 0, ``<eos>`` 1, then words ``w2 .. w{vocab-1}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+
+
+def reward(completions: list[str], **_: Any) -> list[float]:
+    """Share of even-numbered words: varies within every group of random completions."""
+    out = []
+    for text in completions:
+        words = text.split()
+        even = sum(1 for w in words if w[1:].isdigit() and int(w[1:]) % 2 == 0)
+        out.append(even / max(len(words), 1))
+    return out
+
+
+def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One mode in this process: train ``steps + 1`` optimizer steps, time them."""
+    import httpx
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from clients.http import Client
+    from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    model = build_model(size)
+    vocab = SIZES[size]["vocab"]
+    rng = torch.Generator().manual_seed(1)
+    prompts = [
+        " ".join(f"w{int(t)}" for t in torch.randint(2, vocab, (16,), generator=rng))
+        for _ in range(args.prompts)
+    ]
+    micro = args.prompts * args.generations // args.accumulation
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.accumulation,
+        steps_per_generation=args.accumulation,
+        num_generations=args.generations,
+        max_completion_length=args.tokens,
+        max_steps=args.steps + 1,
+        learning_rate=1e-6,
+        optim="adamw_torch",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_steps=1000,
+        seed=0,
+    )
+    timers = {"train": 0.0}
+    steps: list[float] = []
+    train_per_step: list[float] = []
+
+    class Timed(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            timers["start"] = time.perf_counter()
+            timers["train"] = 0.0
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            steps.append(time.perf_counter() - timers["start"])
+            train_per_step.append(timers["train"])
+
+    sent = {"bytes": 0}
+
+    class Counting(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            sent["bytes"] += len(request.read())
+            return super().handle_request(request)
+
+    common: dict[str, Any] = {
+        "model": model,
+        "reward_funcs": reward,
+        "args": config,
+        "train_dataset": Dataset.from_dict({"prompt": prompts * (args.steps + 2)}),
+        "processing_class": build_tokenizer(vocab),
+        "callbacks": [Timed()],
+    }
+    if mode == "off":
+        trainer: GRPOTrainer = GRPOTrainer(**common)
+    else:
+        sketch = {"kind": mode, "dim": args.k, "seed": 0}
+        client = Client(url, transport=Counting())
+        trainer = KernelscopeGRPOTrainer(
+            **common,
+            kernelscope=KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"),
+            kernelscope_client=client,
+        )
+    # T_train: TRL's compute_loss plus the backward of its loss, per micro-batch.
+    plain_loss = GRPOTrainer.compute_loss
+    backward = trainer.accelerator.backward
+
+    def timed_loss(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = plain_loss(trainer, *a, **k)
+        timers["train"] += time.perf_counter() - t0
+        return out
+
+    def timed_backward(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = backward(*a, **k)
+        timers["train"] += time.perf_counter() - t0
+        return out
+
+    if mode == "off":
+        trainer.compute_loss = timed_loss  # type: ignore[method-assign]
+    trainer.accelerator.backward = timed_backward  # type: ignore[method-assign]
+    parameters = sum(p.numel() for p in model.parameters())
+    start_bytes = sent["bytes"]
+    trainer.train()
+    measured = steps[1:]
+    return {
+        "mode": mode,
+        "size": size,
+        "parameters": parameters,
+        "sequences": args.prompts * args.generations,
+        "step_s": statistics.median(measured),
+        "train_s": statistics.median(train_per_step[1:]),
+        "peak_mib": _peak_mib(),
+        "bytes_per_step": (sent["bytes"] - start_bytes) / len(steps),
+    }
+
+
+def run_child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "--child", mode, "--size", size, "--url", url]
+    for name in ("prompts", "generations", "tokens", "accumulation", "steps", "k", "threads"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} {size} failed:\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def table(results: list[dict[str, Any]], k: int) -> str:
+    lines = [
+        "| model | mode | step (s) | T_train (s) | added / T_train | added / plain step | "
+        "peak RSS (MiB) | RSS / plain | bytes per step | bytes / (8 n k) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size in dict.fromkeys(r["size"] for r in results):
+        rows = [r for r in results if r["size"] == size]
+        plain = next(r for r in rows if r["mode"] == "off")
+        t_train = plain["train_s"]
+        for r in rows:
+            added = r["step_s"] - plain["step_s"]
+            bound = 8 * r["sequences"] * k
+            lines.append(
+                f"| {size} ({r['parameters'] / 1e6:.1f}M) | {r['mode']} | {r['step_s']:.2f} | "
+                f"{t_train:.2f} | "
+                + ("—" if r["mode"] == "off" else f"{added / t_train:.2f}x")
+                + " | "
+                + ("—" if r["mode"] == "off" else f"{added / plain['step_s']:.0%}")
+                + f" | {r['peak_mib']:.0f} | {r['peak_mib'] / plain['peak_mib']:.2f}x | "
+                + ("—" if r["mode"] == "off" else f"{r['bytes_per_step'] / 1e6:.2f} MB")
+                + " | "
+                + ("—" if r["mode"] == "off" else f"{r['bytes_per_step'] / bound:.2f}")
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10M,100M")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--accumulation", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="measured steps after a warm-up")
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", choices=MODES)
+    parser.add_argument("--size", default="10M")
+    parser.add_argument("--url")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.size, args.url, args)))
+        return 0
+    if args.quick:
+        args.sizes, args.prompts, args.steps, args.k = "1M", 2, 2, 256
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    results: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        env = {**os.environ, "KERNELSCOPE_KEY_PREFIX": f"bench-trl-{os.getpid()}"}
+        serve = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+        serve += ["--data-dir", str(logs / "data")]
+        api = stack.enter_context(child_process(serve, env, logs / "serve.log"))
+        wait_http(f"{url}/healthz", api)
+        for size in args.sizes.split(","):
+            for mode in MODES:
+                print(f"{size} {mode} ...", file=sys.stderr, flush=True)
+                results.append(run_child(mode, size, url, args))
+    print(table(results, args.k))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

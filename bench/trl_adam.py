@@ -1,0 +1,174 @@
+"""Benchmark: Adam-geometry predictions against what an AdamW GRPO run really does (CPU).
+
+The 10M Qwen2 of ``bench/trl_step.py`` trained by a real ``KernelscopeGRPOTrainer`` with AdamW
+(TRL's default optimizer, betas (0.9, 0.999), weight decay 0) at the learning rates RL
+fine-tuning uses, ``--steps`` optimizer steps each, rows count-sketched on the trainer in
+``adam`` geometry (the default for Adam).  Per step the service's default entropy answer gives:
+
+* ``delta_h1``: the first-order prediction of the Adam step ``-eta P_t g`` (momentum aside);
+* ``delta_h1_applied``: ``<grad H, u>`` of the update really applied (momentum included);
+* the realized change, estimated from ``logprob_after`` (math.md §6), with its standard error.
+
+The table gives, per learning rate, the medians of ``delta_h1 / delta_h1_applied`` and of
+``delta_h1_applied / realized``, how many steps have the realized change within 2 s.e. of each
+prediction, and the sign agreement; ``--per-step`` adds one row per step.
+
+    python bench/trl_adam.py                     # lr 1e-6 and 1e-5, 20 steps (about 10 min)
+    python bench/trl_adam.py --quick             # the 1M model, 4 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # before bench/: bench/sketch.py is not `sketch`
+
+from processes import child_process, free_port, wait_http  # noqa: E402  (bench/processes.py)
+from trl_step import SIZES, build_model, build_tokenizer, reward  # noqa: E402
+
+
+def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One AdamW run; the per-step numbers of the service's entropy answers."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from clients.http import Client
+    from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer
+
+    warnings.simplefilter("ignore")
+    vocab = SIZES[size]["vocab"]
+    rng = torch.Generator().manual_seed(1)
+    prompts = [
+        " ".join(f"w{int(t)}" for t in torch.randint(2, vocab, (16,), generator=rng))
+        for _ in range(args.prompts)
+    ]
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-adam-"),
+        per_device_train_batch_size=args.prompts * args.generations // 2,
+        gradient_accumulation_steps=2,
+        steps_per_generation=2,
+        num_generations=args.generations,
+        max_completion_length=args.tokens,
+        max_steps=args.steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        logging_steps=1000,
+        seed=0,
+    )
+    trainer = KernelscopeGRPOTrainer(
+        model=build_model(size),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts * (args.steps + 1)}),
+        processing_class=build_tokenizer(vocab),
+        kernelscope=KernelscopeConfig(
+            url=url, sketch={"kind": "countsketch", "dim": args.k, "seed": 0}, sketch_on="trainer"
+        ),
+    )
+    assert trainer.kernelscope_geometry == "adam"
+    trainer.train()
+    rows = []
+    with Client(url) as client:
+        for step in range(args.steps):
+            client.wait_ready(trainer.kernelscope_run_id, step, timeout=300)
+            report = client.entropy(trainer.kernelscope_run_id, step)
+            realized = report.realized or {}
+            rows.append(
+                {
+                    "step": step,
+                    "dh1": report.delta_h1,
+                    "dh1_se": math.hypot(report.se_sampling, report.se_sketch),
+                    "applied": report.delta_h1_applied,
+                    "realized": realized.get("delta_h"),
+                    "realized_se": realized.get("se"),
+                }
+            )
+    return rows
+
+
+def summary(lr: float, rows: list[dict[str, Any]]) -> str:
+    def within(pred: str) -> str:
+        hits = sum(
+            1
+            for r in rows
+            if abs(r[pred] - r["realized"]) <= 2 * math.hypot(r["realized_se"], r["dh1_se"])
+        )
+        return f"{hits}/{len(rows)}"
+
+    def same_sign(pred: str) -> str:
+        return f"{sum(1 for r in rows if r[pred] * r['realized'] > 0)}/{len(rows)}"
+
+    ratio_pred = statistics.median(r["dh1"] / r["applied"] for r in rows)
+    ratio_applied = statistics.median(r["applied"] / r["realized"] for r in rows)
+    mean_abs = statistics.mean(abs(r["realized"]) for r in rows)
+    return (
+        f"| {lr:g} | {len(rows)} | {mean_abs:.3g} | {ratio_pred:.3f} | {ratio_applied:.3f} | "
+        f"{within('dh1')} | {within('applied')} | {same_sign('dh1')} | {same_sign('applied')} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="10M")
+    parser.add_argument("--lrs", default="1e-6,1e-5")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--per-step", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.steps, args.prompts, args.k = "1M", 4, 4, 512
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    results: dict[float, list[dict[str, Any]]] = {}
+    with ExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        env = {**os.environ, "KERNELSCOPE_KEY_PREFIX": f"bench-adam-{os.getpid()}"}
+        serve = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+        serve += ["--data-dir", str(logs / "data")]
+        api = stack.enter_context(child_process(serve, env, logs / "serve.log"))
+        wait_http(f"{url}/healthz", api)
+        for lr in (float(v) for v in args.lrs.split(",")):
+            print(f"lr {lr:g} ...", file=sys.stderr, flush=True)
+            results[lr] = train(url, args.size, lr, args)
+    print(
+        "| lr | steps | mean abs realized | median dH1 / applied | median applied / realized "
+        "| realized within 2 s.e. of dH1 | ... of applied | same sign dH1 | same sign applied |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lr, rows in results.items():
+        print(summary(lr, rows))
+    if args.per_step:
+        print("\n| lr | step | dH1 | ± s.e. | applied | realized | ± s.e. |")
+        print("|---|---|---|---|---|---|---|")
+        for lr, rows in results.items():
+            for r in rows:
+                print(
+                    f"| {lr:g} | {r['step']} | {r['dh1']:.4g} | {r['dh1_se']:.2g} | "
+                    f"{r['applied']:.4g} | {r['realized']:.4g} | {r['realized_se']:.2g} |"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# CUDA checks of the sketch operators, a few minutes on one GPU:
+# CUDA checks of the sketch operators and of a real TRL step, a few minutes on one GPU:
 #   1. the CPU = CUDA tests (pytest -m cuda, tests/sketch/test_cuda.py),
 #   2. the sketch benchmark on the device, with the device's own copy bandwidth and matmul
-#      rate as baselines (targets: countsketch >= 40% of copy, dense kinds >= 40% of matmul).
-# Without CUDA it still runs: the tests skip and the benchmark runs on the CPU (--quick).
+#      rate as baselines (targets: countsketch >= 40% of copy, dense kinds >= 40% of matmul),
+#   3. bench/trl_step.py on the device, 100M model: kernelscope's added time per GRPO step
+#      (generation included) against the plain step (target: at most 15% of the whole step;
+#      anchor: bergson's HF Trainer gradient callback, about 17%); on the GPU the factorised
+#      capture's targets are at least 10x faster than the per-sequence loop and at most 1.2x
+#      a plain batched backward (bench/capture.py's table on the CPU).
+# Without CUDA it still runs: the tests skip and the benchmarks run on the CPU (--quick).
 # Usage: bench/gpu.sh [extra bench/sketch.py flags, e.g. --compile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,3 +31,10 @@ echo "== pytest -m cuda"
 
 echo "== bench/sketch.py --device $DEVICE"
 "$PY" bench/sketch.py --device "$DEVICE" "${SIZE_FLAGS[@]}" "$@"
+
+echo "== bench/trl_step.py --device $DEVICE"
+if [ "$DEVICE" = cuda ]; then
+    "$PY" bench/trl_step.py --device cuda --sizes 100M
+else
+    "$PY" bench/trl_step.py --quick
+fi

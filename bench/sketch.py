@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sketch import hashing
 from sketch.base import Sketcher, SketchKind
+from sketch.crossed import bilinear_variance
+from sketch.kronecker import KroneckerSketch
 from sketch.spec import SketchSpec, build_sketcher
 
 KINDS = ["countsketch", "gaussian", "rademacher", "kronecker"]
@@ -237,16 +239,21 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> None:
     n = 64
     size = 10_000 if args.quick else 100_000
     dims = [256, 1024] if args.quick else [256, 1024, 4096]
-    seeds = range(3 if args.quick else 10)
+    seeds = range(3 if args.quick else args.seeds)
     gen = torch.Generator().manual_seed(0)
     print(f"\n## Accuracy (n = {n} rows, N = {size}, {len(seeds)} seeds)\n")
     print("rel err K = |K_hat - K|_F / |K|_F (mean over seeds); predicted RMS from the variance")
     print("formula with c = variance_factor() (for kronecker c is the bound). z = error of the")
     print("bilinear form h^T K c (as in dH1, random h, c) over its predicted standard error")
     print("sqrt(c (|u|^2|v|^2 + <u,v>^2)), u = W^T h, v = W^T c; for a normal error and an exact")
-    print("formula the mean |z| is 0.80, below that the formula overstates the error.\n")
-    print("| rows | kind | k | rel err K | predicted RMS | mean abs(z) |")
-    print("|---|---|---|---|---|---|")
+    print("formula the mean |z| is 0.80, below that the formula overstates the error.  For")
+    print("kronecker the service estimates the error bar from the rows (sketch/crossed.py):")
+    print("'rows s.e. / RMS err' is its RMS over the observed RMS error, 'cover' the share of")
+    print("errors within 2 of those s.e.\n")
+    columns = ["rows", "kind", "k", "rel err K", "predicted RMS", "mean abs(z)"]
+    columns += ["rows s.e. / RMS err", "cover"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|---|---|---|")
     shape = matrix_shape(size)
     for label, w in workloads(n, size, gen):
         kernel = w @ w.T
@@ -257,9 +264,10 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> None:
         form_scale = float(u @ u) * float(v @ v) + float(u @ v) ** 2
         k_scale = float(torch.trace(kernel)) ** 2 + float((kernel * kernel).sum())
         wf = w.to(torch.float32).to(device)
+        weights = np.outer(h.numpy(), c.numpy())
         for kind in ["exact", *KINDS]:
             for dim in [dims[0]] if kind == "exact" else dims:
-                errs, zs = [], []
+                errs, zs, signed, rows_var = [], [], [], []
                 factor = 0.0
                 for seed in seeds:
                     params = {"p": shape if kind == "kronecker" else (size,)}
@@ -271,10 +279,21 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> None:
                     se = math.sqrt(factor * form_scale)
                     err = float(h @ est @ c) - exact_form
                     zs.append(abs(err) / se if se > 0 else abs(err))
+                    signed.append(err)
+                    if isinstance(sketcher, KroneckerSketch):
+                        yn = y.numpy()
+                        cells = (sketcher.k_out, sketcher.k_in)
+                        rows_var.append(bilinear_variance(yn, yn, weights, cells))
                 predicted = math.sqrt(factor * k_scale) / float(kernel.norm())
+                rows_cols = "- | -"
+                if rows_var:
+                    err_arr, var_arr = np.asarray(signed), np.asarray(rows_var)
+                    ratio = math.sqrt(var_arr.mean() / np.mean(err_arr**2))
+                    cover = float(np.mean(np.abs(err_arr) <= 2 * np.sqrt(var_arr)))
+                    rows_cols = f"{ratio:.2f} | {cover:.0%}"
                 print(
                     f"| {label} | {kind} | {'N' if kind == 'exact' else dim} | "
-                    f"{np.mean(errs):.4f} | {predicted:.4f} | {np.mean(zs):.2f} |",
+                    f"{np.mean(errs):.4f} | {predicted:.4f} | {np.mean(zs):.2f} | {rows_cols} |",
                     flush=True,
                 )
 
@@ -313,6 +332,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS, help="kinds to time")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--seeds", type=int, default=10, help="sketch seeds of the accuracy part")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

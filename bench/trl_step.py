@@ -22,6 +22,7 @@ processes of the same run.
     python bench/trl_step.py                  # 10M and 100M (about half an hour on 2 cores)
     python bench/trl_step.py --sizes 10M      # one size
     python bench/trl_step.py --quick          # a 1M model, 2 prompts: a minute
+    python bench/trl_step.py --device cuda    # on a GPU (bench/gpu.sh): peak = CUDA allocator
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ MODES = ("off", "kronecker", "countsketch")
 
 #: Qwen2 shapes: about 1M (quick), 10M and 100M parameters (untied embeddings).
 SIZES: dict[str, dict[str, int]] = {
-    "1M": {"vocab": 2048, "hidden": 64, "layers": 2, "intermediate": 256, "heads": 4, "kv": 2},
+    "1M": {"vocab": 2048, "hidden": 128, "layers": 2, "intermediate": 512, "heads": 4, "kv": 2},
     "10M": {"vocab": 8192, "hidden": 256, "layers": 6, "intermediate": 1024, "heads": 8, "kv": 2},
     "100M": {
         "vocab": 16384,
@@ -63,8 +64,13 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def _peak_mib() -> float:
-    """RSS high-water mark of this process (MiB); Linux reports ru_maxrss in KiB."""
+def _peak_mib(device: str) -> float:
+    """Peak memory of this process (MiB): RSS high-water mark on the CPU (Linux reports
+    ru_maxrss in KiB), torch's allocator peak on CUDA."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -143,7 +149,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
         learning_rate=1e-6,
         optim="adamw_torch",
         report_to="none",
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         bf16=False,
         save_strategy="no",
         logging_steps=1000,
@@ -217,14 +223,15 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
         "sequences": args.prompts * args.generations,
         "step_s": statistics.median(measured),
         "train_s": statistics.median(train_per_step[1:]),
-        "peak_mib": _peak_mib(),
+        "peak_mib": _peak_mib(args.device),
         "bytes_per_step": (sent["bytes"] - start_bytes) / len(steps),
     }
 
 
 def run_child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", mode, "--size", size, "--url", url]
-    for name in ("prompts", "generations", "tokens", "accumulation", "steps", "k", "threads"):
+    names = ("prompts", "generations", "tokens", "accumulation", "steps", "k", "threads", "device")
+    for name in names:
         argv += [f"--{name}", str(getattr(args, name))]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
@@ -272,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="measured steps after a warm-up")
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child", choices=MODES)
     parser.add_argument("--size", default="10M")

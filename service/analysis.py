@@ -37,9 +37,10 @@ from service.store import StepCounts, StepSnapshot, Store
 from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
-from sketch.entropy import entropy_change, row_updates, update_coefficients
+from sketch.entropy import SketchCells, entropy_change, row_updates, update_coefficients
 from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
+from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
 from sketch.spectrum import Spectrum, spectrum
@@ -48,7 +49,7 @@ MAX_WAIT_S = 300.0
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
 #: of an older revision are recomputed instead of served (their data version alone would not
 #: change across an upgrade).
-ANALYSIS_REVISION = 2
+ANALYSIS_REVISION = 3
 SPECTRUM_HEAD = 8
 #: Assembled step matrices (with their kernels) kept in this process: the analysis routes of
 #: one step (kernel, spectrum, blocks, entropy) are usually asked one after the other, and
@@ -481,8 +482,23 @@ def entropy_json(
         update=update,
         entropy_before=m.entropy_before,
         entropy_after=m.entropy_after,
+        sketch_cells=kronecker_cells(m, run, sketcher),
     )
     return _json(result.to_dict())
+
+
+def kronecker_cells(
+    m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher
+) -> SketchCells | None:
+    """The rows of an ungrouped Kronecker run, whose ``se_sketch`` is estimated from them
+    (sketch/crossed.py); None for other kinds (their variance factor is tight)."""
+    if not isinstance(sketcher, KroneckerSketch) or min(sketcher.k_out, sketcher.k_in) < 2:
+        return None
+    c = update_coefficients(m.seqs, run["normalization"], m.max_length)
+    V = c[:, None] * m.Y
+    if m.U is not None and m.has_update is not None:
+        V = np.where(m.has_update[:, None], m.U, V)
+    return SketchCells(Y=m.Y, V=V, shape=(sketcher.k_out, sketcher.k_in))
 
 
 def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from sketch.crossed import bilinear_variance
 from sketch.kernel import FloatArray, check_kernel
 from sketch.noise_scale import NoiseScale, noise_scale
 from sketch.ratio import RatioInterval, fieller_interval
@@ -400,6 +401,41 @@ def pair_products(
     )
 
 
+def pair_weights(
+    h: FloatArray, seqs: StepSequences, ent: BoolArray, estimator: Estimator
+) -> FloatArray:
+    """``h_j W(j, i)`` of :class:`PairProducts` as a float64 ``[n, n]`` matrix: ``dH1 / eta =
+    sum_{j, i} pair_weights[j, i] C(j, i)`` for the cross kernel ``C`` (what
+    :func:`pair_products` sums block by block)."""
+    weights = np.repeat(np.asarray(h, dtype=np.float64)[:, None], seqs.n, axis=1)
+    if estimator is not Estimator.U_STATISTIC:
+        return weights
+    codes_all, _ = seqs.prompt_index()
+    codes_ent, _ = seqs.prompt_index(ent)
+    M = group_sizes(codes_ent)
+    for p in np.unique(codes_all):
+        rows = np.flatnonzero(codes_all == p)
+        m = int(M[rows][M[rows] > 0].max(initial=0))
+        factor = m / (m - 1) if m >= 2 else 0.0
+        weights[np.ix_(rows, rows)] *= factor
+        weights[rows, rows] = 0.0
+    return weights
+
+
+@dataclass(frozen=True)
+class SketchCells:
+    """The sketched rows behind a Kronecker-sketched kernel, for ``se_sketch`` from the rows
+    themselves (:mod:`sketch.crossed`) instead of the variance-factor bound.
+
+    ``Y``: float ``[n, k]`` score rows; ``V``: float ``[n, k]`` update rows ``u_i`` (``c_i Y_i``
+    where a sequence has none); ``shape``: ``(k_out, k_in)``, both at least 2.
+    """
+
+    Y: FloatArray
+    V: FloatArray
+    shape: tuple[int, int]
+
+
 def first_order_change(
     K: NDArray[Any],
     seqs: StepSequences,
@@ -527,6 +563,7 @@ def entropy_change(
     realized: Realized | float | None = None,
     entropy_before: float | None = None,
     entropy_after: float | None = None,
+    sketch_cells: SketchCells | None = None,
 ) -> EntropyChange:
     """Predict the first-order entropy change of the step and explain it (math.md §2–§6).
 
@@ -550,6 +587,9 @@ def entropy_change(
         ``entropy_before`` / ``entropy_after`` when both are given; else the estimate from
         ``logprob_after`` (:func:`sketch.realized.realized_parts`) when available.  The step's
         KL (:mod:`sketch.taylor`) comes from ``logprob_after`` whatever the realized source.
+    sketch_cells: the Kronecker-sketched rows (:class:`SketchCells`): ``se_sketch`` is then
+        estimated from them (:func:`sketch.crossed.bilinear_variance`, unbiased for the kind's
+        crossed cells) rather than bounded with ``sketch_variance_factor``.
 
     Raises ``ValueError`` on shape mismatches, non-finite inputs, a step without update-role
     rows, or ``independent`` without entropy-role rows.
@@ -601,7 +641,12 @@ def entropy_change(
     u2 = max(float(h @ (mat @ h)), 0.0)
     v2 = max(float(step.gram.sum()), 0.0)
     uv = float(h @ C1)
-    se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * (u2 * v2 + uv * uv))
+    if sketch_cells is None:
+        se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * (u2 * v2 + uv * uv))
+    else:
+        weights = pair_weights(h, seqs, ent, est)
+        variance = bilinear_variance(sketch_cells.Y, sketch_cells.V, weights, sketch_cells.shape)
+        se_sketch = abs(eta) * math.sqrt(variance)
 
     delta_h1_applied: float | None = None
     if k_applied is not None:

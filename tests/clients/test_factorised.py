@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -204,3 +205,33 @@ def test_factorised_update_rows_from_token_coefficients(
     for i in range(batch.size):
         row_i = server.sketch({k: g[i : i + 1] for k, g in explicit.gradients.items()})
         _close(result.update_sketch[i : i + 1], row_i)
+
+
+def test_kronecker_error_bars_from_the_rows_on_captured_gradients() -> None:
+    """On real per-sequence gradients (the tiny GPT-2: 2-D weights Kronecker-sketched, biases
+    and norms count-sketched, all in the same cells), the error bar estimated from the sketched
+    rows (sketch/crossed.py) is within 2x of the observed error of ``h^T K c`` (measured
+    0.97-1.05x) and covers most errors at 2 s.e., over 200 sketch seeds.  Measured coverage
+    here: 83% (k = 256) and 88% (k = 1024) for this ``(h, c)``, 96% and 93% for another: the
+    variance estimate has ``k_out - 1`` degrees of freedom in its row term (docs/sketch.md §3)."""
+    from sketch.crossed import bilinear_variance
+    from sketch.kronecker import KroneckerSketch
+
+    model = tiny_gpt2().eval()
+    captured = capture_gradients(model, make_batch(n=12))
+    rows = captured.gradients
+    n = captured.logprobs.shape[0]
+    flat = captured.flat().double().numpy()
+    gen = np.random.default_rng(3)
+    h, c = gen.normal(size=n), gen.normal(size=n)
+    exact = float(h @ (flat @ flat.T) @ c)
+    errors, variances = [], []
+    for seed in range(200):
+        sketcher = KroneckerSketch(1024, seed, captured.parameters)
+        y = sketcher.sketch(rows).double().numpy()
+        errors.append(float(h @ (y @ y.T) @ c) - exact)
+        variances.append(bilinear_variance(y, y, np.outer(h, c), (sketcher.k_out, sketcher.k_in)))
+    err, var = np.asarray(errors), np.asarray(variances)
+    assert float(np.mean(np.abs(err) <= 2 * np.sqrt(var))) >= 0.85
+    ratio = float(np.sqrt(var.mean() / np.mean(err**2)))
+    assert 0.5 <= ratio <= 2.0

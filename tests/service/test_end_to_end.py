@@ -6,6 +6,7 @@ same kernel as one upload, and a re-sent upload changes nothing."""
 from __future__ import annotations
 
 import io
+import math
 import time
 from typing import Any
 
@@ -17,7 +18,16 @@ import torch
 
 from service.analysis import sketcher_for_run
 from sketch.blocks import block_statistics
-from sketch.entropy import entropy_change
+from sketch.crossed import bilinear_variance
+from sketch.entropy import (
+    Estimator,
+    entropy_change,
+    entropy_coefficients,
+    estimator_sets,
+    pair_weights,
+    update_coefficients,
+)
+from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
 from sketch.spectrum import spectrum
 from tests.service.conftest import (
@@ -264,3 +274,29 @@ def test_step_of_two_ranks_is_ready_when_both_reported(
         status = http.get("/v1/runs/two/steps/0").json()
         assert status["state"] == "ready" and status["ranks_reported"] == [0, 1]
         assert http.get("/v1/runs/one/steps/0").json()["ranks_reported"] == [0]
+
+
+def test_kronecker_run_estimates_its_sketch_error_from_the_rows(
+    live_service: LiveService, step_data: StepData
+) -> None:
+    """A kronecker run's ``se_sketch`` is ``|eta| sqrt(bilinear_variance)`` of its own rows
+    with the estimator's pair weights (sketch/crossed.py), not the variance-factor bound."""
+    data = step_data
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        run = create(http, "kr", "kronecker", 64, parameters=data.parameters)
+        post_sequences(http, "kr", data)
+        upload(http, "kr", data.grads, data.ids)
+        entropy = http.get("/v1/runs/kr/steps/0/entropy", params=WAIT).json()
+    sketcher = sketcher_for_run(run)
+    assert isinstance(sketcher, KroneckerSketch)
+    Y = sketcher.sketch(data.grads).double().numpy()
+    seqs = StepSequences.from_records(data.sequences)
+    est = Estimator(entropy["estimator"])
+    ent, _, _ = estimator_sets(seqs, est)
+    c = update_coefficients(seqs, "dr_grpo")
+    weights = pair_weights(entropy_coefficients(seqs, ent), seqs, ent, est)
+    shape = (sketcher.k_out, sketcher.k_in)
+    expected = data.learning_rate * math.sqrt(bilinear_variance(Y, c[:, None] * Y, weights, shape))
+    assert entropy["se_sketch"] == pytest.approx(expected, rel=1e-4)
+    bound = expected_entropy(data, Y @ Y.T, sketcher.variance_factor())["se_sketch"]
+    assert entropy["se_sketch"] != pytest.approx(bound, rel=1e-2)

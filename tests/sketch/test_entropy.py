@@ -9,12 +9,16 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from sketch.crossed import bilinear_variance
 from sketch.entropy import (
     Estimator,
+    SketchCells,
     default_estimator,
     entropy_change,
     entropy_coefficients,
+    estimator_sets,
     first_order_change,
+    pair_weights,
     row_updates,
     update_coefficients,
 )
@@ -651,3 +655,38 @@ def test_update_rows_against_double_loops(estimator: str) -> None:
     grouped = entropy_change(K, seqs, eta, estimator=estimator, update=rows, group_kernels=groups)
     assert grouped.decomposition.groups is not None
     assert sum(grouped.decomposition.groups.values()) == pytest.approx(out.delta_h1, rel=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ["independent", "u_statistic", "plugin"])
+def test_pair_weights_sum_to_dh1_and_drive_the_cell_error_bar(estimator: str) -> None:
+    """``sum pair_weights * C = dH1 / eta`` for every estimator (the matrix form of
+    ``pair_products``), and with ``sketch_cells`` the sketch error bar is
+    ``|eta| sqrt(bilinear_variance(Y, V, pair_weights))`` of those rows."""
+    rng = np.random.default_rng(5)
+    seqs, K = make_step(rng, [3, 4, 2], [3, 2, 4])
+    Y = factor(K)
+    c = ref_c(seqs, "dr_grpo")
+    est = Estimator(estimator)
+    ent, _, _ = estimator_sets(seqs, est)
+    h = entropy_coefficients(seqs, ent)
+    U = rng.normal(size=Y.shape)
+    upd = seqs.update_mask
+    V = np.where(upd[:, None], U, 0.0)
+    weights = pair_weights(h, seqs, ent, est)
+    eta = 0.3
+    out = entropy_change(K, seqs, eta, estimator=est, update=row_updates(Y, c, U, upd))
+    assert eta * float(np.sum(weights * (Y @ V.T))) == pytest.approx(out.delta_h1, rel=1e-9)
+    pad = 24 - Y.shape[1]  # 4 x 6 cells
+    cells = np.concatenate([Y, rng.normal(size=(seqs.n, pad))], axis=1)
+    Vc = np.concatenate([V, np.zeros((seqs.n, pad))], axis=1)
+    with_cells = entropy_change(
+        K,
+        seqs,
+        eta,
+        estimator=est,
+        update=row_updates(Y, c, U, upd),
+        sketch_cells=SketchCells(Y=cells, V=Vc, shape=(4, 6)),
+    )
+    expected = eta * math.sqrt(bilinear_variance(cells, Vc, weights, (4, 6)))
+    assert with_cells.se_sketch == pytest.approx(expected, rel=1e-12)
+    assert with_cells.delta_h1 == out.delta_h1

@@ -268,7 +268,8 @@ class KernelscopeConfig:
         push update rows ``u_i`` from TRL's own token coefficients (math.md §4 "Update rows",
         :func:`trl_token_coefficients`, one extra forward per micro-batch): ``None`` (default)
         when the coefficients differ from the on-policy ``weight_i A_i`` (a later PPO pass, the
-        KL term, a mask, an importance weight), ``True`` always, ``False`` never.
+        KL term, a mask, an importance weight; a plain on-policy micro-batch is recognised from
+        its inputs without the forward), ``True`` always, ``False`` never.
     """
 
     url: str
@@ -530,6 +531,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         when no update rows are to be pushed (:attr:`KernelscopeConfig.update_rows`)."""
         if self.kernelscope.update_rows is False:
             return None
+        if self.kernelscope.update_rows is None and self._kernelscope_plain_on_policy(inputs):
+            return None
         model = self.model
         assert model is not None
         coefficients = trl_token_coefficients(self, model, inputs)
@@ -543,6 +546,21 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         attention = torch.cat([prompt_mask, mask], dim=1)
         zeros = torch.zeros_like(prompt_mask, dtype=coefficients.dtype)
         return repack(torch.cat([zeros, coefficients.to(zeros.device)], dim=1), attention)
+
+    def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
+        """Whether TRL's loss on this micro-batch is at PPO ratio 1 with nothing but the
+        sequence weights (no earlier policy's log-probs, KL term, importance weight, token mask,
+        per-token advantage): then its token coefficients are ``weight_i A_i`` and the forward
+        that :func:`trl_token_coefficients` would spend is skipped."""
+        return (
+            "old_per_token_logps" not in inputs
+            and "importance_sampling_ratio" not in inputs
+            and "tool_mask" not in inputs
+            and inputs["advantages"].dim() == 1
+            and float(self.beta) == 0.0
+            and float(self.top_entropy_quantile) >= 1.0
+            and self.off_policy_mask_threshold is None
+        )
 
     def _kernelscope_check_logprobs(self, inputs: Mapping[str, Any], batch: SequenceBatch) -> None:
         """Compare the capture's ``S_i`` with TRL's own per-token log-probs (two forwards, on

@@ -185,6 +185,13 @@ def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> 
         predicted = -torch.einsum("i,i...->...", coefficients, rows_w)
         expected = trl_grad.get(name, torch.zeros_like(predicted))
         torch.testing.assert_close(predicted, expected, rtol=1e-4, atol=1e-7, msg=name)
+    # Such a micro-batch is recognised as plain on-policy from its inputs (no update rows and
+    # no forward to find out), rightly: TRL's token coefficients are weight_i A_i.
+    assert KernelscopeGRPOTrainer._kernelscope_plain_on_policy(trainer, micro)  # type: ignore[arg-type]
+    token = trl_token_coefficients(trainer, model, micro).double()
+    torch.testing.assert_close(
+        token, coefficients.double()[:, None] * micro["completion_mask"], rtol=1e-5, atol=1e-9
+    )
 
 
 def _perturbed_logps(
@@ -324,6 +331,21 @@ def test_settings_covered_by_update_rows_are_accepted(
     tmp_path: Path, overrides: dict[str, Any]
 ) -> None:
     check_supported(_plain_trainer(tmp_path, **overrides))
+
+
+def test_off_policy_inputs_are_not_plain(tmp_path: Path) -> None:
+    """A KL term, an earlier policy's log-probs or a token mask each make a micro-batch need
+    its token coefficients (update rows)."""
+    trainer = _plain_trainer(tmp_path)
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    micro = split_tensor_dict(trainer._generate_and_score_completions(rows), 2)[0]
+    plain = KernelscopeGRPOTrainer._kernelscope_plain_on_policy
+    assert plain(trainer, micro)  # type: ignore[arg-type]
+    old = micro["completion_mask"].float()
+    for extra in ({"old_per_token_logps": old}, {"tool_mask": micro["completion_mask"]}):
+        assert not plain(trainer, {**micro, **extra})  # type: ignore[arg-type]
+    trainer.beta = 0.04
+    assert not plain(trainer, micro)  # type: ignore[arg-type]
 
 
 def test_kl_term_is_accepted(tmp_path: Path) -> None:

@@ -131,6 +131,23 @@ def adam_step_preconditioner(
     return out
 
 
+def adam_gradient_share(
+    optimizer: torch.optim.Optimizer, parameters: Mapping[str, torch.Tensor]
+) -> float:
+    """``(1 - beta1) / (1 - beta1^t)``: the share of the step's own gradient in Adam's update
+    ``-lr P_t m_hat_t``, ``m_hat_t = (beta1 m_{t-1} + (1 - beta1) g_t) / (1 - beta1^t)``, read
+    after ``optimizer.step()`` (``t`` its step count; 1 at the first step, where the update is
+    ``-lr P_1 g_1``).  The rest of the update is the momentum carried from earlier steps."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    groups = {id(p): g for g in inner.param_groups for p in g["params"]}
+    for p in parameters.values():
+        state = inner.state.get(p, {})
+        if "step" in state and id(p) in groups:
+            beta1 = float(groups[id(p)]["betas"][0])
+            return (1.0 - beta1) / (1.0 - beta1 ** _step_count(state["step"]))
+    raise ValueError("no parameter has an Adam state: call it after optimizer.step()")
+
+
 def scale_rows(
     gradients: Mapping[str, torch.Tensor], sqrt_p: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:

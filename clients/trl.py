@@ -56,7 +56,12 @@ from clients.capture import (
     sequence_logprobs,
 )
 from clients.filters import ParameterFilter, select_parameters
-from clients.geometry import adam_step_preconditioner, is_adam, unscale_update
+from clients.geometry import (
+    adam_gradient_share,
+    adam_step_preconditioner,
+    is_adam,
+    unscale_update,
+)
 from clients.http import Client
 from sketch.base import Sketcher
 from sketch.spec import SketchSpec, build_sketcher
@@ -656,9 +661,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         return torch.cat(values)
 
     def _current_learning_rate(self) -> float:
-        # The scheduler steps after optimizer.step(): this is the rate the step uses.
+        """``eta`` of ``dH1 = eta h^T K c``: the optimizer's rate (the scheduler steps after
+        ``optimizer.step()``, so this is the rate the step used); in ``adam`` geometry times the
+        share of the step's own gradient in Adam's momentum, ``(1 - beta1) / (1 - beta1^t)``,
+        so that ``delta_h1`` is the change due to this step's sequences and ``delta_h1_applied
+        - delta_h1`` what the momentum carried in (docs/trl.md "Geometry")."""
         assert self.optimizer is not None
-        return float(self.optimizer.param_groups[0]["lr"])
+        rate = float(self.optimizer.param_groups[0]["lr"])
+        if self.kernelscope_geometry == "adam":
+            rate *= adam_gradient_share(self.optimizer, self._kernelscope_selected())
+        return rate
 
     def _kernelscope_after_step(self) -> None:
         window = self._ks_window

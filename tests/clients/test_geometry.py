@@ -11,6 +11,7 @@ from torch import nn
 from clients.capture import SequenceBatch, capture_gradients, response_logprobs, sequence_logprobs
 from clients.geometry import (
     AppliedUpdateCapture,
+    adam_gradient_share,
     adam_preconditioner,
     adam_step_preconditioner,
     is_adam,
@@ -89,6 +90,19 @@ def test_step_preconditioner_is_what_the_next_step_divides_by(
         for k, p in params.items():
             expected = -lr * sqrt_p[k] ** 2 * grads[k]
             torch.testing.assert_close(p.detach() - before[k], expected, rtol=1e-4, atol=1e-7)
+        assert adam_gradient_share(opt, params) == 1.0  # beta1 = 0: all of the step's gradient
+
+
+def test_gradient_share_of_adam_momentum() -> None:
+    """``(1 - beta1) / (1 - beta1^t)`` after step ``t``: 1 at the first step."""
+    model = tiny_gpt2().eval()
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    with pytest.raises(ValueError):
+        adam_gradient_share(opt, params)
+    for t in (1, 2, 3):
+        _loss_step(model, make_batch(seed=t, n=4), opt)
+        assert adam_gradient_share(opt, params) == pytest.approx(0.1 / (1 - 0.9**t))
 
 
 def test_preconditioner_formula_from_state() -> None:

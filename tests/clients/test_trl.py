@@ -462,19 +462,23 @@ def test_trainer_pushes_two_steps(
             assert math.isfinite(default.delta_h1)
 
 
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
 def test_adam_geometry_with_rows_sketched_on_the_trainer(
-    live_service: LiveService, tmp_path: Path
+    live_service: LiveService, tmp_path: Path, beta1: float
 ) -> None:
-    """A real GRPO run with AdamW (``beta1 = 0``, no weight decay, no clipping: the step is
-    exactly ``-lr P_t g``) and rows sketched on the trainer: the run is in ``adam`` geometry
-    (the default for Adam), the rows are ``sqrt(P_t) w_i`` with the preconditioner of the step
-    being taken (also the first, from an empty state), and the ``plugin`` prediction equals
-    ``delta_h1_applied`` on both steps, the second a later pass at ratio != 1 (update rows)."""
+    """A real GRPO run with AdamW (no weight decay, no clipping) and rows sketched on the
+    trainer: the run is in ``adam`` geometry (the default for Adam), the rows are ``sqrt(P_t)
+    w_i`` with the preconditioner of the step being taken (also the first, from an empty
+    state), and the pushed rate is ``lr (1 - beta1) / (1 - beta1^t)``, the step's own gradient's
+    share of Adam's momentum.  The first step is exactly ``-lr P_1 g_1`` for any ``beta1``, so
+    there ``plugin dH1 = delta_h1_applied``; with ``beta1 = 0`` every step is ``-lr P_t g_t``
+    and the identity holds on the second step too, a later pass at ratio != 1 (update rows)."""
+    lr = 1e-3
     args = sgd_args(
         tmp_path,
-        learning_rate=1e-3,
+        learning_rate=lr,
         optim="adamw_torch",
-        adam_beta1=0.0,
+        adam_beta1=beta1,
         num_iterations=2,
         epsilon=0.02,
     )
@@ -488,9 +492,12 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
         for step in (0, 1):
             status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
             assert status.state == "ready" and status.applied_update
+            share = (1 - beta1) / (1 - beta1 ** (step + 1))
+            assert status.learning_rate == pytest.approx(lr * share)
             report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
             assert report.delta_h1 != 0.0
-            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+            if step == 0 or beta1 == 0.0:
+                assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
 def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> None:

@@ -1,12 +1,16 @@
-"""Child processes for the benchmarks (``bench/service.py``, ``bench/load.py``): a free
-loopback port, a service process that is stopped on exit, and waiting for it to answer."""
+"""Child processes for the benchmarks (``bench/service.py``, ``bench/load.py``,
+``bench/trl_step.py``, ``bench/trl_adam.py``): a free loopback port, a service process that is
+stopped on exit, and waiting for it to answer."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,3 +58,19 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0)
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def serve(prefix: str) -> Iterator[str]:
+    """``kernelscope serve`` (API and an in-process worker) on a free loopback port, its Redis
+    at ``REDIS_URL`` or embedded in a temporary directory, keys under ``prefix``; yields its URL
+    once it answers, stops it on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as logs:
+        env = {**os.environ, "KERNELSCOPE_KEY_PREFIX": prefix}
+        args = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+        args += ["--data-dir", str(Path(logs) / "data")]
+        with child_process(args, env, Path(logs) / "serve.log") as api:
+            wait_http(f"{url}/healthz", api)
+            yield url

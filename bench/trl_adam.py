@@ -26,14 +26,13 @@ import statistics
 import sys
 import tempfile
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/: bench/sketch.py is not `sketch`
 
-from processes import child_process, free_port, wait_http  # noqa: E402  (bench/processes.py)
+from processes import serve  # noqa: E402  (bench/processes.py)
 from trl_step import SIZES, build_model, build_tokenizer, reward  # noqa: E402
 
 
@@ -138,16 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.prompts, args.k = "1M", 4, 4, 512
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     results: dict[float, list[dict[str, Any]]] = {}
-    with ExitStack() as stack:
-        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        env = {**os.environ, "KERNELSCOPE_KEY_PREFIX": f"bench-adam-{os.getpid()}"}
-        serve = [sys.executable, "-m", "service", "serve", "--port", str(port)]
-        serve += ["--data-dir", str(logs / "data")]
-        api = stack.enter_context(child_process(serve, env, logs / "serve.log"))
-        wait_http(f"{url}/healthz", api)
+    with serve(f"bench-adam-{os.getpid()}") as url:
         for lr in (float(v) for v in args.lrs.split(",")):
             print(f"lr {lr:g} ...", file=sys.stderr, flush=True)
             results[lr] = train(url, args.size, lr, args)

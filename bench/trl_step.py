@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The repository before bench/ (the script's own directory): bench/sketch.py is not `sketch`.
 sys.path.insert(0, str(REPO))
 
-from processes import child_process, free_port, wait_http  # noqa: E402  (bench/processes.py)
+from processes import serve  # noqa: E402  (bench/processes.py)
 
 MODES = ("off", "kronecker", "countsketch")
 
@@ -290,16 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.sizes, args.prompts, args.steps, args.k = "1M", 2, 2, 256
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     results: list[dict[str, Any]] = []
-    with ExitStack() as stack:
-        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        env = {**os.environ, "KERNELSCOPE_KEY_PREFIX": f"bench-trl-{os.getpid()}"}
-        serve = [sys.executable, "-m", "service", "serve", "--port", str(port)]
-        serve += ["--data-dir", str(logs / "data")]
-        api = stack.enter_context(child_process(serve, env, logs / "serve.log"))
-        wait_http(f"{url}/healthz", api)
+    with serve(f"bench-trl-{os.getpid()}") as url:
         for size in args.sizes.split(","):
             for mode in MODES:
                 print(f"{size} {mode} ...", file=sys.stderr, flush=True)

@@ -492,19 +492,10 @@ class CapturedSketches:
 
 
 def capture_sketches(
-    model: nn.Module,
-    batch: SequenceBatch,
-    sketcher: Sketcher,
-    *,
-    parameter_filter: ParameterFilter | None = None,
-    method: Method = "auto",
-    chunk_size: int = 8,
-    use_eval_mode: bool = True,
-    token_coefficients: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    row_scale: Mapping[str, torch.Tensor] | None = None,
+    model: nn.Module, batch: SequenceBatch, sketcher: Sketcher, **options: Any
 ) -> CapturedSketches:
-    """:func:`capture_gradients`, sketched on the trainer one chunk at a time.
+    """:func:`capture_gradients` (same keyword ``options``), sketched on the trainer one chunk at
+    a time.
 
     ``sketcher`` is the run's (``sketch.spec.build_sketcher(spec, parameters)``): every column
     of ``Phi`` is a pure function of the seed, the parameter name and the coordinate, so the
@@ -514,18 +505,8 @@ def capture_sketches(
     """
     values: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []
-    used: str = method
-    for _, s, g, method_used in iter_captured_chunks(
-        model,
-        batch,
-        parameter_filter=parameter_filter,
-        method=method,
-        chunk_size=chunk_size,
-        use_eval_mode=use_eval_mode,
-        token_coefficients=token_coefficients,
-        temperature=temperature,
-        row_scale=row_scale,
-    ):
+    used = ""
+    for _, s, g, method_used in iter_captured_chunks(model, batch, **options):
         used = method_used
         values.append(s)
         rows.append(sketcher.sketch(g))

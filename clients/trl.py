@@ -8,8 +8,10 @@ to a kernelscope service what the step is made of (math.md §1):
   the factor TRL's loss puts on ``A_i dS_i/dtheta`` (:func:`trl_sequence_weights`), so that
   ``sum_i weight_i A_i dS_i/dtheta`` *is* the negative gradient of TRL's loss for the step,
   gradient accumulation included;
-* per sequence, its score gradient ``w_i = dS_i/dtheta``: exact rows pushed raw (any
-  server-side sketch kind) or client-made ``kronecker`` sketches (factorised capture);
+* per sequence, its score gradient ``w_i = dS_i/dtheta`` (``sqrt(P_t) w_i`` in the ``adam``
+  geometry, the default with Adam/AdamW), captured just before ``optimizer.step()``: exact rows
+  a chunk at a time, pushed raw or sketched on the trainer (``sketch_on``), or factorised
+  ``kronecker`` sketches;
 * after ``optimizer.step()``: the applied update ``theta_after - theta_before`` (the reserved
   row ``__applied_update__``, so ``delta_h1_applied`` accounts for Adam, clipping, weight
   decay) and ``logprob_after`` of the same sequences (realized change, second order).

@@ -5,7 +5,8 @@ The 10M Qwen2 of ``bench/trl_step.py`` trained by a real ``KernelscopeGRPOTraine
 fine-tuning uses, ``--steps`` optimizer steps each, rows count-sketched on the trainer in
 ``adam`` geometry (the default for Adam).  Per step the service's default entropy answer gives:
 
-* ``delta_h1``: the first-order prediction of the Adam step ``-eta P_t g`` (momentum aside);
+* ``delta_h1``: the first-order change due to the step's own batch, ``-lr (1 - beta1)/(1 -
+  beta1^t) P_t g`` (the batch's share of Adam's momentum; docs/trl.md "Geometry");
 * ``delta_h1_applied``: ``<grad H, u>`` of the update really applied (momentum included);
 * the realized change, estimated from ``logprob_after`` (math.md §6), with its standard error.
 

@@ -34,12 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # before bench/: bench/sketch.py is not `sketch`
 
 from processes import serve  # noqa: E402  (bench/processes.py)
-from trl_step import SIZES, build_model, build_tokenizer, reward  # noqa: E402
+from trl_step import (  # noqa: E402
+    SIZES,
+    build_model,
+    build_tokenizer,
+    random_prompts,
+    reward,
+)
 
 
 def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One AdamW run; the per-step numbers of the service's entropy answers."""
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -48,11 +53,7 @@ def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict
 
     warnings.simplefilter("ignore")
     vocab = SIZES[size]["vocab"]
-    rng = torch.Generator().manual_seed(1)
-    prompts = [
-        " ".join(f"w{int(t)}" for t in torch.randint(2, vocab, (16,), generator=rng))
-        for _ in range(args.prompts)
-    ]
+    prompts = random_prompts(vocab, args.prompts)
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-adam-"),
         per_device_train_batch_size=args.prompts * args.generations // 2,

@@ -106,6 +106,17 @@ def build_tokenizer(vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
+def random_prompts(vocab: int, count: int) -> list[str]:
+    """``count`` prompts of 16 random words of the :func:`build_tokenizer` vocabulary (seed 1)."""
+    import torch
+
+    rng = torch.Generator().manual_seed(1)
+    return [
+        " ".join(f"w{int(t)}" for t in torch.randint(2, vocab, (16,), generator=rng))
+        for _ in range(count)
+    ]
+
+
 def reward(completions: list[str], **_: Any) -> list[float]:
     """Share of even-numbered words: varies within every group of random completions."""
     out = []
@@ -131,11 +142,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
     torch.set_num_threads(args.threads)
     model = build_model(size)
     vocab = SIZES[size]["vocab"]
-    rng = torch.Generator().manual_seed(1)
-    prompts = [
-        " ".join(f"w{int(t)}" for t in torch.randint(2, vocab, (16,), generator=rng))
-        for _ in range(args.prompts)
-    ]
+    prompts = random_prompts(vocab, args.prompts)
     micro = args.prompts * args.generations // args.accumulation
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"),

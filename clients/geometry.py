@@ -43,6 +43,17 @@ def _step_count(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer itself, also when accelerate wraps it (``.optimizer``)."""
+    inner: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)
+    return inner
+
+
+def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, Any]]:
+    """``{id(parameter): its param_group}`` of ``optimizer``."""
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
 def adam_preconditioner(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -54,10 +65,8 @@ def adam_preconditioner(
     by ``parameter_filter`` (default: all trainable) are returned; every one of them must be in
     the optimizer with a state (i.e. after at least one ``optimizer.step()``).
     """
-    groups: dict[int, Mapping[str, Any]] = {}
-    for param_group in optimizer.param_groups:
-        for p in param_group["params"]:
-            groups[id(p)] = param_group
+    optimizer = _unwrapped(optimizer)
+    groups = _group_of(optimizer)
     out: dict[str, torch.Tensor] = {}
     for name, p in select_parameters(model, parameter_filter).items():
         found = groups.get(id(p))
@@ -85,7 +94,7 @@ def adam_preconditioner(
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` (or the optimizer an accelerate wrapper holds) is ``Adam`` or
     ``AdamW`` (torch's, including the fused and foreach variants)."""
-    return isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.Adam)
+    return isinstance(_unwrapped(optimizer), torch.optim.Adam)
 
 
 def adam_step_preconditioner(
@@ -102,13 +111,10 @@ def adam_step_preconditioner(
     exactly ``-lr P_t g``, so the ``adam``-geometry kernel ``w_i^T P_t w_j`` gives the step's
     first-order prediction.  A parameter without a gradient gets ``P_t`` from ``g = 0``.
     """
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = _unwrapped(optimizer)
     if not isinstance(inner, torch.optim.Adam):
         raise TypeError(f"adam geometry needs torch's Adam or AdamW, got {type(inner).__name__}")
-    groups: dict[int, Mapping[str, Any]] = {}
-    for param_group in inner.param_groups:
-        for p in param_group["params"]:
-            groups[id(p)] = param_group
+    groups = _group_of(inner)
     out: dict[str, torch.Tensor] = {}
     for name, p in parameters.items():
         group = groups.get(id(p))
@@ -138,8 +144,8 @@ def adam_gradient_share(
     ``-lr P_t m_hat_t``, ``m_hat_t = (beta1 m_{t-1} + (1 - beta1) g_t) / (1 - beta1^t)``, read
     after ``optimizer.step()`` (``t`` its step count; 1 at the first step, where the update is
     ``-lr P_1 g_1``).  The rest of the update is the momentum carried from earlier steps."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    groups = {id(p): g for g in inner.param_groups for p in g["params"]}
+    inner = _unwrapped(optimizer)
+    groups = _group_of(inner)
     for p in parameters.values():
         state = inner.state.get(p, {})
         if "step" in state and id(p) in groups:

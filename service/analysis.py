@@ -37,7 +37,13 @@ from service.store import StepCounts, StepSnapshot, Store
 from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
-from sketch.entropy import SketchCells, entropy_change, row_updates, update_coefficients
+from sketch.entropy import (
+    SketchCells,
+    entropy_change,
+    row_updates,
+    update_coefficients,
+    update_row_matrix,
+)
 from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.kronecker import KroneckerSketch
@@ -456,8 +462,8 @@ def entropy_json(
     _, K = m.kernel("all")
     group_kernels: dict[str, Any] | None = None
     update = None
+    c = update_coefficients(m.seqs, run["normalization"], m.max_length)
     if m.U is not None and m.has_update is not None:  # update rows (math.md §4)
-        c = update_coefficients(m.seqs, run["normalization"], m.max_length)
         update = row_updates(m.Y, c, m.U, m.has_update)
     if isinstance(sketcher, GroupedSketcher):  # K = sum_g K_g over the groups' columns
         slices = sketcher.group_slices().items()
@@ -482,22 +488,18 @@ def entropy_json(
         update=update,
         entropy_before=m.entropy_before,
         entropy_after=m.entropy_after,
-        sketch_cells=kronecker_cells(m, run, sketcher),
+        sketch_cells=kronecker_cells(m, c, sketcher),
     )
     return _json(result.to_dict())
 
 
-def kronecker_cells(
-    m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher
-) -> SketchCells | None:
-    """The rows of an ungrouped Kronecker run, whose ``se_sketch`` is estimated from them
-    (sketch/crossed.py); None for other kinds (their variance factor is tight)."""
+def kronecker_cells(m: StepMatrix, c: np.ndarray, sketcher: Sketcher) -> SketchCells | None:
+    """The rows of an ungrouped Kronecker run (``c``: the update coefficients), whose
+    ``se_sketch`` is estimated from them (sketch/crossed.py); None for other kinds (their
+    variance factor is tight)."""
     if not isinstance(sketcher, KroneckerSketch) or min(sketcher.k_out, sketcher.k_in) < 2:
         return None
-    c = update_coefficients(m.seqs, run["normalization"], m.max_length)
-    V = c[:, None] * m.Y
-    if m.U is not None and m.has_update is not None:
-        V = np.where(m.has_update[:, None], m.U, V)
+    V = update_row_matrix(m.Y, c, m.U, m.has_update)
     return SketchCells(Y=m.Y, V=V, shape=(sketcher.k_out, sketcher.k_in))
 
 

@@ -315,10 +315,19 @@ def row_updates(
     ``[n, k]`` update rows, valid where ``has_row`` (bool ``[n]``); the other rows take
     ``u_i = c_i w_i`` (``c`` float64 ``[n]``, 0 outside ``U``)."""
     Yd = np.asarray(Y, dtype=np.float64)
-    coef = np.asarray(c, dtype=np.float64)
-    mask = np.asarray(has_row, dtype=bool)
-    V = np.where(mask[:, None], np.asarray(U, dtype=np.float64), coef[:, None] * Yd)
+    V = update_row_matrix(Yd, c, U, has_row)
     return UpdateKernels(cross=Yd @ V.T, gram=V @ V.T)
+
+
+def update_row_matrix(
+    Y: NDArray[Any], c: NDArray[Any], U: NDArray[Any] | None, has_row: NDArray[Any] | None
+) -> FloatArray:
+    """The update rows as float64 ``[n, k]``: ``U_i`` where ``has_row``, else ``c_i Y_i``
+    (``u_i = c_i w_i``; every row when ``U`` is None)."""
+    V = np.asarray(c, dtype=np.float64)[:, None] * np.asarray(Y, dtype=np.float64)
+    if U is None or has_row is None:
+        return V
+    return np.where(np.asarray(has_row, dtype=bool)[:, None], np.asarray(U, dtype=np.float64), V)
 
 
 @dataclass(frozen=True)
@@ -345,6 +354,13 @@ class PairProducts:
     @property
     def total(self) -> float:
         return self.diagonal + self.same_prompt + self.cross_prompt
+
+
+def _same_prompt_factor(M: NDArray[Any], rows: NDArray[Any]) -> float:
+    """``u_statistic``'s weight ``M_p / (M_p - 1)`` of a prompt's ``j != i`` pairs (``M_p`` its
+    entropy rows; 0 when ``M_p < 2``: no same-prompt pair), see :func:`pair_products`."""
+    m = int(M[rows][M[rows] > 0].max(initial=0))
+    return m / (m - 1) if m >= 2 else 0.0
 
 
 def pair_products(
@@ -387,8 +403,7 @@ def pair_products(
         diag_here = float(np.sum(hp * dblock))
         within_total += within
         if ustat:
-            m = int(M[rows][M[rows] > 0].max(initial=0))
-            factor = m / (m - 1) if m >= 2 else 0.0
+            factor = _same_prompt_factor(M, rows)
             row_b[rows] += (factor - 1.0) * s_c - factor * dblock
             row_a[rows] += (factor - 1.0) * s_h - factor * dblock * hp
             same += factor * (within - diag_here)
@@ -415,9 +430,7 @@ def pair_weights(
     M = group_sizes(codes_ent)
     for p in np.unique(codes_all):
         rows = np.flatnonzero(codes_all == p)
-        m = int(M[rows][M[rows] > 0].max(initial=0))
-        factor = m / (m - 1) if m >= 2 else 0.0
-        weights[np.ix_(rows, rows)] *= factor
+        weights[np.ix_(rows, rows)] *= _same_prompt_factor(M, rows)
         weights[rows, rows] = 0.0
     return weights
 
@@ -734,6 +747,7 @@ __all__ = [
     "Quadrant",
     "Role",
     "SequenceContribution",
+    "SketchCells",
     "UpdateKernels",
     "coefficient_updates",
     "covariance_baseline",
@@ -743,6 +757,8 @@ __all__ = [
     "estimator_sets",
     "first_order_change",
     "pair_products",
+    "pair_weights",
     "row_updates",
     "update_coefficients",
+    "update_row_matrix",
 ]

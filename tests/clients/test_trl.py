@@ -419,6 +419,17 @@ def sgd_trainer(
     )
 
 
+def assert_plugin_is_applied(client: Client, run_id: str, steps: tuple[int, ...]) -> None:
+    """Each step is ready with its applied update, and its ``plugin`` prediction (nonzero)
+    equals ``delta_h1_applied`` to 1e-3: the identity of a plain-SGD step without clipping."""
+    for step in steps:
+        status = client.wait_ready(run_id, step, timeout=60)
+        assert status.state == "ready" and status.applied_update
+        report = client.entropy(run_id, step, estimator="plugin")
+        assert report.delta_h1 != 0.0
+        assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_iterations": 2, "epsilon": 0.02}],
@@ -518,12 +529,7 @@ def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> 
     trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=kronecker))
     trainer.train()
     with Client(live_service.base_url) as client:
-        for step in (0, 1):
-            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
-            assert status.state == "ready" and status.applied_update
-            report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
-            assert report.delta_h1 != 0.0
-            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 
 def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path) -> None:
@@ -554,12 +560,7 @@ def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path)
         assert all("lora_" in name for name in run.parameters)
         adapter = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
         assert sum(math.prod(s) for s in run.parameters.values()) == adapter
-        for step in (0, 1):
-            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
-            assert status.state == "ready" and status.applied_update
-            report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
-            assert report.delta_h1 != 0.0
-            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 
 def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path) -> None:

@@ -192,6 +192,7 @@ def response_logprobs(
     response_mask: torch.Tensor,
     weights: torch.Tensor | None = None,
     temperature: float = 1.0,
+    entropy_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``S_i = sum_t log softmax(logits[i, t-1] / T)[input_ids[i, t]]`` over response positions.
 
@@ -199,6 +200,9 @@ def response_logprobs(
     ``weights`` ``[n, L]`` float (optional): ``sum_t weights[i, t] log pi(input_ids[i, t] |
     ...)`` instead, whose gradient is the update row ``u_i`` when the weights are the loss's
     token coefficients ``c_{i,t} = -dL/d log pi_{i,t}`` (math.md §4 "Update rows").
+    ``entropy_weights`` ``[n, L]`` float (optional) adds ``sum_t entropy_weights[i, t] H_t``,
+    ``H_t`` the full next-token entropy of the distribution that drew ``input_ids[i, t]``: the
+    term an entropy bonus puts in the update row (``e_{i,t} = -dL/dH_{i,t}``).
     ``temperature`` ``T``: the tempered policy a trainer samples from and trains (TRL divides
     its logits by ``T``); 1 is the model's own softmax.
     Returns ``[n]`` float32.  Masked positions are removed with ``where`` (not a product), so
@@ -210,10 +214,13 @@ def response_logprobs(
     logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, dim=-1)
     token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     mask = response_mask[:, 1:]
+    zeros = torch.zeros_like(token_logp)
     if weights is not None:  # padded weights may hold anything: zero them before the product
-        w = weights[:, 1:].float()
-        token_logp = token_logp * torch.where(mask, w, torch.zeros_like(w))
-    return torch.where(mask, token_logp, torch.zeros_like(token_logp)).sum(dim=-1)
+        token_logp = token_logp * torch.where(mask, weights[:, 1:].float(), zeros)
+    if entropy_weights is not None:
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        token_logp = token_logp + entropy * torch.where(mask, entropy_weights[:, 1:].float(), zeros)
+    return torch.where(mask, token_logp, zeros).sum(dim=-1)
 
 
 @contextlib.contextmanager
@@ -284,11 +291,16 @@ def _vmap_chunk(
     batch: SequenceBatch,
     weights: torch.Tensor,
     temperature: float,
+    entropy_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from torch.func import functional_call, grad_and_value, vmap
 
     def score(
-        p: dict[str, torch.Tensor], ids: torch.Tensor, rmask: torch.Tensor, w: torch.Tensor
+        p: dict[str, torch.Tensor],
+        ids: torch.Tensor,
+        rmask: torch.Tensor,
+        w: torch.Tensor,
+        *e: torch.Tensor,
     ) -> torch.Tensor:
         logits = logits_of(
             functional_call(model, p, (ids.unsqueeze(0),), {"use_cache": False})
@@ -296,12 +308,20 @@ def _vmap_chunk(
             else functional_call(model, p, (ids.unsqueeze(0),))
         )
         return response_logprobs(
-            logits, ids.unsqueeze(0), rmask.unsqueeze(0), w.unsqueeze(0), temperature
+            logits,
+            ids.unsqueeze(0),
+            rmask.unsqueeze(0),
+            w.unsqueeze(0),
+            temperature,
+            e[0].unsqueeze(0) if e else None,
         )[0]
 
     detached = {k: v.detach() for k, v in params.items()}
-    grads, values = vmap(grad_and_value(score), in_dims=(None, 0, 0, 0))(
-        detached, batch.input_ids, batch.response_mask, weights
+    mapped = [batch.input_ids, batch.response_mask, weights]
+    if entropy_weights is not None:
+        mapped.append(entropy_weights)
+    grads, values = vmap(grad_and_value(score), in_dims=(None, *[0] * len(mapped)))(
+        detached, *mapped
     )
     return values.detach(), {k: g.detach().float() for k, g in grads.items()}
 
@@ -312,6 +332,7 @@ def _loop_chunk(
     batch: SequenceBatch,
     weights: torch.Tensor,
     temperature: float,
+    entropy_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     names = list(params)
     tensors = [params[k] for k in names]
@@ -327,12 +348,25 @@ def _loop_chunk(
             batch.response_mask[i : i + 1, :length],
             weights[i : i + 1, :length],
             temperature,
+            None if entropy_weights is None else entropy_weights[i : i + 1, :length],
         )[0]
         grads = torch.autograd.grad(s, tensors, allow_unused=True)
         values.append(s.detach())
         for name, t, g in zip(names, tensors, grads, strict=True):
             rows[name].append(torch.zeros_like(t) if g is None else g.detach())
     return torch.stack(values), {k: torch.stack(v).float() for k, v in rows.items()}
+
+
+def token_layout(batch: SequenceBatch, values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` as ``[n, L]`` float32 on the batch's device; ``ValueError`` naming ``what``
+    unless laid out like ``batch.input_ids``."""
+    out = values.to(device=batch.input_ids.device, dtype=torch.float32)
+    if out.shape != batch.input_ids.shape:
+        raise ValueError(
+            f"{what}: shape {tuple(out.shape)}, expected {tuple(batch.input_ids.shape)} "
+            "(laid out like input_ids)"
+        )
+    return out
 
 
 def iter_captured_chunks(
@@ -346,6 +380,7 @@ def iter_captured_chunks(
     token_coefficients: torch.Tensor | None = None,
     temperature: float = 1.0,
     row_scale: Mapping[str, torch.Tensor] | None = None,
+    entropy_coefficients: torch.Tensor | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, dict[str, torch.Tensor], str]]:
     """:func:`capture_gradients` one chunk of ``chunk_size`` sequences at a time: yields
     ``(rows, logprobs [c], {name: [c, *shape]} float32, method used)``.
@@ -357,15 +392,17 @@ def iter_captured_chunks(
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    if token_coefficients is None:
+    entropy = (
+        None
+        if entropy_coefficients is None
+        else token_layout(batch, entropy_coefficients, "entropy_coefficients")
+    )
+    if token_coefficients is not None:
+        weights = token_layout(batch, token_coefficients, "token_coefficients")
+    elif entropy is not None:  # an entropy term alone
+        weights = torch.zeros_like(entropy)
+    else:  # score rows
         weights = batch.response_mask.float()
-    else:
-        weights = token_coefficients.to(device=batch.input_ids.device, dtype=torch.float32)
-        if weights.shape != batch.input_ids.shape:
-            raise ValueError(
-                f"token_coefficients: shape {tuple(weights.shape)}, expected "
-                f"{tuple(batch.input_ids.shape)} (laid out like input_ids)"
-            )
     params = select_parameters(model, parameter_filter)
     if row_scale is not None and set(row_scale) != set(params):
         raise KeyError("row_scale must have one entry per selected parameter")
@@ -374,9 +411,10 @@ def iter_captured_chunks(
         for start in range(0, batch.size, chunk_size):
             span = slice(start, min(start + chunk_size, batch.size))
             chunk, w = batch.select(span), weights[span]
+            e = None if entropy is None else entropy[span]
             if used in ("auto", "vmap"):
                 try:
-                    s, g = _vmap_chunk(model, params, chunk, w, temperature)
+                    s, g = _vmap_chunk(model, params, chunk, w, temperature, e)
                     used = "vmap"
                 except Exception as exc:  # any vmap failure means "this model cannot be vmapped"
                     if method == "vmap":
@@ -388,9 +426,9 @@ def iter_captured_chunks(
                         stacklevel=3,
                     )
                     used = "loop"
-                    s, g = _loop_chunk(model, params, chunk, w, temperature)
+                    s, g = _loop_chunk(model, params, chunk, w, temperature, e)
             else:
-                s, g = _loop_chunk(model, params, chunk, w, temperature)
+                s, g = _loop_chunk(model, params, chunk, w, temperature, e)
             if row_scale is not None:
                 g = {k: v * row_scale[k].to(device=v.device, dtype=v.dtype) for k, v in g.items()}
             yield span, s, g, used
@@ -407,6 +445,7 @@ def capture_gradients(
     token_coefficients: torch.Tensor | None = None,
     temperature: float = 1.0,
     row_scale: Mapping[str, torch.Tensor] | None = None,
+    entropy_coefficients: torch.Tensor | None = None,
 ) -> CapturedGradients:
     """Per-sequence score gradients ``w_i = dS_i/dtheta`` of the selected parameters, or update
     rows ``u_i`` (math.md §4 "Update rows").
@@ -431,6 +470,11 @@ def capture_gradients(
         with the token log-probs as leaves; 0 elsewhere).  The rows are then the update rows
         ``u_i = sum_t c_{i,t} grad log pi_{i,t}``, to push with ``rows="update"``, and
         ``logprobs`` holds ``sum_t c_{i,t} log pi_{i,t}``.
+    entropy_coefficients:
+        ``[n, L]`` float, laid out like ``input_ids``: ``e_{i,t} = -dL/dH_{i,t}`` of a loss
+        with an entropy term (an entropy bonus), ``H_{i,t}`` the full next-token entropy at the
+        position that drew ``input_ids[i, t]``; the update rows then also carry ``sum_t
+        e_{i,t} grad H_{i,t}`` (math.md §4 "Update rows").
     temperature:
         capture the tempered policy ``softmax(logits / T)`` that the trainer samples from and
         trains (TRL's ``temperature``); its entropy is then the one predicted.
@@ -455,6 +499,7 @@ def capture_gradients(
         token_coefficients=token_coefficients,
         temperature=temperature,
         row_scale=row_scale,
+        entropy_coefficients=entropy_coefficients,
     ):
         used = method_used
         values.append(s)

@@ -58,6 +58,7 @@ from clients.capture import (
     forward_logits,
     logits_of,
     response_logprobs,
+    token_layout,
 )
 from clients.filters import ParameterFilter, select_parameters
 from sketch.kronecker import KroneckerSketch
@@ -88,7 +89,8 @@ class FactorisedSketches:
         ``[n]`` int64 response lengths.
     update_sketch:
         ``[n, k]`` float32 sketches of the update rows ``u_i`` (math.md §4 "Update rows") when
-        ``token_coefficients`` were given; push them with ``push_sketches(..., rows="update")``.
+        ``token_coefficients`` (or ``entropy_coefficients``) were given; push them with
+        ``push_sketches(..., rows="update")``.
     """
 
     logprobs: torch.Tensor
@@ -435,7 +437,10 @@ class FactorisedCapture:
         return out
 
     def capture(
-        self, batch: SequenceBatch, token_coefficients: torch.Tensor | None = None
+        self,
+        batch: SequenceBatch,
+        token_coefficients: torch.Tensor | None = None,
+        entropy_coefficients: torch.Tensor | None = None,
     ) -> FactorisedSketches:
         """Sketch every sequence's score gradient with one batched forward and backward.
 
@@ -447,18 +452,24 @@ class FactorisedCapture:
         ``c_{i,t} = -dL/d log pi_{i,t}`` at response positions) adds the sketches of the update
         rows ``u_i = sum_t c_{i,t} grad log pi_{i,t}`` from one more backward over the same
         forward graph (a sequence's tokens only reach its own rows, so the per-sequence split
-        of the hooks holds for any per-token weights).
+        of the hooks holds for any per-token weights).  ``entropy_coefficients`` (same layout,
+        ``e_{i,t} = -dL/dH_{i,t}``) adds ``sum_t e_{i,t} grad H_{i,t}`` to them (an entropy
+        bonus; :func:`clients.capture.capture_gradients`).
         """
         acc = _Accumulator(token_mask=batch.attention_mask.bool())
         params = [p for p in self.model.parameters() if p.requires_grad]
-        weights = None
-        if token_coefficients is not None:
-            weights = token_coefficients.to(device=batch.input_ids.device, dtype=torch.float32)
-            if weights.shape != batch.input_ids.shape:
-                raise ValueError(
-                    f"token_coefficients: shape {tuple(weights.shape)}, expected "
-                    f"{tuple(batch.input_ids.shape)} (laid out like input_ids)"
-                )
+        entropy = (
+            None
+            if entropy_coefficients is None
+            else token_layout(batch, entropy_coefficients, "entropy_coefficients")
+        )
+        weights = (
+            None
+            if token_coefficients is None
+            else token_layout(batch, token_coefficients, "token_coefficients")
+        )
+        if weights is None and entropy is not None:  # an entropy term alone: update rows too
+            weights = torch.zeros_like(entropy)
         with eval_mode(self.model, self.use_eval_mode), self._hooks(acc):
             logits = self._forward(batch)
             logprobs = response_logprobs(
@@ -485,7 +496,7 @@ class FactorisedCapture:
                 acc.cores.clear()
                 acc.vectors.clear()
                 weighted = response_logprobs(
-                    logits, batch.input_ids, batch.response_mask, weights, self.temperature
+                    logits, batch.input_ids, batch.response_mask, weights, self.temperature, entropy
                 ).sum()
                 torch.autograd.grad(weighted, targets, allow_unused=True)
                 update_sketch = self._rows(acc, batch.size, logprobs.device)

@@ -25,20 +25,21 @@ Supported settings (checked at construction; anything else raises
 :class:`UnsupportedTRLSettingError`): see ``docs/trl.md``.  In short, every loss built from the
 sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
 term, clipping, token and tool masks and importance corrections through update rows
-(:func:`trl_token_coefficients`, math.md §4 "Update rows").  Refused: an entropy bonus, a MoE
-router loss.  Under accelerate/DDP every rank pushes its own completions and the run waits for
-all of them (``ranks``; docs/trl.md "Many ranks").  With ``temperature != 1`` every log-prob
-is the tempered policy's, as TRL trains it, and so is the entropy predicted.
+(:func:`trl_token_coefficients`, math.md §4 "Update rows"), and so is an entropy bonus.
+Refused: a MoE router loss.  Under accelerate/DDP every rank pushes its own completions and the
+run waits for all of them (``ranks``; docs/trl.md "Many ranks").  With ``temperature != 1``
+every log-prob is the tempered policy's, as TRL trains it, and so is the entropy predicted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -160,50 +161,94 @@ def trl_sequence_weights(
     )
 
 
+class TokenCoefficients(NamedTuple):
+    """The per-token coefficients of TRL's loss on one micro-batch, ``[b, T]`` float32 laid
+    out like ``completion_ids`` (math.md §4 "Update rows"): ``logprob`` ``c_{i,t} = -(1/P)
+    dL/d log pi_{i,t}`` and, with an entropy bonus, ``entropy`` ``e_{i,t} = -(1/P)
+    dL/dH_{i,t}`` (None without one); ``P`` processes, whose gradients DDP averages."""
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def _trl_state_kept(trainer: GRPOTrainer) -> Iterator[None]:
+    """Run TRL's loss once more without side effects: its logged metrics and its adaptive
+    entropy controller (window statistics, coefficient, last world entropy) are as before."""
+    metrics = {mode: {k: len(v) for k, v in m.items()} for mode, m in trainer._metrics.items()}
+    names = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
+    controller = {name: getattr(trainer, name) for name in names if hasattr(trainer, name)}
+    try:
+        yield
+    finally:
+        for name, value in controller.items():
+            setattr(trainer, name, value)
+        for mode, logged in trainer._metrics.items():
+            kept = metrics.get(mode, {})
+            for key in list(logged):
+                if key in kept:
+                    del logged[key][kept[key] :]
+                else:
+                    del logged[key]
+
+
 def trl_token_coefficients(
     trainer: GRPOTrainer, model: nn.Module, inputs: Mapping[str, Any]
-) -> torch.Tensor:
-    """``c_{i,t} = -(1/P) dL/d log pi_{i,t}`` of TRL's own loss on one micro-batch: ``[b, T]``
-    float32, laid out like ``completion_ids`` (math.md §4 "Update rows"); ``P`` processes, whose
-    gradients DDP averages.
+) -> TokenCoefficients:
+    """The token coefficients of TRL's own loss on one micro-batch (:class:`TokenCoefficients`).
 
-    TRL's ``compute_loss`` runs as it does in training, except that its per-token log-probs are
-    replaced by leaves (the same values, detached): autograd of the loss with respect to them
-    gives every token's coefficient, whatever the loss type, PPO ratio, clipping, KL term, token
-    mask or importance weight.  The model's forward runs without a graph, so this costs one
-    forward.  What does not flow through the sampled tokens' log-probs (an entropy bonus, a MoE
-    router loss) is not in ``c`` (docs/trl.md).  Nothing is written to ``.grad``.
+    TRL's ``compute_loss`` runs as it does in training, except that its per-token log-probs
+    (and, with an entropy bonus, its per-token entropies) are replaced by leaves (the same
+    values, detached): autograd of the loss with respect to them gives every token's
+    coefficients, whatever the loss type, PPO ratio, clipping, KL term, token mask, importance
+    weight or entropy bonus (static or adaptive).  The model's forward runs without a graph, so
+    this costs one forward.  What flows through neither (a MoE router loss) is not covered
+    (docs/trl.md).  Nothing is written to ``.grad``, and TRL's logged metrics and adaptive
+    entropy controller are left as they were.
     """
     real = trainer._get_per_token_logps_and_entropies
-    leaves: list[torch.Tensor] = []
+    leaves: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def as_leaves(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             logps, entropies, *rest = real(*args, **kwargs)
         leaf = logps.detach().requires_grad_(True)
-        leaves.append(leaf)
-        return (leaf, entropies, *rest)
+        entropy_leaf = None if entropies is None else entropies.detach().requires_grad_(True)
+        leaves.append((leaf, entropy_leaf))
+        return (leaf, entropy_leaf, *rest)
 
     trainer._get_per_token_logps_and_entropies = as_leaves  # type: ignore[method-assign]
     try:
-        # TRL's own compute_loss, not a subclass's (the kernelscope trainer captures there)
-        loss = GRPOTrainer.compute_loss(trainer, model, dict(inputs))
+        with _trl_state_kept(trainer):
+            # TRL's own compute_loss, not a subclass's (the kernelscope trainer captures there)
+            loss = GRPOTrainer.compute_loss(trainer, model, dict(inputs))
     finally:
         del trainer._get_per_token_logps_and_entropies
     if len(leaves) != 1:
         raise RuntimeError(f"TRL's loss computed its log-probs {len(leaves)} times, expected 1")
-    (grad,) = torch.autograd.grad(loss, leaves[0], allow_unused=True)
-    if grad is None:
-        return torch.zeros_like(leaves[0], dtype=torch.float32)
+    logps, entropies = leaves[0]
+    wrt = [logps] if entropies is None else [logps, entropies]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     # DDP averages the ranks' gradients: this rank's share of the step's gradient is 1/P.
-    return (-grad / trainer.accelerator.num_processes).float()
+    share = -1.0 / trainer.accelerator.num_processes
+
+    def coefficient(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+        return (
+            torch.zeros_like(leaf, dtype=torch.float32) if grad is None else (share * grad).float()
+        )
+
+    entropy = None
+    if entropies is not None and getattr(trainer, "_entropy_bonus_enabled", False):
+        entropy = coefficient(entropies, grads[1])
+    return TokenCoefficients(coefficient(logps, grads[0]), entropy)
 
 
 def check_supported(trainer: GRPOTrainer) -> None:
     """Raise :class:`UnsupportedTRLSettingError` naming every setting of ``trainer`` that the
     capture cannot reproduce (see ``docs/trl.md``).  Settings whose gradient is a sum over the
-    sampled tokens' log-probs (later PPO passes, the KL term, clipping, token and tool masks,
-    the off-policy mask, vLLM's importance correction) are covered by update rows
+    sampled tokens' log-probs and entropies (later PPO passes, the KL term, clipping, token and
+    tool masks, the off-policy mask, vLLM's importance correction, the entropy bonus) are
+    covered by update rows
     (:func:`trl_token_coefficients`); what remains is what does not flow through those
     log-probs, or what the capture does not compute the same way."""
     args: Any = trainer.args  # a GRPOConfig
@@ -218,10 +263,6 @@ def check_supported(trainer: GRPOTrainer) -> None:
             f"{args.gradient_accumulation_steps} > steps_per_generation="
             f"{args.steps_per_generation}: one optimizer step would train on the same completions "
             "twice, under one sequence id"
-        )
-    if getattr(trainer, "_entropy_bonus_enabled", False):
-        problems.append(
-            "an entropy bonus (entropy_coef / adaptive entropy) adds a non-A_i dS_i term"
         )
     if getattr(trainer, "aux_loss_enabled", False):
         problems.append("a MoE router auxiliary loss is enabled")
@@ -299,11 +340,12 @@ class KernelscopeConfig:
 @dataclass
 class _MicroBatch:
     """One training micro-batch, kept until the step's gradient is complete: its sequence ids,
-    the capture batch and TRL's token coefficients (None: no update rows)."""
+    the capture batch and TRL's token coefficients laid out like the batch's ``input_ids``
+    (None: no update rows)."""
 
     ids: list[str]
     batch: SequenceBatch
-    coefficients: torch.Tensor | None
+    coefficients: TokenCoefficients | None
 
 
 @dataclass
@@ -533,7 +575,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
     def _kernelscope_update_layout(
         self, inputs: Mapping[str, Any], weights: torch.Tensor, advantages: torch.Tensor
-    ) -> torch.Tensor | None:
+    ) -> TokenCoefficients | None:
         """TRL's token coefficients laid out like the capture batch's ``input_ids``, or None
         when no update rows are to be pushed (:attr:`KernelscopeConfig.update_rows`)."""
         if self.kernelscope.update_rows is False:
@@ -544,23 +586,32 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         assert model is not None
         coefficients = trl_token_coefficients(self, model, inputs)
         mask = inputs["completion_mask"]
-        if self.kernelscope.update_rows is None:
+        if self.kernelscope.update_rows is None and not (
+            coefficients.entropy is not None and bool(coefficients.entropy.any())
+        ):
             on_policy = (weights.double() * advantages.to(weights.device))[:, None] * mask
             scale = float(on_policy.abs().max()) + 1e-30
-            if torch.allclose(coefficients.double(), on_policy, rtol=1e-5, atol=1e-6 * scale):
+            c = coefficients.logprob.double()
+            if torch.allclose(c, on_policy, rtol=1e-5, atol=1e-6 * scale):
                 return None
         prompt_mask = inputs["prompt_mask"]
         attention = torch.cat([prompt_mask, mask], dim=1)
-        zeros = torch.zeros_like(prompt_mask, dtype=coefficients.dtype)
-        return repack(torch.cat([zeros, coefficients.to(zeros.device)], dim=1), attention)
+
+        def layout(values: torch.Tensor) -> torch.Tensor:
+            zeros = torch.zeros_like(prompt_mask, dtype=values.dtype)
+            return repack(torch.cat([zeros, values.to(zeros.device)], dim=1), attention)
+
+        entropy = None if coefficients.entropy is None else layout(coefficients.entropy)
+        return TokenCoefficients(layout(coefficients.logprob), entropy)
 
     def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
         """Whether TRL's loss on this micro-batch is at PPO ratio 1 with nothing but the
         sequence weights (no earlier policy's log-probs, KL term, importance weight, token mask,
-        per-token advantage): then its token coefficients are ``weight_i A_i`` and the forward
-        that :func:`trl_token_coefficients` would spend is skipped."""
+        per-token advantage, entropy bonus): then its token coefficients are ``weight_i A_i``
+        and the forward that :func:`trl_token_coefficients` would spend is skipped."""
         return (
-            "old_per_token_logps" not in inputs
+            not getattr(self, "_entropy_bonus_enabled", False)
+            and "old_per_token_logps" not in inputs
             and "importance_sampling_ratio" not in inputs
             and "tool_mask" not in inputs
             and inputs["advantages"].dim() == 1
@@ -618,28 +669,40 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         # S_i and w_i are those of the function the step differentiates.
         with self.accelerator.autocast():
             for micro in window.micro:
-                logprobs = self._kernelscope_push_rows(window, micro, None)
-                if micro.coefficients is not None:
-                    self._kernelscope_push_rows(window, micro, micro.coefficients)
+                logprobs = self._kernelscope_push_rows(window, micro)
                 for seq_id, value in zip(micro.ids, logprobs.tolist(), strict=True):
                     window.records[seq_id]["logprob"] = float(value)
         # Every rank applies the same (all-reduced) update: the main process pushes it.
         if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
             window.before = {n: p.detach().clone() for n, p in self._kernelscope_selected().items()}
 
-    def _kernelscope_push_rows(
-        self, window: _Window, micro: _MicroBatch, coefficients: torch.Tensor | None
+    def _kernelscope_push_rows(self, window: _Window, micro: _MicroBatch) -> torch.Tensor:
+        """Capture and push one micro-batch's score rows and, with token coefficients, its
+        update rows; returns the ``[n]`` ``S_i``."""
+        client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
+        coefficients = micro.coefficients
+        if self._factorised is not None:  # one forward for both kinds of rows
+            sketches = self._factorised.capture(
+                micro.batch,
+                token_coefficients=None if coefficients is None else coefficients.logprob,
+                entropy_coefficients=None if coefficients is None else coefficients.entropy,
+            )
+            client.push_sketches(run_id, step, sketches.sketch, micro.ids)
+            if sketches.update_sketch is not None:
+                client.push_sketches(run_id, step, sketches.update_sketch, micro.ids, rows="update")
+            return sketches.logprobs
+        logprobs = self._kernelscope_push_exact(window, micro, None)
+        if coefficients is not None:
+            self._kernelscope_push_exact(window, micro, coefficients)
+        return logprobs
+
+    def _kernelscope_push_exact(
+        self, window: _Window, micro: _MicroBatch, coefficients: TokenCoefficients | None
     ) -> torch.Tensor:
-        """Capture and push one micro-batch's score rows (``coefficients`` None) or update rows;
-        returns the ``[n]`` values the capture computed (``S_i`` for score rows)."""
+        """Exact rows a chunk at a time: score rows (``coefficients`` None) or update rows,
+        sketched on the trainer or pushed raw; returns the ``[n]`` values the capture computed."""
         client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
         rows: Literal["score", "update"] = "score" if coefficients is None else "update"
-        if self._factorised is not None:
-            sketches = self._factorised.capture(micro.batch, token_coefficients=coefficients)
-            sketch = sketches.sketch if coefficients is None else sketches.update_sketch
-            assert sketch is not None
-            client.push_sketches(run_id, step, sketch, micro.ids, rows=rows)
-            return sketches.logprobs
         values: list[torch.Tensor] = []
         sketched: list[torch.Tensor] = []
         for span, s, gradients, _ in iter_captured_chunks(
@@ -648,7 +711,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             parameter_filter=self.kernelscope.parameter_filter,
             method=self.kernelscope.capture_method,
             chunk_size=self.kernelscope.chunk_size,
-            token_coefficients=coefficients,
+            token_coefficients=None if coefficients is None else coefficients.logprob,
+            entropy_coefficients=None if coefficients is None else coefficients.entropy,
             temperature=float(self.temperature),
             row_scale=window.sqrt_p,
         ):

@@ -230,22 +230,26 @@ def token_coefficients(batch: SequenceBatch, seed: int = 3) -> torch.Tensor:
     return torch.where(batch.attention_mask.bool(), coef, torch.full_like(coef, float("nan")))
 
 
+@pytest.mark.parametrize("entropy", [False, True], ids=["logprob", "with_entropy"])
 @pytest.mark.parametrize("method", ["vmap", "loop"])
 def test_update_rows_from_token_coefficients(
-    model: nn.Module, batch: SequenceBatch, method: str
+    model: nn.Module, batch: SequenceBatch, method: str, entropy: bool
 ) -> None:
     """``token_coefficients`` give the update rows ``u_i = sum_t c_{i,t} grad log pi_{i,t}``
-    (math.md §4 "Update rows") of each sequence, against autograd token by token; coefficients
-    equal to 1 on the response give the score rows back."""
+    (math.md §4 "Update rows") of each sequence, against autograd token by token, plus ``sum_t
+    e_{i,t} grad H_{i,t}`` with ``entropy_coefficients`` (an entropy bonus); coefficients equal
+    to 1 on the response give the score rows back."""
     coef = token_coefficients(batch)
+    ecoef = token_coefficients(batch, seed=5) if entropy else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         captured = capture_gradients(
             model,
             batch,
-            method=method,
+            method=method,  # type: ignore[arg-type]
             chunk_size=2,
-            token_coefficients=coef,  # type: ignore[arg-type]
+            token_coefficients=coef,
+            entropy_coefficients=ecoef,
         )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
@@ -257,8 +261,10 @@ def test_update_rows_from_token_coefficients(
         value = torch.zeros((), dtype=torch.float64)
         for t in range(1, length):
             if batch.response_mask[i, t]:
-                logp = torch.log_softmax(logits[t - 1].double(), dim=-1)[ids[t]]
-                value = value + float(coef[i, t]) * logp
+                logp = torch.log_softmax(logits[t - 1].double(), dim=-1)
+                value = value + float(coef[i, t]) * logp[ids[t]]
+                if ecoef is not None:
+                    value = value - float(ecoef[i, t]) * (logp.exp() * logp).sum()
         grads = torch.autograd.grad(value, params, allow_unused=True)
         assert captured.logprobs[i].item() == pytest.approx(
             float(value.detach()), rel=1e-5, abs=1e-5

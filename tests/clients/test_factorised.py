@@ -185,22 +185,27 @@ def test_outputs_off_the_embedding_paths_and_frozen_embeddings() -> None:
     _close(capture(batch).sketch, want)
 
 
+@pytest.mark.parametrize("entropy", [False, True], ids=["logprob", "with_entropy"])
 def test_factorised_update_rows_from_token_coefficients(
-    model: nn.Module, batch: SequenceBatch
+    model: nn.Module, batch: SequenceBatch, entropy: bool
 ) -> None:
     """One forward and two backwards: the score sketches as without coefficients, and the
-    update rows' sketches equal the kronecker sketch of the explicit ``u_i`` (math.md §4)."""
+    update rows' sketches equal the kronecker sketch of the explicit ``u_i`` (math.md §4),
+    also with an entropy term (``entropy_coefficients``)."""
     from tests.clients.test_capture import token_coefficients
 
     coef = token_coefficients(batch)
+    ecoef = token_coefficients(batch, seed=5) if entropy else None
     capture = FactorisedCapture(model, dim=DIM, seed=SEED)
-    result = capture(batch, token_coefficients=coef)
+    result = capture(batch, token_coefficients=coef, entropy_coefficients=ecoef)
     plain = capture(batch)
     _close(result.sketch, plain.sketch)
     assert result.update_sketch is not None and plain.update_sketch is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        explicit = capture_gradients(model, batch, method="loop", token_coefficients=coef)
+        explicit = capture_gradients(
+            model, batch, method="loop", token_coefficients=coef, entropy_coefficients=ecoef
+        )
     server = KroneckerSketch(DIM, SEED, capture.parameters)
     for i in range(batch.size):
         row_i = server.sketch({k: g[i : i + 1] for k, g in explicit.gradients.items()})

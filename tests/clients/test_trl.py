@@ -188,9 +188,13 @@ def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> 
     # Such a micro-batch is recognised as plain on-policy from its inputs (no update rows and
     # no forward to find out), rightly: TRL's token coefficients are weight_i A_i.
     assert KernelscopeGRPOTrainer._kernelscope_plain_on_policy(trainer, micro)  # type: ignore[arg-type]
-    token = trl_token_coefficients(trainer, model, micro).double()
+    token, entropy = trl_token_coefficients(trainer, model, micro)
+    assert entropy is None
     torch.testing.assert_close(
-        token, coefficients.double()[:, None] * micro["completion_mask"], rtol=1e-5, atol=1e-9
+        token.double(),
+        coefficients.double()[:, None] * micro["completion_mask"],
+        rtol=1e-5,
+        atol=1e-9,
     )
 
 
@@ -220,7 +224,8 @@ def _perturbed_logps(
 # ``_compute_loss``: the trainer attribute or config field that turns them on, and the input
 # that ``_generate_and_score_completions`` would have produced (an earlier policy's
 # ``old_per_token_logps`` on a later PPO pass, the reference ``ref_per_token_logps`` for beta,
-# a ``tool_mask``, the vLLM sampler's ``importance_sampling_ratio``).
+# a ``tool_mask``, the vLLM sampler's ``importance_sampling_ratio``; ``last_entropy`` sets the
+# adaptive entropy controller's last window entropy, under its target so that the bonus applies).
 UPDATE_ROW_SETTINGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "later_pass_clipped": ("grpo", {"num_iterations": 2}, {"old": 0.05}),
     "kl_beta": ("grpo", {}, {"beta": 0.04, "ref": 0.05}),
@@ -232,6 +237,17 @@ UPDATE_ROW_SETTINGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "vllm_is_correction": ("grpo", {}, {"is_ratio": True}),
     "sequence_level_sapo": ("sapo", {}, {"old": 0.05}),
     "temperature": ("dapo", {"temperature": 0.7}, {"old": 0.05}),
+    "entropy_bonus": ("grpo", {"entropy_coef": 0.05}, {}),
+    "entropy_bonus_masked_later_pass": (
+        "dapo",
+        {"entropy_coef": 0.05, "top_entropy_quantile": 0.5, "temperature": 0.7},
+        {"old": 0.05},
+    ),
+    "adaptive_entropy": (
+        "bnpo",
+        {"use_adaptive_entropy": True, "entropy_coef": 0.02, "entropy_target": 5.0},
+        {"last_entropy": 0.1},
+    ),
 }
 
 
@@ -241,7 +257,8 @@ def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -
     :func:`trl_token_coefficients`, equals ``-grad`` of TRL's own ``compute_loss`` on a real
     micro-batch, for settings whose gradient is not ``sum_i weight_i A_i dS_i``: a later PPO
     pass with clipping, the KL term, two-sided clipping, the entropy and off-policy masks, a tool
-    mask and the vLLM importance-sampling correction."""
+    mask, the vLLM importance-sampling correction and the entropy bonus, static or adaptive
+    (``u_i`` then also carries ``sum_t e_{i,t} grad H_{i,t}``)."""
     loss_type, config, inject = UPDATE_ROW_SETTINGS[setting]
     trainer = _plain_trainer(tmp_path, loss_type=loss_type, **config)
     model = trainer.model
@@ -266,16 +283,26 @@ def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -
         trainer.vllm_importance_sampling_correction = True
         g = torch.Generator().manual_seed(3)
         micro["importance_sampling_ratio"] = torch.rand(mask.shape, generator=g) * 1.5 + 0.25
+    if "last_entropy" in inject:
+        trainer._last_world_entropy = inject["last_entropy"]
+    _assert_update_rows_are_trl_gradient(trainer, micro)
 
+
+def _assert_update_rows_are_trl_gradient(trainer: GRPOTrainer, micro: dict[str, Any]) -> None:
+    """``sum_i u_i = -grad`` of TRL's ``compute_loss`` on ``micro``, with ``u_i`` captured from
+    :func:`trl_token_coefficients`, which differ from the on-policy ``weight_i A_i``."""
+    model = trainer.model
+    mask = micro["completion_mask"]
     model.zero_grad(set_to_none=True)
+    # First: TRL's loss then moves its adaptive entropy controller, which this call must not.
+    coefficients, entropy = trl_token_coefficients(trainer, model, micro)
+    assert all(p.grad is None for p in model.parameters())
     trainer.compute_loss(model, micro).backward()
     trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-
-    coefficients = trl_token_coefficients(trainer, model, micro)
-    assert all(p.grad is None for p in model.parameters())
+    assert (entropy is not None) == (trainer.entropy_coef != 0 or trainer.use_adaptive_entropy)
     plain = trl_sequence_weights(
-        loss_type,
+        trainer.loss_type,
         mask,
         gradient_accumulation_steps=2,
         max_completion_length=6,
@@ -284,22 +311,57 @@ def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -
         epsilon_high=float(trainer.epsilon_high),
     )
     on_policy = (plain * micro["advantages"].double())[:, None].float() * mask
-    assert not torch.allclose(coefficients, on_policy, atol=1e-6), "the setting changes nothing"
+    changed = not torch.allclose(coefficients, on_policy, atol=1e-6)
+    assert changed or (entropy is not None and entropy.abs().max() > 0), (
+        "the setting changes nothing"
+    )
 
     full = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)
     attention = torch.cat([micro["prompt_mask"], mask], dim=1)
     batch = SequenceBatch.from_padded(
         full, attention, torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool()
     )
-    layout = repack(
-        torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients], 1), attention
+
+    def layout(values: torch.Tensor) -> torch.Tensor:
+        return repack(
+            torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), values], 1), attention
+        )
+
+    captured = capture_gradients(
+        model,
+        batch,
+        token_coefficients=layout(coefficients),
+        entropy_coefficients=None if entropy is None else layout(entropy),
+        temperature=float(trainer.temperature),
     )
-    temperature = float(trainer.temperature)
-    captured = capture_gradients(model, batch, token_coefficients=layout, temperature=temperature)
     for name, rows_u in captured.gradients.items():
         predicted = rows_u.sum(0)
         expected = -trl_grad.get(name, torch.zeros_like(predicted))
         torch.testing.assert_close(predicted, expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_token_coefficients_leave_trl_state_alone(tmp_path: Path) -> None:
+    """The extra run of TRL's loss inside :func:`trl_token_coefficients` logs no metric and
+    does not move the adaptive entropy controller (at a window's end TRL's loss raises or lowers
+    ``entropy_coef``; twice per micro-batch would double its pace)."""
+    trainer = _plain_trainer(
+        tmp_path, loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.02
+    )
+    trainer.model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    micro = dict(split_tensor_dict(trainer._generate_and_score_completions(rows), 2)[0])
+    trainer.current_gradient_accumulation_steps = 2
+    trainer._last_world_entropy = 0.1
+    assert trainer.accelerator.sync_gradients  # a window's end: TRL updates the controller
+    logged = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    _, entropy = trl_token_coefficients(trainer, trainer.model, micro)
+    assert entropy is not None and entropy.abs().max() > 0
+    assert trainer.entropy_coef == 0.02 and trainer._last_world_entropy == 0.1
+    assert trainer._entropy_window_stats is None
+    assert {k: list(v) for k, v in trainer._metrics["train"].items()} == logged
+    GRPOTrainer.compute_loss(trainer, trainer.model, micro)
+    # TRL's own call moves it, by one delta
+    assert abs(trainer.entropy_coef - 0.02) == pytest.approx(trainer.args.entropy_coef_delta)
 
 
 @pytest.mark.parametrize(
@@ -432,8 +494,8 @@ def assert_plugin_is_applied(client: Client, run_id: str, steps: tuple[int, ...]
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"num_iterations": 2, "epsilon": 0.02}],
-    ids=["on_policy", "later_pass_clipped"],
+    [{}, {"num_iterations": 2, "epsilon": 0.02}, {"entropy_coef": 0.1}],
+    ids=["on_policy", "later_pass_clipped", "entropy_bonus"],
 )
 def test_trainer_pushes_two_steps(
     live_service: LiveService, tmp_path: Path, overrides: dict[str, Any]
@@ -443,7 +505,8 @@ def test_trainer_pushes_two_steps(
     is then exactly ``-eta grad L``, the service's ``plugin`` prediction (built from the pushed
     rows and learning rate) equals ``<grad_hat H, u>`` computed from the real parameter change.
     With ``num_iterations = 2`` the second step trains again on the first step's completions,
-    at PPO ratio != 1 with clipping: the identity then holds only through the update rows."""
+    at PPO ratio != 1 with clipping, and an entropy bonus adds ``e_{i,t} grad H_{i,t}`` terms:
+    the identity then holds only through the update rows."""
     args = sgd_args(tmp_path, learning_rate=0.05, **overrides)
     trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512))
     trainer.train()
@@ -512,9 +575,10 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
 
 
 def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> None:
-    """``kind="kronecker"``: factorised rows, update rows (a later pass at ratio != 1) and the
-    applied update all sketched on the trainer; ``sgd`` geometry even with AdamW (refused
-    explicitly), and with plain SGD the identity ``plugin dH1 = delta_h1_applied`` holds."""
+    """``kind="kronecker"``: factorised rows, update rows (a later pass at ratio != 1, with an
+    entropy bonus) and the applied update all sketched on the trainer; ``sgd`` geometry even
+    with AdamW (refused explicitly), and with plain SGD the identity ``plugin dH1 =
+    delta_h1_applied`` holds."""
     kronecker = {"kind": "kronecker", "dim": 256, "seed": 2}
     with pytest.raises(UnsupportedTRLSettingError, match="elementwise preconditioner"):
         sgd_trainer(
@@ -525,7 +589,7 @@ def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> 
         grpo_args(tmp_path), KernelscopeConfig(url=live_service.base_url, sketch=kronecker)
     )
     assert adamw.kernelscope_geometry == "sgd"
-    args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02)
+    args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02, entropy_coef=0.1)
     trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=kronecker))
     trainer.train()
     with Client(live_service.base_url) as client:

@@ -63,9 +63,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
+    """``initializer_range`` 0.2 instead of 0.02: peaked next-token distributions (the default
+    gives near-uniform ones)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
+        initializer_range=initializer_range,
         vocab_size=len(CHARS) + 2,
         hidden_size=16,
         intermediate_size=32,
@@ -132,14 +135,76 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _plain_trainer(tmp_path: Path, model: Any = None, **overrides: Any) -> GRPOTrainer:
+def _plain_trainer(
+    tmp_path: Path, model: Any = None, rollout_func: Any = None, **overrides: Any
+) -> GRPOTrainer:
     return GRPOTrainer(
         model=tiny_llama() if model is None else model,
         reward_funcs=first_char_reward,
         args=grpo_args(tmp_path, **overrides),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
         processing_class=char_tokenizer(),
+        rollout_func=rollout_func,
     )
+
+
+class LowPrecisionSampler:
+    """vLLM's place in a TRL run, in process: a separate bfloat16 copy of the policy, synced
+    from the trainer's weights when TRL syncs vLLM's (``sync_weights``), samples every
+    completion and reports the sampled tokens' log-probs under *its* weights (vLLM's
+    ``processed_logprobs``: tempered).  It is fed through TRL's own code: passed as
+    ``rollout_func`` (TRL's hook for custom generation backends) and, on the built trainer,
+    ``use_vllm`` and ``vllm_importance_sampling_correction`` switched on (``use_vllm=True`` in
+    the config would start vLLM itself).  TRL's ``_generate_and_score_completions`` then
+    computes ``sampling_per_token_logps``, the old log-probs and the truncated or masked
+    importance-sampling ratio exactly as it does for a vLLM server."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.trainer: GRPOTrainer | None = None
+        self.copy: torch.nn.Module | None = None
+        self.syncs = 0
+
+    def attach(self, trainer: GRPOTrainer) -> GRPOTrainer:
+        self.trainer = trainer
+        trainer.use_vllm = True
+        trainer.vllm_importance_sampling_correction = True
+        trainer.vllm_generation = self  # TRL calls its sync_weights() when the step changes
+        trainer._last_loaded_step = -1
+        return trainer
+
+    def sync_weights(self) -> None:
+        """Load the trainer's weights into the sampler's own model, as vLLM's engine does (not
+        a deepcopy: TRL's fused-head patch would route the copy's forward to the original)."""
+        assert self.trainer is not None
+        from transformers import AutoModelForCausalLM
+
+        policy = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        if self.copy is None:
+            self.copy = AutoModelForCausalLM.from_config(policy.config).eval()
+        self.copy.load_state_dict(policy.state_dict())
+        self.copy.to(torch.bfloat16)
+        self.syncs += 1
+
+    def __call__(self, prompts: list[str], trainer: GRPOTrainer) -> dict[str, Any]:
+        assert self.copy is not None, "TRL syncs the weights before it generates"
+        prompt_ids = [trainer.processing_class(text=p)["input_ids"] for p in prompts]
+        completions, logprobs = [], []
+        for ids in prompt_ids:
+            sequence, out, lps = list(ids), [], []
+            for _ in range(int(trainer.max_completion_length)):
+                with torch.no_grad():
+                    logits = self.copy(torch.tensor([sequence]), use_cache=False).logits[0, -1]
+                logp = torch.log_softmax(logits.float() / float(trainer.temperature), dim=-1)
+                token = int(torch.multinomial(logp.exp(), 1, generator=self.generator))
+                sequence.append(token)
+                out.append(token)
+                lps.append(float(logp[token]))
+                if token in trainer.eos_token_ids:
+                    break
+            completions.append(out)
+            logprobs.append(lps)
+        return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
 
 
 @pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
@@ -340,6 +405,51 @@ def _assert_update_rows_are_trl_gradient(trainer: GRPOTrainer, micro: dict[str, 
         torch.testing.assert_close(predicted, expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
+VLLM_MODES = {
+    "token_truncate": {"vllm_importance_sampling_clip_max": 1.0002},
+    "sequence_mask": {
+        "vllm_importance_sampling_clip_min": 0.9997,
+        "vllm_importance_sampling_clip_max": 1.0003,
+    },
+}
+
+
+@pytest.mark.parametrize("mode", sorted(VLLM_MODES))
+def test_vllm_sampler_path_reproduces_trl_loss_gradient(tmp_path: Path, mode: str) -> None:
+    """The vLLM path through TRL's own code: completions and their log-probs come from a
+    separate bfloat16 copy of the policy (:class:`LowPrecisionSampler`), TRL's
+    ``_generate_and_score_completions`` turns them into ``importance_sampling_ratio``
+    (per token, truncated; or per sequence, masked outside a window), and ``sum_i u_i`` from
+    :func:`trl_token_coefficients` equals ``-grad`` of TRL's ``compute_loss`` on the result.
+    The windows are narrow enough that truncation and masking both act."""
+    sampler = LowPrecisionSampler()
+    trainer = sampler.attach(
+        _plain_trainer(
+            tmp_path,
+            rollout_func=sampler,
+            loss_type="dapo",
+            vllm_importance_sampling_mode=mode,
+            **VLLM_MODES[mode],
+        )
+    )
+    trainer.model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    generation = trainer._generate_and_score_completions(rows)
+    assert sampler.syncs == 1
+    ratio = generation["importance_sampling_ratio"]
+    sampled = generation["sampling_per_token_logps"]
+    mask = generation["completion_mask"].bool()
+    gap = (generation["old_per_token_logps"] - sampled)[mask].abs()
+    assert 1e-4 < float(gap.max()) < 0.01, "bf16 sampler: close to the trainer's policy"
+    if mode == "token_truncate":
+        assert float(ratio[mask].max()) == pytest.approx(1.0002) and float(ratio[mask].min()) < 1
+    else:
+        assert ratio.shape[1] == 1 and (ratio == 0).any() and (ratio != 0).any()
+    micro = dict(split_tensor_dict(shuffle_sequence_dict(generation), 2)[0])
+    trainer.current_gradient_accumulation_steps = 2
+    _assert_update_rows_are_trl_gradient(trainer, micro)
+
+
 def test_token_coefficients_leave_trl_state_alone(tmp_path: Path) -> None:
     """The extra run of TRL's loss inside :func:`trl_token_coefficients` logs no metric and
     does not move the adaptive entropy controller (at a window's end TRL's loss raises or lowers
@@ -467,11 +577,11 @@ def sgd_args(tmp_path: Path, learning_rate: float, **overrides: Any) -> GRPOConf
 
 
 def sgd_trainer(
-    args: GRPOConfig, kernelscope: KernelscopeConfig, **kwargs: Any
+    args: GRPOConfig, kernelscope: KernelscopeConfig, model: Any = None, **kwargs: Any
 ) -> KernelscopeGRPOTrainer:
     """A kernelscope trainer of the tiny Llama on the test prompts (``kwargs``: e.g. LoRA)."""
     return KernelscopeGRPOTrainer(
-        model=tiny_llama(),
+        model=tiny_llama() if model is None else model,
         reward_funcs=first_char_reward,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
@@ -594,6 +704,41 @@ def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> 
     trainer.train()
     with Client(live_service.base_url) as client:
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
+
+
+def test_vllm_sampler_run(live_service: LiveService, tmp_path: Path) -> None:
+    """A two-step run of a peaked policy whose completions come from the bfloat16 sampler
+    through TRL's vLLM path (:class:`LowPrecisionSampler`; per-token importance ratios of
+    0.98-1.02, truncated at 1.005): TRL syncs the sampler once per step, and with plain SGD
+    ``plugin dH1 = delta_h1_applied`` holds through the update rows that carry the correction,
+    and misses without them."""
+    results = {}
+    for update_rows in (None, False):
+        sampler = LowPrecisionSampler()
+        args = sgd_args(
+            tmp_path,
+            learning_rate=0.05,
+            loss_type="dapo",
+            vllm_importance_sampling_mode="token_truncate",
+            vllm_importance_sampling_clip_max=1.005,
+        )
+        kernelscope = KernelscopeConfig(
+            url=live_service.base_url, sketch=SKETCH_512, update_rows=update_rows
+        )
+        trainer = sgd_trainer(
+            args, kernelscope, model=tiny_llama(initializer_range=0.2), rollout_func=sampler
+        )
+        sampler.attach(trainer)
+        trainer.train()
+        assert sampler.syncs == 2
+        results[update_rows] = trainer.kernelscope_run_id
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, results[None], steps=(0, 1))
+        without = [client.entropy(results[False], s, estimator="plugin") for s in (0, 1)]
+        # measured: 1.6e-3 and 3.6e-3 relative without update rows, 1e-7 with them
+        assert all(
+            abs(r.delta_h1 - r.delta_h1_applied) > 1e-3 * abs(r.delta_h1_applied) for r in without
+        )
 
 
 def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ as ``u / sqrt(P)`` so that ``<sqrt(P) w, u / sqrt(P)> = <w, u>``: the row with t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -152,6 +152,59 @@ def adam_gradient_share(
             beta1 = float(groups[id(p)]["betas"][0])
             return (1.0 - beta1) / (1.0 - beta1 ** _step_count(state["step"]))
     raise ValueError("no parameter has an Adam state: call it after optimizer.step()")
+
+
+def adam_step_counts(
+    optimizer: torch.optim.Optimizer, parameters: Mapping[str, torch.Tensor]
+) -> dict[str, float]:
+    """``{name: step count}`` of each parameter's ``Adam`` / ``AdamW`` state (0 before its first
+    step); take it just before ``optimizer.step()`` for :func:`adam_applied_update`."""
+    inner = _unwrapped(optimizer)
+    return {n: _step_count(inner.state.get(p, {}).get("step", 0.0)) for n, p in parameters.items()}
+
+
+def adam_applied_update(
+    optimizer: torch.optim.Optimizer,
+    parameters: Mapping[str, torch.Tensor],
+    steps_before: Mapping[str, float],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, theta_after - theta_before)`` of each parameter, float32, one at a time, read
+    from the state of the ``Adam`` / ``AdamW`` step just taken instead of a snapshot.
+
+    Call it after ``optimizer.step()``.  The step was ``theta' = theta (1 - lr lambda) -
+    (lr / (1 - beta1^t)) m_t / (sqrt(v_t / (1 - beta2^t)) + eps)`` (decoupled decay
+    ``lambda``, AdamW; ``Adam``'s coupled decay is inside ``m_t``; ``v_t`` the running maximum
+    with amsgrad; a maximised objective's sign is inside ``m_t`` too), so its update follows
+    from ``m_t``, ``v_t``, ``t`` and ``theta'``, as torch computed it up to the rounding of
+    ``theta'`` (zero-mean, at most half a unit in the last place of each coordinate).  A
+    parameter the step skipped (no gradient: its count equals ``steps_before``) gets zeros.
+    Memory: a few temporaries of one parameter's size, where a snapshot costs a copy of all.
+    """
+    inner = _unwrapped(optimizer)
+    if not isinstance(inner, torch.optim.Adam):
+        raise TypeError(f"needs torch's Adam or AdamW, got {type(inner).__name__}")
+    groups = _group_of(inner)
+    for name, p in parameters.items():
+        group, state = groups.get(id(p)), inner.state.get(p, {})
+        if group is None:
+            raise ValueError(f"parameter {name!r} is not handled by this optimizer")
+        step = _step_count(state.get("step", 0.0))
+        if step == steps_before[name]:
+            yield name, torch.zeros_like(p, dtype=torch.float32)
+            continue
+        lr, eps = float(group["lr"]), float(group["eps"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        denom = v.detach() / (1.0 - beta2**step)
+        denom = denom.sqrt_().add_(eps)
+        update = state["exp_avg"].detach() / denom
+        update.mul_(-lr / (1.0 - beta1**step))
+        decay = float(group.get("weight_decay", 0.0))
+        if decay and group.get("decoupled_weight_decay", False):
+            # theta' = theta (1 - lr decay) + update, so theta = (theta' - update) / (1 - lr decay)
+            before = (p.detach() - update).div_(1.0 - lr * decay)
+            update.sub_(before.mul_(lr * decay))
+        yield name, update.float()
 
 
 def scale_rows(

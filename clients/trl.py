@@ -60,7 +60,9 @@ from clients.capture import (
 )
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
+    adam_applied_update,
     adam_gradient_share,
+    adam_step_counts,
     adam_step_preconditioner,
     is_adam,
     unscale_update,
@@ -355,7 +357,9 @@ class _Window:
     step: int
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     micro: list[_MicroBatch] = field(default_factory=list)
+    # the applied update: a snapshot of the parameters, or Adam's step counts (from its state)
     before: dict[str, torch.Tensor] | None = None
+    adam_steps: dict[str, float] | None = None
     sqrt_p: dict[str, torch.Tensor] | None = None
 
 
@@ -674,7 +678,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     window.records[seq_id]["logprob"] = float(value)
         # Every rank applies the same (all-reduced) update: the main process pushes it.
         if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
-            window.before = {n: p.detach().clone() for n, p in self._kernelscope_selected().items()}
+            selected = self._kernelscope_selected()
+            assert self.optimizer is not None
+            # torch's Adam/AdamW: the update follows from its state after the step, so no copy
+            # of the parameters is kept (bf16 parameters round small steps away: snapshot them)
+            if is_adam(self.optimizer) and all(
+                p.dtype in (torch.float32, torch.float64) for p in selected.values()
+            ):
+                window.adam_steps = adam_step_counts(self.optimizer, selected)
+            else:
+                window.before = {n: p.detach().clone() for n, p in selected.items()}
 
     def _kernelscope_push_rows(self, window: _Window, micro: _MicroBatch) -> torch.Tensor:
         """Capture and push one micro-batch's score rows and, with token coefficients, its
@@ -738,29 +751,45 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             rate *= adam_gradient_share(self.optimizer, self._kernelscope_selected())
         return rate
 
+    def _kernelscope_applied_update(self, window: _Window) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, u)`` of the step just taken, one parameter at a time in name order (the
+        order a sketch adds them in); ``u / sqrt(P)`` in adam geometry, so that ``<sqrt(P) w_j,
+        u / sqrt(P)> = <w_j, u>``."""
+        selected = self._kernelscope_selected()
+        selected = {n: selected[n] for n in sorted(selected)}
+        if window.adam_steps is not None:
+            assert self.optimizer is not None
+            parts = adam_applied_update(self.optimizer, selected, window.adam_steps)
+        else:
+            assert window.before is not None
+            before = window.before
+            parts = ((n, (p.detach() - before[n]).float()) for n, p in selected.items())
+        for name, u in parts:
+            if window.sqrt_p is not None:
+                u = unscale_update({name: u}, window.sqrt_p)[name]
+            yield name, u
+
     def _kernelscope_after_step(self) -> None:
         window = self._ks_window
         if window is None or not window.records:
             return
         client, run_id = self.kernelscope_client, self.kernelscope_run_id
-        if window.before is not None:
-            update = {
-                n: (p.detach() - window.before[n]).float()
-                for n, p in self._kernelscope_selected().items()
-            }
-            if window.sqrt_p is not None:
-                # adam geometry: <sqrt(P) w_j, u / sqrt(P)> = <w_j, u>
-                update = unscale_update(update, window.sqrt_p)
+        if window.before is not None or window.adam_steps is not None:
             sketcher = (
                 self._factorised.sketcher
                 if self._factorised is not None
                 else self.kernelscope_sketcher
             )
+            parts = self._kernelscope_applied_update(window)
             if sketcher is None:
-                client.push_applied_update(run_id, window.step, update)
-            else:  # k floats, like the rows, instead of N
-                rows = {n: u.reshape(1, -1) for n, u in update.items()}
-                client.push_applied_update(run_id, window.step, sketch=sketcher.sketch(rows)[0])
+                client.push_applied_update(run_id, window.step, dict(parts))
+            else:  # k floats, like the rows, instead of N; one parameter's update at a time
+                sketch: torch.Tensor | None = None
+                for name, u in parts:
+                    part = sketcher.sketch({name: u.reshape(1, -1)})[0]
+                    sketch = part if sketch is None else sketch + part
+                assert sketch is not None
+                client.push_applied_update(run_id, window.step, sketch=sketch)
         records = list(window.records.values())
         if self.kernelscope.push_logprob_after:
             policy = self._kernelscope_policy()

@@ -11,8 +11,10 @@ from torch import nn
 from clients.capture import SequenceBatch, capture_gradients, response_logprobs, sequence_logprobs
 from clients.geometry import (
     AppliedUpdateCapture,
+    adam_applied_update,
     adam_gradient_share,
     adam_preconditioner,
+    adam_step_counts,
     adam_step_preconditioner,
     is_adam,
     logprob_after,
@@ -91,6 +93,49 @@ def test_step_preconditioner_is_what_the_next_step_divides_by(
             expected = -lr * sqrt_p[k] ** 2 * grads[k]
             torch.testing.assert_close(p.detach() - before[k], expected, rtol=1e-4, atol=1e-7)
         assert adam_gradient_share(opt, params) == 1.0  # beta1 = 0: all of the step's gradient
+
+
+@pytest.mark.parametrize(
+    ("cls", "options"),
+    [
+        (torch.optim.AdamW, {"weight_decay": 0.1}),
+        (torch.optim.AdamW, {"weight_decay": 0.1, "foreach": True}),
+        (torch.optim.Adam, {"amsgrad": True}),
+        (torch.optim.Adam, {"weight_decay": 0.1, "maximize": True}),  # coupled decay
+    ],
+)
+@pytest.mark.parametrize("lr", [1e-2, 1e-6])
+def test_applied_update_from_adam_state_is_the_step_taken(
+    cls: type[torch.optim.Adam], options: dict[str, object], lr: float
+) -> None:
+    """Read after each of three steps (beta1 = 0.9, the first from an empty state), the update
+    rebuilt from Adam's state is ``theta_after - theta_before`` up to the rounding of
+    ``theta_after`` (half an ulp per coordinate), also at lr 1e-6 where that rounding is a few
+    percent of a coordinate's step; a parameter without a gradient (skipped by the step) gets
+    zeros."""
+    model = tiny_gpt2().eval()
+    params = dict(model.named_parameters())
+    opt = cls(model.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, **options)  # type: ignore[arg-type]
+    skipped = "transformer.wte.weight"
+    for step in range(3):
+        batch = make_batch(seed=step, n=4)
+        opt.zero_grad()
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        s = response_logprobs(out, batch.input_ids, batch.response_mask)
+        (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
+        if step == 1:
+            params[skipped].grad = None
+        counts = adam_step_counts(opt, params)
+        before = {k: p.detach().clone() for k, p in params.items()}
+        opt.step()
+        rebuilt = dict(adam_applied_update(opt, params, counts))
+        assert list(rebuilt) == list(params)
+        for k, p in params.items():
+            taken = p.detach() - before[k]
+            if step == 1 and k == skipped:
+                assert not taken.any() and not rebuilt[k].any()
+            ulp = float(before[k].abs().max()) * 2.0**-23
+            torch.testing.assert_close(rebuilt[k], taken, rtol=1e-4, atol=ulp, msg=k)
 
 
 def test_gradient_share_of_adam_momentum() -> None:

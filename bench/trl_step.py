@@ -9,8 +9,12 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
 * ``off``: a plain ``trl.GRPOTrainer``;
 * ``kronecker``: ``KernelscopeGRPOTrainer`` with factorised kronecker rows made on the
   trainer (``k``, sgd geometry);
-* ``countsketch``: exact per-sequence capture a chunk at a time, count-sketched on the trainer
-  (``k``, Adam geometry, the default for AdamW).
+* ``countsketch``: exact per-sequence rows from hooks (``HookedCapture``: one batched forward
+  and backward, each layer's per-sequence gradients formed in its hook), count-sketched on the
+  trainer (``k``, Adam geometry, the default for AdamW);
+* ``countsketch-chunks``: the same rows from exact per-sequence capture a chunk at a time
+  (``capture_method="loop"``: ``vmap`` cannot run through the forward hook TRL's gradient
+  checkpointing adds, so ``auto`` used to end up here).
 
 Per mode: the median wall time of an optimizer step after the first (warm-up), the peak RSS,
 and the bytes pushed per step (request bodies, counted in the client's transport).  ``T_train``
@@ -46,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from processes import serve  # noqa: E402  (bench/processes.py)
 
-MODES = ("off", "kronecker", "countsketch")
+MODES = ("off", "kronecker", "countsketch", "countsketch-chunks")
 
 #: Qwen2 shapes: about 1M (quick), 10M and 100M parameters (untied embeddings).
 SIZES: dict[str, dict[str, int]] = {
@@ -192,13 +196,16 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
     if mode == "off":
         trainer: GRPOTrainer = GRPOTrainer(**common)
     else:
-        sketch = {"kind": mode, "dim": args.k, "seed": 0}
+        kind, _, how = mode.partition("-")
+        sketch = {"kind": kind, "dim": args.k, "seed": 0}
         client = Client(url, transport=Counting())
-        trainer = KernelscopeGRPOTrainer(
-            **common,
-            kernelscope=KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"),
-            kernelscope_client=client,
+        config_ks = KernelscopeConfig(
+            url=url,
+            sketch=sketch,
+            sketch_on="trainer",
+            capture_method="loop" if how == "chunks" else "auto",
         )
+        trainer = KernelscopeGRPOTrainer(**common, kernelscope=config_ks, kernelscope_client=client)
     # T_train: TRL's compute_loss plus the backward of its loss, per micro-batch.
     plain_loss = GRPOTrainer.compute_loss
     backward = trainer.accelerator.backward
@@ -287,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--modes", default=",".join(MODES), help="off is always run")
     parser.add_argument("--child", choices=MODES)
     parser.add_argument("--size", default="10M")
     parser.add_argument("--url")
@@ -299,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with serve(f"bench-trl-{os.getpid()}") as url:
         for size in args.sizes.split(","):
-            for mode in MODES:
+            for mode in ["off", *[m for m in args.modes.split(",") if m != "off"]]:
                 print(f"{size} {mode} ...", file=sys.stderr, flush=True)
                 results.append(run_child(mode, size, url, args))
     print(table(results, args.k))

@@ -61,7 +61,9 @@ from clients.capture import (
     token_layout,
 )
 from clients.filters import ParameterFilter, select_parameters
+from sketch.base import Sketcher
 from sketch.kronecker import KroneckerSketch
+from sketch.spec import SketchSpec, build_sketcher
 
 _HFConv1D: type[nn.Module] | None
 try:  # GPT-2 family; optional so that the module works without transformers
@@ -106,16 +108,21 @@ class _Accumulator:
     token_mask: torch.Tensor  # [n, L] bool: real tokens
     cores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, k_out, k_in]
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, numel]
+    sketched: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n, k] rows
     recomputing: bool = False  # a generic module is re-run inside its hook: hooks stay quiet
     registered: int = 0  # tensor hooks registered in the forward pass ...
     fired: int = 0  # ... and run in the backward pass: equal when nothing was missed
     roots: list[torch.Tensor] = field(default_factory=list)  # embedding outputs
 
     def clear(self) -> None:
-        self.cores.clear()
-        self.vectors.clear()
+        self.clear_rows()
         self.registered = self.fired = 0
         self.roots.clear()
+
+    def clear_rows(self) -> None:
+        self.cores.clear()
+        self.vectors.clear()
+        self.sketched.clear()
 
     def add_core(self, name: str, core: torch.Tensor) -> None:
         self.cores[name] = core if name not in self.cores else self.cores[name] + core
@@ -164,6 +171,31 @@ class FactorisedCapture:
         use_eval_mode: bool = True,
         temperature: float = 1.0,
     ) -> None:
+        self._plan_hooks(model, parameter_filter, non_matrix, strict, use_eval_mode, temperature)
+        kronecker = KroneckerSketch(dim, seed, self.parameters)
+        self._kronecker = kronecker
+        self.sketcher: Sketcher = kronecker
+        self.dim = int(dim)
+        self.seed = int(seed)
+        device = next(iter(self.model.parameters())).device
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for _, kind, own in self._plan:
+            if kind in ("linear", "conv1d", "embedding") and "weight" in own:
+                name = own["weight"]
+                if name not in self._factors:
+                    a, b = kronecker.factors(name, device)
+                    self._factors[name] = (a.float(), b.float())
+
+    def _plan_hooks(
+        self,
+        model: nn.Module,
+        parameter_filter: ParameterFilter | None,
+        non_matrix: NonMatrix,
+        strict: bool,
+        use_eval_mode: bool,
+        temperature: float,
+    ) -> None:
+        """Which module's hook captures which selected parameter; sets :attr:`parameters`."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.model = model
@@ -214,17 +246,6 @@ class FactorisedCapture:
         }
         if not self.parameters:
             raise ValueError("the factorised capture covers no parameter of this model")
-        self.sketcher = KroneckerSketch(dim, seed, self.parameters)
-        self.dim = int(dim)
-        self.seed = int(seed)
-        device = next(iter(selected.values())).device
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for _, kind, own in self._plan:
-            if kind in ("linear", "conv1d", "embedding") and "weight" in own:
-                name = own["weight"]
-                if name not in self._factors:
-                    a, b = self.sketcher.factors(name, device)
-                    self._factors[name] = (a.float(), b.float())
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -431,7 +452,7 @@ class FactorisedCapture:
         out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)
         for core in acc.cores.values():
             # KroneckerSketch lays vec(A G B^T) out row-major: entry (a, b) at a * k_in + b.
-            out = out + core.reshape(n, self.sketcher.k_out * self.sketcher.k_in)
+            out = out + core.reshape(n, self._kronecker.k_out * self._kronecker.k_in)
         for name, flat in acc.vectors.items():
             out = out + self.sketcher.sketch_slice(name, flat, 0).to(device)
         return out
@@ -493,8 +514,7 @@ class FactorisedCapture:
             sketch = self._rows(acc, batch.size, logprobs.device)
             update_sketch = None
             if weights is not None:
-                acc.cores.clear()
-                acc.vectors.clear()
+                acc.clear_rows()
                 weighted = response_logprobs(
                     logits, batch.input_ids, batch.response_mask, weights, self.temperature, entropy
                 ).sum()
@@ -508,3 +528,151 @@ class FactorisedCapture:
         )
 
     __call__ = capture
+
+
+class HookedCapture(FactorisedCapture):
+    """Per-sequence rows of any sketch kind from the same hooks, one layer at a time.
+
+    Where :class:`FactorisedCapture` never forms a per-sequence gradient, this class forms each
+    layer's per-sequence gradients inside the layer's backward hook and sketches them at once
+    with the run's sketcher (``countsketch``, ``gaussian``, ``rademacher``, grouped specs):
+
+    * ``nn.Linear`` / ``Conv1D`` weights: ``G_i = sum_t delta_t x_t^T`` for a chunk of
+      sequences at a time (one batched matmul, at most ``chunk_bytes`` of gradients at once);
+    * ``nn.Embedding`` weights: only the rows of the tokens present are nonzero, so each token
+      ``v``'s rows ``[n, dim]`` are sketched as the slice at offset ``v * dim``;
+    * biases and other parameters: as in :class:`FactorisedCapture` (exact vectors).
+
+    One batched forward and backward (down to the embedding outputs) give every sequence's row,
+    as in :class:`FactorisedCapture`; the per-sequence weight products take the place of the
+    backward's own weight-gradient products.  Rows equal the sketch of the exact per-sequence
+    gradients (:func:`clients.capture.capture_sketches`) to float rounding.  Padded tokens are
+    dropped.  ``row_scale`` (``{name: sqrt(P)}``, :mod:`clients.geometry`) scales every row
+    elementwise before it is sketched (``adam`` geometry).
+
+    Parameters as :class:`FactorisedCapture`, with ``sketch`` (a spec mapping or
+    :class:`sketch.spec.SketchSpec`) in place of ``dim`` and ``seed``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sketch: Mapping[str, Any] | SketchSpec,
+        *,
+        parameter_filter: ParameterFilter | None = None,
+        non_matrix: NonMatrix = "sketch",
+        strict: bool = False,
+        use_eval_mode: bool = True,
+        temperature: float = 1.0,
+        chunk_bytes: int = 1 << 28,
+    ) -> None:
+        self._plan_hooks(model, parameter_filter, non_matrix, strict, use_eval_mode, temperature)
+        self.sketch_spec = (
+            sketch if isinstance(sketch, SketchSpec) else SketchSpec.from_dict(sketch)
+        )
+        self.sketcher = build_sketcher(self.sketch_spec, self.parameters)
+        self.chunk_bytes = int(chunk_bytes)
+        self._row_scale: Mapping[str, torch.Tensor] | None = None
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.sketch_spec.to_dict()
+
+    def capture(
+        self,
+        batch: SequenceBatch,
+        token_coefficients: torch.Tensor | None = None,
+        entropy_coefficients: torch.Tensor | None = None,
+        row_scale: Mapping[str, torch.Tensor] | None = None,
+    ) -> FactorisedSketches:
+        """:meth:`FactorisedCapture.capture` with the run's sketch; ``row_scale`` ``{name:
+        sqrt(P)}`` (one entry per captured parameter) gives ``adam``-geometry rows."""
+        if row_scale is not None and set(row_scale) != set(self.parameters):
+            raise KeyError("row_scale must have one entry per captured parameter")
+        self._row_scale = row_scale
+        try:
+            return super().capture(batch, token_coefficients, entropy_coefficients)
+        finally:
+            self._row_scale = None
+
+    __call__ = capture
+
+    def _scaled(self, name: str, rows: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``[c, d]`` rows of parameter ``name`` at flat ``offset``, times ``sqrt(P)`` there."""
+        if self._row_scale is None:
+            return rows
+        scale = self._row_scale[name].reshape(-1)[offset : offset + rows.shape[1]]
+        return rows * scale.to(device=rows.device, dtype=rows.dtype)
+
+    def _add_sketch(self, acc: _Accumulator, name: str, first: int, part: torch.Tensor) -> None:
+        n = acc.token_mask.shape[0]
+        if name not in acc.sketched:
+            acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
+        acc.sketched[name][first : first + part.shape[0]] += part
+
+    def _linear(self, own: Mapping[str, str], transposed: bool, acc: _Accumulator) -> Callable:
+        def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
+            n = acc.token_mask.shape[0]
+            xs, ds = _tokens(x, n), _tokens(grad, n)
+            if xs.shape[1] == acc.token_mask.shape[1]:
+                keep = acc.token_mask.unsqueeze(-1)
+                zero = torch.zeros((), dtype=xs.dtype)
+                xs, ds = torch.where(keep, xs, zero), torch.where(keep, ds, zero)
+            if "weight" in own:
+                name = own["weight"]
+                per_row = xs.shape[-1] * ds.shape[-1] * 4
+                step = max(1, self.chunk_bytes // per_row)
+                for first in range(0, n, step):
+                    x_c, d_c = xs[first : first + step], ds[first : first + step]
+                    # Conv1D: declared [in, out], G = sum_t x_t delta_t^T; Linear: [out, in]
+                    g = (
+                        torch.bmm(x_c.transpose(1, 2), d_c)
+                        if transposed
+                        else torch.bmm(d_c.transpose(1, 2), x_c)
+                    )
+                    flat = self._scaled(name, g.reshape(g.shape[0], -1))
+                    self._add_sketch(acc, name, first, self.sketcher.sketch_slice(name, flat, 0))
+            if "bias" in own:
+                acc.add_vector(own["bias"], ds.sum(dim=1))
+
+        return on_grad
+
+    def _embedding(
+        self, module: nn.Embedding, own: Mapping[str, str], acc: _Accumulator
+    ) -> Callable:
+        name = own["weight"]
+        dim = int(module.embedding_dim)
+
+        def on_grad(ids: torch.Tensor, grad: torch.Tensor) -> None:
+            n = acc.token_mask.shape[0]
+            ids = ids.reshape(n, -1)
+            ds = _tokens(grad, n)
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            if ids.shape[1] == acc.token_mask.shape[1]:
+                keep = keep & acc.token_mask
+            if module.padding_idx is not None:
+                keep = keep & (ids != module.padding_idx)
+            rows = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
+            tokens, slot = torch.unique(ids[keep], return_inverse=True)
+            # per token present: its [n, dim] block of the per-sequence gradients
+            blocks = torch.zeros(tokens.numel(), n, dim, device=ds.device)
+            blocks.index_put_((slot, rows), ds[keep], accumulate=True)
+            out = torch.zeros(n, self.sketcher.dim, device=ds.device)
+            for j, token in enumerate(tokens.tolist()):
+                offset = token * dim
+                out += self.sketcher.sketch_slice(
+                    name, self._scaled(name, blocks[j], offset), offset
+                )
+            self._add_sketch(acc, name, 0, out)
+
+        return on_grad
+
+    def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
+        out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)
+        for name in sorted(set(acc.sketched) | set(acc.vectors)):
+            if name in acc.sketched:
+                out = out + acc.sketched[name].to(device)
+            if name in acc.vectors:
+                flat = self._scaled(name, acc.vectors[name])
+                out = out + self.sketcher.sketch_slice(name, flat, 0).to(device)
+        return out

@@ -72,7 +72,7 @@ from sketch.base import Sketcher
 from sketch.spec import SketchSpec, build_sketcher
 
 if TYPE_CHECKING:
-    from clients.factorised import FactorisedCapture
+    from clients.factorised import FactorisedCapture, FactorisedSketches, HookedCapture
 
 #: Above this many studied parameters, ``sketch_on="auto"`` sketches rows on the trainer and
 #: pushes ``k`` floats per sequence instead of ``N`` (docs/trl.md "Where rows are sketched").
@@ -305,7 +305,12 @@ class KernelscopeConfig:
     parameter_filter:
         which parameters to study (default: every trainable parameter).
     capture_method:
-        ``"auto"`` / ``"vmap"`` / ``"loop"`` for exact capture (``clients.capture``).
+        how exact rows are captured for a kind other than ``kronecker``: ``"hooks"``
+        (:class:`clients.factorised.HookedCapture`: one batched forward and backward, each
+        layer's per-sequence gradients formed in its hook and sketched at once; needs rows
+        sketched on the trainer), ``"vmap"`` / ``"loop"`` (``clients.capture``, a chunk of
+        sequences at a time), or ``"auto"`` (default): hooks when rows are sketched on the
+        trainer and hooks cover every studied parameter, else vmap, else the loop.
     chunk_size:
         sequences per chunk of exact capture: at most this many sequences' gradients exist
         at a time.
@@ -331,7 +336,7 @@ class KernelscopeConfig:
     parameter_filter: ParameterFilter | None = None
     sketch_on: Literal["auto", "trainer", "service"] = "auto"
     geometry: Literal["auto", "sgd", "adam"] = "auto"
-    capture_method: Literal["auto", "vmap", "loop"] = "auto"
+    capture_method: Literal["auto", "hooks", "vmap", "loop"] = "auto"
     chunk_size: int = 8
     push_applied_update: bool = True
     push_logprob_after: bool = True
@@ -428,6 +433,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self.kernelscope_sketcher: Sketcher | None = self._kernelscope_trainer_sketcher(
             spec, declared
         )
+        self._hooked = self._kernelscope_hooked_capture(spec, declared)
         #: ``"adam"`` or ``"sgd"``: the geometry of the pushed rows (KernelscopeConfig.geometry)
         self.kernelscope_geometry = self._kernelscope_resolve_geometry()
         self.kernelscope_client.create_run(
@@ -455,6 +461,37 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if where == "auto" and size < TRAINER_SKETCH_MIN_PARAMETERS:
             return None
         return build_sketcher(SketchSpec.from_dict(spec), declared)
+
+    def _kernelscope_hooked_capture(
+        self, spec: Mapping[str, Any], declared: Mapping[str, list[int]]
+    ) -> HookedCapture | None:
+        """The hook capture of trainer-side exact rows (``capture_method`` hooks or auto)."""
+        method = self.kernelscope.capture_method
+        if method in ("vmap", "loop") or self._factorised is not None:
+            return None
+        if self.kernelscope_sketcher is None:
+            if method == "hooks":
+                raise UnsupportedTRLSettingError(
+                    "capture_method='hooks' sketches rows on the trainer: it needs a kind other "
+                    "than exact and sketch_on='trainer' (or 'auto' above the size threshold)"
+                )
+            return None
+        from clients.factorised import HookedCapture
+
+        try:
+            hooked = HookedCapture(
+                self._kernelscope_policy(),
+                spec,
+                parameter_filter=self.kernelscope.parameter_filter,
+                strict=True,
+                temperature=float(self.temperature),
+            )
+        except ValueError:
+            if method == "hooks":
+                raise
+            return None  # some parameter has no hook: exact chunks
+        assert hooked.parameters == dict(declared)
+        return hooked
 
     def _kernelscope_resolve_geometry(self) -> str:
         wanted = self.kernelscope.geometry
@@ -694,12 +731,24 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         update rows; returns the ``[n]`` ``S_i``."""
         client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
         coefficients = micro.coefficients
+        token = None if coefficients is None else coefficients.logprob
+        entropy = None if coefficients is None else coefficients.entropy
+        sketches: FactorisedSketches | None = None
         if self._factorised is not None:  # one forward for both kinds of rows
-            sketches = self._factorised.capture(
-                micro.batch,
-                token_coefficients=None if coefficients is None else coefficients.logprob,
-                entropy_coefficients=None if coefficients is None else coefficients.entropy,
-            )
+            sketches = self._factorised.capture(micro.batch, token, entropy)
+        elif self._hooked is not None:
+            try:
+                sketches = self._hooked.capture(micro.batch, token, entropy, window.sqrt_p)
+            except RuntimeError as exc:  # e.g. a module broadcast over the batch
+                if self.kernelscope.capture_method == "hooks":
+                    raise
+                warnings.warn(
+                    f"kernelscope: hook capture failed ({exc}); capturing exact rows in chunks",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._hooked = None
+        if sketches is not None:
             client.push_sketches(run_id, step, sketches.sketch, micro.ids)
             if sketches.update_sketch is not None:
                 client.push_sketches(run_id, step, sketches.update_sketch, micro.ids, rows="update")
@@ -718,11 +767,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         rows: Literal["score", "update"] = "score" if coefficients is None else "update"
         values: list[torch.Tensor] = []
         sketched: list[torch.Tensor] = []
+        method = self.kernelscope.capture_method
         for span, s, gradients, _ in iter_captured_chunks(
             self._kernelscope_policy(),
             micro.batch,
             parameter_filter=self.kernelscope.parameter_filter,
-            method=self.kernelscope.capture_method,
+            method="auto" if method == "hooks" else method,
             chunk_size=self.kernelscope.chunk_size,
             token_coefficients=None if coefficients is None else coefficients.logprob,
             entropy_coefficients=None if coefficients is None else coefficients.entropy,

@@ -240,3 +240,48 @@ def test_kronecker_error_bars_from_the_rows_on_captured_gradients() -> None:
     assert float(np.mean(np.abs(err) <= 2 * np.sqrt(var))) >= 0.85
     ratio = float(np.sqrt(var.mean() / np.mean(err**2)))
     assert 0.5 <= ratio <= 2.0
+
+
+@pytest.mark.parametrize("kind", ["countsketch", "gaussian", "rademacher"])
+@pytest.mark.parametrize("rows", ["score", "update", "update_entropy_adam"])
+def test_hooked_capture_equals_the_sketch_of_exact_rows(
+    model: nn.Module, batch: SequenceBatch, kind: str, rows: str
+) -> None:
+    """:class:`HookedCapture` (per-layer per-sequence gradients formed in the hooks, sketched at
+    once; embedding rows by token slice) gives the run's sketch of the exact per-sequence rows
+    (:func:`capture_sketches`, chunks of exact gradients): score rows, update rows from token
+    coefficients, and update rows with an entropy term in ``adam`` geometry (``row_scale``),
+    for GPT-2 (Conv1D, tied embedding, LayerNorm) and Llama (Linear, RMSNorm, padding_idx).
+    A chunk budget of one sequence's layer gradient exercises the chunked products."""
+    from clients.capture import capture_sketches
+    from clients.factorised import HookedCapture
+    from tests.clients.test_capture import token_coefficients
+
+    spec = {"kind": kind, "dim": 64, "seed": 5}
+    hooked = HookedCapture(model, spec, strict=True, chunk_bytes=1)
+    assert hooked.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
+    coef = ecoef = scale = None
+    if rows != "score":
+        coef = token_coefficients(batch)
+    if rows == "update_entropy_adam":
+        ecoef = token_coefficients(batch, seed=5)
+        g = torch.Generator().manual_seed(2)
+        scale = {n: torch.rand(p.shape, generator=g) + 0.5 for n, p in model.named_parameters()}
+    got = hooked(batch, token_coefficients=coef, entropy_coefficients=ecoef, row_scale=scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = capture_sketches(
+            model,
+            batch,
+            hooked.sketcher,
+            method="loop",
+            token_coefficients=coef,
+            entropy_coefficients=ecoef,
+            row_scale=scale,
+        )
+    if coef is None:
+        _close(got.sketch, want.sketch)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+    else:
+        assert got.update_sketch is not None
+        _close(got.update_sketch, want.sketch)

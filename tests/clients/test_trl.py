@@ -646,9 +646,9 @@ def test_trainer_pushes_two_steps(
             assert math.isfinite(default.delta_h1)
 
 
-@pytest.mark.parametrize("beta1", [0.0, 0.9])
+@pytest.mark.parametrize(("beta1", "method"), [(0.0, "auto"), (0.9, "auto"), (0.0, "loop")])
 def test_adam_geometry_with_rows_sketched_on_the_trainer(
-    live_service: LiveService, tmp_path: Path, beta1: float
+    live_service: LiveService, tmp_path: Path, beta1: float, method: str
 ) -> None:
     """A real GRPO run with AdamW (no weight decay, no clipping) and rows sketched on the
     trainer: the run is in ``adam`` geometry (the default for Adam), the rows are ``sqrt(P_t)
@@ -656,7 +656,8 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     state), and the pushed rate is ``lr (1 - beta1) / (1 - beta1^t)``, the step's own gradient's
     share of Adam's momentum.  The first step is exactly ``-lr P_1 g_1`` for any ``beta1``, so
     there ``plugin dH1 = delta_h1_applied``; with ``beta1 = 0`` every step is ``-lr P_t g_t``
-    and the identity holds on the second step too, a later pass at ratio != 1 (update rows)."""
+    and the identity holds on the second step too, a later pass at ratio != 1 (update rows).
+    Rows come from the hook capture (``auto``) or from exact chunks (``loop``)."""
     lr = 1e-3
     args = sgd_args(
         tmp_path,
@@ -666,10 +667,15 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
         num_iterations=2,
         epsilon=0.02,
     )
-    trainer = sgd_trainer(
-        args, KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer")
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url,
+        sketch=SKETCH_512,
+        sketch_on="trainer",
+        capture_method=method,  # type: ignore[arg-type]
     )
+    trainer = sgd_trainer(args, kernelscope)
     assert trainer.kernelscope_geometry == "adam" and trainer.kernelscope_sketcher is not None
+    assert (trainer._hooked is not None) == (method == "auto")
     trainer.train()
     with Client(live_service.base_url) as client:
         assert client.get_run(trainer.kernelscope_run_id).geometry == "adam"

@@ -132,6 +132,17 @@ class _Accumulator:
         self.vectors[name] = flat if name not in self.vectors else self.vectors[name] + flat
 
 
+@contextlib.contextmanager
+def _released(acc: _Accumulator) -> Iterator[None]:
+    """Empty ``acc`` when the capture ends.  The tensor hooks that write into it live on the
+    graph's outputs, and ``acc.roots`` holds the graph: a cycle through autograd's C++ side that
+    Python's collector cannot see, which would keep every capture's graph and cores alive."""
+    try:
+        yield
+    finally:
+        acc.clear()
+
+
 def _tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     """``[n, T, d]`` view of a ``[n, ..., d]`` activation (float32)."""
     return t.reshape(n, -1, t.shape[-1]).float()
@@ -491,7 +502,7 @@ class FactorisedCapture:
         )
         if weights is None and entropy is not None:  # an entropy term alone: update rows too
             weights = torch.zeros_like(entropy)
-        with eval_mode(self.model, self.use_eval_mode), self._hooks(acc):
+        with eval_mode(self.model, self.use_eval_mode), self._hooks(acc), _released(acc):
             logits = self._forward(batch)
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
@@ -597,12 +608,18 @@ class HookedCapture(FactorisedCapture):
 
     __call__ = capture
 
-    def _scaled(self, name: str, rows: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """``[c, d]`` rows of parameter ``name`` at flat ``offset``, times ``sqrt(P)`` there."""
-        if self._row_scale is None:
+    def _scale_of(self, name: str) -> torch.Tensor | None:
+        """``sqrt(P)`` of parameter ``name``, flat (read once per hook call: ``row_scale`` may
+        compute it on access), or None without a row scale."""
+        return None if self._row_scale is None else self._row_scale[name].reshape(-1)
+
+    @staticmethod
+    def _scaled(scale: torch.Tensor | None, rows: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``[c, d]`` rows at flat ``offset`` of a parameter, times its ``sqrt(P)`` there."""
+        if scale is None:
             return rows
-        scale = self._row_scale[name].reshape(-1)[offset : offset + rows.shape[1]]
-        return rows * scale.to(device=rows.device, dtype=rows.dtype)
+        part = scale[offset : offset + rows.shape[1]]
+        return rows * part.to(device=rows.device, dtype=rows.dtype)
 
     def _add_sketch(self, acc: _Accumulator, name: str, first: int, part: torch.Tensor) -> None:
         n = acc.token_mask.shape[0]
@@ -620,6 +637,7 @@ class HookedCapture(FactorisedCapture):
                 xs, ds = torch.where(keep, xs, zero), torch.where(keep, ds, zero)
             if "weight" in own:
                 name = own["weight"]
+                scale = self._scale_of(name)
                 per_row = xs.shape[-1] * ds.shape[-1] * 4
                 step = max(1, self.chunk_bytes // per_row)
                 for first in range(0, n, step):
@@ -630,7 +648,7 @@ class HookedCapture(FactorisedCapture):
                         if transposed
                         else torch.bmm(d_c.transpose(1, 2), x_c)
                     )
-                    flat = self._scaled(name, g.reshape(g.shape[0], -1))
+                    flat = self._scaled(scale, g.reshape(g.shape[0], -1))
                     self._add_sketch(acc, name, first, self.sketcher.sketch_slice(name, flat, 0))
             if "bias" in own:
                 acc.add_vector(own["bias"], ds.sum(dim=1))
@@ -658,10 +676,11 @@ class HookedCapture(FactorisedCapture):
             blocks = torch.zeros(tokens.numel(), n, dim, device=ds.device)
             blocks.index_put_((slot, rows), ds[keep], accumulate=True)
             out = torch.zeros(n, self.sketcher.dim, device=ds.device)
+            scale = self._scale_of(name)
             for j, token in enumerate(tokens.tolist()):
                 offset = token * dim
                 out += self.sketcher.sketch_slice(
-                    name, self._scaled(name, blocks[j], offset), offset
+                    name, self._scaled(scale, blocks[j], offset), offset
                 )
             self._add_sketch(acc, name, 0, out)
 
@@ -673,6 +692,6 @@ class HookedCapture(FactorisedCapture):
             if name in acc.sketched:
                 out = out + acc.sketched[name].to(device)
             if name in acc.vectors:
-                flat = self._scaled(name, acc.vectors[name])
+                flat = self._scaled(self._scale_of(name), acc.vectors[name])
                 out = out + self.sketcher.sketch_slice(name, flat, 0).to(device)
         return out

@@ -24,7 +24,7 @@ as ``u / sqrt(P)`` so that ``<sqrt(P) w, u / sqrt(P)> = <w, u>``: the row with t
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -65,14 +65,26 @@ def adam_preconditioner(
     by ``parameter_filter`` (default: all trainable) are returned; every one of them must be in
     the optimizer with a state (i.e. after at least one ``optimizer.step()``).
     """
+    return dict(adam_taken_preconditioner(optimizer, select_parameters(model, parameter_filter)))
+
+
+def adam_taken_preconditioner(
+    optimizer: torch.optim.Optimizer,
+    parameters: Mapping[str, torch.Tensor],
+    *,
+    lazy: bool = False,
+) -> Mapping[str, torch.Tensor]:
+    """``{name: sqrt(P_t)}`` of the step just taken, from the state after it (``v_t``, its
+    running maximum with amsgrad, and ``t``): what that step divided by.  ``lazy``: each value
+    is computed when read (no ``N``-float copy held)."""
     optimizer = _unwrapped(optimizer)
     groups = _group_of(optimizer)
-    out: dict[str, torch.Tensor] = {}
-    for name, p in select_parameters(model, parameter_filter).items():
-        found = groups.get(id(p))
-        if found is None:
+
+    def one(name: str) -> torch.Tensor:
+        p = parameters[name]
+        group = groups.get(id(p))
+        if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
-        group = found
         if "betas" not in group or "eps" not in group:
             raise TypeError("adam_preconditioner needs an Adam-family optimizer (betas, eps)")
         state = optimizer.state.get(p, {})
@@ -87,8 +99,36 @@ def adam_preconditioner(
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
         v_hat = v.detach().float() / (1.0 - beta2**step)
         precond = 1.0 / (v_hat.sqrt() + eps)
-        out[name] = precond.sqrt()
-    return out
+        return precond.sqrt()
+
+    return _per_parameter(parameters, one, lazy)
+
+
+def _per_parameter(
+    parameters: Mapping[str, torch.Tensor], one: Callable[[str], torch.Tensor], lazy: bool
+) -> Mapping[str, torch.Tensor]:
+    return OnAccess(tuple(parameters), one) if lazy else {name: one(name) for name in parameters}
+
+
+class OnAccess(Mapping[str, torch.Tensor]):
+    """A read-only ``{name: tensor}`` whose values are computed each time they are read: a
+    per-parameter quantity of a large model (``sqrt(P)``) without holding all of it at once."""
+
+    def __init__(self, names: tuple[str, ...], compute: Callable[[str], torch.Tensor]) -> None:
+        self._names = names
+        self._known = frozenset(names)
+        self._compute = compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
@@ -98,8 +138,11 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def adam_step_preconditioner(
-    optimizer: torch.optim.Optimizer, parameters: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+    optimizer: torch.optim.Optimizer,
+    parameters: Mapping[str, torch.Tensor],
+    *,
+    lazy: bool = False,
+) -> Mapping[str, torch.Tensor]:
     """``{name: sqrt(P_t)}`` of the ``Adam`` / ``AdamW`` step about to be taken.
 
     Call it after the step's gradient is complete (accumulated, all-reduced, clipped) and before
@@ -110,13 +153,16 @@ def adam_step_preconditioner(
     ``P_t = 1 / (sqrt(v_hat) + eps)``.  With ``beta1 = 0`` and no weight decay the step is
     exactly ``-lr P_t g``, so the ``adam``-geometry kernel ``w_i^T P_t w_j`` gives the step's
     first-order prediction.  A parameter without a gradient gets ``P_t`` from ``g = 0``.
+    ``lazy``: each value is computed when read (no ``N``-float copy held; read them before the
+    step).
     """
     inner = _unwrapped(optimizer)
     if not isinstance(inner, torch.optim.Adam):
         raise TypeError(f"adam geometry needs torch's Adam or AdamW, got {type(inner).__name__}")
     groups = _group_of(inner)
-    out: dict[str, torch.Tensor] = {}
-    for name, p in parameters.items():
+
+    def one(name: str) -> torch.Tensor:
+        p = parameters[name]
         group = groups.get(id(p))
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
@@ -133,8 +179,9 @@ def adam_step_preconditioner(
         if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
             v = torch.maximum(v, state["max_exp_avg_sq"].detach().float())
         v_hat = v / (1.0 - beta2**step)
-        out[name] = (1.0 / (v_hat.sqrt() + eps)).sqrt()
-    return out
+        return (1.0 / (v_hat.sqrt() + eps)).sqrt()
+
+    return _per_parameter(parameters, one, lazy)
 
 
 def adam_gradient_share(

@@ -64,8 +64,8 @@ from clients.geometry import (
     adam_gradient_share,
     adam_step_counts,
     adam_step_preconditioner,
+    adam_taken_preconditioner,
     is_adam,
-    unscale_update,
 )
 from clients.http import Client
 from sketch.base import Sketcher
@@ -365,7 +365,7 @@ class _Window:
     # the applied update: a snapshot of the parameters, or Adam's step counts (from its state)
     before: dict[str, torch.Tensor] | None = None
     adam_steps: dict[str, float] | None = None
-    sqrt_p: dict[str, torch.Tensor] | None = None
+    sqrt_p: Mapping[str, torch.Tensor] | None = None  # adam geometry, computed on access
 
 
 class _PushAfterStep(TrainerCallback):
@@ -705,7 +705,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             return
         if self.kernelscope_geometry == "adam":
             assert self.optimizer is not None
-            window.sqrt_p = adam_step_preconditioner(self.optimizer, self._kernelscope_selected())
+            window.sqrt_p = adam_step_preconditioner(
+                self.optimizer, self._kernelscope_selected(), lazy=True
+            )
         # Same autocast as TRL's loss (TRL turns bf16 on by default, even on a CPU), so that
         # S_i and w_i are those of the function the step differentiates.
         with self.accelerator.autocast():
@@ -814,10 +816,14 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             assert window.before is not None
             before = window.before
             parts = ((n, (p.detach() - before[n]).float()) for n, p in selected.items())
+        # adam geometry: the step's sqrt(P_t), read back from the state after it
+        scale = (
+            None
+            if window.sqrt_p is None
+            else adam_taken_preconditioner(cast(Any, self.optimizer), selected, lazy=True)
+        )
         for name, u in parts:
-            if window.sqrt_p is not None:
-                u = unscale_update({name: u}, window.sqrt_p)[name]
-            yield name, u
+            yield name, u if scale is None else u / scale[name]
 
     def _kernelscope_after_step(self) -> None:
         window = self._ks_window

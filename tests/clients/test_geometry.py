@@ -16,6 +16,7 @@ from clients.geometry import (
     adam_preconditioner,
     adam_step_counts,
     adam_step_preconditioner,
+    adam_taken_preconditioner,
     is_adam,
     logprob_after,
     scale_rows,
@@ -86,12 +87,16 @@ def test_step_preconditioner_is_what_the_next_step_divides_by(
         s = response_logprobs(out, batch.input_ids, batch.response_mask)
         (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
         sqrt_p = adam_step_preconditioner(opt, params)
+        lazy = adam_step_preconditioner(opt, params, lazy=True)
+        assert list(lazy) == list(params) and all(torch.equal(lazy[k], sqrt_p[k]) for k in lazy)
         before = {k: p.detach().clone() for k, p in params.items()}
         grads = {k: p.grad.detach().clone() + decay * before[k] for k, p in params.items()}
         opt.step()
+        taken = adam_taken_preconditioner(opt, params, lazy=True)  # read back after the step
         for k, p in params.items():
             expected = -lr * sqrt_p[k] ** 2 * grads[k]
             torch.testing.assert_close(p.detach() - before[k], expected, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(taken[k], sqrt_p[k], rtol=1e-5, atol=0.0)
         assert adam_gradient_share(opt, params) == 1.0  # beta1 = 0: all of the step's gradient
 
 

@@ -575,7 +575,7 @@ class HookedCapture(FactorisedCapture):
         strict: bool = False,
         use_eval_mode: bool = True,
         temperature: float = 1.0,
-        chunk_bytes: int = 1 << 28,
+        chunk_bytes: int = 1 << 24,
     ) -> None:
         self._plan_hooks(model, parameter_filter, non_matrix, strict, use_eval_mode, temperature)
         self.sketch_spec = (

@@ -5,6 +5,7 @@ Field names are the contract shared with clients and tests; math.md defines ever
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -185,9 +186,9 @@ class SequencesIn(BaseModel):
 
     @model_validator(mode="after")
     def _unique(self) -> SequencesIn:
-        ids = [s.id for s in self.sequences]
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})
+        counts = Counter(s.id for s in self.sequences)  # linear: 2^16 ids in milliseconds
+        if len(counts) != len(self.sequences):
+            dup = sorted(i for i, c in counts.items() if c > 1)
             raise ValueError(f"duplicate sequence ids in one request: {dup[:10]}")
         return self
 

@@ -28,8 +28,8 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         description=(
-            "API: seconds to wait for Redis to connect or to answer one command before the "
-            "request fails with a 503."
+            "Seconds to wait for Redis to connect or to answer one command: the API then "
+            "answers 503, a worker retries (its blocking reads get worker_block_ms more)."
         ),
     )
     token: str | None = Field(default=None, description="Bearer token required on /v1 when set.")
@@ -75,6 +75,11 @@ class Settings(BaseSettings):
             "Fault injection for tests: a worker sleeps this long after reading a batch, before "
             "processing it, so that a test can kill it mid-job. Leave 0 in production."
         ),
+    )
+    dead_letter_max: int = Field(
+        default=10_000,
+        ge=1,
+        description="Entries the dead-letter stream keeps (the oldest are trimmed, MAXLEN ~).",
     )
     cache_ttl_s: int = Field(
         default=3600, gt=0, description="TTL of cached analysis results (keyed by data version)."

@@ -163,15 +163,17 @@ class Store:
         raw_ttl_s: int = 86400,
         cache_ttl_s: int = 3600,
         bulk: SyncRedis | None = None,
+        dead_max: int = 10_000,
     ):
         """``bulk``: an optional blocking client of the same Redis, used (in a worker thread)
         to write upload bodies without copying them and to read them back; without it
-        everything uses ``redis``."""
+        everything uses ``redis``.  ``dead_max``: entries the dead-letter stream keeps."""
         self.redis = redis
         self.bulk = bulk
         self.keys = Keys(prefix)
         self.raw_ttl_s = raw_ttl_s
         self.cache_ttl_s = cache_ttl_s
+        self.dead_max = dead_max
         self._upsert = redis.register_script(_UPSERT_SEQUENCES)
 
     # ------------------------------------------------------------------ runs
@@ -548,7 +550,8 @@ class Store:
                             pipe.incr(k.version(run_id, step))
                             pipe.unlink(k.cache(run_id, step))
                         if dead is not None:
-                            pipe.xadd(k.dead, dict(dead))  # type: ignore[arg-type]
+                            fields: dict[Any, Any] = dict(dead)
+                            pipe.xadd(k.dead, fields, maxlen=self.dead_max, approximate=True)
                             pipe.unlink(k.raw(run_id, step, upload_id))
                     if entry_id is not None:
                         pipe.xack(k.stream, GROUP, entry_id)
@@ -586,6 +589,26 @@ class Store:
             "failed_at": repr(time.time()),
         }
         return await self._finish(run_id, step, upload_id, entry_id, update, None, dead)
+
+    async def dead_letter_entry(
+        self, entry_id: bytes | str, fields: Mapping[bytes, bytes], error: str
+    ) -> None:
+        """Move a stream entry that names no valid job (fields missing or malformed) to the
+        dead letter with its raw fields, and ack it: one transaction."""
+        k = self.keys
+        dead: dict[Any, Any] = {
+            "error": error,
+            "entry_id": entry_id if isinstance(entry_id, str) else entry_id.decode(),
+            "fields": json.dumps(
+                {a.decode(errors="replace"): b.decode(errors="replace") for a, b in fields.items()}
+            )[:4096],
+            "failed_at": repr(time.time()),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(k.dead, dead, maxlen=self.dead_max, approximate=True)
+            pipe.xack(k.stream, GROUP, entry_id)
+            pipe.xdel(k.stream, entry_id)
+            await pipe.execute()
 
     async def record_error(self, run_id: str, step: int, upload_id: str, error: str) -> None:
         """Remember the last error of a job that will be retried (shown once it is dead)."""

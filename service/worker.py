@@ -103,6 +103,17 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
     return save_safetensors({"sketch": rows}, metadata=part_metadata)
 
 
+def _job_key(fields: dict[bytes, bytes]) -> tuple[str, int]:
+    """``(run_id, step)`` of a job entry; KeyError / ValueError when it names no job."""
+    for name in (b"run_id", b"step", b"upload_id", b"kind"):
+        if name not in fields:
+            raise KeyError(f"no {name.decode()!r} field")
+    run_id = fields[b"run_id"].decode()
+    step = int(fields[b"step"])
+    fields[b"upload_id"].decode()
+    return run_id, step
+
+
 class Worker:
     """A consumer of the job stream.
 
@@ -134,10 +145,24 @@ class Worker:
         if redis is None:
             if not self.settings.redis_url:
                 raise RuntimeError("the worker needs a Redis: set REDIS_URL or --redis-url")
-            redis = Redis.from_url(self.settings.redis_url, decode_responses=False)
+            # A Redis that accepts but never answers must not hang the worker: every command
+            # is bounded, and the blocking read gets its block time on top.
+            timeout = self.settings.redis_timeout_s
+            redis = Redis.from_url(
+                self.settings.redis_url,
+                decode_responses=False,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout + self.settings.worker_block_ms / 1000,
+            )
             # raw bodies are read with a blocking client in a thread (Store.raw_body)
-            bulk = bulk_client(self.settings.redis_url)
-        store = Store(redis, self.settings.key_prefix, self.settings.raw_ttl_s, bulk=bulk)
+            bulk = bulk_client(self.settings.redis_url, timeout_s=timeout)
+        store = Store(
+            redis,
+            self.settings.key_prefix,
+            self.settings.raw_ttl_s,
+            bulk=bulk,
+            dead_max=self.settings.dead_letter_max,
+        )
         try:
             if await self._register(store, stop):
                 log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
@@ -178,17 +203,33 @@ class Worker:
         return False
 
     async def _iteration(self, store: Store) -> None:
-        """Read one batch, group it by (run, step), process each group."""
+        """Read one batch, group it by (run, step), process each group.  Every job of the batch
+        is kept claimed until it is finished or has failed: a job waiting behind others is
+        not a lost one, and must not be reclaimed (each claim counts a delivery)."""
         entries = await self._next_batch(store)
         if not entries:
             return
-        if self.settings.worker_stall_s:
-            await asyncio.sleep(self.settings.worker_stall_s)
-        groups: dict[tuple[str, int], list[Entry]] = defaultdict(list)
-        for entry_id, fields in entries:
-            groups[(fields[b"run_id"].decode(), int(fields[b"step"]))].append((entry_id, fields))
-        for (run_id, step), jobs in groups.items():
-            await self._process(store, run_id, step, jobs)
+        held = {entry_id for entry_id, _ in entries}
+        keep = asyncio.create_task(self._keep_claimed(store, held))
+        try:
+            if self.settings.worker_stall_s:
+                await asyncio.sleep(self.settings.worker_stall_s)
+            groups: dict[tuple[str, int], list[Entry]] = defaultdict(list)
+            for entry_id, fields in entries:
+                try:
+                    key = _job_key(fields)
+                except (KeyError, ValueError) as exc:  # not a job: dead letter, not the loop
+                    error = f"malformed job entry ({type(exc).__name__}: {exc})"
+                    log.error("dead-lettering stream entry %s: %s", entry_id, error)
+                    await store.dead_letter_entry(entry_id, fields, error)
+                    record_job(0.0, "dead_letter")
+                    held.discard(entry_id)
+                    continue
+                groups[key].append((entry_id, fields))
+            for (run_id, step), jobs in groups.items():
+                await self._process(store, run_id, step, jobs, held)
+        finally:
+            keep.cancel()
 
     async def _leave(self, store: Store) -> None:
         """Remove this consumer from the group unless it still holds jobs (DELCONSUMER
@@ -229,10 +270,22 @@ class Worker:
             answers = await pipe.execute()
         return [int(a[0]["times_delivered"]) if a else 1 for a in answers]
 
-    async def _process(self, store: Store, run_id: str, step: int, jobs: list[Entry]) -> None:
-        run = await store.get_run(run_id)
+    async def _process(
+        self, store: Store, run_id: str, step: int, jobs: list[Entry], held: set[bytes]
+    ) -> None:
         upload_ids = [fields[b"upload_id"].decode() for _, fields in jobs]
         deliveries = await self._deliveries(store, [entry_id for entry_id, _ in jobs])
+        try:
+            run = await store.get_run(run_id)
+        except (RedisError, OSError):
+            raise
+        except Exception as exc:  # an unreadable run spec fails these jobs, not the loop
+            for (entry_id, _), upload_id, delivered in zip(
+                jobs, upload_ids, deliveries, strict=True
+            ):
+                await self._failed(store, run_id, step, upload_id, entry_id, delivered, exc)
+                held.discard(entry_id)
+            return
 
         def fetch(index: int) -> asyncio.Task[bytes | None] | None:
             if run is None or index >= len(jobs):
@@ -248,9 +301,16 @@ class Worker:
             ):
                 body = None if upcoming is None else await upcoming
                 upcoming = fetch(index + 1)
-                await self._process_job(
-                    store, run, run_id, step, entry_id, fields, upload_id, body, delivered
-                )
+                try:
+                    await self._process_job(
+                        store, run, run_id, step, entry_id, fields, upload_id, body, delivered
+                    )
+                except (RedisError, OSError):
+                    raise  # the loop waits for Redis; the job stays pending
+                except Exception as exc:  # this job's failure, never the loop's
+                    await self._failed(store, run_id, step, upload_id, entry_id, delivered, exc)
+                finally:  # finished, dead-lettered, or failed: reclaimable after claim_idle_ms
+                    held.discard(entry_id)
                 del body  # not held while the next job's body is awaited
         finally:
             if upcoming is not None:
@@ -281,39 +341,48 @@ class Worker:
             await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
             return
         started = time.perf_counter()
-        keep = asyncio.create_task(self._keep_claimed(store, entry_id))
-        try:
-            sketcher = run_sketcher(run)  # memoised per run spec
-            part = await asyncio.to_thread(
-                sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
-            )
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"[:2000]
-            log.warning("job %s (upload %s) failed: %s", entry_id, upload_id, error)
-            if delivered >= self.settings.max_attempts:
-                await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
-            else:  # stays pending; reclaimed after claim_idle_ms by any worker
-                await store.record_error(run_id, step, upload_id, error)
-                record_job(0.0, "retry")
-            return
-        finally:
-            keep.cancel()
+        sketcher = run_sketcher(run)  # memoised per run spec
+        part = await asyncio.to_thread(
+            sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
+        )
         await store.complete_upload(run_id, step, upload_id, entry_id, part)
         record_rows_sketched(int(record["rows"]))
         record_job(time.perf_counter() - started, "ok")
         self.processed += 1
         log.info("sketched upload %s of %s/%d (%s)", upload_id, run_id, step, self.name)
 
-    async def _keep_claimed(self, store: Store, entry_id: bytes | str) -> None:
-        """While a job is being sketched, reset its idle time (XCLAIM JUSTID to ourselves,
-        which does not count as a delivery) so that a slow job is not taken over by another
-        worker as if this one had died."""
+    async def _failed(
+        self,
+        store: Store,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        entry_id: bytes,
+        delivered: int,
+        exc: Exception,
+    ) -> None:
+        """A job failed (bad data, a bug, a sketcher error): retried by whoever reclaims it
+        after claim_idle_ms, dead-lettered after max_attempts deliveries."""
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        log.warning("job %s (upload %s) failed: %s", entry_id, upload_id, error)
+        if delivered >= self.settings.max_attempts:
+            await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
+        else:  # stays pending; reclaimed after claim_idle_ms by any worker
+            await store.record_error(run_id, step, upload_id, error)
+            record_job(0.0, "retry")
+
+    async def _keep_claimed(self, store: Store, held: set[bytes]) -> None:
+        """While jobs are held (being sketched, or waiting in the batch), reset their idle time
+        (XCLAIM JUSTID to ourselves, which does not count as a delivery) so that they are not
+        taken over by another worker as if this one had died."""
         period = max(self.settings.claim_idle_ms / 3000.0, 0.05)
         while True:
             await asyncio.sleep(period)
+            if not held:
+                continue
             with contextlib.suppress(RedisError):  # a missed beat only risks a duplicate run
                 await store.redis.xclaim(
-                    store.keys.stream, GROUP, self.name, 0, [entry_id], justid=True
+                    store.keys.stream, GROUP, self.name, 0, list(held), justid=True
                 )
 
     async def _dead(

@@ -184,3 +184,65 @@ def test_sigterm_finishes_the_job_in_hand(
         # no worker is left: the job was finished by the one that got SIGTERM
         assert http.get("/v1/runs/term/steps/0").json()["state"] == "ready"
         assert_kernel_close(kernel(http, "term"), expected_kernel(run, step_data))
+
+
+@pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
+def test_jobs_waiting_in_a_batch_are_not_reclaimed(
+    live_service: LiveService, step_data: StepData, redis_client: redis_sync.Redis, key_prefix: str
+) -> None:
+    """Two slow workers (each stalls 4 s after reading a batch), three jobs queued before they
+    start, so one worker reads all three in one batch.  Every job of the batch is kept claimed,
+    so the other worker (claim_idle_ms 300) never takes one over; with ``max_attempts = 1`` a
+    single takeover would be dead-lettered as a lost worker.  Every row is stored once."""
+    keys = Keys(key_prefix)
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        run = setup_run(http, "batch", step_data)
+        uploads = [
+            push(http, "batch", {k: v[i : i + 2] for k, v in step_data.grads.items()}, ids)
+            for i, ids in (
+                (0, step_data.ids[0:2]),
+                (2, step_data.ids[2:4]),
+                (4, step_data.ids[4:6]),
+            )
+        ]
+        slow = {"worker_stall_s": "4", "claim_idle_ms": "300", "max_attempts": "1"}
+        workers = [live_service.start_worker(wait=False, **slow) for _ in range(2)]
+        for proc in workers:
+            live_service.wait_worker(proc)
+        assert_kernel_close(kernel(http, "batch"), expected_kernel(run, step_data))
+        status = http.get("/v1/runs/batch/steps/0").json()
+        assert status["state"] == "ready" and status["errors"] == []
+        assert status["uploads"] == 3 and status["rows"] == 6
+    parts = sorted(
+        p.decode().rsplit(":", 1)[1] for p in redis_client.scan_iter(match=f"{key_prefix}:*:part:*")
+    )
+    assert parts == sorted(uploads)
+    assert not redis_client.exists(keys.dead)
+
+
+def test_malformed_stream_entries_are_dead_lettered_and_the_worker_goes_on(
+    live_service: LiveService,
+    step_data: StepData,
+    redis_client: redis_sync.Redis,
+    key_prefix: str,
+) -> None:
+    """Stream entries that name no job (a field missing, a step that is not a number) go to
+    the dead letter with their fields; they used to raise out of the worker loop and kill
+    every worker that claimed them.  The worker lives on and sketches the next upload; a run
+    whose spec cannot be read fails its own jobs only."""
+    keys = Keys(key_prefix)
+    worker = live_service.workers[0]
+    redis_client.xadd(keys.stream, {"run_id": "nobody"})
+    redis_client.xadd(
+        keys.stream, {"run_id": "nobody", "step": "x", "upload_id": "u", "kind": "gradients"}
+    )
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        run = setup_run(http, "after", step_data)
+        push(http, "after", step_data.grads, step_data.ids)
+        assert_kernel_close(kernel(http, "after"), expected_kernel(run, step_data))
+    dead = redis_client.xrange(keys.dead)
+    assert len(dead) == 2
+    assert all(b"malformed job entry" in fields[b"error"] for _, fields in dead)
+    assert b"nobody" in dead[0][1][b"fields"]
+    assert worker.poll() is None, "the worker died"
+    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0

@@ -109,3 +109,19 @@ def test_bulk_client_stores_and_reads_bodies_byte_for_byte(settings: Settings) -
             bulk.close()
 
     asyncio.run(wrapped())
+
+
+def test_dead_letter_stream_is_capped(settings: Settings) -> None:
+    """The dead-letter stream keeps about ``dead_max`` entries (``MAXLEN ~``: Redis trims
+    whole nodes of 100 entries), however many jobs fail."""
+
+    async def body(store: Store, redis: Redis) -> None:
+        capped = Store(redis, settings.key_prefix, dead_max=10)
+        await capped.ensure_group()
+        for i in range(400):
+            entry = await redis.xadd(capped.keys.stream, {"bad": str(i)})
+            await capped.dead_letter_entry(entry, {b"bad": str(i).encode()}, "malformed")
+        assert await redis.xlen(capped.keys.dead) <= 200
+        assert await redis.xlen(capped.keys.stream) == 0
+
+    with_store(settings, body)

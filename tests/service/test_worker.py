@@ -50,7 +50,7 @@ def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings
             [info] = await redis.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
             return dict(info)
 
-        keep = asyncio.create_task(worker._keep_claimed(store, entry_id))
+        keep = asyncio.create_task(worker._keep_claimed(store, {entry_id}))
         try:
             for _ in range(6):  # 6 x 0.5 s: well past claim_idle_ms in total
                 await asyncio.sleep(0.5)
@@ -85,3 +85,56 @@ def test_worker_waits_for_an_unreachable_redis_and_stops_cleanly(settings: Setti
         assert worker.processed == 0
 
     asyncio.run(go())
+
+
+def test_worker_against_a_redis_that_never_answers_stops_cleanly(settings: Settings) -> None:
+    """A Redis that accepts connections and never answers (a hung server, a black-holed
+    proxy): the worker's commands time out after ``redis_timeout_s`` (0.5 s here), it keeps
+    retrying, and it stops within a few seconds of being asked.  Without its own timeouts
+    each command waited for redis-py's default (5 s in redis-py 8; none in older versions),
+    twice on the way out."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not done.is_set():
+            try:
+                accepted.append(server.accept()[0])  # never reads nor writes
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    silent = settings.model_copy(
+        update={
+            "redis_url": f"redis://127.0.0.1:{server.getsockname()[1]}/0",
+            "redis_timeout_s": 0.5,
+            "worker_block_ms": 100,
+        }
+    )
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        worker = Worker(silent, device="cpu")
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(2.5)
+        assert not task.done(), "the worker gave up"
+        stop.set()
+        await asyncio.wait_for(task, timeout=3.0)
+
+    try:
+        asyncio.run(go())
+        assert accepted, "the worker connected"
+    finally:
+        done.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        server.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -144,7 +144,7 @@ def _key_value_table(title: str, rows: Sequence[tuple[str, Any, str]]) -> Table:
 def _utc(timestamp: Any) -> str:
     if not isinstance(timestamp, (int, float)):
         return _MISSING
-    return datetime.fromtimestamp(float(timestamp), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(float(timestamp), tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------------------- runs

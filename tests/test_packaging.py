@@ -1,0 +1,59 @@
+"""The package metadata promises only what the code keeps."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Standard-library names that appeared in Python 3.11 (what the sources may use).
+PYTHON_311 = {
+    ("asyncio", "Runner"),
+    ("asyncio", "TaskGroup"),
+    ("asyncio", "timeout"),
+    ("datetime", "UTC"),
+    ("enum", "StrEnum"),
+    ("typing", "Self"),
+    ("typing", "assert_never"),
+}
+
+
+def _uses_311(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if (node.value.id, node.attr) in PYTHON_311:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value.id}.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [
+                f"{path.relative_to(REPO)}:{node.lineno} from {node.module} import {a.name}"
+                for a in node.names
+                if (node.module, a.name) in PYTHON_311 or node.module == "tomllib"
+            ]
+        elif isinstance(node, ast.Import):
+            found += [
+                f"{path.relative_to(REPO)}:{node.lineno} tomllib"
+                for a in node.names
+                if a.name == "tomllib"
+            ]
+    return found
+
+
+def test_requires_python_covers_what_the_code_uses() -> None:
+    """``requires-python`` says 3.11 when the installed packages use 3.11 APIs (the service's
+    event loop runs on ``asyncio.Runner``), so pip refuses a 3.10 interpreter up front instead
+    of every service entry point failing at start."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert meta["requires-python"].startswith(">=")
+    major, minor = (int(x) for x in meta["requires-python"][2:].split(".")[:2])
+    used = [
+        u
+        for pkg in ("service", "sketch", "clients")
+        for f in sorted((REPO / pkg).rglob("*.py"))
+        for u in _uses_311(f)
+    ]
+    assert used, "the scan finds asyncio.Runner in service/loop.py"
+    assert (major, minor) >= (3, 11), used

@@ -95,11 +95,14 @@ BANNED_ATTRS = {
 }
 
 
-def _violations(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+def _violations(path: Path, source: str | None = None) -> list[str]:
+    """What the scan flags in ``path`` (or in ``source``, named after ``path``)."""
+    text = path.read_text() if source is None else source
+    tree = ast.parse(text, filename=str(path))
+    name = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     found = []
     for node in ast.walk(tree):
-        where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+        where = f"{name}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import | ast.ImportFrom):
             names = [a.name for a in node.names] + (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
@@ -130,21 +133,30 @@ def _violations(path: Path) -> list[str]:
     return found
 
 
+def test_the_security_scan_writes_nothing_into_the_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan's self-check used to write a probe file into tests/ (a read-only checkout
+    failed, and a concurrent run could pick the file up)."""
+    real = Path.write_text
+
+    def write_text(path: Path, *args: Any, **kwargs: Any) -> int:
+        assert not path.resolve().is_relative_to(REPO), f"writes {path} into the tree"
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    test_no_pickle_or_eval_on_input_paths()
+
+
 def test_no_pickle_or_eval_on_input_paths() -> None:
     files = [p for pkg in INPUT_PATH_PACKAGES for p in sorted((REPO / pkg).rglob("*.py"))]
     assert len(files) > 20
     violations = [v for f in files for v in _violations(f)]
     assert violations == []
-    # the scan finds what it looks for
-    probe = REPO / "tests" / "service" / "_probe_violations.py"
-    try:
-        probe.write_text(
-            "import pickle\nimport numpy as np\nimport torch\n"
-            "eval('1')\ntorch.load('x')\nnp.load('x', allow_pickle=True)\npickle.loads(b'')\n"
-        )
-        assert len(_violations(probe)) == 5
-    finally:
-        probe.unlink()
+    # the scan finds what it looks for (in memory: nothing is written into the tree)
+    probe = (
+        "import pickle\nimport numpy as np\nimport torch\n"
+        "eval('1')\ntorch.load('x')\nnp.load('x', allow_pickle=True)\npickle.loads(b'')\n"
+    )
+    assert len(_violations(Path("probe.py"), probe)) == 5
     # and the JavaScript of the dashboard neither evaluates strings
     js = (REPO / "service" / "static" / "app.js").read_text()
     assert not re.search(r"\beval\s*\(|new\s+Function\s*\(", js)

@@ -306,13 +306,19 @@ def step_problem(status: dict[str, Any], detail: str) -> ProblemError:
 
 
 async def ready_step(
-    store: Store, run: Mapping[str, Any], step: int, wait: float, max_sequences: int
+    store: Store,
+    run: Mapping[str, Any],
+    step: int,
+    wait: float,
+    max_sequences: int,
+    max_bytes: int | None = None,
 ) -> StepCounts:
     """The step's counts once it is ``ready``; polls up to ``wait`` seconds.
 
     404 if the step does not exist; 409 with the status when it is ``failed`` or still not
     ready after ``wait`` (0 = answer at once); 422 when it has more than ``max_sequences``
-    sequences (checked before anything is loaded).
+    sequences or its rows would take more than ``max_bytes`` (``n x k x 8``; both checked
+    before anything is loaded).
     """
     run_id = str(run["run_id"])
     deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
@@ -327,6 +333,14 @@ async def ready_step(
                     422,
                     f"{counts.sequences} sequences exceed KERNELSCOPE_MAX_SEQUENCES="
                     f"{max_sequences} for an n x n analysis",
+                )
+            need = counts.sequences * int(run["k"]) * 8
+            if max_bytes is not None and need > max_bytes:
+                raise ProblemError(
+                    422,
+                    f"{counts.sequences} sequences x k={run['k']} x 8 bytes = "
+                    f"{need / 2**20:.0f} MiB exceed KERNELSCOPE_MAX_ANALYSIS_MB="
+                    f"{max_bytes / 2**20:g}",
                 )
             return counts
         remaining = deadline - time.monotonic()

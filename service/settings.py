@@ -37,6 +37,22 @@ class Settings(BaseSettings):
     max_sequences: int = Field(
         default=4096, gt=0, description="Largest n of an n x n analysis; above it 422."
     )
+    max_width: int = Field(
+        default=1 << 20,
+        gt=0,
+        description=(
+            "Largest total sketch width k of a run (the sum over its groups; N for the exact "
+            "kind); a larger run spec is refused with 422."
+        ),
+    )
+    max_analysis_mb: float = Field(
+        default=4096.0,
+        gt=0,
+        description=(
+            "Largest step an analysis loads, n sequences x k x 8 bytes (float64 rows), in "
+            "MiB; above it 422."
+        ),
+    )
     max_sketch_mb: float = Field(
         default=1024.0,
         gt=0,
@@ -89,6 +105,11 @@ class Settings(BaseSettings):
     def max_sketch_bytes(self) -> int:
         """``max_sketch_mb`` in bytes."""
         return int(self.max_sketch_mb * 1024 * 1024)
+
+    @property
+    def max_analysis_bytes(self) -> int:
+        """``max_analysis_mb`` in bytes."""
+        return int(self.max_analysis_mb * 1024 * 1024)
 
     @property
     def max_body_bytes(self) -> int:

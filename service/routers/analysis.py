@@ -54,7 +54,7 @@ async def _answer(
     after: Callable[[an.StepMatrix, bytes], Any] | None = None,
 ) -> Response:
     run_id = run["run_id"]
-    await an.ready_step(store, run, step, wait, settings.max_sequences)
+    await an.ready_step(store, run, step, wait, settings.max_sequences, settings.max_analysis_bytes)
     body = await an.cached_result(store, run_id, step, query, compute, after)
     return Response(content=body, media_type=media_type)
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.analysis import run_sketcher
-from service.deps import RunDep, RunId, StoreDep, require_token
+from service.deps import RunDep, RunId, SettingsDep, StoreDep, require_token
 from service.errors import ProblemError
 from service.routers.steps import step_status
 from service.schemas import Run, RunCreate, RunDetail
@@ -35,15 +35,23 @@ def _sketch_width(run: dict[str, Any]) -> int:
     response_model=Run,
     responses={200: {"model": Run, "description": "the same spec already exists"}, 409: {}},
 )
-async def create_run(body: RunCreate, store: StoreDep, response: Response) -> dict[str, Any]:
+async def create_run(
+    body: RunCreate, store: StoreDep, settings: SettingsDep, response: Response
+) -> dict[str, Any]:
     """Create a run: its sketch spec, normalisation, geometry and declared parameters.
 
     Posting the same spec again under the same id answers 200 with the stored run; another
-    spec under an existing id is a 409.
+    spec under an existing id is a 409.  A total sketch width above ``max_width`` is a 422.
     """
     run: dict[str, Any] = body.model_dump(mode="json")
     run["run_id"] = body.run_id or f"run-{secrets.token_hex(6)}"
     run["k"] = await run_in_threadpool(_sketch_width, run)
+    if run["k"] > settings.max_width:
+        raise ProblemError(
+            422,
+            f"the sketch is {run['k']} wide (summed over its groups; N for exact), above "
+            f"KERNELSCOPE_MAX_WIDTH={settings.max_width}",
+        )
     run["created_at"] = time.time()
     stored, created = await store.create_run(run)
     if not created:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.service.conftest import LiveService
+from tests.service.conftest import OCTET, LiveService, StepData, safetensors_body
 
 
 @pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
@@ -48,3 +48,26 @@ def test_healthz_answers_while_a_huge_request_with_a_duplicate_is_refused(
     assert answer.status_code == 422
     assert "s7" in answer.text and answer.headers["content-type"] == "application/problem+json"
     assert httpx.get(f"{base}/v1/runs/big/steps/0").status_code == 404  # nothing stored
+
+
+def test_analysis_larger_than_its_memory_cap_is_422_naming_it(
+    live_service: LiveService, step_data: StepData
+) -> None:
+    """An analysis loads ``n x k`` float64 rows: above ``KERNELSCOPE_MAX_ANALYSIS_MB`` it is a
+    422 naming the limit, checked before any row is loaded, whatever ``n``."""
+    live_service.env["KERNELSCOPE_MAX_ANALYSIS_MB"] = "0.0001"  # 105 bytes
+    live_service.restart_api()
+    base = live_service.base_url
+    with httpx.Client(base_url=base, timeout=150) as http:
+        spec = {"run_id": "mem", "sketch": {"kind": "countsketch", "dim": 32, "seed": 5}}
+        assert http.post("/v1/runs", json=spec).status_code == 201
+        meta = {"learning_rate": step_data.learning_rate, "sequences": step_data.sequences}
+        assert http.post("/v1/runs/mem/steps/0/sequences", json=meta).status_code == 200
+        body = safetensors_body(step_data.grads, step_data.ids)
+        assert (
+            http.post("/v1/runs/mem/steps/0/gradients", content=body, headers=OCTET).status_code
+            == 202
+        )
+        answer = http.get("/v1/runs/mem/steps/0/kernel", params={"wait": 60})
+    assert answer.status_code == 422, answer.text
+    assert "KERNELSCOPE_MAX_ANALYSIS_MB" in answer.json()["detail"]

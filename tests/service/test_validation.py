@@ -465,3 +465,38 @@ def test_openapi_has_every_contract_route_with_examples(client: TestClient) -> N
     for model in ("RunCreate", "SequencesIn", "RealizedIn", "UploadAccepted", "StepStatus"):
         assert components[model].get("examples"), model
     assert client.get("/metrics").status_code == 200 and client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "sketch",
+    [
+        # two groups of 3000 plus the rest: each width is allowed, their sum is not
+        {
+            "kind": "countsketch",
+            "dim": 3000,
+            "seed": 0,
+            "groups": [
+                {"name": "a", "pattern": r"a\..*", "dim": 3000},
+                {"name": "b", "pattern": r"b\..*", "dim": 3000},
+            ],
+        },
+        {"kind": "exact", "dim": 1, "seed": 0},  # k = N = 10,000
+    ],
+    ids=["groups", "exact"],
+)
+def test_run_wider_than_the_cap_is_422_naming_it(
+    settings: Settings,
+    redis_client: redis_sync.Redis,
+    key_prefix: str,
+    sketch: dict[str, Any],
+) -> None:
+    """The total width of a run (summed over its groups; ``N`` for exact) is capped by
+    ``KERNELSCOPE_MAX_WIDTH``, not just each ``dim``: a grouped spec or an exact run over many
+    parameters used to pass whatever its width."""
+    capped = settings.model_copy(update={"max_width": 8192})
+    with TestClient(create_app(capped)) as api:
+        before = store_dump(redis_client, key_prefix)
+        spec = {"run_id": "wide", "sketch": sketch, "parameters": {"a.w": [100, 50], "b.w": [5000]}}
+        body = problem(api.post("/v1/runs", json=spec), 422)
+        assert "KERNELSCOPE_MAX_WIDTH=8192" in body["detail"]
+        assert store_dump(redis_client, key_prefix) == before

@@ -1,6 +1,6 @@
 """Per-group sketches: ``y = [y_g1 | y_g2 | ... | y_default]`` so that ``K = sum_g K_g``.
 
-Each parameter is routed to the first group (in spec order) whose pattern ``re.fullmatch``-es
+Each parameter is routed to the first group (in spec order) whose pattern (RE2) fully matches
 its name; names matching none go to the implicit last group ``"default"`` of width
 ``spec.dim``.  Group ``g`` is sketched by its own sketcher of the spec's kind, width
 ``g.dim`` and the spec's seed (for ``exact``: the group's parameters in declared order), and
@@ -10,13 +10,12 @@ occupies the columns ``group_slices()[g]`` of the output, so the per-group kerne
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from sketch.base import Sketcher, SketchKind
-from sketch.spec import DEFAULT_GROUP, SketchSpec, make_sketcher
+from sketch.spec import DEFAULT_GROUP, SketchSpec, compile_pattern, make_sketcher
 
 
 class GroupedSketcher(Sketcher):
@@ -25,7 +24,7 @@ class GroupedSketcher(Sketcher):
     def __init__(self, spec: SketchSpec, parameters: Mapping[str, Sequence[int]] | None = None):
         self.spec = spec
         self.kind = spec.kind
-        self._patterns = [(g.name, re.compile(g.pattern)) for g in spec.groups]
+        self._patterns = [(g.name, compile_pattern(g.pattern)) for g in spec.groups]
         self._routes: dict[str, str] = {}
         group_dims = {g.name: g.dim for g in spec.groups}
         group_dims[DEFAULT_GROUP] = spec.dim

@@ -7,10 +7,11 @@ linear map.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2
 
 from sketch.base import Sketcher, SketchKind
 from sketch.hashing import check_seed
@@ -18,10 +19,25 @@ from sketch.hashing import check_seed
 DEFAULT_GROUP = "default"
 
 
+def compile_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by RE2 (google-re2), whose matching takes time linear in the name
+    whatever the pattern: group patterns come from API users and run in the API and in the
+    workers, where a backtracking engine's ``(a+)+b`` could hold a thread for minutes.  RE2
+    has no backreferences or lookarounds; such a pattern raises ``ValueError``."""
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        message = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc
+        raise ValueError(f"invalid pattern {pattern!r} (RE2 syntax): {message}") from None
+
+
 @dataclass(frozen=True)
 class GroupSpec:
-    """A parameter group: parameters whose name ``re.fullmatch``-es ``pattern`` get their own
-    sketch of width ``dim`` (ignored by the ``exact`` kind, whose width is the group's numel)."""
+    """A parameter group: parameters whose name fully matches ``pattern`` (RE2 syntax,
+    :func:`compile_pattern`) get their own sketch of width ``dim`` (ignored by the ``exact``
+    kind, whose width is the group's numel)."""
 
     name: str
     pattern: str
@@ -31,17 +47,15 @@ class GroupSpec:
         if not self.name or self.name == DEFAULT_GROUP:
             raise ValueError(f"invalid group name {self.name!r} ({DEFAULT_GROUP!r} is reserved)")
         try:
-            re.compile(self.pattern)
-        except re.error as exc:
-            raise ValueError(
-                f"group {self.name!r}: invalid pattern {self.pattern!r}: {exc}"
-            ) from exc
+            compile_pattern(self.pattern)
+        except ValueError as exc:
+            raise ValueError(f"group {self.name!r}: {exc}") from None
         if not isinstance(self.dim, int) or self.dim <= 0:
             raise ValueError(f"group {self.name!r}: dim must be a positive integer")
 
     def matches(self, param_name: str) -> bool:
         """Whether ``param_name`` (without ``@offset``) belongs to this group's pattern."""
-        return re.fullmatch(self.pattern, param_name) is not None
+        return compile_pattern(self.pattern).fullmatch(param_name) is not None
 
 
 @dataclass(frozen=True)

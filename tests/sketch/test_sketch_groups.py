@@ -103,3 +103,32 @@ def test_exact_group_without_members_is_empty() -> None:
     assert sketcher.group_slices() == {"none": slice(0, 0), "default": slice(0, 4)}
     y = sketcher.sketch({"a": torch.ones(1, 2, 2)})
     assert torch.equal(y, torch.ones(1, 4))
+
+
+def test_group_patterns_match_in_linear_time() -> None:
+    """Group patterns come from API users and run in the API and the workers: they are
+    matched by RE2, in time linear in the name.  ``(a+)+b`` against 40 ``a``s and a ``c``
+    takes 2^40 steps in a backtracking engine (Python's ``re``, which this used); here it is
+    checked in a child process that must finish well within a minute."""
+    import subprocess
+    import sys
+
+    code = (
+        "from sketch.spec import GroupSpec, SketchSpec\n"
+        "from sketch.groups import GroupedSketcher\n"
+        "g = GroupSpec('evil', r'(a+)+b', 8)\n"
+        "assert not g.matches('a' * 40 + 'c') and g.matches('aaab')\n"
+        "spec = SketchSpec('countsketch', 8, 0, (g,))\n"
+        "GroupedSketcher(spec, {'a' * 40 + 'c': [3], 'aab': [2]})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_patterns_outside_re2_are_refused() -> None:
+    """Backreferences and lookarounds need backtracking: refused with the reason."""
+    for pattern in (r"(a)\1", r"a(?=b)"):
+        with pytest.raises(ValueError, match="RE2"):
+            GroupSpec("g", pattern, 8)

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.auth import RequestGate
 from service.errors import (
     RequestIdMiddleware,
     install_problem_handlers,
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     install_problem_handlers(app)
     # add_middleware wraps outwards: the request id is set before anything else runs.
     app.add_middleware(_LazyGroupMiddleware, owner=app)
+    app.add_middleware(RequestGate, token=settings.token, max_json_bytes=settings.max_json_bytes)
     app.add_middleware(QueryLatencyMiddleware)
     app.add_middleware(RequestIdMiddleware)
     for module in (runs, steps, uploads, analysis, health, metrics, dashboard):

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
 
-from service.auth import check_bearer
 from service.errors import ProblemError
 from service.keys import ID_PATTERN
 from service.settings import Settings
@@ -31,14 +30,6 @@ def get_store(request: Request) -> Store:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
-
-
-async def require_token(
-    settings: SettingsDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> None:
-    """401 unless the bearer token matches (only when ``KERNELSCOPE_TOKEN`` is set)."""
-    check_bearer(authorization, settings.token)
 
 
 async def get_run(run_id: RunId, store: StoreDep) -> dict[str, Any]:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     )
     token: str | None = Field(default=None, description="Bearer token required on /v1 when set.")
     max_body_mb: float = Field(default=256.0, gt=0, description="Upload body limit in MiB (413).")
+    max_json_mb: float = Field(
+        default=32.0, gt=0, description="JSON body limit in MiB (413), checked before reading."
+    )
     max_sequences: int = Field(
         default=4096, gt=0, description="Largest n of an n x n analysis; above it 422."
     )
@@ -110,6 +113,11 @@ class Settings(BaseSettings):
     def max_analysis_bytes(self) -> int:
         """``max_analysis_mb`` in bytes."""
         return int(self.max_analysis_mb * 1024 * 1024)
+
+    @property
+    def max_json_bytes(self) -> int:
+        """``max_json_mb`` in bytes."""
+        return int(self.max_json_mb * 1024 * 1024)
 
     @property
     def max_body_bytes(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header, Request
 
 from service.deps import (
     RunDep,
@@ -13,7 +13,6 @@ from service.deps import (
     StepNo,
     StoreDep,
     check_sketch_memory,
-    require_token,
 )
 from service.errors import ProblemError
 from service.metrics import record_upload, upload_outcome
@@ -28,9 +27,7 @@ from service.uploads import (
     validate_upload,
 )
 
-router = APIRouter(
-    prefix="/v1/runs/{run_id}/steps", tags=["uploads"], dependencies=[Depends(require_token)]
-)
+router = APIRouter(prefix="/v1/runs/{run_id}/steps", tags=["uploads"])
 
 _BODY_DOC = {
     "requestBody": {

@@ -4,8 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -71,3 +75,78 @@ def test_analysis_larger_than_its_memory_cap_is_422_naming_it(
         answer = http.get("/v1/runs/mem/steps/0/kernel", params={"wait": 60})
     assert answer.status_code == 422, answer.text
     assert "KERNELSCOPE_MAX_ANALYSIS_MB" in answer.json()["detail"]
+
+
+def _rss_peak_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _send_declared(port: int, head: str, declared: int, send_bytes: int) -> bytes:
+    """Send ``head`` with a ``Content-Length: declared`` body, up to ``send_bytes`` of it (the
+    server may answer and close before), and return the answer's first bytes."""
+    chunk = b"{" + b" " * (1 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        conn.sendall(f"{head}Content-Length: {declared}\r\n\r\n".encode())
+        sent = 0
+        with contextlib.suppress(OSError):  # the server answered and closed: stop sending
+            while sent < send_bytes:
+                conn.sendall(chunk)
+                sent += len(chunk)
+        return conn.recv(4096)
+
+
+@pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
+def test_unauthenticated_huge_body_is_refused_before_it_is_read(
+    live_service: LiveService,
+) -> None:
+    """A token-protected service answers a 1 GiB unauthenticated JSON body with 401 from its
+    headers, and an authenticated JSON body declared above ``KERNELSCOPE_MAX_JSON_MB`` with
+    413, both without reading it: the API's peak RSS does not grow by anything like the body.
+    FastAPI used to read and parse the whole body before the token dependency ran."""
+    live_service.env["KERNELSCOPE_TOKEN"] = "s3cret"
+    live_service.restart_api()
+    assert live_service.api is not None
+    pid = live_service.api.pid
+    httpx.get(f"{live_service.base_url}/healthz", timeout=10)
+    before = _rss_peak_mib(pid)
+    head = "POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    answer = _send_declared(live_service.port, head, 1 << 30, 1 << 30)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"application/problem+json" in answer
+    authed = head + "Authorization: Bearer s3cret\r\n"
+    answer = _send_declared(live_service.port, authed, 1 << 30, 1 << 30)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"KERNELSCOPE_MAX_JSON_MB" in answer
+    assert _rss_peak_mib(pid) - before < 200, "the API read the body"
+    assert httpx.get(f"{live_service.base_url}/healthz", timeout=10).status_code == 200
+
+
+def test_json_body_streamed_past_the_limit_is_413() -> None:
+    """Without a ``Content-Length`` (chunked), a JSON body is counted as it arrives and cut
+    off with a 413 once past the limit; a small one passes the gate."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", max_json_mb=1 / 1024)  # 1 KiB
+
+    def chunks(total: int) -> Iterator[bytes]:
+        yield b'{"run_id": "x", "pad": "'
+        for _ in range(total // 256):
+            yield b"a" * 256
+        yield b'"}'
+
+    with TestClient(create_app(settings)) as api:
+        big = api.post(
+            "/v1/runs", content=chunks(4096), headers={"Content-Type": "application/json"}
+        )
+        assert big.status_code == 413 and "KERNELSCOPE_MAX_JSON_MB" in big.json()["detail"]
+        assert big.headers["content-type"] == "application/problem+json"
+        small = api.post(
+            "/v1/runs", content=chunks(256), headers={"Content-Type": "application/json"}
+        )
+        assert small.status_code == 422  # through the gate, refused by validation (extra field)

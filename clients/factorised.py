@@ -148,6 +148,21 @@ def _tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, -1, t.shape[-1]).float()
 
 
+def _embedding_tokens(
+    module: nn.Embedding, acc: _Accumulator, ids: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An embedding call's ``ids [n, T]``, output gradients ``[n, T, dim]`` float32 and the
+    tokens that get a gradient ``[n, T]`` bool: real tokens, not ``padding_idx`` (as PyTorch)."""
+    n = acc.token_mask.shape[0]
+    ids = ids.reshape(n, -1)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if ids.shape[1] == acc.token_mask.shape[1]:
+        keep = keep & acc.token_mask
+    if module.padding_idx is not None:
+        keep = keep & (ids != module.padding_idx)
+    return ids, _tokens(grad, n), keep
+
+
 class FactorisedCapture:
     """Per-sequence ``kronecker`` sketches of a causal LM's score gradients, by hooks.
 
@@ -308,14 +323,7 @@ class FactorisedCapture:
         name = own["weight"]
 
         def on_grad(ids: torch.Tensor, grad: torch.Tensor) -> None:
-            n = acc.token_mask.shape[0]
-            ids = ids.reshape(n, -1)
-            ds = _tokens(grad, n)
-            keep = torch.ones_like(ids, dtype=torch.bool)
-            if ids.shape[1] == acc.token_mask.shape[1]:
-                keep = keep & acc.token_mask
-            if module.padding_idx is not None:
-                keep = keep & (ids != module.padding_idx)
+            ids, ds, keep = _embedding_tokens(module, acc, ids, grad)
             ds = torch.where(keep.unsqueeze(-1), ds, torch.zeros_like(ds))
             a, b = self._factors[name]
             ax = a.T[ids]  # [n, T, k_out]: A e_{id_t} = A[:, id_t]
@@ -662,14 +670,8 @@ class HookedCapture(FactorisedCapture):
         dim = int(module.embedding_dim)
 
         def on_grad(ids: torch.Tensor, grad: torch.Tensor) -> None:
-            n = acc.token_mask.shape[0]
-            ids = ids.reshape(n, -1)
-            ds = _tokens(grad, n)
-            keep = torch.ones_like(ids, dtype=torch.bool)
-            if ids.shape[1] == acc.token_mask.shape[1]:
-                keep = keep & acc.token_mask
-            if module.padding_idx is not None:
-                keep = keep & (ids != module.padding_idx)
+            ids, ds, keep = _embedding_tokens(module, acc, ids, grad)
+            n = ids.shape[0]
             rows = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
             tokens, slot = torch.unique(ids[keep], return_inverse=True)
             # per token present: its [n, dim] block of the per-sequence gradients

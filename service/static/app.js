@@ -41,9 +41,17 @@
   const KL_SECOND_ORDER = 0.3;
 
   // ---------------------------------------------------------------- token and API access
+  // The token never travels in a URL (access logs, browser history): it is typed into the
+  // field and kept in this tab's session storage. A token left in an old `?token=` link is
+  // dropped from the address and not used.
   const TOKEN_KEY = "kernelscope.token";
-  if (params.get("token")) localStorage.setItem(TOKEN_KEY, params.get("token"));
-  const token = () => localStorage.getItem(TOKEN_KEY) || "";
+  if (params.has("token")) {
+    params.delete("token");
+    const query = params.toString();
+    history.replaceState(null, "", `${location.pathname}${query ? `?${query}` : ""}${location.hash}`);
+  }
+  localStorage.removeItem(TOKEN_KEY); // where earlier versions kept it
+  const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
 
   class ApiError extends Error {
     constructor(status, body) {
@@ -616,7 +624,7 @@
 
   function showError(box, err) {
     if (err instanceof ApiError && err.status === 401) {
-      box.replaceChildren(el("p", { class: "error", text: "This service needs an API token: enter it above (it is kept in this browser only)." }));
+      box.replaceChildren(el("p", { class: "error", text: "This service needs an API token: enter it above (it is kept in this tab only, never in the address)." }));
       document.getElementById("token-input").focus();
       return;
     }
@@ -1293,8 +1301,8 @@
   document.getElementById("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const input = document.getElementById("token-input");
-    if (input.value) localStorage.setItem(TOKEN_KEY, input.value);
-    else localStorage.removeItem(TOKEN_KEY);
+    if (input.value) sessionStorage.setItem(TOKEN_KEY, input.value);
+    else sessionStorage.removeItem(TOKEN_KEY);
     input.value = "";
     start();
   });

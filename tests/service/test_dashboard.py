@@ -647,15 +647,24 @@ def test_dashboard_sends_the_token_the_user_gives(
                 page = browser.new_page(viewport={"width": 1280, "height": 800})
                 page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
                 page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+                urls: list[str] = []
+                page.on("request", lambda r: urls.append(r.url))
                 page.goto(f"{base}/?poll=500")
                 page.wait_for_selector("text=needs an API token")
                 page.fill("#token-input", token)
                 page.click("#token-form button")
                 page.wait_for_selector("a[href='#/runs/token-run']")
-                # a fresh browser profile given the token in the address
-                other = browser.new_page(viewport={"width": 1280, "height": 800})
+                stored = page.evaluate("[sessionStorage.length, localStorage.length]")
+                assert stored == [1, 0]  # this tab's session only
+                # a token in the address (an old link) is dropped from it and not used: the
+                # token stays out of URLs, hence out of access logs and history
+                other = browser.new_context().new_page()
+                other.on("request", lambda r: urls.append(r.url))
                 other.goto(f"{base}/?poll=500&token={token}#/runs/token-run")
-                other.wait_for_selector("text=gaussian k=4 seed=0")
+                other.wait_for_selector("text=needs an API token")
+                assert token not in other.url and other.url.endswith("/?poll=500#/runs/token-run")
+                # no request carried it but the one navigation we typed it into
+                assert sum(token in u for u in urls) == 1
             finally:
                 browser.close()
     # the only console errors are the browser's own notes of the 401 answers before the token

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 #: Seconds to wait for the API to start listening, and for each worker to finish its job.
 STARTUP_TIMEOUT_S = 60.0
 WORKER_STOP_TIMEOUT_S = 120.0
+#: How often the embedded service looks for dead worker threads to restart.
+RESTART_PERIOD_S = 1.0
 
 RDB_FILENAME = "kernelscope.rdb"
 LOCK_FILENAME = "serve.lock"
@@ -318,6 +320,39 @@ class _WorkerThread(threading.Thread):
             logger.warning("%s did not stop within %.0f s", self.name, timeout_s)
 
 
+class _Supervisor(threading.Thread):
+    """Restarts a worker thread that died (a bug that escaped the worker loop), logging why,
+    at most once per ``RESTART_PERIOD_S``; ``stop_all`` stops it, then every worker thread."""
+
+    def __init__(self, threads: list[_WorkerThread], settings: Settings, device: str) -> None:
+        super().__init__(name="kernelscope-supervisor", daemon=True)
+        self.threads = threads
+        self._settings = settings
+        self._device = device
+        self._stopping = threading.Event()
+        self.restarts = 0
+
+    def run(self) -> None:
+        while not self._stopping.wait(RESTART_PERIOD_S):
+            for index, thread in enumerate(self.threads):
+                if thread.is_alive() or self._stopping.is_set():
+                    continue
+                logger.error(
+                    "worker thread %s died (%r); starting a new one", thread.name, thread.error
+                )
+                replacement = _WorkerThread(self._settings, self._device, index)
+                replacement.start()
+                self.threads[index] = replacement
+                self.restarts += 1
+
+    def stop_all(self, timeout_s: float) -> None:
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout_s)
+        for thread in self.threads:
+            thread.stop(timeout_s)
+
+
 @contextlib.contextmanager
 def embedded_service(
     settings: Settings | None = None,
@@ -369,7 +404,9 @@ def embedded_service(
             raise EmbeddedServiceError(f"cannot start a worker: {exc}") from exc
         for thread in worker_threads:
             thread.start()
-            stack.callback(thread.stop, WORKER_STOP_TIMEOUT_S)
+        supervisor = _Supervisor(worker_threads, run_settings, device)
+        stack.callback(supervisor.stop_all, WORKER_STOP_TIMEOUT_S)
+        supervisor.start()
 
         try:
             api = _ApiThread(run_settings, sock, log_level)

@@ -379,4 +379,16 @@ class Health(BaseModel):
     detail: str | None = None
 
 
+class Ready(BaseModel):
+    """Readiness: Redis answers and the job queue is served."""
+
+    status: Literal["ready", "not_ready"]
+    redis: bool
+    queue_depth: int | None = Field(default=None, description="jobs not finished yet")
+    live_workers: int | None = Field(
+        default=None, description="workers that touched the queue within worker_stale_s"
+    )
+    detail: str | None = None
+
+
 JSONDict = dict[str, Any]

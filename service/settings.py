@@ -95,6 +95,14 @@ class Settings(BaseSettings):
             "processing it, so that a test can kill it mid-job. Leave 0 in production."
         ),
     )
+    worker_stale_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "A worker that has not touched the job queue for this long counts as gone: "
+            "/readyz answers 503 while jobs wait and no worker is live."
+        ),
+    )
     dead_letter_max: int = Field(
         default=10_000,
         ge=1,

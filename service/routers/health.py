@@ -1,4 +1,5 @@
-"""``GET /healthz``: liveness plus a Redis ping (``/metrics`` and ``/`` have their own routers)."""
+"""``GET /healthz`` (liveness plus a Redis ping) and ``GET /readyz`` (the job queue is served);
+``/metrics`` and ``/`` have their own routers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from service.deps import StoreDep
-from service.schemas import Health
+from service.deps import SettingsDep, StoreDep
+from service.errors import RETRY_AFTER_S
+from service.keys import GROUP
+from service.metrics import read_queue_stats
+from service.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
 
@@ -28,3 +32,39 @@ async def healthz(store: StoreDep) -> JSONResponse:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     body = Health(status="ok" if ok else "degraded", redis=ok, detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    responses={
+        503: {"model": Ready, "description": "Redis down, or jobs wait with no live worker"}
+    },
+)
+async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
+    """200 ``ready`` when Redis answers and the job queue is served: nothing waits, or some
+    worker touched the queue (read, claim, keep-claimed) within ``worker_stale_s``.  Else 503
+    ``not_ready`` with the reason: uploads are accepted but would never be sketched."""
+    keys = store.keys
+    try:
+        stats = await read_queue_stats(store.redis, keys.stream, GROUP, keys.dead)
+    except (RedisError, OSError) as exc:
+        body = Ready(status="not_ready", redis=False, detail=f"{type(exc).__name__}: {exc}")
+        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    live = sum(idle <= settings.worker_stale_s for idle in stats.consumer_idle_s.values())
+    ready = stats.depth == 0 or live > 0
+    detail = None
+    if not ready:
+        detail = (
+            f"{stats.depth} jobs wait and no worker touched the queue in the last "
+            f"{settings.worker_stale_s:g} s"
+        )
+    body = Ready(
+        status="ready" if ready else "not_ready",
+        redis=True,
+        queue_depth=stats.depth,
+        live_workers=live,
+        detail=detail,
+    )
+    headers = None if ready else {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse(body.model_dump(), 200 if ready else 503, headers=headers)

@@ -202,3 +202,70 @@ def test_embedded_service_with_external_redis(
         assert svc.redis_url == redis_url and svc.data_dir is None
         assert httpx.get(f"{svc.url}/healthz", timeout=10).json()["redis"] is True
     assert not (tmp_path / "unused").exists()
+
+
+def test_dead_worker_thread_is_restarted(
+    redis_url: str, key_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that escapes the worker loop kills its thread; the embedded service logs it and
+    starts a new worker thread, which sketches the queued upload.  It used to be logged once
+    and never restarted, with ``/healthz`` still 200 and uploads never sketched."""
+    import threading
+
+    from service.worker import Worker
+
+    real = Worker._iteration
+    armed = threading.Event()  # set once the service is up (start-up failures are reported)
+    calls = {"n": 0, "failed": 0}
+
+    async def fails_once(self: Worker, store: Any) -> None:
+        calls["n"] += 1
+        if armed.is_set() and not calls["failed"]:
+            calls["failed"] = calls["n"]
+            raise RuntimeError("a bug outside any job")
+        await real(self, store)
+
+    monkeypatch.setattr(Worker, "_iteration", fails_once)
+    settings = Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        data_dir=tmp_path / "unused",
+        worker_block_ms=100,
+    )
+    with (
+        embedded_service(settings, port=0, workers=1, device="cpu") as svc,
+        httpx.Client(base_url=svc.url, timeout=60) as http,
+    ):
+        armed.set()
+        deadline = time.monotonic() + 30
+        while not calls["failed"] and time.monotonic() < deadline:  # the thread has died
+            time.sleep(0.05)
+        assert calls["failed"]
+        spec = {"run_id": "r", "sketch": {"kind": "countsketch", "dim": 8, "seed": 0}}
+        assert http.post("/v1/runs", json=spec).status_code == 201
+        ids = ["a", "b"]
+        seqs = [
+            {"id": i, "prompt_id": "p", "logprob": -1.0, "advantage": a, "num_tokens": 2}
+            for i, a in zip(ids, (1.0, -1.0), strict=True)
+        ]
+        assert (
+            http.post(
+                "/v1/runs/r/steps/0/sequences", json={"learning_rate": 0.1, "sequences": seqs}
+            ).status_code
+            == 200
+        )
+        body = save_safetensors(
+            {"w": torch.randn(2, 5)}, metadata={"sequence_ids": json.dumps(ids)}
+        )
+        headers = {"Content-Type": "application/octet-stream"}
+        assert (
+            http.post("/v1/runs/r/steps/0/gradients", content=body, headers=headers).status_code
+            == 202
+        )
+        status = http.get("/v1/runs/r/steps/0", params={"wait": 30}).json()
+        deadline = time.monotonic() + 30
+        while status["state"] != "ready" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = http.get("/v1/runs/r/steps/0").json()
+        assert status["state"] == "ready", status
+    assert calls["failed"] and calls["n"] > calls["failed"]  # a new thread ran the loop again

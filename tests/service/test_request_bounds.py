@@ -150,3 +150,36 @@ def test_json_body_streamed_past_the_limit_is_413() -> None:
             "/v1/runs", content=chunks(256), headers={"Content-Type": "application/json"}
         )
         assert small.status_code == 422  # through the gate, refused by validation (extra field)
+
+
+@pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
+def test_readyz_is_503_while_jobs_wait_with_no_live_worker(
+    live_service: LiveService, step_data: StepData
+) -> None:
+    """``/readyz``: 200 with an empty queue; 503 (with the reason and ``Retry-After``) once an
+    upload waits and no worker has touched the queue within ``KERNELSCOPE_WORKER_STALE_S``;
+    200 again when a worker has sketched it.  ``/healthz`` (liveness) stays 200 throughout."""
+    live_service.env["KERNELSCOPE_WORKER_STALE_S"] = "2"
+    live_service.restart_api()
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        assert http.get("/readyz").status_code == 200
+        spec = {"run_id": "rdy", "sketch": {"kind": "countsketch", "dim": 32, "seed": 5}}
+        assert http.post("/v1/runs", json=spec).status_code == 201
+        meta = {"learning_rate": step_data.learning_rate, "sequences": step_data.sequences}
+        assert http.post("/v1/runs/rdy/steps/0/sequences", json=meta).status_code == 200
+        body = safetensors_body(step_data.grads, step_data.ids)
+        headers = OCTET
+        assert (
+            http.post("/v1/runs/rdy/steps/0/gradients", content=body, headers=headers).status_code
+            == 202
+        )
+        answer = http.get("/readyz")
+        assert answer.status_code == 503 and answer.headers["retry-after"]
+        ready = answer.json()
+        assert ready["status"] == "not_ready" and ready["queue_depth"] == 1
+        assert ready["live_workers"] == 0 and "no worker" in ready["detail"]
+        assert http.get("/healthz").status_code == 200
+        live_service.start_worker()
+        assert http.get("/v1/runs/rdy/steps/0/kernel", params={"wait": 60}).status_code == 200
+        answer = http.get("/readyz")
+        assert answer.status_code == 200 and answer.json()["live_workers"] >= 1

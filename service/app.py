@@ -32,6 +32,7 @@ from service.metrics import QueryLatencyMiddleware
 from service.routers import analysis, dashboard, health, metrics, runs, steps, uploads
 from service.settings import Settings
 from service.store import Store, bulk_client
+from service.uploads import UploadBudget
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         redis, settings.key_prefix, settings.raw_ttl_s, settings.cache_ttl_s, bulk=bulk
     )
     app.state.group_ready = False
+    app.state.upload_budget = UploadBudget(int(settings.max_uploads_mb * 1024 * 1024))
     install_problem_handlers(app)
     # add_middleware wraps outwards: the request id is set before anything else runs.
     app.add_middleware(_LazyGroupMiddleware, owner=app)

@@ -126,6 +126,7 @@ _OUTCOME_BY_STATUS = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid",
+    503: "busy",
 }
 
 

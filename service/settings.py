@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     )
     token: str | None = Field(default=None, description="Bearer token required on /v1 when set.")
     max_body_mb: float = Field(default=256.0, gt=0, description="Upload body limit in MiB (413).")
+    max_uploads_mb: float = Field(
+        default=1024.0,
+        gt=0,
+        description=(
+            "Upload bytes the API holds at once over all requests in flight, in MiB; an upload "
+            "that would pass it is a 503 with Retry-After."
+        ),
+    )
     max_json_mb: float = Field(
         default=32.0, gt=0, description="JSON body limit in MiB (413), checked before reading."
     )

@@ -12,17 +12,18 @@ the tensors tile it without holes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from starlette.requests import Request
 
-from service.errors import ProblemError
+from service.errors import RETRY_AFTER_S, ProblemError
 from service.keys import APPLIED_UPDATE_ID, ID_PATTERN, ID_RE
 from sketch.base import parse_tensor_name
 
@@ -34,7 +35,7 @@ _EXPONENT: dict[str, tuple[np.dtype[Any], int]] = {
     "F16": (np.dtype("<u2"), 0x7C00),
     "BF16": (np.dtype("<u2"), 0x7F80),
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_OFFSET = 1 << 62  # keeps offset + index inside int64 for the hashing kinds
 UploadKind = Literal["gradients", "sketches"]
 #: What an upload's rows are (``__metadata__`` entry ``rows``): the score rows ``w_i = dS_i /
@@ -60,51 +61,86 @@ def check_media_type(content_type: str | None) -> None:
         )
 
 
-async def read_body(request: Request, limit: int, digest: Digest | None = None) -> bytearray:
+class UploadBudget:
+    """The bytes of upload bodies the API holds at once (``KERNELSCOPE_MAX_UPLOADS_MB``).
+
+    Each upload takes its bytes from the budget before they are held (its declared length up
+    front, a chunked body chunk by chunk) and gives them back once it is stored or refused; an
+    upload that would pass the bound is a 503 with ``Retry-After``, so concurrent uploads
+    cannot exhaust the API's memory.  One event loop owns it: no lock is needed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """``take(n)`` for one upload; everything it took is given back on exit."""
+        taken = 0
+
+        def take(n: int) -> None:
+            nonlocal taken
+            if self.used + n > self.limit:
+                raise ProblemError(
+                    503,
+                    f"uploads in flight would hold more than {self.limit} bytes "
+                    "(KERNELSCOPE_MAX_UPLOADS_MB); retry",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            self.used += n
+            taken += n
+
+        try:
+            yield take
+        finally:
+            self.used -= taken
+
+
+async def read_body(
+    request: Request,
+    limit: int,
+    digest: Digest | None = None,
+    take: Callable[[int], None] | None = None,
+) -> bytearray:
     """Read the request body as a stream into one buffer, refusing (413) past ``limit`` bytes.
 
-    With a ``Content-Length`` (checked against ``limit`` before reading) the buffer is
-    allocated once at that size and every chunk is copied straight into place: no growing
-    buffer, no final ``bytes()`` copy, so the API holds each upload once.  A chunked body (no
-    ``Content-Length``) grows a buffer instead; the limit is enforced on the bytes received
-    either way, and a body that does not match its declared length is refused (400).
-    ``digest``, when given, is fed every chunk (:func:`upload_hash`).
+    The buffer grows as bytes arrive (a declared length that is never sent costs nothing; a
+    large bytearray grows in place, without copies), the limit is enforced on the declared
+    length and on the bytes received, and a body that does not match its declared length is
+    refused (400).  ``take``, when given, is charged the declared length before anything is
+    read, or each chunk of a chunked body (:class:`UploadBudget`).  ``digest``, when given, is
+    fed every chunk (:func:`upload_hash`).
     """
     too_large = ProblemError(
         413, f"body exceeds the limit of {limit} bytes (KERNELSCOPE_MAX_BODY_MB)"
     )
     declared = request.headers.get("content-length")
-    if declared is None:
-        buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise too_large
-            if digest is not None:
-                digest.update(chunk)
-        return buf
-    try:
-        size = int(declared)
-    except ValueError:
-        raise ProblemError(400, f"bad Content-Length {declared[:40]!r}") from None
-    if size < 0:
-        raise ProblemError(400, f"bad Content-Length {declared[:40]!r}")
-    if size > limit:
-        raise too_large
-    buf = bytearray(size)
-    view = memoryview(buf)
-    received = 0
+    size: int | None = None
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ProblemError(400, f"bad Content-Length {declared[:40]!r}") from None
+        if size < 0:
+            raise ProblemError(400, f"bad Content-Length {declared[:40]!r}")
+        if size > limit:
+            raise too_large
+        if take is not None:
+            take(size)
+    buf = bytearray()
     async for chunk in request.stream():
-        end = received + len(chunk)
-        if end > size:
+        if size is None and take is not None:
+            take(len(chunk))
+        buf += chunk
+        if len(buf) > (limit if size is None else size):
+            if size is None:
+                raise too_large
             raise ProblemError(400, f"body longer than its Content-Length of {size} bytes")
-        view[received:end] = chunk
-        received = end
         if digest is not None:
             digest.update(chunk)
-    view.release()  # a bytearray with an exported view cannot be resized
-    if received != size:
-        raise ProblemError(400, f"body of {received} bytes, Content-Length says {size}")
+    if size is not None and len(buf) != size:
+        raise ProblemError(400, f"body of {len(buf)} bytes, Content-Length says {size}")
     return buf
 
 

@@ -19,6 +19,7 @@ from service.metrics import record_upload, upload_outcome
 from service.schemas import UploadAccepted
 from service.store import Store
 from service.uploads import (
+    UploadBudget,
     UploadKind,
     check_media_type,
     read_body,
@@ -58,22 +59,26 @@ async def _accept(
     idempotency_key: str | None,
 ) -> dict[str, Any]:
     body = bytearray()
-    try:
-        check_media_type(request.headers.get("content-type"))
-        # The id hashes the body (without an Idempotency-Key) chunk by chunk as it arrives.
-        digest = upload_hash(kind, idempotency_key)
-        body = await read_body(request, limit, digest if idempotency_key is None else None)
-        # Parsing and the finiteness scan are O(body) CPU: off the event loop.
-        parsed = await anyio.to_thread.run_sync(validate_upload, body, kind, run)
-        check_sketch_memory(parsed.rows, run, request.app.state.settings)
-    except ProblemError as exc:
-        # an unread body (415, 413) is counted by its declared length
-        declared = request.headers.get("content-length", "")
-        nbytes = len(body) or (int(declared) if declared.isdigit() else 0)
-        record_upload(upload_outcome(exc.status), nbytes, 0, kind)
-        raise
-    upload_id = upload_id_from(digest)
-    queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)
+    budget: UploadBudget = request.app.state.upload_budget
+    with budget.hold() as take:  # the body's bytes count until it is stored or refused
+        try:
+            check_media_type(request.headers.get("content-type"))
+            # The id hashes the body (without an Idempotency-Key) chunk by chunk as it arrives.
+            digest = upload_hash(kind, idempotency_key)
+            body = await read_body(
+                request, limit, digest if idempotency_key is None else None, take
+            )
+            # Parsing and the finiteness scan are O(body) CPU: off the event loop.
+            parsed = await anyio.to_thread.run_sync(validate_upload, body, kind, run)
+            check_sketch_memory(parsed.rows, run, request.app.state.settings)
+        except ProblemError as exc:
+            # an unread body (415, 413, 503) is counted by its declared length
+            declared = request.headers.get("content-length", "")
+            nbytes = len(body) or (int(declared) if declared.isdigit() else 0)
+            record_upload(upload_outcome(exc.status), nbytes, 0, kind)
+            raise
+        upload_id = upload_id_from(digest)
+        queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)
     # a re-sent upload (same id) is harmless and queues nothing: count it apart
     record_upload("accepted" if queued else "duplicate", len(body), parsed.rows, kind)
     return {"upload_id": upload_id, "rows": parsed.rows, "queued": queued}

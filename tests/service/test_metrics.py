@@ -108,7 +108,8 @@ def test_upload_outcome_labels_are_a_bounded_set() -> None:
     assert upload_outcome(422) == "invalid"
     assert upload_outcome(400) == "invalid"
     assert upload_outcome(418) == "rejected"
-    assert upload_outcome(503) == "error"
+    assert upload_outcome(503) == "busy"  # the in-flight upload budget
+    assert upload_outcome(500) == "error"
 
 
 def test_query_latency_is_labelled_by_route_template_not_raw_path() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.service.conftest import OCTET, LiveService, StepData, safetensors_body
 
@@ -183,3 +184,53 @@ def test_readyz_is_503_while_jobs_wait_with_no_live_worker(
         assert http.get("/v1/runs/rdy/steps/0/kernel", params={"wait": 60}).status_code == 200
         answer = http.get("/readyz")
         assert answer.status_code == 200 and answer.json()["live_workers"] >= 1
+
+
+def _rss_now_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
+def test_uploads_in_flight_are_bounded_and_allocated_as_they_arrive(
+    live_service: LiveService,
+) -> None:
+    """An upload declaring 300 MiB and sending one KiB holds no memory for the rest (the buffer
+    grows as bytes arrive; it used to be allocated, and zero-filled, at the declared size), but
+    holds its declared bytes of the ``KERNELSCOPE_MAX_UPLOADS_MB`` budget: a second upload that
+    would pass it is a 503 with ``Retry-After``, and is accepted once the first has gone."""
+    live_service.env["KERNELSCOPE_MAX_BODY_MB"] = "400"
+    live_service.env["KERNELSCOPE_MAX_UPLOADS_MB"] = "310"
+    live_service.restart_api()
+    assert live_service.api is not None
+    pid = live_service.api.pid
+    base = live_service.base_url
+    with httpx.Client(base_url=base, timeout=60) as http:
+        spec = {"run_id": "up", "sketch": {"kind": "countsketch", "dim": 8, "seed": 0}}
+        assert http.post("/v1/runs", json=spec).status_code == 201
+        url = "/v1/runs/up/steps/0/gradients"
+        ids = ["a", "b"]
+        body = safetensors_body({"w": torch.randn(2, 4096 * 1024)}, ids)  # 32 MiB
+        before = _rss_now_mib(pid)
+        with socket.create_connection(("127.0.0.1", live_service.port), timeout=60) as slow:
+            slow.sendall(
+                (
+                    f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                    f"Content-Length: {300 << 20}\r\n\r\n"
+                ).encode()
+                + b"\0" * 1024
+            )
+            time.sleep(1.0)  # the API has taken the declared bytes and holds the connection
+            assert _rss_now_mib(pid) - before < 100, "the declared length was allocated"
+            busy = http.post(url, content=body, headers=OCTET)
+            assert busy.status_code == 503, busy.text
+            assert busy.headers["retry-after"] and "KERNELSCOPE_MAX_UPLOADS_MB" in busy.text
+        # the slow client is gone: its bytes are given back
+        deadline = time.monotonic() + 30
+        answer = http.post(url, content=body, headers=OCTET)
+        while answer.status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answer = http.post(url, content=body, headers=OCTET)
+        assert answer.status_code == 202, answer.text

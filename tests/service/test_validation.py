@@ -500,3 +500,16 @@ def test_run_wider_than_the_cap_is_422_naming_it(
         body = problem(api.post("/v1/runs", json=spec), 422)
         assert "KERNELSCOPE_MAX_WIDTH=8192" in body["detail"]
         assert store_dump(redis_client, key_prefix) == before
+
+
+def test_safetensors_header_over_16_mib_is_refused_before_parsing() -> None:
+    """The JSON header of an upload is at most 16 MiB (it was 100 MiB of JSON to parse):
+    a longer declared header is a 400 from its 8-byte length alone."""
+    from service.errors import ProblemError
+    from service.uploads import read_header
+
+    header = b"{" + b" " * ((16 << 20) + 16) + b"}"
+    body = struct.pack("<Q", len(header)) + header
+    with pytest.raises(ProblemError) as refused:
+        read_header(body)
+    assert refused.value.status == 400

@@ -240,7 +240,7 @@ def worker_command(
 
     Start as many as you like, on as many hosts as you like, against the same Redis; they
     share the queue (a Redis Stream consumer group) and reclaim each other's jobs after a
-    crash. SIGTERM or Ctrl-C: finish the job in hand, then exit.
+    crash. SIGTERM or Ctrl-C: finish the batch in hand, then exit.
 
     Examples:
 

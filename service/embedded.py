@@ -27,7 +27,7 @@ Layout of what runs:
   API's loop.
 
 Shutdown order (context exit, Ctrl-C or SIGTERM in the CLI): the API stops accepting and
-drains in-flight requests; each worker finishes the job in hand and returns; Redis runs
+drains in-flight requests; each worker finishes the batch it read and returns; Redis runs
 ``SHUTDOWN SAVE`` (a final RDB snapshot, the AOF fsynced) and exits.
 """
 
@@ -309,7 +309,7 @@ class _WorkerThread(threading.Thread):
         await self.worker.run(self._stop_event)
 
     def stop(self, timeout_s: float) -> None:
-        """Ask the worker to return after the job in hand, and wait for it."""
+        """Ask the worker to return after the batch in hand, and wait for it."""
         self._ready.wait(timeout_s)
         loop, event = self._loop, self._stop_event
         if loop is not None and event is not None and not loop.is_closed():

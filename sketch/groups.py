@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from sketch.base import Sketcher, SketchKind
-from sketch.spec import DEFAULT_GROUP, SketchSpec, compile_pattern, make_sketcher
+from sketch.spec import DEFAULT_GROUP, SketchSpec, make_sketcher
 
 
 class GroupedSketcher(Sketcher):
@@ -24,7 +24,6 @@ class GroupedSketcher(Sketcher):
     def __init__(self, spec: SketchSpec, parameters: Mapping[str, Sequence[int]] | None = None):
         self.spec = spec
         self.kind = spec.kind
-        self._patterns = [(g.name, compile_pattern(g.pattern)) for g in spec.groups]
         self._routes: dict[str, str] = {}
         group_dims = {g.name: g.dim for g in spec.groups}
         group_dims[DEFAULT_GROUP] = spec.dim
@@ -56,9 +55,7 @@ class GroupedSketcher(Sketcher):
         """The group of a parameter (its name without ``@offset``)."""
         group = self._routes.get(param_name)
         if group is None:
-            group = next(
-                (g for g, pat in self._patterns if pat.fullmatch(param_name)), DEFAULT_GROUP
-            )
+            group = next((g.name for g in self.spec.groups if g.matches(param_name)), DEFAULT_GROUP)
             self._routes[param_name] = group
         return group
 

@@ -42,12 +42,13 @@ class GroupSpec:
     name: str
     pattern: str
     dim: int
+    _regex: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or self.name == DEFAULT_GROUP:
             raise ValueError(f"invalid group name {self.name!r} ({DEFAULT_GROUP!r} is reserved)")
         try:
-            compile_pattern(self.pattern)
+            object.__setattr__(self, "_regex", compile_pattern(self.pattern))
         except ValueError as exc:
             raise ValueError(f"group {self.name!r}: {exc}") from None
         if not isinstance(self.dim, int) or self.dim <= 0:
@@ -55,7 +56,7 @@ class GroupSpec:
 
     def matches(self, param_name: str) -> bool:
         """Whether ``param_name`` (without ``@offset``) belongs to this group's pattern."""
-        return compile_pattern(self.pattern).fullmatch(param_name) is not None
+        return self._regex.fullmatch(param_name) is not None
 
 
 @dataclass(frozen=True)

@@ -817,11 +817,10 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             before = window.before
             parts = ((n, (p.detach() - before[n]).float()) for n, p in selected.items())
         # adam geometry: the step's sqrt(P_t), read back from the state after it
-        scale = (
-            None
-            if window.sqrt_p is None
-            else adam_taken_preconditioner(cast(Any, self.optimizer), selected, lazy=True)
-        )
+        scale = None
+        if window.sqrt_p is not None:
+            assert self.optimizer is not None
+            scale = adam_taken_preconditioner(self.optimizer, selected, lazy=True)
         for name, u in parts:
             yield name, u if scale is None else u / scale[name]
 

@@ -330,7 +330,6 @@ class _Supervisor(threading.Thread):
         self._settings = settings
         self._device = device
         self._stopping = threading.Event()
-        self.restarts = 0
 
     def run(self) -> None:
         while not self._stopping.wait(RESTART_PERIOD_S):
@@ -343,7 +342,6 @@ class _Supervisor(threading.Thread):
                 replacement = _WorkerThread(self._settings, self._device, index)
                 replacement.start()
                 self.threads[index] = replacement
-                self.restarts += 1
 
     def stop_all(self, timeout_s: float) -> None:
         self._stopping.set()

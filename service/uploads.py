@@ -133,9 +133,9 @@ async def read_body(
         if size is None and take is not None:
             take(len(chunk))
         buf += chunk
-        if len(buf) > (limit if size is None else size):
-            if size is None:
-                raise too_large
+        if size is None and len(buf) > limit:
+            raise too_large
+        if size is not None and len(buf) > size:
             raise ProblemError(400, f"body longer than its Content-Length of {size} bytes")
         if digest is not None:
             digest.update(chunk)

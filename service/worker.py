@@ -104,14 +104,14 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
 
 
 def _job_key(fields: dict[bytes, bytes]) -> tuple[str, int]:
-    """``(run_id, step)`` of a job entry; KeyError / ValueError when it names no job."""
+    """``(run_id, step)`` of a job entry; KeyError / ValueError (a ``UnicodeDecodeError`` too)
+    when it names no job, so that ``_process`` can read every field without failing."""
     for name in (b"run_id", b"step", b"upload_id", b"kind"):
         if name not in fields:
             raise KeyError(f"no {name.decode()!r} field")
-    run_id = fields[b"run_id"].decode()
-    step = int(fields[b"step"])
-    fields[b"upload_id"].decode()
-    return run_id, step
+    for name in (b"upload_id", b"kind"):
+        fields[name].decode()
+    return fields[b"run_id"].decode(), int(fields[b"step"])
 
 
 class Worker:

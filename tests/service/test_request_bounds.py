@@ -78,11 +78,12 @@ def test_analysis_larger_than_its_memory_cap_is_422_naming_it(
     assert "KERNELSCOPE_MAX_ANALYSIS_MB" in answer.json()["detail"]
 
 
-def _rss_peak_mib(pid: int) -> float:
+def _memory_mib(pid: int, field: str = "VmHWM") -> float:
+    """A process's memory from ``/proc``: ``VmHWM`` (peak RSS) or ``VmRSS`` (now), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
 
 
 def _send_declared(port: int, head: str, declared: int, send_bytes: int) -> bytes:
@@ -112,7 +113,7 @@ def test_unauthenticated_huge_body_is_refused_before_it_is_read(
     assert live_service.api is not None
     pid = live_service.api.pid
     httpx.get(f"{live_service.base_url}/healthz", timeout=10)
-    before = _rss_peak_mib(pid)
+    before = _memory_mib(pid)
     head = "POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     answer = _send_declared(live_service.port, head, 1 << 30, 1 << 30)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
@@ -121,7 +122,7 @@ def test_unauthenticated_huge_body_is_refused_before_it_is_read(
     answer = _send_declared(live_service.port, authed, 1 << 30, 1 << 30)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"KERNELSCOPE_MAX_JSON_MB" in answer
-    assert _rss_peak_mib(pid) - before < 200, "the API read the body"
+    assert _memory_mib(pid) - before < 200, "the API read the body"
     assert httpx.get(f"{live_service.base_url}/healthz", timeout=10).status_code == 200
 
 
@@ -186,13 +187,6 @@ def test_readyz_is_503_while_jobs_wait_with_no_live_worker(
         assert answer.status_code == 200 and answer.json()["live_workers"] >= 1
 
 
-def _rss_now_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
 def test_uploads_in_flight_are_bounded_and_allocated_as_they_arrive(
     live_service: LiveService,
@@ -213,7 +207,7 @@ def test_uploads_in_flight_are_bounded_and_allocated_as_they_arrive(
         url = "/v1/runs/up/steps/0/gradients"
         ids = ["a", "b"]
         body = safetensors_body({"w": torch.randn(2, 4096 * 1024)}, ids)  # 32 MiB
-        before = _rss_now_mib(pid)
+        before = _memory_mib(pid, "VmRSS")
         with socket.create_connection(("127.0.0.1", live_service.port), timeout=60) as slow:
             slow.sendall(
                 (
@@ -223,7 +217,7 @@ def test_uploads_in_flight_are_bounded_and_allocated_as_they_arrive(
                 + b"\0" * 1024
             )
             time.sleep(1.0)  # the API has taken the declared bytes and holds the connection
-            assert _rss_now_mib(pid) - before < 100, "the declared length was allocated"
+            assert _memory_mib(pid, "VmRSS") - before < 100, "the declared length was allocated"
             busy = http.post(url, content=body, headers=OCTET)
             assert busy.status_code == 503, busy.text
             assert busy.headers["retry-after"] and "KERNELSCOPE_MAX_UPLOADS_MB" in busy.text

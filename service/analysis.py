@@ -31,7 +31,7 @@ import orjson
 from safetensors.numpy import load as load_np
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ProblemError
+from service.errors import RETRY_AFTER_S, ProblemError
 from service.keys import APPLIED_UPDATE_ID
 from service.store import StepCounts, StepSnapshot, Store
 from service.uploads import read_header, row_kind, sequence_ids
@@ -312,13 +312,16 @@ async def ready_step(
     wait: float,
     max_sequences: int,
     max_bytes: int | None = None,
+    draining: threading.Event | None = None,
 ) -> StepCounts:
     """The step's counts once it is ``ready``; polls up to ``wait`` seconds.
 
     404 if the step does not exist; 409 with the status when it is ``failed`` or still not
     ready after ``wait`` (0 = answer at once); 422 when it has more than ``max_sequences``
     sequences or its rows would take more than ``max_bytes`` (``n x k x 8``; both checked
-    before anything is loaded).
+    before anything is loaded); 503 with ``Retry-After`` as soon as ``draining`` is set
+    while it waits (the service is stopping: a long-poll must not hold the shutdown up, and
+    the client retries against the restarted service).
     """
     run_id = str(run["run_id"])
     deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
@@ -357,6 +360,13 @@ async def ready_step(
             else:
                 detail = "the step has no sketched rows or no sequence metadata yet"
             raise step_problem(counts.status(run_id, step), detail)
+        if draining is not None and draining.is_set():
+            raise ProblemError(
+                503,
+                "the service is shutting down; retry in a moment",
+                title="Service Unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         await asyncio.sleep(min(0.1, remaining))
 
 

@@ -12,6 +12,7 @@ lifespan could not create, is created by the first request that finds Redis up).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -113,6 +114,9 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         redis, settings.key_prefix, settings.raw_ttl_s, settings.cache_ttl_s, bulk=bulk
     )
     app.state.group_ready = False
+    # Set by the server that runs the app when it begins to stop (``kernelscope serve``):
+    # long-polls then answer 503 at once instead of holding the shutdown up.
+    app.state.draining = threading.Event()
     app.state.upload_budget = UploadBudget(int(settings.max_uploads_mb * 1024 * 1024))
     install_problem_handlers(app)
     # add_middleware wraps outwards: the request id is set before anything else runs.

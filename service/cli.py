@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import threading
 from enum import Enum
 from pathlib import Path
@@ -165,8 +166,9 @@ def serve(
     KERNELSCOPE_DATA_DIR, so runs survive restarts), the API and one in-process worker, and
     prints the URL. With REDIS_URL (or --redis-url) it serves the API against that Redis.
 
-    Ctrl-C or SIGTERM stops it cleanly: the API drains, the worker finishes its job, the
-    embedded Redis saves its data.
+    Ctrl-C or SIGTERM stops it cleanly within KERNELSCOPE_SHUTDOWN_TIMEOUT_S (default 5 s):
+    long-polls answer 503 at once, the API drains, the worker finishes the job in hand (a job
+    cut short stays queued), the embedded Redis saves its data.
 
     Examples:
 
@@ -222,6 +224,7 @@ def serve(
             _err().print(f"[red]error:[/red] {exc}")
             raise typer.Exit(code=1) from exc
     _out().print("stopped")
+    _exit_past_lingering_threads()
 
 
 @app.command("worker")
@@ -240,7 +243,8 @@ def worker_command(
 
     Start as many as you like, on as many hosts as you like, against the same Redis; they
     share the queue (a Redis Stream consumer group) and reclaim each other's jobs after a
-    crash. SIGTERM or Ctrl-C: finish the batch in hand, then exit.
+    crash. SIGTERM or Ctrl-C: finish the job in hand (at most KERNELSCOPE_SHUTDOWN_TIMEOUT_S),
+    hand the rest of the batch back to the queue, exit.
 
     Examples:
 
@@ -256,7 +260,7 @@ def worker_command(
             "(`kernelscope serve` without REDIS_URL already runs its own worker)"
         )
         raise typer.Exit(code=2)
-    from service.worker import Worker
+    from service.worker import Worker, run_until_stopped
 
     _configure_logging(os.environ.get("KERNELSCOPE_LOG_LEVEL", "info"))
 
@@ -266,7 +270,7 @@ def worker_command(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         _out().print(f"kernelscope worker on {worker.device}, Redis {_redact(settings.redis_url)}")
-        await worker.run(stop)
+        await run_until_stopped(worker, stop, settings.shutdown_timeout_s)
 
     try:
         worker = Worker(settings, device=device.value)
@@ -275,6 +279,18 @@ def worker_command(
         raise typer.Exit(code=2) from exc
     service_loop.run(main())
     _out().print("worker stopped")
+    _exit_past_lingering_threads()
+
+
+def _exit_past_lingering_threads() -> None:
+    """Exit now if a thread outlived the shutdown deadline (a sketch cut short keeps running
+    in its thread, and Python would wait for it at exit).  By now Redis has its data: the
+    job cut short is still queued, the embedded server saved and stopped."""
+    if any(t is not threading.main_thread() and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def is_loopback(host: str) -> bool:

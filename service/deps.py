@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -28,8 +29,15 @@ def get_store(request: Request) -> Store:
     return store
 
 
+def get_draining(request: Request) -> threading.Event:
+    """Set once the server has begun to shut down (``app.state.draining``)."""
+    draining: threading.Event = request.app.state.draining
+    return draining
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
+DrainingDep = Annotated[threading.Event, Depends(get_draining)]
 
 
 async def get_run(run_id: RunId, store: StoreDep) -> dict[str, Any]:

@@ -26,8 +26,10 @@ Layout of what runs:
   event loop, so that sketching (CPU-heavy, GIL mostly released by torch) never stalls the
   API's loop.
 
-Shutdown order (context exit, Ctrl-C or SIGTERM in the CLI): the API stops accepting and
-drains in-flight requests; each worker finishes the batch it read and returns; Redis runs
+Shutdown (context exit, Ctrl-C or SIGTERM in the CLI), within one deadline of
+``settings.shutdown_timeout_s``: long-polls answer 503 at once; the API stops accepting and
+drains in-flight requests while each worker finishes the job in hand and hands the rest of its
+batch back; what still runs at the deadline is cut short (a job stays queued); then Redis runs
 ``SHUTDOWN SAVE`` (a final RDB snapshot, the AOF fsynced) and exits.
 """
 
@@ -53,9 +55,8 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Seconds to wait for the API to start listening, and for each worker to finish its job.
+#: Seconds to wait for the API to start listening.
 STARTUP_TIMEOUT_S = 60.0
-WORKER_STOP_TIMEOUT_S = 120.0
 #: How often the embedded service looks for dead worker threads to restart.
 RESTART_PERIOD_S = 1.0
 
@@ -253,11 +254,13 @@ class _ApiThread(threading.Thread):
 
         from service.app import create_app
 
+        self.app = create_app(settings)
         config = uvicorn.Config(
-            create_app(settings),
+            self.app,
             log_level=log_level,
             lifespan="on",
-            timeout_graceful_shutdown=30,
+            # after this, uvicorn cancels the requests still running (uploads being read)
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_s)),
         )
         self.server = uvicorn.Server(config)
         self._sock = sock
@@ -273,11 +276,13 @@ class _ApiThread(threading.Thread):
             logger.exception("API server failed")
 
     def stop(self, timeout_s: float) -> None:
+        """End long-polls (503), stop accepting, give in-flight requests ``timeout_s``."""
+        self.app.state.draining.set()
         self.server.should_exit = True
         self.join(timeout_s)
         if self.is_alive():
             self.server.force_exit = True
-            self.join(5.0)
+            self.join(1.0)
 
 
 class _WorkerThread(threading.Thread):
@@ -290,12 +295,15 @@ class _WorkerThread(threading.Thread):
         self.worker = Worker(settings, device=device)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
         self._ready = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             service_loop.run(self._main())
+        except asyncio.CancelledError:
+            pass  # cancelled at the shutdown deadline: its job stays queued
         except BaseException as exc:
             self.error = exc
             logger.exception("worker thread %s failed", self.name)
@@ -305,19 +313,33 @@ class _WorkerThread(threading.Thread):
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        self._task = asyncio.current_task()
         self._ready.set()
         await self.worker.run(self._stop_event)
 
-    def stop(self, timeout_s: float) -> None:
-        """Ask the worker to return after the batch in hand, and wait for it."""
-        self._ready.wait(timeout_s)
-        loop, event = self._loop, self._stop_event
-        if loop is not None and event is not None and not loop.is_closed():
+    def _call(self, callback: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # loop closed in between: already done
-                loop.call_soon_threadsafe(event.set)
+                loop.call_soon_threadsafe(callback)
+
+    def request_stop(self) -> None:
+        """Ask the worker to return after the job in hand (the rest of its batch is handed
+        back to the queue); does not wait."""
+        self._ready.wait(STARTUP_TIMEOUT_S)
+        if self._stop_event is not None:
+            self._call(self._stop_event.set)
+
+    def finish(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the worker to return, then cancel it: a job cut short
+        is not acknowledged, so it stays queued for the next worker (at-least-once)."""
         self.join(timeout_s)
-        if self.is_alive():
-            logger.warning("%s did not stop within %.0f s", self.name, timeout_s)
+        if self.is_alive() and self._task is not None:
+            logger.warning(
+                "%s still busy at the shutdown deadline; its job stays queued", self.name
+            )
+            self._call(self._task.cancel)
+            self.join(1.0)
 
 
 class _Supervisor(threading.Thread):
@@ -343,12 +365,39 @@ class _Supervisor(threading.Thread):
                 replacement.start()
                 self.threads[index] = replacement
 
-    def stop_all(self, timeout_s: float) -> None:
+    def request_stop(self) -> None:
+        """Stop restarting, and ask every worker to stop; does not wait."""
         self._stopping.set()
         if self.is_alive():
-            self.join(timeout_s)
+            self.join()  # at most one restart in progress
         for thread in self.threads:
-            thread.stop(timeout_s)
+            thread.request_stop()
+
+    def stop_all(self, deadline: _Deadline) -> None:
+        self.request_stop()
+        for thread in self.threads:
+            thread.finish(deadline.remaining())
+
+
+class _Deadline:
+    """``seconds`` from the first call to ``remaining()``: the shutdown's one time budget,
+    shared by the API's drain and the workers' last jobs, which run at the same time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._at: float | None = None
+
+    def remaining(self) -> float:
+        if self._at is None:
+            self._at = time.monotonic() + self.seconds
+        return max(0.0, self._at - time.monotonic())
+
+
+def _stop_api_and_workers(api: _ApiThread, supervisor: _Supervisor, deadline: _Deadline) -> None:
+    """The workers stop reading while the API drains; both within one deadline."""
+    deadline.remaining()  # the clock starts now
+    supervisor.request_stop()
+    api.stop(deadline.remaining())
 
 
 @contextlib.contextmanager
@@ -402,8 +451,9 @@ def embedded_service(
             raise EmbeddedServiceError(f"cannot start a worker: {exc}") from exc
         for thread in worker_threads:
             thread.start()
+        deadline = _Deadline(settings.shutdown_timeout_s)
         supervisor = _Supervisor(worker_threads, run_settings, device)
-        stack.callback(supervisor.stop_all, WORKER_STOP_TIMEOUT_S)
+        stack.callback(supervisor.stop_all, deadline)
         supervisor.start()
 
         try:
@@ -411,12 +461,12 @@ def embedded_service(
         except (RuntimeError, ValueError) as exc:
             raise EmbeddedServiceError(f"cannot create the API: {exc}") from exc
         api.start()
-        stack.callback(api.stop, 60.0)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        stack.callback(_stop_api_and_workers, api, supervisor, deadline)
+        started_by = time.monotonic() + STARTUP_TIMEOUT_S
         while not api.server.started:
             if not api.is_alive():
                 raise EmbeddedServiceError(f"the API failed to start: {api.error!r}")
-            if time.monotonic() > deadline:
+            if time.monotonic() > started_by:
                 raise EmbeddedServiceError(f"the API did not start in {STARTUP_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
         for thread in worker_threads:

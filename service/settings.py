@@ -111,6 +111,15 @@ class Settings(BaseSettings):
             "/readyz answers 503 while jobs wait and no worker is live."
         ),
     )
+    shutdown_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "On SIGTERM, the most seconds `kernelscope serve` and `kernelscope worker` wait for "
+            "in-flight requests and the job in hand before they stop; long-polls end at once "
+            "with a 503, and an unfinished job stays queued for the next worker."
+        ),
+    )
     dead_letter_max: int = Field(
         default=10_000,
         ge=1,

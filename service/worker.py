@@ -11,8 +11,10 @@ One loop, arq-like::
 
 Any number of workers on any hosts may share one Redis: the consumer group hands each job to
 one consumer, a part is keyed by its upload id (a job done twice writes the same value), and
-consumer names are unique (host-pid-random).  SIGTERM / SIGINT set the stop event: the current
-batch finishes, then the worker exits.
+consumer names are unique (host-pid-random).  SIGTERM / SIGINT set the stop event: the job in
+hand finishes, the rest of the batch is handed back to the queue (idle, its delivery to this
+worker not counted), and the worker exits; ``kernelscope worker`` gives the job in hand
+``shutdown_timeout_s``, after which it stays queued for the next worker.
 
 Run: ``python -m service.worker --redis-url redis://... --device auto|cpu|cuda``.
 """
@@ -30,6 +32,7 @@ import signal
 import socket
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -118,8 +121,9 @@ class Worker:
     """A consumer of the job stream.
 
     ``Worker(settings, device="auto").run(stop)`` processes jobs until ``stop`` is set (then
-    finishes the batch in hand).  Pass ``redis`` to share a client (embedded mode); otherwise
-    one is opened from ``settings.redis_url`` and closed on exit.
+    finishes the job in hand and hands the rest of its batch back).  Pass ``redis`` to share a
+    client (embedded mode); otherwise one is opened from ``settings.redis_url`` and closed on
+    exit.
     """
 
     def __init__(
@@ -136,10 +140,13 @@ class Worker:
         self._redis = redis
         self.processed = 0
         self.failed = 0
+        self._stop = asyncio.Event()
+        self._in_hand: bytes | None = None  # the job being processed, for _release
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Process jobs until ``stop`` is set."""
         stop = stop or asyncio.Event()
+        self._stop = stop
         redis = self._redis
         bulk: SyncRedis | None = None
         if redis is None:
@@ -163,6 +170,9 @@ class Worker:
             bulk=bulk,
             dead_max=self.settings.dead_letter_max,
         )
+        # Not the loop's default executor, which the loop's close waits for: a sketch cut
+        # short at the shutdown deadline must not hold the exit up.
+        self._sketching = ThreadPoolExecutor(1, thread_name_prefix=f"sketch-{self.name}")
         try:
             if await self._register(store, stop):
                 log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
@@ -178,6 +188,7 @@ class Worker:
                     with contextlib.suppress(RedisError, OSError):
                         await store.ensure_group()
         finally:
+            self._sketching.shutdown(wait=False, cancel_futures=True)
             await self._leave(store)
             if self._redis is None:
                 await redis.aclose()
@@ -228,8 +239,36 @@ class Worker:
                 groups[key].append((entry_id, fields))
             for (run_id, step), jobs in groups.items():
                 await self._process(store, run_id, step, jobs, held)
+                if self._stop.is_set():
+                    break
         finally:
             keep.cancel()
+            if held:  # stopped, or cut short at the shutdown deadline: back to the queue
+                with contextlib.suppress(RedisError, OSError):
+                    await self._release(store, held)
+
+    async def _release(self, store: Store, held: set[bytes]) -> None:
+        """Hand jobs this worker holds back to the queue, idle as long as an abandoned job
+        (XCLAIM IDLE claim_idle_ms) so that the next worker reclaims them at once.  A job
+        not started gets its delivery to this worker uncounted (RETRYCOUNT): no attempt was
+        made.  The job cut short keeps it, so that one that never finishes is dead-lettered."""
+        ids = sorted(held)
+        deliveries = await self._deliveries(store, ids)
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for entry_id, delivered in zip(ids, deliveries, strict=True):
+                attempted = entry_id == self._in_hand
+                pipe.xclaim(
+                    store.keys.stream,
+                    GROUP,
+                    self.name,
+                    0,
+                    [entry_id],
+                    idle=self.settings.claim_idle_ms,
+                    retrycount=delivered if attempted else max(delivered - 1, 0),
+                    justid=True,
+                )
+            await pipe.execute()
+        log.info("stopping: handed %d held jobs back to the queue", len(ids))
 
     async def _leave(self, store: Store) -> None:
         """Remove this consumer from the group unless it still holds jobs (DELCONSUMER
@@ -301,6 +340,7 @@ class Worker:
             ):
                 body = None if upcoming is None else await upcoming
                 upcoming = fetch(index + 1)
+                self._in_hand = entry_id
                 try:
                     await self._process_job(
                         store, run, run_id, step, entry_id, fields, upload_id, body, delivered
@@ -309,9 +349,12 @@ class Worker:
                     raise  # the loop waits for Redis; the job stays pending
                 except Exception as exc:  # this job's failure, never the loop's
                     await self._failed(store, run_id, step, upload_id, entry_id, delivered, exc)
-                finally:  # finished, dead-lettered, or failed: reclaimable after claim_idle_ms
-                    held.discard(entry_id)
-                del body  # not held while the next job's body is awaited
+                # finished, dead-lettered, or failed (reclaimable after claim_idle_ms)
+                held.discard(entry_id)
+                self._in_hand = None
+                del body
+                if self._stop.is_set():  # the job in hand is done; the rest goes back
+                    break  # not held while the next job's body is awaited
         finally:
             if upcoming is not None:
                 upcoming.cancel()
@@ -342,8 +385,8 @@ class Worker:
             return
         started = time.perf_counter()
         sketcher = run_sketcher(run)  # memoised per run spec
-        part = await asyncio.to_thread(
-            sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
+        part = await asyncio.get_running_loop().run_in_executor(
+            self._sketching, sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
         )
         await store.complete_upload(run_id, step, upload_id, entry_id, part)
         record_rows_sketched(int(record["rows"]))
@@ -412,8 +455,26 @@ async def run_worker(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     worker = Worker(settings, device)
-    await worker.run(stop)
+    await run_until_stopped(worker, stop, settings.shutdown_timeout_s)
     return worker
+
+
+async def run_until_stopped(worker: Worker, stop: asyncio.Event, timeout_s: float) -> None:
+    """``worker.run(stop)``, cancelled when it has not returned ``timeout_s`` after ``stop``
+    is set: a job cut short is not acknowledged, so it stays queued (at-least-once)."""
+    running = asyncio.ensure_future(worker.run(stop))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({running, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not running.done():
+            await asyncio.wait({running}, timeout=timeout_s)
+        if not running.done():
+            log.warning("still busy %.0f s after the stop; its job stays queued", timeout_s)
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    finally:
+        stopped.cancel()
 
 
 def main(argv: list[str] | None = None) -> None:

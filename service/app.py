@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.auth import RequestGate
@@ -32,7 +31,7 @@ from service.errors import (
 from service.metrics import QueryLatencyMiddleware
 from service.routers import analysis, dashboard, health, metrics, runs, steps, uploads
 from service.settings import Settings
-from service.store import Store, bulk_client
+from service.store import REDIS_DOWN, Store, connect
 from service.uploads import UploadBudget
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ async def ensure_group_once(app: FastAPI) -> bool:
         return True
     try:
         await app.state.store.ensure_group()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         log.warning("Redis unavailable, job stream group not created yet: %s", exc)
         return False
     app.state.group_ready = True
@@ -80,17 +79,8 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
             raise RuntimeError(
                 "no Redis configured: set REDIS_URL (or run `kernelscope serve` for embedded mode)"
             )
-        # Timeouts so that a Redis that stops answering (host gone, process frozen) gives a
-        # 503 after a bounded wait instead of a request that hangs for ever.
-        timeout = settings.redis_timeout_s
-        redis = Redis.from_url(
-            settings.redis_url,
-            decode_responses=False,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-        )
-        # Upload bodies go through a blocking client in a thread: no copies (Store.add_upload).
-        bulk = bulk_client(settings.redis_url, timeout)
+        # Upload bodies go through the blocking client in a thread: no copies (Store.add_upload).
+        redis, bulk = connect(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,7 +101,12 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     app.state.settings = settings
     app.state.redis = redis
     app.state.store = Store(
-        redis, settings.key_prefix, settings.raw_ttl_s, settings.cache_ttl_s, bulk=bulk
+        redis,
+        settings.key_prefix,
+        settings.raw_ttl_s,
+        settings.cache_ttl_s,
+        bulk=bulk,
+        shards=settings.shards,
     )
     app.state.group_ready = False
     # Set by the server that runs the app when it begins to stop (``kernelscope serve``):

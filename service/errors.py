@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -119,7 +119,8 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(ProblemError(422, detail, errors=errors))
 
     @app.exception_handler(RedisError)
-    async def _redis(_: Request, exc: RedisError) -> JSONResponse:
+    @app.exception_handler(RedisClusterException)
+    async def _redis(_: Request, exc: Exception) -> JSONResponse:
         problem = redis_problem(exc)
         if problem is None:  # a reachable Redis refused a command: a bug, not an outage
             log.error("Redis error: %s: %s", type(exc).__name__, exc)
@@ -138,11 +139,13 @@ def redis_problem(exc: BaseException) -> ProblemError | None:
     """The 503 problem for an error that means Redis is unavailable, else ``None``.
 
     Unavailable: connection refused, reset or timed out (``ConnectionError``,
-    ``TimeoutError``, ``OSError``), a read-only replica, and the transient error replies
-    (``OOM`` under ``maxmemory``, ``LOADING``, ``MISCONF``, ``BUSY``, ...).
+    ``TimeoutError``, ``OSError``), a read-only replica, a cluster that cannot be reached
+    (``RedisClusterException``), and the transient error replies (``OOM`` under
+    ``maxmemory``, ``LOADING``, ``MISCONF``, ``BUSY``, ``CLUSTERDOWN``, ...).
     """
     transient = isinstance(
-        exc, RedisConnectionError | RedisTimeoutError | ReadOnlyError | OSError
+        exc,
+        RedisConnectionError | RedisTimeoutError | ReadOnlyError | RedisClusterException | OSError,
     ) or (isinstance(exc, ResponseError) and str(exc).startswith(_TRANSIENT_REPLY))
     if not transient:
         return None

@@ -27,11 +27,25 @@ key                                    type    content
                                                ``workers``
 ``P:{jobs}:dead``                      stream  dead-lettered jobs with their error
 =====================================  ======  ==============================================
+
+**On a Redis Cluster** (``KERNELSCOPE_REDIS_CLUSTER``) a transaction must stay within one hash
+slot, and an upload's transaction writes its run's keys and queues its job.  So the runs are
+spread over ``Q = KERNELSCOPE_QUEUE_SHARDS`` slot tags ``{q<i>}``, ``i = crc32(run_id) mod Q``,
+each with its own job and dead-letter streams, which every worker reads:
+
+=====================================  ==================================================
+one Redis                              Redis Cluster
+=====================================  ==================================================
+``P:{r:R}:...``                        ``P:{q<i>}:<r:R>:...`` (same suffixes)
+``P:{jobs}:stream``, ``P:{jobs}:dead`` ``P:{q<i>}:stream``, ``P:{q<i>}:dead``, i < Q
+``P:runs``                             ``P:runs`` (never in a transaction with run keys)
+=====================================  ==================================================
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -52,9 +66,14 @@ def check_id(value: str) -> str:
 
 @dataclass(frozen=True)
 class Keys:
-    """Key builder for one prefix.  Every method returns ``bytes``-safe ``str`` keys."""
+    """Key builder for one prefix.  Every method returns ``bytes``-safe ``str`` keys.
+
+    ``shards``: 0 for one Redis (one job stream, a hash tag per run); ``Q > 0`` on a Redis
+    Cluster (the runs spread over ``Q`` slot tags, each with its own streams; see above).
+    """
 
     prefix: str
+    shards: int = 0
 
     # global keys
     @property
@@ -63,14 +82,48 @@ class Keys:
 
     @property
     def stream(self) -> str:
-        return f"{self.prefix}:{{jobs}}:stream"
+        """The job stream on one Redis (``streams[0]``)."""
+        return self.streams[0]
 
     @property
     def dead(self) -> str:
-        return f"{self.prefix}:{{jobs}}:dead"
+        """The dead-letter stream on one Redis (``deads[0]``)."""
+        return self.deads[0]
+
+    @property
+    def streams(self) -> list[str]:
+        """Every job stream: the one on one Redis, one per shard on a cluster."""
+        if not self.shards:
+            return [f"{self.prefix}:{{jobs}}:stream"]
+        return [f"{self.prefix}:{{q{i}}}:stream" for i in range(self.shards)]
+
+    @property
+    def deads(self) -> list[str]:
+        """Every dead-letter stream, in the order of :attr:`streams`."""
+        if not self.shards:
+            return [f"{self.prefix}:{{jobs}}:dead"]
+        return [f"{self.prefix}:{{q{i}}}:dead" for i in range(self.shards)]
+
+    def shard(self, run_id: str) -> int:
+        """The run's shard (0 on one Redis): ``crc32(run_id) mod shards``."""
+        return zlib.crc32(check_id(run_id).encode()) % self.shards if self.shards else 0
+
+    def stream_of(self, run_id: str) -> str:
+        """The job stream of the run's uploads (in the run's slot on a cluster)."""
+        return self.streams[self.shard(run_id)]
+
+    def dead_of(self, run_id: str) -> str:
+        """The dead-letter stream of the run's jobs."""
+        return self.deads[self.shard(run_id)]
+
+    def dead_of_stream(self, stream: str) -> str:
+        """The dead-letter stream beside the job stream ``stream``."""
+        return self.deads[self.streams.index(stream)]
 
     # per run
     def run_base(self, run_id: str) -> str:
+        if self.shards:
+            return f"{self.prefix}:{{q{self.shard(run_id)}}}:<r:{run_id}>"
         return f"{self.prefix}:{{r:{check_id(run_id)}}}"
 
     def spec(self, run_id: str) -> str:
@@ -84,6 +137,8 @@ class Keys:
 
     def run_pattern(self, run_id: str) -> str:
         """``SCAN MATCH`` pattern of every key of the run (the hash tag braces escaped)."""
+        if self.shards:
+            return f"{self.prefix}:\\{{q{self.shard(run_id)}\\}}:<r:{run_id}>:*"
         return f"{self.prefix}:\\{{r:{check_id(run_id)}\\}}:*"
 
     # per step

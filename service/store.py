@@ -26,10 +26,14 @@ from typing import Any, cast
 import anyio.to_thread
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.connection import Encoder, PythonRespSerializer
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError, WatchError
 
 from service.keys import APPLIED_UPDATE_ID, GROUP, Keys
+from service.settings import Settings
 
 UPLOAD_QUEUED = "queued"
 UPLOAD_DONE = "done"
@@ -153,6 +157,86 @@ def bulk_client(url: str, timeout_s: float | None = None) -> SyncRedis:
     )
 
 
+#: What a Redis that is down, restarting or unreachable raises (a cluster client's failure to
+#: find any node is not a RedisError): the API answers 503, a worker waits and retries.
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
+
+
+def _unlink(pipe: Any, key: str) -> None:
+    """Queue ``UNLINK key`` in a transaction.  Through ``execute_command`` because redis-py's
+    asyncio ``ClusterPipeline.unlink`` is a coroutine (its other commands queue at once), so
+    ``pipe.unlink(key)`` would be silently dropped on a cluster."""
+    pipe.execute_command("UNLINK", key)
+
+
+def _ignoring_keys(callback: Any) -> Any:
+    """``callback`` without the ``keys`` option, which redis-py (8.1) passes to every response
+    callback of a cluster transaction, where some (``SMEMBERS``, ``ZSCORE``, ...) take none."""
+
+    def call(response: Any, **options: Any) -> Any:
+        options.pop("keys", None)
+        return callback(response, **options)
+
+    return call
+
+
+class _ClusterConnection(Connection):
+    """A cluster node connection that reports a socket closed by the server as the
+    ``ConnectionError`` it is.  On uvloop, writing to such a socket raises ``RuntimeError
+    ('... the handler is closed')`` (uvloop issue 506; asyncio's own loop lets the next read
+    fail instead), and redis-py's cluster client retries and re-routes on ``ConnectionError``
+    only: a restarted master would otherwise fail every command sent on its old connections.
+    (A single-node pool checks each connection as it lends it, so it never sends on one.)"""
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        try:
+            await super()._send_packed_command(command)
+        except RuntimeError as exc:
+            if "handler is closed" not in str(exc):
+                raise
+            raise RedisConnectionError(
+                f"connection to {self.host}:{self.port} closed by the server"
+            ) from exc
+
+
+def connect(settings: Settings, read_slack_s: float = 0.0) -> tuple[Redis, SyncRedis | None]:
+    """The asyncio client of ``settings.redis_url`` and its blocking ``bulk`` twin.
+
+    Every command is bounded by ``redis_timeout_s`` (plus ``read_slack_s``: a worker's
+    blocking reads wait ``worker_block_ms`` on top), so that a Redis that stops answering
+    gives an error instead of a hang.  With ``redis_cluster`` the client is a
+    ``RedisCluster`` (it speaks the same commands; a transaction must stay in one slot,
+    which the sharded key layout ensures) and there is no ``bulk`` client: bodies go
+    through the asyncio client, at the cost of the copies ``bulk_client`` avoids.
+    """
+    if not settings.redis_url:
+        raise RuntimeError("no Redis configured: set REDIS_URL")
+    timeout = settings.redis_timeout_s
+    if settings.redis_cluster:
+        cluster = RedisCluster.from_url(
+            settings.redis_url,
+            decode_responses=False,
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout + read_slack_s,
+        )
+        for name, callback in list(cluster.response_callbacks.items()):
+            cluster.response_callbacks[name] = _ignoring_keys(callback)
+        # RedisCluster takes no connection class; nodes are made from these kwargs (the ones
+        # discovered later) or were made already (the seed), before any connection exists.
+        cluster.nodes_manager.connection_kwargs["connection_class"] = _ClusterConnection
+        for node in cluster.nodes_manager.startup_nodes.values():
+            node.connection_class = _ClusterConnection
+        # Not a subclass of Redis, but the same command interface for everything Store does.
+        return cast(Redis, cluster), None
+    redis = Redis.from_url(
+        settings.redis_url,
+        decode_responses=False,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout + read_slack_s,
+    )
+    return redis, bulk_client(settings.redis_url, timeout)
+
+
 class Store:
     """All Redis access of the API and the workers."""
 
@@ -164,13 +248,15 @@ class Store:
         cache_ttl_s: int = 3600,
         bulk: SyncRedis | None = None,
         dead_max: int = 10_000,
+        shards: int = 0,
     ):
         """``bulk``: an optional blocking client of the same Redis, used (in a worker thread)
         to write upload bodies without copying them and to read them back; without it
-        everything uses ``redis``.  ``dead_max``: entries the dead-letter stream keeps."""
+        everything uses ``redis``.  ``dead_max``: entries the dead-letter stream keeps.
+        ``shards``: 0 on one Redis, the queue shards on a Redis Cluster (:class:`Keys`)."""
         self.redis = redis
         self.bulk = bulk
-        self.keys = Keys(prefix)
+        self.keys = Keys(prefix, shards)
         self.raw_ttl_s = raw_ttl_s
         self.cache_ttl_s = cache_ttl_s
         self.dead_max = dead_max
@@ -270,7 +356,7 @@ class Store:
             )
             pipe.zadd(k.steps(run_id), {str(step): step})
             pipe.incr(k.version(run_id, step))
-            pipe.unlink(k.cache(run_id, step))
+            _unlink(pipe, k.cache(run_id, step))
             await pipe.execute()
 
     async def step_counts(self, run_id: str, step: int, ranks: int = 1) -> StepCounts:
@@ -436,7 +522,7 @@ class Store:
                     pipe.set(raw_key, body, ex=self.raw_ttl_s)
                     pipe.hset(uploads_key, upload_id, _dumps(record))
                     pipe.zadd(k.steps(run_id), {str(step): step})
-                    pipe.xadd(k.stream, job)  # type: ignore[arg-type]
+                    pipe.xadd(k.stream_of(run_id), job)  # type: ignore[arg-type]
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -475,7 +561,7 @@ class Store:
                     pipe.set(raw_key, body, ex=self.raw_ttl_s)
                     pipe.hset(uploads_key, upload_id, _dumps(dict(record)))
                     pipe.zadd(k.steps(run_id), {str(step): step})
-                    pipe.xadd(k.stream, dict(job))  # type: ignore[arg-type]
+                    pipe.xadd(k.stream_of(run_id), dict(job))  # type: ignore[arg-type]
                     pipe.execute()
                     return True
                 except WatchError:
@@ -483,12 +569,13 @@ class Store:
 
     # ------------------------------------------------------- worker: the jobs
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing."""
-        try:
-            await self.redis.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the job streams and their consumer group if missing."""
+        for stream in self.keys.streams:
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def upload_record(self, run_id: str, step: int, upload_id: str) -> dict[str, Any] | None:
         """One upload record, or None (run deleted)."""
@@ -509,11 +596,12 @@ class Store:
             return cast(bytes | None, await anyio.to_thread.run_sync(self.bulk.get, key))
         return cast(bytes | None, await self.redis.get(key))
 
-    async def ack(self, entry_id: bytes | str) -> None:
-        """Acknowledge and delete a stream entry (its upload is gone: nothing to do)."""
+    async def ack(self, run_id: str, entry_id: bytes | str) -> None:
+        """Acknowledge and delete a job of the run (its upload is gone: nothing to do)."""
+        stream = self.keys.stream_of(run_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.stream, GROUP, entry_id)
-            pipe.xdel(self.keys.stream, entry_id)
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
             await pipe.execute()
 
     async def _finish(
@@ -546,16 +634,18 @@ class Store:
                         pipe.hset(uploads_key, upload_id, _dumps(record))
                         if part is not None:
                             pipe.set(k.part(run_id, step, upload_id), part)
-                            pipe.unlink(k.raw(run_id, step, upload_id))
+                            _unlink(pipe, k.raw(run_id, step, upload_id))
                             pipe.incr(k.version(run_id, step))
-                            pipe.unlink(k.cache(run_id, step))
+                            _unlink(pipe, k.cache(run_id, step))
                         if dead is not None:
                             fields: dict[Any, Any] = dict(dead)
-                            pipe.xadd(k.dead, fields, maxlen=self.dead_max, approximate=True)
-                            pipe.unlink(k.raw(run_id, step, upload_id))
+                            pipe.xadd(
+                                k.dead_of(run_id), fields, maxlen=self.dead_max, approximate=True
+                            )
+                            _unlink(pipe, k.raw(run_id, step, upload_id))
                     if entry_id is not None:
-                        pipe.xack(k.stream, GROUP, entry_id)
-                        pipe.xdel(k.stream, entry_id)
+                        pipe.xack(k.stream_of(run_id), GROUP, entry_id)
+                        pipe.xdel(k.stream_of(run_id), entry_id)
                     await pipe.execute()
                     return raw is not None
                 except WatchError:
@@ -591,10 +681,11 @@ class Store:
         return await self._finish(run_id, step, upload_id, entry_id, update, None, dead)
 
     async def dead_letter_entry(
-        self, entry_id: bytes | str, fields: Mapping[bytes, bytes], error: str
+        self, stream: str, entry_id: bytes | str, fields: Mapping[bytes, bytes], error: str
     ) -> None:
-        """Move a stream entry that names no valid job (fields missing or malformed) to the
-        dead letter with its raw fields, and ack it: one transaction."""
+        """Move an entry of the job stream ``stream`` that names no valid job (fields missing
+        or malformed) to the dead letter beside it with its raw fields, and ack it: one
+        transaction."""
         k = self.keys
         dead: dict[Any, Any] = {
             "error": error,
@@ -605,9 +696,9 @@ class Store:
             "failed_at": repr(time.time()),
         }
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(k.dead, dead, maxlen=self.dead_max, approximate=True)
-            pipe.xack(k.stream, GROUP, entry_id)
-            pipe.xdel(k.stream, entry_id)
+            pipe.xadd(k.dead_of_stream(stream), dead, maxlen=self.dead_max, approximate=True)
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
             await pipe.execute()
 
     async def record_error(self, run_id: str, step: int, upload_id: str, error: str) -> None:

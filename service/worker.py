@@ -52,7 +52,7 @@ from service.metrics import (
     record_worker_heartbeat,
 )
 from service.settings import Settings
-from service.store import UPLOAD_QUEUED, Store, bulk_client
+from service.store import REDIS_DOWN, UPLOAD_QUEUED, Store, connect
 from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 
@@ -152,40 +152,35 @@ class Worker:
         if redis is None:
             if not self.settings.redis_url:
                 raise RuntimeError("the worker needs a Redis: set REDIS_URL or --redis-url")
-            # A Redis that accepts but never answers must not hang the worker: every command
-            # is bounded, and the blocking read gets its block time on top.
-            timeout = self.settings.redis_timeout_s
-            redis = Redis.from_url(
-                self.settings.redis_url,
-                decode_responses=False,
-                socket_connect_timeout=timeout,
-                socket_timeout=timeout + self.settings.worker_block_ms / 1000,
-            )
-            # raw bodies are read with a blocking client in a thread (Store.raw_body)
-            bulk = bulk_client(self.settings.redis_url, timeout_s=timeout)
+            # Every command bounded; the blocking read gets its block time on top. Raw bodies
+            # are read with the blocking client in a thread (Store.raw_body).
+            redis, bulk = connect(self.settings, self.settings.worker_block_ms / 1000)
         store = Store(
             redis,
             self.settings.key_prefix,
             self.settings.raw_ttl_s,
             bulk=bulk,
             dead_max=self.settings.dead_letter_max,
+            shards=self.settings.shards,
         )
         # Not the loop's default executor, which the loop's close waits for: a sketch cut
         # short at the shutdown deadline must not hold the exit up.
         self._sketching = ThreadPoolExecutor(1, thread_name_prefix=f"sketch-{self.name}")
         try:
             if await self._register(store, stop):
-                log.info("worker %s on %s reading %s", self.name, self.device, store.keys.stream)
+                streams = store.keys.streams
+                where = streams[0] if len(streams) == 1 else f"{len(streams)} job streams"
+                log.info("worker %s on %s reading %s", self.name, self.device, where)
             while not stop.is_set():
                 record_worker_heartbeat(self.name)
                 try:
                     await self._iteration(store)
-                except (RedisError, OSError) as exc:
+                except REDIS_DOWN as exc:
                     # Redis restarting or unreachable: jobs in hand stay pending and are
                     # reclaimed; a Redis that lost the group (no persistence) gets it back.
                     log.warning("redis error (%s: %s); retrying in 1 s", type(exc).__name__, exc)
                     await asyncio.sleep(1.0)
-                    with contextlib.suppress(RedisError, OSError):
+                    with contextlib.suppress(*REDIS_DOWN):
                         await store.ensure_group()
         finally:
             self._sketching.shutdown(wait=False, cancel_futures=True)
@@ -205,23 +200,31 @@ class Worker:
         while not stop.is_set():
             try:
                 await store.ensure_group()
-                await store.redis.xgroup_createconsumer(store.keys.stream, GROUP, self.name)
+                for stream in store.keys.streams:
+                    await store.redis.xgroup_createconsumer(stream, GROUP, self.name)
                 return True
-            except (RedisError, OSError) as exc:
+            except REDIS_DOWN as exc:
                 log.warning("redis unreachable (%s: %s); retrying in 1 s", type(exc).__name__, exc)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=1.0)
         return False
 
     async def _iteration(self, store: Store) -> None:
-        """Read one batch, group it by (run, step), process each group.  Every job of the batch
-        is kept claimed until it is finished or has failed: a job waiting behind others is
-        not a lost one, and must not be reclaimed (each claim counts a delivery)."""
-        entries = await self._next_batch(store)
-        if not entries:
-            return
+        """Read one batch from each job stream that has work, and process it.  Once the
+        worker is asked to stop, only the first batch's first job is finished; every other
+        job read goes straight back to the queue."""
+        for index, (stream, entries) in enumerate(await self._next_batches(store)):
+            if index and self._stop.is_set():
+                await self._release(store, stream, {entry_id for entry_id, _ in entries})
+                continue
+            await self._batch(store, stream, entries)
+
+    async def _batch(self, store: Store, stream: str, entries: list[Entry]) -> None:
+        """Group a batch of ``stream`` by (run, step) and process each group.  Every job of
+        the batch is kept claimed until it is finished or has failed: a job waiting behind
+        others is not a lost one, and must not be reclaimed (each claim counts a delivery)."""
         held = {entry_id for entry_id, _ in entries}
-        keep = asyncio.create_task(self._keep_claimed(store, held))
+        keep = asyncio.create_task(self._keep_claimed(store, stream, held))
         try:
             if self.settings.worker_stall_s:
                 await asyncio.sleep(self.settings.worker_stall_s)
@@ -232,33 +235,33 @@ class Worker:
                 except (KeyError, ValueError) as exc:  # not a job: dead letter, not the loop
                     error = f"malformed job entry ({type(exc).__name__}: {exc})"
                     log.error("dead-lettering stream entry %s: %s", entry_id, error)
-                    await store.dead_letter_entry(entry_id, fields, error)
+                    await store.dead_letter_entry(stream, entry_id, fields, error)
                     record_job(0.0, "dead_letter")
                     held.discard(entry_id)
                     continue
                 groups[key].append((entry_id, fields))
             for (run_id, step), jobs in groups.items():
-                await self._process(store, run_id, step, jobs, held)
+                await self._process(store, stream, run_id, step, jobs, held)
                 if self._stop.is_set():
                     break
         finally:
             keep.cancel()
             if held:  # stopped, or cut short at the shutdown deadline: back to the queue
-                with contextlib.suppress(RedisError, OSError):
-                    await self._release(store, held)
+                with contextlib.suppress(*REDIS_DOWN):
+                    await self._release(store, stream, held)
 
-    async def _release(self, store: Store, held: set[bytes]) -> None:
+    async def _release(self, store: Store, stream: str, held: set[bytes]) -> None:
         """Hand jobs this worker holds back to the queue, idle as long as an abandoned job
         (XCLAIM IDLE claim_idle_ms) so that the next worker reclaims them at once.  A job
         not started gets its delivery to this worker uncounted (RETRYCOUNT): no attempt was
         made.  The job cut short keeps it, so that one that never finishes is dead-lettered."""
         ids = sorted(held)
-        deliveries = await self._deliveries(store, ids)
+        deliveries = await self._deliveries(store, stream, ids)
         async with store.redis.pipeline(transaction=False) as pipe:
             for entry_id, delivered in zip(ids, deliveries, strict=True):
                 attempted = entry_id == self._in_hand
                 pipe.xclaim(
-                    store.keys.stream,
+                    stream,
                     GROUP,
                     self.name,
                     0,
@@ -271,52 +274,71 @@ class Worker:
         log.info("stopping: handed %d held jobs back to the queue", len(ids))
 
     async def _leave(self, store: Store) -> None:
-        """Remove this consumer from the group unless it still holds jobs (DELCONSUMER
-        would drop them; a crashed worker's jobs stay for XAUTOCLAIM)."""
-        try:
-            pending = await store.redis.xpending_range(
-                store.keys.stream, GROUP, "-", "+", 1, consumername=self.name
-            )
-            if not pending:
-                await store.redis.xgroup_delconsumer(store.keys.stream, GROUP, self.name)
-        except Exception as exc:  # best effort on the way out
-            log.warning("could not leave the consumer group: %s", exc)
+        """Remove this consumer from the group of each stream where it holds no job
+        (DELCONSUMER would drop them; a crashed worker's jobs stay for XAUTOCLAIM)."""
+        for stream in store.keys.streams:
+            try:
+                pending = await store.redis.xpending_range(
+                    stream, GROUP, "-", "+", 1, consumername=self.name
+                )
+                if not pending:
+                    await store.redis.xgroup_delconsumer(stream, GROUP, self.name)
+            except Exception as exc:  # best effort on the way out
+                log.warning("could not leave the consumer group of %s: %s", stream, exc)
 
-    async def _next_batch(self, store: Store) -> list[Entry]:
-        """Reclaimed jobs first (they are the oldest), else new ones (blocking read)."""
+    async def _next_batches(self, store: Store) -> list[tuple[str, list[Entry]]]:
+        """Reclaimed jobs first (they are the oldest), else new ones (blocking read), per
+        job stream.  On a cluster the streams live in different slots, so there is no
+        multi-stream XREADGROUP: the blocking reads run side by side, one per stream."""
         s = self.settings
-        claimed = await store.redis.xautoclaim(
-            store.keys.stream, GROUP, self.name, s.claim_idle_ms, "0-0", count=s.worker_batch
+        streams = store.keys.streams
+        found: list[tuple[str, list[Entry]]] = []
+        for stream in streams:
+            claimed = await store.redis.xautoclaim(
+                stream, GROUP, self.name, s.claim_idle_ms, "0-0", count=s.worker_batch
+            )
+            entries = [(e[0], e[1]) for e in claimed[1] if e and e[1]]
+            if entries:
+                log.info("reclaimed %d idle jobs", len(entries))
+                found.append((stream, entries))
+        if found:
+            return found
+        reads: list[Any] = await asyncio.gather(
+            *(
+                store.redis.xreadgroup(
+                    GROUP, self.name, {stream: ">"}, count=s.worker_batch, block=s.worker_block_ms
+                )
+                for stream in streams
+            )
         )
-        entries = [(e[0], e[1]) for e in claimed[1] if e and e[1]]
-        if entries:
-            log.info("reclaimed %d idle jobs", len(entries))
-            return entries
-        read: Any = await store.redis.xreadgroup(
-            GROUP,
-            self.name,
-            {store.keys.stream: ">"},
-            count=s.worker_batch,
-            block=s.worker_block_ms,
-        )
-        return [(e[0], e[1]) for _, batch in read or [] for e in batch if e[1]]
+        for stream, read in zip(streams, reads, strict=True):
+            entries = [(e[0], e[1]) for _, batch in read or [] for e in batch if e[1]]
+            if entries:
+                found.append((stream, entries))
+        return found
 
-    async def _deliveries(self, store: Store, entry_ids: list[bytes]) -> list[int]:
+    async def _deliveries(self, store: Store, stream: str, entry_ids: list[bytes]) -> list[int]:
         """How often each entry was delivered (XPENDING): crashes and failures both count."""
         async with store.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
-                pipe.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
+                pipe.xpending_range(stream, GROUP, entry_id, entry_id, 1)
             answers = await pipe.execute()
         return [int(a[0]["times_delivered"]) if a else 1 for a in answers]
 
     async def _process(
-        self, store: Store, run_id: str, step: int, jobs: list[Entry], held: set[bytes]
+        self,
+        store: Store,
+        stream: str,
+        run_id: str,
+        step: int,
+        jobs: list[Entry],
+        held: set[bytes],
     ) -> None:
         upload_ids = [fields[b"upload_id"].decode() for _, fields in jobs]
-        deliveries = await self._deliveries(store, [entry_id for entry_id, _ in jobs])
+        deliveries = await self._deliveries(store, stream, [entry_id for entry_id, _ in jobs])
         try:
             run = await store.get_run(run_id)
-        except (RedisError, OSError):
+        except REDIS_DOWN:
             raise
         except Exception as exc:  # an unreadable run spec fails these jobs, not the loop
             for (entry_id, _), upload_id, delivered in zip(
@@ -345,7 +367,7 @@ class Worker:
                     await self._process_job(
                         store, run, run_id, step, entry_id, fields, upload_id, body, delivered
                     )
-                except (RedisError, OSError):
+                except REDIS_DOWN:
                     raise  # the loop waits for Redis; the job stays pending
                 except Exception as exc:  # this job's failure, never the loop's
                     await self._failed(store, run_id, step, upload_id, entry_id, delivered, exc)
@@ -373,7 +395,7 @@ class Worker:
     ) -> None:
         record = await store.upload_record(run_id, step, upload_id) if run else None
         if run is None or record is None or record["state"] != UPLOAD_QUEUED:
-            await store.ack(entry_id)  # run deleted, or the job was already finished
+            await store.ack(run_id, entry_id)  # run deleted, or the job was already finished
             return
         if delivered > self.settings.max_attempts:
             last = record.get("last_error") or "the worker was lost while processing it"
@@ -414,7 +436,7 @@ class Worker:
             await store.record_error(run_id, step, upload_id, error)
             record_job(0.0, "retry")
 
-    async def _keep_claimed(self, store: Store, held: set[bytes]) -> None:
+    async def _keep_claimed(self, store: Store, stream: str, held: set[bytes]) -> None:
         """While jobs are held (being sketched, or waiting in the batch), reset their idle time
         (XCLAIM JUSTID to ourselves, which does not count as a delivery) so that they are not
         taken over by another worker as if this one had died."""
@@ -424,9 +446,7 @@ class Worker:
             if not held:
                 continue
             with contextlib.suppress(RedisError):  # a missed beat only risks a duplicate run
-                await store.redis.xclaim(
-                    store.keys.stream, GROUP, self.name, 0, list(held), justid=True
-                )
+                await store.redis.xclaim(stream, GROUP, self.name, 0, list(held), justid=True)
 
     async def _dead(
         self,

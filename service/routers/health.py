@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
 
 from service.deps import SettingsDep, StoreDep
 from service.errors import RETRY_AFTER_S
 from service.keys import GROUP
 from service.metrics import read_queue_stats
 from service.schemas import Health, Ready
+from service.store import REDIS_DOWN
 
 router = APIRouter(tags=["health"])
 
@@ -28,7 +28,7 @@ async def healthz(store: StoreDep) -> JSONResponse:
     try:
         ok = bool(await store.redis.ping())
         detail = None
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     body = Health(status="ok" if ok else "degraded", redis=ok, detail=detail)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
@@ -47,8 +47,8 @@ async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
     ``not_ready`` with the reason: uploads are accepted but would never be sketched."""
     keys = store.keys
     try:
-        stats = await read_queue_stats(store.redis, keys.stream, GROUP, keys.dead)
-    except (RedisError, OSError) as exc:
+        stats = await read_queue_stats(store.redis, keys.streams, GROUP, keys.deads)
+    except REDIS_DOWN as exc:
         body = Ready(status="not_ready", redis=False, detail=f"{type(exc).__name__}: {exc}")
         return JSONResponse(body.model_dump(), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
     live = sum(idle <= settings.worker_stale_s for idle in stats.consumer_idle_s.values())

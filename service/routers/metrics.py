@@ -30,10 +30,10 @@ async def queue_stats_of(request: Request) -> QueueStats | None:
     settings = getattr(state, "settings", None)
     if redis is None or settings is None:
         return None
-    keys = Keys(settings.key_prefix)
+    keys = Keys(settings.key_prefix, settings.shards)
     try:
         return await asyncio.wait_for(
-            read_queue_stats(redis, keys.stream, GROUP, keys.dead), SCRAPE_REDIS_TIMEOUT_S
+            read_queue_stats(redis, keys.streams, GROUP, keys.deads), SCRAPE_REDIS_TIMEOUT_S
         )
     except Exception as exc:  # a scrape must answer even when Redis is down
         log.warning("metrics scrape could not read the job queue: %s", exc)

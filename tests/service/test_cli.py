@@ -279,3 +279,14 @@ def test_deployment_doc_lists_every_setting() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text()
     for name in Settings.model_fields:
         assert f"KERNELSCOPE_{name.upper()}" in doc, name
+
+
+def test_kernelscope_redis_url_wins_over_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generic REDIS_URL (another program's, say) must not override ours: it used to,
+    because the alias ``redis_url`` matched it case-insensitively before ours was looked at."""
+    monkeypatch.setenv("REDIS_URL", "redis://generic:6379/0")
+    monkeypatch.setenv("KERNELSCOPE_REDIS_URL", "redis://ours:6379/0")
+    assert Settings().redis_url == "redis://ours:6379/0"
+    assert Settings(redis_url="redis://given:6379/0").redis_url == "redis://given:6379/0"
+    monkeypatch.delenv("KERNELSCOPE_REDIS_URL")
+    assert Settings().redis_url == "redis://generic:6379/0"

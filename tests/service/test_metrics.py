@@ -143,14 +143,14 @@ def test_queue_gauges_read_from_redis(redis_url: str) -> None:
     async def scenario() -> tuple[object, object]:
         client = Redis.from_url(redis_url)
         try:
-            empty = await read_queue_stats(client, stream, group, dead)
+            empty = await read_queue_stats(client, [stream], group, [dead])
             await client.xgroup_create(stream, group, id="0", mkstream=True)
             for i in range(3):
                 await client.xadd(stream, {"job": str(i)})
             # one worker reads one job and does not acknowledge it: 1 pending, 2 undelivered
             await client.xreadgroup(group, "worker-a", {stream: ">"}, count=1)
             await client.xadd(dead, {"job": "x", "error": "boom"})
-            return empty, await read_queue_stats(client, stream, group, dead)
+            return empty, await read_queue_stats(client, [stream], group, [dead])
         finally:
             await client.delete(stream, dead)
             await client.aclose()

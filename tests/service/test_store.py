@@ -120,7 +120,9 @@ def test_dead_letter_stream_is_capped(settings: Settings) -> None:
         await capped.ensure_group()
         for i in range(400):
             entry = await redis.xadd(capped.keys.stream, {"bad": str(i)})
-            await capped.dead_letter_entry(entry, {b"bad": str(i).encode()}, "malformed")
+            await capped.dead_letter_entry(
+                capped.keys.stream, entry, {b"bad": str(i).encode()}, "malformed"
+            )
         assert await redis.xlen(capped.keys.dead) <= 200
         assert await redis.xlen(capped.keys.stream) == 0
 

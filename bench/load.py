@@ -6,7 +6,7 @@
     python bench/load.py --trainers 2 --steps 3 --sequences 8 --parameters 1000 --workers 2
 
 Loopback only: the API (``python -m uvicorn service.app:create_app --factory`` on 127.0.0.1) and
-the workers (``python -m service.worker --device cpu``) are separate processes on the Redis at
+the workers (``kernelscope worker --device cpu``) are separate processes on the Redis at
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``), under a unique key prefix that is deleted
 at the end.  Bounded: ``trainers x steps`` uploads (plus one deliberate re-send per trainer) and
 ``--max-seconds`` of wall time, after which the run is reported as failed.
@@ -379,7 +379,7 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
     }
     api_args = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory"]
     api_args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    worker_args = [sys.executable, "-m", "service.worker", "--device", "cpu"]
+    worker_args = [sys.executable, "-m", "service", "worker", "--device", "cpu"]
     result = LoadResult(cfg)
     base_url = f"http://127.0.0.1:{port}"
     try:

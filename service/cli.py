@@ -260,6 +260,7 @@ def worker_command(
             "(`kernelscope serve` without REDIS_URL already runs its own worker)"
         )
         raise typer.Exit(code=2)
+    from service.metrics import mark_process_dead
     from service.worker import Worker, run_until_stopped
 
     _configure_logging(os.environ.get("KERNELSCOPE_LOG_LEVEL", "info"))
@@ -277,7 +278,10 @@ def worker_command(
     except (RuntimeError, ValueError) as exc:  # e.g. --device cuda without a GPU
         _err().print(f"[red]error:[/red] {exc}")
         raise typer.Exit(code=2) from exc
-    service_loop.run(main())
+    try:
+        service_loop.run(main())
+    finally:
+        mark_process_dead()  # multiprocess metrics: drop this process's live gauges
     _out().print("worker stopped")
     _exit_past_lingering_threads()
 

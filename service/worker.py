@@ -16,19 +16,17 @@ hand finishes, the rest of the batch is handed back to the queue (idle, its deli
 worker not counted), and the worker exits; ``kernelscope worker`` gives the job in hand
 ``shutdown_timeout_s``, after which it stays queued for the next worker.
 
-Run: ``python -m service.worker --redis-url redis://... --device auto|cpu|cuda``.
+Run: ``kernelscope worker --redis-url redis://... --device auto|cpu|cuda`` (``service/cli.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from collections import defaultdict
@@ -42,11 +40,9 @@ from redis.exceptions import RedisError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from service import loop as service_loop
 from service.analysis import run_sketcher
 from service.keys import GROUP
 from service.metrics import (
-    mark_process_dead,
     record_job,
     record_rows_sketched,
     record_worker_heartbeat,
@@ -464,21 +460,6 @@ class Worker:
         await store.dead_letter(run_id, step, upload_id, entry_id, error, attempts)
 
 
-async def run_worker(
-    settings: Settings, device: str = "auto", stop: asyncio.Event | None = None
-) -> Worker:
-    """Run one worker until ``stop`` is set or SIGTERM/SIGINT arrives; returns it (counts)."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # not possible outside the main thread or on non-POSIX loops: then stop is the only way
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    worker = Worker(settings, device)
-    await run_until_stopped(worker, stop, settings.shutdown_timeout_s)
-    return worker
-
-
 async def run_until_stopped(worker: Worker, stop: asyncio.Event, timeout_s: float) -> None:
     """``worker.run(stop)``, cancelled when it has not returned ``timeout_s`` after ``stop``
     is set: a job cut short is not acknowledged, so it stays queued (at-least-once)."""
@@ -495,34 +476,3 @@ async def run_until_stopped(worker: Worker, stop: asyncio.Event, timeout_s: floa
             await running
     finally:
         stopped.cancel()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m service.worker [--redis-url URL] [--device auto|cpu|cuda]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m service.worker", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--redis-url", default=None, help="default: REDIS_URL / KERNELSCOPE_REDIS_URL"
-    )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--key-prefix", default=None, help="default: KERNELSCOPE_KEY_PREFIX or ks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("KERNELSCOPE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    overrides: dict[str, Any] = {}
-    if args.redis_url:
-        overrides["redis_url"] = args.redis_url
-    if args.key_prefix:
-        overrides["key_prefix"] = args.key_prefix
-    settings = Settings(**overrides)
-    try:
-        service_loop.run(run_worker(settings, args.device))
-    finally:
-        mark_process_dead()  # multiprocess metrics: drop this process's live gauges
-
-
-if __name__ == "__main__":
-    main()

@@ -309,7 +309,7 @@ class LiveService:
         """Start a worker (extra settings as ``name="value"``) and, with ``wait``, wait until it
         has joined the consumer group, so that signals reach a worker with its handlers set."""
         env = {**self.env, **{f"KERNELSCOPE_{k.upper()}": v for k, v in extra.items()}}
-        proc = self._spawn(["-m", "service.worker", "--device", "cpu"], "worker", env)
+        proc = self._spawn(["-m", "service", "worker", "--device", "cpu"], "worker", env)
         self.workers.append(proc)
         if wait:
             self.wait_worker(proc)
@@ -370,7 +370,8 @@ def live_service(
     request: pytest.FixtureRequest, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> Iterator[LiveService]:
     """uvicorn (``python -m uvicorn service.app:create_app --factory``) on a free port plus
-    workers (``python -m service.worker``), env-configured on the test Redis and prefix.
+    workers (``kernelscope worker``, as ``python -m service worker``), env-configured on the
+    test Redis and prefix.
 
     One worker by default; ``@pytest.mark.parametrize("live_service", [{"workers": 0}],
     indirect=True)`` starts none (the test starts its own with ``start_worker``), and

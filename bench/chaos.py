@@ -54,6 +54,7 @@ from load import (  # bench/load.py
     LoadConfig,
     LoadResult,
     Trainer,
+    collect,
     percentile,
     run_id,
     verify,
@@ -215,16 +216,8 @@ def run_chaos(
                 chaos.join(120)
             load = result.load
             load.wall_s = time.perf_counter() - t0
-            for t in trainers:
-                if t.is_alive():
-                    load.failures.append(f"{t.name} still running at --max-seconds")
-                elif t.error is not None:
-                    load.failures.append(f"{t.name}: {type(t.error).__name__}: {t.error}")
-                load.upload_latency += t.upload_latency
-                load.query_latency += t.query_latency
-                load.upload_bytes += t.upload_bytes
-                load.retries_deduplicated += t.deduplicated
-                result.resends += t.faults_retried
+            collect(trainers, load)
+            result.resends = sum(t.faults_retried for t in trainers)
             if not load.failures:
                 with httpx.Client(base_url=stack.url, timeout=600) as http:
                     verify(cfg, http, prefix, load, faults=inject)

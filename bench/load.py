@@ -399,15 +399,7 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
             for t in trainers:
                 t.join(max(1.0, deadline - time.monotonic() + 60))
             result.wall_s = time.perf_counter() - t0
-            for t in trainers:
-                if t.is_alive():
-                    result.failures.append(f"{t.name} still running at --max-seconds")
-                elif t.error is not None:
-                    result.failures.append(f"{t.name}: {type(t.error).__name__}: {t.error}")
-                result.upload_latency += t.upload_latency
-                result.query_latency += t.query_latency
-                result.upload_bytes += t.upload_bytes
-                result.retries_deduplicated += t.deduplicated
+            collect(trainers, result)
             if not result.failures:
                 with httpx.Client(base_url=base_url, timeout=600) as http:
                     verify(cfg, http, prefix, result)
@@ -417,6 +409,19 @@ def run_load(cfg: LoadConfig, logs: Path | None = None) -> LoadResult:
             client.unlink(key)
         client.close()
     return result
+
+
+def collect(trainers: Sequence[Trainer], result: LoadResult) -> None:
+    """Add the finished trainers' measurements and failures to ``result``."""
+    for t in trainers:
+        if t.is_alive():
+            result.failures.append(f"{t.name} still running at --max-seconds")
+        elif t.error is not None:
+            result.failures.append(f"{t.name}: {type(t.error).__name__}: {t.error}")
+        result.upload_latency += t.upload_latency
+        result.query_latency += t.query_latency
+        result.upload_bytes += t.upload_bytes
+        result.retries_deduplicated += t.deduplicated
 
 
 def percentile(values: Sequence[float], q: float) -> float:

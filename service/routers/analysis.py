@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import analysis as an
@@ -41,23 +42,51 @@ _409: dict[int | str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class StepQuery:
+    """What every analysis of one step needs: where the data is, the limits, the shutdown
+    signal, the run and step, and how long a pending step may be waited for."""
+
+    store: Store
+    settings: Settings
+    draining: threading.Event
+    run: dict[str, Any]
+    step: int
+    wait: float = 0.0
+
+
+def step_query(
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    settings: SettingsDep,
+    draining: DrainingDep,
+    wait: Wait = 0.0,
+) -> StepQuery:
+    return StepQuery(store, settings, draining, run, step, wait)
+
+
+StepQ = Annotated[StepQuery, Depends(step_query)]
+
+
 async def _answer(
-    store: Store,
-    settings: Settings,
-    draining: threading.Event,
-    run: dict[str, Any],
-    step: int,
-    wait: float,
+    q: StepQuery,
     query: str,
     compute: Callable[[an.StepMatrix], bytes],
     media_type: str = "application/json",
     after: Callable[[an.StepMatrix, bytes], Any] | None = None,
 ) -> Response:
-    run_id = run["run_id"]
+    limits = q.settings
     await an.ready_step(
-        store, run, step, wait, settings.max_sequences, settings.max_analysis_bytes, draining
+        q.store,
+        q.run,
+        q.step,
+        q.wait,
+        limits.max_sequences,
+        limits.max_analysis_bytes,
+        q.draining,
     )
-    body = await an.cached_result(store, run_id, step, query, compute, after)
+    body = await an.cached_result(q.store, q.run["run_id"], q.step, query, compute, after)
     return Response(content=body, media_type=media_type)
 
 
@@ -67,140 +96,65 @@ async def _answer(
     responses={200: {"content": {NPY: {}}}, **_409},
 )
 async def kernel(
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    settings: SettingsDep,
-    draining: DrainingDep,
+    q: StepQ,
     role: RoleQ = "update",
     normalize: Annotated[bool, Query(description="cosine rho instead of K")] = False,
-    wait: Wait = 0.0,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """``K(i, j) = <w_i, w_j>`` over ``role`` (JSON ``{ids, matrix}``; ``Accept:
     application/octet-stream`` gives a float64 ``.npy``, row order as in the JSON ``ids``)."""
     if accept and NPY in accept:
         return await _answer(
-            store,
-            settings,
-            draining,
-            run,
-            step,
-            wait,
+            q,
             f"kernel.npy|{role}|{normalize}",
             lambda m: an.kernel_npy(m, role, normalize),
             NPY,
         )
     return await _answer(
-        store,
-        settings,
-        draining,
-        run,
-        step,
-        wait,
-        f"kernel|{role}|{normalize}",
-        lambda m: an.kernel_json(m, role, normalize),
+        q, f"kernel|{role}|{normalize}", lambda m: an.kernel_json(m, role, normalize)
     )
 
 
 @router.get("/steps/{step}/kernel/diagonal", response_model=list[DiagonalEntry], responses=_409)
-async def kernel_diagonal(
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    settings: SettingsDep,
-    draining: DrainingDep,
-    role: RoleQ = "update",
-    wait: Wait = 0.0,
-) -> Response:
+async def kernel_diagonal(q: StepQ, role: RoleQ = "update") -> Response:
     """``K(i, i) = |w_i|^2`` per sequence of ``role``."""
-    return await _answer(
-        store,
-        settings,
-        draining,
-        run,
-        step,
-        wait,
-        f"diagonal|{role}",
-        lambda m: an.diagonal_json(m, role),
-    )
+    return await _answer(q, f"diagonal|{role}", lambda m: an.diagonal_json(m, role))
 
 
 @router.get("/steps/{step}/kernel/spectrum", response_model=SpectrumOut, responses=_409)
 async def kernel_spectrum(
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    settings: SettingsDep,
-    draining: DrainingDep,
+    q: StepQ,
     role: RoleQ = "update",
     top: Annotated[int, Query(ge=0, le=256, description="eigenvectors to return")] = 0,
-    wait: Wait = 0.0,
 ) -> Response:
     """Eigenvalues (descending), trace, effective rank, participation ratio (math.md §5)."""
-    return await _answer(
-        store,
-        settings,
-        draining,
-        run,
-        step,
-        wait,
-        f"spectrum|{role}|{top}",
-        lambda m: an.spectrum_json(m, role, top),
-    )
+    return await _answer(q, f"spectrum|{role}|{top}", lambda m: an.spectrum_json(m, role, top))
 
 
 @router.get("/steps/{step}/kernel/blocks", responses=_409)
-async def kernel_blocks(
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    settings: SettingsDep,
-    draining: DrainingDep,
-    role: RoleQ = "update",
-    wait: Wait = 0.0,
-) -> Response:
+async def kernel_blocks(q: StepQ, role: RoleQ = "update") -> Response:
     """Pair-type statistics (diagonal, same_prompt, cross_prompt) and the prompt matrix."""
-    return await _answer(
-        store,
-        settings,
-        draining,
-        run,
-        step,
-        wait,
-        f"blocks|{role}",
-        lambda m: an.blocks_json(m, role),
-    )
+    return await _answer(q, f"blocks|{role}", lambda m: an.blocks_json(m, role))
 
 
 @router.get("/steps/{step}/entropy", responses=_409)
 async def step_entropy(
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    settings: SettingsDep,
-    draining: DrainingDep,
+    q: StepQ,
     estimator: Annotated[Estimator | None, Query(description="default: see math.md §4")] = None,
-    wait: Wait = 0.0,
 ) -> Response:
     """First-order entropy change ``dH1`` with decomposition and error bars (math.md §4).
 
     A query with the default estimator also records the step's row of
     ``GET /v1/runs/{run_id}/entropy``."""
-    run_id = run["run_id"]
+    run = q.run
 
     async def keep_summary(m: an.StepMatrix, body: bytes) -> None:
         # the summary needs the update kernel's eigenvalues: CPU work, off the event loop
         summary = await run_in_threadpool(an.entropy_summary, m, json.loads(body))
-        await store.put_summary(run_id, step, summary)
+        await q.store.put_summary(run["run_id"], q.step, summary)
 
     return await _answer(
-        store,
-        settings,
-        draining,
-        run,
-        step,
-        wait,
+        q,
         f"entropy|{estimator}|r{an.ANALYSIS_REVISION}",
         lambda m: an.entropy_json(m, run, an.run_sketcher(run), estimator),
         after=keep_summary if estimator is None else None,
@@ -228,9 +182,7 @@ async def run_entropy(
         ):
             continue
         try:
-            await step_entropy(
-                run=run, step=step, store=store, settings=settings, draining=draining
-            )
+            await step_entropy(StepQuery(store, settings, draining, run, step))
         except ProblemError as exc:
             if exc.status not in (409, 422):
                 raise

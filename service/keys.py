@@ -47,6 +47,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 """Run ids and sequence ids: letters, digits and ``._:-``, 1 to 128 characters."""
@@ -90,14 +91,14 @@ class Keys:
         """The dead-letter stream on one Redis (``deads[0]``)."""
         return self.deads[0]
 
-    @property
+    @cached_property
     def streams(self) -> list[str]:
         """Every job stream: the one on one Redis, one per shard on a cluster."""
         if not self.shards:
             return [f"{self.prefix}:{{jobs}}:stream"]
         return [f"{self.prefix}:{{q{i}}}:stream" for i in range(self.shards)]
 
-    @property
+    @cached_property
     def deads(self) -> list[str]:
         """Every dead-letter stream, in the order of :attr:`streams`."""
         if not self.shards:

@@ -623,6 +623,7 @@ class Store:
         """
         k = self.keys
         uploads_key = k.uploads(run_id, step)
+        stream = k.stream_of(run_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -644,8 +645,8 @@ class Store:
                             )
                             _unlink(pipe, k.raw(run_id, step, upload_id))
                     if entry_id is not None:
-                        pipe.xack(k.stream_of(run_id), GROUP, entry_id)
-                        pipe.xdel(k.stream_of(run_id), entry_id)
+                        pipe.xack(stream, GROUP, entry_id)
+                        pipe.xdel(stream, entry_id)
                     await pipe.execute()
                     return raw is not None
                 except WatchError:

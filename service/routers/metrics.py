@@ -14,7 +14,7 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.keys import GROUP, Keys
+from service.keys import GROUP
 from service.metrics import QueueCollector, QueueStats, metrics_response, read_queue_stats
 
 router = APIRouter(include_in_schema=False)
@@ -25,15 +25,14 @@ SCRAPE_REDIS_TIMEOUT_S = 1.0
 
 async def queue_stats_of(request: Request) -> QueueStats | None:
     """The app's job-queue state, or ``None`` when Redis cannot be read."""
-    state = request.app.state
-    redis = getattr(state, "redis", None)
-    settings = getattr(state, "settings", None)
-    if redis is None or settings is None:
+    store = getattr(request.app.state, "store", None)
+    if store is None:
         return None
-    keys = Keys(settings.key_prefix, settings.shards)
+    keys = store.keys  # the layout the app stores with (sharded on a cluster)
     try:
         return await asyncio.wait_for(
-            read_queue_stats(redis, keys.streams, GROUP, keys.deads), SCRAPE_REDIS_TIMEOUT_S
+            read_queue_stats(store.redis, keys.streams, GROUP, keys.deads),
+            SCRAPE_REDIS_TIMEOUT_S,
         )
     except Exception as exc:  # a scrape must answer even when Redis is down
         log.warning("metrics scrape could not read the job queue: %s", exc)

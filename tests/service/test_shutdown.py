@@ -183,9 +183,11 @@ def test_a_job_in_hand_past_the_deadline_stays_queued(tmp_path: Path) -> None:
         proc.kill()
         raise
     _, took, code = _sigterm(proc)
-    # The whole timeout is spent waiting for the stalled job; then the cancelled worker
-    # hands its job back, Redis saves and the process exits (4.3 s seen on a loaded CI).
-    assert code == 0 and took < SHUTDOWN_S + 3.0, (took, log.read_text())
+    # The whole timeout is spent waiting for the stalled job (it would sleep 600 s); then the
+    # cancelled worker hands its job back, Redis saves and the process exits: 0.5 s past the
+    # deadline on an idle machine, 4.0 s once on a loaded 2-core CI.  The bound only has to
+    # tell "cut at the deadline" from "waited for the job".
+    assert code == 0 and SHUTDOWN_S <= took < SHUTDOWN_S + 15.0, (took, log.read_text())
     proc = _start_serve(port, env, log)
     try:
         with httpx.Client(base_url=base, timeout=60) as api:

@@ -32,6 +32,14 @@ path ever reaches the file system and a new module needs no registration."""
 
 _TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+"""The page's Content-Security-Policy: its own modules, stylesheet and ``/v1`` calls only (the
+empty ``data:`` icon aside), no inline script or style, no framing; a script injected through
+a run id or a prompt name would not run."""
+
 
 def read_asset(name: str) -> bytes:
     """The bytes of the packaged asset ``name`` (one of :data:`ASSETS`)."""
@@ -47,7 +55,10 @@ def _asset_response(name: str) -> Response:
         media = "text/html; charset=utf-8"
     # no-cache: the browser revalidates every file, so an upgraded service never runs a stale
     # module next to fresh ones (the modules import each other by plain, unversioned names)
-    return Response(read_asset(name), media_type=media, headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    if media.startswith("text/html"):
+        headers["Content-Security-Policy"] = PAGE_POLICY
+    return Response(read_asset(name), media_type=media, headers=headers)
 
 
 @router.get("/")

@@ -87,20 +87,16 @@ export function chartCard(box, name, title, subtitle) {
 }
 
 function legend(items) {
+  const swatch = (it) => {
+    const node = el("span", { class: `swatch ${it.kind || "dot"}` });
+    // through the CSSOM: the page's Content-Security-Policy refuses style attributes
+    node.style.setProperty("--c", it.color);
+    return node;
+  };
   return el(
     "div",
     { class: "legend" },
-    items.map((it) =>
-      el(
-        "span",
-        { class: "legend-item" },
-        el("span", {
-          class: `swatch ${it.kind || "dot"}`,
-          style: `--c:${it.color}`,
-        }),
-        it.label,
-      ),
-    ),
+    items.map((it) => el("span", { class: "legend-item" }, swatch(it), it.label)),
   );
 }
 

@@ -71,7 +71,12 @@
 
 /** @typedef {{run_id: string, steps: RunEntropyRow[]}} RunEntropyOut  schemas.RunEntropyOut */
 
-/** @typedef {{id: string, prompt_id: string | number, value: number}} DiagonalEntry  schemas.DiagonalEntry */
+/**
+ * @typedef {object} DiagonalEntry  schemas.DiagonalEntry
+ * @property {string} id
+ * @property {string | number} prompt_id  as the model says; the service sends the string form
+ * @property {number} value  K(i, i)
+ */
 
 /**
  * @typedef {object} SpectrumOut  schemas.SpectrumOut

@@ -1,0 +1,275 @@
+/* Every call the dashboard makes to the /v1 API, each returning the document the service sends.
+ *
+ * The typedefs below mirror the service's response models field for field (service/schemas.py;
+ * for the two answers that have no model there, the sketch/ dataclass whose to_dict() the
+ * route returns).  The pages read these fields and nothing else: a field that is missing or
+ * renamed is a contract change, to be made here and in the schema together.
+ */
+
+/**
+ * @typedef {object} SketchSpec  schemas.SketchSpecIn
+ * @property {string} kind
+ * @property {number} dim
+ * @property {number} seed
+ * @property {{name: string, pattern: string, dim: number}[] | null} groups  schemas.GroupIn
+ */
+
+/**
+ * @typedef {object} Run  schemas.Run
+ * @property {string} run_id
+ * @property {SketchSpec} sketch
+ * @property {"dr_grpo" | "grpo" | "sequence_mean"} normalization
+ * @property {"sgd" | "adam"} geometry
+ * @property {Object<string, number[]> | null} parameters
+ * @property {number} ranks
+ * @property {number} k  total sketch width of a row
+ * @property {number} created_at  unix seconds
+ */
+
+/**
+ * @typedef {object} StepStatus  schemas.StepStatus
+ * @property {string} run_id
+ * @property {number} step
+ * @property {"pending" | "ready" | "failed"} state
+ * @property {number} sequences
+ * @property {number} rows
+ * @property {number} pending_uploads
+ * @property {number} uploads
+ * @property {boolean} applied_update
+ * @property {number | null} learning_rate
+ * @property {{upload_id: string, error: string, attempts: number}[]} errors  schemas.UploadError
+ * @property {number} ranks_expected
+ * @property {number[]} ranks_reported
+ */
+
+/** @typedef {Run & {steps: StepStatus[]}} RunDetail  schemas.RunDetail */
+
+/**
+ * @typedef {object} RunEntropyRow  schemas.RunEntropyRow
+ * @property {number} step
+ * @property {number} delta_h1
+ * @property {number} se_sampling
+ * @property {number} se_sketch
+ * @property {string} estimator
+ * @property {number | null} realized
+ * @property {number | null} realized_se
+ * @property {"logprob_after" | "posted" | "given" | null} realized_source
+ * @property {number | null} realized_snis
+ * @property {number | null} ratio
+ * @property {number | null} ratio_low
+ * @property {number | null} ratio_high
+ * @property {boolean | null} ratio_estimable
+ * @property {number | null} kl
+ * @property {number | null} kl_se
+ * @property {"first_order" | "second_order" | "outside" | "unknown" | null} regime
+ * @property {string[]} regime_reasons
+ * @property {number | null} delta_h1_applied
+ * @property {number | null} delta_h2
+ * @property {number | null} delta_h1_plus_h2
+ * @property {number[]} spectrum_head
+ */
+
+/** @typedef {{run_id: string, steps: RunEntropyRow[]}} RunEntropyOut  schemas.RunEntropyOut */
+
+/**
+ * @typedef {object} DiagonalEntry  schemas.DiagonalEntry
+ * @property {string} id
+ * @property {string | number} prompt_id  as the model says; the service sends the string form
+ * @property {number} value  K(i, i)
+ */
+
+/**
+ * @typedef {object} SpectrumOut  schemas.SpectrumOut
+ * @property {number[]} eigenvalues  descending
+ * @property {number} trace
+ * @property {number} effective_rank
+ * @property {number} participation_ratio
+ * @property {number[][] | null} [eigenvectors]  only with ?top > 0 (the pages never ask)
+ */
+
+/**
+ * @typedef {object} PairStats  sketch.blocks.PairStats
+ * @property {number} count
+ * @property {number | null} mean_k
+ * @property {number | null} mean_abs_k
+ * @property {number | null} mean_rho
+ * @property {number | null} mean_abs_rho
+ * @property {number | null} share_frobenius
+ */
+
+/**
+ * @typedef {object} Blocks  sketch.blocks.Blocks (GET .../kernel/blocks has no schema model)
+ * @property {PairStats} diagonal
+ * @property {PairStats} same_prompt
+ * @property {PairStats} cross_prompt
+ * @property {{prompts: string[], mean_k: (number | null)[][], mean_rho: (number | null)[][]}} prompt_matrix
+ *   sketch.blocks.PromptMatrix; null: a prompt with one sequence has no pairs within itself
+ */
+
+/**
+ * @typedef {object} Quadrant  sketch.entropy.Quadrant
+ * @property {"positive" | "negative"} advantage
+ * @property {"above_mean" | "below_mean"} logprob
+ * @property {number} sum
+ * @property {number} count
+ */
+
+/**
+ * @typedef {object} Decomposition  sketch.entropy.Decomposition
+ * @property {{diagonal: PairTypeValue, same_prompt: PairTypeValue, cross_prompt: PairTypeValue}} pair_types
+ * @property {Quadrant[]} quadrants
+ * @property {Object<string, number> | null} groups  null unless the run's sketch has groups
+ */
+
+/** @typedef {{value: number | null, share: number | null}} PairTypeValue  sketch.entropy.PairTypeValue */
+
+/**
+ * @typedef {object} SequenceContribution  sketch.entropy.SequenceContribution
+ * @property {string} id
+ * @property {string} prompt_id
+ * @property {"update" | "entropy"} role
+ * @property {number} advantage
+ * @property {number} logprob
+ * @property {number} num_tokens
+ * @property {number | null} a  a_i, an update row of the estimator
+ * @property {number | null} b  b_j, an entropy row of the estimator
+ * @property {number | null} c
+ * @property {number | null} h
+ */
+
+/**
+ * @typedef {object} Realized  sketch.realized.Realized
+ * @property {number} delta_h
+ * @property {"logprob_after" | "posted" | "given"} source
+ * @property {number | null} entropy_before
+ * @property {number | null} entropy_after
+ * @property {number} num_sequences
+ * @property {number} num_prompts
+ * @property {"control_variate" | "snis" | null} estimator  set when source is logprob_after
+ * @property {number | null} se
+ * @property {number | null} delta_h_snis
+ * @property {number | null} kl
+ * @property {number | null} kl_se
+ */
+
+/**
+ * @typedef {object} RatioInterval  sketch.ratio.RatioInterval
+ * @property {number | null} value
+ * @property {number | null} low
+ * @property {number | null} high
+ * @property {boolean} estimable
+ * @property {number} z
+ * @property {number} correlation
+ */
+
+/**
+ * @typedef {object} TaylorCheck  sketch.taylor.TaylorCheck
+ * @property {"first_order" | "second_order" | "outside" | "unknown"} regime
+ * @property {number | null} kl
+ * @property {number | null} kl_se
+ * @property {number | null} h2_ratio
+ * @property {string[]} reasons
+ */
+
+/**
+ * @typedef {object} NoiseScale  sketch.noise_scale.NoiseScale
+ * @property {number | null} tr_sigma
+ * @property {number | null} g_norm2
+ * @property {number | null} b_simple
+ * @property {number} num_prompts
+ */
+
+/**
+ * @typedef {object} EntropyChange  sketch.entropy.EntropyChange (GET .../entropy has no schema model)
+ * @property {number} delta_h1
+ * @property {"independent" | "u_statistic" | "plugin"} estimator
+ * @property {number} se_sampling
+ * @property {number} se_sketch
+ * @property {Decomposition} decomposition
+ * @property {SequenceContribution[]} per_sequence
+ * @property {number | null} delta_h1_diag
+ * @property {number | null} cov_baseline
+ * @property {NoiseScale} noise_scale
+ * @property {number} learning_rate
+ * @property {number} step_norm
+ * @property {string} normalization
+ * @property {number} num_update
+ * @property {number} num_entropy
+ * @property {number} num_prompts
+ * @property {number | null} delta_h1_applied
+ * @property {number | null} delta_h2
+ * @property {number | null} delta_h1_plus_h2
+ * @property {Realized | null} realized  null: no realized change known yet
+ * @property {number | null} ratio
+ * @property {RatioInterval | null} ratio_interval  null exactly when realized is
+ * @property {TaylorCheck} taylor
+ */
+
+// The token never travels in a URL (access logs, browser history): it is typed into the page and
+// kept in this tab's session storage.
+const TOKEN_KEY = "kernelscope.token";
+
+/** Keep `value` as this tab's API token (an empty value forgets it). */
+export function setToken(value) {
+  if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+/** Forget a token that earlier versions of the page kept in local storage (it outlived the tab). */
+export function dropStoredToken() {
+  localStorage.removeItem(TOKEN_KEY);
+}
+
+/** A non-2xx answer; `problem` is its problem+json document (null if the body is not one). */
+export class ApiError extends Error {
+  constructor(status, problem) {
+    super(problem ? problem.detail : `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+/** GET a /v1 JSON document; throws ApiError on a non-2xx answer. */
+async function get(path) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const res = await fetch(path, { headers, cache: "no-store" });
+  if (!res.ok) {
+    // a proxy in front of the service may answer with its own, non-problem body
+    const type = res.headers.get("content-type") || "";
+    const problem = type.startsWith("application/problem+json") ? await res.json() : null;
+    throw new ApiError(res.status, problem);
+  }
+  return res.json();
+}
+
+const enc = encodeURIComponent;
+const stepPath = (runId, step) => `/v1/runs/${enc(runId)}/steps/${step}`;
+// an analysis asked for right after its step's status said ready: ?wait rides out a race
+// with a new upload instead of a 409
+const waitQuery = (wait) => (wait ? `?wait=${wait}` : "");
+
+/** GET /v1/runs. @returns {Promise<Run[]>} oldest first */
+export const listRuns = () => get("/v1/runs");
+
+/** GET /v1/runs/{run_id}. @returns {Promise<RunDetail>} */
+export const getRun = (runId) => get(`/v1/runs/${enc(runId)}`);
+
+/** GET /v1/runs/{run_id}/entropy. @returns {Promise<RunEntropyOut>} */
+export const getRunEntropy = (runId) => get(`/v1/runs/${enc(runId)}/entropy`);
+
+/** GET /v1/runs/{run_id}/steps/{step}. @returns {Promise<StepStatus>} */
+export const getStep = (runId, step) => get(stepPath(runId, step));
+
+/** GET .../steps/{step}/kernel/spectrum. @returns {Promise<SpectrumOut>} */
+export const getSpectrum = (runId, step, wait = 0) => get(`${stepPath(runId, step)}/kernel/spectrum${waitQuery(wait)}`);
+
+/** GET .../steps/{step}/kernel/blocks. @returns {Promise<Blocks>} */
+export const getBlocks = (runId, step, wait = 0) => get(`${stepPath(runId, step)}/kernel/blocks${waitQuery(wait)}`);
+
+/** GET .../steps/{step}/kernel/diagonal. @returns {Promise<DiagonalEntry[]>} */
+export const getDiagonal = (runId, step, wait = 0) => get(`${stepPath(runId, step)}/kernel/diagonal${waitQuery(wait)}`);
+
+/** GET .../steps/{step}/entropy (the default estimator). @returns {Promise<EntropyChange>} */
+export const getStepEntropy = (runId, step, wait = 0) => get(`${stepPath(runId, step)}/entropy${waitQuery(wait)}`);

@@ -53,11 +53,10 @@ from clients.results import (
     StepStatus,
     UploadReceipt,
 )
-from sketch.base import parse_tensor_name
+from sketch.names import APPLIED_UPDATE_ID, parse_tensor_name
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 """64 MiB: below the server's default limit (``KERNELSCOPE_MAX_BODY_MB``, 256)."""
-APPLIED_UPDATE_ID = "__applied_update__"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 UploadKind = Literal["gradients", "sketches"]
 #: Score rows ``w_i = dS_i/dtheta`` or update rows ``u_i`` of the step (math.md §4 "Update rows").

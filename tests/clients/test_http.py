@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import math
 import socket
+import subprocess
+import sys
 import threading
 import warnings
 from collections import Counter
@@ -143,6 +145,14 @@ def test_sketch_spec_dict_accepts_dicts_and_objects() -> None:
         "dim": 1,
         "seed": 0,
     }
+
+
+def test_importing_the_client_does_not_load_numba() -> None:
+    """The client parses ``name@offset`` with ``sketch.names``, not through the operators,
+    whose numba loops cost a trainer seconds of import (and compile) time."""
+    code = "import clients.http, sys; assert 'numba' not in sys.modules, 'numba loaded'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ----------------------------------------------------------------------- live service

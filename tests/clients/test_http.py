@@ -34,7 +34,8 @@ from clients.errors import (
     ValidationError,
 )
 from clients.factorised import FactorisedCapture
-from clients.http import AsyncClient, Client, RetryPolicy, plan_uploads, sketch_spec_dict
+from clients.http import AsyncClient, Client, RetryPolicy, sketch_spec_dict
+from clients.uploads import plan_uploads
 from service.uploads import read_header
 from tests.clients.conftest import LiveService, free_port, make_batch, tiny_gpt2
 

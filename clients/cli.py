@@ -9,6 +9,7 @@ feeding the service; ``clients.demo``).  The service's commands ``serve`` and ``
 
 from __future__ import annotations
 
+import functools
 import importlib
 from enum import Enum
 from typing import TYPE_CHECKING, Annotated, Any
@@ -39,9 +40,14 @@ class KernelscopeGroup(TyperGroup):
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name in SERVICE_COMMANDS:
-            service_app = importlib.import_module("service.cli").app
-            return typer.main.get_group(service_app).get_command(ctx, cmd_name)
+            return _service_group().get_command(ctx, cmd_name)
         return super().get_command(ctx, cmd_name)
+
+
+@functools.cache
+def _service_group() -> Any:
+    """``service.cli``'s app as a click group (built once: ``--help`` asks for each command)."""
+    return typer.main.get_group(importlib.import_module("service.cli").app)
 
 
 app = typer.Typer(

@@ -1,1 +1,1 @@
-"""kernelscope clients: HTTP client, per-sequence gradient capture and trainer integrations."""
+"""kernelscope clients: HTTP client, per-sequence gradient capture, trainer integrations, CLI."""

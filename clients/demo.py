@@ -67,7 +67,7 @@ from clients.grpo import (
     train_step,
 )
 from clients.http import Client
-from service.report import ratio_text
+from clients.report import ratio_text
 
 #: Seconds to wait for a child service to answer ``/healthz``.
 SERVICE_START_TIMEOUT_S = 120.0
@@ -143,7 +143,7 @@ class DemoStep:
     regime: str | None = None
 
     def ratio_cell(self) -> dict[str, Any]:
-        """The keys :func:`service.report.ratio_text` reads."""
+        """The keys :func:`clients.report.ratio_text` reads."""
         return {
             "ratio": self.ratio,
             "ratio_low": self.ratio_low,

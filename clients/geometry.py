@@ -34,9 +34,7 @@ from torch import nn
 
 from clients.capture import SequenceBatch, sequence_logprobs
 from clients.filters import ParameterFilter, select_parameters
-
-APPLIED_UPDATE_ID = "__applied_update__"
-"""Reserved sequence id of the applied-update row (architecture.md)."""
+from sketch.names import APPLIED_UPDATE_ID as APPLIED_UPDATE_ID
 
 
 def _step_count(value: Any) -> float:

@@ -1,37 +1,36 @@
 """HTTP client of the kernelscope REST API v1 (architecture.md), sync and async.
 
-:class:`Client` and :class:`AsyncClient` have the same methods (the async ones are
-coroutines).  Gradient uploads are safetensors bodies; big gradients are split into several
-uploads that each stay under the server's body limit (``KERNELSCOPE_MAX_BODY_MB`` on the
-server; tell the client with ``max_body_bytes``), first by parameter, then by flat slices
-``name@offset`` (math.md §7: partial sketches add up, so any split gives the same rows), and
-by rows when even one column of all rows is too big.
+Every endpoint is written once, in :class:`Endpoints`, as a *flow*: a generator that yields
+the :class:`Request` s it needs (and the :class:`Sleep` s between retries or polls), receives
+each answer, and returns the parsed result, without doing any I/O itself.  :class:`Client`
+runs a flow with a blocking ``httpx.Client``; :class:`AsyncClient` runs the same flow with an
+``httpx.AsyncClient``, so its methods are the same, as coroutines.  Retries, error mapping
+(``clients.errors``) and answer parsing (``clients.results``) are therefore identical in both.
 
-Every upload carries a deterministic ``Idempotency-Key``: a hash of the run, step, kind,
-sequence ids and the tensor names/shapes of that slice.  The server stores an upload once per
-key, so the client retries an upload with the same key after a dropped connection, a 5xx or a
-429 (exponential backoff, ``Retry-After`` honoured) and the data is counted exactly once.  A
-consequence worth knowing: re-pushing *different* values for the same run, step, ids and
-slice is ignored as a duplicate; pass ``key_salt`` to make it a new upload.
+Gradient uploads are safetensors bodies planned by ``clients.uploads``: big gradients are split
+into several uploads that each stay under the server's body limit (``KERNELSCOPE_MAX_BODY_MB``
+on the server; tell the client with ``max_body_bytes``).  Every upload carries a deterministic
+``Idempotency-Key``, so the client retries an upload with the same key after a dropped
+connection, a 5xx or a 429 (exponential backoff, ``Retry-After`` honoured) and the data is
+counted exactly once.  A consequence worth knowing: re-pushing *different* values for the same
+run, step, ids and slice is ignored as a duplicate; pass ``key_salt`` to make it a new upload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
+import functools
 import io
-import json
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
 import httpx
 import numpy as np
-import safetensors.torch
 import torch
 
 from clients.errors import (
@@ -53,16 +52,15 @@ from clients.results import (
     StepStatus,
     UploadReceipt,
 )
-from sketch.base import parse_tensor_name
+from clients.uploads import PlannedUpload, RowKind, plan_sketch_uploads, plan_uploads
+from sketch.names import APPLIED_UPDATE_ID
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 """64 MiB: below the server's default limit (``KERNELSCOPE_MAX_BODY_MB``, 256)."""
-APPLIED_UPDATE_ID = "__applied_update__"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-UploadKind = Literal["gradients", "sketches"]
-#: Score rows ``w_i = dS_i/dtheta`` or update rows ``u_i`` of the step (math.md §4 "Update rows").
-RowKind = Literal["score", "update"]
-_DTYPES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,158 +85,31 @@ class RetryPolicy:
 
 
 # --------------------------------------------------------------------------------------------
-# upload planning (pure)
+# what a flow asks its client to do
 
 
 @dataclass(frozen=True)
-class PlannedUpload:
-    """One upload: tensors ``{name or name@offset: [rows, d] view}`` and their sequence ids."""
+class Request:
+    """One HTTP request of a flow; the client answers with the ``httpx.Response`` or throws
+    the ``httpx.TransportError`` into the flow."""
 
-    kind: UploadKind
-    tensors: dict[str, torch.Tensor]
-    sequence_ids: list[str]
-    key: str
-    dtype: torch.dtype
-    rows: RowKind = "score"
-
-    @property
-    def data_bytes(self) -> int:
-        """Bytes of tensor data (the body adds a small header)."""
-        return sum(t.numel() for t in self.tensors.values()) * _DTYPES[self.dtype]
-
-    def body(self) -> bytes:
-        """The safetensors body (built on demand so only one upload is in memory at a time)."""
-        tensors = {
-            k: v.detach().to(device="cpu", dtype=self.dtype).contiguous().clone()
-            for k, v in self.tensors.items()
-        }
-        metadata = {"sequence_ids": json.dumps(self.sequence_ids)}
-        if self.rows == "update":
-            metadata["rows"] = "update"
-        return safetensors.torch.save(tensors, metadata=metadata)
+    method: str
+    path: str
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    content: bytes | None = None
+    headers: Mapping[str, str] | None = None
 
 
-def idempotency_key(
-    kind: str,
-    run_id: str,
-    step: int,
-    sequence_ids: Sequence[str],
-    tensors: Mapping[str, Sequence[int]],
-    salt: str = "",
-) -> str:
-    """``ks-`` + 40 hex digits of SHA-256 over run, step, kind, ids, tensor names/shapes, salt."""
-    doc = json.dumps(
-        [
-            kind,
-            run_id,
-            int(step),
-            list(sequence_ids),
-            sorted((k, list(s)) for k, s in tensors.items()),
-            salt,
-        ],
-        separators=(",", ":"),
-    )
-    return "ks-" + hashlib.sha256(doc.encode()).hexdigest()[:40]
+@dataclass(frozen=True)
+class Sleep:
+    """A pause of a flow (retry backoff, polling); the client answers ``None``."""
+
+    seconds: float
 
 
-def _header_bytes(sequence_ids: Sequence[str], names: Iterable[str]) -> int:
-    """A generous bound on the safetensors header size for these ids and tensor names."""
-    ids_json = json.dumps(json.dumps(list(sequence_ids)))  # metadata is a JSON string in JSON
-    per_tensor = sum(len(json.dumps(n)) + 96 for n in names)
-    return 8 + len(ids_json) + per_tensor + 256
-
-
-def plan_uploads(
-    kind: UploadKind,
-    run_id: str,
-    step: int,
-    tensors: Mapping[str, torch.Tensor],
-    sequence_ids: Sequence[str],
-    max_body_bytes: int,
-    dtype: torch.dtype = torch.float32,
-    salt: str = "",
-    row_kind: RowKind = "score",
-) -> list[PlannedUpload]:
-    """Split named row tensors ``{name: [n, ...]}`` into uploads of at most ``max_body_bytes``.
-
-    ``row_kind``: ``score`` rows ``w_i`` or ``update`` rows ``u_i`` (math.md §4 "Update rows"; the
-    ``rows`` metadata entry, and part of each upload's ``Idempotency-Key``).
-
-    Whole parameters are packed together while they fit; a parameter too big for one upload is
-    cut into flat column slices ``name@offset`` (an input already named ``name@offset`` keeps
-    its offset); when a single column of all ``n`` rows does not fit, the rows are split too.
-    The union of the uploads is exactly the input, each value once.
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    ids = [str(i) for i in sequence_ids]
-    n = len(ids)
-    if n == 0:
-        raise ValueError("no sequence ids")
-    if len(set(ids)) != n:
-        raise ValueError("sequence ids must be unique within an upload")
-    if not tensors:
-        raise ValueError("nothing to upload")
-    flat: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if t.ndim < 1 or t.shape[0] != n:
-            raise ValueError(f"tensor {name!r}: first dimension {tuple(t.shape)[:1]} != {n} ids")
-        if not t.is_floating_point():
-            raise TypeError(f"tensor {name!r} is not a float tensor")
-        flat[name] = t.detach().reshape(n, -1)
-    item = _DTYPES[dtype]
-    key_salt = salt if row_kind == "score" else f"{salt}|rows=update"
-    longest_name = max(len(k) for k in flat) + 24
-    # Rows per upload: one column of every row plus the header must fit.
-    rows_per = n
-    while rows_per > 1:
-        chunk_ids = ids[:rows_per]
-        if _header_bytes(chunk_ids, ["x" * longest_name]) + rows_per * item <= max_body_bytes:
-            break
-        rows_per = (rows_per + 1) // 2
-    if _header_bytes(ids[:1], ["x" * longest_name]) + item > max_body_bytes:
-        raise ValueError(f"max_body_bytes={max_body_bytes} cannot hold even one value")
-
-    plans: list[PlannedUpload] = []
-    for r0 in range(0, n, rows_per):
-        r_ids = ids[r0 : r0 + rows_per]
-        rows = len(r_ids)
-        current: dict[str, torch.Tensor] = {}
-
-        def flush(current: dict[str, torch.Tensor] = current, r_ids: list[str] = r_ids) -> None:
-            if current:
-                shapes = {k: list(v.shape) for k, v in current.items()}
-                key = idempotency_key(kind, run_id, step, r_ids, shapes, key_salt)
-                plans.append(PlannedUpload(kind, dict(current), list(r_ids), key, dtype, row_kind))
-                current.clear()
-
-        def used(current: dict[str, torch.Tensor] = current, r_ids: list[str] = r_ids) -> int:
-            return _header_bytes(r_ids, [*list(current), "x" * longest_name]) + sum(
-                v.numel() * item for v in current.values()
-            )
-
-        for name, values in flat.items():
-            block = values[r0 : r0 + rows]
-            size = block.numel() * item
-            if used() + size <= max_body_bytes:
-                current[name] = block
-                continue
-            flush()
-            if used() + size <= max_body_bytes:
-                current[name] = block
-                continue
-            base, offset = parse_tensor_name(name)
-            width = block.shape[1]
-            cols = max(1, (max_body_bytes - used()) // (rows * item))
-            for c0 in range(0, width, cols):
-                piece = block[:, c0 : c0 + cols]
-                if used() + piece.numel() * item > max_body_bytes:
-                    flush()
-                current[f"{base}@{offset + c0}"] = piece
-                if piece.shape[1] == cols:
-                    flush()
-        flush()
-    return plans
+#: A flow: yields requests and sleeps, receives their answers, returns ``T``.
+Flow = Generator[Request | Sleep, httpx.Response | None, T]
 
 
 def sketch_spec_dict(sketch: Any) -> dict[str, Any]:
@@ -285,33 +156,6 @@ def _sequence_dict(seq: Any) -> dict[str, Any]:
     }
 
 
-def plan_sketch_uploads(
-    run_id: str,
-    step: int,
-    sketch: torch.Tensor,
-    sequence_ids: Sequence[str],
-    max_body_bytes: int,
-    key_salt: str = "",
-    row_kind: RowKind = "score",
-) -> list[PlannedUpload]:
-    """:func:`plan_uploads` for a client sketch ``[n, k]``: split by rows only (a sketch row
-    cannot be sliced by columns)."""
-    plans = plan_uploads(
-        "sketches",
-        run_id,
-        step,
-        {"sketch": sketch},
-        sequence_ids,
-        max_body_bytes,
-        torch.float32,
-        key_salt,
-        row_kind,
-    )
-    if any(list(p.tensors) != ["sketch"] for p in plans):
-        raise ValueError("a sketch row is larger than max_body_bytes")
-    return plans
-
-
 def _upload_headers(plan: PlannedUpload) -> dict[str, str]:
     """A safetensors body with the upload's deterministic idempotency key (retries reuse it)."""
     return {"Content-Type": "application/octet-stream", "Idempotency-Key": plan.key}
@@ -328,10 +172,6 @@ def _analysis_params(role: str | None, wait: float | None, **extra: Any) -> dict
     if wait is not None:
         params["wait"] = wait
     return params
-
-
-def _is_retryable(response: httpx.Response) -> bool:
-    return response.status_code in RETRY_STATUSES
 
 
 def _receipt(plan: PlannedUpload, response: httpx.Response, size: int) -> UploadReceipt:
@@ -393,11 +233,432 @@ def _check_step(status: StepStatus) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# sync client
+# the endpoints, once
 
 
-class Client:
-    """Synchronous client.
+class endpoint(Generic[P, T]):  # noqa: N801 - used as a decorator, like property
+    """An endpoint method written as a flow; read from a client, it is the method that runs it.
+
+    On a :class:`Client` the method returns ``T``; on an :class:`AsyncClient` a coroutine of
+    ``T``.  On the class it is the endpoint itself, whose ``flow`` other flows ``yield from``.
+    """
+
+    def __init__(self, flow: Callable[Concatenate[Endpoints, P], Flow[T]]) -> None:
+        self.flow = flow
+        self.__doc__ = flow.__doc__
+
+    @overload
+    def __get__(self, client: None, owner: type[Any]) -> endpoint[P, T]: ...
+    @overload
+    def __get__(self, client: Client, owner: type[Any]) -> Callable[P, T]: ...
+    @overload
+    def __get__(
+        self, client: AsyncClient, owner: type[Any]
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    def __get__(self, client: Endpoints | None, owner: type[Any]) -> Any:
+        if client is None:
+            return self
+        flow = self.flow
+
+        @functools.wraps(flow)
+        def method(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return client._drive(flow(client, *args, **kwargs))
+
+        return method
+
+
+class Endpoints:
+    """The REST API v1, one method per endpoint, shared by :class:`Client` and
+    :class:`AsyncClient` (which differ only in ``_drive``: how requests are sent and how a
+    flow sleeps)."""
+
+    retry: RetryPolicy
+    max_body_bytes: int
+
+    def _drive(self, flow: Flow[Any]) -> Any:
+        raise NotImplementedError
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: bool = True,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Flow[httpx.Response]:
+        """One request with retries; raises the problem's exception on an error answer."""
+        request = Request(method, path, params, json, content, headers)
+        attempts = self.retry.attempts if retry else 1
+        last: Exception | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                response = yield request
+            except httpx.TransportError as exc:
+                last = exc
+                if attempt < attempts:
+                    yield Sleep(self.retry.delay(attempt))
+                    continue
+                raise TransportError(0, type(exc).__name__, f"{method} {path}: {exc}") from exc
+            assert response is not None
+            if response.status_code in RETRY_STATUSES and attempt < attempts:
+                yield Sleep(self.retry.delay(attempt, response.headers.get("retry-after")))
+                continue
+            if response.status_code >= 400:
+                raise error_from_response(response)
+            return response
+        raise TransportError(0, "retries exhausted", f"{method} {path}: {last}")  # pragma: no cover
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Flow[Any]:
+        return (yield from self._send(method, path, **kwargs)).json()
+
+    # -- runs --------------------------------------------------------------------------------
+
+    @endpoint
+    def health(self) -> Flow[dict[str, Any]]:
+        """``GET /healthz``."""
+        data: dict[str, Any] = yield from self._json("GET", "/healthz")
+        return data
+
+    @endpoint
+    def create_run(
+        self,
+        run_id: str | None = None,
+        *,
+        sketch: Any,
+        normalization: str = "dr_grpo",
+        geometry: str = "sgd",
+        parameters: Mapping[str, Sequence[int]] | None = None,
+        ranks: int = 1,
+    ) -> Flow[RunInfo]:
+        """``POST /v1/runs``.  ``sketch``: ``{"kind", "dim", "seed", "groups"?}`` or a spec object.
+
+        ``parameters`` (``{name: shape}``, e.g. ``ParameterFilter.declared_parameters(model)``
+        or ``FactorisedCapture.parameters``) is required by ``exact`` and ``kronecker``.
+        ``ranks``: trainer processes that push each step (each with ``push_sequences(rank=)``).
+        """
+        body: dict[str, Any] = {
+            "sketch": sketch_spec_dict(sketch),
+            "normalization": normalization,
+            "geometry": geometry,
+        }
+        if run_id is not None:
+            body["run_id"] = run_id
+        if parameters is not None:
+            body["parameters"] = {k: [int(s) for s in v] for k, v in parameters.items()}
+        if ranks != 1:
+            body["ranks"] = int(ranks)
+        # Without a run id a retried POST could create two runs: retry only with an id.
+        data = yield from self._json("POST", "/v1/runs", json=body, retry=run_id is not None)
+        return RunInfo.from_json(data)
+
+    @endpoint
+    def runs(self) -> Flow[list[RunInfo]]:
+        """``GET /v1/runs``."""
+        data = yield from self._json("GET", "/v1/runs")
+        items = data.get("runs", data) if isinstance(data, dict) else data
+        return [RunInfo.from_json(r) for r in items]
+
+    @endpoint
+    def get_run(self, run_id: str) -> Flow[RunInfo]:
+        """``GET /v1/runs/{run_id}``: the run and the status of each step."""
+        return RunInfo.from_json((yield from self._json("GET", f"/v1/runs/{run_id}")))
+
+    @endpoint
+    def delete_run(self, run_id: str) -> Flow[None]:
+        """``DELETE /v1/runs/{run_id}``: all of its data."""
+        yield from self._send("DELETE", f"/v1/runs/{run_id}")
+
+    # -- step inputs -------------------------------------------------------------------------
+
+    @endpoint
+    def push_sequences(
+        self,
+        run_id: str,
+        step: int,
+        learning_rate: float,
+        sequences: Sequence[Mapping[str, Any] | Any],
+        max_length: int | None = None,
+        rank: int | None = None,
+    ) -> Flow[dict[str, Any]]:
+        """``POST .../sequences``: metadata rows (``id``, ``prompt_id``, ``logprob``,
+        ``advantage``, ``num_tokens``, optional ``role``, ``weight``, ``logprob_after``).
+        ``rank``: the pushing trainer process in a run of several ``ranks``, sent after that
+        rank's rows (the step is ready once every rank has reported)."""
+        body: dict[str, Any] = {
+            "learning_rate": float(learning_rate),
+            "sequences": [_sequence_dict(s) for s in sequences],
+        }
+        if max_length is not None:
+            body["max_length"] = int(max_length)
+        if rank is not None:
+            body["rank"] = int(rank)
+        data: dict[str, Any] = yield from self._json(
+            "POST", _step_path(run_id, step, "/sequences"), json=body
+        )
+        return data
+
+    def _push(
+        self, plans: list[PlannedUpload], run_id: str, step: int, progress: bool
+    ) -> Flow[PushResult]:
+        receipts = []
+        total = sum(p.data_bytes for p in plans)
+        with _progress_bar(progress, total, f"{run_id} step {step}") as advance:
+            for plan in plans:
+                body = plan.body()
+                response = yield from self._send(
+                    "POST",
+                    _step_path(run_id, step, f"/{plan.kind}"),
+                    content=body,
+                    headers=_upload_headers(plan),
+                )
+                receipts.append(_receipt(plan, response, len(body)))
+                if advance is not None:
+                    advance(plan.data_bytes)
+        return PushResult(tuple(receipts))
+
+    @endpoint
+    def push_gradients(
+        self,
+        run_id: str,
+        step: int,
+        gradients: Mapping[str, torch.Tensor],
+        sequence_ids: Sequence[str],
+        *,
+        max_body_bytes: int | None = None,
+        progress: bool = False,
+        dtype: torch.dtype = torch.float32,
+        key_salt: str = "",
+        rows: RowKind = "score",
+    ) -> Flow[PushResult]:
+        """``POST .../gradients``: raw rows ``{param or param@offset: [n, ...]}``.
+
+        Split into uploads of at most ``max_body_bytes`` (default: the client's), each retried
+        with its own deterministic ``Idempotency-Key``.  ``progress`` shows a rich bar.
+        ``rows="update"`` sends update rows ``u_i`` instead of score rows (math.md §4).
+        """
+        plans = plan_uploads(
+            "gradients",
+            run_id,
+            step,
+            gradients,
+            sequence_ids,
+            max_body_bytes or self.max_body_bytes,
+            dtype,
+            key_salt,
+            rows,
+        )
+        return (yield from self._push(plans, run_id, step, progress))
+
+    @endpoint
+    def push_sketches(
+        self,
+        run_id: str,
+        step: int,
+        sketch: torch.Tensor,
+        sequence_ids: Sequence[str],
+        *,
+        max_body_bytes: int | None = None,
+        key_salt: str = "",
+        rows: RowKind = "score",
+    ) -> Flow[PushResult]:
+        """``POST .../sketches``: client-made rows ``[n, k]`` (the run's spec; partials add up);
+        ``rows="update"`` for update rows (math.md §4)."""
+        plans = plan_sketch_uploads(
+            run_id,
+            step,
+            sketch,
+            sequence_ids,
+            max_body_bytes or self.max_body_bytes,
+            key_salt,
+            rows,
+        )
+        return (yield from self._push(plans, run_id, step, progress=False))
+
+    @endpoint
+    def push_applied_update(
+        self,
+        run_id: str,
+        step: int,
+        update: Mapping[str, torch.Tensor] | None = None,
+        *,
+        sketch: torch.Tensor | None = None,
+        max_body_bytes: int | None = None,
+        key_salt: str = "",
+    ) -> Flow[PushResult]:
+        """The applied-update row (id ``__applied_update__``).
+
+        ``update``: ``{name: tensor of the parameter's shape}`` (``u``, or ``u / sqrt(P)`` in
+        adam geometry; see ``clients.geometry``), sent as raw gradient rows; or ``sketch``:
+        its ``[k]`` client-made sketch.
+        """
+        if (update is None) == (sketch is None):
+            raise ValueError("give exactly one of update and sketch")
+        if sketch is not None:
+            return (
+                yield from Endpoints.push_sketches.flow(
+                    self,
+                    run_id,
+                    step,
+                    sketch.reshape(1, -1),
+                    [APPLIED_UPDATE_ID],
+                    key_salt=key_salt,
+                )
+            )
+        assert update is not None
+        rows = {k: v.unsqueeze(0) for k, v in update.items()}
+        return (
+            yield from Endpoints.push_gradients.flow(
+                self,
+                run_id,
+                step,
+                rows,
+                [APPLIED_UPDATE_ID],
+                max_body_bytes=max_body_bytes,
+                key_salt=key_salt,
+            )
+        )
+
+    @endpoint
+    def post_realized(
+        self, run_id: str, step: int, entropy_before: float, entropy_after: float
+    ) -> Flow[dict[str, Any]]:
+        """``POST .../realized``: the trainer's measured entropies (nats)."""
+        body = {"entropy_before": float(entropy_before), "entropy_after": float(entropy_after)}
+        data: dict[str, Any] = yield from self._json(
+            "POST", _step_path(run_id, step, "/realized"), json=body
+        )
+        return data
+
+    # -- step status -------------------------------------------------------------------------
+
+    @endpoint
+    def step_status(self, run_id: str, step: int) -> Flow[StepStatus]:
+        """``GET /v1/runs/{run_id}/steps/{step}``."""
+        return StepStatus.from_json((yield from self._json("GET", _step_path(run_id, step))))
+
+    @endpoint
+    def wait_ready(
+        self, run_id: str, step: int, timeout: float = 60.0, poll: float = 0.1
+    ) -> Flow[StepStatus]:
+        """Poll the step until ``ready``; :class:`StepFailedError` / :class:`StepTimeoutError`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = yield from Endpoints.step_status.flow(self, run_id, step)
+            if _check_step(status):
+                return status
+            if time.monotonic() >= deadline:
+                raise StepTimeoutError(
+                    0,
+                    "step not ready",
+                    f"run {run_id!r} step {step} still {status.state} after {timeout} s",
+                    extra={"status": status.raw},
+                )
+            yield Sleep(min(poll, max(0.0, deadline - time.monotonic())))
+            poll = min(poll * 1.5, 2.0)
+
+    # -- analyses ----------------------------------------------------------------------------
+
+    @endpoint
+    def kernel(
+        self,
+        run_id: str,
+        step: int,
+        *,
+        role: str | None = None,
+        normalize: bool = False,
+        wait: float | None = None,
+    ) -> Flow[Kernel]:
+        """``GET .../kernel`` as npy (``Accept: application/octet-stream``) and its row ids.
+
+        ``matrix`` float64 ``[n, n]`` in the step's sequence order for ``role``.
+        """
+        params = _analysis_params(role, wait, normalize=str(normalize).lower())
+        response = yield from self._send(
+            "GET",
+            _step_path(run_id, step, "/kernel"),
+            params=params,
+            headers={"Accept": "application/octet-stream"},
+        )
+        matrix = _load_npy(response.content)
+        ids = (yield from Endpoints.diagonal.flow(self, run_id, step, role=role)).ids
+        if len(ids) != matrix.shape[0]:
+            raise KernelscopeError(0, "inconsistent answer", "kernel and diagonal sizes differ")
+        return Kernel(ids=ids, matrix=matrix)
+
+    @endpoint
+    def kernel_json(
+        self, run_id: str, step: int, *, role: str | None = None, normalize: bool = False
+    ) -> Flow[Kernel]:
+        """``GET .../kernel`` as JSON ``{"ids", "matrix"}`` (small kernels)."""
+        params = _analysis_params(role, None, normalize=str(normalize).lower())
+        data = yield from self._json("GET", _step_path(run_id, step, "/kernel"), params=params)
+        return Kernel(ids=[str(i) for i in data["ids"]], matrix=np.asarray(data["matrix"], float))
+
+    @endpoint
+    def diagonal(
+        self, run_id: str, step: int, *, role: str | None = None, wait: float | None = None
+    ) -> Flow[Diagonal]:
+        """``GET .../kernel/diagonal``: ``K(i, i)`` per sequence."""
+        data = yield from self._json(
+            "GET", _step_path(run_id, step, "/kernel/diagonal"), params=_analysis_params(role, wait)
+        )
+        return Diagonal.from_json(data["diagonal"] if isinstance(data, dict) else data)
+
+    @endpoint
+    def spectrum(
+        self,
+        run_id: str,
+        step: int,
+        *,
+        role: str | None = None,
+        top: int | None = None,
+        wait: float | None = None,
+    ) -> Flow[Spectrum]:
+        """``GET .../kernel/spectrum`` (``top``: how many eigenvectors to return)."""
+        params = _analysis_params(role, wait, top=top)
+        data = yield from self._json(
+            "GET", _step_path(run_id, step, "/kernel/spectrum"), params=params
+        )
+        return Spectrum.from_json(data)
+
+    @endpoint
+    def blocks(
+        self, run_id: str, step: int, *, role: str | None = None, wait: float | None = None
+    ) -> Flow[Blocks]:
+        """``GET .../kernel/blocks``: pair-type statistics and prompt matrices."""
+        data = yield from self._json(
+            "GET", _step_path(run_id, step, "/kernel/blocks"), params=_analysis_params(role, wait)
+        )
+        return Blocks.from_json(data)
+
+    @endpoint
+    def entropy(
+        self, run_id: str, step: int, *, estimator: str | None = None, wait: float | None = None
+    ) -> Flow[EntropyReport]:
+        """``GET .../entropy``: ``dH1`` and everything math.md §4 reports with it."""
+        params = _analysis_params(None, wait, estimator=estimator)
+        data = yield from self._json("GET", _step_path(run_id, step, "/entropy"), params=params)
+        return EntropyReport.from_json(data)
+
+    @endpoint
+    def history(self, run_id: str) -> Flow[EntropyHistory]:
+        """``GET /v1/runs/{run_id}/entropy``: predicted and realized change per step."""
+        return EntropyHistory.from_json(
+            (yield from self._json("GET", f"/v1/runs/{run_id}/entropy"))
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the two ways of sending
+
+
+class Client(Endpoints):
+    """Synchronous client: every method of :class:`Endpoints`, blocking.
 
     Parameters
     ----------
@@ -442,343 +703,32 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- transport ---------------------------------------------------------------------------
-
-    def _send(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
-        """One request with retries; raises the problem's exception on an error answer."""
-        attempts = self.retry.attempts if retry else 1
-        last: Exception | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                last = exc
-                if attempt < attempts:
-                    time.sleep(self.retry.delay(attempt))
-                    continue
-                raise TransportError(0, type(exc).__name__, f"{method} {path}: {exc}") from exc
-            if _is_retryable(response) and attempt < attempts:
-                time.sleep(self.retry.delay(attempt, response.headers.get("retry-after")))
-                continue
-            if response.status_code >= 400:
-                raise error_from_response(response)
-            return response
-        raise TransportError(0, "retries exhausted", f"{method} {path}: {last}")  # pragma: no cover
-
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._send(method, path, **kwargs).json()
-
-    # -- runs --------------------------------------------------------------------------------
-
-    def health(self) -> dict[str, Any]:
-        """``GET /healthz``."""
-        data: dict[str, Any] = self._json("GET", "/healthz")
-        return data
-
-    def create_run(
-        self,
-        run_id: str | None = None,
-        *,
-        sketch: Any,
-        normalization: str = "dr_grpo",
-        geometry: str = "sgd",
-        parameters: Mapping[str, Sequence[int]] | None = None,
-        ranks: int = 1,
-    ) -> RunInfo:
-        """``POST /v1/runs``.  ``sketch``: ``{"kind", "dim", "seed", "groups"?}`` or a spec object.
-
-        ``parameters`` (``{name: shape}``, e.g. ``ParameterFilter.declared_parameters(model)``
-        or ``FactorisedCapture.parameters``) is required by ``exact`` and ``kronecker``.
-        ``ranks``: trainer processes that push each step (each with ``push_sequences(rank=)``).
-        """
-        body: dict[str, Any] = {
-            "sketch": sketch_spec_dict(sketch),
-            "normalization": normalization,
-            "geometry": geometry,
-        }
-        if run_id is not None:
-            body["run_id"] = run_id
-        if parameters is not None:
-            body["parameters"] = {k: [int(s) for s in v] for k, v in parameters.items()}
-        if ranks != 1:
-            body["ranks"] = int(ranks)
-        # Without a run id a retried POST could create two runs: retry only with an id.
-        return RunInfo.from_json(
-            self._json("POST", "/v1/runs", json=body, retry=run_id is not None)
-        )
-
-    def runs(self) -> list[RunInfo]:
-        """``GET /v1/runs``."""
-        data = self._json("GET", "/v1/runs")
-        items = data.get("runs", data) if isinstance(data, dict) else data
-        return [RunInfo.from_json(r) for r in items]
-
-    def get_run(self, run_id: str) -> RunInfo:
-        """``GET /v1/runs/{run_id}``: the run and the status of each step."""
-        return RunInfo.from_json(self._json("GET", f"/v1/runs/{run_id}"))
-
-    def delete_run(self, run_id: str) -> None:
-        """``DELETE /v1/runs/{run_id}``: all of its data."""
-        self._send("DELETE", f"/v1/runs/{run_id}")
-
-    # -- step inputs -------------------------------------------------------------------------
-
-    def push_sequences(
-        self,
-        run_id: str,
-        step: int,
-        learning_rate: float,
-        sequences: Sequence[Mapping[str, Any] | Any],
-        max_length: int | None = None,
-        rank: int | None = None,
-    ) -> dict[str, Any]:
-        """``POST .../sequences``: metadata rows (``id``, ``prompt_id``, ``logprob``,
-        ``advantage``, ``num_tokens``, optional ``role``, ``weight``, ``logprob_after``).
-        ``rank``: the pushing trainer process in a run of several ``ranks``, sent after that
-        rank's rows (the step is ready once every rank has reported)."""
-        body: dict[str, Any] = {
-            "learning_rate": float(learning_rate),
-            "sequences": [_sequence_dict(s) for s in sequences],
-        }
-        if max_length is not None:
-            body["max_length"] = int(max_length)
-        if rank is not None:
-            body["rank"] = int(rank)
-        data: dict[str, Any] = self._json("POST", _step_path(run_id, step, "/sequences"), json=body)
-        return data
-
-    def _push(
-        self, plans: list[PlannedUpload], run_id: str, step: int, progress: bool
-    ) -> PushResult:
-        receipts = []
-        total = sum(p.data_bytes for p in plans)
-        with _progress_bar(progress, total, f"{run_id} step {step}") as advance:
-            for plan in plans:
-                body = plan.body()
-                response = self._send(
-                    "POST",
-                    _step_path(run_id, step, f"/{plan.kind}"),
-                    content=body,
-                    headers=_upload_headers(plan),
-                )
-                receipts.append(_receipt(plan, response, len(body)))
-                if advance is not None:
-                    advance(plan.data_bytes)
-        return PushResult(tuple(receipts))
-
-    def push_gradients(
-        self,
-        run_id: str,
-        step: int,
-        gradients: Mapping[str, torch.Tensor],
-        sequence_ids: Sequence[str],
-        *,
-        max_body_bytes: int | None = None,
-        progress: bool = False,
-        dtype: torch.dtype = torch.float32,
-        key_salt: str = "",
-        rows: RowKind = "score",
-    ) -> PushResult:
-        """``POST .../gradients``: raw rows ``{param or param@offset: [n, ...]}``.
-
-        Split into uploads of at most ``max_body_bytes`` (default: the client's), each retried
-        with its own deterministic ``Idempotency-Key``.  ``progress`` shows a rich bar.
-        ``rows="update"`` sends update rows ``u_i`` instead of score rows (math.md §4).
-        """
-        plans = plan_uploads(
-            "gradients",
-            run_id,
-            step,
-            gradients,
-            sequence_ids,
-            max_body_bytes or self.max_body_bytes,
-            dtype,
-            key_salt,
-            rows,
-        )
-        return self._push(plans, run_id, step, progress)
-
-    def push_sketches(
-        self,
-        run_id: str,
-        step: int,
-        sketch: torch.Tensor,
-        sequence_ids: Sequence[str],
-        *,
-        max_body_bytes: int | None = None,
-        key_salt: str = "",
-        rows: RowKind = "score",
-    ) -> PushResult:
-        """``POST .../sketches``: client-made rows ``[n, k]`` (the run's spec; partials add up);
-        ``rows="update"`` for update rows (math.md §4)."""
-        plans = plan_sketch_uploads(
-            run_id,
-            step,
-            sketch,
-            sequence_ids,
-            max_body_bytes or self.max_body_bytes,
-            key_salt,
-            rows,
-        )
-        return self._push(plans, run_id, step, progress=False)
-
-    def push_applied_update(
-        self,
-        run_id: str,
-        step: int,
-        update: Mapping[str, torch.Tensor] | None = None,
-        *,
-        sketch: torch.Tensor | None = None,
-        max_body_bytes: int | None = None,
-        key_salt: str = "",
-    ) -> PushResult:
-        """The applied-update row (id ``__applied_update__``).
-
-        ``update``: ``{name: tensor of the parameter's shape}`` (``u``, or ``u / sqrt(P)`` in
-        adam geometry; see ``clients.geometry``), sent as raw gradient rows; or ``sketch``:
-        its ``[k]`` client-made sketch.
-        """
-        if (update is None) == (sketch is None):
-            raise ValueError("give exactly one of update and sketch")
-        if sketch is not None:
-            return self.push_sketches(
-                run_id, step, sketch.reshape(1, -1), [APPLIED_UPDATE_ID], key_salt=key_salt
-            )
-        assert update is not None
-        rows = {k: v.unsqueeze(0) for k, v in update.items()}
-        return self.push_gradients(
-            run_id,
-            step,
-            rows,
-            [APPLIED_UPDATE_ID],
-            max_body_bytes=max_body_bytes,
-            key_salt=key_salt,
-        )
-
-    def post_realized(
-        self, run_id: str, step: int, entropy_before: float, entropy_after: float
-    ) -> dict[str, Any]:
-        """``POST .../realized``: the trainer's measured entropies (nats)."""
-        body = {"entropy_before": float(entropy_before), "entropy_after": float(entropy_after)}
-        data: dict[str, Any] = self._json("POST", _step_path(run_id, step, "/realized"), json=body)
-        return data
-
-    # -- step status -------------------------------------------------------------------------
-
-    def step_status(self, run_id: str, step: int) -> StepStatus:
-        """``GET /v1/runs/{run_id}/steps/{step}``."""
-        return StepStatus.from_json(self._json("GET", _step_path(run_id, step)))
-
-    def wait_ready(
-        self, run_id: str, step: int, timeout: float = 60.0, poll: float = 0.1
-    ) -> StepStatus:
-        """Poll the step until ``ready``; :class:`StepFailedError` / :class:`StepTimeoutError`."""
-        deadline = time.monotonic() + timeout
+    def _drive(self, flow: Flow[T]) -> T:
+        answer: httpx.Response | None = None
+        failure: httpx.TransportError | None = None
         while True:
-            status = self.step_status(run_id, step)
-            if _check_step(status):
-                return status
-            if time.monotonic() >= deadline:
-                raise StepTimeoutError(
-                    0,
-                    "step not ready",
-                    f"run {run_id!r} step {step} still {status.state} after {timeout} s",
-                    extra={"status": status.raw},
+            try:
+                op = flow.send(answer) if failure is None else flow.throw(failure)
+            except StopIteration as done:
+                return cast(T, done.value)
+            answer, failure = None, None
+            if isinstance(op, Sleep):
+                time.sleep(op.seconds)
+                continue
+            try:
+                answer = self._http.request(
+                    op.method,
+                    op.path,
+                    params=op.params,
+                    json=op.json,
+                    content=op.content,
+                    headers=op.headers,
                 )
-            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-            poll = min(poll * 1.5, 2.0)
-
-    # -- analyses ----------------------------------------------------------------------------
-
-    def kernel(
-        self,
-        run_id: str,
-        step: int,
-        *,
-        role: str | None = None,
-        normalize: bool = False,
-        wait: float | None = None,
-    ) -> Kernel:
-        """``GET .../kernel`` as npy (``Accept: application/octet-stream``) and its row ids.
-
-        ``matrix`` float64 ``[n, n]`` in the step's sequence order for ``role``.
-        """
-        params = _analysis_params(role, wait, normalize=str(normalize).lower())
-        response = self._send(
-            "GET",
-            _step_path(run_id, step, "/kernel"),
-            params=params,
-            headers={"Accept": "application/octet-stream"},
-        )
-        matrix = _load_npy(response.content)
-        ids = self.diagonal(run_id, step, role=role).ids
-        if len(ids) != matrix.shape[0]:
-            raise KernelscopeError(0, "inconsistent answer", "kernel and diagonal sizes differ")
-        return Kernel(ids=ids, matrix=matrix)
-
-    def kernel_json(
-        self, run_id: str, step: int, *, role: str | None = None, normalize: bool = False
-    ) -> Kernel:
-        """``GET .../kernel`` as JSON ``{"ids", "matrix"}`` (small kernels)."""
-        params = _analysis_params(role, None, normalize=str(normalize).lower())
-        data = self._json("GET", _step_path(run_id, step, "/kernel"), params=params)
-        return Kernel(ids=[str(i) for i in data["ids"]], matrix=np.asarray(data["matrix"], float))
-
-    def diagonal(
-        self, run_id: str, step: int, *, role: str | None = None, wait: float | None = None
-    ) -> Diagonal:
-        """``GET .../kernel/diagonal``: ``K(i, i)`` per sequence."""
-        data = self._json(
-            "GET", _step_path(run_id, step, "/kernel/diagonal"), params=_analysis_params(role, wait)
-        )
-        return Diagonal.from_json(data["diagonal"] if isinstance(data, dict) else data)
-
-    def spectrum(
-        self,
-        run_id: str,
-        step: int,
-        *,
-        role: str | None = None,
-        top: int | None = None,
-        wait: float | None = None,
-    ) -> Spectrum:
-        """``GET .../kernel/spectrum`` (``top``: how many eigenvectors to return)."""
-        params = _analysis_params(role, wait, top=top)
-        return Spectrum.from_json(
-            self._json("GET", _step_path(run_id, step, "/kernel/spectrum"), params=params)
-        )
-
-    def blocks(
-        self, run_id: str, step: int, *, role: str | None = None, wait: float | None = None
-    ) -> Blocks:
-        """``GET .../kernel/blocks``: pair-type statistics and prompt matrices."""
-        return Blocks.from_json(
-            self._json(
-                "GET",
-                _step_path(run_id, step, "/kernel/blocks"),
-                params=_analysis_params(role, wait),
-            )
-        )
-
-    def entropy(
-        self, run_id: str, step: int, *, estimator: str | None = None, wait: float | None = None
-    ) -> EntropyReport:
-        """``GET .../entropy``: ``dH1`` and everything math.md §4 reports with it."""
-        params = _analysis_params(None, wait, estimator=estimator)
-        return EntropyReport.from_json(
-            self._json("GET", _step_path(run_id, step, "/entropy"), params=params)
-        )
-
-    def history(self, run_id: str) -> EntropyHistory:
-        """``GET /v1/runs/{run_id}/entropy``: predicted and realized change per step."""
-        return EntropyHistory.from_json(self._json("GET", f"/v1/runs/{run_id}/entropy"))
+            except httpx.TransportError as exc:
+                failure = exc
 
 
-# --------------------------------------------------------------------------------------------
-# async client
-
-
-class AsyncClient:
+class AsyncClient(Endpoints):
     """Asynchronous client: the methods of :class:`Client`, as coroutines."""
 
     def __init__(
@@ -808,317 +758,36 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _send(
-        self, method: str, path: str, *, retry: bool = True, **kwargs: Any
-    ) -> httpx.Response:
-        attempts = self.retry.attempts if retry else 1
-        last: Exception | None = None
-        for attempt in range(1, attempts + 1):
-            try:
-                response = await self._http.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                last = exc
-                if attempt < attempts:
-                    await asyncio.sleep(self.retry.delay(attempt))
-                    continue
-                raise TransportError(0, type(exc).__name__, f"{method} {path}: {exc}") from exc
-            if _is_retryable(response) and attempt < attempts:
-                await asyncio.sleep(self.retry.delay(attempt, response.headers.get("retry-after")))
-                continue
-            if response.status_code >= 400:
-                raise error_from_response(response)
-            return response
-        raise TransportError(0, "retries exhausted", f"{method} {path}: {last}")  # pragma: no cover
-
-    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return (await self._send(method, path, **kwargs)).json()
-
-    async def health(self) -> dict[str, Any]:
-        """``GET /healthz``."""
-        data: dict[str, Any] = await self._json("GET", "/healthz")
-        return data
-
-    async def create_run(
-        self,
-        run_id: str | None = None,
-        *,
-        sketch: Any,
-        normalization: str = "dr_grpo",
-        geometry: str = "sgd",
-        parameters: Mapping[str, Sequence[int]] | None = None,
-        ranks: int = 1,
-    ) -> RunInfo:
-        """See :meth:`Client.create_run`."""
-        body: dict[str, Any] = {
-            "sketch": sketch_spec_dict(sketch),
-            "normalization": normalization,
-            "geometry": geometry,
-        }
-        if run_id is not None:
-            body["run_id"] = run_id
-        if parameters is not None:
-            body["parameters"] = {k: [int(s) for s in v] for k, v in parameters.items()}
-        if ranks != 1:
-            body["ranks"] = int(ranks)
-        data = await self._json("POST", "/v1/runs", json=body, retry=run_id is not None)
-        return RunInfo.from_json(data)
-
-    async def runs(self) -> list[RunInfo]:
-        """``GET /v1/runs``."""
-        data = await self._json("GET", "/v1/runs")
-        items = data.get("runs", data) if isinstance(data, dict) else data
-        return [RunInfo.from_json(r) for r in items]
-
-    async def get_run(self, run_id: str) -> RunInfo:
-        """``GET /v1/runs/{run_id}``."""
-        return RunInfo.from_json(await self._json("GET", f"/v1/runs/{run_id}"))
-
-    async def delete_run(self, run_id: str) -> None:
-        """``DELETE /v1/runs/{run_id}``."""
-        await self._send("DELETE", f"/v1/runs/{run_id}")
-
-    async def push_sequences(
-        self,
-        run_id: str,
-        step: int,
-        learning_rate: float,
-        sequences: Sequence[Mapping[str, Any] | Any],
-        max_length: int | None = None,
-        rank: int | None = None,
-    ) -> dict[str, Any]:
-        """See :meth:`Client.push_sequences`."""
-        body: dict[str, Any] = {
-            "learning_rate": float(learning_rate),
-            "sequences": [_sequence_dict(s) for s in sequences],
-        }
-        if max_length is not None:
-            body["max_length"] = int(max_length)
-        if rank is not None:
-            body["rank"] = int(rank)
-        data: dict[str, Any] = await self._json(
-            "POST", _step_path(run_id, step, "/sequences"), json=body
-        )
-        return data
-
-    async def _push(
-        self, plans: list[PlannedUpload], run_id: str, step: int, progress: bool
-    ) -> PushResult:
-        receipts = []
-        total = sum(p.data_bytes for p in plans)
-        with _progress_bar(progress, total, f"{run_id} step {step}") as advance:
-            for plan in plans:
-                body = plan.body()
-                response = await self._send(
-                    "POST",
-                    _step_path(run_id, step, f"/{plan.kind}"),
-                    content=body,
-                    headers=_upload_headers(plan),
-                )
-                receipts.append(_receipt(plan, response, len(body)))
-                if advance is not None:
-                    advance(plan.data_bytes)
-        return PushResult(tuple(receipts))
-
-    async def push_gradients(
-        self,
-        run_id: str,
-        step: int,
-        gradients: Mapping[str, torch.Tensor],
-        sequence_ids: Sequence[str],
-        *,
-        max_body_bytes: int | None = None,
-        progress: bool = False,
-        dtype: torch.dtype = torch.float32,
-        key_salt: str = "",
-        rows: RowKind = "score",
-    ) -> PushResult:
-        """See :meth:`Client.push_gradients`."""
-        plans = plan_uploads(
-            "gradients",
-            run_id,
-            step,
-            gradients,
-            sequence_ids,
-            max_body_bytes or self.max_body_bytes,
-            dtype,
-            key_salt,
-            rows,
-        )
-        return await self._push(plans, run_id, step, progress)
-
-    async def push_sketches(
-        self,
-        run_id: str,
-        step: int,
-        sketch: torch.Tensor,
-        sequence_ids: Sequence[str],
-        *,
-        max_body_bytes: int | None = None,
-        key_salt: str = "",
-        rows: RowKind = "score",
-    ) -> PushResult:
-        """See :meth:`Client.push_sketches`."""
-        plans = plan_sketch_uploads(
-            run_id,
-            step,
-            sketch,
-            sequence_ids,
-            max_body_bytes or self.max_body_bytes,
-            key_salt,
-            rows,
-        )
-        return await self._push(plans, run_id, step, progress=False)
-
-    async def push_applied_update(
-        self,
-        run_id: str,
-        step: int,
-        update: Mapping[str, torch.Tensor] | None = None,
-        *,
-        sketch: torch.Tensor | None = None,
-        max_body_bytes: int | None = None,
-        key_salt: str = "",
-    ) -> PushResult:
-        """See :meth:`Client.push_applied_update`."""
-        if (update is None) == (sketch is None):
-            raise ValueError("give exactly one of update and sketch")
-        if sketch is not None:
-            return await self.push_sketches(
-                run_id, step, sketch.reshape(1, -1), [APPLIED_UPDATE_ID], key_salt=key_salt
-            )
-        assert update is not None
-        rows = {k: v.unsqueeze(0) for k, v in update.items()}
-        return await self.push_gradients(
-            run_id,
-            step,
-            rows,
-            [APPLIED_UPDATE_ID],
-            max_body_bytes=max_body_bytes,
-            key_salt=key_salt,
-        )
-
-    async def post_realized(
-        self, run_id: str, step: int, entropy_before: float, entropy_after: float
-    ) -> dict[str, Any]:
-        """See :meth:`Client.post_realized`."""
-        body = {"entropy_before": float(entropy_before), "entropy_after": float(entropy_after)}
-        data: dict[str, Any] = await self._json(
-            "POST", _step_path(run_id, step, "/realized"), json=body
-        )
-        return data
-
-    async def step_status(self, run_id: str, step: int) -> StepStatus:
-        """See :meth:`Client.step_status`."""
-        return StepStatus.from_json(await self._json("GET", _step_path(run_id, step)))
-
-    async def wait_ready(
-        self, run_id: str, step: int, timeout: float = 60.0, poll: float = 0.1
-    ) -> StepStatus:
-        """See :meth:`Client.wait_ready`."""
-        deadline = time.monotonic() + timeout
+    async def _drive(self, flow: Flow[T]) -> T:
+        answer: httpx.Response | None = None
+        failure: httpx.TransportError | None = None
         while True:
-            status = await self.step_status(run_id, step)
-            if _check_step(status):
-                return status
-            if time.monotonic() >= deadline:
-                raise StepTimeoutError(
-                    0,
-                    "step not ready",
-                    f"run {run_id!r} step {step} still {status.state} after {timeout} s",
-                    extra={"status": status.raw},
+            try:
+                op = flow.send(answer) if failure is None else flow.throw(failure)
+            except StopIteration as done:
+                return cast(T, done.value)
+            answer, failure = None, None
+            if isinstance(op, Sleep):
+                await asyncio.sleep(op.seconds)
+                continue
+            try:
+                answer = await self._http.request(
+                    op.method,
+                    op.path,
+                    params=op.params,
+                    json=op.json,
+                    content=op.content,
+                    headers=op.headers,
                 )
-            await asyncio.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-            poll = min(poll * 1.5, 2.0)
-
-    async def kernel(
-        self,
-        run_id: str,
-        step: int,
-        *,
-        role: str | None = None,
-        normalize: bool = False,
-        wait: float | None = None,
-    ) -> Kernel:
-        """See :meth:`Client.kernel`."""
-        params = _analysis_params(role, wait, normalize=str(normalize).lower())
-        response = await self._send(
-            "GET",
-            _step_path(run_id, step, "/kernel"),
-            params=params,
-            headers={"Accept": "application/octet-stream"},
-        )
-        matrix = _load_npy(response.content)
-        ids = (await self.diagonal(run_id, step, role=role)).ids
-        if len(ids) != matrix.shape[0]:
-            raise KernelscopeError(0, "inconsistent answer", "kernel and diagonal sizes differ")
-        return Kernel(ids=ids, matrix=matrix)
-
-    async def kernel_json(
-        self, run_id: str, step: int, *, role: str | None = None, normalize: bool = False
-    ) -> Kernel:
-        """See :meth:`Client.kernel_json`."""
-        params = _analysis_params(role, None, normalize=str(normalize).lower())
-        data = await self._json("GET", _step_path(run_id, step, "/kernel"), params=params)
-        return Kernel(ids=[str(i) for i in data["ids"]], matrix=np.asarray(data["matrix"], float))
-
-    async def diagonal(
-        self, run_id: str, step: int, *, role: str | None = None, wait: float | None = None
-    ) -> Diagonal:
-        """See :meth:`Client.diagonal`."""
-        data = await self._json(
-            "GET", _step_path(run_id, step, "/kernel/diagonal"), params=_analysis_params(role, wait)
-        )
-        return Diagonal.from_json(data["diagonal"] if isinstance(data, dict) else data)
-
-    async def spectrum(
-        self,
-        run_id: str,
-        step: int,
-        *,
-        role: str | None = None,
-        top: int | None = None,
-        wait: float | None = None,
-    ) -> Spectrum:
-        """See :meth:`Client.spectrum`."""
-        params = _analysis_params(role, wait, top=top)
-        return Spectrum.from_json(
-            await self._json("GET", _step_path(run_id, step, "/kernel/spectrum"), params=params)
-        )
-
-    async def blocks(
-        self, run_id: str, step: int, *, role: str | None = None, wait: float | None = None
-    ) -> Blocks:
-        """See :meth:`Client.blocks`."""
-        return Blocks.from_json(
-            await self._json(
-                "GET",
-                _step_path(run_id, step, "/kernel/blocks"),
-                params=_analysis_params(role, wait),
-            )
-        )
-
-    async def entropy(
-        self, run_id: str, step: int, *, estimator: str | None = None, wait: float | None = None
-    ) -> EntropyReport:
-        """See :meth:`Client.entropy`."""
-        params = _analysis_params(None, wait, estimator=estimator)
-        return EntropyReport.from_json(
-            await self._json("GET", _step_path(run_id, step, "/entropy"), params=params)
-        )
-
-    async def history(self, run_id: str) -> EntropyHistory:
-        """See :meth:`Client.history`."""
-        return EntropyHistory.from_json(await self._json("GET", f"/v1/runs/{run_id}/entropy"))
+            except httpx.TransportError as exc:
+                failure = exc
 
 
 __all__ = [
-    "APPLIED_UPDATE_ID",
     "DEFAULT_MAX_BODY_BYTES",
     "AsyncClient",
     "Client",
-    "PlannedUpload",
+    "Endpoints",
     "RetryPolicy",
-    "idempotency_key",
-    "plan_uploads",
     "sketch_spec_dict",
 ]

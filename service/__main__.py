@@ -1,4 +1,7 @@
-"""``python -m service``: the ``kernelscope`` command line (service.cli)."""
+"""``python -m service``: the service's commands ``serve`` and ``worker`` (service.cli).
+
+The ``kernelscope`` console script (``python -m clients``) has these and the client commands.
+"""
 
 from service.cli import app
 

@@ -1,9 +1,9 @@
-"""The ``kernelscope`` command line (typer + rich).
+"""The service's commands of the ``kernelscope`` command line (typer + rich).
 
-Commands: ``serve`` (API + Redis + worker in one process, or API against a given Redis),
-``worker`` (a stream worker for a shared Redis), ``runs`` and ``report`` (read the REST API),
-and ``demo`` (a tiny GRPO trainer feeding the service; ``clients.demo``).  docs/cli.md has the
-walkthrough.
+``serve`` (API + Redis + worker in one process, or API against a given Redis) and ``worker``
+(a stream worker for a shared Redis).  ``python -m service`` runs these two; the
+``kernelscope`` console script (``clients.cli``) has them beside the client commands ``runs``,
+``report`` and ``demo``.  docs/cli.md has the walkthrough.
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ from rich.console import Console
 from service import loop as service_loop
 from service.settings import Settings
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
 app = typer.Typer(
     name="kernelscope",
     help=(
-        "kernelscope: sketched Fisher kernels and entropy-change predictions "
-        "for RL fine-tuning.\n\n"
-        "Start the service with `kernelscope serve` (no setup: it runs its own Redis), point a "
-        "trainer at the URL it prints, then read results with `kernelscope runs` and "
-        "`kernelscope report RUN [STEP]`. Settings come from KERNELSCOPE_* environment "
-        "variables (docs/deployment.md) and REDIS_URL."
+        "The kernelscope service: `serve` (API, dashboard and workers; no setup: it runs its "
+        "own Redis) and `worker` (a stream worker for a shared Redis). Settings come from "
+        "KERNELSCOPE_* environment variables (docs/deployment.md) and REDIS_URL."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -58,26 +53,6 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
-
-
-UrlOption = Annotated[
-    str,
-    typer.Option(
-        "--url",
-        envvar="KERNELSCOPE_URL",
-        help="Base URL of the kernelscope API.",
-        show_default=True,
-    ),
-]
-TokenOption = Annotated[
-    str | None,
-    typer.Option(
-        "--token",
-        envvar="KERNELSCOPE_TOKEN",
-        help="Bearer token, when the service sets KERNELSCOPE_TOKEN.",
-        show_default=False,
-    ),
-]
 
 
 class _StopOnSignal:
@@ -331,164 +306,3 @@ def _redact(url: str | None) -> str:
         return str(url)
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
-
-
-def _report_error(exc: Exception) -> typer.Exit:
-    _err().print(f"[red]error:[/red] {exc}")
-    return typer.Exit(code=1)
-
-
-@app.command()
-def runs(url: UrlOption = DEFAULT_URL, token: TokenOption = None) -> None:
-    """List the runs a kernelscope service holds (GET /v1/runs): sketch, k, seed, steps.
-
-    Example:
-
-        kernelscope runs --url http://127.0.0.1:8000
-    """
-    from service.report import ApiClient, ApiError, fetch_runs, runs_table
-
-    try:
-        with ApiClient(url, token) as api:
-            _out().print(runs_table(fetch_runs(api)))
-    except ApiError as exc:
-        raise _report_error(exc) from exc
-
-
-@app.command()
-def report(
-    run: Annotated[str, typer.Argument(help="The run id.", show_default=False)],
-    step: Annotated[
-        int | None,
-        typer.Argument(help="A step; without it, the run's history.", show_default=False),
-    ] = None,
-    url: UrlOption = DEFAULT_URL,
-    token: TokenOption = None,
-    estimator: Annotated[
-        str | None,
-        typer.Option(
-            help="dH1 estimator: independent, u_statistic or plugin. [default: the service's]",
-            show_default=False,
-        ),
-    ] = None,
-    role: Annotated[
-        str | None,
-        typer.Option(
-            help="Rows of the kernel statistics: update, entropy or all. [default: update]",
-            show_default=False,
-        ),
-    ] = None,
-    top: Annotated[
-        int, typer.Option(min=1, help="Sequences in the 'driving entropy down' table.")
-    ] = 10,
-    head: Annotated[int, typer.Option(min=1, help="Eigenvalues in the spectrum head.")] = 10,
-    wait: Annotated[
-        float,
-        typer.Option(
-            min=0, max=300, help="Seconds to wait for a step whose uploads are still queued."
-        ),
-    ] = 0.0,
-) -> None:
-    """Print what kernelscope knows about a run or one of its steps, as tables.
-
-    With STEP: the step's state and row counts; the predicted entropy change dH1 with its
-    error bars (se_sampling, se_sketch), the realized change and their ratio, dH1_applied,
-    dH2, cov_baseline and dH1_diag; dH1 split by pair type, by quadrant (advantage sign x
-    log-prob above/below the prompt mean) and by parameter group; the sequences driving
-    entropy down; the head of the kernel's spectrum with effective rank and participation
-    ratio; kernel block statistics. docs/math.md defines every number.
-
-    Without STEP: one row per analysed step (GET /v1/runs/RUN/entropy).
-
-    Examples:
-
-        kernelscope report grpo-demo
-
-        kernelscope report grpo-demo 12 --estimator plugin --top 20
-    """
-    from service.report import ApiClient, ApiError, run_history, step_report
-
-    try:
-        with ApiClient(url, token) as api:
-            if step is None:
-                tables = run_history(api, run)
-            else:
-                tables = step_report(
-                    api,
-                    run,
-                    step,
-                    estimator=estimator,
-                    role=role,
-                    top=top,
-                    head=head,
-                    wait_s=wait or None,
-                )
-    except ApiError as exc:
-        raise _report_error(exc) from exc
-    for table in tables:
-        _out().print(table)
-        _out().print()
-
-
-class Capture(str, Enum):
-    """How the demo trainer gets per-sequence gradients to the service."""
-
-    exact = "exact"
-    factorised = "factorised"
-
-
-@app.command()
-def demo(
-    steps: Annotated[int, typer.Option(min=1, help="GRPO steps to train.")] = 20,
-    url: Annotated[
-        str | None,
-        typer.Option(
-            "--url",
-            help="Use this running service instead of starting one (embedded, temporary data).",
-            show_default=False,
-        ),
-    ] = None,
-    token: TokenOption = None,
-    capture: Annotated[
-        Capture,
-        typer.Option(
-            help="exact: per-sequence gradients pushed raw, sketched by the service "
-            "(countsketch); factorised: kronecker sketches made by hooks in the trainer."
-        ),
-    ] = Capture.exact,
-    keep_alive: Annotated[
-        bool,
-        typer.Option(
-            "--keep-alive/--exit",
-            help="After training, keep the service up for the dashboard until Ctrl-C.",
-        ),
-    ] = True,
-) -> None:
-    """Train a tiny GPT-2 with GRPO on the CPU and watch kernelscope predict its entropy.
-
-    Starts the service (unless --url is given), builds a 26k-parameter GPT-2 from a config
-    (nothing is downloaded), trains it for --steps GRPO steps on a toy task, pushes every
-    step's sequences and gradients, and prints one row per step: the predicted entropy
-    change dH1 with its error bars, the realized change, their ratio, and the sequences
-    pushing entropy down hardest. Then it leaves the dashboard up until Ctrl-C.
-
-    Examples:
-
-        kernelscope demo
-
-        kernelscope demo --steps 5 --exit
-
-        kernelscope demo --url http://127.0.0.1:8000 --capture factorised
-    """
-    # The demo is a client of the service (it talks HTTP only); imported here so that the
-    # other commands never load the trainer.
-    from clients.demo import DemoConfig, run_demo
-
-    run_demo(
-        steps=steps,
-        url=url,
-        keep_alive=keep_alive,
-        token=token,
-        config=DemoConfig(capture=capture.value),
-        console=_out(),
-    )

@@ -49,11 +49,11 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
+from sketch.names import APPLIED_UPDATE_ID as APPLIED_UPDATE_ID
+
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 """Run ids and sequence ids: letters, digits and ``._:-``, 1 to 128 characters."""
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # use fullmatch: "$" would allow a "\n"
-APPLIED_UPDATE_ID = "__applied_update__"
-"""Reserved sequence id of the applied-update row ``u = theta_after - theta_before`` (math.md)."""
 GROUP = "workers"
 """Consumer group of the job stream."""
 

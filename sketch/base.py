@@ -18,7 +18,6 @@ project relies on:
 from __future__ import annotations
 
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from enum import Enum
@@ -26,6 +25,7 @@ from enum import Enum
 import torch
 
 from sketch.hashing import Workspace
+from sketch.names import parse_tensor_name
 
 Shape = tuple[int, ...]
 
@@ -38,17 +38,6 @@ class SketchKind(str, Enum):
     GAUSSIAN = "gaussian"
     RADEMACHER = "rademacher"
     KRONECKER = "kronecker"
-
-
-_SLICE = re.compile(r"^(?P<name>.+)@(?P<offset>\d+)$")
-
-
-def parse_tensor_name(key: str) -> tuple[str, int]:
-    """Split an upload's tensor name ``param`` or ``param@offset`` into ``(param, offset)``."""
-    match = _SLICE.match(key)
-    if match is None:
-        return key, 0
-    return match.group("name"), int(match.group("offset"))
 
 
 class Sketcher(ABC):

@@ -11,12 +11,15 @@ import asyncio
 import contextlib
 import math
 import socket
+import subprocess
+import sys
 import threading
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import numpy as np
 import pytest
 import safetensors.torch
@@ -32,7 +35,8 @@ from clients.errors import (
     ValidationError,
 )
 from clients.factorised import FactorisedCapture
-from clients.http import AsyncClient, Client, RetryPolicy, plan_uploads, sketch_spec_dict
+from clients.http import AsyncClient, Client, RetryPolicy, sketch_spec_dict
+from clients.uploads import plan_uploads
 from service.uploads import read_header
 from tests.clients.conftest import LiveService, free_port, make_batch, tiny_gpt2
 
@@ -143,6 +147,69 @@ def test_sketch_spec_dict_accepts_dicts_and_objects() -> None:
         "dim": 1,
         "seed": 0,
     }
+
+
+def test_importing_the_client_does_not_load_numba() -> None:
+    """The client parses ``name@offset`` with ``sketch.names``, not through the operators,
+    whose numba loops cost a trainer seconds of import (and compile) time."""
+    code = "import clients.http, sys; assert 'numba' not in sys.modules, 'numba loaded'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sync_and_async_clients_retry_alike() -> None:
+    """Both clients run the same flows: a dropped connection and a 503 are retried, a 404
+    becomes ``NotFoundError`` after one attempt, with the same requests on the wire."""
+
+    def answers() -> tuple[list[str], Any]:
+        seen: list[str] = []
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            seen.append(f"{request.method} {request.url.path}?{request.url.query.decode()}")
+            if len(seen) == 1:
+                raise httpx.ConnectError("refused", request=request)
+            if len(seen) == 2:
+                return httpx.Response(503, headers={"Retry-After": "0"})
+            if request.url.path.endswith("/spectrum"):
+                return httpx.Response(
+                    200,
+                    json={
+                        "eigenvalues": [2.0, 1.0],
+                        "trace": 3.0,
+                        "effective_rank": 1.9,
+                        "participation_ratio": 1.8,
+                    },
+                )
+            return httpx.Response(404, json={"title": "Not Found", "detail": "no run 'x'"})
+
+        return seen, handle
+
+    sync_seen, sync_handle = answers()
+    with Client(retry=FAST_RETRY, transport=httpx.MockTransport(sync_handle)) as client:
+        spectrum = client.spectrum("r", 2, top=1)
+        with pytest.raises(NotFoundError):
+            client.get_run("x")
+
+    async_seen, async_handle = answers()
+
+    async def scenario() -> Any:
+        transport = httpx.MockTransport(async_handle)
+        async with AsyncClient(retry=FAST_RETRY, transport=transport) as client:
+            got = await client.spectrum("r", 2, top=1)
+            with pytest.raises(NotFoundError):
+                await client.get_run("x")
+            return got
+
+    async_spectrum = asyncio.run(scenario())
+    assert (
+        sync_seen
+        == async_seen
+        == [
+            *["GET /v1/runs/r/steps/2/kernel/spectrum?top=1"] * 3,
+            "GET /v1/runs/x?",
+        ]
+    )
+    assert spectrum.eigenvalues.tolist() == async_spectrum.eigenvalues.tolist() == [2.0, 1.0]
 
 
 # ----------------------------------------------------------------------- live service

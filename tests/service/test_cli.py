@@ -21,9 +21,9 @@ import redis as redis_sync
 import torch
 from typer.testing import CliRunner
 
-from service.cli import app
+from clients.cli import app
+from clients.report import format_number, ratio_text
 from service.embedded import embedded_service
-from service.report import format_number, ratio_text
 from service.settings import Settings
 from tests.service.conftest import StepData, safetensors_body
 

@@ -38,7 +38,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.report import ratio_text
+from clients.report import ratio_text
 from sketch.entropy import update_coefficients
 from sketch.sequences import StepSequences
 from tests.service.conftest import OCTET, LiveService, free_port, safetensors_body
@@ -421,7 +421,7 @@ REGIME_LABELS = {
 
 
 def flat_ratio(entropy: dict[str, Any]) -> dict[str, Any]:
-    """The ratio fields of a step's entropy answer, flat as ``service.report.ratio_text``
+    """The ratio fields of a step's entropy answer, flat as ``clients.report.ratio_text``
     reads them (as ``report.entropy_table`` does)."""
     interval = entropy.get("ratio_interval") or {}
     return {

@@ -1,28 +1,32 @@
-"""Terminal reports of a kernelscope service: rich tables built from the REST API (httpx).
+"""Terminal reports of a kernelscope service: rich tables built from the REST API.
 
 Nothing here computes a statistic: every number is the one the API returns (math.md defines
-them); this module only fetches, orders and formats.  Used by ``kernelscope runs`` and
-``kernelscope report``; importable for notebooks::
+them), fetched with :class:`clients.http.Client`; this module only orders and formats.  Used by
+``kernelscope runs`` and ``kernelscope report``; importable for notebooks::
 
-    from service.report import ApiClient, step_report
+    from clients.http import Client
+    from clients.report import step_report
     from rich.console import Console
 
-    with ApiClient("http://127.0.0.1:8000") as api:
-        Console().print(*step_report(api, "grpo-demo", 3))
+    with Client("http://127.0.0.1:8000") as client:
+        Console().print(*step_report(client, "grpo-demo", 3))
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
-import httpx
 from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from clients.errors import ConflictError
+from clients.http import Client
+from clients.results import EntropyHistory
 
 #: How many eigenvalues the spectrum head shows, and how many sequences the "driving entropy
 #: down" table lists, unless told otherwise.
@@ -32,77 +36,6 @@ DEFAULT_TOP_SEQUENCES = 10
 MAX_PROMPT_MATRIX = 12
 
 _MISSING = "—"
-
-
-class ApiError(RuntimeError):
-    """A non-2xx answer; ``status`` and the problem+json ``detail`` (or the body) are kept."""
-
-    def __init__(self, status: int, title: str, detail: str) -> None:
-        super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
-        self.status = status
-        self.title = title
-        self.detail = detail
-
-
-class ApiClient:
-    """A small synchronous client of the REST API for the CLI's read-only commands.
-
-    ``url``: the service's base URL (``http://127.0.0.1:8000``); ``token``: the bearer token
-    (``KERNELSCOPE_TOKEN``) or None; ``transport``: an httpx transport (tests may pass one).
-    """
-
-    def __init__(
-        self,
-        url: str,
-        token: str | None = None,
-        timeout_s: float = 60.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        headers = {"Accept": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self._client = httpx.Client(
-            base_url=url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
-        )
-
-    def get(self, path: str, **params: Any) -> Any:
-        """GET ``path`` with the non-None ``params``; return the decoded JSON or raise ApiError."""
-        query = {k: v for k, v in params.items() if v is not None}
-        try:
-            response = self._client.get(path, params=query)
-        except httpx.TransportError as exc:
-            raise ApiError(
-                0, "cannot reach the service", f"{self._client.base_url}: {exc}"
-            ) from exc
-        if response.status_code >= 400:
-            raise _api_error(response)
-        return response.json()
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> ApiClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def _api_error(response: httpx.Response) -> ApiError:
-    title, detail = response.reason_phrase, response.text[:500]
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, Mapping):
-        title = str(body.get("title", title))
-        detail = str(body.get("detail", detail) or "")
-    return ApiError(response.status_code, title, detail)
 
 
 def format_number(value: Any) -> str:
@@ -183,18 +116,15 @@ def runs_table(runs: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-def fetch_runs(api: ApiClient) -> list[dict[str, Any]]:
-    """``GET /v1/runs`` as a list (accepts a bare list or ``{"runs": [...]}``)."""
-    body = api.get("/v1/runs")
-    if isinstance(body, Mapping):
-        body = body.get("runs", [])
-    return [dict(r) for r in body]
+def run_list(client: Client) -> list[RenderableType]:
+    """``kernelscope runs``: the runs table of ``GET /v1/runs``."""
+    return [runs_table([run.raw for run in client.runs()])]
 
 
 # ------------------------------------------------------------------------------------ history
 
 
-def history_table(run_id: str, history: Mapping[str, Any]) -> Table:
+def history_table(run_id: str, history: EntropyHistory) -> Table:
     """``GET /v1/runs/{run_id}/entropy``: predicted vs realized entropy change per step."""
     table = Table(
         title=f"run {run_id}: entropy change per step (nats)",
@@ -221,17 +151,15 @@ def history_table(run_id: str, history: Mapping[str, Any]) -> Table:
             header, justify="left" if header == "estimator" else "right", overflow="fold"
         )
     table.add_column("spectrum head", overflow="fold")
-    steps = history.get("steps", [])
-    for row in steps:
-        head = row.get("spectrum_head") or []
-        cells = [format_number(row.get(key)) for _, key in columns]
+    for row in history.steps:
+        cells = [format_number(getattr(row, key)) for _, key in columns]
         table.add_row(
             *cells[:6],
-            ratio_text(row),
+            ratio_text(vars(row)),
             *cells[6:],
-            ", ".join(format_number(x) for x in head[:3]),
+            ", ".join(format_number(float(x)) for x in row.spectrum_head[:3]),
         )
-    if not steps:
+    if not history.steps:
         table.caption = "no analysed step yet"
     else:
         table.caption = RATIO_CAPTION
@@ -503,7 +431,7 @@ def blocks_tables(blocks: Mapping[str, Any]) -> list[Table]:
 
 
 def step_report(
-    api: ApiClient,
+    client: Client,
     run_id: str,
     step: int,
     *,
@@ -519,19 +447,15 @@ def step_report(
     ``estimator`` / ``role`` are passed to the API (its defaults when None); ``wait_s`` is the
     API's ``?wait=`` for a step whose uploads are still being sketched.
     """
-    base = f"/v1/runs/{run_id}/steps/{step}"
     if wait_s:
         # A cheap analysis call that blocks server-side until the step is ready (or times out).
-        try:
-            api.get(f"{base}/kernel/diagonal", role=role, wait=wait_s)
-        except ApiError as exc:
-            if exc.status != 409:
-                raise
-    status = api.get(base)
+        with suppress(ConflictError):
+            client.diagonal(run_id, step, role=role, wait=wait_s)
+    status = client.step_status(run_id, step).raw
     out: list[RenderableType] = [step_status_table(status)]
     if status.get("state") != "ready":
         return out
-    entropy = api.get(f"{base}/entropy", estimator=estimator)
+    entropy = client.entropy(run_id, step, estimator=estimator).raw
     out.append(entropy_table(entropy))
     decomposition = entropy.get("decomposition")
     if isinstance(decomposition, Mapping):
@@ -539,11 +463,11 @@ def step_report(
     top_table = top_sequences_table(entropy.get("per_sequence"), entropy.get("delta_h1"), top)
     if top_table is not None:
         out.append(top_table)
-    out.append(spectrum_table(api.get(f"{base}/kernel/spectrum", role=role), head))
-    out.extend(blocks_tables(api.get(f"{base}/kernel/blocks", role=role)))
+    out.append(spectrum_table(client.spectrum(run_id, step, role=role).raw, head))
+    out.extend(blocks_tables(client.blocks(run_id, step, role=role).raw))
     return out
 
 
-def run_history(api: ApiClient, run_id: str) -> list[RenderableType]:
+def run_history(client: Client, run_id: str) -> list[RenderableType]:
     """``kernelscope report RUN``: the run's entropy history table."""
-    return [history_table(run_id, api.get(f"/v1/runs/{run_id}/entropy"))]
+    return [history_table(run_id, client.history(run_id))]

@@ -223,6 +223,15 @@ class RealizedIn(BaseModel):
     entropy_after: float = Field(allow_inf_nan=False)
 
 
+class RealizedRecorded(BaseModel):
+    """Answer of ``POST .../realized``: the entropies recorded for the step."""
+
+    run_id: str
+    step: int
+    entropy_before: float
+    entropy_after: float
+
+
 class UploadAccepted(BaseModel):
     """202 answer of a gradient or sketch upload."""
 
@@ -464,7 +473,7 @@ class NoiseScaleOut(_FromSketch):
     num_prompts: int
 
 
-class RealizedOut(_FromSketch):
+class RealizedChangeOut(_FromSketch):
     """The realized entropy change (math.md §6) and how it was obtained."""
 
     delta_h: float
@@ -523,7 +532,7 @@ class EntropyOut(_FromSketch):
     delta_h1_applied: float | None = None
     delta_h2: float | None = None
     delta_h1_plus_h2: float | None = None
-    realized: RealizedOut | None = None
+    realized: RealizedChangeOut | None = None
     ratio: float | None = None
     ratio_interval: RatioIntervalOut | None = None
     taylor: TaylorOut | None = None

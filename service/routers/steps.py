@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from service import analysis as an
 from service.deps import RunDep, StepNo, StoreDep
 from service.errors import ProblemError
-from service.schemas import RealizedIn, SequencesIn, SequencesOut, StepStatus
+from service.schemas import RealizedIn, RealizedRecorded, SequencesIn, SequencesOut, StepStatus
 
 router = APIRouter(prefix="/v1/runs/{run_id}/steps", tags=["steps"])
 
@@ -44,13 +44,13 @@ async def post_sequences(
     }
 
 
-@router.post("/{step}/realized")
+@router.post("/{step}/realized", response_model=RealizedRecorded)
 async def post_realized(
     run: RunDep, step: StepNo, body: RealizedIn, store: StoreDep
-) -> dict[str, Any]:
+) -> RealizedRecorded:
     """Record the trainer's measured entropy before and after the step (math.md §6)."""
     await store.set_realized(run["run_id"], step, body.entropy_before, body.entropy_after)
-    return {"run_id": run["run_id"], "step": step, **body.model_dump()}
+    return RealizedRecorded(run_id=run["run_id"], step=step, **body.model_dump())
 
 
 @router.get("/{step}", response_model=StepStatus)

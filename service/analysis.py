@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from safetensors.numpy import load as load_np
 from starlette.concurrency import run_in_threadpool
 
@@ -449,6 +449,8 @@ async def cached_result(
 
     try:
         value, body = await run_in_threadpool(answer)
+    except ValidationError:  # a ValueError too, but an answer that misses its schema is a bug
+        raise
     except ValueError as exc:  # the core refuses inputs it cannot analyse (sketch/ docstrings)
         raise CannotAnalyseError(f"cannot compute {query.split('|')[0]}: {exc}") from None
     await store.cache_put(run_id, step, matrix.version, query, body)

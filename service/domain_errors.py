@@ -70,8 +70,7 @@ class InvalidUploadError(DomainError):
     type) or 422 (valid safetensors that does not fit the run); ``extra`` are the problem's
     extension members (e.g. ``missing_ids``)."""
 
-    def __init__(self, status: int, detail: str, *, title: str | None = None, **extra: Any) -> None:
+    def __init__(self, status: int, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.status = status
-        self.title = title
         self.extra = extra

@@ -128,7 +128,7 @@ def domain_problem(exc: DomainError, retry_after_s: int) -> ProblemError:
         case ShuttingDownError() | BusyError():
             return ProblemError(503, exc.detail, title="Service Unavailable", headers=retry)
         case InvalidUploadError():
-            return ProblemError(exc.status, exc.detail, title=exc.title, **exc.extra)
+            return ProblemError(exc.status, exc.detail, **exc.extra)
     raise TypeError(f"no problem mapping for {type(exc).__name__}")  # a new DomainError class
 
 

@@ -549,7 +549,7 @@ class RunEntropyRow(BaseModel):
     delta_h1: float
     se_sampling: float
     se_sketch: float
-    estimator: str
+    estimator: Estimator
     realized: float | None = Field(
         default=None, description="the realized change (math.md §6; control-variate estimate)"
     )
@@ -590,7 +590,7 @@ class RunEntropyRow(BaseModel):
         return cls(
             step=step,
             delta_h1=entropy.delta_h1,
-            estimator=entropy.estimator.value,
+            estimator=entropy.estimator,
             se_sampling=entropy.se_sampling,
             se_sketch=entropy.se_sketch,
             realized=None if realized is None else realized.delta_h,

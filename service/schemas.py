@@ -10,7 +10,7 @@ NaN or Inf is sent as ``null`` (pydantic's JSON encoding).
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -302,7 +302,7 @@ class StepStatus(BaseModel):
         return cls(
             run_id=run_id,
             step=step,
-            state=counts.state,  # type: ignore[arg-type]  # StepCounts.state is a StepState
+            state=cast(StepState, counts.state),  # validated against StepState here
             sequences=counts.sequences,
             rows=counts.rows,
             pending_uploads=counts.pending_uploads,

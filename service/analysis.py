@@ -14,6 +14,7 @@ matrix and what is derived from it (the kernel, the eigenvalues) are kept in thi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import secrets
@@ -21,23 +22,42 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
+from pydantic import TypeAdapter, ValidationError
 from safetensors.numpy import load as load_np
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import RETRY_AFTER_S, ProblemError
+from service.domain_errors import (
+    CannotAnalyseError,
+    NotFoundError,
+    ShuttingDownError,
+    StepIncompleteError,
+    StepNotReadyError,
+    TooLargeError,
+)
 from service.keys import APPLIED_UPDATE_ID
+from service.schemas import (
+    BlocksOut,
+    DiagonalEntry,
+    EntropyOut,
+    RunEntropyOut,
+    RunEntropyRow,
+    SpectrumOut,
+    StepStatus,
+)
+from service.settings import Settings
 from service.store import StepCounts, StepSnapshot, Store
 from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
 from sketch.entropy import (
+    Estimator,
     SketchCells,
     entropy_change,
     row_updates,
@@ -51,22 +71,11 @@ from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
 from sketch.spectrum import Spectrum, spectrum
 
-MAX_WAIT_S = 300.0
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
 #: of an older revision are recomputed instead of served (their data version alone would not
 #: change across an upgrade).
-ANALYSIS_REVISION = 3
+ANALYSIS_REVISION = 4
 SPECTRUM_HEAD = 8
-#: Assembled step matrices (with their kernels) kept in this process: the analysis routes of
-#: one step (kernel, spectrum, blocks, entropy) are usually asked one after the other, and
-#: each would otherwise fetch and decode ``Y`` from Redis and rebuild ``K`` again.
-MEMO_MATRICES = 2
-#: BLAS threads for the eigen-decompositions (``role_spectrum``).  Their reduction to
-#: tridiagonal form is memory-bound and synchronises its threads at every column: measured on
-#: the shared 2-core host, ``eigvalsh`` of a 2048 x 2048 kernel took 0.24 s with 2 threads and
-#: 0.4 s with 1 when idle, but 16-26 s with 2 threads (0.4-0.6 s with 1) whenever another
-#: process held a core.  One thread trades a little idle speed for never stalling.
-EIGEN_BLAS_THREADS = 1
 
 
 def sketcher_for_run(run: Mapping[str, Any]) -> Sketcher:
@@ -109,6 +118,8 @@ class StepMatrix:
     entropy_after: float | None
     U: np.ndarray | None = None
     has_update: np.ndarray | None = None
+    #: ``Settings.eigen_blas_threads``: the BLAS threads of its eigen-decompositions.
+    eigen_blas_threads: int = 1
     _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     # Routes run in threadpool threads: two requests must not both build the same value.  One
     # lock per value, so that a long eigen-decomposition does not hold up the blocks' kernel.
@@ -135,7 +146,7 @@ class StepMatrix:
         sub-matrix (an entry ``<y_i, y_j>`` does not depend on the other rows)."""
         rows = self.role_rows(role)
         if rows.size == 0:
-            raise ProblemError(422, f"the step has no {role!r} sequences")
+            raise CannotAnalyseError(f"the step has no {role!r} sequences")
 
         def full() -> np.ndarray:
             K = kernel_from_rows(self.Y)
@@ -176,22 +187,29 @@ def role_spectrum(m: StepMatrix, role: str, top: int) -> Spectrum:
 
     ``k < n``: the SVD of the role's rows of ``Y`` (singular values only when ``top == 0``);
     ``k >= n``: the eigenvalues of the cached kernel (``eigvalsh``; a full ``eigh`` only when
-    ``top > 0``).  LAPACK runs on ``EIGEN_BLAS_THREADS`` threads.
+    ``top > 0``).  LAPACK runs on ``m.eigen_blas_threads`` threads: the reduction to
+    tridiagonal form is memory-bound and synchronises its threads at every column (measured
+    on a shared 2-core host, ``eigvalsh`` of a 2048 x 2048 kernel took 0.24 s with 2 threads
+    and 0.4 s with 1 when idle, but 16-26 s with 2 threads whenever another process held a
+    core).
     """
     rows = m.role_rows(role)
     if rows.size == 0:
-        raise ProblemError(422, f"the step has no {role!r} sequences")
+        raise CannotAnalyseError(f"the step has no {role!r} sequences")
     Y = m.Y if rows.size == m.seqs.n else m.Y[rows]
     K = m.kernel(role)[1] if Y.shape[1] >= Y.shape[0] else None
     with _EIGEN_LOCK:
         if _BLAS is None:
             return spectrum(Y=Y, K=K, top=min(top, int(rows.size)))
-        with _BLAS.limit(limits=EIGEN_BLAS_THREADS, user_api="blas"):
+        with _BLAS.limit(limits=m.eigen_blas_threads, user_api="blas"):
             return spectrum(Y=Y, K=K, top=min(top, int(rows.size)))
 
 
 class MatrixMemo:
-    """The last ``MEMO_MATRICES`` assembled matrices of this process, by cache token.
+    """The last ``size`` (``Settings.memo_matrices``) assembled matrices of this process, by
+    cache token: the analysis routes of one step (kernel, spectrum, blocks, entropy) are
+    usually asked one after the other, and each would otherwise fetch and decode ``Y`` from
+    Redis and rebuild ``K`` again.
 
     A token is a random name written into the step's Redis cache hash
     (``{version}|matrix.token``) by the first process that assembled that version.  That hash
@@ -200,7 +218,7 @@ class MatrixMemo:
     and re-created under the same id.
     """
 
-    def __init__(self, size: int = MEMO_MATRICES) -> None:
+    def __init__(self, size: int) -> None:
         self.size = size
         self._entries: OrderedDict[str, StepMatrix] = OrderedDict()
         self._lock = threading.Lock()
@@ -224,19 +242,19 @@ class MatrixMemo:
 _MEMOS: weakref.WeakKeyDictionary[Store, MatrixMemo] = weakref.WeakKeyDictionary()
 
 
-def matrix_memo(store: Store) -> MatrixMemo:
-    """The in-process memo of ``store``'s assembled matrices."""
+def matrix_memo(store: Store, size: int) -> MatrixMemo:
+    """The in-process memo of ``store``'s assembled matrices (``size`` of them)."""
     memo = _MEMOS.get(store)
     if memo is None:
-        memo = _MEMOS[store] = MatrixMemo()
+        memo = _MEMOS[store] = MatrixMemo(size)
     return memo
 
 
-def assemble(snapshot: StepSnapshot) -> StepMatrix:
+def assemble(snapshot: StepSnapshot, eigen_blas_threads: int = 1) -> StepMatrix:
     """Sum the parts per sequence id and align them with the metadata.
 
-    Raises a 409 problem listing ``missing_rows`` (metadata without sketched data) and
-    ``rows_without_metadata`` (sketched ids without metadata); both may still arrive.
+    Raises :class:`StepIncompleteError` listing ``missing_rows`` (metadata without sketched data)
+    and ``rows_without_metadata`` (sketched ids without metadata); both may still arrive.
     """
     sums: dict[str, np.ndarray] = {}
     updates: dict[str, np.ndarray] = {}
@@ -273,16 +291,14 @@ def assemble(snapshot: StepSnapshot) -> StepMatrix:
                 f"{len(not_update)} update rows belong to sequences that are not update-role:"
                 f" {not_update[:20]}"
             )
-        raise ProblemError(
-            409,
+        raise StepIncompleteError(
             "; ".join(parts) + " (post them, then ask again)",
-            title="Step incomplete",
             missing_rows=missing,
             rows_without_metadata=orphans,
             update_rows_without_update_role=not_update,
         )
     if not ids:
-        raise ProblemError(409, "the step has no sequence metadata yet", title="Step incomplete")
+        raise StepIncompleteError("the step has no sequence metadata yet")
     seqs = StepSequences.from_records([snapshot.sequences[i] for i in ids])
     f = snapshot.step_fields
     zero = np.zeros(next(iter(sums.values())).shape[0])
@@ -297,50 +313,65 @@ def assemble(snapshot: StepSnapshot) -> StepMatrix:
         entropy_after=float(f["entropy_after"]) if "entropy_after" in f else None,
         U=np.stack([updates.get(i, zero) for i in ids]) if updates else None,
         has_update=np.array([i in updates for i in ids]) if updates else None,
+        eigen_blas_threads=eigen_blas_threads,
     )
 
 
-def step_problem(status: dict[str, Any], detail: str) -> ProblemError:
-    """A 409 carrying the step status (``step_status`` member)."""
-    return ProblemError(409, detail, title="Step not ready", step_status=status)
+@dataclass(frozen=True)
+class StepQuery:
+    """What every analysis of one step needs: where the data is, the limits, the shutdown
+    signal, the run and step, and how long a pending step may be waited for."""
+
+    store: Store
+    settings: Settings
+    draining: threading.Event
+    run: Mapping[str, Any]
+    step: int
+    wait: float = 0.0
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run["run_id"])
 
 
-async def ready_step(
-    store: Store,
-    run: Mapping[str, Any],
-    step: int,
-    wait: float,
-    max_sequences: int,
-    max_bytes: int | None = None,
-    draining: threading.Event | None = None,
-) -> StepCounts:
-    """The step's counts once it is ``ready``; polls up to ``wait`` seconds.
-
-    404 if the step does not exist; 409 with the status when it is ``failed`` or still not
-    ready after ``wait`` (0 = answer at once); 422 when it has more than ``max_sequences``
-    sequences or its rows would take more than ``max_bytes`` (``n x k x 8``; both checked
-    before anything is loaded); 503 with ``Retry-After`` as soon as ``draining`` is set
-    while it waits (the service is stopping: a long-poll must not hold the shutdown up, and
-    the client retries against the restarted service).
-    """
+async def step_status(store: Store, run: Mapping[str, Any], step: int) -> StepStatus:
+    """The status of an existing step of ``run``; :class:`NotFoundError` if it has none."""
     run_id = str(run["run_id"])
-    deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
+    counts = await store.step_counts(run_id, step, int(run.get("ranks", 1)))
+    if not counts.exists:
+        raise NotFoundError(f"run {run_id!r} has no step {step}")
+    return StepStatus.from_counts(counts, run_id, step)
+
+
+async def ready_step(q: StepQuery) -> StepCounts:
+    """The step's counts once it is ``ready``; polls up to ``q.wait`` seconds.
+
+    :class:`NotFoundError` if the step does not exist; :class:`StepNotReadyError` with the
+    status when it is ``failed`` or still not ready after ``wait`` (0 = answer at once);
+    :class:`TooLargeError` when it has more than ``max_sequences`` sequences or its rows
+    would take more than ``max_analysis_bytes`` (``n x k x 8``; both checked before anything
+    is loaded); :class:`ShuttingDownError` as soon as ``q.draining`` is set while it waits
+    (the service is stopping: a long-poll must not hold the shutdown up, and the client
+    retries against the restarted service).
+    """
+    run, step, limits = q.run, q.step, q.settings
+    run_id = q.run_id
+    max_sequences, max_bytes = limits.max_sequences, limits.max_analysis_bytes
+    deadline = time.monotonic() + max(q.wait, 0.0)
     while True:
-        counts = await store.step_counts(run_id, step, int(run.get("ranks", 1)))
+        counts = await q.store.step_counts(run_id, step, int(run.get("ranks", 1)))
         if not counts.exists:
-            raise ProblemError(404, f"run {run_id!r} has no step {step}")
+            raise NotFoundError(f"run {run_id!r} has no step {step}")
         state = counts.state
         if state == "ready":
             if counts.sequences > max_sequences:
-                raise ProblemError(
-                    422,
+                raise TooLargeError(
                     f"{counts.sequences} sequences exceed KERNELSCOPE_MAX_SEQUENCES="
                     f"{max_sequences} for an n x n analysis",
                 )
             need = counts.sequences * int(run["k"]) * 8
-            if max_bytes is not None and need > max_bytes:
-                raise ProblemError(
-                    422,
+            if need > max_bytes:
+                raise TooLargeError(
                     f"{counts.sequences} sequences x k={run['k']} x 8 bytes = "
                     f"{need / 2**20:.0f} MiB exceed KERNELSCOPE_MAX_ANALYSIS_MB="
                     f"{max_bytes / 2**20:g}",
@@ -359,18 +390,13 @@ async def ready_step(
                 )
             else:
                 detail = "the step has no sketched rows or no sequence metadata yet"
-            raise step_problem(counts.status(run_id, step), detail)
-        if draining is not None and draining.is_set():
-            raise ProblemError(
-                503,
-                "the service is shutting down; retry in a moment",
-                title="Service Unavailable",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise StepNotReadyError(detail, StepStatus.from_counts(counts, run_id, step))
+        if q.draining.is_set():
+            raise ShuttingDownError("the service is shutting down; retry in a moment")
         await asyncio.sleep(min(0.1, remaining))
 
 
-async def load_matrix(store: Store, run_id: str, step: int) -> StepMatrix:
+async def load_matrix(store: Store, settings: Settings, run_id: str, step: int) -> StepMatrix:
     """The step's assembled matrix at its current version.
 
     From this process's memo when the version's token names an entry, else assembled from
@@ -379,14 +405,14 @@ async def load_matrix(store: Store, run_id: str, step: int) -> StepMatrix:
     so ``Y`` itself is not cached in Redis: only the small token is.
     """
     version = await store.version(run_id, step)
-    memo = matrix_memo(store)
+    memo = matrix_memo(store, settings.memo_matrices)
     token = await store.cache_get(run_id, step, version, "matrix.token")
     if token is not None:
         hit = memo.get(token.decode())
         if hit is not None:
             return hit
     snapshot = await store.snapshot(run_id, step)
-    matrix = await run_in_threadpool(assemble, snapshot)
+    matrix = await run_in_threadpool(assemble, snapshot, settings.eigen_blas_threads)
     # The first process to assemble a version names it; the others memoise under that name.
     token = await store.cache_put_once(
         run_id, step, matrix.version, "matrix.token", secrets.token_hex(16).encode()
@@ -395,40 +421,111 @@ async def load_matrix(store: Store, run_id: str, step: int) -> StepMatrix:
     return matrix
 
 
-async def cached_result(
-    store: Store,
-    run_id: str,
-    step: int,
-    query: str,
-    compute: Callable[[StepMatrix], bytes],
-    after: Callable[[StepMatrix, bytes], Any] | None = None,
-) -> bytes:
-    """``compute(matrix)`` at the step's current version, from the cache when possible.
+Answer = TypeVar("Answer")
 
-    ``after`` (async) runs once per freshly computed result (the entropy summary); the
-    matrix comes from :func:`load_matrix`, so the routes share its kernel and spectrum.
+
+async def cached_result(
+    q: StepQuery,
+    query: str,
+    compute: Callable[[StepMatrix], Answer],
+    encode: Callable[[Answer], bytes],
+    after: Callable[[StepMatrix, Answer], Awaitable[None]] | None = None,
+) -> bytes:
+    """``encode(compute(matrix))`` at the step's current version, from the cache when possible.
+
+    ``after`` runs once per freshly computed answer (the entropy history row); the matrix
+    comes from :func:`load_matrix`, so the routes share its kernel and spectrum.
     """
+    store, run_id, step = q.store, q.run_id, q.step
     version = await store.version(run_id, step)
     cached = await store.cache_get(run_id, step, version, query)
     if cached is not None:
         return cached
-    matrix = await load_matrix(store, run_id, step)
+    matrix = await load_matrix(store, q.settings, run_id, step)
+
+    def answer() -> tuple[Answer, bytes]:
+        value = compute(matrix)
+        return value, encode(value)
+
     try:
-        result = await run_in_threadpool(compute, matrix)
+        value, body = await run_in_threadpool(answer)
+    except ValidationError:  # a ValueError too, but an answer that misses its schema is a bug
+        raise
     except ValueError as exc:  # the core refuses inputs it cannot analyse (sketch/ docstrings)
-        raise ProblemError(422, f"cannot compute {query.split('|')[0]}: {exc}") from None
-    await store.cache_put(run_id, step, matrix.version, query, result)
+        raise CannotAnalyseError(f"cannot compute {query.split('|')[0]}: {exc}") from None
+    await store.cache_put(run_id, step, matrix.version, query, body)
     if after is not None:
-        await after(matrix, result)
-    return result
+        await after(matrix, value)
+    return body
+
+
+async def step_answer(
+    q: StepQuery,
+    query: str,
+    compute: Callable[[StepMatrix], Answer],
+    encode: Callable[[Answer], bytes],
+) -> bytes:
+    """One analysis of a ready step (:func:`ready_step`), cached per data version."""
+    await ready_step(q)
+    return await cached_result(q, query, compute, encode)
+
+
+async def step_entropy(q: StepQuery, estimator: Estimator | None) -> bytes:
+    """The step's ``EntropyOut`` JSON (math.md §4), cached per data version.
+
+    With the default estimator a fresh answer also writes the step's row of the run's
+    entropy history (:func:`run_history`), built from the same answer.
+    """
+    await ready_step(q)
+
+    async def keep_history_row(m: StepMatrix, entropy: EntropyOut) -> None:
+        # the row needs the update kernel's eigenvalues: CPU work, off the event loop
+        row = await run_in_threadpool(history_row, m, q.step, entropy)
+        await q.store.put_summary(q.run_id, q.step, row)
+
+    return await cached_result(
+        q,
+        f"entropy|{None if estimator is None else estimator.value}|r{ANALYSIS_REVISION}",
+        lambda m: entropy_answer(m, q.run, run_sketcher(q.run), estimator),
+        lambda answer: answer.model_dump_json().encode(),
+        after=keep_history_row if estimator is None else None,
+    )
+
+
+async def run_history(
+    store: Store, settings: Settings, draining: threading.Event, run: Mapping[str, Any]
+) -> RunEntropyOut:
+    """One row per analysed step: the steps' default-estimator entropy analyses.
+
+    A ready step without a row, or whose data changed since its row was written, is analysed
+    now, so the history never depends on which steps someone happened to query.  Steps that
+    cannot be analysed (pending, failed, incomplete, too large) keep their last row, if any.
+    """
+    run_id = str(run["run_id"])
+    rows = await store.summaries(run_id)
+    for step in await store.list_steps(run_id):
+        row = rows.get(step)
+        if (
+            row is not None
+            and row.get("revision") == ANALYSIS_REVISION
+            and row.get("version") == await store.version(run_id, step)
+        ):
+            continue
+        unanalysable = (StepNotReadyError, StepIncompleteError, TooLargeError, CannotAnalyseError)
+        with contextlib.suppress(*unanalysable):
+            await step_entropy(StepQuery(store, settings, draining, run, step), None)
+    rows = await store.summaries(run_id)
+    return RunEntropyOut(
+        run_id=run_id,
+        steps=[RunEntropyRow.model_validate({"step": s, **rows[s]}) for s in sorted(rows)],
+    )
 
 
 # --------------------------------------------------------------------------- computations
-# Each returns JSON bytes (or npy bytes), ready to cache and to send.
+# Each returns the answer's schema model (or the bytes of a large answer), computed in a
+# worker thread and encoded there.
 
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, allow_nan=False).encode()
+_DIAGONAL = TypeAdapter(list[DiagonalEntry])
 
 
 def kernel_matrix(m: StepMatrix, role: str, normalize: bool) -> tuple[list[str], np.ndarray]:
@@ -438,10 +535,11 @@ def kernel_matrix(m: StepMatrix, role: str, normalize: bool) -> tuple[list[str],
 
 
 def kernel_json(m: StepMatrix, role: str, normalize: bool) -> bytes:
+    """The ``KernelOut`` document.  n^2 floats: written by orjson straight from the float64
+    array (about 10x faster than pydantic or json on ``K.tolist()`` at n = 2048, the same
+    shortest round-trip repr); its two members are ``KernelOut``'s."""
     ids, K = kernel_matrix(m, role, normalize)
-    # n^2 floats: orjson writes a float64 array directly (about 10x faster than json on
-    # K.tolist() at n = 2048, the same shortest round-trip repr), but it would write NaN as
-    # null where json refuses: keep that guarantee explicitly.
+    # orjson would write NaN as null: a kernel must be finite, so refuse it instead
     if not np.isfinite(K).all():
         raise ValueError("the kernel holds NaN or Inf")
     matrix = np.ascontiguousarray(K, dtype=np.float64)
@@ -456,33 +554,35 @@ def kernel_npy(m: StepMatrix, role: str, normalize: bool) -> bytes:
     return buf.getvalue()
 
 
-def diagonal_json(m: StepMatrix, role: str) -> bytes:
+def diagonal_answer(m: StepMatrix, role: str) -> list[DiagonalEntry]:
     rows = m.role_rows(role)
     values = np.einsum("ij,ij->i", m.Y[rows], m.Y[rows])
-    return _json(
-        [
-            {"id": m.seqs.ids[i], "prompt_id": m.seqs.prompt_ids[i], "value": float(v)}
-            for i, v in zip(rows, values, strict=True)
-        ]
-    )
+    return [
+        DiagonalEntry(id=m.seqs.ids[i], prompt_id=m.seqs.prompt_ids[i], value=float(v))
+        for i, v in zip(rows, values, strict=True)
+    ]
 
 
-def spectrum_json(m: StepMatrix, role: str, top: int) -> bytes:
+def encode_diagonal(entries: list[DiagonalEntry]) -> bytes:
+    return _DIAGONAL.dump_json(entries)
+
+
+def spectrum_answer(m: StepMatrix, role: str, top: int) -> SpectrumOut:
     """The role's spectrum; eigenvectors are only computed for ``top > 0``."""
     if top == 0:
-        return _json(m.eigen_summary(role).to_dict())
-    return _json(role_spectrum(m, role, top).to_dict())
+        return SpectrumOut.from_spectrum(m.eigen_summary(role))
+    return SpectrumOut.from_spectrum(role_spectrum(m, role, top))
 
 
-def blocks_json(m: StepMatrix, role: str) -> bytes:
+def blocks_answer(m: StepMatrix, role: str) -> BlocksOut:
     rows, K = m.kernel(role)
-    return _json(block_statistics(K, [m.seqs.prompt_ids[i] for i in rows]).to_dict())
+    return BlocksOut.from_blocks(block_statistics(K, [m.seqs.prompt_ids[i] for i in rows]))
 
 
-def entropy_json(
-    m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher, estimator: str | None
-) -> bytes:
-    """``sketch.entropy.entropy_change`` on the step (math.md §4), as JSON bytes."""
+def entropy_answer(
+    m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher, estimator: Estimator | None
+) -> EntropyOut:
+    """``sketch.entropy.entropy_change`` on the step (math.md §4)."""
     _, K = m.kernel("all")
     group_kernels: dict[str, Any] | None = None
     update = None
@@ -514,7 +614,7 @@ def entropy_json(
         entropy_after=m.entropy_after,
         sketch_cells=kronecker_cells(m, c, sketcher),
     )
-    return _json(result.to_dict())
+    return EntropyOut.from_change(result)
 
 
 def kronecker_cells(m: StepMatrix, c: np.ndarray, sketcher: Sketcher) -> SketchCells | None:
@@ -527,39 +627,16 @@ def kronecker_cells(m: StepMatrix, c: np.ndarray, sketcher: Sketcher) -> SketchC
     return SketchCells(Y=m.Y, V=V, shape=(sketcher.k_out, sketcher.k_in))
 
 
-def entropy_summary(m: StepMatrix, entropy: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-step row kept without TTL for ``GET /v1/runs/{run_id}/entropy``.
+def history_row(m: StepMatrix, step: int, entropy: EntropyOut) -> dict[str, Any]:
+    """The step's row of ``GET /v1/runs/{run_id}/entropy`` as stored (without TTL), with the
+    data ``version`` and ``revision`` it was computed at.
 
     CPU work (the update kernel's eigenvalues, shared with the spectrum route): run it in a
     worker thread.
     """
-    realized = entropy.get("realized") or {}
-    interval = entropy.get("ratio_interval") or {}
-    taylor = entropy.get("taylor") or {}
     head: list[float] = []
     if m.role_rows("update").size:
         head = [float(x) for x in m.eigen_summary("update").eigenvalues[:SPECTRUM_HEAD]]
-    return {
-        "delta_h1": entropy["delta_h1"],
-        "estimator": entropy["estimator"],
-        "se_sampling": entropy["se_sampling"],
-        "se_sketch": entropy["se_sketch"],
-        "realized": realized.get("delta_h"),
-        "realized_se": realized.get("se"),
-        "realized_source": realized.get("source"),
-        "realized_snis": realized.get("delta_h_snis"),
-        "ratio": entropy.get("ratio"),
-        "ratio_low": interval.get("low"),
-        "ratio_high": interval.get("high"),
-        "ratio_estimable": interval.get("estimable"),
-        "kl": taylor.get("kl"),
-        "kl_se": taylor.get("kl_se"),
-        "regime": taylor.get("regime"),
-        "regime_reasons": taylor.get("reasons") or [],
-        "delta_h1_applied": entropy.get("delta_h1_applied"),
-        "delta_h2": entropy.get("delta_h2"),
-        "delta_h1_plus_h2": entropy.get("delta_h1_plus_h2"),
-        "spectrum_head": head,
-        "version": m.version,
-        "revision": ANALYSIS_REVISION,
-    }
+    row = RunEntropyRow.from_entropy(step, entropy, head)
+    stored: dict[str, Any] = json.loads(row.model_dump_json())  # NaN -> null, enums -> values
+    return {**stored, "version": m.version, "revision": ANALYSIS_REVISION}

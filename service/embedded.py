@@ -55,8 +55,6 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Seconds to wait for the API to start listening.
-STARTUP_TIMEOUT_S = 60.0
 #: How often the embedded service looks for dead worker threads to restart.
 RESTART_PERIOD_S = 1.0
 
@@ -293,6 +291,7 @@ class _WorkerThread(threading.Thread):
         from service.worker import Worker
 
         self.worker = Worker(settings, device=device)
+        self._startup_timeout_s = settings.startup_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -326,7 +325,7 @@ class _WorkerThread(threading.Thread):
     def request_stop(self) -> None:
         """Ask the worker to return after the job in hand (the rest of its batch is handed
         back to the queue); does not wait."""
-        self._ready.wait(STARTUP_TIMEOUT_S)
+        self._ready.wait(self._startup_timeout_s)
         if self._stop_event is not None:
             self._call(self._stop_event.set)
 
@@ -462,12 +461,14 @@ def embedded_service(
             raise EmbeddedServiceError(f"cannot create the API: {exc}") from exc
         api.start()
         stack.callback(_stop_api_and_workers, api, supervisor, deadline)
-        started_by = time.monotonic() + STARTUP_TIMEOUT_S
+        started_by = time.monotonic() + run_settings.startup_timeout_s
         while not api.server.started:
             if not api.is_alive():
                 raise EmbeddedServiceError(f"the API failed to start: {api.error!r}")
             if time.monotonic() > started_by:
-                raise EmbeddedServiceError(f"the API did not start in {STARTUP_TIMEOUT_S:.0f} s")
+                raise EmbeddedServiceError(
+                    f"the API did not start in {run_settings.startup_timeout_s:.0f} s"
+                )
             time.sleep(0.02)
         for thread in worker_threads:
             if thread.error is not None:

@@ -30,6 +30,18 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.domain_errors import (
+    BusyError,
+    CannotAnalyseError,
+    DomainError,
+    InvalidUploadError,
+    NotFoundError,
+    ShuttingDownError,
+    StepIncompleteError,
+    StepNotReadyError,
+    TooLargeError,
+)
+
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://kernelscope.invalid/problems/"
 log = logging.getLogger(__name__)
@@ -40,8 +52,6 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 #: The id of the request being served, for log records and problem bodies ("-" outside one).
 request_id_var: ContextVar[str | None] = ContextVar("kernelscope_request_id", default=None)
-#: Seconds a client should wait before retrying after a 503 (Redis unavailable).
-RETRY_AFTER_S = 1
 #: Error replies of a reachable Redis that mean "not now" rather than "bad command".
 _TRANSIENT_REPLY = ("OOM", "LOADING", "MISCONF", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
 
@@ -89,6 +99,44 @@ def problem_response(problem: ProblemError) -> JSONResponse:
     )
 
 
+def domain_problem(exc: DomainError, retry_after_s: int) -> ProblemError:
+    """The problem+json answer of a domain error (the one place that maps them)."""
+    retry = {"Retry-After": str(retry_after_s)}
+    match exc:
+        case NotFoundError():
+            return ProblemError(404, exc.detail)
+        case StepNotReadyError():
+            return ProblemError(
+                409,
+                exc.detail,
+                title="Step not ready",
+                step_status=exc.status.model_dump(mode="json"),
+            )
+        case StepIncompleteError(missing_rows=None):
+            return ProblemError(409, exc.detail, title="Step incomplete")
+        case StepIncompleteError():
+            return ProblemError(
+                409,
+                exc.detail,
+                title="Step incomplete",
+                missing_rows=exc.missing_rows,
+                rows_without_metadata=exc.rows_without_metadata,
+                update_rows_without_update_role=exc.update_rows_without_update_role,
+            )
+        case TooLargeError() | CannotAnalyseError():
+            return ProblemError(422, exc.detail)
+        case ShuttingDownError() | BusyError():
+            return ProblemError(503, exc.detail, title="Service Unavailable", headers=retry)
+        case InvalidUploadError():
+            return ProblemError(exc.status, exc.detail, **exc.extra)
+    raise TypeError(f"no problem mapping for {type(exc).__name__}")  # a new DomainError class
+
+
+def _retry_after_s(app: Any) -> int:
+    """``Settings.retry_after_s`` of the app serving the request."""
+    return int(app.state.settings.retry_after_s)
+
+
 def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     errors = []
     for err in exc.errors():
@@ -107,6 +155,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
         return problem_response(exc)
 
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> JSONResponse:
+        return problem_response(domain_problem(exc, _retry_after_s(request.app)))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
@@ -120,8 +172,8 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RedisError)
     @app.exception_handler(RedisClusterException)
-    async def _redis(_: Request, exc: Exception) -> JSONResponse:
-        problem = redis_problem(exc)
+    async def _redis(request: Request, exc: Exception) -> JSONResponse:
+        problem = redis_problem(exc, _retry_after_s(request.app))
         if problem is None:  # a reachable Redis refused a command: a bug, not an outage
             log.error("Redis error: %s: %s", type(exc).__name__, exc)
             problem = ProblemError(500, f"internal error: {type(exc).__name__}")
@@ -135,7 +187,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(ProblemError(500, f"internal error: {type(exc).__name__}"))
 
 
-def redis_problem(exc: BaseException) -> ProblemError | None:
+def redis_problem(exc: BaseException, retry_after_s: int) -> ProblemError | None:
     """The 503 problem for an error that means Redis is unavailable, else ``None``.
 
     Unavailable: connection refused, reset or timed out (``ConnectionError``,
@@ -153,7 +205,7 @@ def redis_problem(exc: BaseException) -> ProblemError | None:
         503,
         f"Redis unavailable ({type(exc).__name__}: {str(exc)[:200]}); retry later",
         title="Service Unavailable",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 
@@ -217,7 +269,7 @@ class RequestIdMiddleware:
             if started:  # the answer is already on its way: nothing sensible left to send
                 log.exception("error after the response started")
                 raise
-            problem = redis_problem(exc)
+            problem = redis_problem(exc, _retry_after_s(scope["app"]))
             if problem is None:
                 log.exception("unhandled error")
                 problem = ProblemError(500, f"internal error: {type(exc).__name__}")

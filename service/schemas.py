@@ -1,25 +1,35 @@
 """Pydantic request and response models of REST API v1 (architecture.md), with OpenAPI examples.
 
-Field names are the contract shared with clients and tests; math.md defines every number.
+This module is the one definition of every answer: the routes declare these models, the
+cached analysis answers are encoded from them, and the ``from_*`` classmethods are the one
+place where ``sketch/``'s dataclasses become API documents.  Field names are the contract
+shared with clients and tests; math.md defines every number.  A float the core reports as
+NaN or Inf is sent as ``null`` (pydantic's JSON encoding).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.keys import APPLIED_UPDATE_ID, ID_PATTERN
 from sketch.base import SketchKind
+from sketch.blocks import Blocks
+from sketch.entropy import EntropyChange, Estimator
+from sketch.realized import RealizedEstimator
+from sketch.sequences import Geometry, Normalization, Role
+from sketch.spectrum import Spectrum
 from sketch.taylor import Regime
 
-Normalization = Literal["dr_grpo", "grpo", "sequence_mean"]
-Geometry = Literal["sgd", "adam"]
-Role = Literal["update", "entropy"]
+if TYPE_CHECKING:
+    from service.store import StepCounts
+
 RoleQuery = Literal["update", "entropy", "all"]
-Estimator = Literal["independent", "u_statistic", "plugin"]
 StepState = Literal["pending", "ready", "failed"]
+RealizedSource = Literal["logprob_after", "posted", "given"]
 
 
 class GroupIn(BaseModel):
@@ -60,8 +70,8 @@ class RunCreate(BaseModel):
     )
     run_id: str | None = Field(default=None, pattern=ID_PATTERN)
     sketch: SketchSpecIn
-    normalization: Normalization = "dr_grpo"
-    geometry: Geometry = "sgd"
+    normalization: Normalization = Normalization.DR_GRPO
+    geometry: Geometry = Geometry.SGD
     parameters: dict[str, list[int]] | None = Field(
         default=None, description="Declared parameter shapes {name: shape}; enables shape checks."
     )
@@ -131,7 +141,7 @@ class SequenceIn(BaseModel):
     logprob: float = Field(description="S_i, the sum of the response's token log-probs")
     advantage: float
     num_tokens: int = Field(ge=1)
-    role: Role = "update"
+    role: Role = Role.UPDATE
     weight: float | None = None
     logprob_after: float | None = None
 
@@ -213,6 +223,15 @@ class RealizedIn(BaseModel):
     entropy_after: float = Field(allow_inf_nan=False)
 
 
+class RealizedRecorded(BaseModel):
+    """Answer of ``POST .../realized``: the entropies recorded for the step."""
+
+    run_id: str
+    step: int
+    entropy_before: float
+    entropy_after: float
+
+
 class UploadAccepted(BaseModel):
     """202 answer of a gradient or sketch upload."""
 
@@ -277,6 +296,24 @@ class StepStatus(BaseModel):
     ranks_expected: int = Field(description="the run's ranks")
     ranks_reported: list[int] = Field(description="ranks that posted sequences, ascending")
 
+    @classmethod
+    def from_counts(cls, counts: StepCounts, run_id: str, step: int) -> StepStatus:
+        """The status document of a step from the store's counts."""
+        return cls(
+            run_id=run_id,
+            step=step,
+            state=cast(StepState, counts.state),  # validated against StepState here
+            sequences=counts.sequences,
+            rows=counts.rows,
+            pending_uploads=counts.pending_uploads,
+            uploads=counts.uploads,
+            applied_update=counts.applied_update,
+            learning_rate=counts.learning_rate,
+            errors=[UploadError.model_validate(e) for e in counts.errors],
+            ranks_expected=counts.ranks_expected,
+            ranks_reported=counts.ranks_reported,
+        )
+
 
 class RunDetail(Run):
     """One run with the status of each of its steps."""
@@ -323,6 +360,187 @@ class SpectrumOut(BaseModel):
     participation_ratio: float
     eigenvectors: list[list[float]] | None = None
 
+    @classmethod
+    def from_spectrum(cls, spectrum: Spectrum) -> SpectrumOut:
+        vectors = spectrum.eigenvectors
+        return cls(
+            eigenvalues=np.asarray(spectrum.eigenvalues, dtype=np.float64).tolist(),
+            trace=float(spectrum.trace),
+            effective_rank=float(spectrum.effective_rank),
+            participation_ratio=float(spectrum.participation_ratio),
+            eigenvectors=None if vectors is None else np.asarray(vectors).tolist(),
+        )
+
+    def to_json(self) -> bytes:
+        """The answer's JSON; ``eigenvectors`` only when they were asked for (``top > 0``)."""
+        return self.model_dump_json(
+            exclude={"eigenvectors"} if self.eigenvectors is None else None
+        ).encode()
+
+
+class _FromSketch(BaseModel):
+    """A document read from a ``sketch/`` dataclass by its attribute names."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+class PairStatsOut(_FromSketch):
+    """Statistics of one pair type (math.md §5); ``null`` where the type has no pairs."""
+
+    count: int
+    mean_k: float | None
+    mean_abs_k: float | None
+    mean_rho: float | None
+    mean_abs_rho: float | None
+    share_frobenius: float | None = Field(description="sum of K^2 over these pairs / |K|_F^2")
+
+
+class PromptMatrixOut(BaseModel):
+    """``B x B`` means per prompt pair (rows and columns in the order of ``prompts``); a
+    prompt's own cell averages over ``i != j`` (``null`` for a prompt with one sequence)."""
+
+    prompts: list[str]
+    mean_k: list[list[float | None]]
+    mean_rho: list[list[float | None]]
+
+
+class BlocksOut(BaseModel):
+    """Pair-type statistics and the prompt matrix of ``GET .../kernel/blocks`` (math.md §5)."""
+
+    diagonal: PairStatsOut
+    same_prompt: PairStatsOut
+    cross_prompt: PairStatsOut
+    prompt_matrix: PromptMatrixOut
+
+    @classmethod
+    def from_blocks(cls, blocks: Blocks) -> BlocksOut:
+        pm = blocks.prompt_matrix
+        return cls(
+            diagonal=PairStatsOut.model_validate(blocks.diagonal),
+            same_prompt=PairStatsOut.model_validate(blocks.same_prompt),
+            cross_prompt=PairStatsOut.model_validate(blocks.cross_prompt),
+            prompt_matrix=PromptMatrixOut(
+                prompts=list(pm.prompts), mean_k=pm.mean_k.tolist(), mean_rho=pm.mean_rho.tolist()
+            ),
+        )
+
+
+class PairTypeValue(_FromSketch):
+    """One pair type's part of ``delta_h1`` and its share (``null`` when ``delta_h1 = 0``)."""
+
+    value: float
+    share: float | None
+
+
+class QuadrantOut(_FromSketch):
+    """Sum of ``a_i`` and count of the update sequences in one advantage x logprob quadrant."""
+
+    advantage: Literal["positive", "negative"]
+    logprob: Literal["above_mean", "below_mean"]
+    sum: float
+    count: int
+
+
+class DecompositionOut(_FromSketch):
+    """What drives ``delta_h1``: pair types, quadrants, parameter groups (grouped sketches)."""
+
+    pair_types: dict[str, PairTypeValue]
+    quadrants: list[QuadrantOut]
+    groups: dict[str, float | None] | None = None
+
+
+class SequenceContributionOut(_FromSketch):
+    """One sequence's part of ``delta_h1`` (``a`` as an update row, ``b`` as an entropy row)."""
+
+    id: str
+    prompt_id: str
+    role: Role
+    advantage: float
+    logprob: float
+    num_tokens: int
+    a: float | None
+    b: float | None
+    c: float | None
+    h: float | None
+
+
+class NoiseScaleOut(_FromSketch):
+    """Gradient noise scale and its ingredients (``null`` where not estimable)."""
+
+    tr_sigma: float | None
+    g_norm2: float | None
+    b_simple: float | None
+    num_prompts: int
+
+
+class RealizedChangeOut(_FromSketch):
+    """The realized entropy change (math.md §6) and how it was obtained."""
+
+    delta_h: float
+    source: RealizedSource
+    entropy_before: float | None = None
+    entropy_after: float | None = None
+    num_sequences: int = 0
+    num_prompts: int = 0
+    estimator: RealizedEstimator | None = None
+    se: float | None = None
+    delta_h_snis: float | None = None
+    kl: float | None = None
+    kl_se: float | None = None
+
+
+class RatioIntervalOut(_FromSketch):
+    """``realized / delta_h1`` with its Fieller interval at ``z`` standard errors."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    estimable: bool
+    z: float
+    correlation: float
+
+
+class TaylorOut(_FromSketch):
+    """The step's size ``KL(pi || pi')`` and whether a Taylor prediction can hold."""
+
+    regime: Regime
+    kl: float | None
+    kl_se: float | None
+    h2_ratio: float | None
+    reasons: list[str]
+
+
+class EntropyOut(_FromSketch):
+    """``GET .../steps/{step}/entropy``: ``delta_h1`` with error bars, its decomposition and
+    the step's diagnostics (math.md §4 and §6; docs/estimators.md defines every member)."""
+
+    delta_h1: float
+    estimator: Estimator
+    se_sampling: float
+    se_sketch: float
+    decomposition: DecompositionOut
+    per_sequence: list[SequenceContributionOut]
+    delta_h1_diag: float | None
+    cov_baseline: float | None
+    noise_scale: NoiseScaleOut
+    learning_rate: float
+    step_norm: float
+    normalization: Normalization
+    num_update: int
+    num_entropy: int
+    num_prompts: int
+    delta_h1_applied: float | None = None
+    delta_h2: float | None = None
+    delta_h1_plus_h2: float | None = None
+    realized: RealizedChangeOut | None = None
+    ratio: float | None = None
+    ratio_interval: RatioIntervalOut | None = None
+    taylor: TaylorOut | None = None
+
+    @classmethod
+    def from_change(cls, change: EntropyChange) -> EntropyOut:
+        return cls.model_validate(change)
+
 
 class RunEntropyRow(BaseModel):
     """One step of ``GET /v1/runs/{run_id}/entropy`` (math.md §4 and §6)."""
@@ -331,14 +549,14 @@ class RunEntropyRow(BaseModel):
     delta_h1: float
     se_sampling: float
     se_sketch: float
-    estimator: str
+    estimator: Estimator
     realized: float | None = Field(
         default=None, description="the realized change (math.md §6; control-variate estimate)"
     )
     realized_se: float | None = Field(
         default=None, description="its standard error (null when posted or not estimable)"
     )
-    realized_source: Literal["logprob_after", "posted", "given"] | None = None
+    realized_source: RealizedSource | None = None
     realized_snis: float | None = Field(
         default=None, description="the self-normalised estimate, biased by (M-1)/M; comparison"
     )
@@ -362,6 +580,36 @@ class RunEntropyRow(BaseModel):
     delta_h2: float | None = None
     delta_h1_plus_h2: float | None = None
     spectrum_head: list[float] = Field(default_factory=list)
+
+    @classmethod
+    def from_entropy(
+        cls, step: int, entropy: EntropyOut, spectrum_head: list[float]
+    ) -> RunEntropyRow:
+        """The step's history row: the entropy answer's headline numbers."""
+        realized, interval, taylor = entropy.realized, entropy.ratio_interval, entropy.taylor
+        return cls(
+            step=step,
+            delta_h1=entropy.delta_h1,
+            estimator=entropy.estimator,
+            se_sampling=entropy.se_sampling,
+            se_sketch=entropy.se_sketch,
+            realized=None if realized is None else realized.delta_h,
+            realized_se=None if realized is None else realized.se,
+            realized_source=None if realized is None else realized.source,
+            realized_snis=None if realized is None else realized.delta_h_snis,
+            ratio=entropy.ratio,
+            ratio_low=None if interval is None else interval.low,
+            ratio_high=None if interval is None else interval.high,
+            ratio_estimable=None if interval is None else interval.estimable,
+            kl=None if taylor is None else taylor.kl,
+            kl_se=None if taylor is None else taylor.kl_se,
+            regime=None if taylor is None else taylor.regime,
+            regime_reasons=[] if taylor is None else list(taylor.reasons),
+            delta_h1_applied=entropy.delta_h1_applied,
+            delta_h2=entropy.delta_h2,
+            delta_h1_plus_h2=entropy.delta_h1_plus_h2,
+            spectrum_head=spectrum_head,
+        )
 
 
 class RunEntropyOut(BaseModel):

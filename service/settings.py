@@ -149,6 +149,46 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(
         default=3600, gt=0, description="TTL of cached analysis results (keyed by data version)."
     )
+    max_wait_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=3600,
+        description=(
+            "Largest ?wait= an analysis call may ask for (seconds a pending step is waited "
+            "for); a larger one is a 422."
+        ),
+    )
+    memo_matrices: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description=(
+            "Assembled step matrices (with their kernels) each API process keeps: the analysis "
+            "routes of one step share one kernel instead of rebuilding it from Redis."
+        ),
+    )
+    eigen_blas_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description=(
+            "BLAS threads of an eigen-decomposition. Memory-bound and synchronised at every "
+            "column: on a shared host 2 threads stalled for seconds when another process held "
+            "a core, 1 never did."
+        ),
+    )
+    retry_after_s: int = Field(
+        default=1,
+        ge=0,
+        le=3600,
+        description="The Retry-After of a 503 (Redis unavailable, stopping, upload budget full).",
+    )
+    startup_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="`kernelscope serve`: seconds the API and each worker may take to start.",
+    )
 
     @property
     def shards(self) -> int:

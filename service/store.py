@@ -120,23 +120,6 @@ class StepCounts:
             return "ready"
         return "pending"
 
-    def status(self, run_id: str, step: int) -> dict[str, Any]:
-        """The ``StepStatus`` document (service.schemas) of the step."""
-        return {
-            "run_id": run_id,
-            "step": step,
-            "state": self.state,
-            "sequences": self.sequences,
-            "rows": self.rows,
-            "pending_uploads": self.pending_uploads,
-            "uploads": self.uploads,
-            "applied_update": self.applied_update,
-            "learning_rate": self.learning_rate,
-            "errors": self.errors,
-            "ranks_expected": self.ranks_expected,
-            "ranks_reported": self.ranks_reported,
-        }
-
 
 def bulk_client(url: str, timeout_s: float | None = None) -> SyncRedis:
     """A blocking client for upload bodies (``Store(bulk=...)``), used from worker threads.

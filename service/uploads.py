@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from starlette.requests import Request
 
-from service.errors import RETRY_AFTER_S, ProblemError
+from service.domain_errors import BusyError, InvalidUploadError
 from service.keys import APPLIED_UPDATE_ID, ID_PATTERN, ID_RE
 from sketch.base import parse_tensor_name
 
@@ -54,7 +54,7 @@ def check_media_type(content_type: str | None) -> None:
     """415 unless the body is declared as safetensors bytes."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media not in UPLOAD_MEDIA_TYPES:
-        raise ProblemError(
+        raise InvalidUploadError(
             415,
             f"content type {media or '(none)'!r} not accepted: send the safetensors body as "
             f"{' or '.join(UPLOAD_MEDIA_TYPES)}",
@@ -82,11 +82,9 @@ class UploadBudget:
         def take(n: int) -> None:
             nonlocal taken
             if self.used + n > self.limit:
-                raise ProblemError(
-                    503,
+                raise BusyError(
                     f"uploads in flight would hold more than {self.limit} bytes "
-                    "(KERNELSCOPE_MAX_UPLOADS_MB); retry",
-                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                    "(KERNELSCOPE_MAX_UPLOADS_MB); retry"
                 )
             self.used += n
             taken += n
@@ -112,7 +110,7 @@ async def read_body(
     read, or each chunk of a chunked body (:class:`UploadBudget`).  ``digest``, when given, is
     fed every chunk (:func:`upload_hash`).
     """
-    too_large = ProblemError(
+    too_large = InvalidUploadError(
         413, f"body exceeds the limit of {limit} bytes (KERNELSCOPE_MAX_BODY_MB)"
     )
     declared = request.headers.get("content-length")
@@ -121,9 +119,9 @@ async def read_body(
         try:
             size = int(declared)
         except ValueError:
-            raise ProblemError(400, f"bad Content-Length {declared[:40]!r}") from None
+            raise InvalidUploadError(400, f"bad Content-Length {declared[:40]!r}") from None
         if size < 0:
-            raise ProblemError(400, f"bad Content-Length {declared[:40]!r}")
+            raise InvalidUploadError(400, f"bad Content-Length {declared[:40]!r}")
         if size > limit:
             raise too_large
         if take is not None:
@@ -136,11 +134,11 @@ async def read_body(
         if size is None and len(buf) > limit:
             raise too_large
         if size is not None and len(buf) > size:
-            raise ProblemError(400, f"body longer than its Content-Length of {size} bytes")
+            raise InvalidUploadError(400, f"body longer than its Content-Length of {size} bytes")
         if digest is not None:
             digest.update(chunk)
     if size is not None and len(buf) != size:
-        raise ProblemError(400, f"body of {len(buf)} bytes, Content-Length says {size}")
+        raise InvalidUploadError(400, f"body of {len(buf)} bytes, Content-Length says {size}")
     return buf
 
 
@@ -209,8 +207,8 @@ class ParsedUpload:
         return len(self.ids)
 
 
-def _bad(detail: str) -> ProblemError:
-    return ProblemError(400, f"malformed safetensors body: {detail}")
+def _bad(detail: str) -> InvalidUploadError:
+    return InvalidUploadError(400, f"malformed safetensors body: {detail}")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -252,7 +250,7 @@ def read_header(body: Body) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise _bad(f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in ITEMSIZE:
-            raise ProblemError(
+            raise InvalidUploadError(
                 422, f"tensor {name!r}: dtype {dtype!r} not accepted (F32, F16 or BF16)"
             )
         if not isinstance(shape, list) or not all(
@@ -286,18 +284,20 @@ def read_header(body: Body) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 def sequence_ids(metadata: Mapping[str, str]) -> list[str]:
     """The ``sequence_ids`` metadata entry: a JSON list of unique, valid ids (the rows)."""
     if "sequence_ids" not in metadata:
-        raise ProblemError(422, "__metadata__ needs 'sequence_ids': a JSON list of the row ids")
+        raise InvalidUploadError(
+            422, "__metadata__ needs 'sequence_ids': a JSON list of the row ids"
+        )
     try:
         ids = json.loads(metadata["sequence_ids"])
     except json.JSONDecodeError:
-        raise ProblemError(422, "__metadata__ 'sequence_ids' is not JSON") from None
+        raise InvalidUploadError(422, "__metadata__ 'sequence_ids' is not JSON") from None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise ProblemError(422, "'sequence_ids' must be a non-empty JSON list of strings")
+        raise InvalidUploadError(422, "'sequence_ids' must be a non-empty JSON list of strings")
     bad = [i for i in ids if not ID_RE.fullmatch(i)]
     if bad:
-        raise ProblemError(422, f"invalid sequence ids {bad[:5]!r}: expected {ID_PATTERN}")
+        raise InvalidUploadError(422, f"invalid sequence ids {bad[:5]!r}: expected {ID_PATTERN}")
     if len(set(ids)) != len(ids):
-        raise ProblemError(422, "'sequence_ids' contains duplicates")
+        raise InvalidUploadError(422, "'sequence_ids' contains duplicates")
     return ids
 
 
@@ -307,7 +307,7 @@ def row_kind(metadata: Mapping[str, str]) -> RowKind:
     if value == "update":
         return "update"
     if value != "score":
-        raise ProblemError(
+        raise InvalidUploadError(
             422, f"__metadata__ 'rows' must be one of {list(ROW_KINDS)}, got {value[:40]!r}"
         )
     return "score"
@@ -338,7 +338,7 @@ def check_finite(body: Body, tensors: Mapping[str, TensorInfo]) -> None:
             if h.any():
                 bad = b0 + np.flatnonzero(h)
                 bad_total = int(np.count_nonzero((bits & mask) == mask))  # error path only
-                raise ProblemError(
+                raise InvalidUploadError(
                     422,
                     f"tensor {info.name!r} holds NaN or Inf ({bad_total} values, first at "
                     f"flat index {int(bad[0])})",
@@ -353,15 +353,15 @@ def _check_gradient_shapes(
         name, offset = parse_tensor_name(key)
         sliced = key != name
         if sliced and len(info.shape) != 2:
-            raise ProblemError(422, f"tensor {key!r}: a slice 'param@offset' must be [n, d]")
+            raise InvalidUploadError(422, f"tensor {key!r}: a slice 'param@offset' must be [n, d]")
         if offset >= MAX_OFFSET:
-            raise ProblemError(422, f"tensor {key!r}: offset {offset} too large")
+            raise InvalidUploadError(422, f"tensor {key!r}: offset {offset} too large")
         if math.prod(info.shape[1:]) == 0:
-            raise ProblemError(422, f"tensor {key!r}: empty rows (shape {list(info.shape)})")
+            raise InvalidUploadError(422, f"tensor {key!r}: empty rows (shape {list(info.shape)})")
         if parameters is None:
             continue
         if name not in parameters:
-            raise ProblemError(
+            raise InvalidUploadError(
                 422, f"tensor {key!r}: unknown parameter {name!r} (not in the run's parameters)"
             )
         declared = tuple(int(s) for s in parameters[name])
@@ -369,13 +369,13 @@ def _check_gradient_shapes(
         rest = info.shape[1:]
         if sliced:
             if offset + rest[0] > numel:
-                raise ProblemError(
+                raise InvalidUploadError(
                     422,
                     f"tensor {key!r}: slice {offset}..{offset + rest[0]} exceeds the "
                     f"{numel} entries of {name!r} {list(declared)}",
                 )
         elif rest != declared and rest != (numel,) and not (numel == 1 and rest == ()):
-            raise ProblemError(
+            raise InvalidUploadError(
                 422,
                 f"tensor {key!r}: shape {list(info.shape)} fits neither [n, *{list(declared)}] "
                 f"nor [n, {numel}]",
@@ -395,28 +395,28 @@ def validate_upload(body: Body, kind: UploadKind, run: Mapping[str, Any]) -> Par
     """
     tensors, metadata = read_header(body)
     if not tensors:
-        raise ProblemError(422, "the upload holds no tensors")
+        raise InvalidUploadError(422, "the upload holds no tensors")
     ids = sequence_ids(metadata)
     if row_kind(metadata) == "update" and APPLIED_UPDATE_ID in ids:
-        raise ProblemError(
+        raise InvalidUploadError(
             422, f"{APPLIED_UPDATE_ID!r} is a score-kind row: it cannot be sent as an update row"
         )
     n = len(ids)
     for key, info in tensors.items():
         if not info.shape or info.shape[0] != n:
-            raise ProblemError(
+            raise InvalidUploadError(
                 422,
                 f"tensor {key!r}: shape {list(info.shape)} has "
                 f"{info.shape[0] if info.shape else 0} rows, but sequence_ids lists {n}",
             )
     if kind == "sketches":
         if set(tensors) != {"sketch"}:
-            raise ProblemError(
+            raise InvalidUploadError(
                 422, f"a sketch upload holds exactly one tensor 'sketch', got {sorted(tensors)}"
             )
         shape = tensors["sketch"].shape
         if len(shape) != 2 or shape[1] != int(run["k"]):
-            raise ProblemError(
+            raise InvalidUploadError(
                 422,
                 f"tensor 'sketch': shape {list(shape)}, expected [n, {run['k']}] (the run's "
                 f"sketch width k)",

@@ -16,9 +16,9 @@ Zero-norm rows: the cosine ``rho`` of any pair involving a row with ``K(i, i) = 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,33 +37,6 @@ class PairStats:
     mean_abs_rho: float | None
     share_frobenius: float | None  # sum of K^2 over these pairs / |K|_F^2
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PairStats:
-        """The inverse of :meth:`to_dict` (the API's JSON; clients read it back with this)."""
-
-        def opt(key: str) -> float | None:
-            value = data.get(key)
-            return None if value is None else float(value)
-
-        return cls(
-            count=int(data.get("count", 0)),
-            mean_k=opt("mean_k"),
-            mean_abs_k=opt("mean_abs_k"),
-            mean_rho=opt("mean_rho"),
-            mean_abs_rho=opt("mean_abs_rho"),
-            share_frobenius=opt("share_frobenius"),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "count": int(self.count),
-            "mean_k": self.mean_k,
-            "mean_abs_k": self.mean_abs_k,
-            "mean_rho": self.mean_rho,
-            "mean_abs_rho": self.mean_abs_rho,
-            "share_frobenius": self.share_frobenius,
-        }
-
 
 @dataclass(frozen=True)
 class PromptMatrix:
@@ -71,24 +44,12 @@ class PromptMatrix:
 
     Diagonal blocks ``(p, p)`` average over ``i != j`` only, so that they measure how much the
     sequences of one prompt align with *each other*; a prompt with a single row therefore has
-    NaN there (``None`` in :meth:`to_dict`).  Off-diagonal blocks average over all pairs.
+    NaN there.  Off-diagonal blocks average over all pairs.
     """
 
     prompts: list[str]
     mean_k: FloatArray
     mean_rho: FloatArray
-
-    def to_dict(self) -> dict[str, Any]:
-        def rows(mat: FloatArray) -> list[list[float | None]]:
-            cells = mat.astype(object)
-            cells[~np.isfinite(mat)] = None
-            return cast(list[list[float | None]], cells.tolist())
-
-        return {
-            "prompts": list(self.prompts),
-            "mean_k": rows(self.mean_k),
-            "mean_rho": rows(self.mean_rho),
-        }
 
 
 @dataclass(frozen=True)
@@ -99,14 +60,6 @@ class Blocks:
     same_prompt: PairStats
     cross_prompt: PairStats
     prompt_matrix: PromptMatrix
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "diagonal": self.diagonal.to_dict(),
-            "same_prompt": self.same_prompt.to_dict(),
-            "cross_prompt": self.cross_prompt.to_dict(),
-            "prompt_matrix": self.prompt_matrix.to_dict(),
-        }
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ See docs/estimators.md for every returned number, its conventions and edge cases
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -248,34 +247,6 @@ class EntropyChange:
     ratio: float | None = None
     ratio_interval: RatioInterval | None = None
     taylor: TaylorCheck | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready plain Python: floats, ints, str, lists, dicts; ``None`` for missing/NaN."""
-        out = _plain(self)
-        assert isinstance(out, dict)
-        return out
-
-
-def _plain(obj: Any) -> Any:
-    """Recursively convert dataclasses, enums and numpy values; NaN/Inf become ``None``."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_plain(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    return obj
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -38,14 +38,6 @@ class NoiseScale:
     b_simple: float | None
     num_prompts: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tr_sigma": self.tr_sigma,
-            "g_norm2": self.g_norm2,
-            "b_simple": self.b_simple,
-            "num_prompts": int(self.num_prompts),
-        }
-
 
 def prompt_gram(
     K: NDArray[Any], c: NDArray[Any], prompt_ids: Sequence[str], mask: NDArray[Any] | None = None

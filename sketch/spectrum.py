@@ -44,18 +44,6 @@ class Spectrum:
     participation_ratio: float
     eigenvectors: FloatArray | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form matching ``GET .../kernel/spectrum``."""
-        out: dict[str, Any] = {
-            "eigenvalues": [float(x) for x in self.eigenvalues],
-            "trace": float(self.trace),
-            "effective_rank": float(self.effective_rank),
-            "participation_ratio": float(self.participation_ratio),
-        }
-        if self.eigenvectors is not None:
-            out["eigenvectors"] = [[float(x) for x in row] for row in self.eigenvectors]
-        return out
-
 
 def _clip_eigenvalues(values: FloatArray, n: int) -> FloatArray:
     scale = float(np.max(np.abs(values))) if values.size else 0.0

@@ -7,7 +7,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.deps import SettingsDep, StoreDep
-from service.errors import RETRY_AFTER_S
 from service.keys import GROUP
 from service.metrics import read_queue_stats
 from service.schemas import Health, Ready
@@ -50,7 +49,9 @@ async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
         stats = await read_queue_stats(store.redis, keys.streams, GROUP, keys.deads)
     except REDIS_DOWN as exc:
         body = Ready(status="not_ready", redis=False, detail=f"{type(exc).__name__}: {exc}")
-        return JSONResponse(body.model_dump(), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse(
+            body.model_dump(), 503, headers={"Retry-After": str(settings.retry_after_s)}
+        )
     live = sum(idle <= settings.worker_stale_s for idle in stats.consumer_idle_s.values())
     ready = stats.depth == 0 or live > 0
     detail = None
@@ -66,5 +67,5 @@ async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
         live_workers=live,
         detail=detail,
     )
-    headers = None if ready else {"Retry-After": str(RETRY_AFTER_S)}
+    headers = None if ready else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body.model_dump(), 200 if ready else 503, headers=headers)

@@ -10,10 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.analysis import run_sketcher
+from service.analysis import run_sketcher, step_status
 from service.deps import RunDep, RunId, SettingsDep, StoreDep
 from service.errors import ProblemError
-from service.routers.steps import step_status
 from service.schemas import Run, RunCreate, RunDetail
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -80,7 +79,7 @@ async def list_runs(store: StoreDep) -> list[dict[str, Any]]:
 async def get_run(run: RunDep, store: StoreDep) -> dict[str, Any]:
     """One run with the status of each of its steps."""
     steps = [await step_status(store, run, s) for s in await store.list_steps(run["run_id"])]
-    return {**run, "steps": steps}
+    return {**run, "steps": [s.model_dump(mode="json") for s in steps]}
 
 
 @router.delete("/{run_id}", status_code=204, response_class=Response)

@@ -6,21 +6,12 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from service import analysis as an
 from service.deps import RunDep, StepNo, StoreDep
 from service.errors import ProblemError
-from service.schemas import RealizedIn, SequencesIn, SequencesOut, StepStatus
-from service.store import Store
+from service.schemas import RealizedIn, RealizedRecorded, SequencesIn, SequencesOut, StepStatus
 
 router = APIRouter(prefix="/v1/runs/{run_id}/steps", tags=["steps"])
-
-
-async def step_status(store: Store, run: dict[str, Any], step: int) -> dict[str, Any]:
-    """The status of an existing step of ``run``, or a 404 problem."""
-    run_id = run["run_id"]
-    counts = await store.step_counts(run_id, step, run.get("ranks", 1))
-    if not counts.exists:
-        raise ProblemError(404, f"run {run_id!r} has no step {step}")
-    return counts.status(run_id, step)
 
 
 @router.post("/{step}/sequences", response_model=SequencesOut)
@@ -53,18 +44,18 @@ async def post_sequences(
     }
 
 
-@router.post("/{step}/realized")
+@router.post("/{step}/realized", response_model=RealizedRecorded)
 async def post_realized(
     run: RunDep, step: StepNo, body: RealizedIn, store: StoreDep
-) -> dict[str, Any]:
+) -> RealizedRecorded:
     """Record the trainer's measured entropy before and after the step (math.md §6)."""
     await store.set_realized(run["run_id"], step, body.entropy_before, body.entropy_after)
-    return {"run_id": run["run_id"], "step": step, **body.model_dump()}
+    return RealizedRecorded(run_id=run["run_id"], step=step, **body.model_dump())
 
 
 @router.get("/{step}", response_model=StepStatus)
-async def get_step(run: RunDep, step: StepNo, store: StoreDep) -> dict[str, Any]:
+async def get_step(run: RunDep, step: StepNo, store: StoreDep) -> StepStatus:
     """``pending`` while uploads are queued, nothing is sketched yet or a rank has not posted
     its sequences; ``failed`` when an upload was dead-lettered (``errors`` says why); else
     ``ready``."""
-    return await step_status(store, run, step)
+    return await an.step_status(store, run, step)

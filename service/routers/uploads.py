@@ -14,6 +14,7 @@ from service.deps import (
     StoreDep,
     check_sketch_memory,
 )
+from service.domain_errors import BusyError, InvalidUploadError
 from service.errors import ProblemError
 from service.metrics import record_upload, upload_outcome
 from service.schemas import UploadAccepted
@@ -71,11 +72,12 @@ async def _accept(
             # Parsing and the finiteness scan are O(body) CPU: off the event loop.
             parsed = await anyio.to_thread.run_sync(validate_upload, body, kind, run)
             check_sketch_memory(parsed.rows, run, request.app.state.settings)
-        except ProblemError as exc:
+        except (InvalidUploadError, BusyError, ProblemError) as exc:
             # an unread body (415, 413, 503) is counted by its declared length
             declared = request.headers.get("content-length", "")
             nbytes = len(body) or (int(declared) if declared.isdigit() else 0)
-            record_upload(upload_outcome(exc.status), nbytes, 0, kind)
+            status = 503 if isinstance(exc, BusyError) else exc.status
+            record_upload(upload_outcome(status), nbytes, 0, kind)
             raise
         upload_id = upload_id_from(digest)
         queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from service.analysis import ANALYSIS_REVISION, sketcher_for_run
 from service.app import create_app
 from service.keys import APPLIED_UPDATE_ID, Keys
+from service.schemas import EntropyOut
 from service.settings import Settings
 from service.worker import Worker
 from sketch.entropy import entropy_change, row_updates, update_coefficients
@@ -106,17 +107,19 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
     Y = sketcher.sketch(data.grads).double().numpy()
     y_u = sketcher.sketch({k: v[None] for k, v in u.items()}).double().numpy()[0]
     groups = {g: kernel_from_rows(Y[:, sl]) for g, sl in sketcher.group_slices().items()}
-    want = entropy_change(
-        kernel_from_rows(Y),
-        StepSequences.from_records(seqs),
-        0.05,
-        estimator="independent",
-        k_applied=Y @ y_u,
-        sketch_variance_factor=sketcher.variance_factor(),
-        group_kernels=groups,
-        entropy_before=10.0,
-        entropy_after=9.5,
-    ).to_dict()
+    want = EntropyOut.from_change(
+        entropy_change(
+            kernel_from_rows(Y),
+            StepSequences.from_records(seqs),
+            0.05,
+            estimator="independent",
+            k_applied=Y @ y_u,
+            sketch_variance_factor=sketcher.variance_factor(),
+            group_kernels=groups,
+            entropy_before=10.0,
+            entropy_after=9.5,
+        )
+    ).model_dump(mode="json")
     for field in ("delta_h1", "delta_h1_applied", "se_sampling", "se_sketch", "ratio"):
         assert got[field] == pytest.approx(want[field], rel=1e-5), field
     assert got["realized"]["delta_h"] == pytest.approx(realized_from_entropies(10.0, 9.5).delta_h)
@@ -330,16 +333,20 @@ def test_update_rows_drive_the_prediction(
     has_row = np.arange(len(data.ids)) < len(with_rows)
     records = StepSequences.from_records(seqs)
     c = update_coefficients(records, "dr_grpo")
-    want = entropy_change(
-        kernel_from_rows(Y),
-        records,
-        0.05,
-        sketch_variance_factor=sketcher.variance_factor(),
-        update=row_updates(Y, c, U, has_row),
-    ).to_dict()
-    plain = entropy_change(
-        kernel_from_rows(Y), records, 0.05, sketch_variance_factor=sketcher.variance_factor()
-    ).to_dict()
+    want = EntropyOut.from_change(
+        entropy_change(
+            kernel_from_rows(Y),
+            records,
+            0.05,
+            sketch_variance_factor=sketcher.variance_factor(),
+            update=row_updates(Y, c, U, has_row),
+        )
+    ).model_dump(mode="json")
+    plain = EntropyOut.from_change(
+        entropy_change(
+            kernel_from_rows(Y), records, 0.05, sketch_variance_factor=sketcher.variance_factor()
+        )
+    ).model_dump(mode="json")
     for field in ("delta_h1", "se_sampling", "se_sketch", "step_norm", "delta_h1_diag"):
         assert got[field] == pytest.approx(want[field], rel=1e-5), field
     assert got["delta_h1"] != pytest.approx(plain["delta_h1"], rel=1e-3)

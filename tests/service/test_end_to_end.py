@@ -17,6 +17,7 @@ import redis as redis_sync
 import torch
 
 from service.analysis import sketcher_for_run
+from service.schemas import BlocksOut, EntropyOut, SpectrumOut
 from sketch.blocks import block_statistics
 from sketch.crossed import bilinear_variance
 from sketch.entropy import (
@@ -78,9 +79,15 @@ def kernel(http: httpx.Client, run_id: str, **params: Any) -> tuple[list[str], n
 
 def expected_entropy(data: StepData, K: np.ndarray, variance_factor: float) -> dict[str, Any]:
     seqs = StepSequences.from_records(data.sequences)
-    return entropy_change(
-        K, seqs, data.learning_rate, normalization="dr_grpo", sketch_variance_factor=variance_factor
-    ).to_dict()
+    return EntropyOut.from_change(
+        entropy_change(
+            K,
+            seqs,
+            data.learning_rate,
+            normalization="dr_grpo",
+            sketch_variance_factor=variance_factor,
+        )
+    ).model_dump(mode="json")
 
 
 def test_exact_and_countsketch_end_to_end(live_service: LiveService, step_data: StepData) -> None:
@@ -120,12 +127,12 @@ def test_exact_and_countsketch_end_to_end(live_service: LiveService, step_data: 
         assert [d["id"] for d in diag] == data.ids
         assert [d["value"] for d in diag] == pytest.approx(np.diag(WWt).tolist(), rel=1e-6)
         spec = http.get("/v1/runs/exact/steps/0/kernel/spectrum", params={"top": 2}).json()
-        want_spec = spectrum(K=WWt, top=2).to_dict()
+        want_spec = SpectrumOut.from_spectrum(spectrum(K=WWt, top=2)).model_dump(mode="json")
         assert spec["eigenvalues"] == pytest.approx(want_spec["eigenvalues"], rel=1e-5, abs=1e-9)
         assert len(spec["eigenvectors"]) == 2
         blocks = http.get("/v1/runs/exact/steps/0/kernel/blocks").json()
         prompts = [s["prompt_id"] for s in data.sequences]
-        want_blocks = block_statistics(WWt, prompts).to_dict()
+        want_blocks = BlocksOut.from_blocks(block_statistics(WWt, prompts)).model_dump(mode="json")
         assert blocks["same_prompt"]["mean_k"] == pytest.approx(
             want_blocks["same_prompt"]["mean_k"], rel=1e-6
         )

@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request
 
 from service import analysis as an
-from service.errors import ProblemError
+from service.domain_errors import InvalidUploadError
+from service.schemas import SpectrumOut
 from service.settings import Settings
 from service.uploads import (
     FINITE_CHECK_BLOCK,
@@ -98,7 +99,7 @@ def test_read_body_returns_the_body_and_feeds_the_digest(declared: int | None) -
     ids=["long", "short", "declared-over", "chunked-over", "negative"],
 )
 def test_read_body_refuses(chunks: list[bytes], declared: int | None, status: int) -> None:
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(InvalidUploadError) as info:
         _read(chunks, declared)
     assert info.value.status == status
 
@@ -136,7 +137,7 @@ def test_check_finite_finds_a_bad_value_past_the_first_block(
     flat[where + 3] = bad
     body = safetensors_body({"ok": torch.ones(2, 3, dtype=dtype), "w": values}, ["a", "b"])
     tensors, _ = read_header(body)
-    with pytest.raises(ProblemError) as info:
+    with pytest.raises(InvalidUploadError) as info:
         check_finite(bytearray(body), tensors)
     assert info.value.status == 422
     assert f"first at flat index {where}" in info.value.detail
@@ -176,7 +177,8 @@ def _post_step(
 def _load(client: TestClient, run_id: str) -> an.StepMatrix:
     store = client.app.state.store  # type: ignore[attr-defined]
     assert client.portal is not None
-    matrix: an.StepMatrix = client.portal.call(an.load_matrix, store, run_id, 0)
+    settings = client.app.state.settings  # type: ignore[attr-defined]
+    matrix: an.StepMatrix = client.portal.call(an.load_matrix, store, settings, run_id, 0)
     return matrix
 
 
@@ -202,7 +204,7 @@ def test_one_matrix_and_one_kernel_per_version(client: TestClient, settings: Set
     other = _load(client, "memo")
     assert other is not m and redis_token(client, "memo", m.version) == token
     np.testing.assert_array_equal(other.Y, m.Y)
-    assert an.matrix_memo(store).get(token) is other
+    assert an.matrix_memo(store, settings.memo_matrices).get(token) is other
     m = other
     _, K_all = m.kernel("all")
     assert m.kernel("update")[1] is K_all  # every row is an update row: the same array
@@ -211,7 +213,7 @@ def test_one_matrix_and_one_kernel_per_version(client: TestClient, settings: Set
     # the routes use the memoised matrix: their answers equal the direct computations
     url = "/v1/runs/memo/steps/0"
     got = client.get(f"{url}/kernel/spectrum").json()
-    want = spectrum(Y=Y.astype(np.float32)).to_dict()
+    want = SpectrumOut.from_spectrum(spectrum(Y=Y.astype(np.float32))).model_dump(mode="json")
     np.testing.assert_allclose(got["eigenvalues"], want["eigenvalues"], rtol=1e-6, atol=1e-9)
     assert m.eigen_summary("update") is m.eigen_summary("update")
     got_top = client.get(f"{url}/kernel/spectrum?top=2").json()

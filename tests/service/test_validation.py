@@ -505,11 +505,11 @@ def test_run_wider_than_the_cap_is_422_naming_it(
 def test_safetensors_header_over_16_mib_is_refused_before_parsing() -> None:
     """The JSON header of an upload is at most 16 MiB (it was 100 MiB of JSON to parse):
     a longer declared header is a 400 from its 8-byte length alone."""
-    from service.errors import ProblemError
+    from service.domain_errors import InvalidUploadError
     from service.uploads import read_header
 
     header = b"{" + b" " * ((16 << 20) + 16) + b"}"
     body = struct.pack("<Q", len(header)) + header
-    with pytest.raises(ProblemError) as refused:
+    with pytest.raises(InvalidUploadError) as refused:
         read_header(body)
     assert refused.value.status == 400

@@ -23,18 +23,16 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import orjson
-from safetensors.numpy import load as load_np
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import RETRY_AFTER_S, ProblemError
 from service.keys import APPLIED_UPDATE_ID
+from service.parts import decode_part
 from service.store import StepCounts, StepSnapshot, Store
-from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
 from sketch.entropy import (
@@ -48,7 +46,6 @@ from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
-from sketch.spec import SketchSpec, build_sketcher
 from sketch.spectrum import Spectrum, spectrum
 
 MAX_WAIT_S = 300.0
@@ -67,22 +64,6 @@ MEMO_MATRICES = 2
 #: 0.4 s with 1 when idle, but 16-26 s with 2 threads (0.4-0.6 s with 1) whenever another
 #: process held a core.  One thread trades a little idle speed for never stalling.
 EIGEN_BLAS_THREADS = 1
-
-
-def sketcher_for_run(run: Mapping[str, Any]) -> Sketcher:
-    """Build the run's sketcher from its stored spec (``sketch.spec.build_sketcher``)."""
-    return build_sketcher(SketchSpec.from_dict(run["sketch"]), run.get("parameters"))
-
-
-@lru_cache(maxsize=64)
-def _cached_sketcher(spec_json: str) -> Sketcher:
-    return sketcher_for_run(json.loads(spec_json))
-
-
-def run_sketcher(run: Mapping[str, Any]) -> Sketcher:
-    """The run's sketcher, memoised per spec in this process."""
-    keep = ("sketch", "parameters")
-    return _cached_sketcher(json.dumps({k: run.get(k) for k in keep}))
 
 
 @dataclass
@@ -240,12 +221,11 @@ def assemble(snapshot: StepSnapshot) -> StepMatrix:
     """
     sums: dict[str, np.ndarray] = {}
     updates: dict[str, np.ndarray] = {}
-    for part in snapshot.parts.values():
-        arrays = load_np(part)
-        metadata = read_header(part)[1]
-        target = updates if row_kind(metadata) == "update" else sums
-        for i, seq_id in enumerate(sequence_ids(metadata)):
-            row = arrays["sketch"][i].astype(np.float64)
+    for data in snapshot.parts.values():
+        part = decode_part(data)
+        target = updates if part.kind == "update" else sums
+        for i, seq_id in enumerate(part.ids):
+            row = part.rows[i].astype(np.float64)
             if seq_id in target:
                 target[seq_id] += row
             else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -38,19 +37,18 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from service.analysis import run_sketcher
 from service.keys import GROUP
 from service.metrics import (
     record_job,
     record_rows_sketched,
     record_worker_heartbeat,
 )
+from service.parts import Part, encode_part, read_metadata, read_rows
 from service.settings import Settings
 from service.store import REDIS_DOWN, UPLOAD_QUEUED, Store, connect
-from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
+from sketch.spec import sketcher_for
 
 log = logging.getLogger("kernelscope.worker")
 
@@ -74,18 +72,13 @@ def consumer_name() -> str:
 
 
 def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.device) -> bytes:
-    """Turn a validated upload into its partial sketch (safetensors bytes).
+    """Turn an upload the API has validated into its partial sketch (:mod:`service.parts`).
 
     ``gradients``: every tensor (``param`` or ``param@offset``) is moved to ``device`` and
     sketched; the sum over tensors is ``[n, k]``.  ``sketches``: the client's ``sketch``
-    ``[n, k]`` as float32.  The part holds ``sketch`` float32 ``[n, k]`` and the metadata
-    ``sequence_ids`` (row order) and, for update rows, ``rows = "update"``.
+    ``[n, k]`` as float32.  The part keeps the upload's row ids and row kind.
     """
-    _, metadata = read_header(body)
-    ids = sequence_ids(metadata)
-    part_metadata = {"sequence_ids": json.dumps(ids)}
-    if row_kind(metadata) == "update":
-        part_metadata["rows"] = "update"
+    ids, row_kind = read_rows(read_metadata(body))
     tensors = load_safetensors(body)
     if kind == "sketches":
         rows = tensors["sketch"].to(torch.float32)
@@ -99,7 +92,7 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
         )
     if not torch.isfinite(rows).all():
         raise ValueError("the sketch of this upload is not finite (overflow in float32?)")
-    return save_safetensors({"sketch": rows}, metadata=part_metadata)
+    return encode_part(Part(ids, rows.numpy(), row_kind))
 
 
 def _job_key(fields: dict[bytes, bytes]) -> tuple[str, int]:
@@ -402,7 +395,7 @@ class Worker:
             await self._dead(store, run_id, step, upload_id, entry_id, delivered, error)
             return
         started = time.perf_counter()
-        sketcher = run_sketcher(run)  # memoised per run spec
+        sketcher = sketcher_for(run["sketch"], run.get("parameters"))
         part = await asyncio.get_running_loop().run_in_executor(
             self._sketching, sketch_upload, body, fields[b"kind"].decode(), sketcher, self.device
         )

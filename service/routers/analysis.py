@@ -28,6 +28,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store import Store
+from sketch.spec import sketcher_for
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["analysis"])
 
@@ -156,7 +157,9 @@ async def step_entropy(
     return await _answer(
         q,
         f"entropy|{estimator}|r{an.ANALYSIS_REVISION}",
-        lambda m: an.entropy_json(m, run, an.run_sketcher(run), estimator),
+        lambda m: an.entropy_json(
+            m, run, sketcher_for(run["sketch"], run.get("parameters")), estimator
+        ),
         after=keep_summary if estimator is None else None,
     )
 

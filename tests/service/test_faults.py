@@ -14,8 +14,8 @@ import pytest
 import redis as redis_sync
 import torch
 
-from service.analysis import sketcher_for_run
 from service.keys import GROUP, Keys
+from sketch.spec import sketcher_for
 from tests.service.conftest import (
     OCTET,
     LiveService,
@@ -58,7 +58,7 @@ def push(http: httpx.Client, run_id: str, tensors: dict[str, torch.Tensor], ids:
 
 
 def expected_kernel(run: dict[str, Any], data: StepData) -> np.ndarray:
-    Y = sketcher_for_run(run).sketch(data.grads).double().numpy()
+    Y = sketcher_for(run["sketch"], run.get("parameters")).sketch(data.grads).double().numpy()
     return Y @ Y.T
 
 

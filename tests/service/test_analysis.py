@@ -39,7 +39,7 @@ def drain(settings: Settings) -> Worker:
         redis = Redis.from_url(str(settings.redis_url))
         try:
             for _ in range(1200):
-                if task.done() or await redis.xlen(Keys(settings.key_prefix).stream) == 0:
+                if task.done() or await redis.xlen(Keys(settings.key_prefix).streams[0]) == 0:
                     break
                 await asyncio.sleep(0.05)
         finally:

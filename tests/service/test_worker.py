@@ -70,16 +70,21 @@ def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings
         idle_ms = 600
         redis = Redis.from_url(str(settings.redis_url))
         store = Store(redis, settings.key_prefix)
-        await store.ensure_group()
+        await store.queue.ensure_group()
         worker = Worker(settings.model_copy(update={"claim_idle_ms": idle_ms}), device="cpu")
-        entry_id = await redis.xadd(store.keys.stream, {"run_id": "r", "step": "0"})
-        await redis.xreadgroup(GROUP, worker.name, {store.keys.stream: ">"}, count=1)
+        worker.store, worker.queue = store, store.queue
+        async with redis.pipeline(transaction=True) as pipe:
+            store.queue.enqueue(pipe, "r", 0, "u1", "gradients")
+            await pipe.execute()
+        [batch] = await store.queue.read(worker.name, 1, 10, idle_ms)
+        [job] = batch.jobs
+        entry_id = job.entry_id
 
         async def pending() -> dict[str, Any]:
-            [info] = await redis.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
+            [info] = await redis.xpending_range(job.stream, GROUP, entry_id, entry_id, 1)
             return dict(info)
 
-        keep = asyncio.create_task(worker._keep_claimed(store, store.keys.stream, {entry_id}))
+        keep = asyncio.create_task(worker._keep_claimed({job}))
         try:
             for _ in range(6):  # 6 x 0.5 s: well past claim_idle_ms in total
                 await asyncio.sleep(0.5)

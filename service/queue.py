@@ -79,12 +79,20 @@ class Job:
             run_id, step, upload_id, kind = (
                 fields[name].decode() for name in (b"run_id", b"step", b"upload_id", b"kind")
             )
-            job = cls(stream, entry_id, check_id(run_id), int(step), check_id(upload_id), kind)
+            job = cls(
+                stream,
+                entry_id,
+                check_id(run_id),  # ids name keys: an entry must not reach outside its run
+                int(step),
+                check_id(upload_id),
+                kind,
+                deliveries,
+            )
         except (KeyError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise MalformedJobError(f"malformed job entry ({type(exc).__name__}: {exc})") from None
-        if job.step < 0 or kind not in JOB_KINDS:
+        if job.step < 0 or job.kind not in JOB_KINDS:
             raise MalformedJobError(f"malformed job entry (step {job.step}, kind {kind[:40]!r})")
-        return cls(stream, entry_id, job.run_id, job.step, job.upload_id, kind, deliveries)
+        return job
 
 
 @dataclass(frozen=True, slots=True)

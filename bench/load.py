@@ -21,7 +21,7 @@ latency, under the load of the other trainers).
 
 Afterwards every step must be ``ready`` with ``S`` rows, one upload and no error; each step has
 exactly one partial sketch in Redis (nothing missing, nothing doubled); and each step's kernel
-equals ``Y Y^T`` with ``Y`` the run's sketcher (``service.analysis.sketcher_for_run``, what the
+equals ``Y Y^T`` with ``Y`` the run's sketcher (``sketch.spec.sketcher_for``, what the
 workers use) applied offline to the same gradients (float32 rounding tolerance).
 
 Printed: throughput (gradient MB/s and steps/s from the first upload to the last step ready),
@@ -301,15 +301,15 @@ def verify(
     """Every step ready, complete and not doubled, with the kernel computed offline.  Under
     ``faults`` a retried upload may have landed before its answer was lost, so more re-sends
     than the deliberate ones can be deduplicated."""
-    from service.analysis import sketcher_for_run
     from service.keys import GROUP
+    from sketch.spec import sketcher_for
 
     client = redis_client(cfg)
     try:
         for trainer in range(cfg.trainers):
             rid = run_id(trainer)
             run = http.get(f"/v1/runs/{rid}").json()
-            sketcher = sketcher_for_run(run)
+            sketcher = sketcher_for(run["sketch"], run.get("parameters"))
             for step in range(cfg.steps):
                 status = http.get(f"/v1/runs/{rid}/steps/{step}").json()
                 where = f"{rid}/{step}"

@@ -16,7 +16,7 @@ first upload to the step's ``state == "ready"``: MB/s end to end, against
 (a) a raw loopback HTTP POST of the same bodies to a trivial uvicorn/FastAPI sink that reads the
     body and answers its length (started by this script), and
 (b) the sketch core alone: the run's sketcher (``sketch.spec.build_sketcher`` through
-    ``service.analysis.sketcher_for_run``, what the worker uses) on the same tensors.
+    ``sketch.spec.sketcher_for``, what the worker uses) on the same tensors.
 
 Target: end to end >= 50% of the slower of (a) and (b).  A warm-up step of one upload goes
 through the whole pipeline first, so the numbers are steady state, not first-call costs.
@@ -236,9 +236,9 @@ def bench_ingest(
         http_s = time.perf_counter() - t0
 
     # (b) the sketch core alone, on the same tensors, in this process.
-    from service.analysis import sketcher_for_run
+    from sketch.spec import sketcher_for
 
-    sketcher = sketcher_for_run(run)
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
     with torch.no_grad():
         sketcher.sketch(tensors[0])  # warm-up
         t0 = time.perf_counter()

@@ -24,13 +24,11 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 from pydantic import TypeAdapter, ValidationError
-from safetensors.numpy import load as load_np
 from starlette.concurrency import run_in_threadpool
 
 from service.domain_errors import (
@@ -42,6 +40,7 @@ from service.domain_errors import (
     TooLargeError,
 )
 from service.keys import APPLIED_UPDATE_ID
+from service.parts import decode_part
 from service.schemas import (
     BlocksOut,
     DiagonalEntry,
@@ -53,7 +52,6 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.store import StepCounts, StepSnapshot, Store
-from service.uploads import read_header, row_kind, sequence_ids
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
 from sketch.entropy import (
@@ -68,7 +66,7 @@ from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
-from sketch.spec import SketchSpec, build_sketcher
+from sketch.spec import sketcher_for
 from sketch.spectrum import Spectrum, spectrum
 
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
@@ -76,22 +74,6 @@ from sketch.spectrum import Spectrum, spectrum
 #: change across an upgrade).
 ANALYSIS_REVISION = 4
 SPECTRUM_HEAD = 8
-
-
-def sketcher_for_run(run: Mapping[str, Any]) -> Sketcher:
-    """Build the run's sketcher from its stored spec (``sketch.spec.build_sketcher``)."""
-    return build_sketcher(SketchSpec.from_dict(run["sketch"]), run.get("parameters"))
-
-
-@lru_cache(maxsize=64)
-def _cached_sketcher(spec_json: str) -> Sketcher:
-    return sketcher_for_run(json.loads(spec_json))
-
-
-def run_sketcher(run: Mapping[str, Any]) -> Sketcher:
-    """The run's sketcher, memoised per spec in this process."""
-    keep = ("sketch", "parameters")
-    return _cached_sketcher(json.dumps({k: run.get(k) for k in keep}))
 
 
 @dataclass
@@ -258,12 +240,11 @@ def assemble(snapshot: StepSnapshot, eigen_blas_threads: int = 1) -> StepMatrix:
     """
     sums: dict[str, np.ndarray] = {}
     updates: dict[str, np.ndarray] = {}
-    for part in snapshot.parts.values():
-        arrays = load_np(part)
-        metadata = read_header(part)[1]
-        target = updates if row_kind(metadata) == "update" else sums
-        for i, seq_id in enumerate(sequence_ids(metadata)):
-            row = arrays["sketch"][i].astype(np.float64)
+    for data in snapshot.parts.values():
+        part = decode_part(data)
+        target = updates if part.kind == "update" else sums
+        for i, seq_id in enumerate(part.ids):
+            row = part.rows[i].astype(np.float64)
             if seq_id in target:
                 target[seq_id] += row
             else:
@@ -486,7 +467,9 @@ async def step_entropy(q: StepQuery, estimator: Estimator | None) -> bytes:
     return await cached_result(
         q,
         f"entropy|{None if estimator is None else estimator.value}|r{ANALYSIS_REVISION}",
-        lambda m: entropy_answer(m, q.run, run_sketcher(q.run), estimator),
+        lambda m: entropy_answer(
+            m, q.run, sketcher_for(q.run["sketch"], q.run.get("parameters")), estimator
+        ),
         lambda answer: answer.model_dump_json().encode(),
         after=keep_history_row if estimator is None else None,
     )

@@ -42,7 +42,7 @@ async def ensure_group_once(app: FastAPI) -> bool:
     if app.state.group_ready:
         return True
     try:
-        await app.state.store.ensure_group()
+        await app.state.store.queue.ensure_group()
     except REDIS_DOWN as exc:
         log.warning("Redis unavailable, job stream group not created yet: %s", exc)
         return False

@@ -55,7 +55,7 @@ ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 """Run ids and sequence ids: letters, digits and ``._:-``, 1 to 128 characters."""
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # use fullmatch: "$" would allow a "\n"
 GROUP = "workers"
-"""Consumer group of the job stream."""
+"""Consumer group of the job streams (:mod:`service.queue`)."""
 
 
 def check_id(value: str) -> str:
@@ -80,16 +80,6 @@ class Keys:
     @property
     def runs(self) -> str:
         return f"{self.prefix}:runs"
-
-    @property
-    def stream(self) -> str:
-        """The job stream on one Redis (``streams[0]``)."""
-        return self.streams[0]
-
-    @property
-    def dead(self) -> str:
-        """The dead-letter stream on one Redis (``deads[0]``)."""
-        return self.deads[0]
 
     @cached_property
     def streams(self) -> list[str]:

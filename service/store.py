@@ -5,9 +5,12 @@ The key layout is in :mod:`service.keys` and docs/keys.md.  The client must be b
 
 Invariants the rest of the service relies on:
 
-* an upload is stored with one MULTI/EXEC (raw body + upload record + stream job), so a
-  failure leaves nothing half-stored; its raw key is WATCHed so two identical uploads racing
-  each other store one (and different uploads of a step never make each other retry);
+* an upload is stored with one MULTI/EXEC (raw body + upload record + its job, queued by
+  :class:`service.queue.Queue`), so a failure leaves nothing half-stored; its raw key is
+  WATCHed so two identical uploads racing each other store one (and different uploads of a
+  step never make each other retry);
+* a job's result (its partial sketch or its failure) is stored in one transaction with the
+  job's acknowledgement (the queue's "pessimistic execution");
 * a partial sketch is keyed by its upload id (the ``Idempotency-Key`` or the body hash):
   writing it twice writes the same value, so re-sent uploads and re-delivered jobs never
   count twice;
@@ -30,9 +33,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 from redis.connection import Encoder, PythonRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError, ResponseError, WatchError
+from redis.exceptions import RedisClusterException, RedisError, WatchError
 
-from service.keys import APPLIED_UPDATE_ID, GROUP, Keys
+from service.keys import APPLIED_UPDATE_ID, Keys
+from service.queue import Job, Queue
 from service.settings import Settings
 
 UPLOAD_QUEUED = "queued"
@@ -236,13 +240,14 @@ class Store:
         """``bulk``: an optional blocking client of the same Redis, used (in a worker thread)
         to write upload bodies without copying them and to read them back; without it
         everything uses ``redis``.  ``dead_max``: entries the dead-letter stream keeps.
-        ``shards``: 0 on one Redis, the queue shards on a Redis Cluster (:class:`Keys`)."""
+        ``shards``: 0 on one Redis, the queue shards on a Redis Cluster (:class:`Keys`).
+        ``queue``: the job queue of this key layout (the API enqueues, workers consume)."""
         self.redis = redis
         self.bulk = bulk
         self.keys = Keys(prefix, shards)
+        self.queue = Queue(redis, self.keys, dead_max)
         self.raw_ttl_s = raw_ttl_s
         self.cache_ttl_s = cache_ttl_s
-        self.dead_max = dead_max
         self._upsert = redis.register_script(_UPSERT_SEQUENCES)
 
     # ------------------------------------------------------------------ runs
@@ -483,11 +488,10 @@ class Store:
             "bytes": len(body),
             "created_at": time.time(),
         }
-        job = {"run_id": run_id, "step": str(step), "upload_id": upload_id, "kind": kind}
         raw_key = k.raw(run_id, step, upload_id)
         if self.bulk is not None:
             return await anyio.to_thread.run_sync(
-                self._add_upload_blocking, run_id, step, upload_id, raw_key, record, job, body
+                self._add_upload_blocking, run_id, step, upload_id, kind, raw_key, record, body
             )
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -505,7 +509,7 @@ class Store:
                     pipe.set(raw_key, body, ex=self.raw_ttl_s)
                     pipe.hset(uploads_key, upload_id, _dumps(record))
                     pipe.zadd(k.steps(run_id), {str(step): step})
-                    pipe.xadd(k.stream_of(run_id), job)  # type: ignore[arg-type]
+                    self.queue.enqueue(pipe, run_id, step, upload_id, kind)
                     await pipe.execute()
                     return True
                 except WatchError:
@@ -516,9 +520,9 @@ class Store:
         run_id: str,
         step: int,
         upload_id: str,
+        kind: str,
         raw_key: str,
         record: Mapping[str, Any],
-        job: Mapping[str, str],
         body: bytes | bytearray,
     ) -> bool:
         """:meth:`add_upload`'s transaction on the blocking ``bulk`` client (in a thread).
@@ -544,26 +548,24 @@ class Store:
                     pipe.set(raw_key, body, ex=self.raw_ttl_s)
                     pipe.hset(uploads_key, upload_id, _dumps(dict(record)))
                     pipe.zadd(k.steps(run_id), {str(step): step})
-                    pipe.xadd(k.stream_of(run_id), dict(job))  # type: ignore[arg-type]
+                    self.queue.enqueue(pipe, run_id, step, upload_id, kind)
                     pipe.execute()
                     return True
                 except WatchError:
                     continue
 
     # ------------------------------------------------------- worker: the jobs
-    async def ensure_group(self) -> None:
-        """Create the job streams and their consumer group if missing."""
-        for stream in self.keys.streams:
-            try:
-                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-
-    async def upload_record(self, run_id: str, step: int, upload_id: str) -> dict[str, Any] | None:
-        """One upload record, or None (run deleted)."""
-        raw = await self.redis.hget(self.keys.uploads(run_id, step), upload_id)
-        return None if raw is None else dict(json.loads(raw))
+    async def job_state(self, job: Job) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """``(run spec, upload record)`` of ``job``, each None where gone (run deleted), read
+        in one round trip."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(self.keys.spec(job.run_id))
+            pipe.hget(self.keys.uploads(job.run_id, job.step), job.upload_id)
+            run, record = await pipe.execute()
+        return (
+            None if run is None else dict(json.loads(run)),
+            None if record is None else dict(json.loads(record)),
+        )
 
     async def raw_body(self, run_id: str, step: int, upload_id: str) -> bytes | None:
         """The raw body of one upload (None where expired or deleted).
@@ -579,34 +581,25 @@ class Store:
             return cast(bytes | None, await anyio.to_thread.run_sync(self.bulk.get, key))
         return cast(bytes | None, await self.redis.get(key))
 
-    async def ack(self, run_id: str, entry_id: bytes | str) -> None:
-        """Acknowledge and delete a job of the run (its upload is gone: nothing to do)."""
-        stream = self.keys.stream_of(run_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
-
     async def _finish(
         self,
-        run_id: str,
-        step: int,
-        upload_id: str,
-        entry_id: bytes | str | None,
+        job: Job,
         update: Mapping[str, Any],
-        part: bytes | None,
-        dead: Mapping[str, Any] | None,
+        part: bytes | None = None,
+        dead: tuple[str, int] | None = None,
+        ack: bool = True,
     ) -> bool:
-        """Update the upload record, write its part or dead letter, ack: one transaction.
+        """Update the job's upload record, write its part or (``dead``: ``(error, attempts)``)
+        its dead letter, and with ``ack`` acknowledge the job: one transaction.
 
         The upload's ``raw`` key is WATCHed: a run deletion or a re-send of the same upload
         in between makes the transaction retry on fresh data, while other uploads of the step
-        do not interfere.  Returns False when the record vanished (run deleted); the entry
-        (if any) is acked anyway.
+        do not interfere.  Returns False when the record vanished (run deleted); the job is
+        acknowledged anyway.
         """
         k = self.keys
+        run_id, step, upload_id = job.run_id, job.step, job.upload_id
         uploads_key = k.uploads(run_id, step)
-        stream = k.stream_of(run_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -622,69 +615,27 @@ class Store:
                             pipe.incr(k.version(run_id, step))
                             _unlink(pipe, k.cache(run_id, step))
                         if dead is not None:
-                            fields: dict[Any, Any] = dict(dead)
-                            pipe.xadd(
-                                k.dead_of(run_id), fields, maxlen=self.dead_max, approximate=True
-                            )
+                            self.queue.dead_letter_in(pipe, job, *dead)
                             _unlink(pipe, k.raw(run_id, step, upload_id))
-                    if entry_id is not None:
-                        pipe.xack(stream, GROUP, entry_id)
-                        pipe.xdel(stream, entry_id)
+                    if ack:
+                        self.queue.ack_in(pipe, job)
                     await pipe.execute()
                     return raw is not None
                 except WatchError:
                     continue
 
-    async def complete_upload(
-        self, run_id: str, step: int, upload_id: str, entry_id: bytes | str, part: bytes
-    ) -> bool:
-        """Store the upload's partial sketch, mark it done, unlink the raw body, ack."""
+    async def complete_upload(self, job: Job, part: bytes) -> bool:
+        """Store the job's partial sketch, mark its upload done, unlink the raw body, ack."""
         update = {"state": UPLOAD_DONE, "error": None, "done_at": time.time()}
-        return await self._finish(run_id, step, upload_id, entry_id, update, part, None)
+        return await self._finish(job, update, part=part)
 
-    async def dead_letter(
-        self,
-        run_id: str,
-        step: int,
-        upload_id: str,
-        entry_id: bytes | str,
-        error: str,
-        attempts: int,
-    ) -> bool:
-        """Move a job to the dead-letter stream with its error; the step shows it."""
+    async def dead_letter(self, job: Job, error: str, attempts: int) -> bool:
+        """Mark the job's upload failed and move the job to the dead letter with its error
+        (the step's status shows it)."""
         update = {"state": UPLOAD_FAILED, "error": error, "attempts": attempts}
-        dead = {
-            "run_id": run_id,
-            "step": str(step),
-            "upload_id": upload_id,
-            "error": error,
-            "attempts": str(attempts),
-            "entry_id": entry_id if isinstance(entry_id, str) else entry_id.decode(),
-            "failed_at": repr(time.time()),
-        }
-        return await self._finish(run_id, step, upload_id, entry_id, update, None, dead)
+        return await self._finish(job, update, dead=(error, attempts))
 
-    async def dead_letter_entry(
-        self, stream: str, entry_id: bytes | str, fields: Mapping[bytes, bytes], error: str
-    ) -> None:
-        """Move an entry of the job stream ``stream`` that names no valid job (fields missing
-        or malformed) to the dead letter beside it with its raw fields, and ack it: one
-        transaction."""
-        k = self.keys
-        dead: dict[Any, Any] = {
-            "error": error,
-            "entry_id": entry_id if isinstance(entry_id, str) else entry_id.decode(),
-            "fields": json.dumps(
-                {a.decode(errors="replace"): b.decode(errors="replace") for a, b in fields.items()}
-            )[:4096],
-            "failed_at": repr(time.time()),
-        }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(k.dead_of_stream(stream), dead, maxlen=self.dead_max, approximate=True)
-            pipe.xack(stream, GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
-
-    async def record_error(self, run_id: str, step: int, upload_id: str, error: str) -> None:
-        """Remember the last error of a job that will be retried (shown once it is dead)."""
-        await self._finish(run_id, step, upload_id, None, {"last_error": error}, None, None)
+    async def record_error(self, job: Job, error: str) -> None:
+        """Remember the last error of a job that will be retried (shown once it is dead); the
+        job stays pending."""
+        await self._finish(job, {"last_error": error}, ack=False)

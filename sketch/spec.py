@@ -2,13 +2,14 @@
 
 A run fixes ``SketchSpec(kind, dim, seed, groups)`` once; every process that builds a
 sketcher from the same spec (and the same declared parameter shapes) computes the same
-linear map.
+linear map, so :func:`sketcher_for` builds it once per process and spec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import re2
@@ -132,3 +133,36 @@ def build_sketcher(
 
         return GroupedSketcher(spec, parameters)
     return make_sketcher(spec.kind, spec.dim, spec.seed, parameters)
+
+
+#: Sketchers kept by :func:`sketcher_for`: one per run spec a process sees, and a process sees
+#: few at a time (a worker serves the runs being trained; the API the ones being queried).
+MEMO_SKETCHERS = 64
+
+Shapes = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def sketcher_for(
+    spec: SketchSpec | Mapping[str, Any], parameters: Mapping[str, Sequence[int]] | None = None
+) -> Sketcher:
+    """:func:`build_sketcher` of ``spec`` (a :class:`SketchSpec` or its :meth:`~SketchSpec.
+    to_dict` form) and ``parameters``, memoised per ``(spec, parameters)`` in this process.
+
+    Building can cost far more than sketching one upload (the ``exact`` column layout, the
+    ``kronecker`` factors, RE2 group patterns); the result depends on nothing else, and a
+    sketcher is a read-only linear map, so one instance serves every caller and thread.
+    ``parameters`` keeps its order (it is the ``exact`` kind's column layout).
+    """
+    if not isinstance(spec, SketchSpec):
+        spec = SketchSpec.from_dict(spec)
+    shapes = None
+    if parameters is not None:
+        shapes = tuple(
+            (str(name), tuple(int(s) for s in shape)) for name, shape in parameters.items()
+        )
+    return _memoised_sketcher(spec, shapes)
+
+
+@lru_cache(maxsize=MEMO_SKETCHERS)
+def _memoised_sketcher(spec: SketchSpec, shapes: Shapes | None) -> Sketcher:
+    return build_sketcher(spec, None if shapes is None else dict(shapes))

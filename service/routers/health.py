@@ -7,8 +7,6 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.deps import SettingsDep, StoreDep
-from service.keys import GROUP
-from service.metrics import read_queue_stats
 from service.schemas import Health, Ready
 from service.store import REDIS_DOWN
 
@@ -44,9 +42,8 @@ async def readyz(store: StoreDep, settings: SettingsDep) -> JSONResponse:
     """200 ``ready`` when Redis answers and the job queue is served: nothing waits, or some
     worker touched the queue (read, claim, keep-claimed) within ``worker_stale_s``.  Else 503
     ``not_ready`` with the reason: uploads are accepted but would never be sketched."""
-    keys = store.keys
     try:
-        stats = await read_queue_stats(store.redis, keys.streams, GROUP, keys.deads)
+        stats = await store.queue.stats()
     except REDIS_DOWN as exc:
         body = Ready(status="not_ready", redis=False, detail=f"{type(exc).__name__}: {exc}")
         return JSONResponse(

@@ -14,8 +14,8 @@ import logging
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.keys import GROUP
-from service.metrics import QueueCollector, QueueStats, metrics_response, read_queue_stats
+from service.metrics import QueueCollector, metrics_response
+from service.queue import QueueStats
 
 router = APIRouter(include_in_schema=False)
 log = logging.getLogger(__name__)
@@ -28,12 +28,8 @@ async def queue_stats_of(request: Request) -> QueueStats | None:
     store = getattr(request.app.state, "store", None)
     if store is None:
         return None
-    keys = store.keys  # the layout the app stores with (sharded on a cluster)
-    try:
-        return await asyncio.wait_for(
-            read_queue_stats(store.redis, keys.streams, GROUP, keys.deads),
-            SCRAPE_REDIS_TIMEOUT_S,
-        )
+    try:  # the queue of the layout the app stores with (sharded on a cluster)
+        return await asyncio.wait_for(store.queue.stats(), SCRAPE_REDIS_TIMEOUT_S)
     except Exception as exc:  # a scrape must answer even when Redis is down
         log.warning("metrics scrape could not read the job queue: %s", exc)
         return None

@@ -10,10 +10,11 @@ from typing import Any
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from service.analysis import run_sketcher, step_status
+from service.analysis import step_status
 from service.deps import RunDep, RunId, SettingsDep, StoreDep
 from service.errors import ProblemError
 from service.schemas import Run, RunCreate, RunDetail
+from sketch.spec import sketcher_for
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
@@ -23,7 +24,7 @@ _SPEC_FIELDS = ("sketch", "normalization", "geometry", "parameters", "ranks")
 
 def _sketch_width(run: dict[str, Any]) -> int:
     try:
-        return int(run_sketcher(run).dim)
+        return int(sketcher_for(run["sketch"], run.get("parameters")).dim)
     except (ValueError, TypeError, KeyError) as exc:
         raise ProblemError(422, f"invalid sketch spec for these parameters: {exc}") from None
 

@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from redis.asyncio import Redis
 
-from service.analysis import ANALYSIS_REVISION, sketcher_for_run
+from service.analysis import ANALYSIS_REVISION
 from service.app import create_app
 from service.keys import APPLIED_UPDATE_ID, Keys
 from service.schemas import EntropyOut
@@ -26,6 +26,7 @@ from sketch.groups import GroupedSketcher
 from sketch.kernel import kernel_from_rows
 from sketch.realized import realized_from_entropies
 from sketch.sequences import StepSequences
+from sketch.spec import sketcher_for
 from tests.service.conftest import OCTET, StepData, assert_kernel_close, safetensors_body
 
 
@@ -39,7 +40,7 @@ def drain(settings: Settings) -> Worker:
         redis = Redis.from_url(str(settings.redis_url))
         try:
             for _ in range(1200):
-                if task.done() or await redis.xlen(Keys(settings.key_prefix).stream) == 0:
+                if task.done() or await redis.xlen(Keys(settings.key_prefix).streams[0]) == 0:
                     break
                 await asyncio.sleep(0.05)
         finally:
@@ -74,7 +75,7 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
             "sketch": {"kind": "gaussian", "dim": 40, "seed": 2, "groups": GROUPS},
         },
     )
-    sketcher = sketcher_for_run(run)
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
     assert isinstance(sketcher, GroupedSketcher)
     assert run["k"] == sketcher.dim == 64
     # the last prompt's responses become entropy-role samples; logprob_after on all
@@ -247,7 +248,7 @@ def test_client_sketch_upload_adds_to_gradient_rows(
     run = post(
         client, "/v1/runs", json={"run_id": "mix", "sketch": {"kind": "rademacher", "dim": 32}}
     )
-    sketcher = sketcher_for_run(run)
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
     names = list(data.grads)
     client_part = sketcher.sketch({k: data.grads[k] for k in names[:5]})
     post(
@@ -295,7 +296,7 @@ def test_update_rows_drive_the_prediction(
     keeps ``u_i = c_i w_i``; bad row kinds and contradictions are refused."""
     data = step_data
     run = post(client, "/v1/runs", json={"run_id": "u", "sketch": {"kind": "gaussian", "dim": 48}})
-    sketcher = sketcher_for_run(run)
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
     seqs = [dict(s) for s in data.sequences]
     seqs[-1]["role"] = "entropy"
     body = {"learning_rate": 0.05, "sequences": seqs}

@@ -212,20 +212,20 @@ def test_dead_worker_thread_is_restarted(
     and never restarted, with ``/healthz`` still 200 and uploads never sketched."""
     import threading
 
-    from service.worker import Worker
+    from service.queue import Queue
 
-    real = Worker._iteration
+    real = Queue.read
     armed = threading.Event()  # set once the service is up (start-up failures are reported)
     calls = {"n": 0, "failed": 0}
 
-    async def fails_once(self: Worker, store: Any) -> None:
+    async def fails_once(self: Queue, *args: Any) -> Any:
         calls["n"] += 1
         if armed.is_set() and not calls["failed"]:
             calls["failed"] = calls["n"]
             raise RuntimeError("a bug outside any job")
-        await real(self, store)
+        return await real(self, *args)
 
-    monkeypatch.setattr(Worker, "_iteration", fails_once)
+    monkeypatch.setattr(Queue, "read", fails_once)
     settings = Settings(
         redis_url=redis_url,
         key_prefix=key_prefix,

@@ -16,7 +16,6 @@ import pytest
 import redis as redis_sync
 import torch
 
-from service.analysis import sketcher_for_run
 from service.schemas import BlocksOut, EntropyOut, SpectrumOut
 from sketch.blocks import block_statistics
 from sketch.crossed import bilinear_variance
@@ -30,6 +29,7 @@ from sketch.entropy import (
 )
 from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
+from sketch.spec import sketcher_for
 from sketch.spectrum import spectrum
 from tests.service.conftest import (
     LIVE_MAX_BODY_MB,
@@ -144,7 +144,7 @@ def test_exact_and_countsketch_end_to_end(live_service: LiveService, step_data: 
         cs = create(http, "cs", "countsketch", 64)
         post_sequences(http, "cs", data)
         upload(http, "cs", data.grads, data.ids)
-        sketcher = sketcher_for_run(cs)
+        sketcher = sketcher_for(cs["sketch"], cs.get("parameters"))
         Y = sketcher.sketch(data.grads).double().numpy()
         _, Kcs = kernel(http, "cs")
         assert_kernel_close(Kcs, Y @ Y.T)
@@ -294,7 +294,7 @@ def test_kronecker_run_estimates_its_sketch_error_from_the_rows(
         post_sequences(http, "kr", data)
         upload(http, "kr", data.grads, data.ids)
         entropy = http.get("/v1/runs/kr/steps/0/entropy", params=WAIT).json()
-    sketcher = sketcher_for_run(run)
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
     assert isinstance(sketcher, KroneckerSketch)
     Y = sketcher.sketch(data.grads).double().numpy()
     seqs = StepSequences.from_records(data.sequences)

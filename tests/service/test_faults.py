@@ -14,8 +14,8 @@ import pytest
 import redis as redis_sync
 import torch
 
-from service.analysis import sketcher_for_run
 from service.keys import GROUP, Keys
+from sketch.spec import sketcher_for
 from tests.service.conftest import (
     OCTET,
     LiveService,
@@ -58,7 +58,7 @@ def push(http: httpx.Client, run_id: str, tensors: dict[str, torch.Tensor], ids:
 
 
 def expected_kernel(run: dict[str, Any], data: StepData) -> np.ndarray:
-    Y = sketcher_for_run(run).sketch(data.grads).double().numpy()
+    Y = sketcher_for(run["sketch"], run.get("parameters")).sketch(data.grads).double().numpy()
     return Y @ Y.T
 
 
@@ -69,9 +69,9 @@ def kernel(http: httpx.Client, run_id: str) -> np.ndarray:
 
 
 def pending_consumers(redis_client: redis_sync.Redis, keys: Keys) -> dict[str, int]:
-    if not redis_client.exists(keys.stream):
+    if not redis_client.exists(keys.streams[0]):
         return {}
-    info = redis_client.xpending(keys.stream, GROUP)
+    info = redis_client.xpending(keys.streams[0], GROUP)
     return {c["name"].decode(): int(c["pending"]) for c in info["consumers"]}
 
 
@@ -93,8 +93,8 @@ def test_killed_worker_job_is_finished_by_another(
         assert status["uploads"] == 1 and status["rows"] == 6 and status["errors"] == []
     parts = list(redis_client.scan_iter(match=f"{key_prefix}:*:part:*"))
     assert [p.decode().rsplit(":", 1)[1] for p in parts] == [upload_id]  # nothing doubled
-    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0
-    assert not redis_client.exists(keys.dead)
+    assert redis_client.xpending(keys.streams[0], GROUP)["pending"] == 0
+    assert not redis_client.exists(keys.deads[0])
     assert not redis_client.exists(keys.raw("crash", 0, upload_id))
 
 
@@ -122,10 +122,10 @@ def test_poison_upload_goes_to_the_dead_letter(
         refused = http.get("/v1/runs/poison/steps/0/entropy", params={"wait": 1})
         assert refused.status_code == 409
         assert refused.json()["step_status"]["errors"] == [error]
-    dead: Any = redis_client.xrange(keys.dead)
+    dead: Any = redis_client.xrange(keys.deads[0])
     [(_, fields)] = dead
     assert fields[b"upload_id"].decode() == bad and b"not finite" in fields[b"error"]
-    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0
+    assert redis_client.xpending(keys.streams[0], GROUP)["pending"] == 0
     assert good != bad
 
 
@@ -211,7 +211,7 @@ def test_sigterm_hands_the_rest_of_the_batch_back(
         assert live_service.stop_worker(slow, signal.SIGTERM) == 0
         status = http.get("/v1/runs/handback/steps/0").json()
         assert status["pending_uploads"] == 2 and status["rows"] == 2
-        pending = redis_client.xpending_range(keys.stream, GROUP, "-", "+", 10)
+        pending = redis_client.xpending_range(keys.streams[0], GROUP, "-", "+", 10)
         assert len(pending) == 2
         assert all(p["times_delivered"] == 0 for p in pending)
         assert all(p["time_since_delivered"] >= 60_000 for p in pending)
@@ -220,7 +220,7 @@ def test_sigterm_hands_the_rest_of_the_batch_back(
         assert_kernel_close(kernel(http, "handback"), expected_kernel(run, step_data))
         assert time.monotonic() - started < 30
         assert http.get("/v1/runs/handback/steps/0").json()["errors"] == []
-    assert not redis_client.exists(keys.dead)
+    assert not redis_client.exists(keys.deads[0])
 
 
 @pytest.mark.parametrize("live_service", [{"workers": 0}], indirect=True)
@@ -254,7 +254,7 @@ def test_jobs_waiting_in_a_batch_are_not_reclaimed(
         p.decode().rsplit(":", 1)[1] for p in redis_client.scan_iter(match=f"{key_prefix}:*:part:*")
     )
     assert parts == sorted(uploads)
-    assert not redis_client.exists(keys.dead)
+    assert not redis_client.exists(keys.deads[0])
 
 
 def test_malformed_stream_entries_are_dead_lettered_and_the_worker_goes_on(
@@ -269,17 +269,17 @@ def test_malformed_stream_entries_are_dead_lettered_and_the_worker_goes_on(
     whose spec cannot be read fails its own jobs only."""
     keys = Keys(key_prefix)
     worker = live_service.workers[0]
-    redis_client.xadd(keys.stream, {"run_id": "nobody"})
+    redis_client.xadd(keys.streams[0], {"run_id": "nobody"})
     redis_client.xadd(
-        keys.stream, {"run_id": "nobody", "step": "x", "upload_id": "u", "kind": "gradients"}
+        keys.streams[0], {"run_id": "nobody", "step": "x", "upload_id": "u", "kind": "gradients"}
     )
     with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
         run = setup_run(http, "after", step_data)
         push(http, "after", step_data.grads, step_data.ids)
         assert_kernel_close(kernel(http, "after"), expected_kernel(run, step_data))
-    dead = redis_client.xrange(keys.dead)
+    dead = redis_client.xrange(keys.deads[0])
     assert len(dead) == 2
     assert all(b"malformed job entry" in fields[b"error"] for _, fields in dead)
     assert b"nobody" in dead[0][1][b"fields"]
     assert worker.poll() is None, "the worker died"
-    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0
+    assert redis_client.xpending(keys.streams[0], GROUP)["pending"] == 0

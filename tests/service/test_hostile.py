@@ -411,8 +411,8 @@ def test_an_upload_whose_sketch_passes_the_memory_limit_is_refused(
         assert r.status_code == 422 and "KERNELSCOPE_MAX_SKETCH_MB" in r.json()["detail"], r.text
         assert store_dump(redis_client, key_prefix) == before
         assert (
-            not redis_client.exists(Keys(key_prefix).stream)
-            or redis_client.xlen(Keys(key_prefix).stream) == 0
+            not redis_client.exists(Keys(key_prefix).streams[0])
+            or redis_client.xlen(Keys(key_prefix).streams[0]) == 0
         )
         # 255 rows (1020 MiB) are under the default 1024 MiB: accepted
         ok = c.post(

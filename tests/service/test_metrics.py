@@ -27,10 +27,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.keys import Keys
 from service.metrics import (
     QueryLatencyMiddleware,
     QueueCollector,
-    read_queue_stats,
     record_job,
     record_rows_sketched,
     record_upload,
@@ -38,6 +38,7 @@ from service.metrics import (
     render_metrics,
     upload_outcome,
 )
+from service.queue import Queue
 from tests.service.conftest import OCTET, LiveService, safetensors_body
 from tests.service.test_dashboard import dashboard_service
 
@@ -138,19 +139,20 @@ def test_queue_gauges_read_from_redis(redis_url: str) -> None:
     from redis.asyncio import Redis
 
     prefix = f"h7test-{uuid.uuid4().hex[:12]}"
-    stream, dead, group = f"{prefix}:stream", f"{prefix}:dead", "workers"
+    keys = Keys(prefix)
+    stream, dead, group = keys.streams[0], keys.deads[0], "workers"
 
     async def scenario() -> tuple[object, object]:
         client = Redis.from_url(redis_url)
         try:
-            empty = await read_queue_stats(client, [stream], group, [dead])
+            empty = await Queue(client, keys).stats()
             await client.xgroup_create(stream, group, id="0", mkstream=True)
             for i in range(3):
                 await client.xadd(stream, {"job": str(i)})
             # one worker reads one job and does not acknowledge it: 1 pending, 2 undelivered
             await client.xreadgroup(group, "worker-a", {stream: ">"}, count=1)
             await client.xadd(dead, {"job": "x", "error": "boom"})
-            return empty, await read_queue_stats(client, [stream], group, [dead])
+            return empty, await Queue(client, keys).stats()
         finally:
             await client.delete(stream, dead)
             await client.aclose()

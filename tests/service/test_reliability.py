@@ -158,7 +158,7 @@ def test_redis_unreachable_503_then_recovery_without_restart(
         assert first.status_code == 202 and first.json()["queued"] is True
         direct = redis_sync.Redis.from_url(own_redis.url)
         # the consumer group the lifespan could not create exists now
-        assert [g["name"] for g in direct.xinfo_groups(keys.stream)] == [GROUP.encode()]
+        assert [g["name"] for g in direct.xinfo_groups(keys.streams[0])] == [GROUP.encode()]
         # Redis goes away again (data lost: no persistence on this server) and comes back.
         own_redis.stop()
         assert_unavailable(c)
@@ -173,10 +173,10 @@ def test_redis_unreachable_503_then_recovery_without_restart(
         assert (status["sequences"], status["pending_uploads"], status["uploads"]) == (2, 1, 1)
         # exact count: one job queued, one raw body stored, one run
         direct = redis_sync.Redis.from_url(own_redis.url)
-        assert direct.xlen(keys.stream) == 1
+        assert direct.xlen(keys.streams[0]) == 1
         assert len(list(direct.scan_iter(match=f"{key_prefix}:*:raw:*"))) == 1
         assert [r["run_id"] for r in c.get("/v1/runs").json()] == ["r"]
-        assert not direct.exists(keys.dead)
+        assert not direct.exists(keys.deads[0])
         direct.close()
 
 
@@ -258,8 +258,8 @@ def test_api_killed_with_an_upload_in_flight_the_retry_lands_it_once(
         r.upload_id for r in receipts
     )
     keys = Keys(key_prefix)
-    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0
-    assert not redis_client.exists(keys.dead)
+    assert redis_client.xpending(keys.streams[0], GROUP)["pending"] == 0
+    assert not redis_client.exists(keys.deads[0])
     assert not list(redis_client.scan_iter(match=f"{key_prefix}:*:raw:*"))
 
 
@@ -371,8 +371,8 @@ def test_sketcher_crash_is_dead_lettered_and_other_steps_are_unaffected(
         p.decode().rsplit(":", 1)[1] for p in redis_client.scan_iter(match=f"{key_prefix}:*:part:*")
     )
     assert parts == sorted([uploads[0], uploads[2]])
-    assert redis_client.xlen(keys.dead) == 1
-    assert redis_client.xpending(keys.stream, GROUP)["pending"] == 0
+    assert redis_client.xlen(keys.deads[0]) == 1
+    assert redis_client.xpending(keys.streams[0], GROUP)["pending"] == 0
 
 
 # ------------------------------------------------------------------------ load benchmark

@@ -30,7 +30,7 @@ def test_identical_uploads_racing_store_one(settings: Settings) -> None:
             *[store.add_upload("r", 0, "u1", "gradients", ["a"], b"x" * 1000) for _ in range(10)]
         )
         assert sorted(results) == [False] * 9 + [True]
-        assert await redis.xlen(store.keys.stream) == 1
+        assert await redis.xlen(store.keys.stream_of("r")) == 1
         assert await redis.hlen(store.keys.uploads("r", 0)) == 1
 
     with_store(settings, body)
@@ -43,7 +43,7 @@ def test_ranks_uploading_at_once_all_land(settings: Settings) -> None:
             *[store.add_upload("r", 0, u, "gradients", ["a", "b"], u.encode() * 100) for u in ids]
         )
         assert results == [True] * 8
-        assert await redis.xlen(store.keys.stream) == 8
+        assert await redis.xlen(store.keys.stream_of("r")) == 8
         counts = await store.step_counts("r", 0)
         assert counts.pending_uploads == 8 and counts.state == "pending"
         for u in ids:
@@ -117,13 +117,12 @@ def test_dead_letter_stream_is_capped(settings: Settings) -> None:
 
     async def body(store: Store, redis: Redis) -> None:
         capped = Store(redis, settings.key_prefix, dead_max=10)
-        await capped.ensure_group()
+        await capped.queue.ensure_group()
+        stream = capped.keys.stream_of("r")
         for i in range(400):
-            entry = await redis.xadd(capped.keys.stream, {"bad": str(i)})
-            await capped.dead_letter_entry(
-                capped.keys.stream, entry, {b"bad": str(i).encode()}, "malformed"
-            )
-        assert await redis.xlen(capped.keys.dead) <= 200
-        assert await redis.xlen(capped.keys.stream) == 0
+            entry = await redis.xadd(stream, {"bad": str(i)})
+            await capped.queue.reject(stream, entry, {b"bad": str(i).encode()}, "malformed")
+        assert await redis.xlen(capped.keys.dead_of("r")) <= 200
+        assert await redis.xlen(stream) == 0
 
     with_store(settings, body)

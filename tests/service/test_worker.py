@@ -1,5 +1,6 @@
-"""Worker pieces that the end-to-end tests do not isolate: devices, consumer names, and the
-claim heartbeat that keeps a slow job from being taken over."""
+"""Worker pieces that the end-to-end tests do not isolate: devices, consumer names, the part
+it stores, the sketcher memo, and the claim heartbeat that keeps a slow job from being taken
+over."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 from redis.asyncio import Redis
 
 from service.keys import GROUP
+from service.parts import PartFormatError, decode_part
 from service.settings import Settings
 from service.store import Store
-from service.worker import Worker, consumer_name, resolve_device
+from service.worker import Worker, consumer_name, resolve_device, sketch_upload
+from sketch.spec import SketchSpec, sketcher_for
+from tests.service.conftest import safetensors_body
 
 
 def test_resolve_device() -> None:
@@ -33,6 +37,31 @@ def test_consumer_names_are_unique() -> None:
     assert all(n.count("-") >= 2 for n in names)
 
 
+def test_sketch_upload_stores_a_part_the_analysis_reads() -> None:
+    """The part keeps the upload's row ids and row kind, and its rows are the sketch."""
+    grads = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 5)}
+    sketcher = sketcher_for({"kind": "countsketch", "dim": 8, "seed": 7})
+    for rows, kind in ((None, "score"), ("update", "update")):
+        body = safetensors_body(grads, ["a", "b", "c"], rows=rows)
+        part = decode_part(sketch_upload(body, "gradients", sketcher, torch.device("cpu")))
+        assert part.ids == ["a", "b", "c"] and part.kind == kind
+        torch.testing.assert_close(torch.from_numpy(part.rows), sketcher.sketch(grads))
+    with pytest.raises(PartFormatError):
+        decode_part(safetensors_body({"other": torch.ones(3, 8)}, ["a", "b", "c"]))
+    with pytest.raises(PartFormatError):
+        decode_part(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # no metadata
+
+
+def test_sketcher_is_built_once_per_spec() -> None:
+    """Equal specs (as dicts or as SketchSpec) share one sketcher; the parameter order is part
+    of the spec (the exact kind's column layout)."""
+    spec = {"kind": "exact", "dim": 1, "seed": 0}
+    one = sketcher_for(spec, {"w": [2, 3], "b": [3]})
+    assert sketcher_for(SketchSpec.from_dict(spec), {"w": (2, 3), "b": (3,)}) is one
+    assert sketcher_for(spec, {"b": [3], "w": [2, 3]}) is not one
+    assert sketcher_for({**spec, "seed": 1}, {"w": [2, 3], "b": [3]}) is not one
+
+
 def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings) -> None:
     """While a job is in hand the worker re-claims it to itself (XCLAIM JUSTID): its idle
     time stays below claim_idle_ms and its delivery count stays 1; once it stops, idle grows."""
@@ -41,16 +70,21 @@ def test_keep_claimed_resets_idle_without_counting_a_delivery(settings: Settings
         idle_ms = 600
         redis = Redis.from_url(str(settings.redis_url))
         store = Store(redis, settings.key_prefix)
-        await store.ensure_group()
+        await store.queue.ensure_group()
         worker = Worker(settings.model_copy(update={"claim_idle_ms": idle_ms}), device="cpu")
-        entry_id = await redis.xadd(store.keys.stream, {"run_id": "r", "step": "0"})
-        await redis.xreadgroup(GROUP, worker.name, {store.keys.stream: ">"}, count=1)
+        worker.store, worker.queue = store, store.queue
+        async with redis.pipeline(transaction=True) as pipe:
+            store.queue.enqueue(pipe, "r", 0, "u1", "gradients")
+            await pipe.execute()
+        [batch] = await store.queue.read(worker.name, 1, 10, idle_ms)
+        [job] = batch.jobs
+        entry_id = job.entry_id
 
         async def pending() -> dict[str, Any]:
-            [info] = await redis.xpending_range(store.keys.stream, GROUP, entry_id, entry_id, 1)
+            [info] = await redis.xpending_range(job.stream, GROUP, entry_id, entry_id, 1)
             return dict(info)
 
-        keep = asyncio.create_task(worker._keep_claimed(store, store.keys.stream, {entry_id}))
+        keep = asyncio.create_task(worker._keep_claimed({job}))
         try:
             for _ in range(6):  # 6 x 0.5 s: well past claim_idle_ms in total
                 await asyncio.sleep(0.5)

@@ -35,6 +35,7 @@ from sketch.noise_scale import NoiseScale, noise_scale
 from sketch.ratio import RatioInterval, fieller_interval
 from sketch.realized import (
     Realized,
+    RealizedEstimator,
     RealizedParts,
     realized_from_entropies,
     realized_parts,
@@ -51,6 +52,12 @@ from sketch.sequences import (
     per_prompt_covariance,
 )
 from sketch.taylor import TaylorCheck, taylor_check
+from sketch.token_mean import (
+    Target,
+    level_influence,
+    realized_token_mean,
+    token_mean_coefficients,
+)
 
 
 class Estimator(str, Enum):
@@ -247,6 +254,7 @@ class EntropyChange:
     ratio: float | None = None
     ratio_interval: RatioInterval | None = None
     taylor: TaylorCheck | None = None
+    target: Target = Target.SEQUENCE
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -505,7 +513,7 @@ def _se_sampling(seqs: StepSequences, b: FloatArray, ent: BoolArray) -> float:
 
 
 def _ratio(
-    parts: RealizedParts | None,
+    parts: tuple[FloatArray, BoolArray] | None,
     real: Realized,
     delta_h1: float,
     var_h1: float,
@@ -515,17 +523,18 @@ def _ratio(
 ) -> RatioInterval | None:
     """``realized / dH1`` with its Fieller interval (math.md §6).
 
-    The covariance of the two estimates is the per-prompt covariance of their per-row parts
-    over the rows both use (the entropy-role rows with ``logprob_after`` by default); a posted
-    or given realized change is taken as exact (variance 0, no covariance).
+    ``parts``: the realized estimate's per-row parts and the rows it used, ``None`` for a
+    posted or given change (taken as exact: variance 0, no covariance).  The covariance of the
+    two estimates is the per-prompt covariance of their per-row parts over the rows both use
+    (the entropy-role rows with ``logprob_after`` by default).
     """
     if delta_h1 == 0.0:
         return None
     var_x = 0.0 if real.se is None else real.se**2
     cov = 0.0
-    if parts is not None and parts.realized is real and real.se is not None:
-        both = ent & parts.mask
-        cov = per_prompt_covariance(parts.delta, b, seqs.prompt_index(both)[0]) or 0.0
+    if parts is not None and real.se is not None:
+        delta, mask = parts
+        cov = per_prompt_covariance(delta, b, seqs.prompt_index(ent & mask)[0]) or 0.0
     return fieller_interval(real.delta_h, delta_h1, var_x, var_h1, cov)
 
 
@@ -548,6 +557,7 @@ def entropy_change(
     entropy_before: float | None = None,
     entropy_after: float | None = None,
     sketch_cells: SketchCells | None = None,
+    target: Target | str = Target.SEQUENCE,
 ) -> EntropyChange:
     """Predict the first-order entropy change of the step and explain it (math.md §2–§6).
 
@@ -574,6 +584,11 @@ def entropy_change(
     sketch_cells: the Kronecker-sketched rows (:class:`SketchCells`): ``se_sketch`` is then
         estimated from them (:func:`sketch.crossed.bilinear_variance`, unbiased for the kind's
         crossed cells) rather than bounded with ``sketch_variance_factor``.
+    target: ``sequence`` (math.md §3-6) or ``token_mean``, the entropy trainers log
+        (:mod:`sketch.token_mean`, math.md §8): every number is then about ``T`` in nats per
+        token; ``delta_h2`` is not derived for it (``None``), the realized change comes from
+        ``entropy_sum`` / ``entropy_sum_after`` (or ``realized``), and ``entropy_before`` /
+        ``entropy_after`` (sequence entropies) are not used.
 
     Raises ``ValueError`` on shape mismatches, non-finite inputs, a step without update-role
     rows, or ``independent`` without entropy-role rows.
@@ -586,14 +601,26 @@ def entropy_change(
     mat = check_kernel(K, seqs.n)
     est = default_estimator(seqs) if estimator is None else Estimator(estimator)
     norm = Normalization(normalization)
+    tgt = Target(target)
+    token_mean = tgt is Target.TOKEN_MEAN
     ent, upd = _checked_sets(seqs, est)
 
     c = update_coefficients(seqs, norm, max_length)
-    h = entropy_coefficients(seqs, ent)
+    h_sequence = entropy_coefficients(seqs, ent)
+    h = h_sequence
+    if token_mean:
+        h, length_coefficients, lv = token_mean_coefficients(seqs, ent, h_sequence)
     step = coefficient_updates(mat, c) if update is None else _checked_update(update, seqs.n, upd)
     C = step.cross
     pairs = pair_products(C, h, seqs, ent, est)
     b = eta * h * pairs.row_b
+    # Per-row parts of dH1 for its sampling error: the b_j, plus for the token mean the rows'
+    # influence through the estimated levels (delta method, sketch.token_mean).
+    influence = b
+    if token_mean:
+        d_entropy = eta * pair_products(C, h_sequence, seqs, ent, est).total
+        d_length = eta * pair_products(C, length_coefficients, seqs, ent, est).total
+        influence = b + level_influence(lv, d_entropy, d_length)
     a = eta * pairs.row_a
     delta_h1 = eta * pairs.total
     pair_types = {
@@ -618,6 +645,8 @@ def entropy_change(
 
     # Diagonal-kernel approximation, always with h over the update rows.
     h_upd = entropy_coefficients(seqs, upd)
+    if token_mean:
+        h_upd = token_mean_coefficients(seqs, upd, h_upd)[0]
     delta_h1_diag = eta * float(np.sum(h_upd * np.diag(C)))
 
     # Sketch error bar: u = grad_hat H, v = g_hat, all in sketched units.
@@ -640,27 +669,29 @@ def entropy_change(
         delta_h1_applied = float(h @ applied)
 
     d = eta * C1 if k_applied is None else displacement(mat, c, eta, k_applied)
-    dh2 = second_order_delta_h2(seqs, ent, d)
+    dh2 = None if token_mean else second_order_delta_h2(seqs, ent, d)
     first = delta_h1_applied if delta_h1_applied is not None else delta_h1
     total = None if dh2 is None else first + dh2
 
-    parts = realized_parts(seqs)
+    log_parts = realized_parts(seqs)
+    estimated, parts = _estimated_realized(seqs, log_parts, token_mean)
     if isinstance(realized, Realized):
         real: Realized | None = realized
     elif realized is not None:
         real = Realized(delta_h=float(realized), source="given")
-    elif entropy_before is not None and entropy_after is not None:
+    elif entropy_before is not None and entropy_after is not None and not token_mean:
         real = realized_from_entropies(entropy_before, entropy_after)
     else:
-        real = None if parts is None else parts.realized
-    se_sampling = _se_sampling(seqs, b, ent)
+        real = estimated
+    se_sampling = _se_sampling(seqs, influence, ent)
     var_h1 = se_sampling**2 + se_sketch**2
     ratio_interval = None
     if real is not None:
-        ratio_interval = _ratio(parts, real, delta_h1, var_h1, b, seqs, ent)
+        own = parts if real is estimated else None
+        ratio_interval = _ratio(own, real, delta_h1, var_h1, influence, seqs, ent)
     taylor = taylor_check(
-        None if parts is None else parts.realized.kl,
-        None if parts is None else parts.realized.kl_se,
+        None if log_parts is None else log_parts.realized.kl,
+        None if log_parts is None else log_parts.realized.kl_se,
         delta_h1,
         math.sqrt(var_h1),
         dh2,
@@ -707,7 +738,36 @@ def entropy_change(
         ratio=None if ratio_interval is None else ratio_interval.value,
         ratio_interval=ratio_interval,
         taylor=taylor,
+        target=tgt,
     )
+
+
+def _estimated_realized(
+    seqs: StepSequences, log_parts: RealizedParts | None, token_mean: bool
+) -> tuple[Realized | None, tuple[FloatArray, BoolArray] | None]:
+    """The realized change the step's sequences give, with its per-row parts: from
+    ``logprob_after`` (math.md §6), or for the token mean from ``entropy_sum`` /
+    ``entropy_sum_after`` too (§8)."""
+    if not token_mean:
+        if log_parts is None:
+            return None, None
+        return log_parts.realized, (log_parts.delta, log_parts.mask)
+    found = realized_token_mean(seqs)
+    if found is None:
+        return None, None
+    real = Realized(
+        delta_h=found.delta,
+        source="entropy_sum",
+        entropy_before=found.before,
+        entropy_after=found.after,
+        num_sequences=found.num_sequences,
+        num_prompts=found.num_prompts,
+        estimator=RealizedEstimator.CONTROL_VARIATE,
+        se=found.se,
+        kl=None if log_parts is None else log_parts.realized.kl,
+        kl_se=None if log_parts is None else log_parts.realized.kl_se,
+    )
+    return real, (found.influence, found.mask)
 
 
 __all__ = [
@@ -719,6 +779,7 @@ __all__ = [
     "Role",
     "SequenceContribution",
     "SketchCells",
+    "Target",
     "UpdateKernels",
     "coefficient_updates",
     "covariance_baseline",

@@ -47,6 +47,7 @@ from sketch.sequences import (
     leave_one_out_mean,
     per_prompt_covariance,
 )
+from sketch.token_mean import entropy_sum_change
 
 
 class RealizedEstimator(str, Enum):
@@ -60,7 +61,8 @@ class RealizedEstimator(str, Enum):
 class Realized:
     """A realized entropy change.
 
-    ``source`` is ``"logprob_after"`` (estimated from the sequences), ``"posted"`` (the
+    ``source`` is ``"logprob_after"`` (estimated from the sequences' log-probs),
+    ``"entropy_sum"`` (from their entropy sums too, math.md §8), ``"posted"`` (the
     trainer's entropy_before / entropy_after) or ``"given"`` (a number passed by the caller).
     ``entropy_before`` / ``entropy_after`` are the prompt-averaged sequence entropies in nats
     (``None`` when only the change is known); ``num_sequences`` / ``num_prompts`` count the
@@ -140,8 +142,14 @@ def realized_parts(
     base = leave_one_out_mean(seqs.logprob, codes)[idx]
     weight = 1.0 / (B * M[idx])
 
+    # With the trainer's per-sequence entropy sums on every row, the lower-variance estimate
+    # of math.md §8 (same unbiasedness); else the log-probs alone.
+    sums = bool(np.all(~np.isnan(seqs.entropy_sum[idx]) & ~np.isnan(seqs.entropy_sum_after[idx])))
     cv = np.zeros(seqs.n)
-    cv[idx] = -(r * (S_after - base) - (S - base)) * weight
+    if sums:
+        cv = entropy_sum_change(seqs, keep)
+    else:
+        cv[idx] = -(r * (S_after - base) - (S - base)) * weight
     kl = np.zeros(seqs.n)
     kl[idx] = (np.expm1(log_r) - log_r) * weight
 
@@ -151,12 +159,12 @@ def realized_parts(
         w = np.exp(log_r[rows] - logsumexp(log_r[rows]))
         snis += (-float(np.sum(w * S_after[rows])) + float(S[rows].mean())) / B
 
-    h_before = -float(np.sum(S * weight))
+    h_before = float(np.sum(seqs.entropy_sum[idx] * weight)) if sums else -float(np.sum(S * weight))
     use_cv = est is RealizedEstimator.CONTROL_VARIATE
     delta = float(cv.sum()) if use_cv else snis
     realized = Realized(
         delta_h=delta,
-        source="logprob_after",
+        source="entropy_sum" if sums and use_cv else "logprob_after",
         entropy_before=h_before,
         entropy_after=h_before + delta,
         num_sequences=int(keep.sum()),

@@ -80,6 +80,10 @@ class StepSequences:
         float64 ``[n]``: explicit ``lambda_i``; NaN means "use the normalisation default".
     logprob_after:
         float64 ``[n]``: ``S'_i``; NaN means unknown.
+    entropy_sum, entropy_sum_after:
+        float64 ``[n]``: ``sum_t H_t`` over the response's positions, ``H_t`` the entropy of
+        the full next-token distribution before (after) the step, at the same tokens; NaN
+        means unknown (math.md §8).
     """
 
     ids: list[str]
@@ -90,6 +94,8 @@ class StepSequences:
     role: list[Role] = field(default_factory=list)
     weight: FloatArray = field(default_factory=lambda: np.zeros(0))
     logprob_after: FloatArray = field(default_factory=lambda: np.zeros(0))
+    entropy_sum: FloatArray = field(default_factory=lambda: np.zeros(0))
+    entropy_sum_after: FloatArray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -117,14 +123,18 @@ class StepSequences:
         set_(self, "role", [Role(r) for r in roles])
         weight = self.weight if np.size(self.weight) else np.full(n, np.nan)
         set_(self, "weight", _float_array(weight, n, "weight", allow_nan=True))
-        after = self.logprob_after if np.size(self.logprob_after) else np.full(n, np.nan)
-        set_(self, "logprob_after", _float_array(after, n, "logprob_after", allow_nan=True))
+        for name in ("logprob_after", "entropy_sum", "entropy_sum_after"):
+            values = getattr(self, name)
+            values = values if np.size(values) else np.full(n, np.nan)
+            set_(self, name, _float_array(values, n, name, allow_nan=True))
+        if np.any(self.entropy_sum < 0) or np.any(self.entropy_sum_after < 0):
+            raise ValueError("entropy_sum and entropy_sum_after must be >= 0")
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]]) -> StepSequences:
         """Build from API-style dicts ``{id, prompt_id, logprob, advantage, num_tokens,
-        role?, weight?, logprob_after?}`` (missing or ``None`` optional fields become the
-        defaults: role ``update``, weight and logprob_after NaN)."""
+        role?, weight?, logprob_after?, entropy_sum?, entropy_sum_after?}`` (missing or
+        ``None`` optional fields become the defaults: role ``update``, the others NaN)."""
         rows = list(records)
 
         def opt(row: Mapping[str, Any], key: str) -> float:
@@ -140,27 +150,33 @@ class StepSequences:
             role=[Role(r.get("role") or Role.UPDATE) for r in rows],
             weight=np.array([opt(r, "weight") for r in rows], dtype=np.float64),
             logprob_after=np.array([opt(r, "logprob_after") for r in rows], dtype=np.float64),
+            entropy_sum=np.array([opt(r, "entropy_sum") for r in rows], dtype=np.float64),
+            entropy_sum_after=np.array(
+                [opt(r, "entropy_sum_after") for r in rows], dtype=np.float64
+            ),
         )
 
     def to_records(self) -> list[dict[str, Any]]:
         """The inverse of :meth:`from_records` (NaN optional fields become ``None``)."""
-        out: list[dict[str, Any]] = []
-        for i in range(self.n):
-            weight = float(self.weight[i])
-            after = float(self.logprob_after[i])
-            out.append(
-                {
-                    "id": self.ids[i],
-                    "prompt_id": self.prompt_ids[i],
-                    "logprob": float(self.logprob[i]),
-                    "advantage": float(self.advantage[i]),
-                    "num_tokens": int(self.num_tokens[i]),
-                    "role": self.role[i].value,
-                    "weight": None if np.isnan(weight) else weight,
-                    "logprob_after": None if np.isnan(after) else after,
-                }
-            )
-        return out
+
+        def opt(value: np.float64) -> float | None:
+            return None if np.isnan(value) else float(value)
+
+        return [
+            {
+                "id": self.ids[i],
+                "prompt_id": self.prompt_ids[i],
+                "logprob": float(self.logprob[i]),
+                "advantage": float(self.advantage[i]),
+                "num_tokens": int(self.num_tokens[i]),
+                "role": self.role[i].value,
+                "weight": opt(self.weight[i]),
+                "logprob_after": opt(self.logprob_after[i]),
+                "entropy_sum": opt(self.entropy_sum[i]),
+                "entropy_sum_after": opt(self.entropy_sum_after[i]),
+            }
+            for i in range(self.n)
+        ]
 
     @property
     def n(self) -> int:
@@ -220,6 +236,8 @@ class StepSequences:
             role=[self.role[i] for i in sel],
             weight=self.weight[sel],
             logprob_after=self.logprob_after[sel],
+            entropy_sum=self.entropy_sum[sel],
+            entropy_sum_after=self.entropy_sum_after[sel],
         )
 
 

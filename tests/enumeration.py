@@ -42,7 +42,9 @@ class ToyConfig:
     """Size and seed of the enumerable toy policy.
 
     ``prompts`` are fixed token lists of one common length (token ids ``< vocab_size``);
-    responses have exactly ``response_length`` tokens from ``range(response_vocab)``.
+    responses have exactly ``response_length`` tokens from ``range(response_vocab)``; with a
+    ``stop_token`` (in ``range(response_vocab)``) a response ends at its first stop token, so
+    lengths vary from 1 to ``response_length`` (an end-of-sequence token).
     ``initializer_range`` is larger than GPT-2's 0.02 so that the random policy is far from
     uniform (log-probs spread over several nats), as a trained policy would be.
     """
@@ -57,6 +59,7 @@ class ToyConfig:
     n_positions: int = 16
     initializer_range: float = 0.3
     seed: int = 0
+    stop_token: int | None = None
 
 
 def dr_grpo_coefficients(
@@ -156,8 +159,18 @@ class ExactPolicy:
         self.num_prompts = len(cfg.prompts)
         self.response_length = cfg.response_length
         self.response_vocab = cfg.response_vocab
+        if cfg.stop_token is not None and not 0 <= cfg.stop_token < cfg.response_vocab:
+            raise ValueError("stop_token must be a response token")
+        # With a stop token, a response that stops early is padded with the stop token, and
+        # the padding is forced (probability 1): each variable-length response appears once.
         self.responses = torch.tensor(
-            list(itertools.product(range(cfg.response_vocab), repeat=cfg.response_length)),
+            [
+                r
+                for r in itertools.product(range(cfg.response_vocab), repeat=cfg.response_length)
+                if cfg.stop_token is None
+                or cfg.stop_token not in r[:-1]
+                or all(t == cfg.stop_token for t in r[r.index(cfg.stop_token) :])
+            ],
             dtype=torch.long,
         )
         self.num_responses = self.responses.shape[0]
@@ -195,7 +208,40 @@ class ExactPolicy:
         response_logits = logits[:, self.prompt_length - 1 : -1, : self.response_vocab]
         log_probs = torch.log_softmax(response_logits, dim=-1)
         targets = flat_ids[:, self.prompt_length :, None]
-        return log_probs.gather(-1, targets).squeeze(-1).reshape(*lead, -1)
+        token = log_probs.gather(-1, targets).squeeze(-1)
+        return (token * self._live(flat_ids)).reshape(*lead, -1)
+
+    def _live(self, ids: torch.Tensor) -> torch.Tensor:
+        """1.0 at the response positions a response really has (up to and including its first
+        stop token), 0.0 at its forced padding: float64 ``[..., L]`` for ``ids [..., P + L]``."""
+        response = ids[..., self.prompt_length :]
+        if self.config.stop_token is None:
+            return torch.ones(response.shape, dtype=torch.float64)
+        stops = (response == self.config.stop_token).to(torch.long)
+        return ((stops.cumsum(-1) - stops) == 0).to(torch.float64)
+
+    def lengths(self) -> torch.Tensor:
+        """``n`` of every enumerated response: ``[R]`` float64 (``L`` without a stop token)."""
+        return self._live(self.input_ids[0]).sum(-1)
+
+    def token_entropies(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``H_t``, the entropy of the full next-token distribution (over the response
+        vocabulary) at each position of every response, 0 at the padding: ``[B, R, L]``."""
+        params = self.params if params is None else params
+        ids = self.input_ids.reshape(-1, self.input_ids.shape[-1])
+        logits = functional_call(self.model, dict(params), (ids,), {"use_cache": False}).logits
+        log_probs = torch.log_softmax(
+            logits[:, self.prompt_length - 1 : -1, : self.response_vocab], dim=-1
+        )
+        entropy = -(log_probs.exp() * log_probs).sum(-1) * self._live(ids)
+        return entropy.reshape(self.num_prompts, self.num_responses, -1)
+
+    def token_mean_entropy(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The token-mean entropy ``T = sum_p E_p[sum_t H_t] / sum_p E_p[n]`` (math.md §8): the
+        expected ratio trainers log as ``entropy``, a 0-dim tensor (differentiable)."""
+        probs = self.probabilities(params)
+        per_response = self.token_entropies(params).sum(-1)
+        return (probs * per_response).sum() / (probs @ self.lengths()).sum()
 
     def token_logprobs(
         self,

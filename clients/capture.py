@@ -253,6 +253,44 @@ def sequence_logprobs(
         )
 
 
+def response_entropy_sums(
+    logits: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``sum_t H_t`` over each sequence's response positions, ``H_t`` the entropy of the full
+    (tempered) next-token distribution that drew its token ``t``: ``[n]`` float32.
+
+    ``logits`` ``[n, L, V]``, ``response_mask`` ``[n, L]`` bool, as in
+    :func:`response_logprobs`.  Its mean over a batch's tokens is the entropy TRL logs, and
+    its expectation is the sequence entropy (math.md §8).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    scaled = logits[:, :-1].float()
+    logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    mask = response_mask[:, 1:]
+    return torch.where(mask, entropy, torch.zeros_like(entropy)).sum(dim=-1)
+
+
+def sequence_logprobs_and_entropy_sums(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    use_eval_mode: bool = True,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S_i, sum_t H_t)`` of every sequence from one forward without gradients: two ``[n]``
+    float32 tensors (``logprob_after`` and ``entropy_sum_after``, or ``entropy_sum``)."""
+    with torch.no_grad(), eval_mode(model, use_eval_mode):
+        logits = forward_logits(model, batch.input_ids, batch.attention_mask)
+        logprobs = response_logprobs(
+            logits, batch.input_ids, batch.response_mask, temperature=temperature
+        )
+        return logprobs, response_entropy_sums(logits, batch.response_mask, temperature)
+
+
 @dataclass
 class CapturedGradients:
     """Per-sequence score gradients.

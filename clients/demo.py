@@ -55,7 +55,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from clients.capture import SequenceBatch, capture_gradients, sequence_logprobs
+from clients.capture import (
+    SequenceBatch,
+    capture_gradients,
+    sequence_logprobs_and_entropy_sums,
+)
 from clients.filters import ParameterFilter
 from clients.geometry import AppliedUpdateCapture
 from clients.grpo import (
@@ -239,9 +243,12 @@ def _records(
     step_batch: GRPOBatch,
     logprobs: torch.Tensor,
     logprobs_after: torch.Tensor,
+    entropy_sums: torch.Tensor,
+    entropy_sums_after: torch.Tensor,
 ) -> tuple[list[dict[str, Any]], list[str], dict[str, list[int]]]:
     """Metadata rows for the update then the entropy responses, their ids, and the
-    response tokens by id (for the table)."""
+    response tokens by id (for the table).  ``entropy_sums`` (``_after``): each response's
+    ``sum_t H_t`` before (after) the step, for the token-mean entropy (math.md §8)."""
     records: list[dict[str, Any]] = []
     responses: dict[str, list[int]] = {}
     parts: list[tuple[str, ResponseBatch, torch.Tensor | None]] = [
@@ -263,6 +270,8 @@ def _records(
                     "num_tokens": int(tokens[j]),
                     "role": role,
                     "logprob_after": float(logprobs_after[row]),
+                    "entropy_sum": float(entropy_sums[row]),
+                    "entropy_sum_after": float(entropy_sums_after[row]),
                 }
             )
             responses[seq_id] = response.tolist()
@@ -476,12 +485,13 @@ def _train(
             before = (
                 {n: p.detach().clone() for n, p in model.named_parameters()} if observer else {}
             )
+            _, sums_before = sequence_logprobs_and_entropy_sums(model, batch)
             applied = AppliedUpdateCapture(model, covered)
             train_step(model, optimizer, step_batch, config.max_new_tokens, around_step=applied)
             client.push_applied_update(run_id, step, applied.update)
 
-            after = sequence_logprobs(model, batch)
-            records, _, responses = _records(step_batch, logprobs, after)
+            after, sums_after = sequence_logprobs_and_entropy_sums(model, batch)
+            records, _, responses = _records(step_batch, logprobs, after, sums_before, sums_after)
             client.push_sequences(
                 run_id, step, config.learning_rate, records, max_length=config.max_new_tokens
             )

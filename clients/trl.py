@@ -57,6 +57,7 @@ from clients.capture import (
     iter_captured_chunks,
     repack,
     sequence_logprobs,
+    sequence_logprobs_and_entropy_sums,
 )
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
@@ -316,6 +317,12 @@ class KernelscopeConfig:
         at a time.
     push_applied_update, push_logprob_after:
         push ``theta_after - theta_before`` and ``S'_i`` after each optimizer step.
+    push_entropy_sums:
+        push each sequence's ``sum_t H_t`` (the full next-token entropies at its positions,
+        tempered as TRL's) before the step (``entropy_sum``; one extra forward without
+        gradients per micro-batch) and, with ``push_logprob_after``, after it
+        (``entropy_sum_after``, from the same forward as ``S'_i``): the token-mean entropy TRL
+        logs as ``entropy`` is then predicted and its realized change measured (math.md §8).
     check_logprobs:
         on the first micro-batch, compare the captured ``S_i`` with TRL's own log-probs and
         warn (``RuntimeWarning``) when they differ (one extra forward).
@@ -340,6 +347,7 @@ class KernelscopeConfig:
     chunk_size: int = 8
     push_applied_update: bool = True
     push_logprob_after: bool = True
+    push_entropy_sums: bool = True
     check_logprobs: bool = True
     update_rows: bool | None = None
 
@@ -715,6 +723,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 logprobs = self._kernelscope_push_rows(window, micro)
                 for seq_id, value in zip(micro.ids, logprobs.tolist(), strict=True):
                     window.records[seq_id]["logprob"] = float(value)
+                if self.kernelscope.push_entropy_sums:
+                    _, sums = sequence_logprobs_and_entropy_sums(
+                        self._kernelscope_policy(), micro.batch, temperature=float(self.temperature)
+                    )
+                    for seq_id, value in zip(micro.ids, sums.tolist(), strict=True):
+                        window.records[seq_id]["entropy_sum"] = float(value)
         # Every rank applies the same (all-reduced) update: the main process pushes it.
         if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
             selected = self._kernelscope_selected()
@@ -848,14 +862,17 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         records = list(window.records.values())
         if self.kernelscope.push_logprob_after:
             policy = self._kernelscope_policy()
-            after: dict[str, float] = {}
+            after: dict[str, dict[str, float]] = {}
             for micro in window.micro:
                 with self.accelerator.autocast():
-                    values = sequence_logprobs(
+                    values, sums = sequence_logprobs_and_entropy_sums(
                         policy, micro.batch, temperature=float(self.temperature)
                     )
-                after.update({i: float(v) for i, v in zip(micro.ids, values.tolist(), strict=True)})
-            records = [{**r, "logprob_after": after[r["id"]]} for r in records]
+                for i, value, total in zip(micro.ids, values.tolist(), sums.tolist(), strict=True):
+                    after[i] = {"logprob_after": float(value)}
+                    if self.kernelscope.push_entropy_sums:
+                        after[i]["entropy_sum_after"] = float(total)
+            records = [{**r, **after[r["id"]]} for r in records]
         max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
         # Last, after this rank's rows: the step is ready once every rank has reported.
         ranks = int(self.accelerator.num_processes)

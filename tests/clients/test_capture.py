@@ -16,6 +16,7 @@ from clients.capture import (
     forward_logits,
     iter_captured_chunks,
     sequence_logprobs,
+    sequence_logprobs_and_entropy_sums,
 )
 from clients.filters import ParameterFilter
 from clients.http import Client
@@ -59,6 +60,29 @@ def test_exact_gradients_equal_autograd_of_each_sequence(
         assert captured.logprobs[i].item() == pytest.approx(s_ref, rel=1e-5, abs=1e-5)
         for name, g in g_ref.items():
             torch.testing.assert_close(captured.gradients[name][i], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_sums_are_the_response_positions_full_entropies(
+    model: nn.Module, batch: SequenceBatch, temperature: float
+) -> None:
+    """``entropy_sum`` is ``sum_t H_t`` over exactly the response positions, ``H_t`` the
+    entropy of the tempered distribution that drew token ``t`` (``torch.distributions``, one
+    sequence at a time, unpadded); the log-probs of the same forward are ``sequence_logprobs``."""
+    logprobs, sums = sequence_logprobs_and_entropy_sums(model, batch, temperature=temperature)
+    torch.testing.assert_close(logprobs, sequence_logprobs(model, batch, temperature=temperature))
+    for i in range(batch.size):
+        length = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i, :length]
+        with torch.no_grad():
+            logits = forward_logits(model, ids[None])[0].double() / temperature
+        expected = sum(
+            float(torch.distributions.Categorical(logits=logits[t - 1]).entropy())
+            for t in range(1, length)
+            if batch.response_mask[i, t]
+        )
+        assert sums[i].item() == pytest.approx(expected, rel=1e-5)
+        assert 0 < expected < float(batch.num_tokens[i]) * np.log(VOCAB) + 1e-9
 
 
 def test_logprob_is_response_tokens_only(model: nn.Module, batch: SequenceBatch) -> None:

@@ -1,0 +1,141 @@
+"""Exact per-token shares of a step's first-order entropy change (issue 16, math.md §9).
+
+For an update token ``(i, t)`` with coefficient ``c_{i,t}`` in the step (``c_{i,t} = -dL/d
+log pi(y_{i,t} | ...)``, math.md §4 "Update rows"; ``weight_i A_i`` for every token of a plain
+on-policy sequence), its share is
+
+    a_{i,t} = eta c_{i,t} <v, grad log pi(y_{i,t} | p, y_{i,<t})>,   v = grad_hat H,
+
+with ``grad_hat H = sum_j h_j w_j`` over the entropy-role sequences (math.md §3; or the
+token-mean coefficients of §8).  Summed over ``t`` they give the sequence's ``a_i`` of the
+``independent`` estimator, summed over everything ``dH1``.  Every share comes from one vector:
+``v`` is one backward pass of ``sum_j h_j S_j`` over the entropy batch (the ``h_j`` held
+constant), and the ``<v, grad log pi(y_{i,t})>`` of every update token at once are one
+forward-mode pass (``torch.func.jvp``) of the update batch's token log-probs along ``v``.  No
+sketch is involved: the shares are exact, whatever sketch the run uses for its kernel.
+
+Why not a library: TRAK and LogIX attribute to training examples through sketched per-example
+gradients; a forward-mode directional derivative of every token's log-prob is one ``jvp`` here,
+and no library exposes it for a causal LM batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from clients.capture import SequenceBatch, eval_mode, forward_logits, logits_of, response_logprobs
+
+
+def entropy_gradient(
+    model: nn.Module,
+    entropy: SequenceBatch,
+    h: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    use_eval_mode: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``v = grad_hat H = sum_j h_j dS_j/dtheta`` (math.md §3): one backward pass.
+
+    ``entropy``: the entropy-role sequences; ``h``: ``[m]`` float, their coefficients ``h_j``
+    (constants).  Returns ``{name: tensor like the parameter}`` float32 over the trainable
+    parameters (zeros where ``S`` does not depend on one).
+    """
+    if h.shape != (entropy.size,):
+        raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with eval_mode(model, use_eval_mode):
+        logits = forward_logits(model, entropy.input_ids, entropy.attention_mask)
+        logprobs = response_logprobs(
+            logits, entropy.input_ids, entropy.response_mask, temperature=temperature
+        )
+        total = (h.to(logprobs.device, logprobs.dtype) * logprobs).sum()
+        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    return {
+        name: (torch.zeros_like(p) if g is None else g.detach()).float()
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def token_directional_derivatives(
+    model: nn.Module,
+    batch: SequenceBatch,
+    v: Mapping[str, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    use_eval_mode: bool = True,
+) -> torch.Tensor:
+    """``<v, grad log pi(y_{i,t} | ...)>`` of every response token of ``batch``: ``[n, L]``
+    float32, laid out like ``batch.input_ids`` (0 off the response positions).  One
+    forward-mode pass along ``v`` (parameters missing from ``v`` are held fixed)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    missing = set(v) - set(params)
+    if missing:
+        raise ValueError(f"v names parameters the model does not have: {sorted(missing)[:3]}")
+    moving = {n: params[n] for n in v}
+    fixed = {n: p for n, p in params.items() if n not in v}
+    tangents = {n: v[n].to(params[n].dtype) for n in v}
+    # Backward never differentiates an embedding's padding row (torch zeroes its gradient), so
+    # no score gradient, kernel or step moves it: hold it fixed here too.
+    for module_name, module in model.named_modules():
+        name = f"{module_name}.weight" if module_name else "weight"
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and name in tangents:
+            tangents[name] = tangents[name].clone()
+            tangents[name][module.padding_idx] = 0
+    kwargs = {"attention_mask": batch.attention_mask}
+    if hasattr(model, "config"):
+        kwargs["use_cache"] = False  # type: ignore[assignment]
+
+    def token_logprobs(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        output = functional_call(model, {**fixed, **values}, (batch.input_ids,), kwargs)
+        scaled = logits_of(output)[:, :-1].float()
+        logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, -1)
+        return logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+    # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
+    # the math kernel computes the same attention and has one.
+    with torch.no_grad(), eval_mode(model, use_eval_mode), sdpa_kernel(SDPBackend.MATH):
+        _, derivative = jvp(token_logprobs, (moving,), (tangents,))
+    mask = batch.response_mask[:, 1:]
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=derivative.device)
+    out[:, 1:] = torch.where(
+        mask, derivative.float(), torch.zeros_like(derivative, dtype=torch.float32)
+    )
+    return out
+
+
+def token_shares(
+    model: nn.Module,
+    update: SequenceBatch,
+    coefficients: torch.Tensor,
+    entropy: SequenceBatch,
+    h: torch.Tensor,
+    learning_rate: float,
+    *,
+    temperature: float = 1.0,
+    use_eval_mode: bool = True,
+) -> torch.Tensor:
+    """``a_{i,t} = eta c_{i,t} <grad_hat H, grad log pi(y_{i,t} | ...)>`` of every update
+    token: ``[n, L]`` float32 laid out like ``update.input_ids`` (0 off the response).
+
+    ``coefficients``: ``[n, L]`` the tokens' ``c_{i,t}`` in the same layout (for a plain
+    on-policy step ``weight_i A_i`` on every response token); ``entropy``, ``h``: the
+    entropy-role sequences and their coefficients (:func:`entropy_gradient`).  With ``h`` from
+    the ``independent`` estimator, ``shares.sum(1)`` are the ``a_i`` and ``shares.sum()`` is
+    ``dH1``, exactly.
+    """
+    if coefficients.shape != update.input_ids.shape:
+        raise ValueError("coefficients must be laid out like the update batch's input_ids")
+    v = entropy_gradient(model, entropy, h, temperature=temperature, use_eval_mode=use_eval_mode)
+    derivative = token_directional_derivatives(
+        model, update, v, temperature=temperature, use_eval_mode=use_eval_mode
+    )
+    c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
+    return float(learning_rate) * c.to(derivative.device) * derivative
+
+
+__all__ = ["entropy_gradient", "token_directional_derivatives", "token_shares"]

@@ -1,0 +1,100 @@
+"""Exact per-token shares of dH1 (clients/token_shares.py) against autograd and the kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from clients.capture import SequenceBatch, capture_gradients, forward_logits, sequence_logprobs
+from clients.token_shares import entropy_gradient, token_directional_derivatives, token_shares
+from sketch.entropy import entropy_change, entropy_coefficients
+from sketch.sequences import Role, StepSequences
+from tests.clients.conftest import make_batch
+
+ETA = 0.3
+
+
+def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    """``<v, grad log pi(y_{i,t})>`` from the one forward-mode pass equals, token by token, the
+    autograd gradient of that token's log-prob (each sequence alone, unpadded) dotted with v;
+    0 off the response positions."""
+    gen = torch.Generator().manual_seed(3)
+    v = {
+        n: torch.randn(p.shape, generator=gen)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    derivative = token_directional_derivatives(model, batch, v, temperature=0.8)
+    model.eval()
+    params = [p for n, p in model.named_parameters() if n in v]
+    names = [n for n, _ in model.named_parameters() if n in v]
+    for i in range(batch.size):
+        length = int(batch.attention_mask[i].sum())
+        ids = batch.input_ids[i, :length]
+        logits = forward_logits(model, ids[None])[0] / 0.8
+        for t in range(batch.input_ids.shape[1]):
+            if t >= length or not batch.response_mask[i, t]:
+                assert derivative[i, t] == 0.0
+                continue
+            token = torch.log_softmax(logits[t - 1], -1)[ids[t]]
+            grads = torch.autograd.grad(token, params, retain_graph=True, allow_unused=True)
+            expected = sum(
+                float((g * v[n]).sum()) for n, g in zip(names, grads, strict=True) if g is not None
+            )
+            assert float(derivative[i, t]) == pytest.approx(expected, rel=2e-4, abs=1e-5)
+
+
+def _step(update: SequenceBatch, entropy: SequenceBatch, model: nn.Module) -> StepSequences:
+    """Update rows (2 prompts, advantages +-1, unit weights) then entropy-role rows."""
+    s_update = sequence_logprobs(model, update).double().numpy()
+    s_entropy = sequence_logprobs(model, entropy).double().numpy()
+    n, m = update.size, entropy.size
+    return StepSequences(
+        ids=[f"u{i}" for i in range(n)] + [f"e{j}" for j in range(m)],
+        prompt_ids=[f"p{i % 2}" for i in range(n)] + [f"p{j % 2}" for j in range(m)],
+        logprob=np.concatenate([s_update, s_entropy]),
+        advantage=np.concatenate([(-1.0) ** np.arange(n), np.zeros(m)]),
+        num_tokens=np.concatenate([update.num_tokens.numpy(), entropy.num_tokens.numpy()]),
+        role=[Role.UPDATE] * n + [Role.ENTROPY] * m,
+        weight=np.concatenate([np.full(n, 0.25), np.full(m, np.nan)]),
+    )
+
+
+def test_shares_add_up_to_each_a_i_and_to_the_kernels_dh1(model: nn.Module) -> None:
+    """On a plain on-policy step (``c_{i,t} = weight_i A_i``), the token shares summed over
+    ``t`` are the ``a_i`` of the ``independent`` estimator computed from the exact kernel of
+    the captured score gradients, and their total is its ``delta_h1``, to float precision."""
+    update, entropy = make_batch(seed=1, n=6), make_batch(seed=2, n=4)
+    seqs = _step(update, entropy, model)
+    h = entropy_coefficients(seqs, seqs.entropy_mask)[update.size :]
+    c = torch.from_numpy(seqs.advantage[: update.size] * 0.25).float()
+    coefficients = c[:, None].expand_as(update.input_ids).clone()
+    shares = token_shares(model, update, coefficients, entropy, torch.from_numpy(h).float(), ETA)
+    assert not shares[~update.response_mask].any()
+
+    rows = []
+    for b in (update, entropy):
+        captured = capture_gradients(model, b, chunk_size=b.size)
+        rows.append(
+            torch.cat([g.reshape(b.size, -1) for g in captured.gradients.values()], 1).double()
+        )
+    W = torch.cat(rows).numpy()
+    result = entropy_change(W @ W.T, seqs, ETA, estimator="independent")
+    a = np.array([s.a for s in result.per_sequence[: update.size]])
+    np.testing.assert_allclose(shares.sum(1).double().numpy(), a, rtol=1e-4, atol=1e-7)
+    assert float(shares.sum()) == pytest.approx(result.delta_h1, rel=1e-4)
+
+
+def test_entropy_gradient_is_the_weighted_sum_of_score_gradients(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    """``v = sum_j h_j w_j`` with the captured per-sequence ``w_j``."""
+    h = torch.linspace(-1.0, 1.0, batch.size)
+    v = entropy_gradient(model, batch, h)
+    captured = capture_gradients(model, batch, chunk_size=batch.size)
+    for name, g in captured.gradients.items():
+        torch.testing.assert_close(v[name], torch.einsum("n,n...->...", h, g), rtol=1e-4, atol=1e-6)

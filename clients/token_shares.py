@@ -99,7 +99,7 @@ def token_directional_derivatives(
     # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
     # the math kernel computes the same attention and has one.
     with torch.no_grad(), eval_mode(model, use_eval_mode), sdpa_kernel(SDPBackend.MATH):
-        _, derivative = jvp(token_logprobs, (moving,), (tangents,))
+        derivative = jvp(token_logprobs, (moving,), (tangents,))[1]
     mask = batch.response_mask[:, 1:]
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=derivative.device)
     out[:, 1:] = torch.where(

@@ -154,6 +154,13 @@ def report(
             show_default=False,
         ),
     ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Which entropy: sequence (nats per response) or token_mean (nats per token, "
+            "what TRL and verl log as entropy; needs the trainer's entropy sums).",
+        ),
+    ] = "sequence",
     top: Annotated[
         int, typer.Option(min=1, help="Sequences in the 'driving entropy down' table.")
     ] = 10,
@@ -181,19 +188,22 @@ def report(
         kernelscope report grpo-demo
 
         kernelscope report grpo-demo 12 --estimator plugin --top 20
+
+        kernelscope report grpo-demo --target token_mean
     """
     from clients.report import run_history, step_report
 
     try:
         with _client(url, token, wait) as client:
             if step is None:
-                tables = run_history(client, run)
+                tables = run_history(client, run, target=target)
             else:
                 tables = step_report(
                     client,
                     run,
                     step,
                     estimator=estimator,
+                    target=target,
                     role=role,
                     top=top,
                     head=head,

@@ -638,18 +638,27 @@ class Endpoints:
 
     @endpoint
     def entropy(
-        self, run_id: str, step: int, *, estimator: str | None = None, wait: float | None = None
+        self,
+        run_id: str,
+        step: int,
+        *,
+        estimator: str | None = None,
+        target: str | None = None,
+        wait: float | None = None,
     ) -> Flow[EntropyReport]:
-        """``GET .../entropy``: ``dH1`` and everything math.md §4 reports with it."""
-        params = _analysis_params(None, wait, estimator=estimator)
+        """``GET .../entropy``: ``dH1`` and everything math.md §4 reports with it;
+        ``target="token_mean"``: about the token-mean entropy trainers log (math.md §8)."""
+        params = _analysis_params(None, wait, estimator=estimator, target=target)
         data = yield from self._json("GET", _step_path(run_id, step, "/entropy"), params=params)
         return EntropyReport.from_json(data)
 
     @endpoint
-    def history(self, run_id: str) -> Flow[EntropyHistory]:
-        """``GET /v1/runs/{run_id}/entropy``: predicted and realized change per step."""
+    def history(self, run_id: str, *, target: str | None = None) -> Flow[EntropyHistory]:
+        """``GET /v1/runs/{run_id}/entropy``: predicted and realized change per step (of the
+        token-mean entropy with ``target="token_mean"``)."""
+        params = {} if target is None else {"target": target}
         return EntropyHistory.from_json(
-            (yield from self._json("GET", f"/v1/runs/{run_id}/entropy"))
+            (yield from self._json("GET", f"/v1/runs/{run_id}/entropy", params=params))
         )
 
 

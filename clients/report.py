@@ -126,8 +126,9 @@ def run_list(client: Client) -> list[RenderableType]:
 
 def history_table(run_id: str, history: EntropyHistory) -> Table:
     """``GET /v1/runs/{run_id}/entropy``: predicted vs realized entropy change per step."""
+    unit = "nats per token" if history.steps and history.steps[0].target == "token_mean" else "nats"
     table = Table(
-        title=f"run {run_id}: entropy change per step (nats)",
+        title=f"run {run_id}: entropy change per step ({unit})",
         title_justify="left",
         header_style="bold",
     )
@@ -237,6 +238,7 @@ def entropy_table(entropy: Mapping[str, Any]) -> Table:
         "regime": taylor.get("regime"),
     }
     rows: list[tuple[str, Any, str]] = [
+        ("target", entropy.get("target"), "sequence (nats) / token_mean (nats per token)"),
         ("estimator", entropy.get("estimator"), "independent / u_statistic / plugin"),
         ("update rows", entropy.get("num_update"), "sequences driving the step (U)"),
         ("entropy rows", entropy.get("num_entropy"), "sequences estimating grad H (E)"),
@@ -436,6 +438,7 @@ def step_report(
     step: int,
     *,
     estimator: str | None = None,
+    target: str = "sequence",
     role: str | None = None,
     top: int = DEFAULT_TOP_SEQUENCES,
     head: int = DEFAULT_SPECTRUM_HEAD,
@@ -444,7 +447,8 @@ def step_report(
     """Every table of ``kernelscope report RUN STEP``, in print order.
 
     A step that is not ``ready`` gives only its status table (analysis would answer 409).
-    ``estimator`` / ``role`` are passed to the API (its defaults when None); ``wait_s`` is the
+    ``estimator`` / ``role`` are passed to the API (its defaults when None), and ``target``
+    (``sequence`` or ``token_mean``, math.md §8); ``wait_s`` is the
     API's ``?wait=`` for a step whose uploads are still being sketched.
     """
     if wait_s:
@@ -455,7 +459,7 @@ def step_report(
     out: list[RenderableType] = [step_status_table(status)]
     if status.get("state") != "ready":
         return out
-    entropy = client.entropy(run_id, step, estimator=estimator).raw
+    entropy = client.entropy(run_id, step, estimator=estimator, target=target).raw
     out.append(entropy_table(entropy))
     decomposition = entropy.get("decomposition")
     if isinstance(decomposition, Mapping):
@@ -468,6 +472,6 @@ def step_report(
     return out
 
 
-def run_history(client: Client, run_id: str) -> list[RenderableType]:
-    """``kernelscope report RUN``: the run's entropy history table."""
-    return [history_table(run_id, client.history(run_id))]
+def run_history(client: Client, run_id: str, target: str = "sequence") -> list[RenderableType]:
+    """``kernelscope report RUN``: the run's entropy history table (of ``target``)."""
+    return [history_table(run_id, client.history(run_id, target=target))]

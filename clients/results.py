@@ -237,6 +237,7 @@ class EntropyReport(_Answer):
     ratio: float | None
     ratio_interval: dict[str, Any] | None
     taylor: dict[str, Any] | None
+    target: Literal["sequence", "token_mean"]
 
     @property
     def realized_delta(self) -> float | None:
@@ -249,13 +250,14 @@ class HistoryRow(_Answer):
     (the fields of ``RunEntropyRow`` in docs/api.md)."""
 
     step: int
+    target: Literal["sequence", "token_mean"]
     delta_h1: float
     se_sampling: float
     se_sketch: float
     estimator: str
     realized: float | None
     realized_se: float | None
-    realized_source: Literal["logprob_after", "posted", "given"] | None
+    realized_source: Literal["logprob_after", "entropy_sum", "posted", "given"] | None
     realized_snis: float | None
     ratio: float | None
     ratio_low: float | None

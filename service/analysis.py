@@ -68,11 +68,12 @@ from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
 from sketch.spec import sketcher_for
 from sketch.spectrum import Spectrum, spectrum
+from sketch.token_mean import Target
 
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
 #: of an older revision are recomputed instead of served (their data version alone would not
 #: change across an upgrade).
-ANALYSIS_REVISION = 4
+ANALYSIS_REVISION = 5
 SPECTRUM_HEAD = 8
 
 
@@ -451,41 +452,48 @@ async def step_answer(
     return await cached_result(q, query, compute, encode)
 
 
-async def step_entropy(q: StepQuery, estimator: Estimator | None) -> bytes:
-    """The step's ``EntropyOut`` JSON (math.md §4), cached per data version.
+async def step_entropy(
+    q: StepQuery, estimator: Estimator | None, target: Target = Target.SEQUENCE
+) -> bytes:
+    """The step's ``EntropyOut`` JSON (math.md §4; §8 for the token mean), cached per data
+    version.
 
     With the default estimator a fresh answer also writes the step's row of the run's
-    entropy history (:func:`run_history`), built from the same answer.
+    entropy history of that target (:func:`run_history`), built from the same answer.
     """
     await ready_step(q)
 
     async def keep_history_row(m: StepMatrix, entropy: EntropyOut) -> None:
         # the row needs the update kernel's eigenvalues: CPU work, off the event loop
         row = await run_in_threadpool(history_row, m, q.step, entropy)
-        await q.store.put_summary(q.run_id, q.step, row)
+        await q.store.put_summary(q.run_id, q.step, row, target.value)
 
+    sketcher = sketcher_for(q.run["sketch"], q.run.get("parameters"))
     return await cached_result(
         q,
-        f"entropy|{None if estimator is None else estimator.value}|r{ANALYSIS_REVISION}",
-        lambda m: entropy_answer(
-            m, q.run, sketcher_for(q.run["sketch"], q.run.get("parameters")), estimator
-        ),
+        f"entropy|{None if estimator is None else estimator.value}|{target.value}"
+        f"|r{ANALYSIS_REVISION}",
+        lambda m: entropy_answer(m, q.run, sketcher, estimator, target),
         lambda answer: answer.model_dump_json().encode(),
         after=keep_history_row if estimator is None else None,
     )
 
 
 async def run_history(
-    store: Store, settings: Settings, draining: threading.Event, run: Mapping[str, Any]
+    store: Store,
+    settings: Settings,
+    draining: threading.Event,
+    run: Mapping[str, Any],
+    target: Target = Target.SEQUENCE,
 ) -> RunEntropyOut:
-    """One row per analysed step: the steps' default-estimator entropy analyses.
+    """One row per analysed step: the steps' default-estimator entropy analyses of ``target``.
 
     A ready step without a row, or whose data changed since its row was written, is analysed
     now, so the history never depends on which steps someone happened to query.  Steps that
     cannot be analysed (pending, failed, incomplete, too large) keep their last row, if any.
     """
     run_id = str(run["run_id"])
-    rows = await store.summaries(run_id)
+    rows = await store.summaries(run_id, target.value)
     for step in await store.list_steps(run_id):
         row = rows.get(step)
         if (
@@ -496,8 +504,8 @@ async def run_history(
             continue
         unanalysable = (StepNotReadyError, StepIncompleteError, TooLargeError, CannotAnalyseError)
         with contextlib.suppress(*unanalysable):
-            await step_entropy(StepQuery(store, settings, draining, run, step), None)
-    rows = await store.summaries(run_id)
+            await step_entropy(StepQuery(store, settings, draining, run, step), None, target)
+    rows = await store.summaries(run_id, target.value)
     return RunEntropyOut(
         run_id=run_id,
         steps=[RunEntropyRow.model_validate({"step": s, **rows[s]}) for s in sorted(rows)],
@@ -563,9 +571,13 @@ def blocks_answer(m: StepMatrix, role: str) -> BlocksOut:
 
 
 def entropy_answer(
-    m: StepMatrix, run: Mapping[str, Any], sketcher: Sketcher, estimator: Estimator | None
+    m: StepMatrix,
+    run: Mapping[str, Any],
+    sketcher: Sketcher,
+    estimator: Estimator | None,
+    target: Target = Target.SEQUENCE,
 ) -> EntropyOut:
-    """``sketch.entropy.entropy_change`` on the step (math.md §4)."""
+    """``sketch.entropy.entropy_change`` on the step (math.md §4; §8 for the token mean)."""
     _, K = m.kernel("all")
     group_kernels: dict[str, Any] | None = None
     update = None
@@ -596,6 +608,7 @@ def entropy_answer(
         entropy_before=m.entropy_before,
         entropy_after=m.entropy_after,
         sketch_cells=kronecker_cells(m, c, sketcher),
+        target=target,
     )
     return EntropyOut.from_change(result)
 

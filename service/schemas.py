@@ -23,13 +23,14 @@ from sketch.realized import RealizedEstimator
 from sketch.sequences import Geometry, Normalization, Role
 from sketch.spectrum import Spectrum
 from sketch.taylor import Regime
+from sketch.token_mean import Target
 
 if TYPE_CHECKING:
     from service.store import StepCounts
 
 RoleQuery = Literal["update", "entropy", "all"]
 StepState = Literal["pending", "ready", "failed"]
-RealizedSource = Literal["logprob_after", "posted", "given"]
+RealizedSource = Literal["logprob_after", "entropy_sum", "posted", "given"]
 
 
 class GroupIn(BaseModel):
@@ -144,6 +145,15 @@ class SequenceIn(BaseModel):
     role: Role = Role.UPDATE
     weight: float | None = None
     logprob_after: float | None = None
+    entropy_sum: float | None = Field(
+        default=None,
+        ge=0,
+        description="sum over the response's positions of the full next-token entropy H_t "
+        "before the step (math.md §8): the token-mean entropy trainers log",
+    )
+    entropy_sum_after: float | None = Field(
+        default=None, ge=0, description="the same sum after the step, at the same tokens"
+    )
 
     @field_validator("id")
     @classmethod
@@ -536,6 +546,11 @@ class EntropyOut(_FromSketch):
     ratio: float | None = None
     ratio_interval: RatioIntervalOut | None = None
     taylor: TaylorOut | None = None
+    target: Target = Field(
+        default=Target.SEQUENCE,
+        description="sequence: H, nats per response (math.md §3); token_mean: T, nats per "
+        "token, the entropy trainers log (§8)",
+    )
 
     @classmethod
     def from_change(cls, change: EntropyChange) -> EntropyOut:
@@ -546,6 +561,7 @@ class RunEntropyRow(BaseModel):
     """One step of ``GET /v1/runs/{run_id}/entropy`` (math.md §4 and §6)."""
 
     step: int
+    target: Target = Target.SEQUENCE
     delta_h1: float
     se_sampling: float
     se_sketch: float
@@ -589,6 +605,7 @@ class RunEntropyRow(BaseModel):
         realized, interval, taylor = entropy.realized, entropy.ratio_interval, entropy.taylor
         return cls(
             step=step,
+            target=entropy.target,
             delta_h1=entropy.delta_h1,
             estimator=entropy.estimator,
             se_sampling=entropy.se_sampling,

@@ -69,6 +69,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _summary_field(step: int, target: str) -> str:
+    """The summary hash's field of a step: the step for the sequence entropy (the history's
+    original layout), ``step:target`` for another target."""
+    return str(step) if target == "sequence" else f"{step}:{target}"
+
+
 def _dumps(value: Any) -> bytes:
     """Compact JSON bytes.  Key order is kept: the declared ``parameters`` order is the column
     layout of the ``exact`` kind."""
@@ -451,14 +457,23 @@ class Store:
         return cast(bytes, stored)
 
     # --------------------------------------------------------------- summary
-    async def put_summary(self, run_id: str, step: int, summary: Mapping[str, Any]) -> None:
-        """Keep the step's entropy summary (no TTL: the run's history)."""
-        await self.redis.hset(self.keys.summary(run_id), str(step), _dumps(dict(summary)))
+    async def put_summary(
+        self, run_id: str, step: int, summary: Mapping[str, Any], target: str = "sequence"
+    ) -> None:
+        """Keep the step's entropy summary of ``target`` (no TTL: the run's history)."""
+        await self.redis.hset(
+            self.keys.summary(run_id), _summary_field(step, target), _dumps(dict(summary))
+        )
 
-    async def summaries(self, run_id: str) -> dict[int, dict[str, Any]]:
-        """Every stored step summary of the run."""
+    async def summaries(self, run_id: str, target: str = "sequence") -> dict[int, dict[str, Any]]:
+        """Every stored step summary of the run for ``target``."""
         raw = await self.redis.hgetall(self.keys.summary(run_id))
-        return {int(s): json.loads(v) for s, v in raw.items()}
+        out: dict[int, dict[str, Any]] = {}
+        for name, value in raw.items():
+            step, _, of = _text(name).partition(":")
+            if (of or "sequence") == target:
+                out[int(step)] = json.loads(value)
+        return out
 
     # --------------------------------------------------------------- uploads
     async def add_upload(

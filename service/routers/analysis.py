@@ -25,8 +25,17 @@ from service.schemas import (
     SpectrumOut,
 )
 from sketch.entropy import Estimator
+from sketch.token_mean import Target
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["analysis"])
+
+TargetQuery = Annotated[
+    Target,
+    Query(
+        description="sequence: the sequence entropy (nats per response, math.md §3); "
+        "token_mean: the token-mean entropy trainers log (nats per token, math.md §8)"
+    ),
+]
 
 Wait = Annotated[
     float,
@@ -130,17 +139,22 @@ async def kernel_blocks(q: StepQ, role: RoleQ = "update") -> Response:
 async def step_entropy(
     q: StepQ,
     estimator: Annotated[Estimator | None, Query(description="default: see math.md §4")] = None,
+    target: TargetQuery = Target.SEQUENCE,
 ) -> Response:
     """First-order entropy change ``dH1`` with decomposition and error bars (math.md §4).
 
     A query with the default estimator also records the step's row of
-    ``GET /v1/runs/{run_id}/entropy``."""
-    return Response(content=await an.step_entropy(q, estimator), media_type=JSON)
+    ``GET /v1/runs/{run_id}/entropy`` (of the same target)."""
+    return Response(content=await an.step_entropy(q, estimator, target), media_type=JSON)
 
 
 @router.get("/entropy", response_model=RunEntropyOut)
 async def run_entropy(
-    run: RunDep, store: StoreDep, settings: SettingsDep, draining: DrainingDep
+    run: RunDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    draining: DrainingDep,
+    target: TargetQuery = Target.SEQUENCE,
 ) -> RunEntropyOut:
     """One row per analysed step: predicted ``delta_h1``, realized change, ratio, error bars.
 
@@ -148,4 +162,4 @@ async def run_entropy(
     without a row, or whose data changed since its row was written, is analysed now, so the
     history never depends on which steps someone happened to query.  Steps that cannot be
     analysed (pending, failed, incomplete) keep their last row, if any."""
-    return await an.run_history(store, settings, draining, run)
+    return await an.run_history(store, settings, draining, run, target)

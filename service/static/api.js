@@ -53,7 +53,7 @@
  * @property {string} estimator
  * @property {number | null} realized
  * @property {number | null} realized_se
- * @property {"logprob_after" | "posted" | "given" | null} realized_source
+ * @property {"logprob_after" | "entropy_sum" | "posted" | "given" | null} realized_source
  * @property {number | null} realized_snis
  * @property {number | null} ratio
  * @property {number | null} ratio_low

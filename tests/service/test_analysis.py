@@ -370,3 +370,58 @@ def test_update_rows_drive_the_prediction(
     conflict = client.get("/v1/runs/u/steps/0/entropy")
     assert conflict.status_code == 409
     assert conflict.json()["update_rows_without_update_role"] == [data.ids[-1]]
+
+
+def test_token_mean_target_and_its_history(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    """``?target=token_mean`` answers ``sketch.entropy`` with ``target = token_mean`` on the
+    stored sequences, their ``entropy_sum`` / ``entropy_sum_after`` included (math.md §8); the
+    run history keeps one row per step and target; negative entropy sums are refused with
+    nothing stored."""
+    data = step_data
+    run = post(client, "/v1/runs", json={"run_id": "t", "sketch": {"kind": "gaussian", "dim": 32}})
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
+    seqs = [dict(s) for s in data.sequences]
+    for i, s in enumerate(seqs):
+        s["role"] = "entropy" if s["prompt_id"] == "p1" else "update"
+        s["logprob_after"] = s["logprob"] + 0.02 * (i % 3 - 1)
+        s["entropy_sum"] = 1.5 + 0.1 * i
+        s["entropy_sum_after"] = 1.4 + 0.12 * i
+    bad = [dict(s) for s in seqs]
+    bad[0]["entropy_sum"] = -1.0
+    r = client.post("/v1/runs/t/steps/0/sequences", json={"learning_rate": 0.05, "sequences": bad})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert client.get("/v1/runs/t/steps/0").status_code == 404
+    post(client, "/v1/runs/t/steps/0/sequences", json={"learning_rate": 0.05, "sequences": seqs})
+    post(
+        client,
+        "/v1/runs/t/steps/0/gradients",
+        content=safetensors_body(data.grads, data.ids),
+        headers=OCTET,
+    )
+    assert drain(settings).processed == 1
+
+    Y = sketcher.sketch(data.grads).double().numpy()
+    stored = StepSequences.from_records(seqs)
+    for target in ("sequence", "token_mean"):
+        got = client.get("/v1/runs/t/steps/0/entropy", params={"target": target}).json()
+        want = entropy_change(
+            kernel_from_rows(Y),
+            stored,
+            0.05,
+            sketch_variance_factor=sketcher.variance_factor(),
+            target=target,
+        )
+        assert got["target"] == target
+        for field in ("delta_h1", "se_sampling", "se_sketch", "ratio"):
+            assert got[field] == pytest.approx(getattr(want, field), rel=1e-5), (target, field)
+        assert want.realized is not None
+        assert got["realized"]["source"] == want.realized.source == "entropy_sum"
+        assert got["realized"]["delta_h"] == pytest.approx(want.realized.delta_h, rel=1e-9)
+    token = client.get("/v1/runs/t/entropy", params={"target": "token_mean"}).json()
+    sequence = client.get("/v1/runs/t/entropy").json()
+    assert [row["target"] for row in token["steps"]] == ["token_mean"]
+    assert [row["target"] for row in sequence["steps"]] == ["sequence"]
+    assert token["steps"][0]["delta_h1"] != pytest.approx(sequence["steps"][0]["delta_h1"])
+    assert client.get("/v1/runs/t/entropy", params={"target": "tokens"}).status_code == 422

@@ -136,9 +136,15 @@ def _push_step(api: httpx.Client, data: StepData) -> None:
         "parameters": data.parameters,
     }
     assert api.post("/v1/runs", json=run).status_code == 201
-    # logprob_after gives the realized change and the second-order term a value.
+    # logprob_after gives the realized change and the second-order term a value; the entropy
+    # sums the token-mean entropy's realized change.
     sequences = [
-        {**s, "logprob_after": s["logprob"] + 0.01 * (k % 3 - 1)}
+        {
+            **s,
+            "logprob_after": s["logprob"] + 0.01 * (k % 3 - 1),
+            "entropy_sum": 2.0 + 0.1 * k,
+            "entropy_sum_after": 1.9 + 0.1 * k,
+        }
         for k, s in enumerate(data.sequences)
     ]
     body = {"learning_rate": data.learning_rate, "sequences": sequences}
@@ -251,6 +257,27 @@ def test_report_history_after_analysis(live: Live) -> None:
     for key in ("se_sampling", "realized", "realized_se", "kl", "delta_h2"):
         assert format_number(row[key]) in line, key
     assert ratio_text(row) in line
+
+
+def test_report_token_mean_target(live: Live) -> None:
+    """``--target token_mean``: the step report and the history show the service's token-mean
+    numbers (math.md §8), labelled as such."""
+    entropy = live.api.get(
+        f"/v1/runs/{RUN_ID}/steps/{STEP}/entropy", params={"target": "token_mean"}
+    ).json()
+    assert entropy["target"] == "token_mean"
+    result = invoke(
+        "report", RUN_ID, str(STEP), "--target", "token_mean", "--url", live.url, "--token", TOKEN
+    )
+    assert result.exit_code == 0, result.output
+    assert format_number(entropy["delta_h1"]) in result.output
+    assert "token_mean" in result.output
+    history = invoke(
+        "report", RUN_ID, "--target", "token_mean", "--url", live.url, "--token", TOKEN
+    )
+    assert history.exit_code == 0, history.output
+    assert "nats per token" in history.output
+    assert format_number(entropy["delta_h1"]) in history.output
 
 
 def test_report_pending_step_shows_only_its_status(live: Live, step_data: StepData) -> None:

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.domain_errors import (
     CannotAnalyseError,
+    InvalidUploadError,
     NotFoundError,
     ShuttingDownError,
     StepIncompleteError,
@@ -43,15 +44,21 @@ from service.keys import APPLIED_UPDATE_ID
 from service.parts import decode_part
 from service.schemas import (
     BlocksOut,
+    CovarianceOut,
     DiagonalEntry,
     EntropyOut,
     RunEntropyOut,
     RunEntropyRow,
     SpectrumOut,
     StepStatus,
+    TokenSequenceTotal,
+    TokenShareOut,
+    TokensIn,
+    TokensOut,
+    TokensRecorded,
 )
 from service.settings import Settings
-from service.store import StepCounts, StepSnapshot, Store
+from service.store import StepCounts, StepSnapshot, Store, TokenMetaConflictError
 from sketch.base import Sketcher
 from sketch.blocks import block_statistics
 from sketch.entropy import (
@@ -68,6 +75,7 @@ from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
 from sketch.spec import sketcher_for
 from sketch.spectrum import Spectrum, spectrum
+from sketch.token_covariance import compare_covariance, covariance_scores
 from sketch.token_mean import Target
 
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
@@ -636,3 +644,166 @@ def history_row(m: StepMatrix, step: int, entropy: EntropyOut) -> dict[str, Any]
     row = RunEntropyRow.from_entropy(step, entropy, head)
     stored: dict[str, Any] = json.loads(row.model_dump_json())  # NaN -> null, enums -> values
     return {**stored, "version": m.version, "revision": ANALYSIS_REVISION}
+
+
+# --------------------------------------------------------------------------- token shares
+
+
+async def record_tokens(
+    store: Store, run: Mapping[str, Any], step: int, body: TokensIn
+) -> TokensRecorded:
+    """Store the exact token shares of update sequences of the step (math.md §9).
+
+    The step's sequences must be stored first (409 otherwise): the shares belong to
+    update-role sequences it knows (422 naming the others), and every push of a step names one
+    estimator, target and learning rate (409 otherwise)."""
+    run_id = str(run["run_id"])
+    known = await store.sequence_records(run_id, step)
+    if not known:
+        raise InvalidUploadError(
+            409, f"step {step} of run {run_id!r} has no sequences yet: push them first"
+        )
+    unknown = [s.id for s in body.sequences if s.id not in known]
+    not_update = [
+        s.id for s in body.sequences if s.id in known and known[s.id].get("role") != "update"
+    ]
+    if unknown or not_update:
+        raise InvalidUploadError(
+            422,
+            "token shares belong to update-role sequences of the step",
+            unknown_ids=unknown[:20],
+            not_update_ids=not_update[:20],
+        )
+    meta = {
+        "estimator": body.estimator.value,
+        "target": body.target.value,
+        "learning_rate": body.learning_rate,
+    }
+    records = {
+        s.id: s.model_dump(mode="json", include={"token_ids", "tokens", "logprobs", "shares"})
+        for s in body.sequences
+    }
+    try:
+        count = await store.put_tokens(run_id, step, meta, records)
+    except TokenMetaConflictError as exc:
+        raise InvalidUploadError(
+            409, f"the step holds token shares of another push: {exc.stored}", stored=exc.stored
+        ) from None
+    return TokensRecorded(run_id=run_id, step=step, upserted=len(records), sequences=count)
+
+
+async def step_tokens(
+    store: Store,
+    run: Mapping[str, Any],
+    step: int,
+    *,
+    top: int,
+    sequence: str | None,
+    kl_cov_ratio: float,
+    clip_cov_ratio: float,
+    clip_cov_lb: float,
+    clip_cov_ub: float,
+) -> TokensOut:
+    """The step's tokens that move the entropy, and Cui et al.'s covariance against them."""
+    run_id = str(run["run_id"])
+    meta, records = await store.tokens(run_id, step)
+    if meta is None:
+        raise NotFoundError(f"step {step} of run {run_id!r} has no token shares")
+    if sequence is not None and sequence not in records:
+        raise NotFoundError(f"sequence {sequence!r} of step {step} has no token shares")
+    known = await store.sequence_records(run_id, step)
+    return await run_in_threadpool(
+        tokens_answer,
+        run_id,
+        step,
+        meta,
+        records,
+        known,
+        top=top,
+        sequence=sequence,
+        kl_cov_ratio=kl_cov_ratio,
+        clip_cov_ratio=clip_cov_ratio,
+        clip_cov_lb=clip_cov_lb,
+        clip_cov_ub=clip_cov_ub,
+    )
+
+
+def tokens_answer(
+    run_id: str,
+    step: int,
+    meta: Mapping[str, Any],
+    records: Mapping[str, Mapping[str, Any]],
+    known: Mapping[str, Mapping[str, Any]],
+    *,
+    top: int,
+    sequence: str | None,
+    kl_cov_ratio: float,
+    clip_cov_ratio: float,
+    clip_cov_lb: float,
+    clip_cov_ub: float,
+) -> TokensOut:
+    """``TokensOut`` from the stored shares (sequences in id order, tokens in order)."""
+    ids = sorted(records)
+    owner = [sid for sid in ids for _ in records[sid]["shares"]]
+    position = [t for sid in ids for t in range(len(records[sid]["shares"]))]
+    token_ids = [tok for sid in ids for tok in records[sid]["token_ids"]]
+    texts = [
+        (records[sid]["tokens"] or [None] * len(records[sid]["shares"]))[t]
+        for sid, t in zip(owner, position, strict=True)
+    ]
+    share = np.array([v for sid in ids for v in records[sid]["shares"]], dtype=np.float64)
+    logprob = np.array([v for sid in ids for v in records[sid]["logprobs"]], dtype=np.float64)
+    # a sequence deleted from the step since keeps its shares but no advantage: 0
+    advantage = np.array([float(known.get(sid, {}).get("advantage", 0.0)) for sid in owner])
+    cov = covariance_scores(logprob, advantage)
+    comparison = compare_covariance(
+        share,
+        logprob,
+        advantage,
+        kl_cov_ratio=kl_cov_ratio,
+        clip_cov_ratio=clip_cov_ratio,
+        clip_cov_lb=clip_cov_lb,
+        clip_cov_ub=clip_cov_ub,
+    )
+
+    def token(i: int) -> TokenShareOut:
+        return TokenShareOut(
+            sequence_id=owner[i],
+            position=position[i],
+            token_id=token_ids[i],
+            token=texts[i],
+            share=float(share[i]),
+            cov_score=float(cov[i]),
+            logprob=float(logprob[i]),
+            advantage=float(advantage[i]),
+        )
+
+    order = np.argsort(share, kind="stable")
+    down = [token(int(i)) for i in order[:top] if share[i] < 0]
+    up = [token(int(i)) for i in order[::-1][:top] if share[i] > 0]
+    totals = [
+        TokenSequenceTotal(
+            id=sid,
+            prompt_id=str(known.get(sid, {}).get("prompt_id", "")),
+            num_tokens=len(records[sid]["shares"]),
+            total=float(sum(records[sid]["shares"])),
+        )
+        for sid in ids
+    ]
+    return TokensOut(
+        run_id=run_id,
+        step=step,
+        estimator=meta["estimator"],
+        target=meta["target"],
+        learning_rate=float(meta["learning_rate"]),
+        num_sequences=len(ids),
+        num_tokens=int(share.size),
+        total=float(share.sum()),
+        down=down,
+        up=up,
+        sequences=totals,
+        sequence=None
+        if sequence is None
+        else [token(i) for i in range(share.size) if owner[i] == sequence],
+        covariance=CovarianceOut.from_comparison(comparison),
+    )

@@ -29,7 +29,7 @@ from service.errors import (
     install_request_id_logging,
 )
 from service.metrics import QueryLatencyMiddleware
-from service.routers import analysis, dashboard, health, metrics, runs, steps, uploads
+from service.routers import analysis, dashboard, health, metrics, runs, steps, tokens, uploads
 from service.settings import Settings
 from service.store import REDIS_DOWN, Store, connect
 from service.uploads import UploadBudget
@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     app.add_middleware(RequestGate, token=settings.token, max_json_bytes=settings.max_json_bytes)
     app.add_middleware(QueryLatencyMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    for module in (runs, steps, uploads, analysis, health, metrics, dashboard):
+    for module in (runs, steps, uploads, analysis, tokens, health, metrics, dashboard):
         app.include_router(module.router)
     install_problem_openapi(app)
     return app

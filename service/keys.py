@@ -164,3 +164,8 @@ class Keys:
 
     def cache(self, run_id: str, step: int) -> str:
         return f"{self.step_base(run_id, step)}:cache"
+
+    def tokens(self, run_id: str, step: int) -> str:
+        """The step's token shares: one field per update sequence, ``__meta__`` the push's
+        estimator, target and learning rate."""
+        return f"{self.step_base(run_id, step)}:tokens"

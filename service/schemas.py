@@ -9,6 +9,7 @@ NaN or Inf is sent as ``null`` (pydantic's JSON encoding).
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -23,6 +24,7 @@ from sketch.realized import RealizedEstimator
 from sketch.sequences import Geometry, Normalization, Role
 from sketch.spectrum import Spectrum
 from sketch.taylor import Regime
+from sketch.token_covariance import CovarianceComparison
 from sketch.token_mean import Target
 
 if TYPE_CHECKING:
@@ -161,6 +163,157 @@ class SequenceIn(BaseModel):
         if value == APPLIED_UPDATE_ID:
             raise ValueError(f"{APPLIED_UPDATE_ID!r} is reserved for the applied-update row")
         return value
+
+
+class TokenSequenceIn(BaseModel):
+    """One update sequence's tokens and their exact shares of ``dH1`` (math.md §9)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=ID_PATTERN, description="an update-role sequence of the step")
+    token_ids: list[int] = Field(min_length=1, description="its response tokens, in order")
+    tokens: list[str] | None = Field(
+        default=None, description="the decoded text of each token (optional)"
+    )
+    logprobs: list[float] = Field(description="log pi(y_t | p, y_<t) of each token")
+    shares: list[float] = Field(
+        description="a_{i,t} = eta c_{i,t} <grad_hat H, grad log pi(y_{i,t})>, each token's "
+        "exact part of the step's dH1"
+    )
+
+    @model_validator(mode="after")
+    def _aligned(self) -> TokenSequenceIn:
+        n = len(self.token_ids)
+        lengths = {len(self.logprobs), len(self.shares)}
+        if self.tokens is not None:
+            lengths.add(len(self.tokens))
+        if lengths != {n}:
+            raise ValueError(
+                f"sequence {self.id!r}: token_ids, logprobs, shares (and tokens) must have "
+                f"one length, got {sorted(lengths | {n})}"
+            )
+        values = self.logprobs + self.shares
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"sequence {self.id!r}: logprobs and shares must be finite")
+        return self
+
+
+class TokensIn(BaseModel):
+    """Body of ``POST /v1/runs/{run_id}/steps/{step}/tokens``: the exact token shares of
+    update sequences (upsert by id; every push of a step names the same estimator, target and
+    learning rate)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "estimator": "independent",
+                    "target": "sequence",
+                    "learning_rate": 1e-6,
+                    "sequences": [
+                        {
+                            "id": "p0-r0",
+                            "token_ids": [318, 257],
+                            "tokens": [" is", " a"],
+                            "logprobs": [-0.7, -2.3],
+                            "shares": [-1.2e-4, 3.1e-5],
+                        }
+                    ],
+                }
+            ]
+        },
+    )
+    estimator: Estimator = Field(
+        default=Estimator.INDEPENDENT,
+        description="the estimator whose grad_hat H gave the shares (independent: exact)",
+    )
+    target: Target = Target.SEQUENCE
+    learning_rate: float = Field(description="eta of the shares")
+    sequences: list[TokenSequenceIn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> TokensIn:
+        if not math.isfinite(self.learning_rate):
+            raise ValueError("learning_rate must be finite")
+        ids = [s.id for s in self.sequences]
+        if len(set(ids)) != len(ids):
+            raise ValueError("sequence ids must be unique within a push")
+        return self
+
+
+class TokensRecorded(BaseModel):
+    """Answer of ``POST .../tokens``."""
+
+    run_id: str
+    step: int
+    upserted: int = Field(description="sequences in this push")
+    sequences: int = Field(description="sequences of the step with token shares now")
+
+
+class TokenShareOut(BaseModel):
+    """One token: its exact share of ``dH1`` and its Cui et al. covariance score."""
+
+    sequence_id: str
+    position: int = Field(description="its index among the sequence's response tokens")
+    token_id: int
+    token: str | None
+    share: float
+    cov_score: float = Field(description="(A - mean A)(log pi - mean log pi) over the step")
+    logprob: float
+    advantage: float
+
+
+class TokenSequenceTotal(BaseModel):
+    """A sequence's tokens summed: its ``a_i``."""
+
+    id: str
+    prompt_id: str
+    num_tokens: int
+    total: float
+
+
+class CovarianceOut(BaseModel):
+    """Cui et al.'s token covariance held against the exact shares (math.md §9)."""
+
+    num_tokens: int
+    kl_cov_ratio: float
+    k: int = Field(description="KL-Cov's selection, max(1, int(num_tokens * kl_cov_ratio))")
+    precision_at_k: float = Field(
+        description="fraction of KL-Cov's k tokens among the k that push entropy down most"
+    )
+    spearman: float | None = Field(description="rank correlation of cov_score with -share")
+    selected_sum: float
+    selected_share: float | None = Field(description="part of dH1 KL-Cov's tokens carry")
+    clip_cov_ratio: float
+    clip_cov_lb: float
+    clip_cov_ub: float
+    clip_k: int
+    clip_candidates: int
+    clip_candidate_share: float | None
+
+    @classmethod
+    def from_comparison(cls, comparison: CovarianceComparison) -> CovarianceOut:
+        return cls.model_validate(comparison, from_attributes=True)
+
+
+class TokensOut(BaseModel):
+    """``GET .../steps/{step}/tokens``: the tokens that move the entropy (math.md §9)."""
+
+    run_id: str
+    step: int
+    estimator: Estimator
+    target: Target
+    learning_rate: float
+    num_sequences: int
+    num_tokens: int
+    total: float = Field(description="the sum of every share: dH1 of the pushed sequences")
+    down: list[TokenShareOut] = Field(description="the tokens pushing entropy down most")
+    up: list[TokenShareOut] = Field(description="the tokens pushing entropy up most")
+    sequences: list[TokenSequenceTotal]
+    sequence: list[TokenShareOut] | None = Field(
+        default=None, description="every token of ?sequence=ID, in order"
+    )
+    covariance: CovarianceOut
 
 
 class SequencesIn(BaseModel):

@@ -69,6 +69,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: The token-shares hash's field holding the shares' estimator, target and learning rate.
+TOKENS_META = "__meta__"
+
+
+class TokenMetaConflictError(Exception):
+    """A token-shares push names another estimator, target or learning rate than the step's
+    stored shares (``stored``)."""
+
+    def __init__(self, stored: Mapping[str, Any]) -> None:
+        super().__init__(f"the step holds token shares of {dict(stored)}")
+        self.stored = dict(stored)
+
+
 def _summary_field(step: int, target: str) -> str:
     """The summary hash's field of a step: the step for the sequence entropy (the history's
     original layout), ``step:target`` for another target."""
@@ -474,6 +487,48 @@ class Store:
             if (of or "sequence") == target:
                 out[int(step)] = json.loads(value)
         return out
+
+    # --------------------------------------------------------------- token shares
+    async def put_tokens(
+        self, run_id: str, step: int, meta: Mapping[str, Any], records: Mapping[str, Any]
+    ) -> int:
+        """Upsert the token shares of update sequences (``records``: id -> JSON-ready record)
+        under ``meta`` (estimator, target, learning rate), atomically; the number of
+        sequences with shares after.  Raises :class:`TokenMetaConflictError` when the step
+        already holds shares of another estimator, target or learning rate."""
+        key = self.keys.tokens(run_id, step)
+        fields: dict[Any, bytes] = {sid: _dumps(rec) for sid, rec in records.items()}
+        fields[TOKENS_META] = _dumps(dict(meta))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    stored = await pipe.hget(key, TOKENS_META)
+                    if stored is not None and json.loads(stored) != dict(meta):
+                        raise TokenMetaConflictError(json.loads(stored))
+                    pipe.multi()
+                    pipe.hset(key, mapping=fields)
+                    pipe.hlen(key)
+                    _, count = await pipe.execute()
+                    return int(count) - 1
+                except WatchError:
+                    continue
+
+    async def tokens(
+        self, run_id: str, step: int
+    ) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+        """``(meta, {sequence id: record})`` of the step's token shares (``None``: none)."""
+        raw = await self.redis.hgetall(self.keys.tokens(run_id, step))
+        meta = raw.pop(TOKENS_META.encode(), None)
+        return (
+            None if meta is None else json.loads(meta),
+            {_text(k): json.loads(v) for k, v in raw.items()},
+        )
+
+    async def sequence_records(self, run_id: str, step: int) -> dict[str, dict[str, Any]]:
+        """The step's stored sequence metadata by id."""
+        raw = await self.redis.hgetall(self.keys.seqs(run_id, step))
+        return {_text(k): json.loads(v) for k, v in raw.items()}
 
     # --------------------------------------------------------------- uploads
     async def add_upload(

@@ -50,6 +50,7 @@ from clients.results import (
     RunInfo,
     Spectrum,
     StepStatus,
+    TokensReport,
     UploadReceipt,
 )
 from clients.uploads import PlannedUpload, RowKind, plan_sketch_uploads, plan_uploads
@@ -402,6 +403,31 @@ class Endpoints:
         )
         return data
 
+    @endpoint
+    def push_tokens(
+        self,
+        run_id: str,
+        step: int,
+        learning_rate: float,
+        sequences: Sequence[Mapping[str, Any]],
+        *,
+        estimator: str = "independent",
+        target: str = "sequence",
+    ) -> Flow[dict[str, Any]]:
+        """``POST .../tokens``: the exact token shares of update sequences (``id``,
+        ``token_ids``, ``logprobs``, ``shares``, optional ``tokens``; math.md §9), after the
+        step's sequences; :func:`clients.token_shares.token_shares` computes them."""
+        body = {
+            "estimator": estimator,
+            "target": target,
+            "learning_rate": float(learning_rate),
+            "sequences": [dict(s) for s in sequences],
+        }
+        data: dict[str, Any] = yield from self._json(
+            "POST", _step_path(run_id, step, "/tokens"), json=body
+        )
+        return data
+
     def _push(
         self, plans: list[PlannedUpload], run_id: str, step: int, progress: bool
     ) -> Flow[PushResult]:
@@ -651,6 +677,22 @@ class Endpoints:
         params = _analysis_params(None, wait, estimator=estimator, target=target)
         data = yield from self._json("GET", _step_path(run_id, step, "/entropy"), params=params)
         return EntropyReport.from_json(data)
+
+    @endpoint
+    def tokens(
+        self,
+        run_id: str,
+        step: int,
+        *,
+        top: int | None = None,
+        sequence: str | None = None,
+        kl_cov_ratio: float | None = None,
+    ) -> Flow[TokensReport]:
+        """``GET .../tokens``: the tokens pushing the entropy down and up, per-sequence totals,
+        one ``sequence``'s tokens and Cui et al.'s covariance against the shares."""
+        params = _analysis_params(None, None, top=top, sequence=sequence, kl_cov_ratio=kl_cov_ratio)
+        data = yield from self._json("GET", _step_path(run_id, step, "/tokens"), params=params)
+        return TokensReport.from_json(data)
 
     @endpoint
     def history(self, run_id: str, *, target: str | None = None) -> Flow[EntropyHistory]:

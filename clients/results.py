@@ -278,3 +278,61 @@ class EntropyHistory(_Answer):
 
     run_id: str
     steps: tuple[HistoryRow, ...]
+
+
+class TokenShare(_Answer):
+    """One token of ``GET .../tokens``: its exact share of ``dH1`` and covariance score."""
+
+    sequence_id: str
+    position: int
+    token_id: int
+    token: str | None
+    share: float
+    cov_score: float
+    logprob: float
+    advantage: float
+
+
+class TokenSequenceTotal(_Answer):
+    """A sequence's token shares summed (its ``a_i``)."""
+
+    id: str
+    prompt_id: str
+    num_tokens: int
+    total: float
+
+
+class CovarianceComparison(_Answer):
+    """Cui et al.'s token covariance against the exact shares (math.md §9)."""
+
+    num_tokens: int
+    kl_cov_ratio: float
+    k: int
+    precision_at_k: float
+    spearman: float | None
+    selected_sum: float
+    selected_share: float | None
+    clip_cov_ratio: float
+    clip_cov_lb: float
+    clip_cov_ub: float
+    clip_k: int
+    clip_candidates: int
+    clip_candidate_share: float | None
+
+
+class TokensReport(_Answer):
+    """``GET .../steps/{step}/tokens``: the tokens that move the entropy."""
+
+    run_id: str
+    step: int
+    estimator: str
+    target: Literal["sequence", "token_mean"]
+    learning_rate: float
+    num_sequences: int
+    num_tokens: int
+    total: float
+    down: tuple[TokenShare, ...]
+    up: tuple[TokenShare, ...]
+    sequences: tuple[TokenSequenceTotal, ...]
+    sequence: tuple[TokenShare, ...] | None
+    covariance: CovarianceComparison

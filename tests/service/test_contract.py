@@ -200,6 +200,10 @@ PAIRS: list[tuple[type[BaseModel], type[BaseModel]]] = [
     (schemas.RunEntropyOut, results.EntropyHistory),
     (schemas.KernelOut, results.Kernel),
     (schemas.DiagonalEntry, results.DiagonalEntry),
+    (schemas.TokensOut, results.TokensReport),
+    (schemas.TokenShareOut, results.TokenShare),
+    (schemas.TokenSequenceTotal, results.TokenSequenceTotal),
+    (schemas.CovarianceOut, results.CovarianceComparison),
 ]
 
 

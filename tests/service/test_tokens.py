@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from clients.capture import capture_gradients, sequence_logprobs
+from clients.results import TokensReport
 from clients.token_shares import token_shares
 from service.settings import Settings
 from sketch.entropy import entropy_coefficients
@@ -203,6 +204,8 @@ def test_shares_sum_to_the_services_dh1_and_a_i(client: TestClient, settings: Se
     }
     post(client, "/v1/runs/x/steps/0/tokens", json=body)
     tokens = client.get("/v1/runs/x/steps/0/tokens").json()
+    report = TokensReport.from_json(tokens)  # the client's strict reading of the answer
+    assert report.total == tokens["total"] and report.covariance.k == 1
     entropy_answer = client.get(
         "/v1/runs/x/steps/0/entropy", params={"estimator": "independent"}
     ).json()

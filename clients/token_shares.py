@@ -21,7 +21,7 @@ and no library exposes it for a causal LM batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -138,4 +138,75 @@ def token_shares(
     return float(learning_rate) * c.to(derivative.device) * derivative
 
 
-__all__ = ["entropy_gradient", "token_directional_derivatives", "token_shares"]
+def token_shares_u_statistic(
+    model: nn.Module,
+    update: SequenceBatch,
+    prompt_ids: Sequence[str],
+    coefficients: torch.Tensor,
+    h: torch.Tensor,
+    learning_rate: float,
+    *,
+    temperature: float = 1.0,
+    use_eval_mode: bool = True,
+) -> torch.Tensor:
+    """The token shares of the ``u_statistic`` estimator, for a step without entropy-role
+    sequences (``E = U``, math.md §4 and §9): ``[n, L]`` float32 like :func:`token_shares`.
+
+    Token ``(i, t)`` pairs with every other update sequence ``j != i``, same-prompt pairs
+    weighted ``f_p = M_p / (M_p - 1)`` (0 when ``M_p < 2``), so its direction is ``v_i = v -
+    v_p + f_p (v_p - h_i w_i)`` with ``v_p = sum_{j in p} h_j w_j``: one backward and one
+    forward-mode pass per prompt, and the self-term ``h_i <w_i, grad l_{i,t}>`` removed with
+    one backward and one forward-mode pass per sequence (the costly part).  ``prompt_ids``:
+    the ``n`` sequences' prompts; ``h``: ``[n]`` their ``h_j`` over ``E = U``.  Summed over
+    ``t`` they are the ``u_statistic`` ``a_i``, and summed over everything its ``dH1``.
+    """
+    if len(prompt_ids) != update.size or h.shape != (update.size,):
+        raise ValueError("prompt_ids and h must have one entry per update sequence")
+    if coefficients.shape != update.input_ids.shape:
+        raise ValueError("coefficients must be laid out like the update batch's input_ids")
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompt_ids):
+        groups.setdefault(str(prompt), []).append(i)
+    by_prompt = {
+        p: entropy_gradient(
+            model,
+            update.select(rows),
+            h[rows],
+            temperature=temperature,
+            use_eval_mode=use_eval_mode,
+        )
+        for p, rows in groups.items()
+    }
+    total = {n: sum(v[n] for v in by_prompt.values()) for n in next(iter(by_prompt.values()))}
+    derivative = torch.zeros(update.input_ids.shape, dtype=torch.float32)
+    for p, rows in groups.items():
+        m = len(rows)
+        f = m / (m - 1) if m >= 2 else 0.0
+        direction = {n: total[n] + (f - 1.0) * by_prompt[p][n] for n in total}
+        part = token_directional_derivatives(
+            model,
+            update.select(rows),
+            direction,
+            temperature=temperature,
+            use_eval_mode=use_eval_mode,
+        )
+        for k, i in enumerate(rows):
+            own = update.select([i])
+            w_i = entropy_gradient(
+                model, own, torch.ones(1), temperature=temperature, use_eval_mode=use_eval_mode
+            )
+            self_term = token_directional_derivatives(
+                model, own, w_i, temperature=temperature, use_eval_mode=use_eval_mode
+            )[0]
+            part[k] = part[k] - f * float(h[i]) * self_term
+        derivative[rows] = part.cpu()
+    c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
+    return float(learning_rate) * c * derivative
+
+
+__all__ = [
+    "entropy_gradient",
+    "token_directional_derivatives",
+    "token_shares",
+    "token_shares_u_statistic",
+]

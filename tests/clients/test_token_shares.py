@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from clients.capture import SequenceBatch, capture_gradients, forward_logits, sequence_logprobs
-from clients.token_shares import entropy_gradient, token_directional_derivatives, token_shares
+from clients.token_shares import (
+    entropy_gradient,
+    token_directional_derivatives,
+    token_shares,
+    token_shares_u_statistic,
+)
 from sketch.entropy import entropy_change, entropy_coefficients
 from sketch.sequences import Role, StepSequences
 from tests.clients.conftest import make_batch
@@ -98,3 +103,27 @@ def test_entropy_gradient_is_the_weighted_sum_of_score_gradients(
     captured = capture_gradients(model, batch, chunk_size=batch.size)
     for name, g in captured.gradients.items():
         torch.testing.assert_close(v[name], torch.einsum("n,n...->...", h, g), rtol=1e-4, atol=1e-6)
+
+
+def test_u_statistic_shares_drop_the_self_term_and_add_up(model: nn.Module) -> None:
+    """Without entropy-role sequences (``E = U``): the ``u_statistic`` token shares summed per
+    sequence are its ``a_i`` from the exact kernel (pairs ``j != i``, same-prompt pairs weighted
+    ``M/(M-1)``), their total its ``delta_h1``; the plain ``v`` of all sequences (the
+    self-term kept) gives the ``plugin`` ``a_i`` instead, a different number."""
+    update = make_batch(seed=4, n=6)
+    seqs = _step(update, make_batch(seed=2, n=2), model).subset(list(range(update.size)))
+    upd = seqs.update_mask
+    h = torch.from_numpy(entropy_coefficients(seqs, upd)).float()
+    c = torch.from_numpy(seqs.advantage * 0.25).float()
+    coefficients = c[:, None].expand_as(update.input_ids).clone()
+    shares = token_shares_u_statistic(model, update, seqs.prompt_ids, coefficients, h, ETA)
+    plugin_shares = token_shares(model, update, coefficients, update, h, ETA)
+    captured = capture_gradients(model, update, chunk_size=update.size)
+    W = torch.cat([g.reshape(update.size, -1) for g in captured.gradients.values()], 1).double()
+    K = (W @ W.T).numpy()
+    for estimator, got in (("u_statistic", shares), ("plugin", plugin_shares)):
+        result = entropy_change(K, seqs, ETA, estimator=estimator)
+        a = np.array([s.a for s in result.per_sequence])
+        np.testing.assert_allclose(got.sum(1).double().numpy(), a, rtol=1e-4, atol=1e-7)
+        assert float(got.sum()) == pytest.approx(result.delta_h1, rel=1e-4)
+    assert not torch.allclose(shares.sum(1), plugin_shares.sum(1), rtol=1e-3)

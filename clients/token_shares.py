@@ -21,7 +21,8 @@ and no library exposes it for a causal LM batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,23 +32,39 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from clients.capture import SequenceBatch, eval_mode, forward_logits, logits_of, response_logprobs
 
 
+@dataclass(frozen=True)
+class TokenShares:
+    """Per-token results laid out like the update batch's ``input_ids`` (``[n, L]`` float32, 0
+    off the response positions): ``shares`` ``a_{i,t}`` and ``logprobs`` ``log pi(y_{i,t} |
+    ...)`` (the values the forward-mode pass computed along the way)."""
+
+    shares: torch.Tensor
+    logprobs: torch.Tensor
+
+
 def entropy_gradient(
     model: nn.Module,
     entropy: SequenceBatch,
     h: torch.Tensor,
     *,
+    parameters: Collection[str] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``v = grad_hat H = sum_j h_j dS_j/dtheta`` (math.md §3): one backward pass.
 
     ``entropy``: the entropy-role sequences; ``h``: ``[m]`` float, their coefficients ``h_j``
-    (constants).  Returns ``{name: tensor like the parameter}`` float32 over the trainable
-    parameters (zeros where ``S`` does not depend on one).
+    (constants); ``parameters``: the names studied (default: every trainable parameter), as the
+    run's kernel covers them.  Returns ``{name: tensor like the parameter}`` float32 (zeros
+    where ``S`` does not depend on one).
     """
     if h.shape != (entropy.size,):
         raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = {
+        n: p
+        for n, p in model.named_parameters()
+        if p.requires_grad and (parameters is None or n in parameters)
+    }
     with eval_mode(model, use_eval_mode):
         logits = forward_logits(model, entropy.input_ids, entropy.attention_mask)
         logprobs = response_logprobs(
@@ -68,10 +85,11 @@ def token_directional_derivatives(
     *,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
-) -> torch.Tensor:
-    """``<v, grad log pi(y_{i,t} | ...)>`` of every response token of ``batch``: ``[n, L]``
-    float32, laid out like ``batch.input_ids`` (0 off the response positions).  One
-    forward-mode pass along ``v`` (parameters missing from ``v`` are held fixed)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log pi(y_{i,t} | ...), <v, grad log pi(y_{i,t} | ...)>)`` of every response token of
+    ``batch``: two ``[n, L]`` float32 tensors laid out like ``batch.input_ids`` (0 off the
+    response positions).  One forward-mode pass along ``v`` (parameters missing from ``v``
+    are held fixed)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     missing = set(v) - set(params)
     if missing:
@@ -86,9 +104,9 @@ def token_directional_derivatives(
         if isinstance(module, nn.Embedding) and module.padding_idx is not None and name in tangents:
             tangents[name] = tangents[name].clone()
             tangents[name][module.padding_idx] = 0
-    kwargs = {"attention_mask": batch.attention_mask}
+    kwargs: dict[str, object] = {"attention_mask": batch.attention_mask}
     if hasattr(model, "config"):
-        kwargs["use_cache"] = False  # type: ignore[assignment]
+        kwargs["use_cache"] = False
 
     def token_logprobs(values: dict[str, torch.Tensor]) -> torch.Tensor:
         output = functional_call(model, {**fixed, **values}, (batch.input_ids,), kwargs)
@@ -99,13 +117,24 @@ def token_directional_derivatives(
     # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
     # the math kernel computes the same attention and has one.
     with torch.no_grad(), eval_mode(model, use_eval_mode), sdpa_kernel(SDPBackend.MATH):
-        derivative = jvp(token_logprobs, (moving,), (tangents,))[1]
+        value, derivative = jvp(token_logprobs, (moving,), (tangents,))[:2]
     mask = batch.response_mask[:, 1:]
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=derivative.device)
-    out[:, 1:] = torch.where(
-        mask, derivative.float(), torch.zeros_like(derivative, dtype=torch.float32)
-    )
-    return out
+    out = []
+    for per_token in (value, derivative):
+        full = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=per_token.device)
+        full[:, 1:] = torch.where(mask, per_token.float(), torch.zeros_like(full[:, 1:]))
+        out.append(full)
+    return out[0], out[1]
+
+
+def _scaled(
+    v: Mapping[str, torch.Tensor], metric: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """``P v`` in adam geometry (``metric`` = ``sqrt(P)`` per parameter: the kernel is ``w^T P
+    w'``), else ``v``."""
+    if metric is None:
+        return dict(v)
+    return {n: t * metric[n].to(t.device, t.dtype) ** 2 for n, t in v.items()}
 
 
 def token_shares(
@@ -116,26 +145,36 @@ def token_shares(
     h: torch.Tensor,
     learning_rate: float,
     *,
+    parameters: Collection[str] | None = None,
+    sqrt_p: Mapping[str, torch.Tensor] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
-) -> torch.Tensor:
+) -> TokenShares:
     """``a_{i,t} = eta c_{i,t} <grad_hat H, grad log pi(y_{i,t} | ...)>`` of every update
-    token: ``[n, L]`` float32 laid out like ``update.input_ids`` (0 off the response).
+    token (math.md §9).
 
-    ``coefficients``: ``[n, L]`` the tokens' ``c_{i,t}`` in the same layout (for a plain
-    on-policy step ``weight_i A_i`` on every response token); ``entropy``, ``h``: the
-    entropy-role sequences and their coefficients (:func:`entropy_gradient`).  With ``h`` from
-    the ``independent`` estimator, ``shares.sum(1)`` are the ``a_i`` and ``shares.sum()`` is
-    ``dH1``, exactly.
+    ``coefficients``: ``[n, L]`` the tokens' ``c_{i,t}`` laid out like ``update.input_ids``
+    (for a plain on-policy step ``weight_i A_i`` on every response token); ``entropy``, ``h``:
+    the entropy-role sequences and their coefficients (:func:`entropy_gradient`);
+    ``parameters``: the studied names; ``sqrt_p``: Adam's ``sqrt(P)`` in adam geometry (the
+    inner product is then ``v^T P g``).  With ``h`` from the ``independent`` estimator,
+    ``shares.sum(1)`` are the ``a_i`` and ``shares.sum()`` is ``dH1``, exactly.
     """
     if coefficients.shape != update.input_ids.shape:
         raise ValueError("coefficients must be laid out like the update batch's input_ids")
-    v = entropy_gradient(model, entropy, h, temperature=temperature, use_eval_mode=use_eval_mode)
-    derivative = token_directional_derivatives(
-        model, update, v, temperature=temperature, use_eval_mode=use_eval_mode
+    v = entropy_gradient(
+        model,
+        entropy,
+        h,
+        parameters=parameters,
+        temperature=temperature,
+        use_eval_mode=use_eval_mode,
+    )
+    logprobs, derivative = token_directional_derivatives(
+        model, update, _scaled(v, sqrt_p), temperature=temperature, use_eval_mode=use_eval_mode
     )
     c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
-    return float(learning_rate) * c.to(derivative.device) * derivative
+    return TokenShares(float(learning_rate) * c.to(derivative.device) * derivative, logprobs)
 
 
 def token_shares_u_statistic(
@@ -146,11 +185,13 @@ def token_shares_u_statistic(
     h: torch.Tensor,
     learning_rate: float,
     *,
+    parameters: Collection[str] | None = None,
+    sqrt_p: Mapping[str, torch.Tensor] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
-) -> torch.Tensor:
+) -> TokenShares:
     """The token shares of the ``u_statistic`` estimator, for a step without entropy-role
-    sequences (``E = U``, math.md §4 and §9): ``[n, L]`` float32 like :func:`token_shares`.
+    sequences (``E = U``, math.md §4 and §9), laid out like :func:`token_shares`'s.
 
     Token ``(i, t)`` pairs with every other update sequence ``j != i``, same-prompt pairs
     weighted ``f_p = M_p / (M_p - 1)`` (0 when ``M_p < 2``), so its direction is ``v_i = v -
@@ -167,44 +208,46 @@ def token_shares_u_statistic(
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompt_ids):
         groups.setdefault(str(prompt), []).append(i)
-    by_prompt = {
-        p: entropy_gradient(
+
+    def gradient(batch: SequenceBatch, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        v = entropy_gradient(
             model,
-            update.select(rows),
-            h[rows],
+            batch,
+            weights,
+            parameters=parameters,
             temperature=temperature,
             use_eval_mode=use_eval_mode,
         )
-        for p, rows in groups.items()
-    }
+        return _scaled(v, sqrt_p)
+
+    def along(
+        batch: SequenceBatch, v: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_directional_derivatives(
+            model, batch, v, temperature=temperature, use_eval_mode=use_eval_mode
+        )
+
+    by_prompt = {p: gradient(update.select(rows), h[rows]) for p, rows in groups.items()}
     total = {n: sum(v[n] for v in by_prompt.values()) for n in next(iter(by_prompt.values()))}
     derivative = torch.zeros(update.input_ids.shape, dtype=torch.float32)
+    logprobs = torch.zeros(update.input_ids.shape, dtype=torch.float32)
     for p, rows in groups.items():
         m = len(rows)
         f = m / (m - 1) if m >= 2 else 0.0
         direction = {n: total[n] + (f - 1.0) * by_prompt[p][n] for n in total}
-        part = token_directional_derivatives(
-            model,
-            update.select(rows),
-            direction,
-            temperature=temperature,
-            use_eval_mode=use_eval_mode,
-        )
+        values, part = along(update.select(rows), direction)
         for k, i in enumerate(rows):
             own = update.select([i])
-            w_i = entropy_gradient(
-                model, own, torch.ones(1), temperature=temperature, use_eval_mode=use_eval_mode
-            )
-            self_term = token_directional_derivatives(
-                model, own, w_i, temperature=temperature, use_eval_mode=use_eval_mode
-            )[0]
+            self_term = along(own, gradient(own, torch.ones(1)))[1][0]
             part[k] = part[k] - f * float(h[i]) * self_term
         derivative[rows] = part.cpu()
+        logprobs[rows] = values.cpu()
     c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
-    return float(learning_rate) * c * derivative
+    return TokenShares(float(learning_rate) * c * derivative, logprobs)
 
 
 __all__ = [
+    "TokenShares",
     "entropy_gradient",
     "token_directional_derivatives",
     "token_shares",

@@ -33,7 +33,7 @@ def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
         for n, p in model.named_parameters()
         if p.requires_grad
     }
-    derivative = token_directional_derivatives(model, batch, v, temperature=0.8)
+    logprobs, derivative = token_directional_derivatives(model, batch, v, temperature=0.8)
     model.eval()
     params = [p for n, p in model.named_parameters() if n in v]
     names = [n for n, _ in model.named_parameters() if n in v]
@@ -46,6 +46,7 @@ def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
                 assert derivative[i, t] == 0.0
                 continue
             token = torch.log_softmax(logits[t - 1], -1)[ids[t]]
+            assert float(logprobs[i, t]) == pytest.approx(float(token), rel=1e-5)
             grads = torch.autograd.grad(token, params, retain_graph=True, allow_unused=True)
             expected = sum(
                 float((g * v[n]).sum()) for n, g in zip(names, grads, strict=True) if g is not None
@@ -78,7 +79,9 @@ def test_shares_add_up_to_each_a_i_and_to_the_kernels_dh1(model: nn.Module) -> N
     h = entropy_coefficients(seqs, seqs.entropy_mask)[update.size :]
     c = torch.from_numpy(seqs.advantage[: update.size] * 0.25).float()
     coefficients = c[:, None].expand_as(update.input_ids).clone()
-    shares = token_shares(model, update, coefficients, entropy, torch.from_numpy(h).float(), ETA)
+    shares = token_shares(
+        model, update, coefficients, entropy, torch.from_numpy(h).float(), ETA
+    ).shares
     assert not shares[~update.response_mask].any()
 
     rows = []
@@ -116,8 +119,8 @@ def test_u_statistic_shares_drop_the_self_term_and_add_up(model: nn.Module) -> N
     h = torch.from_numpy(entropy_coefficients(seqs, upd)).float()
     c = torch.from_numpy(seqs.advantage * 0.25).float()
     coefficients = c[:, None].expand_as(update.input_ids).clone()
-    shares = token_shares_u_statistic(model, update, seqs.prompt_ids, coefficients, h, ETA)
-    plugin_shares = token_shares(model, update, coefficients, update, h, ETA)
+    shares = token_shares_u_statistic(model, update, seqs.prompt_ids, coefficients, h, ETA).shares
+    plugin_shares = token_shares(model, update, coefficients, update, h, ETA).shares
     captured = capture_gradients(model, update, chunk_size=update.size)
     W = torch.cat([g.reshape(update.size, -1) for g in captured.gradients.values()], 1).double()
     K = (W @ W.T).numpy()

@@ -188,8 +188,8 @@ def test_shares_sum_to_the_services_dh1_and_a_i(client: TestClient, settings: Se
     h = entropy_coefficients(seqs, seqs.entropy_mask)[n:]
     coefficients = torch.full(update.input_ids.shape, 0.0)
     coefficients += torch.from_numpy(seqs.advantage[:n] * 0.25).float()[:, None]
-    shares = token_shares(model, update, coefficients, entropy, torch.from_numpy(h).float(), ETA)
-    logp = torch.zeros_like(shares)  # the covariance only needs some log-probs here
+    result = token_shares(model, update, coefficients, entropy, torch.from_numpy(h).float(), ETA)
+    shares, logp = result.shares, result.logprobs
     body = {
         "learning_rate": ETA,
         "sequences": [

@@ -104,6 +104,22 @@ class SequenceBatch:
         )
 
     @classmethod
+    def concat(cls, batches: Sequence[SequenceBatch]) -> SequenceBatch:
+        """The rows of ``batches`` in order, right-padded to the widest (token 0)."""
+        if not batches:
+            raise ValueError("need at least one batch")
+        width = max(int(b.input_ids.shape[1]) for b in batches)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - int(t.shape[1])))
+
+        return cls(
+            torch.cat([padded(b.input_ids) for b in batches]),
+            torch.cat([padded(b.attention_mask) for b in batches]),
+            torch.cat([padded(b.response_mask) for b in batches]),
+        )
+
+    @classmethod
     def from_pairs(
         cls,
         prompts: Sequence[torch.Tensor | Sequence[int]],

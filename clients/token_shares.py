@@ -21,7 +21,8 @@ and no library exposes it for a causal LM batch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +117,12 @@ def token_directional_derivatives(
 
     # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
     # the math kernel computes the same attention and has one.
-    with torch.no_grad(), eval_mode(model, use_eval_mode), sdpa_kernel(SDPBackend.MATH):
+    with (
+        torch.no_grad(),
+        eval_mode(model, use_eval_mode),
+        sdpa_kernel(SDPBackend.MATH),
+        _without_input_grad_hooks(model),
+    ):
         value, derivative = jvp(token_logprobs, (moving,), (tangents,))[:2]
     mask = batch.response_mask[:, 1:]
     out = []
@@ -125,6 +131,27 @@ def token_directional_derivatives(
         full[:, 1:] = torch.where(mask, per_token.float(), torch.zeros_like(full[:, 1:]))
         out.append(full)
     return out[0], out[1]
+
+
+@contextlib.contextmanager
+def _without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
+    """transformers' ``enable_input_require_grads`` (gradient checkpointing, adapters; TRL
+    turns it on, sometimes more than once) hooks the input embeddings to call
+    ``requires_grad_`` on their output, which a functorch transform refuses.  The hook only
+    matters for backward, so its registrations are lifted for the pass and put back after
+    (``disable_input_require_grads`` would remove only the last one)."""
+    lifted: list[tuple[dict[int, Callable[..., object]], int, Callable[..., object]]] = []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                lifted.append((hooks, key, hook))
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, key, hook in lifted:
+            hooks[key] = hook
 
 
 def _scaled(

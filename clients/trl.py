@@ -69,7 +69,10 @@ from clients.geometry import (
     is_adam,
 )
 from clients.http import Client
+from clients.token_shares import token_shares_u_statistic
 from sketch.base import Sketcher
+from sketch.entropy import entropy_coefficients
+from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
 
 if TYPE_CHECKING:
@@ -317,6 +320,12 @@ class KernelscopeConfig:
         at a time.
     push_applied_update, push_logprob_after:
         push ``theta_after - theta_before`` and ``S'_i`` after each optimizer step.
+    token_shares:
+        push each update token's exact share of ``dH1`` (``u_statistic``, math.md §9,
+        :func:`clients.token_shares.token_shares_u_statistic`), with its text when the trainer
+        has a tokenizer, for ``GET .../tokens``.  Off by default: one backward and one
+        forward-mode pass per prompt and per sequence of the step.  Needs one process; shares
+        of an entropy bonus's ``e_{i,t} grad H_{i,t}`` terms are not included.
     push_entropy_sums:
         push each sequence's ``sum_t H_t`` (the full next-token entropies at its positions,
         tempered as TRL's) before the step (``entropy_sum``; one extra forward without
@@ -348,6 +357,7 @@ class KernelscopeConfig:
     push_applied_update: bool = True
     push_logprob_after: bool = True
     push_entropy_sums: bool = True
+    token_shares: bool = False
     check_logprobs: bool = True
     update_rows: bool | None = None
 
@@ -374,6 +384,8 @@ class _Window:
     before: dict[str, torch.Tensor] | None = None
     adam_steps: dict[str, float] | None = None
     sqrt_p: Mapping[str, torch.Tensor] | None = None  # adam geometry, computed on access
+    # token shares at eta = 1 (the rate is known after the step): id -> token record
+    tokens: dict[str, dict[str, Any]] | None = None
 
 
 class _PushAfterStep(TrainerCallback):
@@ -444,6 +456,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
         #: ``"adam"`` or ``"sgd"``: the geometry of the pushed rows (KernelscopeConfig.geometry)
         self.kernelscope_geometry = self._kernelscope_resolve_geometry()
+        if kernelscope.token_shares and int(self.accelerator.num_processes) > 1:
+            raise UnsupportedTRLSettingError(
+                "token_shares needs one process: a token's share pairs it with every rank's "
+                "sequences"
+            )
         self.kernelscope_client.create_run(
             run_id=self.kernelscope_run_id,
             sketch=spec,
@@ -729,6 +746,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     )
                     for seq_id, value in zip(micro.ids, sums.tolist(), strict=True):
                         window.records[seq_id]["entropy_sum"] = float(value)
+            if self.kernelscope.token_shares:
+                window.tokens = self._kernelscope_token_shares(window)
         # Every rank applies the same (all-reduced) update: the main process pushes it.
         if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
             selected = self._kernelscope_selected()
@@ -805,6 +824,55 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             client.push_sketches(run_id, step, torch.cat(sketched), micro.ids, rows=rows)
         return torch.cat(values)
 
+    def _kernelscope_token_shares(self, window: _Window) -> dict[str, dict[str, Any]]:
+        """Every update token's share of ``dH1`` at ``eta = 1`` (``u_statistic``: the step has
+        no entropy-role sequences), its log-prob and text, by sequence id (math.md §9)."""
+        micro = window.micro
+        batch = SequenceBatch.concat([m.batch for m in micro])
+        ids = [i for m in micro for i in m.ids]
+        layouts = []
+        for m in micro:
+            if m.coefficients is not None:
+                layouts.append(m.coefficients.logprob.float())
+            else:  # on-policy: weight_i A_i on every token
+                c = torch.tensor(
+                    [window.records[i]["weight"] * window.records[i]["advantage"] for i in m.ids]
+                )
+                layouts.append(c[:, None].expand(m.batch.input_ids.shape).clone())
+        width = batch.input_ids.shape[1]
+        coefficients = torch.cat(
+            [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in layouts]
+        ).to(batch.input_ids.device)
+        seqs = StepSequences.from_records([window.records[i] for i in ids])
+        h = torch.from_numpy(entropy_coefficients(seqs, seqs.update_mask)).float()
+        result = token_shares_u_statistic(
+            self._kernelscope_policy(),
+            batch,
+            seqs.prompt_ids,
+            coefficients,
+            h,
+            1.0,
+            parameters=set(self._kernelscope_parameters),
+            sqrt_p=window.sqrt_p,
+            temperature=float(self.temperature),
+        )
+        tokenizer = getattr(self, "processing_class", None)
+        out: dict[str, dict[str, Any]] = {}
+        for row, seq_id in enumerate(ids):
+            mask = batch.response_mask[row]
+            token_ids = batch.input_ids[row][mask].tolist()
+            texts = None
+            if tokenizer is not None and hasattr(tokenizer, "decode"):
+                texts = [str(tokenizer.decode([t])) for t in token_ids]
+            out[seq_id] = {
+                "id": seq_id,
+                "token_ids": token_ids,
+                "tokens": texts,
+                "logprobs": result.logprobs[row][mask.cpu()].tolist(),
+                "shares": result.shares[row][mask.cpu()].tolist(),
+            }
+        return out
+
     def _current_learning_rate(self) -> float:
         """``eta`` of ``dH1 = eta h^T K c``: the optimizer's rate (the scheduler steps after
         ``optimizer.step()``, so this is the rate the step used); in ``adam`` geometry times the
@@ -876,12 +944,18 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
         # Last, after this rank's rows: the step is ready once every rank has reported.
         ranks = int(self.accelerator.num_processes)
+        rate = self._current_learning_rate()
         client.push_sequences(
             run_id,
             window.step,
-            self._current_learning_rate(),
+            rate,
             records,
             max_length=max_length,
             rank=int(self.accelerator.process_index) if ranks > 1 else None,
         )
+        if window.tokens:
+            tokens = [
+                {**t, "shares": [rate * a for a in t["shares"]]} for t in window.tokens.values()
+            ]
+            client.push_tokens(run_id, window.step, rate, tokens, estimator="u_statistic")
         self._ks_window = None

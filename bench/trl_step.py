@@ -14,7 +14,10 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
   trainer (``k``, Adam geometry, the default for AdamW);
 * ``countsketch-chunks``: the same rows from exact per-sequence capture a chunk at a time
   (``capture_method="loop"``: ``vmap`` cannot run through the forward hook TRL's gradient
-  checkpointing adds, so ``auto`` used to end up here).
+  checkpointing adds, so ``auto`` used to end up here);
+* ``countsketch-shares``: ``countsketch`` plus every update token's exact share of ``dH1``
+  (``token_shares=True``, math.md §9: ``u_statistic``, as a TRL step has no entropy-role
+  sequences, so one backward and one forward-mode pass per prompt and per sequence).
 
 Per mode: the median wall time of an optimizer step after the first (warm-up), the peak RSS,
 and the bytes pushed per step (request bodies, counted in the client's transport).  ``T_train``
@@ -50,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from processes import serve  # noqa: E402  (bench/processes.py)
 
-MODES = ("off", "kronecker", "countsketch", "countsketch-chunks")
+MODES = ("off", "kronecker", "countsketch", "countsketch-chunks", "countsketch-shares")
 
 #: Qwen2 shapes: about 1M (quick), 10M and 100M parameters (untied embeddings).
 SIZES: dict[str, dict[str, int]] = {
@@ -204,6 +207,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
             sketch=sketch,
             sketch_on="trainer",
             capture_method="loop" if how == "chunks" else "auto",
+            token_shares=how == "shares",
         )
         trainer = KernelscopeGRPOTrainer(**common, kernelscope=config_ks, kernelscope_client=client)
     # T_train: TRL's compute_loss plus the backward of its loss, per micro-batch.

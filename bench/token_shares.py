@@ -1,0 +1,110 @@
+"""Benchmark: what the exact token shares of ``dH1`` cost (math.md §9), against a plain
+forward and backward of the same batch, measured in the same process.
+
+A Qwen2 decoder built from a config (``bench/trl_step.py``'s shapes: about 1M, 10M or 100M
+parameters), ``--sequences`` update sequences and as many entropy-role sequences of
+``--prompt`` + ``--tokens`` tokens.  Timed, each the median of ``--repeats`` runs after a
+warm-up:
+
+* ``T_fb``: one forward and backward of the update batch's summed log-probs (what a training
+  step costs per batch, the baseline);
+* ``independent``: ``clients.token_shares.token_shares`` with entropy-role sequences (one
+  backward over them, one forward-mode pass over the update batch);
+* ``u_statistic``: ``token_shares_u_statistic`` without them (per-prompt passes, and one
+  backward and one forward-mode pass per sequence for its self-term).
+
+    python bench/token_shares.py                 # 10M
+    python bench/token_shares.py --size 1M       # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trl_step import SIZES, build_model  # noqa: E402  (bench/trl_step.py)
+
+from clients.capture import SequenceBatch, forward_logits, response_logprobs  # noqa: E402
+from clients.token_shares import token_shares, token_shares_u_statistic  # noqa: E402
+
+
+def batch(vocab: int, n: int, prompt: int, tokens: int, seed: int) -> SequenceBatch:
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, vocab, (prompt,), generator=gen) for _ in range(n)]
+    responses = [torch.randint(2, vocab, (tokens,), generator=gen) for _ in range(n)]
+    return SequenceBatch.from_pairs(prompts, responses)
+
+
+def timed(work: Callable[[], object], repeats: int) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="10M", choices=sorted(SIZES))
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--group", type=int, default=8, help="sequences per prompt")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = build_model(args.size).eval()
+    vocab = SIZES[args.size]["vocab"]
+    update = batch(vocab, args.sequences, args.prompt, args.tokens, 0)
+    entropy = batch(vocab, args.sequences, args.prompt, args.tokens, 1)
+    coefficients = torch.randn(update.input_ids.shape)
+    h = torch.randn(args.sequences) / args.sequences
+    prompts = [f"p{i // args.group}" for i in range(args.sequences)]
+
+    def forward_backward() -> None:
+        logits = forward_logits(model, update.input_ids, update.attention_mask)
+        response_logprobs(logits, update.input_ids, update.response_mask).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    base = timed(forward_backward, args.repeats)
+    rows = [("forward + backward (T_fb)", base)]
+    rows.append(
+        (
+            "independent (entropy-role sequences)",
+            timed(lambda: token_shares(model, update, coefficients, entropy, h, 1.0), args.repeats),
+        )
+    )
+    rows.append(
+        (
+            "u_statistic (no entropy-role sequences)",
+            timed(
+                lambda: token_shares_u_statistic(model, update, prompts, coefficients, h, 1.0),
+                args.repeats,
+            ),
+        )
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"{args.size} Qwen2 ({parameters / 1e6:.1f}M parameters), {args.sequences} sequences of "
+        f"{args.prompt} + {args.tokens} tokens, {args.group} per prompt, {args.threads} threads\n"
+    )
+    print("| work | seconds | / T_fb |\n|---|---|---|")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -881,6 +881,23 @@ def test_target_switch_shows_the_token_mean(dashboard_service: LiveService) -> N
                     if e["delta_h1_plus_h2"] is not None
                 }
                 assert drawn("second-order") == pytest.approx(second)
+                # the ratio's flags name the target's prediction
+                d1 = "dT1" if target == "token_mean" else "dH1"
+                flags: list[str] = page.eval_on_selector_all(
+                    "[data-chart=ratio] .flag[data-series=not-estimable] title",
+                    "els => els.map(e => e.textContent)",
+                )
+                noise = [
+                    s
+                    for s, e in want.items()
+                    if e["ratio"] is not None
+                    and e["ratio_interval"]["estimable"] is False
+                    and e["taylor"]["regime"] != "outside"
+                ]
+                assert [f.split(",")[0] for f in flags] == [
+                    f"step {s}: ratio not estimable" for s in noise
+                ]
+                assert all(f"|{d1}| = " in f for f in flags), flags
                 unit = "nats per token" if target == "token_mean" else "nats per response"
                 assert unit in text("[data-chart=entropy] h3")
                 assert unit in svg_text("[data-chart=entropy] svg .axis-label >> nth=1")

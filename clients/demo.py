@@ -15,7 +15,9 @@ What runs (all on the CPU, nothing downloaded):
    prompt (so the ``independent`` estimator applies), and the applied update
    ``__applied_update__``;
 4. a live table, one row per step: the predicted first-order entropy change ``dH1`` with its
-   error bars, the realized change (math.md §6, from ``logprob_after``), their ratio, and the
+   error bars, the realized change (math.md §6, from ``logprob_after`` and the entropy sums),
+   their ratio, the same pair for the token-mean entropy trainers log (``dT1`` and its realized
+   change, nats per token, math.md §8, the service's ``?target=token_mean`` answer), and the
    three sequences pushing entropy down hardest (most negative ``a_i``).
 
 What it shows: the reward climbs while the policy's sequence entropy falls, and at this small
@@ -145,6 +147,12 @@ class DemoStep:
     ratio_estimable: bool | None = None
     kl: float | None = None
     regime: str | None = None
+    # the token-mean entropy T (math.md §8), nats per token: the service's answer with
+    # ?target=token_mean (realized from entropy_sum / entropy_sum_after)
+    token_delta_h1: float | None = None
+    token_se: float | None = None
+    token_realized: float | None = None
+    token_realized_se: float | None = None
 
     def ratio_cell(self) -> dict[str, Any]:
         """The keys :func:`clients.report.ratio_text` reads."""
@@ -313,13 +321,25 @@ def _fmt(value: float | None, spec: str = "+.3f") -> str:
     return format(value, spec)
 
 
+#: Decimals of the token-mean numbers: per token, about a response length below the sequence's.
+TOKEN_DIGITS = 4
+
+
+def _pm(value: float | None, se: float | None, digits: int) -> str:
+    """``value±se`` with ``digits`` decimals (``value`` alone when the s.e. is unknown)."""
+    text = _fmt(value, f"+.{digits}f")
+    return text if se is None or not math.isfinite(se) else f"{text}±{se:.{digits}f}"
+
+
 def _table(rows: list[DemoStep], title: str) -> Table:
-    """One row per step; ``dH`` in nats of sequence entropy (math.md §3)."""
+    """One row per step; ``dH`` in nats of sequence entropy (math.md §3), ``dT`` in nats per
+    token of the token-mean entropy (§8)."""
     table = Table(
         title=title,
         header_style="bold",
-        caption="ratio = realized / pred [2 s.e.];  + dH2: first plus second order (math.md §4);"
-        "  KL: the step's size;  top-3: id(A_i, S_i - mean_p S) a_i",
+        caption="H, dH: sequence entropy, nats per response;  ratio = realized / pred [2 s.e.];"
+        "  + dH2: first plus second order (math.md §4);  dT: token-mean entropy trainers log,"
+        " nats per token (§8);  KL: the step's size;  top-3: id(A_i, S_i - mean_p S) a_i",
     )
     table.add_column("step", justify="right")
     table.add_column("reward", justify="right")
@@ -329,6 +349,8 @@ def _table(rows: list[DemoStep], title: str) -> Table:
     table.add_column("realized ± se", justify="right")
     table.add_column("ratio", justify="right")
     table.add_column("KL", justify="right")
+    table.add_column("pred dT1 ± se", justify="right")
+    table.add_column("realized dT ± se", justify="right")
     table.add_column("pushing entropy down hardest")
     for r in rows:
         se = math.hypot(r.se_sampling, r.se_sketch)
@@ -345,6 +367,8 @@ def _table(rows: list[DemoStep], title: str) -> Table:
             _fmt(r.realized) + ("" if r.realized_se is None else f"±{r.realized_se:.3f}"),
             ratio_text(r.ratio_cell()),
             _fmt(r.kl, ".3f"),
+            _pm(r.token_delta_h1, r.token_se, TOKEN_DIGITS),
+            _pm(r.token_realized, r.token_realized_se, TOKEN_DIGITS),
             top,
         )
     return table
@@ -497,6 +521,8 @@ def _train(
             )
             status = client.wait_ready(run_id, step, timeout=config.ready_timeout_s)
             report = client.entropy(run_id, step, estimator=config.estimator)
+            token = client.entropy(run_id, step, estimator=config.estimator, target="token_mean")
+            token_realized = token.realized or {}
             realized = report.realized or {}
             interval = report.ratio_interval or {}
             taylor = report.taylor or {}
@@ -522,6 +548,10 @@ def _train(
                 ratio_estimable=interval.get("estimable"),
                 kl=_opt(taylor.get("kl")),
                 regime=taylor.get("regime"),
+                token_delta_h1=token.delta_h1,
+                token_se=math.hypot(token.se_sampling, token.se_sketch),
+                token_realized=token.realized_delta,
+                token_realized_se=_opt(token_realized.get("se")),
             )
             rows.append(row)
             if observer is not None:
@@ -538,7 +568,8 @@ def _opt(value: Any) -> float | None:
 
 def _summary(rows: list[DemoStep], console: Console, seconds: float) -> None:
     """Totals over the run: predicted against realized, and on which side of 1 the steps'
-    ratios fall (all steps with a ratio, and those whose ratio is estimable)."""
+    ratios fall (all steps with a ratio, and those whose ratio is estimable); then the same
+    totals for the token-mean entropy (nats per token)."""
     pairs = [(r.delta_h1, r.realized) for r in rows if r.realized is not None]
     if not pairs:
         return
@@ -556,3 +587,16 @@ def _summary(rows: list[DemoStep], console: Console, seconds: float) -> None:
         + f"; reward {rows[0].reward_mean:.2f} -> {rows[-1].reward_mean:.2f}"
         + f"; {seconds / len(rows):.1f} s per step"
     )
+    tokens = [
+        (r.token_delta_h1, r.token_realized)
+        for r in rows
+        if r.token_delta_h1 is not None and r.token_realized is not None
+    ]
+    if tokens:
+        t_predicted = sum(p for p, _ in tokens)
+        t_realized = sum(q for _, q in tokens)
+        console.print(
+            f"token-mean entropy over {len(tokens)} steps (nats per token): predicted dT1 sum"
+            f" {t_predicted:+.3e}, realized sum {t_realized:+.3e}"
+            + (f", ratio {t_realized / t_predicted:.2f}" if t_predicted != 0.0 else "")
+        )

@@ -1,9 +1,8 @@
 /* Every call the dashboard makes to the /v1 API, each returning the document the service sends.
  *
- * The typedefs below mirror the service's response models field for field (service/schemas.py;
- * for the two answers that have no model there, the sketch/ dataclass whose to_dict() the
- * route returns).  The pages read these fields and nothing else: a field that is missing or
- * renamed is a contract change, to be made here and in the schema together.
+ * The typedefs below mirror the service's response models (service/schemas.py) field for
+ * field, each naming its model.  The pages read these fields and nothing else: a field that is
+ * missing or renamed is a contract change, to be made here and in the schema together.
  */
 
 /**
@@ -44,9 +43,12 @@
 
 /** @typedef {Run & {steps: StepStatus[]}} RunDetail  schemas.RunDetail */
 
+/** @typedef {"sequence" | "token_mean"} Target  sketch.token_mean.Target: nats per response, nats per token */
+
 /**
  * @typedef {object} RunEntropyRow  schemas.RunEntropyRow
  * @property {number} step
+ * @property {Target} target  every number of the row is about this entropy, in its unit
  * @property {number} delta_h1
  * @property {number} se_sampling
  * @property {number} se_sketch
@@ -69,7 +71,7 @@
  * @property {number[]} spectrum_head
  */
 
-/** @typedef {{run_id: string, steps: RunEntropyRow[]}} RunEntropyOut  schemas.RunEntropyOut */
+/** @typedef {{run_id: string, steps: RunEntropyRow[]}} RunEntropyOut  schemas.RunEntropyOut (rows of one target) */
 
 /**
  * @typedef {object} DiagonalEntry  schemas.DiagonalEntry
@@ -88,7 +90,7 @@
  */
 
 /**
- * @typedef {object} PairStats  sketch.blocks.PairStats
+ * @typedef {object} PairStats  schemas.PairStatsOut
  * @property {number} count
  * @property {number | null} mean_k
  * @property {number | null} mean_abs_k
@@ -98,16 +100,16 @@
  */
 
 /**
- * @typedef {object} Blocks  sketch.blocks.Blocks (GET .../kernel/blocks has no schema model)
+ * @typedef {object} Blocks  schemas.BlocksOut
  * @property {PairStats} diagonal
  * @property {PairStats} same_prompt
  * @property {PairStats} cross_prompt
  * @property {{prompts: string[], mean_k: (number | null)[][], mean_rho: (number | null)[][]}} prompt_matrix
- *   sketch.blocks.PromptMatrix; null: a prompt with one sequence has no pairs within itself
+ *   schemas.PromptMatrixOut; null: a prompt with one sequence has no pairs within itself
  */
 
 /**
- * @typedef {object} Quadrant  sketch.entropy.Quadrant
+ * @typedef {object} Quadrant  schemas.QuadrantOut
  * @property {"positive" | "negative"} advantage
  * @property {"above_mean" | "below_mean"} logprob
  * @property {number} sum
@@ -115,16 +117,16 @@
  */
 
 /**
- * @typedef {object} Decomposition  sketch.entropy.Decomposition
+ * @typedef {object} Decomposition  schemas.DecompositionOut
  * @property {{diagonal: PairTypeValue, same_prompt: PairTypeValue, cross_prompt: PairTypeValue}} pair_types
  * @property {Quadrant[]} quadrants
  * @property {Object<string, number> | null} groups  null unless the run's sketch has groups
  */
 
-/** @typedef {{value: number | null, share: number | null}} PairTypeValue  sketch.entropy.PairTypeValue */
+/** @typedef {{value: number | null, share: number | null}} PairTypeValue  schemas.PairTypeValue */
 
 /**
- * @typedef {object} SequenceContribution  sketch.entropy.SequenceContribution
+ * @typedef {object} SequenceContribution  schemas.SequenceContributionOut
  * @property {string} id
  * @property {string} prompt_id
  * @property {"update" | "entropy"} role
@@ -134,18 +136,19 @@
  * @property {number | null} a  a_i, an update row of the estimator
  * @property {number | null} b  b_j, an entropy row of the estimator
  * @property {number | null} c
- * @property {number | null} h
+ * @property {number | null} h  the entropy-side coefficient of the answer's target
  */
 
 /**
- * @typedef {object} Realized  sketch.realized.Realized
- * @property {number} delta_h
- * @property {"logprob_after" | "posted" | "given"} source
+ * @typedef {object} Realized  schemas.RealizedChangeOut
+ * @property {number} delta_h  the realized change of the answer's target
+ * @property {"logprob_after" | "entropy_sum" | "posted" | "given"} source  entropy_sum: from the
+ *   sequences' entropy_sum / entropy_sum_after with logprob_after (the only source of token_mean)
  * @property {number | null} entropy_before
  * @property {number | null} entropy_after
  * @property {number} num_sequences
  * @property {number} num_prompts
- * @property {"control_variate" | "snis" | null} estimator  set when source is logprob_after
+ * @property {"control_variate" | "snis" | null} estimator  set when estimated from the sequences
  * @property {number | null} se
  * @property {number | null} delta_h_snis
  * @property {number | null} kl
@@ -153,7 +156,7 @@
  */
 
 /**
- * @typedef {object} RatioInterval  sketch.ratio.RatioInterval
+ * @typedef {object} RatioInterval  schemas.RatioIntervalOut
  * @property {number | null} value
  * @property {number | null} low
  * @property {number | null} high
@@ -163,7 +166,7 @@
  */
 
 /**
- * @typedef {object} TaylorCheck  sketch.taylor.TaylorCheck
+ * @typedef {object} TaylorCheck  schemas.TaylorOut
  * @property {"first_order" | "second_order" | "outside" | "unknown"} regime
  * @property {number | null} kl
  * @property {number | null} kl_se
@@ -172,7 +175,7 @@
  */
 
 /**
- * @typedef {object} NoiseScale  sketch.noise_scale.NoiseScale
+ * @typedef {object} NoiseScale  schemas.NoiseScaleOut
  * @property {number | null} tr_sigma
  * @property {number | null} g_norm2
  * @property {number | null} b_simple
@@ -180,7 +183,7 @@
  */
 
 /**
- * @typedef {object} EntropyChange  sketch.entropy.EntropyChange (GET .../entropy has no schema model)
+ * @typedef {object} EntropyOut  schemas.EntropyOut
  * @property {number} delta_h1
  * @property {"independent" | "u_statistic" | "plugin"} estimator
  * @property {number} se_sampling
@@ -197,12 +200,13 @@
  * @property {number} num_entropy
  * @property {number} num_prompts
  * @property {number | null} delta_h1_applied
- * @property {number | null} delta_h2
+ * @property {number | null} delta_h2  null for token_mean (not derived)
  * @property {number | null} delta_h1_plus_h2
  * @property {Realized | null} realized  null: no realized change known yet
  * @property {number | null} ratio
  * @property {RatioInterval | null} ratio_interval  null exactly when realized is
  * @property {TaylorCheck} taylor
+ * @property {Target} target  every number is about this entropy, in its unit
  */
 
 // The token never travels in a URL (access logs, browser history): it is typed into the page and
@@ -249,6 +253,14 @@ const stepPath = (runId, step) => `/v1/runs/${enc(runId)}/steps/${step}`;
 // an analysis asked for right after its step's status said ready: ?wait rides out a race
 // with a new upload instead of a 409
 const waitQuery = (wait) => (wait ? `?wait=${wait}` : "");
+/** "?wait=5&target=token_mean": the parameters that are set, in this order. */
+const entropyQuery = (wait, target) => {
+  const q = new URLSearchParams();
+  if (wait) q.set("wait", String(wait));
+  if (target) q.set("target", target);
+  const text = q.toString();
+  return text ? `?${text}` : "";
+};
 
 /** GET /v1/runs. @returns {Promise<Run[]>} oldest first */
 export const listRuns = () => get("/v1/runs");
@@ -256,8 +268,8 @@ export const listRuns = () => get("/v1/runs");
 /** GET /v1/runs/{run_id}. @returns {Promise<RunDetail>} */
 export const getRun = (runId) => get(`/v1/runs/${enc(runId)}`);
 
-/** GET /v1/runs/{run_id}/entropy. @returns {Promise<RunEntropyOut>} */
-export const getRunEntropy = (runId) => get(`/v1/runs/${enc(runId)}/entropy`);
+/** GET /v1/runs/{run_id}/entropy?target=. @param {Target} target @returns {Promise<RunEntropyOut>} */
+export const getRunEntropy = (runId, target) => get(`/v1/runs/${enc(runId)}/entropy${entropyQuery(0, target)}`);
 
 /** GET /v1/runs/{run_id}/steps/{step}. @returns {Promise<StepStatus>} */
 export const getStep = (runId, step) => get(stepPath(runId, step));
@@ -271,5 +283,5 @@ export const getBlocks = (runId, step, wait = 0) => get(`${stepPath(runId, step)
 /** GET .../steps/{step}/kernel/diagonal. @returns {Promise<DiagonalEntry[]>} */
 export const getDiagonal = (runId, step, wait = 0) => get(`${stepPath(runId, step)}/kernel/diagonal${waitQuery(wait)}`);
 
-/** GET .../steps/{step}/entropy (the default estimator). @returns {Promise<EntropyChange>} */
-export const getStepEntropy = (runId, step, wait = 0) => get(`${stepPath(runId, step)}/entropy${waitQuery(wait)}`);
+/** GET .../steps/{step}/entropy?target= (the default estimator). @param {Target} target @returns {Promise<EntropyOut>} */
+export const getStepEntropy = (runId, step, target, wait = 0) => get(`${stepPath(runId, step)}/entropy${entropyQuery(wait, target)}`);

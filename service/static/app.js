@@ -6,12 +6,15 @@
  *   #/runs/{run_id}             a run: entropy change over steps, ratio, noise scale (run-page.js)
  *   #/runs/{run_id}/steps/{s}   a step: spectrum, prompt heatmaps, diagonal histogram,
  *                               decomposition of dH1, the sequences that drive it (step-page.js)
+ * The run and step pages take `?target=sequence|token_mean` after the fragment's path (or in
+ * the query string, for a path-style link): which entropy their numbers are about (entropy.js).
  * The current page polls the API every few seconds (`?poll=MS` overrides) and redraws only
  * when the data changed, so a running trainer's new steps appear without a reload.
  * Numbers are defined in docs/math.md.
  */
 import { ApiError, dropStoredToken, setToken } from "./api.js";
 import { el } from "./dom.js";
+import { targetOf } from "./entropy.js";
 import { runPage } from "./run-page.js";
 import { runsPage } from "./runs-page.js";
 import { stepPage } from "./step-page.js";
@@ -56,11 +59,12 @@ function showError(box, err) {
 }
 
 function route() {
-  const hash = location.hash.replace(/^#/, "");
-  const path = hash || (location.pathname.startsWith("/runs/") ? location.pathname : "/");
+  const [hashPath, hashQuery = ""] = location.hash.replace(/^#/, "").split("?", 2);
+  const path = hashPath || (location.pathname.startsWith("/runs/") ? location.pathname : "/");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
-  if (parts[0] === "runs" && parts.length >= 4 && parts[2] === "steps") return stepPage(frame, parts[1], Number(parts[3]));
-  if (parts[0] === "runs" && parts.length >= 2) return runPage(frame, parts[1]);
+  const target = targetOf(hashQuery, location.search);
+  if (parts[0] === "runs" && parts.length >= 4 && parts[2] === "steps") return stepPage(frame, parts[1], Number(parts[3]), target);
+  if (parts[0] === "runs" && parts.length >= 2) return runPage(frame, parts[1], target);
   return runsPage(frame);
 }
 

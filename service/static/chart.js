@@ -125,8 +125,8 @@ function swatchKind(s) {
  * An x-y chart: markers, optional lines and error bars, horizontal reference lines.
  * series: [{name, label, color, points: [{x, y, lo?, hi?, tip?}], line?, dash?, markers?,
  *          shape?, flag?}]
- * Markers are <circle class="pt" data-series=name> (a <rect> or <path> for shape "square" /
- * "diamond"), one per point with a finite y; error bars are <g class="errbar"
+ * Markers are <circle class="pt" data-series=name data-x data-y> (a <rect> or <path> for shape
+ * "square" / "diamond"), one per point with a finite y, carrying the point's exact values; error bars are <g class="errbar"
  * data-series=name>.  A `flag` series has no y: its points are hollow markers in a lane under
  * the plot, off the value axis (<... class="flag" data-series=name>), for x that have no
  * value to draw.
@@ -272,7 +272,7 @@ export function xyChart(body, opts) {
     }
     if (s.markers !== false) {
       for (const p of good) {
-        const c = marker(plot, s.shape, sx(p.x), sy(p.y), s.radius || 3.5, { fill: s.color, class: "pt", "data-series": s.name });
+        const c = marker(plot, s.shape, sx(p.x), sy(p.y), s.radius || 3.5, { fill: s.color, class: "pt", "data-series": s.name, "data-x": p.x, "data-y": p.y });
         tip(c, p.tip || `${s.label || s.name}: x=${fmt(p.x)}, y=${fmt(p.y)}`);
       }
     }
@@ -422,7 +422,7 @@ export function histogram(body, opts) {
   body.append(root);
 }
 
-/** Horizontal bars around zero, one row per item; bars are <rect class="hbar">. */
+/** Horizontal bars around zero, one row per item; bars are <rect class="hbar" data-label data-value>. */
 export function hbars(body, opts) {
   const items = (opts.items || []).filter((it) => isNum(it.value));
   if (!items.length) {
@@ -450,7 +450,7 @@ export function hbars(body, opts) {
     const y = top + i * row + 4;
     const x0 = sx(0);
     const x1 = sx(it.value);
-    const r = svg("rect", { x: Math.min(x0, x1), y, width: Math.max(1, Math.abs(x1 - x0)), height: row - 8, fill: it.value < 0 ? COLORS.neg : COLORS.pos, class: "hbar", "data-label": it.label }, root);
+    const r = svg("rect", { x: Math.min(x0, x1), y, width: Math.max(1, Math.abs(x1 - x0)), height: row - 8, fill: it.value < 0 ? COLORS.neg : COLORS.pos, class: "hbar", "data-label": it.label, "data-value": it.value }, root);
     tip(r, `${it.label}: ${fmt(it.value)}${it.note ? ` (${it.note})` : ""}`);
     svg("text", { x: labelW - 6, y: y + row / 2, "text-anchor": "end", class: "tick", text: it.label }, root);
     if (it.note) svg("text", { x: labelW + plotW + 8, y: y + row / 2, class: "tick small", text: it.note }, root);

@@ -1,11 +1,12 @@
-/* #/runs/{run_id} : a run over its steps: predicted against realized entropy change, their
- * ratio, the step size KL(π‖π′), the step length, the noise scale, the covariance baseline,
- * and a table of the steps.
+/* #/runs/{run_id}?target= : a run over its steps: predicted against realized entropy change,
+ * their ratio, the step size KL(π‖π′), the step length, the noise scale, the covariance
+ * baseline, and a table of the steps.  The entropy numbers are about the page's target (the
+ * sequence entropy H or the token-mean entropy T, entropy.js), chosen by its switch.
  */
 import { ApiError, getRun, getRunEntropy, getStepEntropy } from "./api.js";
 import { COLORS, chartCard, xyChart } from "./chart.js";
 import { el, fmt, isNum, sortableTable, when } from "./dom.js";
-import { KL_FIRST_ORDER, KL_SECOND_ORDER, flatRow, pmText, ratioShown, ratioText, regimeLabel, regimeNote, seTotal } from "./entropy.js";
+import { KL_FIRST_ORDER, KL_SECOND_ORDER, flatRow, pmText, ratioShown, ratioText, regimeLabel, regimeNote, seTotal, targetHref, targetSwitch } from "./entropy.js";
 import { specText } from "./runs-page.js";
 
 const enc = encodeURIComponent;
@@ -13,10 +14,14 @@ const enc = encodeURIComponent;
 /** The steps table's row of a step that has no analysis yet. */
 const NO_ANALYSIS = { delta_h1: null, realized: null, realized_se: null, realized_source: null, ratio: null, ratio_estimable: null, kl: null, kl_se: null, regime: null, regime_reasons: [], cov_baseline: null };
 
-/** A run: entropy over steps, ratio, step size, noise scale, steps table; `frame`: {view, setCrumbs}. */
-export function runPage(frame, runId) {
+/**
+ * A run: entropy over steps, ratio, step size, noise scale, steps table; `frame`: {view,
+ * setCrumbs}; `t`: the target (entropy.js TARGETS), which every entropy number is about.
+ */
+export function runPage(frame, runId, t) {
   frame.setCrumbs([{ label: "runs", href: "#/" }, { label: runId }]);
-  const head = el("section", { class: "card run-head" }, el("h2", { text: `Run ${runId}` }), el("p", { class: "empty", text: "loading…" }));
+  const switcher = targetSwitch(`/runs/${enc(runId)}`, t);
+  const head = el("section", { class: "card run-head" }, el("h2", { text: `Run ${runId}` }), switcher, el("p", { class: "empty", text: "loading…" }));
   const cEntropy = el("section", { class: "wide" });
   const cRatio = el("section");
   const cKl = el("section");
@@ -35,30 +40,32 @@ export function runPage(frame, runId) {
   const bar2 = (v, se) => (isNum(v) && isNum(se) ? { lo: v - 2 * se, hi: v + 2 * se } : {});
 
   function drawEntropy(rows) {
-    const body = chartCard(cEntropy, "entropy", "Entropy change per step: predicted against realized", "predicted dH1 with ±2 s.e. bars (sampling and sketch error combined); the realized change with ±2 s.e. bars when it is estimated from logprob_after (a posted change has none); dH1 along the update the optimizer really applied; the second-order prediction dH1 + dH2");
+    const realizedFrom = t.key === "sequence" ? "when it is estimated from logprob_after (a posted change has none)" : "from the sequences' entropy_sum / entropy_sum_after with logprob_after (none without them)";
+    const second = t.d2 ? `; the second-order prediction ${t.d1} + ${t.d2}` : " (no second-order term is derived for T)";
+    const body = chartCard(cEntropy, "entropy", `Change of the ${t.name} per step: predicted against realized (${t.per})`, `predicted ${t.d1} with ±2 s.e. bars (sampling and sketch error combined); the realized change with ±2 s.e. bars ${realizedFrom}; ${t.d1} along the update the optimizer really applied${second}`);
     xyChart(body, {
       xLabel: "step",
-      yLabel: "entropy change ΔH (nats)",
+      yLabel: `entropy change ${t.delta} (${t.per})`,
       xInteger: true,
       height: 280,
       errClip: 1,
       refLines: [{ y: 0, color: "#999" }],
       series: [
-        { name: "predicted", label: "predicted dH1 ± 2 s.e.", color: COLORS.predicted, line: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1, lo: r.delta_h1 - 2 * seTotal(r), hi: r.delta_h1 + 2 * seTotal(r), tip: `step ${r.step}: dH1 = ${fmt(r.delta_h1)} ± ${fmt(seTotal(r))} nats (${r.estimator})` })) },
+        { name: "predicted", label: `predicted ${t.d1} ± 2 s.e.`, color: COLORS.predicted, line: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1, lo: r.delta_h1 - 2 * seTotal(r), hi: r.delta_h1 + 2 * seTotal(r), tip: `step ${r.step}: ${t.d1} = ${fmt(r.delta_h1)} ± ${fmt(seTotal(r))} ${t.unit} (${r.estimator})` })) },
         {
           name: "realized",
-          label: "realized ΔH ± 2 s.e.",
+          label: `realized ${t.delta} ± 2 s.e.`,
           color: COLORS.realized,
           line: true,
           points: rows.map((r) => ({
             x: r.step,
             y: r.realized,
             ...bar2(r.realized, r.realized_se),
-            tip: `step ${r.step}: realized ΔH = ${fmt(r.realized)}${isNum(r.realized_se) ? ` ± ${fmt(r.realized_se)}` : ""} nats (${r.realized_source})`,
+            tip: `step ${r.step}: realized ${t.delta} = ${fmt(r.realized)}${isNum(r.realized_se) ? ` ± ${fmt(r.realized_se)}` : ""} ${t.unit} (${r.realized_source})`,
           })),
         },
-        { name: "applied", label: "dH1 of the applied update", color: COLORS.applied, line: true, dash: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1_applied })) },
-        { name: "second-order", label: "dH1 + dH2 (second order)", color: COLORS.second, line: true, dash: true, radius: 2.5, points: rows.map((r) => ({ x: r.step, y: r.delta_h1_plus_h2, tip: `step ${r.step}: dH1 + dH2 = ${fmt(r.delta_h1_plus_h2)} nats` })) },
+        { name: "applied", label: `${t.d1} of the applied update`, color: COLORS.applied, line: true, dash: true, points: rows.map((r) => ({ x: r.step, y: r.delta_h1_applied, tip: `step ${r.step}: ${t.d1} of the applied update = ${fmt(r.delta_h1_applied)} ${t.unit}` })) },
+        { name: "second-order", label: `${t.d1} + ${t.d2} (second order)`, color: COLORS.second, line: true, dash: true, radius: 2.5, points: rows.map((r) => ({ x: r.step, y: r.delta_h1_plus_h2, tip: `step ${r.step}: ${t.d1} + ${t.d2} = ${fmt(r.delta_h1_plus_h2)} ${t.unit}` })) },
       ],
       empty: "no analysed step yet",
     });
@@ -66,12 +73,13 @@ export function runPage(frame, runId) {
 
   function drawRatio(rows) {
     const shown = rows.filter((r) => isNum(ratioShown(r)));
-    const tipOf = (r) => `step ${r.step}: realized / dH1 = ${ratioText(r)}`;
+    const tipOf = (r) => `step ${r.step}: realized / ${t.d1} = ${ratioText(r)}`;
     const ratioPoint = (r) => ({ x: r.step, y: r.ratio, lo: r.ratio_low, hi: r.ratio_high, tip: tipOf(r) });
-    const body = chartCard(cRatio, "ratio", "Realized / predicted", "realized ΔH / dH1 with its Fieller interval at ±2 s.e.; 1 = first order explains all of it; squares: second-order regime (compare dH1 + dH2); in the strip under the plot: the ratio is not estimable (|dH1| ≤ 2 s.e.: noise) or the step is outside the Taylor regime");
+    const squares = t.d2 ? `compare ${t.d1} + ${t.d2}` : `${t.d1} may miss part of the change`;
+    const body = chartCard(cRatio, "ratio", `Realized / predicted (${t.name})`, `realized ${t.delta} / ${t.d1} with its Fieller interval at ±2 s.e.; 1 = first order explains all of it; squares: second-order regime (${squares}); in the strip under the plot: the ratio is not estimable (|${t.d1}| ≤ 2 s.e.: noise) or the step is outside the Taylor regime`);
     xyChart(body, {
       xLabel: "step",
-      yLabel: "realized ΔH / dH1 (ratio)",
+      yLabel: `realized ${t.delta} / ${t.d1} (ratio)`,
       xInteger: true,
       errClip: 1.5,
       yInclude: [0, 2],
@@ -79,17 +87,18 @@ export function runPage(frame, runId) {
       series: [
         { name: "ratio", label: "ratio ± 2 s.e.", color: COLORS.ratio, points: shown.filter((r) => r.regime !== "second_order").map(ratioPoint) },
         { name: "ratio-second-order", label: "ratio, 2nd-order regime", color: COLORS.ratio, shape: "square", points: shown.filter((r) => r.regime === "second_order").map(ratioPoint) },
-        { name: "not-estimable", label: "not estimable", color: COLORS.notEstimable, flag: true, points: rows.filter((r) => r.regime !== "outside" && isNum(r.ratio) && r.ratio_estimable === false).map((r) => ({ x: r.step, tip: `step ${r.step}: ratio not estimable, |dH1| = ${fmt(Math.abs(r.delta_h1))} ≤ 2 s.e. = ${fmt(2 * seTotal(r))} (realized / dH1 would read ${fmt(r.ratio)})` })) },
+        { name: "not-estimable", label: "not estimable", color: COLORS.notEstimable, flag: true, points: rows.filter((r) => r.regime !== "outside" && isNum(r.ratio) && r.ratio_estimable === false).map((r) => ({ x: r.step, tip: `step ${r.step}: ratio not estimable, |${t.d1}| = ${fmt(Math.abs(r.delta_h1))} ≤ 2 s.e. = ${fmt(2 * seTotal(r))} (realized / ${t.d1} would read ${fmt(r.ratio)})` })) },
         { name: "outside", label: "outside Taylor regime", color: COLORS.outside, flag: true, shape: "diamond", points: rows.filter((r) => r.regime === "outside").map((r) => ({ x: r.step, tip: `step ${r.step}: outside the Taylor regime${r.regime_reasons.length ? ` (${r.regime_reasons.join("; ")})` : ""}` })) },
       ],
-      empty: "no step with a realized change yet (POST …/realized or logprob_after)",
+      empty: t.key === "sequence" ? "no step with a realized change yet (POST …/realized or logprob_after)" : "no step with a realized change of T yet (entropy_sum and entropy_sum_after with logprob_after)",
     });
   }
 
   function drawKl(rows) {
     const kls = rows.map((r) => r.kl).filter((v) => isNum(v) && v > 0);
     const logY = kls.length === rows.filter((r) => isNum(r.kl)).length && kls.length > 0 && Math.max(KL_SECOND_ORDER, ...kls) / Math.min(KL_FIRST_ORDER, ...kls) > 30;
-    const body = chartCard(cKl, "kl", "Step size KL(π‖π′)", `KL of the policy after the step from the policy before, per prompt and averaged (nats, from logprob_after), ±2 s.e.; up to ${KL_FIRST_ORDER} nats dH1 alone should match the realized change, up to ${KL_SECOND_ORDER} compare dH1 + dH2, beyond it no Taylor prediction holds`);
+    const upToSecond = t.d2 ? `compare ${t.d1} + ${t.d2}` : `${t.d1} may miss part of the change (no second-order term for T)`;
+    const body = chartCard(cKl, "kl", "Step size KL(π‖π′)", `KL of the policy after the step from the policy before, per prompt and averaged (nats, from logprob_after; the same under both targets), ±2 s.e.; up to ${KL_FIRST_ORDER} nats ${t.d1} alone should match the realized change, up to ${KL_SECOND_ORDER} ${upToSecond}, beyond it no Taylor prediction holds`);
     xyChart(body, {
       xLabel: "step",
       yLabel: `KL(π‖π′) (nats${logY ? ", log scale" : ""})`,
@@ -117,6 +126,7 @@ export function runPage(frame, runId) {
     const { run, rows } = lastData;
     head.replaceChildren(
       el("h2", { text: `Run ${runId}` }),
+      switcher,
       el(
         "dl",
         { class: "facts" },
@@ -129,7 +139,7 @@ export function runPage(frame, runId) {
     );
     const pts = (key, f = (r) => r[key]) => rows.map((r) => ({ x: r.step, y: f(r) }));
     drawEntropy(rows);
-    xyChart(chartCard(cBaseline, "baseline", "Covariance baseline (Cui et al. 2025)", "−(1/B) Σ_p Cov(S, A): the entropy dynamics with an identity kernel, no learning rate; compare its sign and trend with dH1"), {
+    xyChart(chartCard(cBaseline, "baseline", "Covariance baseline (Cui et al. 2025)", `−(1/B) Σ_p Cov(S, A): the sequence-entropy dynamics with an identity kernel, no learning rate, the same for both targets; compare its sign and trend with ${t.d1}`), {
       xLabel: "step",
       yLabel: "−mean Cov(S, A) (nats × adv.)",
       xInteger: true,
@@ -192,24 +202,24 @@ export function runPage(frame, runId) {
     steps.dataset.chart = "steps";
     steps.replaceChildren(
       el("h3", { text: "Steps" }),
-      el("p", { class: "sub", text: "entropy changes and KL(π‖π′) in nats; realized and KL ± 1 s.e.; ratio: realized / dH1 with its Fieller interval at 2 s.e.; “not estimable”: |dH1| ≤ 2 s.e.; “outside Taylor”: KL(π‖π′) > 0.3, too large a step for a Taylor prediction; “(2nd order)”: compare dH1 + dH2 (docs/math.md §6). Click a header to sort." }),
+      el("p", { class: "sub", text: `changes of the ${t.name} in ${t.per}, KL(π‖π′) in nats; realized and KL ± 1 s.e.; ratio: realized / ${t.d1} with its Fieller interval at 2 s.e.; “not estimable”: |${t.d1}| ≤ 2 s.e.; “outside Taylor”: KL(π‖π′) > 0.3, too large a step for a Taylor prediction; “(2nd order)”: ${t.d2 ? `compare ${t.d1} + ${t.d2}` : `${t.d1} may miss part of the change`} (docs/math.md §6, §8). Click a header to sort.` }),
       el(
         "div",
         { class: "table-scroll" },
         sortableTable(
           tableRows,
           [
-            { key: "step", label: "step", num: true, fmt: (v) => el("a", { href: `#/runs/${enc(runId)}/steps/${v}`, text: v }) },
+            { key: "step", label: "step", num: true, fmt: (v) => el("a", { href: targetHref(`/runs/${enc(runId)}/steps/${v}`, t), text: v }) },
             { key: "state", label: "state", fmt: (v) => el("span", { class: `state ${v}`, text: v }) },
             { key: "sequences", label: "sequences", num: true },
             { key: "rows", label: "rows", num: true },
             { key: "pending", label: "queued", num: true, title: "queued uploads; sort by them" },
-            { key: "dh1", label: "dH1", num: true, fmt: (v) => fmt(v) },
+            { key: "dh1", label: `${t.d1} (${t.unit})`, num: true, fmt: (v) => fmt(v) },
             { key: "se", label: "s.e.", num: true, fmt: (v) => fmt(v) },
-            { key: "realized", label: "realized ± s.e.", num: true, fmt: (v, r) => el("span", { title: r.realized_source ? `source: ${r.realized_source}` : null }, pmText(v, r.realized_se)) },
-            { key: "ratio", label: "realized / dH1 [2 s.e.]", num: true, fmt: (v, r) => el("span", { class: isNum(v) ? null : "flagged" }, r.ratio_text) },
+            { key: "realized", label: `realized ${t.delta} ± s.e.`, num: true, fmt: (v, r) => el("span", { title: r.realized_source ? `source: ${r.realized_source}` : null }, pmText(v, r.realized_se)) },
+            { key: "ratio", label: `realized / ${t.d1} [2 s.e.]`, num: true, fmt: (v, r) => el("span", { class: isNum(v) ? null : "flagged" }, r.ratio_text) },
             { key: "kl", label: "KL(π‖π′) ± s.e.", num: true, fmt: (v, r) => pmText(v, r.kl_se) },
-            { key: "regime", label: "regime", fmt: (v, r) => el("span", { class: `regime ${v || "none"}`, title: v ? regimeNote(v, r.regime_reasons) : null, text: regimeLabel(v) }) },
+            { key: "regime", label: "regime", fmt: (v, r) => el("span", { class: `regime ${v || "none"}`, title: v ? regimeNote(v, r.regime_reasons, t) : null, text: regimeLabel(v) }) },
             { key: "baseline", label: "cov. baseline", num: true, fmt: (v) => fmt(v) },
           ],
           stepsSort,
@@ -220,7 +230,7 @@ export function runPage(frame, runId) {
 
   return {
     async refresh() {
-      const [run, history] = await Promise.all([getRun(runId), getRunEntropy(runId)]);
+      const [run, history] = await Promise.all([getRun(runId), getRunEntropy(runId, t.key)]);
       const summaries = new Map(history.steps.map((r) => [r.step, r]));
       // the history's rows have no covariance baseline, noise scale or step length: ask each
       // ready step for its full answer (the server caches it by data version), again when its
@@ -237,7 +247,7 @@ export function runPage(frame, runId) {
         await Promise.all(
           todo.slice(i, i + 4).map(async (s) => {
             try {
-              stepCache.set(s.step, { key: stepKey(s), row: flatRow(s.step, await getStepEntropy(runId, s.step, 5)) });
+              stepCache.set(s.step, { key: stepKey(s), row: flatRow(s.step, await getStepEntropy(runId, s.step, t.key, 5)) });
             } catch (err) {
               // a step that cannot be analysed (409: new uploads queued since its status was
               // read; 422: e.g. no update rows) keeps its history row, if any, as the server does

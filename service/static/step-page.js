@@ -1,10 +1,12 @@
-/* #/runs/{run_id}/steps/{step} : one step: its status, its entropy numbers, the spectrum, the
- * diagonal and the prompt heatmaps of K, the decomposition of dH1, the sequences that drive it.
+/* #/runs/{run_id}/steps/{step}?target= : one step: its status, its entropy numbers, the
+ * spectrum, the diagonal and the prompt heatmaps of K, the decomposition of dH1, the sequences
+ * that drive it.  The entropy numbers are about the page's target (the sequence entropy H or
+ * the token-mean entropy T, entropy.js), chosen by its switch; the kernel's are the same for both.
  */
 import { getBlocks, getDiagonal, getSpectrum, getStep, getStepEntropy } from "./api.js";
 import { COLORS, chartCard, hbars, heatmap, histogram, xyChart } from "./chart.js";
 import { el, fmt, fmtPct, isNum, sortableTable } from "./dom.js";
-import { KL_FIRST_ORDER, KL_SECOND_ORDER, flatRow, pmText, ratioText, regimeLabel, regimeNote, seTotal } from "./entropy.js";
+import { KL_FIRST_ORDER, KL_SECOND_ORDER, flatRow, pmText, ratioText, regimeLabel, regimeNote, seTotal, targetHref, targetSwitch } from "./entropy.js";
 
 const enc = encodeURIComponent;
 const ZERO_EIGENVALUE = 1e-10; // relative to the largest eigenvalue
@@ -17,50 +19,62 @@ const QUADRANT_ADVANTAGE = { positive: "A > 0", negative: "A ≤ 0" };
 const QUADRANT_LOGPROB = { above_mean: "S above prompt mean", below_mean: "S ≤ prompt mean" };
 const quadrantLabel = (q) => `${QUADRANT_ADVANTAGE[q.advantage]}, ${QUADRANT_LOGPROB[q.logprob]}`;
 
-/** The realized change's line under its number: how it was obtained. */
-function realizedNote(real) {
-  if (real === null) return "none yet: POST …/realized, or send logprob_after with the sequences";
-  if (real.source === "logprob_after") {
-    return `${real.estimator.replace(/_/g, " ")} estimate from logprob_after over ${real.num_sequences} sequences, ${real.num_prompts} prompts; self-normalised (SNIS) ${fmt(real.delta_h_snis)}, for comparison`;
+/** The realized change's line under its number: how it was obtained; `t`: the target. */
+function realizedNote(real, t) {
+  if (real === null) {
+    if (t.key === "sequence") return "none yet: POST …/realized, or send logprob_after with the sequences";
+    return "none: send entropy_sum and entropy_sum_after with logprob_after (a posted change is the sequence entropy's)";
+  }
+  if (real.source === "logprob_after" || real.source === "entropy_sum") {
+    const from = real.source === "entropy_sum" ? "entropy_sum / entropy_sum_after and logprob_after" : "logprob_after";
+    const levels = t.key === "sequence" ? "" : `; T ${fmt(real.entropy_before)} → ${fmt(real.entropy_after)} ${t.unit}`;
+    const snis = isNum(real.delta_h_snis) ? `; self-normalised (SNIS) ${fmt(real.delta_h_snis)}, for comparison` : "";
+    return `${real.estimator.replace(/_/g, " ")} estimate from ${from} over ${real.num_sequences} sequences, ${real.num_prompts} prompts${levels}${snis}`;
   }
   if (real.source === "posted") return "posted entropy_after − entropy_before, taken as exact (no s.e.)";
   return "given by the caller, taken as exact (no s.e.)";
 }
 
 /** The ratio's line under it: why it is flagged, or how its interval was made. */
-function ratioNote(e) {
+function ratioNote(e, t) {
   const interval = e.ratio_interval;
   if (e.taylor.regime === "outside") return "the step is outside the Taylor regime: no ratio (see the regime)";
   if (interval === null) return "";
-  if (isNum(e.ratio) && !interval.estimable) return `|dH1| ≤ ${fmt(interval.z)} s.e.: realized / dH1 = ${fmt(e.ratio)} would be noise`;
+  if (isNum(e.ratio) && !interval.estimable) return `|${t.d1}| ≤ ${fmt(interval.z)} s.e.: realized / ${t.d1} = ${fmt(e.ratio)} would be noise`;
   if (isNum(interval.low)) return `Fieller interval at ±${fmt(interval.z)} s.e.; error correlation ${fmt(interval.correlation, 2)}`;
   return "";
 }
 
-/** The numbers at the top of the step page, from its EntropyChange (api.js). */
-function stepKpis(e) {
+/** The numbers at the top of the step page, from its EntropyOut (api.js), about target `t`. */
+function stepKpis(e, t) {
   const real = e.realized;
   const taylor = e.taylor;
   const flat = flatRow(null, e);
+  // T has no second-order term (docs/math.md §8): say so instead of a bare "–"
+  const noSecond = t.d2 ? null : "not derived for the token-mean entropy (docs/math.md §8)";
   return [
-    { key: "dh1", label: "dH1 ± 1 s.e. (predicted, nats)", value: e.delta_h1, se: seTotal(e), text: pmText(e.delta_h1, seTotal(e)), note: `estimator ${e.estimator}; s.e. sampling ${fmt(e.se_sampling)}, sketch ${fmt(e.se_sketch)}`, title: "first-order entropy change η <grad_hat H, g_hat>" },
-    { key: "realized", label: "realized ΔH ± 1 s.e. (nats)", value: flat.realized, se: flat.realized_se, text: pmText(flat.realized, flat.realized_se), note: realizedNote(real), title: "the entropy change that happened (docs/math.md §6)" },
-    { key: "ratio", label: "realized / dH1 [2 s.e.]", value: e.ratio, text: ratioText(flat), note: ratioNote(e), title: "1 = first order explains the whole change" },
+    { key: "dh1", label: `${t.d1} ± 1 s.e. (predicted, ${t.per})`, value: e.delta_h1, se: seTotal(e), text: pmText(e.delta_h1, seTotal(e)), note: `estimator ${e.estimator}; s.e. sampling ${fmt(e.se_sampling)}, sketch ${fmt(e.se_sketch)}`, title: `first-order change of the ${t.name}, η <grad_hat ${t.symbol}, g_hat>` },
+    { key: "realized", label: `realized ${t.delta} ± 1 s.e. (${t.per})`, value: flat.realized, se: flat.realized_se, text: pmText(flat.realized, flat.realized_se), note: realizedNote(real, t), title: `the change of the ${t.name} that happened (docs/math.md ${t.key === "sequence" ? "§6" : "§8"})` },
+    { key: "ratio", label: `realized / ${t.d1} [2 s.e.]`, value: e.ratio, text: ratioText(flat), note: ratioNote(e, t), title: "1 = first order explains the whole change" },
     { key: "kl", label: "step size KL(π‖π′) ± 1 s.e. (nats)", value: taylor.kl, se: taylor.kl_se, text: pmText(taylor.kl, taylor.kl_se), note: `limits ${KL_FIRST_ORDER} nats (first order), ${KL_SECOND_ORDER} nats (second order)`, title: "KL of the policy after the step from the policy before, per prompt, averaged; from logprob_after" },
-    { key: "regime", label: "Taylor regime", text: regimeLabel(taylor.regime), note: regimeNote(taylor.regime, taylor.reasons), title: "which prediction the step's size allows (docs/math.md §6)" },
-    { key: "dh1-dh2", label: "dH1 + dH2 (second order, nats)", value: e.delta_h1_plus_h2, text: fmt(e.delta_h1_plus_h2), note: "compare with the realized change in the second-order regime", title: "first-order change along the applied update plus the curvature term" },
-    { key: "applied", label: "dH1 applied update", value: e.delta_h1_applied, text: fmt(e.delta_h1_applied), title: "<grad H, u> with the real update" },
-    { key: "dh2", label: "dH2 (second order)", value: e.delta_h2, text: fmt(e.delta_h2), title: "curvature term from logprob_after" },
-    { key: "diag", label: "dH1 if K were diagonal", value: e.delta_h1_diag, text: fmt(e.delta_h1_diag), title: "diagonal-kernel approximation" },
+    { key: "regime", label: "Taylor regime", text: regimeLabel(taylor.regime), note: regimeNote(taylor.regime, taylor.reasons, t), title: "which prediction the step's size allows (docs/math.md §6)" },
+    { key: "dh1-dh2", label: t.d2 ? `${t.d1} + ${t.d2} (second order, ${t.per})` : `second order (${t.per})`, value: e.delta_h1_plus_h2, text: fmt(e.delta_h1_plus_h2), note: noSecond ?? "compare with the realized change in the second-order regime", title: "first-order change along the applied update plus the curvature term" },
+    { key: "applied", label: `${t.d1} applied update (${t.per})`, value: e.delta_h1_applied, text: fmt(e.delta_h1_applied), title: `<grad ${t.symbol}, u> with the real update` },
+    { key: "dh2", label: t.d2 ? `${t.d2} (second order, ${t.per})` : "second-order term", value: e.delta_h2, text: fmt(e.delta_h2), note: noSecond, title: "curvature term from logprob_after" },
+    { key: "diag", label: `${t.d1} if K were diagonal (${t.per})`, value: e.delta_h1_diag, text: fmt(e.delta_h1_diag), title: "diagonal-kernel approximation" },
     { key: "baseline", label: "covariance baseline", value: e.cov_baseline, text: fmt(e.cov_baseline), title: "−(1/B) Σ_p Cov(S, A), Cui et al. 2025" },
     { key: "noise", label: "noise scale B_simple", value: e.noise_scale.b_simple, text: fmt(e.noise_scale.b_simple), title: "prompts" },
   ];
 }
 
-/** A step: spectrum, heatmaps, diagonal, decomposition, sequence table; `frame`: {view, setCrumbs}. */
-export function stepPage(frame, runId, step) {
-  frame.setCrumbs([{ label: "runs", href: "#/" }, { label: runId, href: `#/runs/${enc(runId)}` }, { label: `step ${step}` }]);
-  const head = el("section", { class: "card run-head" }, el("h2", { text: `Step ${step}` }), el("p", { class: "empty", text: "loading…" }));
+/**
+ * A step: spectrum, heatmaps, diagonal, decomposition, sequence table; `frame`: {view,
+ * setCrumbs}; `t`: the target (entropy.js TARGETS), which every entropy number is about.
+ */
+export function stepPage(frame, runId, step, t) {
+  frame.setCrumbs([{ label: "runs", href: "#/" }, { label: runId, href: targetHref(`/runs/${enc(runId)}`, t) }, { label: `step ${step}` }]);
+  const switcher = targetSwitch(`/runs/${enc(runId)}/steps/${step}`, t);
+  const head = el("section", { class: "card run-head" }, el("h2", { text: `Step ${step}` }), switcher, el("p", { class: "empty", text: "loading…" }));
   const summary = el("section", { class: "card wide summary" });
   const cSpec = el("section");
   const cDiag = el("section");
@@ -80,6 +94,7 @@ export function stepPage(frame, runId, step) {
     head.replaceChildren(
       ...[
       el("h2", {}, `Step ${step} `, el("span", { class: `state ${status.state}`, text: status.state })),
+      switcher,
       el(
         "dl",
         { class: "facts" },
@@ -98,12 +113,12 @@ export function stepPage(frame, runId, step) {
     const { spectrum, blocks, diagonal, entropy } = data;
     const e = entropy;
     summary.replaceChildren(
-      el("h3", { text: "Entropy change of this step" }),
+      el("h3", { text: `Change of the ${t.name} at this step (${t.per})` }),
       el("p", { class: "sub", text: "± 1 standard error (the run page's bars are ±2 s.e.); the ratio's interval is Fieller's at ±2 s.e. (docs/math.md §6). Hover a number for its definition." }),
       el(
         "div",
         { class: "kpis" },
-        stepKpis(e).map((k) =>
+        stepKpis(e, t).map((k) =>
           el(
             "div",
             { class: "kpi", title: k.title, "data-kpi": k.key, "data-value": isNum(k.value) ? k.value : null, "data-se": isNum(k.se) ? k.se : null },
@@ -148,14 +163,14 @@ export function stepPage(frame, runId, step) {
       const { value, share } = dec.pair_types[k];
       return { label: k.replace("_", " "), value, note: isNum(share) ? `share ${fmtPct(share)}` : "" };
     });
-    hbars(chartCard(cPairs, "pairs", "dH1 by pair type", "contribution of sequence pairs (j, i) to h^T K c"), { items: pairItems, xLabel: "contribution to dH1 (nats)" });
+    hbars(chartCard(cPairs, "pairs", `${t.d1} by pair type`, `contribution of sequence pairs (j, i) to ${t.d2 ? "h" : "h~"}^T K c`), { items: pairItems, xLabel: `contribution to ${t.d1} (${t.per})` });
     const quadItems = dec.quadrants.map((q) => ({ label: quadrantLabel(q), value: q.sum, note: `${q.count} seq.` }));
-    hbars(chartCard(cQuad, "quadrants", "dH1 by kind of sequence", "advantage sign × log-prob above/below its prompt's mean"), { items: quadItems, xLabel: "contribution to dH1 (nats)" });
+    hbars(chartCard(cQuad, "quadrants", `${t.d1} by kind of sequence`, "advantage sign × log-prob above/below its prompt's mean"), { items: quadItems, xLabel: `contribution to ${t.d1} (${t.per})` });
     // groups: null unless the run's sketch has parameter groups
     if (dec.groups) {
       cGroups.hidden = false;
       const groupItems = Object.entries(dec.groups).map(([name, value]) => ({ label: name, value }));
-      hbars(chartCard(cGroups, "groups", "dH1 by parameter group", "per-group kernels K = Σ_g K_g"), { items: groupItems, xLabel: "contribution to dH1 (nats)" });
+      hbars(chartCard(cGroups, "groups", `${t.d1} by parameter group`, "per-group kernels K = Σ_g K_g"), { items: groupItems, xLabel: `contribution to ${t.d1} (${t.per})` });
     } else {
       cGroups.hidden = true;
       cGroups.replaceChildren();
@@ -170,7 +185,7 @@ export function stepPage(frame, runId, step) {
     const top = seqs.slice(0, 100);
     table.replaceChildren(
       el("h3", { text: "Sequences that drive entropy most" }),
-      el("p", { class: "sub", text: `the ${top.length} of ${seqs.length} sequences with the largest |contribution| to dH1 (a_i for update sequences, b_j for entropy sequences; negative = entropy collapse). Click a header to sort.` }),
+      el("p", { class: "sub", text: `the ${top.length} of ${seqs.length} sequences with the largest |contribution| to ${t.d1}, in ${t.per} (a_i for update sequences, b_j for entropy sequences; negative = entropy collapse). Click a header to sort.` }),
       el(
         "div",
         { class: "table-scroll" },
@@ -183,7 +198,7 @@ export function stepPage(frame, runId, step) {
             { key: "advantage", label: "advantage", num: true, fmt: (v) => fmt(v) },
             { key: "logprob", label: "log-prob (nats)", num: true, fmt: (v) => fmt(v) },
             { key: "tokens", label: "length (tokens)", num: true },
-            { key: "contribution", label: "contribution (nats)", num: true, fmt: (v) => el("span", { class: v < 0 ? "neg" : "pos", text: fmt(v) }) },
+            { key: "contribution", label: `contribution (${t.unit})`, num: true, fmt: (v) => el("span", { class: v < 0 ? "neg" : "pos", text: fmt(v) }) },
           ],
           seqSort,
         ),
@@ -207,7 +222,7 @@ export function stepPage(frame, runId, step) {
         getSpectrum(runId, step, WAIT_S),
         getBlocks(runId, step, WAIT_S),
         getDiagonal(runId, step, WAIT_S),
-        getStepEntropy(runId, step, WAIT_S),
+        getStepEntropy(runId, step, t.key, WAIT_S),
       ]);
       data = { spectrum, blocks, diagonal, entropy };
       statusSig = s;

@@ -7,6 +7,7 @@ agree on the step (normalisation, learning rate, signs): with plain SGD the appl
 ``u = eta * g_hat`` with ``g_hat = sum_i lambda_i A_i w_i`` (math.md §2, ``dr_grpo`` with
 ``max_length``), and the sketch is linear, so the service's ``delta_h1_applied = <grad_hat H,
 u>`` must equal its ``delta_h1 = eta h^T K c`` to float rounding, whatever the sketch kind.
+The token-mean columns (math.md §8) must be the service's ``?target=token_mean`` answers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from clients.grpo import (
     response_logprobs,
     sample_step,
 )
+from clients.http import Client
 from tests.clients.conftest import LiveService
 
 SMALL = DemoConfig(
@@ -54,6 +56,32 @@ def _check_steps(rows: list[DemoStep], steps: int) -> None:
         # The top-3 are the most negative a_i, in order.
         a = [t.a for t in r.top_down]
         assert len(a) == 3 and a == sorted(a)
+        # The token mean: predicted and, from the pushed entropy sums, realized.
+        for name in ("token_delta_h1", "token_se", "token_realized", "token_realized_se"):
+            value = getattr(r, name)
+            assert value is not None and math.isfinite(value), (r.step, name, value)
+
+
+def _check_token_mean(rows: list[DemoStep], url: str, run_id: str) -> None:
+    """The demo's token-mean numbers are the service's ``?target=token_mean`` answers."""
+    with Client(url) as client:
+        for r in rows:
+            answer = client.entropy(run_id, r.step, estimator=SMALL.estimator, target="token_mean")
+            assert answer.target == "token_mean"
+            assert answer.realized is not None and answer.realized["source"] == "entropy_sum"
+            assert r.token_delta_h1 == answer.delta_h1
+            assert r.token_se == math.hypot(answer.se_sampling, answer.se_sketch)
+            assert r.token_realized == answer.realized_delta
+            assert r.token_realized_se == answer.realized["se"]
+            # The demo's task has no stop token: every response has max_new_tokens tokens, so
+            # T = H / L exactly (math.md §8 with l_j = 0 and D_L = 0) and each token-mean
+            # number is the sequence one over L, though the service computes it on its own.
+            length = SMALL.max_new_tokens
+            assert r.token_delta_h1 == pytest.approx(r.delta_h1 / length, rel=1e-6)
+            assert r.token_se == pytest.approx(math.hypot(r.se_sampling, r.se_sketch) / length)
+            assert r.realized is not None and r.realized_se is not None
+            assert r.token_realized == pytest.approx(r.realized / length, rel=1e-6)
+            assert r.token_realized_se == pytest.approx(r.realized_se / length, rel=1e-6)
 
 
 def _console() -> Console:
@@ -65,11 +93,19 @@ def test_demo_against_live_service(live_service: LiveService) -> None:
     (client-made kronecker sketches) for 2 steps, on one live service."""
     console = _console()
     rows = run_demo(
-        steps=3, url=live_service.base_url, keep_alive=False, config=SMALL, console=console
+        steps=3,
+        url=live_service.base_url,
+        keep_alive=False,
+        config=SMALL,
+        console=console,
+        run_id="demo-exact",
     )
     _check_steps(rows, 3)
+    _check_token_mean(rows, live_service.base_url, "demo-exact")
     text = console.export_text()
     assert "pred dH1" in text and "realized" in text
+    assert "pred dT1" in text and "nats per token" in text
+    assert "token-mean entropy over 3 steps (nats per token)" in text  # the summary
     assert "training" in text and "3/3 steps" in text  # the progress bar under the table
 
     factorised = DemoConfig(**{**SMALL.__dict__, "capture": "factorised", "sketch_dim": 64})

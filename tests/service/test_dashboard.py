@@ -101,12 +101,15 @@ class StepPlan:
     ``signal``: how strongly the log-prob drives both the reward and a shared direction of the
     score gradients (0: the step has no entropy signal, so ``|dH1| <= 2 s.e.``);
     ``logprob_after``: whether the sequences carry ``S'`` (then the service estimates the
-    realized change with its s.e. and the step's KL), else the trainer posts the change.
+    realized change with its s.e. and the step's KL), else the trainer posts the change;
+    ``entropy_sums``: whether they carry ``entropy_sum`` / ``entropy_sum_after`` too (then the
+    token-mean entropy has a realized change, math.md §8).
     """
 
     signal: float
     learning_rate: float
     logprob_after: bool
+    entropy_sums: bool = False
 
 
 # every kind of step the pages distinguish; the test checks the regimes against the API first
@@ -119,6 +122,13 @@ PLANS = {
     5: StepPlan(1.0, 0.05, False),  # pushed while the page is open; realized posted later
 }
 FIRST_STEPS = 5  # steps 0..4 before the browser opens
+# a run for the target switch: the token-mean entropy's realized change comes from the entropy
+# sums, so steps 0 and 1 have one and step 2 (logprob_after only) has none
+TOKEN_PLANS = {
+    0: StepPlan(1.0, 0.05, True, entropy_sums=True),
+    1: StepPlan(2.0, 0.05, True, entropy_sums=True),
+    2: StepPlan(1.0, 0.05, True),
+}
 
 
 def make_step(
@@ -132,6 +142,9 @@ def make_step(
     rewards follow the log-prob as well, so the step moves the entropy.  The applied update is
     ``eta * g_hat`` (the service's ``c``) perturbed by 20 % per coordinate, as momentum or
     clipping would; ``logprob_after`` is ``S + <w, u>``, the first-order change of the update.
+    With ``plan.entropy_sums`` each sequence's ``entropy_sum`` is its length times a per-token
+    entropy near 1.2 nats and ``entropy_sum_after`` that sum shrunk by about 3 % (drawn from a
+    generator of their own, so the other numbers of a step do not depend on the flag).
     """
     rng = np.random.default_rng(seed)
     prompt_dirs = rng.normal(size=(PROMPTS, K))
@@ -164,14 +177,23 @@ def make_step(
     if plan.logprob_after:
         for seq, d in zip(sequences, Y @ applied, strict=True):
             seq["logprob_after"] = float(seq["logprob"] + d)
+    if plan.entropy_sums:
+        sums = np.random.default_rng(seed + 10_000)
+        for seq in sequences:
+            n = int(seq["num_tokens"])
+            before = n * sums.uniform(0.8, 1.6)
+            seq["entropy_sum"] = float(before)
+            seq["entropy_sum_after"] = float(
+                max(0.0, 0.97 * before + 0.1 * np.sqrt(n) * sums.normal())
+            )
     sketch = torch.tensor(np.vstack([Y, applied]), dtype=torch.float32)
     ids = [str(s["id"]) for s in sequences] + [APPLIED]
     return {"learning_rate": plan.learning_rate, "sequences": sequences}, ids, sketch
 
 
-def push_step(base: str, run_id: str, step: int) -> None:
-    """Sequences and the sketch upload of one step (made by its plan)."""
-    meta, ids, sketch = make_step(step, seed=100 + step, plan=PLANS[step])
+def push_step(base: str, run_id: str, step: int, plans: dict[int, StepPlan] = PLANS) -> None:
+    """Sequences and the sketch upload of one step (made by its plan in ``plans``)."""
+    meta, ids, sketch = make_step(step, seed=100 + step, plan=plans[step])
     url = f"{base}/v1/runs/{run_id}/steps/{step}"
     r = httpx.post(f"{url}/sequences", json=meta, timeout=30)
     assert r.status_code == 200, r.text
@@ -382,8 +404,10 @@ def test_every_page_loads_its_modules_without_console_errors(
     base = dashboard_service.base_url
     run_id = "modules-run"
     create_run(base, run_id)
-    for step in (0, 1):  # a realized change from logprob_after, then a posted one
-        push_step(base, run_id, step)
+    # a realized change from logprob_after and the entropy sums, then a posted one (which
+    # the token-mean entropy does not take: no realized change of T)
+    push_step(base, run_id, 0, TOKEN_PLANS)
+    push_step(base, run_id, 1)
     wait_ready(base, run_id, 0)
     post_realized(base, run_id, 1)
     pages = [
@@ -392,6 +416,10 @@ def test_every_page_loads_its_modules_without_console_errors(
         f"/?poll=300#/runs/{run_id}/steps/0",
         f"/?poll=300#/runs/{run_id}/steps/1",
         f"/runs/{run_id}?poll=300",  # a path-style link
+        f"/?poll=300#/runs/{run_id}?target=token_mean",
+        f"/?poll=300#/runs/{run_id}/steps/0?target=token_mean",
+        f"/?poll=300#/runs/{run_id}/steps/1?target=token_mean",
+        f"/runs/{run_id}?poll=300&target=token_mean",
         f"/?poll=300#/runs/{run_id}/steps/7",  # no such step: a problem shown, not thrown
     ]
     with sync_playwright() as pw:
@@ -744,6 +772,269 @@ def test_dashboard_pages_render_sort_and_update_live(
             page.wait_for_selector("a[href='#/runs/browser-groups']")
             assert count("table.data tbody tr") == 2
             page.screenshot(path=str(ARTIFACTS / "runs-1280x800.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == [], errors
+
+
+@needs_browser
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_target_switch_shows_the_token_mean(dashboard_service: LiveService) -> None:
+    """The run and step pages' target switch: under ``token_mean`` every drawn value, table
+    cell and headline number is the API's ``?target=token_mean`` answer, the labels say nats
+    per token, the target rides in the address (a link reproduces the view), and switching back
+    shows the sequence entropy's numbers again."""
+    from playwright.sync_api import sync_playwright
+
+    base = dashboard_service.base_url
+    run_id = "browser-tokens"
+    create_run(base, run_id)
+    for step in TOKEN_PLANS:
+        push_step(base, run_id, step, TOKEN_PLANS)
+    for step in TOKEN_PLANS:
+        wait_ready(base, run_id, step)
+    url = f"{base}/v1/runs/{run_id}"
+    answer = {
+        target: {
+            s: httpx.get(f"{url}/steps/{s}/entropy?wait=30&target={target}", timeout=60).json()
+            for s in TOKEN_PLANS
+        }
+        for target in ("sequence", "token_mean")
+    }
+    history = {
+        target: {
+            row["step"]: row
+            for row in httpx.get(f"{url}/entropy?target={target}", timeout=60).json()["steps"]
+        }
+        for target in ("sequence", "token_mean")
+    }
+    tm, seq = answer["token_mean"], answer["sequence"]
+    # the run holds what the switch tells apart: T realized from the entropy sums (0, 1), T
+    # predicted only (2, no sums); the sequence entropy realized at every step
+    assert all(tm[s]["target"] == "token_mean" for s in TOKEN_PLANS)
+    assert [tm[s]["realized"] and tm[s]["realized"]["source"] for s in TOKEN_PLANS] == [
+        "entropy_sum",
+        "entropy_sum",
+        None,
+    ]
+    assert [seq[s]["realized"]["source"] for s in TOKEN_PLANS] == [
+        "entropy_sum",
+        "entropy_sum",
+        "logprob_after",
+    ]
+    assert all(tm[s]["delta_h1"] != seq[s]["delta_h1"] for s in TOKEN_PLANS)
+    assert all(tm[s]["delta_h1_plus_h2"] is None for s in TOKEN_PLANS)
+    n = len(TOKEN_PLANS)
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            # bypass_csp: see test_dashboard_pages_render_sort_and_update_live
+            page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+
+            def count(selector: str) -> int:
+                return int(page.locator(selector).count())
+
+            def drawn(series: str) -> dict[int, float]:
+                """The entropy chart's points of ``series``: step -> value drawn."""
+                found: list[list[str]] = page.eval_on_selector_all(
+                    f"[data-chart=entropy] .pt[data-series={series}]",
+                    "els => els.map(e => [e.dataset.x, e.dataset.y])",
+                )
+                return {int(x): float(y) for x, y in found}
+
+            def current() -> str:
+                return str(
+                    page.get_attribute("#target-switch a[aria-current]", "data-target") or ""
+                )
+
+            def switch(target: str) -> None:
+                page.click(f"#target-switch a[data-target={target}]")
+                page.wait_for_selector(f"#target-switch a[data-target={target}][aria-current]")
+
+            def text(selector: str) -> str:
+                return str(page.locator(selector).inner_text())
+
+            def svg_text(selector: str) -> str:  # SVG elements have no innerText
+                return str(page.locator(selector).text_content())
+
+            def check_run_page(target: str) -> None:
+                want = answer[target]
+                pred = "[data-chart=entropy] .pt[data-series=predicted]"
+                page.wait_for_function(f"document.querySelectorAll('{pred}').length === {n}")
+                assert current() == target
+                assert drawn("predicted") == pytest.approx({s: want[s]["delta_h1"] for s in want})
+                realized = {s: e["realized"]["delta_h"] for s, e in want.items() if e["realized"]}
+                assert drawn("realized") == pytest.approx(realized)
+                n_se = sum(bool(e["realized"] and e["realized"]["se"]) for e in want.values())
+                assert count("[data-chart=entropy] g.errbar[data-series=realized]") == n_se
+                applied = {s: e["delta_h1_applied"] for s, e in want.items()}
+                assert drawn("applied") == pytest.approx(applied)
+                second = {
+                    s: e["delta_h1_plus_h2"]
+                    for s, e in want.items()
+                    if e["delta_h1_plus_h2"] is not None
+                }
+                assert drawn("second-order") == pytest.approx(second)
+                # the ratio's flags name the target's prediction
+                d1 = "dT1" if target == "token_mean" else "dH1"
+                flags: list[str] = page.eval_on_selector_all(
+                    "[data-chart=ratio] .flag[data-series=not-estimable] title",
+                    "els => els.map(e => e.textContent)",
+                )
+                noise = [
+                    s
+                    for s, e in want.items()
+                    if e["ratio"] is not None
+                    and e["ratio_interval"]["estimable"] is False
+                    and e["taylor"]["regime"] != "outside"
+                ]
+                assert [f.split(",")[0] for f in flags] == [
+                    f"step {s}: ratio not estimable" for s in noise
+                ]
+                assert all(f"|{d1}| = " in f for f in flags), flags
+                unit = "nats per token" if target == "token_mean" else "nats per response"
+                assert unit in text("[data-chart=entropy] h3")
+                assert unit in svg_text("[data-chart=entropy] svg .axis-label >> nth=1")
+                cells = page.eval_on_selector_all(
+                    "[data-chart=steps] tbody tr",
+                    """trs => trs.map(tr => Object.fromEntries([...tr.querySelectorAll('td')].map(
+                        td => [td.dataset.key, {text: td.innerText, value: td.dataset.value,
+                        href: (td.querySelector('a') || {}).hash}])))""",
+                )
+                assert len(cells) == n
+                for row in cells:
+                    s = int(row["step"]["text"])
+                    h = history[target][s]
+                    assert h["target"] == target
+                    assert row["step"]["href"] == f"#/runs/{run_id}/steps/{s}?target={target}"
+                    assert float(row["dh1"]["value"]) == pytest.approx(want[s]["delta_h1"])
+                    assert float(row["dh1"]["value"]) == pytest.approx(h["delta_h1"])
+                    if h["realized"] is None:
+                        assert row["realized"]["value"] is None and row["realized"]["text"] == "–"
+                    else:
+                        assert float(row["realized"]["value"]) == pytest.approx(h["realized"])
+                        assert "±" in row["realized"]["text"]
+                    # no ratio: the page's dash for a missing number, the report's em dash
+                    cell = ratio_text(h).replace("—", "–")
+                    assert row["ratio"]["text"] == cell, (s, row["ratio"])
+                header = text("[data-chart=steps] th[data-key=dh1]")
+                assert header.startswith(
+                    "dT1 (nats/token)" if target == "token_mean" else "dH1 (nats)"
+                ), header
+
+            # ---- run page: the sequence entropy by default, then the token mean
+            page.goto(f"{base}/?poll=500#/runs/{run_id}")
+            check_run_page("sequence")
+            switch("token_mean")
+            assert page.url.endswith(f"#/runs/{run_id}?target=token_mean")
+            check_run_page("token_mean")
+            assert "dT1 + dT2" not in text("[data-chart=entropy] .legend")
+            for w, h in VIEWPORTS:
+                page.set_viewport_size({"width": w, "height": h})
+                page.wait_for_timeout(400)
+                assert page.evaluate(OVERLAPS_JS) == []
+                page.screenshot(path=str(ARTIFACTS / f"run-token-mean-{w}x{h}.png"), full_page=True)
+            page.set_viewport_size({"width": 1280, "height": 800})
+            # a link reproduces the view: the address alone, in a fresh page
+            other = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            other.goto(page.url)
+            other.wait_for_selector("#target-switch a[data-target=token_mean][aria-current]")
+            other.wait_for_selector("[data-chart=entropy] .pt[data-series=predicted]")
+            first = other.get_attribute("[data-chart=entropy] .pt[data-series=predicted]", "data-y")
+            assert float(first or "nan") == pytest.approx(tm[0]["delta_h1"])
+            other.close()
+
+            # ---- step page, opened from the table: it keeps the target
+            page.click("[data-chart=steps] td[data-key=step] a[href$='/steps/0?target=token_mean']")
+            page.wait_for_selector("[data-chart=sequences] tbody tr")
+            assert page.url.endswith(f"#/runs/{run_id}/steps/0?target=token_mean")
+            assert current() == "token_mean"
+            crumb = page.get_attribute(f"#crumbs a[href^='#/runs/{run_id}']", "href")
+            assert crumb == f"#/runs/{run_id}?target=token_mean"
+
+            def kpi(key: str) -> dict[str, Any]:
+                found: dict[str, Any] = page.eval_on_selector(
+                    f"[data-kpi={key}]",
+                    """k => ({value: k.dataset.value, se: k.dataset.se,
+                        text: k.querySelector('.kpi-v').innerText,
+                        label: k.querySelector('.kpi-k').innerText,
+                        note: (k.querySelector('.kpi-n') || {}).innerText || ''})""",
+                )
+                return found
+
+            def check_step_page(e: dict[str, Any], target: str) -> None:
+                unit = "nats per token" if target == "token_mean" else "nats per response"
+                dh1 = kpi("dh1")
+                assert float(dh1["value"]) == pytest.approx(e["delta_h1"])
+                se = float(np.hypot(e["se_sampling"], e["se_sketch"]))
+                assert float(dh1["se"]) == pytest.approx(se)
+                assert unit in dh1["label"]
+                assert dh1["label"].startswith("dT1" if target == "token_mean" else "dH1")
+                realized = kpi("realized")
+                assert unit in realized["label"]
+                if e["realized"] is None:
+                    assert realized["value"] is None and realized["text"] == "–"
+                else:
+                    assert float(realized["value"]) == pytest.approx(e["realized"]["delta_h"])
+                    assert float(realized["se"]) == pytest.approx(e["realized"]["se"])
+                assert "entropy_sum" in realized["note"]
+                assert kpi("ratio")["text"] == ratio_text(flat_ratio(e)).replace("—", "–")
+                applied = float(kpi("applied")["value"])
+                assert applied == pytest.approx(e["delta_h1_applied"])
+                bars = page.eval_on_selector_all(
+                    "[data-chart=pairs] rect.hbar",
+                    "els => els.map(e => [e.dataset.label, Number(e.dataset.value)])",
+                )
+                pairs = {
+                    k.replace("_", " "): v["value"]
+                    for k, v in e["decomposition"]["pair_types"].items()
+                    if v["value"] is not None
+                }
+                assert dict(bars) == pytest.approx(pairs)
+                assert unit in svg_text("[data-chart=pairs] svg .axis-label")
+                cells = page.locator("[data-chart=sequences] tbody td[data-key=contribution]")
+                shown = sorted(
+                    float(cells.nth(i).get_attribute("data-value") or "nan")
+                    for i in range(cells.count())
+                )
+                contributions = [
+                    p["a"] if p["a"] is not None else p["b"]
+                    for p in e["per_sequence"]
+                    if p["a"] is not None or p["b"] is not None
+                ]
+                assert len(contributions) <= 100  # the table shows them all
+                assert shown == pytest.approx(sorted(contributions))
+
+            check_step_page(tm[0], "token_mean")
+            second = kpi("dh1-dh2")
+            assert second["value"] is None and "not derived" in second["note"]
+            assert "T " in kpi("realized")["note"]  # the levels of T before and after
+            for w, h in VIEWPORTS:
+                page.set_viewport_size({"width": w, "height": h})
+                page.wait_for_timeout(400)
+                assert page.evaluate(OVERLAPS_JS) == []
+                page.screenshot(
+                    path=str(ARTIFACTS / f"step-token-mean-{w}x{h}.png"), full_page=True
+                )
+            page.set_viewport_size({"width": 1280, "height": 800})
+
+            # ---- back to the sequence entropy on the step page
+            switch("sequence")
+            assert page.url.endswith(f"#/runs/{run_id}/steps/0?target=sequence")
+            page.wait_for_selector("[data-chart=sequences] tbody tr")
+            check_step_page(seq[0], "sequence")
+            assert float(kpi("dh1-dh2")["value"]) == pytest.approx(seq[0]["delta_h1_plus_h2"])
+
+            # ---- a step without entropy sums: T is predicted, its realized change is missing
+            page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/2?target=token_mean")
+            page.wait_for_selector("[data-chart=sequences] tbody tr")
+            check_step_page(tm[2], "token_mean")
         finally:
             browser.close()
     assert errors == [], errors

@@ -74,6 +74,9 @@ from clients.grpo import (
 )
 from clients.http import Client
 from clients.report import ratio_text
+from clients.token_shares import token_shares
+from sketch.entropy import entropy_coefficients, update_coefficients
+from sketch.sequences import Normalization, StepSequences
 
 #: Seconds to wait for a child service to answer ``/healthz``.
 SERVICE_START_TIMEOUT_S = 120.0
@@ -87,6 +90,8 @@ class DemoConfig:
     sketch is ``countsketch`` of width ``sketch_dim``) or ``"factorised"`` (``kronecker``
     sketches of width ``sketch_dim`` made by hooks in the client).
     ``learning_rate``: plain SGD; small enough that the first-order prediction is meaningful.
+    ``token_shares``: also push every update token's exact share of ``dH1`` (``independent``
+    estimator, :func:`clients.token_shares.token_shares`, math.md §9) for ``GET .../tokens``.
     """
 
     num_prompts: int = 4
@@ -107,6 +112,7 @@ class DemoConfig:
     sketch_dim: int = 4096
     sketch_seed: int = 0
     estimator: str = "independent"
+    token_shares: bool = False
     seed: int = 0
     ready_timeout_s: float = 120.0
 
@@ -241,6 +247,47 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: str) -> 
     raise RuntimeError(
         f"the service did not answer {url}/healthz in {SERVICE_START_TIMEOUT_S:.0f} s"
     )
+
+
+def _token_shares(
+    model: torch.nn.Module,
+    batch: SequenceBatch,
+    step_batch: GRPOBatch,
+    logprobs: torch.Tensor,
+    config: DemoConfig,
+    parameters: set[str],
+) -> list[dict[str, Any]]:
+    """Each update token's exact share of ``dH1`` at the parameters before the step, by
+    sequence (``independent``: the step's entropy-role responses give ``grad_hat H``)."""
+    zeros = torch.zeros_like(logprobs)  # the entropy sums play no part in h or c
+    records, ids, _ = _records(step_batch, logprobs, logprobs, zeros, zeros)
+    seqs = StepSequences.from_records(records)
+    n = len(step_batch.update)
+    c = update_coefficients(seqs, Normalization.DR_GRPO, config.max_new_tokens)[:n]
+    h = entropy_coefficients(seqs, seqs.entropy_mask)[n:]
+    update, entropy = batch.select(slice(0, n)), batch.select(slice(n, None))
+    coefficients = torch.from_numpy(c).float()[:, None].expand(update.input_ids.shape)
+    result = token_shares(
+        model,
+        update,
+        coefficients.clone(),
+        entropy,
+        torch.from_numpy(h).float(),
+        config.learning_rate,
+        parameters=parameters,
+    )
+    out = []
+    for row in range(n):
+        mask = update.response_mask[row]
+        out.append(
+            {
+                "id": ids[row],
+                "token_ids": update.input_ids[row][mask].tolist(),
+                "logprobs": result.logprobs[row][mask].tolist(),
+                "shares": result.shares[row][mask].tolist(),
+            }
+        )
+    return out
 
 
 def _sequence_batch(batch: ResponseBatch) -> SequenceBatch:
@@ -510,6 +557,11 @@ def _train(
                 {n: p.detach().clone() for n, p in model.named_parameters()} if observer else {}
             )
             _, sums_before = sequence_logprobs_and_entropy_sums(model, batch)
+            shares = (
+                _token_shares(model, batch, step_batch, logprobs, config, set(declared))
+                if config.token_shares and step_batch.entropy is not None
+                else None
+            )
             applied = AppliedUpdateCapture(model, covered)
             train_step(model, optimizer, step_batch, config.max_new_tokens, around_step=applied)
             client.push_applied_update(run_id, step, applied.update)
@@ -519,6 +571,8 @@ def _train(
             client.push_sequences(
                 run_id, step, config.learning_rate, records, max_length=config.max_new_tokens
             )
+            if shares is not None:
+                client.push_tokens(run_id, step, config.learning_rate, shares)
             status = client.wait_ready(run_id, step, timeout=config.ready_timeout_s)
             report = client.entropy(run_id, step, estimator=config.estimator)
             token = client.entropy(run_id, step, estimator=config.estimator, target="token_mean")

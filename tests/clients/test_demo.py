@@ -108,11 +108,26 @@ def test_demo_against_live_service(live_service: LiveService) -> None:
     assert "token-mean entropy over 3 steps (nats per token)" in text  # the summary
     assert "training" in text and "3/3 steps" in text  # the progress bar under the table
 
-    factorised = DemoConfig(**{**SMALL.__dict__, "capture": "factorised", "sketch_dim": 64})
+    factorised = DemoConfig(
+        **{**SMALL.__dict__, "capture": "factorised", "sketch_dim": 64, "token_shares": True}
+    )
     rows = run_demo(
-        steps=2, url=live_service.base_url, keep_alive=False, config=factorised, console=_console()
+        steps=2,
+        url=live_service.base_url,
+        keep_alive=False,
+        config=factorised,
+        console=_console(),
+        run_id="demo-factorised",
     )
     _check_steps(rows, 2)
+    # token shares (exact) against the sketched dH1 of the same estimator: within its sketch
+    # error, with one share total per update sequence
+    with Client(live_service.base_url) as client:
+        for row in rows:
+            tokens = client.tokens("demo-factorised", row.step)
+            assert tokens.num_sequences == SMALL.num_prompts * SMALL.group_size
+            assert tokens.estimator == "independent"
+            assert abs(tokens.total - row.delta_h1) <= 4 * row.se_sketch + 1e-9
 
 
 def test_demo_starts_its_own_embedded_service() -> None:

@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--kind", default="exact", help="the run's sketch kind (exact: raw rows, no sketch error)"
+    )
+    parser.add_argument("--dim", type=int, default=4096)
     args = parser.parse_args(argv)
 
     import torch
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             train_dataset=Dataset.from_dict({"prompt": prompts * (args.steps + 2)}),
             processing_class=build_tokenizer(vocab),
             kernelscope=KernelscopeConfig(
-                url=url, sketch={"kind": "countsketch", "dim": 4096, "seed": 0}
+                url=url, sketch={"kind": args.kind, "dim": args.dim, "seed": 0}
             ),
         )
         trainer.train()

@@ -1264,7 +1264,8 @@ def test_tokens_card_and_sequence_view(dashboard_service: LiveService) -> None:
                 assert legend[-1]["colour"] == "rgb(0, 114, 178)"
                 ends = page.locator(".share-legend-end").all_inner_texts()
                 assert ends == ["pushes entropy down ←", "→ pushes entropy up"]
-            page.screenshot(path=str(ARTIFACTS / "sequence-1280x800.png"), full_page=True)
+                name = "sequence" if sid == first["sequence_id"] else "sequence-ids"
+                page.screenshot(path=str(ARTIFACTS / f"{name}-1280x800.png"), full_page=True)
         finally:
             browser.close()
     assert errors == [], errors

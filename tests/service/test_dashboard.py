@@ -715,6 +715,10 @@ def test_dashboard_pages_render_sort_and_update_live(
             # ---- step page
             page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/{step}")
             page.wait_for_selector("[data-chart=sequences] tbody tr")
+            # this run pushed no token shares: the tokens card is one line
+            hint = page.locator("[data-card=tokens] #tokens-none").inner_text()
+            assert hint.startswith("No token shares at this step")
+            assert count("[data-card=tokens] table") == 0
             top = max(spectrum["eigenvalues"])
             positive = sum(v > 1e-10 * top for v in spectrum["eigenvalues"])
             assert positive >= 2

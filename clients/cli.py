@@ -162,7 +162,11 @@ def report(
         ),
     ] = "sequence",
     top: Annotated[
-        int, typer.Option(min=1, help="Sequences in the 'driving entropy down' table.")
+        int,
+        typer.Option(
+            min=1,
+            help="Sequences in the 'driving entropy down' table, and tokens in each tokens table.",
+        ),
     ] = 10,
     head: Annotated[int, typer.Option(min=1, help="Eigenvalues in the spectrum head.")] = 10,
     wait: Annotated[
@@ -171,6 +175,16 @@ def report(
             min=0, max=300, help="Seconds to wait for a step whose uploads are still queued."
         ),
     ] = 0.0,
+    kl_cov_ratio: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="KL-Cov's fraction of tokens in the covariance line. [default: the service's, "
+            "verl's 0.0002]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Print what kernelscope knows about a run or one of its steps, as tables.
 
@@ -179,7 +193,9 @@ def report(
     dH2, cov_baseline and dH1_diag; dH1 split by pair type, by quadrant (advantage sign x
     log-prob above/below the prompt mean) and by parameter group; the sequences driving
     entropy down; the head of the kernel's spectrum with effective rank and participation
-    ratio; kernel block statistics. docs/math.md defines every number.
+    ratio; kernel block statistics; when the trainer pushed token shares, the tokens
+    pushing entropy down and up most (text, exact share of dH1, covariance score) and how
+    KL-Cov's and Clip-Cov's picks compare with them. docs/math.md defines every number.
 
     Without STEP: one row per analysed step (GET /v1/runs/RUN/entropy).
 
@@ -188,6 +204,8 @@ def report(
         kernelscope report grpo-demo
 
         kernelscope report grpo-demo 12 --estimator plugin --top 20
+
+        kernelscope report grpo-demo 12 --kl-cov-ratio 0.01
 
         kernelscope report grpo-demo --target token_mean
     """
@@ -208,6 +226,7 @@ def report(
                     top=top,
                     head=head,
                     wait_s=wait or None,
+                    kl_cov_ratio=kl_cov_ratio,
                 )
     except KernelscopeError as exc:
         raise _report_error(exc, url) from exc

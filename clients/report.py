@@ -14,6 +14,7 @@ them), fetched with :class:`clients.http.Client`; this module only orders and fo
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
@@ -24,7 +25,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from clients.errors import ConflictError
+from clients.errors import ConflictError, NotFoundError
 from clients.http import Client
 from clients.results import EntropyHistory
 
@@ -379,6 +380,74 @@ def top_sequences_table(
     return table
 
 
+def token_text(token: Mapping[str, Any]) -> str:
+    """A token as the report prints it: its text quoted (spaces and newlines visible), or
+    ``#id`` when the trainer sent no text."""
+    text = token.get("token")
+    if text is None:
+        return f"#{token.get('token_id')}"
+    return json.dumps(text, ensure_ascii=False)
+
+
+def token_table(title: str, tokens: Sequence[Mapping[str, Any]]) -> Table:
+    """Tokens of ``GET .../tokens`` in the API's order: where each is, its text, its exact
+    share of dH1 and its covariance score (math.md §9)."""
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column, justify in (
+        ("sequence", "left"),
+        ("position", "right"),
+        ("token", "left"),
+        ("share", "right"),
+        ("cov_score", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for token in tokens:
+        table.add_row(
+            Text(str(token.get("sequence_id"))),
+            _num(token.get("position")),
+            Text(token_text(token)),
+            _num(token.get("share")),
+            _num(token.get("cov_score")),
+        )
+    return table
+
+
+def covariance_text(covariance: Mapping[str, Any]) -> Text:
+    """Two lines: KL-Cov's and Clip-Cov's picks (Cui et al.) held against the exact shares."""
+    c = covariance
+    return Text(
+        f"KL-Cov (ratio {format_number(c.get('kl_cov_ratio'))}): "
+        f"k = {format_number(c.get('k'))} of {format_number(c.get('num_tokens'))} tokens, "
+        f"precision at k {format_number(c.get('precision_at_k'))}, "
+        f"Spearman(cov_score, -share) {format_number(c.get('spearman'))}, "
+        f"share of dH1 {format_number(c.get('selected_share'))}\n"
+        f"Clip-Cov (ratio {format_number(c.get('clip_cov_ratio'))}, cov_score in "
+        f"[{format_number(c.get('clip_cov_lb'))}, {format_number(c.get('clip_cov_ub'))}]): "
+        f"{format_number(c.get('clip_candidates'))} candidates, "
+        f"share of dH1 {format_number(c.get('clip_candidate_share'))}"
+    )
+
+
+def tokens_section(tokens: Mapping[str, Any]) -> list[RenderableType]:
+    """A line of totals, the tokens pushing entropy down and up most, and the covariance
+    comparison's lines."""
+    unit = "nats per token" if tokens.get("target") == "token_mean" else "nats"
+    out: list[RenderableType] = [
+        Text(
+            f"token shares (math.md §9): {format_number(tokens.get('num_tokens'))} tokens of "
+            f"{format_number(tokens.get('num_sequences'))} sequences, exact shares of dH1 "
+            f"summing to {format_number(tokens.get('total'))} {unit}"
+        )
+    ]
+    for side in ("down", "up"):
+        rows = tokens.get(side) or []
+        out.append(token_table(f"top {len(rows)} tokens pushing entropy {side}", rows))
+    covariance = tokens.get("covariance")
+    if isinstance(covariance, Mapping):
+        out.append(covariance_text(covariance))
+    return out
+
+
 def spectrum_table(spectrum: Mapping[str, Any], head: int = DEFAULT_SPECTRUM_HEAD) -> Table:
     """Largest eigenvalues of K with their share of the trace; rank summaries in the caption."""
     eigenvalues = [float(x) for x in spectrum.get("eigenvalues", [])]
@@ -443,13 +512,16 @@ def step_report(
     top: int = DEFAULT_TOP_SEQUENCES,
     head: int = DEFAULT_SPECTRUM_HEAD,
     wait_s: float | None = None,
+    kl_cov_ratio: float | None = None,
 ) -> list[RenderableType]:
     """Every table of ``kernelscope report RUN STEP``, in print order.
 
     A step that is not ``ready`` gives only its status table (analysis would answer 409).
     ``estimator`` / ``role`` are passed to the API (its defaults when None), and ``target``
     (``sequence`` or ``token_mean``, math.md §8); ``wait_s`` is the
-    API's ``?wait=`` for a step whose uploads are still being sketched.
+    API's ``?wait=`` for a step whose uploads are still being sketched.  When the trainer
+    pushed token shares, the ``top`` tokens pushing entropy down and up follow, with KL-Cov's
+    choice at ``kl_cov_ratio`` (the service's default, verl's, when None) held against them.
     """
     if wait_s:
         # A cheap analysis call that blocks server-side until the step is ready (or times out).
@@ -469,6 +541,11 @@ def step_report(
         out.append(top_table)
     out.append(spectrum_table(client.spectrum(run_id, step, role=role).raw, head))
     out.extend(blocks_tables(client.blocks(run_id, step, role=role).raw))
+    try:
+        tokens = client.tokens(run_id, step, top=top, kl_cov_ratio=kl_cov_ratio).raw
+    except NotFoundError:
+        return out  # the step is known (its status came back): it has no token shares
+    out.extend(tokens_section(tokens))
     return out
 
 

@@ -209,6 +209,60 @@
  * @property {Target} target  every number is about this entropy, in its unit
  */
 
+/**
+ * @typedef {object} TokenShare  schemas.TokenShareOut
+ * @property {string} sequence_id
+ * @property {number} position  its index among the sequence's response tokens
+ * @property {number} token_id
+ * @property {string | null} token  its decoded text, when the trainer sent it
+ * @property {number} share  a_{i,t}: its exact part of the step's dH1 (< 0: pushes entropy down)
+ * @property {number} cov_score  Cui et al.'s (A - mean A)(log pi - mean log pi) over the step
+ * @property {number} logprob
+ * @property {number} advantage
+ */
+
+/**
+ * @typedef {object} TokenSequenceTotal  schemas.TokenSequenceTotal
+ * @property {string} id
+ * @property {string} prompt_id
+ * @property {number} num_tokens
+ * @property {number} total  its tokens' shares summed: its a_i
+ */
+
+/**
+ * @typedef {object} Covariance  schemas.CovarianceOut
+ * @property {number} num_tokens
+ * @property {number} kl_cov_ratio
+ * @property {number} k  KL-Cov's selection, max(1, int(num_tokens * kl_cov_ratio))
+ * @property {number} precision_at_k  of KL-Cov's k tokens, the fraction among the k pushing entropy down most
+ * @property {number | null} spearman  rank correlation of cov_score with -share
+ * @property {number} selected_sum
+ * @property {number | null} selected_share  the part of dH1 KL-Cov's tokens carry
+ * @property {number} clip_cov_ratio
+ * @property {number} clip_cov_lb
+ * @property {number} clip_cov_ub
+ * @property {number} clip_k
+ * @property {number} clip_candidates
+ * @property {number | null} clip_candidate_share
+ */
+
+/**
+ * @typedef {object} TokensOut  schemas.TokensOut
+ * @property {string} run_id
+ * @property {number} step
+ * @property {"independent" | "u_statistic" | "plugin"} estimator
+ * @property {Target} target
+ * @property {number} learning_rate
+ * @property {number} num_sequences
+ * @property {number} num_tokens
+ * @property {number} total  every share summed: dH1 of the pushed sequences
+ * @property {TokenShare[]} down  the tokens pushing entropy down most, most negative first
+ * @property {TokenShare[]} up  the tokens pushing entropy up most, largest first
+ * @property {TokenSequenceTotal[]} sequences
+ * @property {TokenShare[] | null} sequence  every token of ?sequence=, in order
+ * @property {Covariance} covariance
+ */
+
 // The token never travels in a URL (access logs, browser history): it is typed into the page and
 // kept in this tab's session storage.
 const TOKEN_KEY = "kernelscope.token";
@@ -285,3 +339,18 @@ export const getDiagonal = (runId, step, wait = 0) => get(`${stepPath(runId, ste
 
 /** GET .../steps/{step}/entropy?target= (the default estimator). @param {Target} target @returns {Promise<EntropyOut>} */
 export const getStepEntropy = (runId, step, target, wait = 0) => get(`${stepPath(runId, step)}/entropy${entropyQuery(wait, target)}`);
+
+/**
+ * GET .../steps/{step}/tokens?top=&sequence=&kl_cov_ratio=: the step's exact token shares
+ * (an ApiError with status 404 when the trainer pushed none).
+ * @param {{top?: number, sequence?: string, klCovRatio?: number}} opts  unset: the service's defaults
+ * @returns {Promise<TokensOut>}
+ */
+export const getTokens = (runId, step, opts = {}) => {
+  const q = new URLSearchParams();
+  if (opts.top) q.set("top", String(opts.top));
+  if (opts.sequence) q.set("sequence", opts.sequence);
+  if (opts.klCovRatio) q.set("kl_cov_ratio", String(opts.klCovRatio));
+  const text = q.toString();
+  return get(`${stepPath(runId, step)}/tokens${text ? `?${text}` : ""}`);
+};

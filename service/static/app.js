@@ -5,9 +5,14 @@
  *   #/                          runs list (runs-page.js)
  *   #/runs/{run_id}             a run: entropy change over steps, ratio, noise scale (run-page.js)
  *   #/runs/{run_id}/steps/{s}   a step: spectrum, prompt heatmaps, diagonal histogram,
- *                               decomposition of dH1, the sequences that drive it (step-page.js)
+ *                               decomposition of dH1, the sequences that drive it, the
+ *                               tokens that move the entropy (step-page.js, tokens.js)
+ *   #/runs/{run_id}/steps/{s}/sequences/{id}
+ *                               a sequence's tokens coloured by their share of dH1
+ *                               (sequence-page.js)
  * The run and step pages take `?target=sequence|token_mean` after the fragment's path (or in
- * the query string, for a path-style link): which entropy their numbers are about (entropy.js).
+ * the query string, for a path-style link): which entropy their numbers are about (entropy.js);
+ * the step and sequence pages take `kl_cov_ratio=` too (KL-Cov's fraction of tokens).
  * The current page polls the API every few seconds (`?poll=MS` overrides) and redraws only
  * when the data changed, so a running trainer's new steps appear without a reload.
  * Numbers are defined in docs/math.md.
@@ -17,6 +22,7 @@ import { el } from "./dom.js";
 import { targetOf } from "./entropy.js";
 import { runPage } from "./run-page.js";
 import { runsPage } from "./runs-page.js";
+import { sequencePage } from "./sequence-page.js";
 import { stepPage } from "./step-page.js";
 
 const params = new URLSearchParams(location.search);
@@ -63,7 +69,11 @@ function route() {
   const path = hashPath || (location.pathname.startsWith("/runs/") ? location.pathname : "/");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   const target = targetOf(hashQuery, location.search);
-  if (parts[0] === "runs" && parts.length >= 4 && parts[2] === "steps") return stepPage(frame, parts[1], Number(parts[3]), target);
+  // an unusable ratio is left to the service's default
+  const ratio = Number(new URLSearchParams(hashQuery).get("kl_cov_ratio"));
+  const klCovRatio = ratio > 0 && ratio <= 1 ? ratio : null;
+  if (parts[0] === "runs" && parts.length >= 6 && parts[2] === "steps" && parts[4] === "sequences") return sequencePage(frame, parts[1], Number(parts[3]), parts[5], target, klCovRatio);
+  if (parts[0] === "runs" && parts.length >= 4 && parts[2] === "steps") return stepPage(frame, parts[1], Number(parts[3]), target, klCovRatio);
   if (parts[0] === "runs" && parts.length >= 2) return runPage(frame, parts[1], target);
   return runsPage(frame);
 }

@@ -1,12 +1,15 @@
-/* #/runs/{run_id}/steps/{step}?target= : one step: its status, its entropy numbers, the
- * spectrum, the diagonal and the prompt heatmaps of K, the decomposition of dH1, the sequences
- * that drive it.  The entropy numbers are about the page's target (the sequence entropy H or
- * the token-mean entropy T, entropy.js), chosen by its switch; the kernel's are the same for both.
+/* #/runs/{run_id}/steps/{step}?target=&kl_cov_ratio= : one step: its status, its entropy
+ * numbers, the spectrum, the diagonal and the prompt heatmaps of K, the decomposition of dH1,
+ * the sequences that drive it and, when the trainer pushed token shares, the tokens that move
+ * the entropy with Cui et al.'s covariance against them (tokens.js).  The entropy numbers are
+ * about the page's target (the sequence entropy H or the token-mean entropy T, entropy.js),
+ * chosen by its switch; the kernel's are the same for both.
  */
 import { getBlocks, getDiagonal, getSpectrum, getStep, getStepEntropy } from "./api.js";
 import { COLORS, chartCard, hbars, heatmap, histogram, xyChart } from "./chart.js";
 import { el, fmt, fmtPct, isNum, sortableTable } from "./dom.js";
 import { KL_FIRST_ORDER, KL_SECOND_ORDER, flatRow, pmText, ratioText, regimeLabel, regimeNote, seTotal, targetHref, targetSwitch } from "./entropy.js";
+import { drawTokensCard, tokensOrNull } from "./tokens.js";
 
 const enc = encodeURIComponent;
 const ZERO_EIGENVALUE = 1e-10; // relative to the largest eigenvalue
@@ -71,7 +74,7 @@ function stepKpis(e, t) {
  * A step: spectrum, heatmaps, diagonal, decomposition, sequence table; `frame`: {view,
  * setCrumbs}; `t`: the target (entropy.js TARGETS), which every entropy number is about.
  */
-export function stepPage(frame, runId, step, t) {
+export function stepPage(frame, runId, step, t, klCovRatio = null) {
   frame.setCrumbs([{ label: "runs", href: "#/" }, { label: runId, href: targetHref(`/runs/${enc(runId)}`, t) }, { label: `step ${step}` }]);
   const switcher = targetSwitch(`/runs/${enc(runId)}/steps/${step}`, t);
   const head = el("section", { class: "card run-head" }, el("h2", { text: `Step ${step}` }), switcher, el("p", { class: "empty", text: "loading…" }));
@@ -84,8 +87,14 @@ export function stepPage(frame, runId, step, t) {
   const cQuad = el("section");
   const cGroups = el("section");
   const table = el("section", { class: "card wide" });
-  frame.view.replaceChildren(head, el("div", { class: "grid" }, summary, cSpec, cDiag, cHeatK, cHeatR, cPairs, cQuad, cGroups, table));
+  const cTokens = el("section", { class: "card wide", hidden: true });
+  frame.view.replaceChildren(head, el("div", { class: "grid" }, summary, cSpec, cDiag, cHeatK, cHeatR, cPairs, cQuad, cGroups, table, cTokens));
   const seqSort = { key: "contribution", dir: "asc" };
+  const tokenSorts = { down: { key: "share", dir: "asc" }, up: { key: "share", dir: "desc" } };
+  // a new ratio is a new address (a link reproduces the view); the hash change redraws the page
+  const onRatio = (r) => {
+    location.hash = `/runs/${enc(runId)}/steps/${step}?target=${t.key}&kl_cov_ratio=${r}`;
+  };
   let statusSig = "";
   let data = null;
 
@@ -110,7 +119,9 @@ export function stepPage(frame, runId, step, t) {
   }
 
   function draw() {
-    const { spectrum, blocks, diagonal, entropy } = data;
+    const { spectrum, blocks, diagonal, entropy, tokens } = data;
+    cTokens.hidden = false;
+    drawTokensCard(cTokens, tokens, { runId, step, t, klCovRatio, onRatio, sorts: tokenSorts });
     const e = entropy;
     summary.replaceChildren(
       el("h3", { text: `Change of the ${t.name} at this step (${t.per})` }),
@@ -218,13 +229,16 @@ export function stepPage(frame, runId, step, t) {
         if (!data) summary.replaceChildren(el("p", { class: "empty", text: status.state === "pending" ? "Waiting for the workers to sketch the queued uploads…" : "This step failed: see the errors above." }));
         return;
       }
-      const [spectrum, blocks, diagonal, entropy] = await Promise.all([
+      // the token shares are asked for with the analysis, once per change of the step's
+      // status: a step without them answers 404, which every browser notes in its console
+      const [spectrum, blocks, diagonal, entropy, tokens] = await Promise.all([
         getSpectrum(runId, step, WAIT_S),
         getBlocks(runId, step, WAIT_S),
         getDiagonal(runId, step, WAIT_S),
         getStepEntropy(runId, step, t.key, WAIT_S),
+        tokensOrNull(runId, step, { klCovRatio }),
       ]);
-      data = { spectrum, blocks, diagonal, entropy };
+      data = { spectrum, blocks, diagonal, entropy, tokens };
       statusSig = s;
       draw();
     },

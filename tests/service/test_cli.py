@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from clients.cli import app
-from clients.report import format_number, ratio_text
+from clients.report import format_number, ratio_text, token_text
 from service.embedded import embedded_service
 from service.settings import Settings
 from tests.service.conftest import StepData, safetensors_body
@@ -278,6 +278,61 @@ def test_report_token_mean_target(live: Live) -> None:
     assert history.exit_code == 0, history.output
     assert "nats per token" in history.output
     assert format_number(entropy["delta_h1"]) in history.output
+
+
+def test_report_shows_the_token_shares(live: Live, step_data: StepData) -> None:
+    """A step without token shares prints no tokens table; once the trainer pushed them, the
+    report prints the top tokens down and up as the API answers them (text or ``#id``, share,
+    covariance score, in the API's order) and the covariance line, at ``--kl-cov-ratio``."""
+    args = ("report", RUN_ID, str(STEP), "--url", live.url, "--token", TOKEN, "--top", "4")
+    before = invoke(*args)
+    assert before.exit_code == 0, before.output
+    assert "tokens pushing entropy" not in before.output and "KL-Cov" not in before.output
+    words = [" the", " cat", "\n", " sat", "!"]
+    pushed = []
+    for k, seq in enumerate(step_data.sequences):
+        n = 3 + k % 2
+        body: dict[str, Any] = {
+            "id": seq["id"],
+            "token_ids": [10 + k * 5 + t for t in range(n)],
+            "logprobs": [-0.5 - 0.1 * t for t in range(n)],
+            "shares": [(-1) ** (k + t) * 1e-3 * (1 + k + 2 * t) for t in range(n)],
+        }
+        if k < len(step_data.sequences) - 1:  # the last without its text: shown as ids
+            body["tokens"] = [words[(k + t) % len(words)] for t in range(n)]
+        pushed.append(body)
+    body = {"learning_rate": step_data.learning_rate, "sequences": pushed}
+    r = live.api.post(f"/v1/runs/{RUN_ID}/steps/{STEP}/tokens", json=body)
+    assert r.status_code == 200, r.text
+    answer = live.api.get(
+        f"/v1/runs/{RUN_ID}/steps/{STEP}/tokens", params={"top": 4, "kl_cov_ratio": 0.2}
+    ).json()
+    result = invoke(*args, "--kl-cov-ratio", "0.2")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for side in ("down", "up"):
+        section = out[out.index(f"tokens pushing entropy {side}") :]
+        rows = [line for line in section.splitlines() if line.startswith("│")]
+        assert len(answer[side]) == 4
+        for line, token in zip(rows, answer[side], strict=False):
+            text = token_text(token)
+            assert text.startswith('"') or text == f"#{token['token_id']}"
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            assert cells == [
+                token["sequence_id"],
+                str(token["position"]),
+                text,
+                format_number(token["share"]),
+                format_number(token["cov_score"]),
+            ]
+    assert any(token_text(t).startswith("#") for t in answer["down"] + answer["up"])
+    c = answer["covariance"]
+    line = next(line for line in out.splitlines() if line.startswith("KL-Cov (ratio 0.2)"))
+    assert f"k = {c['k']} of {c['num_tokens']} tokens" in line and c["k"] > 1
+    for key in ("precision_at_k", "spearman", "selected_share"):
+        assert format_number(c[key]) in line, key
+    clip = next(line for line in out.splitlines() if line.startswith("Clip-Cov"))
+    assert f"{c['clip_candidates']} candidates" in clip
 
 
 def test_report_pending_step_shows_only_its_status(live: Live, step_data: StepData) -> None:

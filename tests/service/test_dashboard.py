@@ -268,6 +268,37 @@ def push_grouped_run(base: str, run_id: str) -> dict[str, Any]:
     return answer
 
 
+WORDS = [" the", " entropy", " falls", ",", " then", " rises", " again", ".", " so", " we", " wait"]
+
+
+def push_token_shares(
+    base: str, run_id: str, step: int, plans: dict[int, StepPlan] = PLANS
+) -> dict[str, Any]:
+    """Exact token shares of the step's update sequences (``POST .../tokens``), one token per
+    ``num_tokens`` of each, of both signs; the last sequence is pushed without its text (the
+    pages show its token ids).  Returns the body pushed."""
+    meta, _, _ = make_step(step, seed=100 + step, plan=plans[step])
+    gen = np.random.default_rng(500 + step)
+    update = [s for s in meta["sequences"] if s["role"] == "update"]
+    sequences = []
+    for index, seq in enumerate(update):
+        n = int(seq["num_tokens"])
+        token_ids = [int(v) for v in gen.integers(0, len(WORDS), n)]
+        body: dict[str, Any] = {
+            "id": seq["id"],
+            "token_ids": token_ids,
+            "logprobs": [float(v) for v in -3 * gen.random(n)],
+            "shares": [float(v) for v in 1e-3 * gen.standard_t(3, n)],
+        }
+        if index < len(update) - 1:
+            body["tokens"] = [WORDS[t] for t in token_ids]
+        sequences.append(body)
+    pushed = {"learning_rate": plans[step].learning_rate, "sequences": sequences}
+    r = httpx.post(f"{base}/v1/runs/{run_id}/steps/{step}/tokens", json=pushed, timeout=30)
+    assert r.status_code == 200, r.text
+    return pushed
+
+
 # ------------------------------------------------------------------ browser helpers
 def browser_available() -> bool:
     try:
@@ -310,6 +341,32 @@ OVERLAPS_JS = """
   return out;
 }
 """
+
+
+def console_errors(into: list[str]) -> Any:
+    """A console listener that keeps the page's errors in ``into``, but the browser's note of
+    a 404 from ``GET .../tokens``: the step page asks every step for its token shares, and the
+    API says a step has none only by that 404 (a step's status does not count them)."""
+
+    def on_console(m: Any) -> None:
+        url = str((m.location or {}).get("url", ""))
+        if m.type == "error" and not ("/tokens" in url and "404" in m.text):
+            into.append(m.text)
+
+    return on_console
+
+
+def js_fmt(v: float) -> str:
+    """The dashboard's ``fmt`` (dom.js): 3 significant digits, exponent form below 1e-3 and
+    from 1e5."""
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        mantissa, exponent = f"{v:.2e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    text = repr(float(f"{v:.3g}"))
+    return text[:-2] if text.endswith(".0") else text
 
 
 # ------------------------------------------------------------------ the modules, served
@@ -372,7 +429,7 @@ def page_problems(
         if r.url.endswith(".js"):
             modules[r.url.rsplit("/", 1)[1]] = (r.status, r.headers.get("content-type", ""))
 
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("console", console_errors(problems))
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
     page.on("response", on_response)
@@ -410,10 +467,16 @@ def test_every_page_loads_its_modules_without_console_errors(
     push_step(base, run_id, 1)
     wait_ready(base, run_id, 0)
     post_realized(base, run_id, 1)
+    # step 0 has token shares (its tokens card and sequence views), step 1 none
+    pushed = push_token_shares(base, run_id, 0, TOKEN_PLANS)["sequences"]
+    seq_view = f"/?poll=300#/runs/{run_id}/steps/0/sequences"
     pages = [
         "/?poll=300",
         f"/?poll=300#/runs/{run_id}",
         f"/?poll=300#/runs/{run_id}/steps/0",
+        f"/?poll=300#/runs/{run_id}/steps/0?target=sequence&kl_cov_ratio=0.05",
+        f"{seq_view}/{pushed[0]['id']}?target=sequence&kl_cov_ratio=0.05",
+        f"{seq_view}/{pushed[-1]['id']}",  # pushed without its text
         f"/?poll=300#/runs/{run_id}/steps/1",
         f"/runs/{run_id}?poll=300",  # a path-style link
         f"/?poll=300#/runs/{run_id}?target=token_mean",
@@ -517,7 +580,7 @@ def test_dashboard_pages_render_sort_and_update_live(
             # which the page's policy refuses; the pages under their policy are checked in
             # test_every_page_loads_its_modules_without_console_errors
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("console", console_errors(errors))
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
 
             def count(selector: str) -> int:
@@ -652,6 +715,10 @@ def test_dashboard_pages_render_sort_and_update_live(
             # ---- step page
             page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/{step}")
             page.wait_for_selector("[data-chart=sequences] tbody tr")
+            # this run pushed no token shares: the tokens card is one line
+            hint = page.locator("[data-card=tokens] #tokens-none").inner_text()
+            assert hint.startswith("No token shares at this step")
+            assert count("[data-card=tokens] table") == 0
             top = max(spectrum["eigenvalues"])
             positive = sum(v > 1e-10 * top for v in spectrum["eigenvalues"])
             assert positive >= 2
@@ -834,7 +901,7 @@ def test_target_switch_shows_the_token_mean(dashboard_service: LiveService) -> N
         try:
             # bypass_csp: see test_dashboard_pages_render_sort_and_update_live
             page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("console", console_errors(errors))
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
 
             def count(selector: str) -> int:
@@ -1035,6 +1102,174 @@ def test_target_switch_shows_the_token_mean(dashboard_service: LiveService) -> N
             page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/2?target=token_mean")
             page.wait_for_selector("[data-chart=sequences] tbody tr")
             check_step_page(tm[2], "token_mean")
+        finally:
+            browser.close()
+    assert errors == [], errors
+
+
+RGB_RE = re.compile(r"rgb\((\d+), (\d+), (\d+)\)")
+
+
+@needs_browser
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_tokens_card_and_sequence_view(dashboard_service: LiveService) -> None:
+    """A step with token shares: the step page's tokens card lists the API's top tokens down
+    and up (sequence, position, text, share, covariance score) and its covariance comparison,
+    also under a KL-Cov ratio the user types in; a click on a token opens its sequence's view,
+    whose tokens carry the API's text (or id), share, colour side (vermillion down, blue up),
+    hover text and covariance bar, under a legend of the scale's values.  The pages run under
+    their Content-Security-Policy and log no console error."""
+    from playwright.sync_api import sync_playwright
+
+    base = dashboard_service.base_url
+    run_id = "browser-shares"
+    create_run(base, run_id)
+    push_step(base, run_id, 0)
+    wait_ready(base, run_id, 0)
+    pushed = push_token_shares(base, run_id, 0)["sequences"]
+    url = f"{base}/v1/runs/{run_id}/steps/0/tokens"
+    tokens = httpx.get(url, timeout=30).json()
+    assert tokens["num_tokens"] == sum(len(p["shares"]) for p in pushed)
+    assert tokens["covariance"]["k"] == 1  # verl's ratio on a small run
+    ratio = 0.05
+    wider = httpx.get(f"{url}?kl_cov_ratio={ratio}", timeout=30).json()
+    assert wider["covariance"]["k"] == int(tokens["num_tokens"] * ratio) > 1
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+
+            def cells(side: str, key: str, attr: str | None = None) -> list[Any]:
+                sel = f"[data-card=tokens] [data-side={side}] tbody td[data-key={key}]"
+                if attr is None:
+                    found: list[Any] = page.eval_on_selector_all(
+                        sel, "els => els.map(e => e.textContent)"
+                    )
+                else:
+                    found = page.eval_on_selector_all(
+                        sel, f"els => els.map(e => Number(e.getAttribute('{attr}')))"
+                    )
+                return found
+
+            def check_card(answer: dict[str, Any]) -> None:
+                for side in ("down", "up"):
+                    rows = answer[side]
+                    assert rows and len(rows) == 20
+                    text = [
+                        r["token"] if r["token"] is not None else f"#{r['token_id']}" for r in rows
+                    ]
+                    assert cells(side, "sequence_id") == [r["sequence_id"] for r in rows]
+                    assert cells(side, "position", "data-value") == [r["position"] for r in rows]
+                    assert cells(side, "token") == text
+                    assert cells(side, "share", "data-value") == [r["share"] for r in rows]
+                    assert cells(side, "cov_score", "data-value") == [r["cov_score"] for r in rows]
+                assert all(r["share"] < 0 for r in answer["down"])
+                cov = answer["covariance"]
+                for key, field in [
+                    ("precision", "precision_at_k"),
+                    ("spearman", "spearman"),
+                    ("selected", "selected_share"),
+                    ("clip", "clip_candidates"),
+                    ("clip-share", "clip_candidate_share"),
+                ]:
+                    kpi = page.locator(f"[data-card=tokens] [data-kpi={key}]")
+                    assert float(kpi.get_attribute("data-value") or "nan") == cov[field], key
+                precision = page.locator("[data-card=tokens] [data-kpi=precision]").inner_text()
+                assert f"precision at k = {cov['k']}" in precision
+                assert f"ratio {cov['kl_cov_ratio']} of {cov['num_tokens']}" in precision
+
+            # ---- the step page's tokens card, at verl's ratio and at one typed in
+            page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/0")
+            page.wait_for_selector("[data-card=tokens] [data-side=up] tbody tr")
+            check_card(tokens)
+            page.screenshot(path=str(ARTIFACTS / "step-tokens-1280x800.png"), full_page=True)
+            page.fill("#kl-cov-ratio", str(ratio))
+            page.click(".ratio-form button")
+            page.wait_for_selector(
+                f"[data-kpi=precision] >> text=precision at k = {wider['covariance']['k']}"
+            )
+            assert page.url.endswith(f"?target=sequence&kl_cov_ratio={ratio}")
+            check_card(wider)
+
+            # ---- a click on the down table's first token opens its sequence
+            first = wider["down"][0]
+            page.click("[data-card=tokens] [data-side=down] tbody tr >> nth=0 >> a.tok-cell")
+            page.wait_for_selector(".tokens-text .tok")
+            assert f"/sequences/{first['sequence_id']}?" in page.url
+            assert f"kl_cov_ratio={ratio}" in page.url
+            for sid in (first["sequence_id"], pushed[-1]["id"]):
+                if sid != first["sequence_id"]:
+                    page.goto(f"{base}/?poll=500#/runs/{run_id}/steps/0/sequences/{sid}")
+                    page.wait_for_selector(f"[data-card=sequence] h2 >> text=Sequence {sid}")
+                    page.wait_for_selector(".tokens-text .tok")
+                answer = httpx.get(f"{url}?sequence={sid}&top=1", timeout=30).json()
+                seq = answer["sequence"]
+                stored = next(p for p in pushed if p["id"] == sid)
+                assert [t["share"] for t in seq] == stored["shares"]
+                shown = page.eval_on_selector_all(
+                    ".tokens-text .tok",
+                    """els => els.map(e => ({
+                        text: e.querySelector('.tok-text').textContent,
+                        share: Number(e.dataset.share),
+                        cov: Number(e.dataset.cov),
+                        side: e.dataset.side,
+                        title: e.getAttribute('title'),
+                        colour: getComputedStyle(e.querySelector('.tok-text')).backgroundColor,
+                        bar: e.querySelector('.cov-bar').getBoundingClientRect().height,
+                    }))""",
+                )
+                assert len(shown) == len(seq)
+                bars = max(b["bar"] for b in shown)
+                max_cov = max(abs(t["cov_score"]) for t in seq)
+                for got, want in zip(shown, seq, strict=True):
+                    text = want["token"] if want["token"] is not None else f"#{want['token_id']}"
+                    assert got["text"] == text
+                    assert got["share"] == want["share"] and got["cov"] == want["cov_score"]
+                    r, _, b = (int(v) for v in RGB_RE.fullmatch(got["colour"]).groups())  # type: ignore[union-attr]
+                    if want["share"] < 0:
+                        assert got["side"] == "down" and r > b, got
+                    elif want["share"] > 0:
+                        assert got["side"] == "up" and b > r, got
+                    assert f"share {js_fmt(want['share'])} nats" in got["title"]
+                    assert f"covariance score {js_fmt(want['cov_score'])}" in got["title"]
+                    assert f"log-prob {js_fmt(want['logprob'])}" in got["title"]
+                    assert f"position {want['position']} of {sid}" in got["title"]
+                    # the bar's height is the score's size against the sequence's largest
+                    assert got["bar"] == pytest.approx(
+                        bars * abs(want["cov_score"]) / max_cov, abs=2.5
+                    )
+                # the legend: from -max to +max |share| of the step, vermillion to blue
+                scale = max(
+                    abs(answer["down"][0]["share"]),
+                    abs(answer["up"][0]["share"]),
+                    *(abs(t["share"]) for t in seq),
+                )
+                legend = page.eval_on_selector_all(
+                    ".share-legend-item",
+                    """els => els.map(e => [e.querySelector('.share-legend-cell'), e]).map(
+                      ([c, e]) => ({
+                        value: Number(c.dataset.value),
+                        label: e.querySelector('.share-legend-label').textContent,
+                        colour: getComputedStyle(c).backgroundColor,
+                    }))""",
+                )
+                assert [x["value"] for x in legend] == pytest.approx(
+                    [scale * t for t in (-1, -0.75, -0.5, -0.25, 0, 0.25, 0.5, 0.75, 1)]
+                )
+                assert [x["label"] for x in legend][::4] == [js_fmt(-scale), "0", js_fmt(scale)]
+                assert legend[0]["colour"] == "rgb(213, 94, 0)"
+                assert legend[4]["colour"] == "rgb(255, 255, 255)"
+                assert legend[-1]["colour"] == "rgb(0, 114, 178)"
+                ends = page.locator(".share-legend-end").all_inner_texts()
+                assert ends == ["pushes entropy down ←", "→ pushes entropy up"]
+                name = "sequence" if sid == first["sequence_id"] else "sequence-ids"
+                page.screenshot(path=str(ARTIFACTS / f"{name}-1280x800.png"), full_page=True)
         finally:
             browser.close()
     assert errors == [], errors

@@ -75,7 +75,7 @@ from sketch.kronecker import KroneckerSketch
 from sketch.sequences import StepSequences
 from sketch.spec import sketcher_for
 from sketch.spectrum import Spectrum, spectrum
-from sketch.token_covariance import compare_covariance, covariance_scores
+from sketch.token_covariance import CovarianceOptions, compare_covariance, covariance_scores
 from sketch.token_mean import Target
 
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
@@ -699,10 +699,7 @@ async def step_tokens(
     *,
     top: int,
     sequence: str | None,
-    kl_cov_ratio: float,
-    clip_cov_ratio: float,
-    clip_cov_lb: float,
-    clip_cov_ub: float,
+    options: CovarianceOptions,
 ) -> TokensOut:
     """The step's tokens that move the entropy, and Cui et al.'s covariance against them."""
     run_id = str(run["run_id"])
@@ -721,10 +718,7 @@ async def step_tokens(
         known,
         top=top,
         sequence=sequence,
-        kl_cov_ratio=kl_cov_ratio,
-        clip_cov_ratio=clip_cov_ratio,
-        clip_cov_lb=clip_cov_lb,
-        clip_cov_ub=clip_cov_ub,
+        options=options,
     )
 
 
@@ -737,10 +731,7 @@ def tokens_answer(
     *,
     top: int,
     sequence: str | None,
-    kl_cov_ratio: float,
-    clip_cov_ratio: float,
-    clip_cov_lb: float,
-    clip_cov_ub: float,
+    options: CovarianceOptions,
 ) -> TokensOut:
     """``TokensOut`` from the stored shares (sequences in id order, tokens in order)."""
     ids = sorted(records)
@@ -756,15 +747,7 @@ def tokens_answer(
     # a sequence deleted from the step since keeps its shares but no advantage: 0
     advantage = np.array([float(known.get(sid, {}).get("advantage", 0.0)) for sid in owner])
     cov = covariance_scores(logprob, advantage)
-    comparison = compare_covariance(
-        share,
-        logprob,
-        advantage,
-        kl_cov_ratio=kl_cov_ratio,
-        clip_cov_ratio=clip_cov_ratio,
-        clip_cov_lb=clip_cov_lb,
-        clip_cov_ub=clip_cov_ub,
-    )
+    comparison = compare_covariance(share, logprob, advantage, options)
 
     def token(i: int) -> TokenShareOut:
         return TokenShareOut(

@@ -36,6 +36,21 @@ CLIP_COV_LB = 1.0
 CLIP_COV_UB = 5.0
 
 
+@dataclass(frozen=True)
+class CovarianceOptions:
+    """KL-Cov's and Clip-Cov's knobs (verl's defaults); ratios in ``(0, 1]``, ``lb < ub``."""
+
+    kl_cov_ratio: float = KL_COV_RATIO
+    clip_cov_ratio: float = CLIP_COV_RATIO
+    clip_cov_lb: float = CLIP_COV_LB
+    clip_cov_ub: float = CLIP_COV_UB
+
+    def __post_init__(self) -> None:
+        ratios = (self.kl_cov_ratio, self.clip_cov_ratio)
+        if not (all(0 < r <= 1 for r in ratios) and self.clip_cov_lb < self.clip_cov_ub):
+            raise ValueError("ratios must be in (0, 1] and clip_cov_lb < clip_cov_ub")
+
+
 def covariance_scores(logprob: FloatArray, advantage: FloatArray) -> FloatArray:
     """verl's ``cov_all``: ``(A - mean A)(log pi - mean log pi)`` over the tokens, ``[n]``."""
     return (advantage - advantage.mean()) * (logprob - logprob.mean())
@@ -79,11 +94,7 @@ def compare_covariance(
     shares: FloatArray,
     logprob: FloatArray,
     advantage: FloatArray,
-    *,
-    kl_cov_ratio: float = KL_COV_RATIO,
-    clip_cov_ratio: float = CLIP_COV_RATIO,
-    clip_cov_lb: float = CLIP_COV_LB,
-    clip_cov_ub: float = CLIP_COV_UB,
+    options: CovarianceOptions | None = None,
 ) -> CovarianceComparison:
     """Compare KL-Cov's and Clip-Cov's token choices with the exact shares ``a_{i,t}``.
 
@@ -99,10 +110,9 @@ def compare_covariance(
         raise ValueError("shares, logprob and advantage must be non-empty and of one length")
     if not (np.isfinite(a).all() and np.isfinite(lp).all() and np.isfinite(adv).all()):
         raise ValueError("shares, logprob and advantage must be finite")
-    if not (0 < kl_cov_ratio <= 1 and 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub):
-        raise ValueError("ratios must be in (0, 1] and clip_cov_lb < clip_cov_ub")
+    o = options or CovarianceOptions()
     cov = covariance_scores(lp, adv)
-    k = min(selected_count(n, kl_cov_ratio), n)
+    k = min(selected_count(n, o.kl_cov_ratio), n)
     chosen = np.argsort(-cov, kind="stable")[:k]
     truth = np.argsort(a, kind="stable")[:k]
     total = float(a.sum())
@@ -111,19 +121,19 @@ def compare_covariance(
     if np.ptp(cov) > 0 and np.ptp(a) > 0:
         rho = float(spearmanr(cov, -a).statistic)
         spearman = rho if math.isfinite(rho) else None
-    candidates = (cov > clip_cov_lb) & (cov < clip_cov_ub)
+    candidates = (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)
     return CovarianceComparison(
         num_tokens=n,
-        kl_cov_ratio=kl_cov_ratio,
+        kl_cov_ratio=o.kl_cov_ratio,
         k=k,
         precision_at_k=len(set(chosen.tolist()) & set(truth.tolist())) / k,
         spearman=spearman,
         selected_sum=selected_sum,
         selected_share=selected_sum / total if total != 0.0 else None,
-        clip_cov_ratio=clip_cov_ratio,
-        clip_cov_lb=clip_cov_lb,
-        clip_cov_ub=clip_cov_ub,
-        clip_k=selected_count(n, clip_cov_ratio),
+        clip_cov_ratio=o.clip_cov_ratio,
+        clip_cov_lb=o.clip_cov_lb,
+        clip_cov_ub=o.clip_cov_ub,
+        clip_k=selected_count(n, o.clip_cov_ratio),
         clip_candidates=int(candidates.sum()),
         clip_candidate_share=float(a[candidates].sum()) / total if total != 0.0 else None,
     )
@@ -135,6 +145,7 @@ __all__ = [
     "CLIP_COV_UB",
     "KL_COV_RATIO",
     "CovarianceComparison",
+    "CovarianceOptions",
     "compare_covariance",
     "covariance_scores",
     "selected_count",

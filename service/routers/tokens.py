@@ -10,8 +10,15 @@ from fastapi import APIRouter, Query
 
 from service import analysis as an
 from service.deps import RunDep, StepNo, StoreDep
+from service.errors import ProblemError
 from service.schemas import TokensIn, TokensOut, TokensRecorded
-from sketch.token_covariance import CLIP_COV_LB, CLIP_COV_RATIO, CLIP_COV_UB, KL_COV_RATIO
+from sketch.token_covariance import (
+    CLIP_COV_LB,
+    CLIP_COV_RATIO,
+    CLIP_COV_UB,
+    KL_COV_RATIO,
+    CovarianceOptions,
+)
 
 router = APIRouter(prefix="/v1/runs/{run_id}/steps", tags=["tokens"])
 
@@ -47,14 +54,8 @@ async def get_tokens(
 ) -> TokensOut:
     """The tokens pushing the entropy down and up most, each sequence's total (its ``a_i``),
     one sequence's tokens in order, and how KL-Cov's and Clip-Cov's choices compare."""
-    return await an.step_tokens(
-        store,
-        run,
-        step,
-        top=top,
-        sequence=sequence,
-        kl_cov_ratio=kl_cov_ratio,
-        clip_cov_ratio=clip_cov_ratio,
-        clip_cov_lb=clip_cov_lb,
-        clip_cov_ub=clip_cov_ub,
-    )
+    try:
+        options = CovarianceOptions(kl_cov_ratio, clip_cov_ratio, clip_cov_lb, clip_cov_ub)
+    except ValueError as exc:
+        raise ProblemError(422, str(exc)) from None
+    return await an.step_tokens(store, run, step, top=top, sequence=sequence, options=options)

@@ -54,7 +54,9 @@ def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
             assert float(derivative[i, t]) == pytest.approx(expected, rel=2e-4, abs=1e-5)
 
 
-def _step(update: SequenceBatch, entropy: SequenceBatch, model: nn.Module) -> StepSequences:
+def step_sequences(
+    update: SequenceBatch, entropy: SequenceBatch, model: nn.Module
+) -> StepSequences:
     """Update rows (2 prompts, advantages +-1, unit weights) then entropy-role rows."""
     s_update = sequence_logprobs(model, update).double().numpy()
     s_entropy = sequence_logprobs(model, entropy).double().numpy()
@@ -75,7 +77,7 @@ def test_shares_add_up_to_each_a_i_and_to_the_kernels_dh1(model: nn.Module) -> N
     ``t`` are the ``a_i`` of the ``independent`` estimator computed from the exact kernel of
     the captured score gradients, and their total is its ``delta_h1``, to float precision."""
     update, entropy = make_batch(seed=1, n=6), make_batch(seed=2, n=4)
-    seqs = _step(update, entropy, model)
+    seqs = step_sequences(update, entropy, model)
     h = entropy_coefficients(seqs, seqs.entropy_mask)[update.size :]
     c = torch.from_numpy(seqs.advantage[: update.size] * 0.25).float()
     coefficients = c[:, None].expand_as(update.input_ids).clone()
@@ -114,7 +116,7 @@ def test_u_statistic_shares_drop_the_self_term_and_add_up(model: nn.Module) -> N
     ``M/(M-1)``), their total its ``delta_h1``; the plain ``v`` of all sequences (the
     self-term kept) gives the ``plugin`` ``a_i`` instead, a different number."""
     update = make_batch(seed=4, n=6)
-    seqs = _step(update, make_batch(seed=2, n=2), model).subset(list(range(update.size)))
+    seqs = step_sequences(update, make_batch(seed=2, n=2), model).subset(list(range(update.size)))
     upd = seqs.update_mask
     h = torch.from_numpy(entropy_coefficients(seqs, upd)).float()
     c = torch.from_numpy(seqs.advantage * 0.25).float()

@@ -11,14 +11,14 @@ import redis as redis_sync
 import torch
 from fastapi.testclient import TestClient
 
-from clients.capture import capture_gradients, sequence_logprobs
+from clients.capture import capture_gradients
 from clients.results import TokensReport
 from clients.token_shares import token_shares
 from service.settings import Settings
 from sketch.entropy import entropy_coefficients
-from sketch.sequences import Role, StepSequences
-from sketch.token_covariance import compare_covariance
+from sketch.token_covariance import CovarianceOptions, compare_covariance
 from tests.clients.conftest import make_batch, tiny_gpt2
+from tests.clients.test_token_shares import step_sequences
 from tests.service.conftest import OCTET, safetensors_body, store_dump
 from tests.service.test_analysis import drain, post
 
@@ -93,7 +93,7 @@ def test_tokens_are_stored_answered_and_compared(client: TestClient) -> None:
     assert all(t["share"] > 0 for t in answer["up"])
     assert [t["position"] for t in answer["sequence"]] == [0, 1, 2]
     assert [t["token"] for t in answer["sequence"]] == ["a", "b", "c"]
-    want = compare_covariance(shares, logprobs, advantage, kl_cov_ratio=0.3)
+    want = compare_covariance(shares, logprobs, advantage, CovarianceOptions(kl_cov_ratio=0.3))
     cov = answer["covariance"]
     assert cov["k"] == want.k == 2
     for field in ("precision_at_k", "selected_sum", "clip_candidates", "clip_k"):
@@ -116,6 +116,9 @@ def test_bad_token_pushes_are_refused_with_nothing_stored(
         json={"learning_rate": ETA, "sequences": _sequences()},
     )
     assert client.get("/v1/runs/b/steps/0/tokens").status_code == 404
+    bounds = {"clip_cov_lb": 5, "clip_cov_ub": 1}
+    r = client.get("/v1/runs/b/steps/0/tokens", params=bounds)
+    assert r.status_code == 422 and r.headers["content-type"] == PROBLEM
     post(client, "/v1/runs/b/steps/0/tokens", json=good)
     redis = redis_sync.Redis.from_url(settings.redis_url or "")
     before = store_dump(redis, settings.key_prefix)
@@ -152,18 +155,8 @@ def test_shares_sum_to_the_services_dh1_and_a_i(client: TestClient, settings: Se
     precision."""
     model = tiny_gpt2()
     update, entropy = make_batch(seed=1, n=6), make_batch(seed=2, n=4)
-    s_update = sequence_logprobs(model, update).double().numpy()
-    s_entropy = sequence_logprobs(model, entropy).double().numpy()
-    n, m = update.size, entropy.size
-    seqs = StepSequences(
-        ids=[f"u{i}" for i in range(n)] + [f"e{j}" for j in range(m)],
-        prompt_ids=[f"p{i % 2}" for i in range(n)] + [f"p{j % 2}" for j in range(m)],
-        logprob=np.concatenate([s_update, s_entropy]),
-        advantage=np.concatenate([(-1.0) ** np.arange(n), np.zeros(m)]),
-        num_tokens=np.concatenate([update.num_tokens.numpy(), entropy.num_tokens.numpy()]),
-        role=[Role.UPDATE] * n + [Role.ENTROPY] * m,
-        weight=np.concatenate([np.full(n, 0.25), np.full(m, np.nan)]),
-    )
+    seqs = step_sequences(update, entropy, model)
+    n = update.size
     params = {name: list(p.shape) for name, p in model.named_parameters()}
     post(
         client,

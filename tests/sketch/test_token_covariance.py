@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sketch.token_covariance import compare_covariance, covariance_scores
+from sketch.token_covariance import CovarianceOptions, compare_covariance, covariance_scores
 
 
 def verl_kl_cov_selection(
@@ -35,7 +35,7 @@ def test_kl_cov_selection_and_scores_are_verls() -> None:
     lp, adv = logprob[valid].numpy(), advantages[valid].numpy()
     shares = np.random.default_rng(1).normal(size=lp.size)
     for ratio in (0.0002, 0.2):
-        got = compare_covariance(shares, lp, adv, kl_cov_ratio=ratio)
+        got = compare_covariance(shares, lp, adv, CovarianceOptions(kl_cov_ratio=ratio))
         chosen = verl_kl_cov_selection(logprob, advantages, mask, ratio)
         assert got.k == len(chosen)
         ours = set(np.argsort(-covariance_scores(lp, adv), kind="stable")[: got.k].tolist())
@@ -50,12 +50,13 @@ def test_comparison_on_a_known_case() -> None:
     lp = np.array([-0.1, -3.0, -0.5, -4.0, -1.0, -2.0])
     adv = np.array([1.0, 1.0, -1.0, -1.0, 2.0, -2.0])
     cov = covariance_scores(lp, adv)
-    agree = compare_covariance(-cov, lp, adv, kl_cov_ratio=0.5, clip_cov_lb=0.5, clip_cov_ub=5)
+    options = CovarianceOptions(kl_cov_ratio=0.5, clip_cov_lb=0.5, clip_cov_ub=5)
+    agree = compare_covariance(-cov, lp, adv, options)
     assert agree.k == 3 and agree.precision_at_k == 1.0
     assert agree.spearman == pytest.approx(1.0)
     assert agree.clip_candidates == int(((cov > 0.5) & (cov < 5)).sum())
     assert agree.selected_share == pytest.approx(-np.sort(cov)[::-1][:3].sum() / -cov.sum())
-    oppose = compare_covariance(cov, lp, adv, kl_cov_ratio=0.5)
+    oppose = compare_covariance(cov, lp, adv, CovarianceOptions(kl_cov_ratio=0.5))
     assert oppose.precision_at_k == 0.0 and oppose.spearman == pytest.approx(-1.0)
 
 
@@ -65,4 +66,6 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError):
         compare_covariance(np.ones(2), np.array([0.0, np.nan]), np.ones(2))
     with pytest.raises(ValueError):
-        compare_covariance(np.ones(2), np.ones(2), np.ones(2), kl_cov_ratio=0.0)
+        CovarianceOptions(kl_cov_ratio=0.0)
+    with pytest.raises(ValueError):
+        CovarianceOptions(clip_cov_lb=5.0, clip_cov_ub=1.0)

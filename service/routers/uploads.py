@@ -102,8 +102,8 @@ async def _accept(
     if outcome == "sketched":
         record_rows_sketched(parsed.rows)
     response.status_code = 201 if stored.sketched else 202
-    queued = stored.new and not stored.sketched
-    return {"upload_id": upload_id, "rows": parsed.rows, "queued": queued}
+    # "queued" keeps its contract meaning, false only for a re-send, on both paths
+    return {"upload_id": upload_id, "rows": parsed.rows, "queued": stored.new}
 
 
 @router.post(

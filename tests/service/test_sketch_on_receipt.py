@@ -80,7 +80,7 @@ def test_sketched_on_receipt_answers_201_ready_without_a_worker(
     body = safetensors_body(step_data.grads, step_data.ids)
     first = receiving.post(f"{STEP}/gradients", content=body, headers=OCTET)
     assert first.status_code == 201, first.text
-    assert first.json()["queued"] is False and first.json()["rows"] == len(step_data.ids)
+    assert first.json()["queued"] is True and first.json()["rows"] == len(step_data.ids)
     # ready at once: no worker runs, nothing is queued, the raw body never was in Redis
     status = receiving.get(STEP).json()
     assert status["state"] == "ready" and status["pending_uploads"] == 0, status
@@ -91,7 +91,7 @@ def test_sketched_on_receipt_answers_201_ready_without_a_worker(
     # a re-send (same body: same upload id) is harmless: 201, one part, the same kernel
     version = int(redis_client.get(keys.version("r", 0)) or 0)
     again = receiving.post(f"{STEP}/gradients", content=body, headers=OCTET)
-    assert again.status_code == 201 and again.json() == first.json()
+    assert again.status_code == 201 and again.json() == {**first.json(), "queued": False}
     assert len(_keys(redis_client, settings.key_prefix, "part")) == 1
     assert int(redis_client.get(keys.version("r", 0)) or 0) == version
     assert_kernel_close(_kernel(receiving), _expected(run, step_data))

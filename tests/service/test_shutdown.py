@@ -172,6 +172,7 @@ def test_a_job_in_hand_past_the_deadline_stays_queued(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = _clean_env(data_dir)
     env["KERNELSCOPE_SHUTDOWN_TIMEOUT_S"] = str(SHUTDOWN_S)
+    env["KERNELSCOPE_SKETCH_ON_RECEIPT"] = "false"  # the upload waits in the queue
     port = _free_port()
     log = tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"

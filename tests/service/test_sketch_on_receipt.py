@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis as redis_sync
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from service.app import create_app
@@ -75,11 +76,17 @@ def test_sketched_on_receipt_answers_201_ready_without_a_worker(
     async def no_claim_check(*_: Any, **__: Any) -> bool:
         raise AssertionError("the raw body went to Redis")
 
+    def sketched() -> float:
+        labels = {"kind": "gradients", "outcome": "sketched"}
+        return REGISTRY.get_sample_value("kernelscope_uploads_total", labels) or 0.0
+
     monkeypatch.setattr(Store, "add_upload", no_claim_check)
     run = _setup(receiving, step_data)
     body = safetensors_body(step_data.grads, step_data.ids)
+    counted = sketched()
     first = receiving.post(f"{STEP}/gradients", content=body, headers=OCTET)
     assert first.status_code == 201, first.text
+    assert sketched() == counted + 1  # the metrics tell the two paths apart
     assert first.json()["queued"] is True and first.json()["rows"] == len(step_data.ids)
     # ready at once: no worker runs, nothing is queued, the raw body never was in Redis
     status = receiving.get(STEP).json()

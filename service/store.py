@@ -5,10 +5,12 @@ The key layout is in :mod:`service.keys` and docs/keys.md.  The client must be b
 
 Invariants the rest of the service relies on:
 
-* an upload is stored with one MULTI/EXEC (raw body + upload record + its job, queued by
-  :class:`service.queue.Queue`), so a failure leaves nothing half-stored; its raw key is
-  WATCHed so two identical uploads racing each other store one (and different uploads of a
-  step never make each other retry);
+* an upload is stored with one MULTI/EXEC, so a failure leaves nothing half-stored: on the
+  claim check raw body + upload record + its job, queued by :class:`service.queue.Queue`
+  (its raw key is WATCHed so two identical uploads racing each other store one, and
+  different uploads of a step never make each other retry); sketched on receipt, its part +
+  its record, done, in the transaction that finishes a job (:meth:`Store.accept_upload`
+  chooses the path);
 * a job's result (its partial sketch or its failure) is stored in one transaction with the
   job's acknowledgement (the queue's "pessimistic execution");
 * a partial sketch is keyed by its upload id (the ``Idempotency-Key`` or the body hash):
@@ -103,7 +105,7 @@ def _dumps(value: Any) -> bytes:
 
 @dataclass(frozen=True)
 class UploadReceipt:
-    """What :meth:`Store.add_upload` did: ``new`` when this call stored the upload (False: a
+    """What :meth:`Store.accept_upload` did: ``new`` when this call stored the upload (False: a
     re-send of one stored already), ``sketched`` when the upload is stored as its part
     (sketched on receipt: nothing queued, the answer is 201) rather than queued (202)."""
 

@@ -115,7 +115,7 @@ def upload_tensors(body: bytearray, parsed: ParsedUpload) -> dict[str, torch.Ten
 
 
 class ReceiptSketcher:
-    """Sketches uploads in the process that receives them (``Store.add_upload(sketch=...)``).
+    """Sketches uploads in the process that receives them (``Store.accept_upload(sketch=...)``).
 
     An API process holds one when it runs stream workers of its own on ``device`` (embedded
     mode, ``kernelscope serve`` with in-process workers): sketching the body it has just
@@ -132,14 +132,15 @@ class ReceiptSketcher:
         self, body: bytearray, parsed: ParsedUpload, kind: str, run: Mapping[str, Any]
     ) -> bytes:
         """The stored part of a validated upload of ``run`` (see :func:`sketch_upload`)."""
-        sketcher = sketcher_for(run["sketch"], run.get("parameters"))
-        ids, row_kind = read_rows(parsed.metadata)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool,
-            lambda: sketch_tensors(
-                upload_tensors(body, parsed), ids, row_kind, kind, sketcher, self.device
-            ),
-        )
+
+        def sketch() -> bytes:
+            # in the thread: a run's first upload builds its sketcher (a Gaussian's matrices)
+            sketcher = sketcher_for(run["sketch"], run.get("parameters"))
+            ids, row_kind = read_rows(parsed.metadata)
+            tensors = upload_tensors(body, parsed)
+            return sketch_tensors(tensors, ids, row_kind, kind, sketcher, self.device)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, sketch)
 
     def close(self) -> None:
         """Stop the sketch threads (a sketch in progress finishes unobserved)."""

@@ -33,6 +33,7 @@ from service.routers import analysis, dashboard, health, metrics, runs, steps, t
 from service.settings import Settings
 from service.store import REDIS_DOWN, Store, connect
 from service.uploads import UploadBudget
+from service.worker import ReceiptSketcher
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,21 @@ class _LazyGroupMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    redis: Redis | None = None,
+    sketch_device: str | None = None,
+    sketch_threads: int = 1,
+) -> FastAPI:
     """Build the API.
 
     ``settings`` defaults to ``Settings()`` (environment).  ``redis`` injects a client (embedded
     mode); otherwise one is made from ``settings.redis_url``, which must then be set.
+    ``sketch_device``: this process runs ``sketch_threads`` stream workers of its own on that
+    device (``kernelscope serve``), so it sketches uploads on receipt (201) unless
+    ``settings.sketch_on_receipt`` is off; None (an API beside separate workers): every upload
+    is queued (202).
     """
     settings = settings or Settings()
     install_request_id_logging()
@@ -81,12 +92,17 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
             )
         # Upload bodies go through the blocking client in a thread: no copies (Store.add_upload).
         redis, bulk = connect(settings)
+    receipt: ReceiptSketcher | None = None
+    if sketch_device is not None and settings.sketch_on_receipt:
+        receipt = ReceiptSketcher(sketch_device, sketch_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Never fail startup on Redis: the app answers 503 until Redis is back.
         await ensure_group_once(app)
         yield
+        if receipt is not None:
+            receipt.close()
         if owns_redis:
             await app.state.redis.aclose()
         if bulk is not None:
@@ -108,6 +124,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
         bulk=bulk,
         shards=settings.shards,
     )
+    app.state.receipt_sketcher = receipt
     app.state.group_ready = False
     # Set by the server that runs the app when it begins to stop (``kernelscope serve``):
     # long-polls then answer 503 at once instead of holding the shutdown up.

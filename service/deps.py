@@ -12,6 +12,7 @@ from service.errors import ProblemError
 from service.keys import ID_PATTERN
 from service.settings import Settings
 from service.store import Store
+from service.worker import ReceiptSketcher
 
 RunId = Annotated[str, Path(pattern=ID_PATTERN, description="run id, [A-Za-z0-9._:-]{1,128}")]
 StepNo = Annotated[int, Path(ge=0, le=1 << 53, description="optimisation step, >= 0")]
@@ -35,7 +36,15 @@ def get_draining(request: Request) -> threading.Event:
     return draining
 
 
+def get_receipt_sketcher(request: Request) -> ReceiptSketcher | None:
+    """The sketcher of uploads on receipt (``app.state.receipt_sketcher``): set where this
+    process runs stream workers of its own, None where uploads go to the queue."""
+    receipt: ReceiptSketcher | None = request.app.state.receipt_sketcher
+    return receipt
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ReceiptSketcherDep = Annotated[ReceiptSketcher | None, Depends(get_receipt_sketcher)]
 StoreDep = Annotated[Store, Depends(get_store)]
 DrainingDep = Annotated[threading.Event, Depends(get_draining)]
 

@@ -24,7 +24,10 @@ Layout of what runs:
   known before the first request.
 * **Workers**: ``workers`` instances of ``service.worker.Worker``, each in a thread with its own
   event loop, so that sketching (CPU-heavy, GIL mostly released by torch) never stalls the
-  API's loop.
+  API's loop.  With workers (and ``settings.sketch_on_receipt``) the API sketches each upload
+  as it receives it, in threads of its own on the workers' device, and stores only the part
+  (201): the raw body never makes the round trip through Redis.  The workers then serve what
+  is queued anyway (an upload whose sketch on receipt failed, or one queued by another API).
 
 Shutdown (context exit, Ctrl-C or SIGTERM in the CLI), within one deadline of
 ``settings.shutdown_timeout_s``: long-polls answer 503 at once; the API stops accepting and
@@ -246,13 +249,20 @@ def _public_url(host: str, port: int) -> str:
 class _ApiThread(threading.Thread):
     """``uvicorn.Server(create_app(settings))`` served on a pre-bound socket in its own loop."""
 
-    def __init__(self, settings: Settings, sock: socket.socket, log_level: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sock: socket.socket,
+        log_level: str,
+        sketch_device: str | None = None,
+        sketch_threads: int = 1,
+    ) -> None:
         super().__init__(name="kernelscope-api", daemon=True)
         import uvicorn
 
         from service.app import create_app
 
-        self.app = create_app(settings)
+        self.app = create_app(settings, sketch_device=sketch_device, sketch_threads=sketch_threads)
         config = uvicorn.Config(
             self.app,
             log_level=log_level,
@@ -456,7 +466,10 @@ def embedded_service(
         supervisor.start()
 
         try:
-            api = _ApiThread(run_settings, sock, log_level)
+            # With workers of its own the API sketches uploads on receipt, on their device.
+            api = _ApiThread(
+                run_settings, sock, log_level, device if workers else None, max(workers, 1)
+            )
         except (RuntimeError, ValueError) as exc:
             raise EmbeddedServiceError(f"cannot create the API: {exc}") from exc
         api.start()

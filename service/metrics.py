@@ -68,8 +68,8 @@ UPLOAD_KINDS = ("gradients", "sketches")
 
 uploads_total = Counter(
     "uploads",
-    "Uploads received (gradients or client sketches), by outcome (accepted, duplicate, or the "
-    "4xx reason).",
+    "Uploads received (gradients or client sketches), by outcome (accepted: queued for a worker, "
+    "sketched: sketched on receipt, duplicate, or the 4xx reason).",
     ["kind", "outcome"],
     namespace=NAMESPACE,
 )
@@ -87,7 +87,7 @@ upload_rows_total = Counter(
 )
 rows_sketched_total = Counter(
     "rows_sketched",
-    "Rows sketched by workers and stored as partial sketches.",
+    "Rows sketched (by workers, or by the API on receipt) and stored as partial sketches.",
     namespace=NAMESPACE,
 )
 jobs_total = Counter(
@@ -138,7 +138,8 @@ def upload_outcome(status: int) -> str:
 
 
 def record_upload(outcome: str, nbytes: int, rows: int, kind: str = "gradients") -> None:
-    """Count one upload body: ``outcome`` is ``accepted`` or a short failure reason
+    """Count one upload body: ``outcome`` is ``accepted`` (queued), ``sketched`` (sketched on
+    receipt: the API's path that skips the queue), ``duplicate`` or a short failure reason
     (``invalid``, ``too_large``, ``unsupported_media_type``, ``unknown_run``, ...);
     ``nbytes`` the body length in bytes; ``rows`` its row count (0 when unreadable);
     ``kind`` ``gradients`` or ``sketches`` (the route)."""
@@ -148,7 +149,7 @@ def record_upload(outcome: str, nbytes: int, rows: int, kind: str = "gradients")
 
 
 def record_rows_sketched(n: int) -> None:
-    """Count ``n`` rows sketched and stored by a worker."""
+    """Count ``n`` rows sketched and stored, by a worker or on receipt."""
     rows_sketched_total.inc(max(int(n), 0))
 
 

@@ -396,7 +396,8 @@ class RealizedRecorded(BaseModel):
 
 
 class UploadAccepted(BaseModel):
-    """202 answer of a gradient or sketch upload."""
+    """Answer of a gradient or sketch upload: 202 (stored, queued for a worker) or 201 (stored
+    and sketched on receipt, by an API that runs workers of its own)."""
 
     model_config = ConfigDict(
         json_schema_extra={

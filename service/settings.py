@@ -93,6 +93,15 @@ class Settings(BaseSettings):
             "allocates it, so a larger upload is refused with 422 before anything is stored."
         ),
     )
+    sketch_on_receipt: bool = Field(
+        default=True,
+        description=(
+            "Where the API runs stream workers of its own (`kernelscope serve` with in-process "
+            "workers), it sketches each upload as it arrives and stores only the part (201); "
+            "false sends every upload through Redis to the queue (202), as an API beside "
+            "separate workers always does."
+        ),
+    )
     raw_ttl_s: int = Field(
         default=24 * 3600, gt=0, description="TTL of a raw upload (claim check) in seconds."
     )

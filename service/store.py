@@ -5,10 +5,12 @@ The key layout is in :mod:`service.keys` and docs/keys.md.  The client must be b
 
 Invariants the rest of the service relies on:
 
-* an upload is stored with one MULTI/EXEC (raw body + upload record + its job, queued by
-  :class:`service.queue.Queue`), so a failure leaves nothing half-stored; its raw key is
-  WATCHed so two identical uploads racing each other store one (and different uploads of a
-  step never make each other retry);
+* an upload is stored with one MULTI/EXEC, so a failure leaves nothing half-stored: on the
+  claim check raw body + upload record + its job, queued by :class:`service.queue.Queue`
+  (its raw key is WATCHed so two identical uploads racing each other store one, and
+  different uploads of a step never make each other retry); sketched on receipt, its part +
+  its record, done, in the transaction that finishes a job (:meth:`Store.accept_upload`
+  chooses the path);
 * a job's result (its partial sketch or its failure) is stored in one transaction with the
   job's acknowledgement (the queue's "pessimistic execution");
 * a partial sketch is keyed by its upload id (the ``Idempotency-Key`` or the body hash):
@@ -21,8 +23,9 @@ Invariants the rest of the service relies on:
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -38,6 +41,8 @@ from redis.exceptions import RedisClusterException, RedisError, WatchError
 from service.keys import APPLIED_UPDATE_ID, Keys
 from service.queue import Job, Queue
 from service.settings import Settings
+
+log = logging.getLogger("kernelscope.store")
 
 UPLOAD_QUEUED = "queued"
 UPLOAD_DONE = "done"
@@ -88,10 +93,37 @@ def _summary_field(step: int, target: str) -> str:
     return str(step) if target == "sequence" else f"{step}:{target}"
 
 
+def _upload_record(
+    upload_id: str, kind: str, ids: list[str], body: bytes | bytearray
+) -> dict[str, Any]:
+    """A new upload's record (state queued), kept in the step's ``uploads`` hash."""
+    return {
+        "upload_id": upload_id,
+        "kind": kind,
+        "ids": ids,
+        "rows": len(ids),
+        "state": UPLOAD_QUEUED,
+        "error": None,
+        "attempts": 0,
+        "bytes": len(body),
+        "created_at": time.time(),
+    }
+
+
 def _dumps(value: Any) -> bytes:
     """Compact JSON bytes.  Key order is kept: the declared ``parameters`` order is the column
     layout of the ``exact`` kind."""
     return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class UploadReceipt:
+    """What :meth:`Store.accept_upload` did: ``new`` when this call stored the upload (False: a
+    re-send of one stored already), ``sketched`` when the upload is stored as its part
+    (sketched on receipt: nothing queued, the answer is 201) rather than queued (202)."""
+
+    new: bool
+    sketched: bool
 
 
 @dataclass
@@ -531,6 +563,53 @@ class Store:
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
     # --------------------------------------------------------------- uploads
+    async def accept_upload(
+        self,
+        run_id: str,
+        step: int,
+        upload_id: str,
+        kind: str,
+        ids: list[str],
+        body: bytes | bytearray,
+        sketch: Callable[[], Awaitable[bytes]] | None = None,
+    ) -> UploadReceipt:
+        """Store a validated upload: its part at once, or its raw body and its job.
+
+        The one place that chooses the path.  With ``sketch`` (the receiving process holds a
+        sketcher on a device of its own: :class:`service.worker.ReceiptSketcher`) the body is
+        sketched here and only the part is stored, done, in one transaction shared with the
+        worker's (:meth:`_finish`); the raw body never reaches Redis.  Should the sketch fail,
+        nothing has been stored and the upload takes the claim-check path instead (the workers
+        retry it, or dead-letter it with its error).  Without ``sketch``: the claim check
+        (:meth:`add_upload`).
+
+        A re-send of an upload id already stored and not failed stores nothing
+        (``new=False``) on either path; a failed upload may be re-sent to retry.
+        """
+        if sketch is not None:
+            stored = await self.upload_state(run_id, step, upload_id)
+            if stored is not None and stored != UPLOAD_FAILED:
+                return UploadReceipt(new=False, sketched=stored == UPLOAD_DONE)
+            try:
+                part = await sketch()
+            except Exception as exc:  # the workers retry it, and dead-letter it with its error
+                log.warning("sketch on receipt of upload %s failed (%r): queued", upload_id, exc)
+            else:
+                done = {"state": UPLOAD_DONE, "done_at": time.time()}
+                record = _upload_record(upload_id, kind, ids, body)
+                new = await self._finish(run_id, step, upload_id, done, part=part, new=record)
+                if new:
+                    return UploadReceipt(new=True, sketched=True)
+                stored = await self.upload_state(run_id, step, upload_id)  # stored meanwhile
+                return UploadReceipt(new=False, sketched=stored == UPLOAD_DONE)
+        queued = await self.add_upload(run_id, step, upload_id, kind, ids, body)
+        return UploadReceipt(new=queued, sketched=False)
+
+    async def upload_state(self, run_id: str, step: int, upload_id: str) -> str | None:
+        """The stored upload's state (queued, done, failed), None when not stored."""
+        raw = await self.redis.hget(self.keys.uploads(run_id, step), upload_id)
+        return None if raw is None else str(json.loads(raw)["state"])
+
     async def add_upload(
         self,
         run_id: str,
@@ -540,24 +619,15 @@ class Store:
         ids: list[str],
         body: bytes | bytearray,
     ) -> bool:
-        """Store a validated upload and queue its job, atomically.
+        """The claim check: store a validated upload's raw body, its record and its job,
+        atomically.
 
         Returns False (and stores nothing) when the upload id is already known and not
         failed: a re-sent upload is a no-op.  A failed upload may be re-sent to retry.
         """
         k = self.keys
+        record = _upload_record(upload_id, kind, ids, body)
         uploads_key = k.uploads(run_id, step)
-        record = {
-            "upload_id": upload_id,
-            "kind": kind,
-            "ids": ids,
-            "rows": len(ids),
-            "state": UPLOAD_QUEUED,
-            "error": None,
-            "attempts": 0,
-            "bytes": len(body),
-            "created_at": time.time(),
-        }
         raw_key = k.raw(run_id, step, upload_id)
         if self.bulk is not None:
             return await anyio.to_thread.run_sync(
@@ -653,41 +723,55 @@ class Store:
 
     async def _finish(
         self,
-        job: Job,
+        run_id: str,
+        step: int,
+        upload_id: str,
         update: Mapping[str, Any],
+        *,
         part: bytes | None = None,
+        job: Job | None = None,
         dead: tuple[str, int] | None = None,
         ack: bool = True,
+        new: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Update the job's upload record, write its part or (``dead``: ``(error, attempts)``)
-        its dead letter, and with ``ack`` acknowledge the job: one transaction.
+        """Update the upload's record, write its part or (``dead``: ``(error, attempts)``)
+        its dead letter, and with ``job`` and ``ack`` acknowledge the job: one transaction.
 
-        The upload's ``raw`` key is WATCHed: a run deletion or a re-send of the same upload
-        in between makes the transaction retry on fresh data, while other uploads of the step
-        do not interfere.  Returns False when the record vanished (run deleted); the job is
-        acknowledged anyway.
+        ``new``: the record of an upload sketched on receipt, stored (with ``update``) unless
+        one is stored already and not failed.  The upload's ``raw`` key is WATCHed: a run
+        deletion or a re-send of the same upload in between makes the transaction retry on
+        fresh data, while other uploads of the step do not interfere.  Two identical uploads
+        sketched on receipt at once may both write: the same part under the same key.
+        Returns False when there is no record to update (run deleted, or ``new`` stored
+        already); a job is acknowledged anyway.
         """
         k = self.keys
-        run_id, step, upload_id = job.run_id, job.step, job.upload_id
         uploads_key = k.uploads(run_id, step)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(k.raw(run_id, step, upload_id))
                     raw = await pipe.hget(uploads_key, upload_id)
+                    if new is not None:
+                        if raw is not None and json.loads(raw)["state"] != UPLOAD_FAILED:
+                            await pipe.unwatch()
+                            return False
+                        raw = _dumps(dict(new))
                     pipe.multi()
                     if raw is not None:
                         record = {**json.loads(raw), **update}
                         pipe.hset(uploads_key, upload_id, _dumps(record))
+                        if new is not None:
+                            pipe.zadd(k.steps(run_id), {str(step): step})
                         if part is not None:
                             pipe.set(k.part(run_id, step, upload_id), part)
                             _unlink(pipe, k.raw(run_id, step, upload_id))
                             pipe.incr(k.version(run_id, step))
                             _unlink(pipe, k.cache(run_id, step))
-                        if dead is not None:
+                        if dead is not None and job is not None:
                             self.queue.dead_letter_in(pipe, job, *dead)
                             _unlink(pipe, k.raw(run_id, step, upload_id))
-                    if ack:
+                    if job is not None and ack:
                         self.queue.ack_in(pipe, job)
                     await pipe.execute()
                     return raw is not None
@@ -697,15 +781,17 @@ class Store:
     async def complete_upload(self, job: Job, part: bytes) -> bool:
         """Store the job's partial sketch, mark its upload done, unlink the raw body, ack."""
         update = {"state": UPLOAD_DONE, "error": None, "done_at": time.time()}
-        return await self._finish(job, update, part=part)
+        return await self._finish(job.run_id, job.step, job.upload_id, update, part=part, job=job)
 
     async def dead_letter(self, job: Job, error: str, attempts: int) -> bool:
         """Mark the job's upload failed and move the job to the dead letter with its error
         (the step's status shows it)."""
         update = {"state": UPLOAD_FAILED, "error": error, "attempts": attempts}
-        return await self._finish(job, update, dead=(error, attempts))
+        where = (job.run_id, job.step, job.upload_id)
+        return await self._finish(*where, update, job=job, dead=(error, attempts))
 
     async def record_error(self, job: Job, error: str) -> None:
         """Remember the last error of a job that will be retried (shown once it is dead); the
         job stays pending."""
-        await self._finish(job, {"last_error": error}, ack=False)
+        where = (job.run_id, job.step, job.upload_id)
+        await self._finish(*where, {"last_error": error}, job=job, ack=False)

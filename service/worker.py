@@ -26,7 +26,9 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from redis import Redis as SyncRedis
@@ -35,10 +37,11 @@ from redis.exceptions import RedisError
 from safetensors.torch import load as load_safetensors
 
 from service.metrics import record_job, record_rows_sketched, record_worker_heartbeat
-from service.parts import Part, encode_part, read_metadata, read_rows
+from service.parts import Part, RowKind, encode_part, read_metadata, read_rows
 from service.queue import Batch, Job, Queue
 from service.settings import Settings
 from service.store import REDIS_DOWN, UPLOAD_QUEUED, Store, connect
+from service.uploads import ParsedUpload
 from sketch.base import Sketcher
 from sketch.spec import sketcher_for
 
@@ -69,7 +72,18 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
     ``[n, k]`` as float32.  The part keeps the upload's row ids and row kind.
     """
     ids, row_kind = read_rows(read_metadata(body))
-    tensors = load_safetensors(body)
+    return sketch_tensors(load_safetensors(body), ids, row_kind, kind, sketcher, device)
+
+
+def sketch_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    ids: list[str],
+    row_kind: RowKind,
+    kind: str,
+    sketcher: Sketcher,
+    device: torch.device,
+) -> bytes:
+    """:func:`sketch_upload` of an upload's tensors already read (``[n, ...]`` each)."""
     if kind == "sketches":
         rows = tensors["sketch"].to(torch.float32)
     else:
@@ -83,6 +97,54 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
     if not torch.isfinite(rows).all():
         raise ValueError("the sketch of this upload is not finite (overflow in float32?)")
     return encode_part(Part(ids, rows.numpy(), row_kind))
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def upload_tensors(body: bytearray, parsed: ParsedUpload) -> dict[str, torch.Tensor]:
+    """The tensors of a validated upload body as views of it (no copy): the API holds the
+    body it read in a writable buffer, which ``torch.frombuffer`` can share."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in parsed.tensors.items():
+        dtype = _TORCH_DTYPES[info.dtype]
+        count = (info.end - info.start) // dtype.itemsize
+        flat = torch.frombuffer(body, dtype=dtype, count=count, offset=info.start)
+        tensors[name] = flat.view(info.shape)
+    return tensors
+
+
+class ReceiptSketcher:
+    """Sketches uploads in the process that receives them (``Store.accept_upload(sketch=...)``).
+
+    An API process holds one when it runs stream workers of its own on ``device`` (embedded
+    mode, ``kernelscope serve`` with in-process workers): sketching the body it has just
+    validated then costs less than the claim check's round trip of the body through Redis.
+    ``threads`` sketches at once (one per in-process worker: the device's share), in threads
+    of their own, so that the API's event loop keeps serving (torch releases the GIL).
+    """
+
+    def __init__(self, device: str = "auto", threads: int = 1) -> None:
+        self.device = resolve_device(device)
+        self._pool = ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sketch-on-receipt")
+
+    async def sketch(
+        self, body: bytearray, parsed: ParsedUpload, kind: str, run: Mapping[str, Any]
+    ) -> bytes:
+        """The stored part of a validated upload of ``run`` (see :func:`sketch_upload`)."""
+
+        def sketch() -> bytes:
+            # in the thread: a run's first upload builds its sketcher (a Gaussian's matrices)
+            sketcher = sketcher_for(run["sketch"], run.get("parameters"))
+            ids, row_kind = read_rows(parsed.metadata)
+            tensors = upload_tensors(body, parsed)
+            return sketch_tensors(tensors, ids, row_kind, kind, sketcher, self.device)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, sketch)
+
+    def close(self) -> None:
+        """Stop the sketch threads (a sketch in progress finishes unobserved)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Worker:

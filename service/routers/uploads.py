@@ -1,13 +1,16 @@
-"""Gradient and sketch uploads: streamed safetensors bodies, validated, queued (202)."""
+"""Gradient and sketch uploads: streamed safetensors bodies, validated, then sketched on
+receipt (201) where this process runs workers of its own, else queued (202)."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Request, Response
 
 from service.deps import (
+    ReceiptSketcherDep,
     RunDep,
     SettingsDep,
     StepNo,
@@ -16,7 +19,7 @@ from service.deps import (
 )
 from service.domain_errors import BusyError, InvalidUploadError
 from service.errors import ProblemError
-from service.metrics import record_upload, upload_outcome
+from service.metrics import record_rows_sketched, record_upload, upload_outcome
 from service.schemas import UploadAccepted
 from service.store import Store
 from service.uploads import (
@@ -28,6 +31,7 @@ from service.uploads import (
     upload_id_from,
     validate_upload,
 )
+from service.worker import ReceiptSketcher
 
 router = APIRouter(prefix="/v1/runs/{run_id}/steps", tags=["uploads"])
 
@@ -39,6 +43,11 @@ _BODY_DOC = {
             "application/x-safetensors": {"schema": {"type": "string", "format": "binary"}},
         },
     }
+}
+_SKETCHED_DOC = {
+    "description": "Stored and sketched on receipt (the API runs workers of its own): the "
+    "step counts the rows at once, nothing is queued. 202: stored and queued for a worker.",
+    "model": UploadAccepted,
 }
 IdempotencyKey = Annotated[
     str | None,
@@ -53,9 +62,11 @@ IdempotencyKey = Annotated[
 async def _accept(
     kind: UploadKind,
     request: Request,
+    response: Response,
     run: dict[str, Any],
     step: int,
     store: Store,
+    receipt: ReceiptSketcher | None,
     limit: int,
     idempotency_key: str | None,
 ) -> dict[str, Any]:
@@ -80,10 +91,19 @@ async def _accept(
             record_upload(upload_outcome(status), nbytes, 0, kind)
             raise
         upload_id = upload_id_from(digest)
-        queued = await store.add_upload(run["run_id"], step, upload_id, kind, parsed.ids, body)
-    # a re-sent upload (same id) is harmless and queues nothing: count it apart
-    record_upload("accepted" if queued else "duplicate", len(body), parsed.rows, kind)
-    return {"upload_id": upload_id, "rows": parsed.rows, "queued": queued}
+        # the body, held in the budget, is sketched in place where this process can
+        sketch = None if receipt is None else partial(receipt.sketch, body, parsed, kind, run)
+        stored = await store.accept_upload(
+            run["run_id"], step, upload_id, kind, parsed.ids, body, sketch
+        )
+    # a re-sent upload (same id) is harmless and stores nothing: count it apart
+    outcome = "duplicate" if not stored.new else "sketched" if stored.sketched else "accepted"
+    record_upload(outcome, len(body), parsed.rows, kind)
+    if outcome == "sketched":
+        record_rows_sketched(parsed.rows)
+    response.status_code = 201 if stored.sketched else 202
+    # "queued" keeps its contract meaning, false only for a re-send, on both paths
+    return {"upload_id": upload_id, "rows": parsed.rows, "queued": stored.new}
 
 
 @router.post(
@@ -91,20 +111,30 @@ async def _accept(
     status_code=202,
     response_model=UploadAccepted,
     openapi_extra=_BODY_DOC,
-    responses={400: {}, 413: {}, 415: {}, 422: {}},
+    responses={201: _SKETCHED_DOC, 400: {}, 413: {}, 415: {}, 422: {}},
 )
 async def post_gradients(
     request: Request,
+    response: Response,
     run: RunDep,
     step: StepNo,
     store: StoreDep,
+    receipt: ReceiptSketcherDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     """Per-sequence gradients (raw rows) as safetensors: tensors ``param`` ``[n, *shape]`` /
     ``[n, numel]`` or ``param@offset`` ``[n, d]``; ``__metadata__`` ``sequence_ids``."""
     return await _accept(
-        "gradients", request, run, step, store, settings.max_body_bytes, idempotency_key
+        "gradients",
+        request,
+        response,
+        run,
+        step,
+        store,
+        receipt,
+        settings.max_body_bytes,
+        idempotency_key,
     )
 
 
@@ -113,17 +143,27 @@ async def post_gradients(
     status_code=202,
     response_model=UploadAccepted,
     openapi_extra=_BODY_DOC,
-    responses={400: {}, 413: {}, 415: {}, 422: {}},
+    responses={201: _SKETCHED_DOC, 400: {}, 413: {}, 415: {}, 422: {}},
 )
 async def post_sketches(
     request: Request,
+    response: Response,
     run: RunDep,
     step: StepNo,
     store: StoreDep,
+    receipt: ReceiptSketcherDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     """Client-made sketches: one tensor ``sketch`` ``[n, k]`` made with the run's spec."""
     return await _accept(
-        "sketches", request, run, step, store, settings.max_body_bytes, idempotency_key
+        "sketches",
+        request,
+        response,
+        run,
+        step,
+        store,
+        receipt,
+        settings.max_body_bytes,
+        idempotency_key,
     )

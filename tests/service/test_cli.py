@@ -155,7 +155,7 @@ def _push_step(api: httpx.Client, data: StepData) -> None:
         content=safetensors_body(data.grads, data.ids),
         headers={"Content-Type": "application/octet-stream"},
     )
-    assert r.status_code == 202, r.text
+    assert r.status_code == 201, r.text  # in-process worker: sketched on receipt
     deadline = time.monotonic() + 60
     while api.get(f"/v1/runs/{RUN_ID}/steps/{STEP}").json()["state"] != "ready":
         assert time.monotonic() < deadline, "the step did not become ready"

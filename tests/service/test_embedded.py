@@ -143,7 +143,7 @@ def test_serve_embedded_survives_restart(tmp_path: Path) -> None:
                 content=body,
                 headers={"Content-Type": "application/octet-stream"},
             )
-            assert r.status_code == 202, r.text
+            assert r.status_code == 201, r.text  # serve runs a worker: sketched on receipt
             status = _wait_ready(api, "persist", 5)
             assert status["state"] == "ready" and status["rows"] == len(ids)
             kernel = api.get("/v1/runs/persist/steps/5/kernel").json()
@@ -231,6 +231,7 @@ def test_dead_worker_thread_is_restarted(
         key_prefix=key_prefix,
         data_dir=tmp_path / "unused",
         worker_block_ms=100,
+        sketch_on_receipt=False,  # the upload must wait in the queue for the new thread
     )
     with (
         embedded_service(settings, port=0, workers=1, device="cpu") as svc,

@@ -110,6 +110,8 @@ def test_sigterm_ends_long_polls_and_exits_within_the_bound(tmp_path: Path) -> N
     data_dir = tmp_path / "data"
     env = _clean_env(data_dir)
     env["KERNELSCOPE_SHUTDOWN_TIMEOUT_S"] = str(SHUTDOWN_S)
+    # the uploads go through the queue, so that the workers hold jobs at the SIGTERM
+    env["KERNELSCOPE_SKETCH_ON_RECEIPT"] = "false"
     port = _free_port()
     log = tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"
@@ -170,6 +172,7 @@ def test_a_job_in_hand_past_the_deadline_stays_queued(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     env = _clean_env(data_dir)
     env["KERNELSCOPE_SHUTDOWN_TIMEOUT_S"] = str(SHUTDOWN_S)
+    env["KERNELSCOPE_SKETCH_ON_RECEIPT"] = "false"  # the upload waits in the queue
     port = _free_port()
     log = tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"

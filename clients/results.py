@@ -98,6 +98,7 @@ class StepStatus(_Answer):
     errors: tuple[UploadError, ...]
     ranks_expected: int
     ranks_reported: tuple[int, ...]
+    token_sequences: int
 
 
 class RunInfo(_Answer):

@@ -459,6 +459,9 @@ class StepStatus(BaseModel):
     errors: list[UploadError]
     ranks_expected: int = Field(description="the run's ranks")
     ranks_reported: list[int] = Field(description="ranks that posted sequences, ascending")
+    token_sequences: int = Field(
+        default=0, description="sequences with token shares (GET .../tokens answers when > 0)"
+    )
 
     @classmethod
     def from_counts(cls, counts: StepCounts, run_id: str, step: int) -> StepStatus:
@@ -476,6 +479,7 @@ class StepStatus(BaseModel):
             errors=[UploadError.model_validate(e) for e in counts.errors],
             ranks_expected=counts.ranks_expected,
             ranks_reported=counts.ranks_reported,
+            token_sequences=counts.token_sequences,
         )
 
 

@@ -155,6 +155,7 @@ class StepCounts:
     errors: list[dict[str, Any]]
     ranks_expected: int = 1
     ranks_reported: list[int] = field(default_factory=list)
+    token_sequences: int = 0
 
     @property
     def ranks_missing(self) -> int:
@@ -407,7 +408,8 @@ class Store:
             pipe.hvals(k.uploads(run_id, step))
             pipe.hget(k.step(run_id, step), "learning_rate")
             pipe.smembers(k.ranks(run_id, step))
-            exists, n_seq, records, lr, reported = await pipe.execute()
+            pipe.hlen(k.tokens(run_id, step))
+            exists, n_seq, records, lr, reported, n_tokens = await pipe.execute()
         rows: set[str] = set()
         pending = 0
         errors: list[dict[str, Any]] = []
@@ -438,6 +440,7 @@ class Store:
             errors=sorted(errors, key=lambda e: e["upload_id"]),
             ranks_expected=ranks,
             ranks_reported=sorted(int(_text(r)) for r in reported),
+            token_sequences=max(int(n_tokens) - 1, 0),  # the hash's __meta__ field aside
         )
 
     async def snapshot(self, run_id: str, step: int) -> StepSnapshot:

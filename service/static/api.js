@@ -39,6 +39,7 @@
  * @property {{upload_id: string, error: string, attempts: number}[]} errors  schemas.UploadError
  * @property {number} ranks_expected
  * @property {number[]} ranks_reported
+ * @property {number} token_sequences sequences with token shares (GET .../tokens when > 0)
  */
 
 /** @typedef {Run & {steps: StepStatus[]}} RunDetail  schemas.RunDetail */

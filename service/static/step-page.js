@@ -5,11 +5,11 @@
  * about the page's target (the sequence entropy H or the token-mean entropy T, entropy.js),
  * chosen by its switch; the kernel's are the same for both.
  */
-import { getBlocks, getDiagonal, getSpectrum, getStep, getStepEntropy } from "./api.js";
+import { getBlocks, getDiagonal, getSpectrum, getStep, getStepEntropy, getTokens } from "./api.js";
 import { COLORS, chartCard, hbars, heatmap, histogram, xyChart } from "./chart.js";
 import { el, fmt, fmtPct, isNum, sortableTable } from "./dom.js";
 import { KL_FIRST_ORDER, KL_SECOND_ORDER, flatRow, pmText, ratioText, regimeLabel, regimeNote, seTotal, targetHref, targetSwitch } from "./entropy.js";
-import { drawTokensCard, tokensOrNull } from "./tokens.js";
+import { drawTokensCard } from "./tokens.js";
 
 const enc = encodeURIComponent;
 const ZERO_EIGENVALUE = 1e-10; // relative to the largest eigenvalue
@@ -229,14 +229,13 @@ export function stepPage(frame, runId, step, t, klCovRatio = null) {
         if (!data) summary.replaceChildren(el("p", { class: "empty", text: status.state === "pending" ? "Waiting for the workers to sketch the queued uploads…" : "This step failed: see the errors above." }));
         return;
       }
-      // the token shares are asked for with the analysis, once per change of the step's
-      // status: a step without them answers 404, which every browser notes in its console
+      // the token shares only when the status counts some (a 404 would reach the console)
       const [spectrum, blocks, diagonal, entropy, tokens] = await Promise.all([
         getSpectrum(runId, step, WAIT_S),
         getBlocks(runId, step, WAIT_S),
         getDiagonal(runId, step, WAIT_S),
         getStepEntropy(runId, step, t.key, WAIT_S),
-        tokensOrNull(runId, step, { klCovRatio }),
+        status.token_sequences > 0 ? getTokens(runId, step, { klCovRatio }) : null,
       ]);
       data = { spectrum, blocks, diagonal, entropy, tokens };
       statusSig = s;

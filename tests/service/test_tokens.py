@@ -75,9 +75,11 @@ def test_tokens_are_stored_answered_and_compared(client: TestClient) -> None:
         json={"learning_rate": ETA, "sequences": _sequences()},
     )
     body = {"learning_rate": ETA, "sequences": _tokens(["u0", "u1", "u2"])}
+    assert client.get("/v1/runs/k/steps/0").json()["token_sequences"] == 0
     for _ in range(2):
         got = post(client, "/v1/runs/k/steps/0/tokens", json=body)
         assert got["upserted"] == 3 and got["sequences"] == 3
+    assert client.get("/v1/runs/k/steps/0").json()["token_sequences"] == 3
     answer = client.get(
         "/v1/runs/k/steps/0/tokens", params={"top": 4, "sequence": "u1", "kl_cov_ratio": 0.3}
     ).json()

@@ -3,11 +3,12 @@ receipt (201) where this process runs workers of its own, else queued (202)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service.deps import (
     ReceiptSketcherDep,
@@ -59,17 +60,40 @@ IdempotencyKey = Annotated[
 ]
 
 
-async def _accept(
-    kind: UploadKind,
+@dataclass(frozen=True)
+class UploadRequest:
+    """What both upload routes take: the request (its body is streamed), the answer (its
+    status is set), the run and step, and where the upload goes."""
+
+    request: Request
+    response: Response
+    run: dict[str, Any]
+    step: int
+    store: Store
+    receipt: ReceiptSketcher | None
+    limit: int
+
+
+def upload_request(
     request: Request,
     response: Response,
-    run: dict[str, Any],
-    step: int,
-    store: Store,
-    receipt: ReceiptSketcher | None,
-    limit: int,
-    idempotency_key: str | None,
+    run: RunDep,
+    step: StepNo,
+    store: StoreDep,
+    receipt: ReceiptSketcherDep,
+    settings: SettingsDep,
+) -> UploadRequest:
+    return UploadRequest(request, response, run, step, store, receipt, settings.max_body_bytes)
+
+
+UploadDep = Annotated[UploadRequest, Depends(upload_request)]
+
+
+async def _accept(
+    kind: UploadKind, upload: UploadRequest, idempotency_key: str | None
 ) -> dict[str, Any]:
+    request, response, run, step = upload.request, upload.response, upload.run, upload.step
+    store, receipt, limit = upload.store, upload.receipt, upload.limit
     body = bytearray()
     budget: UploadBudget = request.app.state.upload_budget
     with budget.hold() as take:  # the body's bytes count until it is stored or refused
@@ -114,28 +138,11 @@ async def _accept(
     responses={201: _SKETCHED_DOC, 400: {}, 413: {}, 415: {}, 422: {}},
 )
 async def post_gradients(
-    request: Request,
-    response: Response,
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    receipt: ReceiptSketcherDep,
-    settings: SettingsDep,
-    idempotency_key: IdempotencyKey = None,
+    upload: UploadDep, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
     """Per-sequence gradients (raw rows) as safetensors: tensors ``param`` ``[n, *shape]`` /
     ``[n, numel]`` or ``param@offset`` ``[n, d]``; ``__metadata__`` ``sequence_ids``."""
-    return await _accept(
-        "gradients",
-        request,
-        response,
-        run,
-        step,
-        store,
-        receipt,
-        settings.max_body_bytes,
-        idempotency_key,
-    )
+    return await _accept("gradients", upload, idempotency_key)
 
 
 @router.post(
@@ -146,24 +153,7 @@ async def post_gradients(
     responses={201: _SKETCHED_DOC, 400: {}, 413: {}, 415: {}, 422: {}},
 )
 async def post_sketches(
-    request: Request,
-    response: Response,
-    run: RunDep,
-    step: StepNo,
-    store: StoreDep,
-    receipt: ReceiptSketcherDep,
-    settings: SettingsDep,
-    idempotency_key: IdempotencyKey = None,
+    upload: UploadDep, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
     """Client-made sketches: one tensor ``sketch`` ``[n, k]`` made with the run's spec."""
-    return await _accept(
-        "sketches",
-        request,
-        response,
-        run,
-        step,
-        store,
-        receipt,
-        settings.max_body_bytes,
-        idempotency_key,
-    )
+    return await _accept("sketches", upload, idempotency_key)

@@ -164,6 +164,18 @@ def _scaled(
     return {n: t * metric[n].to(t.device, t.dtype) ** 2 for n, t in v.items()}
 
 
+def _weighted(
+    update: SequenceBatch,
+    coefficients: torch.Tensor,
+    derivative: torch.Tensor,
+    logprobs: torch.Tensor,
+    learning_rate: float,
+) -> TokenShares:
+    """``a_{i,t} = eta c_{i,t} <v_i, grad l_{i,t}>`` from the directional derivatives."""
+    c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
+    return TokenShares(float(learning_rate) * c.to(derivative.device) * derivative, logprobs)
+
+
 def token_shares(
     model: nn.Module,
     update: SequenceBatch,
@@ -200,8 +212,7 @@ def token_shares(
     logprobs, derivative = token_directional_derivatives(
         model, update, _scaled(v, sqrt_p), temperature=temperature, use_eval_mode=use_eval_mode
     )
-    c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
-    return TokenShares(float(learning_rate) * c.to(derivative.device) * derivative, logprobs)
+    return _weighted(update, coefficients, derivative, logprobs, learning_rate)
 
 
 def token_shares_u_statistic(
@@ -269,8 +280,7 @@ def token_shares_u_statistic(
             part[k] = part[k] - f * float(h[i]) * self_term
         derivative[rows] = part.cpu()
         logprobs[rows] = values.cpu()
-    c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
-    return TokenShares(float(learning_rate) * c * derivative, logprobs)
+    return _weighted(update, coefficients, derivative, logprobs, learning_rate)
 
 
 __all__ = [

@@ -476,12 +476,16 @@ async def step_entropy(
         row = await run_in_threadpool(history_row, m, q.step, entropy)
         await q.store.put_summary(q.run_id, q.step, row, target.value)
 
-    sketcher = sketcher_for(q.run["sketch"], q.run.get("parameters"))
+    def compute(m: StepMatrix) -> EntropyOut:
+        # in the worker thread: a run's first analysis may build its sketcher's matrices
+        sketcher = sketcher_for(q.run["sketch"], q.run.get("parameters"))
+        return entropy_answer(m, q.run, sketcher, estimator, target)
+
     return await cached_result(
         q,
         f"entropy|{None if estimator is None else estimator.value}|{target.value}"
         f"|r{ANALYSIS_REVISION}",
-        lambda m: entropy_answer(m, q.run, sketcher, estimator, target),
+        compute,
         lambda answer: answer.model_dump_json().encode(),
         after=keep_history_row if estimator is None else None,
     )
@@ -739,8 +743,9 @@ def tokens_answer(
     position = [t for sid in ids for t in range(len(records[sid]["shares"]))]
     token_ids = [tok for sid in ids for tok in records[sid]["token_ids"]]
     texts = [
-        (records[sid]["tokens"] or [None] * len(records[sid]["shares"]))[t]
-        for sid, t in zip(owner, position, strict=True)
+        text
+        for sid in ids
+        for text in (records[sid]["tokens"] or [None] * len(records[sid]["shares"]))
     ]
     share = np.array([v for sid in ids for v in records[sid]["shares"]], dtype=np.float64)
     logprob = np.array([v for sid in ids for v in records[sid]["logprobs"]], dtype=np.float64)

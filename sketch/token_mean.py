@@ -177,10 +177,20 @@ class RealizedTokenMean:
     mask: NDArray[np.bool_]
 
 
+def _knows_the_step(seqs: StepSequences) -> NDArray[np.bool_]:
+    """bool ``[n]``: rows with ``logprob_after``, ``entropy_sum`` and ``entropy_sum_after``."""
+    return seqs.has_logprob_after & ~np.isnan(seqs.entropy_sum) & ~np.isnan(seqs.entropy_sum_after)
+
+
+def _importance_ratios(seqs: StepSequences, keep: NDArray[np.bool_]) -> FloatArray:
+    """``r_j = exp(S'_j - S_j)`` on the rows in ``keep``, 1 elsewhere: float64 ``[n]``."""
+    return np.where(keep, np.exp(np.where(keep, seqs.logprob_after - seqs.logprob, 0.0)), 1.0)
+
+
 def default_token_mean_mask(seqs: StepSequences) -> NDArray[np.bool_]:
     """Rows with ``logprob_after``, ``entropy_sum`` and ``entropy_sum_after`` known: the
     entropy-role ones if any, else the update-role ones (math.md §6's choice)."""
-    known = seqs.has_logprob_after & ~np.isnan(seqs.entropy_sum) & ~np.isnan(seqs.entropy_sum_after)
+    known = _knows_the_step(seqs)
     ent = known & seqs.entropy_mask
     return ent if ent.any() else known & seqs.update_mask
 
@@ -200,7 +210,17 @@ def entropy_sum_change(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
     """
     keep = np.asarray(mask, dtype=bool)
     weight, codes = _weights(seqs, keep)
-    r = np.where(keep, np.exp(np.where(keep, seqs.logprob_after - seqs.logprob, 0.0)), 1.0)
+    return _entropy_sum_parts(seqs, keep, weight, codes, _importance_ratios(seqs, keep))
+
+
+def _entropy_sum_parts(
+    seqs: StepSequences,
+    keep: NDArray[np.bool_],
+    weight: FloatArray,
+    codes: NDArray[np.int64],
+    r: FloatArray,
+) -> FloatArray:
+    """:func:`entropy_sum_change` from the rows' weights, prompt codes and ratios."""
     hs = np.where(keep, seqs.entropy_sum, 0.0)
     hs_after = np.where(keep, seqs.entropy_sum_after, 0.0)
     base = leave_one_out_mean(hs_after, codes)
@@ -234,18 +254,18 @@ def realized_token_mean(
     ``(1/B) sum_p mean_j (r_j - 1)(n_j - nbar_{p,-j})``, unbiased), each ratio corrected for its
     second-order bias; ``se`` by the delta method over the rows' influence values.
     """
-    known = seqs.has_logprob_after & ~np.isnan(seqs.entropy_sum) & ~np.isnan(seqs.entropy_sum_after)
-    keep = (default_token_mean_mask(seqs) if mask is None else np.asarray(mask, bool)) & known
+    chosen = default_token_mean_mask(seqs) if mask is None else np.asarray(mask, bool)
+    keep = chosen & _knows_the_step(seqs)
     if not keep.any():
         return None
     weight, codes = _weights(seqs, keep)
     n = seqs.num_tokens.astype(np.float64)
     if float((n * weight).sum()) <= 0:
         return None
-    r = np.where(keep, np.exp(np.where(keep, seqs.logprob_after - seqs.logprob, 0.0)), 1.0)
+    r = _importance_ratios(seqs, keep)
     entropy_parts = np.where(keep, seqs.entropy_sum, 0.0) * weight
     length_parts = n * weight
-    dh_parts = entropy_sum_change(seqs, keep)
+    dh_parts = _entropy_sum_parts(seqs, keep, weight, codes, r)
     dl_parts = (r - 1.0) * (n - leave_one_out_mean(n, codes)) * weight
     before, before_influence = _ratio_of_sums(entropy_parts, length_parts, codes)
     after, after_influence = _ratio_of_sums(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from sketch.crossed import bilinear_variance
+from sketch.crossed import bilinear_error_bar
 from sketch.kernel import FloatArray, check_kernel
 from sketch.noise_scale import NoiseScale, noise_scale
 from sketch.ratio import RatioInterval, fieller_interval
@@ -582,8 +582,10 @@ def entropy_change(
         ``logprob_after`` (:func:`sketch.realized.realized_parts`) when available.  The step's
         KL (:mod:`sketch.taylor`) comes from ``logprob_after`` whatever the realized source.
     sketch_cells: the Kronecker-sketched rows (:class:`SketchCells`): ``se_sketch`` is then
-        estimated from them (:func:`sketch.crossed.bilinear_variance`, unbiased for the kind's
-        crossed cells) rather than bounded with ``sketch_variance_factor``.
+        estimated from them (:func:`sketch.crossed.bilinear_error_bar`: the crossed cells'
+        unbiased variance, scaled so that ``2 s.e.`` is a 95.45% t-interval with
+        kurtosis-corrected degrees of freedom) rather than bounded with
+        ``sketch_variance_factor``.
     target: ``sequence`` (math.md §3-6) or ``token_mean``, the entropy trainers log
         (:mod:`sketch.token_mean`, math.md §8): every number is then about ``T`` in nats per
         token; ``delta_h2`` is not derived for it (``None``), the realized change comes from
@@ -658,8 +660,9 @@ def entropy_change(
         se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * (u2 * v2 + uv * uv))
     else:
         weights = pair_weights(h, seqs, ent, est)
-        variance = bilinear_variance(sketch_cells.Y, sketch_cells.V, weights, sketch_cells.shape)
-        se_sketch = abs(eta) * math.sqrt(variance)
+        se_sketch = abs(eta) * bilinear_error_bar(
+            sketch_cells.Y, sketch_cells.V, weights, sketch_cells.shape
+        )
 
     delta_h1_applied: float | None = None
     if k_applied is not None:

@@ -6,7 +6,6 @@ same kernel as one upload, and a re-sent upload changes nothing."""
 from __future__ import annotations
 
 import io
-import math
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from service.schemas import BlocksOut, EntropyOut, SpectrumOut
 from sketch.blocks import block_statistics
-from sketch.crossed import bilinear_variance
+from sketch.crossed import bilinear_error_bar
 from sketch.entropy import (
     Estimator,
     entropy_change,
@@ -286,8 +285,8 @@ def test_step_of_two_ranks_is_ready_when_both_reported(
 def test_kronecker_run_estimates_its_sketch_error_from_the_rows(
     live_service: LiveService, step_data: StepData
 ) -> None:
-    """A kronecker run's ``se_sketch`` is ``|eta| sqrt(bilinear_variance)`` of its own rows
-    with the estimator's pair weights (sketch/crossed.py), not the variance-factor bound."""
+    """A kronecker run's ``se_sketch`` is ``|eta| bilinear_error_bar`` of its own rows with the
+    estimator's pair weights (sketch/crossed.py), not the variance-factor bound."""
     data = step_data
     with httpx.Client(base_url=live_service.base_url, timeout=150) as http:
         run = create(http, "kr", "kronecker", 64, parameters=data.parameters)
@@ -303,7 +302,7 @@ def test_kronecker_run_estimates_its_sketch_error_from_the_rows(
     c = update_coefficients(seqs, "dr_grpo")
     weights = pair_weights(entropy_coefficients(seqs, ent), seqs, ent, est)
     shape = (sketcher.k_out, sketcher.k_in)
-    expected = data.learning_rate * math.sqrt(bilinear_variance(Y, c[:, None] * Y, weights, shape))
+    expected = data.learning_rate * bilinear_error_bar(Y, c[:, None] * Y, weights, shape)
     assert entropy["se_sketch"] == pytest.approx(expected, rel=1e-4)
     bound = expected_entropy(data, Y @ Y.T, sketcher.variance_factor())["se_sketch"]
     assert entropy["se_sketch"] != pytest.approx(bound, rel=1e-2)

@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from sketch.crossed import bilinear_variance
+from sketch.crossed import bilinear_error_bar
 from sketch.entropy import (
     Estimator,
     SketchCells,
@@ -613,7 +613,7 @@ def test_update_rows_against_double_loops(estimator: str) -> None:
 def test_pair_weights_sum_to_dh1_and_drive_the_cell_error_bar(estimator: str) -> None:
     """``sum pair_weights * C = dH1 / eta`` for every estimator (the matrix form of
     ``pair_products``), and with ``sketch_cells`` the sketch error bar is
-    ``|eta| sqrt(bilinear_variance(Y, V, pair_weights))`` of those rows."""
+    ``|eta| bilinear_error_bar(Y, V, pair_weights)`` of those rows."""
     rng = np.random.default_rng(5)
     seqs, K = make_step(rng, [3, 4, 2], [3, 2, 4])
     Y = factor(K)
@@ -639,6 +639,6 @@ def test_pair_weights_sum_to_dh1_and_drive_the_cell_error_bar(estimator: str) ->
         update=row_updates(Y, c, U, upd),
         sketch_cells=SketchCells(Y=cells, V=Vc, shape=(4, 6)),
     )
-    expected = eta * math.sqrt(bilinear_variance(cells, Vc, weights, (4, 6)))
+    expected = eta * bilinear_error_bar(cells, Vc, weights, (4, 6))
     assert with_cells.se_sketch == pytest.approx(expected, rel=1e-12)
     assert with_cells.delta_h1 == out.delta_h1

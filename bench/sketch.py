@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sketch import hashing
 from sketch.base import Sketcher, SketchKind
-from sketch.crossed import bilinear_variance
+from sketch.crossed import bilinear_error_bar
 from sketch.kronecker import KroneckerSketch
 from sketch.spec import SketchSpec, build_sketcher
 
@@ -283,7 +283,7 @@ def accuracy(args: argparse.Namespace, device: torch.device) -> None:
                     if isinstance(sketcher, KroneckerSketch):
                         yn = y.numpy()
                         cells = (sketcher.k_out, sketcher.k_in)
-                        rows_var.append(bilinear_variance(yn, yn, weights, cells))
+                        rows_var.append(bilinear_error_bar(yn, yn, weights, cells) ** 2)
                 predicted = math.sqrt(factor * k_scale) / float(kernel.norm())
                 rows_cols = "- | -"
                 if rows_var:

@@ -7,7 +7,11 @@ A GPT-2 of about 10M parameters built from a config (no download), ``n`` sequenc
 * ``loop``: ``capture_gradients(method="loop")``, one backward per sequence;
 * ``vmap``: ``capture_gradients(method="vmap")``, ``torch.func`` in chunks;
 * ``factorised``: ``FactorisedCapture`` (kronecker sketch of width ``k`` from hooks, one
-  batched backward; vector parameters captured exactly and count-sketched).
+  batched backward; vector parameters captured exactly and count-sketched);
+* ``hooked-kronecker``, ``hooked-countsketch``: ``HookedCapture`` of that kind in ``adam``
+  geometry (each layer's per-sequence ``G_i`` formed in its hook, scaled by a fixed
+  ``sqrt(P)`` and sketched): what a kronecker run costs when Adam's preconditioner is wanted,
+  against the factorised capture and the count sketch.
 
 Peak memory: each method runs once in its own subprocess, and the table reports its RSS
 high-water mark (``ru_maxrss``; tracemalloc does not see torch's allocations) above the RSS
@@ -36,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# first, before bench/ (the script's own directory): bench/sketch.py is not `sketch`
+sys.path.insert(0, str(REPO))
 
-METHODS = ("plain", "loop", "vmap", "factorised")
+METHODS = ("plain", "loop", "vmap", "factorised", "hooked-kronecker", "hooked-countsketch")
 
 
 def _config(quick: bool) -> dict[str, Any]:
@@ -93,8 +97,10 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
 
 def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callable[[], object]:
     """A closure running ``method`` once on the batch."""
+    import torch
+
     from clients.capture import capture_gradients, response_logprobs
-    from clients.factorised import FactorisedCapture
+    from clients.factorised import FactorisedCapture, HookedCapture
 
     if method == "plain":
 
@@ -111,6 +117,13 @@ def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callabl
     if method == "factorised":
         capture = FactorisedCapture(model, dim=cfg["k"], seed=0)
         return lambda: capture(batch)
+    if method.startswith("hooked-"):
+        spec = {"kind": method.removeprefix("hooked-"), "dim": cfg["k"], "seed": 0}
+        hooked = HookedCapture(model, spec)
+        g = torch.Generator().manual_seed(1)
+        params = dict(model.named_parameters())
+        scale = {n: torch.rand(params[n].shape, generator=g) + 0.5 for n in hooked.parameters}
+        return lambda: hooked(batch, row_scale=scale)
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -8,7 +8,9 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
 
 * ``off``: a plain ``trl.GRPOTrainer``;
 * ``kronecker``: ``KernelscopeGRPOTrainer`` with factorised kronecker rows made on the
-  trainer (``k``, sgd geometry);
+  trainer (``k``, ``geometry="sgd"``);
+* ``kronecker-adam``: kronecker rows in Adam geometry (the default for AdamW): exact rows from
+  hooks (``HookedCapture``), each layer's ``sqrt(P_t) G_i`` sketched as ``A sqrt(P_t) G_i B^T``;
 * ``countsketch``: exact per-sequence rows from hooks (``HookedCapture``: one batched forward
   and backward, each layer's per-sequence gradients formed in its hook), count-sketched on the
   trainer (``k``, Adam geometry, the default for AdamW);
@@ -53,7 +55,14 @@ sys.path.insert(0, str(REPO))
 
 from processes import serve  # noqa: E402  (bench/processes.py)
 
-MODES = ("off", "kronecker", "countsketch", "countsketch-chunks", "countsketch-shares")
+MODES = (
+    "off",
+    "kronecker",
+    "kronecker-adam",
+    "countsketch",
+    "countsketch-chunks",
+    "countsketch-shares",
+)
 
 #: Qwen2 shapes: about 1M (quick), 10M and 100M parameters (untied embeddings).
 SIZES: dict[str, dict[str, int]] = {
@@ -208,6 +217,8 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
             sketch_on="trainer",
             capture_method="loop" if how == "chunks" else "auto",
             token_shares=how == "shares",
+            # plain kronecker is the factorised capture, which only the sgd geometry allows
+            geometry="sgd" if mode == "kronecker" else "auto",
         )
         trainer = KernelscopeGRPOTrainer(**common, kernelscope=config_ks, kernelscope_client=client)
     # T_train: TRL's compute_loss plus the backward of its loss, per micro-batch.

@@ -61,7 +61,8 @@ from clients.capture import (
     token_layout,
 )
 from clients.filters import ParameterFilter, select_parameters
-from sketch.base import Sketcher
+from sketch.base import Sketcher, SketchKind
+from sketch.groups import GroupedSketcher
 from sketch.kronecker import KroneckerSketch
 from sketch.spec import SketchSpec, build_sketcher
 
@@ -554,13 +555,23 @@ class HookedCapture(FactorisedCapture):
 
     Where :class:`FactorisedCapture` never forms a per-sequence gradient, this class forms each
     layer's per-sequence gradients inside the layer's backward hook and sketches them at once
-    with the run's sketcher (``countsketch``, ``gaussian``, ``rademacher``, grouped specs):
+    with the run's sketcher (``countsketch``, ``gaussian``, ``rademacher``, ``kronecker``,
+    grouped specs of these):
 
     * ``nn.Linear`` / ``Conv1D`` weights: ``G_i = sum_t delta_t x_t^T`` for a chunk of
       sequences at a time (one batched matmul, at most ``chunk_bytes`` of gradients at once);
+      under ``kronecker`` the chunk's (scaled) ``G_i`` is sketched as ``A G_i B^T`` with the
+      parameter's factors, generated once per capture object;
     * ``nn.Embedding`` weights: only the rows of the tokens present are nonzero, so each token
-      ``v``'s rows ``[n, dim]`` are sketched as the slice at offset ``v * dim``;
+      ``v``'s rows ``[n, dim]`` are sketched as the slice at offset ``v * dim``; under
+      ``kronecker`` that slice is row ``v`` of the matrix, ``A[:, v] (B r)^T``, so the present
+      tokens' (scaled) rows ``r`` are projected by ``B`` and combined with their columns of
+      ``A`` in two products instead of one slice sketch (and one ``B``) per token;
     * biases and other parameters: as in :class:`FactorisedCapture` (exact vectors).
+
+    The ``kronecker`` kind is here for the ``adam`` geometry: the elementwise ``sqrt(P)`` of a
+    row does not factor through ``A delta_t`` and ``B x_t``, so :class:`FactorisedCapture`
+    cannot carry it, while the formed ``G_i`` can be scaled before it is sketched.
 
     One batched forward and backward (down to the embedding outputs) give every sequence's row,
     as in :class:`FactorisedCapture`; the per-sequence weight products take the place of the
@@ -592,6 +603,31 @@ class HookedCapture(FactorisedCapture):
         self.sketcher = build_sketcher(self.sketch_spec, self.parameters)
         self.chunk_bytes = int(chunk_bytes)
         self._row_scale: Mapping[str, torch.Tensor] | None = None
+        self._kronecker_weights = self._kronecker_factors()
+
+    def _kronecker_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, slice]]:
+        """``{name: (A, B, columns)}`` of every hooked matrix weight under a ``kronecker``
+        sketch (grouped or not): its factors and the output columns of its group.  Generating
+        them costs about as much as one sketch of the weight, so they are made once here
+        instead of in every hook call (``k_out x out + k_in x in`` floats per weight)."""
+        sketcher = self.sketcher
+        if sketcher.kind != SketchKind.KRONECKER:
+            return {}
+        device = next(iter(self.model.parameters())).device
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor, slice]] = {}
+        for _, kind, own in self._plan:
+            name = own.get("weight")
+            if kind not in ("linear", "conv1d", "embedding") or name is None or name in factors:
+                continue
+            if isinstance(sketcher, GroupedSketcher):
+                group = sketcher.route(name)
+                sub, columns = sketcher.sketchers[group], sketcher.group_slices()[group]
+            else:
+                sub, columns = sketcher, slice(0, sketcher.dim)
+            assert isinstance(sub, KroneckerSketch)
+            a, b = sub.factors(name, device)
+            factors[name] = (a, b, columns)
+        return factors
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -629,11 +665,18 @@ class HookedCapture(FactorisedCapture):
         part = scale[offset : offset + rows.shape[1]]
         return rows * part.to(device=rows.device, dtype=rows.dtype)
 
-    def _add_sketch(self, acc: _Accumulator, name: str, first: int, part: torch.Tensor) -> None:
+    def _add_sketch(
+        self,
+        acc: _Accumulator,
+        name: str,
+        first: int,
+        part: torch.Tensor,
+        columns: slice = slice(None),
+    ) -> None:
         n = acc.token_mask.shape[0]
         if name not in acc.sketched:
             acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
-        acc.sketched[name][first : first + part.shape[0]] += part
+        acc.sketched[name][first : first + part.shape[0], columns] += part
 
     def _linear(self, own: Mapping[str, str], transposed: bool, acc: _Accumulator) -> Callable:
         def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -657,7 +700,16 @@ class HookedCapture(FactorisedCapture):
                         else torch.bmm(d_c.transpose(1, 2), x_c)
                     )
                     flat = self._scaled(scale, g.reshape(g.shape[0], -1))
-                    self._add_sketch(acc, name, first, self.sketcher.sketch_slice(name, flat, 0))
+                    if name in self._kronecker_weights:
+                        # g is in the declared layout ([out, in]; Conv1D [in, out]): A g B^T,
+                        # A first (k_out <= k_in), laid out row-major as KroneckerSketch does
+                        a, b, columns = self._kronecker_weights[name]
+                        core = torch.matmul(torch.matmul(a, flat.view_as(g)), b.T)
+                        part = core.reshape(g.shape[0], -1)
+                        self._add_sketch(acc, name, first, part, columns)
+                    else:
+                        part = self.sketcher.sketch_slice(name, flat, 0)
+                        self._add_sketch(acc, name, first, part)
             if "bias" in own:
                 acc.add_vector(own["bias"], ds.sum(dim=1))
 
@@ -677,8 +729,17 @@ class HookedCapture(FactorisedCapture):
             # per token present: its [n, dim] block of the per-sequence gradients
             blocks = torch.zeros(tokens.numel(), n, dim, device=ds.device)
             blocks.index_put_((slot, rows), ds[keep], accumulate=True)
-            out = torch.zeros(n, self.sketcher.dim, device=ds.device)
             scale = self._scale_of(name)
+            if name in self._kronecker_weights:
+                # token v's rows are row v of the [num, dim] matrix: A[:, v] (B r_v)^T, summed
+                a, b, columns = self._kronecker_weights[name]
+                if scale is not None:
+                    rows_scale = scale.reshape(-1, dim)[tokens.to(scale.device)]
+                    blocks = blocks * rows_scale.to(blocks.device).unsqueeze(1)
+                core = torch.einsum("ot,tnk->nok", a[:, tokens], torch.matmul(blocks, b.T))
+                self._add_sketch(acc, name, 0, core.reshape(n, -1), columns)
+                return
+            out = torch.zeros(n, self.sketcher.dim, device=ds.device)
             for j, token in enumerate(tokens.tolist()):
                 offset = token * dim
                 out += self.sketcher.sketch_slice(

@@ -10,8 +10,8 @@ to a kernelscope service what the step is made of (math.md §1):
   gradient accumulation included;
 * per sequence, its score gradient ``w_i = dS_i/dtheta`` (``sqrt(P_t) w_i`` in the ``adam``
   geometry, the default with Adam/AdamW), captured just before ``optimizer.step()``: exact rows
-  a chunk at a time, pushed raw or sketched on the trainer (``sketch_on``), or factorised
-  ``kronecker`` sketches;
+  a chunk at a time or formed layer by layer in hooks, pushed raw or sketched on the trainer
+  (``sketch_on``), or, for ``kronecker`` in ``sgd`` geometry, factorised sketches;
 * after ``optimizer.step()``: the applied update ``theta_after - theta_before`` (the reserved
   row ``__applied_update__``, so ``delta_h1_applied`` accounts for Adam, clipping, weight
   decay) and ``logprob_after`` of the same sequences (realized change, second order).
@@ -289,27 +289,32 @@ class KernelscopeConfig:
     run_id:
         the run to create (default: ``trl-<random>``).
     sketch:
-        the run's sketch spec ``{"kind", "dim", "seed"}``.  ``kind="kronecker"`` makes the
-        client sketch per-sequence gradients with hooks (factorised capture) and push ``k``
-        floats per sequence; any other kind captures exact per-sequence gradients, a chunk of
-        ``chunk_size`` sequences at a time, and sketches them where ``sketch_on`` says.
+        the run's sketch spec ``{"kind", "dim", "seed"}``.  ``kind="kronecker"`` in ``sgd``
+        geometry makes the client sketch per-sequence gradients with hooks without forming
+        them (factorised capture) and push ``k`` floats per sequence; any other kind, and
+        ``kronecker`` in ``adam`` geometry, captures exact per-sequence gradients (by
+        ``capture_method``) and sketches them where ``sketch_on`` says.
     sketch_on:
         ``"trainer"``: sketch each chunk of exact rows on the trainer's device with the run's
         spec (the same rows the service would make) and push ``k`` floats per sequence;
         ``"service"``: push the raw rows; ``"auto"`` (default): the trainer when the studied
-        parameters number at least :data:`TRAINER_SKETCH_MIN_PARAMETERS`.  ``exact`` runs
-        always push raw rows.
+        parameters number at least :data:`TRAINER_SKETCH_MIN_PARAMETERS`, and always for
+        ``kronecker``.  ``exact`` runs always push raw rows.
     geometry:
         ``"adam"``: rows ``sqrt(P_t) w_i`` with ``P_t`` the preconditioner of the step being
         taken (:func:`clients.geometry.adam_step_preconditioner`), so ``delta_h1`` predicts the
         Adam step (momentum aside); ``"sgd"``: raw score gradients (the plain-SGD
         counterfactual); ``"auto"`` (default): ``adam`` when the optimizer is torch's Adam or
-        AdamW and the capture is exact, else ``sgd`` (the Kronecker factorisation of
-        ``kind="kronecker"`` cannot carry an elementwise ``P``).
+        AdamW, else ``sgd``.  With ``kind="kronecker"`` the ``adam`` geometry captures exact
+        rows (the factorisation ``A delta_t``, ``B x_t`` cannot carry an elementwise ``P``):
+        each layer's per-sequence ``G_i`` is formed in its hook, scaled by ``sqrt(P_t)`` and
+        sketched as ``A G_i B^T`` (:class:`clients.factorised.HookedCapture`), which costs
+        about what a count-sketched run costs; ``geometry="sgd"`` keeps the cheaper factorised
+        capture.
     parameter_filter:
         which parameters to study (default: every trainable parameter).
     capture_method:
-        how exact rows are captured for a kind other than ``kronecker``: ``"hooks"``
+        how exact rows are captured (every kind but ``kronecker`` in ``sgd`` geometry): ``"hooks"``
         (:class:`clients.factorised.HookedCapture`: one batched forward and backward, each
         layer's per-sequence gradients formed in its hook and sketched at once; needs rows
         sketched on the trainer), ``"vmap"`` / ``"loop"`` (``clients.capture``, a chunk of
@@ -431,8 +436,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self.kernelscope_run_id = self._kernelscope_shared_run_id(kernelscope.run_id)
         policy = self._kernelscope_policy()
         spec = dict(kernelscope.sketch)
+        #: ``"adam"`` or ``"sgd"``: the geometry of the pushed rows (KernelscopeConfig.geometry)
+        self.kernelscope_geometry = self._kernelscope_resolve_geometry()
         self._factorised: FactorisedCapture | None = None
-        if spec.get("kind") == "kronecker":
+        # kronecker in sgd geometry: factorised rows; in adam geometry the elementwise sqrt(P)
+        # needs the formed G_i, so exact rows (hooks) sketched with the kronecker sketch
+        if spec.get("kind") == "kronecker" and self.kernelscope_geometry == "sgd":
             from clients.factorised import FactorisedCapture
 
             self._factorised = FactorisedCapture(
@@ -454,8 +463,6 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             spec, declared
         )
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
-        #: ``"adam"`` or ``"sgd"``: the geometry of the pushed rows (KernelscopeConfig.geometry)
-        self.kernelscope_geometry = self._kernelscope_resolve_geometry()
         if kernelscope.token_shares and int(self.accelerator.num_processes) > 1:
             raise UnsupportedTRLSettingError(
                 "token_shares needs one process: a token's share pairs it with every rank's "
@@ -483,7 +490,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if self._factorised is not None or spec.get("kind") == "exact" or where == "service":
             return None
         size = sum(math.prod(shape) for shape in declared.values())
-        if where == "auto" and size < TRAINER_SKETCH_MIN_PARAMETERS:
+        # kronecker rows are made on the trainer at every size, as the factorised ones are
+        small = size < TRAINER_SKETCH_MIN_PARAMETERS and spec.get("kind") != "kronecker"
+        if where == "auto" and small:
             return None
         return build_sketcher(SketchSpec.from_dict(spec), declared)
 
@@ -529,14 +538,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             raise UnsupportedTRLSettingError(
                 "geometry='adam' needs torch's Adam or AdamW as the optimizer"
             )
-        if wanted == "adam" and self._factorised is not None:
-            raise UnsupportedTRLSettingError(
-                "geometry='adam' needs exact capture: the Kronecker factorisation of "
-                "kind='kronecker' cannot carry the elementwise preconditioner; use another kind "
-                "(sketched on the trainer) or geometry='sgd'"
-            )
         if wanted == "auto":
-            return "adam" if adam and self._factorised is None else "sgd"
+            return "adam" if adam else "sgd"
         return wanted
 
     def _kernelscope_shared_run_id(self, run_id: str | None) -> str:

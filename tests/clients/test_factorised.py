@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -253,7 +254,12 @@ def test_kronecker_error_bars_from_the_rows_on_captured_gradients(dim: int) -> N
     assert np.min(np.mean(np.abs(errors) <= 2 * unscaled, axis=1)) < 0.9  # what the t-scaling fixes
 
 
-@pytest.mark.parametrize("kind", ["countsketch", "gaussian", "rademacher"])
+#: ``kronecker-grouped``: a kronecker spec whose attention weights have a group of their own
+#: (factors of a group's sketcher, written into its columns).
+HOOKED_KINDS = ["countsketch", "gaussian", "rademacher", "kronecker", "kronecker-grouped"]
+
+
+@pytest.mark.parametrize("kind", HOOKED_KINDS)
 @pytest.mark.parametrize("rows", ["score", "update", "update_entropy_adam"])
 def test_hooked_capture_equals_the_sketch_of_exact_rows(
     model: nn.Module, batch: SequenceBatch, kind: str, rows: str
@@ -263,14 +269,21 @@ def test_hooked_capture_equals_the_sketch_of_exact_rows(
     (:func:`capture_sketches`, chunks of exact gradients): score rows, update rows from token
     coefficients, and update rows with an entropy term in ``adam`` geometry (``row_scale``),
     for GPT-2 (Conv1D, tied embedding, LayerNorm) and Llama (Linear, RMSNorm, padding_idx).
-    A chunk budget of one sequence's layer gradient exercises the chunked products."""
+    A chunk budget of one sequence's layer gradient exercises the chunked products.  Under
+    ``kronecker`` matrix weights are sketched as ``A G_i B^T`` and embedding rows as rows of
+    the matrix, with the factors of :class:`KroneckerSketch` (the service's sketch)."""
     from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
+    from sketch.spec import sketcher_for
     from tests.clients.test_capture import token_coefficients
 
-    spec = {"kind": kind, "dim": 64, "seed": 5}
+    spec: dict[str, Any] = {"kind": kind.removesuffix("-grouped"), "dim": 64, "seed": 5}
+    if kind.endswith("-grouped"):
+        spec["groups"] = [{"name": "attention", "pattern": r".*(attn|attention).*", "dim": 36}]
     hooked = HookedCapture(model, spec, strict=True, chunk_bytes=1)
     assert hooked.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
+    # kronecker: the hooks' factor products, not the generic slice sketch, made the rows
+    assert bool(hooked._kronecker_weights) == kind.startswith("kronecker")
     coef = ecoef = scale = None
     if rows != "score":
         coef = token_coefficients(batch)
@@ -284,7 +297,7 @@ def test_hooked_capture_equals_the_sketch_of_exact_rows(
         want = capture_sketches(
             model,
             batch,
-            hooked.sketcher,
+            sketcher_for(spec, hooked.parameters),  # the service's sketcher of the run
             method="loop",
             token_coefficients=coef,
             entropy_coefficients=ecoef,
@@ -315,6 +328,7 @@ def test_captures_leave_nothing_alive(model: nn.Module, batch: SequenceBatch) ->
     for capture in (
         FactorisedCapture(model, dim=DIM, seed=SEED),
         HookedCapture(model, {"kind": "countsketch", "dim": DIM, "seed": SEED}),
+        HookedCapture(model, {"kind": "kronecker", "dim": DIM, "seed": SEED}),
     ):
         for _ in range(3):
             capture(batch, token_coefficients=token_coefficients(batch))

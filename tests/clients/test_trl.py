@@ -646,9 +646,32 @@ def test_trainer_pushes_two_steps(
             assert math.isfinite(default.delta_h1)
 
 
-@pytest.mark.parametrize(("beta1", "method"), [(0.0, "auto"), (0.9, "auto"), (0.0, "loop")])
+KRONECKER_256 = {"kind": "kronecker", "dim": 256, "seed": 2}
+
+
+@pytest.mark.parametrize(
+    ("beta1", "method", "sketch"),
+    [
+        (0.0, "auto", SKETCH_512),
+        (0.9, "auto", SKETCH_512),
+        (0.0, "loop", SKETCH_512),
+        (0.0, "auto", KRONECKER_256),
+        (0.9, "auto", KRONECKER_256),
+    ],
+    ids=[
+        "countsketch-beta0",
+        "countsketch-beta0.9",
+        "countsketch-loop",
+        "kronecker-beta0",
+        "kronecker-beta0.9",
+    ],
+)
 def test_adam_geometry_with_rows_sketched_on_the_trainer(
-    live_service: LiveService, tmp_path: Path, beta1: float, method: str
+    live_service: LiveService,
+    tmp_path: Path,
+    beta1: float,
+    method: str,
+    sketch: dict[str, Any],
 ) -> None:
     """A real GRPO run with AdamW (no weight decay, no clipping) and rows sketched on the
     trainer: the run is in ``adam`` geometry (the default for Adam), the rows are ``sqrt(P_t)
@@ -657,7 +680,9 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     share of Adam's momentum.  The first step is exactly ``-lr P_1 g_1`` for any ``beta1``, so
     there ``plugin dH1 = delta_h1_applied``; with ``beta1 = 0`` every step is ``-lr P_t g_t``
     and the identity holds on the second step too, a later pass at ratio != 1 (update rows).
-    Rows come from the hook capture (``auto``) or from exact chunks (``loop``)."""
+    Rows come from the hook capture (``auto``) or from exact chunks (``loop``); with
+    ``kind="kronecker"`` from the hook capture too (each layer's ``sqrt(P_t) G_i`` sketched as
+    ``A sqrt(P_t) G_i B^T``), and so is the applied update ``u / sqrt(P_t)``."""
     lr = 1e-3
     args = sgd_args(
         tmp_path,
@@ -669,16 +694,18 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     )
     kernelscope = KernelscopeConfig(
         url=live_service.base_url,
-        sketch=SKETCH_512,
+        sketch=sketch,
         sketch_on="trainer",
         capture_method=method,  # type: ignore[arg-type]
     )
     trainer = sgd_trainer(args, kernelscope)
     assert trainer.kernelscope_geometry == "adam" and trainer.kernelscope_sketcher is not None
     assert (trainer._hooked is not None) == (method == "auto")
+    assert trainer._factorised is None
     trainer.train()
     with Client(live_service.base_url) as client:
-        assert client.get_run(trainer.kernelscope_run_id).geometry == "adam"
+        run = client.get_run(trainer.kernelscope_run_id)
+        assert run.geometry == "adam" and run.sketch["kind"] == sketch["kind"]
         for step in (0, 1):
             status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
             assert status.state == "ready" and status.applied_update
@@ -690,23 +717,41 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
                 assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
-def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> None:
-    """``kind="kronecker"``: factorised rows, update rows (a later pass at ratio != 1, with an
-    entropy bonus) and the applied update all sketched on the trainer; ``sgd`` geometry even
-    with AdamW (refused explicitly), and with plain SGD the identity ``plugin dH1 =
-    delta_h1_applied`` holds."""
-    kronecker = {"kind": "kronecker", "dim": 256, "seed": 2}
-    with pytest.raises(UnsupportedTRLSettingError, match="elementwise preconditioner"):
-        sgd_trainer(
-            grpo_args(tmp_path),
-            KernelscopeConfig(url=live_service.base_url, sketch=kronecker, geometry="adam"),
+def test_kronecker_with_adam_takes_exact_rows(live_service: LiveService, tmp_path: Path) -> None:
+    """``kind="kronecker"`` in ``adam`` geometry (refused before): asked for, or the default
+    with AdamW, it is accepted, and its rows are exact rows from hooks sketched with the run's
+    kronecker sketch on the trainer (under ``sketch_on="auto"`` too, for this model below the
+    size threshold); ``geometry="sgd"`` keeps the factorised capture."""
+    from clients.factorised import FactorisedCapture, HookedCapture
+    from sketch.kronecker import KroneckerSketch
+
+    for geometry in ("adam", "auto"):
+        config = KernelscopeConfig(
+            url=live_service.base_url,
+            sketch=KRONECKER_256,
+            geometry=geometry,
         )
-    adamw = sgd_trainer(
-        grpo_args(tmp_path), KernelscopeConfig(url=live_service.base_url, sketch=kronecker)
-    )
-    assert adamw.kernelscope_geometry == "sgd"
+        adamw = sgd_trainer(grpo_args(tmp_path), config)
+        assert adamw.kernelscope_geometry == "adam" and adamw._factorised is None
+        assert isinstance(adamw._hooked, HookedCapture)
+        assert isinstance(adamw._hooked.sketcher, KroneckerSketch)
+        assert isinstance(adamw.kernelscope_sketcher, KroneckerSketch)
+        with Client(live_service.base_url) as client:
+            assert client.get_run(adamw.kernelscope_run_id).geometry == "adam"
+    config = KernelscopeConfig(url=live_service.base_url, sketch=KRONECKER_256, geometry="sgd")
+    factorised = sgd_trainer(grpo_args(tmp_path), config)
+    assert factorised.kernelscope_geometry == "sgd" and factorised._hooked is None
+    assert isinstance(factorised._factorised, FactorisedCapture)
+
+
+def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> None:
+    """``kind="kronecker"`` under plain SGD (``sgd`` geometry): factorised rows, update rows (a
+    later pass at ratio != 1, with an entropy bonus) and the applied update all sketched on the
+    trainer, and the identity ``plugin dH1 = delta_h1_applied`` holds."""
     args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02, entropy_coef=0.1)
-    trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=kronecker))
+    config = KernelscopeConfig(url=live_service.base_url, sketch=KRONECKER_256)
+    trainer = sgd_trainer(args, config)
+    assert trainer.kernelscope_geometry == "sgd" and trainer._factorised is not None
     trainer.train()
     with Client(live_service.base_url) as client:
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))

@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 
 from service import loop as service_loop
+from service.allocator import keep_freed_memory
 from service.settings import Settings
 
 app = typer.Typer(
@@ -175,6 +176,7 @@ def serve(
         )
         raise typer.Exit(code=2)
     _configure_logging(log_level)
+    keep_freed_memory(settings.malloc_keep_bytes)
     workers = workers_in_process if worker else 0
     mode = "external Redis" if settings.redis_url else f"embedded Redis in {settings.data_dir}"
     with _StopOnSignal() as stop:
@@ -239,6 +241,7 @@ def worker_command(
     from service.worker import Worker, run_until_stopped
 
     _configure_logging(os.environ.get("KERNELSCOPE_LOG_LEVEL", "info"))
+    keep_freed_memory(settings.malloc_keep_bytes)
 
     async def main() -> None:
         stop = asyncio.Event()

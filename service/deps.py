@@ -1,4 +1,9 @@
-"""FastAPI dependencies, in one place: settings, store, auth, path parameters."""
+"""FastAPI dependencies, in one place: settings, store, auth, path parameters.
+
+Every dependency is ``async def``, even those that only read ``app.state``: FastAPI runs a
+plain ``def`` dependency in its thread pool, and an upload resolved four of them, four thread
+hand-offs per request on the ingest path (``tests/service/test_fast_paths.py`` keeps it so).
+"""
 
 from __future__ import annotations
 
@@ -18,25 +23,25 @@ RunId = Annotated[str, Path(pattern=ID_PATTERN, description="run id, [A-Za-z0-9.
 StepNo = Annotated[int, Path(ge=0, le=1 << 53, description="optimisation step, >= 0")]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's settings (``app.state.settings``)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     """The app's :class:`service.store.Store`."""
     store: Store = request.app.state.store
     return store
 
 
-def get_draining(request: Request) -> threading.Event:
+async def get_draining(request: Request) -> threading.Event:
     """Set once the server has begun to shut down (``app.state.draining``)."""
     draining: threading.Event = request.app.state.draining
     return draining
 
 
-def get_receipt_sketcher(request: Request) -> ReceiptSketcher | None:
+async def get_receipt_sketcher(request: Request) -> ReceiptSketcher | None:
     """The sketcher of uploads on receipt (``app.state.receipt_sketcher``): set where this
     process runs stream workers of its own, None where uploads go to the queue."""
     receipt: ReceiptSketcher | None = request.app.state.receipt_sketcher

@@ -52,7 +52,7 @@ _409: dict[int | str, dict[str, Any]] = {
 }
 
 
-def step_query(
+async def step_query(
     run: RunDep,
     step: StepNo,
     store: StoreDep,

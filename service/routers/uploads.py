@@ -74,7 +74,7 @@ class UploadRequest:
     limit: int
 
 
-def upload_request(
+async def upload_request(
     request: Request,
     response: Response,
     run: RunDep,

@@ -6,12 +6,14 @@
 * ``check_finite``: the blocked exponent scan finds a NaN/Inf anywhere, in every dtype;
 * the analysis memo: one assembled matrix and one kernel per data version, shared by the
   routes, never served once the version changed or the run was deleted and re-created;
-* the spectrum route: eigenvalues only for ``top = 0``, the same values with ``top > 0``.
+* the spectrum route: eigenvalues only for ``top = 0``, the same values with ``top > 0``;
+* no dependency of an API route runs in FastAPI's thread pool (a ``def`` dependency does).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
@@ -69,6 +72,29 @@ def _read(chunks: list[bytes], content_length: int | None, limit: int = 1000) ->
 
 
 BODY = bytes(range(256)) * 3
+
+
+def _dependency_calls(dependant: Any) -> Iterator[tuple[str, Any]]:
+    for sub in dependant.dependencies:
+        if sub.call is not None:
+            yield getattr(sub.call, "__qualname__", repr(sub.call)), sub.call
+        yield from _dependency_calls(sub)
+
+
+def test_no_route_dependency_runs_in_the_thread_pool() -> None:
+    # Each ``def`` dependency costs a thread hand-off per request; an upload had four.
+    from service.routers import analysis, dashboard, health, metrics, runs, steps, tokens, uploads
+
+    modules = (analysis, dashboard, health, metrics, runs, steps, tokens, uploads)
+    routes = [r for m in modules for r in m.router.routes if isinstance(r, APIRoute)]
+    assert any(r.path.endswith("/gradients") for r in routes)
+    sync = {
+        name
+        for route in routes
+        for name, call in _dependency_calls(route.dependant)
+        if not inspect.iscoroutinefunction(call)
+    }
+    assert sorted(sync) == []
 
 
 @pytest.mark.parametrize("declared", [len(BODY), None], ids=["content-length", "chunked"])

@@ -1,0 +1,56 @@
+"""Freed upload buffers stay in the process (``service.allocator``): a worker's next fetch of
+an upload body reuses the pages of the last one instead of faulting each one in again."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from service.settings import Settings
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+
+# One process per measurement: the thresholds are process-wide and cannot be unset.  What a
+# claim-check upload costs in the processes that handle it: a body received and stored (the
+# API), then fetched through the bulk client in a thread, again and again (a worker).
+_FAULTS = """
+import os, resource, sys, threading
+from service.allocator import keep_freed_memory
+from service.store import bulk_client
+keep_freed_memory(int(sys.argv[1]))
+client = bulk_client(sys.argv[2])
+client.set(sys.argv[3], memoryview(bytearray(os.urandom(16 * 2**20))), ex=60)
+def fetch():
+    for _ in range(3):  # warm-up
+        client.get(sys.argv[3])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        client.get(sys.argv[3])
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+thread = threading.Thread(target=fetch)
+thread.start()
+thread.join()
+"""
+SIZE = 16 * 2**20
+
+
+def _faults_per_fetch(keep: int, redis_url: str, key: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS, str(keep), redis_url, key],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip())
+
+
+def test_a_fetched_body_reuses_the_last_ones_pages(redis_url: str, key_prefix: str) -> None:
+    key = f"{key_prefix}:raw"
+    pages = SIZE // 4096
+    # glibc's defaults: every fetch faults the whole body in anew (measured: 8,161 of 4,096
+    # pages, the reply buffer and the value)
+    assert _faults_per_fetch(0, redis_url, key) > 0.9 * pages
+    assert _faults_per_fetch(Settings().malloc_keep_bytes, redis_url, key) < 0.01 * pages

@@ -118,16 +118,31 @@ def _reset_peak(pid: int) -> bool:
 
 
 def sink_main(port: int) -> None:
-    """A trivial endpoint for baseline (a): read the whole body, answer its length."""
+    """A trivial endpoint for baseline (a): read the whole body, answer its length.
+
+    A Starlette route, which takes the request as it is: a FastAPI endpoint defined here would
+    have its ``request: Request`` annotation unresolvable (postponed annotations, a local
+    import), so FastAPI made it a query parameter and answered 422 without reading the body,
+    and the baseline timed only the client's send.  ``_time_sink`` checks the answer.  The
+    sink keeps freed memory as the service does (``service.allocator``, the default
+    ``KERNELSCOPE_MALLOC_KEEP_MB``), so that page faults the service avoids do not slow the
+    baseline down.
+    """
     import uvicorn
-    from fastapi import FastAPI, Request
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
-    app = FastAPI()
+    from service.allocator import keep_freed_memory
+    from service.settings import Settings
 
-    @app.post("/sink")
-    async def sink(request: Request) -> dict[str, int]:
-        return {"bytes": len(await request.body())}
+    keep_freed_memory(Settings().malloc_keep_bytes)
 
+    async def sink(request: Request) -> JSONResponse:
+        return JSONResponse({"bytes": len(await request.body())})
+
+    app = Starlette(routes=[Route("/sink", sink, methods=["POST"])])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -229,10 +244,19 @@ def _time_sink(sink_url: str, bodies: list[bytes]) -> float:
     """Baseline (a): seconds to POST every body to the sink, one after the other."""
     with httpx.Client(base_url=sink_url, timeout=600.0) as sink:
         sink.post("/sink", content=bodies[0])  # warm-up (the connection)
+        answers = []
         t0 = time.perf_counter()
         for body in bodies:
-            sink.post("/sink", content=body, headers={"Content-Type": "application/octet-stream"})
-        return time.perf_counter() - t0
+            answers.append(
+                sink.post(
+                    "/sink", content=body, headers={"Content-Type": "application/octet-stream"}
+                )
+            )
+        seconds = time.perf_counter() - t0
+    for body, answer in zip(bodies, answers, strict=True):
+        if answer.status_code != 200 or answer.json() != {"bytes": len(body)}:
+            raise RuntimeError(f"the sink did not read the body: {answer.status_code}")
+    return seconds
 
 
 def _time_core(cfg: Config, tensors: list[dict[str, torch.Tensor]]) -> float:

@@ -26,6 +26,7 @@ import os
 import secrets
 import socket
 import time
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,14 +35,13 @@ import torch
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from safetensors.torch import load as load_safetensors
 
 from service.metrics import record_job, record_rows_sketched, record_worker_heartbeat
-from service.parts import Part, RowKind, encode_part, read_metadata, read_rows
+from service.parts import Part, RowKind, encode_part, read_rows
 from service.queue import Batch, Job, Queue
 from service.settings import Settings
 from service.store import REDIS_DOWN, UPLOAD_QUEUED, Store, connect
-from service.uploads import ParsedUpload
+from service.uploads import ParsedUpload, TensorInfo, read_header
 from sketch.base import Sketcher
 from sketch.spec import sketcher_for
 
@@ -71,8 +71,10 @@ def sketch_upload(body: bytes, kind: str, sketcher: Sketcher, device: torch.devi
     sketched; the sum over tensors is ``[n, k]``.  ``sketches``: the client's ``sketch``
     ``[n, k]`` as float32.  The part keeps the upload's row ids and row kind.
     """
-    ids, row_kind = read_rows(read_metadata(body))
-    return sketch_tensors(load_safetensors(body), ids, row_kind, kind, sketcher, device)
+    entries, metadata = read_header(body)
+    ids, row_kind = read_rows(metadata)
+    # views of the body, not safetensors' loader, which would copy the upload once more
+    return sketch_tensors(upload_tensors(body, entries), ids, row_kind, kind, sketcher, device)
 
 
 def sketch_tensors(
@@ -102,15 +104,21 @@ def sketch_tensors(
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def upload_tensors(body: bytearray, parsed: ParsedUpload) -> dict[str, torch.Tensor]:
-    """The tensors of a validated upload body as views of it (no copy): the API holds the
-    body it read in a writable buffer, which ``torch.frombuffer`` can share."""
+def upload_tensors(
+    body: bytes | bytearray, entries: Mapping[str, TensorInfo]
+) -> dict[str, torch.Tensor]:
+    """The tensors of a validated upload body as views of it (no copy), from its header's
+    ``entries`` (:func:`service.uploads.read_header`).  A worker's body fetched from Redis
+    is read-only ``bytes``: torch shares it with a warning that writing would be undefined,
+    and nothing here writes."""
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in parsed.tensors.items():
-        dtype = _TORCH_DTYPES[info.dtype]
-        count = (info.end - info.start) // dtype.itemsize
-        flat = torch.frombuffer(body, dtype=dtype, count=count, offset=info.start)
-        tensors[name] = flat.view(info.shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        for name, info in entries.items():
+            dtype = _TORCH_DTYPES[info.dtype]
+            count = (info.end - info.start) // dtype.itemsize
+            flat = torch.frombuffer(body, dtype=dtype, count=count, offset=info.start)
+            tensors[name] = flat.view(info.shape)
     return tensors
 
 
@@ -137,7 +145,7 @@ class ReceiptSketcher:
             # in the thread: a run's first upload builds its sketcher (a Gaussian's matrices)
             sketcher = sketcher_for(run["sketch"], run.get("parameters"))
             ids, row_kind = read_rows(parsed.metadata)
-            tensors = upload_tensors(body, parsed)
+            tensors = upload_tensors(body, parsed.tensors)
             return sketch_tensors(tensors, ids, row_kind, kind, sketcher, self.device)
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, sketch)

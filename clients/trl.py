@@ -440,8 +440,14 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self.kernelscope_geometry = self._kernelscope_resolve_geometry()
         self._factorised: FactorisedCapture | None = None
         # kronecker in sgd geometry: factorised rows; in adam geometry the elementwise sqrt(P)
-        # needs the formed G_i, so exact rows (hooks) sketched with the kronecker sketch
-        if spec.get("kind") == "kronecker" and self.kernelscope_geometry == "sgd":
+        # needs the formed G_i, and a grouped spec gives each group its own factors, which the
+        # factorised capture (one dim, one seed) does not make: exact rows (hooks) sketched
+        # with the run's kronecker sketcher
+        if (
+            spec.get("kind") == "kronecker"
+            and self.kernelscope_geometry == "sgd"
+            and not spec.get("groups")
+        ):
             from clients.factorised import FactorisedCapture
 
             self._factorised = FactorisedCapture(

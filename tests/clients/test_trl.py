@@ -757,6 +757,26 @@ def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> 
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 
+def test_grouped_kronecker_run_takes_exact_rows(live_service: LiveService, tmp_path: Path) -> None:
+    """A grouped ``kind="kronecker"`` spec under plain SGD: every group has factors of its own,
+    which the factorised capture (one ``dim``, one ``seed``) cannot make, so the rows are exact
+    rows from hooks sketched with the run's grouped sketcher, and ``plugin dH1 =
+    delta_h1_applied`` holds (the factorised capture's rows had the wrong width for the run)."""
+    from clients.factorised import HookedCapture
+
+    spec = {
+        **KRONECKER_256,
+        "groups": [{"name": "attention", "pattern": r".*(attn|attention).*", "dim": 64}],
+    }
+    args = sgd_args(tmp_path, learning_rate=0.05)
+    trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=spec))
+    assert trainer.kernelscope_geometry == "sgd" and trainer._factorised is None
+    assert isinstance(trainer._hooked, HookedCapture)
+    trainer.train()
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
+
+
 def test_vllm_sampler_run(live_service: LiveService, tmp_path: Path) -> None:
     """A two-step run of a peaked policy whose completions come from the bfloat16 sampler
     through TRL's vLLM path (:class:`LowPrecisionSampler`; per-token importance ratios of

@@ -21,10 +21,11 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from enum import Enum
+from typing import ClassVar
 
 import torch
 
-from sketch.hashing import Workspace
+from sketch.hashing import Stream, Workspace
 from sketch.names import parse_tensor_name
 
 Shape = tuple[int, ...]
@@ -140,12 +141,32 @@ BLOCK_ENTRIES = 1 << 18
 class DenseSketcher(Sketcher):
     """Shared loop of the dense kinds: ``y = scale * sum_blocks X_block @ E_block``.
 
-    Subclasses provide :meth:`columns`, the unscaled entries ``E[c, r]`` (``Phi[r, c] =
-    scale * E[c, r]``) of a run of consecutive coordinates.  The matrix is generated in
+    Subclasses name the generator of their unscaled entries ``E[c, r]`` (``Phi[r, c] =
+    scale * E[c, r]``) of a run of consecutive coordinates, :attr:`entries`
+    (:mod:`sketch.hashing`), and its hash :attr:`stream`.  The matrix is generated in
     blocks of ``max(1, block_entries // dim)`` coordinates and multiplied into the rows at
     once (TRAK-style amortisation over the ``n`` rows), so memory stays ``O(block_entries)``
     whatever the parameter size.
     """
+
+    #: the hash stream of the kind's entries (``sketch.hashing.Stream``)
+    stream: ClassVar[Stream]
+
+    @staticmethod
+    @abstractmethod
+    def entries(
+        seed: int,
+        name: str,
+        stream: int,
+        start: int,
+        count: int,
+        rows: int,
+        device: torch.device | str,
+        allow_compile: bool = False,
+        ws: Workspace | None = None,
+    ) -> torch.Tensor:
+        """The kind's generator of unscaled entries: ``[count, rows]`` float32
+        (``sketch.hashing.gaussian_columns``, ``sign_columns``)."""
 
     def __init__(
         self,
@@ -158,7 +179,6 @@ class DenseSketcher(Sketcher):
         self.block_coords = max(1, int(block_entries) // self.dim)
         self.scale = 1.0 / math.sqrt(self.dim)
 
-    @abstractmethod
     def columns(
         self,
         name: str,
@@ -171,8 +191,16 @@ class DenseSketcher(Sketcher):
 
         Returns ``[count, dim]`` float32 on ``device``: row ``c`` is column
         ``start + c`` of ``Phi`` divided by ``scale`` (a view into ``workspace`` when given,
-        valid until its next use).
+        valid until its next use), made by the kind's :attr:`entries` from its :attr:`stream`.
         """
+        # only full blocks take the compiled path: one compiled shape per sketcher
+        full = count == self.block_coords
+        return self.entries(
+            self.seed, name, self.stream, start, count, self.dim, device, full, workspace
+        )
+
+    def variance_factor(self) -> float:
+        return 1.0 / self.dim
 
     def matrix(
         self, name: str, start: int, count: int, device: torch.device | str = "cpu"

@@ -18,30 +18,13 @@ Moments (entries i.i.d., mean 0, variance ``1/k``, fourth moment ``m4 / k^2``):
 
 from __future__ import annotations
 
-import torch
-
 from sketch.base import DenseSketcher, SketchKind
-from sketch.hashing import Stream, Workspace, gaussian_columns
+from sketch.hashing import Stream, gaussian_columns
 
 
 class GaussianSketch(DenseSketcher):
-    """Dense ``N(0, 1/k)`` sketch; ``columns`` returns the unscaled standard normals."""
+    """Dense ``N(0, 1/k)`` sketch; its unscaled entries are standard normals."""
 
     kind = SketchKind.GAUSSIAN
-
-    def columns(
-        self,
-        name: str,
-        start: int,
-        count: int,
-        device: torch.device,
-        workspace: Workspace | None = None,
-    ) -> torch.Tensor:
-        # only full blocks take the compiled path: one compiled shape per sketcher
-        full = count == self.block_coords
-        return gaussian_columns(
-            self.seed, name, Stream.GAUSSIAN, start, count, self.dim, device, full, workspace
-        )
-
-    def variance_factor(self) -> float:
-        return 1.0 / self.dim
+    stream = Stream.GAUSSIAN
+    entries = staticmethod(gaussian_columns)

@@ -15,30 +15,13 @@ Moments (entries i.i.d. ±1/sqrt(k), fourth moment ``1/k^2``):
 
 from __future__ import annotations
 
-import torch
-
 from sketch.base import DenseSketcher, SketchKind
-from sketch.hashing import Stream, Workspace, sign_columns
+from sketch.hashing import Stream, sign_columns
 
 
 class RademacherSketch(DenseSketcher):
-    """Dense ``±1/sqrt(k)`` sketch; ``columns`` returns the unscaled signs."""
+    """Dense ``±1/sqrt(k)`` sketch; its unscaled entries are signs."""
 
     kind = SketchKind.RADEMACHER
-
-    def columns(
-        self,
-        name: str,
-        start: int,
-        count: int,
-        device: torch.device,
-        workspace: Workspace | None = None,
-    ) -> torch.Tensor:
-        # only full blocks take the compiled path: one compiled shape per sketcher
-        full = count == self.block_coords
-        return sign_columns(
-            self.seed, name, Stream.RADEMACHER, start, count, self.dim, device, full, workspace
-        )
-
-    def variance_factor(self) -> float:
-        return 1.0 / self.dim
+    stream = Stream.RADEMACHER
+    entries = staticmethod(sign_columns)

@@ -57,6 +57,7 @@ from clients.capture import (
     eval_mode,
     forward_logits,
     logits_of,
+    response_entropy_sums,
     response_logprobs,
     token_layout,
 )
@@ -94,12 +95,17 @@ class FactorisedSketches:
         ``[n, k]`` float32 sketches of the update rows ``u_i`` (math.md §4 "Update rows") when
         ``token_coefficients`` (or ``entropy_coefficients``) were given; push them with
         ``push_sketches(..., rows="update")``.
+    entropy_sums:
+        ``[n]`` float32 ``sum_t H_t`` of every sequence
+        (:func:`clients.capture.response_entropy_sums`) from the capture's own forward: a
+        sequence's ``entropy_sum`` without another forward.
     """
 
     logprobs: torch.Tensor
     sketch: torch.Tensor
     num_tokens: torch.Tensor
     update_sketch: torch.Tensor | None = None
+    entropy_sums: torch.Tensor | None = None
 
 
 @dataclass
@@ -532,6 +538,10 @@ class FactorisedCapture:
                 targets = list(params)
                 torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
             sketch = self._rows(acc, batch.size, logprobs.device)
+            with torch.no_grad():
+                entropy_sums = response_entropy_sums(
+                    logits.detach(), batch.response_mask, self.temperature
+                )
             update_sketch = None
             if weights is not None:
                 acc.clear_rows()
@@ -545,6 +555,7 @@ class FactorisedCapture:
             sketch=sketch,
             num_tokens=batch.num_tokens,
             update_sketch=update_sketch,
+            entropy_sums=entropy_sums,
         )
 
     __call__ = capture

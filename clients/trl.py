@@ -333,8 +333,9 @@ class KernelscopeConfig:
         of an entropy bonus's ``e_{i,t} grad H_{i,t}`` terms are not included.
     push_entropy_sums:
         push each sequence's ``sum_t H_t`` (the full next-token entropies at its positions,
-        tempered as TRL's) before the step (``entropy_sum``; one extra forward without
-        gradients per micro-batch) and, with ``push_logprob_after``, after it
+        tempered as TRL's) before the step (``entropy_sum``: from the logits of the capture's
+        own forward when rows are captured by hooks, else one extra forward without gradients
+        per micro-batch) and, with ``push_logprob_after``, after it
         (``entropy_sum_after``, from the same forward as ``S'_i``): the token-mean entropy TRL
         logs as ``entropy`` is then predicted and its realized change measured (math.md §8).
     check_logprobs:
@@ -746,13 +747,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         # S_i and w_i are those of the function the step differentiates.
         with self.accelerator.autocast():
             for micro in window.micro:
-                logprobs = self._kernelscope_push_rows(window, micro)
+                logprobs, sums = self._kernelscope_push_rows(window, micro)
                 for seq_id, value in zip(micro.ids, logprobs.tolist(), strict=True):
                     window.records[seq_id]["logprob"] = float(value)
                 if self.kernelscope.push_entropy_sums:
-                    _, sums = sequence_logprobs_and_entropy_sums(
-                        self._kernelscope_policy(), micro.batch, temperature=float(self.temperature)
-                    )
+                    if sums is None:  # exact chunks: their forwards keep no logits
+                        _, sums = sequence_logprobs_and_entropy_sums(
+                            self._kernelscope_policy(),
+                            micro.batch,
+                            temperature=float(self.temperature),
+                        )
                     for seq_id, value in zip(micro.ids, sums.tolist(), strict=True):
                         window.records[seq_id]["entropy_sum"] = float(value)
             if self.kernelscope.token_shares:
@@ -770,9 +774,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             else:
                 window.before = {n: p.detach().clone() for n, p in selected.items()}
 
-    def _kernelscope_push_rows(self, window: _Window, micro: _MicroBatch) -> torch.Tensor:
+    def _kernelscope_push_rows(
+        self, window: _Window, micro: _MicroBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Capture and push one micro-batch's score rows and, with token coefficients, its
-        update rows; returns the ``[n]`` ``S_i``."""
+        update rows; returns the ``[n]`` ``S_i`` and, from a capture by hooks, the ``[n]``
+        ``sum_t H_t`` of the same forward (None from exact chunks)."""
         client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
         coefficients = micro.coefficients
         token = None if coefficients is None else coefficients.logprob
@@ -796,11 +803,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             client.push_sketches(run_id, step, sketches.sketch, micro.ids)
             if sketches.update_sketch is not None:
                 client.push_sketches(run_id, step, sketches.update_sketch, micro.ids, rows="update")
-            return sketches.logprobs
+            return sketches.logprobs, sketches.entropy_sums
         logprobs = self._kernelscope_push_exact(window, micro, None)
         if coefficients is not None:
             self._kernelscope_push_exact(window, micro, coefficients)
-        return logprobs
+        return logprobs, None
 
     def _kernelscope_push_exact(
         self, window: _Window, micro: _MicroBatch, coefficients: TokenCoefficients | None

@@ -272,7 +272,7 @@ def test_hooked_capture_equals_the_sketch_of_exact_rows(
     A chunk budget of one sequence's layer gradient exercises the chunked products.  Under
     ``kronecker`` matrix weights are sketched as ``A G_i B^T`` and embedding rows as rows of
     the matrix, with the factors of :class:`KroneckerSketch` (the service's sketch)."""
-    from clients.capture import capture_sketches
+    from clients.capture import capture_sketches, sequence_logprobs_and_entropy_sums
     from clients.factorised import HookedCapture
     from sketch.spec import sketcher_for
     from tests.clients.test_capture import token_coefficients
@@ -306,6 +306,10 @@ def test_hooked_capture_equals_the_sketch_of_exact_rows(
     if coef is None:
         _close(got.sketch, want.sketch)
         torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+        # the entropy sums of the capture's own forward are those of a forward of their own
+        _, sums = sequence_logprobs_and_entropy_sums(model, batch)
+        assert got.entropy_sums is not None
+        torch.testing.assert_close(got.entropy_sums, sums, rtol=1e-5, atol=1e-5)
     else:
         assert got.update_sketch is not None
         _close(got.update_sketch, want.sketch)

@@ -777,6 +777,35 @@ def test_grouped_kronecker_run_takes_exact_rows(live_service: LiveService, tmp_p
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 
+def test_entropy_sums_before_the_step_come_from_the_capture_forward(
+    live_service: LiveService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With rows captured by hooks, each sequence's ``entropy_sum`` comes from the logits of
+    the capture's own forward: the separate forward runs only after the step (for
+    ``logprob_after`` and ``entropy_sum_after``), and every sequence has both sums."""
+    import inspect
+
+    import clients.trl as trl_module
+
+    callers: list[str] = []
+    separate = trl_module.sequence_logprobs_and_entropy_sums
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        callers.append(inspect.stack()[1].function)
+        return separate(*args, **kwargs)
+
+    monkeypatch.setattr(trl_module, "sequence_logprobs_and_entropy_sums", counted)
+    config = KernelscopeConfig(url=live_service.base_url, sketch=KRONECKER_256)
+    trainer = sgd_trainer(sgd_args(tmp_path, learning_rate=0.05, max_steps=1), config)
+    assert trainer._factorised is not None
+    trainer.train()
+    assert callers and "_kernelscope_before_step" not in callers
+    with Client(live_service.base_url) as client:
+        client.wait_ready(trainer.kernelscope_run_id, 0, timeout=60)
+        answer = client.entropy(trainer.kernelscope_run_id, 0, target="token_mean")
+        assert answer.realized is not None and answer.realized["source"] == "entropy_sum"
+
+
 def test_vllm_sampler_run(live_service: LiveService, tmp_path: Path) -> None:
     """A two-step run of a peaked policy whose completions come from the bfloat16 sampler
     through TRL's vLLM path (:class:`LowPrecisionSampler`; per-token importance ratios of

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import ClassVar
 
@@ -152,21 +152,10 @@ class DenseSketcher(Sketcher):
     #: the hash stream of the kind's entries (``sketch.hashing.Stream``)
     stream: ClassVar[Stream]
 
-    @staticmethod
-    @abstractmethod
-    def entries(
-        seed: int,
-        name: str,
-        stream: int,
-        start: int,
-        count: int,
-        rows: int,
-        device: torch.device | str,
-        allow_compile: bool = False,
-        ws: Workspace | None = None,
-    ) -> torch.Tensor:
-        """The kind's generator of unscaled entries: ``[count, rows]`` float32
-        (``sketch.hashing.gaussian_columns``, ``sign_columns``)."""
+    #: the kind's generator of unscaled entries, ``(seed, name, stream, start, count, rows,
+    #: device, allow_compile, ws) -> [count, rows]`` float32 (``sketch.hashing.gaussian_columns``,
+    #: ``sign_columns``)
+    entries: ClassVar[Callable[..., torch.Tensor]]
 
     def __init__(
         self,

@@ -66,16 +66,35 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120.0)
 def serve(prefix: str) -> Iterator[str]:
     """``kernelscope serve`` (API and an in-process worker) on a free loopback port, its Redis
     at ``REDIS_URL`` or embedded in a temporary directory, keys under ``prefix``; yields its URL
-    once it answers, stops it on exit."""
+    once it answers, stops it on exit and then deletes its keys from a shared ``REDIS_URL``."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as logs:
         env = {**os.environ, "KERNELSCOPE_KEY_PREFIX": prefix}
         args = [sys.executable, "-m", "service", "serve", "--port", str(port)]
         args += ["--data-dir", str(Path(logs) / "data")]
-        with child_process(args, env, Path(logs) / "serve.log") as api:
-            wait_http(f"{url}/healthz", api)
-            yield url
+        try:
+            with child_process(args, env, Path(logs) / "serve.log") as api:
+                wait_http(f"{url}/healthz", api)
+                yield url
+        finally:
+            if os.environ.get("REDIS_URL"):  # a shared Redis: leave nothing behind in it
+                delete_prefix(os.environ["REDIS_URL"], prefix)
+
+
+def delete_prefix(redis_url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (a benchmark's own unique prefix) from the Redis at
+    ``redis_url``; returns how many there were."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.unlink(*keys[i : i + 1000])
+        return len(keys)
+    finally:
+        client.close()
 
 
 def redis_binary(name: str) -> str:

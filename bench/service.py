@@ -59,7 +59,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from processes import child_process, free_port, wait_http  # bench/processes.py
+from processes import child_process, delete_prefix, free_port, wait_http  # bench/processes.py
 from safetensors.numpy import save as save_np
 from safetensors.torch import save as save_torch
 
@@ -453,18 +453,6 @@ def _delete_run(api: httpx.Client, run_id: str) -> None:
         api.delete(f"/v1/runs/{run_id}")
 
 
-def _delete_prefix(redis_url: str, prefix: str) -> int:
-    """Delete the keys this benchmark created (its own unique prefix) from the shared Redis."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-    return len(keys)
-
-
 # --------------------------------------------------------------------------------- main
 
 
@@ -543,7 +531,7 @@ def run(cfg: Config) -> Results:
                 bench_ingest(cfg, paths, sink_url, results)
                 bench_query(cfg, api, results)
     finally:
-        removed = _delete_prefix(cfg.redis_url, prefix)
+        removed = delete_prefix(cfg.redis_url, prefix)
         print(f"removed {removed} leftover keys under {prefix}:*; logs in {workdir}", flush=True)
     return results
 

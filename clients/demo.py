@@ -542,9 +542,10 @@ def _train(
             ids = [f"u{j}" for j in range(len(step_batch.update))] + [
                 f"e{j}" for j in range(len(batch.input_ids) - len(step_batch.update))
             ]
+            sums_before: torch.Tensor | None = None
             if factorised is not None:
                 sketches = factorised.capture(batch)
-                logprobs = sketches.logprobs
+                logprobs, sums_before = sketches.logprobs, sketches.entropy_sums
                 client.push_sketches(run_id, step, sketches.sketch, ids)
             else:
                 captured = capture_gradients(
@@ -556,7 +557,8 @@ def _train(
             before = (
                 {n: p.detach().clone() for n, p in model.named_parameters()} if observer else {}
             )
-            _, sums_before = sequence_logprobs_and_entropy_sums(model, batch)
+            if sums_before is None:  # the exact capture's forwards keep no logits
+                _, sums_before = sequence_logprobs_and_entropy_sums(model, batch)
             shares = (
                 _token_shares(model, batch, step_batch, logprobs, config, set(declared))
                 if config.token_shares and step_batch.entropy is not None

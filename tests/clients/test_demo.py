@@ -13,6 +13,7 @@ The token-mean columns (math.md §8) must be the service's ``?target=token_mean`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -88,9 +89,13 @@ def _console() -> Console:
     return Console(width=160, record=True, force_terminal=False)
 
 
-def test_demo_against_live_service(live_service: LiveService) -> None:
+def test_demo_against_live_service(
+    live_service: LiveService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Exact capture (raw rows, server-side countsketch) for 3 steps, then factorised capture
-    (client-made kronecker sketches) for 2 steps, on one live service."""
+    (client-made kronecker sketches) for 2 steps, on one live service.  The factorised
+    capture's forward gives the entropy sums before the step: a separate forward runs only
+    after it."""
     console = _console()
     rows = run_demo(
         steps=3,
@@ -111,6 +116,16 @@ def test_demo_against_live_service(live_service: LiveService) -> None:
     factorised = DemoConfig(
         **{**SMALL.__dict__, "capture": "factorised", "sketch_dim": 64, "token_shares": True}
     )
+    import clients.demo as demo_module
+
+    separate = demo_module.sequence_logprobs_and_entropy_sums
+    calls: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return separate(*args, **kwargs)
+
+    monkeypatch.setattr(demo_module, "sequence_logprobs_and_entropy_sums", counted)
     rows = run_demo(
         steps=2,
         url=live_service.base_url,
@@ -120,6 +135,8 @@ def test_demo_against_live_service(live_service: LiveService) -> None:
         run_id="demo-factorised",
     )
     _check_steps(rows, 2)
+    assert len(calls) == 2  # one per step, after it
+    _check_token_mean(rows, live_service.base_url, "demo-factorised")
     # token shares (exact) against the sketched dH1 of the same estimator: within its sketch
     # error, with one share total per update sequence
     with Client(live_service.base_url) as client:

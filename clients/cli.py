@@ -143,7 +143,10 @@ def report(
     estimator: Annotated[
         str | None,
         typer.Option(
-            help="dH1 estimator: independent, u_statistic or plugin. [default: the service's]",
+            help=(
+                "dH1 estimator: independent, u_statistic, plugin or cross_fit."
+                " [default: the service's]"
+            ),
             show_default=False,
         ),
     ] = None,

@@ -240,7 +240,7 @@ def entropy_table(entropy: Mapping[str, Any]) -> Table:
     }
     rows: list[tuple[str, Any, str]] = [
         ("target", entropy.get("target"), "sequence (nats) / token_mean (nats per token)"),
-        ("estimator", entropy.get("estimator"), "independent / u_statistic / plugin"),
+        ("estimator", entropy.get("estimator"), "independent / u_statistic / plugin / cross_fit"),
         ("update rows", entropy.get("num_update"), "sequences driving the step (U)"),
         ("entropy rows", entropy.get("num_entropy"), "sequences estimating grad H (E)"),
         ("prompts", entropy.get("num_prompts"), "B"),

@@ -13,7 +13,10 @@ Everything is computed from the step's kernel ``K`` (float64 ``[n, n]``, rows in
     ``j != i`` of the same prompt (U-statistic normalisation, see :func:`pair_products`;
     math.md's plain ``j != i`` sum is biased by ``(M_p - 1) / M_p`` on that part), 1 across
     prompts;
-  - ``plugin``: E = U = update-role rows, W = 1 (``j = i`` included: biased).
+  - ``plugin``: E = U = update-role rows, W = 1 (``j = i`` included: biased);
+  - ``cross_fit``: E = U = update-role rows, each prompt's split into two halves
+    (:mod:`sketch.cross_fit`), ``h`` estimated from each half alone, W = 1 for pairs of
+    different halves and 0 otherwise.
 
 See docs/estimators.md for every returned number, its conventions and edge cases.
 """
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from sketch.cross_fit import cross_fit_halves, cross_half_pairs, per_half
 from sketch.crossed import bilinear_error_bar
 from sketch.kernel import FloatArray, check_kernel
 from sketch.noise_scale import NoiseScale, noise_scale
@@ -54,6 +58,7 @@ from sketch.sequences import (
 from sketch.taylor import TaylorCheck, taylor_check
 from sketch.token_mean import (
     Target,
+    length_coefficients,
     level_influence,
     realized_token_mean,
     token_mean_coefficients,
@@ -66,6 +71,7 @@ class Estimator(str, Enum):
     INDEPENDENT = "independent"
     U_STATISTIC = "u_statistic"
     PLUGIN = "plugin"
+    CROSS_FIT = "cross_fit"
 
 
 # ----------------------------------------------------------------------------- coefficients
@@ -157,7 +163,27 @@ def estimator_sets(
     upd = seqs.update_mask
     if est is Estimator.INDEPENDENT:
         return seqs.entropy_mask, upd, False
-    return upd.copy(), upd, est is Estimator.U_STATISTIC
+    return upd.copy(), upd, est in (Estimator.U_STATISTIC, Estimator.CROSS_FIT)
+
+
+def estimator_halves(seqs: StepSequences, estimator: Estimator | str) -> NDArray[np.int8] | None:
+    """``cross_fit``'s half of every update row (-1 elsewhere, :func:`cross_fit_halves`);
+    ``None`` for the other estimators."""
+    if Estimator(estimator) is not Estimator.CROSS_FIT:
+        return None
+    return cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
+
+
+def estimator_entropy_coefficients(seqs: StepSequences, estimator: Estimator | str) -> FloatArray:
+    """The ``h_j`` that ``estimator`` pairs with the update rows, float64 ``[n]``:
+    :func:`entropy_coefficients` over its E set, and for ``cross_fit`` over each half alone
+    (:func:`sketch.cross_fit.per_half`).  A trainer's token shares of the estimator
+    (math.md §9) use these."""
+    ent, _, _ = estimator_sets(seqs, estimator)
+    halves = estimator_halves(seqs, estimator)
+    if halves is None:
+        return entropy_coefficients(seqs, ent)
+    return per_half(entropy_coefficients, seqs, ent, halves)
 
 
 # ----------------------------------------------------------------------------- result types
@@ -359,6 +385,8 @@ def pair_products(
     same-prompt pair in ``u_statistic`` (its same-prompt part cannot be estimated; see
     docs/estimators.md).
     """
+    if estimator is Estimator.CROSS_FIT:
+        return _cross_fit_products(C, h, seqs)
     codes_all, _ = seqs.prompt_index()
     codes_ent, _ = seqs.prompt_index(ent)
     M = group_sizes(codes_ent)
@@ -395,6 +423,23 @@ def pair_products(
     )
 
 
+def _cross_fit_products(C: FloatArray, h: FloatArray, seqs: StepSequences) -> PairProducts:
+    """:func:`pair_products` of ``cross_fit``: every pair of rows of different halves, weight
+    1 (each half's ``h`` already carries its own ``1 / (B M_{X,p})``)."""
+    halves = cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
+    other = cross_half_pairs(halves)
+    crossed = np.where(other, C, 0.0)
+    row_b = crossed.sum(axis=1)
+    row_a = crossed.T @ h
+    codes, _ = seqs.prompt_index()
+    same_prompt = codes[:, None] == codes[None, :]
+    same = float(h @ np.where(same_prompt, crossed, 0.0).sum(axis=1))
+    total = float(h @ row_b)
+    return PairProducts(
+        row_b=row_b, row_a=row_a, diagonal=0.0, same_prompt=same, cross_prompt=total - same
+    )
+
+
 def pair_weights(
     h: FloatArray, seqs: StepSequences, ent: BoolArray, estimator: Estimator
 ) -> FloatArray:
@@ -402,6 +447,9 @@ def pair_weights(
     sum_{j, i} pair_weights[j, i] C(j, i)`` for the cross kernel ``C`` (what
     :func:`pair_products` sums block by block)."""
     weights = np.repeat(np.asarray(h, dtype=np.float64)[:, None], seqs.n, axis=1)
+    if estimator is Estimator.CROSS_FIT:
+        halves = cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
+        return weights * cross_half_pairs(halves)
     if estimator is not Estimator.U_STATISTIC:
         return weights
     codes_all, _ = seqs.prompt_index()
@@ -441,7 +489,7 @@ def first_order_change(
     mat = check_kernel(K, seqs.n)
     est = default_estimator(seqs) if estimator is None else Estimator(estimator)
     ent, upd = _checked_sets(seqs, est)
-    h = entropy_coefficients(seqs, ent)
+    h = estimator_entropy_coefficients(seqs, est)
     if update is None:
         step = coefficient_updates(mat, update_coefficients(seqs, normalization, max_length))
     else:
@@ -463,7 +511,8 @@ def _checked_sets(seqs: StepSequences, est: Estimator) -> tuple[BoolArray, BoolA
         raise ValueError("the step has no update-role sequences: nothing drives the step")
     if not ent.any():
         raise ValueError(
-            "the independent estimator needs entropy-role sequences; use u_statistic or plugin"
+            "the independent estimator needs entropy-role sequences;"
+            " use u_statistic, cross_fit or plugin"
         )
     return ent, upd
 
@@ -505,10 +554,17 @@ def _quadrants(seqs: StepSequences, a: FloatArray, upd: BoolArray) -> list[Quadr
     return out
 
 
-def _se_sampling(seqs: StepSequences, b: FloatArray, ent: BoolArray) -> float:
+def _se_sampling(
+    seqs: StepSequences, b: FloatArray, ent: BoolArray, halves: NDArray[np.int8] | None
+) -> float:
     """``sqrt(sum_p M_p var_{j in E ∩ p}(b_j))`` with the unbiased sample variance (ddof = 1);
-    prompts with ``M_p = 1`` have no within-prompt spread and contribute 0."""
-    variance = per_prompt_covariance(b, b, seqs.prompt_index(ent)[0])
+    prompts with ``M_p = 1`` have no within-prompt spread and contribute 0.  Under
+    ``cross_fit`` the groups are a prompt's halves: a row's ``b_j`` pairs it with the other
+    half's update, so the two halves' rows are not identically distributed."""
+    codes = seqs.prompt_index(ent)[0]
+    if halves is not None:
+        codes = np.where(codes >= 0, 2 * codes + halves, -1)
+    variance = per_prompt_covariance(b, b, codes)
     return 0.0 if variance is None else math.sqrt(max(variance, 0.0))
 
 
@@ -608,10 +664,12 @@ def entropy_change(
     ent, upd = _checked_sets(seqs, est)
 
     c = update_coefficients(seqs, norm, max_length)
-    h_sequence = entropy_coefficients(seqs, ent)
+    halves = estimator_halves(seqs, est)
+    h_sequence = estimator_entropy_coefficients(seqs, est)
     h = h_sequence
     if token_mean:
-        h, length_coefficients, lv = token_mean_coefficients(seqs, ent, h_sequence)
+        fitted = None if halves is None else per_half(length_coefficients, seqs, ent, halves)
+        h, lengths, lv = token_mean_coefficients(seqs, ent, h_sequence, fitted)
     step = coefficient_updates(mat, c) if update is None else _checked_update(update, seqs.n, upd)
     C = step.cross
     pairs = pair_products(C, h, seqs, ent, est)
@@ -621,7 +679,7 @@ def entropy_change(
     influence = b
     if token_mean:
         d_entropy = eta * pair_products(C, h_sequence, seqs, ent, est).total
-        d_length = eta * pair_products(C, length_coefficients, seqs, ent, est).total
+        d_length = eta * pair_products(C, lengths, seqs, ent, est).total
         influence = b + level_influence(lv, d_entropy, d_length)
     a = eta * pairs.row_a
     delta_h1 = eta * pairs.total
@@ -686,7 +744,7 @@ def entropy_change(
         real = realized_from_entropies(entropy_before, entropy_after)
     else:
         real = estimated
-    se_sampling = _se_sampling(seqs, influence, ent)
+    se_sampling = _se_sampling(seqs, influence, ent, halves)
     var_h1 = se_sampling**2 + se_sketch**2
     ratio_interval = None
     if real is not None:
@@ -789,6 +847,8 @@ __all__ = [
     "default_estimator",
     "entropy_change",
     "entropy_coefficients",
+    "estimator_entropy_coefficients",
+    "estimator_halves",
     "estimator_sets",
     "first_order_change",
     "pair_products",

@@ -129,12 +129,14 @@ def length_coefficients(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
 
 
 def token_mean_coefficients(
-    seqs: StepSequences, mask: NDArray[Any], h: FloatArray
+    seqs: StepSequences, mask: NDArray[Any], h: FloatArray, lengths: FloatArray | None = None
 ) -> tuple[FloatArray, FloatArray, Levels]:
     """``(h~, l, levels)``: the token-mean coefficients ``h~_j = (h_j - T^ l_j) / Lbar^`` from
-    the sequence-entropy coefficients ``h`` (float64 ``[n]``, math.md §3) over ``mask``."""
+    the sequence-entropy coefficients ``h`` (float64 ``[n]``, math.md §3) over ``mask``;
+    ``lengths``: the ``l_j`` when the estimator makes its own (``cross_fit``: per half), else
+    :func:`length_coefficients` over ``mask``."""
     lv = levels(seqs, mask)
-    g = length_coefficients(seqs, mask)
+    g = length_coefficients(seqs, mask) if lengths is None else lengths
     return (h - lv.token_mean * g) / lv.length, g, lv
 
 

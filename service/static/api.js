@@ -186,7 +186,7 @@
 /**
  * @typedef {object} EntropyOut  schemas.EntropyOut
  * @property {number} delta_h1
- * @property {"independent" | "u_statistic" | "plugin"} estimator
+ * @property {"independent" | "u_statistic" | "plugin" | "cross_fit"} estimator
  * @property {number} se_sampling
  * @property {number} se_sketch
  * @property {Decomposition} decomposition
@@ -251,7 +251,7 @@
  * @typedef {object} TokensOut  schemas.TokensOut
  * @property {string} run_id
  * @property {number} step
- * @property {"independent" | "u_statistic" | "plugin"} estimator
+ * @property {"independent" | "u_statistic" | "plugin" | "cross_fit"} estimator
  * @property {Target} target
  * @property {number} learning_rate
  * @property {number} num_sequences

@@ -187,7 +187,7 @@ export function stepPage(frame, runId, step, t, klCovRatio = null) {
       cGroups.replaceChildren();
     }
 
-    // a_i of an update row, b_j of an entropy row (under u_statistic and plugin an update row
+    // a_i of an update row, b_j of an entropy row (under u_statistic, plugin and cross_fit an update row
     // is both: its a_i is what the update did with it)
     const seqs = e.per_sequence
       .map((p) => ({ id: p.id, role: p.role, prompt: p.prompt_id, advantage: p.advantage, logprob: p.logprob, tokens: p.num_tokens, contribution: p.a ?? p.b }))

@@ -196,6 +196,33 @@ def test_token_mean_prediction_is_unbiased_and_calibrated(
     assert 0.75 <= rms(reported) / spread <= 1.25, (rms(reported), spread)
 
 
+def test_cross_fit_token_mean_prediction_is_unbiased_and_calibrated(truth: Truth) -> None:
+    """``cross_fit`` without entropy-role rows (``E = U``: 8 GRPO update responses per prompt,
+    redrawn 600 times, each draw against its own exact ``eta <grad T, g_hat>``): the mean error
+    of ``target = token_mean`` is within 3 SE of 0 and the RMS of its ``se_sampling`` within 25%
+    of the errors' spread, with the length coefficients cross-fitted like ``h``."""
+    eta = 0.1
+    sampler = torch.Generator().manual_seed(77)
+    errors, reported = np.zeros(DRAWS), np.zeros(DRAWS)
+    nothing = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    for k in range(DRAWS):
+        update = sample_update(truth, 8, seed=int(torch.randint(0, 2**31, (1,), generator=sampler)))
+        K, seqs = make_step(truth, update, nothing)
+        result = entropy_change(
+            K, seqs, eta, estimator="cross_fit", max_length=L_MAX, target="token_mean"
+        )
+        errors[k] = result.delta_h1 - eta * float(truth.grad_t @ update.g_hat)
+        reported[k] = result.se_sampling
+    bias, se = mean_and_se(errors)
+    spread = float(errors.std(ddof=1))
+    print(
+        f"\ntoken mean, cross_fit, M=8: bias {bias:.4g} +- {se:.2g}; spread {spread:.4g},"
+        f" rms se {rms(reported):.4g} ({rms(reported) / spread:.3f})"
+    )
+    assert abs(bias) <= 3 * se, (bias, se)
+    assert 0.75 <= rms(reported) / spread <= 1.25, (rms(reported), spread)
+
+
 def test_token_mean_prediction_tracks_the_exact_change_at_a_small_step(truth: Truth) -> None:
     """At ``eta = 0.01`` the exact ``T(theta + eta g_hat) - T(theta)`` is within 5% of
     ``eta <grad T, g_hat>``, and the mean prediction from 8 entropy-role responses per prompt

@@ -11,7 +11,9 @@ warm-up:
 * ``independent``: ``clients.token_shares.token_shares`` with entropy-role sequences (one
   backward over them, one forward-mode pass over the update batch);
 * ``u_statistic``: ``token_shares_u_statistic`` without them (per-prompt passes, and one
-  backward and one forward-mode pass per sequence for its self-term).
+  backward and one forward-mode pass per sequence for its self-term);
+* ``cross_fit``: ``token_shares_cross_fit`` without them (one backward per half, one
+  forward-mode pass of each half along the other half's ``v``): what the TRL trainer runs.
 
     python bench/token_shares.py                 # 10M
     python bench/token_shares.py --size 1M       # seconds
@@ -34,7 +36,11 @@ sys.path.insert(0, str(REPO))
 from trl_step import SIZES, build_model  # noqa: E402  (bench/trl_step.py)
 
 from clients.capture import SequenceBatch, forward_logits, response_logprobs  # noqa: E402
-from clients.token_shares import token_shares, token_shares_u_statistic  # noqa: E402
+from clients.token_shares import (  # noqa: E402
+    token_shares,
+    token_shares_cross_fit,
+    token_shares_u_statistic,
+)
 
 
 def batch(vocab: int, n: int, prompt: int, tokens: int, seed: int) -> SequenceBatch:
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     coefficients = torch.randn(update.input_ids.shape)
     h = torch.randn(args.sequences) / args.sequences
     prompts = [f"p{i // args.group}" for i in range(args.sequences)]
+    ids = [f"s{i}" for i in range(args.sequences)]
 
     def forward_backward() -> None:
         logits = forward_logits(model, update.input_ids, update.attention_mask)
@@ -91,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             "u_statistic (no entropy-role sequences)",
             timed(
                 lambda: token_shares_u_statistic(model, update, prompts, coefficients, h, 1.0),
+                args.repeats,
+            ),
+        )
+    )
+    rows.append(
+        (
+            "cross_fit (no entropy-role sequences)",
+            timed(
+                lambda: token_shares_cross_fit(model, update, ids, prompts, coefficients, h, 1.0),
                 args.repeats,
             ),
         )

@@ -25,12 +25,14 @@ import contextlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clients.capture import SequenceBatch, eval_mode, forward_logits, logits_of, response_logprobs
+from sketch.cross_fit import cross_fit_halves
 
 
 @dataclass(frozen=True)
@@ -59,24 +61,56 @@ def entropy_gradient(
     run's kernel covers them.  Returns ``{name: tensor like the parameter}`` float32 (zeros
     where ``S`` does not depend on one).
     """
-    if h.shape != (entropy.size,):
-        raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
+    return entropy_gradients(
+        model,
+        entropy,
+        [h],
+        parameters=parameters,
+        temperature=temperature,
+        use_eval_mode=use_eval_mode,
+    )[0]
+
+
+def entropy_gradients(
+    model: nn.Module,
+    entropy: SequenceBatch,
+    weights: Sequence[torch.Tensor],
+    *,
+    parameters: Collection[str] | None = None,
+    temperature: float = 1.0,
+    use_eval_mode: bool = True,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`entropy_gradient` for several coefficient vectors (each ``[m]``) over the same
+    batch: one forward pass and one backward pass per vector."""
+    for h in weights:
+        if h.shape != (entropy.size,):
+            raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
     params = {
         n: p
         for n, p in model.named_parameters()
         if p.requires_grad and (parameters is None or n in parameters)
     }
+    out = []
     with eval_mode(model, use_eval_mode):
         logits = forward_logits(model, entropy.input_ids, entropy.attention_mask)
         logprobs = response_logprobs(
             logits, entropy.input_ids, entropy.response_mask, temperature=temperature
         )
-        total = (h.to(logprobs.device, logprobs.dtype) * logprobs).sum()
-        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-    return {
-        name: (torch.zeros_like(p) if g is None else g.detach()).float()
-        for (name, p), g in zip(params.items(), grads, strict=True)
-    }
+        for k, h in enumerate(weights):
+            total = (h.to(logprobs.device, logprobs.dtype) * logprobs).sum()
+            grads = torch.autograd.grad(
+                total,
+                list(params.values()),
+                allow_unused=True,
+                retain_graph=k + 1 < len(weights),
+            )
+            out.append(
+                {
+                    name: (torch.zeros_like(p) if g is None else g.detach()).float()
+                    for (name, p), g in zip(params.items(), grads, strict=True)
+                }
+            )
+    return out
 
 
 def token_directional_derivatives(
@@ -283,10 +317,84 @@ def token_shares_u_statistic(
     return _weighted(update, coefficients, derivative, logprobs, learning_rate)
 
 
+def token_shares_cross_fit(
+    model: nn.Module,
+    update: SequenceBatch,
+    ids: Sequence[str],
+    prompt_ids: Sequence[str],
+    coefficients: torch.Tensor,
+    h: torch.Tensor,
+    learning_rate: float,
+    *,
+    parameters: Collection[str] | None = None,
+    sqrt_p: Mapping[str, torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    use_eval_mode: bool = True,
+    chunk_size: int = 16,
+) -> TokenShares:
+    """The token shares of the ``cross_fit`` estimator (math.md §4 and §9), for a step without
+    entropy-role sequences, laid out like :func:`token_shares`'s.
+
+    Each prompt's sequences are split into halves by id (:func:`sketch.cross_fit.
+    cross_fit_halves`, as the service splits them); a token of half ``X`` takes its direction
+    from the other half alone, ``v_{1-X} = sum_{j in 1-X} h_j w_j``.  That is one backward pass
+    per half after one forward over the batch, and one forward-mode pass of each half along the
+    other's ``v``: about the cost of :func:`token_shares`, where
+    :func:`token_shares_u_statistic` needs one backward and one forward-mode pass per sequence.
+    ``ids``, ``prompt_ids``: the ``n`` sequences' ids and prompts; ``h``: ``[n]`` the
+    estimator's ``h_j`` (:func:`sketch.entropy.estimator_entropy_coefficients`, per half).
+    ``chunk_size``: sequences per pass, so that no pass holds more activations than a training
+    micro-batch of that size.  Summed over ``t`` they are the ``cross_fit`` ``a_i``, and summed
+    over everything its ``dH1``.
+    """
+    if len(ids) != update.size or len(prompt_ids) != update.size or h.shape != (update.size,):
+        raise ValueError("ids, prompt_ids and h must have one entry per update sequence")
+    if coefficients.shape != update.input_ids.shape:
+        raise ValueError("coefficients must be laid out like the update batch's input_ids")
+    halves = torch.from_numpy(cross_fit_halves(ids, prompt_ids).astype(np.int64))
+    derivative = torch.zeros(update.input_ids.shape, dtype=torch.float32)
+    logprobs = torch.zeros(update.input_ids.shape, dtype=torch.float32)
+    if not bool((halves == 1).any()):  # every prompt has one sequence: no pair of halves
+        return _weighted(update, coefficients, derivative, logprobs, learning_rate)
+    chunks = [range(s, min(update.size, s + chunk_size)) for s in range(0, update.size, chunk_size)]
+    # per chunk of rows: one forward, one backward per half (h masked to it)
+    directions: list[dict[str, torch.Tensor]] = [{}, {}]
+    for chunk in chunks:
+        rows, own = list(chunk), halves[list(chunk)]
+        parts = entropy_gradients(
+            model,
+            update.select(rows),
+            [torch.where(own == half, h[rows], torch.zeros(len(rows))) for half in (0, 1)],
+            parameters=parameters,
+            temperature=temperature,
+            use_eval_mode=use_eval_mode,
+        )
+        for total, part in zip(directions, parts, strict=True):
+            for name, g in part.items():
+                total[name] = total[name] + g if name in total else g
+    directions = [_scaled(v, sqrt_p) for v in directions]
+    for half in (0, 1):
+        members = torch.nonzero(halves == half).flatten().tolist()
+        for first in range(0, len(members), chunk_size):
+            rows = members[first : first + chunk_size]
+            values, along = token_directional_derivatives(
+                model,
+                update.select(rows),
+                directions[1 - half],
+                temperature=temperature,
+                use_eval_mode=use_eval_mode,
+            )
+            derivative[rows] = along.cpu()
+            logprobs[rows] = values.cpu()
+    return _weighted(update, coefficients, derivative, logprobs, learning_rate)
+
+
 __all__ = [
     "TokenShares",
     "entropy_gradient",
+    "entropy_gradients",
     "token_directional_derivatives",
     "token_shares",
+    "token_shares_cross_fit",
     "token_shares_u_statistic",
 ]

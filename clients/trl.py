@@ -69,9 +69,9 @@ from clients.geometry import (
     is_adam,
 )
 from clients.http import Client
-from clients.token_shares import token_shares_u_statistic
+from clients.token_shares import token_shares_cross_fit
 from sketch.base import Sketcher
-from sketch.entropy import entropy_coefficients
+from sketch.entropy import estimator_entropy_coefficients
 from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
 
@@ -327,10 +327,11 @@ class KernelscopeConfig:
     push_applied_update, push_logprob_after:
         push ``theta_after - theta_before`` and ``S'_i`` after each optimizer step.
     token_shares:
-        push each update token's exact share of ``dH1`` (``u_statistic``, math.md §9,
-        :func:`clients.token_shares.token_shares_u_statistic`), with its text when the trainer
-        has a tokenizer, for ``GET .../tokens``.  Off by default: one backward and one
-        forward-mode pass per prompt and per sequence of the step.  Needs one process; shares
+        push each update token's exact share of ``dH1`` (``cross_fit``, math.md §4 and §9,
+        :func:`clients.token_shares.token_shares_cross_fit`), with its text when the trainer
+        has a tokenizer, for ``GET .../tokens``.  Off by default: one forward and backward
+        and one forward-mode pass over the step's sequences (docs/real-run.md has the cost);
+        compare them with the step's ``?estimator=cross_fit`` answer.  Needs one process; shares
         of an entropy bonus's ``e_{i,t} grad H_{i,t}`` terms are not included.
     push_entropy_sums:
         push each sequence's ``sum_t H_t`` (the full next-token entropies at its positions,
@@ -842,7 +843,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         return torch.cat(values)
 
     def _kernelscope_token_shares(self, window: _Window) -> dict[str, dict[str, Any]]:
-        """Every update token's share of ``dH1`` at ``eta = 1`` (``u_statistic``: the step has
+        """Every update token's share of ``dH1`` at ``eta = 1`` (``cross_fit``: the step has
         no entropy-role sequences), its log-prob and text, by sequence id (math.md §9)."""
         micro = window.micro
         batch = SequenceBatch.concat([m.batch for m in micro])
@@ -861,10 +862,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in layouts]
         ).to(batch.input_ids.device)
         seqs = StepSequences.from_records([window.records[i] for i in ids])
-        h = torch.from_numpy(entropy_coefficients(seqs, seqs.update_mask)).float()
-        result = token_shares_u_statistic(
+        h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
+        result = token_shares_cross_fit(
             self._kernelscope_policy(),
             batch,
+            seqs.ids,
             seqs.prompt_ids,
             coefficients,
             h,
@@ -872,6 +874,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             parameters=set(self._kernelscope_parameters),
             sqrt_p=window.sqrt_p,
             temperature=float(self.temperature),
+            # no pass holds more sequences than TRL's own micro-batches
+            chunk_size=max(m.batch.size for m in micro),
         )
         tokenizer = getattr(self, "processing_class", None)
         out: dict[str, dict[str, Any]] = {}
@@ -974,5 +978,5 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             tokens = [
                 {**t, "shares": [rate * a for a in t["shares"]]} for t in window.tokens.values()
             ]
-            client.push_tokens(run_id, window.step, rate, tokens, estimator="u_statistic")
+            client.push_tokens(run_id, window.step, rate, tokens, estimator="cross_fit")
         self._ks_window = None

@@ -132,3 +132,35 @@ def test_u_statistic_shares_drop_the_self_term_and_add_up(model: nn.Module) -> N
         np.testing.assert_allclose(got.sum(1).double().numpy(), a, rtol=1e-4, atol=1e-7)
         assert float(got.sum()) == pytest.approx(result.delta_h1, rel=1e-4)
     assert not torch.allclose(shares.sum(1), plugin_shares.sum(1), rtol=1e-3)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
+    model: nn.Module, chunk_size: int
+) -> None:
+    """Without entropy-role sequences: the ``cross_fit`` token shares (each prompt's sequences
+    split into halves by id, a token's direction from the other half alone) summed per sequence
+    are the ``cross_fit`` ``a_i`` of the exact kernel, and their total its ``delta_h1``, to float
+    precision, whether the passes take the 6 sequences in chunks of 4 or at once.  They are not
+    the ``u_statistic`` shares (different pairs, different ``h``)."""
+    from clients.token_shares import token_shares_cross_fit
+    from sketch.entropy import estimator_entropy_coefficients
+
+    update = make_batch(seed=4, n=6)
+    seqs = step_sequences(update, make_batch(seed=2, n=2), model).subset(list(range(update.size)))
+    h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
+    c = torch.from_numpy(seqs.advantage * 0.25).float()
+    coefficients = c[:, None].expand_as(update.input_ids).clone()
+    shares = token_shares_cross_fit(
+        model, update, seqs.ids, seqs.prompt_ids, coefficients, h, ETA, chunk_size=chunk_size
+    ).shares
+    assert not shares[~update.response_mask].any()
+    captured = capture_gradients(model, update, chunk_size=update.size)
+    W = torch.cat([g.reshape(update.size, -1) for g in captured.gradients.values()], 1).double()
+    K = (W @ W.T).numpy()
+    result = entropy_change(K, seqs, ETA, estimator="cross_fit")
+    a = np.array([s.a for s in result.per_sequence])
+    np.testing.assert_allclose(shares.sum(1).double().numpy(), a, rtol=1e-4, atol=1e-7)
+    assert float(shares.sum()) == pytest.approx(result.delta_h1, rel=1e-4)
+    u_stat = entropy_change(K, seqs, ETA, estimator="u_statistic")
+    assert result.delta_h1 != pytest.approx(u_stat.delta_h1, rel=1e-3)

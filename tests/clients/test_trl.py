@@ -917,7 +917,7 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
 def test_token_shares_add_up_to_the_services_dh1(live_service: LiveService, tmp_path: Path) -> None:
     """``token_shares=True`` on a real GRPO run (exact kernel, plain SGD, accumulation 2, the
     first step on-policy, the second a later clipped PPO pass with update rows): each step's
-    token shares sum, per sequence, to the service's ``u_statistic`` ``a_i`` and in total to
+    token shares sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total to
     its ``delta_h1``; the tokens carry their text and the covariance comparison is answered."""
     args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02)
     exact = {"kind": "exact", "dim": 1}
@@ -928,9 +928,9 @@ def test_token_shares_add_up_to_the_services_dh1(live_service: LiveService, tmp_
     with Client(live_service.base_url) as client:
         for step in (0, 1):
             client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
-            report = client.entropy(trainer.kernelscope_run_id, step, estimator="u_statistic")
+            report = client.entropy(trainer.kernelscope_run_id, step, estimator="cross_fit")
             tokens = client.tokens(trainer.kernelscope_run_id, step, top=5)
-            assert tokens.estimator == "u_statistic" and tokens.num_tokens > 0
+            assert tokens.estimator == "cross_fit" and tokens.num_tokens > 0
             assert tokens.total == pytest.approx(report.delta_h1, rel=1e-3, abs=1e-9)
             a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
             for row in tokens.sequences:

@@ -743,17 +743,21 @@ class Store:
         ``new``: the record of an upload sketched on receipt, stored (with ``update``) unless
         one is stored already and not failed.  The upload's ``raw`` key is WATCHed: a run
         deletion or a re-send of the same upload in between makes the transaction retry on
-        fresh data, while other uploads of the step do not interfere.  Two identical uploads
-        sketched on receipt at once may both write: the same part under the same key.
-        Returns False when there is no record to update (run deleted, or ``new`` stored
-        already); a job is acknowledged anyway.
+        fresh data, while other uploads of the step do not interfere.  With ``new`` its
+        ``part`` key is WATCHed too: of two identical uploads sketched on receipt at once
+        (neither writes ``raw``), the second to commit retries, finds the first's record and
+        stores nothing.  Returns False when there is no record to update (run deleted, or
+        ``new`` stored already); a job is acknowledged anyway.
         """
         k = self.keys
         uploads_key = k.uploads(run_id, step)
+        watched = [k.raw(run_id, step, upload_id)]
+        if new is not None:
+            watched.append(k.part(run_id, step, upload_id))
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(k.raw(run_id, step, upload_id))
+                    await pipe.watch(*watched)
                     raw = await pipe.hget(uploads_key, upload_id)
                     if new is not None:
                         if raw is not None and json.loads(raw)["state"] != UPLOAD_FAILED:

@@ -208,3 +208,45 @@ def test_a_crash_mid_sketch_stores_nothing_and_the_retry_completes_it(
     asyncio.run(go())
     assert _keys(redis_client, settings.key_prefix, "raw") == []
     assert len(_keys(redis_client, settings.key_prefix, "part")) == 1
+
+
+def test_two_identical_uploads_sketched_at_once_store_it_once(
+    settings: Settings, step_data: StepData, redis_client: redis_sync.Redis
+) -> None:
+    """Two identical uploads (a client's re-send racing its first try) that both find the
+    upload unknown and sketch it at the same time: one is stored (new, the step's version up
+    by one), the other is answered as a re-send (not new) and writes nothing."""
+    body = safetensors_body(step_data.grads, step_data.ids)
+    ids = step_data.ids
+
+    async def go() -> None:
+        redis = Redis.from_url(str(settings.redis_url))
+        store = Store(redis, settings.key_prefix)
+        receipt = ReceiptSketcher("cpu")
+        try:
+            from service.uploads import validate_upload
+
+            run = {**SPEC, "k": 32}
+            parsed = validate_upload(bytearray(body), "gradients", run)
+            both_checked, both_sketched = asyncio.Barrier(2), asyncio.Barrier(2)
+
+            async def sketch() -> bytes:
+                await both_checked.wait()  # both have seen the upload unknown
+                part = await receipt.sketch(bytearray(body), parsed, "gradients", run)
+                await both_sketched.wait()  # and both store at once
+                return part
+
+            version = await store.version("r", 0)
+            first, second = await asyncio.gather(
+                store.accept_upload("r", 0, "u1", "gradients", ids, body, sketch),
+                store.accept_upload("r", 0, "u1", "gradients", ids, body, sketch),
+            )
+            assert sorted([first.new, second.new]) == [False, True]
+            assert first.sketched and second.sketched
+            assert await store.version("r", 0) == version + 1
+        finally:
+            receipt.close()
+            await redis.aclose()
+
+    asyncio.run(go())
+    assert len(_keys(redis_client, settings.key_prefix, "part")) == 1

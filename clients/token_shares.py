@@ -113,18 +113,31 @@ def entropy_gradients(
     return out
 
 
-def token_directional_derivatives(
+@dataclass(frozen=True)
+class TokenDerivatives:
+    """One forward-mode pass's per-token results, ``[n, L]`` float32 laid out like the batch's
+    ``input_ids`` (0 off the response positions): ``logprobs`` ``log pi(y_{i,t} | ...)``,
+    ``logprob`` ``<v, grad log pi(y_{i,t} | ...)>`` and, when asked for, ``entropy``
+    ``<v, grad H_{i,t}>`` (``H_{i,t}`` the full next-token entropy of the distribution that
+    drew ``y_{i,t}``, as :func:`clients.capture.response_logprobs` defines it)."""
+
+    logprobs: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def token_derivatives(
     model: nn.Module,
     batch: SequenceBatch,
     v: Mapping[str, torch.Tensor],
     *,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log pi(y_{i,t} | ...), <v, grad log pi(y_{i,t} | ...)>)`` of every response token of
-    ``batch``: two ``[n, L]`` float32 tensors laid out like ``batch.input_ids`` (0 off the
-    response positions).  One forward-mode pass along ``v`` (parameters missing from ``v``
-    are held fixed)."""
+    entropy: bool = False,
+) -> TokenDerivatives:
+    """The directional derivatives along ``v`` of every response token's log-prob (and with
+    ``entropy`` of its position's entropy) in ``batch``: one forward-mode pass (parameters
+    missing from ``v`` are held fixed)."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     missing = set(v) - set(params)
     if missing:
@@ -143,11 +156,15 @@ def token_directional_derivatives(
     if hasattr(model, "config"):
         kwargs["use_cache"] = False
 
-    def token_logprobs(values: dict[str, torch.Tensor]) -> torch.Tensor:
+    def per_token(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[n, L - 1, 1 or 2]``: each position's token log-prob (and entropy)."""
         output = functional_call(model, {**fixed, **values}, (batch.input_ids,), kwargs)
         scaled = logits_of(output)[:, :-1].float()
         logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, -1)
-        return logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        token = logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1))
+        if not entropy:
+            return token
+        return torch.cat([token, -(logp.exp() * logp).sum(-1, keepdim=True)], dim=-1)
 
     # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
     # the math kernel computes the same attention and has one.
@@ -157,14 +174,19 @@ def token_directional_derivatives(
         sdpa_kernel(SDPBackend.MATH),
         _without_input_grad_hooks(model),
     ):
-        value, derivative = jvp(token_logprobs, (moving,), (tangents,))[:2]
+        value, derivative = jvp(per_token, (moving,), (tangents,))[:2]
     mask = batch.response_mask[:, 1:]
-    out = []
-    for per_token in (value, derivative):
-        full = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=per_token.device)
-        full[:, 1:] = torch.where(mask, per_token.float(), torch.zeros_like(full[:, 1:]))
-        out.append(full)
-    return out[0], out[1]
+
+    def laid_out(part: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=part.device)
+        full[:, 1:] = torch.where(mask, part.float(), torch.zeros_like(full[:, 1:]))
+        return full
+
+    return TokenDerivatives(
+        logprobs=laid_out(value[..., 0]),
+        logprob=laid_out(derivative[..., 0]),
+        entropy=laid_out(derivative[..., 1]) if entropy else None,
+    )
 
 
 @contextlib.contextmanager
@@ -201,13 +223,51 @@ def _scaled(
 def _weighted(
     update: SequenceBatch,
     coefficients: torch.Tensor,
-    derivative: torch.Tensor,
-    logprobs: torch.Tensor,
+    found: TokenDerivatives,
     learning_rate: float,
+    entropy_coefficients: torch.Tensor | None = None,
 ) -> TokenShares:
-    """``a_{i,t} = eta c_{i,t} <v_i, grad l_{i,t}>`` from the directional derivatives."""
-    c = torch.where(update.response_mask, coefficients.float(), torch.zeros_like(derivative))
-    return TokenShares(float(learning_rate) * c.to(derivative.device) * derivative, logprobs)
+    """``a_{i,t} = eta (c_{i,t} <v_i, grad l_{i,t}> + e_{i,t} <v_i, grad H_{i,t}>)`` from the
+    directional derivatives."""
+    zeros = torch.zeros_like(found.logprob)
+
+    def on_response(weights: torch.Tensor) -> torch.Tensor:
+        return torch.where(update.response_mask, weights.float(), zeros.cpu()).to(zeros.device)
+
+    total = on_response(coefficients) * found.logprob
+    if entropy_coefficients is not None:
+        assert found.entropy is not None
+        total = total + on_response(entropy_coefficients) * found.entropy
+    return TokenShares(float(learning_rate) * total, found.logprobs)
+
+
+def _checked_layouts(
+    update: SequenceBatch, coefficients: torch.Tensor, entropy_coefficients: torch.Tensor | None
+) -> None:
+    for name, layout in (
+        ("coefficients", coefficients),
+        ("entropy_coefficients", entropy_coefficients),
+    ):
+        if layout is not None and layout.shape != update.input_ids.shape:
+            raise ValueError(f"{name} must be laid out like the update batch's input_ids")
+
+
+def _into(found: TokenDerivatives, rows: Sequence[int], part: TokenDerivatives) -> None:
+    """Set ``rows`` of ``found`` (CPU, :func:`_zeros`) from ``part``, a sub-batch's."""
+    found.logprobs[rows] = part.logprobs.cpu()
+    found.logprob[rows] = part.logprob.cpu()
+    if found.entropy is not None and part.entropy is not None:
+        found.entropy[rows] = part.entropy.cpu()
+
+
+def _zeros(update: SequenceBatch, entropy: bool) -> TokenDerivatives:
+    """Zeros laid out like ``update``'s ``input_ids``, to fill a sub-batch at a time."""
+    shape = update.input_ids.shape
+    return TokenDerivatives(
+        logprobs=torch.zeros(shape),
+        logprob=torch.zeros(shape),
+        entropy=torch.zeros(shape) if entropy else None,
+    )
 
 
 def token_shares(
@@ -222,6 +282,7 @@ def token_shares(
     sqrt_p: Mapping[str, torch.Tensor] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
+    entropy_coefficients: torch.Tensor | None = None,
 ) -> TokenShares:
     """``a_{i,t} = eta c_{i,t} <grad_hat H, grad log pi(y_{i,t} | ...)>`` of every update
     token (math.md §9).
@@ -230,11 +291,14 @@ def token_shares(
     (for a plain on-policy step ``weight_i A_i`` on every response token); ``entropy``, ``h``:
     the entropy-role sequences and their coefficients (:func:`entropy_gradient`);
     ``parameters``: the studied names; ``sqrt_p``: Adam's ``sqrt(P)`` in adam geometry (the
-    inner product is then ``v^T P g``).  With ``h`` from the ``independent`` estimator,
-    ``shares.sum(1)`` are the ``a_i`` and ``shares.sum()`` is ``dH1``, exactly.
+    inner product is then ``v^T P g``); ``entropy_coefficients``: ``[n, L]`` the ``e_{i,t} =
+    -dL/dH_{i,t}`` of a loss with an entropy bonus, whose update rows carry ``sum_t e_{i,t}
+    grad H_{i,t}`` (:func:`clients.capture.capture_gradients`): each token's share then adds
+    ``eta e_{i,t} <grad_hat H, grad H_{i,t}>``, from the same forward-mode pass.  With ``h``
+    from the ``independent`` estimator, ``shares.sum(1)`` are the ``a_i`` and ``shares.sum()``
+    is ``dH1``, exactly.
     """
-    if coefficients.shape != update.input_ids.shape:
-        raise ValueError("coefficients must be laid out like the update batch's input_ids")
+    _checked_layouts(update, coefficients, entropy_coefficients)
     v = entropy_gradient(
         model,
         entropy,
@@ -243,10 +307,15 @@ def token_shares(
         temperature=temperature,
         use_eval_mode=use_eval_mode,
     )
-    logprobs, derivative = token_directional_derivatives(
-        model, update, _scaled(v, sqrt_p), temperature=temperature, use_eval_mode=use_eval_mode
+    found = token_derivatives(
+        model,
+        update,
+        _scaled(v, sqrt_p),
+        temperature=temperature,
+        use_eval_mode=use_eval_mode,
+        entropy=entropy_coefficients is not None,
     )
-    return _weighted(update, coefficients, derivative, logprobs, learning_rate)
+    return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
 
 
 def token_shares_u_statistic(
@@ -261,6 +330,7 @@ def token_shares_u_statistic(
     sqrt_p: Mapping[str, torch.Tensor] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
+    entropy_coefficients: torch.Tensor | None = None,
 ) -> TokenShares:
     """The token shares of the ``u_statistic`` estimator, for a step without entropy-role
     sequences (``E = U``, math.md §4 and §9), laid out like :func:`token_shares`'s.
@@ -270,13 +340,14 @@ def token_shares_u_statistic(
     v_p + f_p (v_p - h_i w_i)`` with ``v_p = sum_{j in p} h_j w_j``: one backward and one
     forward-mode pass per prompt, and the self-term ``h_i <w_i, grad l_{i,t}>`` removed with
     one backward and one forward-mode pass per sequence (the costly part).  ``prompt_ids``:
-    the ``n`` sequences' prompts; ``h``: ``[n]`` their ``h_j`` over ``E = U``.  Summed over
-    ``t`` they are the ``u_statistic`` ``a_i``, and summed over everything its ``dH1``.
+    the ``n`` sequences' prompts; ``h``: ``[n]`` their ``h_j`` over ``E = U``;
+    ``entropy_coefficients`` as in :func:`token_shares`.  Summed over ``t`` they are the
+    ``u_statistic`` ``a_i``, and summed over everything its ``dH1``.
     """
     if len(prompt_ids) != update.size or h.shape != (update.size,):
         raise ValueError("prompt_ids and h must have one entry per update sequence")
-    if coefficients.shape != update.input_ids.shape:
-        raise ValueError("coefficients must be laid out like the update batch's input_ids")
+    _checked_layouts(update, coefficients, entropy_coefficients)
+    with_entropy = entropy_coefficients is not None
     groups: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompt_ids):
         groups.setdefault(str(prompt), []).append(i)
@@ -292,29 +363,32 @@ def token_shares_u_statistic(
         )
         return _scaled(v, sqrt_p)
 
-    def along(
-        batch: SequenceBatch, v: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_directional_derivatives(
-            model, batch, v, temperature=temperature, use_eval_mode=use_eval_mode
+    def along(batch: SequenceBatch, v: Mapping[str, torch.Tensor]) -> TokenDerivatives:
+        return token_derivatives(
+            model,
+            batch,
+            v,
+            temperature=temperature,
+            use_eval_mode=use_eval_mode,
+            entropy=with_entropy,
         )
 
     by_prompt = {p: gradient(update.select(rows), h[rows]) for p, rows in groups.items()}
     total = {n: sum(v[n] for v in by_prompt.values()) for n in next(iter(by_prompt.values()))}
-    derivative = torch.zeros(update.input_ids.shape, dtype=torch.float32)
-    logprobs = torch.zeros(update.input_ids.shape, dtype=torch.float32)
+    found = _zeros(update, with_entropy)
     for p, rows in groups.items():
         m = len(rows)
         f = m / (m - 1) if m >= 2 else 0.0
         direction = {n: total[n] + (f - 1.0) * by_prompt[p][n] for n in total}
-        values, part = along(update.select(rows), direction)
+        part = along(update.select(rows), direction)
         for k, i in enumerate(rows):
             own = update.select([i])
-            self_term = along(own, gradient(own, torch.ones(1)))[1][0]
-            part[k] = part[k] - f * float(h[i]) * self_term
-        derivative[rows] = part.cpu()
-        logprobs[rows] = values.cpu()
-    return _weighted(update, coefficients, derivative, logprobs, learning_rate)
+            self_term = along(own, gradient(own, torch.ones(1)))
+            part.logprob[k] -= f * float(h[i]) * self_term.logprob[0]
+            if part.entropy is not None and self_term.entropy is not None:
+                part.entropy[k] -= f * float(h[i]) * self_term.entropy[0]
+        _into(found, rows, part)
+    return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
 
 
 def token_shares_cross_fit(
@@ -330,6 +404,7 @@ def token_shares_cross_fit(
     sqrt_p: Mapping[str, torch.Tensor] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
+    entropy_coefficients: torch.Tensor | None = None,
     chunk_size: int = 16,
 ) -> TokenShares:
     """The token shares of the ``cross_fit`` estimator (math.md §4 and §9), for a step without
@@ -342,25 +417,24 @@ def token_shares_cross_fit(
     other's ``v``: about the cost of :func:`token_shares`, where
     :func:`token_shares_u_statistic` needs one backward and one forward-mode pass per sequence.
     ``ids``, ``prompt_ids``: the ``n`` sequences' ids and prompts; ``h``: ``[n]`` the
-    estimator's ``h_j`` (:func:`sketch.entropy.estimator_entropy_coefficients`, per half).
-    ``chunk_size``: sequences per pass, so that no pass holds more activations than a training
-    micro-batch of that size.  Summed over ``t`` they are the ``cross_fit`` ``a_i``, and summed
-    over everything its ``dH1``.
+    estimator's ``h_j`` (:func:`sketch.entropy.estimator_entropy_coefficients`, per half);
+    ``entropy_coefficients`` as in :func:`token_shares`.  ``chunk_size``: sequences per pass,
+    so that no pass holds more activations than a training micro-batch of that size.  Summed
+    over ``t`` they are the ``cross_fit`` ``a_i``, and summed over everything its ``dH1``.
     """
     if len(ids) != update.size or len(prompt_ids) != update.size or h.shape != (update.size,):
         raise ValueError("ids, prompt_ids and h must have one entry per update sequence")
-    if coefficients.shape != update.input_ids.shape:
-        raise ValueError("coefficients must be laid out like the update batch's input_ids")
+    _checked_layouts(update, coefficients, entropy_coefficients)
+    with_entropy = entropy_coefficients is not None
     halves = torch.from_numpy(cross_fit_halves(ids, prompt_ids).astype(np.int64))
-    derivative = torch.zeros(update.input_ids.shape, dtype=torch.float32)
-    logprobs = torch.zeros(update.input_ids.shape, dtype=torch.float32)
+    found = _zeros(update, with_entropy)
     if not bool((halves == 1).any()):  # every prompt has one sequence: no pair of halves
-        return _weighted(update, coefficients, derivative, logprobs, learning_rate)
-    chunks = [range(s, min(update.size, s + chunk_size)) for s in range(0, update.size, chunk_size)]
+        return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
     # per chunk of rows: one forward, one backward per half (h masked to it)
     directions: list[dict[str, torch.Tensor]] = [{}, {}]
-    for chunk in chunks:
-        rows, own = list(chunk), halves[list(chunk)]
+    for first in range(0, update.size, chunk_size):
+        rows = list(range(first, min(update.size, first + chunk_size)))
+        own = halves[rows]
         parts = entropy_gradients(
             model,
             update.select(rows),
@@ -369,31 +443,32 @@ def token_shares_cross_fit(
             temperature=temperature,
             use_eval_mode=use_eval_mode,
         )
-        for total, part in zip(directions, parts, strict=True):
-            for name, g in part.items():
+        for total, gradient in zip(directions, parts, strict=True):
+            for name, g in gradient.items():
                 total[name] = total[name] + g if name in total else g
     directions = [_scaled(v, sqrt_p) for v in directions]
     for half in (0, 1):
         members = torch.nonzero(halves == half).flatten().tolist()
         for first in range(0, len(members), chunk_size):
             rows = members[first : first + chunk_size]
-            values, along = token_directional_derivatives(
+            part = token_derivatives(
                 model,
                 update.select(rows),
                 directions[1 - half],
                 temperature=temperature,
                 use_eval_mode=use_eval_mode,
+                entropy=with_entropy,
             )
-            derivative[rows] = along.cpu()
-            logprobs[rows] = values.cpu()
-    return _weighted(update, coefficients, derivative, logprobs, learning_rate)
+            _into(found, rows, part)
+    return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
 
 
 __all__ = [
+    "TokenDerivatives",
     "TokenShares",
     "entropy_gradient",
     "entropy_gradients",
-    "token_directional_derivatives",
+    "token_derivatives",
     "token_shares",
     "token_shares_cross_fit",
     "token_shares_u_statistic",

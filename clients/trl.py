@@ -331,8 +331,8 @@ class KernelscopeConfig:
         :func:`clients.token_shares.token_shares_cross_fit`), with its text when the trainer
         has a tokenizer, for ``GET .../tokens``.  Off by default: one forward and backward
         and one forward-mode pass over the step's sequences (docs/real-run.md has the cost);
-        compare them with the step's ``?estimator=cross_fit`` answer.  Needs one process; shares
-        of an entropy bonus's ``e_{i,t} grad H_{i,t}`` terms are not included.
+        compare them with the step's ``?estimator=cross_fit`` answer; with an entropy bonus they
+        include its ``e_{i,t} grad H_{i,t}`` terms.  Needs one process.
     push_entropy_sums:
         push each sequence's ``sum_t H_t`` (the full next-token entropies at its positions,
         tempered as TRL's) before the step (``entropy_sum``: from the logits of the capture's
@@ -848,19 +848,29 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         micro = window.micro
         batch = SequenceBatch.concat([m.batch for m in micro])
         ids = [i for m in micro for i in m.ids]
-        layouts = []
+        layouts, bonus = [], []
         for m in micro:
             if m.coefficients is not None:
                 layouts.append(m.coefficients.logprob.float())
+                entropy = m.coefficients.entropy
             else:  # on-policy: weight_i A_i on every token
                 c = torch.tensor(
                     [window.records[i]["weight"] * window.records[i]["advantage"] for i in m.ids]
                 )
                 layouts.append(c[:, None].expand(m.batch.input_ids.shape).clone())
+                entropy = None
+            bonus.append(torch.zeros_like(layouts[-1]) if entropy is None else entropy.float())
         width = batch.input_ids.shape[1]
-        coefficients = torch.cat(
-            [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in layouts]
-        ).to(batch.input_ids.device)
+
+        def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+            padded = [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in parts]
+            return torch.cat(padded).to(batch.input_ids.device)
+
+        coefficients = stacked(layouts)
+        # an entropy bonus's e_{i,t} grad H_{i,t} terms are in the update rows: in the shares too
+        with_bonus = any(
+            m.coefficients is not None and m.coefficients.entropy is not None for m in micro
+        )
         seqs = StepSequences.from_records([window.records[i] for i in ids])
         h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
         result = token_shares_cross_fit(
@@ -874,6 +884,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             parameters=set(self._kernelscope_parameters),
             sqrt_p=window.sqrt_p,
             temperature=float(self.temperature),
+            entropy_coefficients=stacked(bonus) if with_bonus else None,
             # no pass holds more sequences than TRL's own micro-batches
             chunk_size=max(m.batch.size for m in micro),
         )

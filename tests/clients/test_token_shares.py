@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from clients.capture import SequenceBatch, capture_gradients, forward_logits, sequence_logprobs
 from clients.token_shares import (
     entropy_gradient,
-    token_directional_derivatives,
+    token_derivatives,
     token_shares,
     token_shares_u_statistic,
 )
@@ -24,16 +26,19 @@ ETA = 0.3
 def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
     model: nn.Module, batch: SequenceBatch
 ) -> None:
-    """``<v, grad log pi(y_{i,t})>`` from the one forward-mode pass equals, token by token, the
-    autograd gradient of that token's log-prob (each sequence alone, unpadded) dotted with v;
-    0 off the response positions."""
+    """``<v, grad log pi(y_{i,t})>`` and ``<v, grad H_{i,t}>`` from the one forward-mode pass
+    equal, token by token, the autograd gradients of that token's log-prob and of its
+    position's full next-token entropy (each sequence alone, unpadded) dotted with v; 0 off the
+    response positions."""
     gen = torch.Generator().manual_seed(3)
     v = {
         n: torch.randn(p.shape, generator=gen)
         for n, p in model.named_parameters()
         if p.requires_grad
     }
-    logprobs, derivative = token_directional_derivatives(model, batch, v, temperature=0.8)
+    found = token_derivatives(model, batch, v, temperature=0.8, entropy=True)
+    logprobs, derivative, entropy = found.logprobs, found.logprob, found.entropy
+    assert entropy is not None
     model.eval()
     params = [p for n, p in model.named_parameters() if n in v]
     names = [n for n, _ in model.named_parameters() if n in v]
@@ -43,15 +48,19 @@ def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
         logits = forward_logits(model, ids[None])[0] / 0.8
         for t in range(batch.input_ids.shape[1]):
             if t >= length or not batch.response_mask[i, t]:
-                assert derivative[i, t] == 0.0
+                assert derivative[i, t] == 0.0 and entropy[i, t] == 0.0
                 continue
-            token = torch.log_softmax(logits[t - 1], -1)[ids[t]]
+            logp = torch.log_softmax(logits[t - 1], -1)
+            token = logp[ids[t]]
             assert float(logprobs[i, t]) == pytest.approx(float(token), rel=1e-5)
-            grads = torch.autograd.grad(token, params, retain_graph=True, allow_unused=True)
-            expected = sum(
-                float((g * v[n]).sum()) for n, g in zip(names, grads, strict=True) if g is not None
-            )
-            assert float(derivative[i, t]) == pytest.approx(expected, rel=2e-4, abs=1e-5)
+            for value, got in ((token, derivative), (-(logp.exp() * logp).sum(), entropy)):
+                grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                expected = sum(
+                    float((g * v[n]).sum())
+                    for n, g in zip(names, grads, strict=True)
+                    if g is not None
+                )
+                assert float(got[i, t]) == pytest.approx(expected, rel=2e-4, abs=1e-5)
 
 
 def step_sequences(
@@ -164,3 +173,66 @@ def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
     assert float(shares.sum()) == pytest.approx(result.delta_h1, rel=1e-4)
     u_stat = entropy_change(K, seqs, ETA, estimator="u_statistic")
     assert result.delta_h1 != pytest.approx(u_stat.delta_h1, rel=1e-3)
+
+
+@pytest.mark.parametrize("estimator", ["cross_fit", "u_statistic"])
+def test_shares_with_an_entropy_bonus_add_up_to_the_update_rows_dh1(
+    model: nn.Module, estimator: str
+) -> None:
+    """A loss with token coefficients ``c_{i,t}`` and an entropy bonus ``e_{i,t}``: the update
+    rows ``u_i = sum_t c_{i,t} grad l_{i,t} + e_{i,t} grad H_{i,t}`` (captured exactly), and the
+    token shares with the bonus's terms summed per sequence are the estimator's ``a_i`` of
+    those update rows, their total its ``delta_h1``; without the bonus's terms they miss."""
+    from clients.token_shares import token_shares_cross_fit
+    from sketch.entropy import UpdateKernels, estimator_entropy_coefficients
+
+    update = make_batch(seed=4, n=6)
+    seqs = step_sequences(update, make_batch(seed=2, n=2), model).subset(list(range(update.size)))
+    h = torch.from_numpy(estimator_entropy_coefficients(seqs, estimator)).float()
+    gen = torch.Generator().manual_seed(9)
+    coefficients = torch.randn(update.input_ids.shape, generator=gen) * update.response_mask
+    bonus = 5.0 * torch.rand(update.input_ids.shape, generator=gen) * update.response_mask
+
+    def shares(entropy_coefficients: torch.Tensor | None) -> torch.Tensor:
+        if estimator == "cross_fit":
+            return token_shares_cross_fit(
+                model,
+                update,
+                seqs.ids,
+                seqs.prompt_ids,
+                coefficients,
+                h,
+                ETA,
+                entropy_coefficients=entropy_coefficients,
+                chunk_size=4,
+            ).shares
+        return token_shares_u_statistic(
+            model,
+            update,
+            seqs.prompt_ids,
+            coefficients,
+            h,
+            ETA,
+            entropy_coefficients=entropy_coefficients,
+        ).shares
+
+    def flat(captured: Any) -> torch.Tensor:
+        return torch.cat([g.reshape(update.size, -1) for g in captured.gradients.values()], 1)
+
+    W = flat(capture_gradients(model, update, chunk_size=update.size)).double()
+    U = flat(
+        capture_gradients(
+            model,
+            update,
+            chunk_size=update.size,
+            token_coefficients=coefficients,
+            entropy_coefficients=bonus,
+        )
+    ).double()
+    kernels = UpdateKernels(cross=(W @ U.T).numpy(), gram=(U @ U.T).numpy())
+    result = entropy_change((W @ W.T).numpy(), seqs, ETA, estimator=estimator, update=kernels)
+    a = np.array([s.a for s in result.per_sequence])
+    got = shares(bonus)
+    np.testing.assert_allclose(got.sum(1).double().numpy(), a, rtol=1e-4, atol=1e-7)
+    assert float(got.sum()) == pytest.approx(result.delta_h1, rel=1e-4)
+    assert float(shares(None).sum()) != pytest.approx(result.delta_h1, rel=1e-3)

@@ -914,12 +914,17 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
         assert not set(ids[2]) & set(ids[0])
 
 
-def test_token_shares_add_up_to_the_services_dh1(live_service: LiveService, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bonus", [{}, {"entropy_coef": 0.1}], ids=["plain", "entropy_bonus"])
+def test_token_shares_add_up_to_the_services_dh1(
+    live_service: LiveService, tmp_path: Path, bonus: dict[str, float]
+) -> None:
     """``token_shares=True`` on a real GRPO run (exact kernel, plain SGD, accumulation 2, the
-    first step on-policy, the second a later clipped PPO pass with update rows): each step's
-    token shares sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total to
-    its ``delta_h1``; the tokens carry their text and the covariance comparison is answered."""
-    args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02)
+    first step on-policy, the second a later clipped PPO pass with update rows), without and
+    with an entropy bonus (whose ``e_{i,t} grad H_{i,t}`` terms are in the update rows): each
+    step's token shares sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total
+    to its ``delta_h1``; the tokens carry their text and the covariance comparison is
+    answered."""
+    args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02, **bonus)
     exact = {"kind": "exact", "dim": 1}
     trainer = sgd_trainer(
         args, KernelscopeConfig(url=live_service.base_url, sketch=exact, token_shares=True)

@@ -6,7 +6,8 @@ nothing of its own."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -165,6 +166,28 @@ def test_a_failed_sketch_on_receipt_goes_to_the_queue(
     assert len(_keys(redis_client, settings.key_prefix, "part")) == 1
 
 
+@contextlib.asynccontextmanager
+async def _receiving_store(
+    settings: Settings, body: bytes
+) -> AsyncIterator[tuple[Store, Callable[[], Awaitable[bytes]]]]:
+    """A store on the test's Redis and a sketch of ``body`` on receipt (the API's path)."""
+    from service.uploads import validate_upload
+
+    redis = Redis.from_url(str(settings.redis_url))
+    receipt = ReceiptSketcher("cpu")
+    run = {**SPEC, "k": 32}
+    parsed = validate_upload(bytearray(body), "gradients", run)
+
+    async def sketch() -> bytes:
+        return await receipt.sketch(bytearray(body), parsed, "gradients", run)
+
+    try:
+        yield Store(redis, settings.key_prefix), sketch
+    finally:
+        receipt.close()
+        await redis.aclose()
+
+
 def test_a_crash_mid_sketch_stores_nothing_and_the_retry_completes_it(
     settings: Settings, step_data: StepData, redis_client: redis_sync.Redis
 ) -> None:
@@ -174,10 +197,7 @@ def test_a_crash_mid_sketch_stores_nothing_and_the_retry_completes_it(
     ids = step_data.ids
 
     async def go() -> None:
-        redis = Redis.from_url(str(settings.redis_url))
-        store = Store(redis, settings.key_prefix)
-        receipt = ReceiptSketcher("cpu")
-        try:
+        async with _receiving_store(settings, body) as (store, sketch):
             before = store_dump(redis_client, settings.key_prefix)
 
             async def crash() -> bytes:
@@ -187,23 +207,11 @@ def test_a_crash_mid_sketch_stores_nothing_and_the_retry_completes_it(
             with pytest.raises(asyncio.CancelledError):
                 await store.accept_upload("r", 0, "u1", "gradients", ids, body, crash)
             assert store_dump(redis_client, settings.key_prefix) == before
-
-            from service.uploads import validate_upload
-
-            run = {**SPEC, "k": 32}
-            parsed = validate_upload(bytearray(body), "gradients", run)
-
-            async def sketch() -> bytes:
-                return await receipt.sketch(bytearray(body), parsed, "gradients", run)
-
             stored = await store.accept_upload("r", 0, "u1", "gradients", ids, body, sketch)
             assert stored.new and stored.sketched
             assert await store.upload_state("r", 0, "u1") == UPLOAD_DONE
             again = await store.accept_upload("r", 0, "u1", "gradients", ids, body, sketch)
             assert not again.new and again.sketched
-        finally:
-            receipt.close()
-            await redis.aclose()
 
     asyncio.run(go())
     assert _keys(redis_client, settings.key_prefix, "raw") == []
@@ -220,33 +228,23 @@ def test_two_identical_uploads_sketched_at_once_store_it_once(
     ids = step_data.ids
 
     async def go() -> None:
-        redis = Redis.from_url(str(settings.redis_url))
-        store = Store(redis, settings.key_prefix)
-        receipt = ReceiptSketcher("cpu")
-        try:
-            from service.uploads import validate_upload
-
-            run = {**SPEC, "k": 32}
-            parsed = validate_upload(bytearray(body), "gradients", run)
+        async with _receiving_store(settings, body) as (store, sketch):
             both_checked, both_sketched = asyncio.Barrier(2), asyncio.Barrier(2)
 
-            async def sketch() -> bytes:
+            async def racing() -> bytes:
                 await both_checked.wait()  # both have seen the upload unknown
-                part = await receipt.sketch(bytearray(body), parsed, "gradients", run)
+                part = await sketch()
                 await both_sketched.wait()  # and both store at once
                 return part
 
             version = await store.version("r", 0)
             first, second = await asyncio.gather(
-                store.accept_upload("r", 0, "u1", "gradients", ids, body, sketch),
-                store.accept_upload("r", 0, "u1", "gradients", ids, body, sketch),
+                store.accept_upload("r", 0, "u1", "gradients", ids, body, racing),
+                store.accept_upload("r", 0, "u1", "gradients", ids, body, racing),
             )
             assert sorted([first.new, second.new]) == [False, True]
             assert first.sketched and second.sketched
             assert await store.version("r", 0) == version + 1
-        finally:
-            receipt.close()
-            await redis.aclose()
 
     asyncio.run(go())
     assert len(_keys(redis_client, settings.key_prefix, "part")) == 1

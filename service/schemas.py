@@ -225,7 +225,10 @@ class TokensIn(BaseModel):
     )
     estimator: Estimator = Field(
         default=Estimator.INDEPENDENT,
-        description="the estimator whose grad_hat H gave the shares (independent: exact)",
+        description=(
+            "the estimator whose grad_hat H gave the shares (independent with entropy-role"
+            " sequences; cross_fit or u_statistic without)"
+        ),
     )
     target: Target = Target.SEQUENCE
     learning_rate: float = Field(description="eta of the shares")

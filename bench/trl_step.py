@@ -18,8 +18,9 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
   (``capture_method="loop"``: ``vmap`` cannot run through the forward hook TRL's gradient
   checkpointing adds, so ``auto`` used to end up here);
 * ``countsketch-shares``: ``countsketch`` plus every update token's exact share of ``dH1``
-  (``token_shares=True``, math.md §9: ``u_statistic``, as a TRL step has no entropy-role
-  sequences, so one backward and one forward-mode pass per prompt and per sequence).
+  (``token_shares=True``, math.md §9: ``cross_fit``, as a TRL step has no entropy-role
+  sequences: a forward and a backward per half, and one forward-mode pass over the step's
+  sequences, a micro-batch at a time).
 
 Per mode: the median wall time of an optimizer step after the first (warm-up), the peak RSS,
 and the bytes pushed per step (request bodies, counted in the client's transport).  ``T_train``

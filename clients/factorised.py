@@ -670,11 +670,13 @@ class HookedCapture(FactorisedCapture):
 
     @staticmethod
     def _scaled(scale: torch.Tensor | None, rows: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """``[c, d]`` rows at flat ``offset`` of a parameter, times its ``sqrt(P)`` there."""
+        """``[c, d]`` rows at flat ``offset`` of a parameter, times its ``sqrt(P)`` there, in
+        place (the hooks own the rows they form: a chunk of a large weight's per-sequence
+        gradients is not allocated twice)."""
         if scale is None:
             return rows
         part = scale[offset : offset + rows.shape[1]]
-        return rows * part.to(device=rows.device, dtype=rows.dtype)
+        return rows.mul_(part.to(device=rows.device, dtype=rows.dtype))
 
     def _add_sketch(
         self,
@@ -766,6 +768,6 @@ class HookedCapture(FactorisedCapture):
             if name in acc.sketched:
                 out = out + acc.sketched[name].to(device)
             if name in acc.vectors:
-                flat = self._scaled(self._scale_of(name), acc.vectors[name])
+                flat = self._scaled(self._scale_of(name), acc.vectors[name].clone())
                 out = out + self.sketcher.sketch_slice(name, flat, 0).to(device)
         return out

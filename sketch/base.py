@@ -77,6 +77,18 @@ class Sketcher(ABC):
         Returns ``[n, dim]`` float32 on ``values.device``.
         """
 
+    def sketch_scaled_slice(
+        self, name: str, values: torch.Tensor, scale: torch.Tensor, offset: int = 0
+    ) -> torch.Tensor:
+        """:meth:`sketch_slice` of ``values * scale`` (``scale`` ``[d]``, one factor per column:
+        an ``adam``-geometry ``sqrt(P)`` slice), the product rounded in ``values``' dtype.
+
+        ``values`` may be overwritten with the product (the caller owns it: a formed block of
+        per-sequence gradients is not copied); kinds that can fold the factor into their own
+        pass (CountSketch) leave it untouched.
+        """
+        return self.sketch_slice(name, values.mul_(scale.to(values.device, values.dtype)), offset)
+
     def sketch(self, gradient: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Sketch a (partial) gradient given as named tensors.
 

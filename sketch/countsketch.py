@@ -82,6 +82,22 @@ class CountSketch(Sketcher):
             return cpu_kernels.countsketch(values, chunks, self.dim)
         return self._sketch_torch(name, values, offset)
 
+    def sketch_scaled_slice(
+        self, name: str, values: torch.Tensor, scale: torch.Tensor, offset: int = 0
+    ) -> torch.Tensor:
+        """The scatter multiplies each entry by its factor as it reads it (the numba path):
+        no pass writes the product, and ``values`` is left as it is.  The result is bit-equal
+        to :meth:`sketch_slice` of ``values * scale``."""
+        values = self.check_slice(name, values, offset)
+        if (
+            cpu_kernels.enabled()
+            and values.device.type == "cpu"
+            and values.dtype in (torch.float32, torch.float64)
+        ):
+            chunks = key_chunks(self.seed, name, Stream.COUNTSKETCH, offset, values.shape[1])
+            return cpu_kernels.countsketch(values, chunks, self.dim, scale)
+        return super().sketch_scaled_slice(name, values, scale, offset)
+
     def _sketch_torch(self, name: str, values: torch.Tensor, offset: int) -> torch.Tensor:
         n, d = values.shape
         k = self.dim

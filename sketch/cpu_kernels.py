@@ -98,20 +98,8 @@ if numba is not None:
 
     _I32 = llvm_ir.IntType(32)
 
-    @intrinsic
-    def _add_8_coords(typingctx, acc, target, x0, x1, x2, x3, i):  # type: ignore[no-untyped-def]
-        """``acc[target[c], j] += x_j[c]`` for ``c`` in ``i .. i + 7`` and rows ``j = 0..3``.
-
-        LLVM does not vectorise this scatter on its own (it cannot prove that ``acc`` and the
-        rows do not overlap), so it is spelled out in IR: one unaligned 8-wide load per row,
-        a 4 x 8 transpose by shuffles, and per coordinate one 4-wide float64 load, add and
-        store at ``acc[target[c]]`` (the four rows' sums sit next to each other).  The same
-        IEEE additions in the same order as the scalar loop, so results are bit-identical.
-        ``acc``: ``[2k, 4]`` float64 C-contiguous; ``target``: uint32; rows: float32 or
-        float64 with unit stride (the caller checks).
-        """
-        sig = types.void(acc, target, x0, x1, x2, x3, i)
-        wide = x0.dtype == types.float32
+    def _scatter_8_codegen(scaled: bool):  # type: ignore[no-untyped-def]
+        """Codegen of :func:`_add_8_coords` (``scaled``: of :func:`_add_8_coords_scaled`)."""
 
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
             def data(pos):  # type: ignore[no-untyped-def]
@@ -124,18 +112,21 @@ if numba is not None:
                 )
                 return builder.shuffle_vector(a, b, lanes)
 
-            start = args[6]
+            wide = signature.args[2].dtype == types.float32
+            start = args[-1]
             element = llvm_ir.FloatType() if wide else llvm_ir.DoubleType()
             row8 = llvm_ir.VectorType(element, 8)
             sum4 = llvm_ir.VectorType(llvm_ir.DoubleType(), 4)
-            # unaligned loads: a row may start anywhere (align = the element's own size)
-            rows = [
-                builder.load(
-                    builder.bitcast(builder.gep(data(p), [start]), row8.as_pointer()),
-                    align=4 if wide else 8,
-                )
-                for p in range(2, 6)
-            ]
+
+            def load8(pos):  # type: ignore[no-untyped-def]
+                # unaligned: a row may start anywhere (align = the element's own size)
+                pointer = builder.bitcast(builder.gep(data(pos), [start]), row8.as_pointer())
+                return builder.load(pointer, align=4 if wide else 8)
+
+            rows = [load8(p) for p in range(2, 6)]
+            if scaled:  # the product in the rows' own dtype, as values * scale rounds it
+                factor = load8(6)
+                rows = [builder.fmul(r, factor) for r in rows]
             # interleave rows 0/1 and 2/3, coordinates 0-3 and 4-7: [a0 b0 a1 b1 a2 b2 a3 b3]
             low, high = [0, 8, 1, 9, 2, 10, 3, 11], [4, 12, 5, 13, 6, 14, 7, 15]
             pairs = [
@@ -157,10 +148,30 @@ if numba is not None:
                 builder.store(builder.fadd(builder.load(where, align=8), column), where, align=8)
             return context.get_dummy_value()
 
-        return sig, codegen
+        return codegen
+
+    @intrinsic
+    def _add_8_coords(typingctx, acc, target, x0, x1, x2, x3, i):  # type: ignore[no-untyped-def]
+        """``acc[target[c], j] += x_j[c]`` for ``c`` in ``i .. i + 7`` and rows ``j = 0..3``.
+
+        LLVM does not vectorise this scatter on its own (it cannot prove that ``acc`` and the
+        rows do not overlap), so it is spelled out in IR: one unaligned 8-wide load per row,
+        a 4 x 8 transpose by shuffles, and per coordinate one 4-wide float64 load, add and
+        store at ``acc[target[c]]`` (the four rows' sums sit next to each other).  The same
+        IEEE additions in the same order as the scalar loop, so results are bit-identical.
+        ``acc``: ``[2k, 4]`` float64 C-contiguous; ``target``: uint32; rows: float32 or
+        float64 with unit stride (the caller checks).
+        """
+        return types.void(acc, target, x0, x1, x2, x3, i), _scatter_8_codegen(False)
+
+    @intrinsic
+    def _add_8_coords_scaled(typingctx, acc, target, x0, x1, x2, x3, scale, i):  # type: ignore[no-untyped-def]
+        """:func:`_add_8_coords` of ``x_j[c] * scale[c]`` (the product rounded in the rows'
+        dtype, then widened: the same value as scaling the rows first)."""
+        return types.void(acc, target, x0, x1, x2, x3, scale, i), _scatter_8_codegen(True)
 
     @_jit
-    def _countsketch_scatter(inter, tail, x, lo_start, key, dim, block):  # type: ignore[no-untyped-def]
+    def _countsketch_scatter(inter, tail, x, scale, scaled, lo_start, key, dim, block):  # type: ignore[no-untyped-def]
         n, d = x.shape
         groups = inter.shape[0]
         target = np.empty(min(block, d), np.uint32)
@@ -174,12 +185,23 @@ if numba is not None:
                 h = _mix32(np.uint64(lo_start + c) ^ key)
                 bucket = ((h >> one) * k) >> np.uint64(31)
                 target[c - c0] = np.uint32(bucket + (h & one) * k)
+            s = scale[c0:c1]
             # Group by group over the whole block: a group's accumulator ([2k, 4] float64,
             # 256 KiB at k = 4096) is brought into L2 once per block, not once per small block.
             for g in range(groups):
                 a = inter[g]
                 r = SWEEP_ROWS * g
                 x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
+                if scaled:
+                    for i in range(0, m8, 8):
+                        _add_8_coords_scaled(a, target, x0, x1, x2, x3, s, i)  # type: ignore[call-arg]
+                    for i in range(m8, m):
+                        t = target[i]
+                        a[t, 0] += x0[i] * s[i]
+                        a[t, 1] += x1[i] * s[i]
+                        a[t, 2] += x2[i] * s[i]
+                        a[t, 3] += x3[i] * s[i]
+                    continue
                 for i in range(0, m8, 8):
                     _add_8_coords(a, target, x0, x1, x2, x3, i)  # type: ignore[call-arg]
                 for i in range(m8, m):
@@ -189,9 +211,9 @@ if numba is not None:
                     a[t, 2] += x2[i]
                     a[t, 3] += x3[i]
             for r in range(SWEEP_ROWS * groups, n):
-                row_acc, row = tail[r - SWEEP_ROWS * groups], x[r]
-                for c in range(c0, c1):
-                    row_acc[target[c - c0]] += row[c]
+                row_acc, row = tail[r - SWEEP_ROWS * groups], x[r, c0:c1]
+                for i in range(m):
+                    row_acc[target[i]] += row[i] * s[i] if scaled else row[i]
 
     @_jit
     def _countsketch_finish(inter, tail, out):  # type: ignore[no-untyped-def]
@@ -306,15 +328,31 @@ def _as_uint64(t: torch.Tensor) -> np.ndarray:
 
 
 def _countsketch_rows(
-    x: np.ndarray, chunks: Sequence[tuple[int, int, int, int]], out: np.ndarray
+    x: np.ndarray,
+    scale: np.ndarray | None,
+    chunks: Sequence[tuple[int, int, int, int]],
+    out: np.ndarray,
 ) -> None:
-    """Rows ``x`` ``[m, d]`` into ``out`` ``[m, k]``: scatter every chunk, then finish."""
+    """Rows ``x`` ``[m, d]`` (times ``scale`` ``[d]``) into ``out`` ``[m, k]``: scatter every
+    chunk, then finish."""
     m, dim = out.shape
     groups = m // SWEEP_ROWS
     inter = np.zeros((groups, 2 * dim, SWEEP_ROWS), np.float64)
     tail = np.zeros((m - SWEEP_ROWS * groups, 2 * dim), np.float64)
+    # unscaled: any array of the rows' dtype stands in (the kernel does not read it)
+    factors = x[0] if scale is None else scale
     for c0, c1, lo_start, key in chunks:
-        _countsketch_scatter(inter, tail, x[:, c0:c1], lo_start, np.uint64(key), dim, SCATTER_BLOCK)
+        _countsketch_scatter(
+            inter,
+            tail,
+            x[:, c0:c1],
+            factors[c0:c1],
+            scale is not None,
+            lo_start,
+            np.uint64(key),
+            dim,
+            SCATTER_BLOCK,
+        )
     _countsketch_finish(inter, tail, out)
 
 
@@ -334,11 +372,16 @@ def _split_rows(n: int, entries: int, run: Callable[[int, int], object]) -> None
 
 
 def countsketch(
-    values: torch.Tensor, chunks: Sequence[tuple[int, int, int, int]], dim: int
+    values: torch.Tensor,
+    chunks: Sequence[tuple[int, int, int, int]],
+    dim: int,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CountSketch of ``values`` (``[n, d]`` float32 or float64 CPU; rows without unit column
     stride are copied first) to ``[n, dim]`` float32: the numba form of
-    :meth:`sketch.countsketch.CountSketch.sketch_slice`.
+    :meth:`sketch.countsketch.CountSketch.sketch_slice`.  ``scale`` (``[d]``) sketches
+    ``values * scale`` instead, the product rounded in ``values``' dtype as torch rounds it
+    (:meth:`~sketch.countsketch.CountSketch.sketch_scaled_slice`), without writing it.
 
     ``chunks``: ``(c0, c1, lo_start, key)`` covering the columns in order; column ``c`` of a
     chunk has ``coord_hash = mix32((lo_start + c - c0) ^ key)`` (the caller splits at
@@ -349,11 +392,20 @@ def countsketch(
     if values.stride(1) != 1:  # the vector loads read eight neighbouring columns
         values = values.contiguous()
     x = values.detach().numpy()
+    factors = None
+    if scale is not None:
+        factors = scale.detach().to(values.dtype).contiguous().numpy()
+        if factors.shape != (x.shape[1],):
+            raise ValueError(f"scale must be [{x.shape[1]}], got {tuple(scale.shape)}")
     out = np.empty((x.shape[0], dim), np.float32)
     # Each thread owns its rows' accumulators and hashes every coordinate itself (hashing is
     # a few percent of the scatter), so the additions happen in exactly the order of one
     # thread.
-    _split_rows(x.shape[0], x.size, lambda r0, r1: _countsketch_rows(x[r0:r1], chunks, out[r0:r1]))
+    _split_rows(
+        x.shape[0],
+        x.size,
+        lambda r0, r1: _countsketch_rows(x[r0:r1], factors, chunks, out[r0:r1]),
+    )
     return torch.from_numpy(out)
 
 

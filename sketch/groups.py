@@ -10,7 +10,7 @@ occupies the columns ``group_slices()[g]`` of the output, so the per-group kerne
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -65,11 +65,25 @@ class GroupedSketcher(Sketcher):
 
     def sketch_slice(self, name: str, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
         values = self.check_slice(name, values, offset)
+        return self._placed(name, values, lambda sub: sub.sketch_slice(name, values, offset))
+
+    def sketch_scaled_slice(
+        self, name: str, values: torch.Tensor, scale: torch.Tensor, offset: int = 0
+    ) -> torch.Tensor:
+        values = self.check_slice(name, values, offset)
+        return self._placed(
+            name, values, lambda sub: sub.sketch_scaled_slice(name, values, scale, offset)
+        )
+
+    def _placed(
+        self, name: str, values: torch.Tensor, sketch: Callable[[Sketcher], torch.Tensor]
+    ) -> torch.Tensor:
+        """``[n, dim]``: ``sketch`` by the group of ``name``, in that group's columns."""
         group = self.route(name)
         sub = self.sketchers[group]
         assert sub is not None  # only an exact group without declared members is empty
         out = torch.zeros(values.shape[0], self.dim, dtype=torch.float32, device=values.device)
-        out[:, self._slices[group]] = sub.sketch_slice(name, values, offset)
+        out[:, self._slices[group]] = sketch(sub)
         return out
 
     def group_variance_factors(self) -> dict[str, float]:

@@ -261,15 +261,17 @@ HOOKED_KINDS = ["countsketch", "gaussian", "rademacher", "kronecker", "kronecker
 
 @pytest.mark.parametrize("kind", HOOKED_KINDS)
 @pytest.mark.parametrize("rows", ["score", "update", "update_entropy_adam"])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 24])
 def test_hooked_capture_equals_the_sketch_of_exact_rows(
-    model: nn.Module, batch: SequenceBatch, kind: str, rows: str
+    model: nn.Module, batch: SequenceBatch, kind: str, rows: str, chunk_bytes: int
 ) -> None:
     """:class:`HookedCapture` (per-layer per-sequence gradients formed in the hooks, sketched at
     once; embedding rows by token slice) gives the run's sketch of the exact per-sequence rows
     (:func:`capture_sketches`, chunks of exact gradients): score rows, update rows from token
     coefficients, and update rows with an entropy term in ``adam`` geometry (``row_scale``),
     for GPT-2 (Conv1D, tied embedding, LayerNorm) and Llama (Linear, RMSNorm, padding_idx).
-    A chunk budget of one sequence's layer gradient exercises the chunked products.  Under
+    A chunk budget of one byte forms one row of a weight at a time for every sequence, the
+    default budget whole weights at once.  Under
     ``kronecker`` matrix weights are sketched as ``A G_i B^T`` and embedding rows as rows of
     the matrix, with the factors of :class:`KroneckerSketch` (the service's sketch)."""
     from clients.capture import capture_sketches, sequence_logprobs_and_entropy_sums
@@ -280,7 +282,7 @@ def test_hooked_capture_equals_the_sketch_of_exact_rows(
     spec: dict[str, Any] = {"kind": kind.removesuffix("-grouped"), "dim": 64, "seed": 5}
     if kind.endswith("-grouped"):
         spec["groups"] = [{"name": "attention", "pattern": r".*(attn|attention).*", "dim": 36}]
-    hooked = HookedCapture(model, spec, strict=True, chunk_bytes=1)
+    hooked = HookedCapture(model, spec, strict=True, chunk_bytes=chunk_bytes)
     assert hooked.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
     # kronecker: the hooks' factor products, not the generic slice sketch, made the rows
     assert bool(hooked._kronecker_weights) == kind.startswith("kronecker")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from clients.capture import SequenceBatch, capture_gradients, response_logprobs, sequence_logprobs
 from clients.geometry import (
     AppliedUpdateCapture,
+    OnAccess,
     adam_applied_update,
     adam_gradient_share,
     adam_preconditioner,
@@ -60,6 +62,21 @@ def test_preconditioner_is_the_denominator_adam_divides_by(amsgrad: bool) -> Non
         torch.testing.assert_close(applied.update[name], expected, rtol=1e-4, atol=ulp)
 
 
+def _check_flat_ranges(lazy: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor]) -> None:
+    """A lazy preconditioner's flat ranges (computed from those entries of the gradient and
+    state alone, as a hook scaling one block of a weight's rows reads them) are bit-equal to
+    the same entries of the whole value."""
+    assert isinstance(lazy, OnAccess)
+    for name, value in full.items():
+        flat = value.reshape(-1)
+        for start, stop in (
+            (0, flat.numel()),
+            (3, min(11, flat.numel())),
+            (flat.numel() - 1, flat.numel()),
+        ):
+            assert torch.equal(lazy.flat_range(name, start, stop), flat[start:stop]), name
+
+
 @pytest.mark.parametrize(
     ("cls", "amsgrad", "decay"),
     [
@@ -89,10 +106,12 @@ def test_step_preconditioner_is_what_the_next_step_divides_by(
         sqrt_p = adam_step_preconditioner(opt, params)
         lazy = adam_step_preconditioner(opt, params, lazy=True)
         assert list(lazy) == list(params) and all(torch.equal(lazy[k], sqrt_p[k]) for k in lazy)
+        _check_flat_ranges(lazy, sqrt_p)
         before = {k: p.detach().clone() for k, p in params.items()}
         grads = {k: p.grad.detach().clone() + decay * before[k] for k, p in params.items()}
         opt.step()
         taken = adam_taken_preconditioner(opt, params, lazy=True)  # read back after the step
+        _check_flat_ranges(taken, adam_taken_preconditioner(opt, params))
         for k, p in params.items():
             expected = -lr * sqrt_p[k] ** 2 * grads[k]
             torch.testing.assert_close(p.detach() - before[k], expected, rtol=1e-4, atol=1e-7)

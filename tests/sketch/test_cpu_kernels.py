@@ -60,6 +60,36 @@ def test_countsketch_numba_equals_torch(
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize(
+    ("n", "d", "k", "offset", "dtype"),
+    [
+        (1, 10, 8, 0, torch.float32),
+        (7, 5000, 64, 123, torch.float32),
+        (64, 70_000, 1024, 0, torch.float32),
+        (9, 40_000, 4096, 0, torch.float64),
+        (5, 6000, 256, (1 << 32) - 2500, torch.float32),
+    ],
+)
+def test_countsketch_scaled_scatter_equals_sketch_of_the_product(
+    n: int, d: int, k: int, offset: int, dtype: torch.dtype
+) -> None:
+    """The scatter that multiplies each entry by its factor as it reads it (an ``adam``
+    row's ``sqrt(P)``) gives, bit for bit, the sketch of the product formed first: on the
+    numba path, on the torch path, and with ``values`` left as they were."""
+    gen = torch.Generator().manual_seed(n + d + k)
+    x = (torch.randn(n, d, generator=gen) * torch.rand(n, d, generator=gen).pow(8) * 1e3).to(dtype)
+    scale = torch.rand(d, generator=gen) * 3 + 1e-3  # float32, as sqrt(P) is
+    sketcher = CountSketch(k, 7)
+    want = sketcher.sketch_slice("layer.weight", x * scale.to(dtype), offset)
+    before = x.clone()
+    name = "layer.weight"
+    fast, slow = _both(lambda: sketcher.sketch_scaled_slice(name, x.clone(), scale, offset))
+    assert torch.equal(fast, want)
+    assert torch.equal(slow, want)
+    fast_again = sketcher.sketch_scaled_slice("layer.weight", x, scale, offset)
+    assert torch.equal(fast_again, want) and torch.equal(x, before)
+
+
 @pytest.mark.parametrize("start", range(9))
 @pytest.mark.parametrize(
     ("n", "dtype"), [(4, torch.float32), (6, torch.float64), (66, torch.float32)]

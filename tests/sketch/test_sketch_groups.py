@@ -81,6 +81,19 @@ def test_grouped_slices_add_up_and_land_in_their_group() -> None:
     assert all(whole[:, s].abs().sum() == 0 for s in outside)
 
 
+@pytest.mark.parametrize("kind", ["exact", "countsketch", "gaussian", "kronecker"])
+def test_scaled_slices_are_the_sketch_of_the_product(kind: str) -> None:
+    """``sketch_scaled_slice`` (an ``adam`` row's ``sqrt(P)`` per column) equals the sketch of
+    the scaled slice, bit for bit, through the group's own sketcher and into its columns."""
+    sketcher = build_sketcher(SketchSpec(kind, 16, 3, GROUPS), PARAMS)
+    name = "model.layers.0.mlp.up.weight"
+    values = _grad()[name].reshape(4, -1)[:, 5:]
+    scale = torch.rand(values.shape[1], generator=torch.Generator().manual_seed(1)) + 0.5
+    want = sketcher.sketch_slice(name, values * scale, 5)
+    got = sketcher.sketch_scaled_slice(name, values.clone(), scale, 5)
+    assert torch.equal(got, want)
+
+
 def test_exact_groups_use_numels_and_variance_factors() -> None:
     exact = build_sketcher(SketchSpec("exact", 1, 0, GROUPS), PARAMS)
     assert isinstance(exact, GroupedSketcher)

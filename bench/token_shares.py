@@ -12,8 +12,9 @@ warm-up:
   backward over them, one forward-mode pass over the update batch);
 * ``u_statistic``: ``token_shares_u_statistic`` without them (per-prompt passes, and one
   backward and one forward-mode pass per sequence for its self-term);
-* ``cross_fit``: ``token_shares_cross_fit`` without them (one backward per half, one
-  forward-mode pass of each half along the other half's ``v``): what the TRL trainer runs.
+* ``cross_fit``: ``token_shares_cross_fit`` without them (a forward and a backward over each
+  half's own sequences, one forward-mode pass of each half along the other half's ``v``): what
+  the TRL trainer runs.
 
     python bench/token_shares.py                 # 10M
     python bench/token_shares.py --size 1M       # seconds

@@ -54,63 +54,31 @@ def entropy_gradient(
     temperature: float = 1.0,
     use_eval_mode: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """``v = grad_hat H = sum_j h_j dS_j/dtheta`` (math.md §3): one backward pass.
+    """``v = grad_hat H = sum_j h_j dS_j/dtheta`` (math.md §3): one forward and one backward pass.
 
     ``entropy``: the entropy-role sequences; ``h``: ``[m]`` float, their coefficients ``h_j``
     (constants); ``parameters``: the names studied (default: every trainable parameter), as the
     run's kernel covers them.  Returns ``{name: tensor like the parameter}`` float32 (zeros
     where ``S`` does not depend on one).
     """
-    return entropy_gradients(
-        model,
-        entropy,
-        [h],
-        parameters=parameters,
-        temperature=temperature,
-        use_eval_mode=use_eval_mode,
-    )[0]
-
-
-def entropy_gradients(
-    model: nn.Module,
-    entropy: SequenceBatch,
-    weights: Sequence[torch.Tensor],
-    *,
-    parameters: Collection[str] | None = None,
-    temperature: float = 1.0,
-    use_eval_mode: bool = True,
-) -> list[dict[str, torch.Tensor]]:
-    """:func:`entropy_gradient` for several coefficient vectors (each ``[m]``) over the same
-    batch: one forward pass and one backward pass per vector."""
-    for h in weights:
-        if h.shape != (entropy.size,):
-            raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
+    if h.shape != (entropy.size,):
+        raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
     params = {
         n: p
         for n, p in model.named_parameters()
         if p.requires_grad and (parameters is None or n in parameters)
     }
-    out = []
     with eval_mode(model, use_eval_mode):
         logits = forward_logits(model, entropy.input_ids, entropy.attention_mask)
         logprobs = response_logprobs(
             logits, entropy.input_ids, entropy.response_mask, temperature=temperature
         )
-        for k, h in enumerate(weights):
-            total = (h.to(logprobs.device, logprobs.dtype) * logprobs).sum()
-            grads = torch.autograd.grad(
-                total,
-                list(params.values()),
-                allow_unused=True,
-                retain_graph=k + 1 < len(weights),
-            )
-            out.append(
-                {
-                    name: (torch.zeros_like(p) if g is None else g.detach()).float()
-                    for (name, p), g in zip(params.items(), grads, strict=True)
-                }
-            )
-    return out
+        total = (h.to(logprobs.device, logprobs.dtype) * logprobs).sum()
+        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    return {
+        name: (torch.zeros_like(p) if g is None else g.detach()).float()
+        for (name, p), g in zip(params.items(), grads, strict=True)
+    }
 
 
 @dataclass(frozen=True)
@@ -412,9 +380,10 @@ def token_shares_cross_fit(
 
     Each prompt's sequences are split into halves by id (:func:`sketch.cross_fit.
     cross_fit_halves`, as the service splits them); a token of half ``X`` takes its direction
-    from the other half alone, ``v_{1-X} = sum_{j in 1-X} h_j w_j``.  That is one backward pass
-    per half after one forward over the batch, and one forward-mode pass of each half along the
-    other's ``v``: about the cost of :func:`token_shares`, where
+    from the other half alone, ``v_{1-X} = sum_{j in 1-X} h_j w_j``.  That is one forward and
+    one backward pass over each half's own sequences (one over the batch in all), and one
+    forward-mode pass of each half along the other's ``v``: the cost of :func:`token_shares`,
+    where
     :func:`token_shares_u_statistic` needs one backward and one forward-mode pass per sequence.
     ``ids``, ``prompt_ids``: the ``n`` sequences' ids and prompts; ``h``: ``[n]`` the
     estimator's ``h_j`` (:func:`sketch.entropy.estimator_entropy_coefficients`, per half);
@@ -430,27 +399,27 @@ def token_shares_cross_fit(
     found = _zeros(update, with_entropy)
     if not bool((halves == 1).any()):  # every prompt has one sequence: no pair of halves
         return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
-    # per chunk of rows: one forward, one backward per half (h masked to it)
+    # v_X from half X's own rows, a chunk at a time: one forward and one backward over every
+    # row in all (a backward of the whole batch per half, h zeroed off it, cost one more)
+    members = [torch.nonzero(halves == half).flatten().tolist() for half in (0, 1)]
     directions: list[dict[str, torch.Tensor]] = [{}, {}]
-    for first in range(0, update.size, chunk_size):
-        rows = list(range(first, min(update.size, first + chunk_size)))
-        own = halves[rows]
-        parts = entropy_gradients(
-            model,
-            update.select(rows),
-            [torch.where(own == half, h[rows], torch.zeros(len(rows))) for half in (0, 1)],
-            parameters=parameters,
-            temperature=temperature,
-            use_eval_mode=use_eval_mode,
-        )
-        for total, gradient in zip(directions, parts, strict=True):
+    for half, total in enumerate(directions):
+        for first in range(0, len(members[half]), chunk_size):
+            rows = members[half][first : first + chunk_size]
+            gradient = entropy_gradient(
+                model,
+                update.select(rows),
+                h[rows],
+                parameters=parameters,
+                temperature=temperature,
+                use_eval_mode=use_eval_mode,
+            )
             for name, g in gradient.items():
                 total[name] = total[name] + g if name in total else g
     directions = [_scaled(v, sqrt_p) for v in directions]
     for half in (0, 1):
-        members = torch.nonzero(halves == half).flatten().tolist()
-        for first in range(0, len(members), chunk_size):
-            rows = members[first : first + chunk_size]
+        for first in range(0, len(members[half]), chunk_size):
+            rows = members[half][first : first + chunk_size]
             part = token_derivatives(
                 model,
                 update.select(rows),
@@ -467,7 +436,6 @@ __all__ = [
     "TokenDerivatives",
     "TokenShares",
     "entropy_gradient",
-    "entropy_gradients",
     "token_derivatives",
     "token_shares",
     "token_shares_cross_fit",

@@ -328,8 +328,9 @@ class KernelscopeConfig:
     token_shares:
         push each update token's exact share of ``dH1`` (``cross_fit``, math.md §4 and §9,
         :func:`clients.token_shares.token_shares_cross_fit`), with its text when the trainer
-        has a tokenizer, for ``GET .../tokens``.  Off by default: one forward, one backward
-        per half and one forward-mode pass over the step's sequences (docs/real-run.md);
+        has a tokenizer, for ``GET .../tokens``.  Off by default: a forward and a backward
+        over each half's sequences and one forward-mode pass over the step's sequences
+        (docs/real-run.md);
         compare them with the step's ``?estimator=cross_fit`` answer; with an entropy bonus they
         include its ``e_{i,t} grad H_{i,t}`` terms.  Needs one process.
     push_entropy_sums:

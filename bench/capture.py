@@ -22,6 +22,7 @@ thread by default.  Ratios are against ``plain`` measured in the same process.
 
     python bench/capture.py            # the full setting
     python bench/capture.py --quick    # a small model, n = 8, T = 16: seconds
+    python bench/capture.py --qwen2 100M --methods plain,hooked-countsketch --threads 2
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ sys.path.insert(0, str(REPO))
 METHODS = ("plain", "loop", "vmap", "factorised", "hooked-kronecker", "hooked-countsketch")
 
 
-def _config(quick: bool) -> dict[str, Any]:
+def _config(quick: bool, qwen2: str | None = None) -> dict[str, Any]:
+    if qwen2 is not None:  # bench/trl_step.py's model and one of its micro-batches
+        from trl_step import SIZES  # bench/trl_step.py
+
+        return {"qwen2": qwen2, "vocab": SIZES[qwen2]["vocab"], "n": 16, "T": 24, "k": 4096}
     if quick:
         return {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab": 2048, "n": 8, "T": 16, "k": 256}
     return {"n_embd": 256, "n_layer": 6, "n_head": 8, "vocab": 16384, "n": 32, "T": 64, "k": 4096}
@@ -65,9 +70,9 @@ def _peak_mib() -> float:
 
 
 def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
-    """The GPT-2 (eval mode) and a right-padded batch of ``n`` sequences."""
+    """The model (GPT-2, or the Qwen2 of ``--qwen2``; eval mode) and a right-padded batch of
+    ``n`` sequences."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from clients.capture import SequenceBatch
 
@@ -76,6 +81,23 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     prompt_len = 16
+    if "qwen2" in cfg:
+        from trl_step import build_model  # bench/trl_step.py
+
+        model = build_model(cfg["qwen2"]).eval()
+    else:
+        model = _gpt2(cfg, prompt_len)
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts = [torch.randint(0, cfg["vocab"], (prompt_len,), generator=g) for _ in range(cfg["n"])]
+    # response lengths between T/2 and T, so that there is padding as in a real batch
+    lengths = [cfg["T"] - (i * 7) % (cfg["T"] // 2) for i in range(cfg["n"])]
+    responses = [torch.randint(0, cfg["vocab"], (t,), generator=g) for t in lengths]
+    return model, SequenceBatch.from_pairs(prompts, responses)
+
+
+def _gpt2(cfg: dict[str, Any], prompt_len: int) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         n_embd=cfg["n_embd"],
         n_layer=cfg["n_layer"],
@@ -86,13 +108,7 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    prompts = [torch.randint(0, cfg["vocab"], (prompt_len,), generator=g) for _ in range(cfg["n"])]
-    # response lengths between T/2 and T, so that there is padding as in a real batch
-    lengths = [cfg["T"] - (i * 7) % (cfg["T"] // 2) for i in range(cfg["n"])]
-    responses = [torch.randint(0, cfg["vocab"], (t,), generator=g) for t in lengths]
-    return model, SequenceBatch.from_pairs(prompts, responses)
+    return GPT2LMHeadModel(config).eval()
 
 
 def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callable[[], object]:
@@ -183,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per run (0: torch's default)"
     )
+    parser.add_argument(
+        "--qwen2",
+        choices=("1M", "10M", "100M"),
+        help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = _config(args.quick)
+    cfg = _config(args.quick, args.qwen2)
     methods = args.methods.split(",")
     if args.worker == "timing":
         print(json.dumps(run_timing(methods, cfg, args.repeats, args.seed, args.threads)))
@@ -197,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     common = ["--seed", str(args.seed), "--threads", str(args.threads)]
     common += ["--quick"] if args.quick else []
+    common += ["--qwen2", args.qwen2] if args.qwen2 else []
     timing = _subprocess(
         ["--worker", "timing", "--methods", args.methods, "--repeats", str(args.repeats), *common]
     )
@@ -208,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         memory[m] = float("nan") if row is None else row["peak_mib"]
     best = {m: min(t) for m, t in timing["times"].items()}
     print(
-        f"GPT-2 {timing['params'] / 1e6:.1f}M parameters, n = {timing['n']} sequences, "
+        f"{'Qwen2' if args.qwen2 else 'GPT-2'} {timing['params'] / 1e6:.1f}M parameters, "
+        f"n = {timing['n']} sequences, "
         f"response <= {timing['T']} tokens (+16 prompt), kronecker k = {timing['k']}, "
         f"{timing['threads']} torch thread(s), CPU; best of {args.repeats} interleaved rounds"
     )

@@ -728,11 +728,14 @@ class HookedCapture(FactorisedCapture):
         from ``delta`` and ``x``, ``[in, out]`` for ``Conv1D`` from ``x`` and ``delta``).
 
         A block of the weight's rows at a time for all ``n`` sequences (``n x rows_b x cols``
-        floats, at most ``chunk_bytes``): the block is the flat slice at offset ``r0 * cols``
-        of every row, so it is scaled and sketched as ``[n, rows_b * cols]``.  Blocks of rows
+        floats, at most ``chunk_bytes`` or one row): the block is the flat slice at offset
+        ``r0 * cols`` of every row, so it is scaled and sketched as ``[n, rows_b * cols]``.
+        Blocks of rows
         rather than of sequences: a large weight (an LM head, an MLP projection) would leave a
         chunk of one or two sequences, which the CountSketch scatter runs on one thread and
-        without its four-row sweeps (a 100M model's capture took 3.7 s instead of 2.7 s).
+        without its four-row sweeps (``bench/capture.py --qwen2 100M``: 16 sequences' count-
+        sketched Adam rows took 4.1 s with chunks of sequences and a scaling pass, 2.4 s with
+        blocks of rows and the scale folded into the scatter).
         Under ``kronecker``, ``A[:, block] G_i[block]`` is accumulated over the blocks and
         multiplied by ``B^T`` once (``A`` first: ``k_out <= k_in``)."""
         n, _, rows = left.shape

@@ -139,8 +139,8 @@ class OnAccess(Mapping[str, torch.Tensor]):
     def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Flat entries ``start .. stop - 1`` of ``self[name]``, computed from that range of
         the inputs only: a capture that scales a block of a large weight's rows at a time
-        reads a block of the optimizer state, which stays in cache, instead of recomputing
-        the whole parameter's value for every hook call (a tenth of a 100M capture)."""
+        reads that block of the gradient and optimizer state, and no parameter-sized
+        temporary is made."""
         if name not in self._known:
             raise KeyError(name)
         return self._compute(name, slice(start, stop))

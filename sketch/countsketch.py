@@ -73,14 +73,8 @@ class CountSketch(Sketcher):
 
     def sketch_slice(self, name: str, values: torch.Tensor, offset: int = 0) -> torch.Tensor:
         values = self.check_slice(name, values, offset)
-        if (
-            cpu_kernels.enabled()
-            and values.device.type == "cpu"
-            and values.dtype in (torch.float32, torch.float64)
-        ):
-            chunks = key_chunks(self.seed, name, Stream.COUNTSKETCH, offset, values.shape[1])
-            return cpu_kernels.countsketch(values, chunks, self.dim)
-        return self._sketch_torch(name, values, offset)
+        fast = self._numba(name, values, offset)
+        return self._sketch_torch(name, values, offset) if fast is None else fast
 
     def sketch_scaled_slice(
         self, name: str, values: torch.Tensor, scale: torch.Tensor, offset: int = 0
@@ -89,14 +83,22 @@ class CountSketch(Sketcher):
         no pass writes the product, and ``values`` is left as it is.  The result is bit-equal
         to :meth:`sketch_slice` of ``values * scale``."""
         values = self.check_slice(name, values, offset)
-        if (
+        fast = self._numba(name, values, offset, scale)
+        return super().sketch_scaled_slice(name, values, scale, offset) if fast is None else fast
+
+    def _numba(
+        self, name: str, values: torch.Tensor, offset: int, scale: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The numba scatter (:func:`sketch.cpu_kernels.countsketch`) where it runs (CPU,
+        float32 or float64, loops switched on), else None."""
+        if not (
             cpu_kernels.enabled()
             and values.device.type == "cpu"
             and values.dtype in (torch.float32, torch.float64)
         ):
-            chunks = key_chunks(self.seed, name, Stream.COUNTSKETCH, offset, values.shape[1])
-            return cpu_kernels.countsketch(values, chunks, self.dim, scale)
-        return super().sketch_scaled_slice(name, values, scale, offset)
+            return None
+        chunks = key_chunks(self.seed, name, Stream.COUNTSKETCH, offset, values.shape[1])
+        return cpu_kernels.countsketch(values, chunks, self.dim, scale)
 
     def _sketch_torch(self, name: str, values: torch.Tensor, offset: int) -> torch.Tensor:
         n, d = values.shape

@@ -769,25 +769,24 @@ class HookedCapture(FactorisedCapture):
             n = ids.shape[0]
             rows = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
             tokens, slot = torch.unique(ids[keep], return_inverse=True)
-            # per token present: its [n, dim] block of the per-sequence gradients
-            blocks = torch.zeros(tokens.numel(), n, dim, device=ds.device)
-            blocks.index_put_((slot, rows), ds[keep], accumulate=True)
+            # per sequence and token present: that row of the per-sequence gradient
+            blocks = torch.zeros(n, tokens.numel(), dim, device=ds.device)
+            blocks.index_put_((rows, slot), ds[keep], accumulate=True)
             scale = self._scale_of(name)
+            rows_scale = None
+            if scale is not None:
+                rows_scale = scale.reshape(-1, dim)[tokens.to(scale.device)].to(blocks.device)
             if name in self._kronecker_weights:
                 # token v's rows are row v of the [num, dim] matrix: A[:, v] (B r_v)^T, summed
                 a, b, columns = self._kronecker_weights[name]
-                if scale is not None:
-                    rows_scale = scale.reshape(-1, dim)[tokens.to(scale.device)]
-                    blocks = blocks * rows_scale.to(blocks.device).unsqueeze(1)
-                core = torch.einsum("ot,tnk->nok", a[:, tokens], torch.matmul(blocks, b.T))
+                if rows_scale is not None:
+                    blocks = blocks * rows_scale
+                core = torch.einsum("ot,ntk->nok", a[:, tokens], torch.matmul(blocks, b.T))
                 self._add_sketch(acc, name, core.reshape(n, -1), columns)
                 return
-            out = torch.zeros(n, self.sketcher.dim, device=ds.device)
-            for j, token in enumerate(tokens.tolist()):
-                offset = token * dim
-                part = None if scale is None else scale[offset : offset + dim]
-                out += self._sketched(name, blocks[j], part, offset)
-            self._add_sketch(acc, name, out)
+            offsets = [token * dim for token in tokens.tolist()]
+            part = self.sketcher.sketch_slices(name, blocks, offsets, rows_scale)
+            self._add_sketch(acc, name, part)
 
         return on_grad
 

@@ -89,6 +89,28 @@ class Sketcher(ABC):
         """
         return self.sketch_slice(name, values.mul_(scale.to(values.device, values.dtype)), offset)
 
+    def sketch_slices(
+        self,
+        name: str,
+        values: torch.Tensor,
+        offsets: Sequence[int],
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The sum of the sketches of ``m`` slices of one parameter: ``values`` ``[n, m, d]``,
+        slice ``j`` the flat entries ``offsets[j] .. offsets[j] + d - 1`` (the rows of an
+        embedding's tokens present in a batch), times ``scale[j]`` (``[m, d]``) when given.
+        Returns ``[n, dim]`` float32; ``values`` may be overwritten, as by
+        :meth:`sketch_scaled_slice`.  CountSketch sketches every slice in one pass."""
+        self.check_slices(name, values, offsets)
+        out = torch.zeros(values.shape[0], self.dim, dtype=torch.float32, device=values.device)
+        for j, offset in enumerate(offsets):
+            part = values[:, j]
+            if scale is None:
+                out += self.sketch_slice(name, part, offset)
+            else:
+                out += self.sketch_scaled_slice(name, part, scale[j], offset)
+        return out
+
     def sketch(self, gradient: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Sketch a (partial) gradient given as named tensors.
 
@@ -124,6 +146,14 @@ class Sketcher(ABC):
         if name not in self.parameters:
             raise KeyError(f"parameter {name!r} is not among the declared parameters")
         return math.prod(self.parameters[name])
+
+    def check_slices(self, name: str, values: torch.Tensor, offsets: Sequence[int]) -> None:
+        """Validate ``[n, m, d]`` slices for :meth:`sketch_slices`: one per offset, each as
+        :meth:`check_slice` checks it."""
+        if values.dim() != 3 or values.shape[1] != len(offsets):
+            raise ValueError(f"{name}: expected values [n, {len(offsets)}, d]")
+        for offset in offsets:
+            self.check_slice(name, values[:, 0], offset)
 
     def check_slice(self, name: str, values: torch.Tensor, offset: int) -> torch.Tensor:
         """Validate a slice for :meth:`sketch_slice`; returns ``values`` as a 2-D tensor.

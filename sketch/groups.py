@@ -75,6 +75,17 @@ class GroupedSketcher(Sketcher):
             name, values, lambda sub: sub.sketch_scaled_slice(name, values, scale, offset)
         )
 
+    def sketch_slices(
+        self,
+        name: str,
+        values: torch.Tensor,
+        offsets: Sequence[int],
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._placed(
+            name, values, lambda sub: sub.sketch_slices(name, values, offsets, scale)
+        )
+
     def _placed(
         self, name: str, values: torch.Tensor, sketch: Callable[[Sketcher], torch.Tensor]
     ) -> torch.Tensor:

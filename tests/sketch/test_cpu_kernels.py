@@ -90,6 +90,37 @@ def test_countsketch_scaled_scatter_equals_sketch_of_the_product(
     assert torch.equal(fast_again, want) and torch.equal(x, before)
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_countsketch_slices_in_one_pass_equal_the_whole_row(
+    scaled: bool, dtype: torch.dtype
+) -> None:
+    """``sketch_slices`` (an embedding's rows of the tokens present, one scatter over all of
+    them) is bit-equal to the sketch of the whole flat row with those slices in place and
+    zeros elsewhere, on the numba and the torch path, scaled or not; offsets straddle a
+    change of key."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, numel = 6, 40, (1 << 32) + 4000
+    offsets = [(1 << 32) + o for o in (-4000, -3880, -3600, -20, 40, 3960)]  # ascending
+    values = torch.randn(n, len(offsets), d, generator=gen).to(dtype)
+    scale = torch.rand(len(offsets), d, generator=gen) + 0.5 if scaled else None
+    lo, hi = min(offsets), max(offsets) + d  # the whole row, restricted to the span touched
+    row = torch.zeros(n, hi - lo, dtype=dtype)
+    factors = torch.zeros(hi - lo)
+    for j, offset in enumerate(offsets):
+        row[:, offset - lo : offset - lo + d] = values[:, j]
+        if scale is not None:
+            factors[offset - lo : offset - lo + d] = scale[j]
+    sketcher = CountSketch(256, 7, {"emb.weight": [numel]})
+    if scale is None:
+        want = sketcher.sketch_slice("emb.weight", row, lo)
+    else:
+        want = sketcher.sketch_slice("emb.weight", row * factors.to(dtype), lo)
+    fast, slow = _both(lambda: sketcher.sketch_slices("emb.weight", values.clone(), offsets, scale))
+    assert torch.equal(fast, want)
+    torch.testing.assert_close(slow, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("start", range(9))
 @pytest.mark.parametrize(
     ("n", "dtype"), [(4, torch.float32), (6, torch.float64), (66, torch.float32)]

@@ -94,6 +94,27 @@ def test_scaled_slices_are_the_sketch_of_the_product(kind: str) -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["exact", "countsketch", "gaussian", "kronecker"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_slices_at_once_are_the_sum_of_their_sketches(kind: str, scaled: bool) -> None:
+    """``sketch_slices`` (several slices of one parameter: an embedding's present rows) is the
+    sum of the slices' own sketches, through the group's sketcher and into its columns."""
+    sketcher = build_sketcher(SketchSpec(kind, 16, 3, GROUPS), PARAMS)
+    name = "model.layers.0.mlp.up.weight"
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(4, 3, 4, generator=gen)
+    offsets = [0, 8, 28]
+    scale = torch.rand(3, 4, generator=gen) + 0.5 if scaled else None
+    want = sum(
+        sketcher.sketch_slice(name, values[:, j] * (1.0 if scale is None else scale[j]), offset)
+        for j, offset in enumerate(offsets)
+    )
+    got = sketcher.sketch_slices(name, values.clone(), offsets, scale)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError):
+        sketcher.sketch_slices(name, values, offsets[:2])
+
+
 def test_exact_groups_use_numels_and_variance_factors() -> None:
     exact = build_sketcher(SketchSpec("exact", 1, 0, GROUPS), PARAMS)
     assert isinstance(exact, GroupedSketcher)

@@ -575,7 +575,8 @@ class HookedCapture(FactorisedCapture):
       of gradients at once); under ``kronecker`` the (scaled) ``G_i`` is sketched as
       ``A G_i B^T`` with the parameter's factors, generated once per capture object;
     * ``nn.Embedding`` weights: only the rows of the tokens present are nonzero, so each token
-      ``v``'s rows ``[n, dim]`` are sketched as the slice at offset ``v * dim``; under
+      ``v``'s rows ``[n, dim]`` are the slice at offset ``v * dim``, all of them sketched at
+      once (:meth:`sketch.base.Sketcher.sketch_slices`); under
       ``kronecker`` that slice is row ``v`` of the matrix, ``A[:, v] (B r)^T``, so the present
       tokens' (scaled) rows ``r`` are projected by ``B`` and combined with their columns of
       ``A`` in two products instead of one slice sketch (and one ``B``) per token;

@@ -179,13 +179,15 @@ def _without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def _scaled(
-    v: Mapping[str, torch.Tensor], metric: Mapping[str, torch.Tensor] | None
+    v: dict[str, torch.Tensor], metric: Mapping[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
     """``P v`` in adam geometry (``metric`` = ``sqrt(P)`` per parameter: the kernel is ``w^T P
-    w'``), else ``v``."""
-    if metric is None:
-        return dict(v)
-    return {n: t * metric[n].to(t.device, t.dtype) ** 2 for n, t in v.items()}
+    w'``), else ``v``; in place (``v`` is a fresh gradient its caller owns: a 100M model's
+    copy would be 400 MB more)."""
+    if metric is not None:
+        for n, t in v.items():
+            t.mul_(metric[n].to(t.device, t.dtype) ** 2)
+    return v
 
 
 def _weighted(
@@ -415,7 +417,10 @@ def token_shares_cross_fit(
                 use_eval_mode=use_eval_mode,
             )
             for name, g in gradient.items():
-                total[name] = total[name] + g if name in total else g
+                if name in total:
+                    total[name].add_(g)  # in place: these are parameter-sized
+                else:
+                    total[name] = g
     directions = [_scaled(v, sqrt_p) for v in directions]
     for half in (0, 1):
         for first in range(0, len(members[half]), chunk_size):

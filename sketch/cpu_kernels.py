@@ -7,7 +7,9 @@
   float64 accumulator directly, four rows at a time as one 4-wide vector add per
   coordinate (an LLVM intrinsic, since LLVM does not vectorise the scatter by itself), and
   writes the float32 result, so no ``[n, 2k]`` float64 array is copied or subtracted in
-  torch afterwards.
+  torch afterwards.  With a per-column factor ``f(c)`` (an ``adam`` row's ``sqrt(P)``) it
+  adds ``fl(x[r, c] f(c))``, the product rounded in the rows' dtype as a separate scaling
+  pass would round it, without writing that pass.
 * **Dense entries.**  ``mix32(coord_hash ^ row_key)`` and a table lookup per entry, which
   torch evaluates as about a dozen elementwise passes over ``int64 [B, W]`` temporaries,
   run here as one pass that writes the float32 block.

@@ -96,11 +96,11 @@ class CountSketch(Sketcher):
         """One scatter over every slice (the numba path): the slices' columns side by side,
         each run of them hashed from its own flat offset, so that a few hundred slices cost
         one call, not one call each.  ``values`` is left as it is."""
+        if not self._numba_applies(values):  # the torch path checks the slices itself
+            return super().sketch_slices(name, values, offsets, scale)
         self.check_slices(name, values, offsets)
         n, m, d = values.shape
         flat = values.reshape(n, m * d)
-        if not self._numba_applies(flat):
-            return super().sketch_slices(name, values, offsets, scale)
         chunks = [
             (j * d + c0, j * d + c1, lo, key)
             for j, offset in enumerate(offsets)

@@ -110,6 +110,27 @@ class FactorisedSketches:
 
 
 @dataclass
+class EntropyDirections:
+    """Gradients ``v_d = sum_j h_{d,j} w_j`` added up by a capture's score backward (math.md
+    §9: the direction of the token shares), so that they need no forward and backward pass
+    of their own.
+
+    Every hook already holds its layer's per-sequence factors (``delta_t``, ``x_t``) or forms
+    the per-sequence gradients ``G_j``; the ``h``-weighted sum over the sequences is one more
+    product there.  ``coefficients`` is called with the capture's ``[n]`` float32 ``S_j``
+    (detached, after the forward and before the backward: the ``h_j`` of the entropy
+    estimators are functions of the ``S`` of the same prompt) and returns ``[m, n]`` float
+    ``h_{d,j}``; ``totals`` holds ``m`` dicts ``{name: float32 tensor shaped like the
+    parameter}`` (created on first use) that every capture called with it adds into, for the
+    parameters the capture covers.  The directions are unscaled (``sum_j h_j w_j``, not
+    ``sqrt(P)`` times it) whatever ``row_scale`` the rows get.
+    """
+
+    coefficients: Callable[[torch.Tensor], torch.Tensor]
+    totals: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
 class _Accumulator:
     """Per-capture state the hooks write into."""
 
@@ -121,11 +142,24 @@ class _Accumulator:
     registered: int = 0  # tensor hooks registered in the forward pass ...
     fired: int = 0  # ... and run in the backward pass: equal when nothing was missed
     roots: list[torch.Tensor] = field(default_factory=list)  # embedding outputs
+    fired_hooks: set[int] = field(default_factory=set)  # registration numbers of those run
+    # EntropyDirections: [m, n] h of the score backward (None: nothing to add), their totals,
+    # the parameter shapes, and the hooks whose part is in already (skipped on a rerun)
+    direction_weights: torch.Tensor | None = None
+    directions: EntropyDirections | None = None
+    shapes: Mapping[str, list[int]] = field(default_factory=dict)
+    directions_added: set[int] = field(default_factory=set)
+    adding_directions: bool = False  # the running hook adds its part
 
     def clear(self) -> None:
         self.clear_rows()
         self.registered = self.fired = 0
         self.roots.clear()
+        self.fired_hooks.clear()
+
+    def release(self) -> None:
+        self.clear()
+        self.direction_weights = self.directions = None
 
     def clear_rows(self) -> None:
         self.cores.clear()
@@ -138,6 +172,41 @@ class _Accumulator:
     def add_vector(self, name: str, grads: torch.Tensor) -> None:
         flat = grads.reshape(grads.shape[0], -1).float()
         self.vectors[name] = flat if name not in self.vectors else self.vectors[name] + flat
+        self.add_direction(name, self.weighted(flat))
+
+    def weighted(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[m, ...]`` the directions' ``sum_j h_{d,j} rows_j`` of ``[n, ...]`` rows (empty
+        when no direction is being added)."""
+        if not self.adding_directions or self.direction_weights is None:
+            return rows.new_zeros((0,))
+        return torch.tensordot(self.direction_weights.to(rows.device), rows.float(), dims=1)
+
+    def direction(self, d: int, name: str, device: torch.device) -> torch.Tensor:
+        """Direction ``d``'s total of parameter ``name`` (zeros on first use)."""
+        assert self.directions is not None
+        total = self.directions.totals[d].get(name)
+        if total is None:
+            total = torch.zeros(self.shapes[name], dtype=torch.float32, device=device)
+            self.directions.totals[d][name] = total
+        return total
+
+    def add_direction(self, name: str, part: torch.Tensor, start: int = 0) -> None:
+        """Add ``[m, c]`` ``part`` to the directions' flat entries ``[start, start + c)`` of
+        parameter ``name``."""
+        if not self.adding_directions or self.direction_weights is None:
+            return
+        for d in range(part.shape[0]):
+            flat = self.direction(d, name, part.device).view(-1)
+            flat[start : start + part.shape[1]] += part[d]
+
+    def add_direction_rows(self, name: str, index: torch.Tensor, part: torch.Tensor) -> None:
+        """Add ``[m, r, dim]`` ``part`` to rows ``index`` (``[r]``) of the directions of the
+        ``[num, dim]`` matrix ``name`` (an embedding; repeated indices add up)."""
+        if not self.adding_directions or self.direction_weights is None:
+            return
+        for d in range(part.shape[0]):
+            total = self.direction(d, name, part.device)
+            total.view(-1, part.shape[-1]).index_add_(0, index.to(part.device), part[d])
 
 
 @contextlib.contextmanager
@@ -148,12 +217,27 @@ def _released(acc: _Accumulator) -> Iterator[None]:
     try:
         yield
     finally:
-        acc.clear()
+        acc.release()
 
 
 def _tokens(t: torch.Tensor, n: int) -> torch.Tensor:
     """``[n, T, d]`` view of a ``[n, ..., d]`` activation (float32)."""
     return t.reshape(n, -1, t.shape[-1]).float()
+
+
+def _add_outer_directions(
+    acc: _Accumulator, name: str, left: torch.Tensor, right: torch.Tensor
+) -> None:
+    """Add ``sum_j h_{d,j} G_j`` to every direction, ``G_j = sum_t left_t right_t^T``
+    (``left`` ``[n, T, rows]``, ``right`` ``[n, T, cols]``, padded tokens zero): one
+    ``[rows, cols]`` product over the batch's tokens per direction, the size of a backward's
+    own weight-gradient product."""
+    weights = acc.direction_weights
+    assert weights is not None
+    for d in range(weights.shape[0]):
+        scaled = left * weights[d].to(left.device, left.dtype)[:, None, None]
+        part = scaled.flatten(0, 1).T @ right.flatten(0, 1)
+        acc.direction(d, name, part.device).view(-1).add_(part.reshape(-1))
 
 
 def _embedding_tokens(
@@ -320,6 +404,9 @@ class FactorisedCapture:
                 else:  # Linear: declared [out, in], G = sum_t delta_t x_t^T
                     core = torch.bmm(masked(ds @ a.T).transpose(1, 2), masked(xs @ b.T))
                 acc.add_core(name, core)
+                if acc.adding_directions and acc.direction_weights is not None:
+                    ds = masked(ds)
+                    _add_outer_directions(acc, name, *((xs, ds) if transposed else (ds, xs)))
             if "bias" in own:
                 acc.add_vector(own["bias"], masked(ds).sum(dim=1))
 
@@ -336,6 +423,9 @@ class FactorisedCapture:
             a, b = self._factors[name]
             ax = a.T[ids]  # [n, T, k_out]: A e_{id_t} = A[:, id_t]
             acc.add_core(name, torch.bmm(ax.transpose(1, 2), ds @ b.T))
+            if acc.adding_directions and acc.direction_weights is not None:
+                each = acc.direction_weights.to(ds.device)[:, :, None, None] * ds  # [m, n, T, dim]
+                acc.add_direction_rows(name, ids.flatten(), each.flatten(1, 2))
 
         return on_grad
 
@@ -431,9 +521,12 @@ class FactorisedCapture:
                 x = args[0].detach()
                 if not args[0].requires_grad:
                     acc.roots.append(output)
+                number = acc.registered
 
                 def tensor_hook(g: torch.Tensor) -> None:
                     acc.fired += 1
+                    acc.fired_hooks.add(number)
+                    acc.adding_directions = number not in acc.directions_added
                     on_grad(x, g.detach())
 
                 # A tensor hook sees dS/d(output) of this very call: a module called twice gets
@@ -489,6 +582,8 @@ class FactorisedCapture:
         batch: SequenceBatch,
         token_coefficients: torch.Tensor | None = None,
         entropy_coefficients: torch.Tensor | None = None,
+        *,
+        directions: EntropyDirections | None = None,
     ) -> FactorisedSketches:
         """Sketch every sequence's score gradient with one batched forward and backward.
 
@@ -502,9 +597,10 @@ class FactorisedCapture:
         forward graph (a sequence's tokens only reach its own rows, so the per-sequence split
         of the hooks holds for any per-token weights).  ``entropy_coefficients`` (same layout,
         ``e_{i,t} = -dL/dH_{i,t}``) adds ``sum_t e_{i,t} grad H_{i,t}`` to them (an entropy
-        bonus; :func:`clients.capture.capture_gradients`).
+        bonus; :func:`clients.capture.capture_gradients`).  ``directions`` adds this batch's
+        ``sum_j h_{d,j} w_j`` to :attr:`EntropyDirections.totals` from the same backward.
         """
-        acc = _Accumulator(token_mask=batch.attention_mask.bool())
+        acc = _Accumulator(token_mask=batch.attention_mask.bool(), shapes=self.parameters)
         params = [p for p in self.model.parameters() if p.requires_grad]
         entropy = (
             None
@@ -523,6 +619,17 @@ class FactorisedCapture:
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
+            if directions is not None:
+                weights_h = directions.coefficients(logprobs.detach().float())
+                if weights_h.ndim != 2 or weights_h.shape[1] != batch.size:
+                    raise ValueError(
+                        f"direction coefficients must be [m, {batch.size}], "
+                        f"got {tuple(weights_h.shape)}"
+                    )
+                while len(directions.totals) < weights_h.shape[0]:
+                    directions.totals.append({})
+                acc.directions = directions
+                acc.direction_weights = weights_h.to(logprobs.device, torch.float32)
             # Differentiate to the embedding outputs only: every hooked output lies between
             # them and the loss, and autograd then skips the weight-gradient products (half of
             # a backward).  autograd.grad, not backward(): no parameter's .grad is touched.
@@ -531,7 +638,11 @@ class FactorisedCapture:
             torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
             if acc.roots and acc.fired != acc.registered:
                 # some hooked output is not upstream of an embedding: run the full backward
+                # (the same forward registers its hooks in the same order: those that ran
+                # have their directions' part in already)
+                added = set(acc.fired_hooks)
                 acc.clear()
+                acc.directions_added = added
                 logits = self._forward(batch)
                 logprobs = response_logprobs(
                     logits, batch.input_ids, batch.response_mask, temperature=self.temperature
@@ -543,6 +654,7 @@ class FactorisedCapture:
                 entropy_sums = response_entropy_sums(
                     logits.detach(), batch.response_mask, self.temperature
                 )
+            acc.direction_weights = None  # the directions are score gradients only
             update_sketch = None
             if weights is not None:
                 acc.clear_rows()
@@ -652,14 +764,19 @@ class HookedCapture(FactorisedCapture):
         token_coefficients: torch.Tensor | None = None,
         entropy_coefficients: torch.Tensor | None = None,
         row_scale: Mapping[str, torch.Tensor] | None = None,
+        *,
+        directions: EntropyDirections | None = None,
     ) -> FactorisedSketches:
         """:meth:`FactorisedCapture.capture` with the run's sketch; ``row_scale`` ``{name:
-        sqrt(P)}`` (one entry per captured parameter) gives ``adam``-geometry rows."""
+        sqrt(P)}`` (one entry per captured parameter) gives ``adam``-geometry rows (the
+        ``directions`` stay unscaled)."""
         if row_scale is not None and set(row_scale) != set(self.parameters):
             raise KeyError("row_scale must have one entry per captured parameter")
         self._row_scale = row_scale
         try:
-            return super().capture(batch, token_coefficients, entropy_coefficients)
+            return super().capture(
+                batch, token_coefficients, entropy_coefficients, directions=directions
+            )
         finally:
             self._row_scale = None
 
@@ -747,6 +864,7 @@ class HookedCapture(FactorisedCapture):
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             g = torch.bmm(left[:, :, r0:r1].transpose(1, 2), right)  # [n, r1 - r0, cols]
+            acc.add_direction(name, acc.weighted(g.view(n, -1)), r0 * cols)  # before scaling
             scale = self._scale_of(name, (r0 * cols, r1 * cols))
             if factors is None:
                 self._add_sketch(acc, name, self._sketched(name, g.view(n, -1), scale, r0 * cols))
@@ -773,6 +891,7 @@ class HookedCapture(FactorisedCapture):
             # per sequence and token present: that row of the per-sequence gradient
             blocks = torch.zeros(n, tokens.numel(), dim, device=ds.device)
             blocks.index_put_((rows, slot), ds[keep], accumulate=True)
+            acc.add_direction_rows(name, tokens, acc.weighted(blocks))
             scale = self._scale_of(name)
             rows_scale = None
             if scale is not None:

@@ -361,6 +361,40 @@ def token_shares_u_statistic(
     return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
 
 
+def _half_directions(
+    model: nn.Module,
+    update: SequenceBatch,
+    members: Sequence[Sequence[int]],
+    h: torch.Tensor,
+    chunk_size: int,
+    *,
+    parameters: Collection[str] | None,
+    temperature: float,
+    use_eval_mode: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """``[v_0, v_1]``, ``v_X = sum_{j in X} h_j w_j`` over half ``X``'s rows (``members``), a
+    chunk at a time: one forward and one backward over every row in all (not a backward of the
+    whole batch per half with ``h`` zeroed off it, which would cost one more)."""
+    directions: list[dict[str, torch.Tensor]] = [{}, {}]
+    for half, total in enumerate(directions):
+        for first in range(0, len(members[half]), chunk_size):
+            rows = list(members[half][first : first + chunk_size])
+            gradient = entropy_gradient(
+                model,
+                update.select(rows),
+                h[rows],
+                parameters=parameters,
+                temperature=temperature,
+                use_eval_mode=use_eval_mode,
+            )
+            for name, g in gradient.items():
+                if name in total:
+                    total[name].add_(g)  # in place: these are parameter-sized
+                else:
+                    total[name] = g
+    return directions
+
+
 def token_shares_cross_fit(
     model: nn.Module,
     update: SequenceBatch,
@@ -376,6 +410,7 @@ def token_shares_cross_fit(
     use_eval_mode: bool = True,
     entropy_coefficients: torch.Tensor | None = None,
     chunk_size: int = 16,
+    directions: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> TokenShares:
     """The token shares of the ``cross_fit`` estimator (math.md §4 and §9), for a step without
     entropy-role sequences, laid out like :func:`token_shares`'s.
@@ -392,6 +427,12 @@ def token_shares_cross_fit(
     ``entropy_coefficients`` as in :func:`token_shares`.  ``chunk_size``: sequences per pass,
     so that no pass holds more activations than a training micro-batch of that size.  Summed
     over ``t`` they are the ``cross_fit`` ``a_i``, and summed over everything its ``dH1``.
+
+    ``directions``: ``[v_0, v_1]`` already added up (unscaled, one tensor per studied
+    parameter), e.g. by the hooks of the capture that made the rows
+    (:class:`clients.factorised.EntropyDirections`, weights ``h_j`` on half ``d``'s rows);
+    the forward and backward passes are then skipped.  They are scaled in place in ``adam``
+    geometry.
     """
     if len(ids) != update.size or len(prompt_ids) != update.size or h.shape != (update.size,):
         raise ValueError("ids, prompt_ids and h must have one entry per update sequence")
@@ -401,27 +442,21 @@ def token_shares_cross_fit(
     found = _zeros(update, with_entropy)
     if not bool((halves == 1).any()):  # every prompt has one sequence: no pair of halves
         return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
-    # v_X from half X's own rows, a chunk at a time: one forward and one backward over every
-    # row in all (a backward of the whole batch per half, h zeroed off it, cost one more)
     members = [torch.nonzero(halves == half).flatten().tolist() for half in (0, 1)]
-    directions: list[dict[str, torch.Tensor]] = [{}, {}]
-    for half, total in enumerate(directions):
-        for first in range(0, len(members[half]), chunk_size):
-            rows = members[half][first : first + chunk_size]
-            gradient = entropy_gradient(
-                model,
-                update.select(rows),
-                h[rows],
-                parameters=parameters,
-                temperature=temperature,
-                use_eval_mode=use_eval_mode,
-            )
-            for name, g in gradient.items():
-                if name in total:
-                    total[name].add_(g)  # in place: these are parameter-sized
-                else:
-                    total[name] = g
-    directions = [_scaled(v, sqrt_p) for v in directions]
+    if directions is None:
+        directions = _half_directions(
+            model,
+            update,
+            members,
+            h,
+            chunk_size,
+            parameters=parameters,
+            temperature=temperature,
+            use_eval_mode=use_eval_mode,
+        )
+    elif len(directions) != 2:
+        raise ValueError(f"directions must be [v_0, v_1], got {len(directions)}")
+    directions = [_scaled(dict(v), sqrt_p) for v in directions]
     for half in (0, 1):
         for first in range(0, len(members[half]), chunk_size):
             rows = members[half][first : first + chunk_size]

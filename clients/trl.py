@@ -71,7 +71,7 @@ from clients.geometry import (
 from clients.http import Client
 from clients.token_shares import token_shares_cross_fit
 from sketch.base import Sketcher
-from sketch.entropy import estimator_entropy_coefficients
+from sketch.entropy import estimator_entropy_coefficients, estimator_halves
 from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
 
@@ -745,11 +745,19 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             window.sqrt_p = adam_step_preconditioner(
                 self.optimizer, self._kernelscope_selected(), lazy=True
             )
+        # The token shares' directions come from the rows' own backward when hooks capture
+        # them: in batches of whole prompts, so that each batch's h_j follow from its S_j.
+        directions: list[dict[str, torch.Tensor]] | None = None
+        if self.kernelscope.token_shares and (
+            self._factorised is not None or self._hooked is not None
+        ):
+            window.micro = self._kernelscope_regrouped(window)
+            directions = []
         # Same autocast as TRL's loss (TRL turns bf16 on by default, even on a CPU), so that
         # S_i and w_i are those of the function the step differentiates.
         with self.accelerator.autocast():
             for micro in window.micro:
-                logprobs, sums = self._kernelscope_push_rows(window, micro)
+                logprobs, sums = self._kernelscope_push_rows(window, micro, directions)
                 for seq_id, value in zip(micro.ids, logprobs.tolist(), strict=True):
                     window.records[seq_id]["logprob"] = float(value)
                 if self.kernelscope.push_entropy_sums:
@@ -762,7 +770,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     for seq_id, value in zip(micro.ids, sums.tolist(), strict=True):
                         window.records[seq_id]["entropy_sum"] = float(value)
             if self.kernelscope.token_shares:
-                window.tokens = self._kernelscope_token_shares(window)
+                if self._factorised is None and self._hooked is None:
+                    directions = None  # a capture fell back to exact chunks: some are missing
+                window.tokens = self._kernelscope_token_shares(window, directions)
         # Every rank applies the same (all-reduced) update: the main process pushes it.
         if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
             selected = self._kernelscope_selected()
@@ -777,21 +787,36 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 window.before = {n: p.detach().clone() for n, p in selected.items()}
 
     def _kernelscope_push_rows(
-        self, window: _Window, micro: _MicroBatch
+        self,
+        window: _Window,
+        micro: _MicroBatch,
+        directions: list[dict[str, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Capture and push one micro-batch's score rows and, with token coefficients, its
         update rows; returns the ``[n]`` ``S_i`` and, from a capture by hooks, the ``[n]``
-        ``sum_t H_t`` of the same forward (None from exact chunks)."""
+        ``sum_t H_t`` of the same forward (None from exact chunks).  ``directions``: the
+        ``cross_fit`` token shares' ``[v_0, v_1]`` that a capture by hooks adds this batch's
+        part to (its batch holds whole prompts: :meth:`_kernelscope_regrouped`)."""
+        from clients.factorised import EntropyDirections
+
         client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
         coefficients = micro.coefficients
         token = None if coefficients is None else coefficients.logprob
         entropy = None if coefficients is None else coefficients.entropy
+        adding = None
+        if directions is not None:
+            adding = EntropyDirections(
+                lambda logprobs: self._kernelscope_cross_fit_h(window, micro.ids, logprobs),
+                directions,
+            )
         sketches: FactorisedSketches | None = None
         if self._factorised is not None:  # one forward for both kinds of rows
-            sketches = self._factorised.capture(micro.batch, token, entropy)
+            sketches = self._factorised.capture(micro.batch, token, entropy, directions=adding)
         elif self._hooked is not None:
             try:
-                sketches = self._hooked.capture(micro.batch, token, entropy, window.sqrt_p)
+                sketches = self._hooked.capture(
+                    micro.batch, token, entropy, window.sqrt_p, directions=adding
+                )
             except RuntimeError as exc:  # e.g. a module broadcast over the batch
                 if self.kernelscope.capture_method == "hooks":
                     raise
@@ -842,12 +867,23 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             client.push_sketches(run_id, step, torch.cat(sketched), micro.ids, rows=rows)
         return torch.cat(values)
 
-    def _kernelscope_token_shares(self, window: _Window) -> dict[str, dict[str, Any]]:
-        """Every update token's share of ``dH1`` at ``eta = 1`` (``cross_fit``: the step has
-        no entropy-role sequences), its log-prob and text, by sequence id (math.md §9)."""
+    def _kernelscope_layouts(
+        self, window: _Window
+    ) -> tuple[list[str], SequenceBatch, TokenCoefficients | None]:
+        """The window's sequences as one batch (its micro-batches in order), with their token
+        coefficients laid out like its ``input_ids`` (a plain on-policy micro-batch's
+        ``weight_i A_i`` on every response token), or None when no micro-batch has any."""
         micro = window.micro
         batch = SequenceBatch.concat([m.batch for m in micro])
         ids = [i for m in micro for i in m.ids]
+        if all(m.coefficients is None for m in micro):
+            return ids, batch, None
+        width = batch.input_ids.shape[1]
+
+        def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+            padded = [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in parts]
+            return torch.cat(padded).to(batch.input_ids.device)
+
         layouts = []
         for m in micro:
             if m.coefficients is not None:
@@ -856,14 +892,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 c = torch.tensor(
                     [window.records[i]["weight"] * window.records[i]["advantage"] for i in m.ids]
                 )
-                layouts.append(c[:, None].expand(m.batch.input_ids.shape).clone())
-        width = batch.input_ids.shape[1]
-
-        def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-            padded = [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in parts]
-            return torch.cat(padded).to(batch.input_ids.device)
-
-        coefficients = stacked(layouts)
+                on = m.batch.response_mask.cpu()
+                layouts.append(torch.where(on, c[:, None], torch.zeros(())).float())
         # an entropy bonus's e_{i,t} grad H_{i,t} terms are in the update rows: in the shares too
         entropies = [None if m.coefficients is None else m.coefficients.entropy for m in micro]
         bonus = None
@@ -874,6 +904,84 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     for c, e in zip(layouts, entropies, strict=True)
                 ]
             )
+        return ids, batch, TokenCoefficients(stacked(layouts), bonus)
+
+    def _kernelscope_regrouped(self, window: _Window) -> list[_MicroBatch]:
+        """The window's sequences in capture batches of whole prompts, each at most the size
+        of the largest micro-batch (or of one prompt's sequences), trimmed of padding columns.
+
+        TRL shuffles a generation batch before it splits it, so a prompt's sequences are
+        spread over micro-batches; the ``cross_fit`` ``h_j`` of a sequence are functions of
+        its prompt's ``S``, which a capture of whole prompts knows after its forward."""
+        ids, batch, coefficients = self._kernelscope_layouts(window)
+        size = max(m.batch.size for m in window.micro)
+        prompts: dict[str, list[int]] = {}
+        for row, seq_id in enumerate(ids):
+            prompts.setdefault(str(window.records[seq_id]["prompt_id"]), []).append(row)
+        chunks: list[list[int]] = []
+        for rows in prompts.values():
+            if chunks and len(chunks[-1]) + len(rows) <= size:
+                chunks[-1].extend(rows)
+            else:
+                chunks.append(list(rows))
+        out = []
+        for rows in chunks:
+            sub = batch.select(rows)
+            width = int(sub.attention_mask.sum(dim=1).max())  # right-padded
+            sub = SequenceBatch(
+                sub.input_ids[:, :width],
+                sub.attention_mask[:, :width],
+                sub.response_mask[:, :width],
+            )
+            part = None
+            if coefficients is not None:
+                entropy = coefficients.entropy
+                part = TokenCoefficients(
+                    coefficients.logprob[rows][:, :width],
+                    None if entropy is None else entropy[rows][:, :width],
+                )
+            out.append(_MicroBatch([ids[r] for r in rows], sub, part))
+        return out
+
+    def _kernelscope_cross_fit_h(
+        self, window: _Window, ids: list[str], logprobs: torch.Tensor
+    ) -> torch.Tensor:
+        """``[2, n]``: the ``cross_fit`` ``h_j`` of a capture batch's sequences ``ids`` (whole
+        prompts) from their ``S_j`` (``logprobs``), on row ``d`` for the sequences of half
+        ``d``: the weights of ``v_0`` and ``v_1``.  The same function of the same values as
+        the service's (:func:`sketch.entropy.estimator_entropy_coefficients`): the other
+        prompts' ``S`` are placeholders, which no ``h_j`` of these prompts depends on."""
+        known = dict(zip(ids, logprobs.tolist(), strict=True))
+        records = [{**r, "logprob": known.get(r["id"], 0.0)} for r in window.records.values()]
+        seqs = StepSequences.from_records(records)
+        h = estimator_entropy_coefficients(seqs, "cross_fit")
+        halves = estimator_halves(seqs, "cross_fit")
+        assert halves is not None
+        index = {seq_id: row for row, seq_id in enumerate(seqs.ids)}
+        out = torch.zeros(2, len(ids))
+        for column, seq_id in enumerate(ids):
+            row = index[seq_id]
+            if halves[row] >= 0:
+                out[int(halves[row]), column] = float(h[row])
+        return out
+
+    def _kernelscope_token_shares(
+        self, window: _Window, directions: list[dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Every update token's share of ``dH1`` at ``eta = 1`` (``cross_fit``: the step has
+        no entropy-role sequences), its log-prob and text, by sequence id (math.md §9);
+        ``directions``: ``[v_0, v_1]`` from the capture's hooks, if they added them up."""
+        micro = window.micro
+        ids, batch, layout = self._kernelscope_layouts(window)
+        if layout is None:  # plain on-policy throughout
+            c = torch.tensor(
+                [window.records[i]["weight"] * window.records[i]["advantage"] for i in ids]
+            )
+            on = batch.response_mask.cpu()
+            layout = TokenCoefficients(
+                torch.where(on, c[:, None], torch.zeros(())).to(batch.input_ids.device), None
+            )
+        coefficients, bonus = layout.logprob, layout.entropy
         seqs = StepSequences.from_records([window.records[i] for i in ids])
         h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
         result = token_shares_cross_fit(
@@ -890,6 +998,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             entropy_coefficients=bonus,
             # no pass holds more sequences than TRL's own micro-batches
             chunk_size=max(m.batch.size for m in micro),
+            directions=directions or None,
         )
         tokenizer = getattr(self, "processing_class", None)
         out: dict[str, dict[str, Any]] = {}

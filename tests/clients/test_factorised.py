@@ -341,3 +341,76 @@ def test_captures_leave_nothing_alive(model: nn.Module, batch: SequenceBatch) ->
         for _ in range(3):
             capture(batch, token_coefficients=token_coefficients(batch))
     assert alive() == before
+
+
+@pytest.mark.parametrize("capture_kind", ["factorised", "countsketch-adam", "kronecker-adam"])
+def test_entropy_directions_from_the_score_backward(model: nn.Module, capture_kind: str) -> None:
+    """:class:`EntropyDirections`: the ``h``-weighted sums of the per-sequence score gradients
+    that the capture's own score backward adds up (two directions, each over half of the rows,
+    ``h`` computed from the forward's ``S``, two captures of three sequences adding into the
+    same totals) equal :func:`entropy_gradient`'s ``v`` (a forward and a backward of its own)
+    to float precision, unscaled in ``adam`` geometry; the rows are those of a capture without
+    directions, and the update backward adds nothing."""
+    from clients.factorised import EntropyDirections, HookedCapture
+    from clients.token_shares import entropy_gradient
+    from tests.clients.test_capture import token_coefficients
+
+    batch = make_batch(n=6)
+    scale = None
+    if capture_kind == "factorised":
+        capture: Any = FactorisedCapture(model, dim=DIM, seed=SEED)
+    else:
+        kind = capture_kind.removesuffix("-adam")
+        capture = HookedCapture(model, {"kind": kind, "dim": DIM, "seed": SEED}, chunk_bytes=256)
+        g = torch.Generator().manual_seed(2)
+        scale = {n: torch.rand(p.shape, generator=g) + 0.5 for n, p in model.named_parameters()}
+    halves = torch.tensor([0, 1, 1, 0, 1, 0])
+    seen: list[torch.Tensor] = []
+
+    def coefficients(logprobs: torch.Tensor) -> torch.Tensor:
+        h = -(logprobs - logprobs.mean()) / 3.0
+        seen.append(h)
+        rows = halves[: len(h)] if len(seen) == 1 else halves[3:]
+        return torch.stack([torch.where(rows == d, h, torch.zeros_like(h)) for d in (0, 1)])
+
+    directions = EntropyDirections(coefficients)
+    kwargs: dict[str, Any] = {} if scale is None else {"row_scale": scale}
+    for part in (slice(0, 3), slice(3, 6)):
+        sub = batch.select(part)
+        coef = token_coefficients(sub)
+        got = capture(sub, token_coefficients=coef, directions=directions, **kwargs)
+        plain = capture(sub, token_coefficients=coef, **kwargs)
+        _close(got.sketch, plain.sketch)
+        assert got.update_sketch is not None and plain.update_sketch is not None
+        _close(got.update_sketch, plain.update_sketch)
+    h = torch.cat(seen)
+    assert len(directions.totals) == 2
+    for d in (0, 1):
+        rows = torch.nonzero(halves == d).flatten().tolist()
+        want = entropy_gradient(model, batch.select(rows), h[rows], parameters=capture.parameters)
+        assert set(directions.totals[d]) == set(capture.parameters)
+        for name, total in directions.totals[d].items():
+            assert total.shape == want[name].shape, name
+            torch.testing.assert_close(
+                total, want[name], rtol=1e-4, atol=1e-5 * float(want[name].abs().max()) + 1e-9
+            )
+
+
+def test_entropy_directions_on_a_rerun_backward_count_each_hook_once() -> None:
+    """A model whose hooked output is off the embedding paths: the capture's first backward
+    stops at the embeddings, and a full one follows; the directions still get each hook's
+    part once."""
+    from clients.factorised import EntropyDirections
+    from clients.token_shares import entropy_gradient
+
+    torch.manual_seed(0)
+    batch = make_batch(n=3)
+    model = _Prefixed()
+    with pytest.warns(RuntimeWarning, match="prefix"):
+        capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    h = torch.tensor([0.5, -1.0, 2.0])
+    directions = EntropyDirections(lambda s: h[None])
+    capture(batch, directions=directions)
+    want = entropy_gradient(model, batch, h, parameters=capture.parameters)
+    for name, total in directions.totals[0].items():
+        torch.testing.assert_close(total, want[name], rtol=1e-4, atol=1e-6)

@@ -942,3 +942,60 @@ def test_token_shares_add_up_to_the_services_dh1(
                 assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
             assert all(isinstance(t.token, str) for t in tokens.down)
             assert tokens.covariance.k >= 1
+
+
+@pytest.mark.parametrize(
+    ("optim", "sketch", "bonus"),
+    [
+        ("adamw_torch", SKETCH_512, {}),
+        ("adamw_torch", SKETCH_512, {"entropy_coef": 0.1}),
+        ("sgd", KRONECKER_256, {}),
+    ],
+    ids=["countsketch-adam", "countsketch-adam-entropy_bonus", "kronecker-sgd"],
+)
+def test_token_shares_take_their_directions_from_the_rows_backward(
+    live_service: LiveService,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    optim: str,
+    sketch: dict[str, Any],
+    bonus: dict[str, float],
+) -> None:
+    """``token_shares=True`` with rows captured by hooks (countsketch rows in ``adam``
+    geometry; factorised kronecker rows with SGD): the ``cross_fit`` directions ``v_0, v_1``
+    are added up by the rows' own backward, over capture batches of whole prompts (TRL's
+    micro-batches split them), and the token shares along them equal those of the forward and
+    backward passes of their own, step by step (the first on-policy, the second a later
+    clipped PPO pass with update rows)."""
+    import clients.trl as trl_module
+
+    original = trl_module.token_shares_cross_fit
+    compared: list[float] = []
+
+    def both(*args: Any, directions: Any = None, **kwargs: Any) -> Any:
+        assert directions is not None, "the hooks did not add the directions up"
+        want = original(*args, **kwargs)  # first: the call below scales directions in place
+        got = original(*args, directions=directions, **kwargs)
+        scale = float(want.shares.abs().max())
+        assert scale > 0.0
+        torch.testing.assert_close(got.shares, want.shares, rtol=1e-3, atol=1e-4 * scale)
+        torch.testing.assert_close(got.logprobs, want.logprobs)
+        compared.append(scale)
+        return got
+
+    monkeypatch.setattr(trl_module, "token_shares_cross_fit", both)
+    args = sgd_args(
+        tmp_path, learning_rate=1e-3, optim=optim, num_iterations=2, epsilon=0.02, **bonus
+    )
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=sketch, sketch_on="trainer", token_shares=True
+    )
+    trainer = sgd_trainer(args, kernelscope)
+    assert (trainer._hooked is not None) or (trainer._factorised is not None)
+    trainer.train()
+    assert len(compared) == 2
+    with Client(live_service.base_url) as client:
+        for step in (0, 1):
+            client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
+            tokens = client.tokens(trainer.kernelscope_run_id, step, top=5)
+            assert tokens.estimator == "cross_fit" and tokens.num_tokens > 0

@@ -14,7 +14,12 @@ warm-up:
   backward and one forward-mode pass per sequence for its self-term);
 * ``cross_fit``: ``token_shares_cross_fit`` without them (a forward and a backward over each
   half's own sequences, one forward-mode pass of each half along the other half's ``v``): what
-  the TRL trainer runs.
+  the TRL trainer runs when its rows come from exact chunks;
+* a ``countsketch`` capture by hooks (``HookedCapture``, ``k = --k``: the rows of a TRL step),
+  the same capture adding up ``v_0, v_1`` in its backward (``EntropyDirections``), and
+  ``cross_fit`` given those (its forward-mode passes alone): what the TRL trainer runs when
+  its rows come from hooks, the shares then costing the difference of the first two plus the
+  third.
 
     python bench/token_shares.py                 # 10M
     python bench/token_shares.py --size 1M       # seconds
@@ -37,11 +42,13 @@ sys.path.insert(0, str(REPO))
 from trl_step import SIZES, build_model  # noqa: E402  (bench/trl_step.py)
 
 from clients.capture import SequenceBatch, forward_logits, response_logprobs  # noqa: E402
+from clients.factorised import EntropyDirections, HookedCapture  # noqa: E402
 from clients.token_shares import (  # noqa: E402
     token_shares,
     token_shares_cross_fit,
     token_shares_u_statistic,
 )
+from sketch.cross_fit import cross_fit_halves  # noqa: E402
 
 
 def batch(vocab: int, n: int, prompt: int, tokens: int, seed: int) -> SequenceBatch:
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--k", type=int, default=4096)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = build_model(args.size).eval()
@@ -108,6 +116,29 @@ def main(argv: list[str] | None = None) -> int:
             "cross_fit (no entropy-role sequences)",
             timed(
                 lambda: token_shares_cross_fit(model, update, ids, prompts, coefficients, h, 1.0),
+                args.repeats,
+            ),
+        )
+    )
+    hooked = HookedCapture(model, {"kind": "countsketch", "dim": args.k, "seed": 0})
+    halves = torch.from_numpy(cross_fit_halves(ids, prompts).astype("int64"))
+    weights = torch.stack([torch.where(halves == d, h, torch.zeros_like(h)) for d in (0, 1)])
+    found: list[list[dict[str, torch.Tensor]]] = []
+
+    def capture_adding() -> None:
+        directions = EntropyDirections(lambda _: weights)
+        hooked(update, directions=directions)
+        found[:] = [directions.totals]
+
+    rows.append(("countsketch rows by hooks", timed(lambda: hooked(update), args.repeats)))
+    rows.append(("the same, adding up v_0, v_1", timed(capture_adding, args.repeats)))
+    rows.append(
+        (
+            "cross_fit given v_0, v_1 (forward-mode passes)",
+            timed(
+                lambda: token_shares_cross_fit(
+                    model, update, ids, prompts, coefficients, h, 1.0, directions=found[0]
+                ),
                 args.repeats,
             ),
         )

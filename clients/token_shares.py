@@ -10,9 +10,11 @@ with ``grad_hat H = sum_j h_j w_j`` over the entropy-role sequences (math.md §3
 token-mean coefficients of §8).  Summed over ``t`` they give the sequence's ``a_i`` of the
 ``independent`` estimator, summed over everything ``dH1``.  Every share comes from one vector:
 ``v`` is one backward pass of ``sum_j h_j S_j`` over the entropy batch (the ``h_j`` held
-constant), and the ``<v, grad log pi(y_{i,t})>`` of every update token at once are one
-forward-mode pass (``torch.func.jvp``) of the update batch's token log-probs along ``v``.  No
-sketch is involved: the shares are exact, whatever sketch the run uses for its kernel.
+constant), or none of its own when the hooks of the capture that makes the rows add it up
+(:class:`clients.factorised.EntropyDirections`), and the ``<v, grad log pi(y_{i,t})>`` of
+every update token at once are one forward-mode pass (``torch.func.jvp``) of the update
+batch's token log-probs along ``v``.  No sketch is involved: the shares are exact, whatever
+sketch the run uses for its kernel.
 
 Why not a library: TRAK and LogIX attribute to training examples through sketched per-example
 gradients; a forward-mode directional derivative of every token's log-prob is one ``jvp`` here,

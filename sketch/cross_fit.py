@@ -6,9 +6,10 @@ the rows of the other half, ``g_X = sum_{i in X} u_i``.  ``v_0`` does not depend
 of half 1, so ``E[<v_0, g_1>] = <grad H, E g_1>`` with no self-term to remove (the bias that
 ``plugin`` carries and ``u_statistic`` removes), and the two terms add up to ``<grad H, E
 g>``.  What this buys is cost, not variance: the exact token shares of the estimator
-(math.md §9) need one backward pass per half for ``v_0`` and ``v_1`` and one forward-mode pass
-of each half along the other half's ``v``, about what ``independent`` costs, where
-``u_statistic``'s need a backward and a forward-mode pass per sequence.
+(math.md §9) need one backward pass per half for ``v_0`` and ``v_1`` (none when a hooked
+capture of the rows adds them up) and one forward-mode pass of each half along the other half's
+``v``, about what ``independent`` costs, where ``u_statistic``'s need a backward and a
+forward-mode pass per sequence.
 
 The split is a function of the sequence ids alone, so a trainer and the service that only share
 the ids agree on it: within each prompt, the rows sorted by id (Python string order) alternate

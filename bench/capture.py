@@ -3,7 +3,8 @@
 A GPT-2 of about 10M parameters built from a config (no download), ``n`` sequences of a
 16-token prompt and a ``T``-token response (default n = 32, T = 64).  Methods:
 
-* ``plain``: one batched forward + backward of ``sum_i S_i`` (what a trainer does anyway);
+* ``plain``: one batched forward + backward of ``sum_i S_i`` (what a trainer does anyway; the
+  LM head on the response positions alone, ``logits_to_keep``, as TRL runs it);
 * ``loop``: ``capture_gradients(method="loop")``, one backward per sequence;
 * ``vmap``: ``capture_gradients(method="vmap")``, ``torch.func`` in chunks;
 * ``factorised``: ``FactorisedCapture`` (kronecker sketch of width ``k`` from hooks, one
@@ -115,15 +116,24 @@ def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callabl
     """A closure running ``method`` once on the batch."""
     import torch
 
-    from clients.capture import capture_gradients, response_logprobs
+    from clients.capture import (
+        capture_gradients,
+        forward_logits,
+        response_logprobs,
+        response_window,
+    )
     from clients.factorised import FactorisedCapture, HookedCapture
 
     if method == "plain":
+        # the LM head on the response positions alone, as TRL's training forward runs it
+        keep = response_window(batch.response_mask)
 
         def plain() -> None:
             model.zero_grad(set_to_none=True)
-            out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            response_logprobs(out.logits, batch.input_ids, batch.response_mask).sum().backward()
+            logits = forward_logits(
+                model, batch.input_ids, batch.attention_mask, logits_to_keep=keep
+            )
+            response_logprobs(logits, batch.input_ids, batch.response_mask).sum().backward()
 
         return plain
     if method == "loop":

@@ -41,7 +41,12 @@ sys.path.insert(0, str(REPO))
 
 from trl_step import SIZES, build_model  # noqa: E402  (bench/trl_step.py)
 
-from clients.capture import SequenceBatch, forward_logits, response_logprobs  # noqa: E402
+from clients.capture import (  # noqa: E402
+    SequenceBatch,
+    forward_logits,
+    response_logprobs,
+    response_window,
+)
 from clients.factorised import EntropyDirections, HookedCapture  # noqa: E402
 from clients.token_shares import (  # noqa: E402
     token_shares,
@@ -89,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [f"p{i // args.group}" for i in range(args.sequences)]
     ids = [f"s{i}" for i in range(args.sequences)]
 
+    keep = response_window(update.response_mask)  # the LM head as TRL's training forward
+
     def forward_backward() -> None:
-        logits = forward_logits(model, update.input_ids, update.attention_mask)
+        logits = forward_logits(model, update.input_ids, update.attention_mask, logits_to_keep=keep)
         response_logprobs(logits, update.input_ids, update.response_mask).sum().backward()
         model.zero_grad(set_to_none=True)
 

@@ -26,6 +26,7 @@ The gradients come back as named tensors ``{param_name: [n, *shape]}`` (float32)
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -190,16 +191,66 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits
 
 
+def response_window(response_mask: torch.Tensor) -> int:
+    """How many trailing positions' logits a batch's response log-probs need: from the
+    position before its earliest response token to the end (what TRL passes as
+    ``logits_to_keep``); the whole width ``L`` when no row has a response token."""
+    width = int(response_mask.shape[1])
+    columns = torch.nonzero(response_mask.any(dim=0)).flatten()
+    if columns.numel() == 0:
+        return width
+    return width - max(0, int(columns[0]) - 1)
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward (or, for a PEFT wrapper, its base model's) names
+    ``logits_to_keep``: transformers' causal LMs then run the LM head on the kept positions
+    alone, and the prompt positions cost no LM-head product or softmax over the vocabulary."""
+    base = model
+    unwrap = getattr(model, "get_base_model", None)
+    if callable(unwrap):
+        base = unwrap()
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def forward_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    logits_to_keep: int = 0,
 ) -> torch.Tensor:
-    """``model(input_ids, attention_mask)`` logits ``[n, L, V]``; no KV cache for HF models."""
+    """``model(input_ids, attention_mask)`` logits ``[n, L, V]``; no KV cache for HF models.
+
+    ``logits_to_keep`` ``> 0``: the last ``logits_to_keep`` positions' logits only (``[n,
+    logits_to_keep, V]``), computed alone where the model supports it
+    (:func:`takes_logits_to_keep`) and sliced otherwise; :func:`response_logprobs` and
+    :func:`response_entropy_sums` take such logits (:func:`response_window`)."""
     kwargs: dict[str, Any] = {}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if hasattr(model, "config"):  # transformers: a cache is useless here and breaks vmap
         kwargs["use_cache"] = False
-    return logits_of(model(input_ids, **kwargs))
+    if 0 < logits_to_keep < input_ids.shape[1] and takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = logits_to_keep
+    logits = logits_of(model(input_ids, **kwargs))
+    return logits[:, -logits_to_keep:] if 0 < logits_to_keep < logits.shape[1] else logits
+
+
+def _logits_offset(logits: torch.Tensor, response_mask: torch.Tensor) -> int:
+    """How many leading positions ``logits`` lack (0, or ``L - L'`` when they hold the last
+    ``L'`` positions alone: ``logits_to_keep``); ``ValueError`` when a response token's
+    log-prob would need a logit that was not kept."""
+    offset = int(response_mask.shape[1]) - int(logits.shape[1])
+    if offset < 0 or (offset > 0 and bool(response_mask[:, : offset + 1].any())):
+        raise ValueError(
+            f"logits of {logits.shape[1]} positions do not reach every response token of a "
+            f"batch of width {response_mask.shape[1]} (see response_window)"
+        )
+    return offset
 
 
 def response_logprobs(
@@ -223,9 +274,16 @@ def response_logprobs(
     its logits by ``T``); 1 is the model's own softmax.
     Returns ``[n]`` float32.  Masked positions are removed with ``where`` (not a product), so
     a non-finite logit on a padded position cannot leak into ``S_i`` or its gradient.
+    ``logits`` may hold the last ``L' < L`` positions alone (``logits_to_keep``,
+    :func:`response_window`): the other arguments are cut to them.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    offset = _logits_offset(logits, response_mask)
+    if offset:
+        input_ids, response_mask = input_ids[:, offset:], response_mask[:, offset:]
+        weights = None if weights is None else weights[:, offset:]
+        entropy_weights = None if entropy_weights is None else entropy_weights[:, offset:]
     scaled = logits[:, :-1].float()
     logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, dim=-1)
     token_logp = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -263,7 +321,8 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """``[n]`` float32 ``S_i`` of every sequence, without gradients (e.g. ``logprob_after``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode):
-        logits = forward_logits(model, batch.input_ids, batch.attention_mask)
+        keep = response_window(batch.response_mask)
+        logits = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
         return response_logprobs(
             logits, batch.input_ids, batch.response_mask, temperature=temperature
         )
@@ -278,11 +337,13 @@ def response_entropy_sums(
     (tempered) next-token distribution that drew its token ``t``: ``[n]`` float32.
 
     ``logits`` ``[n, L, V]``, ``response_mask`` ``[n, L]`` bool, as in
-    :func:`response_logprobs`.  Its mean over a batch's tokens is the entropy TRL logs, and
-    its expectation is the sequence entropy (math.md §8).
+    :func:`response_logprobs` (also for the last positions' logits alone).  Its mean over a
+    batch's tokens is the entropy TRL logs, and its expectation is the sequence entropy
+    (math.md §8).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    response_mask = response_mask[:, _logits_offset(logits, response_mask) :]
     scaled = logits[:, :-1].float()
     logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, dim=-1)
     entropy = -(logp.exp() * logp).sum(dim=-1)
@@ -300,7 +361,8 @@ def sequence_logprobs_and_entropy_sums(
     """``(S_i, sum_t H_t)`` of every sequence from one forward without gradients: two ``[n]``
     float32 tensors (``logprob_after`` and ``entropy_sum_after``, or ``entropy_sum``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode):
-        logits = forward_logits(model, batch.input_ids, batch.attention_mask)
+        keep = response_window(batch.response_mask)
+        logits = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
         logprobs = response_logprobs(
             logits, batch.input_ids, batch.response_mask, temperature=temperature
         )

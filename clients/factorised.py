@@ -59,6 +59,8 @@ from clients.capture import (
     logits_of,
     response_entropy_sums,
     response_logprobs,
+    response_window,
+    takes_logits_to_keep,
     token_layout,
 )
 from clients.filters import ParameterFilter, select_parameters
@@ -553,20 +555,30 @@ class FactorisedCapture:
     # -- capture -----------------------------------------------------------------------------
 
     def _forward(self, batch: SequenceBatch) -> torch.Tensor:
+        """The logits of the positions the response log-probs need (:func:`response_window`:
+        the LM head's product and its hook then skip the prompt positions)."""
+        keep = response_window(batch.response_mask)
         if not self._takes_position_ids:
-            return forward_logits(self.model, batch.input_ids, batch.attention_mask)
+            return forward_logits(
+                self.model, batch.input_ids, batch.attention_mask, logits_to_keep=keep
+            )
         # Per-row position ids: GPT-2 would otherwise look its position embeddings up once for
         # the whole batch ([1, L]) and broadcast them, summing the rows' gradients together.
         n, width = batch.input_ids.shape
         positions = torch.arange(width, device=batch.input_ids.device).expand(n, width)
-        return logits_of(
+        kwargs: dict[str, Any] = {}
+        if keep < width and takes_logits_to_keep(self.model):
+            kwargs["logits_to_keep"] = keep
+        logits = logits_of(
             self.model(
                 batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=positions,
                 use_cache=False,
+                **kwargs,
             )
         )
+        return logits[:, -keep:]
 
     def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
         out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)

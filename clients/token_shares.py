@@ -33,7 +33,15 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from clients.capture import SequenceBatch, eval_mode, forward_logits, logits_of, response_logprobs
+from clients.capture import (
+    SequenceBatch,
+    eval_mode,
+    forward_logits,
+    logits_of,
+    response_logprobs,
+    response_window,
+    takes_logits_to_keep,
+)
 from sketch.cross_fit import cross_fit_halves
 
 
@@ -71,7 +79,10 @@ def entropy_gradient(
         if p.requires_grad and (parameters is None or n in parameters)
     }
     with eval_mode(model, use_eval_mode):
-        logits = forward_logits(model, entropy.input_ids, entropy.attention_mask)
+        keep = response_window(entropy.response_mask)
+        logits = forward_logits(
+            model, entropy.input_ids, entropy.attention_mask, logits_to_keep=keep
+        )
         logprobs = response_logprobs(
             logits, entropy.input_ids, entropy.response_mask, temperature=temperature
         )
@@ -125,13 +136,19 @@ def token_derivatives(
     kwargs: dict[str, object] = {"attention_mask": batch.attention_mask}
     if hasattr(model, "config"):
         kwargs["use_cache"] = False
+    # the positions from the one before the earliest response token: the LM head and its
+    # tangent skip the prompts
+    keep = response_window(batch.response_mask)
+    offset = batch.input_ids.shape[1] - keep
+    if offset and takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
 
     def per_token(values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[n, L - 1, 1 or 2]``: each position's token log-prob (and entropy)."""
+        """``[n, keep - 1, 1 or 2]``: each kept position's token log-prob (and entropy)."""
         output = functional_call(model, {**fixed, **values}, (batch.input_ids,), kwargs)
-        scaled = logits_of(output)[:, :-1].float()
+        scaled = logits_of(output)[:, -keep:-1].float()
         logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, -1)
-        token = logp.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1))
+        token = logp.gather(-1, batch.input_ids[:, offset + 1 :].unsqueeze(-1))
         if not entropy:
             return token
         return torch.cat([token, -(logp.exp() * logp).sum(-1, keepdim=True)], dim=-1)
@@ -145,11 +162,12 @@ def token_derivatives(
         _without_input_grad_hooks(model),
     ):
         value, derivative = jvp(per_token, (moving,), (tangents,))[:2]
-    mask = batch.response_mask[:, 1:]
+    mask = batch.response_mask[:, offset + 1 :]
 
     def laid_out(part: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=part.device)
-        full[:, 1:] = torch.where(mask, part.float(), torch.zeros_like(full[:, 1:]))
+        tail = full[:, offset + 1 :]
+        full[:, offset + 1 :] = torch.where(mask, part.float(), torch.zeros_like(tail))
         return full
 
     return TokenDerivatives(

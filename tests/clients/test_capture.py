@@ -361,3 +361,62 @@ def test_sketches_of_any_chunking_agree_and_scale_rows() -> None:
     exact = capture_gradients(model, batch, chunk_size=5)
     expected = sketcher.sketch({n: g * scale[n] for n, g in exact.gradients.items()})
     torch.testing.assert_close(scaled.sketch, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_of_the_response_window_alone(model: nn.Module) -> None:
+    """The LM head runs on the positions from the one before the earliest response token
+    (``logits_to_keep``, as TRL's own forward), and the log-probs, entropy sums, hooked rows and
+    token derivatives are those of the full logits; logits that miss a response token are
+    refused."""
+    from clients.capture import (
+        forward_logits,
+        response_entropy_sums,
+        response_logprobs,
+        response_window,
+        sequence_logprobs_and_entropy_sums,
+    )
+    from clients.factorised import HookedCapture
+    from clients.token_shares import token_derivatives
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [(3, 4), (5, 2), (4, 3), (3, 5)]  # (prompt, response): prompts of 3 or more
+    batch = SequenceBatch.from_pairs(
+        [torch.randint(1, VOCAB, (p,), generator=g) for p, _ in lengths],
+        [torch.randint(1, VOCAB, (r,), generator=g) for _, r in lengths],
+    )
+    width = batch.input_ids.shape[1]
+    first = int(torch.nonzero(batch.response_mask.any(0)).min())
+    keep = response_window(batch.response_mask)
+    assert keep == width - (first - 1) < width
+    assert response_window(torch.zeros_like(batch.response_mask)) == width
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            full = forward_logits(model, batch.input_ids, batch.attention_mask)
+            cut = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
+        assert seen == [width, keep]
+        torch.testing.assert_close(cut, full[:, -keep:], rtol=1e-5, atol=1e-5)
+        mask, ids = batch.response_mask, batch.input_ids
+        torch.testing.assert_close(
+            response_logprobs(cut, ids, mask), response_logprobs(full, ids, mask)
+        )
+        torch.testing.assert_close(
+            response_entropy_sums(cut, mask), response_entropy_sums(full, mask)
+        )
+        with pytest.raises(ValueError, match="do not reach"):
+            response_logprobs(full[:, -(keep - 1) :], ids, mask)
+        seen.clear()
+        logprobs, _ = sequence_logprobs_and_entropy_sums(model, batch)
+        hooked = HookedCapture(model, {"kind": "countsketch", "dim": 32, "seed": 1})
+        captured = hooked(batch)
+        v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        found = token_derivatives(model, batch, v)
+        assert seen == [keep, keep, keep]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logprobs, response_logprobs(full, ids, mask))
+    torch.testing.assert_close(captured.logprobs, logprobs, rtol=1e-5, atol=1e-5)
+    # the derivatives off the window are zero, as off the response positions
+    assert not found.logprob[:, : width - keep + 1].any()

@@ -104,6 +104,14 @@ class SequenceBatch:
             self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
         )
 
+    def trimmed(self) -> SequenceBatch:
+        """The same rows without the padding columns they all share at the end (a sub-batch
+        of short sequences, selected from a batch as wide as its longest one)."""
+        width = int(self.lengths.max()) if self.size else 0
+        return SequenceBatch(
+            self.input_ids[:, :width], self.attention_mask[:, :width], self.response_mask[:, :width]
+        )
+
     @classmethod
     def concat(cls, batches: Sequence[SequenceBatch]) -> SequenceBatch:
         """The rows of ``batches`` in order, right-padded to the widest (token 0)."""
@@ -222,8 +230,10 @@ def forward_logits(
     attention_mask: torch.Tensor | None = None,
     *,
     logits_to_keep: int = 0,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``model(input_ids, attention_mask)`` logits ``[n, L, V]``; no KV cache for HF models.
+    """``model(input_ids, attention_mask)`` logits ``[n, L, V]``; no KV cache for HF models;
+    ``position_ids`` passed on when given.
 
     ``logits_to_keep`` ``> 0``: the last ``logits_to_keep`` positions' logits only (``[n,
     logits_to_keep, V]``), computed alone where the model supports it
@@ -234,6 +244,8 @@ def forward_logits(
         kwargs["attention_mask"] = attention_mask
     if hasattr(model, "config"):  # transformers: a cache is useless here and breaks vmap
         kwargs["use_cache"] = False
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     if 0 < logits_to_keep < input_ids.shape[1] and takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = logits_to_keep
     logits = logits_of(model(input_ids, **kwargs))

@@ -56,11 +56,9 @@ from clients.capture import (
     SequenceBatch,
     eval_mode,
     forward_logits,
-    logits_of,
     response_entropy_sums,
     response_logprobs,
     response_window,
-    takes_logits_to_keep,
     token_layout,
 )
 from clients.filters import ParameterFilter, select_parameters
@@ -151,7 +149,7 @@ class _Accumulator:
     directions: EntropyDirections | None = None
     shapes: Mapping[str, list[int]] = field(default_factory=dict)
     directions_added: set[int] = field(default_factory=set)
-    adding_directions: bool = False  # the running hook adds its part
+    hook_adds: bool = False  # the running hook's part is not in the directions yet
 
     def clear(self) -> None:
         self.clear_rows()
@@ -176,12 +174,19 @@ class _Accumulator:
         self.vectors[name] = flat if name not in self.vectors else self.vectors[name] + flat
         self.add_direction(name, self.weighted(flat))
 
+    @property
+    def adding(self) -> torch.Tensor | None:
+        """The ``[m, n]`` ``h`` when the running hook adds its part to the directions (a score
+        backward with directions, and a hook whose part is not in already), else None."""
+        return self.direction_weights if self.hook_adds else None
+
     def weighted(self, rows: torch.Tensor) -> torch.Tensor:
         """``[m, ...]`` the directions' ``sum_j h_{d,j} rows_j`` of ``[n, ...]`` rows (empty
         when no direction is being added)."""
-        if not self.adding_directions or self.direction_weights is None:
+        weights = self.adding
+        if weights is None:
             return rows.new_zeros((0,))
-        return torch.tensordot(self.direction_weights.to(rows.device), rows.float(), dims=1)
+        return torch.tensordot(weights.to(rows.device), rows.float(), dims=1)
 
     def direction(self, d: int, name: str, device: torch.device) -> torch.Tensor:
         """Direction ``d``'s total of parameter ``name`` (zeros on first use)."""
@@ -195,7 +200,7 @@ class _Accumulator:
     def add_direction(self, name: str, part: torch.Tensor, start: int = 0) -> None:
         """Add ``[m, c]`` ``part`` to the directions' flat entries ``[start, start + c)`` of
         parameter ``name``."""
-        if not self.adding_directions or self.direction_weights is None:
+        if self.adding is None:
             return
         for d in range(part.shape[0]):
             flat = self.direction(d, name, part.device).view(-1)
@@ -204,7 +209,7 @@ class _Accumulator:
     def add_direction_rows(self, name: str, index: torch.Tensor, part: torch.Tensor) -> None:
         """Add ``[m, r, dim]`` ``part`` to rows ``index`` (``[r]``) of the directions of the
         ``[num, dim]`` matrix ``name`` (an embedding; repeated indices add up)."""
-        if not self.adding_directions or self.direction_weights is None:
+        if self.adding is None:
             return
         for d in range(part.shape[0]):
             total = self.direction(d, name, part.device)
@@ -234,7 +239,7 @@ def _add_outer_directions(
     (``left`` ``[n, T, rows]``, ``right`` ``[n, T, cols]``, padded tokens zero): one
     ``[rows, cols]`` product over the batch's tokens per direction, the size of a backward's
     own weight-gradient product."""
-    weights = acc.direction_weights
+    weights = acc.adding
     assert weights is not None
     for d in range(weights.shape[0]):
         scaled = left * weights[d].to(left.device, left.dtype)[:, None, None]
@@ -406,7 +411,7 @@ class FactorisedCapture:
                 else:  # Linear: declared [out, in], G = sum_t delta_t x_t^T
                     core = torch.bmm(masked(ds @ a.T).transpose(1, 2), masked(xs @ b.T))
                 acc.add_core(name, core)
-                if acc.adding_directions and acc.direction_weights is not None:
+                if acc.adding is not None:
                     ds = masked(ds)
                     _add_outer_directions(acc, name, *((xs, ds) if transposed else (ds, xs)))
             if "bias" in own:
@@ -425,8 +430,9 @@ class FactorisedCapture:
             a, b = self._factors[name]
             ax = a.T[ids]  # [n, T, k_out]: A e_{id_t} = A[:, id_t]
             acc.add_core(name, torch.bmm(ax.transpose(1, 2), ds @ b.T))
-            if acc.adding_directions and acc.direction_weights is not None:
-                each = acc.direction_weights.to(ds.device)[:, :, None, None] * ds  # [m, n, T, dim]
+            weights = acc.adding
+            if weights is not None:
+                each = weights.to(ds.device)[:, :, None, None] * ds  # [m, n, T, dim]
                 acc.add_direction_rows(name, ids.flatten(), each.flatten(1, 2))
 
         return on_grad
@@ -528,7 +534,7 @@ class FactorisedCapture:
                 def tensor_hook(g: torch.Tensor) -> None:
                     acc.fired += 1
                     acc.fired_hooks.add(number)
-                    acc.adding_directions = number not in acc.directions_added
+                    acc.hook_adds = number not in acc.directions_added
                     on_grad(x, g.detach())
 
                 # A tensor hook sees dS/d(output) of this very call: a module called twice gets
@@ -557,28 +563,19 @@ class FactorisedCapture:
     def _forward(self, batch: SequenceBatch) -> torch.Tensor:
         """The logits of the positions the response log-probs need (:func:`response_window`:
         the LM head's product and its hook then skip the prompt positions)."""
-        keep = response_window(batch.response_mask)
-        if not self._takes_position_ids:
-            return forward_logits(
-                self.model, batch.input_ids, batch.attention_mask, logits_to_keep=keep
-            )
-        # Per-row position ids: GPT-2 would otherwise look its position embeddings up once for
-        # the whole batch ([1, L]) and broadcast them, summing the rows' gradients together.
-        n, width = batch.input_ids.shape
-        positions = torch.arange(width, device=batch.input_ids.device).expand(n, width)
-        kwargs: dict[str, Any] = {}
-        if keep < width and takes_logits_to_keep(self.model):
-            kwargs["logits_to_keep"] = keep
-        logits = logits_of(
-            self.model(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=positions,
-                use_cache=False,
-                **kwargs,
-            )
+        positions = None
+        if self._takes_position_ids:
+            # Per-row position ids: GPT-2 would otherwise look its position embeddings up once
+            # for the whole batch ([1, L]) and broadcast them, summing the rows' gradients.
+            n, width = batch.input_ids.shape
+            positions = torch.arange(width, device=batch.input_ids.device).expand(n, width)
+        return forward_logits(
+            self.model,
+            batch.input_ids,
+            batch.attention_mask,
+            logits_to_keep=response_window(batch.response_mask),
+            position_ids=positions,
         )
-        return logits[:, -keep:]
 
     def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
         out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)

@@ -244,22 +244,13 @@ def _checked_layouts(
 
 def _into(found: TokenDerivatives, rows: Sequence[int], part: TokenDerivatives) -> None:
     """Set ``rows`` of ``found`` (CPU, :func:`_zeros`) from ``part``, a sub-batch's (as wide,
-    or trimmed of padding columns by :func:`_chunk`: the columns past it stay 0)."""
+    or trimmed of padding columns by :meth:`SequenceBatch.trimmed`: the columns past it
+    stay 0)."""
     width = part.logprob.shape[1]
     found.logprobs[rows, :width] = part.logprobs.cpu()
     found.logprob[rows, :width] = part.logprob.cpu()
     if found.entropy is not None and part.entropy is not None:
         found.entropy[rows, :width] = part.entropy.cpu()
-
-
-def _chunk(batch: SequenceBatch, rows: Sequence[int]) -> SequenceBatch:
-    """``batch``'s ``rows`` without the padding columns they all share at the end (a step's
-    batch is as wide as its longest sequence; a chunk of short ones would pay for it)."""
-    part = batch.select(list(rows))
-    width = int(part.attention_mask.sum(dim=1).max())  # right-padded
-    return SequenceBatch(
-        part.input_ids[:, :width], part.attention_mask[:, :width], part.response_mask[:, :width]
-    )
 
 
 def _zeros(update: SequenceBatch, entropy: bool) -> TokenDerivatives:
@@ -413,7 +404,7 @@ def _half_directions(
             rows = list(members[half][first : first + chunk_size])
             gradient = entropy_gradient(
                 model,
-                _chunk(update, rows),
+                update.select(rows).trimmed(),
                 h[rows],
                 parameters=parameters,
                 temperature=temperature,
@@ -494,7 +485,7 @@ def token_shares_cross_fit(
             rows = members[half][first : first + chunk_size]
             part = token_derivatives(
                 model,
-                _chunk(update, rows),
+                update.select(rows).trimmed(),
                 directions[1 - half],
                 temperature=temperature,
                 use_eval_mode=use_eval_mode,

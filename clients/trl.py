@@ -884,16 +884,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             padded = [torch.nn.functional.pad(c.cpu(), (0, width - c.shape[1])) for c in parts]
             return torch.cat(padded).to(batch.input_ids.device)
 
-        layouts = []
-        for m in micro:
-            if m.coefficients is not None:
-                layouts.append(m.coefficients.logprob.float())
-            else:  # on-policy: weight_i A_i on every token
-                c = torch.tensor(
-                    [window.records[i]["weight"] * window.records[i]["advantage"] for i in m.ids]
-                )
-                on = m.batch.response_mask.cpu()
-                layouts.append(torch.where(on, c[:, None], torch.zeros(())).float())
+        layouts = [
+            self._kernelscope_on_policy(window, m.ids, m.batch)
+            if m.coefficients is None
+            else m.coefficients.logprob.float()
+            for m in micro
+        ]
         # an entropy bonus's e_{i,t} grad H_{i,t} terms are in the update rows: in the shares too
         entropies = [None if m.coefficients is None else m.coefficients.entropy for m in micro]
         bonus = None
@@ -905,6 +901,17 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 ]
             )
         return ids, batch, TokenCoefficients(stacked(layouts), bonus)
+
+    @staticmethod
+    def _kernelscope_on_policy(
+        window: _Window, ids: list[str], batch: SequenceBatch
+    ) -> torch.Tensor:
+        """The token coefficients of plain on-policy sequences, ``weight_i A_i`` on every
+        response token: ``[n, L]`` float32 on the CPU, laid out like ``batch.input_ids``."""
+        records = window.records
+        c = torch.tensor([records[i]["weight"] * records[i]["advantage"] for i in ids])
+        on = batch.response_mask.cpu()
+        return torch.where(on, c[:, None], torch.zeros(())).float()
 
     def _kernelscope_regrouped(self, window: _Window) -> list[_MicroBatch]:
         """The window's sequences in capture batches of whole prompts, each at most the size
@@ -926,13 +933,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 chunks.append(list(rows))
         out = []
         for rows in chunks:
-            sub = batch.select(rows)
-            width = int(sub.attention_mask.sum(dim=1).max())  # right-padded
-            sub = SequenceBatch(
-                sub.input_ids[:, :width],
-                sub.attention_mask[:, :width],
-                sub.response_mask[:, :width],
-            )
+            sub = batch.select(rows).trimmed()
+            width = sub.input_ids.shape[1]
             part = None
             if coefficients is not None:
                 entropy = coefficients.entropy
@@ -974,13 +976,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         micro = window.micro
         ids, batch, layout = self._kernelscope_layouts(window)
         if layout is None:  # plain on-policy throughout
-            c = torch.tensor(
-                [window.records[i]["weight"] * window.records[i]["advantage"] for i in ids]
-            )
-            on = batch.response_mask.cpu()
-            layout = TokenCoefficients(
-                torch.where(on, c[:, None], torch.zeros(())).to(batch.input_ids.device), None
-            )
+            on_policy = self._kernelscope_on_policy(window, ids, batch)
+            layout = TokenCoefficients(on_policy.to(batch.input_ids.device), None)
         coefficients, bonus = layout.logprob, layout.entropy
         seqs = StepSequences.from_records([window.records[i] for i in ids])
         h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()

@@ -165,11 +165,9 @@ def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
     ).shares
     assert not shares[~update.response_mask].any()
     # the passes take each chunk without the padding columns its rows share
-    from clients.token_shares import _chunk
-
     lengths = update.attention_mask.sum(1)
     shortest = torch.argsort(lengths)[:2].tolist()
-    assert _chunk(update, shortest).input_ids.shape[1] == int(lengths[shortest].max())
+    assert update.select(shortest).trimmed().input_ids.shape[1] == int(lengths[shortest].max())
     assert int(lengths[shortest].max()) < update.input_ids.shape[1]
     captured = capture_gradients(model, update, chunk_size=update.size)
     W = torch.cat([g.reshape(update.size, -1) for g in captured.gradients.values()], 1).double()

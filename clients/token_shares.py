@@ -143,15 +143,13 @@ def token_derivatives(
     if offset and takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = keep
 
-    def per_token(values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[n, keep - 1, 1 or 2]``: each kept position's token log-prob (and entropy)."""
+    def logits(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[n, keep, V]``: the tempered logits of the kept positions (the last predicts no
+        response token: it is dropped after the vocabulary-wide work, which runs faster on
+        contiguous tensors than on their slice)."""
         output = functional_call(model, {**fixed, **values}, (batch.input_ids,), kwargs)
-        scaled = logits_of(output)[:, -keep:-1].float()
-        logp = torch.log_softmax(scaled / temperature if temperature != 1.0 else scaled, -1)
-        token = logp.gather(-1, batch.input_ids[:, offset + 1 :].unsqueeze(-1))
-        if not entropy:
-            return token
-        return torch.cat([token, -(logp.exp() * logp).sum(-1, keepdim=True)], dim=-1)
+        scaled = logits_of(output)[:, -keep:].float()
+        return scaled / temperature if temperature != 1.0 else scaled
 
     # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
     # the math kernel computes the same attention and has one.
@@ -160,8 +158,28 @@ def token_derivatives(
         eval_mode(model, use_eval_mode),
         sdpa_kernel(SDPBackend.MATH),
         _without_input_grad_hooks(model),
+        _contiguous_head_input(model),
     ):
-        value, derivative = jvp(per_token, (moving,), (tangents,))[:2]
+        scaled, scaled_dot = jvp(logits, (moving,), (tangents,))[:2]
+        # The log-softmax and entropy tangents in closed form from the logits' tangent s':
+        # d log p_y = s'_y - E_p[s'] and dH = -E_p[(log p + H) s'], the weighted sums over the
+        # vocabulary in one batched product, where forward-mode AD through log_softmax and the
+        # entropy made a dozen passes over the [n, keep, V] logits.
+        logp = torch.log_softmax(scaled, -1)
+        del scaled
+        weights = logp.new_empty((*logp.shape[:-1], 2 if entropy else 1, logp.shape[-1]))
+        torch.exp(logp, out=weights[..., 0, :])
+        targets = batch.input_ids[:, offset + 1 :].unsqueeze(-1)
+        value = logp[:, :-1].gather(-1, targets)[..., 0]
+        if entropy:
+            torch.mul(weights[..., 0, :], logp, out=weights[..., 1, :])
+        del logp
+        means = (weights @ scaled_dot.unsqueeze(-1))[:, :-1, :, 0]
+        derivative = scaled_dot[:, :-1].gather(-1, targets)[..., 0] - means[..., 0]
+        entropy_dot = None
+        if entropy:
+            h = -weights[:, :-1, 1].sum(-1)
+            entropy_dot = -means[..., 1] - h * means[..., 0]
     mask = batch.response_mask[:, offset + 1 :]
 
     def laid_out(part: torch.Tensor) -> torch.Tensor:
@@ -171,10 +189,33 @@ def token_derivatives(
         return full
 
     return TokenDerivatives(
-        logprobs=laid_out(value[..., 0]),
-        logprob=laid_out(derivative[..., 0]),
-        entropy=laid_out(derivative[..., 1]) if entropy else None,
+        logprobs=laid_out(value),
+        logprob=laid_out(derivative),
+        entropy=None if entropy_dot is None else laid_out(entropy_dot),
     )
+
+
+@contextlib.contextmanager
+def _contiguous_head_input(model: nn.Module) -> Iterator[None]:
+    """transformers' causal LMs give the LM head a strided slice of the hidden states (the
+    ``logits_to_keep`` window); forward-mode AD's ``matmul`` then runs it and its tangents as a
+    batched product against a broadcast weight, at half the speed of one matrix product.  A
+    contiguous input folds into one.  (A model without ``get_output_embeddings`` is left as
+    it is.)"""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        yield
+        return
+
+    def contiguous(_: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+        return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+    handle = head.register_forward_pre_hook(contiguous)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

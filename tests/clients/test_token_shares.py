@@ -39,6 +39,8 @@ def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
     found = token_derivatives(model, batch, v, temperature=0.8, entropy=True)
     logprobs, derivative, entropy = found.logprobs, found.logprob, found.entropy
     assert entropy is not None
+    # the pass's contiguous-input hook on the LM head is gone after it
+    assert not model.get_output_embeddings()._forward_pre_hooks
     model.eval()
     params = [p for n, p in model.named_parameters() if n in v]
     names = [n for n, _ in model.named_parameters() if n in v]

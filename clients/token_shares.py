@@ -240,15 +240,21 @@ def _without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def _scaled(
-    v: dict[str, torch.Tensor], metric: Mapping[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
-    """``P v`` in adam geometry (``metric`` = ``sqrt(P)`` per parameter: the kernel is ``w^T P
-    w'``), else ``v``; in place (``v`` is a fresh gradient its caller owns: a 100M model's
-    copy would be 400 MB more)."""
-    if metric is not None:
-        for n, t in v.items():
-            t.mul_(metric[n].to(t.device, t.dtype) ** 2)
-    return v
+    metric: Mapping[str, torch.Tensor] | None, *directions: dict[str, torch.Tensor]
+) -> None:
+    """Each ``v`` to ``P v`` in adam geometry (``metric`` = ``sqrt(P)`` per parameter: the
+    kernel is ``w^T P w'``), in place (each ``v`` is a fresh gradient its caller owns: a 100M
+    model's copy would be 400 MB more); ``P`` once per parameter for all of them (a lazy
+    ``metric`` computes it on every read)."""
+    if metric is None:
+        return
+    for name in dict.fromkeys(n for v in directions for n in v):
+        square: torch.Tensor | None = None
+        for v in directions:
+            if name in v:
+                if square is None:
+                    square = metric[name].to(v[name].device, v[name].dtype).square()
+                v[name].mul_(square)
 
 
 def _weighted(
@@ -341,10 +347,11 @@ def token_shares(
         temperature=temperature,
         use_eval_mode=use_eval_mode,
     )
+    _scaled(sqrt_p, v)
     found = token_derivatives(
         model,
         update,
-        _scaled(v, sqrt_p),
+        v,
         temperature=temperature,
         use_eval_mode=use_eval_mode,
         entropy=entropy_coefficients is not None,
@@ -395,7 +402,8 @@ def token_shares_u_statistic(
             temperature=temperature,
             use_eval_mode=use_eval_mode,
         )
-        return _scaled(v, sqrt_p)
+        _scaled(sqrt_p, v)
+        return v
 
     def along(batch: SequenceBatch, v: Mapping[str, torch.Tensor]) -> TokenDerivatives:
         return token_derivatives(
@@ -520,7 +528,8 @@ def token_shares_cross_fit(
         )
     elif len(directions) != 2:
         raise ValueError(f"directions must be [v_0, v_1], got {len(directions)}")
-    directions = [_scaled(dict(v), sqrt_p) for v in directions]
+    directions = [dict(v) for v in directions]
+    _scaled(sqrt_p, *directions)
     for half in (0, 1):
         for first in range(0, len(members[half]), chunk_size):
             rows = members[half][first : first + chunk_size]

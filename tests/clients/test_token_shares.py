@@ -145,15 +145,16 @@ def test_u_statistic_shares_drop_the_self_term_and_add_up(model: nn.Module) -> N
     assert not torch.allclose(shares.sum(1), plugin_shares.sum(1), rtol=1e-3)
 
 
-@pytest.mark.parametrize("chunk_size", [4, 16])
+@pytest.mark.parametrize(("chunk_size", "geometry"), [(4, "sgd"), (16, "sgd"), (4, "adam")])
 def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
-    model: nn.Module, chunk_size: int
+    model: nn.Module, chunk_size: int, geometry: str
 ) -> None:
     """Without entropy-role sequences: the ``cross_fit`` token shares (each prompt's sequences
     split into halves by id, a token's direction from the other half alone) summed per sequence
     are the ``cross_fit`` ``a_i`` of the exact kernel, and their total its ``delta_h1``, to float
-    precision, whether the passes take the 6 sequences in chunks of 4 or at once.  They are not
-    the ``u_statistic`` shares (different pairs, different ``h``)."""
+    precision, whether the passes take the 6 sequences in chunks of 4 or at once, and in
+    ``adam`` geometry (rows scaled by a ``sqrt(P)``, which the shares leave as it was).  They
+    are not the ``u_statistic`` shares (different pairs, different ``h``)."""
     from clients.token_shares import token_shares_cross_fit
     from sketch.entropy import estimator_entropy_coefficients
 
@@ -162,17 +163,38 @@ def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
     h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
     c = torch.from_numpy(seqs.advantage * 0.25).float()
     coefficients = c[:, None].expand_as(update.input_ids).clone()
+    gen = torch.Generator().manual_seed(5)
+    sqrt_p = None
+    if geometry == "adam":
+        sqrt_p = {n: 0.5 + torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+    kept = None if sqrt_p is None else {n: t.clone() for n, t in sqrt_p.items()}
     shares = token_shares_cross_fit(
-        model, update, seqs.ids, seqs.prompt_ids, coefficients, h, ETA, chunk_size=chunk_size
+        model,
+        update,
+        seqs.ids,
+        seqs.prompt_ids,
+        coefficients,
+        h,
+        ETA,
+        chunk_size=chunk_size,
+        sqrt_p=sqrt_p,
     ).shares
     assert not shares[~update.response_mask].any()
+    if sqrt_p is not None and kept is not None:
+        assert all(torch.equal(sqrt_p[n], kept[n]) for n in kept)
     # the passes take each chunk without the padding columns its rows share
     lengths = update.attention_mask.sum(1)
     shortest = torch.argsort(lengths)[:2].tolist()
     assert update.select(shortest).trimmed().input_ids.shape[1] == int(lengths[shortest].max())
     assert int(lengths[shortest].max()) < update.input_ids.shape[1]
     captured = capture_gradients(model, update, chunk_size=update.size)
-    W = torch.cat([g.reshape(update.size, -1) for g in captured.gradients.values()], 1).double()
+    W = torch.cat(
+        [
+            g.reshape(update.size, -1) * (1.0 if sqrt_p is None else sqrt_p[n].reshape(-1))
+            for n, g in captured.gradients.items()
+        ],
+        1,
+    ).double()
     K = (W @ W.T).numpy()
     result = entropy_change(K, seqs, ETA, estimator="cross_fit")
     a = np.array([s.a for s in result.per_sequence])

@@ -164,10 +164,10 @@ def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
     c = torch.from_numpy(seqs.advantage * 0.25).float()
     coefficients = c[:, None].expand_as(update.input_ids).clone()
     gen = torch.Generator().manual_seed(5)
-    sqrt_p = None
+    sqrt_p: dict[str, torch.Tensor] = {}
     if geometry == "adam":
         sqrt_p = {n: 0.5 + torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
-    kept = None if sqrt_p is None else {n: t.clone() for n, t in sqrt_p.items()}
+    kept = {n: t.clone() for n, t in sqrt_p.items()}
     shares = token_shares_cross_fit(
         model,
         update,
@@ -177,11 +177,10 @@ def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
         h,
         ETA,
         chunk_size=chunk_size,
-        sqrt_p=sqrt_p,
+        sqrt_p=sqrt_p or None,
     ).shares
     assert not shares[~update.response_mask].any()
-    if sqrt_p is not None and kept is not None:
-        assert all(torch.equal(sqrt_p[n], kept[n]) for n in kept)
+    assert all(torch.equal(sqrt_p[n], kept[n]) for n in kept)
     # the passes take each chunk without the padding columns its rows share
     lengths = update.attention_mask.sum(1)
     shortest = torch.argsort(lengths)[:2].tolist()
@@ -190,7 +189,7 @@ def test_cross_fit_shares_pair_each_half_with_the_other_and_add_up(
     captured = capture_gradients(model, update, chunk_size=update.size)
     W = torch.cat(
         [
-            g.reshape(update.size, -1) * (1.0 if sqrt_p is None else sqrt_p[n].reshape(-1))
+            g.reshape(update.size, -1) * (sqrt_p[n].reshape(-1) if sqrt_p else 1.0)
             for n, g in captured.gradients.items()
         ],
         1,

@@ -25,9 +25,11 @@ Layers and parameters handled:
   ``A x_t = A[:, id_t]``; tokens equal to ``padding_idx`` get no gradient, as in PyTorch;
 * biases of the above: ``sum_t delta_t``, exact per sequence;
 * other parameters of modules without children (LayerNorm, RMSNorm, ...): their per-sequence
-  gradients are computed from the module's saved input and output gradient with
-  ``torch.func.vjp`` (small: these parameters are vectors), then sketched by the run's sketcher
-  (``countsketch`` for 1-D parameters inside ``kronecker``), unless ``non_matrix="exclude"``.
+  gradients are computed from the module's saved input and output gradient, by one re-run of
+  the module with a copy of each parameter per sequence (checked once against
+  ``torch.func.vjp`` per sequence, which is used where the copies do not apply), then
+  sketched by the run's sketcher (``countsketch`` for 1-D parameters inside ``kronecker``),
+  unless ``non_matrix="exclude"``.
 
 A parameter used by several modules (GPT-2's ``wte`` tied to ``lm_head``) gets the sum of its
 contributions, as the sketch is linear.  Selected parameters that no supported module owns are
@@ -51,6 +53,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.func import functional_call, vjp, vmap
 
 from clients.capture import (
     SequenceBatch,
@@ -150,6 +153,17 @@ class _Accumulator:
     shapes: Mapping[str, list[int]] = field(default_factory=dict)
     directions_added: set[int] = field(default_factory=set)
     hook_adds: bool = False  # the running hook's part is not in the directions yet
+    padded: bool | None = None  # whether token_mask has a False entry (None: not looked yet)
+
+    def padding(self, length: int) -> torch.Tensor | None:
+        """The ``[n, L]`` real-token mask for an activation of ``length`` tokens per
+        sequence, or None when nothing is to be masked: the activation is not laid out per
+        token, or the batch has no padded token (then a mask would be a pass for nothing)."""
+        if length != self.token_mask.shape[1]:
+            return None
+        if self.padded is None:
+            self.padded = not bool(self.token_mask.all())
+        return self.token_mask if self.padded else None
 
     def clear(self) -> None:
         self.clear_rows()
@@ -262,6 +276,43 @@ def _embedding_tokens(
     return ids, _tokens(grad, n), keep
 
 
+def _per_sequence_copies(
+    module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, grad: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """``{attr: [n, *shape]}`` per-sequence gradients of ``module``'s ``params`` given its
+    batch-first input ``x`` and output gradient ``grad``, from one re-run in which each
+    parameter is a ``[n, 1, ..., *shape]`` tensor, one copy per sequence, broadcast against the
+    ``[n, ...]`` activations as the parameter itself is (an elementwise scale or shift: every
+    norm).  None where the copies do not fit: the output is not a tensor of ``grad``'s shape,
+    or the module does more with a parameter than broadcast it (an error)."""
+    n = x.shape[0]
+    copies = {}
+    for attr, p in params.items():
+        ones = grad.ndim - 1 - p.ndim
+        if ones < 0:
+            return None
+        shape = (n, *([1] * ones), *p.shape)
+        copies[attr] = p.reshape(1, *shape[1:]).expand(shape).clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = functional_call(module, copies, (x,))
+            if not isinstance(out, torch.Tensor) or out.shape != grad.shape:
+                return None
+            grads = torch.autograd.grad(out, list(copies.values()), grad, allow_unused=True)
+    except RuntimeError:
+        return None
+    return {
+        attr: (torch.zeros_like(copy) if g is None else g).reshape(n, *params[attr].shape)
+        for (attr, copy), g in zip(copies.items(), grads, strict=True)
+    }
+
+
+def _agree(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to the float rounding of two orders of summation, relative to ``want``'s scale."""
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
 class FactorisedCapture:
     """Per-sequence ``kronecker`` sketches of a causal LM's score gradients, by hooks.
 
@@ -336,6 +387,8 @@ class FactorisedCapture:
         canonical = {id(p): n for n, p in selected.items()}
         # (module, kind, {attr: canonical name}) for every supported module owning a selected param
         self._plan: list[tuple[nn.Module, str, dict[str, str]]] = []
+        #: generic modules (by id) whose per-sequence parameter copies agreed with vmap or not
+        self._copies_agree: dict[int, bool] = {}
         covered: set[str] = set()
         for module in model.modules():
             own = {
@@ -397,7 +450,8 @@ class FactorisedCapture:
         def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
             n = acc.token_mask.shape[0]
             xs, ds = _tokens(x, n), _tokens(grad, n)
-            keep = acc.token_mask.unsqueeze(-1) if xs.shape[1] == acc.token_mask.shape[1] else None
+            mask = acc.padding(xs.shape[1])
+            keep = None if mask is None else mask.unsqueeze(-1)
 
             def masked(t: torch.Tensor) -> torch.Tensor:
                 # on the small projected tensors: cheaper than masking x and delta themselves
@@ -449,8 +503,9 @@ class FactorisedCapture:
             xhat = torch.nn.functional.layer_norm(x.float(), shape, eps=module.eps)
             xs = xhat.reshape(n, -1, *shape)
             ds = grad.float().reshape(n, -1, *shape)
-            if xs.shape[1] == acc.token_mask.shape[1]:
-                keep = acc.token_mask.reshape(n, -1, *([1] * len(shape)))
+            mask = acc.padding(xs.shape[1])
+            if mask is not None:
+                keep = mask.reshape(n, -1, *([1] * len(shape)))
                 ds = torch.where(keep, ds, torch.zeros_like(ds))
             if "weight" in own:
                 acc.add_vector(own["weight"], (ds * xs).sum(dim=1))
@@ -460,30 +515,53 @@ class FactorisedCapture:
         return on_grad
 
     def _generic(self, module: nn.Module, own: Mapping[str, str], acc: _Accumulator) -> Callable:
-        from torch.func import functional_call, vjp, vmap
+        """Per-sequence gradients of the parameters of any other module (RMSNorm, ...): one
+        re-run of the module on the batch with a copy of each parameter per sequence
+        (:func:`_per_sequence_copies`), which costs a small forward and backward, or, where
+        that does not apply, ``vmap`` of a ``vjp`` per sequence (a few milliseconds per call
+        whatever the module's size: py-spy put 7% of the capture of bench/trl_step.py's 10M
+        model in its 13 RMSNorms).
+        The copies are checked against ``vmap`` on the module's first call and used from then
+        on only if they agree: a module that reduces over a parameter (``weight.mean()``)
+        would mix the sequences' copies."""
 
         def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
             n = acc.token_mask.shape[0]
             params = {a: getattr(module, a).detach() for a in own}
-            xs = x.detach().reshape(n, 1, *x.shape[1:]) if x.shape[0] == n else None
-            if xs is None:
+            if x.shape[0] != n:
                 raise RuntimeError(f"{type(module).__name__}: input is not batch-first")
-            gs = grad.reshape(n, 1, *grad.shape[1:])
-            if gs.ndim >= 3 and gs.shape[2] == acc.token_mask.shape[1]:
-                keep = acc.token_mask.reshape(n, 1, -1, *([1] * (gs.ndim - 3)))
-                gs = torch.where(keep, gs, torch.zeros_like(gs))
+            mask = acc.padding(grad.shape[1]) if grad.ndim >= 2 else None
+            if mask is not None:
+                keep = mask.reshape(n, -1, *([1] * (grad.ndim - 2)))
+                grad = torch.where(keep, grad, torch.zeros_like(grad))
 
             def one(xi: torch.Tensor, gi: torch.Tensor) -> dict[str, torch.Tensor]:
                 pull = vjp(lambda p: functional_call(module, p, (xi,)), params)[1]
                 grads: dict[str, torch.Tensor] = pull(gi)[0]
                 return grads
 
+            def by_vmap() -> dict[str, torch.Tensor]:
+                xs, gs = x.detach().unsqueeze(1), grad.unsqueeze(1)
+                try:
+                    return dict(vmap(one)(xs, gs))
+                except Exception:  # a module vmap cannot handle: one sequence at a time
+                    rows = [one(xs[i], gs[i]) for i in range(n)]
+                    return {a: torch.stack([r[a] for r in rows]) for a in own}
+
             acc.recomputing = True
             try:
-                per_seq = vmap(one)(xs, gs)
-            except Exception:  # a module vmap cannot handle: one sequence at a time
-                rows = [one(xs[i], gs[i]) for i in range(n)]
-                per_seq = {a: torch.stack([r[a] for r in rows]) for a in own}
+                agree = self._copies_agree.get(id(module))
+                per_seq = None
+                if agree is not False:
+                    per_seq = _per_sequence_copies(module, params, x.detach(), grad)
+                if agree is None:
+                    reference = by_vmap()
+                    self._copies_agree[id(module)] = per_seq is not None and all(
+                        _agree(per_seq[a], reference[a]) for a in own
+                    )
+                    per_seq = reference
+                elif per_seq is None:
+                    per_seq = by_vmap()
             finally:
                 acc.recomputing = False
             for attr, name in own.items():
@@ -827,17 +905,22 @@ class HookedCapture(FactorisedCapture):
         self, acc: _Accumulator, name: str, part: torch.Tensor, columns: slice = slice(None)
     ) -> None:
         """Add ``[n, *]`` sketch ``part`` of parameter ``name`` (into ``columns``)."""
-        if name not in acc.sketched:
+        rows = acc.sketched.get(name)
+        if rows is None and part.shape[1] == self.sketcher.dim:
+            acc.sketched[name] = part  # the first block of a weight: fresh from its sketch
+            return
+        if rows is None:
             n = acc.token_mask.shape[0]
-            acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
-        acc.sketched[name][:, columns] += part
+            rows = acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
+        rows[:, columns] += part
 
     def _linear(self, own: Mapping[str, str], transposed: bool, acc: _Accumulator) -> Callable:
         def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
             n = acc.token_mask.shape[0]
             xs, ds = _tokens(x, n), _tokens(grad, n)
-            if xs.shape[1] == acc.token_mask.shape[1]:
-                keep = acc.token_mask.unsqueeze(-1)
+            mask = acc.padding(xs.shape[1])
+            if mask is not None:
+                keep = mask.unsqueeze(-1)
                 zero = torch.zeros((), dtype=xs.dtype)
                 xs, ds = torch.where(keep, xs, zero), torch.where(keep, ds, zero)
             if "weight" in own:

@@ -414,3 +414,75 @@ def test_entropy_directions_on_a_rerun_backward_count_each_hook_once() -> None:
     want = entropy_gradient(model, batch, h, parameters=capture.parameters)
     for name, total in directions.totals[0].items():
         torch.testing.assert_close(total, want[name], rtol=1e-4, atol=1e-6)
+
+
+class _SummedGain(nn.Module):
+    """``y = x * sum(weight)``: a parameter reduced before it is broadcast, for which one copy
+    per sequence would add up every sequence's copy (the generic path must not use them)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.sum()
+
+
+class _Normed(nn.Module):
+    """Embedding, an RMSNorm and a summed gain (both generic modules), a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.norm = LlamaRMSNorm(8)
+        self.gain = _SummedGain(8)
+        self.head = nn.Linear(8, VOCAB)
+        with torch.no_grad():
+            self.norm.weight.add_(0.1 * torch.randn(8))
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = torch.cumsum(self.embed(input_ids), dim=1)
+        out: torch.Tensor = self.head(torch.tanh(self.gain(self.norm(h))))
+        return out
+
+
+def test_generic_modules_use_one_parameter_copy_per_sequence_where_it_agrees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parameters of modules without a formula of their own (RMSNorm) get their per-sequence
+    gradients from one re-run with a copy per sequence, after the first call has checked the
+    copies against ``vmap``; a module that reduces its parameter keeps ``vmap``.  The rows are
+    the sketch of the exact rows on every call."""
+    import clients.factorised as factorised
+    from clients.capture import capture_sketches
+    from clients.factorised import HookedCapture
+    from sketch.spec import sketcher_for
+
+    torch.manual_seed(0)
+    model = _Normed()
+    vmapped: list[str] = []
+    real_vmap = factorised.vmap
+
+    def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        vmapped.append(fn.__qualname__)
+        return real_vmap(fn, *args, **kwargs)
+
+    monkeypatch.setattr(factorised, "vmap", counting)
+    spec = {"kind": "countsketch", "dim": DIM, "seed": SEED}
+    hooked = HookedCapture(model, spec, strict=True)
+    assert {"norm.weight", "gain.weight"} <= set(hooked.parameters)
+    for n in (3, 4):  # the first call checks the copies, the second uses them
+        batch = make_batch(n=n, seed=n)
+        vmapped.clear()
+        got = hooked(batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = capture_sketches(
+                model, batch, sketcher_for(spec, hooked.parameters), method="loop"
+            )
+        _close(got.sketch, want.sketch)
+        assert len(vmapped) == (2 if n == 3 else 1)  # then only the summed gain's

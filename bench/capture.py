@@ -19,11 +19,14 @@ high-water mark (``ru_maxrss``; tracemalloc does not see torch's allocations) ab
 after building the model and batch.  Times: one subprocess runs all methods interleaved,
 round by round (one warm-up round, then ``--repeats``), so that load from other processes
 hits every method alike; the table gives the best and the median round, with one torch
-thread by default.  Ratios are against ``plain`` measured in the same process.
+thread by default.  Ratios are against ``plain`` measured in the same process.  On a GPU
+(``--device cuda``, ``bench/gpu.sh``) every run is timed to ``torch.cuda.synchronize()`` and
+the peak is the CUDA allocator's above the model and batch.
 
     python bench/capture.py            # the full setting
     python bench/capture.py --quick    # a small model, n = 8, T = 16: seconds
     python bench/capture.py --qwen2 100M --methods plain,hooked-countsketch --threads 2
+    python bench/capture.py --device cuda --qwen2 100M   # the GPU targets (bench/gpu.sh)
 """
 
 from __future__ import annotations
@@ -70,9 +73,17 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued work (a CUDA run returns before its kernels finish)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[Any, Any]:
     """The model (GPT-2, or the Qwen2 of ``--qwen2``; eval mode) and a right-padded batch of
-    ``n`` sequences."""
+    ``n`` sequences, on ``device``."""
     import torch
 
     from clients.capture import SequenceBatch
@@ -93,7 +104,7 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int) -> tuple[Any, Any]:
     # response lengths between T/2 and T, so that there is padding as in a real batch
     lengths = [cfg["T"] - (i * 7) % (cfg["T"] // 2) for i in range(cfg["n"])]
     responses = [torch.randint(0, cfg["vocab"], (t,), generator=g) for t in lengths]
-    return model, SequenceBatch.from_pairs(prompts, responses)
+    return model.to(device), SequenceBatch.from_pairs(prompts, responses).to(device)
 
 
 def _gpt2(cfg: dict[str, Any], prompt_len: int) -> Any:
@@ -148,33 +159,50 @@ def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callabl
         hooked = HookedCapture(model, spec)
         g = torch.Generator().manual_seed(1)
         params = dict(model.named_parameters())
-        scale = {n: torch.rand(params[n].shape, generator=g) + 0.5 for n in hooked.parameters}
+        scale = {
+            n: (torch.rand(params[n].shape, generator=g) + 0.5).to(params[n].device)
+            for n in hooked.parameters
+        }
         return lambda: hooked(batch, row_scale=scale)
     raise ValueError(f"unknown method {method!r}")
 
 
-def run_memory(method: str, cfg: dict[str, Any], seed: int, threads: int) -> dict[str, Any]:
-    """Peak RSS of one method, alone in this process, above the RSS of model + batch."""
-    model, batch = _setup(cfg, seed, threads)
+def run_memory(
+    method: str, cfg: dict[str, Any], seed: int, threads: int, device: str
+) -> dict[str, Any]:
+    """Peak memory of one method, alone in this process, above that of model + batch: RSS
+    on the CPU, the CUDA allocator's peak on a GPU."""
+    import torch
+
+    model, batch = _setup(cfg, seed, threads, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        _runner(method, model, batch, cfg)()
+        torch.cuda.synchronize()
+        return {"method": method, "peak_mib": torch.cuda.max_memory_allocated() / 2**20 - base}
     base = _rss_mib()
     _runner(method, model, batch, cfg)()
     return {"method": method, "peak_mib": _peak_mib() - base}
 
 
 def run_timing(
-    methods: list[str], cfg: dict[str, Any], repeats: int, seed: int, threads: int
+    methods: list[str], cfg: dict[str, Any], repeats: int, seed: int, threads: int, device: str
 ) -> dict[str, Any]:
     """Times of every method, interleaved round by round in one process (one warm-up round),
     so that load from other processes hits all methods alike."""
     import torch
 
-    model, batch = _setup(cfg, seed, threads)
+    model, batch = _setup(cfg, seed, threads, device)
     runners = {m: _runner(m, model, batch, cfg) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for round_ in range(repeats + 1):
         for m in methods:
+            _synchronize(device)
             t0 = time.perf_counter()
             runners[m]()
+            _synchronize(device)
             if round_ > 0:
                 times[m].append(time.perf_counter() - t0)
     return {
@@ -184,6 +212,7 @@ def run_timing(
         "T": cfg["T"],
         "k": cfg["k"],
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU",
     }
 
 
@@ -214,19 +243,21 @@ def main(argv: list[str] | None = None) -> int:
         choices=("1M", "10M", "100M"),
         help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
     )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = _config(args.quick, args.qwen2)
     methods = args.methods.split(",")
     if args.worker == "timing":
-        print(json.dumps(run_timing(methods, cfg, args.repeats, args.seed, args.threads)))
+        timing = run_timing(methods, cfg, args.repeats, args.seed, args.threads, args.device)
+        print(json.dumps(timing))
         return 0
     if args.worker is not None:
-        print(json.dumps(run_memory(args.worker, cfg, args.seed, args.threads)))
+        print(json.dumps(run_memory(args.worker, cfg, args.seed, args.threads, args.device)))
         return 0
 
-    common = ["--seed", str(args.seed), "--threads", str(args.threads)]
+    common = ["--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
     common += ["--quick"] if args.quick else []
     common += ["--qwen2", args.qwen2] if args.qwen2 else []
     timing = _subprocess(
@@ -243,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'Qwen2' if args.qwen2 else 'GPT-2'} {timing['params'] / 1e6:.1f}M parameters, "
         f"n = {timing['n']} sequences, "
         f"response <= {timing['T']} tokens (+16 prompt), kronecker k = {timing['k']}, "
-        f"{timing['threads']} torch thread(s), CPU; best of {args.repeats} interleaved rounds"
+        f"{timing['threads']} torch thread(s), {timing['device']}; "
+        f"best of {args.repeats} interleaved rounds"
     )
     plain = best.get("plain", float("nan"))
     loop = best.get("loop", float("nan"))

@@ -263,7 +263,9 @@ def run_child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[
     names = ("prompts", "generations", "tokens", "accumulation", "steps", "k", "threads", "device")
     for name in names:
         argv += [f"--{name}", str(getattr(args, name))]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the repository first, then whatever the caller had (bench/gpu.sh: carried wheels)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{mode} {size} failed:\n{done.stderr[-4000:]}")
@@ -284,6 +286,8 @@ def table(results: list[dict[str, Any]], k: int) -> str:
     for size in dict.fromkeys(r["size"] for r in results):
         rows = [r for r in results if r["size"] == size]
         plains = [r for r in rows if r["mode"] == "off"]
+        if not plains:  # no plain step to compare with (it failed: main says so)
+            continue
         step = statistics.mean(r["step_s"] for r in plains)
         t_train = statistics.mean(r["train_s"] for r in plains)
         peak = statistics.mean(r["peak_mib"] for r in plains)
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sizes, args.prompts, args.steps, args.k = "1M", 2, 2, 256
     results: list[dict[str, Any]] = []
+    failed: list[str] = []
     with serve(f"bench-trl-{os.getpid()}") as url:
         for size in args.sizes.split(","):
             # off first and last: the plain step is their mean, and their difference shows how
@@ -336,8 +341,15 @@ def main(argv: list[str] | None = None) -> int:
             modes = [m for m in args.modes.split(",") if m != "off"]
             for mode in ["off", *modes, *(["off"] if modes else [])]:
                 print(f"{size} {mode} ...", file=sys.stderr, flush=True)
-                results.append(run_child(mode, size, url, args))
+                try:
+                    results.append(run_child(mode, size, url, args))
+                except RuntimeError as exc:  # one failing mode leaves the others' rows
+                    print(exc, file=sys.stderr, flush=True)
+                    failed.append(f"{size} {mode}")
     print(table(results, args.k))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

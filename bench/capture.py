@@ -20,8 +20,9 @@ after building the model and batch.  Times: one subprocess runs all methods inte
 round by round (one warm-up round, then ``--repeats``), so that load from other processes
 hits every method alike; the table gives the best and the median round, with one torch
 thread by default.  Ratios are against ``plain`` measured in the same process.  On a GPU
-(``--device cuda``, ``bench/gpu.sh``) every run is timed to ``torch.cuda.synchronize()`` and
-the peak is the CUDA allocator's above the model and batch.
+(``--device cuda``, ``bench/gpu.sh``) every run is timed to ``torch.cuda.synchronize()``, and
+the peak is the CUDA allocator's above the model and batch, reset before each run, so that one
+process measures both.
 
     python bench/capture.py            # the full setting
     python bench/capture.py --quick    # a small model, n = 8, T = 16: seconds
@@ -167,21 +168,9 @@ def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callabl
     raise ValueError(f"unknown method {method!r}")
 
 
-def run_memory(
-    method: str, cfg: dict[str, Any], seed: int, threads: int, device: str
-) -> dict[str, Any]:
-    """Peak memory of one method, alone in this process, above that of model + batch: RSS
-    on the CPU, the CUDA allocator's peak on a GPU."""
-    import torch
-
-    model, batch = _setup(cfg, seed, threads, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated() / 2**20
-        torch.cuda.reset_peak_memory_stats()
-        _runner(method, model, batch, cfg)()
-        torch.cuda.synchronize()
-        return {"method": method, "peak_mib": torch.cuda.max_memory_allocated() / 2**20 - base}
+def run_memory(method: str, cfg: dict[str, Any], seed: int, threads: int) -> dict[str, Any]:
+    """Peak RSS of one method, alone in this process, above the RSS of model + batch."""
+    model, batch = _setup(cfg, seed, threads, "cpu")
     base = _rss_mib()
     _runner(method, model, batch, cfg)()
     return {"method": method, "peak_mib": _peak_mib() - base}
@@ -197,15 +186,23 @@ def run_timing(
     model, batch = _setup(cfg, seed, threads, device)
     runners = {m: _runner(m, model, batch, cfg) for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
+    peaks = dict.fromkeys(methods, 0.0)  # CUDA only: MiB above what the run started with
     for round_ in range(repeats + 1):
         for m in methods:
             _synchronize(device)
+            if device == "cuda":
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             runners[m]()
             _synchronize(device)
             if round_ > 0:
                 times[m].append(time.perf_counter() - t0)
+            if device == "cuda":
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                peaks[m] = max(peaks[m], peak)
     return {
+        "peaks": peaks if device == "cuda" else None,
         "times": times,
         "params": sum(p.numel() for p in model.parameters()),
         "n": cfg["n"],
@@ -254,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(timing))
         return 0
     if args.worker is not None:
-        print(json.dumps(run_memory(args.worker, cfg, args.seed, args.threads, args.device)))
+        print(json.dumps(run_memory(args.worker, cfg, args.seed, args.threads)))
         return 0
 
     common = ["--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
@@ -265,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if timing is None:
         return 1
-    memory = {}
-    for m in methods:
+    memory: dict[str, float] = timing["peaks"] or {}
+    for m in methods if timing["peaks"] is None else []:  # RSS: one process per method
         row = _subprocess(["--worker", m, *common])
         memory[m] = float("nan") if row is None else row["peak_mib"]
     best = {m: min(t) for m, t in timing["times"].items()}

@@ -13,8 +13,8 @@
 # Each stage has a time limit, 550 s together, so that the whole script fits in one device call
 # of at most 600 s; a failing stage does not stop the others; the exit status is that of the
 # last failure.  Where the service's stack, trl or datasets cannot be imported, the wheels in
-# .whl/ (bench/gpu_wheels.sh) are installed first, into /tmp/site.  Without CUDA it still runs: the tests skip and the benchmarks run on the CPU,
-# small (--quick).
+# .whl/ (bench/gpu_wheels.sh) are installed first, into /tmp/site.  Without CUDA it still
+# runs: the tests skip and the benchmarks run on the CPU, small (--quick).
 # Usage: bench/gpu.sh [extra bench/sketch.py flags, e.g. --compile]
 set -uo pipefail
 cd "$(dirname "$0")/.."

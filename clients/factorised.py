@@ -556,9 +556,11 @@ class FactorisedCapture:
                     per_seq = _per_sequence_copies(module, params, x.detach(), grad)
                 if agree is None:
                     reference = by_vmap()
-                    self._copies_agree[id(module)] = per_seq is not None and all(
-                        _agree(per_seq[a], reference[a]) for a in own
-                    )
+                    # one sequence, or gradients all zero, cannot show copies being mixed
+                    if n >= 2 and any(bool(reference[a].any()) for a in own):
+                        self._copies_agree[id(module)] = per_seq is not None and all(
+                            _agree(per_seq[a], reference[a]) for a in own
+                        )
                     per_seq = reference
                 elif per_seq is None:
                     per_seq = by_vmap()

@@ -489,3 +489,66 @@ def test_generic_modules_use_one_parameter_copy_per_sequence_where_it_agrees(
             )
         _close(got.sketch, want.sketch)
         assert len(vmapped) == calls  # the third time only the summed gain's
+
+
+def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of :func:`test_hook_captures_on_a_model_sharded_by_fsdp2`: the captures of this
+    rank's batch on the ``fully_shard`` model and on an unsharded copy, then a training
+    backward on both, saved to ``out/rank.pt``."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from clients.factorised import HookedCapture
+    from tests.clients.conftest import tiny_llama
+
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = tiny_llama()
+        plain = copy.deepcopy(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        batch = make_batch(n=4, seed=10 + rank)
+        result: dict[str, torch.Tensor] = {}
+        for name, make in [
+            ("factorised", lambda m: FactorisedCapture(m, dim=DIM, seed=SEED)),
+            (
+                "countsketch",
+                lambda m: HookedCapture(m, {"kind": "countsketch", "dim": DIM, "seed": SEED}),
+            ),
+        ]:
+            result[f"{name}_sharded"] = make(model)(batch).sketch
+            result[f"{name}_plain"] = make(plain)(batch).sketch
+        for m, tag in ((model, "sharded"), (plain, "plain")):
+            logits = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logits.float().square().mean().backward()
+            grad = m.get_parameter("model.layers.0.mlp.up_proj.weight").grad
+            assert grad is not None
+            result[f"grad_{tag}"] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        # the sharded model's gradient is the mean over the ranks' batches (FSDP reduces it)
+        dist.all_reduce(result["grad_plain"])
+        result["grad_plain"] /= world
+        torch.save(result, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hook_captures_on_a_model_sharded_by_fsdp2(tmp_path: Any) -> None:
+    """Under torch's FSDP2 (``fully_shard`` per decoder layer and at the root, two gloo
+    processes on the CPU), the hook captures of a rank's sequences (factorised kronecker rows,
+    count-sketched rows from hooks; ``sgd`` geometry) equal those of the unsharded model: the
+    hooks see each rank's whole activations while FSDP gathers the weights around them.  The
+    training backward after a capture still gives FSDP's reduced gradient."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    init = f"file://{tmp_path}/init"
+    mp.spawn(_sharded_capture_rank, args=(world, init, str(tmp_path)), nprocs=world)
+    for rank in range(world):
+        result = torch.load(tmp_path / f"{rank}.pt")
+        for name in ("factorised", "countsketch"):
+            _close(result[f"{name}_sharded"], result[f"{name}_plain"])
+        _close(result["grad_sharded"], result["grad_plain"])

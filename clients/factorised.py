@@ -284,7 +284,8 @@ def _per_sequence_copies(
     parameter is a ``[n, 1, ..., *shape]`` tensor, one copy per sequence, broadcast against the
     ``[n, ...]`` activations as the parameter itself is (an elementwise scale or shift: every
     norm).  None where the copies do not fit: the output is not a tensor of ``grad``'s shape,
-    or the module does more with a parameter than broadcast it (an error)."""
+    or the module does more with a parameter than broadcast it (an error of any kind, a
+    shape assertion as much as a failed product)."""
     n = x.shape[0]
     copies = {}
     for attr, p in params.items():
@@ -299,7 +300,7 @@ def _per_sequence_copies(
             if not isinstance(out, torch.Tensor) or out.shape != grad.shape:
                 return None
             grads = torch.autograd.grad(out, list(copies.values()), grad, allow_unused=True)
-    except RuntimeError:
+    except Exception:  # any module code may refuse a batched parameter: vmap stays
         return None
     return {
         attr: (torch.zeros_like(copy) if g is None else g).reshape(n, *params[attr].shape)

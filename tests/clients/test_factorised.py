@@ -428,8 +428,21 @@ class _SummedGain(nn.Module):
         return x * self.weight.sum()
 
 
+class _CheckedScale(nn.Module):
+    """``y = x * weight`` behind an assertion on the weight's shape, which a copy per sequence
+    fails: the generic path must fall back to ``vmap`` rather than raise."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.weight.ndim == 1, "a vector weight"
+        return x * self.weight
+
+
 class _Normed(nn.Module):
-    """Embedding, an RMSNorm and a summed gain (both generic modules), a linear head."""
+    """Embedding, an RMSNorm, a summed gain and a checked scale (generic modules), a head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -438,6 +451,7 @@ class _Normed(nn.Module):
         self.embed = nn.Embedding(VOCAB, 8)
         self.norm = LlamaRMSNorm(8)
         self.gain = _SummedGain(8)
+        self.checked = _CheckedScale(8)
         self.head = nn.Linear(8, VOCAB)
         with torch.no_grad():
             self.norm.weight.add_(0.1 * torch.randn(8))
@@ -446,7 +460,7 @@ class _Normed(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         h = torch.cumsum(self.embed(input_ids), dim=1)
-        out: torch.Tensor = self.head(torch.tanh(self.gain(self.norm(h))))
+        out: torch.Tensor = self.head(torch.tanh(self.checked(self.gain(self.norm(h)))))
         return out
 
 
@@ -455,8 +469,9 @@ def test_generic_modules_use_one_parameter_copy_per_sequence_where_it_agrees(
 ) -> None:
     """Parameters of modules without a formula of their own (RMSNorm) get their per-sequence
     gradients from one re-run with a copy per sequence, after the first call has checked the
-    copies against ``vmap``; a module that reduces its parameter keeps ``vmap``.  The rows are
-    the sketch of the exact rows on every call."""
+    copies against ``vmap``; a module that reduces its parameter keeps ``vmap``, and so does one
+    whose code refuses the copies (an assertion).  The rows are the sketch of the exact rows on
+    every call."""
     import clients.factorised as factorised
     from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
@@ -474,11 +489,11 @@ def test_generic_modules_use_one_parameter_copy_per_sequence_where_it_agrees(
     monkeypatch.setattr(factorised, "vmap", counting)
     spec = {"kind": "countsketch", "dim": DIM, "seed": SEED}
     hooked = HookedCapture(model, spec, strict=True)
-    assert {"norm.weight", "gain.weight"} <= set(hooked.parameters)
-    # one sequence cannot tell the copies apart: both modules are checked again on the next
-    # call, whose verdict the third call follows
+    assert {"norm.weight", "gain.weight", "checked.weight"} <= set(hooked.parameters)
+    # one sequence cannot tell the copies apart: the three modules are checked again on the
+    # next call, whose verdict the third call follows
     one = SequenceBatch.from_pairs([torch.tensor([3, 4])], [torch.tensor([5, 6, 7])])
-    for n, calls in ((1, 2), (3, 2), (4, 1)):
+    for n, calls in ((1, 3), (3, 3), (4, 2)):
         batch = one if n == 1 else make_batch(n=n, seed=n)
         vmapped.clear()
         got = hooked(batch)
@@ -488,7 +503,7 @@ def test_generic_modules_use_one_parameter_copy_per_sequence_where_it_agrees(
                 model, batch, sketcher_for(spec, hooked.parameters), method="loop"
             )
         _close(got.sketch, want.sketch)
-        assert len(vmapped) == calls  # the third time only the summed gain's
+        assert len(vmapped) == calls  # the third time the summed gain's and the checked scale's
 
 
 def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:

@@ -45,6 +45,7 @@ mask), so a non-finite value there cannot leak in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -153,17 +154,19 @@ class _Accumulator:
     shapes: Mapping[str, list[int]] = field(default_factory=dict)
     directions_added: set[int] = field(default_factory=set)
     hook_adds: bool = False  # the running hook's part is not in the directions yet
-    padded: bool | None = None  # whether token_mask has a False entry (None: not looked yet)
 
     def padding(self, length: int) -> torch.Tensor | None:
         """The ``[n, L]`` real-token mask for an activation of ``length`` tokens per
         sequence, or None when nothing is to be masked: the activation is not laid out per
         token, or the batch has no padded token (then a mask would be a pass for nothing)."""
-        if length != self.token_mask.shape[1]:
+        if length != self.token_mask.shape[1] or not self.padded:
             return None
-        if self.padded is None:
-            self.padded = not bool(self.token_mask.all())
-        return self.token_mask if self.padded else None
+        return self.token_mask
+
+    @functools.cached_property
+    def padded(self) -> bool:
+        """Whether the batch has a padded token."""
+        return not bool(self.token_mask.all())
 
     def clear(self) -> None:
         self.clear_rows()

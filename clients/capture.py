@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from clients.filters import ParameterFilter, select_parameters
+from clients.shards import resharded
 from sketch.base import Sketcher
 
 Method = Literal["auto", "vmap", "loop"]
@@ -332,7 +333,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """``[n]`` float32 ``S_i`` of every sequence, without gradients (e.g. ``logprob_after``)."""
-    with torch.no_grad(), eval_mode(model, use_eval_mode):
+    with torch.no_grad(), eval_mode(model, use_eval_mode), resharded(model):
         keep = response_window(batch.response_mask)
         logits = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
         return response_logprobs(
@@ -372,7 +373,7 @@ def sequence_logprobs_and_entropy_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S_i, sum_t H_t)`` of every sequence from one forward without gradients: two ``[n]``
     float32 tensors (``logprob_after`` and ``entropy_sum_after``, or ``entropy_sum``)."""
-    with torch.no_grad(), eval_mode(model, use_eval_mode):
+    with torch.no_grad(), eval_mode(model, use_eval_mode), resharded(model):
         keep = response_window(batch.response_mask)
         logits = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
         logprobs = response_logprobs(

@@ -34,6 +34,7 @@ from torch import nn
 
 from clients.capture import SequenceBatch, sequence_logprobs
 from clients.filters import ParameterFilter, select_parameters
+from clients.shards import UnsupportedShardingError, is_sharded, like, local
 from sketch.names import APPLIED_UPDATE_ID as APPLIED_UPDATE_ID
 
 
@@ -95,9 +96,9 @@ def adam_taken_preconditioner(
         eps = float(group["eps"])
         step = _step_count(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        v_hat = _part(v, flat).detach().float() / (1.0 - beta2**step)
+        v_hat = _part(local(v), flat).detach().float() / (1.0 - beta2**step)
         precond = 1.0 / (v_hat.sqrt() + eps)
-        return precond.sqrt()
+        return _laid_out(precond.sqrt(), p, flat)
 
     return _per_parameter(parameters, one, lazy)
 
@@ -105,6 +106,17 @@ def adam_taken_preconditioner(
 def _part(t: torch.Tensor, flat: slice | None) -> torch.Tensor:
     """``t`` itself, or the flat range ``flat`` of its entries (a view: ``t`` is contiguous)."""
     return t if flat is None else t.reshape(-1)[flat]
+
+
+def _laid_out(value: torch.Tensor, parameter: torch.Tensor, flat: slice | None) -> torch.Tensor:
+    """``value``, computed from this rank's part of ``parameter``'s tensors, laid out as the
+    parameter: sharded like it under FSDP2 (:mod:`clients.shards`), where a flat range of the
+    whole is not this rank's to compute."""
+    if flat is not None and is_sharded(parameter):
+        raise UnsupportedShardingError(
+            "a flat range of a sharded parameter's value: gather the whole value first"
+        )
+    return like(value, parameter)
 
 
 def _per_parameter(
@@ -188,11 +200,11 @@ def adam_step_preconditioner(
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         beta2, eps = float(group["betas"][1]), float(group["eps"])
-        theta = _part(p.detach(), flat)
+        theta = _part(local(p.detach()), flat)
         if p.grad is None:
             g = torch.zeros_like(theta, dtype=torch.float32)
         else:
-            g = _part(p.grad, flat).float()
+            g = _part(local(p.grad), flat).float()
         decay = float(group.get("weight_decay", 0.0))
         if decay and not group.get("decoupled_weight_decay", False):
             g = g + decay * theta.float()
@@ -203,11 +215,12 @@ def adam_step_preconditioner(
         # lazy preconditioner recomputes for every capture.
         v = g.mul(g).mul_(1.0 - beta2)
         if "exp_avg_sq" in state:
-            v.add_(_part(state["exp_avg_sq"], flat).detach().float().mul(beta2))
+            v.add_(_part(local(state["exp_avg_sq"]), flat).detach().float().mul(beta2))
         if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
-            torch.maximum(v, _part(state["max_exp_avg_sq"], flat).detach().float(), out=v)
+            peak = _part(local(state["max_exp_avg_sq"]), flat).detach().float()
+            torch.maximum(v, peak, out=v)
         v.div_(1.0 - beta2**step).sqrt_().add_(eps)
-        return torch.reciprocal(v, out=v).sqrt_()
+        return _laid_out(torch.reciprocal(v, out=v).sqrt_(), p, flat)
 
     return _per_parameter(parameters, one, lazy)
 
@@ -265,21 +278,21 @@ def adam_applied_update(
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         step = _step_count(state.get("step", 0.0))
         if step == steps_before[name]:
-            yield name, torch.zeros_like(p, dtype=torch.float32)
+            yield name, like(torch.zeros_like(local(p), dtype=torch.float32), p)
             continue
         lr, eps = float(group["lr"]), float(group["eps"])
         beta1, beta2 = (float(b) for b in group["betas"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        denom = v.detach() / (1.0 - beta2**step)
+        denom = local(v).detach() / (1.0 - beta2**step)
         denom = denom.sqrt_().add_(eps)
-        update = state["exp_avg"].detach() / denom
+        update = local(state["exp_avg"]).detach() / denom
         update.mul_(-lr / (1.0 - beta1**step))
         decay = float(group.get("weight_decay", 0.0))
         if decay and group.get("decoupled_weight_decay", False):
             # theta' = theta (1 - lr decay) + update, so theta = (theta' - update) / (1 - lr decay)
-            before = (p.detach() - update).div_(1.0 - lr * decay)
+            before = (local(p.detach()) - update).div_(1.0 - lr * decay)
             update.sub_(before.mul_(lr * decay))
-        yield name, update.float()
+        yield name, like(update.float(), p)
 
 
 def scale_rows(

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 try:
+    from accelerate.utils import DistributedType
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -69,6 +70,7 @@ from clients.geometry import (
     is_adam,
 )
 from clients.http import Client
+from clients.shards import is_sharded, resharded, sketch_of_whole, whole
 from clients.token_shares import token_shares_cross_fit
 from sketch.base import Sketcher
 from sketch.entropy import estimator_entropy_coefficients, estimator_halves
@@ -216,7 +218,7 @@ def trl_token_coefficients(
     leaves: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def as_leaves(*args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
+        with torch.no_grad(), resharded(model):
             logps, entropies, *rest = real(*args, **kwargs)
         leaf = logps.detach().requires_grad_(True)
         entropy_leaf = None if entropies is None else entropies.detach().requires_grad_(True)
@@ -472,6 +474,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             spec, declared
         )
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
+        self._kernelscope_check_sharding()
         if kernelscope.token_shares and int(self.accelerator.num_processes) > 1:
             raise UnsupportedTRLSettingError(
                 "token_shares needs one process: a token's share pairs it with every rank's "
@@ -535,6 +538,26 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             return None  # some parameter has no hook: exact chunks
         assert hooked.parameters == dict(declared)
         return hooked
+
+    def _kernelscope_check_sharding(self) -> None:
+        """Under FSDP (accelerate's ``fsdp_version=2``) the rows must come from hooks: the
+        exact chunk capture calls the model functionally with its parameters, which FSDP2
+        holds as shards."""
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return
+        if not self.accelerator.is_fsdp2:
+            raise UnsupportedTRLSettingError(
+                "FSDP version 1 holds each rank's parameters (and their optimizer state) as "
+                "pieces of one flattened shard, which the capture cannot map to whole "
+                "parameters: use fsdp_version=2 (accelerate's FSDP2, torch's fully_shard)"
+            )
+        if self._factorised is None and self._hooked is None:
+            raise UnsupportedTRLSettingError(
+                "under FSDP rows are captured by hooks and sketched on the trainer: use a "
+                "sketch kind other than exact, sketch_on='trainer' (or 'auto' above "
+                f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
+                "'hooks', with a model whose studied parameters all have hooks"
+            )
 
     def _kernelscope_resolve_geometry(self) -> str:
         wanted = self.kernelscope.geometry
@@ -705,14 +728,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         left-padded prompts: TRL's forward shifts every position by the padding)."""
         self._ks_checked = True
         completion_mask = inputs["completion_mask"]
-        with torch.no_grad(), self.accelerator.autocast():
+        model = self.model
+        assert model is not None
+        with torch.no_grad(), self.accelerator.autocast(), resharded(model):
             per_token, _, _ = self._get_per_token_logps_and_entropies(
-                self.model,
+                model,
                 torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
                 torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
                 inputs["completion_ids"].size(1),
             )
-            policy = self.accelerator.unwrap_model(self.model)
+            policy = self.accelerator.unwrap_model(model)
             ours = sequence_logprobs(policy, batch, temperature=float(self.temperature))
         trl_logprobs = (per_token * completion_mask).sum(dim=1).float().cpu()
         gap = float((trl_logprobs - ours.float().cpu()).abs().max())
@@ -729,6 +754,13 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
     # -- around optimizer.step() -----------------------------------------------------------
 
+    @property
+    def _kernelscope_sharded(self) -> bool:
+        """Whether the studied parameters are sharded (FSDP2, once accelerate has prepared the
+        model): then the applied update is sketched from every rank's shards, and ``sqrt(P)``
+        gathered."""
+        return any(is_sharded(p) for p in self._kernelscope_selected().values())
+
     def _kernelscope_selected(self) -> dict[str, torch.Tensor]:
         policy = self._kernelscope_policy()
         params = dict(policy.named_parameters())
@@ -742,9 +774,14 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             return
         if self.kernelscope_geometry == "adam":
             assert self.optimizer is not None
-            window.sqrt_p = adam_step_preconditioner(
-                self.optimizer, self._kernelscope_selected(), lazy=True
-            )
+            selected = self._kernelscope_selected()
+            window.sqrt_p = adam_step_preconditioner(self.optimizer, selected, lazy=True)
+            if self._kernelscope_sharded:
+                # A rank's sequences' rows cover whole weights, and it holds a shard of
+                # sqrt(P): gather it, one parameter at a time, 4 bytes per studied parameter
+                # held until the rows are pushed (docs/real-run.md "Many GPUs").
+                lazy = window.sqrt_p
+                window.sqrt_p = {name: whole(lazy[name]) for name in sorted(selected)}
         # The token shares' directions come from the rows' own backward when hooks capture
         # them: in batches of whole prompts, so that each batch's h_j follow from its S_j.
         directions: list[dict[str, torch.Tensor]] | None = None
@@ -773,8 +810,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 if self._factorised is None and self._hooked is None:
                     directions = None  # a capture fell back to exact chunks: some are missing
                 window.tokens = self._kernelscope_token_shares(window, directions)
-        # Every rank applies the same (all-reduced) update: the main process pushes it.
-        if self.kernelscope.push_applied_update and self.accelerator.is_main_process:
+        # Every rank applies the same (all-reduced) update: the main process pushes it.  Under
+        # FSDP each rank holds a shard of it: every rank sketches its shard.
+        if self.kernelscope.push_applied_update and (
+            self.accelerator.is_main_process or self._kernelscope_sharded
+        ):
             selected = self._kernelscope_selected()
             assert self.optimizer is not None
             # torch's Adam/AdamW: the update follows from its state after the step, so no copy
@@ -818,7 +858,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     micro.batch, token, entropy, window.sqrt_p, directions=adding
                 )
             except RuntimeError as exc:  # e.g. a module broadcast over the batch
-                if self.kernelscope.capture_method == "hooks":
+                if self.kernelscope.capture_method == "hooks" or self._kernelscope_sharded:
                     raise
                 warnings.warn(
                     f"kernelscope: hook capture failed ({exc}); capturing exact rows in chunks",
@@ -1062,12 +1102,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             if sketcher is None:
                 client.push_applied_update(run_id, window.step, dict(parts))
             else:  # k floats, like the rows, instead of N; one parameter's update at a time
-                sketch: torch.Tensor | None = None
-                for name, u in parts:
-                    part = sketcher.sketch({name: u.reshape(1, -1)})[0]
-                    sketch = part if sketch is None else sketch + part
-                assert sketch is not None
-                client.push_applied_update(run_id, window.step, sketch=sketch)
+                sketch = sketch_of_whole(sketcher, parts)  # under FSDP, of every rank's shards
+                if self.accelerator.is_main_process:
+                    client.push_applied_update(run_id, window.step, sketch=sketch)
         records = list(window.records.values())
         if self.kernelscope.push_logprob_after:
             policy = self._kernelscope_policy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,3 +288,100 @@ def test_logprob_after_is_the_same_sequences_after_the_step() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(after, capture_gradients(model, batch, method="loop").logprobs)
+
+
+def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of :func:`test_adam_geometry_of_a_model_sharded_by_fsdp2`: three AdamW steps on
+    the ``fully_shard`` model and on an unsharded copy, every rank on the same batches (so
+    FSDP's mean gradient is the copy's), saving the step's ``sqrt(P_t)`` before the last step,
+    and after it the taken ``sqrt(P_t)``, the applied update and its sketches; between them,
+    ``logprob_after``'s forward."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from clients.shards import is_sharded, sketch_of_whole, whole
+    from sketch.spec import SketchSpec, build_sketcher
+    from tests.clients.conftest import tiny_llama
+
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = tiny_llama()
+        plain = copy.deepcopy(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        # the head stays a plain tensor, whole on every rank (FSDP leaves it alone)
+        fully_shard(model, ignored_params={model.lm_head.weight})
+        assert is_sharded(model.model.embed_tokens.weight) and not is_sharded(model.lm_head.weight)
+        models = {"sharded": model, "plain": plain}
+        optimizers = {
+            tag: torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+            for tag, m in models.items()
+        }
+        result: dict[str, torch.Tensor] = {}
+        steps: dict[str, dict[str, float]] = {}
+        for step in range(3):
+            batch = make_batch(n=4, seed=20 + step)
+            for tag, m in models.items():
+                optimizers[tag].zero_grad()
+                out_ = m(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                s = response_logprobs(out_.logits, batch.input_ids, batch.response_mask)
+                (-(torch.linspace(-1.0, 1.0, 4) * s).sum()).backward()
+                if step == 2:
+                    params = dict(m.named_parameters())
+                    sqrt_p = adam_step_preconditioner(optimizers[tag], params, lazy=True)
+                    for name in sorted(params):
+                        result[f"{tag}/step/{name}"] = whole(sqrt_p[name])
+                    steps[tag] = adam_step_counts(optimizers[tag], params)
+                optimizers[tag].step()
+        # a forward without a backward leaves the shards registered (FSDP's root would not)
+        logprob_after(model, make_batch(n=2, seed=30))
+        assert all(is_sharded(p) for n, p in model.named_parameters() if n != "lm_head.weight")
+        for tag, m in models.items():
+            params = {n: p for n, p in sorted(m.named_parameters())}
+            taken = adam_taken_preconditioner(optimizers[tag], params)
+            update = dict(adam_applied_update(optimizers[tag], params, steps[tag]))
+            for name in params:
+                result[f"{tag}/taken/{name}"] = whole(taken[name])
+                result[f"{tag}/update/{name}"] = whole(update[name])
+            declared = {n: list(p.shape) for n, p in params.items()}
+            for kind in ("countsketch", "kronecker"):
+                spec = SketchSpec.from_dict({"kind": kind, "dim": 64, "seed": 3})
+                sketcher = build_sketcher(spec, declared)
+                result[f"{tag}/{kind}"] = sketch_of_whole(sketcher, list(update.items()))
+        torch.save(result, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_adam_geometry_of_a_model_sharded_by_fsdp2(tmp_path: Path) -> None:
+    """Under torch's FSDP2 (three gloo processes, so that the shards are uneven, the head
+    left unsharded), Adam's ``sqrt(P_t)`` of the step about to be taken, the ``sqrt(P_t)`` of
+    the step taken and the applied update, each computed from this rank's shards of the
+    gradient, state and parameters and then gathered, equal those of the unsharded model; and
+    the sketch of the applied update made from the ranks' shards (``name@offset`` slices added
+    up by one all-reduce), countsketch and kronecker, equals the sketch of the whole update on
+    every rank.  ``logprob_after`` leaves the model's shards registered as its parameters
+    (FSDP's root keeps its gathered copies after a forward without a backward)."""
+    import torch.multiprocessing as mp
+
+    world = 3
+    init = f"file://{tmp_path}/init"
+    mp.spawn(_sharded_adam_rank, args=(world, init, str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
+    names = {key.split("/", 2)[2] for key in results[0] if key.startswith("plain/step/")}
+    assert names and any(name.startswith("model.layers.") for name in names)
+    for result in results:
+        for what in ("step", "taken", "update"):
+            for name in names:
+                want = result[f"plain/{what}/{name}"]
+                got = result[f"sharded/{what}/{name}"]
+                scale = float(want.abs().max())
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+        for kind in ("countsketch", "kronecker"):
+            want = result[f"plain/{kind}"]
+            scale = float(want.abs().max())
+            got = result[f"sharded/{kind}"]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)

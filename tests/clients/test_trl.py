@@ -10,6 +10,7 @@ bf16 precision.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -912,6 +913,48 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
         assert len(set(ids[0])) == 12 and ids[1] == ids[0]
         assert not set(ids[2]) & set(ids[0])
+
+
+def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """Two real GRPO runs under accelerate's own FSDP2 (``fsdp_version=2``: ``fully_shard`` of
+    each decoder layer and of the root; two gloo processes on the CPU, see ``trl_fsdp.py`` for
+    the one line that lets accelerate shard on a CPU), each rank's parameters, gradients and
+    Adam state a shard: AdamW with ``beta1 = 0`` and count-sketched rows from hooks (``adam``
+    geometry: each rank gathers ``sqrt(P_t)`` for its sequences' rows), step 1 a later clipped
+    pass (update rows); plain SGD with factorised kronecker rows.  Every step is ready with
+    both ranks' sequences, the applied update (sketched from the ranks' shards and added up)
+    is there, and ``plugin dH1 = delta_h1_applied``, the identity of one process, holds on
+    both steps (step 1 also shows that the forwards without a backward, ``logprob_after``,
+    leave FSDP's shards as the next step's ``zero_grad`` expects them).  FSDP1 and exact rows
+    are refused with their reasons."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(Path(__file__).with_name("trl_fsdp.py")), live_service.base_url, str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run_ids = json.loads((tmp_path / "run_ids.json").read_text())
+    assert "fsdp_version=2" in run_ids.pop("refused-fsdp1")
+    assert "captured by hooks" in run_ids.pop("refused-exact")
+    assert set(run_ids) == {"adam-countsketch", "sgd-kronecker"}
+    with Client(live_service.base_url) as client:
+        for name, run_id in run_ids.items():
+            run = client.get_run(run_id)
+            assert run.ranks == 2 and run.geometry == name.split("-")[0]
+            for step in (0, 1):
+                status = client.wait_ready(run_id, step, timeout=60)
+                assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
+                assert status.sequences == status.rows == 12
+                assert status.applied_update
+                report = client.entropy(run_id, step, estimator="plugin")
+                assert report.delta_h1 != 0.0
+                assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
 @pytest.mark.parametrize("bonus", [{}, {"entropy_coef": 0.1}], ids=["plain", "entropy_bonus"])

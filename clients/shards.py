@@ -1,0 +1,140 @@
+"""Parameters sharded by FSDP2 (torch's ``fully_shard``): their local part, its place in the
+whole parameter, and the two ways a whole-parameter quantity is made from the parts.
+
+Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 over a 1-D device mesh
+(``placements == (Shard(0),)``): rank ``r`` holds a block of rows, which is one contiguous
+range of the row-major flattened parameter.  Its gradient and the optimizer's state
+(``exp_avg``, ``exp_avg_sq``) are sharded the same way, so elementwise quantities of the step
+(Adam's ``sqrt(P)``, the applied update) are computed on the local part alone, and then
+
+* the sketch of the whole is the sum over ranks of the sketches of the local flat ranges
+  (partial sketches add up, math.md §7): one all-reduce of ``k`` floats
+  (:func:`sketch_of_whole`), where gathering the update would move the whole model;
+* where a rank needs the whole (``sqrt(P)`` scales the rank's own sequences' rows, which
+  cover whole weights) it is gathered, one parameter at a time (:func:`whole`).
+
+A forward without a backward (``logprob_after``, the update rows' coefficients) must reshard
+the model after it (:func:`resharded`).
+
+Parameters that are plain tensors are whole on every rank.  Other ``DTensor`` layouts (tensor
+parallelism's ``Shard(1)``, HSDP's 2-D mesh) are refused with :class:`UnsupportedShardingError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+
+from sketch.base import Sketcher
+
+
+class UnsupportedShardingError(ValueError):
+    """A parameter is a ``DTensor`` laid out other than FSDP2's ``Shard(0)`` on a 1-D mesh."""
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter, gradient or state of an FSDP2 model)."""
+    return isinstance(t, DTensor)
+
+
+def _checked(t: DTensor) -> DTensor:
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise UnsupportedShardingError(
+            f"a parameter laid out as {tuple(t.placements)} on a {t.device_mesh.ndim}-D mesh: "
+            "kernelscope supports FSDP2's Shard(0) on a 1-D mesh"
+        )
+    return t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (``t`` itself when it is not sharded), same dtype, no copy."""
+    return _checked(t).to_local() if isinstance(t, DTensor) else t
+
+
+def like(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """``value``, this rank's part of a quantity laid out as ``parameter``, as a ``DTensor``
+    sharded like it (``value`` itself when ``parameter`` is not sharded)."""
+    if not isinstance(parameter, DTensor):
+        return value
+    _checked(parameter)
+    return DTensor.from_local(
+        value,
+        parameter.device_mesh,
+        parameter.placements,
+        run_check=False,
+        shape=parameter.shape,
+        stride=parameter.stride(),
+    )
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole of ``t``, gathered from every rank when it is sharded (a collective: every
+    rank calls it, in the same order)."""
+    return _checked(t).full_tensor() if isinstance(t, DTensor) else t
+
+
+def flat_offset(t: torch.Tensor) -> int:
+    """Where this rank's part of ``t`` starts in the flattened whole (0 when not sharded).
+
+    ``Shard(0)`` splits dim 0 as ``torch.chunk`` does: ``ceil(d0 / W)`` rows per rank, the last
+    ranks holding fewer or none."""
+    if not isinstance(t, DTensor):
+        return 0
+    _checked(t)
+    rows = t.shape[0]
+    per_rank = -(-rows // t.device_mesh.size())
+    first_row = min(rows, per_rank * t.device_mesh.get_local_rank())
+    return first_row * (t.numel() // rows if rows else 0)
+
+
+def sketch_of_whole(sketcher: Sketcher, parts: Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """``[k]`` float32: the sketch of one row given parameter by parameter, ``parts`` ``(name,
+    value laid out as the parameter)``, made by every rank at once.
+
+    Each rank sketches the flat range it holds of every sharded value (``name@offset``), and
+    the mesh's first rank the whole of every plain value (those are whole on every rank); one
+    all-reduce over the mesh adds the partial sketches up, so every rank gets the sketch of
+    the whole row.  Without sharded values nothing is exchanged.  Every rank calls it with the
+    same names in the same order.
+    """
+    sharded = torch.zeros(sketcher.dim)
+    plain = torch.zeros(sketcher.dim)
+    mesh = None
+    for name, value in parts:
+        if isinstance(value, DTensor):
+            mesh = _checked(value).device_mesh
+            flat = value.to_local().reshape(1, -1).float()
+            if flat.numel():
+                sharded += sketcher.sketch_slice(name, flat, flat_offset(value))[0].cpu()
+        else:
+            plain += sketcher.sketch({name: value.reshape(1, -1).float()})[0].cpu()
+    if mesh is None:
+        return plain
+    if mesh.get_local_rank() != 0:
+        plain.zero_()
+    total = (sharded + plain).to(mesh.device_type)
+    dist.all_reduce(total, group=mesh.get_group())
+    return total.cpu()
+
+
+@contextlib.contextmanager
+def resharded(model: nn.Module) -> Iterator[None]:
+    """Reshard ``model``'s FSDP2 modules after the block (nothing without them).
+
+    FSDP2 frees a module's gathered parameters after its forward or, for the root module,
+    after the backward; after a forward without a backward (under ``no_grad``) the root keeps
+    the gathered copies registered as its parameters.  Then ``model.parameters()`` yields
+    those copies, so ``Trainer``'s ``model.zero_grad()`` leaves the shards' gradients in place
+    and the next step's backward adds to them."""
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()

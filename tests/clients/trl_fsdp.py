@@ -1,0 +1,91 @@
+"""GRPO runs under accelerate's FSDP2 (one process per rank, gloo on the CPU), for
+``test_trl.py::test_fsdp2_ranks_push_steps_with_the_identities_of_one_process``.
+
+Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_fsdp.py URL OUT``.
+The main process writes ``{name: run id}`` (and ``refused-NAME``: the error of a refused
+setting) to ``OUT/run_ids.json``.
+
+accelerate turns FSDP on only for GPU distributed types, and a ``use_cpu`` run is
+``MULTI_CPU``: the script marks the process state ``MULTI_GPU`` before the trainer builds its
+``Accelerator``, which then prepares the model with its own FSDP2 code (``fully_shard`` of
+every decoder layer and of the root) on the CPU's gloo process group.  Everything after that
+is accelerate's, TRL's and torch's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
+from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
+
+FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
+
+#: name -> (learning rate, GRPOConfig overrides, sketch): AdamW with beta1 = 0 (every step is
+#: -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows);
+#: plain SGD and factorised kronecker rows.
+RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
+    "adam-countsketch": (
+        1e-3,
+        {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2},
+        SKETCH_512,
+    ),
+    "sgd-kronecker": (0.05, {}, KRONECKER_256),
+}
+
+
+#: name -> (fsdp_config, sketch) that the trainer refuses under FSDP: FSDP1's flat shards; exact
+#: rows, which only the chunk capture makes.
+REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "fsdp1": ({"fsdp_version": 1, "sync_module_states": False}, SKETCH_512),
+    "exact": ({"fsdp_version": 2}, {"kind": "exact", "dim": 1}),
+}
+
+
+def fsdp_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
+    """A ``GRPOConfig`` under accelerate's FSDP on this CPU (see the module's docstring)."""
+    args = sgd_args(
+        out,
+        learning_rate,
+        per_device_train_batch_size=3,
+        num_generations=4,
+        epsilon=0.02,
+        ddp_backend="gloo",
+        **{**FSDP2, **overrides},
+    )
+    _ = args.device  # the process state, MULTI_CPU
+    PartialState().distributed_type = DistributedType.MULTI_GPU
+    return args
+
+
+def main(url: str, out: Path) -> None:
+    warnings.simplefilter("ignore")
+    run_ids: dict[str, str] = {}
+    for name, (config, sketch) in REFUSED.items():
+        args = fsdp_args(out / name, 0.05, fsdp_config=config)
+        try:
+            sgd_trainer(args, KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"))
+        except UnsupportedTRLSettingError as exc:
+            run_ids[f"refused-{name}"] = str(exc)
+    for name, (learning_rate, overrides, sketch) in RUNS.items():
+        args = fsdp_args(out / name, learning_rate, **overrides)
+        trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"))
+        assert trainer.accelerator.is_fsdp2
+        trainer.train()
+        assert trainer._kernelscope_sharded  # the model accelerate prepared holds shards
+        run_ids[name] = trainer.kernelscope_run_id
+    state = PartialState()
+    if state.is_main_process:
+        (out / "run_ids.json").write_text(json.dumps(run_ids))
+    state.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -20,6 +20,9 @@ The applied update ``u = theta_after - theta_before`` (:class:`AppliedUpdateCapt
 step really taken (momentum, clipping, weight decay included).  In ``adam`` geometry it is sent
 as ``u / sqrt(P)`` so that ``<sqrt(P) w, u / sqrt(P)> = <w, u>``: the row with the reserved id
 ``__applied_update__`` then gives ``<w_j, u>`` against every sketched row.
+
+Under FSDP2 (:mod:`clients.shards`) each value is computed from this rank's shards of the
+parameter, gradient and state, and is sharded like the parameter.
 """
 
 from __future__ import annotations

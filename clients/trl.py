@@ -26,8 +26,10 @@ Supported settings (checked at construction; anything else raises
 sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
 term, clipping, token and tool masks and importance corrections through update rows
 (:func:`trl_token_coefficients`, math.md §4 "Update rows"), and so is an entropy bonus.
-Refused: a MoE router loss.  Under accelerate/DDP every rank pushes its own completions and the
-run waits for all of them (``ranks``; docs/trl.md "Many ranks").  With ``temperature != 1``
+Refused: a MoE router loss, FSDP1.  Under accelerate/DDP or FSDP2 every rank pushes its own
+completions and the run waits for all of them (``ranks``; docs/trl.md "Many ranks"); under FSDP2
+the rows come from hooks and the applied update is sketched from the ranks' shards
+(:mod:`clients.shards`).  With ``temperature != 1``
 every log-prob is the tempered policy's, as TRL trains it, and so is the entropy predicted.
 """
 

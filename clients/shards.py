@@ -11,10 +11,11 @@ range of the row-major flattened parameter.  Its gradient and the optimizer's st
   (partial sketches add up, math.md §7): one all-reduce of ``k`` floats
   (:func:`sketch_of_whole`), where gathering the update would move the whole model;
 * where a rank needs the whole (``sqrt(P)`` scales the rank's own sequences' rows, which
-  cover whole weights) it is gathered, one parameter at a time (:func:`whole`).
+  cover whole weights) it is gathered, one parameter at a time, when the capture reads it
+  (:class:`GatheredOnAccess`).
 
-A forward without a backward (``logprob_after``, the update rows' coefficients) must reshard
-the model after it (:func:`resharded`).
+A forward without a backward after the optimizer step (``logprob_after``) must reshard the
+model after it (:func:`resharded`).
 
 Parameters that are plain tensors are whole on every rank.  Other ``DTensor`` layouts (tensor
 parallelism's ``Shard(1)``, HSDP's 2-D mesh) are refused with :class:`UnsupportedShardingError`.
@@ -23,7 +24,7 @@ parallelism's ``Shard(1)``, HSDP's 2-D mesh) are refused with :class:`Unsupporte
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,41 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     """The whole of ``t``, gathered from every rank when it is sharded (a collective: every
     rank calls it, in the same order)."""
     return _checked(t).full_tensor() if isinstance(t, DTensor) else t
+
+
+class GatheredOnAccess(Mapping[str, torch.Tensor]):
+    """``{name: whole value}`` of a per-parameter quantity held as shards (``sharded``, values
+    laid out as the parameters, e.g. a lazy ``sqrt(P)``), each value computed and gathered
+    when it is read: one parameter's whole value at a time is held, where gathering them all
+    would hold 4 bytes per parameter on every rank.
+
+    Reading a name other than the last one read gathers it, a collective: every rank must read
+    the same names in the same order.  A hook capture does, as FSDP's own gathers do: its
+    hooks read each parameter's value in the backward's module order, which the model fixes,
+    and then the vectors' in name order, and a name read again in a row is not gathered
+    again."""
+
+    def __init__(self, sharded: Mapping[str, torch.Tensor]) -> None:
+        self._sharded = sharded
+        self._name: str | None = None
+        self._value: torch.Tensor | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name != self._name or self._value is None:
+            self._value = None  # free the last one before gathering the next
+            self._value = whole(self._sharded[name])
+            self._name = name
+        return self._value
+
+    def release(self) -> None:
+        """Free the value held (the next read gathers again)."""
+        self._name, self._value = None, None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sharded)
+
+    def __len__(self) -> int:
+        return len(self._sharded)
 
 
 def flat_offset(t: torch.Tensor) -> int:

@@ -27,10 +27,10 @@ sampled tokens' log-probs: on-policy steps through the weights, and later PPO pa
 term, clipping, token and tool masks and importance corrections through update rows
 (:func:`trl_token_coefficients`, math.md §4 "Update rows"), and so is an entropy bonus.
 Refused: a MoE router loss, FSDP1.  Under accelerate/DDP or FSDP2 every rank pushes its own
-completions and the run waits for all of them (``ranks``; docs/trl.md "Many ranks"); under FSDP2
-the rows come from hooks and the applied update is sketched from the ranks' shards
-(:mod:`clients.shards`).  With ``temperature != 1``
-every log-prob is the tempered policy's, as TRL trains it, and so is the entropy predicted.
+completions and the run waits for all of them (``ranks``; docs/trl.md "Many ranks"); under
+FSDP2 the rows come from hooks and the applied update is sketched from the ranks' shards
+(:mod:`clients.shards`).  With ``temperature != 1`` every log-prob is the tempered policy's, as
+TRL trains it, and so is the entropy predicted.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ from clients.geometry import (
     is_adam,
 )
 from clients.http import Client
-from clients.shards import is_sharded, resharded, sketch_of_whole, whole
+from clients.shards import GatheredOnAccess, is_sharded, sketch_of_whole
 from clients.token_shares import token_shares_cross_fit
 from sketch.base import Sketcher
 from sketch.entropy import estimator_entropy_coefficients, estimator_halves
@@ -220,7 +220,7 @@ def trl_token_coefficients(
     leaves: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def as_leaves(*args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad(), resharded(model):
+        with torch.no_grad():
             logps, entropies, *rest = real(*args, **kwargs)
         leaf = logps.detach().requires_grad_(True)
         entropy_leaf = None if entropies is None else entropies.detach().requires_grad_(True)
@@ -730,16 +730,14 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         left-padded prompts: TRL's forward shifts every position by the padding)."""
         self._ks_checked = True
         completion_mask = inputs["completion_mask"]
-        model = self.model
-        assert model is not None
-        with torch.no_grad(), self.accelerator.autocast(), resharded(model):
+        with torch.no_grad(), self.accelerator.autocast():
             per_token, _, _ = self._get_per_token_logps_and_entropies(
-                model,
+                self.model,
                 torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
                 torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
                 inputs["completion_ids"].size(1),
             )
-            policy = self.accelerator.unwrap_model(model)
+            policy = self.accelerator.unwrap_model(self.model)
             ours = sequence_logprobs(policy, batch, temperature=float(self.temperature))
         trl_logprobs = (per_token * completion_mask).sum(dim=1).float().cpu()
         gap = float((trl_logprobs - ours.float().cpu()).abs().max())
@@ -780,10 +778,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             window.sqrt_p = adam_step_preconditioner(self.optimizer, selected, lazy=True)
             if self._kernelscope_sharded:
                 # A rank's sequences' rows cover whole weights, and it holds a shard of
-                # sqrt(P): gather it, one parameter at a time, 4 bytes per studied parameter
-                # held until the rows are pushed (docs/real-run.md "Many GPUs").
-                lazy = window.sqrt_p
-                window.sqrt_p = {name: whole(lazy[name]) for name in sorted(selected)}
+                # sqrt(P): each is gathered when the hooks read it, one at a time.
+                window.sqrt_p = GatheredOnAccess(window.sqrt_p)
         # The token shares' directions come from the rows' own backward when hooks capture
         # them: in batches of whole prompts, so that each batch's h_j follow from its S_j.
         directions: list[dict[str, torch.Tensor]] | None = None
@@ -812,6 +808,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 if self._factorised is None and self._hooked is None:
                     directions = None  # a capture fell back to exact chunks: some are missing
                 window.tokens = self._kernelscope_token_shares(window, directions)
+        if isinstance(window.sqrt_p, GatheredOnAccess):
+            window.sqrt_p.release()
         # Every rank applies the same (all-reduced) update: the main process pushes it.  Under
         # FSDP each rank holds a shard of it: every rank sketches its shard.
         if self.kernelscope.push_applied_update and (

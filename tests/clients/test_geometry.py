@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -301,7 +302,7 @@ def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from clients.shards import is_sharded, sketch_of_whole, whole
+    from clients.shards import GatheredOnAccess, is_sharded, sketch_of_whole, whole
     from sketch.spec import SketchSpec, build_sketcher
     from tests.clients.conftest import tiny_llama
 
@@ -331,9 +332,16 @@ def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
                 (-(torch.linspace(-1.0, 1.0, 4) * s).sum()).backward()
                 if step == 2:
                     params = dict(m.named_parameters())
-                    sqrt_p = adam_step_preconditioner(optimizers[tag], params, lazy=True)
+                    sqrt_p = GatheredOnAccess(
+                        adam_step_preconditioner(optimizers[tag], params, lazy=True)
+                    )
+                    last = None
                     for name in sorted(params):
-                        result[f"{tag}/step/{name}"] = whole(sqrt_p[name])
+                        result[f"{tag}/step/{name}"] = sqrt_p[name].clone()
+                        assert sqrt_p[name] is sqrt_p[name]  # read again: not gathered again
+                        # one parameter's whole value held at a time
+                        assert last is None or last() is None
+                        last = weakref.ref(sqrt_p[name])
                     steps[tag] = adam_step_counts(optimizers[tag], params)
                 optimizers[tag].step()
         # a forward without a backward leaves the shards registered (FSDP's root would not)
@@ -360,7 +368,9 @@ def test_adam_geometry_of_a_model_sharded_by_fsdp2(tmp_path: Path) -> None:
     """Under torch's FSDP2 (three gloo processes, so that the shards are uneven, the head
     left unsharded), Adam's ``sqrt(P_t)`` of the step about to be taken, the ``sqrt(P_t)`` of
     the step taken and the applied update, each computed from this rank's shards of the
-    gradient, state and parameters and then gathered, equal those of the unsharded model; and
+    gradient, state and parameters and then gathered (the first one parameter at a time as
+    it is read, :class:`clients.shards.GatheredOnAccess`), equal those of the unsharded model;
+    and
     the sketch of the applied update made from the ranks' shards (``name@offset`` slices added
     up by one all-reduce), countsketch and kronecker, equals the sketch of the whole update on
     every rank.  ``logprob_after`` leaves the model's shards registered as its parameters

@@ -918,17 +918,19 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
 def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
     live_service: LiveService, tmp_path: Path
 ) -> None:
-    """Two real GRPO runs under accelerate's own FSDP2 (``fsdp_version=2``: ``fully_shard`` of
+    """Three real GRPO runs under accelerate's own FSDP2 (``fsdp_version=2``: ``fully_shard`` of
     each decoder layer and of the root; two gloo processes on the CPU, see ``trl_fsdp.py`` for
     the one line that lets accelerate shard on a CPU), each rank's parameters, gradients and
     Adam state a shard: AdamW with ``beta1 = 0`` and count-sketched rows from hooks (``adam``
     geometry: each rank gathers ``sqrt(P_t)`` for its sequences' rows), step 1 a later clipped
-    pass (update rows); plain SGD with factorised kronecker rows.  Every step is ready with
-    both ranks' sequences, the applied update (sketched from the ranks' shards and added up)
-    is there, and ``plugin dH1 = delta_h1_applied``, the identity of one process, holds on
-    both steps (step 1 also shows that the forwards without a backward, ``logprob_after``,
-    leave FSDP's shards as the next step's ``zero_grad`` expects them).  FSDP1 and exact rows
-    are refused with their reasons."""
+    pass (update rows), of the whole model and of ``peft`` LoRA adapters
+    (``ParameterFilter(lora_only=True)``); plain SGD with factorised kronecker rows.
+
+    Every step is ready with both ranks' sequences, the applied update (sketched from the
+    ranks' shards and added up) is there, and ``plugin dH1 = delta_h1_applied``, the identity
+    of one process, holds on both steps.  Step 1 also shows that ``logprob_after``'s forward
+    without a backward leaves FSDP's shards as the next step's ``zero_grad`` expects them.
+    FSDP1 and exact rows are refused with their reasons."""
     port = free_port()
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -942,11 +944,13 @@ def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
     run_ids = json.loads((tmp_path / "run_ids.json").read_text())
     assert "fsdp_version=2" in run_ids.pop("refused-fsdp1")
     assert "captured by hooks" in run_ids.pop("refused-exact")
-    assert set(run_ids) == {"adam-countsketch", "sgd-kronecker"}
+    assert set(run_ids) == {"adam-countsketch", "adam-lora", "sgd-kronecker"}
     with Client(live_service.base_url) as client:
         for name, run_id in run_ids.items():
             run = client.get_run(run_id)
             assert run.ranks == 2 and run.geometry == name.split("-")[0]
+            assert run.parameters
+            assert all(("lora_" in p) == (name == "adam-lora") for p in run.parameters)
             for step in (0, 1):
                 status = client.wait_ready(run_id, step, timeout=60)
                 assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)

@@ -23,21 +23,23 @@ from typing import Any
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
+from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
+from tests.clients.trl_ranks import exit_without_teardown
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
 
-#: name -> (learning rate, GRPOConfig overrides, sketch): AdamW with beta1 = 0 (every step is
-#: -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows);
-#: plain SGD and factorised kronecker rows.
-RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
-    "adam-countsketch": (
-        1e-3,
-        {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2},
-        SKETCH_512,
-    ),
-    "sgd-kronecker": (0.05, {}, KRONECKER_256),
+ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
+
+#: name -> (learning rate, GRPOConfig overrides, sketch, LoRA): AdamW with beta1 = 0 (every step
+#: is -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows),
+#: of the whole model and of LoRA adapters on the attention projections; plain SGD and factorised
+#: kronecker rows.
+RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any], bool]] = {
+    "adam-countsketch": (1e-3, ADAM_BETA0, SKETCH_512, False),
+    "adam-lora": (1e-2, ADAM_BETA0, SKETCH_512, True),
+    "sgd-kronecker": (0.05, {}, KRONECKER_256, False),
 }
 
 
@@ -74,9 +76,18 @@ def main(url: str, out: Path) -> None:
             sgd_trainer(args, KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"))
         except UnsupportedTRLSettingError as exc:
             run_ids[f"refused-{name}"] = str(exc)
-    for name, (learning_rate, overrides, sketch) in RUNS.items():
+    for name, (learning_rate, overrides, sketch, lora) in RUNS.items():
         args = fsdp_args(out / name, learning_rate, **overrides)
-        trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"))
+        config = KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer")
+        adapters: dict[str, Any] = {}
+        if lora:
+            import peft
+
+            config.parameter_filter = ParameterFilter(lora_only=True)
+            adapters["peft_config"] = peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+            )
+        trainer = sgd_trainer(args, config, **adapters)
         assert trainer.accelerator.is_fsdp2
         trainer.train()
         assert trainer._kernelscope_sharded  # the model accelerate prepared holds shards
@@ -89,3 +100,4 @@ def main(url: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    exit_without_teardown()

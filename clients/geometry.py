@@ -2,14 +2,18 @@
 
 In ``adam`` geometry a run's rows are ``sqrt(P) * w_i`` (elementwise) with
 
-    P = 1 / (sqrt(v_hat) + eps),     v_hat = v / (1 - beta2^t),
+    P = 1 / (sqrt(v_hat) + eps),     v_hat = v / (1 - beta2^t),     P = 0 where v = 0,
 
 ``v`` the optimizer's second-moment state (``exp_avg_sq``, or ``max_exp_avg_sq`` with amsgrad)
 and ``t`` its step count; the kernel of the scaled rows is ``K(i, j) = w_i^T P w_j``, the
 preconditioned Fisher kernel that first-order predictions need when the update is
 ``eta * P * g_hat`` (momentum ignored).  This is exactly the denominator ``torch.optim.Adam`` /
 ``AdamW`` divide by, so with ``beta1 = 0`` and no weight decay the step taken is
-``-lr * P * g``.
+``-lr * P * g``.  Where ``v = 0`` (no gradient yet, this step's included) Adam divides by
+``eps`` alone, but its gradient term there is 0: it moves such a coordinate by decoupled weight
+decay only.  ``P`` is 0 there instead of ``1 / eps``, so that rows that are not exactly 0 there
+are not multiplied by ``1 / eps``: a gradient reduced in bf16 cancels to exactly 0 in a few
+coordinates where the rows' sum does not (docs/real-run.md "Mixed precision").
 
 Which ``v``: ``P`` is read from the optimizer's state when :func:`adam_preconditioner` is
 called.  Call it after ``optimizer.step()`` to use the ``v_t`` that the step just used (the
@@ -19,7 +23,8 @@ before the first step the state is empty and the function raises.
 The applied update ``u = theta_after - theta_before`` (:class:`AppliedUpdateCapture`) is the
 step really taken (momentum, clipping, weight decay included).  In ``adam`` geometry it is sent
 as ``u / sqrt(P)`` so that ``<sqrt(P) w, u / sqrt(P)> = <w, u>``: the row with the reserved id
-``__applied_update__`` then gives ``<w_j, u>`` against every sketched row.
+``__applied_update__`` then gives ``<w_j, u>`` against every sketched row, over the coordinates
+with ``v > 0`` (the others' weight decay is left out, :func:`unscaled`).
 
 Under FSDP2 (:mod:`clients.shards`) each value is computed from this rank's shards of the
 parameter, gradient and state, and is sharded like the parameter.
@@ -99,9 +104,9 @@ def adam_taken_preconditioner(
         eps = float(group["eps"])
         step = _step_count(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        v_hat = _part(local(v), flat).detach().float() / (1.0 - beta2**step)
-        precond = 1.0 / (v_hat.sqrt() + eps)
-        return _laid_out(precond.sqrt(), p, flat)
+        v = _part(local(v), flat).detach().float()
+        precond = 1.0 / ((v / (1.0 - beta2**step)).sqrt() + eps)
+        return _laid_out(precond.sqrt().masked_fill_(v == 0, 0.0), p, flat)
 
     return _per_parameter(parameters, one, lazy)
 
@@ -222,8 +227,10 @@ def adam_step_preconditioner(
         if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
             peak = _part(local(state["max_exp_avg_sq"]), flat).detach().float()
             torch.maximum(v, peak, out=v)
+        never = v == 0  # no second moment: P = 0 (the module's docstring)
         v.div_(1.0 - beta2**step).sqrt_().add_(eps)
-        return _laid_out(torch.reciprocal(v, out=v).sqrt_(), p, flat)
+        sqrt_p = torch.reciprocal(v, out=v).sqrt_().masked_fill_(never, 0.0)
+        return _laid_out(sqrt_p, p, flat)
 
     return _per_parameter(parameters, one, lazy)
 
@@ -314,14 +321,20 @@ def scale_rows(
     return out
 
 
+def unscaled(u: torch.Tensor, sqrt_p: torch.Tensor) -> torch.Tensor:
+    """``u / sqrt(P)`` (float32, ``u``'s shape), 0 where ``sqrt(P) = 0``: the applied update's
+    row in ``adam`` geometry, whose inner product with a row ``sqrt(P) w`` is ``<w, u>`` over
+    the coordinates Adam has a second moment for (elsewhere ``u`` is weight decay alone)."""
+    scale = sqrt_p.to(device=u.device, dtype=torch.float32)
+    return torch.nan_to_num(u.float() / scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def unscale_update(
     update: Mapping[str, torch.Tensor], sqrt_p: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``{name: u / sqrt(P)}``, the applied update's row in ``adam`` geometry (shapes kept)."""
-    return {
-        name: u.float() / sqrt_p[name].to(device=u.device, dtype=torch.float32)
-        for name, u in update.items()
-    }
+    """``{name: u / sqrt(P)}``, the applied update's row in ``adam`` geometry (shapes kept;
+    :func:`unscaled`)."""
+    return {name: unscaled(u, sqrt_p[name]) for name, u in update.items()}
 
 
 @dataclass

@@ -70,6 +70,7 @@ from clients.geometry import (
     adam_step_preconditioner,
     adam_taken_preconditioner,
     is_adam,
+    unscaled,
 )
 from clients.http import Client
 from clients.shards import GatheredOnAccess, is_sharded, sketch_of_whole
@@ -1085,7 +1086,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             assert self.optimizer is not None
             scale = adam_taken_preconditioner(self.optimizer, selected, lazy=True)
         for name, u in parts:
-            yield name, u if scale is None else u / scale[name]
+            yield name, u if scale is None else unscaled(u, scale[name])
 
     def _kernelscope_after_step(self) -> None:
         window = self._ks_window

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -66,6 +67,31 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@contextlib.contextmanager
+def fsdp2_llama(
+    rank: int, world: int, init: str, shard_head: bool = True
+) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """In one of ``world`` processes: a gloo process group (``init`` its ``init_method``) and
+    :func:`tiny_llama` sharded by torch's FSDP2 (``fully_shard`` of each decoder layer, then of
+    the root; ``shard_head=False`` leaves the head a plain tensor), with an unsharded copy made
+    before; the group is destroyed after the block."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = tiny_llama()
+        plain = copy.deepcopy(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model, ignored_params=None if shard_head else {model.lm_head.weight})
+        yield model, plain
+    finally:
+        dist.destroy_process_group()
 
 
 def make_batch(seed: int = 1, n: int = 5, pad_token_id: int = 0) -> SequenceBatch:

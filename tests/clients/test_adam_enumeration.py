@@ -175,7 +175,8 @@ def adam_step() -> AdamStep:
     precond = torch.cat([sqrt_p[n].double().reshape(-1) ** 2 for n in policy.names])
     v = torch.cat([optimizer.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
     v_hat = v / (1.0 - BETAS[1] ** (WARMUP_STEPS + 1))
-    precond_state = 1.0 / (v_hat.sqrt() + EPS)
+    # P = 0 where Adam has no second moment (clients.geometry): there the gradient is 0
+    precond_state = (1.0 / (v_hat.sqrt() + EPS)).masked_fill(v == 0, 0.0)
     u_adam = moved(policy, model)
     u_captured = policy.flatten(applied.update).double()
 

@@ -510,22 +510,13 @@ def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
     """One rank of :func:`test_hook_captures_on_a_model_sharded_by_fsdp2`: the captures of this
     rank's batch on the ``fully_shard`` model and on an unsharded copy, then a training
     backward on both, saved to ``out/rank.pt``."""
-    import copy
-
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     from clients.factorised import HookedCapture
-    from tests.clients.conftest import tiny_llama
+    from tests.clients.conftest import fsdp2_llama
 
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        model = tiny_llama()
-        plain = copy.deepcopy(model)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+    with fsdp2_llama(rank, world, init) as (model, plain):
         batch = make_batch(n=4, seed=10 + rank)
         result: dict[str, torch.Tensor] = {}
         for name, make in [
@@ -547,8 +538,6 @@ def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
         dist.all_reduce(result["grad_plain"])
         result["grad_plain"] /= world
         torch.save(result, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_hook_captures_on_a_model_sharded_by_fsdp2(tmp_path: Any) -> None:

@@ -25,6 +25,7 @@ from clients.geometry import (
     logprob_after,
     scale_rows,
     unscale_update,
+    unscaled,
 )
 from tests.clients.conftest import make_batch, tiny_gpt2
 
@@ -185,7 +186,7 @@ def test_preconditioner_formula_from_state() -> None:
     for name, p in model.named_parameters():
         state = opt.state[p]
         v_hat = state["exp_avg_sq"].double() / (1 - 0.95 ** float(state["step"]))
-        expected = (1.0 / (v_hat.sqrt() + 1e-8)).sqrt()
+        expected = (1.0 / (v_hat.sqrt() + 1e-8)).sqrt().masked_fill(v_hat == 0, 0.0)
         torch.testing.assert_close(sqrt_p[name].double(), expected, rtol=1e-5, atol=0)
 
 
@@ -193,7 +194,7 @@ def test_preconditioner_formula_from_state() -> None:
 def test_step_preconditioner_in_place_is_bit_equal_to_the_formula(amsgrad: bool) -> None:
     """``adam_step_preconditioner`` computes ``sqrt(P_t)`` in place on one buffer; its values
     are bit-equal to the plain expressions ``g^2 (1 - beta2) + beta2 v``, ``/ (1 - beta2^t)``,
-    ``(1 / (sqrt(.) + eps))^(1/2)`` evaluated one temporary at a time."""
+    ``(1 / (sqrt(.) + eps))^(1/2)`` evaluated one temporary at a time (0 where ``v = 0``)."""
     model = tiny_gpt2()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.95), amsgrad=amsgrad)
     for seed in range(2):
@@ -211,7 +212,46 @@ def test_step_preconditioner_in_place_is_bit_equal_to_the_formula(amsgrad: bool)
         if amsgrad:
             v = torch.maximum(v, state["max_exp_avg_sq"])
         v_hat = v / (1.0 - 0.95 ** (float(state["step"]) + 1.0))
-        assert torch.equal(got[name], (1.0 / (v_hat.sqrt() + 1e-8)).sqrt()), name
+        expected = (1.0 / (v_hat.sqrt() + 1e-8)).sqrt().masked_fill(v == 0, 0.0)
+        assert torch.equal(got[name], expected), name
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_preconditioner_is_zero_where_adam_has_no_second_moment(decay: float) -> None:
+    """Where Adam's second moment is 0 (embedding rows of tokens no batch has had, and here a
+    coordinate whose gradient is 0 from its first step on, as a bf16 reduction can make one),
+    ``sqrt(P)`` is 0 instead of ``1 / sqrt(eps)``, in the step's and the taken preconditioner
+    alike, and nowhere else; there the applied row ``u / sqrt(P)`` is 0 (``u`` is AdamW's
+    weight decay alone), not inf.  A row that is not 0 there, as rows whose sum the trainer's
+    rounded gradient cancels, then adds nothing to the kernel instead of ``|w|^2 / eps``."""
+    model = tiny_gpt2()
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=decay)
+    _loss_step(model, make_batch(seed=0, n=4), opt)
+    opt.zero_grad()
+    out = model(make_batch(seed=1, n=4).input_ids).logits
+    out.square().mean().backward()
+    head = next(n for n, p in params.items() if p.ndim == 2 and p.shape[0] > p.shape[1])
+    grad = params[head].grad
+    assert grad is not None
+    grad.view(-1)[:1] = 0.0  # a rounded gradient, on a coordinate with no history
+    opt.state[params[head]]["exp_avg_sq"].view(-1)[:1] = 0.0
+    opt.state[params[head]]["exp_avg"].view(-1)[:1] = 0.0
+    step = adam_step_preconditioner(opt, params)
+    counts = adam_step_counts(opt, params)
+    opt.step()
+    taken = adam_taken_preconditioner(opt, params)
+    update = dict(adam_applied_update(opt, params, counts))
+    for name, p in params.items():
+        v = opt.state[p]["exp_avg_sq"]
+        torch.testing.assert_close(step[name], taken[name], rtol=1e-5, atol=0.0)
+        assert torch.equal(step[name] == 0, v == 0), name
+        row = unscaled(update[name], taken[name])
+        assert torch.isfinite(row).all()
+        assert torch.equal(row[v == 0], torch.zeros_like(row[v == 0]))
+        torch.testing.assert_close(row * taken[name], update[name].masked_fill(v == 0, 0.0))
+    assert bool((opt.state[params[head]]["exp_avg_sq"].view(-1)[:1] == 0).all())
+    assert float(step[head].view(-1)[0]) == 0.0
 
 
 def test_preconditioner_needs_a_state() -> None:
@@ -242,11 +282,13 @@ def test_scaled_rows_give_the_preconditioned_kernel() -> None:
         [torch.stack([(W[i] * P * W[j]).sum() for j in range(n)]) for i in range(n)]
     )
     torch.testing.assert_close(kernel, direct, rtol=1e-5, atol=0)
-    # the applied-update row in adam geometry keeps inner products with the rows: <w, u>
+    # the applied-update row in adam geometry keeps inner products with the rows: <w, u>, over
+    # the coordinates with a second moment (P = 0 elsewhere: tokens the step had not seen)
+    assert bool((P == 0).any()) and bool((W[:, P == 0] != 0).any())
     u = {k: torch.randn_like(v) for k, v in sqrt_p.items()}
     u_row = torch.cat([v.reshape(-1) for v in unscale_update(u, sqrt_p).values()]).double()
     u_flat = torch.cat([u[k].reshape(-1) for k in captured.gradients]).double()
-    torch.testing.assert_close(rows @ u_row, W @ u_flat, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(rows @ u_row, W @ (u_flat * (P > 0)), rtol=1e-5, atol=1e-9)
 
 
 def test_applied_update_is_theta_after_minus_theta_before() -> None:
@@ -297,24 +339,13 @@ def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
     FSDP's mean gradient is the copy's), saving the step's ``sqrt(P_t)`` before the last step,
     and after it the taken ``sqrt(P_t)``, the applied update and its sketches; between them,
     ``logprob_after``'s forward."""
-    import copy
-
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
     from clients.shards import GatheredOnAccess, is_sharded, sketch_of_whole, whole
     from sketch.spec import SketchSpec, build_sketcher
-    from tests.clients.conftest import tiny_llama
+    from tests.clients.conftest import fsdp2_llama
 
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        model = tiny_llama()
-        plain = copy.deepcopy(model)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        # the head stays a plain tensor, whole on every rank (FSDP leaves it alone)
-        fully_shard(model, ignored_params={model.lm_head.weight})
+    # the head stays a plain tensor, whole on every rank (FSDP leaves it alone)
+    with fsdp2_llama(rank, world, init, shard_head=False) as (model, plain):
         assert is_sharded(model.model.embed_tokens.weight) and not is_sharded(model.lm_head.weight)
         models = {"sharded": model, "plain": plain}
         optimizers = {
@@ -360,8 +391,6 @@ def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
                 sketcher = build_sketcher(spec, declared)
                 result[f"{tag}/{kind}"] = sketch_of_whole(sketcher, list(update.items()))
         torch.save(result, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_adam_geometry_of_a_model_sharded_by_fsdp2(tmp_path: Path) -> None:
@@ -370,10 +399,9 @@ def test_adam_geometry_of_a_model_sharded_by_fsdp2(tmp_path: Path) -> None:
     the step taken and the applied update, each computed from this rank's shards of the
     gradient, state and parameters and then gathered (the first one parameter at a time as
     it is read, :class:`clients.shards.GatheredOnAccess`), equal those of the unsharded model;
-    and
-    the sketch of the applied update made from the ranks' shards (``name@offset`` slices added
-    up by one all-reduce), countsketch and kronecker, equals the sketch of the whole update on
-    every rank.  ``logprob_after`` leaves the model's shards registered as its parameters
+    and the sketch of the applied update made from the ranks' shards (``name@offset`` slices
+    added up by one all-reduce), countsketch and kronecker, equals the sketch of the whole
+    update on every rank.  ``logprob_after`` leaves the model's shards registered as its parameters
     (FSDP's root keeps its gathered copies after a forward without a backward)."""
     import torch.multiprocessing as mp
 

@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if timing is None:
         return 1
     memory: dict[str, float] = timing["peaks"] or {}
-    for m in methods if timing["peaks"] is None else []:  # RSS: one process per method
-        row = _subprocess(["--worker", m, *common])
-        memory[m] = float("nan") if row is None else row["peak_mib"]
+    if timing["peaks"] is None:  # RSS: one process per method
+        for m in methods:
+            row = _subprocess(["--worker", m, *common])
+            memory[m] = float("nan") if row is None else row["peak_mib"]
     best = {m: min(t) for m, t in timing["times"].items()}
     print(
         f"{'Qwen2' if args.qwen2 else 'GPT-2'} {timing['params'] / 1e6:.1f}M parameters, "

@@ -773,11 +773,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         window = self._ks_window
         if window is None or not window.micro:
             return
+        sharded = self._kernelscope_sharded
         if self.kernelscope_geometry == "adam":
             assert self.optimizer is not None
             selected = self._kernelscope_selected()
             window.sqrt_p = adam_step_preconditioner(self.optimizer, selected, lazy=True)
-            if self._kernelscope_sharded:
+            if sharded:
                 # A rank's sequences' rows cover whole weights, and it holds a shard of
                 # sqrt(P): each is gathered when the hooks read it, one at a time.
                 window.sqrt_p = GatheredOnAccess(window.sqrt_p)
@@ -813,9 +814,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             window.sqrt_p.release()
         # Every rank applies the same (all-reduced) update: the main process pushes it.  Under
         # FSDP each rank holds a shard of it: every rank sketches its shard.
-        if self.kernelscope.push_applied_update and (
-            self.accelerator.is_main_process or self._kernelscope_sharded
-        ):
+        if self.kernelscope.push_applied_update and (self.accelerator.is_main_process or sharded):
             selected = self._kernelscope_selected()
             assert self.optimizer is not None
             # torch's Adam/AdamW: the update follows from its state after the step, so no copy

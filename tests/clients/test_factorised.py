@@ -513,6 +513,7 @@ def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
     from clients.factorised import HookedCapture
+    from clients.shards import whole
     from tests.clients.conftest import fsdp2_llama
 
     warnings.simplefilter("ignore")
@@ -533,7 +534,7 @@ def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
             logits.float().square().mean().backward()
             grad = m.get_parameter("model.layers.0.mlp.up_proj.weight").grad
             assert grad is not None
-            result[f"grad_{tag}"] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+            result[f"grad_{tag}"] = whole(grad)
         # the sharded model's gradient is the mean over the ranks' batches (FSDP reduces it)
         dist.all_reduce(result["grad_plain"])
         result["grad_plain"] /= world

@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,trl]'
+	$(BIN)/pip install -q -e '.[test,trl,deepspeed]'
 	touch $@
 
 install: $(VENV)/.installed

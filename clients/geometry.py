@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,6 +61,39 @@ def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, Any]]:
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
+class AdamStates:
+    """Each parameter's Adam hyperparameters (``group``), state (``state``: ``exp_avg``,
+    ``exp_avg_sq``, ``step``, laid out as the parameter) and the gradient the step will use
+    (``gradient``), as torch's own optimizer holds them: keyed by the parameter, the
+    gradient in ``.grad`` (clipped by ``Trainer`` before the step).  Under DeepSpeed ZeRO 1/2
+    the same are gathered from flat partitions (``clients.zero.ZeroAdamStates``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        #: the torch optimizer (``Adam`` / ``AdamW`` in adam geometry)
+        self.optimizer = optimizer
+        self._groups = _group_of(optimizer)
+
+    def group(self, parameter: torch.Tensor) -> Mapping[str, Any] | None:
+        return self._groups.get(id(parameter))
+
+    def state(self, parameter: torch.Tensor) -> Mapping[str, Any]:
+        return self.optimizer.state.get(parameter, {})
+
+    def gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        return parameter.grad
+
+
+def adam_states(optimizer: Any) -> AdamStates:
+    """Where ``optimizer`` (torch's, accelerate's wrapper of it, or DeepSpeed ZeRO 1/2's)
+    keeps what the Adam geometry reads."""
+    from clients.zero import ZeroAdamStates, zero_optimizer
+
+    zero = zero_optimizer(optimizer)
+    if zero is not None:
+        return cast(AdamStates, ZeroAdamStates(zero))
+    return AdamStates(_unwrapped(optimizer))
+
+
 def adam_preconditioner(
     optimizer: torch.optim.Optimizer,
     model: nn.Module,
@@ -84,17 +117,16 @@ def adam_taken_preconditioner(
     """``{name: sqrt(P_t)}`` of the step just taken, from the state after it (``v_t``, its
     running maximum with amsgrad, and ``t``): what that step divided by.  ``lazy``: each value
     is computed when read (no ``N``-float copy held)."""
-    optimizer = _unwrapped(optimizer)
-    groups = _group_of(optimizer)
+    states = adam_states(optimizer)
 
     def one(name: str, flat: slice | None = None) -> torch.Tensor:
         p = parameters[name]
-        group = groups.get(id(p))
+        group = states.group(p)
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         if "betas" not in group or "eps" not in group:
             raise TypeError("adam_preconditioner needs an Adam-family optimizer (betas, eps)")
-        state = optimizer.state.get(p, {})
+        state = states.state(p)
         if "exp_avg_sq" not in state or "step" not in state:
             raise ValueError(
                 f"parameter {name!r} has no Adam state yet: take one optimizer step first "
@@ -175,7 +207,7 @@ class OnAccess(Mapping[str, torch.Tensor]):
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` (or the optimizer an accelerate wrapper holds) is ``Adam`` or
     ``AdamW`` (torch's, including the fused and foreach variants)."""
-    return isinstance(_unwrapped(optimizer), torch.optim.Adam)
+    return isinstance(adam_states(optimizer).optimizer, torch.optim.Adam)
 
 
 def adam_step_preconditioner(
@@ -197,26 +229,27 @@ def adam_step_preconditioner(
     ``lazy``: each value is computed when read (no ``N``-float copy held; read them before the
     step).
     """
-    inner = _unwrapped(optimizer)
+    states = adam_states(optimizer)
+    inner = states.optimizer
     if not isinstance(inner, torch.optim.Adam):
         raise TypeError(f"adam geometry needs torch's Adam or AdamW, got {type(inner).__name__}")
-    groups = _group_of(inner)
 
     def one(name: str, flat: slice | None = None) -> torch.Tensor:
         p = parameters[name]
-        group = groups.get(id(p))
+        group = states.group(p)
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         beta2, eps = float(group["betas"][1]), float(group["eps"])
         theta = _part(local(p.detach()), flat)
-        if p.grad is None:
+        grad = states.gradient(p)
+        if grad is None:
             g = torch.zeros_like(theta, dtype=torch.float32)
         else:
-            g = _part(local(p.grad), flat).float()
+            g = _part(local(grad), flat).float()
         decay = float(group.get("weight_decay", 0.0))
         if decay and not group.get("decoupled_weight_decay", False):
             g = g + decay * theta.float()
-        state = inner.state.get(p, {})
+        state = states.state(p)
         step = _step_count(state.get("step", 0.0)) + 1.0
         # In place on one buffer: the same IEEE operations in the same order as the plain
         # expressions (bit-equal), at a third of their time on a large parameter, which a
@@ -242,12 +275,11 @@ def adam_gradient_share(
     ``-lr P_t m_hat_t``, ``m_hat_t = (beta1 m_{t-1} + (1 - beta1) g_t) / (1 - beta1^t)``, read
     after ``optimizer.step()`` (``t`` its step count; 1 at the first step, where the update is
     ``-lr P_1 g_1``).  The rest of the update is the momentum carried from earlier steps."""
-    inner = _unwrapped(optimizer)
-    groups = _group_of(inner)
+    states = adam_states(optimizer)
     for p in parameters.values():
-        state = inner.state.get(p, {})
-        if "step" in state and id(p) in groups:
-            beta1 = float(groups[id(p)]["betas"][0])
+        state, group = states.state(p), states.group(p)
+        if "step" in state and group is not None:
+            beta1 = float(group["betas"][0])
             return (1.0 - beta1) / (1.0 - beta1 ** _step_count(state["step"]))
     raise ValueError("no parameter has an Adam state: call it after optimizer.step()")
 
@@ -257,8 +289,8 @@ def adam_step_counts(
 ) -> dict[str, float]:
     """``{name: step count}`` of each parameter's ``Adam`` / ``AdamW`` state (0 before its first
     step); take it just before ``optimizer.step()`` for :func:`adam_applied_update`."""
-    inner = _unwrapped(optimizer)
-    return {n: _step_count(inner.state.get(p, {}).get("step", 0.0)) for n, p in parameters.items()}
+    states = adam_states(optimizer)
+    return {n: _step_count(states.state(p).get("step", 0.0)) for n, p in parameters.items()}
 
 
 def adam_applied_update(
@@ -278,12 +310,11 @@ def adam_applied_update(
     parameter the step skipped (no gradient: its count equals ``steps_before``) gets zeros.
     Memory: a few temporaries of one parameter's size, where a snapshot costs a copy of all.
     """
-    inner = _unwrapped(optimizer)
-    if not isinstance(inner, torch.optim.Adam):
-        raise TypeError(f"needs torch's Adam or AdamW, got {type(inner).__name__}")
-    groups = _group_of(inner)
+    states = adam_states(optimizer)
+    if not isinstance(states.optimizer, torch.optim.Adam):
+        raise TypeError(f"needs torch's Adam or AdamW, got {type(states.optimizer).__name__}")
     for name, p in parameters.items():
-        group, state = groups.get(id(p)), inner.state.get(p, {})
+        group, state = states.group(p), states.state(p)
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         step = _step_count(state.get("step", 0.0))

@@ -397,18 +397,29 @@ class _Window:
     before: dict[str, torch.Tensor] | None = None
     adam_steps: dict[str, float] | None = None
     sqrt_p: Mapping[str, torch.Tensor] | None = None  # adam geometry, computed on access
+    learning_rate: float | None = None  # the optimizer's rate, read before the step
     # token shares at eta = 1 (the rate is known after the step): id -> token record
     tokens: dict[str, dict[str, Any]] | None = None
 
 
 class _PushAfterStep(TrainerCallback):
-    """Snapshots the parameters before ``optimizer.step()`` and pushes after it."""
+    """Captures the rows before ``optimizer.step()`` and pushes after it.  Under DeepSpeed the
+    step is taken inside accelerate's ``backward``, before ``on_pre_optimizer_step``: the
+    engine's step runs the capture first (:func:`clients.zero.call_before_step`)."""
 
     def __init__(self, trainer: KernelscopeGRPOTrainer) -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer._kernelscope_deepspeed:
+            from clients.zero import call_before_step
+
+            engine = self.trainer.accelerator.deepspeed_engine_wrapped.engine
+            call_before_step(engine, self.trainer._kernelscope_before_step)
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._kernelscope_before_step()
+        if not self.trainer._kernelscope_deepspeed:
+            self.trainer._kernelscope_before_step()
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._kernelscope_after_step()
@@ -542,10 +553,31 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         assert hooked.parameters == dict(declared)
         return hooked
 
+    @property
+    def _kernelscope_deepspeed(self) -> bool:
+        """Whether accelerate runs the model under DeepSpeed (ZeRO 1 or 2 once constructed)."""
+        return bool(self.accelerator.distributed_type == DistributedType.DEEPSPEED)
+
     def _kernelscope_check_sharding(self) -> None:
         """Under FSDP (accelerate's ``fsdp_version=2``) the rows must come from hooks: the
         exact chunk capture calls the model functionally with its parameters, which FSDP2
-        holds as shards."""
+        holds as shards.  Under DeepSpeed only ZeRO stages 1 and 2 are supported."""
+        if self._kernelscope_deepspeed:
+            from clients.zero import unsupported_reason
+
+            plugin = self.accelerator.state.deepspeed_plugin
+            reason = unsupported_reason(int(plugin.zero_stage))
+            if reason is not None:
+                raise UnsupportedTRLSettingError(reason)
+            zero = plugin.deepspeed_config.get("zero_optimization", {})
+            offload = zero.get("offload_optimizer", {}).get("device", "none")
+            if self.kernelscope_geometry == "adam" and offload not in (None, "none"):
+                raise UnsupportedTRLSettingError(
+                    "ZeRO-Offload replaces the optimizer with DeepSpeed's CPU Adam, whose state "
+                    "the adam geometry does not read: turn offload_optimizer off, or use "
+                    "geometry='sgd' (delta_h1_applied still gives what the step did)"
+                )
+            return
         if self.accelerator.distributed_type != DistributedType.FSDP:
             return
         if not self.accelerator.is_fsdp2:
@@ -774,13 +806,18 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if window is None or not window.micro:
             return
         sharded = self._kernelscope_sharded
+        # Under ZeRO 1/2 the gradient and Adam's state are gathered from every rank's
+        # partition (collectives): every rank reads them in the same order.
+        collective = sharded or self._kernelscope_deepspeed
+        assert self.optimizer is not None
+        window.learning_rate = float(self.optimizer.param_groups[0]["lr"])
         if self.kernelscope_geometry == "adam":
-            assert self.optimizer is not None
             selected = self._kernelscope_selected()
             window.sqrt_p = adam_step_preconditioner(self.optimizer, selected, lazy=True)
-            if sharded:
-                # A rank's sequences' rows cover whole weights, and it holds a shard of
-                # sqrt(P): each is gathered when the hooks read it, one at a time.
+            if collective:
+                # A rank's sequences' rows cover whole weights, and it holds a shard or a
+                # partition of sqrt(P)'s inputs: each value is gathered when the hooks read
+                # it, one at a time.
                 window.sqrt_p = GatheredOnAccess(window.sqrt_p)
         # The token shares' directions come from the rows' own backward when hooks capture
         # them: in batches of whole prompts, so that each batch's h_j follow from its S_j.
@@ -813,10 +850,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if isinstance(window.sqrt_p, GatheredOnAccess):
             window.sqrt_p.release()
         # Every rank applies the same (all-reduced) update: the main process pushes it.  Under
-        # FSDP each rank holds a shard of it: every rank sketches its shard.
-        if self.kernelscope.push_applied_update and (self.accelerator.is_main_process or sharded):
+        # FSDP each rank holds a shard of it: every rank sketches its shard; under ZeRO every
+        # rank takes part in gathering the optimizer state it is read from.
+        main = self.accelerator.is_main_process
+        if self.kernelscope.push_applied_update and (main or collective):
             selected = self._kernelscope_selected()
-            assert self.optimizer is not None
             # torch's Adam/AdamW: the update follows from its state after the step, so no copy
             # of the parameters is kept (bf16 parameters round small steps away: snapshot them)
             if is_adam(self.optimizer) and all(
@@ -1054,14 +1092,14 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             }
         return out
 
-    def _current_learning_rate(self) -> float:
-        """``eta`` of ``dH1 = eta h^T K c``: the optimizer's rate (the scheduler steps after
-        ``optimizer.step()``, so this is the rate the step used); in ``adam`` geometry times the
+    def _current_learning_rate(self, window: _Window) -> float:
+        """``eta`` of ``dH1 = eta h^T K c``: the optimizer's rate read before the step (a
+        DeepSpeed engine steps the scheduler inside its own step); in ``adam`` geometry times the
         share of the step's own gradient in Adam's momentum, ``(1 - beta1) / (1 - beta1^t)``,
         so that ``delta_h1`` is the change due to this step's sequences and ``delta_h1_applied
         - delta_h1`` what the momentum carried in (docs/trl.md "Geometry")."""
-        assert self.optimizer is not None
-        rate = float(self.optimizer.param_groups[0]["lr"])
+        assert self.optimizer is not None and window.learning_rate is not None
+        rate = window.learning_rate
         if self.kernelscope_geometry == "adam":
             rate *= adam_gradient_share(self.optimizer, self._kernelscope_selected())
         return rate
@@ -1100,7 +1138,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             )
             parts = self._kernelscope_applied_update(window)
             if sketcher is None:
-                client.push_applied_update(run_id, window.step, dict(parts))
+                update = dict(parts)
+                if self.accelerator.is_main_process:
+                    client.push_applied_update(run_id, window.step, update)
             else:  # k floats, like the rows, instead of N; one parameter's update at a time
                 sketch = sketch_of_whole(sketcher, parts)  # under FSDP, of every rank's shards
                 if self.accelerator.is_main_process:
@@ -1122,7 +1162,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
         # Last, after this rank's rows: the step is ready once every rank has reported.
         ranks = int(self.accelerator.num_processes)
-        rate = self._current_learning_rate()
+        rate = self._current_learning_rate(window)
         client.push_sequences(
             run_id,
             window.step,

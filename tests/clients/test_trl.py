@@ -1049,3 +1049,49 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
             client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
             tokens = client.tokens(trainer.kernelscope_run_id, step, top=5)
             assert tokens.estimator == "cross_fit" and tokens.num_tokens > 0
+
+
+def test_zero_ranks_push_steps_with_the_identities_of_one_process(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """Three real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
+    accelerator, ``trl_zero.py``), where the reduced gradient and Adam's state are flat
+    partitions and the step is taken inside accelerate's ``backward``, before ``Trainer``'s
+    ``on_pre_optimizer_step``: AdamW with ``beta1 = 0`` and count-sketched rows from hooks
+    under ZeRO 2, step 1 a later clipped pass (update rows); the same under ZeRO 1 with the
+    gradient norm clipped to 0.01 on every step and a linear decay of the rate; plain SGD
+    with factorised kronecker rows under ZeRO 2.
+
+    Every step is ready with both ranks' sequences and the applied update.  ``sqrt(P_t)``
+    computed before the step from the gathered partitions equals the one the step divided by
+    (read back from its state) to float32 rounding, clipping included.  ``plugin dH1 =
+    delta_h1_applied`` holds as with one process, and with clipping ``delta_h1_applied /
+    plugin dH1`` is DeepSpeed's clip factor ``0.01 / (norm + 1e-6)``: the prediction's rate is
+    the step's own, read before the engine's step (which steps a DeepSpeed scheduler).
+    Before, the capture ran after the step: ``delta_h1_applied`` read 0.  ZeRO 3 and an
+    offloaded optimizer in ``adam`` geometry are refused with their reasons."""
+    pytest.importorskip("deepspeed")
+    launch_two_ranks("trl_zero.py", live_service.base_url, tmp_path)
+    results = json.loads((tmp_path / "run_ids.json").read_text())
+    assert "stage 3" in results.pop("refused-zero3")
+    assert "CPU Adam" in results.pop("refused-offload")
+    names = ("zero2-adam", "zero1-adam-clipped", "zero2-sgd-kronecker")
+    with Client(live_service.base_url) as client:
+        for name in names:
+            run = client.get_run(results[name])
+            assert run.ranks == 2 and run.geometry == ("sgd" if "sgd" in name else "adam")
+            gaps, norms = results[f"sqrt_p-{name}"], results[f"grad_norm-{name}"]
+            assert len(gaps) == (0 if run.geometry == "sgd" else 2)
+            assert all(gap < 1e-5 for gap in gaps)
+            for step in (0, 1):
+                status = client.wait_ready(results[name], step, timeout=60)
+                assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
+                assert status.sequences == status.rows == 12
+                assert status.applied_update
+                report = client.entropy(results[name], step, estimator="plugin")
+                assert report.delta_h1 != 0.0
+                clip = 1.0
+                if name == "zero1-adam-clipped":
+                    clip = min(1.0, 0.01 / (norms[step] + 1e-6))
+                    assert clip < 0.1
+                assert report.delta_h1_applied == pytest.approx(clip * report.delta_h1, rel=1e-3)

@@ -1,0 +1,184 @@
+"""Runs under DeepSpeed ZeRO stage 1 or 2 (accelerate's DeepSpeed plugin): where the step's
+gradient and Adam's state are, and when the step is taken.
+
+ZeRO 1 and 2 keep every parameter whole on every rank, as DDP does, but the reduced gradient
+and the optimizer's state are flat fp32 partitions, one range per rank
+(``DeepSpeedZeroOptimizer``; its torch ``Adam`` / ``AdamW`` steps the partitions).  A
+parameter's ``.grad`` is empty at the step, so :class:`ZeroAdamStates` reads the whole
+gradient and state of one parameter at a time from the ranks' partitions (DeepSpeed's
+``safe_get_full_grad`` and its fragment addresses; one all-reduce of the parameter's size
+each: every rank reads the same parameters in the same order).
+
+Two differences from torch's own loop that the Adam geometry must follow (math.md §1):
+
+* **clipping** happens inside the step: the gradient Adam sees is the reduced one divided by
+  DeepSpeed's ``combined_scale`` (:meth:`ZeroAdamStates.gradient_scale`, the same formula on
+  the same global norm);
+* **the step is taken inside accelerate's ``backward``** of the window's last micro-batch
+  (``DeepSpeedEngineWrapper.backward`` calls ``engine.step()``), before ``Trainer`` calls the
+  callbacks' ``on_pre_optimizer_step``, and the optimizer's own ``step()`` is a no-op:
+  :func:`call_before_step` runs a function just before the engine's step instead.
+
+Stage 3 (parameters partitioned and gathered by DeepSpeed's module hooks) and stage 0 (the
+engine clips ``.grad`` in its step, after the point where the rows are scaled) are not
+handled: :func:`unsupported_reason` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+#: ``DeepSpeedEngine`` attribute that marks a wrapped ``step`` (so it is wrapped once).
+_WRAPPED = "_kernelscope_wrapped_step"
+
+
+def zero_optimizer(optimizer: Any) -> Any | None:
+    """The ``DeepSpeedZeroOptimizer`` (stage 1 or 2) inside ``optimizer`` (accelerate's
+    wrapper or the engine's own), or None (another optimizer, or DeepSpeed not imported)."""
+    if "deepspeed" not in sys.modules:  # then no optimizer is DeepSpeed's; importing it is slow
+        return None
+    try:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:
+        return None
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        if isinstance(candidate, DeepSpeedZeroOptimizer):
+            return candidate
+    return None
+
+
+def unsupported_reason(stage: int) -> str | None:
+    """Why a ZeRO ``stage`` cannot be attached to (None for stages 1 and 2)."""
+    if stage == 3:
+        return (
+            "DeepSpeed ZeRO stage 3 partitions every parameter and gathers it in its own module "
+            "hooks, which the capture's forward and backward do not go through: use ZeRO "
+            "stage 1 or 2, or FSDP2 (accelerate's fsdp_version=2) to shard the parameters"
+        )
+    if stage not in (1, 2):
+        return (
+            f"DeepSpeed ZeRO stage {stage}: the engine clips the gradient inside its step, "
+            "after the rows are scaled by the step's preconditioner; use ZeRO stage 1 or 2 "
+            "(or plain DDP)"
+        )
+    return None
+
+
+def call_before_step(engine: Any, before: Callable[[], None]) -> None:
+    """Make ``engine.step()`` call ``before()`` first (then the window's parameters and reduced
+    gradient are the step's), then the engine's own step.  Once per engine: calling it again
+    on the same engine does nothing."""
+    if getattr(engine, _WRAPPED, False):
+        return
+    original = engine.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        before()
+        return original(*args, **kwargs)
+
+    engine.step = step
+    setattr(engine, _WRAPPED, True)
+
+
+def _whole(parameter: torch.Tensor, partition_value: torch.Tensor) -> torch.Tensor:
+    """The whole of a per-parameter quantity held in the ranks' flat partitions
+    (``partition_value``, e.g. Adam's ``exp_avg_sq`` of this rank's partition), float32 in
+    the parameter's shape: this rank's fragment in place, zeros elsewhere, one all-reduce
+    over the parameter's data-parallel group (DeepSpeed's ``get_full_hp_param``)."""
+    whole = torch.zeros(parameter.numel(), dtype=torch.float32, device=partition_value.device)
+    mapping = getattr(parameter, "_hp_mapping", None)
+    if mapping is not None:  # None: no part of this parameter is in this rank's partition
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        whole.narrow(0, lp.start, lp.numel).copy_(partition_value.narrow(0, hp.start, hp.numel))
+    dist.all_reduce(whole, group=parameter._dp_group)  # type: ignore[attr-defined]
+    return whole.view(parameter.shape)
+
+
+class _FullState(Mapping[str, Any]):
+    """One parameter's optimizer state as torch's Adam keeps it for a whole parameter: the
+    tensors gathered from the ranks' partitions when read, ``step`` as is.
+
+    Read from the partition's state itself, not through ``safe_get_full_optimizer_state``:
+    DeepSpeed links a parameter to its state once, after the first group's first step, so
+    with several parameter groups (``Trainer``'s decay and no-decay) the later groups are
+    never linked (deepspeed 0.19)."""
+
+    def __init__(self, parameter: torch.Tensor, partition_state: Mapping[str, Any]) -> None:
+        self._parameter = parameter
+        self._partition = partition_state
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._partition[key]
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return _whole(self._parameter, value)
+        return value
+
+    def __contains__(self, key: object) -> bool:  # without gathering
+        return key in self._partition
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._partition)
+
+    def __len__(self) -> int:
+        return len(self._partition)
+
+
+class ZeroAdamStates:
+    """Each parameter's Adam hyperparameters, state and step gradient under ZeRO stage 1/2,
+    laid out as for a whole parameter (the interface of ``clients.geometry.AdamStates``).
+
+    ``state(p)`` gathers a tensor when it is read and ``gradient(p)`` gathers the reduced
+    gradient, scaled as the step will scale it (call it between the window's last backward
+    and the engine's step: DeepSpeed frees the partitions' gradients in the step)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.zero = optimizer
+        #: the torch optimizer that steps the flat partitions
+        self.optimizer: torch.optim.Optimizer = optimizer.optimizer
+        self._group_index = {
+            id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group
+        }
+        self._scale: float | None = None
+
+    def group(self, parameter: torch.Tensor) -> Mapping[str, Any] | None:
+        index = self._group_index.get(id(parameter))
+        return None if index is None else self.optimizer.param_groups[index]
+
+    def state(self, parameter: torch.Tensor) -> Mapping[str, Any]:
+        index = self._group_index.get(id(parameter))
+        if index is None:
+            return {}
+        partition = self.zero.single_partition_of_fp32_groups[index]
+        return _FullState(parameter, self.optimizer.state.get(partition, {}))
+
+    def gradient_scale(self) -> float:
+        """What the step divides the reduced gradient by: DeepSpeed's ``combined_scale`` of
+        ``unscale_and_clip_grads``, ``loss_scale * max(1, (norm / loss_scale + 1e-6) /
+        clip)`` with ``norm`` its own global norm (one all-reduce; 1 without clipping)."""
+        if self._scale is None:
+            loss_scale = float(self.zero.loss_scale)
+            scale = loss_scale
+            clip = float(self.zero.clip_grad)
+            if clip > 0.0:
+                norm = float(self.zero.scaled_global_norm())
+                if not math.isfinite(norm) or norm < 0:  # DeepSpeed skips such a step
+                    norm = math.inf
+                scale = loss_scale * max(1.0, (norm / loss_scale + 1e-6) / clip)
+            self._scale = scale
+        return self._scale
+
+    def gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        from deepspeed.utils import safe_get_full_grad
+
+        scale = self.gradient_scale()
+        g = safe_get_full_grad(parameter)
+        if g is None:
+            return None
+        # as DeepSpeed scales it: times the reciprocal, in float32
+        return g.float() if scale == 1.0 else g.float().mul(1.0 / scale)

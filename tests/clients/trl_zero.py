@@ -1,0 +1,141 @@
+"""GRPO runs under accelerate's DeepSpeed ZeRO stage 1 and 2 (one process per rank, gloo on
+the CPU), for ``test_trl.py::test_zero_ranks_push_steps_with_the_identities_of_one_process``.
+
+Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_zero.py URL OUT``.
+The main process writes ``{name: run id}``, ``refused-NAME`` (the error of a refused setting)
+``sqrt_p-NAME`` (per step, the largest difference between the ``sqrt(P_t)`` computed before
+the step, from the reduced gradient, and the one the step divided by, read from its state
+after it, relative to the largest value) and ``grad_norm-NAME`` (per step, the gradient norm
+``Trainer`` logged) to ``OUT/run_ids.json``.
+
+A ``GRPOConfig`` with a ``deepspeed`` config makes ``Trainer`` build its ``Accelerator`` with
+DeepSpeed, which prepares the model with ``deepspeed.initialize`` (DeepSpeed's CPU
+accelerator, gloo): everything is DeepSpeed's, accelerate's, TRL's and torch's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from accelerate.state import PartialState
+
+from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
+from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
+from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
+from tests.clients.trl_ranks import exit_without_teardown
+
+ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
+
+
+def zero(stage: int, **extra: Any) -> dict[str, Any]:
+    """A DeepSpeed config of ZeRO ``stage``, the batch sizes and clipping from the Trainer's."""
+    return {
+        "zero_optimization": {"stage": stage, **extra},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+#: name -> (learning rate, GRPOConfig overrides, sketch): AdamW with beta1 = 0 (every step is
+#: -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows),
+#: under ZeRO 2 and, with the gradient norm clipped on every step, ZeRO 1 and a linear decay
+#: of the rate; plain SGD with factorised kronecker rows under ZeRO 2.
+RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
+    "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
+    "zero1-adam-clipped": (
+        1e-3,
+        {
+            **ADAM_BETA0,
+            "deepspeed": zero(1),
+            "max_grad_norm": 0.01,
+            "lr_scheduler_type": "linear",
+        },
+        SKETCH_512,
+    ),
+    "zero2-sgd-kronecker": (0.05, {"deepspeed": zero(2)}, KRONECKER_256),
+}
+
+#: name -> (GRPOConfig overrides) that the trainer refuses under DeepSpeed.
+REFUSED: dict[str, dict[str, Any]] = {
+    "zero3": {"deepspeed": zero(3)},
+    "offload": {**ADAM_BETA0, "deepspeed": zero(2, offload_optimizer={"device": "cpu"})},
+}
+
+
+def zero_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
+    return sgd_args(
+        out,
+        learning_rate,
+        per_device_train_batch_size=3,
+        num_generations=4,
+        epsilon=0.02,
+        ddp_backend="gloo",
+        **overrides,
+    )
+
+
+def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
+    """Wrap the trainer's step so that each step appends to ``gaps`` the largest relative
+    difference between ``sqrt(P_t)`` before the step and the one the step used."""
+    before_step, after_step = trainer._kernelscope_before_step, trainer._kernelscope_after_step
+    predicted: dict[str, Any] = {}
+
+    def before() -> None:
+        selected = trainer._kernelscope_selected()
+        assert trainer.optimizer is not None
+        lazy = adam_step_preconditioner(trainer.optimizer, selected, lazy=True)
+        predicted.update({n: lazy[n].clone() for n in sorted(selected)})
+        before_step()
+
+    def after() -> None:
+        selected = trainer._kernelscope_selected()
+        assert trainer.optimizer is not None
+        taken = adam_taken_preconditioner(trainer.optimizer, selected, lazy=True)
+        top = max(float(predicted[n].abs().max()) for n in predicted)
+        gaps.append(max(float((taken[n] - predicted[n]).abs().max()) for n in predicted) / top)
+        after_step()
+
+    trainer._kernelscope_before_step = before  # type: ignore[method-assign]
+    trainer._kernelscope_after_step = after  # type: ignore[method-assign]
+
+
+def main(url: str, out: Path) -> None:
+    warnings.simplefilter("ignore")
+    results: dict[str, Any] = {}
+    for name, overrides in REFUSED.items():
+        args = zero_args(out / name, 1e-3, **overrides)
+        try:
+            sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer"))
+        except UnsupportedTRLSettingError as exc:
+            results[f"refused-{name}"] = str(exc)
+    for name, (learning_rate, overrides, sketch) in RUNS.items():
+        args = zero_args(out / name, learning_rate, **overrides)
+        config = KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer")
+        trainer = sgd_trainer(args, config)
+        assert trainer._kernelscope_deepspeed
+        gaps: list[float] = []
+        if trainer.kernelscope_geometry == "adam":
+            record_sqrt_p(trainer, gaps)
+        trainer.train()
+        results[name] = trainer.kernelscope_run_id
+        results[f"sqrt_p-{name}"] = gaps
+        # DeepSpeed's global norm before clipping, one per step
+        results[f"grad_norm-{name}"] = [
+            h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h
+        ]
+    state = PartialState()
+    if state.is_main_process:
+        (out / "run_ids.json").write_text(json.dumps(results))
+    state.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
+    exit_without_teardown()

@@ -5,8 +5,9 @@ The 10M Qwen2 of ``bench/trl_step.py`` trained by a real ``KernelscopeGRPOTraine
 fine-tuning uses, ``--steps`` optimizer steps each, rows count-sketched on the trainer in
 ``adam`` geometry (the default for Adam).  Per step the service's default entropy answer gives:
 
-* ``delta_h1``: the first-order change due to the step's own batch, ``-lr (1 - beta1)/(1 -
-  beta1^t) P_t g`` (the batch's share of Adam's momentum; docs/trl.md "Geometry");
+* ``delta_h1``: the first-order change due to the step's own batch, ``-lr c (1 - beta1)/(1 -
+  beta1^t) P_t g`` (the batch's share of Adam's momentum, ``c`` what clipping at TRL's
+  default ``max_grad_norm = 1`` scaled its gradient by; docs/trl.md "Geometry");
 * ``delta_h1_applied``: ``<grad H, u>`` of the update really applied (momentum included);
 * the realized change, estimated from ``logprob_after`` (math.md §6), with its standard error.
 
@@ -88,8 +89,9 @@ def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict
     rows = []
     with Client(url) as client:
         for step in range(args.steps):
-            client.wait_ready(trainer.kernelscope_run_id, step, timeout=300)
+            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=300)
             report = client.entropy(trainer.kernelscope_run_id, step)
+            share = (1 - 0.9) / (1 - 0.9 ** (step + 1))  # beta1 = 0.9, step t = step + 1
             realized = report.realized or {}
             rows.append(
                 {
@@ -99,6 +101,8 @@ def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict
                     "applied": report.delta_h1_applied,
                     "realized": realized.get("delta_h"),
                     "realized_se": realized.get("se"),
+                    # what clipping (max_grad_norm 1, TRL's default) scaled the gradient by
+                    "clip": status.learning_rate / (lr * share),
                 }
             )
     return rows
@@ -119,9 +123,11 @@ def summary(lr: float, rows: list[dict[str, Any]]) -> str:
     ratio_pred = statistics.median(r["dh1"] / r["applied"] for r in rows)
     ratio_applied = statistics.median(r["applied"] / r["realized"] for r in rows)
     mean_abs = statistics.mean(abs(r["realized"]) for r in rows)
+    clipped = sum(1 for r in rows if r["clip"] < 1 - 1e-6)
     return (
-        f"| {lr:g} | {len(rows)} | {mean_abs:.3g} | {ratio_pred:.3f} | {ratio_applied:.3f} | "
-        f"{within('dh1')} | {within('applied')} | {same_sign('dh1')} | {same_sign('applied')} |"
+        f"| {lr:g} | {len(rows)} | {clipped}/{len(rows)} | {mean_abs:.3g} | {ratio_pred:.3f} | "
+        f"{ratio_applied:.3f} | {within('dh1')} | {within('applied')} | {same_sign('dh1')} | "
+        f"{same_sign('applied')} |"
     )
 
 
@@ -145,20 +151,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lr {lr:g} ...", file=sys.stderr, flush=True)
             results[lr] = train(url, args.size, lr, args)
     print(
-        "| lr | steps | mean abs realized | median dH1 / applied | median applied / realized "
-        "| realized within 2 s.e. of dH1 | ... of applied | same sign dH1 | same sign applied |"
+        "| lr | steps | clipped | mean abs realized | median dH1 / applied | median applied / "
+        "realized | realized within 2 s.e. of dH1 | ... of applied | same sign dH1 | same sign "
+        "applied |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for lr, rows in results.items():
         print(summary(lr, rows))
     if args.per_step:
-        print("\n| lr | step | dH1 | ± s.e. | applied | realized | ± s.e. |")
-        print("|---|---|---|---|---|---|---|")
+        print("\n| lr | step | clip factor | dH1 | ± s.e. | applied | realized | ± s.e. |")
+        print("|---|---|---|---|---|---|---|---|")
         for lr, rows in results.items():
             for r in rows:
                 print(
-                    f"| {lr:g} | {r['step']} | {r['dh1']:.4g} | {r['dh1_se']:.2g} | "
-                    f"{r['applied']:.4g} | {r['realized']:.4g} | {r['realized_se']:.2g} |"
+                    f"| {lr:g} | {r['step']} | {r['clip']:.3g} | {r['dh1']:.4g} | "
+                    f"{r['dh1_se']:.2g} | {r['applied']:.4g} | {r['realized']:.4g} | "
+                    f"{r['realized_se']:.2g} |"
                 )
     return 0
 

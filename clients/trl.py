@@ -398,6 +398,7 @@ class _Window:
     adam_steps: dict[str, float] | None = None
     sqrt_p: Mapping[str, torch.Tensor] | None = None  # adam geometry, computed on access
     learning_rate: float | None = None  # the optimizer's rate, read before the step
+    clip: float = 1.0  # what the step multiplies the window's gradient by (clipping)
     # token shares at eta = 1 (the rate is known after the step): id -> token record
     tokens: dict[str, dict[str, Any]] | None = None
 
@@ -503,6 +504,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             ranks=int(self.accelerator.num_processes),
         )
         self._ks_generation = 0
+        self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
         self._ks_window: _Window | None = None
         self._ks_checked = False
         self.add_callback(_PushAfterStep(self))
@@ -811,6 +813,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         collective = sharded or self._kernelscope_deepspeed
         assert self.optimizer is not None
         window.learning_rate = float(self.optimizer.param_groups[0]["lr"])
+        window.clip = self._kernelscope_clip_factor()
         if self.kernelscope_geometry == "adam":
             selected = self._kernelscope_selected()
             window.sqrt_p = adam_step_preconditioner(self.optimizer, selected, lazy=True)
@@ -1092,14 +1095,39 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             }
         return out
 
+    def _clip_grad_norm(self, model: Any) -> Any:
+        """``Trainer``'s clipping (``max_grad_norm > 0``), which returns the norm before it:
+        kept for :meth:`_kernelscope_clip_factor`."""
+        norm = super()._clip_grad_norm(model)
+        self._ks_grad_norm = norm
+        return norm
+
+    def _kernelscope_clip_factor(self) -> float:
+        """What the step multiplies this window's gradient by: ``Trainer``'s (torch's)
+        ``min(1, max_grad_norm / (norm + 1e-6))`` on the norm it clipped with, or DeepSpeed's
+        own (:func:`clients.zero.clip_factor`, its step clips); 1 without clipping."""
+        if self._kernelscope_deepspeed:
+            from clients.zero import clip_factor, zero_optimizer
+
+            zero = zero_optimizer(self.optimizer)
+            return 1.0 if zero is None else clip_factor(zero)
+        norm, self._ks_grad_norm = self._ks_grad_norm, None
+        max_norm = float(self.args.max_grad_norm or 0.0)
+        if norm is None or max_norm <= 0.0:
+            return 1.0
+        if is_sharded(norm):  # FSDP2: a replicated DTensor
+            norm = norm.full_tensor()
+        return min(1.0, max_norm / (float(norm) + 1e-6))
+
     def _current_learning_rate(self, window: _Window) -> float:
         """``eta`` of ``dH1 = eta h^T K c``: the optimizer's rate read before the step (a
-        DeepSpeed engine steps the scheduler inside its own step); in ``adam`` geometry times the
+        DeepSpeed engine steps the scheduler inside its own step) times the factor gradient
+        clipping scaled the window's gradient by (``window.clip``); in ``adam`` geometry times the
         share of the step's own gradient in Adam's momentum, ``(1 - beta1) / (1 - beta1^t)``,
         so that ``delta_h1`` is the change due to this step's sequences and ``delta_h1_applied
         - delta_h1`` what the momentum carried in (docs/trl.md "Geometry")."""
         assert self.optimizer is not None and window.learning_rate is not None
-        rate = window.learning_rate
+        rate = window.learning_rate * window.clip
         if self.kernelscope_geometry == "adam":
             rate *= adam_gradient_share(self.optimizer, self._kernelscope_selected())
         return rate

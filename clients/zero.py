@@ -9,11 +9,10 @@ gradient and state of one parameter at a time from the ranks' partitions (DeepSp
 ``safe_get_full_grad`` and its fragment addresses; one all-reduce of the parameter's size
 each: every rank reads the same parameters in the same order).
 
-Two differences from torch's own loop that the Adam geometry must follow (math.md §1):
+Two differences from torch's own loop that the trainer follows (math.md §1, docs/trl.md):
 
-* **clipping** happens inside the step: the gradient Adam sees is the reduced one divided by
-  DeepSpeed's ``combined_scale`` (:meth:`ZeroAdamStates.gradient_scale`, the same formula on
-  the same global norm);
+* **clipping** happens inside the step: the gradient Adam sees is the reduced one times
+  :func:`clip_factor` (DeepSpeed's formula on its own global norm);
 * **the step is taken inside accelerate's ``backward``** of the window's last micro-batch
   (``DeepSpeedEngineWrapper.backward`` calls ``engine.step()``), before ``Trainer`` calls the
   callbacks' ``on_pre_optimizer_step``, and the optimizer's own ``step()`` is a no-op:
@@ -129,6 +128,21 @@ class _FullState(Mapping[str, Any]):
         return len(self._partition)
 
 
+def clip_factor(optimizer: Any) -> float:
+    """What a ZeRO 1/2 ``optimizer``'s step multiplies the window's gradient by (the loss scale
+    aside): ``1 / max(1, (norm / loss_scale + 1e-6) / clip)`` as ``unscale_and_clip_grads``
+    computes it, ``norm`` its own global norm of the reduced gradient (one all-reduce); 1
+    without clipping.  Call it between the window's last backward and the engine's step."""
+    clip = float(optimizer.clip_grad)
+    if clip <= 0.0:
+        return 1.0
+    loss_scale = float(optimizer.loss_scale)
+    norm = float(optimizer.scaled_global_norm())
+    if not math.isfinite(norm) or norm < 0:  # DeepSpeed skips such a step
+        norm = math.inf
+    return 1.0 / max(1.0, (norm / loss_scale + 1e-6) / clip)
+
+
 class ZeroAdamStates:
     """Each parameter's Adam hyperparameters, state and step gradient under ZeRO stage 1/2,
     laid out as for a whole parameter (the interface of ``clients.geometry.AdamStates``).
@@ -159,18 +173,9 @@ class ZeroAdamStates:
 
     def gradient_scale(self) -> float:
         """What the step divides the reduced gradient by: DeepSpeed's ``combined_scale`` of
-        ``unscale_and_clip_grads``, ``loss_scale * max(1, (norm / loss_scale + 1e-6) /
-        clip)`` with ``norm`` its own global norm (one all-reduce; 1 without clipping)."""
+        ``unscale_and_clip_grads``, the loss scale over :func:`clip_factor` (one all-reduce)."""
         if self._scale is None:
-            loss_scale = float(self.zero.loss_scale)
-            scale = loss_scale
-            clip = float(self.zero.clip_grad)
-            if clip > 0.0:
-                norm = float(self.zero.scaled_global_norm())
-                if not math.isfinite(norm) or norm < 0:  # DeepSpeed skips such a step
-                    norm = math.inf
-                scale = loss_scale * max(1.0, (norm / loss_scale + 1e-6) / clip)
-            self._scale = scale
+            self._scale = float(self.zero.loss_scale) / clip_factor(self.zero)
         return self._scale
 
     def gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:

@@ -651,13 +651,14 @@ KRONECKER_256 = {"kind": "kronecker", "dim": 256, "seed": 2}
 
 
 @pytest.mark.parametrize(
-    ("beta1", "method", "sketch"),
+    ("beta1", "method", "sketch", "max_grad_norm"),
     [
-        (0.0, "auto", SKETCH_512),
-        (0.9, "auto", SKETCH_512),
-        (0.0, "loop", SKETCH_512),
-        (0.0, "auto", KRONECKER_256),
-        (0.9, "auto", KRONECKER_256),
+        (0.0, "auto", SKETCH_512, 0.0),
+        (0.9, "auto", SKETCH_512, 0.0),
+        (0.0, "loop", SKETCH_512, 0.0),
+        (0.0, "auto", KRONECKER_256, 0.0),
+        (0.9, "auto", KRONECKER_256, 0.0),
+        (0.0, "auto", SKETCH_512, 0.01),
     ],
     ids=[
         "countsketch-beta0",
@@ -665,6 +666,7 @@ KRONECKER_256 = {"kind": "kronecker", "dim": 256, "seed": 2}
         "countsketch-loop",
         "kronecker-beta0",
         "kronecker-beta0.9",
+        "countsketch-clipped",
     ],
 )
 def test_adam_geometry_with_rows_sketched_on_the_trainer(
@@ -673,14 +675,17 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     beta1: float,
     method: str,
     sketch: dict[str, Any],
+    max_grad_norm: float,
 ) -> None:
-    """A real GRPO run with AdamW (no weight decay, no clipping) and rows sketched on the
-    trainer: the run is in ``adam`` geometry (the default for Adam), the rows are ``sqrt(P_t)
-    w_i`` with the preconditioner of the step being taken (also the first, from an empty
-    state), and the pushed rate is ``lr (1 - beta1) / (1 - beta1^t)``, the step's own gradient's
-    share of Adam's momentum.  The first step is exactly ``-lr P_1 g_1`` for any ``beta1``, so
-    there ``plugin dH1 = delta_h1_applied``; with ``beta1 = 0`` every step is ``-lr P_t g_t``
-    and the identity holds on the second step too, a later pass at ratio != 1 (update rows).
+    """A real GRPO run with AdamW (no weight decay) and rows sketched on the trainer: the run
+    is in ``adam`` geometry (the default for Adam), the rows are ``sqrt(P_t) w_i`` with the
+    preconditioner of the step being taken (also the first, from an empty state), and the
+    pushed rate is ``lr c (1 - beta1) / (1 - beta1^t)``, the step's own gradient's share of
+    Adam's momentum, ``c`` what clipping scaled the gradient by (``min(1, max_grad_norm /
+    (norm + 1e-6))``; 1 unclipped; ``max_grad_norm = 0.01`` clips both steps).  The first
+    step is exactly ``-lr c P_1 g_1`` for any ``beta1``, so there ``plugin dH1 =
+    delta_h1_applied``; with ``beta1 = 0`` every step is ``-lr c P_t g_t`` and the identity
+    holds on the second step too, a later pass at ratio != 1 (update rows).
     Rows come from the hook capture (``auto``) or from exact chunks (``loop``); with
     ``kind="kronecker"`` from the hook capture too (each layer's ``sqrt(P_t) G_i`` sketched as
     ``A sqrt(P_t) G_i B^T``), and so is the applied update ``u / sqrt(P_t)``."""
@@ -692,6 +697,7 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
         adam_beta1=beta1,
         num_iterations=2,
         epsilon=0.02,
+        max_grad_norm=max_grad_norm,
     )
     kernelscope = KernelscopeConfig(
         url=live_service.base_url,
@@ -704,6 +710,7 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     assert (trainer._hooked is not None) == (method == "auto")
     assert trainer._factorised is None
     trainer.train()
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     with Client(live_service.base_url) as client:
         run = client.get_run(trainer.kernelscope_run_id)
         assert run.geometry == "adam" and run.sketch["kind"] == sketch["kind"]
@@ -711,7 +718,9 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
             status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
             assert status.state == "ready" and status.applied_update
             share = (1 - beta1) / (1 - beta1 ** (step + 1))
-            assert status.learning_rate == pytest.approx(lr * share)
+            clip = min(1.0, max_grad_norm / (norms[step] + 1e-6)) if max_grad_norm else 1.0
+            assert clip < 0.1 if max_grad_norm else clip == 1.0
+            assert status.learning_rate == pytest.approx(lr * clip * share)
             report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
             assert report.delta_h1 != 0.0
             if step == 0 or beta1 == 0.0:
@@ -1065,9 +1074,9 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     Every step is ready with both ranks' sequences and the applied update.  ``sqrt(P_t)``
     computed before the step from the gathered partitions equals the one the step divided by
     (read back from its state) to float32 rounding, clipping included.  ``plugin dH1 =
-    delta_h1_applied`` holds as with one process, and with clipping ``delta_h1_applied /
-    plugin dH1`` is DeepSpeed's clip factor ``0.01 / (norm + 1e-6)``: the prediction's rate is
-    the step's own, read before the engine's step (which steps a DeepSpeed scheduler).
+    delta_h1_applied`` holds as with one process, also clipped: the pushed rate is the step's
+    own, read before the engine's step (which steps a DeepSpeed scheduler), times DeepSpeed's
+    clip factor ``0.01 / (norm + 1e-6)``.
     Before, the capture ran after the step: ``delta_h1_applied`` read 0.  ZeRO 3 and an
     offloaded optimizer in ``adam`` geometry are refused with their reasons."""
     pytest.importorskip("deepspeed")
@@ -1088,10 +1097,10 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
                 assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
                 assert status.sequences == status.rows == 12
                 assert status.applied_update
+                if name == "zero1-adam-clipped":  # the pushed rate has DeepSpeed's clip factor
+                    clip = 1.0 / ((norms[step] + 1e-6) / 0.01)
+                    assert clip < 0.1
+                    assert status.learning_rate == pytest.approx(clip * 1e-3 * (1 - step / 2))
                 report = client.entropy(results[name], step, estimator="plugin")
                 assert report.delta_h1 != 0.0
-                clip = 1.0
-                if name == "zero1-adam-clipped":
-                    clip = min(1.0, 0.01 / (norms[step] + 1e-6))
-                    assert clip < 0.1
-                assert report.delta_h1_applied == pytest.approx(clip * report.delta_h1, rel=1e-3)
+                assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)

@@ -34,11 +34,11 @@ ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 
 #: name -> (learning rate, GRPOConfig overrides, sketch, LoRA): AdamW with beta1 = 0 (every step
 #: is -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows),
-#: of the whole model, of LoRA adapters on the attention projections, and of the whole model in
-#: bf16 (accelerate's FSDP2 policy: parameters and gradient reduction in bf16); plain SGD and
-#: factorised kronecker rows.
+#: of the whole model (its gradient norm clipped to 0.01 on every step), of LoRA adapters on the
+#: attention projections, and of the whole model in bf16 (accelerate's FSDP2 policy: parameters
+#: and gradient reduction in bf16); plain SGD and factorised kronecker rows.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any], bool]] = {
-    "adam-countsketch": (1e-3, ADAM_BETA0, SKETCH_512, False),
+    "adam-countsketch": (1e-3, {**ADAM_BETA0, "max_grad_norm": 0.01}, SKETCH_512, False),
     "adam-lora": (1e-2, ADAM_BETA0, SKETCH_512, True),
     "adam-bf16": (1e-3, {**ADAM_BETA0, "bf16": True}, SKETCH_512, False),
     "sgd-kronecker": (0.05, {}, KRONECKER_256, False),

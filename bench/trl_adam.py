@@ -11,6 +11,10 @@ fine-tuning uses, ``--steps`` optimizer steps each, rows count-sketched on the t
 * ``delta_h1_applied``: ``<grad H, u>`` of the update really applied (momentum included);
 * the realized change, estimated from ``logprob_after`` (math.md §6), with its standard error.
 
+Each prediction is compared with the realized change within 2 of their standard errors
+combined (``se_sampling`` and ``se_sketch`` for ``delta_h1``, ``se_applied`` for the applied
+change; the covariance of the estimates, which share their sequences, is left out).
+
 The table gives, per learning rate, the medians of ``delta_h1 / delta_h1_applied`` and of
 ``delta_h1_applied / realized``, how many steps have the realized change within 2 s.e. of each
 prediction, and the sign agreement; ``--per-step`` adds one row per step.
@@ -99,6 +103,7 @@ def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict
                     "dh1": report.delta_h1,
                     "dh1_se": math.hypot(report.se_sampling, report.se_sketch),
                     "applied": report.delta_h1_applied,
+                    "applied_se": report.se_applied,
                     "realized": realized.get("delta_h"),
                     "realized_se": realized.get("se"),
                     # what clipping (max_grad_norm 1, TRL's default) scaled the gradient by
@@ -113,7 +118,7 @@ def summary(lr: float, rows: list[dict[str, Any]]) -> str:
         hits = sum(
             1
             for r in rows
-            if abs(r[pred] - r["realized"]) <= 2 * math.hypot(r["realized_se"], r["dh1_se"])
+            if abs(r[pred] - r["realized"]) <= 2 * math.hypot(r["realized_se"], r[f"{pred}_se"])
         )
         return f"{hits}/{len(rows)}"
 
@@ -159,14 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     for lr, rows in results.items():
         print(summary(lr, rows))
     if args.per_step:
-        print("\n| lr | step | clip factor | dH1 | ± s.e. | applied | realized | ± s.e. |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| lr | step | clip factor | dH1 | ± s.e. | applied | ± s.e. | realized | ± s.e. |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for lr, rows in results.items():
             for r in rows:
                 print(
                     f"| {lr:g} | {r['step']} | {r['clip']:.3g} | {r['dh1']:.4g} | "
-                    f"{r['dh1_se']:.2g} | {r['applied']:.4g} | {r['realized']:.4g} | "
-                    f"{r['realized_se']:.2g} |"
+                    f"{r['dh1_se']:.2g} | {r['applied']:.4g} | {r['applied_se']:.2g} | "
+                    f"{r['realized']:.4g} | {r['realized_se']:.2g} |"
                 )
     return 0
 

@@ -232,6 +232,7 @@ class EntropyReport(_Answer):
     num_entropy: int
     num_prompts: int
     delta_h1_applied: float | None
+    se_applied: float | None
     delta_h2: float | None
     delta_h1_plus_h2: float | None
     realized: dict[str, Any] | None
@@ -269,6 +270,7 @@ class HistoryRow(_Answer):
     regime: str | None
     regime_reasons: tuple[str, ...]
     delta_h1_applied: float | None
+    se_applied: float | None
     delta_h2: float | None
     delta_h1_plus_h2: float | None
     spectrum_head: FloatArray

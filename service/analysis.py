@@ -81,7 +81,7 @@ from sketch.token_mean import Target
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
 #: of an older revision are recomputed instead of served (their data version alone would not
 #: change across an upgrade).
-ANALYSIS_REVISION = 5
+ANALYSIS_REVISION = 6
 SPECTRUM_HEAD = 8
 
 
@@ -621,6 +621,7 @@ def entropy_answer(
         entropy_after=m.entropy_after,
         sketch_cells=kronecker_cells(m, c, sketcher),
         target=target,
+        applied_row=m.applied,
     )
     return EntropyOut.from_change(result)
 

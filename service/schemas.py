@@ -701,6 +701,11 @@ class EntropyOut(_FromSketch):
     num_entropy: int
     num_prompts: int
     delta_h1_applied: float | None = None
+    se_applied: float | None = Field(
+        default=None,
+        description="standard error of delta_h1_applied with the update held fixed: grad_hat "
+        "H's sampling error and the sketch's (math.md §4)",
+    )
     delta_h2: float | None = None
     delta_h1_plus_h2: float | None = None
     realized: RealizedChangeOut | None = None
@@ -754,6 +759,7 @@ class RunEntropyRow(BaseModel):
         default_factory=list, description="the thresholds the step passed, one sentence each"
     )
     delta_h1_applied: float | None = None
+    se_applied: float | None = Field(default=None, description="its standard error")
     delta_h2: float | None = None
     delta_h1_plus_h2: float | None = None
     spectrum_head: list[float] = Field(default_factory=list)
@@ -784,6 +790,7 @@ class RunEntropyRow(BaseModel):
             regime=None if taylor is None else taylor.regime,
             regime_reasons=[] if taylor is None else list(taylor.reasons),
             delta_h1_applied=entropy.delta_h1_applied,
+            se_applied=entropy.se_applied,
             delta_h2=entropy.delta_h2,
             delta_h1_plus_h2=entropy.delta_h1_plus_h2,
             spectrum_head=spectrum_head,

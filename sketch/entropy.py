@@ -33,7 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sketch.cross_fit import cross_fit_halves, cross_half_pairs, per_half
-from sketch.crossed import bilinear_error_bar
+from sketch.crossed import bilinear_error_bar, crossed_error_bar
 from sketch.kernel import FloatArray, check_kernel
 from sketch.noise_scale import NoiseScale, noise_scale
 from sketch.ratio import RatioInterval, fieller_interval
@@ -274,6 +274,7 @@ class EntropyChange:
     num_entropy: int
     num_prompts: int
     delta_h1_applied: float | None = None
+    se_applied: float | None = None
     delta_h2: float | None = None
     delta_h1_plus_h2: float | None = None
     realized: Realized | None = None
@@ -617,6 +618,7 @@ def entropy_change(
     entropy_after: float | None = None,
     sketch_cells: SketchCells | None = None,
     target: Target | str = Target.SEQUENCE,
+    applied_row: NDArray[Any] | None = None,
 ) -> EntropyChange:
     """Predict the first-order entropy change of the step and explain it (math.md §2–§6).
 
@@ -629,6 +631,9 @@ def entropy_change(
         :func:`default_estimator`.  ``independent`` without entropy-role rows raises.
     normalization, max_length: how ``lambda_i`` is set (math.md §2).
     k_applied: float64 ``[n]``, ``K(j, u) = <w_j, u>`` with the applied update row ``u``.
+    applied_row: the sketched applied update row itself (``[k]``), for the sketch part of
+        ``se_applied`` (its norm, or with ``sketch_cells`` its Kronecker cells); without it
+        that part is 0.
     sketch_variance_factor: the sketch's ``c`` in ``Var(<Phi a, Phi b>) <= c (|a|^2 |b|^2 +
         <a, b>^2)`` (``1/k`` for dense kinds, 0 for ``exact``).
     group_kernels: ``{group: K_g}`` with ``sum_g K_g = K`` for the per-group split of dH1; with
@@ -726,11 +731,32 @@ def entropy_change(
         )
 
     delta_h1_applied: float | None = None
+    se_applied: float | None = None
     if k_applied is not None:
         applied = np.asarray(k_applied, dtype=np.float64).reshape(-1)
         if applied.shape != (seqs.n,) or not np.all(np.isfinite(applied)):
             raise ValueError(f"k_applied must be {seqs.n} finite values")
         delta_h1_applied = float(h @ applied)
+        # Its error with u held fixed: grad_hat H's sampling error (per-row parts h_j <w_j, u>,
+        # plus the levels' influence for the token mean) and the sketch's.
+        applied_influence = h * applied
+        if token_mean:
+            applied_influence = applied_influence + level_influence(
+                lv, float(h_sequence @ applied), float(lengths @ applied)
+            )
+        applied_sketch = 0.0
+        if applied_row is not None:
+            row = np.asarray(applied_row, dtype=np.float64).reshape(-1)
+            if sketch_cells is None:
+                norm2 = float(row @ row)
+                applied_sketch = math.sqrt(
+                    sketch_variance_factor * (u2 * norm2 + delta_h1_applied**2)
+                )
+            else:  # cells of sum_j h_j <y_j, u> over the sketch's k_out x k_in
+                k_out, k_in = sketch_cells.shape
+                cells = (h @ sketch_cells.Y) * row * (k_out * k_in)
+                applied_sketch = crossed_error_bar(cells.reshape(k_out, k_in))
+        se_applied = math.hypot(_se_sampling(seqs, applied_influence, ent), applied_sketch)
 
     d = eta * C1 if k_applied is None else displacement(mat, c, eta, k_applied)
     dh2 = None if token_mean else second_order_delta_h2(seqs, ent, d)
@@ -796,6 +822,7 @@ def entropy_change(
         num_entropy=int(ent.sum()),
         num_prompts=len(seqs.prompt_index(upd)[1]),
         delta_h1_applied=delta_h1_applied,
+        se_applied=se_applied,
         delta_h2=dh2,
         delta_h1_plus_h2=total,
         realized=real,

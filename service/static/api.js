@@ -67,6 +67,7 @@
  * @property {"first_order" | "second_order" | "outside" | "unknown" | null} regime
  * @property {string[]} regime_reasons
  * @property {number | null} delta_h1_applied
+ * @property {number | null} se_applied
  * @property {number | null} delta_h2
  * @property {number | null} delta_h1_plus_h2
  * @property {number[]} spectrum_head
@@ -201,6 +202,7 @@
  * @property {number} num_entropy
  * @property {number} num_prompts
  * @property {number | null} delta_h1_applied
+ * @property {number | null} se_applied  its standard error, the update held fixed
  * @property {number | null} delta_h2  null for token_mean (not derived)
  * @property {number | null} delta_h1_plus_h2
  * @property {Realized | null} realized  null: no realized change known yet

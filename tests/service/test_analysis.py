@@ -119,9 +119,12 @@ def test_entropy_with_groups_applied_update_entropy_role_and_realized(
             group_kernels=groups,
             entropy_before=10.0,
             entropy_after=9.5,
+            applied_row=y_u,
         )
     ).model_dump(mode="json")
-    for field in ("delta_h1", "delta_h1_applied", "se_sampling", "se_sketch", "ratio"):
+    assert want["se_applied"] > 0
+    fields = ("delta_h1", "delta_h1_applied", "se_applied", "se_sampling", "se_sketch", "ratio")
+    for field in fields:
         assert got[field] == pytest.approx(want[field], rel=1e-5), field
     assert got["realized"]["delta_h"] == pytest.approx(realized_from_entropies(10.0, 9.5).delta_h)
     # a posted change is taken as exact: the interval carries only the prediction's error

@@ -1050,8 +1050,10 @@ def test_target_switch_shows_the_token_mean(dashboard_service: LiveService) -> N
                     assert float(realized["se"]) == pytest.approx(e["realized"]["se"])
                 assert "entropy_sum" in realized["note"]
                 assert kpi("ratio")["text"] == ratio_text(flat_ratio(e)).replace("—", "–")
-                applied = float(kpi("applied")["value"])
-                assert applied == pytest.approx(e["delta_h1_applied"])
+                applied = kpi("applied")
+                assert float(applied["value"]) == pytest.approx(e["delta_h1_applied"])
+                assert float(applied["se"]) == pytest.approx(e["se_applied"])
+                assert e["se_applied"] > 0
                 bars = page.eval_on_selector_all(
                     "[data-chart=pairs] rect.hbar",
                     "els => els.map(e => [e.dataset.label, Number(e.dataset.value)])",

@@ -500,7 +500,12 @@ def _train(
         raise ValueError(f"capture must be 'exact' or 'factorised', got {config.capture!r}")
     covered = ParameterFilter(include=tuple(declared))
     client.create_run(
-        run_id, sketch=spec, normalization="dr_grpo", geometry="sgd", parameters=declared
+        run_id,
+        sketch=spec,
+        normalization="dr_grpo",
+        geometry="sgd",
+        parameters=declared,
+        applied_includes_step=True,  # plain SGD: the update is lr g_hat
     )
     n_params = sum(math.prod(s) for s in declared.values())
     console.print(

@@ -335,12 +335,18 @@ class Endpoints:
         geometry: str = "sgd",
         parameters: Mapping[str, Sequence[int]] | None = None,
         ranks: int = 1,
+        applied_includes_step: bool = False,
     ) -> Flow[RunInfo]:
         """``POST /v1/runs``.  ``sketch``: ``{"kind", "dim", "seed", "groups"?}`` or a spec object.
 
         ``parameters`` (``{name: shape}``, e.g. ``ParameterFilter.declared_parameters(model)``
         or ``FactorisedCapture.parameters``) is required by ``exact`` and ``kronecker``.
         ``ranks``: trainer processes that push each step (each with ``push_sequences(rank=)``).
+        ``applied_includes_step``: each step's applied update is its ``learning_rate`` times
+        the sum of its update rows plus a part that does not depend on its sequences (plain
+        SGD; Adam or AdamW in ``adam`` geometry with the rate ``lr c (1 - beta1) / (1 -
+        beta1^t)``): ``delta_h1_applied`` then pairs that own part as ``delta_h1`` does
+        (math.md §4).
         """
         body: dict[str, Any] = {
             "sketch": sketch_spec_dict(sketch),
@@ -353,6 +359,8 @@ class Endpoints:
             body["parameters"] = {k: [int(s) for s in v] for k, v in parameters.items()}
         if ranks != 1:
             body["ranks"] = int(ranks)
+        if applied_includes_step:
+            body["applied_includes_step"] = True
         # Without a run id a retried POST could create two runs: retry only with an id.
         data = yield from self._json("POST", "/v1/runs", json=body, retry=run_id is not None)
         return RunInfo.from_json(data)

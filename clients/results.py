@@ -111,6 +111,7 @@ class RunInfo(_Answer):
     geometry: str
     parameters: dict[str, list[int]] | None
     ranks: int
+    applied_includes_step: bool = False
     k: int
     created_at: float
     steps: tuple[StepStatus, ...] | None = None

@@ -502,6 +502,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             geometry=self.kernelscope_geometry,
             parameters=declared,
             ranks=int(self.accelerator.num_processes),
+            applied_includes_step=self._kernelscope_applied_includes_step(),
         )
         self._ks_generation = 0
         self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
@@ -610,6 +611,26 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if wanted == "auto":
             return "adam" if adam else "sgd"
         return wanted
+
+    def _kernelscope_applied_includes_step(self) -> bool:
+        """Whether each step's applied update is the pushed rate times the sum of its update
+        rows plus a part that is not a function of its sequences (the run's
+        ``applied_includes_step``, math.md §4): Adam or AdamW in ``adam`` geometry (the rate
+        ``lr c (1 - beta1) / (1 - beta1^t)``, the rows scaled by the step's ``sqrt(P_t)``) and
+        torch's SGD without Nesterov or dampening in ``sgd`` geometry (momentum carries
+        earlier steps only)."""
+        if self.kernelscope_geometry == "adam":
+            return True
+        if self.optimizer is not None:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if not isinstance(inner, torch.optim.SGD):
+                return False
+            kwargs: Mapping[str, Any] = inner.param_groups[0]
+        else:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, cast(Any, self.model))
+            if not (isinstance(cls, type) and issubclass(cls, torch.optim.SGD)):
+                return False
+        return not kwargs.get("nesterov", False) and not kwargs.get("dampening", 0.0)
 
     def _kernelscope_shared_run_id(self, run_id: str | None) -> str:
         """The configured run id, or one drawn on the main process and shared with every rank."""

@@ -622,6 +622,7 @@ def entropy_answer(
         sketch_cells=kronecker_cells(m, c, sketcher),
         target=target,
         applied_row=m.applied,
+        applied_includes_step=bool(run.get("applied_includes_step", False)),
     )
     return EntropyOut.from_change(result)
 

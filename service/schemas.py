@@ -85,6 +85,14 @@ class RunCreate(BaseModel):
         description="Trainer processes that push each step (data-parallel ranks); a step is "
         "ready once every rank has posted its sequences.",
     )
+    applied_includes_step: bool = Field(
+        default=False,
+        description="The applied update is learning_rate times the step's g_hat (the sum of "
+        "its update rows) plus a part that is not a function of the step's sequences "
+        "(momentum of earlier steps, weight decay): delta_h1_applied then pairs the step's "
+        "own part as delta_h1 does, unbiased when the entropy and update sequences are the "
+        "same (math.md §4).",
+    )
 
     @field_validator("parameters")
     @classmethod
@@ -131,6 +139,9 @@ class Run(BaseModel):
     geometry: Geometry
     parameters: dict[str, list[int]] | None
     ranks: int = Field(default=1, description="Trainer processes that push each step.")
+    applied_includes_step: bool = Field(
+        default=False, description="The applied update is learning_rate * g_hat plus the rest."
+    )
     k: int = Field(description="Total sketch width of a row (sum over groups; N for exact).")
     created_at: float
 

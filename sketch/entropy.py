@@ -619,6 +619,7 @@ def entropy_change(
     sketch_cells: SketchCells | None = None,
     target: Target | str = Target.SEQUENCE,
     applied_row: NDArray[Any] | None = None,
+    applied_includes_step: bool = False,
 ) -> EntropyChange:
     """Predict the first-order entropy change of the step and explain it (math.md §2–§6).
 
@@ -634,6 +635,11 @@ def entropy_change(
     applied_row: the sketched applied update row itself (``[k]``), for the sketch part of
         ``se_applied`` (its norm, or with ``sketch_cells`` its Kronecker cells); without it
         that part is 0.
+    applied_includes_step: the applied update is ``eta g_hat`` (``eta`` this call's
+        ``learning_rate``, ``g_hat`` the sum of the update rows) plus a part that is not a
+        function of this step's sequences (the run's ``applied_includes_step``): then
+        ``delta_h1_applied = delta_h1 + <grad_hat H, u - eta g_hat>``, unbiased where
+        ``<grad_hat H, u>`` is not (math.md §4).
     sketch_variance_factor: the sketch's ``c`` in ``Var(<Phi a, Phi b>) <= c (|a|^2 |b|^2 +
         <a, b>^2)`` (``1/k`` for dense kinds, 0 for ``exact``).
     group_kernels: ``{group: K_g}`` with ``sum_g K_g = K`` for the per-group split of dH1; with
@@ -736,25 +742,44 @@ def entropy_change(
         applied = np.asarray(k_applied, dtype=np.float64).reshape(-1)
         if applied.shape != (seqs.n,) or not np.all(np.isfinite(applied)):
             raise ValueError(f"k_applied must be {seqs.n} finite values")
-        delta_h1_applied = float(h @ applied)
-        # Its error with u held fixed: grad_hat H's sampling error (per-row parts h_j <w_j, u>,
-        # plus the levels' influence for the token mean) and the sketch's.
-        applied_influence = h * applied
+        # With u = eta g_hat + r (applied_includes_step), pairing every h_j with the step's
+        # own part would pair a sequence with its own update row, as plugin does (biased when
+        # E and U share sequences): the own part is paired as delta_h1 pairs it, the rest r
+        # (momentum of earlier steps, weight decay) with every h_j.
+        rest = applied - eta * C1 if applied_includes_step else applied
+        # A fixed direction is paired with grad_hat H of all of E: cross_fit's h_j are each
+        # half's estimate of it, which summed over both halves give it twice.
+        h_fixed, h_seq_fixed, u2_fixed = h, h_sequence, u2
+        if token_mean:
+            lengths_fixed, lv_fixed = lengths, lv
+        if est is Estimator.CROSS_FIT:
+            h_fixed = h_seq_fixed = entropy_coefficients(seqs, ent)
+            if token_mean:
+                h_fixed, lengths_fixed, lv_fixed = token_mean_coefficients(seqs, ent, h_fixed)
+            u2_fixed = max(float(h_fixed @ (mat @ h_fixed)), 0.0)
+        delta_h1_applied = float(h_fixed @ rest)
+        # Its error with r held fixed: grad_hat H's sampling error (per-row parts h_j <w_j, r>,
+        # plus the levels' influence for the token mean; plus delta_h1's own parts) and the
+        # sketch's.
+        applied_influence = h_fixed * rest
         if token_mean:
             applied_influence = applied_influence + level_influence(
-                lv, float(h_sequence @ applied), float(lengths @ applied)
+                lv_fixed, float(h_seq_fixed @ rest), float(lengths_fixed @ rest)
             )
+        if applied_includes_step:
+            delta_h1_applied += delta_h1
+            applied_influence = applied_influence + influence
         applied_sketch = 0.0
         if applied_row is not None:
             row = np.asarray(applied_row, dtype=np.float64).reshape(-1)
             if sketch_cells is None:
                 norm2 = float(row @ row)
                 applied_sketch = math.sqrt(
-                    sketch_variance_factor * (u2 * norm2 + delta_h1_applied**2)
+                    sketch_variance_factor * (u2_fixed * norm2 + delta_h1_applied**2)
                 )
             else:  # cells of sum_j h_j <y_j, u> over the sketch's k_out x k_in
                 k_out, k_in = sketch_cells.shape
-                cells = (h @ sketch_cells.Y) * row * (k_out * k_in)
+                cells = (h_fixed @ sketch_cells.Y) * row * (k_out * k_in)
                 applied_sketch = crossed_error_bar(cells.reshape(k_out, k_in))
         se_applied = math.hypot(_se_sampling(seqs, applied_influence, ent), applied_sketch)
 

@@ -19,7 +19,16 @@ from sketch.spec import sketcher_for
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 # Fields that define a run; a second POST with the same id must match them all.
-_SPEC_FIELDS = ("sketch", "normalization", "geometry", "parameters", "ranks")
+_SPEC_FIELDS = (
+    "sketch",
+    "normalization",
+    "geometry",
+    "parameters",
+    "ranks",
+    "applied_includes_step",
+)
+# what a run stored before a field existed has
+_STORED_DEFAULTS: dict[str, Any] = {"ranks": 1, "applied_includes_step": False}
 
 
 def _sketch_width(run: dict[str, Any]) -> int:
@@ -56,9 +65,8 @@ async def create_run(
     stored, created = await store.create_run(run)
     if not created:
         # compared as JSON text: the order of the declared parameters is part of the spec
-        # runs stored before ``ranks`` existed have one rank
         if any(
-            json.dumps(stored.get(f, 1 if f == "ranks" else None)) != json.dumps(run.get(f))
+            json.dumps(stored.get(f, _STORED_DEFAULTS.get(f))) != json.dumps(run.get(f))
             for f in _SPEC_FIELDS
         ):
             raise ProblemError(

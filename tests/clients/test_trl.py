@@ -714,6 +714,7 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     with Client(live_service.base_url) as client:
         run = client.get_run(trainer.kernelscope_run_id)
         assert run.geometry == "adam" and run.sketch["kind"] == sketch["kind"]
+        assert run.applied_includes_step  # -lr c P_t m_hat_t: eta P_t g_hat plus momentum
         for step in (0, 1):
             status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
             assert status.state == "ready" and status.applied_update
@@ -752,6 +753,9 @@ def test_kronecker_with_adam_takes_exact_rows(live_service: LiveService, tmp_pat
     factorised = sgd_trainer(grpo_args(tmp_path), config)
     assert factorised.kernelscope_geometry == "sgd" and factorised._hooked is None
     assert isinstance(factorised._factorised, FactorisedCapture)
+    with Client(live_service.base_url) as client:
+        # AdamW's update is not the pushed rate times g_hat in sgd geometry
+        assert not client.get_run(factorised.kernelscope_run_id).applied_includes_step
 
 
 def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> None:
@@ -764,6 +768,7 @@ def test_factorised_kronecker_run(live_service: LiveService, tmp_path: Path) -> 
     assert trainer.kernelscope_geometry == "sgd" and trainer._factorised is not None
     trainer.train()
     with Client(live_service.base_url) as client:
+        assert client.get_run(trainer.kernelscope_run_id).applied_includes_step  # plain SGD
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 

@@ -428,3 +428,61 @@ def test_token_mean_target_and_its_history(
     assert [row["target"] for row in sequence["steps"]] == ["sequence"]
     assert token["steps"][0]["delta_h1"] != pytest.approx(sequence["steps"][0]["delta_h1"])
     assert client.get("/v1/runs/t/entropy", params={"target": "tokens"}).status_code == 422
+
+
+def test_applied_change_of_a_run_that_declares_its_update_includes_the_step(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    """A run created with ``applied_includes_step``: its spec keeps the flag (the same id
+    with another value is a 409), and the step's ``delta_h1_applied`` is ``delta_h1`` plus
+    ``<grad_hat H, u - eta g_hat>`` (math.md §4), the service's answer equal to
+    ``entropy_change`` with the flag and different from ``<grad_hat H, u>`` under
+    ``u_statistic``."""
+    data = step_data
+    spec = {"sketch": {"kind": "gaussian", "dim": 48, "seed": 3}, "applied_includes_step": True}
+    run = post(client, "/v1/runs", json={"run_id": "own", **spec})
+    assert run["applied_includes_step"] is True
+    again = client.post("/v1/runs", json={"run_id": "own", **spec, "applied_includes_step": False})
+    assert again.status_code == 409
+    assert client.get("/v1/runs/own").json()["applied_includes_step"] is True
+    sketcher = sketcher_for(run["sketch"], None)
+    seqs = StepSequences.from_records(data.sequences)
+    eta = 0.05
+    Y = sketcher.sketch(data.grads).double().numpy()
+    c = update_coefficients(seqs, "dr_grpo", None)
+    gen = torch.Generator().manual_seed(4)
+    # the step's own update eta g_hat = eta sum_i c_i w_i, plus a momentum carried in
+    weights = torch.tensor(c, dtype=torch.float32).reshape(-1, 1)
+    u = {}
+    for name, rows in data.grads.items():
+        own = eta * (weights * rows.reshape(rows.shape[0], -1)).sum(0)
+        momentum = 1e-3 * torch.randn(own.shape, generator=gen)
+        u[name] = (own + momentum).reshape(rows.shape[1:])
+    post(
+        client,
+        "/v1/runs/own/steps/0/sequences",
+        json={"learning_rate": eta, "sequences": data.sequences},
+    )
+    for body, ids in (
+        (data.grads, data.ids),
+        ({k: v[None] for k, v in u.items()}, [APPLIED_UPDATE_ID]),
+    ):
+        content = safetensors_body(body, ids)
+        post(client, "/v1/runs/own/steps/0/gradients", content=content, headers=OCTET)
+    drain(settings)
+    got = client.get("/v1/runs/own/steps/0/entropy", params={"estimator": "u_statistic"}).json()
+    y_u = sketcher.sketch({k: v[None] for k, v in u.items()}).double().numpy()[0]
+    common: dict[str, Any] = {
+        "estimator": "u_statistic",
+        "k_applied": Y @ y_u,
+        "sketch_variance_factor": sketcher.variance_factor(),
+        "applied_row": y_u,
+    }
+    K = kernel_from_rows(Y)
+    declared = entropy_change(K, seqs, eta, applied_includes_step=True, **common)
+    undeclared = entropy_change(K, seqs, eta, **common)
+    assert declared.delta_h1_applied is not None and undeclared.delta_h1_applied is not None
+    assert got["delta_h1_applied"] == pytest.approx(declared.delta_h1_applied, rel=1e-5)
+    assert got["se_applied"] == pytest.approx(declared.se_applied, rel=1e-5)
+    gap = abs(declared.delta_h1_applied - undeclared.delta_h1_applied)
+    assert gap > 1e-3 * abs(undeclared.delta_h1_applied)

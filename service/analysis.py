@@ -81,7 +81,7 @@ from sketch.token_mean import Target
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
 #: of an older revision are recomputed instead of served (their data version alone would not
 #: change across an upgrade).
-ANALYSIS_REVISION = 7
+ANALYSIS_REVISION = 8
 SPECTRUM_HEAD = 8
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import sparse
 
 from sketch.cross_fit import cross_fit_halves, cross_half_pairs, per_half
 from sketch.crossed import bilinear_error_bar, crossed_error_bar
@@ -470,6 +471,85 @@ def pair_weights(
     return weights
 
 
+def _pair_weight_factors(
+    seqs: StepSequences, ent: BoolArray, estimator: Estimator
+) -> tuple[sparse.csr_array, FloatArray, FloatArray | None]:
+    """:func:`pair_weights` without ``h`` as ``W = Q D Q^T - diag(f)``: ``Q`` an ``[n, m]``
+    sparse 0/1 matrix, ``D`` float64 ``[m, m]``, ``f`` float64 ``[n]`` (None for 0).  Every
+    pair weight 1: ``Q = 1``, ``D = 1``; ``cross_fit``: ``Q = [half 0, half 1]``, ``D`` the
+    swap (pairs of different halves); ``u_statistic``: ``Q = [1, prompt indicators]``, ``D =
+    diag(1, f_p - 1)`` and ``f`` each row's ``f_p`` (same prompt: ``f_p`` off the diagonal, 0
+    on it)."""
+    n = seqs.n
+    if estimator is Estimator.CROSS_FIT:
+        halves = cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
+        inside = np.flatnonzero(halves >= 0)
+        Q = sparse.csr_array(
+            (np.ones(inside.size), (inside, halves[inside].astype(np.int64))), shape=(n, 2)
+        )
+        return Q, np.array([[0.0, 1.0], [1.0, 0.0]]), None
+    ones = sparse.csr_array(np.ones((n, 1)))
+    if estimator is not Estimator.U_STATISTIC:
+        return ones, np.ones((1, 1)), None
+    codes, prompts = seqs.prompt_index()
+    M = group_sizes(seqs.prompt_index(ent)[0])
+    f = np.array([_same_prompt_factor(M, np.flatnonzero(codes == p)) for p in range(len(prompts))])
+    indicators = sparse.csr_array((np.ones(n), (np.arange(n), codes)), shape=(n, len(prompts)))
+    Q = sparse.hstack([ones, indicators], format="csr")
+    return Q, np.diag(np.concatenate([[1.0], f - 1.0])), f[codes]
+
+
+def bilinear_sketch_variance(
+    K: FloatArray,
+    C: FloatArray,
+    G: FloatArray,
+    h: FloatArray,
+    seqs: StepSequences,
+    ent: BoolArray,
+    estimator: Estimator,
+) -> float:
+    """``tr(M^T K M G) + tr((M C^T)^2)`` with ``M = diag(h) W`` (``W`` the estimator's pair
+    weights): ``Var(dH1 / eta) / c`` for a sketch with ``Var(<Phi a, Phi b>) = c (|a|^2 |b|^2
+    + <a, b>^2)`` (exact for a Gaussian sketch, a bound for the others).  ``dH1 / eta = sum_{j,
+    i} M(j, i) <Phi w_j, Phi u_i>`` is a quadratic form ``(1/k) sum_r phi_r^T A phi_r`` of the
+    sketch's rows with ``A = sum M(j, i) w_j u_i^T``, whose variance is ``(tr(A A^T) +
+    tr(A^2)) / k``.  ``K``: the score kernel, ``C``: the cross kernel ``<w_j, u_i>``, ``G``:
+    the update rows' Gram matrix, all float64 ``[n, n]``.  With every pair weight 1 it is
+    ``|u|^2 |v|^2 + <u, v>^2`` with ``u = grad_hat H``, ``v = g_hat``; ``u_statistic``'s and
+    ``cross_fit``'s excluded pairs change it (the spread over Gaussian sketches was 1.75x and
+    0.61x that form's error bar: tests/sketch/test_stats_sketch_error.py).
+
+    ``W = Q D Q^T - F`` (:func:`_pair_weight_factors`) keeps it to a few passes over the
+    ``n x n`` matrices (``O(n^2 m)`` with ``m`` at most one more than the prompts, through
+    sparse ``Q``) where the plain products cost ``O(n^3)``.  Hand-written: no library has the
+    variance of a sketched bilinear form."""
+    Q, D, f = _pair_weight_factors(seqs, ent, estimator)
+    diagonal = not np.any(D - np.diag(np.diagonal(D)))
+
+    def times_d(X: FloatArray) -> FloatArray:  # X D, O(n m) when D is diagonal
+        return X * np.diagonal(D)[None, :] if diagonal else X @ D
+
+    HQ = Q.multiply(h[:, None]).tocsr()  # diag(h) Q
+    HQK = K @ HQ  # [n, m]
+    GQ = G @ Q
+    CQ = C @ Q
+    # T1 = tr(W P W G), P = diag(h) K diag(h), W = Q D Q^T - F
+    t1 = float(np.sum((D @ (HQ.T @ HQK) @ D) * (Q.T @ GQ)))
+    # T2 = tr(Z^2), Z = diag(h) W C^T = HQ Y^T - diag(h f) C^T, Y = C Q D^T
+    Y = times_d(CQ) if diagonal else CQ @ D.T
+    YX = HQ.T @ Y  # HQ^T Y = (Y^T HQ)^T
+    t2 = float(np.sum(YX * YX.T))
+    if f is not None:
+        hf = h * f
+        # - 2 tr(Q D Q^T P F G) + tr(F P F G); Q^T P = (HQK h)^T, F G Q = f GQ
+        t1 -= 2.0 * float(np.sum((HQK * h[:, None]) * times_d(GQ * f[:, None])))
+        t1 += float(hf @ ((K * G) @ hf))
+        # - 2 tr(Y^T diag(hf) C^T HQ) + tr(diag(hf) C^T diag(hf) C^T)
+        t2 -= 2.0 * float(np.sum(Y * ((C.T @ HQ) * hf[:, None])))
+        t2 += float(hf @ ((C.T * C) @ hf))
+    return t1 + t2
+
+
 @dataclass(frozen=True)
 class SketchCells:
     """The sketched rows behind a Kronecker-sketched kernel, for ``se_sketch`` from the rows
@@ -723,13 +803,20 @@ def entropy_change(
         h_upd = token_mean_coefficients(seqs, upd, h_upd)[0]
     delta_h1_diag = eta * float(np.sum(h_upd * np.diag(C)))
 
-    # Sketch error bar: u = grad_hat H, v = g_hat, all in sketched units.
+    # Sketch error bar (sketched units): the estimator's bilinear form of the rows, or the
+    # crossed cells of Kronecker rows.  u2 = |grad_hat H|^2 and C1 = <w_j, g_hat> are also the
+    # applied change's; v2 = |g_hat|^2 gives the step's norm.
     C1 = C.sum(axis=1)
     u2 = max(float(h @ (mat @ h)), 0.0)
     v2 = max(float(step.gram.sum()), 0.0)
-    uv = float(h @ C1)
     if sketch_cells is None:
-        se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * (u2 * v2 + uv * uv))
+        se_sketch = 0.0
+        if sketch_variance_factor > 0:
+            if est in (Estimator.INDEPENDENT, Estimator.PLUGIN):  # every pair weight 1
+                variance = u2 * v2 + float(h @ C1) ** 2
+            else:
+                variance = bilinear_sketch_variance(mat, C, step.gram, h, seqs, ent, est)
+            se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * max(variance, 0.0))
     else:
         weights = pair_weights(h, seqs, ent, est)
         se_sketch = abs(eta) * bilinear_error_bar(

@@ -370,7 +370,17 @@ def test_applied_update_groups_and_sketch_error() -> None:
             assert out.decomposition.groups[name] == pytest.approx(ref_g, rel=1e-10)
         gu = h @ W  # grad_hat H
         gv = c @ W  # g_hat
-        expected = eta * math.sqrt((gu @ gu * (gv @ gv) + (gu @ gv) ** 2) / 64)
+        # dH1 / eta = sum_{j,i} h_j weight(j, i) c_i <w_j, w_i> = tr(A) for A = sum h_j
+        # weight c_i w_j w_i^T; a Gaussian sketch's variance of it is (tr(A A^T) + tr(A^2)) / k
+        # (with every weight 1, |grad_hat H|^2 |g_hat|^2 + <grad_hat H, g_hat>^2)
+        M = np.array(
+            [[ref_weight(seqs, E, est, j, i) for i in range(seqs.n)] for j in range(seqs.n)]
+        )
+        A = W.T @ (h[:, None] * M * c[None, :]) @ W
+        expected = eta * math.sqrt((np.trace(A @ A.T) + np.trace(A @ A)) / 64)
+        if est != "u_statistic":
+            every_pair = eta * math.sqrt((gu @ gu * (gv @ gv) + (gu @ gv) ** 2) / 64)
+            assert expected == pytest.approx(every_pair, rel=1e-12)
         assert out.se_sketch == pytest.approx(expected, rel=1e-12)
         assert out.step_norm == pytest.approx(eta * np.linalg.norm(gv), rel=1e-12)
     exact = entropy_change(K, seqs, eta)

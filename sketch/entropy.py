@@ -519,10 +519,10 @@ def bilinear_sketch_variance(
     ``cross_fit``'s excluded pairs change it (the spread over Gaussian sketches was 1.75x and
     0.61x that form's error bar: tests/sketch/test_stats_sketch_error.py).
 
-    ``W = Q D Q^T - F`` (:func:`_pair_weight_factors`) keeps it to a few passes over the
-    ``n x n`` matrices (``O(n^2 m)`` with ``m`` at most one more than the prompts, through
-    sparse ``Q``) where the plain products cost ``O(n^3)``.  Hand-written: no library has the
-    variance of a sketched bilinear form."""
+    ``W = Q D Q^T - F`` (:func:`_pair_weight_factors`, ``Q`` sparse with at most two entries
+    a row) keeps it to a few ``O(n^2)`` passes over the ``n x n`` matrices where the plain
+    products cost ``O(n^3)``.  Hand-written: no library has the variance of a sketched
+    bilinear form."""
     Q, D, f = _pair_weight_factors(seqs, ent, estimator)
     diagonal = not np.any(D - np.diag(np.diagonal(D)))
 

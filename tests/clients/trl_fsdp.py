@@ -14,7 +14,6 @@ is accelerate's, TRL's and torch's own code.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +25,7 @@ from accelerate.utils import DistributedType
 from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
-from tests.clients.trl_ranks import exit_without_teardown
+from tests.clients.trl_ranks import exit_without_teardown, finish
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
 
@@ -94,10 +93,7 @@ def main(url: str, out: Path) -> None:
         trainer.train()
         assert trainer._kernelscope_sharded  # the model accelerate prepared holds shards
         run_ids[name] = trainer.kernelscope_run_id
-    state = PartialState()
-    if state.is_main_process:
-        (out / "run_ids.json").write_text(json.dumps(run_ids))
-    state.destroy_process_group()
+    finish(out, run_ids)
 
 
 if __name__ == "__main__":

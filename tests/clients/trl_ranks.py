@@ -8,10 +8,14 @@ The main process writes the run id to ``OUT_DIR/run_id``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
+
+from accelerate.state import PartialState
 
 from clients.trl import KernelscopeConfig
 from tests.clients.test_trl import SKETCH_512, sgd_args, sgd_trainer
@@ -37,6 +41,15 @@ def main(url: str, out: Path) -> None:
     if trainer.accelerator.is_main_process:
         (out / "run_id").write_text(trainer.kernelscope_run_id)
     trainer.accelerator.end_training()
+
+
+def finish(out: Path, results: dict[str, Any]) -> None:
+    """The main process writes ``results`` to ``OUT/run_ids.json``; every rank leaves the
+    process group."""
+    state = PartialState()
+    if state.is_main_process:
+        (out / "run_ids.json").write_text(json.dumps(results))
+    state.destroy_process_group()
 
 
 def exit_without_teardown() -> None:

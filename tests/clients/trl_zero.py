@@ -15,18 +15,15 @@ accelerator, gloo): everything is DeepSpeed's, accelerate's, TRL's and torch's o
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from accelerate.state import PartialState
-
 from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
-from tests.clients.trl_ranks import exit_without_teardown
+from tests.clients.trl_ranks import exit_without_teardown, finish
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 
@@ -130,10 +127,7 @@ def main(url: str, out: Path) -> None:
         results[f"grad_norm-{name}"] = [
             h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h
         ]
-    state = PartialState()
-    if state.is_main_process:
-        (out / "run_ids.json").write_text(json.dumps(results))
-    state.destroy_process_group()
+    finish(out, results)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,21 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(arr.size))
 
 
+def error_summary(
+    label: str, errors: Sequence[float], reported: Sequence[float]
+) -> tuple[float, float, float]:
+    """``(bias, its standard error, rms reported se / spread)`` of an estimator's errors over
+    draws, printed under ``label``."""
+    bias, se = mean_and_se(errors)
+    spread = float(np.std(errors, ddof=1))
+    rms_se = float(np.sqrt(np.mean(np.square(reported))))
+    print(
+        f"\n{label}: bias {bias:.4g} +- {se:.2g}; error spread {spread:.4g},"
+        f" rms se {rms_se:.4g}, ratio {rms_se / spread:.3f}"
+    )
+    return bias, se, rms_se / spread
+
+
 # ----------------------------------------------------------------------------- ground truth
 
 
@@ -878,15 +893,9 @@ def test_applied_change_is_unbiased_for_a_fixed_update_and_its_se_matches_the_sp
             errors[name].append(result.delta_h1_applied - target)
             reported[name].append(result.se_applied)
     for name in errors:
-        bias, se = mean_and_se(errors[name])
-        spread = float(np.std(errors[name], ddof=1))
-        rms_se = float(np.sqrt(np.mean(np.square(reported[name]))))
-        print(
-            f"\napplied M={M} ({name}): bias {bias:.4g} +- {se:.2g}; error spread {spread:.4g},"
-            f" rms se_applied {rms_se:.4g}, ratio {rms_se / spread:.3f}"
-        )
+        bias, se, ratio = error_summary(f"applied M={M} ({name})", errors[name], reported[name])
         assert abs(bias) <= 3 * se, (name, bias, se)
-        assert 0.75 <= rms_se / spread <= 1.25, (name, rms_se, spread)
+        assert 0.75 <= ratio <= 1.25, (name, ratio)
 
 
 @pytest.mark.parametrize("M", [4, 8])
@@ -926,15 +935,10 @@ def test_applied_change_of_the_steps_own_update_is_unbiased_when_declared(
             errors[name].append(result.delta_h1_applied - target)
             reported[name].append(result.se_applied)
     for name in names:
-        bias, se = mean_and_se(errors[name])
-        spread = float(np.std(errors[name], ddof=1))
-        rms_se = float(np.sqrt(np.mean(np.square(reported[name]))))
-        print(
-            f"\nown applied M={M} ({name}): bias {bias:.4g} +- {se:.2g}; error spread"
-            f" {spread:.4g}, rms se_applied {rms_se:.4g}, ratio {rms_se / spread:.3f}"
-        )
+        label = f"own applied M={M} ({name})"
+        bias, se, ratio = error_summary(label, errors[name], reported[name])
         if name.endswith("undeclared"):
             assert bias > 4 * se, (name, bias, se)
             continue
         assert abs(bias) <= 3 * se, (name, bias, se)
-        assert 0.75 <= rms_se / spread <= 1.25, (name, rms_se, spread)
+        assert 0.75 <= ratio <= 1.25, (name, ratio)

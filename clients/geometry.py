@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ def adam_states(optimizer: Any) -> AdamStates:
 
     zero = zero_optimizer(optimizer)
     if zero is not None:
-        return cast(AdamStates, ZeroAdamStates(zero))
+        return ZeroAdamStates(zero)
     return AdamStates(_unwrapped(optimizer))
 
 

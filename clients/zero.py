@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from clients.geometry import AdamStates
+
 #: ``DeepSpeedEngine`` attribute that marks a wrapped ``step`` (so it is wrapped once).
 _WRAPPED = "_kernelscope_wrapped_step"
 
@@ -143,18 +145,18 @@ def clip_factor(optimizer: Any) -> float:
     return 1.0 / max(1.0, (norm / loss_scale + 1e-6) / clip)
 
 
-class ZeroAdamStates:
+class ZeroAdamStates(AdamStates):
     """Each parameter's Adam hyperparameters, state and step gradient under ZeRO stage 1/2,
-    laid out as for a whole parameter (the interface of ``clients.geometry.AdamStates``).
+    laid out as for a whole parameter.
 
     ``state(p)`` gathers a tensor when it is read and ``gradient(p)`` gathers the reduced
     gradient, scaled as the step will scale it (call it between the window's last backward
     and the engine's step: DeepSpeed frees the partitions' gradients in the step)."""
 
     def __init__(self, optimizer: Any) -> None:
+        # the torch optimizer (``self.optimizer``) steps the flat partitions
+        super().__init__(optimizer.optimizer)
         self.zero = optimizer
-        #: the torch optimizer that steps the flat partitions
-        self.optimizer: torch.optim.Optimizer = optimizer.optimizer
         self._group_index = {
             id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group
         }

@@ -24,8 +24,8 @@ from accelerate.utils import DistributedType
 
 from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
-from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
-from tests.clients.trl_ranks import exit_without_teardown, finish
+from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer
+from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
 
@@ -54,15 +54,7 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 
 def fsdp_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
     """A ``GRPOConfig`` under accelerate's FSDP on this CPU (see the module's docstring)."""
-    args = sgd_args(
-        out,
-        learning_rate,
-        per_device_train_batch_size=3,
-        num_generations=4,
-        epsilon=0.02,
-        ddp_backend="gloo",
-        **{**FSDP2, **overrides},
-    )
+    args = rank_args(out, learning_rate, **{**FSDP2, **overrides})
     _ = args.device  # the process state, MULTI_CPU
     PartialState().distributed_type = DistributedType.MULTI_GPU
     return args

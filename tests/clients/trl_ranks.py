@@ -43,6 +43,20 @@ def main(url: str, out: Path) -> None:
     trainer.accelerator.end_training()
 
 
+def rank_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
+    """Plain-SGD ``GRPOConfig`` of the launched runs: 3 completions per rank and micro-batch,
+    groups of 4 (one group spans the ranks), gloo."""
+    return sgd_args(
+        out,
+        learning_rate,
+        per_device_train_batch_size=3,
+        num_generations=4,
+        epsilon=0.02,
+        ddp_backend="gloo",
+        **overrides,
+    )
+
+
 def finish(out: Path, results: dict[str, Any]) -> None:
     """The main process writes ``results`` to ``OUT/run_ids.json``; every rank leaves the
     process group."""

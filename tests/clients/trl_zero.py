@@ -22,8 +22,8 @@ from typing import Any
 
 from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
-from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_args, sgd_trainer
-from tests.clients.trl_ranks import exit_without_teardown, finish
+from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer
+from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 
@@ -66,18 +66,6 @@ REFUSED: dict[str, dict[str, Any]] = {
 }
 
 
-def zero_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
-    return sgd_args(
-        out,
-        learning_rate,
-        per_device_train_batch_size=3,
-        num_generations=4,
-        epsilon=0.02,
-        ddp_backend="gloo",
-        **overrides,
-    )
-
-
 def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
     """Wrap the trainer's step so that each step appends to ``gaps`` the largest relative
     difference between ``sqrt(P_t)`` before the step and the one the step used."""
@@ -107,13 +95,13 @@ def main(url: str, out: Path) -> None:
     warnings.simplefilter("ignore")
     results: dict[str, Any] = {}
     for name, overrides in REFUSED.items():
-        args = zero_args(out / name, 1e-3, **overrides)
+        args = rank_args(out / name, 1e-3, **overrides)
         try:
             sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer"))
         except UnsupportedTRLSettingError as exc:
             results[f"refused-{name}"] = str(exc)
     for name, (learning_rate, overrides, sketch) in RUNS.items():
-        args = zero_args(out / name, learning_rate, **overrides)
+        args = rank_args(out / name, learning_rate, **overrides)
         config = KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer")
         trainer = sgd_trainer(args, config)
         assert trainer._kernelscope_deepspeed

@@ -154,8 +154,10 @@ class ZeroAdamStates(AdamStates):
     and the engine's step: DeepSpeed frees the partitions' gradients in the step)."""
 
     def __init__(self, optimizer: Any) -> None:
-        # the torch optimizer (``self.optimizer``) steps the flat partitions
-        super().__init__(optimizer.optimizer)
+        # not ``super().__init__``: its map of torch's groups keys the flat partitions, and
+        # ``group`` below maps a parameter through DeepSpeed's own groups instead
+        #: the torch optimizer, stepping the flat partitions
+        self.optimizer = optimizer.optimizer
         self.zero = optimizer
         self._group_index = {
             id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group

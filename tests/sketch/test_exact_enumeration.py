@@ -291,16 +291,13 @@ def test_independent_estimator_is_unbiased_and_its_se_matches_the_spread(
         estimates.append(result.delta_h1)
         reported_se.append(result.se_sampling)
     assert target is not None
-    mean, se = mean_and_se(estimates)
-    spread = float(np.std(estimates, ddof=1))
-    rms_se = float(np.sqrt(np.mean(np.square(reported_se))))
-    print(
-        f"\nindependent: exact {target:.5g}, mean {mean:.5g} +- {se:.2g} over"
-        f" {INDEPENDENT_DRAWS} draws; spread {spread:.4g}, rms se_sampling {rms_se:.4g}"
-        f" (mean {float(np.mean(reported_se)):.4g}), ratio {rms_se / spread:.3f}"
+    bias, se, ratio = error_summary(
+        f"independent over {INDEPENDENT_DRAWS} draws (exact {target:.5g})",
+        [estimate - target for estimate in estimates],
+        reported_se,
     )
-    assert abs(mean - target) <= 3 * se, (mean, target, se)
-    assert 0.75 <= rms_se / spread <= 1.25, (rms_se, spread)
+    assert abs(bias) <= 3 * se, (bias, target, se)
+    assert 0.75 <= ratio <= 1.25, ratio
 
 
 PLUGIN_DRAWS = 600
@@ -423,15 +420,11 @@ def test_cross_fit_is_unbiased_and_its_se_matches_the_spread(exact: Enumerated, 
         assert value == pytest.approx(result.delta_h1, rel=1e-9, abs=1e-15)
     assert result.decomposition.pair_types["diagonal"].value == 0.0
     for name in ("fixed", "grpo"):
-        bias, se = mean_and_se(errors[name])
-        spread = float(np.std(errors[name], ddof=1))
-        rms_se = float(np.sqrt(np.mean(np.square(reported[name]))))
-        print(
-            f"\ncross_fit M={M} ({name} advantages): bias {bias:.4g} +- {se:.2g};"
-            f" error spread {spread:.4g}, rms se_sampling {rms_se:.4g}, ratio {rms_se / spread:.3f}"
+        bias, se, ratio = error_summary(
+            f"cross_fit M={M} ({name} advantages)", errors[name], reported[name]
         )
         assert abs(bias) <= 3 * se, (name, bias, se)
-        assert 0.75 <= rms_se / spread <= 1.25, (name, rms_se, spread)
+        assert 0.75 <= ratio <= 1.25, (name, ratio)
 
 
 def test_applied_update_and_decompositions_add_up(exact: Enumerated) -> None:

@@ -514,8 +514,9 @@ def bilinear_sketch_variance(
     i} M(j, i) <Phi w_j, Phi u_i>`` is a quadratic form ``(1/k) sum_r phi_r^T A phi_r`` of the
     sketch's rows with ``A = sum M(j, i) w_j u_i^T``, whose variance is ``(tr(A A^T) +
     tr(A^2)) / k``.  ``K``: the score kernel, ``C``: the cross kernel ``<w_j, u_i>``, ``G``:
-    the update rows' Gram matrix, all float64 ``[n, n]``.  With every pair weight 1 it is
-    ``|u|^2 |v|^2 + <u, v>^2`` with ``u = grad_hat H``, ``v = g_hat``; ``u_statistic``'s and
+    the update rows' Gram matrix, all float64 ``[n, n]``, ``K`` and ``G`` symmetric.  With
+    every pair weight 1 it is ``|u|^2 |v|^2 + <u, v>^2`` with ``u = grad_hat H``, ``v =
+    g_hat``; ``u_statistic``'s and
     ``cross_fit``'s excluded pairs change it (the spread over Gaussian sketches was 1.75x and
     0.61x that form's error bar: tests/sketch/test_stats_sketch_error.py).
 
@@ -529,24 +530,28 @@ def bilinear_sketch_variance(
     def times_d(X: FloatArray) -> FloatArray:  # X D, O(n m) when D is diagonal
         return X * np.diagonal(D)[None, :] if diagonal else X @ D
 
-    HQ = Q.multiply(h[:, None]).tocsr()  # diag(h) Q
-    HQK = K @ HQ  # [n, m]
-    GQ = G @ Q
-    CQ = C @ Q
+    # Sparse on the left of C-ordered dense matrices: scipy's ``dense @ sparse`` copies the
+    # transposed dense matrix, most of this function's time at n = 2048.
+    HQt = Q.T.multiply(h[None, :]).tocsr()  # (diag(h) Q)^T, [m, n]
+    Qt = Q.T.tocsr()
+    HQK = (HQt @ K).T  # K HQ, K symmetric
+    GQ = (Qt @ G).T  # G symmetric
+    Ct = np.ascontiguousarray(C.T)
+    CQ = (Qt @ Ct).T
     # T1 = tr(W P W G), P = diag(h) K diag(h), W = Q D Q^T - F
-    t1 = float(np.sum((D @ (HQ.T @ HQK) @ D) * (Q.T @ GQ)))
+    t1 = float(np.sum((D @ (HQt @ HQK) @ D) * (Qt @ GQ)))
     # T2 = tr(Z^2), Z = diag(h) W C^T = HQ Y^T - diag(h f) C^T, Y = C Q D^T
     Y = times_d(CQ) if diagonal else CQ @ D.T
-    YX = HQ.T @ Y  # HQ^T Y = (Y^T HQ)^T
+    YX = HQt @ Y  # HQ^T Y = (Y^T HQ)^T
     t2 = float(np.sum(YX * YX.T))
     if f is not None:
         hf = h * f
         # - 2 tr(Q D Q^T P F G) + tr(F P F G); Q^T P = (HQK h)^T, F G Q = f GQ
         t1 -= 2.0 * float(np.sum((HQK * h[:, None]) * times_d(GQ * f[:, None])))
-        t1 += float(hf @ ((K * G) @ hf))
+        t1 += float(hf @ np.einsum("ij,ij,j->i", K, G, hf))  # one pass, no n x n temporary
         # - 2 tr(Y^T diag(hf) C^T HQ) + tr(diag(hf) C^T diag(hf) C^T)
-        t2 -= 2.0 * float(np.sum(Y * ((C.T @ HQ) * hf[:, None])))
-        t2 += float(hf @ ((C.T * C) @ hf))
+        t2 -= 2.0 * float(np.sum(Y * ((HQt @ C).T * hf[:, None])))
+        t2 += float(hf @ np.einsum("ij,ij,j->i", Ct, C, hf))
     return t1 + t2
 
 

@@ -59,14 +59,17 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats
+
+# scipy.special, not scipy.stats: the same distributions without half a second of import in
+# every API and worker process
+from scipy import special
 
 KURTOSIS_FLOOR = 8.0
 """The smallest excess kurtosis assumed for a factor's effects (``12 / r`` at an effective rank
 ``r = 1.5``): calibrated on captured GPT-2 rows (docs/sketch.md §3), where 6 left 89-91%."""
 KURTOSIS_CEILING = 12.0
 """The largest excess kurtosis of a Gaussian quadratic form (rank one)."""
-TWO_SIGMA = float(stats.norm.cdf(2.0))
+TWO_SIGMA = float(special.ndtr(2.0))
 """The one-sided level of ``2 s.e.`` for a normal error (two-sided coverage 95.45%)."""
 
 
@@ -115,7 +118,7 @@ def t_scale(dof: float) -> float:
     two-sided level (95.45%); above 1, and 1 in the limit of infinite ``dof``."""
     if not dof > 0:
         raise ValueError(f"dof must be > 0, got {dof}")
-    return float(stats.t.ppf(TWO_SIGMA, dof)) / 2.0
+    return float(special.stdtrit(dof, TWO_SIGMA)) / 2.0
 
 
 def crossed_error_bar(cells: NDArray[Any]) -> float:

@@ -60,9 +60,13 @@ def prompt_gram(
     B = len(lookup)
     # Only the kept rows enter: cut the kernel down first (entropy-role rows can outnumber
     # the update rows by 100x, and the full n x n product would dominate the analysis).
-    sub = mat[np.ix_(rows, rows)]
+    # (and no n x n pass that changes nothing: the entropy call hands in the update rows' Gram
+    # matrix with every c_i = 1)
+    sub = mat if rows.size == n else mat[np.ix_(rows, rows)]
     kept = coef[rows]
-    gram = float(B) ** 2 * block_sums(kept[:, None] * sub * kept[None, :], codes, B)
+    if np.any(kept != 1.0):
+        sub = kept[:, None] * sub * kept[None, :]
+    gram = float(B) ** 2 * block_sums(sub, codes, B)
     return 0.5 * (gram + gram.T), list(lookup)
 
 

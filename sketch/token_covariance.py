@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.stats import spearmanr
 
 FloatArray = NDArray[np.float64]
 
@@ -119,6 +118,9 @@ def compare_covariance(
     selected_sum = float(a[chosen].sum())
     spearman: float | None = None
     if np.ptp(cov) > 0 and np.ptp(a) > 0:
+        # imported here: scipy.stats costs every API and worker process half a second at start
+        from scipy.stats import spearmanr
+
         rho = float(spearmanr(cov, -a).statistic)
         spearman = rho if math.isfinite(rho) else None
     candidates = (cov > o.clip_cov_lb) & (cov < o.clip_cov_ub)

@@ -5,9 +5,9 @@ read buffer and uvicorn's chunk copies, a worker's reply to ``GET raw:<upload>``
 defaults a block that large is usually a fresh ``mmap`` (glibc's dynamic threshold starts at
 128 KiB and rises only to the size of an mmap-ed block freed earlier, so now and then a process
 happens to keep one), given back with ``munmap`` when freed, so each upload faults every 4 KiB
-page of its body in again and has the kernel zero it: one minor fault
-per page, 4,096 per 16 MiB upload (``/proc/<pid>/stat``, ``bench/service.py``), about a third
-of a worker's CPU time per upload on the claim-check path.  Serving blocks up to
+page of its body in again and has the kernel zero it: one minor fault per page, 4,096 per 16
+MiB upload (``/proc/<pid>/stat``, ``bench/service.py``), about a third of a worker's CPU time
+per upload on the claim-check path.  Serving blocks up to
 :data:`MMAP_THRESHOLD_MAX` from the heap, and trimming the heap only past ``keep`` bytes of
 free memory, makes the next upload reuse the pages of the last one instead.
 

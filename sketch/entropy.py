@@ -516,9 +516,9 @@ def bilinear_sketch_variance(
     tr(A^2)) / k``.  ``K``: the score kernel, ``C``: the cross kernel ``<w_j, u_i>``, ``G``:
     the update rows' Gram matrix, all float64 ``[n, n]``, ``K`` and ``G`` symmetric.  With
     every pair weight 1 it is ``|u|^2 |v|^2 + <u, v>^2`` with ``u = grad_hat H``, ``v =
-    g_hat``; ``u_statistic``'s and
-    ``cross_fit``'s excluded pairs change it (the spread over Gaussian sketches was 1.75x and
-    0.61x that form's error bar: tests/sketch/test_stats_sketch_error.py).
+    g_hat``; ``u_statistic``'s and ``cross_fit``'s excluded pairs change it (the spread over
+    Gaussian sketches was 1.75x and 0.61x that form's error bar:
+    tests/sketch/test_stats_sketch_error.py).
 
     ``W = Q D Q^T - F`` (:func:`_pair_weight_factors`, ``Q`` sparse with at most two entries
     a row) keeps it to a few ``O(n^2)`` passes over the ``n x n`` matrices where the plain

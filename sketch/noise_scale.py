@@ -59,9 +59,9 @@ def prompt_gram(
     )
     B = len(lookup)
     # Only the kept rows enter: cut the kernel down first (entropy-role rows can outnumber
-    # the update rows by 100x, and the full n x n product would dominate the analysis).
-    # (and no n x n pass that changes nothing: the entropy call hands in the update rows' Gram
-    # matrix with every c_i = 1)
+    # the update rows by 100x, and the full n x n product would dominate the analysis).  No
+    # copy when every row is kept, and no product when every c_i is 1 (the entropy call hands
+    # in the update rows' Gram matrix, c already applied).
     sub = mat if rows.size == n else mat[np.ix_(rows, rows)]
     kept = coef[rows]
     if np.any(kept != 1.0):

@@ -54,7 +54,7 @@ def test_jvp_equals_autograd_per_token_gradients_dotted_with_v(
                 continue
             logp = torch.log_softmax(logits[t - 1], -1)
             token = logp[ids[t]]
-            assert float(logprobs[i, t]) == pytest.approx(float(token), rel=1e-5)
+            assert float(logprobs[i, t]) == pytest.approx(token.item(), rel=1e-5)
             for value, got in ((token, derivative), (-(logp.exp() * logp).sum(), entropy)):
                 grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
                 expected = sum(

@@ -475,11 +475,11 @@ def _pair_weight_factors(
     seqs: StepSequences, ent: BoolArray, estimator: Estimator
 ) -> tuple[sparse.csr_array, FloatArray, FloatArray | None]:
     """:func:`pair_weights` without ``h`` as ``W = Q D Q^T - diag(f)``: ``Q`` an ``[n, m]``
-    sparse 0/1 matrix, ``D`` float64 ``[m, m]``, ``f`` float64 ``[n]`` (None for 0).  Every
-    pair weight 1: ``Q = 1``, ``D = 1``; ``cross_fit``: ``Q = [half 0, half 1]``, ``D`` the
-    swap (pairs of different halves); ``u_statistic``: ``Q = [1, prompt indicators]``, ``D =
-    diag(1, f_p - 1)`` and ``f`` each row's ``f_p`` (same prompt: ``f_p`` off the diagonal, 0
-    on it)."""
+    sparse 0/1 matrix, ``D`` float64 ``[m, m]`` symmetric, ``f`` float64 ``[n]`` (None for
+    0).  Every pair weight 1: ``Q = 1``, ``D = 1``; ``cross_fit``: ``Q = [half 0, half 1]``,
+    ``D`` the swap (pairs of different halves); ``u_statistic``: ``Q = [1, prompt
+    indicators]``, ``D = diag(1, f_p - 1)`` and ``f`` each row's ``f_p`` (same prompt: ``f_p``
+    off the diagonal, 0 on it)."""
     n = seqs.n
     if estimator is Estimator.CROSS_FIT:
         halves = cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
@@ -540,8 +540,8 @@ def bilinear_sketch_variance(
     CQ = (Qt @ Ct).T
     # T1 = tr(W P W G), P = diag(h) K diag(h), W = Q D Q^T - F
     t1 = float(np.sum((D @ (HQt @ HQK) @ D) * (Qt @ GQ)))
-    # T2 = tr(Z^2), Z = diag(h) W C^T = HQ Y^T - diag(h f) C^T, Y = C Q D^T
-    Y = times_d(CQ) if diagonal else CQ @ D.T
+    # T2 = tr(Z^2), Z = diag(h) W C^T = HQ Y^T - diag(h f) C^T, Y = C Q D^T = C Q D
+    Y = times_d(CQ)
     YX = HQt @ Y  # HQ^T Y = (Y^T HQ)^T
     t2 = float(np.sum(YX * YX.T))
     if f is not None:

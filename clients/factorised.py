@@ -55,6 +55,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 
 from clients.capture import (
     SequenceBatch,
@@ -67,6 +68,7 @@ from clients.capture import (
 )
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import OnAccess
+from clients.shards import full_shape, is_partitioned, whole_value
 from sketch.base import Sketcher, SketchKind
 from sketch.groups import GroupedSketcher
 from sketch.kronecker import KroneckerSketch
@@ -279,6 +281,16 @@ def _embedding_tokens(
     return ids, _tokens(grad, n), keep
 
 
+def _call(module: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> Any:
+    """``functional_call(module, params, (x,))``; for a module whose parameters ZeRO 3
+    partitions, its ``forward`` alone: DeepSpeed's module hooks would fetch the very parameters
+    that ``params`` stand in for (and fail on them)."""
+    if any(is_partitioned(p) for p in module.parameters(recurse=False)):
+        with _reparametrize_module(module, dict(params)):
+            return module.forward(x)
+    return functional_call(module, dict(params), (x,))
+
+
 def _per_sequence_copies(
     module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, grad: torch.Tensor
 ) -> dict[str, torch.Tensor] | None:
@@ -299,7 +311,7 @@ def _per_sequence_copies(
         copies[attr] = p.reshape(1, *shape[1:]).expand(shape).clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            out = functional_call(module, copies, (x,))
+            out = _call(module, copies, x)
             if not isinstance(out, torch.Tensor) or out.shape != grad.shape:
                 return None
             grads = torch.autograd.grad(out, list(copies.values()), grad, allow_unused=True)
@@ -424,7 +436,7 @@ class FactorisedCapture:
         #: ``{name: shape}`` of the parameters the sketches cover (``create_run``'s
         #: ``parameters``), in ``named_parameters()`` order.
         self.parameters: dict[str, list[int]] = {
-            n: list(p.shape) for n, p in selected.items() if n in covered
+            n: list(full_shape(p)) for n, p in selected.items() if n in covered
         }
         if not self.parameters:
             raise ValueError("the factorised capture covers no parameter of this model")
@@ -529,9 +541,11 @@ class FactorisedCapture:
         on only if they agree: a module that reduces over a parameter (``weight.mean()``)
         would mix the sequences' copies."""
 
-        def on_grad(x: torch.Tensor, grad: torch.Tensor) -> None:
+        def on_grad(
+            x: torch.Tensor, grad: torch.Tensor, values: dict[str, torch.Tensor] | None = None
+        ) -> None:
             n = acc.token_mask.shape[0]
-            params = {a: getattr(module, a).detach() for a in own}
+            params = values or {a: getattr(module, a).detach() for a in own}
             if x.shape[0] != n:
                 raise RuntimeError(f"{type(module).__name__}: input is not batch-first")
             mask = acc.padding(grad.shape[1]) if grad.ndim >= 2 else None
@@ -540,7 +554,7 @@ class FactorisedCapture:
                 grad = torch.where(keep, grad, torch.zeros_like(grad))
 
             def one(xi: torch.Tensor, gi: torch.Tensor) -> dict[str, torch.Tensor]:
-                pull = vjp(lambda p: functional_call(module, p, (xi,)), params)[1]
+                pull = vjp(lambda p: _call(module, p, xi), params)[1]
                 grads: dict[str, torch.Tensor] = pull(gi)[0]
                 return grads
 
@@ -592,11 +606,16 @@ class FactorisedCapture:
             else:
                 on_grad = self._generic(module, own, acc)
 
+            partitioned = any(is_partitioned(p) for p in module.parameters(recurse=False))
+
             def forward_hook(
                 mod: nn.Module,
                 args: tuple[Any, ...],
                 output: Any,
                 on_grad: Callable = on_grad,
+                kind: str = kind,
+                own: Mapping[str, str] = own,
+                partitioned: bool = partitioned,
             ) -> None:
                 if acc.recomputing:
                     return
@@ -614,19 +633,30 @@ class FactorisedCapture:
                 if not args[0].requires_grad:
                     acc.roots.append(output)
                 number = acc.registered
+                # ZeRO 3 releases a module's parameters after its forward: a re-run in the
+                # backward needs this call's values (a norm's weight: small)
+                values = (
+                    {a: whole_value(getattr(mod, a)) for a in own}
+                    if kind == "generic" and partitioned
+                    else None
+                )
 
                 def tensor_hook(g: torch.Tensor) -> None:
                     acc.fired += 1
                     acc.fired_hooks.add(number)
                     acc.hook_adds = number not in acc.directions_added
-                    on_grad(x, g.detach())
+                    if values is None:
+                        on_grad(x, g.detach())
+                    else:
+                        on_grad(x, g.detach(), values)
 
                 # A tensor hook sees dS/d(output) of this very call: a module called twice gets
                 # two contributions, which add up like the gradient does.
                 output.register_hook(tensor_hook)
                 acc.registered += 1
 
-            handles.append(module.register_forward_hook(forward_hook))
+            # before DeepSpeed's own forward hook, which releases ZeRO 3 parameters
+            handles.append(module.register_forward_hook(forward_hook, prepend=partitioned))
         planned = {id(m) for m, _, _ in self._plan}
         for module in self.model.modules():
             if isinstance(module, nn.Embedding) and id(module) not in planned:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from clients.shards import full_shape
+
 #: Substring that PEFT puts in the names of LoRA adapter parameters
 #: (``...q_proj.lora_A.default.weight``, ``...lora_B...``, ``lora_embedding_A`` ...).
 LORA_MARKER = "lora_"
@@ -78,9 +80,10 @@ class ParameterFilter:
             return False
         if self.lora_only and LORA_MARKER not in name:
             return False
-        if param.ndim < self.min_ndim:
+        ndim = len(full_shape(param))  # a ZeRO 3 partition is flat
+        if ndim < self.min_ndim:
             return False
-        return not (self.max_ndim is not None and param.ndim > self.max_ndim)
+        return not (self.max_ndim is not None and ndim > self.max_ndim)
 
     def named_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The selected ``{name: parameter}`` of ``model``, in ``named_parameters()`` order."""
@@ -88,7 +91,7 @@ class ParameterFilter:
 
     def declared_parameters(self, model: nn.Module) -> dict[str, list[int]]:
         """``{name: shape}`` of the selected parameters: the ``parameters`` of ``create_run``."""
-        return {n: list(p.shape) for n, p in self.named_parameters(model).items()}
+        return {n: list(full_shape(p)) for n, p in self.named_parameters(model).items()}
 
 
 def select_parameters(

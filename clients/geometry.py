@@ -82,15 +82,19 @@ class AdamStates:
     def gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
         return parameter.grad
 
+    def value(self, parameter: torch.Tensor) -> torch.Tensor:
+        """The parameter's value as the optimizer steps it (laid out as the parameter)."""
+        return parameter.detach()
+
 
 def adam_states(optimizer: Any) -> AdamStates:
-    """Where ``optimizer`` (torch's, accelerate's wrapper of it, or DeepSpeed ZeRO 1/2's)
-    keeps what the Adam geometry reads."""
-    from clients.zero import ZeroAdamStates, zero_optimizer
+    """Where ``optimizer`` (torch's, accelerate's wrapper of it, or DeepSpeed ZeRO's) keeps
+    what the Adam geometry reads."""
+    from clients.zero import Zero3AdamStates, ZeroAdamStates, is_stage3, zero_optimizer
 
     zero = zero_optimizer(optimizer)
     if zero is not None:
-        return ZeroAdamStates(zero)
+        return Zero3AdamStates(zero) if is_stage3(zero) else ZeroAdamStates(zero)
     return AdamStates(_unwrapped(optimizer))
 
 
@@ -240,15 +244,14 @@ def adam_step_preconditioner(
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
         beta2, eps = float(group["betas"][1]), float(group["eps"])
-        theta = _part(local(p.detach()), flat)
         grad = states.gradient(p)
         if grad is None:
-            g = torch.zeros_like(theta, dtype=torch.float32)
+            g = torch.zeros_like(_part(local(states.value(p)), flat), dtype=torch.float32)
         else:
             g = _part(local(grad), flat).float()
         decay = float(group.get("weight_decay", 0.0))
         if decay and not group.get("decoupled_weight_decay", False):
-            g = g + decay * theta.float()
+            g = g + decay * _part(local(states.value(p)), flat).float()
         state = states.state(p)
         step = _step_count(state.get("step", 0.0)) + 1.0
         # In place on one buffer: the same IEEE operations in the same order as the plain
@@ -321,19 +324,35 @@ def adam_applied_update(
         if step == steps_before[name]:
             yield name, like(torch.zeros_like(local(p), dtype=torch.float32), p)
             continue
-        lr, eps = float(group["lr"]), float(group["eps"])
-        beta1, beta2 = (float(b) for b in group["betas"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        denom = local(v).detach() / (1.0 - beta2**step)
-        denom = denom.sqrt_().add_(eps)
-        update = local(state["exp_avg"]).detach() / denom
-        update.mul_(-lr / (1.0 - beta1**step))
-        decay = float(group.get("weight_decay", 0.0))
-        if decay and group.get("decoupled_weight_decay", False):
-            # theta' = theta (1 - lr decay) + update, so theta = (theta' - update) / (1 - lr decay)
-            before = (local(p.detach()) - update).div_(1.0 - lr * decay)
-            update.sub_(before.mul_(lr * decay))
-        yield name, like(update.float(), p)
+        update = adam_update(group, step, local(p.detach()), local(state["exp_avg"]), local(v))
+        yield name, like(update, p)
+
+
+def adam_update(
+    group: Mapping[str, Any],
+    step: float,
+    theta_after: torch.Tensor,
+    exp_avg: torch.Tensor,
+    v: torch.Tensor,
+) -> torch.Tensor:
+    """``theta_after - theta_before`` (float32) of one ``Adam`` / ``AdamW`` step of a parameter
+    in ``group``, from its state after the step (``exp_avg``, ``v`` its ``exp_avg_sq`` or
+    running maximum, the step count ``step``): every operation is elementwise, so the tensors
+    may be any part of the parameter (a shard, a flat partition) laid out alike
+    (:func:`adam_applied_update`)."""
+    lr, eps = float(group["lr"]), float(group["eps"])
+    beta1, beta2 = (float(b) for b in group["betas"])
+    denom = v.detach() / (1.0 - beta2**step)
+    denom = denom.sqrt_().add_(eps)
+    update = exp_avg.detach() / denom
+    update.mul_(-lr / (1.0 - beta1**step))
+    decay = float(group.get("weight_decay", 0.0))
+    if decay and group.get("decoupled_weight_decay", False):
+        # theta' = theta (1 - lr decay) + update, so theta = (theta' - update) / (1 - lr decay)
+        before = (theta_after.detach() - update).div_(1.0 - lr * decay)
+        update.sub_(before.mul_(lr * decay))
+    return update.float()
 
 
 def scale_rows(

@@ -19,12 +19,18 @@ model after it (:func:`resharded`).
 
 Parameters that are plain tensors are whole on every rank.  Other ``DTensor`` layouts (tensor
 parallelism's ``Shard(1)``, HSDP's 2-D mesh) are refused with :class:`UnsupportedShardingError`.
+
+DeepSpeed ZeRO 3 partitions plain tensors instead: rank ``r`` holds one flat range of each
+(:func:`is_partitioned`, :func:`full_shape`; the ranges come from ``clients.zero``), and
+:func:`sketch_of_whole` adds the ranks' sketches of their :class:`FlatRange` alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -115,6 +121,32 @@ class GatheredOnAccess(Mapping[str, torch.Tensor]):
         return len(self._sharded)
 
 
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """Whether ``parameter`` is managed by ZeRO stage 3 (``deepspeed.zero.Init`` or the
+    engine's partitioning): its ``data`` is then empty or this rank's flat partition outside
+    the forward and backward of its module, which DeepSpeed's module hooks gather around."""
+    return hasattr(parameter, "ds_id")
+
+
+def full_shape(parameter: torch.Tensor) -> torch.Size:
+    """``parameter``'s whole shape, also when ZeRO 3 holds only a partition of it."""
+    shape: torch.Size | None = getattr(parameter, "ds_shape", None)
+    return parameter.shape if shape is None else shape
+
+
+def whole_value(parameter: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``parameter``'s whole value.  A ZeRO 3 parameter must be gathered
+    (inside its module's forward, where DeepSpeed's pre-forward hook has fetched it)."""
+    if is_partitioned(parameter):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if parameter.ds_status != ZeroParamStatus.AVAILABLE:  # type: ignore[attr-defined]
+            raise RuntimeError(
+                "a ZeRO 3 parameter read outside its module's forward: it is not gathered"
+            )
+    return parameter.detach().clone()
+
+
 def flat_offset(t: torch.Tensor) -> int:
     """Where this rank's part of ``t`` starts in the flattened whole (0 when not sharded).
 
@@ -129,33 +161,54 @@ def flat_offset(t: torch.Tensor) -> int:
     return first_row * (t.numel() // rows if rows else 0)
 
 
-def sketch_of_whole(sketcher: Sketcher, parts: Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
+@dataclass(frozen=True)
+class FlatRange:
+    """This rank's part of a whole value that the ranks of ``group`` hold in disjoint flat
+    ranges which add up to the whole (DeepSpeed ZeRO 3's partitions): entries ``[offset,
+    offset + len(values))`` of the row-major flattened value."""
+
+    values: torch.Tensor  # [m], any float dtype
+    offset: int
+    group: Any  # the ranks' process group
+
+
+def sketch_of_whole(
+    sketcher: Sketcher, parts: Iterable[tuple[str, torch.Tensor | FlatRange]]
+) -> torch.Tensor:
     """``[k]`` float32: the sketch of one row given parameter by parameter, ``parts`` ``(name,
-    value laid out as the parameter)``, made by every rank at once.
+    value laid out as the parameter, or this rank's FlatRange of it)``, made by every rank at
+    once.
 
     Each rank sketches the flat range it holds of every sharded value (``name@offset``), and
-    the mesh's first rank the whole of every plain value (those are whole on every rank); one
-    all-reduce over the mesh adds the partial sketches up, so every rank gets the sketch of
+    the group's first rank the whole of every plain value (those are whole on every rank); one
+    all-reduce over the group adds the partial sketches up, so every rank gets the sketch of
     the whole row.  Without sharded values nothing is exchanged.  Every rank calls it with the
     same names in the same order.
     """
     sharded = torch.zeros(sketcher.dim)
     plain = torch.zeros(sketcher.dim)
-    mesh = None
+    group, device, first = None, None, True
     for name, value in parts:
         if isinstance(value, DTensor):
             mesh = _checked(value).device_mesh
-            flat = value.to_local().reshape(1, -1).float()
-            if flat.numel():
-                sharded += sketcher.sketch_slice(name, flat, flat_offset(value))[0].cpu()
+            group, device = mesh.get_group(), torch.device(mesh.device_type)
+            first = mesh.get_local_rank() == 0
+            flat, offset = value.to_local().reshape(1, -1).float(), flat_offset(value)
+        elif isinstance(value, FlatRange):
+            group, device = value.group, value.values.device
+            first = dist.get_rank(group=group) == 0
+            flat, offset = value.values.reshape(1, -1).float(), value.offset
         else:
             plain += sketcher.sketch({name: value.reshape(1, -1).float()})[0].cpu()
-    if mesh is None:
+            continue
+        if flat.numel():
+            sharded += sketcher.sketch_slice(name, flat, offset)[0].cpu()
+    if group is None:
         return plain
-    if mesh.get_local_rank() != 0:
+    if not first:
         plain.zero_()
-    total = (sharded + plain).to(mesh.device_type)
-    dist.all_reduce(total, group=mesh.get_group())
+    total = (sharded + plain).to(device)
+    dist.all_reduce(total, group=group)
     return total.cpu()
 
 

@@ -26,10 +26,11 @@ Supported settings (checked at construction; anything else raises
 sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
 term, clipping, token and tool masks and importance corrections through update rows
 (:func:`trl_token_coefficients`, math.md §4 "Update rows"), and so is an entropy bonus.
-Refused: a MoE router loss, FSDP1.  Under accelerate/DDP or FSDP2 every rank pushes its own
-completions and the run waits for all of them (``ranks``; docs/trl.md "Many ranks"); under
-FSDP2 the rows come from hooks and the applied update is sketched from the ranks' shards
-(:mod:`clients.shards`).  With ``temperature != 1`` every log-prob is the tempered policy's, as
+Refused: a MoE router loss, FSDP1, DeepSpeed ZeRO 0.  Under accelerate/DDP, FSDP2 or DeepSpeed
+ZeRO 1-3 every rank pushes its own completions and the run waits for all of them (``ranks``;
+docs/trl.md "Many ranks"); under FSDP2 and ZeRO 3 the rows come from hooks and the applied
+update is sketched from the ranks' shards or partitions (:mod:`clients.shards`,
+:mod:`clients.zero`).  With ``temperature != 1`` every log-prob is the tempered policy's, as
 TRL trains it, and so is the entropy predicted.
 """
 
@@ -66,15 +67,18 @@ from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
     adam_applied_update,
     adam_gradient_share,
+    adam_states,
     adam_step_counts,
     adam_step_preconditioner,
     adam_taken_preconditioner,
+    adam_update,
     is_adam,
     unscaled,
 )
 from clients.http import Client
-from clients.shards import GatheredOnAccess, is_sharded, sketch_of_whole
+from clients.shards import FlatRange, GatheredOnAccess, full_shape, is_sharded, sketch_of_whole
 from clients.token_shares import token_shares_cross_fit
+from clients.zero import local_partition
 from sketch.base import Sketcher
 from sketch.entropy import estimator_entropy_coefficients, estimator_halves
 from sketch.sequences import StepSequences
@@ -480,7 +484,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             declared = self._factorised.parameters
         else:
             declared = {
-                n: list(p.shape)
+                n: list(full_shape(p))
                 for n, p in select_parameters(policy, kernelscope.parameter_filter).items()
             }
         self._kernelscope_parameters = declared
@@ -558,8 +562,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
     @property
     def _kernelscope_deepspeed(self) -> bool:
-        """Whether accelerate runs the model under DeepSpeed (ZeRO 1 or 2 once constructed)."""
+        """Whether accelerate runs the model under DeepSpeed (ZeRO 1, 2 or 3 once
+        constructed)."""
         return bool(self.accelerator.distributed_type == DistributedType.DEEPSPEED)
+
+    @property
+    def _kernelscope_stage3(self) -> bool:
+        """Whether DeepSpeed ZeRO 3 partitions the parameters."""
+        if not self._kernelscope_deepspeed:
+            return False
+        return int(self.accelerator.state.deepspeed_plugin.zero_stage) == 3
 
     def _kernelscope_check_sharding(self) -> None:
         """Under FSDP (accelerate's ``fsdp_version=2``) the rows must come from hooks: the
@@ -579,6 +591,15 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     "ZeRO-Offload replaces the optimizer with DeepSpeed's CPU Adam, whose state "
                     "the adam geometry does not read: turn offload_optimizer off, or use "
                     "geometry='sgd' (delta_h1_applied still gives what the step did)"
+                )
+            if self._kernelscope_stage3 and self._factorised is None and self._hooked is None:
+                raise UnsupportedTRLSettingError(
+                    "under ZeRO stage 3 rows are captured by hooks and sketched on the "
+                    "trainer: the exact chunk capture calls the model functionally with its "
+                    "parameters, which ZeRO 3 holds as partitions; use a sketch kind other "
+                    "than exact, sketch_on='trainer' (or 'auto' above "
+                    f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
+                    "'hooks', with a model whose studied parameters all have hooks"
                 )
             return
         if self.accelerator.distributed_type != DistributedType.FSDP:
@@ -881,10 +902,13 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             selected = self._kernelscope_selected()
             # torch's Adam/AdamW: the update follows from its state after the step, so no copy
             # of the parameters is kept (bf16 parameters round small steps away: snapshot them)
-            if is_adam(self.optimizer) and all(
-                p.dtype in (torch.float32, torch.float64) for p in selected.values()
+            if is_adam(self.optimizer) and (
+                self._kernelscope_stage3  # its fp32 master partitions
+                or all(p.dtype in (torch.float32, torch.float64) for p in selected.values())
             ):
                 window.adam_steps = adam_step_counts(self.optimizer, selected)
+            elif self._kernelscope_stage3:  # each rank's fp32 master partition
+                window.before = {n: local_partition(p).values.clone() for n, p in selected.items()}
             else:
                 window.before = {n: p.detach().clone() for n, p in selected.items()}
 
@@ -1153,12 +1177,17 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             rate *= adam_gradient_share(self.optimizer, self._kernelscope_selected())
         return rate
 
-    def _kernelscope_applied_update(self, window: _Window) -> Iterator[tuple[str, torch.Tensor]]:
+    def _kernelscope_applied_update(
+        self, window: _Window
+    ) -> Iterator[tuple[str, torch.Tensor | FlatRange]]:
         """``(name, u)`` of the step just taken, one parameter at a time in name order (the
         order a sketch adds them in); ``u / sqrt(P)`` in adam geometry, so that ``<sqrt(P) w_j,
         u / sqrt(P)> = <w_j, u>``."""
         selected = self._kernelscope_selected()
         selected = {n: selected[n] for n in sorted(selected)}
+        if self._kernelscope_stage3:
+            yield from self._kernelscope_partition_update(window, selected)
+            return
         if window.adam_steps is not None:
             assert self.optimizer is not None
             parts = adam_applied_update(self.optimizer, selected, window.adam_steps)
@@ -1174,6 +1203,39 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         for name, u in parts:
             yield name, u if scale is None else unscaled(u, scale[name])
 
+    def _kernelscope_partition_update(
+        self, window: _Window, selected: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, FlatRange]]:
+        """Under ZeRO 3: this rank's flat range of each parameter's ``u`` (``u / sqrt(P)`` in
+        adam geometry), from its fp32 master partition: after the step minus before it, or
+        from torch's Adam state after the step (:func:`clients.geometry.adam_update`, no copy
+        of the parameters kept).  The ``sqrt(P)`` are gathered (collectives, in name order on
+        every rank), the updates not."""
+        assert self.optimizer is not None
+        states = adam_states(self.optimizer) if window.adam_steps is not None else None
+        scale = None
+        if window.sqrt_p is not None:
+            scale = adam_taken_preconditioner(self.optimizer, selected, lazy=True)
+        for name, p in selected.items():
+            part = local_partition(p)
+            if states is None:
+                assert window.before is not None
+                u = part.values.float() - window.before[name].float()
+            else:
+                assert window.adam_steps is not None
+                group, step = states.group(p), float(states.state(p).get("step", 0.0))
+                assert group is not None
+                if step == window.adam_steps[name]:  # skipped (no gradient)
+                    u = torch.zeros_like(part.values, dtype=torch.float32)
+                else:
+                    v = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+                    m, v_part = local_partition(p, "exp_avg"), local_partition(p, v)
+                    u = adam_update(group, step, part.values, m.values, v_part.values)
+            if scale is not None:
+                flat = scale[name].reshape(-1)
+                u = unscaled(u, flat[part.offset : part.offset + u.numel()])
+            yield name, FlatRange(u, part.offset, part.group)
+
     def _kernelscope_after_step(self) -> None:
         window = self._ks_window
         if window is None or not window.records:
@@ -1186,12 +1248,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 else self.kernelscope_sketcher
             )
             parts = self._kernelscope_applied_update(window)
-            if sketcher is None:
-                update = dict(parts)
+            if sketcher is None:  # raw rows: never sharded (refused at construction)
+                update = {n: u for n, u in parts if isinstance(u, torch.Tensor)}
                 if self.accelerator.is_main_process:
                     client.push_applied_update(run_id, window.step, update)
             else:  # k floats, like the rows, instead of N; one parameter's update at a time
-                sketch = sketch_of_whole(sketcher, parts)  # under FSDP, of every rank's shards
+                sketch = sketch_of_whole(sketcher, parts)  # of every rank's shards (FSDP2, ZeRO 3)
                 if self.accelerator.is_main_process:
                     client.push_applied_update(run_id, window.step, sketch=sketch)
         records = list(window.records.values())

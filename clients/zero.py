@@ -1,5 +1,5 @@
-"""Runs under DeepSpeed ZeRO stage 1 or 2 (accelerate's DeepSpeed plugin): where the step's
-gradient and Adam's state are, and when the step is taken.
+"""Runs under DeepSpeed ZeRO stages 1, 2 and 3 (accelerate's DeepSpeed plugin): where the
+step's gradient and Adam's state are, and when the step is taken.
 
 ZeRO 1 and 2 keep every parameter whole on every rank, as DDP does, but the reduced gradient
 and the optimizer's state are flat fp32 partitions, one range per rank
@@ -8,6 +8,14 @@ parameter's ``.grad`` is empty at the step, so :class:`ZeroAdamStates` reads the
 gradient and state of one parameter at a time from the ranks' partitions (DeepSpeed's
 ``safe_get_full_grad`` and its fragment addresses; one all-reduce of the parameter's size
 each: every rank reads the same parameters in the same order).
+
+ZeRO 3 partitions the parameters too: rank ``r`` holds one flat range of each, and
+DeepSpeed's module hooks gather a module's parameters around its forward and backward, the
+capture's included.  The gradient and state are all-gathered as under ZeRO 1/2
+(:class:`Zero3AdamStates`); the applied update is taken on each rank's range of the fp32
+master values and sketched there (:func:`local_partition`, ``clients.shards.FlatRange``); the
+hooks that re-run a module (norms) take its parameters' values inside its forward, where
+DeepSpeed has gathered them (``clients.factorised``).
 
 Two differences from torch's own loop that the trainer follows (math.md §1, docs/trl.md):
 
@@ -18,9 +26,8 @@ Two differences from torch's own loop that the trainer follows (math.md §1, doc
   callbacks' ``on_pre_optimizer_step``, and the optimizer's own ``step()`` is a no-op:
   :func:`call_before_step` runs a function just before the engine's step instead.
 
-Stage 3 (parameters partitioned and gathered by DeepSpeed's module hooks) and stage 0 (the
-engine clips ``.grad`` in its step, after the point where the rows are scaled) are not
-handled: :func:`unsupported_reason` says why.
+Stage 0 (the engine clips ``.grad`` in its step, after the point where the rows are scaled)
+is not handled: :func:`unsupported_reason` says why.
 """
 
 from __future__ import annotations
@@ -34,38 +41,40 @@ import torch
 import torch.distributed as dist
 
 from clients.geometry import AdamStates
+from clients.shards import FlatRange
 
 #: ``DeepSpeedEngine`` attribute that marks a wrapped ``step`` (so it is wrapped once).
 _WRAPPED = "_kernelscope_wrapped_step"
 
 
 def zero_optimizer(optimizer: Any) -> Any | None:
-    """The ``DeepSpeedZeroOptimizer`` (stage 1 or 2) inside ``optimizer`` (accelerate's
-    wrapper or the engine's own), or None (another optimizer, or DeepSpeed not imported)."""
+    """The ZeRO optimizer (``DeepSpeedZeroOptimizer``, stage 1 or 2, or
+    ``DeepSpeedZeroOptimizer_Stage3``) inside ``optimizer`` (accelerate's wrapper or the
+    engine's own), or None (another optimizer, or DeepSpeed not imported)."""
     if "deepspeed" not in sys.modules:  # then no optimizer is DeepSpeed's; importing it is slow
         return None
     try:
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:
         return None
     for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
-        if isinstance(candidate, DeepSpeedZeroOptimizer):
+        if isinstance(candidate, DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3):
             return candidate
     return None
 
 
+def is_stage3(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (a :func:`zero_optimizer`) is ZeRO stage 3's."""
+    return hasattr(optimizer, "fp32_partitioned_groups_flat")
+
+
 def unsupported_reason(stage: int) -> str | None:
-    """Why a ZeRO ``stage`` cannot be attached to (None for stages 1 and 2)."""
-    if stage == 3:
-        return (
-            "DeepSpeed ZeRO stage 3 partitions every parameter and gathers it in its own module "
-            "hooks, which the capture's forward and backward do not go through: use ZeRO "
-            "stage 1 or 2, or FSDP2 (accelerate's fsdp_version=2) to shard the parameters"
-        )
-    if stage not in (1, 2):
+    """Why a ZeRO ``stage`` cannot be attached to (None for stages 1, 2 and 3)."""
+    if stage not in (1, 2, 3):
         return (
             f"DeepSpeed ZeRO stage {stage}: the engine clips the gradient inside its step, "
-            "after the rows are scaled by the step's preconditioner; use ZeRO stage 1 or 2 "
+            "after the rows are scaled by the step's preconditioner; use ZeRO stage 1, 2 or 3 "
             "(or plain DDP)"
         )
     return None
@@ -102,22 +111,22 @@ def _whole(parameter: torch.Tensor, partition_value: torch.Tensor) -> torch.Tens
 
 
 class _FullState(Mapping[str, Any]):
-    """One parameter's optimizer state as torch's Adam keeps it for a whole parameter: the
-    tensors gathered from the ranks' partitions when read, ``step`` as is.
+    """One parameter's optimizer state as torch's Adam keeps it for a whole parameter: each
+    tensor of the partition's state (``partition_state``) gathered by ``gather(key, value)``
+    when read, ``step`` as is."""
 
-    Read from the partition's state itself, not through ``safe_get_full_optimizer_state``:
-    DeepSpeed links a parameter to its state once, after the first group's first step, so
-    with several parameter groups (``Trainer``'s decay and no-decay) the later groups are
-    never linked (deepspeed 0.19)."""
-
-    def __init__(self, parameter: torch.Tensor, partition_state: Mapping[str, Any]) -> None:
-        self._parameter = parameter
+    def __init__(
+        self,
+        partition_state: Mapping[str, Any],
+        gather: Callable[[str, torch.Tensor], torch.Tensor],
+    ) -> None:
         self._partition = partition_state
+        self._gather = gather
 
     def __getitem__(self, key: str) -> Any:
         value = self._partition[key]
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return _whole(self._parameter, value)
+            return self._gather(key, value)
         return value
 
     def __contains__(self, key: object) -> bool:  # without gathering
@@ -139,7 +148,12 @@ def clip_factor(optimizer: Any) -> float:
     if clip <= 0.0:
         return 1.0
     loss_scale = float(optimizer.loss_scale)
-    norm = float(optimizer.scaled_global_norm())
+    if is_stage3(optimizer):  # as its step computes it
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+
+        norm = float(combine_grad_norm_groups(optimizer._get_norm_groups()))
+    else:
+        norm = float(optimizer.scaled_global_norm())
     if not math.isfinite(norm) or norm < 0:  # DeepSpeed skips such a step
         norm = math.inf
     return 1.0 / max(1.0, (norm / loss_scale + 1e-6) / clip)
@@ -173,7 +187,14 @@ class ZeroAdamStates(AdamStates):
         if index is None:
             return {}
         partition = self.zero.single_partition_of_fp32_groups[index]
-        return _FullState(parameter, self.optimizer.state.get(partition, {}))
+        # the partition's own state, not ``safe_get_full_optimizer_state``: DeepSpeed links a
+        # parameter to its state once, after the first group's first step, so with several
+        # parameter groups (``Trainer``'s decay and no-decay) the later groups are never
+        # linked (deepspeed 0.19)
+        return _FullState(
+            self.optimizer.state.get(partition, {}),
+            lambda _key, value: _whole(parameter, value),
+        )
 
     def gradient_scale(self) -> float:
         """What the step divides the reduced gradient by: DeepSpeed's ``combined_scale`` of
@@ -182,12 +203,72 @@ class ZeroAdamStates(AdamStates):
             self._scale = float(self.zero.loss_scale) / clip_factor(self.zero)
         return self._scale
 
-    def gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
+    def reduced_gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        """The whole reduced gradient, gathered from the partitions, before the step scales
+        it."""
         from deepspeed.utils import safe_get_full_grad
 
+        g: torch.Tensor | None = safe_get_full_grad(parameter)
+        return g
+
+    def gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
         scale = self.gradient_scale()
-        g = safe_get_full_grad(parameter)
+        g = self.reduced_gradient(parameter)
         if g is None:
             return None
         # as DeepSpeed scales it: times the reciprocal, in float32
         return g.float() if scale == 1.0 else g.float().mul(1.0 / scale)
+
+
+class Zero3AdamStates(ZeroAdamStates):
+    """:class:`ZeroAdamStates` under ZeRO stage 3 (``DeepSpeedZeroOptimizer_Stage3``): each
+    parameter's partition lies in a flat fp32 sub-group (``grad_position``), whose torch
+    param group is ``sub_group_to_group_id``; the whole gradient and state are all-gathered
+    from the partitions (DeepSpeed's ``get_fp32_grad_for_param`` and ``get_full_hp_param``),
+    one parameter at a time."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer.optimizer
+        self.zero = optimizer
+        self._scale: float | None = None
+
+    def _sub_group(self, parameter: torch.Tensor) -> int | None:
+        position = self.zero.grad_position.get(self.zero.get_param_id(parameter))
+        return None if position is None else int(position[0])
+
+    def group(self, parameter: torch.Tensor) -> Mapping[str, Any] | None:
+        sub = self._sub_group(parameter)
+        if sub is None:
+            return None
+        return self.optimizer.param_groups[self.zero.sub_group_to_group_id[sub]]
+
+    def state(self, parameter: torch.Tensor) -> Mapping[str, Any]:
+        sub = self._sub_group(parameter)
+        if sub is None:
+            return {}
+        flat = self.zero.fp32_partitioned_groups_flat[sub]
+        return _FullState(
+            self.optimizer.state.get(flat, {}),
+            lambda key, _value: self.zero.get_full_hp_param(parameter, key).float(),
+        )
+
+    def reduced_gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        g: torch.Tensor | None = self.zero.get_fp32_grad_for_param(parameter)
+        return g
+
+    def value(self, parameter: torch.Tensor) -> torch.Tensor:
+        whole: torch.Tensor = self.zero.get_full_hp_param(parameter)
+        return whole
+
+
+def local_partition(parameter: torch.Tensor, state: str | None = None) -> FlatRange:
+    """This rank's part of a ZeRO 3 ``parameter``'s fp32 master value, or of its optimizer
+    ``state`` (``exp_avg``, ...), as a view without the partition's padding: rank ``r`` of the
+    parameter's partition group holds ``[r * size, (r + 1) * size)`` of the flattened whole
+    (DeepSpeed's ``_partition_param``), the last ranks less or nothing."""
+    zero = parameter._z3_optimizer  # type: ignore[attr-defined]
+    values: torch.Tensor = zero.get_local_fp32_param(parameter, state)
+    start = values.numel() * zero._get_param_partition_rank(parameter)
+    numel = int(parameter.ds_numel)  # type: ignore[attr-defined]
+    length = max(0, min(values.numel(), numel - start))
+    return FlatRange(values.narrow(0, 0, length), start, zero._get_param_partition_group(parameter))

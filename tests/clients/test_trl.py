@@ -1068,13 +1068,17 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
 def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     live_service: LiveService, tmp_path: Path
 ) -> None:
-    """Three real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
+    """Six real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
     accelerator, ``trl_zero.py``), where the reduced gradient and Adam's state are flat
     partitions and the step is taken inside accelerate's ``backward``, before ``Trainer``'s
     ``on_pre_optimizer_step``: AdamW with ``beta1 = 0`` and count-sketched rows from hooks
     under ZeRO 2, step 1 a later clipped pass (update rows); the same under ZeRO 1 with the
     gradient norm clipped to 0.01 on every step and a linear decay of the rate; plain SGD
-    with factorised kronecker rows under ZeRO 2.
+    with factorised kronecker rows under ZeRO 2.  Under ZeRO 3, with every parameter
+    partitioned from the model's construction on (``deepspeed.zero.Init``; odd sizes, so the
+    last partitions are padded): the AdamW run clipped to 0.01, the SGD kronecker run over
+    the matrix parameters alone (a filter on the whole shapes), and AdamW over ``peft`` LoRA
+    adapters (``ParameterFilter(lora_only=True)``).
 
     Every step is ready with both ranks' sequences and the applied update.  ``sqrt(P_t)``
     computed before the step from the gathered partitions equals the one the step divided by
@@ -1082,14 +1086,22 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     delta_h1_applied`` holds as with one process, also clipped: the pushed rate is the step's
     own, read before the engine's step (which steps a DeepSpeed scheduler), times DeepSpeed's
     clip factor ``0.01 / (norm + 1e-6)``.
-    Before, the capture ran after the step: ``delta_h1_applied`` read 0.  ZeRO 3 and an
-    offloaded optimizer in ``adam`` geometry are refused with their reasons."""
+    Before, the capture ran after the step: ``delta_h1_applied`` read 0.  An offloaded
+    optimizer in ``adam`` geometry and exact rows under ZeRO 3 are refused with their
+    reasons."""
     pytest.importorskip("deepspeed")
     launch_two_ranks("trl_zero.py", live_service.base_url, tmp_path)
     results = json.loads((tmp_path / "run_ids.json").read_text())
-    assert "stage 3" in results.pop("refused-zero3")
     assert "CPU Adam" in results.pop("refused-offload")
-    names = ("zero2-adam", "zero1-adam-clipped", "zero2-sgd-kronecker")
+    assert "stage 3 rows are captured by hooks" in results.pop("refused-zero3-exact")
+    names = (
+        "zero2-adam",
+        "zero1-adam-clipped",
+        "zero2-sgd-kronecker",
+        "zero3-adam-clipped",
+        "zero3-sgd-kronecker",
+        "zero3-adam-lora",
+    )
     with Client(live_service.base_url) as client:
         for name in names:
             run = client.get_run(results[name])
@@ -1102,10 +1114,11 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
                 assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
                 assert status.sequences == status.rows == 12
                 assert status.applied_update
-                if name == "zero1-adam-clipped":  # the pushed rate has DeepSpeed's clip factor
+                if name.endswith("-clipped"):  # the pushed rate has DeepSpeed's clip factor
                     clip = 1.0 / ((norms[step] + 1e-6) / 0.01)
+                    decay = 1 - step / 2 if name == "zero1-adam-clipped" else 1.0
                     assert clip < 0.1
-                    assert status.learning_rate == pytest.approx(clip * 1e-3 * (1 - step / 2))
+                    assert status.learning_rate == pytest.approx(clip * 1e-3 * decay)
                 report = client.entropy(results[name], step, estimator="plugin")
                 assert report.delta_h1 != 0.0
                 assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)

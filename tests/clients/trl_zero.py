@@ -1,5 +1,5 @@
-"""GRPO runs under accelerate's DeepSpeed ZeRO stage 1 and 2 (one process per rank, gloo on
-the CPU), for ``test_trl.py::test_zero_ranks_push_steps_with_the_identities_of_one_process``.
+"""GRPO runs under accelerate's DeepSpeed ZeRO stages 1, 2 and 3 (one process per rank, gloo
+on the CPU), for ``test_trl.py::test_zero_ranks_push_steps_with_the_identities_of_one_process``.
 
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_zero.py URL OUT``.
 The main process writes ``{name: run id}``, ``refused-NAME`` (the error of a refused setting)
@@ -20,9 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import peft
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from clients.filters import ParameterFilter
 from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
-from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer
+from tests.clients.test_trl import CHARS, KRONECKER_256, SKETCH_512, sgd_trainer
 from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
@@ -40,10 +45,15 @@ def zero(stage: int, **extra: Any) -> dict[str, Any]:
     }
 
 
+#: ZeRO 3 with every parameter partitioned (DeepSpeed keeps those under the threshold whole)
+ZERO3 = zero(3, stage3_param_persistence_threshold=0)
+
 #: name -> (learning rate, GRPOConfig overrides, sketch): AdamW with beta1 = 0 (every step is
 #: -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows),
 #: under ZeRO 2 and, with the gradient norm clipped on every step, ZeRO 1 and a linear decay
-#: of the rate; plain SGD with factorised kronecker rows under ZeRO 2.
+#: of the rate, and ZeRO 3 (the model of odd sizes, :func:`odd_llama`); plain SGD with
+#: factorised kronecker rows under ZeRO 2 and ZeRO 3 (the matrices alone); AdamW over LoRA
+#: adapters under ZeRO 3.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
     "zero1-adam-clipped": (
@@ -57,13 +67,45 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
         SKETCH_512,
     ),
     "zero2-sgd-kronecker": (0.05, {"deepspeed": zero(2)}, KRONECKER_256),
+    "zero3-adam-clipped": (
+        1e-3,
+        {**ADAM_BETA0, "deepspeed": ZERO3, "max_grad_norm": 0.01},
+        SKETCH_512,
+    ),
+    "zero3-sgd-kronecker": (0.05, {"deepspeed": ZERO3}, KRONECKER_256),
+    "zero3-adam-lora": (1e-2, {**ADAM_BETA0, "deepspeed": ZERO3}, SKETCH_512),
 }
 
-#: name -> (GRPOConfig overrides) that the trainer refuses under DeepSpeed.
-REFUSED: dict[str, dict[str, Any]] = {
-    "zero3": {"deepspeed": zero(3)},
-    "offload": {**ADAM_BETA0, "deepspeed": zero(2, offload_optimizer={"device": "cpu"})},
+#: name -> (GRPOConfig overrides, sketch) that the trainer refuses under DeepSpeed.
+REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "offload": (
+        {**ADAM_BETA0, "deepspeed": zero(2, offload_optimizer={"device": "cpu"})},
+        SKETCH_512,
+    ),
+    "zero3-exact": ({"deepspeed": ZERO3}, {"kind": "exact"}),
 }
+
+
+def odd_llama() -> Any:
+    """A one-layer Llama whose MLP and norm parameters have odd sizes (hidden 15 in three
+    heads of 8, MLP 33: ZeRO 3 pads their last partition), built by ``from_config``, which
+    under a ZeRO 3 config partitions it as it is made (``deepspeed.zero.Init``): the trainer
+    sees it partitioned."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(CHARS) + 2,
+        hidden_size=15,
+        head_dim=8,
+        intermediate_size=33,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        num_key_value_heads=3,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(config)
 
 
 def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
@@ -94,17 +136,35 @@ def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
 def main(url: str, out: Path) -> None:
     warnings.simplefilter("ignore")
     results: dict[str, Any] = {}
-    for name, overrides in REFUSED.items():
+    for name, (overrides, sketch) in REFUSED.items():
         args = rank_args(out / name, 1e-3, **overrides)
         try:
-            sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer"))
+            sgd_trainer(args, KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"))
         except UnsupportedTRLSettingError as exc:
             results[f"refused-{name}"] = str(exc)
     for name, (learning_rate, overrides, sketch) in RUNS.items():
         args = rank_args(out / name, learning_rate, **overrides)
+        stage3 = name.startswith("zero3")
         config = KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer")
-        trainer = sgd_trainer(args, config)
-        assert trainer._kernelscope_deepspeed
+        adapters: dict[str, Any] = {}
+        if name == "zero3-sgd-kronecker":  # the matrices alone: a filter on the whole shapes
+            config.parameter_filter = ParameterFilter(min_ndim=2)
+        if name == "zero3-adam-lora":
+            config.parameter_filter = ParameterFilter(lora_only=True)
+            adapters["peft_config"] = peft.LoraConfig(
+                r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+            )
+        trainer = sgd_trainer(args, config, odd_llama() if stage3 else None, **adapters)
+        assert trainer._kernelscope_deepspeed and trainer._kernelscope_stage3 == stage3
+        declared = trainer._kernelscope_parameters
+        if name == "zero3-adam-clipped":  # partitioned from the start, declared whole
+            assert not trainer.model.get_parameter("model.norm.weight").numel()
+            assert declared["model.layers.0.mlp.down_proj.weight"] == [15, 33]
+            assert "model.norm.weight" in declared
+        if name == "zero3-sgd-kronecker":
+            assert "model.norm.weight" not in declared and len(declared) == 9
+        if name == "zero3-adam-lora":
+            assert len(declared) == 4 and all("lora_" in n for n in declared)
         gaps: list[float] = []
         if trainer.kernelscope_geometry == "adam":
             record_sqrt_p(trainer, gaps)

@@ -1076,7 +1076,8 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     gradient norm clipped to 0.01 on every step and a linear decay of the rate; plain SGD
     with factorised kronecker rows under ZeRO 2.  Under ZeRO 3, with every parameter
     partitioned from the model's construction on (``deepspeed.zero.Init``; odd sizes, so the
-    last partitions are padded): the AdamW run clipped to 0.01, the SGD kronecker run over
+    last partitions are padded): the AdamW run clipped to 0.01, loaded from a checkpoint
+    with ``beta = 0.04`` (TRL's reference model from the same path), the SGD kronecker run over
     the matrix parameters alone (a filter on the whole shapes), and AdamW over ``peft`` LoRA
     adapters (``ParameterFilter(lora_only=True)``).
 
@@ -1107,6 +1108,9 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
             run = client.get_run(results[name])
             assert run.ranks == 2 and run.geometry == ("sgd" if "sgd" in name else "adam")
             gaps, norms = results[f"sqrt_p-{name}"], results[f"grad_norm-{name}"]
+            # the ZeRO 3 clipped run loads a checkpoint and trains with beta = 0.04 against
+            # TRL's reference model (partitioned too): the KL term is in its update rows
+            assert (len(results[f"kl-{name}"]) == 2) == (name == "zero3-adam-clipped")
             assert len(gaps) == (0 if run.geometry == "sgd" else 2)
             assert all(gap < 1e-5 for gap in gaps)
             for step in (0, 1):

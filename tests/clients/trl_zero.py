@@ -5,8 +5,9 @@ Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_zero.
 The main process writes ``{name: run id}``, ``refused-NAME`` (the error of a refused setting)
 ``sqrt_p-NAME`` (per step, the largest difference between the ``sqrt(P_t)`` computed before
 the step, from the reduced gradient, and the one the step divided by, read from its state
-after it, relative to the largest value) and ``grad_norm-NAME`` (per step, the gradient norm
-``Trainer`` logged) to ``OUT/run_ids.json``.
+after it, relative to the largest value), ``grad_norm-NAME`` (per step, the gradient norm
+``Trainer`` logged) and ``kl-NAME`` (TRL's logged KL to the reference model, with ``beta != 0``)
+to ``OUT/run_ids.json``.
 
 A ``GRPOConfig`` with a ``deepspeed`` config makes ``Trainer`` build its ``Accelerator`` with
 DeepSpeed, which prepares the model with ``deepspeed.initialize`` (DeepSpeed's CPU
@@ -22,7 +23,8 @@ from typing import Any
 
 import peft
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from accelerate.state import PartialState
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from clients.filters import ParameterFilter
 from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
@@ -69,7 +71,7 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-sgd-kronecker": (0.05, {"deepspeed": zero(2)}, KRONECKER_256),
     "zero3-adam-clipped": (
         1e-3,
-        {**ADAM_BETA0, "deepspeed": ZERO3, "max_grad_norm": 0.01},
+        {**ADAM_BETA0, "deepspeed": ZERO3, "max_grad_norm": 0.01, "beta": 0.04},
         SKETCH_512,
     ),
     "zero3-sgd-kronecker": (0.05, {"deepspeed": ZERO3}, KRONECKER_256),
@@ -86,11 +88,13 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def odd_llama() -> Any:
+def odd_llama(checkpoint: Path | None = None) -> Any:
     """A one-layer Llama whose MLP and norm parameters have odd sizes (hidden 15 in three
     heads of 8, MLP 33: ZeRO 3 pads their last partition), built by ``from_config``, which
     under a ZeRO 3 config partitions it as it is made (``deepspeed.zero.Init``): the trainer
-    sees it partitioned."""
+    sees it partitioned.  With ``checkpoint`` the model is saved there instead and its path
+    returned: TRL loads it with ``from_pretrained`` (partitioned as it loads, and so is the
+    reference model TRL makes from the same path when ``beta != 0``)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(CHARS) + 2,
@@ -105,7 +109,13 @@ def odd_llama() -> Any:
         eos_token_id=1,
         pad_token_id=0,
     )
-    return AutoModelForCausalLM.from_config(config)
+    if checkpoint is None:
+        return AutoModelForCausalLM.from_config(config)
+    state = PartialState()
+    if state.is_main_process:
+        LlamaForCausalLM(config).save_pretrained(checkpoint)  # not under zero.Init: whole
+    state.wait_for_everyone()
+    return str(checkpoint)
 
 
 def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
@@ -154,7 +164,12 @@ def main(url: str, out: Path) -> None:
             adapters["peft_config"] = peft.LoraConfig(
                 r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
             )
-        trainer = sgd_trainer(args, config, odd_llama() if stage3 else None, **adapters)
+        model = None
+        if name == "zero3-adam-clipped":  # from a checkpoint, with TRL's reference model
+            model = odd_llama(out / name / "checkpoint")
+        elif stage3:
+            model = odd_llama()
+        trainer = sgd_trainer(args, config, model, **adapters)
         assert trainer._kernelscope_deepspeed and trainer._kernelscope_stage3 == stage3
         declared = trainer._kernelscope_parameters
         if name == "zero3-adam-clipped":  # partitioned from the start, declared whole
@@ -175,6 +190,7 @@ def main(url: str, out: Path) -> None:
         results[f"grad_norm-{name}"] = [
             h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h
         ]
+        results[f"kl-{name}"] = [h["kl"] for h in trainer.state.log_history if "kl" in h]
     finish(out, results)
 
 

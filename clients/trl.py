@@ -834,8 +834,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     @property
     def _kernelscope_sharded(self) -> bool:
         """Whether the studied parameters are sharded (FSDP2, once accelerate has prepared the
-        model): then the applied update is sketched from every rank's shards, and ``sqrt(P)``
-        gathered."""
+        model) or partitioned (ZeRO 3): then the applied update is sketched from every rank's
+        part, ``sqrt(P)`` gathered, and the rows must come from hooks (no fallback to exact
+        chunks, which call the model with its parameters)."""
+        if self._kernelscope_stage3:
+            return True
         return any(is_sharded(p) for p in self._kernelscope_selected().values())
 
     def _kernelscope_selected(self) -> dict[str, torch.Tensor]:

@@ -184,6 +184,9 @@ def main(url: str, out: Path) -> None:
         if trainer.kernelscope_geometry == "adam":
             record_sqrt_p(trainer, gaps)
         trainer.train()
+        # ZeRO 3's partitions are shards: a failed hook capture must not fall back to exact
+        # chunks, which call the model functionally with its parameters
+        assert trainer._kernelscope_sharded == stage3
         results[name] = trainer.kernelscope_run_id
         results[f"sqrt_p-{name}"] = gaps
         # DeepSpeed's global norm before clipping, one per step

@@ -433,7 +433,7 @@ def token_shares_u_statistic(
     return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
 
 
-def _half_directions(
+def half_directions(
     model: nn.Module,
     update: SequenceBatch,
     members: Sequence[Sequence[int]],
@@ -483,6 +483,7 @@ def token_shares_cross_fit(
     entropy_coefficients: torch.Tensor | None = None,
     chunk_size: int = 16,
     directions: Sequence[dict[str, torch.Tensor]] | None = None,
+    halves: torch.Tensor | None = None,
 ) -> TokenShares:
     """The token shares of the ``cross_fit`` estimator (math.md §4 and §9), for a step without
     entropy-role sequences, laid out like :func:`token_shares`'s.
@@ -505,18 +506,25 @@ def token_shares_cross_fit(
     (:class:`clients.factorised.EntropyDirections`, weights ``h_j`` on half ``d``'s rows);
     the forward and backward passes are then skipped.  They are scaled in place in ``adam``
     geometry.
+
+    ``halves`` (int ``[n]``, with ``directions``): the sequences' halves when the step has more
+    sequences than these (other ranks' of the same prompts): split over all of them, as the
+    service splits them, with ``directions`` summed over all of them too.
     """
     if len(ids) != update.size or len(prompt_ids) != update.size or h.shape != (update.size,):
         raise ValueError("ids, prompt_ids and h must have one entry per update sequence")
     _checked_layouts(update, coefficients, entropy_coefficients)
     with_entropy = entropy_coefficients is not None
-    halves = torch.from_numpy(cross_fit_halves(ids, prompt_ids).astype(np.int64))
     found = _zeros(update, with_entropy)
-    if not bool((halves == 1).any()):  # every prompt has one sequence: no pair of halves
-        return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
+    if halves is None:
+        halves = torch.from_numpy(cross_fit_halves(ids, prompt_ids).astype(np.int64))
+        if not bool((halves == 1).any()):  # every prompt has one sequence: no pair of halves
+            return _weighted(update, coefficients, found, learning_rate, entropy_coefficients)
+    elif directions is None or halves.shape != (update.size,):
+        raise ValueError("halves of every update sequence come with the directions of all")
     members = [torch.nonzero(halves == half).flatten().tolist() for half in (0, 1)]
     if directions is None:
-        directions = _half_directions(
+        directions = half_directions(
             model,
             update,
             members,
@@ -549,6 +557,7 @@ __all__ = [
     "TokenDerivatives",
     "TokenShares",
     "entropy_gradient",
+    "half_directions",
     "token_derivatives",
     "token_shares",
     "token_shares_cross_fit",

@@ -77,7 +77,7 @@ from clients.geometry import (
 )
 from clients.http import Client
 from clients.shards import FlatRange, GatheredOnAccess, full_shape, is_sharded, sketch_of_whole
-from clients.token_shares import token_shares_cross_fit
+from clients.token_shares import half_directions, token_shares_cross_fit
 from clients.zero import local_partition
 from sketch.base import Sketcher
 from sketch.entropy import estimator_entropy_coefficients, estimator_halves
@@ -341,7 +341,9 @@ class KernelscopeConfig:
         over each half's sequences and one forward-mode pass over the step's sequences
         (docs/real-run.md);
         compare them with the step's ``?estimator=cross_fit`` answer; with an entropy bonus they
-        include its ``e_{i,t} grad H_{i,t}`` terms.  Needs one process.
+        include its ``e_{i,t} grad H_{i,t}`` terms.  With several processes each rank
+        pushes its own sequences' shares, with the halves and directions of every rank's
+        (docs/trl.md "Many ranks"); refused under FSDP2 and ZeRO 3.
     push_entropy_sums:
         push each sequence's ``sum_t H_t`` (the full next-token entropies at its positions,
         tempered as TRL's) before the step (``entropy_sum``: from the logits of the capture's
@@ -494,10 +496,18 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         )
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
         self._kernelscope_check_sharding()
-        if kernelscope.token_shares and int(self.accelerator.num_processes) > 1:
+        if (
+            kernelscope.token_shares
+            and int(self.accelerator.num_processes) > 1
+            and (
+                self._kernelscope_stage3
+                or self.accelerator.distributed_type == DistributedType.FSDP
+            )
+        ):
             raise UnsupportedTRLSettingError(
-                "token_shares needs one process: a token's share pairs it with every rank's "
-                "sequences"
+                "token_shares with sharded parameters (FSDP2, ZeRO 3): the shares' forward-mode "
+                "passes call the model functionally with its whole parameters; use DDP or "
+                "ZeRO 1/2"
             )
         self.kernelscope_client.create_run(
             run_id=self.kernelscope_run_id,
@@ -870,8 +880,13 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         # The token shares' directions come from the rows' own backward when hooks capture
         # them: in batches of whole prompts, so that each batch's h_j follow from its S_j.
         directions: list[dict[str, torch.Tensor]] | None = None
-        if self.kernelscope.token_shares and (
-            self._factorised is not None or self._hooked is not None
+        # With several ranks a prompt's sequences are spread over them: each h_j needs every
+        # rank's S first, so the directions come from passes of their own, summed over ranks
+        # (_kernelscope_token_shares).
+        if (
+            self.kernelscope.token_shares
+            and (self._factorised is not None or self._hooked is not None)
+            and int(self.accelerator.num_processes) == 1
         ):
             window.micro = self._kernelscope_regrouped(window)
             directions = []
@@ -1096,6 +1111,52 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 out[int(halves[row]), column] = float(h[row])
         return out
 
+    def _kernelscope_directions_of_all_ranks(
+        self, window: _Window, ids: list[str], batch: SequenceBatch
+    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """The ``cross_fit`` ``[v_0, v_1]`` over every rank's sequences and the halves of this
+        rank's ``ids`` (laid out as ``batch``), for a step whose prompts' sequences are spread
+        over the ranks.  Every rank's records (``S_j`` included) are all-gathered, so ``h_j``
+        and the halves are the service's, computed over all of a prompt's sequences; each rank
+        adds up its own sequences' ``h_j w_j`` (a forward and a backward of its own) and one
+        all-reduce per studied parameter sums them.  Every rank calls it, in the same order."""
+        import torch.distributed as dist
+
+        gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [window.records[i] for i in ids])
+        records = [r for part in gathered for r in (part or [])]
+        seqs = StepSequences.from_records(records)
+        h_all = estimator_entropy_coefficients(seqs, "cross_fit")
+        halves_all = estimator_halves(seqs, "cross_fit")
+        assert halves_all is not None
+        row_of = {seq_id: row for row, seq_id in enumerate(seqs.ids)}
+        rows = [row_of[i] for i in ids]
+        h = torch.tensor([float(h_all[r]) for r in rows])
+        halves = torch.tensor([int(halves_all[r]) for r in rows], dtype=torch.int64)
+        members = [torch.nonzero(halves == half).flatten().tolist() for half in (0, 1)]
+        local = half_directions(
+            self._kernelscope_policy(),
+            batch,
+            members,
+            h,
+            max(m.batch.size for m in window.micro),
+            parameters=set(self._kernelscope_parameters),
+            temperature=float(self.temperature),
+            use_eval_mode=True,
+        )
+        device = batch.input_ids.device
+        directions: list[dict[str, torch.Tensor]] = [{}, {}]
+        for half in (0, 1):
+            # the same names in the same order on every rank, a rank without members of the
+            # half adding zeros
+            for name in sorted(self._kernelscope_parameters):
+                shape = self._kernelscope_parameters[name]
+                v = local[half].get(name)
+                v = torch.zeros(shape, device=device) if v is None else v.float()
+                dist.all_reduce(v)
+                directions[half][name] = v
+        return directions, halves
+
     def _kernelscope_token_shares(
         self, window: _Window, directions: list[dict[str, torch.Tensor]] | None = None
     ) -> dict[str, dict[str, Any]]:
@@ -1110,6 +1171,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         coefficients, bonus = layout.logprob, layout.entropy
         seqs = StepSequences.from_records([window.records[i] for i in ids])
         h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
+        halves = None
+        if int(self.accelerator.num_processes) > 1:
+            directions, halves = self._kernelscope_directions_of_all_ranks(window, ids, batch)
         result = token_shares_cross_fit(
             self._kernelscope_policy(),
             batch,
@@ -1125,6 +1189,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             # no pass holds more sequences than TRL's own micro-batches
             chunk_size=max(m.batch.size for m in micro),
             directions=directions or None,
+            halves=halves,
         )
         tokenizer = getattr(self, "processing_class", None)
         out: dict[str, dict[str, Any]] = {}

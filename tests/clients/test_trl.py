@@ -910,7 +910,13 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
     once, and every step is ready with both ranks' sequences: 12 per step, four per prompt.
     Step 1 re-trains step 0's completions (same ids) at ratio != 1 with clipping (update
     rows); step 2's are new ids.  The one-process identity holds on every step:
-    ``plugin dH1 = delta_h1_applied`` from the DDP-averaged update."""
+    ``plugin dH1 = delta_h1_applied`` from the DDP-averaged update.
+
+    A second run with ``token_shares=True`` (exact kernel, the same split of groups over the
+    ranks): each rank pushes its own sequences' token shares, with the ``cross_fit`` halves
+    and directions of all ranks' sequences, and every step's shares add up, per sequence, to
+    the service's ``cross_fit`` ``a_i`` and in total to its ``delta_h1``, as with one
+    process."""
     launch_two_ranks("trl_ranks.py", live_service.base_url, tmp_path)
     run_id = (tmp_path / "run_id").read_text()
     with Client(live_service.base_url) as client:
@@ -933,6 +939,17 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
         assert len(set(ids[0])) == 12 and ids[1] == ids[0]
         assert not set(ids[2]) & set(ids[0])
+        tokens_run = (tmp_path / "tokens_run_id").read_text()
+        for step in (0, 1):
+            client.wait_ready(tokens_run, step, timeout=60)
+            report = client.entropy(tokens_run, step, estimator="cross_fit")
+            tokens = client.tokens(tokens_run, step, top=5)
+            assert tokens.estimator == "cross_fit" and len(tokens.sequences) == 12
+            assert report.delta_h1 != 0.0
+            assert tokens.total == pytest.approx(report.delta_h1, rel=1e-3, abs=1e-9)
+            a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
+            for row in tokens.sequences:
+                assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
 
 
 def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
@@ -1088,13 +1105,14 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     own, read before the engine's step (which steps a DeepSpeed scheduler), times DeepSpeed's
     clip factor ``0.01 / (norm + 1e-6)``.
     Before, the capture ran after the step: ``delta_h1_applied`` read 0.  An offloaded
-    optimizer in ``adam`` geometry and exact rows under ZeRO 3 are refused with their
-    reasons."""
+    optimizer in ``adam`` geometry, exact rows and token shares under ZeRO 3 are refused
+    with their reasons."""
     pytest.importorskip("deepspeed")
     launch_two_ranks("trl_zero.py", live_service.base_url, tmp_path)
     results = json.loads((tmp_path / "run_ids.json").read_text())
     assert "CPU Adam" in results.pop("refused-offload")
     assert "stage 3 rows are captured by hooks" in results.pop("refused-zero3-exact")
+    assert "forward-mode" in results.pop("refused-zero3-token-shares")
     names = (
         "zero2-adam",
         "zero1-adam-clipped",

@@ -3,7 +3,8 @@
 
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_ranks.py URL OUT``
 (the run has ``use_cpu``: gloo DDP on the CPU).
-The main process writes the run id to ``OUT_DIR/run_id``.
+The main process writes the run id to ``OUT_DIR/run_id``, and that of a second run with
+``token_shares=True`` to ``OUT_DIR/tokens_run_id``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,23 @@ def main(url: str, out: Path) -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         (out / "run_id").write_text(trainer.kernelscope_run_id)
+    # Token shares over the same split of groups (exact kernel, raw rows), two steps on
+    # generation 0: on-policy, then a later clipped pass (update rows).
+    args = sgd_args(
+        out / "tokens",
+        learning_rate=0.05,
+        per_device_train_batch_size=3,
+        num_generations=4,
+        num_iterations=2,
+        epsilon=0.02,
+        max_steps=2,
+        ddp_backend="gloo",
+    )
+    exact = {"kind": "exact", "dim": 1}
+    trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=exact, token_shares=True))
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)
     trainer.accelerator.end_training()
 
 

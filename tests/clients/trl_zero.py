@@ -78,13 +78,14 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero3-adam-lora": (1e-2, {**ADAM_BETA0, "deepspeed": ZERO3}, SKETCH_512),
 }
 
-#: name -> (GRPOConfig overrides, sketch) that the trainer refuses under DeepSpeed.
+#: name -> (GRPOConfig overrides, KernelscopeConfig fields) that the trainer refuses.
 REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "offload": (
         {**ADAM_BETA0, "deepspeed": zero(2, offload_optimizer={"device": "cpu"})},
-        SKETCH_512,
+        {"sketch": SKETCH_512},
     ),
-    "zero3-exact": ({"deepspeed": ZERO3}, {"kind": "exact"}),
+    "zero3-exact": ({"deepspeed": ZERO3}, {"sketch": {"kind": "exact"}}),
+    "zero3-token-shares": ({"deepspeed": ZERO3}, {"sketch": SKETCH_512, "token_shares": True}),
 }
 
 
@@ -146,10 +147,10 @@ def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
 def main(url: str, out: Path) -> None:
     warnings.simplefilter("ignore")
     results: dict[str, Any] = {}
-    for name, (overrides, sketch) in REFUSED.items():
+    for name, (overrides, fields) in REFUSED.items():
         args = rank_args(out / name, 1e-3, **overrides)
         try:
-            sgd_trainer(args, KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer"))
+            sgd_trainer(args, KernelscopeConfig(url=url, sketch_on="trainer", **fields))
         except UnsupportedTRLSettingError as exc:
             results[f"refused-{name}"] = str(exc)
     for name, (learning_rate, overrides, sketch) in RUNS.items():

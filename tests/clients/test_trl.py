@@ -1085,7 +1085,7 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
 def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     live_service: LiveService, tmp_path: Path
 ) -> None:
-    """Six real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
+    """Seven real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
     accelerator, ``trl_zero.py``), where the reduced gradient and Adam's state are flat
     partitions and the step is taken inside accelerate's ``backward``, before ``Trainer``'s
     ``on_pre_optimizer_step``: AdamW with ``beta1 = 0`` and count-sketched rows from hooks
@@ -1096,7 +1096,8 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     last partitions are padded): the AdamW run clipped to 0.01, loaded from a checkpoint
     with ``beta = 0.04`` (TRL's reference model from the same path), the SGD kronecker run over
     the matrix parameters alone (a filter on the whole shapes), and AdamW over ``peft`` LoRA
-    adapters (``ParameterFilter(lora_only=True)``).
+    adapters (``ParameterFilter(lora_only=True)``).  Under ZeRO 2, AdamW with token shares
+    (exact kernel): both ranks' shares add up to the service's ``cross_fit`` ``delta_h1``.
 
     Every step is ready with both ranks' sequences and the applied update.  ``sqrt(P_t)``
     computed before the step from the gathered partitions equals the one the step divided by
@@ -1120,6 +1121,7 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
         "zero3-adam-clipped",
         "zero3-sgd-kronecker",
         "zero3-adam-lora",
+        "zero2-adam-tokens",
     )
     with Client(live_service.base_url) as client:
         for name in names:
@@ -1144,3 +1146,8 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
                 report = client.entropy(results[name], step, estimator="plugin")
                 assert report.delta_h1 != 0.0
                 assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+                if name.endswith("-tokens"):  # every rank's shares, along the summed directions
+                    fit = client.entropy(results[name], step, estimator="cross_fit")
+                    tokens = client.tokens(results[name], step, top=5)
+                    assert len(tokens.sequences) == 12
+                    assert tokens.total == pytest.approx(fit.delta_h1, rel=1e-3, abs=1e-9)

@@ -55,7 +55,9 @@ ZERO3 = zero(3, stage3_param_persistence_threshold=0)
 #: under ZeRO 2 and, with the gradient norm clipped on every step, ZeRO 1 and a linear decay
 #: of the rate, and ZeRO 3 (the model of odd sizes, :func:`odd_llama`); plain SGD with
 #: factorised kronecker rows under ZeRO 2 and ZeRO 3 (the matrices alone); AdamW over LoRA
-#: adapters under ZeRO 3.
+#: adapters under ZeRO 3; AdamW with token shares (exact kernel) under ZeRO 2, before the
+#: ZeRO 3 runs: ``deepspeed.zero.Init`` replaces ``torch.nn.functional.linear`` in the whole
+#: process with a function that forward-mode AD cannot run.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
     "zero1-adam-clipped": (
@@ -69,6 +71,7 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
         SKETCH_512,
     ),
     "zero2-sgd-kronecker": (0.05, {"deepspeed": zero(2)}, KRONECKER_256),
+    "zero2-adam-tokens": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, {"kind": "exact", "dim": 1}),
     "zero3-adam-clipped": (
         1e-3,
         {**ADAM_BETA0, "deepspeed": ZERO3, "max_grad_norm": 0.01, "beta": 0.04},
@@ -156,7 +159,13 @@ def main(url: str, out: Path) -> None:
     for name, (learning_rate, overrides, sketch) in RUNS.items():
         args = rank_args(out / name, learning_rate, **overrides)
         stage3 = name.startswith("zero3")
-        config = KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer")
+        tokens = name.endswith("-tokens")  # exact rows, raw: the shares add up to dH1
+        config = KernelscopeConfig(
+            url=url,
+            sketch=sketch,
+            sketch_on="service" if tokens else "trainer",
+            token_shares=tokens,
+        )
         adapters: dict[str, Any] = {}
         if name == "zero3-sgd-kronecker":  # the matrices alone: a filter on the whole shapes
             config.parameter_filter = ParameterFilter(min_ndim=2)

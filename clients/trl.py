@@ -496,13 +496,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         )
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
         self._kernelscope_check_sharding()
-        if (
-            kernelscope.token_shares
-            and int(self.accelerator.num_processes) > 1
-            and (
-                self._kernelscope_stage3
-                or self.accelerator.distributed_type == DistributedType.FSDP
-            )
+        if kernelscope.token_shares and (
+            self._kernelscope_stage3 or self.accelerator.distributed_type == DistributedType.FSDP
         ):
             raise UnsupportedTRLSettingError(
                 "token_shares with sharded parameters (FSDP2, ZeRO 3): the shares' forward-mode "

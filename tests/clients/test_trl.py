@@ -64,24 +64,29 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
+def tiny_llama_config(**overrides: Any) -> LlamaConfig:
+    """The one-layer Llama of the tests over the character vocabulary (``overrides``: sizes)."""
+    values: dict[str, Any] = {
+        "vocab_size": len(CHARS) + 2,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        **overrides,
+    }
+    return LlamaConfig(**values)
+
+
 def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausalLM:
     """``initializer_range`` 0.2 instead of 0.02: peaked next-token distributions (the default
     gives near-uniform ones)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        initializer_range=initializer_range,
-        vocab_size=len(CHARS) + 2,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(initializer_range=initializer_range))
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -27,32 +27,14 @@ def main(url: str, out: Path) -> None:
     # 3 completions per rank and micro-batch, groups of 4: group 1 spans the two ranks.  Steps
     # 0 and 1 train on generation 0 (step 1 at ratio != 1, clipped: update rows), step 2 on
     # generation 1.
-    args = sgd_args(
-        out,
-        learning_rate=0.05,
-        per_device_train_batch_size=3,
-        num_generations=4,
-        num_iterations=2,
-        epsilon=0.02,
-        max_steps=3,
-        ddp_backend="gloo",
-    )
+    args = rank_args(out, 0.05, num_iterations=2, max_steps=3)
     trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512))
     trainer.train()
     if trainer.accelerator.is_main_process:
         (out / "run_id").write_text(trainer.kernelscope_run_id)
     # Token shares over the same split of groups (exact kernel, raw rows), two steps on
     # generation 0: on-policy, then a later clipped pass (update rows).
-    args = sgd_args(
-        out / "tokens",
-        learning_rate=0.05,
-        per_device_train_batch_size=3,
-        num_generations=4,
-        num_iterations=2,
-        epsilon=0.02,
-        max_steps=2,
-        ddp_backend="gloo",
-    )
+    args = rank_args(out / "tokens", 0.05, num_iterations=2)
     exact = {"kind": "exact", "dim": 1}
     trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=exact, token_shares=True))
     trainer.train()

@@ -24,12 +24,12 @@ from typing import Any
 import peft
 import torch
 from accelerate.state import PartialState
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from clients.filters import ParameterFilter
 from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
-from tests.clients.test_trl import CHARS, KRONECKER_256, SKETCH_512, sgd_trainer
+from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_llama_config
 from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
@@ -100,18 +100,12 @@ def odd_llama(checkpoint: Path | None = None) -> Any:
     returned: TRL loads it with ``from_pretrained`` (partitioned as it loads, and so is the
     reference model TRL makes from the same path when ``beta != 0``)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(CHARS) + 2,
+    config = tiny_llama_config(
         hidden_size=15,
         head_dim=8,
         intermediate_size=33,
-        num_hidden_layers=1,
         num_attention_heads=3,
         num_key_value_heads=3,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
     )
     if checkpoint is None:
         return AutoModelForCausalLM.from_config(config)

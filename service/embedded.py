@@ -141,8 +141,8 @@ class EmbeddedRedis:
         client = self._client
         if client is None:
             return
+        pid = self.pid  # before the client goes: the property reads it from the client
         self._client = None
-        pid = self.pid
         redis_dir = client.redis_dir
         # A client of its own without retries: the server closing the connection is the
         # expected answer to SHUTDOWN, and the default retry policy would back off for seconds.

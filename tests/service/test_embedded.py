@@ -24,7 +24,9 @@ import redis as redis_sync
 import torch
 from safetensors.torch import save as save_safetensors
 
+from service import embedded as embedded_module
 from service.embedded import (
+    EmbeddedRedis,
     EmbeddedServiceError,
     _process_alive,
     embedded_service,
@@ -192,6 +194,29 @@ def test_embedded_service_context_manager(tmp_path: Path) -> None:
         ):
             pass
     assert not _process_alive(pid), "the embedded redis-server outlived the context"
+
+
+def test_stop_waits_until_the_server_has_exited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop()`` polls the server's own pid until the process is gone.  It used to read the
+    pid after dropping its client (0), so it returned as soon as ``SHUTDOWN SAVE`` closed the
+    connection, while ``redis-server`` could still be exiting: the context-manager test above
+    once saw the server outlive the context (CI, 2026-12-06)."""
+    embedded = EmbeddedRedis(tmp_path / "ks")
+    embedded.start()
+    pid = embedded.pid
+    assert pid > 0
+    polled: list[int] = []
+
+    def recording(p: int) -> bool:
+        polled.append(p)
+        return _process_alive(p)
+
+    monkeypatch.setattr(embedded_module, "_process_alive", recording)
+    embedded.stop()
+    assert polled and set(polled) == {pid}
+    assert not _process_alive(pid)
 
 
 def test_embedded_service_with_external_redis(

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from clients.filters import ParameterFilter
 from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
+from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_llama_config
 from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
@@ -55,9 +56,10 @@ ZERO3 = zero(3, stage3_param_persistence_threshold=0)
 #: under ZeRO 2 and, with the gradient norm clipped on every step, ZeRO 1 and a linear decay
 #: of the rate, and ZeRO 3 (the model of odd sizes, :func:`odd_llama`); plain SGD with
 #: factorised kronecker rows under ZeRO 2 and ZeRO 3 (the matrices alone); AdamW over LoRA
-#: adapters under ZeRO 3; AdamW with token shares (exact kernel) under ZeRO 2, before the
-#: ZeRO 3 runs: ``deepspeed.zero.Init`` replaces ``torch.nn.functional.linear`` in the whole
-#: process with a function that forward-mode AD cannot run.
+#: adapters of the tiny Llama under ZeRO 3 (built whole, partitioned by the engine); AdamW
+#: with token shares (exact kernel) under ZeRO 2, before the ZeRO 3 runs:
+#: ``deepspeed.zero.Init`` replaces ``torch.nn.functional.linear`` in the whole process with
+#: a function that forward-mode AD cannot run.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
     "zero1-adam-clipped": (
@@ -171,7 +173,7 @@ def main(url: str, out: Path) -> None:
         model = None
         if name == "zero3-adam-clipped":  # from a checkpoint, with TRL's reference model
             model = odd_llama(out / name / "checkpoint")
-        elif stage3:
+        elif stage3 and name != "zero3-adam-lora":  # LoRA: the tiny Llama, built whole
             model = odd_llama()
         trainer = sgd_trainer(args, config, model, **adapters)
         assert trainer._kernelscope_deepspeed and trainer._kernelscope_stage3 == stage3
@@ -184,6 +186,8 @@ def main(url: str, out: Path) -> None:
             assert "model.norm.weight" not in declared and len(declared) == 9
         if name == "zero3-adam-lora":
             assert len(declared) == 4 and all("lora_" in n for n in declared)
+            # built before the trainer, outside zero.Init: deepspeed.initialize partitions it
+            assert not any(is_partitioned(p) for p in trainer.model.parameters())
         gaps: list[float] = []
         if trainer.kernelscope_geometry == "adam":
             record_sqrt_p(trainer, gaps)
@@ -191,6 +195,7 @@ def main(url: str, out: Path) -> None:
         # ZeRO 3's partitions are shards: a failed hook capture must not fall back to exact
         # chunks, which call the model functionally with its parameters
         assert trainer._kernelscope_sharded == stage3
+        assert all(is_partitioned(p) for p in trainer.model.parameters()) == stage3
         results[name] = trainer.kernelscope_run_id
         results[f"sqrt_p-{name}"] = gaps
         # DeepSpeed's global norm before clipping, one per step

@@ -392,6 +392,24 @@ class _MicroBatch:
     coefficients: TokenCoefficients | None
 
 
+def _cross_fit_split(
+    records: list[dict[str, Any]], ids: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([n] h_j, [n] int64 halves)`` of the sequences ``ids`` in the step whose sequences
+    are ``records`` (``S_j`` included): the ``cross_fit`` coefficients and halves, computed
+    over all of them as the service computes them (-1: a sequence without a half)."""
+    seqs = StepSequences.from_records(records)
+    h = estimator_entropy_coefficients(seqs, "cross_fit")
+    halves = estimator_halves(seqs, "cross_fit")
+    assert halves is not None
+    row_of = {seq_id: row for row, seq_id in enumerate(seqs.ids)}
+    rows = [row_of[i] for i in ids]
+    return (
+        torch.tensor([float(h[r]) for r in rows]),
+        torch.tensor([int(halves[r]) for r in rows], dtype=torch.int64),
+    )
+
+
 @dataclass
 class _Window:
     """What one optimizer step (one accumulation window) has recorded so far."""
@@ -1094,16 +1112,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         prompts' ``S`` are placeholders, which no ``h_j`` of these prompts depends on."""
         known = dict(zip(ids, logprobs.tolist(), strict=True))
         records = [{**r, "logprob": known.get(r["id"], 0.0)} for r in window.records.values()]
-        seqs = StepSequences.from_records(records)
-        h = estimator_entropy_coefficients(seqs, "cross_fit")
-        halves = estimator_halves(seqs, "cross_fit")
-        assert halves is not None
-        index = {seq_id: row for row, seq_id in enumerate(seqs.ids)}
+        h, halves = _cross_fit_split(records, ids)
         out = torch.zeros(2, len(ids))
-        for column, seq_id in enumerate(ids):
-            row = index[seq_id]
-            if halves[row] >= 0:
-                out[int(halves[row]), column] = float(h[row])
+        for column in range(len(ids)):
+            if halves[column] >= 0:
+                out[int(halves[column]), column] = float(h[column])
         return out
 
     def _kernelscope_directions_of_all_ranks(
@@ -1119,15 +1132,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
         gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, [window.records[i] for i in ids])
-        records = [r for part in gathered for r in (part or [])]
-        seqs = StepSequences.from_records(records)
-        h_all = estimator_entropy_coefficients(seqs, "cross_fit")
-        halves_all = estimator_halves(seqs, "cross_fit")
-        assert halves_all is not None
-        row_of = {seq_id: row for row, seq_id in enumerate(seqs.ids)}
-        rows = [row_of[i] for i in ids]
-        h = torch.tensor([float(h_all[r]) for r in rows])
-        halves = torch.tensor([int(halves_all[r]) for r in rows], dtype=torch.int64)
+        h, halves = _cross_fit_split([r for part in gathered for r in (part or [])], ids)
         members = [torch.nonzero(halves == half).flatten().tolist() for half in (0, 1)]
         local = half_directions(
             self._kernelscope_policy(),

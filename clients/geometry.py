@@ -32,6 +32,7 @@ parameter, gradient and state, and is sharded like the parameter.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -61,6 +62,65 @@ def _group_of(optimizer: torch.optim.Optimizer) -> dict[int, Mapping[str, Any]]:
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
+def _deepspeed_adams() -> tuple[type, ...]:
+    """DeepSpeed's Adam classes (``FusedAdam``; ``DeepSpeedCPUAdam``, ZeRO-Offload's), or none
+    when DeepSpeed is not imported (then no optimizer is DeepSpeed's; importing it is slow)."""
+    if "deepspeed" not in sys.modules:
+        return ()
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    except ImportError:
+        return ()
+    return (FusedAdam, DeepSpeedCPUAdam)
+
+
+def is_adam_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (a torch optimizer itself, not a wrapper) takes Adam's step:
+    torch's ``Adam`` / ``AdamW`` (the fused and foreach variants too), or DeepSpeed's
+    ``FusedAdam`` or ``DeepSpeedCPUAdam``, which a DeepSpeed engine builds from a config's
+    ``optimizer`` section or, under ZeRO-Offload, in place of the trainer's optimizer.  Their
+    state (``exp_avg``, ``exp_avg_sq``, ``step``) and step are torch's; the differences are in
+    the hyperparameters (:func:`adam_hyperparameters`).  Their subclasses are not counted
+    (ZenFlow's CPU Adam updates a selection of coordinates at a time), nor is a ``FusedAdam``
+    with a param group of several tensors: it counts a group's steps in the state of the last
+    tensor it steps and gives every tensor of the group that count (deepspeed 0.19), so the
+    other tensors' counts are not their steps'.  Under ZeRO each group is one flat partition."""
+    if not is_adam_type(type(optimizer)):
+        return False
+    if type(optimizer).__name__ == "FusedAdam":
+        return all(len(group["params"]) <= 1 for group in optimizer.param_groups)
+    return True
+
+
+def is_adam_type(cls: type) -> bool:
+    """Whether optimizers of class ``cls`` take Adam's step (:func:`is_adam_optimizer`)."""
+    return issubclass(cls, torch.optim.Adam) or cls in _deepspeed_adams()
+
+
+def adam_hyperparameters(
+    optimizer: torch.optim.Optimizer, group: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """``group`` of an Adam ``optimizer`` (:func:`is_adam_optimizer`) with torch's names for
+    what this module reads: ``lr``, ``betas``, ``eps``, ``weight_decay``,
+    ``decoupled_weight_decay`` (AdamW's decay), ``amsgrad`` and ``bias_correction`` (True:
+    torch's Adam always divides by ``1 - beta^t``).  DeepSpeed's Adams keep the AdamW switch on
+    the optimizer (``adam_w_mode``; a group that accelerate copied from torch's optimizer may
+    still say otherwise), may turn bias correction off per group, and have no amsgrad."""
+    if isinstance(optimizer, torch.optim.Adam):
+        return group
+    return {
+        **group,
+        "decoupled_weight_decay": bool(getattr(optimizer, "adam_w_mode")),  # noqa: B009
+        "amsgrad": False,
+        "bias_correction": bool(group.get("bias_correction", True)),
+    }
+
+
+def _bias_correction(group: Mapping[str, Any], beta: float, step: float) -> float:
+    """``1 - beta^t``, Adam's bias correction at step ``t``; 1 where the group turns it off."""
+    return 1.0 - beta**step if group.get("bias_correction", True) else 1.0
+
+
 class AdamStates:
     """Each parameter's Adam hyperparameters (``group``), state (``state``: ``exp_avg``,
     ``exp_avg_sq``, ``step``, laid out as the parameter) and the gradient the step will use
@@ -69,12 +129,20 @@ class AdamStates:
     the same are gathered from flat partitions (``clients.zero.ZeroAdamStates``)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        #: the torch optimizer (``Adam`` / ``AdamW`` in adam geometry)
+        #: the torch optimizer (Adam-family in adam geometry, :func:`is_adam_optimizer`)
         self.optimizer = optimizer
         self._groups = _group_of(optimizer)
 
     def group(self, parameter: torch.Tensor) -> Mapping[str, Any] | None:
-        return self._groups.get(id(parameter))
+        """The parameter's hyperparameters (:func:`adam_hyperparameters`), None when the
+        optimizer does not step it."""
+        group = self._groups.get(id(parameter))
+        return None if group is None else self.hyperparameters(group)
+
+    def hyperparameters(self, group: Mapping[str, Any]) -> Mapping[str, Any]:
+        if not is_adam_optimizer(self.optimizer):
+            return group
+        return adam_hyperparameters(self.optimizer, group)
 
     def state(self, parameter: torch.Tensor) -> Mapping[str, Any]:
         return self.optimizer.state.get(parameter, {})
@@ -141,7 +209,7 @@ def adam_taken_preconditioner(
         step = _step_count(state["step"])
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
         v = _part(local(v), flat).detach().float()
-        precond = 1.0 / ((v / (1.0 - beta2**step)).sqrt() + eps)
+        precond = 1.0 / ((v / _bias_correction(group, beta2, step)).sqrt() + eps)
         return _laid_out(precond.sqrt().masked_fill_(v == 0, 0.0), p, flat)
 
     return _per_parameter(parameters, one, lazy)
@@ -209,9 +277,9 @@ class OnAccess(Mapping[str, torch.Tensor]):
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` (or the optimizer an accelerate wrapper holds) is ``Adam`` or
-    ``AdamW`` (torch's, including the fused and foreach variants)."""
-    return isinstance(adam_states(optimizer).optimizer, torch.optim.Adam)
+    """Whether ``optimizer`` (or the optimizer an accelerate or DeepSpeed wrapper holds)
+    takes Adam's step (:func:`is_adam_optimizer`)."""
+    return is_adam_optimizer(adam_states(optimizer).optimizer)
 
 
 def adam_step_preconditioner(
@@ -234,9 +302,7 @@ def adam_step_preconditioner(
     step).
     """
     states = adam_states(optimizer)
-    inner = states.optimizer
-    if not isinstance(inner, torch.optim.Adam):
-        raise TypeError(f"adam geometry needs torch's Adam or AdamW, got {type(inner).__name__}")
+    _check_adam(states.optimizer)
 
     def one(name: str, flat: slice | None = None) -> torch.Tensor:
         p = parameters[name]
@@ -264,11 +330,19 @@ def adam_step_preconditioner(
             peak = _part(local(state["max_exp_avg_sq"]), flat).detach().float()
             torch.maximum(v, peak, out=v)
         never = v == 0  # no second moment: P = 0 (the module's docstring)
-        v.div_(1.0 - beta2**step).sqrt_().add_(eps)
+        v.div_(_bias_correction(group, beta2, step)).sqrt_().add_(eps)
         sqrt_p = torch.reciprocal(v, out=v).sqrt_().masked_fill_(never, 0.0)
         return _laid_out(sqrt_p, p, flat)
 
     return _per_parameter(parameters, one, lazy)
+
+
+def _check_adam(optimizer: torch.optim.Optimizer) -> None:
+    if not is_adam_optimizer(optimizer):
+        raise TypeError(
+            "adam geometry needs an Adam optimizer (torch's Adam or AdamW, DeepSpeed's "
+            f"FusedAdam or DeepSpeedCPUAdam), got {type(optimizer).__name__}"
+        )
 
 
 def adam_gradient_share(
@@ -283,7 +357,7 @@ def adam_gradient_share(
         state, group = states.state(p), states.group(p)
         if "step" in state and group is not None:
             beta1 = float(group["betas"][0])
-            return (1.0 - beta1) / (1.0 - beta1 ** _step_count(state["step"]))
+            return (1.0 - beta1) / _bias_correction(group, beta1, _step_count(state["step"]))
     raise ValueError("no parameter has an Adam state: call it after optimizer.step()")
 
 
@@ -314,8 +388,7 @@ def adam_applied_update(
     Memory: a few temporaries of one parameter's size, where a snapshot costs a copy of all.
     """
     states = adam_states(optimizer)
-    if not isinstance(states.optimizer, torch.optim.Adam):
-        raise TypeError(f"needs torch's Adam or AdamW, got {type(states.optimizer).__name__}")
+    _check_adam(states.optimizer)
     for name, p in parameters.items():
         group, state = states.group(p), states.state(p)
         if group is None:
@@ -343,10 +416,10 @@ def adam_update(
     (:func:`adam_applied_update`)."""
     lr, eps = float(group["lr"]), float(group["eps"])
     beta1, beta2 = (float(b) for b in group["betas"])
-    denom = v.detach() / (1.0 - beta2**step)
+    denom = v.detach() / _bias_correction(group, beta2, step)
     denom = denom.sqrt_().add_(eps)
     update = exp_avg.detach() / denom
-    update.mul_(-lr / (1.0 - beta1**step))
+    update.mul_(-lr / _bias_correction(group, beta1, step))
     decay = float(group.get("weight_decay", 0.0))
     if decay and group.get("decoupled_weight_decay", False):
         # theta' = theta (1 - lr decay) + update, so theta = (theta' - update) / (1 - lr decay)

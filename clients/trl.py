@@ -73,6 +73,7 @@ from clients.geometry import (
     adam_taken_preconditioner,
     adam_update,
     is_adam,
+    is_adam_type,
     unscaled,
 )
 from clients.http import Client
@@ -313,13 +314,14 @@ class KernelscopeConfig:
         ``"adam"``: rows ``sqrt(P_t) w_i`` with ``P_t`` the preconditioner of the step being
         taken (:func:`clients.geometry.adam_step_preconditioner`), so ``delta_h1`` predicts the
         Adam step (momentum aside); ``"sgd"``: raw score gradients (the plain-SGD
-        counterfactual); ``"auto"`` (default): ``adam`` when the optimizer is torch's Adam or
-        AdamW, else ``sgd``.  With ``kind="kronecker"`` the ``adam`` geometry captures exact
-        rows (the factorisation ``A delta_t``, ``B x_t`` cannot carry an elementwise ``P``):
-        each layer's per-sequence ``G_i`` is formed in its hook, scaled by ``sqrt(P_t)`` and
-        sketched as ``A G_i B^T`` (:class:`clients.factorised.HookedCapture`): about what a
-        count-sketched run costs (docs/real-run.md); ``geometry="sgd"`` keeps the cheaper
-        factorised capture.
+        counterfactual); ``"auto"`` (default): ``adam`` when the optimizer that steps is an
+        Adam (torch's Adam or AdamW; under DeepSpeed its ``FusedAdam`` or CPU Adam,
+        :func:`clients.zero.engine_optimizer`), else ``sgd``.  With ``kind="kronecker"`` the
+        ``adam`` geometry captures exact rows (the factorisation ``A delta_t``, ``B x_t``
+        cannot carry an elementwise ``P``): each layer's per-sequence ``G_i`` is formed in its
+        hook, scaled by ``sqrt(P_t)`` and sketched as ``A G_i B^T``
+        (:class:`clients.factorised.HookedCapture`): about what a count-sketched run costs
+        (docs/real-run.md); ``geometry="sgd"`` keeps the cheaper factorised capture.
     parameter_filter:
         which parameters to study (default: every trainable parameter).
     capture_method:
@@ -607,12 +609,13 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             reason = unsupported_reason(int(plugin.zero_stage))
             if reason is not None:
                 raise UnsupportedTRLSettingError(reason)
-            zero = plugin.deepspeed_config.get("zero_optimization", {})
-            offload = zero.get("offload_optimizer", {}).get("device", "none")
-            if self.kernelscope_geometry == "adam" and offload not in (None, "none"):
+            offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_optimizer")
+            ratio = float((offload or {}).get("ratio", 1.0))
+            if self.kernelscope_geometry == "adam" and self._kernelscope_stage3 and ratio < 1.0:
                 raise UnsupportedTRLSettingError(
-                    "ZeRO-Offload replaces the optimizer with DeepSpeed's CPU Adam, whose state "
-                    "the adam geometry does not read: turn offload_optimizer off, or use "
+                    f"offload_optimizer.ratio = {ratio}: ZeRO 3 then steps part of the "
+                    "partitions with a second Adam on the accelerator, whose state the adam "
+                    "geometry does not read; offload all of the optimizer (ratio 1) or use "
                     "geometry='sgd' (delta_h1_applied still gives what the step did)"
                 )
             if self._kernelscope_stage3 and self._factorised is None and self._hooked is None:
@@ -641,16 +644,40 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 "'hooks', with a model whose studied parameters all have hooks"
             )
 
+    def _kernelscope_optimizer_family(self) -> str:
+        """The optimizer the steps will be taken with, read when the trainer is built (before
+        DeepSpeed has made its own): ``"adam"`` (:func:`clients.geometry.is_adam_optimizer`),
+        ``"sgd"`` (torch's SGD without Nesterov or dampening: momentum carries earlier steps
+        only) or ``"other"``.  It is the trainer's (the one passed to it, or the one its
+        arguments name) unless DeepSpeed steps with another (:func:`clients.zero.engine_optimizer`:
+        a config ``optimizer`` section, or ZeRO-Offload)."""
+        kwargs: Mapping[str, Any]
+        if self.optimizer is not None:
+            inner = adam_states(self.optimizer).optimizer
+            cls, kwargs = type(inner), inner.param_groups[0]
+        else:
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, cast(Any, self.model))
+        if self._kernelscope_deepspeed:
+            from clients.zero import engine_optimizer
+
+            plugin = self.accelerator.state.deepspeed_plugin
+            replaced = engine_optimizer(plugin.deepspeed_config, cls)
+            if replaced is not None:
+                return replaced
+        if not isinstance(cls, type):
+            return "other"
+        if is_adam_type(cls):
+            return "adam"
+        plain = not kwargs.get("nesterov", False) and not kwargs.get("dampening", 0.0)
+        return "sgd" if issubclass(cls, torch.optim.SGD) and plain else "other"
+
     def _kernelscope_resolve_geometry(self) -> str:
         wanted = self.kernelscope.geometry
-        if self.optimizer is not None:
-            adam = is_adam(self.optimizer)
-        else:
-            optimizer_cls, _ = self.get_optimizer_cls_and_kwargs(self.args, cast(Any, self.model))
-            adam = isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Adam)
+        adam = self._kernelscope_optimizer_family() == "adam"
         if wanted == "adam" and not adam:
             raise UnsupportedTRLSettingError(
-                "geometry='adam' needs torch's Adam or AdamW as the optimizer"
+                "geometry='adam' needs an Adam optimizer (torch's Adam or AdamW, DeepSpeed's "
+                "FusedAdam or DeepSpeedCPUAdam)"
             )
         if wanted == "auto":
             return "adam" if adam else "sgd"
@@ -659,22 +686,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     def _kernelscope_applied_includes_step(self) -> bool:
         """Whether each step's applied update is the pushed rate times the sum of its update
         rows plus a part that is not a function of its sequences (the run's
-        ``applied_includes_step``, math.md §4): Adam or AdamW in ``adam`` geometry (the rate
+        ``applied_includes_step``, math.md §4): an Adam in ``adam`` geometry (the rate
         ``lr c (1 - beta1) / (1 - beta1^t)``, the rows scaled by the step's ``sqrt(P_t)``) and
-        torch's SGD without Nesterov or dampening in ``sgd`` geometry (momentum carries
-        earlier steps only)."""
+        torch's plain SGD in ``sgd`` geometry."""
         if self.kernelscope_geometry == "adam":
             return True
-        if self.optimizer is not None:
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            if not isinstance(inner, torch.optim.SGD):
-                return False
-            kwargs: Mapping[str, Any] = inner.param_groups[0]
-        else:
-            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, cast(Any, self.model))
-            if not (isinstance(cls, type) and issubclass(cls, torch.optim.SGD)):
-                return False
-        return not kwargs.get("nesterov", False) and not kwargs.get("dampening", 0.0)
+        return self._kernelscope_optimizer_family() == "sgd"
 
     def _kernelscope_shared_run_id(self, run_id: str | None) -> str:
         """The configured run id, or one drawn on the main process and shared with every rank."""

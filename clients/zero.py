@@ -80,6 +80,32 @@ def unsupported_reason(stage: int) -> str | None:
     return None
 
 
+def engine_optimizer(config: Mapping[str, Any], trainer_optimizer: type) -> str | None:
+    """What a DeepSpeed engine made from ``config`` steps with instead of the trainer's own
+    optimizer (of class ``trainer_optimizer``): ``"adam"`` (one of DeepSpeed's Adams or
+    torch's, ``clients.geometry.is_adam_optimizer``), ``"other"`` (another of DeepSpeed's), or
+    None (the trainer's own).
+
+    * With an ``optimizer`` section, DeepSpeed builds the optimizer from it (``Trainer`` passes
+      a placeholder): type Adam or AdamW gives ``FusedAdam``, its CPU Adam under ZeRO-Offload,
+      or torch's with ``torch_adam``.
+    * Without one, under ZeRO-Offload of the optimizer, accelerate replaces the trainer's
+      optimizer by DeepSpeed's CPU Adam, whatever it was (``map_pytorch_optim_to_deepspeed``;
+      Adagrad by a CPU Adagrad and bitsandbytes' Lion by a CPU Lion), unless the config sets
+      ``zero_force_ds_cpu_optimizer`` to false."""
+    section = config.get("optimizer")
+    if section:
+        kind = str(section.get("type", "")).lower()
+        return "adam" if kind in ("adam", "adamw") else "other"
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device", "none") in (None, "none"):
+        return None
+    if not config.get("zero_force_ds_cpu_optimizer", True):
+        return None
+    name = trainer_optimizer.__name__.lower()
+    return "other" if "adagrad" in name or "lion" in name else "adam"
+
+
 def call_before_step(engine: Any, before: Callable[[], None]) -> None:
     """Make ``engine.step()`` call ``before()`` first (then the window's parameters and reduced
     gradient are the step's), then the engine's own step.  Once per engine: calling it again
@@ -101,7 +127,9 @@ def _whole(parameter: torch.Tensor, partition_value: torch.Tensor) -> torch.Tens
     (``partition_value``, e.g. Adam's ``exp_avg_sq`` of this rank's partition), float32 in
     the parameter's shape: this rank's fragment in place, zeros elsewhere, one all-reduce
     over the parameter's data-parallel group (DeepSpeed's ``get_full_hp_param``)."""
-    whole = torch.zeros(parameter.numel(), dtype=torch.float32, device=partition_value.device)
+    # on the parameter's device, as DeepSpeed's ``get_full_hp_param``: under ZeRO-Offload the
+    # partition is in host memory, which NCCL cannot reduce
+    whole = torch.zeros(parameter.numel(), dtype=torch.float32, device=parameter.device)
     mapping = getattr(parameter, "_hp_mapping", None)
     if mapping is not None:  # None: no part of this parameter is in this rank's partition
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
@@ -180,7 +208,7 @@ class ZeroAdamStates(AdamStates):
 
     def group(self, parameter: torch.Tensor) -> Mapping[str, Any] | None:
         index = self._group_index.get(id(parameter))
-        return None if index is None else self.optimizer.param_groups[index]
+        return None if index is None else self.hyperparameters(self.optimizer.param_groups[index])
 
     def state(self, parameter: torch.Tensor) -> Mapping[str, Any]:
         index = self._group_index.get(id(parameter))
@@ -240,7 +268,9 @@ class Zero3AdamStates(ZeroAdamStates):
         sub = self._sub_group(parameter)
         if sub is None:
             return None
-        return self.optimizer.param_groups[self.zero.sub_group_to_group_id[sub]]
+        return self.hyperparameters(
+            self.optimizer.param_groups[self.zero.sub_group_to_group_id[sub]]
+        )
 
     def state(self, parameter: torch.Tensor) -> Mapping[str, Any]:
         sub = self._sub_group(parameter)

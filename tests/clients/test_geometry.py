@@ -165,6 +165,84 @@ def test_applied_update_from_adam_state_is_the_step_taken(
             torch.testing.assert_close(rebuilt[k], taken, rtol=1e-4, atol=ulp, msg=k)
 
 
+def _deepspeed_adam(kind: str, model: nn.Module, decay: float) -> torch.optim.Optimizer:
+    """DeepSpeed's ``FusedAdam`` or ``DeepSpeedCPUAdam`` over ``model`` (betas 0.9 / 0.99),
+    as its engine builds them, or the CPU Adam accelerate puts in place of torch's ``Adam``
+    under ZeRO-Offload (``map_pytorch_optim_to_deepspeed``: torch's param groups, whose
+    ``decoupled_weight_decay`` the CPU Adam does not read)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    params = model.parameters()
+    options = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": decay}
+    if kind == "accelerate":
+        from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
+
+        torch_adam = torch.optim.Adam(params, **options)  # type: ignore[arg-type]
+        for group in torch_adam.param_groups:
+            group["decoupled_weight_decay"] = True  # what accelerate copies, not what runs
+        mapped: torch.optim.Optimizer = map_pytorch_optim_to_deepspeed(torch_adam)
+        assert type(mapped) is DeepSpeedCPUAdam and not mapped.adam_w_mode  # type: ignore[attr-defined]
+        return mapped
+    name, adamw, correct = kind.split("-")
+    if name == "fused":  # one tensor per group, as ZeRO's flat partitions (is_adam_optimizer)
+        flat = [{"params": [p]} for p in params]
+        assert not is_adam(FusedAdam(model.parameters()))
+        return FusedAdam(
+            flat, bias_correction=correct == "corrected", adam_w_mode=adamw == "adamw", **options
+        )
+    return DeepSpeedCPUAdam(
+        params, bias_correction=correct == "corrected", adamw_mode=adamw == "adamw", **options
+    )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "fused-adamw-corrected",
+        "fused-adam-uncorrected",  # coupled decay, no bias correction
+        "cpu-adamw-uncorrected",
+        "cpu-adam-corrected",
+        "accelerate",  # torch's Adam replaced by the CPU Adam under ZeRO-Offload
+    ],
+)
+def test_deepspeed_adams_are_read_as_torch_adam_is(kind: str) -> None:
+    """DeepSpeed's own Adams (its ``FusedAdam``, and ``DeepSpeedCPUAdam``, which ZeRO-Offload
+    steps with), AdamW or Adam (coupled) with weight decay 0.1, with or without bias
+    correction, over three steps with ``beta1 = 0.9``: ``sqrt(P_t)`` computed before each step
+    is the one read back from the state after it, the update rebuilt from the state is
+    ``theta_after - theta_before``, and the step's share of the gradient is ``(1 - beta1)``
+    over the bias correction.  Read with torch's rules (AdamW's switch in the group, bias
+    correction always on) the coupled-decay steps' ``sqrt(P_t)`` and the uncorrected updates
+    would not match."""
+    model = tiny_gpt2().eval()
+    params = dict(model.named_parameters())
+    opt = _deepspeed_adam(kind, model, decay=0.1)
+    assert is_adam(opt)
+    correct = not kind.endswith("uncorrected")
+    for step in range(1, 4):
+        batch = make_batch(seed=step, n=4)
+        opt.zero_grad()
+        out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        s = response_logprobs(out, batch.input_ids, batch.response_mask)
+        (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
+        sqrt_p = adam_step_preconditioner(opt, params)
+        counts = adam_step_counts(opt, params)
+        before = {k: p.detach().clone() for k, p in params.items()}
+        opt.step()
+        taken = adam_taken_preconditioner(opt, params)
+        rebuilt = dict(adam_applied_update(opt, params, counts))
+        for k, p in params.items():
+            # their kernels round v_t differently from torch's order of operations, which
+            # adam_step_preconditioner follows: a few float32 ulps, more where g + lambda theta
+            # cancels
+            torch.testing.assert_close(taken[k], sqrt_p[k], rtol=1e-4, atol=0.0)
+            ulp = float(before[k].abs().max()) * 2.0**-23
+            torch.testing.assert_close(rebuilt[k], p.detach() - before[k], rtol=1e-4, atol=ulp)
+        share = 0.1 / (1 - 0.9**step) if correct else 0.1
+        assert adam_gradient_share(opt, params) == pytest.approx(share)
+
+
 def test_gradient_share_of_adam_momentum() -> None:
     """``(1 - beta1) / (1 - beta1^t)`` after step ``t``: 1 at the first step."""
     model = tiny_gpt2().eval()

@@ -27,7 +27,7 @@ from accelerate.state import PartialState
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from clients.filters import ParameterFilter
-from clients.geometry import adam_step_preconditioner, adam_taken_preconditioner
+from clients.geometry import adam_states, adam_step_preconditioner, adam_taken_preconditioner
 from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_llama_config
@@ -50,6 +50,16 @@ def zero(stage: int, **extra: Any) -> dict[str, Any]:
 
 #: ZeRO 3 with every parameter partitioned (DeepSpeed keeps those under the threshold whole)
 ZERO3 = zero(3, stage3_param_persistence_threshold=0)
+
+#: ZeRO-Offload of the optimizer: accelerate replaces the trainer's AdamW by DeepSpeed's CPU Adam
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+
+#: a DeepSpeed optimizer section: the engine builds its own AdamW (``FusedAdam``), the values
+#: filled in from the trainer's arguments
+FUSED_ADAMW = {
+    "type": "AdamW",
+    "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+}
 
 #: name -> (learning rate, GRPOConfig overrides, sketch): AdamW with beta1 = 0 (every step is
 #: -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows),
@@ -74,6 +84,12 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     ),
     "zero2-sgd-kronecker": (0.05, {"deepspeed": zero(2)}, KRONECKER_256),
     "zero2-adam-tokens": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, {"kind": "exact", "dim": 1}),
+    "zero2-adam-offload": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2, **OFFLOAD)}, SKETCH_512),
+    "zero2-fusedadam": (
+        1e-3,
+        {**ADAM_BETA0, "deepspeed": {**zero(2), "optimizer": FUSED_ADAMW}},
+        SKETCH_512,
+    ),
     "zero3-adam-clipped": (
         1e-3,
         {**ADAM_BETA0, "deepspeed": ZERO3, "max_grad_norm": 0.01, "beta": 0.04},
@@ -81,15 +97,24 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     ),
     "zero3-sgd-kronecker": (0.05, {"deepspeed": ZERO3}, KRONECKER_256),
     "zero3-adam-lora": (1e-2, {**ADAM_BETA0, "deepspeed": ZERO3}, SKETCH_512),
+    "zero3-adam-offload-clipped": (
+        1e-3,
+        {
+            **ADAM_BETA0,
+            "deepspeed": zero(3, stage3_param_persistence_threshold=0, **OFFLOAD),
+            "max_grad_norm": 0.01,
+        },
+        SKETCH_512,
+    ),
 }
 
 #: name -> (GRPOConfig overrides, KernelscopeConfig fields) that the trainer refuses.
 REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "offload": (
-        {**ADAM_BETA0, "deepspeed": zero(2, offload_optimizer={"device": "cpu"})},
+    "zero3-exact": ({"deepspeed": ZERO3}, {"sketch": {"kind": "exact"}}),
+    "zero3-partial-offload": (
+        {**ADAM_BETA0, "deepspeed": zero(3, offload_optimizer={"device": "cpu", "ratio": 0.5})},
         {"sketch": SKETCH_512},
     ),
-    "zero3-exact": ({"deepspeed": ZERO3}, {"sketch": {"kind": "exact"}}),
     "zero3-token-shares": ({"deepspeed": ZERO3}, {"sketch": SKETCH_512, "token_shares": True}),
 }
 
@@ -203,6 +228,8 @@ def main(url: str, out: Path) -> None:
             h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h
         ]
         results[f"kl-{name}"] = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+        assert trainer.optimizer is not None
+        results[f"optimizer-{name}"] = type(adam_states(trainer.optimizer).optimizer).__name__
     finish(out, results)
 
 

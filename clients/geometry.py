@@ -385,7 +385,9 @@ def adam_applied_update(
     from ``m_t``, ``v_t``, ``t`` and ``theta'``, as torch computed it up to the rounding of
     ``theta'`` (zero-mean, at most half a unit in the last place of each coordinate).  A
     parameter the step skipped (no gradient: its count equals ``steps_before``) gets zeros.
-    Memory: a few temporaries of one parameter's size, where a snapshot costs a copy of all.
+    ``theta'`` is the value the optimizer steps (:meth:`AdamStates.value`: under DeepSpeed its
+    fp32 master value, gathered only when there is decoupled decay to undo).  Memory: a few
+    temporaries of one parameter's size, where a snapshot costs a copy of all.
     """
     states = adam_states(optimizer)
     _check_adam(states.optimizer)
@@ -398,7 +400,10 @@ def adam_applied_update(
             yield name, like(torch.zeros_like(local(p), dtype=torch.float32), p)
             continue
         v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        update = adam_update(group, step, local(p.detach()), local(state["exp_avg"]), local(v))
+        decoupled = group.get("decoupled_weight_decay", False)
+        theta = states.value(p) if decoupled and group.get("weight_decay", 0.0) else p.detach()
+        theta = local(theta)
+        update = adam_update(group, step, theta, local(state["exp_avg"]), local(v))
         yield name, like(update, p)
 
 

@@ -948,10 +948,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         main = self.accelerator.is_main_process
         if self.kernelscope.push_applied_update and (main or collective):
             selected = self._kernelscope_selected()
-            # torch's Adam/AdamW: the update follows from its state after the step, so no copy
-            # of the parameters is kept (bf16 parameters round small steps away: snapshot them)
+            # an Adam: the update follows from its state after the step, so no copy of the
+            # parameters is kept; under DeepSpeed that is the step of its fp32 master values,
+            # elsewhere bf16 parameters round small steps away (snapshot them)
             if is_adam(self.optimizer) and (
-                self._kernelscope_stage3  # its fp32 master partitions
+                self._kernelscope_deepspeed
                 or all(p.dtype in (torch.float32, torch.float64) for p in selected.values())
             ):
                 window.adam_steps = adam_step_counts(self.optimizer, selected)

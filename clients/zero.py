@@ -224,6 +224,14 @@ class ZeroAdamStates(AdamStates):
             lambda _key, value: _whole(parameter, value),
         )
 
+    def value(self, parameter: torch.Tensor) -> torch.Tensor:
+        """The whole fp32 master value the step updates, gathered from the partitions (the
+        parameter itself may be bf16)."""
+        index = self._group_index.get(id(parameter))
+        if index is None:
+            return parameter.detach()
+        return _whole(parameter, self.zero.single_partition_of_fp32_groups[index])
+
     def gradient_scale(self) -> float:
         """What the step divides the reduced gradient by: DeepSpeed's ``combined_scale`` of
         ``unscale_and_clip_grads``, the loss scale over :func:`clip_factor` (one all-reduce)."""

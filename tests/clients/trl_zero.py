@@ -5,9 +5,10 @@ Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_zero.
 The main process writes ``{name: run id}``, ``refused-NAME`` (the error of a refused setting)
 ``sqrt_p-NAME`` (per step, the largest difference between the ``sqrt(P_t)`` computed before
 the step, from the reduced gradient, and the one the step divided by, read from its state
-after it, relative to the largest value), ``grad_norm-NAME`` (per step, the gradient norm
-``Trainer`` logged) and ``kl-NAME`` (TRL's logged KL to the reference model, with ``beta != 0``)
-to ``OUT/run_ids.json``.
+after it, relative to the largest value), ``update-NAME`` (ZeRO 1/2, per step:
+:func:`record_sqrt_p`), ``grad_norm-NAME`` (per step, the gradient norm ``Trainer`` logged),
+``kl-NAME`` (TRL's logged KL to the reference model, with ``beta != 0``) and
+``optimizer-NAME`` (the class of the torch optimizer that stepped) to ``OUT/run_ids.json``.
 
 A ``GRPOConfig`` with a ``deepspeed`` config makes ``Trainer`` build its ``Accelerator`` with
 DeepSpeed, which prepares the model with ``deepspeed.initialize`` (DeepSpeed's CPU
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,13 @@ from accelerate.state import PartialState
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from clients.filters import ParameterFilter
-from clients.geometry import adam_states, adam_step_preconditioner, adam_taken_preconditioner
+from clients.geometry import (
+    adam_applied_update,
+    adam_states,
+    adam_step_counts,
+    adam_step_preconditioner,
+    adam_taken_preconditioner,
+)
 from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_llama_config
@@ -69,7 +77,10 @@ FUSED_ADAMW = {
 #: adapters of the tiny Llama under ZeRO 3 (built whole, partitioned by the engine); AdamW
 #: with token shares (exact kernel) under ZeRO 2, before the ZeRO 3 runs:
 #: ``deepspeed.zero.Init`` replaces ``torch.nn.functional.linear`` in the whole process with
-#: a function that forward-mode AD cannot run.
+#: a function that forward-mode AD cannot run.  DeepSpeed's own Adams: ZeRO-Offload (its CPU
+#: Adam) under ZeRO 2 and, clipped, ZeRO 3; a config optimizer section (``FusedAdam``) with
+#: decoupled weight decay 0.1.  bf16 (the engine's bf16 parameters, fp32 master values) under
+#: ZeRO 2 and ZeRO 3.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
     "zero1-adam-clipped": (
@@ -85,9 +96,14 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-sgd-kronecker": (0.05, {"deepspeed": zero(2)}, KRONECKER_256),
     "zero2-adam-tokens": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, {"kind": "exact", "dim": 1}),
     "zero2-adam-offload": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2, **OFFLOAD)}, SKETCH_512),
-    "zero2-fusedadam": (
+    "zero2-adam-bf16": (
         1e-3,
-        {**ADAM_BETA0, "deepspeed": {**zero(2), "optimizer": FUSED_ADAMW}},
+        {**ADAM_BETA0, "bf16": True, "deepspeed": {**zero(2), "bf16": {"enabled": "auto"}}},
+        SKETCH_512,
+    ),
+    "zero2-fusedadam-decay": (
+        1e-3,
+        {**ADAM_BETA0, "weight_decay": 0.1, "deepspeed": {**zero(2), "optimizer": FUSED_ADAMW}},
         SKETCH_512,
     ),
     "zero3-adam-clipped": (
@@ -97,6 +113,11 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     ),
     "zero3-sgd-kronecker": (0.05, {"deepspeed": ZERO3}, KRONECKER_256),
     "zero3-adam-lora": (1e-2, {**ADAM_BETA0, "deepspeed": ZERO3}, SKETCH_512),
+    "zero3-adam-bf16": (
+        1e-3,
+        {**ADAM_BETA0, "bf16": True, "deepspeed": {**ZERO3, "bf16": {"enabled": "auto"}}},
+        SKETCH_512,
+    ),
     "zero3-adam-offload-clipped": (
         1e-3,
         {
@@ -143,25 +164,56 @@ def odd_llama(checkpoint: Path | None = None) -> Any:
     return str(checkpoint)
 
 
-def record_sqrt_p(trainer: KernelscopeGRPOTrainer, gaps: list[float]) -> None:
+def _largest_gap(a: dict[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """The largest ``|a - b|`` over every parameter, relative to the largest ``|b|``."""
+    top = max(float(b[n].abs().max()) for n in a)
+    return max(float((a[n] - b[n]).abs().max()) for n in a) / top
+
+
+def _ulps(
+    a: dict[str, torch.Tensor], b: Mapping[str, torch.Tensor], theta: Mapping[str, torch.Tensor]
+) -> float:
+    """The largest ``|a - b|`` of a parameter, in float32 units in the last place of its
+    largest value ``theta``: a change of the parameter is exact up to that rounding."""
+    return max(
+        float((a[n] - b[n]).abs().max()) / (float(theta[n].abs().max()) * 2.0**-23) for n in a
+    )
+
+
+def record_sqrt_p(
+    trainer: KernelscopeGRPOTrainer, gaps: list[float], update_gaps: list[float]
+) -> None:
     """Wrap the trainer's step so that each step appends to ``gaps`` the largest relative
-    difference between ``sqrt(P_t)`` before the step and the one the step used."""
+    difference between ``sqrt(P_t)`` before the step and the one the step used and, under
+    ZeRO 1/2, to ``update_gaps`` that between the update rebuilt from the Adam state and the
+    change of the fp32 master values (gathered whole from the partitions before and after), in
+    units in the last place of the parameter's largest value."""
     before_step, after_step = trainer._kernelscope_before_step, trainer._kernelscope_after_step
     predicted: dict[str, Any] = {}
+    master: dict[str, torch.Tensor] = {}
+    counts: dict[str, float] = {}
 
     def before() -> None:
         selected = trainer._kernelscope_selected()
         assert trainer.optimizer is not None
         lazy = adam_step_preconditioner(trainer.optimizer, selected, lazy=True)
         predicted.update({n: lazy[n].clone() for n in sorted(selected)})
+        if not trainer._kernelscope_stage3:
+            states = adam_states(trainer.optimizer)
+            master.update({n: states.value(selected[n]).clone() for n in sorted(selected)})
+            counts.update(adam_step_counts(trainer.optimizer, selected))
         before_step()
 
     def after() -> None:
         selected = trainer._kernelscope_selected()
         assert trainer.optimizer is not None
         taken = adam_taken_preconditioner(trainer.optimizer, selected, lazy=True)
-        top = max(float(predicted[n].abs().max()) for n in predicted)
-        gaps.append(max(float((taken[n] - predicted[n]).abs().max()) for n in predicted) / top)
+        gaps.append(_largest_gap(predicted, taken))
+        if master:
+            states = adam_states(trainer.optimizer)
+            moved = {n: states.value(selected[n]) - master[n] for n in sorted(selected)}
+            rebuilt = dict(adam_applied_update(trainer.optimizer, selected, counts))
+            update_gaps.append(_ulps(rebuilt, moved, master))
         after_step()
 
     trainer._kernelscope_before_step = before  # type: ignore[method-assign]
@@ -214,8 +266,9 @@ def main(url: str, out: Path) -> None:
             # built before the trainer, outside zero.Init: deepspeed.initialize partitions it
             assert not any(is_partitioned(p) for p in trainer.model.parameters())
         gaps: list[float] = []
+        update_gaps: list[float] = []
         if trainer.kernelscope_geometry == "adam":
-            record_sqrt_p(trainer, gaps)
+            record_sqrt_p(trainer, gaps, update_gaps)
         trainer.train()
         # ZeRO 3's partitions are shards: a failed hook capture must not fall back to exact
         # chunks, which call the model functionally with its parameters
@@ -223,6 +276,7 @@ def main(url: str, out: Path) -> None:
         assert all(is_partitioned(p) for p in trainer.model.parameters()) == stage3
         results[name] = trainer.kernelscope_run_id
         results[f"sqrt_p-{name}"] = gaps
+        results[f"update-{name}"] = update_gaps
         # DeepSpeed's global norm before clipping, one per step
         results[f"grad_norm-{name}"] = [
             h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h

@@ -9,6 +9,11 @@ gradient and state of one parameter at a time from the ranks' partitions (DeepSp
 ``safe_get_full_grad`` and its fragment addresses; one all-reduce of the parameter's size
 each: every rank reads the same parameters in the same order).
 
+With bf16 parameters and fp32 gradient accumulation, stage 1 steps with DeepSpeed's
+``BF16_Optimizer`` instead, which keeps the whole fp32 gradient on every rank and the fp32
+master values and state in partitions linked the same way: :class:`ZeroAdamStates` reads it
+too.
+
 ZeRO 3 partitions the parameters too: rank ``r`` holds one flat range of each, and
 DeepSpeed's module hooks gather a module's parameters around its forward and backward, the
 capture's included.  The gradient and state are all-gathered as under ZeRO 1/2
@@ -48,20 +53,28 @@ _WRAPPED = "_kernelscope_wrapped_step"
 
 
 def zero_optimizer(optimizer: Any) -> Any | None:
-    """The ZeRO optimizer (``DeepSpeedZeroOptimizer``, stage 1 or 2, or
-    ``DeepSpeedZeroOptimizer_Stage3``) inside ``optimizer`` (accelerate's wrapper or the
-    engine's own), or None (another optimizer, or DeepSpeed not imported)."""
+    """The ZeRO optimizer (``DeepSpeedZeroOptimizer``, stage 1 or 2;
+    ``DeepSpeedZeroOptimizer_Stage3``; or ``BF16_Optimizer``, which the engine uses for stage
+    1 with bf16 parameters and fp32 gradient accumulation) inside ``optimizer`` (accelerate's
+    wrapper or the engine's own), or None (another optimizer, or DeepSpeed not imported)."""
     if "deepspeed" not in sys.modules:  # then no optimizer is DeepSpeed's; importing it is slow
         return None
     try:
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     except ImportError:
         return None
+    kinds = DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3 | BF16_Optimizer
     for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
-        if isinstance(candidate, DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3):
+        if isinstance(candidate, kinds):
             return candidate
     return None
+
+
+def is_bf16_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (a :func:`zero_optimizer`) is DeepSpeed's ``BF16_Optimizer``."""
+    return hasattr(optimizer, "fp32_groups_flat_partition")
 
 
 def is_stage3(optimizer: Any) -> bool:
@@ -175,6 +188,8 @@ def clip_factor(optimizer: Any) -> float:
     clip = float(optimizer.clip_grad)
     if clip <= 0.0:
         return 1.0
+    if is_bf16_optimizer(optimizer):  # its step: clip_tensors_by_global_norm, no loss scale
+        return min(1.0, clip / (_bf16_global_norm(optimizer) + 1e-6))
     loss_scale = float(optimizer.loss_scale)
     if is_stage3(optimizer):  # as its step computes it
         from deepspeed.runtime.utils import combine_grad_norm_groups
@@ -185,6 +200,21 @@ def clip_factor(optimizer: Any) -> float:
     if not math.isfinite(norm) or norm < 0:  # DeepSpeed skips such a step
         norm = math.inf
     return 1.0 / max(1.0, (norm / loss_scale + 1e-6) / clip)
+
+
+def _bf16_global_norm(optimizer: Any) -> float:
+    """``BF16_Optimizer``'s global norm of the window's fp32 gradient, as its step computes it
+    (inf where it is not finite: the step is then skipped)."""
+    from deepspeed.runtime.utils import get_global_norm_of_tensors, get_norm_with_moe_layers
+
+    grads, experts = optimizer.get_grads_for_norm()
+    norm = get_global_norm_of_tensors(grads, mpu=optimizer.mpu, norm_type=optimizer.norm_type)
+    if optimizer.has_moe_layers:
+        norm = get_norm_with_moe_layers(
+            norm, mpu=optimizer.mpu, expert_tensors=experts, norm_type=optimizer.norm_type
+        )
+    value = float(norm)
+    return value if math.isfinite(value) and value >= 0 else math.inf
 
 
 class ZeroAdamStates(AdamStates):
@@ -201,9 +231,15 @@ class ZeroAdamStates(AdamStates):
         #: the torch optimizer, stepping the flat partitions
         self.optimizer = optimizer.optimizer
         self.zero = optimizer
-        self._group_index = {
-            id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group
-        }
+        bf16 = is_bf16_optimizer(optimizer)
+        groups = optimizer.bf16_groups if bf16 else optimizer.bit16_groups
+        self._group_index = {id(p): i for i, group in enumerate(groups) for p in group}
+        #: each group's fp32 partition on this rank, the tensor its torch optimizer steps
+        self._partitions: list[torch.Tensor] = (
+            optimizer.fp32_groups_flat_partition
+            if bf16
+            else optimizer.single_partition_of_fp32_groups
+        )
         self._scale: float | None = None
 
     def group(self, parameter: torch.Tensor) -> Mapping[str, Any] | None:
@@ -214,7 +250,7 @@ class ZeroAdamStates(AdamStates):
         index = self._group_index.get(id(parameter))
         if index is None:
             return {}
-        partition = self.zero.single_partition_of_fp32_groups[index]
+        partition = self._partitions[index]
         # the partition's own state, not ``safe_get_full_optimizer_state``: DeepSpeed links a
         # parameter to its state once, after the first group's first step, so with several
         # parameter groups (``Trainer``'s decay and no-decay) the later groups are never
@@ -230,13 +266,14 @@ class ZeroAdamStates(AdamStates):
         index = self._group_index.get(id(parameter))
         if index is None:
             return parameter.detach()
-        return _whole(parameter, self.zero.single_partition_of_fp32_groups[index])
+        return _whole(parameter, self._partitions[index])
 
     def gradient_scale(self) -> float:
         """What the step divides the reduced gradient by: DeepSpeed's ``combined_scale`` of
         ``unscale_and_clip_grads``, the loss scale over :func:`clip_factor` (one all-reduce)."""
         if self._scale is None:
-            self._scale = float(self.zero.loss_scale) / clip_factor(self.zero)
+            loss_scale = float(getattr(self.zero, "loss_scale", 1.0))  # BF16_Optimizer: none
+            self._scale = loss_scale / clip_factor(self.zero)
         return self._scale
 
     def reduced_gradient(self, parameter: torch.Tensor) -> torch.Tensor | None:

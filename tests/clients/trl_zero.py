@@ -38,6 +38,7 @@ from clients.geometry import (
 )
 from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
+from clients.zero import zero_optimizer
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_llama_config
 from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
@@ -80,7 +81,8 @@ FUSED_ADAMW = {
 #: a function that forward-mode AD cannot run.  DeepSpeed's own Adams: ZeRO-Offload (its CPU
 #: Adam) under ZeRO 2 and, clipped, ZeRO 3; a config optimizer section (``FusedAdam``) with
 #: decoupled weight decay 0.1.  bf16 (the engine's bf16 parameters, fp32 master values) under
-#: ZeRO 2 and ZeRO 3.
+#: ZeRO 2 and ZeRO 3, and under ZeRO 1 with fp32 gradient accumulation and clipping, where the
+#: engine steps with its ``BF16_Optimizer``.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
     "zero1-adam-clipped": (
@@ -99,6 +101,20 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam-bf16": (
         1e-3,
         {**ADAM_BETA0, "bf16": True, "deepspeed": {**zero(2), "bf16": {"enabled": "auto"}}},
+        SKETCH_512,
+    ),
+    "zero1-adam-bf16-fp32acc-clipped": (
+        1e-3,
+        {
+            **ADAM_BETA0,
+            "bf16": True,
+            "max_grad_norm": 0.01,
+            "deepspeed": {
+                **zero(1),
+                "bf16": {"enabled": "auto"},
+                "data_types": {"grad_accum_dtype": "fp32"},
+            },
+        },
         SKETCH_512,
     ),
     "zero2-fusedadam-decay": (
@@ -270,6 +286,8 @@ def main(url: str, out: Path) -> None:
         if trainer.kernelscope_geometry == "adam":
             record_sqrt_p(trainer, gaps, update_gaps)
         trainer.train()
+        if "-fp32acc" in name:  # bf16 with fp32 accumulation under ZeRO 1: not ZeRO's own
+            assert type(zero_optimizer(trainer.optimizer)).__name__ == "BF16_Optimizer"
         # ZeRO 3's partitions are shards: a failed hook capture must not fall back to exact
         # chunks, which call the model functionally with its parameters
         assert trainer._kernelscope_sharded == stage3

@@ -395,22 +395,43 @@ def adam_applied_update(
         group, state = states.group(p), states.state(p)
         if group is None:
             raise ValueError(f"parameter {name!r} is not handled by this optimizer")
-        step = _step_count(state.get("step", 0.0))
-        if step == steps_before[name]:
-            yield name, like(torch.zeros_like(local(p), dtype=torch.float32), p)
-            continue
-        v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-        decoupled = group.get("decoupled_weight_decay", False)
-        theta = states.value(p) if decoupled and group.get("weight_decay", 0.0) else p.detach()
-        theta = local(theta)
-        update = adam_update(group, step, theta, local(state["exp_avg"]), local(v))
+        update = adam_state_update(  # calls value and read before the loop moves on
+            group,
+            state,
+            steps_before[name],
+            value=lambda: local(states.value(p)),  # noqa: B023
+            read=lambda key: local(state[key]),  # noqa: B023
+        )
+        if update is None:
+            update = torch.zeros_like(local(p), dtype=torch.float32)
         yield name, like(update, p)
+
+
+def adam_state_update(
+    group: Mapping[str, Any],
+    state: Mapping[str, Any],
+    steps_before: float,
+    value: Callable[[], torch.Tensor],
+    read: Callable[[str], torch.Tensor],
+) -> torch.Tensor | None:
+    """``theta_after - theta_before`` (float32) of a parameter, or of any part of it, from the
+    state of the Adam step just taken (:func:`adam_update`); None where the step skipped it
+    (no gradient: its count ``state["step"]`` is still ``steps_before``).  ``read(key)`` gives
+    the part of the state tensor ``key`` (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``),
+    ``value()`` the part of the value after the step, read only to undo decoupled weight
+    decay."""
+    step = _step_count(state.get("step", 0.0))
+    if step == steps_before:
+        return None
+    v = read("max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq")
+    decoupled = group.get("decoupled_weight_decay", False) and group.get("weight_decay", 0.0)
+    return adam_update(group, step, value() if decoupled else None, read("exp_avg"), v)
 
 
 def adam_update(
     group: Mapping[str, Any],
     step: float,
-    theta_after: torch.Tensor,
+    theta_after: torch.Tensor | None,
     exp_avg: torch.Tensor,
     v: torch.Tensor,
 ) -> torch.Tensor:
@@ -418,7 +439,8 @@ def adam_update(
     in ``group``, from its state after the step (``exp_avg``, ``v`` its ``exp_avg_sq`` or
     running maximum, the step count ``step``): every operation is elementwise, so the tensors
     may be any part of the parameter (a shard, a flat partition) laid out alike
-    (:func:`adam_applied_update`)."""
+    (:func:`adam_applied_update`).  ``theta_after`` is needed only with decoupled weight
+    decay."""
     lr, eps = float(group["lr"]), float(group["eps"])
     beta1, beta2 = (float(b) for b in group["betas"])
     denom = v.detach() / _bias_correction(group, beta2, step)
@@ -427,6 +449,8 @@ def adam_update(
     update.mul_(-lr / _bias_correction(group, beta1, step))
     decay = float(group.get("weight_decay", 0.0))
     if decay and group.get("decoupled_weight_decay", False):
+        if theta_after is None:
+            raise ValueError("decoupled weight decay: the value after the step is needed")
         # theta' = theta (1 - lr decay) + update, so theta = (theta' - update) / (1 - lr decay)
         before = (theta_after.detach() - update).div_(1.0 - lr * decay)
         update.sub_(before.mul_(lr * decay))

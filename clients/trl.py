@@ -67,11 +67,11 @@ from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
     adam_applied_update,
     adam_gradient_share,
+    adam_state_update,
     adam_states,
     adam_step_counts,
     adam_step_preconditioner,
     adam_taken_preconditioner,
-    adam_update,
     is_adam,
     is_adam_type,
     unscaled,
@@ -1294,9 +1294,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> Iterator[tuple[str, FlatRange]]:
         """Under ZeRO 3: this rank's flat range of each parameter's ``u`` (``u / sqrt(P)`` in
         adam geometry), from its fp32 master partition: after the step minus before it, or
-        from torch's Adam state after the step (:func:`clients.geometry.adam_update`, no copy
-        of the parameters kept).  The ``sqrt(P)`` are gathered (collectives, in name order on
-        every rank), the updates not."""
+        from the Adam state after the step (:func:`clients.geometry.adam_state_update`, no
+        copy of the parameters kept).  The ``sqrt(P)`` are gathered (collectives, in name order
+        on every rank), the updates not."""
         assert self.optimizer is not None
         states = adam_states(self.optimizer) if window.adam_steps is not None else None
         scale = None
@@ -1309,14 +1309,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 u = part.values.float() - window.before[name].float()
             else:
                 assert window.adam_steps is not None
-                group, step = states.group(p), float(states.state(p).get("step", 0.0))
+                group = states.group(p)
                 assert group is not None
-                if step == window.adam_steps[name]:  # skipped (no gradient)
-                    u = torch.zeros_like(part.values, dtype=torch.float32)
-                else:
-                    v = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-                    m, v_part = local_partition(p, "exp_avg"), local_partition(p, v)
-                    u = adam_update(group, step, part.values, m.values, v_part.values)
+                update = adam_state_update(  # calls value and read before the loop moves on
+                    group,
+                    states.state(p),
+                    window.adam_steps[name],
+                    value=lambda: part.values,  # noqa: B023
+                    read=lambda key: local_partition(p, key).values,  # noqa: B023
+                )
+                u = torch.zeros_like(part.values, dtype=torch.float32) if update is None else update
             if scale is not None:
                 flat = scale[name].reshape(-1)
                 u = unscaled(u, flat[part.offset : part.offset + u.numel()])

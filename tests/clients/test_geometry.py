@@ -30,13 +30,21 @@ from clients.geometry import (
 from tests.clients.conftest import make_batch, tiny_gpt2
 
 
-def _loss_step(model: nn.Module, batch: SequenceBatch, optimizer: torch.optim.Optimizer) -> None:
-    """One policy-gradient-like step: maximise a weighted sum of the S_i."""
+def _loss_backward(
+    model: nn.Module, batch: SequenceBatch, optimizer: torch.optim.Optimizer
+) -> None:
+    """The gradient of a policy-gradient-like loss (a weighted sum of the S_i, maximised) in
+    ``.grad``, the optimizer's earlier gradients zeroed."""
     optimizer.zero_grad()
     out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     s = response_logprobs(out, batch.input_ids, batch.response_mask)
     weights = torch.linspace(-1.0, 1.0, s.shape[0])
     (-(weights * s).sum()).backward()
+
+
+def _loss_step(model: nn.Module, batch: SequenceBatch, optimizer: torch.optim.Optimizer) -> None:
+    """One policy-gradient-like step: :func:`_loss_backward`, then the optimizer's step."""
+    _loss_backward(model, batch, optimizer)
     optimizer.step()
 
 
@@ -102,10 +110,7 @@ def test_step_preconditioner_is_what_the_next_step_divides_by(
     params = dict(model.named_parameters())
     for seed in range(3):
         batch = make_batch(seed=seed, n=4)
-        opt.zero_grad()
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        s = response_logprobs(out, batch.input_ids, batch.response_mask)
-        (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
+        _loss_backward(model, batch, opt)
         sqrt_p = adam_step_preconditioner(opt, params)
         lazy = adam_step_preconditioner(opt, params, lazy=True)
         assert list(lazy) == list(params) and all(torch.equal(lazy[k], sqrt_p[k]) for k in lazy)
@@ -146,10 +151,7 @@ def test_applied_update_from_adam_state_is_the_step_taken(
     skipped = "transformer.wte.weight"
     for step in range(3):
         batch = make_batch(seed=step, n=4)
-        opt.zero_grad()
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        s = response_logprobs(out, batch.input_ids, batch.response_mask)
-        (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
+        _loss_backward(model, batch, opt)
         if step == 1:
             params[skipped].grad = None
         counts = adam_step_counts(opt, params)
@@ -222,10 +224,7 @@ def test_deepspeed_adams_are_read_as_torch_adam_is(kind: str) -> None:
     correct = not kind.endswith("uncorrected")
     for step in range(1, 4):
         batch = make_batch(seed=step, n=4)
-        opt.zero_grad()
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        s = response_logprobs(out, batch.input_ids, batch.response_mask)
-        (-(torch.linspace(-1.0, 1.0, s.shape[0]) * s).sum()).backward()
+        _loss_backward(model, batch, opt)
         sqrt_p = adam_step_preconditioner(opt, params)
         counts = adam_step_counts(opt, params)
         before = {k: p.detach().clone() for k, p in params.items()}

@@ -14,6 +14,12 @@ A GPT-2 of about 10M parameters built from a config (no download), ``n`` sequenc
   ``sqrt(P)`` and sketched): what a kronecker run costs when Adam's preconditioner is wanted,
   against the factorised capture and the count sketch.
 
+``--checkpointing`` turns transformers' activation checkpointing on (non-reentrant, what
+``Trainer`` does with ``gradient_checkpointing``, TRL's default) and puts the model in training
+mode: ``plain`` is then the checkpointed training forward and backward, and the captures
+checkpoint the same layers (``clients.capture.checkpointing_layers``).  ``--tokens T`` sets the
+response length, for the long completions where activations, not parameters, fill memory.
+
 Peak memory: each method runs once in its own subprocess, and the table reports its RSS
 high-water mark (``ru_maxrss``; tracemalloc does not see torch's allocations) above the RSS
 after building the model and batch.  Times: one subprocess runs all methods interleaved,
@@ -28,6 +34,7 @@ process measures both.
     python bench/capture.py --quick    # a small model, n = 8, T = 16: seconds
     python bench/capture.py --qwen2 100M --methods plain,hooked-countsketch --threads 2
     python bench/capture.py --device cuda --qwen2 100M   # the GPU targets (bench/gpu.sh)
+    python bench/capture.py --qwen2 100M --tokens 512 --checkpointing --methods plain,factorised
 """
 
 from __future__ import annotations
@@ -100,6 +107,9 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[A
         model = build_model(cfg["qwen2"]).eval()
     else:
         model = _gpt2(cfg, prompt_len)
+    if cfg.get("checkpointing"):  # as Trainer turns it on; dropout is 0 in both models
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
     g = torch.Generator().manual_seed(seed + 1)
     prompts = [torch.randint(0, cfg["vocab"], (prompt_len,), generator=g) for _ in range(cfg["n"])]
     # response lengths between T/2 and T, so that there is padding as in a real batch
@@ -241,10 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=None, help="response length T")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="activation checkpointing, training mode"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cfg = _config(args.quick, args.qwen2)
+    if args.tokens is not None:
+        cfg["T"] = args.tokens
+    cfg["checkpointing"] = args.checkpointing
     methods = args.methods.split(",")
     if args.worker == "timing":
         timing = run_timing(methods, cfg, args.repeats, args.seed, args.threads, args.device)
@@ -257,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
     common += ["--quick"] if args.quick else []
     common += ["--qwen2", args.qwen2] if args.qwen2 else []
+    common += ["--tokens", str(cfg["T"])]
+    common += ["--checkpointing"] if args.checkpointing else []
     timing = _subprocess(
         ["--worker", "timing", "--methods", args.methods, "--repeats", str(args.repeats), *common]
     )
@@ -272,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'Qwen2' if args.qwen2 else 'GPT-2'} {timing['params'] / 1e6:.1f}M parameters, "
         f"n = {timing['n']} sequences, "
         f"response <= {timing['T']} tokens (+16 prompt), kronecker k = {timing['k']}, "
-        f"{timing['threads']} torch thread(s), {timing['device']}; "
+        f"{timing['threads']} torch thread(s), {timing['device']}, "
+        f"activation checkpointing {'on' if args.checkpointing else 'off'}; "
         f"best of {args.repeats} interleaved rounds"
     )
     plain = best.get("plain", float("nan"))

@@ -17,6 +17,9 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
 * ``countsketch-chunks``: the same rows from exact per-sequence capture a chunk at a time
   (``capture_method="loop"``: ``vmap`` cannot run through the forward hook TRL's gradient
   checkpointing adds, so ``auto`` used to end up here);
+* ``countsketch-keep``: ``countsketch`` with ``capture_checkpointing=False``: the capture
+  keeps every activation of a micro-batch instead of checkpointing the layers TRL's gradient
+  checkpointing (on by default) checkpoints, and runs no forward again in its backward;
 * ``countsketch-shares``: ``countsketch`` plus every update token's exact share of ``dH1``
   (``token_shares=True``, math.md §9: ``cross_fit``, as a TRL step has no entropy-role
   sequences: a forward and a backward per half, and one forward-mode pass over the step's
@@ -63,6 +66,7 @@ MODES = (
     "kronecker-adam",
     "countsketch",
     "countsketch-chunks",
+    "countsketch-keep",
     "countsketch-shares",
 )
 
@@ -219,6 +223,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
             sketch_on="trainer",
             capture_method="loop" if how == "chunks" else "auto",
             token_shares=how == "shares",
+            capture_checkpointing=how != "keep",
             # plain kronecker is the factorised capture, which only the sgd geometry allows
             geometry="sgd" if mode == "kronecker" else "auto",
         )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -311,18 +312,53 @@ def response_logprobs(
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Switch dropout & co. off for the block (the score function of the deterministic policy)."""
+def eval_mode(
+    model: nn.Module, enabled: bool = True, *, checkpointing: bool = False
+) -> Iterator[None]:
+    """Switch dropout & co. off for the block (the score function of the deterministic policy).
+
+    ``checkpointing``: the layers that checkpoint their activations in training
+    (:func:`checkpointing_layers`) stay in training mode, so that they checkpoint in the
+    block too; everything inside them is in eval mode."""
     if not enabled:
         yield
         return
     modes = {m: m.training for m in model.modules()}
+    layers = checkpointing_layers(model) if checkpointing else []
     model.eval()
+    for layer in layers:
+        layer.training = True
     try:
         yield
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def checkpointing_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` that checkpoint their activations in training: transformers'
+    ``GradientCheckpointingLayer`` modules with gradient checkpointing on (``Trainer`` turns it
+    on with ``gradient_checkpointing``, TRL's default), non-reentrant (transformers' default
+    from 5.0).  Such a layer keeps only its input for the backward and runs its forward again
+    there.  Reentrant checkpointing (``use_reentrant=True``; TRL forces it for PEFT under ZeRO
+    3) cannot differentiate with ``torch.autograd.grad``, which the capture uses: those
+    layers are left out, and a capture then keeps their activations as without
+    checkpointing."""
+    if "transformers" not in sys.modules:  # then no layer is one of its (importing it is slow)
+        return []
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    layers: list[nn.Module] = []
+    for module in model.modules():
+        if not isinstance(module, GradientCheckpointingLayer) or not module.gradient_checkpointing:
+            continue
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        keywords = getattr(function, "keywords", None) or {}
+        if keywords.get("use_reentrant") is False:
+            layers.append(module)
+    return layers
 
 
 def sequence_logprobs(

@@ -59,6 +59,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from clients.capture import (
     SequenceBatch,
+    checkpointing_layers,
     eval_mode,
     forward_logits,
     response_entropy_sums,
@@ -156,6 +157,31 @@ class _Accumulator:
     shapes: Mapping[str, list[int]] = field(default_factory=dict)
     directions_added: set[int] = field(default_factory=set)
     hook_adds: bool = False  # the running hook's part is not in the directions yet
+    # Inside a layer that checkpoints (non-reentrant) the hooks keep no activation: the
+    # backward runs the layer's forward again, where a pre-hook hands each module's input to
+    # the hook of its output gradient (which may fire before or after it)
+    checkpointed: frozenset[int] = frozenset()  # ids of the modules inside such layers
+    in_backward: bool = False  # a backward of the capture is running: a forward is a re-run
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # module id -> re-run input
+    waiting: list[tuple[int, Callable[[torch.Tensor], None]]] = field(default_factory=list)
+
+    def gradient_arrived(self, module: int, work: Callable[[torch.Tensor], None]) -> None:
+        """A checkpointed module's output gradient: ``work(input)`` once its input is re-run."""
+        self.waiting.append((module, work))
+        self.run_waiting()
+
+    def run_waiting(self) -> None:
+        """Run the waiting work whose inputs have arrived.  Called from a tensor hook or after
+        the backward, never from the pre-hook: that runs inside the layer's re-run, whose
+        saved tensors the checkpoint counts, and the work may save some of its own."""
+        still = []
+        for module, work in self.waiting:
+            x = self.inputs.pop(module, None)
+            if x is None:
+                still.append((module, work))
+            else:
+                work(x)
+        self.waiting = still
 
     def padding(self, length: int) -> torch.Tensor | None:
         """The ``[n, L]`` real-token mask for an activation of ``length`` tokens per
@@ -175,6 +201,8 @@ class _Accumulator:
         self.registered = self.fired = 0
         self.roots.clear()
         self.fired_hooks.clear()
+        self.inputs.clear()
+        self.waiting.clear()
 
     def release(self) -> None:
         self.clear()
@@ -349,6 +377,14 @@ class FactorisedCapture:
         raise instead of warning when a selected parameter cannot be captured by hooks.
     use_eval_mode:
         run the model in eval mode (no dropout) during the capture.
+
+    Activation checkpointing: the layers that checkpoint in training
+    (:func:`clients.capture.checkpointing_layers`: transformers' non-reentrant activation
+    checkpointing, which ``Trainer`` turns on with ``gradient_checkpointing``, TRL's default)
+    checkpoint in the capture too, so that its forward keeps no more activations than the
+    training forward does; the hooks then keep none of a checkpointed layer's activations, and
+    each backward runs its layers' forwards again (about one forward more per backward).
+    Set :attr:`checkpointing` to False to keep every activation instead.
     """
 
     def __init__(
@@ -392,6 +428,8 @@ class FactorisedCapture:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.model = model
         self.use_eval_mode = use_eval_mode
+        #: checkpoint the layers that checkpoint in training (the class docstring)
+        self.checkpointing = True
         #: the sampling temperature ``T`` of the policy ``softmax(logits / T)`` (TRL's)
         self.temperature = float(temperature)
         try:
@@ -617,7 +655,7 @@ class FactorisedCapture:
                 own: Mapping[str, str] = own,
                 partitioned: bool = partitioned,
             ) -> None:
-                if acc.recomputing:
+                if acc.recomputing or acc.in_backward:  # a checkpoint's re-run: see pre_hook
                     return
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise RuntimeError(f"{type(mod).__name__}: expected a tensor input")
@@ -629,7 +667,8 @@ class FactorisedCapture:
                         f"{acc.token_mask.shape[0]}: its output is broadcast over the sequences, "
                         "so per-sequence gradients cannot be separated; exclude its parameters"
                     )
-                x = args[0].detach()
+                # a checkpointed layer's activations are not kept: the re-run hands them over
+                x = None if id(mod) in acc.checkpointed else args[0].detach()
                 if not args[0].requires_grad:
                     acc.roots.append(output)
                 number = acc.registered
@@ -644,11 +683,19 @@ class FactorisedCapture:
                 def tensor_hook(g: torch.Tensor) -> None:
                     acc.fired += 1
                     acc.fired_hooks.add(number)
-                    acc.hook_adds = number not in acc.directions_added
-                    if values is None:
-                        on_grad(x, g.detach())
+                    grad = g.detach()
+
+                    def work(inputs: torch.Tensor) -> None:
+                        acc.hook_adds = number not in acc.directions_added
+                        if values is None:
+                            on_grad(inputs, grad)
+                        else:
+                            on_grad(inputs, grad, values)
+
+                    if x is None:
+                        acc.gradient_arrived(id(mod), work)
                     else:
-                        on_grad(x, g.detach(), values)
+                        work(x)
 
                 # A tensor hook sees dS/d(output) of this very call: a module called twice gets
                 # two contributions, which add up like the gradient does.
@@ -657,6 +704,8 @@ class FactorisedCapture:
 
             # before DeepSpeed's own forward hook, which releases ZeRO 3 parameters
             handles.append(module.register_forward_hook(forward_hook, prepend=partitioned))
+            if id(module) in acc.checkpointed:
+                handles.append(module.register_forward_pre_hook(self._rerun_hook(acc)))
         planned = {id(m) for m, _, _ in self._plan}
         for module in self.model.modules():
             if isinstance(module, nn.Embedding) and id(module) not in planned:
@@ -671,6 +720,43 @@ class FactorisedCapture:
         finally:
             for handle in handles:
                 handle.remove()
+
+    @staticmethod
+    def _rerun_hook(acc: _Accumulator) -> Callable[..., None]:
+        """A forward pre-hook that keeps a checkpointed module's input when the backward runs
+        its layer again (a pre-hook: the re-run stops after the layer's last saved tensor,
+        which may be before a module's forward returns)."""
+
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if not acc.in_backward or acc.recomputing:
+                return
+            if id(mod) in acc.inputs:
+                raise RuntimeError(
+                    f"{type(mod).__name__} runs twice in one checkpointed layer: its inputs "
+                    "cannot be told apart; turn gradient checkpointing off for the capture"
+                )
+            acc.inputs[id(mod)] = args[0].detach()
+
+        return pre_hook
+
+    def _backward(
+        self,
+        acc: _Accumulator,
+        output: torch.Tensor,
+        targets: list[torch.Tensor],
+        retain_graph: bool = False,
+    ) -> None:
+        """``torch.autograd.grad(output, targets)`` with the hooks told that a forward they see
+        is a checkpoint's re-run; the work that waited for re-run inputs is done by its end."""
+        acc.in_backward = True
+        try:
+            torch.autograd.grad(output, targets, allow_unused=True, retain_graph=retain_graph)
+        finally:
+            acc.in_backward = False
+        acc.run_waiting()
+        if acc.waiting:
+            raise RuntimeError("a checkpointed layer was not run again in the backward")
+        acc.inputs.clear()
 
     # -- capture -----------------------------------------------------------------------------
 
@@ -737,7 +823,18 @@ class FactorisedCapture:
         )
         if weights is None and entropy is not None:  # an entropy term alone: update rows too
             weights = torch.zeros_like(entropy)
-        with eval_mode(self.model, self.use_eval_mode), self._hooks(acc), _released(acc):
+        # the layers that will checkpoint: in eval mode they are kept in training mode
+        layers = [
+            layer
+            for layer in checkpointing_layers(self.model)
+            if self.checkpointing and (self.use_eval_mode or layer.training)
+        ]
+        acc.checkpointed = frozenset(id(m) for layer in layers for m in layer.modules())
+        with (
+            eval_mode(self.model, self.use_eval_mode, checkpointing=self.checkpointing),
+            self._hooks(acc),
+            _released(acc),
+        ):
             logits = self._forward(batch)
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
@@ -758,7 +855,7 @@ class FactorisedCapture:
             # a backward).  autograd.grad, not backward(): no parameter's .grad is touched.
             targets: list[torch.Tensor] = list(acc.roots) if acc.roots else list(params)
             keep = weights is not None
-            torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
+            self._backward(acc, logprobs.sum(), targets, retain_graph=keep)
             if acc.roots and acc.fired != acc.registered:
                 # some hooked output is not upstream of an embedding: run the full backward
                 # (the same forward registers its hooks in the same order: those that ran
@@ -771,7 +868,7 @@ class FactorisedCapture:
                     logits, batch.input_ids, batch.response_mask, temperature=self.temperature
                 )
                 targets = list(params)
-                torch.autograd.grad(logprobs.sum(), targets, allow_unused=True, retain_graph=keep)
+                self._backward(acc, logprobs.sum(), targets, retain_graph=keep)
             sketch = self._rows(acc, batch.size, logprobs.device)
             with torch.no_grad():
                 entropy_sums = response_entropy_sums(
@@ -784,7 +881,7 @@ class FactorisedCapture:
                 weighted = response_logprobs(
                     logits, batch.input_ids, batch.response_mask, weights, self.temperature, entropy
                 ).sum()
-                torch.autograd.grad(weighted, targets, allow_unused=True)
+                self._backward(acc, weighted, targets)
                 update_sketch = self._rows(acc, batch.size, logprobs.device)
         return FactorisedSketches(
             logprobs=logprobs.detach(),

@@ -334,6 +334,12 @@ class KernelscopeConfig:
     chunk_size:
         sequences per chunk of exact capture: at most this many sequences' gradients exist
         at a time.
+    capture_checkpointing:
+        with rows from hooks, checkpoint the layers that TRL's training forward checkpoints
+        (``gradient_checkpointing``, TRL's default; transformers' non-reentrant activation
+        checkpointing, :class:`clients.factorised.FactorisedCapture`), so that the capture
+        keeps no more activations than the training step (default True).  False keeps every
+        activation of a micro-batch's capture, and saves a forward per backward of it.
     push_applied_update, push_logprob_after:
         push ``theta_after - theta_before`` and ``S'_i`` after each optimizer step.
     token_shares:
@@ -375,6 +381,7 @@ class KernelscopeConfig:
     geometry: Literal["auto", "sgd", "adam"] = "auto"
     capture_method: Literal["auto", "hooks", "vmap", "loop"] = "auto"
     chunk_size: int = 8
+    capture_checkpointing: bool = True
     push_applied_update: bool = True
     push_logprob_after: bool = True
     push_entropy_sums: bool = True
@@ -503,6 +510,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 parameter_filter=kernelscope.parameter_filter,
                 temperature=float(self.temperature),
             )
+            self._factorised.checkpointing = kernelscope.capture_checkpointing
             declared = self._factorised.parameters
         else:
             declared = {
@@ -583,6 +591,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 raise
             return None  # some parameter has no hook: exact chunks
         assert hooked.parameters == dict(declared)
+        hooked.checkpointing = self.kernelscope.capture_checkpointing
         return hooked
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -41,23 +42,26 @@ def tiny_gpt2(seed: int = 0, dropout: float = 0.0) -> nn.Module:
     return model
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """Llama-style (nn.Linear without bias, RMSNorm, GQA, untied head, padding_idx 0)."""
+def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
+    """Llama-style (nn.Linear without bias, RMSNorm, GQA, untied head, padding_idx 0);
+    ``overrides``: other ``LlamaConfig`` values (sizes, layers)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    values: dict[str, Any] = {
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **overrides,
+    }
+    config = LlamaConfig(**values)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for _, p in model.named_parameters():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -557,3 +559,90 @@ def test_hook_captures_on_a_model_sharded_by_fsdp2(tmp_path: Any) -> None:
         for name in ("factorised", "countsketch"):
             _close(result[f"{name}_sharded"], result[f"{name}_plain"])
         _close(result["grad_sharded"], result["grad_plain"])
+
+
+def _saved_bytes(run: Callable[[], torch.Tensor], saved: list[int]) -> torch.Tensor:
+    """``run()``, appending to ``saved`` the bytes of the distinct tensors autograd saved for
+    the backward while it ran, outside checkpointed layers (a checkpoint's own hooks take the
+    saves inside them)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    saved.append(sum(storages.values()))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant", "capture_off"])
+@pytest.mark.parametrize("capture_kind", ["factorised", "countsketch-adam"])
+def test_capture_checkpoints_as_the_training_forward_does(capture_kind: str, mode: str) -> None:
+    """With activation checkpointing on (``Trainer``'s ``gradient_checkpointing``, TRL's
+    default), the capture's forward checkpoints the same layers as training does: the rows,
+    update rows (with an entropy term), entropy sums and directions are those of the same
+    model without checkpointing, from one forward (no fallback), while the activations its
+    forward keeps for the backward are a fraction of them.  Reentrant checkpointing cannot
+    serve ``torch.autograd.grad``: there the capture keeps every activation, as before, and
+    so it does when told not to checkpoint (``checkpointing = False``)."""
+    import copy
+
+    from clients.factorised import EntropyDirections, HookedCapture
+    from tests.clients.conftest import tiny_llama
+    from tests.clients.test_capture import token_coefficients
+
+    plain = tiny_llama(hidden_size=32, intermediate_size=64, num_hidden_layers=4)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable({"use_reentrant": mode == "reentrant"})
+    checkpointed.train()
+    batch = make_batch(n=6)
+    coef, ecoef = token_coefficients(batch), token_coefficients(batch, seed=5)
+    results = {}
+    for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+        kwargs: dict[str, Any] = {}
+        if capture_kind == "factorised":
+            capture: Any = FactorisedCapture(model, dim=DIM, seed=SEED)
+        else:
+            capture = HookedCapture(model, {"kind": "countsketch", "dim": DIM, "seed": SEED})
+            g = torch.Generator().manual_seed(2)
+            scale = {n: torch.rand(p.shape, generator=g) + 0.5 for n, p in model.named_parameters()}
+            kwargs["row_scale"] = scale
+        capture.checkpointing = mode != "capture_off"
+        saved: list[int] = []
+        forward = capture._forward
+        capture._forward = functools.partial(_saved_bytes_of, forward, saved)
+        directions = EntropyDirections(lambda s: torch.stack([s - s.mean(), (s - s.mean()) ** 2]))
+        result = capture(
+            batch,
+            token_coefficients=coef,
+            entropy_coefficients=ecoef,
+            directions=directions,
+            **kwargs,
+        )
+        assert len(saved) == 1  # one forward: no fallback to a second one
+        results[name] = (result, saved[0], directions.totals)
+    (got, got_saved, got_dirs), (want, want_saved, want_dirs) = (
+        results["checkpointed"],
+        results["plain"],
+    )
+    _close(got.sketch, want.sketch)
+    _close(got.update_sketch, want.update_sketch)
+    torch.testing.assert_close(got.entropy_sums, want.entropy_sums)
+    torch.testing.assert_close(got.logprobs, want.logprobs)
+    for d in (0, 1):
+        assert set(got_dirs[d]) == set(want_dirs[d])
+        for name, total in want_dirs[d].items():
+            _close(got_dirs[d][name], total)
+    if mode != "non_reentrant":
+        assert got_saved == want_saved
+    else:
+        assert got_saved < 0.2 * want_saved, (got_saved, want_saved)  # 0.078
+    assert all(m.training for m in checkpointed.modules())  # its modes are given back
+
+
+def _saved_bytes_of(
+    forward: Callable[[SequenceBatch], torch.Tensor], saved: list[int], batch: SequenceBatch
+) -> torch.Tensor:
+    return _saved_bytes(lambda: forward(batch), saved)

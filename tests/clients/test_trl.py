@@ -38,7 +38,12 @@ from transformers import (  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict  # noqa: E402
 
-from clients.capture import SequenceBatch, capture_gradients, repack  # noqa: E402
+from clients.capture import (  # noqa: E402
+    SequenceBatch,
+    capture_gradients,
+    checkpointing_layers,
+    repack,
+)
 from clients.http import Client  # noqa: E402
 from clients.trl import (  # noqa: E402
     SUPPORTED_LOSS_TYPES,
@@ -715,6 +720,10 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
     assert (trainer._hooked is not None) == (method == "auto")
     assert trainer._factorised is None
     trainer.train()
+    if trainer._hooked is not None:  # TRL's default gradient checkpointing: so is the capture
+        assert trainer._hooked.checkpointing
+        policy = trainer._kernelscope_policy()
+        assert len(checkpointing_layers(policy)) == policy.config.num_hidden_layers
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     with Client(live_service.base_url) as client:
         run = client.get_run(trainer.kernelscope_run_id)

@@ -313,26 +313,25 @@ def response_logprobs(
 
 @contextlib.contextmanager
 def eval_mode(
-    model: nn.Module, enabled: bool = True, *, checkpointing: bool = False
+    model: nn.Module, enabled: bool = True, *, training: Sequence[nn.Module] = ()
 ) -> Iterator[None]:
     """Switch dropout & co. off for the block (the score function of the deterministic policy).
 
-    ``checkpointing``: the layers that checkpoint their activations in training
-    (:func:`checkpointing_layers`) stay in training mode, so that they checkpoint in the
-    block too; everything inside them is in eval mode."""
+    ``training``: modules that stay in training mode themselves, their children not (the
+    layers that checkpoint their activations, :func:`checkpointing_layers`, so that they
+    checkpoint in the block too)."""
     if not enabled:
         yield
         return
     modes = {m: m.training for m in model.modules()}
-    layers = checkpointing_layers(model) if checkpointing else []
     model.eval()
-    for layer in layers:
+    for layer in training:
         layer.training = True
     try:
         yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def checkpointing_layers(model: nn.Module) -> list[nn.Module]:

@@ -826,12 +826,12 @@ class FactorisedCapture:
         # the layers that will checkpoint: in eval mode they are kept in training mode
         layers = [
             layer
-            for layer in checkpointing_layers(self.model)
-            if self.checkpointing and (self.use_eval_mode or layer.training)
+            for layer in (checkpointing_layers(self.model) if self.checkpointing else [])
+            if self.use_eval_mode or layer.training
         ]
         acc.checkpointed = frozenset(id(m) for layer in layers for m in layer.modules())
         with (
-            eval_mode(self.model, self.use_eval_mode, checkpointing=self.checkpointing),
+            eval_mode(self.model, self.use_eval_mode, training=layers),
             self._hooks(acc),
             _released(acc),
         ):

@@ -35,6 +35,12 @@ process measures both.
     python bench/capture.py --qwen2 100M --methods plain,hooked-countsketch --threads 2
     python bench/capture.py --device cuda --qwen2 100M   # the GPU targets (bench/gpu.sh)
     python bench/capture.py --qwen2 100M --tokens 512 --checkpointing --methods plain,factorised
+    python bench/capture.py --moe --methods plain,loop,hooked-countsketch
+
+``--moe`` takes a Qwen3-MoE of about 16M parameters (4 layers, 8 experts of which 2 per token,
+the experts 60% of the parameters) and a micro-batch of 16 sequences of up to 24 response
+tokens: its routers and experts are captured by a re-run per sequence (docs/clients.md), and
+before 2026-12-06 such a model fell back to ``loop``.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ sys.path.insert(0, str(REPO))
 METHODS = ("plain", "loop", "vmap", "factorised", "hooked-kronecker", "hooked-countsketch")
 
 
-def _config(quick: bool, qwen2: str | None = None) -> dict[str, Any]:
+def _config(quick: bool, qwen2: str | None = None, moe: bool = False) -> dict[str, Any]:
+    if moe:
+        return {"moe": True, "vocab": 8192, "n": 16, "T": 24, "k": 4096}
     if qwen2 is not None:  # bench/trl_step.py's model and one of its micro-batches
         from trl_step import SIZES  # bench/trl_step.py
 
@@ -105,6 +113,8 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[A
         from trl_step import build_model  # bench/trl_step.py
 
         model = build_model(cfg["qwen2"]).eval()
+    elif cfg.get("moe"):
+        model = _qwen3_moe(cfg, prompt_len)
     else:
         model = _gpt2(cfg, prompt_len)
     if cfg.get("checkpointing"):  # as Trainer turns it on; dropout is 0 in both models
@@ -132,6 +142,34 @@ def _gpt2(cfg: dict[str, Any], prompt_len: int) -> Any:
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def _qwen3_moe(cfg: dict[str, Any], prompt_len: int) -> Any:
+    """A Qwen3-MoE from a config: transformers' MoE layers (a router returning logits, routing
+    weights and chosen experts; experts as 3-D parameters, grouped matmul)."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=cfg["vocab"],
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=512,
+        num_experts=8,
+        num_experts_per_tok=2,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=prompt_len + cfg["T"] + 8,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():  # the routers start at zero: route by something
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.1)
+    return model
 
 
 def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callable[[], object]:
@@ -250,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("1M", "10M", "100M"),
         help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
     )
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE of about 16M parameters")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=None, help="response length T")
     parser.add_argument(
@@ -258,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = _config(args.quick, args.qwen2)
+    cfg = _config(args.quick, args.qwen2, args.moe)
     if args.tokens is not None:
         cfg["T"] = args.tokens
     cfg["checkpointing"] = args.checkpointing
@@ -274,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
     common += ["--quick"] if args.quick else []
     common += ["--qwen2", args.qwen2] if args.qwen2 else []
+    common += ["--moe"] if args.moe else []
     common += ["--tokens", str(cfg["T"])]
     common += ["--checkpointing"] if args.checkpointing else []
     timing = _subprocess(
@@ -288,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             memory[m] = float("nan") if row is None else row["peak_mib"]
     best = {m: min(t) for m, t in timing["times"].items()}
     print(
-        f"{'Qwen2' if args.qwen2 else 'GPT-2'} {timing['params'] / 1e6:.1f}M parameters, "
+        f"{'Qwen3-MoE' if args.moe else 'Qwen2' if args.qwen2 else 'GPT-2'} "
+        f"{timing['params'] / 1e6:.1f}M parameters, "
         f"n = {timing['n']} sequences, "
         f"response <= {timing['T']} tokens (+16 prompt), kronecker k = {timing['k']}, "
         f"{timing['threads']} torch thread(s), {timing['device']}, "

@@ -241,6 +241,27 @@ def forward_logits(
     logits_to_keep, V]``), computed alone where the model supports it
     (:func:`takes_logits_to_keep`) and sliced otherwise; :func:`response_logprobs` and
     :func:`response_entropy_sums` take such logits (:func:`response_window`)."""
+    return forward_outputs(
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep=logits_to_keep,
+        position_ids=position_ids,
+    )[0]
+
+
+def forward_outputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    logits_to_keep: int = 0,
+    position_ids: torch.Tensor | None = None,
+    router_loss: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`forward_logits` and, with ``router_loss``, the scalar load-balancing loss of a
+    mixture-of-experts model over the batch's real tokens (transformers' ``aux_loss`` with
+    ``output_router_logits=True``: what TRL adds to its loss), in the forward's graph."""
     kwargs: dict[str, Any] = {}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -250,8 +271,21 @@ def forward_logits(
         kwargs["position_ids"] = position_ids
     if 0 < logits_to_keep < input_ids.shape[1] and takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = logits_to_keep
-    logits = logits_of(model(input_ids, **kwargs))
-    return logits[:, -logits_to_keep:] if 0 < logits_to_keep < logits.shape[1] else logits
+    if router_loss:
+        kwargs["output_router_logits"] = True
+    output = model(input_ids, **kwargs)
+    logits = logits_of(output)
+    if 0 < logits_to_keep < logits.shape[1]:
+        logits = logits[:, -logits_to_keep:]
+    aux = None
+    if router_loss:
+        aux = getattr(output, "aux_loss", None)
+        if not isinstance(aux, torch.Tensor):
+            raise TypeError(
+                f"{type(model).__name__} returned no aux_loss with output_router_logits=True: "
+                "it has no router loss to capture"
+            )
+    return logits, aux
 
 
 def _logits_offset(logits: torch.Tensor, response_mask: torch.Tensor) -> int:

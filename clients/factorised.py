@@ -48,7 +48,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ from clients.capture import (
     SequenceBatch,
     checkpointing_layers,
     eval_mode,
-    forward_logits,
+    forward_outputs,
     response_entropy_sums,
     response_logprobs,
     response_window,
@@ -84,6 +84,8 @@ except ImportError:  # pragma: no cover - transformers is a declared dependency
     _HFConv1D = None
 
 NonMatrix = Literal["sketch", "exclude"]
+#: a module call's positional and keyword arguments (tensors detached)
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
@@ -162,11 +164,11 @@ class _Accumulator:
     # the hook of its output gradient (which may fire before or after it)
     checkpointed: frozenset[int] = frozenset()  # ids of the modules inside such layers
     in_backward: bool = False  # a backward of the capture is running: a forward is a re-run
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # module id -> re-run input
-    waiting: list[tuple[int, Callable[[torch.Tensor], None]]] = field(default_factory=list)
+    inputs: dict[int, Call] = field(default_factory=dict)  # module id -> re-run call
+    waiting: list[tuple[int, Callable[[Call], None]]] = field(default_factory=list)
 
-    def gradient_arrived(self, module: int, work: Callable[[torch.Tensor], None]) -> None:
-        """A checkpointed module's output gradient: ``work(input)`` once its input is re-run."""
+    def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
+        """A checkpointed module's output gradient: ``work(call)`` once its call is re-run."""
         self.waiting.append((module, work))
         self.run_waiting()
 
@@ -176,11 +178,11 @@ class _Accumulator:
         saved tensors the checkpoint counts, and the work may save some of its own."""
         still = []
         for module, work in self.waiting:
-            x = self.inputs.pop(module, None)
-            if x is None:
+            call = self.inputs.pop(module, None)
+            if call is None:
                 still.append((module, work))
             else:
-                work(x)
+                work(call)
         self.waiting = still
 
     def padding(self, length: int) -> torch.Tensor | None:
@@ -294,6 +296,44 @@ def _add_outer_directions(
         acc.direction(d, name, part.device).view(-1).add_(part.reshape(-1))
 
 
+def _external(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The part of each output's gradient that comes from outside the module.
+
+    ``pairs``: a module re-run's outputs ``o_j`` with the gradients ``T_j`` their hooks saw.
+    When one output is computed from another inside the module (a router's routing weights
+    from its logits), ``T`` of the earlier one already holds the path through the later one:
+    ``T_j = e_j + sum_k (do_k/do_j)^T e_k`` with ``e`` the outside parts, which are the
+    cotangents that give the parameters' gradient once.  Solved from the last outputs back:
+    exact after one pass per output beyond the first."""
+    outs = [o for o, _ in pairs]
+    external = [t for _, t in pairs]
+    for _ in range(len(pairs) - 1):
+        solved = []
+        for j, (o_j, total) in enumerate(pairs):
+            others = [k for k in range(len(pairs)) if k != j]
+            inside = torch.autograd.grad(
+                [outs[k] for k in others],
+                [o_j],
+                [external[k] for k in others],
+                retain_graph=True,
+                allow_unused=True,
+            )[0]
+            solved.append(total if inside is None else total - inside)
+        external = solved
+    return external
+
+
+def _add_rows_direction(
+    acc: _Accumulator, name: str, index: torch.Tensor, flat: torch.Tensor
+) -> None:
+    """Add sequences ``index``' flat gradients ``flat`` (``[b, numel]``) of parameter
+    ``name``, weighted by their ``h_{d,i}``, to the directions (nothing when none is being
+    added)."""
+    weights = acc.adding
+    if weights is not None:
+        acc.add_direction(name, weights[:, index.to(weights.device)].to(flat.dtype) @ flat)
+
+
 def _embedding_tokens(
     module: nn.Embedding, acc: _Accumulator, ids: torch.Tensor, grad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,14 +349,44 @@ def _embedding_tokens(
     return ids, _tokens(grad, n), keep
 
 
-def _call(module: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> Any:
-    """``functional_call(module, params, (x,))``; for a module whose parameters ZeRO 3
+def _call(
+    module: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """``functional_call(module, params, args, kwargs)``; for a module whose parameters ZeRO 3
     partitions, its ``forward`` alone: DeepSpeed's module hooks would fetch the very parameters
     that ``params`` stand in for (and fail on them)."""
+    kwargs = dict(kwargs or {})
     if any(is_partitioned(p) for p in module.parameters(recurse=False)):
         with _reparametrize_module(module, dict(params)):
-            return module.forward(x)
-    return functional_call(module, dict(params), (x,))
+            return module.forward(*args, **kwargs)
+    return functional_call(module, dict(params), args, kwargs)
+
+
+def _detached(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Call:
+    """A module call's arguments with their tensors detached (kept for a re-run)."""
+
+    def one(value: Any) -> Any:
+        return value.detach() if isinstance(value, torch.Tensor) else value
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+def _outputs(output: Any) -> list[Any]:
+    """A module's outputs: a tensor, or the items of a tuple (a MoE router returns its logits,
+    the routing weights and the chosen experts)."""
+    return list(output) if isinstance(output, (tuple, list)) else [output]
+
+
+def _graded_positions(output: Any) -> list[int]:
+    """Which of a module's outputs carry a gradient: floating-point tensors in the graph."""
+    return [
+        j
+        for j, t in enumerate(_outputs(output))
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+    ]
 
 
 def _per_sequence_copies(
@@ -339,7 +409,7 @@ def _per_sequence_copies(
         copies[attr] = p.reshape(1, *shape[1:]).expand(shape).clone().requires_grad_(True)
     try:
         with torch.enable_grad():
-            out = _call(module, copies, x)
+            out = _call(module, copies, (x,))
             if not isinstance(out, torch.Tensor) or out.shape != grad.shape:
                 return None
             grads = torch.autograd.grad(out, list(copies.values()), grad, allow_unused=True)
@@ -443,6 +513,12 @@ class FactorisedCapture:
         self._plan: list[tuple[nn.Module, str, dict[str, str]]] = []
         #: generic modules (by id) whose per-sequence parameter copies agreed with vmap or not
         self._copies_agree: dict[int, bool] = {}
+        #: generic modules (by id) whose calls on flattened tokens were checked to keep the
+        #: sequences apart (:meth:`_sequence_grads`)
+        self._rows_checked: set[int] = set()
+        #: at most this many bytes of per-sequence gradients of a module at once (HookedCapture's
+        #: ``chunk_bytes``)
+        self.chunk_bytes = 1 << 24
         covered: set[str] = set()
         for module in model.modules():
             own = {
@@ -455,7 +531,8 @@ class FactorisedCapture:
             kind = self._kind(module)
             if kind in ("generic", "layernorm") and non_matrix == "exclude":
                 continue
-            if kind == "generic" and any(True for _ in module.children()):
+            # a module whose children hold parameters is not a leaf: its children are hooked
+            if kind == "generic" and any(True for c in module.children() for _ in c.parameters()):
                 continue
             if non_matrix == "exclude":
                 own = {a: n for a, n in own.items() if a == "weight"}
@@ -569,21 +646,44 @@ class FactorisedCapture:
         return on_grad
 
     def _generic(self, module: nn.Module, own: Mapping[str, str], acc: _Accumulator) -> Callable:
-        """Per-sequence gradients of the parameters of any other module (RMSNorm, ...): one
-        re-run of the module on the batch with a copy of each parameter per sequence
-        (:func:`_per_sequence_copies`), which costs a small forward and backward, or, where
-        that does not apply, ``vmap`` of a ``vjp`` per sequence (a few milliseconds per call
-        whatever the module's size: py-spy put 7% of the capture of bench/trl_step.py's 10M
-        model in its 13 RMSNorms).
-        The copies are checked against ``vmap`` on the module's first call and used from then
-        on only if they agree: a module that reduces over a parameter (``weight.mean()``)
-        would mix the sequences' copies."""
+        """Per-sequence gradients of the parameters of any other module (RMSNorm, a MoE
+        router or experts, ...), given its call's arguments and its outputs' gradients.
+
+        A batch-first call of one input and one output (a norm): one re-run of the module on
+        the batch with a copy of each parameter per sequence (:func:`_per_sequence_copies`),
+        which costs a small forward and backward, or, where that does not apply, ``vmap`` of a
+        ``vjp`` per sequence (a few milliseconds per call whatever the module's size: py-spy
+        put 7% of the capture of bench/trl_step.py's 10M model in its 13 RMSNorms).  The
+        copies are checked against ``vmap`` on the module's first call and used from then on
+        only if they agree: a module that reduces over a parameter (``weight.mean()``) would
+        mix the sequences' copies.
+
+        Any other call (several inputs or outputs, or rows that are the batch's tokens
+        flattened to ``[n * L, ...]``, as a MoE block hands them to its router and experts):
+        :meth:`_sequence_grads`, one re-run per sequence on its own rows."""
 
         def on_grad(
-            x: torch.Tensor, grad: torch.Tensor, values: dict[str, torch.Tensor] | None = None
+            call: Call,
+            grads: tuple[torch.Tensor | None, ...],
+            positions: tuple[int, ...],
+            values: dict[str, torch.Tensor] | None = None,
         ) -> None:
             n = acc.token_mask.shape[0]
             params = values or {a: getattr(module, a).detach() for a in own}
+            args, kwargs = call
+            lead = next(g for g in grads if g is not None).shape[0]
+            simple = (
+                lead == n
+                and len(grads) == 1
+                and len(args) == 1
+                and isinstance(args[0], torch.Tensor)
+                and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
+            )
+            if not simple:
+                self._sequence_grads(module, own, acc, params, call, grads, positions)
+                return
+            x, grad = args[0], grads[0]
+            assert grad is not None
             if x.shape[0] != n:
                 raise RuntimeError(f"{type(module).__name__}: input is not batch-first")
             mask = acc.padding(grad.shape[1]) if grad.ndim >= 2 else None
@@ -592,7 +692,7 @@ class FactorisedCapture:
                 grad = torch.where(keep, grad, torch.zeros_like(grad))
 
             def one(xi: torch.Tensor, gi: torch.Tensor) -> dict[str, torch.Tensor]:
-                pull = vjp(lambda p: _call(module, p, xi), params)[1]
+                pull = vjp(lambda p: _call(module, p, (xi,)), params)[1]
                 grads: dict[str, torch.Tensor] = pull(gi)[0]
                 return grads
 
@@ -627,6 +727,138 @@ class FactorisedCapture:
 
         return on_grad
 
+    def _sequence_grads(
+        self,
+        module: nn.Module,
+        own: Mapping[str, str],
+        acc: _Accumulator,
+        params: Mapping[str, torch.Tensor],
+        call: Call,
+        grads: tuple[torch.Tensor | None, ...],
+        positions: tuple[int, ...],
+    ) -> None:
+        """Each sequence's gradient of ``module``'s parameters from a re-run on that
+        sequence's rows alone: argument and output rows ``[i]`` of a batch-first call, or rows
+        ``[i L, (i + 1) L)`` of a call on the batch's ``n x L`` tokens flattened (a MoE
+        block's router and experts; the routing the forward chose is among the arguments, so
+        the re-run routes each token as the forward did).  ``grads`` are the gradients of the
+        outputs at ``positions`` (None where none reached an output); padded tokens' rows are
+        zeroed.  The first call on flattened tokens is checked against a re-run on the whole
+        batch: a module whose rows depend on other sequences' rows (an expert capacity
+        shared by the batch) cannot be split into per-sequence gradients."""
+        n, width = acc.token_mask.shape
+        lead = next(g for g in grads if g is not None).shape[0]
+        if lead == n:
+            per_row = 1
+        elif lead == n * width:
+            per_row = width
+        else:
+            raise RuntimeError(
+                f"{type(module).__name__}: rows of {lead}, neither the batch's {n} sequences "
+                f"nor its {n * width} tokens"
+            )
+        args, kwargs = call
+
+        def rows_of(value: Any, i: int) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == lead:
+                return value[i * per_row : (i + 1) * per_row]
+            return value
+
+        def masked(g: torch.Tensor, i: int) -> torch.Tensor:
+            if per_row > 1:
+                keep = acc.token_mask[i].reshape(width, *([1] * (g.ndim - 1)))
+            elif g.ndim >= 2 and acc.padding(g.shape[1]) is not None:
+                keep = acc.token_mask[i : i + 1].reshape(1, width, *([1] * (g.ndim - 2)))
+            else:
+                return g
+            return torch.where(keep.to(g.device), g, torch.zeros((), dtype=g.dtype))
+
+        whole = None
+        if per_row > 1 and id(module) not in self._rows_checked:
+            with torch.no_grad():
+                whole = _outputs(_call(module, params, args, kwargs))
+        scales = self._sequence_scales(own)
+        size = sum(p.numel() * 4 for p in params.values())
+        block = max(1, self.chunk_bytes // max(size, 1))
+        pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+        acc.recomputing = True
+        try:
+            for i in range(n):
+                cotangents = [None if g is None else masked(rows_of(g, i), i) for g in grads]
+                leaves = {a: p.detach().requires_grad_(True) for a, p in params.items()}
+                with torch.enable_grad():
+                    out = _outputs(
+                        _call(
+                            module,
+                            leaves,
+                            tuple(rows_of(a, i) for a in args),
+                            {k: rows_of(v, i) for k, v in kwargs.items()},
+                        )
+                    )
+                if whole is not None:
+                    for j in positions:
+                        want = rows_of(whole[j], i)[acc.token_mask[i]]
+                        if not _agree(out[j].detach()[acc.token_mask[i]], want):
+                            raise RuntimeError(
+                                f"{type(module).__name__}: a sequence's rows alone do not give "
+                                "the outputs of the whole batch; its parameters' per-sequence "
+                                "gradients cannot be separated: exclude them"
+                            )
+                pairs = [
+                    (out[j], c.to(out[j].dtype))
+                    for j, c in zip(positions, cotangents, strict=True)
+                    if c is not None and out[j].requires_grad
+                ]
+                if pairs:
+                    got = torch.autograd.grad(
+                        [o for o, _ in pairs],
+                        list(leaves.values()),
+                        _external(pairs),
+                        allow_unused=True,
+                    )
+                    pending.append(
+                        (
+                            i,
+                            {
+                                a: torch.zeros_like(p) if g is None else g
+                                for (a, p), g in zip(leaves.items(), got, strict=True)
+                            },
+                        )
+                    )
+                if pending and (len(pending) == block or i == n - 1):
+                    rows = [r for r, _ in pending]
+                    stacked = {a: torch.stack([g[a] for _, g in pending]) for a in own}
+                    self._add_sequences(acc, own, rows, stacked, scales)
+                    pending = []
+        finally:
+            acc.recomputing = False
+        if whole is not None:
+            self._rows_checked.add(id(module))
+
+    def _sequence_scales(self, own: Mapping[str, str]) -> dict[str, torch.Tensor | None]:
+        """The row scales of a module's parameters, for :meth:`_add_sequences` (none here)."""
+        return {}
+
+    def _add_sequences(
+        self,
+        acc: _Accumulator,
+        own: Mapping[str, str],
+        rows: list[int],
+        grads: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor | None],
+    ) -> None:
+        """Add sequences ``rows``' gradients ``{attr: [len(rows), *shape]}`` of a module's
+        parameters."""
+        n = acc.token_mask.shape[0]
+        index = torch.tensor(rows)
+        for attr, name in own.items():
+            flat = grads[attr].reshape(len(rows), -1).float()
+            total = acc.vectors.get(name)
+            if total is None:
+                total = acc.vectors[name] = torch.zeros(n, flat.shape[1], device=flat.device)
+            total[index.to(total.device)] += flat
+            _add_rows_direction(acc, name, index, flat)
+
     @contextlib.contextmanager
     def _hooks(self, acc: _Accumulator) -> Iterator[None]:
         handles = []
@@ -649,6 +881,7 @@ class FactorisedCapture:
             def forward_hook(
                 mod: nn.Module,
                 args: tuple[Any, ...],
+                kwargs: dict[str, Any],
                 output: Any,
                 on_grad: Callable = on_grad,
                 kind: str = kind,
@@ -659,18 +892,30 @@ class FactorisedCapture:
                     return
                 if not args or not isinstance(args[0], torch.Tensor):
                     raise RuntimeError(f"{type(mod).__name__}: expected a tensor input")
-                if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                if kind == "generic":
+                    positions = _graded_positions(output)
+                elif isinstance(output, torch.Tensor) and output.requires_grad:
+                    positions = [0]
+                else:
+                    positions = []
+                if not positions:
                     return
-                if output.shape[0] != acc.token_mask.shape[0]:
+                outs = _outputs(output)
+                graded = [outs[j] for j in positions]
+                n, width = acc.token_mask.shape
+                # rows are the batch's sequences, or its tokens flattened ([n * L, ...]: a MoE
+                # block's router and experts, a shared expert)
+                if graded[0].shape[0] not in (n, n * width):
                     raise RuntimeError(
-                        f"{type(mod).__name__} ran on a batch of {output.shape[0]} rows, not "
-                        f"{acc.token_mask.shape[0]}: its output is broadcast over the sequences, "
-                        "so per-sequence gradients cannot be separated; exclude its parameters"
+                        f"{type(mod).__name__} ran on a batch of {graded[0].shape[0]} rows, not "
+                        f"{n} (or its {n * width} tokens): its output is broadcast over the "
+                        "sequences or gathers their tokens, so per-sequence gradients cannot be "
+                        "separated; exclude its parameters"
                     )
                 # a checkpointed layer's activations are not kept: the re-run hands them over
-                x = None if id(mod) in acc.checkpointed else args[0].detach()
+                call = None if id(mod) in acc.checkpointed else _detached(args, kwargs)
                 if not args[0].requires_grad:
-                    acc.roots.append(output)
+                    acc.roots.extend(graded)
                 number = acc.registered
                 # ZeRO 3 releases a module's parameters after its forward: a re-run in the
                 # backward needs this call's values (a norm's weight: small)
@@ -680,32 +925,43 @@ class FactorisedCapture:
                     else None
                 )
 
-                def tensor_hook(g: torch.Tensor) -> None:
+                def arrived(gs: Sequence[torch.Tensor | None]) -> None:
                     acc.fired += 1
                     acc.fired_hooks.add(number)
-                    grad = g.detach()
+                    got = tuple(None if g is None else g.detach() for g in gs)
+                    if all(g is None for g in got):
+                        return
 
-                    def work(inputs: torch.Tensor) -> None:
+                    def work(c: Call) -> None:
                         acc.hook_adds = number not in acc.directions_added
-                        if values is None:
-                            on_grad(inputs, grad)
+                        if kind == "generic":
+                            on_grad(c, got, tuple(positions), values)
                         else:
-                            on_grad(inputs, grad, values)
+                            on_grad(c[0][0], got[0])
 
-                    if x is None:
+                    if call is None:
                         acc.gradient_arrived(id(mod), work)
                     else:
-                        work(x)
+                        work(call)
 
-                # A tensor hook sees dS/d(output) of this very call: a module called twice gets
-                # two contributions, which add up like the gradient does.
-                output.register_hook(tensor_hook)
+                # A gradient hook sees dS/d(output) of this very call: a module called twice
+                # gets two contributions, which add up like the gradient does.  Several outputs
+                # (a router's logits and routing weights) are seen together, once every one
+                # that the backward reaches has its gradient.
+                if len(graded) == 1:
+                    graded[0].register_hook(lambda g: arrived((g,)))
+                else:
+                    torch.autograd.graph.register_multi_grad_hook(graded, arrived, mode="all")
                 acc.registered += 1
 
             # before DeepSpeed's own forward hook, which releases ZeRO 3 parameters
-            handles.append(module.register_forward_hook(forward_hook, prepend=partitioned))
+            handles.append(
+                module.register_forward_hook(forward_hook, prepend=partitioned, with_kwargs=True)
+            )
             if id(module) in acc.checkpointed:
-                handles.append(module.register_forward_pre_hook(self._rerun_hook(acc)))
+                handles.append(
+                    module.register_forward_pre_hook(self._rerun_hook(acc), with_kwargs=True)
+                )
         planned = {id(m) for m, _, _ in self._plan}
         for module in self.model.modules():
             if isinstance(module, nn.Embedding) and id(module) not in planned:
@@ -727,7 +983,7 @@ class FactorisedCapture:
         its layer again (a pre-hook: the re-run stops after the layer's last saved tensor,
         which may be before a module's forward returns)."""
 
-        def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not acc.in_backward or acc.recomputing:
                 return
             if id(mod) in acc.inputs:
@@ -735,7 +991,7 @@ class FactorisedCapture:
                     f"{type(mod).__name__} runs twice in one checkpointed layer: its inputs "
                     "cannot be told apart; turn gradient checkpointing off for the capture"
                 )
-            acc.inputs[id(mod)] = args[0].detach()
+            acc.inputs[id(mod)] = _detached(args, kwargs)
 
         return pre_hook
 
@@ -760,21 +1016,25 @@ class FactorisedCapture:
 
     # -- capture -----------------------------------------------------------------------------
 
-    def _forward(self, batch: SequenceBatch) -> torch.Tensor:
+    def _forward(
+        self, batch: SequenceBatch, router_loss: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits of the positions the response log-probs need (:func:`response_window`:
-        the LM head's product and its hook then skip the prompt positions)."""
+        the LM head's product and its hook then skip the prompt positions) and, with
+        ``router_loss``, the batch's MoE load-balancing loss (:func:`forward_outputs`)."""
         positions = None
         if self._takes_position_ids:
             # Per-row position ids: GPT-2 would otherwise look its position embeddings up once
             # for the whole batch ([1, L]) and broadcast them, summing the rows' gradients.
             n, width = batch.input_ids.shape
             positions = torch.arange(width, device=batch.input_ids.device).expand(n, width)
-        return forward_logits(
+        return forward_outputs(
             self.model,
             batch.input_ids,
             batch.attention_mask,
             logits_to_keep=response_window(batch.response_mask),
             position_ids=positions,
+            router_loss=router_loss,
         )
 
     def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
@@ -793,6 +1053,7 @@ class FactorisedCapture:
         entropy_coefficients: torch.Tensor | None = None,
         *,
         directions: EntropyDirections | None = None,
+        router_coefficient: float = 0.0,
     ) -> FactorisedSketches:
         """Sketch every sequence's score gradient with one batched forward and backward.
 
@@ -808,6 +1069,11 @@ class FactorisedCapture:
         ``e_{i,t} = -dL/dH_{i,t}``) adds ``sum_t e_{i,t} grad H_{i,t}`` to them (an entropy
         bonus; :func:`clients.capture.capture_gradients`).  ``directions`` adds this batch's
         ``sum_j h_{d,j} w_j`` to :attr:`EntropyDirections.totals` from the same backward.
+        ``router_coefficient`` ``r`` (a mixture-of-experts model; ``-dL/d aux`` of a loss that
+        adds the load-balancing loss ``aux`` of this very batch, as TRL's) adds ``r grad
+        aux_i`` to the update rows, ``aux_i`` sequence ``i``'s tokens' part of ``aux``: the
+        loss's expert counts are constants of the batch, so its gradient at each token reaches
+        that token's sequence's rows alone.
         """
         acc = _Accumulator(token_mask=batch.attention_mask.bool(), shapes=self.parameters)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -821,8 +1087,10 @@ class FactorisedCapture:
             if token_coefficients is None
             else token_layout(batch, token_coefficients, "token_coefficients")
         )
-        if weights is None and entropy is not None:  # an entropy term alone: update rows too
-            weights = torch.zeros_like(entropy)
+        if weights is None and (entropy is not None or router_coefficient):
+            # an entropy or router term alone: update rows too
+            weights = torch.zeros_like(batch.attention_mask, dtype=torch.float32)
+        router = bool(router_coefficient)
         # the layers that will checkpoint: in eval mode they are kept in training mode
         layers = [
             layer
@@ -835,7 +1103,7 @@ class FactorisedCapture:
             self._hooks(acc),
             _released(acc),
         ):
-            logits = self._forward(batch)
+            logits, aux = self._forward(batch, router) if router else self._forward(batch)
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
@@ -863,7 +1131,7 @@ class FactorisedCapture:
                 added = set(acc.fired_hooks)
                 acc.clear()
                 acc.directions_added = added
-                logits = self._forward(batch)
+                logits, aux = self._forward(batch, router) if router else self._forward(batch)
                 logprobs = response_logprobs(
                     logits, batch.input_ids, batch.response_mask, temperature=self.temperature
                 )
@@ -881,6 +1149,8 @@ class FactorisedCapture:
                 weighted = response_logprobs(
                     logits, batch.input_ids, batch.response_mask, weights, self.temperature, entropy
                 ).sum()
+                if aux is not None:
+                    weighted = weighted + router_coefficient * aux
                 self._backward(acc, weighted, targets)
                 update_sketch = self._rows(acc, batch.size, logprobs.device)
         return FactorisedSketches(
@@ -986,6 +1256,7 @@ class HookedCapture(FactorisedCapture):
         row_scale: Mapping[str, torch.Tensor] | None = None,
         *,
         directions: EntropyDirections | None = None,
+        router_coefficient: float = 0.0,
     ) -> FactorisedSketches:
         """:meth:`FactorisedCapture.capture` with the run's sketch; ``row_scale`` ``{name:
         sqrt(P)}`` (one entry per captured parameter) gives ``adam``-geometry rows (the
@@ -995,7 +1266,11 @@ class HookedCapture(FactorisedCapture):
         self._row_scale = row_scale
         try:
             return super().capture(
-                batch, token_coefficients, entropy_coefficients, directions=directions
+                batch,
+                token_coefficients,
+                entropy_coefficients,
+                directions=directions,
+                router_coefficient=router_coefficient,
             )
         finally:
             self._row_scale = None
@@ -1134,6 +1409,31 @@ class HookedCapture(FactorisedCapture):
             self._add_sketch(acc, name, part)
 
         return on_grad
+
+    def _sequence_scales(self, own: Mapping[str, str]) -> dict[str, torch.Tensor | None]:
+        # once per module call, not per sequence: a lazy row scale computes sqrt(P) on access
+        return {name: self._scale_of(name) for name in own.values()}
+
+    def _add_sequences(
+        self,
+        acc: _Accumulator,
+        own: Mapping[str, str],
+        rows: list[int],
+        grads: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor | None],
+    ) -> None:
+        """Sketch a block of sequences' gradients at once: a MoE layer's experts are most of a
+        model's parameters, which ``n`` rows of would not fit."""
+        n = acc.token_mask.shape[0]
+        index = torch.tensor(rows)
+        for attr, name in own.items():
+            flat = grads[attr].reshape(len(rows), -1).float()
+            _add_rows_direction(acc, name, index, flat)  # before scaling: in place
+            part = self._sketched(name, flat, scales.get(name))
+            total = acc.sketched.get(name)
+            if total is None:
+                total = acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
+            total[index.to(total.device)] += part.to(total.device)
 
     def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
         out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)

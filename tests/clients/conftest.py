@@ -98,6 +98,68 @@ def fsdp2_llama(
         dist.destroy_process_group()
 
 
+#: transformers' MoE families of the tests: (config, model, their sizes); every one routes the
+#: ``[n * L, hidden]`` tokens with a router module returning logits, weights and experts, and
+#: keeps its experts as 3-D parameters (Qwen2-MoE also has a shared expert on those tokens)
+MOE_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"intermediate_size": 24, "moe_intermediate_size": 8, "num_experts": 4, "head_dim": 8},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "intermediate_size": 24,
+            "moe_intermediate_size": 8,
+            "shared_expert_intermediate_size": 12,
+            "num_experts": 4,
+        },
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"intermediate_size": 8, "num_local_experts": 4, "head_dim": 8},
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"intermediate_size": 8, "num_experts": 4}),
+}
+
+
+def tiny_moe(seed: int = 0, family: str = "qwen3_moe", **overrides: Any) -> nn.Module:
+    """A two-layer mixture-of-experts LM of ``family`` (:data:`MOE_FAMILIES`): every MLP a
+    sparse block of 4 experts, top-2 routing, transformers' default grouped-matmul experts;
+    ``overrides``: other config values."""
+    import transformers
+
+    config_name, model_name, sizes = MOE_FAMILIES[family]
+    torch.manual_seed(seed)
+    values: dict[str, Any] = {
+        "hidden_size": 16,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 64,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        **sizes,
+        **overrides,
+    }
+    config = getattr(transformers, config_name)(**values)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # routers start at zero: route by something
+                p.normal_(0.0, 0.5)
+    return model
+
+
 def make_batch(seed: int = 1, n: int = 5, pad_token_id: int = 0) -> SequenceBatch:
     """``n`` sequences with different prompt and response lengths (so there is padding).
 

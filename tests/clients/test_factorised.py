@@ -646,3 +646,91 @@ def _saved_bytes_of(
     forward: Callable[[SequenceBatch], torch.Tensor], saved: list[int], batch: SequenceBatch
 ) -> torch.Tensor:
     return _saved_bytes(lambda: forward(batch), saved)
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "select", "checkpointing"),
+    [
+        ("qwen3_moe", "countsketch", "all", False),
+        ("qwen3_moe", "countsketch", "all", True),
+        ("qwen3_moe", "kronecker", "all", True),
+        ("qwen3_moe", "countsketch", "router", False),
+        ("qwen3_moe", "factorised", "all", True),
+        ("qwen2_moe", "countsketch", "all", True),
+        ("mixtral", "countsketch", "all", True),
+        ("olmoe", "countsketch", "all", True),
+    ],
+)
+def test_moe_layers_are_captured_per_sequence(
+    family: str, kind: str, select: str, checkpointing: bool
+) -> None:
+    """Mixture-of-experts models of four transformers families
+    (:func:`tests.clients.conftest.tiny_moe`): their routers (modules with three outputs:
+    logits, routing weights, chosen experts) and experts (3-D parameters used by a grouped
+    matmul on the tokens each expert was routed; Qwen2-MoE's shared expert besides) run on the
+    batch's tokens flattened to ``[n * L, hidden]``.  Each sequence's gradient of them comes
+    from a re-run on that sequence's rows, with the routing the forward chose; the rows, update
+    rows with an entropy term in ``adam`` geometry and the directions equal those of the
+    exact per-sequence gradients, with the layers checkpointed as in training or not.  Before,
+    the experts could not be captured by hooks at all, and the router's rows were silently
+    zero (its output is a tuple)."""
+    from clients.capture import capture_sketches
+    from clients.factorised import EntropyDirections, HookedCapture
+    from sketch.spec import sketcher_for
+    from tests.clients.conftest import tiny_moe
+    from tests.clients.test_capture import token_coefficients
+
+    model = tiny_moe(family=family)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+    selected = ParameterFilter(include_regex=r".*mlp\.gate\..*") if select == "router" else None
+    batch = make_batch(n=4)
+    coef, ecoef = token_coefficients(batch), token_coefficients(batch, seed=5)
+    kwargs: dict[str, Any] = {}
+    if kind == "factorised":
+        capture: Any = FactorisedCapture(model, dim=DIM, seed=SEED, strict=True)
+        spec: dict[str, Any] = capture.spec
+        ecoef = None
+    else:
+        spec = {"kind": kind, "dim": 64, "seed": 5}
+        capture = HookedCapture(model, spec, parameter_filter=selected, strict=True)
+        g = torch.Generator().manual_seed(2)
+        kwargs["row_scale"] = {
+            n: torch.rand(p.shape, generator=g) + 0.5
+            for n, p in model.named_parameters()
+            if n in capture.parameters
+        }
+    names = {n for n in capture.parameters}
+    assert any("experts" in n for n in names) == (select == "all")
+    assert any("mlp.gate" in n for n in names)
+    directions = EntropyDirections(lambda s: torch.stack([s - s.mean(), (s - s.mean()) ** 2]))
+    got = capture(
+        batch, token_coefficients=coef, entropy_coefficients=ecoef, directions=directions, **kwargs
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sketcher = sketcher_for(spec, capture.parameters)
+        scale = kwargs.get("row_scale")
+        want = capture_sketches(
+            model, batch, sketcher, method="loop", parameter_filter=selected, row_scale=scale
+        )
+        want_u = capture_sketches(
+            model,
+            batch,
+            sketcher,
+            method="loop",
+            parameter_filter=selected,
+            token_coefficients=coef,
+            entropy_coefficients=ecoef,
+            row_scale=scale,
+        )
+        exact = capture_gradients(model, batch, method="loop", parameter_filter=selected)
+    assert float(want.sketch.abs().max()) > 0
+    _close(got.sketch, want.sketch)
+    _close(got.update_sketch, want_u.sketch)
+    h = directions.coefficients(got.logprobs)
+    for d in (0, 1):
+        for name, rows in exact.gradients.items():
+            total = torch.tensordot(h[d].double(), rows.double(), dims=1).float()
+            _close(directions.totals[d].get(name, torch.zeros_like(total)), total)

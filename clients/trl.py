@@ -25,13 +25,13 @@ Supported settings (checked at construction; anything else raises
 :class:`UnsupportedTRLSettingError`): see ``docs/trl.md``.  In short, every loss built from the
 sampled tokens' log-probs: on-policy steps through the weights, and later PPO passes, the KL
 term, clipping, token and tool masks and importance corrections through update rows
-(:func:`trl_token_coefficients`, math.md §4 "Update rows"), and so is an entropy bonus.
-Refused: a MoE router loss, FSDP1, DeepSpeed ZeRO 0.  Under accelerate/DDP, FSDP2 or DeepSpeed
-ZeRO 1-3 every rank pushes its own completions and the run waits for all of them (``ranks``;
-docs/trl.md "Many ranks"); under FSDP2 and ZeRO 3 the rows come from hooks and the applied
-update is sketched from the ranks' shards or partitions (:mod:`clients.shards`,
-:mod:`clients.zero`).  With ``temperature != 1`` every log-prob is the tempered policy's, as
-TRL trains it, and so is the entropy predicted.
+(:func:`trl_token_coefficients`, math.md §4 "Update rows"), and so are an entropy bonus and a
+mixture-of-experts model's load-balancing loss.  Refused: FSDP1, DeepSpeed ZeRO 0.  Under
+accelerate/DDP, FSDP2 or DeepSpeed ZeRO 1-3 every rank pushes its own completions and the run
+waits for all of them (``ranks``; docs/trl.md "Many ranks"); under FSDP2 and ZeRO 3 the rows
+come from hooks and the applied update is sketched from the ranks' shards or partitions
+(:mod:`clients.shards`, :mod:`clients.zero`).  With ``temperature != 1`` every log-prob is the
+tempered policy's, as TRL trains it, and so is the entropy predicted.
 """
 
 from __future__ import annotations
@@ -181,10 +181,13 @@ class TokenCoefficients(NamedTuple):
     """The per-token coefficients of TRL's loss on one micro-batch, ``[b, T]`` float32 laid
     out like ``completion_ids`` (math.md §4 "Update rows"): ``logprob`` ``c_{i,t} = -(1/P)
     dL/d log pi_{i,t}`` and, with an entropy bonus, ``entropy`` ``e_{i,t} = -(1/P)
-    dL/dH_{i,t}`` (None without one); ``P`` processes, whose gradients DDP averages."""
+    dL/dH_{i,t}`` (None without one); ``P`` processes, whose gradients DDP averages.
+    ``router``: ``-(1/P) dL/d aux`` of a mixture-of-experts model's load-balancing loss
+    ``aux`` over the micro-batch (0 without one)."""
 
     logprob: torch.Tensor
     entropy: torch.Tensor | None
+    router: float = 0.0
 
 
 @contextlib.contextmanager
@@ -217,21 +220,22 @@ def trl_token_coefficients(
     (and, with an entropy bonus, its per-token entropies) are replaced by leaves (the same
     values, detached): autograd of the loss with respect to them gives every token's
     coefficients, whatever the loss type, PPO ratio, clipping, KL term, token mask, importance
-    weight or entropy bonus (static or adaptive).  The model's forward runs without a graph, so
-    this costs one forward.  What flows through neither (a MoE router loss) is not covered
-    (docs/trl.md).  Nothing is written to ``.grad``, and TRL's logged metrics and adaptive
-    entropy controller are left as they were.
+    weight or entropy bonus (static or adaptive).  A mixture-of-experts model's load-balancing
+    loss, which TRL adds to its loss, is a leaf too: its coefficient is ``router``.  The
+    model's forward runs without a graph, so this costs one forward.  Nothing is written to
+    ``.grad``, and TRL's logged metrics and adaptive entropy controller are left as they were.
     """
     real = trainer._get_per_token_logps_and_entropies
-    leaves: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    leaves: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
 
     def as_leaves(*args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
-            logps, entropies, *rest = real(*args, **kwargs)
+            logps, entropies, aux, *rest = real(*args, **kwargs)
         leaf = logps.detach().requires_grad_(True)
         entropy_leaf = None if entropies is None else entropies.detach().requires_grad_(True)
-        leaves.append((leaf, entropy_leaf))
-        return (leaf, entropy_leaf, *rest)
+        aux_leaf = aux.detach().requires_grad_(True) if isinstance(aux, torch.Tensor) else aux
+        leaves.append((leaf, entropy_leaf, aux_leaf if isinstance(aux, torch.Tensor) else None))
+        return (leaf, entropy_leaf, aux_leaf, *rest)
 
     trainer._get_per_token_logps_and_entropies = as_leaves  # type: ignore[method-assign]
     try:
@@ -242,9 +246,9 @@ def trl_token_coefficients(
         del trainer._get_per_token_logps_and_entropies
     if len(leaves) != 1:
         raise RuntimeError(f"TRL's loss computed its log-probs {len(leaves)} times, expected 1")
-    logps, entropies = leaves[0]
-    wrt = [logps] if entropies is None else [logps, entropies]
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    logps, entropies, aux = leaves[0]
+    wrt = [t for t in (logps, entropies, aux) if t is not None]
+    grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, allow_unused=True), strict=True))
     # DDP averages the ranks' gradients: this rank's share of the step's gradient is 1/P.
     share = -1.0 / trainer.accelerator.num_processes
 
@@ -255,8 +259,11 @@ def trl_token_coefficients(
 
     entropy = None
     if entropies is not None and getattr(trainer, "_entropy_bonus_enabled", False):
-        entropy = coefficient(entropies, grads[1])
-    return TokenCoefficients(coefficient(logps, grads[0]), entropy)
+        entropy = coefficient(entropies, grads[id(entropies)])
+    router = 0.0
+    if aux is not None and grads[id(aux)] is not None:
+        router = share * float(grads[id(aux)])
+    return TokenCoefficients(coefficient(logps, grads[id(logps)]), entropy, router)
 
 
 def check_supported(trainer: GRPOTrainer) -> None:
@@ -280,8 +287,6 @@ def check_supported(trainer: GRPOTrainer) -> None:
             f"{args.steps_per_generation}: one optimizer step would train on the same completions "
             "twice, under one sequence id"
         )
-    if getattr(trainer, "aux_loss_enabled", False):
-        problems.append("a MoE router auxiliary loss is enabled")
     if problems:
         raise UnsupportedTRLSettingError(
             "kernelscope cannot reproduce this GRPO step's gradient: " + "; ".join(problems)
@@ -524,6 +529,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         )
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
         self._kernelscope_check_sharding()
+        self._kernelscope_check_router_loss()
         if kernelscope.token_shares and (
             self._kernelscope_stage3 or self.accelerator.distributed_type == DistributedType.FSDP
         ):
@@ -651,6 +657,32 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 "sketch kind other than exact, sketch_on='trainer' (or 'auto' above "
                 f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
                 "'hooks', with a model whose studied parameters all have hooks"
+            )
+
+    def _kernelscope_check_router_loss(self) -> None:
+        """A mixture-of-experts model's load-balancing loss (TRL adds it with the
+        architecture's ``router_aux_loss_coef`` unless told 0) is a function of the whole
+        micro-batch's routing: its gradient splits into sequences given the batch's expert
+        counts, which the capture by hooks has (one forward of the micro-batch), and exact
+        chunks, which run a sequence at a time, do not."""
+        if not getattr(self, "aux_loss_enabled", False):
+            return
+        coefficient = getattr(self, "router_aux_loss_coef", None)
+        if self._factorised is None and self._hooked is None:
+            raise UnsupportedTRLSettingError(
+                f"the MoE router loss (router_aux_loss_coef = {coefficient}) is captured with "
+                "rows from hooks, whose forward holds the micro-batch's expert counts; exact "
+                "chunks run a sequence at a time: use a sketch kind other than exact, "
+                "sketch_on='trainer' (or 'auto' above "
+                f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
+                "'hooks', or set router_aux_loss_coef=0 in the GRPOConfig"
+            )
+        if self.kernelscope.token_shares:
+            raise UnsupportedTRLSettingError(
+                f"token_shares with the MoE router loss (router_aux_loss_coef = {coefficient}): "
+                "the part of the step the router loss makes is spread over every token's "
+                "routing, prompts included, and is no completion token's share; set "
+                "router_aux_loss_coef=0 in the GRPOConfig for token shares"
             )
 
     def _kernelscope_optimizer_family(self) -> str:
@@ -815,8 +847,10 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         assert model is not None
         coefficients = trl_token_coefficients(self, model, inputs)
         mask = inputs["completion_mask"]
-        if self.kernelscope.update_rows is None and not (
-            coefficients.entropy is not None and bool(coefficients.entropy.any())
+        if (
+            self.kernelscope.update_rows is None
+            and not coefficients.router
+            and not (coefficients.entropy is not None and bool(coefficients.entropy.any()))
         ):
             on_policy = (weights.double() * advantages.to(weights.device))[:, None] * mask
             scale = float(on_policy.abs().max()) + 1e-30
@@ -831,7 +865,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             return repack(torch.cat([zeros, values.to(zeros.device)], dim=1), attention)
 
         entropy = None if coefficients.entropy is None else layout(coefficients.entropy)
-        return TokenCoefficients(layout(coefficients.logprob), entropy)
+        return TokenCoefficients(layout(coefficients.logprob), entropy, coefficients.router)
 
     def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
         """Whether TRL's loss on this micro-batch is at PPO ratio 1 with nothing but the
@@ -847,6 +881,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             and float(self.beta) == 0.0
             and float(self.top_entropy_quantile) >= 1.0
             and self.off_policy_mask_threshold is None
+            and not getattr(self, "aux_loss_enabled", False)
         )
 
     def _kernelscope_check_logprobs(self, inputs: Mapping[str, Any], batch: SequenceBatch) -> None:
@@ -987,6 +1022,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         coefficients = micro.coefficients
         token = None if coefficients is None else coefficients.logprob
         entropy = None if coefficients is None else coefficients.entropy
+        router = 0.0 if coefficients is None else coefficients.router
         adding = None
         if directions is not None:
             adding = EntropyDirections(
@@ -995,14 +1031,26 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             )
         sketches: FactorisedSketches | None = None
         if self._factorised is not None:  # one forward for both kinds of rows
-            sketches = self._factorised.capture(micro.batch, token, entropy, directions=adding)
+            sketches = self._factorised.capture(
+                micro.batch, token, entropy, directions=adding, router_coefficient=router
+            )
         elif self._hooked is not None:
             try:
                 sketches = self._hooked.capture(
-                    micro.batch, token, entropy, window.sqrt_p, directions=adding
+                    micro.batch,
+                    token,
+                    entropy,
+                    window.sqrt_p,
+                    directions=adding,
+                    router_coefficient=router,
                 )
             except RuntimeError as exc:  # e.g. a module broadcast over the batch
-                if self.kernelscope.capture_method == "hooks" or self._kernelscope_sharded:
+                # exact chunks cannot take over a router loss (_kernelscope_check_router_loss)
+                if (
+                    self.kernelscope.capture_method == "hooks"
+                    or self._kernelscope_sharded
+                    or router
+                ):
                     raise
                 warnings.warn(
                     f"kernelscope: hook capture failed ({exc}); capturing exact rows in chunks",

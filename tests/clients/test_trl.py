@@ -10,6 +10,7 @@ bf16 precision.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -92,6 +93,14 @@ def tiny_llama(seed: int = 0, initializer_range: float = 0.02) -> LlamaForCausal
     gives near-uniform ones)."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(initializer_range=initializer_range))
+
+
+def tiny_moe(seed: int = 0) -> Any:
+    """A one-layer Qwen3-MoE over the character vocabulary (4 experts, top 2): TRL adds its
+    load-balancing loss with the architecture's ``router_aux_loss_coef`` (0.001) by default."""
+    from tests.clients.conftest import tiny_moe as moe
+
+    return moe(seed, vocab_size=len(CHARS) + 2, num_hidden_layers=1, bos_token_id=1, eos_token_id=1)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -264,7 +273,7 @@ def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> 
     # Such a micro-batch is recognised as plain on-policy from its inputs (no update rows and
     # no forward to find out), rightly: TRL's token coefficients are weight_i A_i.
     assert KernelscopeGRPOTrainer._kernelscope_plain_on_policy(trainer, micro)  # type: ignore[arg-type]
-    token, entropy = trl_token_coefficients(trainer, model, micro)
+    token, entropy, _ = trl_token_coefficients(trainer, model, micro)
     assert entropy is None
     torch.testing.assert_close(
         token.double(),
@@ -371,7 +380,8 @@ def _assert_update_rows_are_trl_gradient(trainer: GRPOTrainer, micro: dict[str, 
     mask = micro["completion_mask"]
     model.zero_grad(set_to_none=True)
     # First: TRL's loss then moves its adaptive entropy controller, which this call must not.
-    coefficients, entropy = trl_token_coefficients(trainer, model, micro)
+    coefficients, entropy, router = trl_token_coefficients(trainer, model, micro)
+    assert router == 0.0  # a dense model: no router loss
     assert all(p.grad is None for p in model.parameters())
     trainer.compute_loss(model, micro).backward()
     trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -461,6 +471,64 @@ def test_vllm_sampler_path_reproduces_trl_loss_gradient(tmp_path: Path, mode: st
     _assert_update_rows_are_trl_gradient(trainer, micro)
 
 
+@pytest.mark.parametrize("later_pass", [False, True], ids=["on_policy", "later_pass"])
+def test_moe_router_loss_is_in_the_update_rows(tmp_path: Path, later_pass: bool) -> None:
+    """A mixture-of-experts policy, whose load-balancing loss TRL adds to its loss (the
+    architecture's coefficient, raised to 0.5 here so that it weighs): its coefficient ``r =
+    -dL/d aux`` comes from TRL's own ``compute_loss`` with ``aux`` a leaf, and the update rows
+    from hooks with ``r grad aux_i`` sum to ``-grad`` of TRL's loss (compared through the
+    run's sketch, a linear map), on policy and on a later clipped pass.  Without the router
+    term they do not."""
+    from clients.factorised import HookedCapture
+    from sketch.spec import sketcher_for
+
+    trainer = _plain_trainer(tmp_path, model=tiny_moe(), loss_type="dapo", router_aux_loss_coef=0.5)
+    assert trainer.aux_loss_enabled
+    check_supported(trainer)
+    model = trainer.model
+    model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    torch.manual_seed(0)
+    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
+    micro = dict(split_tensor_dict(generation, 2)[0])
+    trainer.current_gradient_accumulation_steps = 2
+    if later_pass:
+        micro["old_per_token_logps"] = _perturbed_logps(trainer, micro, 0.05, seed=1)
+    coefficients = trl_token_coefficients(trainer, model, micro)
+    assert coefficients.router == pytest.approx(-0.5 / 2)  # -coef / accumulation steps
+    model.zero_grad(set_to_none=True)
+    trainer.compute_loss(model, micro).backward()
+    trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    mask = micro["completion_mask"]
+    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
+    batch = SequenceBatch.from_padded(
+        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
+        attention,
+        torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool(),
+    )
+    layout = repack(
+        torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients.logprob], 1),
+        attention,
+    )
+    spec = {"kind": "gaussian", "dim": 256, "seed": 3}
+    hooked = HookedCapture(model, spec, strict=True)
+    assert any("experts" in n for n in hooked.parameters)
+    sketcher = sketcher_for(spec, hooked.parameters)
+    expected = sketcher.sketch(
+        {n: -trl_grad.get(n, torch.zeros_like(p)).unsqueeze(0) for n, p in model.named_parameters()}
+    )[0]
+    got = {}
+    for router in (coefficients.router, 0.0):
+        sketches = hooked(batch, token_coefficients=layout, router_coefficient=router)
+        assert sketches.update_sketch is not None
+        got[router] = sketches.update_sketch.sum(0)
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got[coefficients.router], expected, rtol=1e-4, atol=1e-5 * scale)
+    assert float((got[0.0] - expected).abs().max()) > 1e-3 * scale
+
+
 def test_token_coefficients_leave_trl_state_alone(tmp_path: Path) -> None:
     """The extra run of TRL's loss inside :func:`trl_token_coefficients` logs no metric and
     does not move the adaptive entropy controller (at a window's end TRL's loss raises or lowers
@@ -475,7 +543,7 @@ def test_token_coefficients_leave_trl_state_alone(tmp_path: Path) -> None:
     trainer._last_world_entropy = 0.1
     assert trainer.accelerator.sync_gradients  # a window's end: TRL updates the controller
     logged = {k: list(v) for k, v in trainer._metrics["train"].items()}
-    _, entropy = trl_token_coefficients(trainer, trainer.model, micro)
+    _, entropy, _ = trl_token_coefficients(trainer, trainer.model, micro)
     assert entropy is not None and entropy.abs().max() > 0
     assert trainer.entropy_coef == 0.02 and trainer._last_world_entropy == 0.1
     assert trainer._entropy_window_stats is None
@@ -529,6 +597,32 @@ def test_off_policy_inputs_are_not_plain(tmp_path: Path) -> None:
         assert not plain(trainer, {**micro, **extra})  # type: ignore[arg-type]
     trainer.beta = 0.04
     assert not plain(trainer, micro)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"capture_method": "loop", "sketch_on": "trainer"}, "exact chunks"),
+        ({"sketch_on": "service"}, "exact chunks"),
+        ({"sketch_on": "trainer", "token_shares": True}, "no completion token"),
+    ],
+    ids=["exact_chunks", "raw_rows", "token_shares"],
+)
+def test_moe_router_loss_needs_rows_from_hooks(
+    live_service: LiveService, tmp_path: Path, config: dict[str, Any], fragment: str
+) -> None:
+    """The router loss splits into sequences with the micro-batch's expert counts, which the
+    capture by hooks has and exact chunks do not; its part of the step is no token's share.
+    With ``router_aux_loss_coef=0`` the same trainers are built."""
+    for coefficient in (None, 0.0):
+        kernelscope = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, **config)
+        args = grpo_args(tmp_path, router_aux_loss_coef=coefficient)
+        build = functools.partial(sgd_trainer, args, kernelscope, model=tiny_moe())
+        if coefficient is None:
+            with pytest.raises(UnsupportedTRLSettingError, match=fragment):
+                build()
+        else:
+            build()
 
 
 def test_kl_term_is_accepted(tmp_path: Path) -> None:
@@ -740,6 +834,52 @@ def test_adam_geometry_with_rows_sketched_on_the_trainer(
             assert report.delta_h1 != 0.0
             if step == 0 or beta1 == 0.0:
                 assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointed", "kept"])
+def test_moe_run_with_its_router_loss(
+    live_service: LiveService, tmp_path: Path, checkpointing: bool
+) -> None:
+    """A real GRPO run of a mixture-of-experts policy with AdamW (``beta1 = 0``), its
+    load-balancing loss in TRL's loss (``router_aux_loss_coef = 0.5``), rows from hooks
+    (router, 3-D experts and all, checkpointed as TRL's forward or not) and a later clipped
+    pass: every micro-batch pushes update rows carrying the router loss's part, and
+    ``plugin dH1 = delta_h1_applied`` on both steps."""
+    lr = 1e-3
+    args = sgd_args(
+        tmp_path,
+        learning_rate=lr,
+        optim="adamw_torch",
+        adam_beta1=0.0,
+        num_iterations=2,
+        epsilon=0.02,
+        router_aux_loss_coef=0.5,
+        gradient_checkpointing=checkpointing,
+    )
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+    )
+    trainer = sgd_trainer(args, kernelscope, model=tiny_moe())
+    assert trainer.kernelscope_geometry == "adam" and trainer._hooked is not None
+    assert any("experts" in n for n in trainer._hooked.parameters)
+    pushed: list[str] = []
+    push = trainer.kernelscope_client.push_sketches
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        pushed.append(kw.get("rows", "score"))
+        return push(*a, **kw)
+
+    trainer.kernelscope_client.push_sketches = counted  # type: ignore[method-assign]
+    trainer.train()
+    assert trainer._hooked is not None  # no fallback to exact chunks
+    assert pushed.count("update") == pushed.count("score") > 0
+    with Client(live_service.base_url) as client:
+        for step in (0, 1):
+            status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
+            assert status.state == "ready" and status.applied_update
+            report = client.entropy(trainer.kernelscope_run_id, step, estimator="plugin")
+            assert report.delta_h1 != 0.0
+            assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
 def test_kronecker_with_adam_takes_exact_rows(live_service: LiveService, tmp_path: Path) -> None:

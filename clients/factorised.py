@@ -69,7 +69,7 @@ from clients.capture import (
 )
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import OnAccess
-from clients.shards import full_shape, is_partitioned, whole_value
+from clients.shards import full_shape, is_partitioned, leaf_reductions_suspended, whole_value
 from sketch.base import Sketcher, SketchKind
 from sketch.groups import GroupedSketcher
 from sketch.kronecker import KroneckerSketch
@@ -917,13 +917,6 @@ class FactorisedCapture:
                 if not args[0].requires_grad:
                     acc.roots.extend(graded)
                 number = acc.registered
-                # ZeRO 3 releases a module's parameters after its forward: a re-run in the
-                # backward needs this call's values (a norm's weight: small)
-                values = (
-                    {a: whole_value(getattr(mod, a)) for a in own}
-                    if kind == "generic" and partitioned
-                    else None
-                )
 
                 def arrived(gs: Sequence[torch.Tensor | None]) -> None:
                     acc.fired += 1
@@ -931,6 +924,15 @@ class FactorisedCapture:
                     got = tuple(None if g is None else g.detach() for g in gs)
                     if all(g is None for g in got):
                         return
+                    # ZeRO 3 partitions a module's parameters outside its forward and backward:
+                    # a re-run needs their values, which DeepSpeed has gathered for the
+                    # module's backward when its output's gradient arrives (read here, not
+                    # kept from the forward: a MoE layer's experts are most of the model)
+                    values = (
+                        {a: whole_value(getattr(mod, a)) for a in own}
+                        if kind == "generic" and partitioned
+                        else None
+                    )
 
                     def work(c: Call) -> None:
                         acc.hook_adds = number not in acc.directions_added
@@ -954,7 +956,9 @@ class FactorisedCapture:
                     torch.autograd.graph.register_multi_grad_hook(graded, arrived, mode="all")
                 acc.registered += 1
 
-            # before DeepSpeed's own forward hook, which releases ZeRO 3 parameters
+            # before DeepSpeed's own forward hook, which wraps a ZeRO 3 module's output in the
+            # function that gathers its parameters for the backward: the gradient reaches the
+            # output seen here after that gathering, where the hook reads them
             handles.append(
                 module.register_forward_hook(forward_hook, prepend=partitioned, with_kwargs=True)
             )
@@ -1100,6 +1104,7 @@ class FactorisedCapture:
         acc.checkpointed = frozenset(id(m) for layer in layers for m in layer.modules())
         with (
             eval_mode(self.model, self.use_eval_mode, training=layers),
+            leaf_reductions_suspended(self.model),
             self._hooks(acc),
             _released(acc),
         ):

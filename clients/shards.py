@@ -227,3 +227,24 @@ def resharded(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+
+@contextlib.contextmanager
+def leaf_reductions_suspended(model: nn.Module) -> Iterator[None]:
+    """Keep DeepSpeed ZeRO 3's gradient reduction of its leaf modules out of the block.
+
+    ZeRO 3 gathers a MoE block (a "leaf module": transformers and accelerate mark the sparse
+    MoE blocks with ``set_z3_leaf_modules``) whole, and reduces its parameters' gradients from
+    a full backward hook on it (``reduce_leaf_module_grads``), which fires on any backward
+    through the block: a capture's too, where it would set every such parameter's ``.grad``
+    to zeros and reduce them into the step's gradient partitions out of turn.  The block's
+    forward and backward here run without its backward hooks, which only reduce."""
+    leaves = [m for m in model.modules() if getattr(m, "_z3_leaf", False) and m._backward_hooks]
+    saved = [(m, m._backward_hooks) for m in leaves]
+    for module in leaves:
+        module._backward_hooks = type(module._backward_hooks)()
+    try:
+        yield
+    finally:
+        for module, hooks in saved:
+            module._backward_hooks = hooks

@@ -19,8 +19,9 @@ DeepSpeed's module hooks gather a module's parameters around its forward and bac
 capture's included.  The gradient and state are all-gathered as under ZeRO 1/2
 (:class:`Zero3AdamStates`); the applied update is taken on each rank's range of the fp32
 master values and sketched there (:func:`local_partition`, ``clients.shards.FlatRange``); the
-hooks that re-run a module (norms) take its parameters' values inside its forward, where
-DeepSpeed has gathered them (``clients.factorised``).
+hooks that re-run a module (norms, a MoE layer's router and experts) read its parameters'
+values when its output's gradient arrives, after DeepSpeed has gathered them for the module's
+backward (``clients.factorised``).
 
 Two differences from torch's own loop that the trainer follows (math.md §1, docs/trl.md):
 

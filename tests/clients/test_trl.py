@@ -1115,8 +1115,9 @@ def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
     Adam state a shard: AdamW with ``beta1 = 0`` and count-sketched rows from hooks (``adam``
     geometry: each rank gathers ``sqrt(P_t)`` for its sequences' rows), step 1 a later clipped
     pass (update rows), of the whole model, of ``peft`` LoRA adapters
-    (``ParameterFilter(lora_only=True)``) and of the whole model in bf16; plain SGD with
-    factorised kronecker rows.
+    (``ParameterFilter(lora_only=True)``), of the whole model in bf16 and of a
+    mixture-of-experts model with TRL's load-balancing loss; plain SGD with factorised
+    kronecker rows.
 
     Every step is ready with both ranks' sequences, the applied update (sketched from the
     ranks' shards and added up) is there, and ``plugin dH1 = delta_h1_applied``, the identity
@@ -1130,7 +1131,13 @@ def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
     run_ids = json.loads((tmp_path / "run_ids.json").read_text())
     assert "fsdp_version=2" in run_ids.pop("refused-fsdp1")
     assert "captured by hooks" in run_ids.pop("refused-exact")
-    assert set(run_ids) == {"adam-countsketch", "adam-lora", "adam-bf16", "sgd-kronecker"}
+    assert set(run_ids) == {
+        "adam-countsketch",
+        "adam-lora",
+        "adam-bf16",
+        "sgd-kronecker",
+        "adam-moe",
+    }
     with Client(live_service.base_url) as client:
         for name, run_id in run_ids.items():
             run = client.get_run(run_id)
@@ -1239,7 +1246,7 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
 def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     live_service: LiveService, tmp_path: Path
 ) -> None:
-    """Thirteen real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
+    """Fifteen real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
     accelerator, ``trl_zero.py``), where the reduced gradient and Adam's state are flat
     partitions and the step is taken inside accelerate's ``backward``, before ``Trainer``'s
     ``on_pre_optimizer_step``: AdamW with ``beta1 = 0`` and count-sketched rows from hooks
@@ -1256,7 +1263,10 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     of the trainer's AdamW (ZeRO 2, and ZeRO 3 clipped), and an ``AdamW`` optimizer section,
     from which the engine builds ``FusedAdam`` (ZeRO 2, weight decay 0.1).  bf16 under ZeRO 2
     and ZeRO 3, and under ZeRO 1 with fp32 gradient accumulation, where the engine steps with
-    its ``BF16_Optimizer`` (clipped).
+    its ``BF16_Optimizer`` (clipped).  A mixture-of-experts policy with TRL's load-balancing
+    loss under ZeRO 2 and ZeRO 3, where accelerate makes each MoE block a ZeRO 3 leaf module
+    whose gradient reduction hook fired in the capture's backward too (it set ``.grad`` and
+    the step failed; ``clients.shards.leaf_reductions_suspended``).
 
     Every step is ready with both ranks' sequences and the applied update.  ``sqrt(P_t)``
     computed before the step from the gathered partitions equals the one the step divided by
@@ -1291,6 +1301,8 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
         "zero2-adam-bf16",
         "zero3-adam-bf16",
         "zero1-adam-bf16-fp32acc-clipped",
+        "zero2-adam-moe",
+        "zero3-adam-moe",
     )
     # ZeRO-Offload: accelerate replaced the trainer's AdamW by DeepSpeed's CPU Adam; an
     # optimizer section: the engine built its own

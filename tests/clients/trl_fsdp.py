@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType
 
 from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
-from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer
+from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_moe
 from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
@@ -35,12 +35,14 @@ ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 #: is -lr P_t g_t) and count-sketched rows from hooks, step 1 a later clipped pass (update rows),
 #: of the whole model (its gradient norm clipped to 0.01 on every step), of LoRA adapters on the
 #: attention projections, and of the whole model in bf16 (accelerate's FSDP2 policy: parameters
-#: and gradient reduction in bf16); plain SGD and factorised kronecker rows.
+#: and gradient reduction in bf16); plain SGD and factorised kronecker rows; a mixture-of-experts
+#: policy (test_trl's ``tiny_moe``) with TRL's load-balancing loss in the update rows.
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any], bool]] = {
     "adam-countsketch": (1e-3, {**ADAM_BETA0, "max_grad_norm": 0.01}, SKETCH_512, False),
     "adam-lora": (1e-2, ADAM_BETA0, SKETCH_512, True),
     "adam-bf16": (1e-3, {**ADAM_BETA0, "bf16": True}, SKETCH_512, False),
     "sgd-kronecker": (0.05, {}, KRONECKER_256, False),
+    "adam-moe": (1e-3, {**ADAM_BETA0, "router_aux_loss_coef": 0.5}, SKETCH_512, False),
 }
 
 
@@ -80,9 +82,12 @@ def main(url: str, out: Path) -> None:
             adapters["peft_config"] = peft.LoraConfig(
                 r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
             )
-        trainer = sgd_trainer(args, config, **adapters)
+        model = tiny_moe() if name == "adam-moe" else None
+        trainer = sgd_trainer(args, config, model, **adapters)
         assert trainer.accelerator.is_fsdp2
         trainer.train()
+        if name == "adam-moe":  # the experts had hooks: no fallback to exact chunks
+            assert trainer._hooked is not None and trainer.aux_loss_enabled
         assert trainer._kernelscope_sharded  # the model accelerate prepared holds shards
         run_ids[name] = trainer.kernelscope_run_id
     finish(out, run_ids)

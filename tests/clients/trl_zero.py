@@ -39,7 +39,13 @@ from clients.geometry import (
 from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
 from clients.zero import zero_optimizer
-from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_llama_config
+from tests.clients.test_trl import (
+    KRONECKER_256,
+    SKETCH_512,
+    sgd_trainer,
+    tiny_llama_config,
+    tiny_moe,
+)
 from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
@@ -82,7 +88,9 @@ FUSED_ADAMW = {
 #: Adam) under ZeRO 2 and, clipped, ZeRO 3; a config optimizer section (``FusedAdam``) with
 #: decoupled weight decay 0.1.  bf16 (the engine's bf16 parameters, fp32 master values) under
 #: ZeRO 2 and ZeRO 3, and under ZeRO 1 with fp32 gradient accumulation and clipping, where the
-#: engine steps with its ``BF16_Optimizer``.
+#: engine steps with its ``BF16_Optimizer``.  A mixture-of-experts policy (test_trl's
+#: ``tiny_moe``: its routers and 3-D experts captured per sequence) with TRL's load-balancing
+#: loss in the update rows, under ZeRO 2 and ZeRO 3 (built whole, partitioned by the engine).
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
     "zero2-adam": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2)}, SKETCH_512),
     "zero1-adam-clipped": (
@@ -141,6 +149,16 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
             "deepspeed": zero(3, stage3_param_persistence_threshold=0, **OFFLOAD),
             "max_grad_norm": 0.01,
         },
+        SKETCH_512,
+    ),
+    "zero2-adam-moe": (
+        1e-3,
+        {**ADAM_BETA0, "deepspeed": zero(2), "router_aux_loss_coef": 0.5},
+        SKETCH_512,
+    ),
+    "zero3-adam-moe": (
+        1e-3,
+        {**ADAM_BETA0, "deepspeed": ZERO3, "router_aux_loss_coef": 0.5},
         SKETCH_512,
     ),
 }
@@ -264,7 +282,9 @@ def main(url: str, out: Path) -> None:
                 r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
             )
         model = None
-        if name == "zero3-adam-clipped":  # from a checkpoint, with TRL's reference model
+        if name.endswith("-moe"):
+            model = tiny_moe()
+        elif name == "zero3-adam-clipped":  # from a checkpoint, with TRL's reference model
             model = odd_llama(out / name / "checkpoint")
         elif stage3 and name != "zero3-adam-lora":  # LoRA: the tiny Llama, built whole
             model = odd_llama()
@@ -286,6 +306,8 @@ def main(url: str, out: Path) -> None:
         if trainer.kernelscope_geometry == "adam":
             record_sqrt_p(trainer, gaps, update_gaps)
         trainer.train()
+        if name.endswith("-moe"):  # the experts had hooks: no fallback to exact chunks
+            assert trainer._hooked is not None and trainer.aux_loss_enabled
         if "-fp32acc" in name:  # bf16 with fp32 accumulation under ZeRO 1: not ZeRO's own
             assert type(zero_optimizer(trainer.optimizer)).__name__ == "BF16_Optimizer"
         # ZeRO 3's partitions are shards: a failed hook capture must not fall back to exact

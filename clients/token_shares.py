@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,13 +153,15 @@ def token_derivatives(
         return scaled / temperature if temperature != 1.0 else scaled
 
     # Forward-mode AD has no rule for the fused attention kernels (flash, memory-efficient):
-    # the math kernel computes the same attention and has one.
+    # the math kernel computes the same attention and has one; nor for the grouped matmul of
+    # MoE experts (_eager_experts).
     with (
         torch.no_grad(),
         eval_mode(model, use_eval_mode),
         sdpa_kernel(SDPBackend.MATH),
         _without_input_grad_hooks(model),
         _contiguous_head_input(model),
+        _eager_experts(model),
     ):
         scaled, scaled_dot = jvp(logits, (moving,), (tangents,))[:2]
         # The log-softmax and entropy tangents in closed form from the logits' tangent s':
@@ -193,6 +196,32 @@ def token_derivatives(
         logprob=laid_out(derivative),
         entropy=None if entropy_dot is None else laid_out(entropy_dot),
     )
+
+
+@contextlib.contextmanager
+def _eager_experts(model: nn.Module) -> Iterator[None]:
+    """Run transformers' MoE experts with their eager implementation (a matmul per expert) in
+    the block: the default grouped matmul has no forward-mode derivative, and both give the
+    same outputs.  Nothing to do for a model without such experts."""
+    top: Any = next(
+        (
+            m
+            for m in model.modules()
+            if hasattr(m, "set_experts_implementation")
+            and getattr(getattr(m, "config", None), "_experts_implementation", None)
+            not in (None, "eager")
+        ),
+        None,
+    )
+    if top is None:
+        yield
+        return
+    before = top.config._experts_implementation
+    top.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        top.set_experts_implementation(before)
 
 
 @contextlib.contextmanager

@@ -1156,20 +1156,27 @@ def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
                 assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=rel)
 
 
-@pytest.mark.parametrize("bonus", [{}, {"entropy_coef": 0.1}], ids=["plain", "entropy_bonus"])
+@pytest.mark.parametrize(
+    ("bonus", "moe"),
+    [({}, False), ({"entropy_coef": 0.1}, False), ({"router_aux_loss_coef": 0.0}, True)],
+    ids=["plain", "entropy_bonus", "moe"],
+)
 def test_token_shares_add_up_to_the_services_dh1(
-    live_service: LiveService, tmp_path: Path, bonus: dict[str, float]
+    live_service: LiveService, tmp_path: Path, bonus: dict[str, float], moe: bool
 ) -> None:
     """``token_shares=True`` on a real GRPO run (exact kernel, plain SGD, accumulation 2, the
     first step on-policy, the second a later clipped PPO pass with update rows), without and
-    with an entropy bonus (whose ``e_{i,t} grad H_{i,t}`` terms are in the update rows): each
-    step's token shares sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total
-    to its ``delta_h1``; the tokens carry their text and the covariance comparison is
-    answered."""
+    with an entropy bonus (whose ``e_{i,t} grad H_{i,t}`` terms are in the update rows), and
+    of a mixture-of-experts policy (its experts' grouped matmul has no forward-mode
+    derivative: the shares' pass runs their eager implementation): each step's token shares
+    sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total to its
+    ``delta_h1``; the tokens carry their text and the covariance comparison is answered."""
     args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02, **bonus)
     exact = {"kind": "exact", "dim": 1}
     trainer = sgd_trainer(
-        args, KernelscopeConfig(url=live_service.base_url, sketch=exact, token_shares=True)
+        args,
+        KernelscopeConfig(url=live_service.base_url, sketch=exact, token_shares=True),
+        model=tiny_moe() if moe else None,
     )
     trainer.train()
     with Client(live_service.base_url) as client:
@@ -1192,8 +1199,9 @@ def test_token_shares_add_up_to_the_services_dh1(
         ("adamw_torch", SKETCH_512, {}),
         ("adamw_torch", SKETCH_512, {"entropy_coef": 0.1}),
         ("sgd", KRONECKER_256, {}),
+        ("adamw_torch", SKETCH_512, {"router_aux_loss_coef": 0.0}),
     ],
-    ids=["countsketch-adam", "countsketch-adam-entropy_bonus", "kronecker-sgd"],
+    ids=["countsketch-adam", "countsketch-adam-entropy_bonus", "kronecker-sgd", "moe"],
 )
 def test_token_shares_take_their_directions_from_the_rows_backward(
     live_service: LiveService,
@@ -1208,7 +1216,8 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
     are added up by the rows' own backward, over capture batches of whole prompts (TRL's
     micro-batches split them), and the token shares along them equal those of the forward and
     backward passes of their own, step by step (the first on-policy, the second a later
-    clipped PPO pass with update rows)."""
+    clipped PPO pass with update rows); also for a mixture-of-experts policy, whose routers'
+    and experts' directions come from their per-sequence re-runs."""
     import clients.trl as trl_module
 
     original = trl_module.token_shares_cross_fit
@@ -1232,7 +1241,8 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
     kernelscope = KernelscopeConfig(
         url=live_service.base_url, sketch=sketch, sketch_on="trainer", token_shares=True
     )
-    trainer = sgd_trainer(args, kernelscope)
+    moe = "router_aux_loss_coef" in bonus
+    trainer = sgd_trainer(args, kernelscope, model=tiny_moe() if moe else None)
     assert (trainer._hooked is not None) or (trainer._factorised is not None)
     trainer.train()
     assert len(compared) == 2

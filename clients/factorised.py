@@ -848,16 +848,28 @@ class FactorisedCapture:
         scales: Mapping[str, torch.Tensor | None],
     ) -> None:
         """Add sequences ``rows``' gradients ``{attr: [len(rows), *shape]}`` of a module's
-        parameters."""
-        n = acc.token_mask.shape[0]
+        parameters (``scales``: their row scales, :meth:`_sequence_scales`)."""
         index = torch.tensor(rows)
         for attr, name in own.items():
             flat = grads[attr].reshape(len(rows), -1).float()
-            total = acc.vectors.get(name)
-            if total is None:
-                total = acc.vectors[name] = torch.zeros(n, flat.shape[1], device=flat.device)
-            total[index.to(total.device)] += flat
-            _add_rows_direction(acc, name, index, flat)
+            _add_rows_direction(acc, name, index, flat)  # before a scale (in place)
+            self._add_block(acc, name, index, flat, scales.get(name))
+
+    def _add_block(
+        self,
+        acc: _Accumulator,
+        name: str,
+        index: torch.Tensor,
+        flat: torch.Tensor,
+        scale: torch.Tensor | None,
+    ) -> None:
+        """Add the ``[b, numel]`` flat gradients of parameter ``name`` of sequences ``index``
+        (exact vectors, sketched with the rest by :meth:`_rows`)."""
+        total = acc.vectors.get(name)
+        if total is None:
+            n = acc.token_mask.shape[0]
+            total = acc.vectors[name] = torch.zeros(n, flat.shape[1], device=flat.device)
+        total[index.to(total.device)] += flat
 
     @contextlib.contextmanager
     def _hooks(self, acc: _Accumulator) -> Iterator[None]:
@@ -1419,26 +1431,22 @@ class HookedCapture(FactorisedCapture):
         # once per module call, not per sequence: a lazy row scale computes sqrt(P) on access
         return {name: self._scale_of(name) for name in own.values()}
 
-    def _add_sequences(
+    def _add_block(
         self,
         acc: _Accumulator,
-        own: Mapping[str, str],
-        rows: list[int],
-        grads: Mapping[str, torch.Tensor],
-        scales: Mapping[str, torch.Tensor | None],
+        name: str,
+        index: torch.Tensor,
+        flat: torch.Tensor,
+        scale: torch.Tensor | None,
     ) -> None:
         """Sketch a block of sequences' gradients at once: a MoE layer's experts are most of a
         model's parameters, which ``n`` rows of would not fit."""
-        n = acc.token_mask.shape[0]
-        index = torch.tensor(rows)
-        for attr, name in own.items():
-            flat = grads[attr].reshape(len(rows), -1).float()
-            _add_rows_direction(acc, name, index, flat)  # before scaling: in place
-            part = self._sketched(name, flat, scales.get(name))
-            total = acc.sketched.get(name)
-            if total is None:
-                total = acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
-            total[index.to(total.device)] += part.to(total.device)
+        part = self._sketched(name, flat, scale)
+        total = acc.sketched.get(name)
+        if total is None:
+            n = acc.token_mask.shape[0]
+            total = acc.sketched[name] = torch.zeros(n, self.sketcher.dim, device=part.device)
+        total[index.to(total.device)] += part.to(total.device)
 
     def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:
         out = torch.zeros(n, self.sketcher.dim, dtype=torch.float32, device=device)

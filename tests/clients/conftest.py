@@ -42,6 +42,19 @@ def tiny_gpt2(seed: int = 0, dropout: float = 0.0) -> nn.Module:
     return model
 
 
+#: the sizes and token ids the tiny decoders share
+_TINY_DECODER: dict[str, Any] = {
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
 def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
     """Llama-style (nn.Linear without bias, RMSNorm, GQA, untied head, padding_idx 0);
     ``overrides``: other ``LlamaConfig`` values (sizes, layers)."""
@@ -49,16 +62,9 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
 
     torch.manual_seed(seed)
     values: dict[str, Any] = {
-        "hidden_size": 16,
+        **_TINY_DECODER,
         "intermediate_size": 24,
-        "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 64,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         **overrides,
     }
     config = LlamaConfig(**values)
@@ -135,16 +141,9 @@ def tiny_moe(seed: int = 0, family: str = "qwen3_moe", **overrides: Any) -> nn.M
     config_name, model_name, sizes = MOE_FAMILIES[family]
     torch.manual_seed(seed)
     values: dict[str, Any] = {
-        "hidden_size": 16,
+        **_TINY_DECODER,
         "num_experts_per_tok": 2,
-        "num_hidden_layers": 2,
         "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 64,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
         "tie_word_embeddings": False,
         **sizes,
         **overrides,

@@ -336,6 +336,18 @@ UPDATE_ROW_SETTINGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
 }
 
 
+def _first_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
+    """The first of two micro-batches of a real generation batch (two prompts, four
+    completions each, shuffled as TRL does), the model in training mode and TRL's step
+    counter at two accumulation steps."""
+    trainer.model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    torch.manual_seed(0)
+    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
+    trainer.current_gradient_accumulation_steps = 2
+    return dict(split_tensor_dict(generation, 2)[0])
+
+
 @pytest.mark.parametrize("setting", sorted(UPDATE_ROW_SETTINGS))
 def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -> None:
     """``sum_i u_i``, with ``u_i = sum_t c_{i,t} grad log pi_{i,t}`` and ``c`` from
@@ -346,13 +358,7 @@ def test_update_rows_reproduce_trl_loss_gradient(tmp_path: Path, setting: str) -
     (``u_i`` then also carries ``sum_t e_{i,t} grad H_{i,t}``)."""
     loss_type, config, inject = UPDATE_ROW_SETTINGS[setting]
     trainer = _plain_trainer(tmp_path, loss_type=loss_type, **config)
-    model = trainer.model
-    model.train()
-    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
-    torch.manual_seed(0)
-    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
-    micro = dict(split_tensor_dict(generation, 2)[0])
-    trainer.current_gradient_accumulation_steps = 2
+    micro = _first_micro_batch(trainer)
     mask = micro["completion_mask"]
     if "old" in inject:
         micro["old_per_token_logps"] = _perturbed_logps(trainer, micro, inject["old"], seed=1)
@@ -486,12 +492,7 @@ def test_moe_router_loss_is_in_the_update_rows(tmp_path: Path, later_pass: bool)
     assert trainer.aux_loss_enabled
     check_supported(trainer)
     model = trainer.model
-    model.train()
-    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
-    torch.manual_seed(0)
-    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
-    micro = dict(split_tensor_dict(generation, 2)[0])
-    trainer.current_gradient_accumulation_steps = 2
+    micro = _first_micro_batch(trainer)
     if later_pass:
         micro["old_per_token_logps"] = _perturbed_logps(trainer, micro, 0.05, seed=1)
     coefficients = trl_token_coefficients(trainer, model, micro)

@@ -389,6 +389,22 @@ def _graded_positions(output: Any) -> list[int]:
     ]
 
 
+def _gathers_rows(t: torch.Tensor) -> bool:
+    """Whether ``t`` was made by picking rows of another tensor by index (``x[idx]``,
+    ``index_select`` on dim 0): the tokens an older MoE layer routes to one ``nn.Linear``
+    expert.  Its rows are then no batch's sequences or tokens, whatever their number."""
+    fn = t.grad_fn
+    if fn is None:
+        return False
+    name = type(fn).__name__
+    if name == "IndexBackward0":
+        indices = getattr(fn, "_saved_indices", None) or [None]
+        return indices[0] is not None
+    if name == "IndexSelectBackward0":
+        return int(getattr(fn, "_saved_dim", -1)) == 0
+    return False
+
+
 def _per_sequence_copies(
     module: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, grad: torch.Tensor
 ) -> dict[str, torch.Tensor] | None:
@@ -916,8 +932,9 @@ class FactorisedCapture:
                 graded = [outs[j] for j in positions]
                 n, width = acc.token_mask.shape
                 # rows are the batch's sequences, or its tokens flattened ([n * L, ...]: a MoE
-                # block's router and experts, a shared expert)
-                if graded[0].shape[0] not in (n, n * width):
+                # block's router and experts, a shared expert); not rows picked by index, even
+                # as many (an older MoE's nn.Linear experts on their routed tokens)
+                if graded[0].shape[0] not in (n, n * width) or _gathers_rows(args[0]):
                     raise RuntimeError(
                         f"{type(mod).__name__} ran on a batch of {graded[0].shape[0]} rows, not "
                         f"{n} (or its {n * width} tokens): its output is broadcast over the "

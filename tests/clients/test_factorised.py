@@ -734,3 +734,43 @@ def test_moe_layers_are_captured_per_sequence(
         for name, rows in exact.gradients.items():
             total = torch.tensordot(h[d].double(), rows.double(), dims=1).float()
             _close(directions.totals[d].get(name, torch.zeros_like(total)), total)
+
+
+class _GatheringExperts(nn.Module):
+    """An older-style MoE MLP: ``nn.Linear`` experts run on the tokens routed to them, picked
+    by index from the flattened ``[n * L, hidden]`` tokens.  Expert 0 takes every token in
+    reverse order, expert 1 the first ``n`` tokens: as many rows as the batch has tokens or
+    sequences, but not theirs."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        flat = x.flatten(0, 1)
+        out = torch.zeros_like(flat)
+        for expert, index in zip(
+            self.experts, (torch.arange(flat.shape[0]).flip(0), torch.arange(n)), strict=True
+        ):
+            out = out.index_add(0, index, expert(flat[index]))
+        return out.view_as(x)
+
+
+def test_linear_experts_on_gathered_tokens_are_refused() -> None:
+    """A ``nn.Linear`` run on tokens picked by index has rows that are no sequence's, even when
+    there are as many as the batch's tokens or sequences: the hook capture refuses it (before,
+    such rows were taken as the batch's, silently), and a capture without those experts works."""
+    from clients.factorised import HookedCapture
+    from tests.clients.conftest import tiny_llama
+
+    model = tiny_llama()
+    for layer in model.model.layers:
+        layer.mlp = _GatheringExperts(16)
+    batch = make_batch(n=4)
+    spec = {"kind": "countsketch", "dim": 64, "seed": 5}
+    with pytest.raises(RuntimeError, match="gathers their tokens"):
+        HookedCapture(model, spec, strict=True)(batch)
+    without = ParameterFilter(exclude_regex=r".*experts.*")
+    got = HookedCapture(model, spec, parameter_filter=without, strict=True)(batch)
+    assert float(got.sketch.abs().max()) > 0

@@ -114,7 +114,7 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[A
 
         model = build_model(cfg["qwen2"]).eval()
     elif cfg.get("moe"):
-        model = _qwen3_moe(cfg, prompt_len)
+        model = moe_model(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
     else:
         model = _gpt2(cfg, prompt_len)
     if cfg.get("checkpointing"):  # as Trainer turns it on; dropout is 0 in both models
@@ -144,14 +144,16 @@ def _gpt2(cfg: dict[str, Any], prompt_len: int) -> Any:
     return GPT2LMHeadModel(config).eval()
 
 
-def _qwen3_moe(cfg: dict[str, Any], prompt_len: int) -> Any:
-    """A Qwen3-MoE from a config: transformers' MoE layers (a router returning logits, routing
-    weights and chosen experts; experts as 3-D parameters, grouped matmul)."""
+def moe_model(vocab: int, positions: int) -> Any:
+    """A Qwen3-MoE of about 16M parameters at vocabulary 8192 (4 layers of 8 experts, 2 per
+    token), from a config: transformers' MoE layers (a router returning logits, routing weights
+    and chosen experts; experts as 3-D parameters, grouped matmul)."""
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
+    torch.manual_seed(0)
     config = Qwen3MoeConfig(
-        vocab_size=cfg["vocab"],
+        vocab_size=vocab,
         hidden_size=256,
         intermediate_size=512,
         moe_intermediate_size=512,
@@ -161,10 +163,13 @@ def _qwen3_moe(cfg: dict[str, Any], prompt_len: int) -> Any:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=prompt_len + cfg["T"] + 8,
+        max_position_embeddings=positions,
         tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
     )
-    model = Qwen3MoeForCausalLM(config).eval()
+    model = Qwen3MoeForCausalLM(config)
     with torch.no_grad():  # the routers start at zero: route by something
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):

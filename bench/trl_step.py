@@ -36,6 +36,7 @@ ratios come from processes of the same run.
     python bench/trl_step.py                  # 10M and 100M (about half an hour on 2 cores)
     python bench/trl_step.py --sizes 10M      # one size
     python bench/trl_step.py --quick          # a 1M model, 2 prompts: a minute
+    python bench/trl_step.py --sizes moe --modes countsketch   # a Qwen3-MoE of 17.6M
     python bench/trl_step.py --device cuda    # on a GPU (bench/gpu.sh): peak = CUDA allocator
 """
 
@@ -82,6 +83,9 @@ SIZES: dict[str, dict[str, int]] = {
         "heads": 12,
         "kv": 4,
     },
+    # bench/capture.py's Qwen3-MoE (4 layers of 8 experts, 2 per token): TRL adds its
+    # load-balancing loss, so every micro-batch has update rows
+    "moe": {"vocab": 8192},
 }
 
 
@@ -99,6 +103,10 @@ def build_model(size: str) -> Any:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    if size == "moe":
+        from capture import moe_model  # bench/capture.py
+
+        return moe_model(SIZES[size]["vocab"], 256)
     s = SIZES[size]
     torch.manual_seed(0)
     config = Qwen2Config(

@@ -477,15 +477,21 @@ def test_vllm_sampler_path_reproduces_trl_loss_gradient(tmp_path: Path, mode: st
     _assert_update_rows_are_trl_gradient(trainer, micro)
 
 
-@pytest.mark.parametrize("later_pass", [False, True], ids=["on_policy", "later_pass"])
-def test_moe_router_loss_is_in_the_update_rows(tmp_path: Path, later_pass: bool) -> None:
+@pytest.mark.parametrize(
+    ("later_pass", "capture_kind"),
+    [(False, "hooked"), (True, "hooked"), (True, "factorised")],
+    ids=["on_policy", "later_pass", "later_pass-factorised"],
+)
+def test_moe_router_loss_is_in_the_update_rows(
+    tmp_path: Path, later_pass: bool, capture_kind: str
+) -> None:
     """A mixture-of-experts policy, whose load-balancing loss TRL adds to its loss (the
     architecture's coefficient, raised to 0.5 here so that it weighs): its coefficient ``r =
     -dL/d aux`` comes from TRL's own ``compute_loss`` with ``aux`` a leaf, and the update rows
     from hooks with ``r grad aux_i`` sum to ``-grad`` of TRL's loss (compared through the
-    run's sketch, a linear map), on policy and on a later clipped pass.  Without the router
-    term they do not."""
-    from clients.factorised import HookedCapture
+    run's sketch, a linear map), on policy and on a later clipped pass, with rows formed in
+    the hooks (gaussian) or factorised (kronecker).  Without the router term they do not."""
+    from clients.factorised import FactorisedCapture, HookedCapture
     from sketch.spec import sketcher_for
 
     trainer = _plain_trainer(tmp_path, model=tiny_moe(), loss_type="dapo", router_aux_loss_coef=0.5)
@@ -513,16 +519,21 @@ def test_moe_router_loss_is_in_the_update_rows(tmp_path: Path, later_pass: bool)
         torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients.logprob], 1),
         attention,
     )
-    spec = {"kind": "gaussian", "dim": 256, "seed": 3}
-    hooked = HookedCapture(model, spec, strict=True)
-    assert any("experts" in n for n in hooked.parameters)
-    sketcher = sketcher_for(spec, hooked.parameters)
+    capture: Any
+    if capture_kind == "factorised":
+        capture = FactorisedCapture(model, dim=256, seed=3, strict=True)
+        spec = capture.spec
+    else:
+        spec = {"kind": "gaussian", "dim": 256, "seed": 3}
+        capture = HookedCapture(model, spec, strict=True)
+    assert any("experts" in n for n in capture.parameters)
+    sketcher = sketcher_for(spec, capture.parameters)
     expected = sketcher.sketch(
         {n: -trl_grad.get(n, torch.zeros_like(p)).unsqueeze(0) for n, p in model.named_parameters()}
     )[0]
     got = {}
     for router in (coefficients.router, 0.0):
-        sketches = hooked(batch, token_coefficients=layout, router_coefficient=router)
+        sketches = capture(batch, token_coefficients=layout, router_coefficient=router)
         assert sketches.update_sketch is not None
         got[router] = sketches.update_sketch.sum(0)
     scale = float(expected.abs().max())

@@ -229,12 +229,15 @@ class _Accumulator:
         backward with directions, and a hook whose part is not in already), else None."""
         return self.direction_weights if self.hook_adds else None
 
-    def weighted(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[m, ...]`` the directions' ``sum_j h_{d,j} rows_j`` of ``[n, ...]`` rows (empty
-        when no direction is being added)."""
+    def weighted(self, rows: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``[m, ...]`` the directions' ``sum_j h_{d,j} rows_j`` of ``[n, ...]`` rows, or of the
+        rows of sequences ``index`` alone (``[len(index), ...]``); empty when no direction is
+        being added."""
         weights = self.adding
         if weights is None:
             return rows.new_zeros((0,))
+        if index is not None:
+            weights = weights[:, index.to(weights.device)]
         return torch.tensordot(weights.to(rows.device), rows.float(), dims=1)
 
     def direction(self, d: int, name: str, device: torch.device) -> torch.Tensor:
@@ -321,17 +324,6 @@ def _external(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tens
             solved.append(total if inside is None else total - inside)
         external = solved
     return external
-
-
-def _add_rows_direction(
-    acc: _Accumulator, name: str, index: torch.Tensor, flat: torch.Tensor
-) -> None:
-    """Add sequences ``index``' flat gradients ``flat`` (``[b, numel]``) of parameter
-    ``name``, weighted by their ``h_{d,i}``, to the directions (nothing when none is being
-    added)."""
-    weights = acc.adding
-    if weights is not None:
-        acc.add_direction(name, weights[:, index.to(weights.device)].to(flat.dtype) @ flat)
 
 
 def _embedding_tokens(
@@ -764,15 +756,7 @@ class FactorisedCapture:
         shared by the batch) cannot be split into per-sequence gradients."""
         n, width = acc.token_mask.shape
         lead = next(g for g in grads if g is not None).shape[0]
-        if lead == n:
-            per_row = 1
-        elif lead == n * width:
-            per_row = width
-        else:
-            raise RuntimeError(
-                f"{type(module).__name__}: rows of {lead}, neither the batch's {n} sequences "
-                f"nor its {n * width} tokens"
-            )
+        per_row = 1 if lead == n else width  # the forward hook let only these two through
         args, kwargs = call
 
         def rows_of(value: Any, i: int) -> Any:
@@ -868,7 +852,7 @@ class FactorisedCapture:
         index = torch.tensor(rows)
         for attr, name in own.items():
             flat = grads[attr].reshape(len(rows), -1).float()
-            _add_rows_direction(acc, name, index, flat)  # before a scale (in place)
+            acc.add_direction(name, acc.weighted(flat, index))  # before a scale (in place)
             self._add_block(acc, name, index, flat, scales.get(name))
 
     def _add_block(

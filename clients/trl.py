@@ -92,6 +92,12 @@ if TYPE_CHECKING:
 #: pushes ``k`` floats per sequence instead of ``N`` (docs/trl.md "Where rows are sketched").
 TRAINER_SKETCH_MIN_PARAMETERS = 1 << 20
 
+#: what makes the trainer capture rows by hooks, for the refusals that need them
+_ROWS_FROM_HOOKS = (
+    "use a sketch kind other than exact, sketch_on='trainer' (or 'auto' above "
+    f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or 'hooks'"
+)
+
 #: Loss types whose on-policy gradient is ``-sum_i weight_i A_i dS_i/dtheta`` (see
 #: :func:`trl_sequence_weights`).
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo", "cispo", "vespo")
@@ -233,9 +239,9 @@ def trl_token_coefficients(
             logps, entropies, aux, *rest = real(*args, **kwargs)
         leaf = logps.detach().requires_grad_(True)
         entropy_leaf = None if entropies is None else entropies.detach().requires_grad_(True)
-        aux_leaf = aux.detach().requires_grad_(True) if isinstance(aux, torch.Tensor) else aux
-        leaves.append((leaf, entropy_leaf, aux_leaf if isinstance(aux, torch.Tensor) else None))
-        return (leaf, entropy_leaf, aux_leaf, *rest)
+        aux_leaf = aux.detach().requires_grad_(True) if isinstance(aux, torch.Tensor) else None
+        leaves.append((leaf, entropy_leaf, aux_leaf))
+        return (leaf, entropy_leaf, aux if aux_leaf is None else aux_leaf, *rest)
 
     trainer._get_per_token_logps_and_entropies = as_leaves  # type: ignore[method-assign]
     try:
@@ -637,10 +643,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 raise UnsupportedTRLSettingError(
                     "under ZeRO stage 3 rows are captured by hooks and sketched on the "
                     "trainer: the exact chunk capture calls the model functionally with its "
-                    "parameters, which ZeRO 3 holds as partitions; use a sketch kind other "
-                    "than exact, sketch_on='trainer' (or 'auto' above "
-                    f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
-                    "'hooks', with a model whose studied parameters all have hooks"
+                    f"parameters, which ZeRO 3 holds as partitions; {_ROWS_FROM_HOOKS}, with a "
+                    "model whose studied parameters all have hooks"
                 )
             return
         if self.accelerator.distributed_type != DistributedType.FSDP:
@@ -653,10 +657,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             )
         if self._factorised is None and self._hooked is None:
             raise UnsupportedTRLSettingError(
-                "under FSDP rows are captured by hooks and sketched on the trainer: use a "
-                "sketch kind other than exact, sketch_on='trainer' (or 'auto' above "
-                f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
-                "'hooks', with a model whose studied parameters all have hooks"
+                "under FSDP rows are captured by hooks and sketched on the trainer: "
+                f"{_ROWS_FROM_HOOKS}, with a model whose studied parameters all have hooks"
             )
 
     def _kernelscope_check_router_loss(self) -> None:
@@ -672,10 +674,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             raise UnsupportedTRLSettingError(
                 f"the MoE router loss (router_aux_loss_coef = {coefficient}) is captured with "
                 "rows from hooks, whose forward holds the micro-batch's expert counts; exact "
-                "chunks run a sequence at a time: use a sketch kind other than exact, "
-                "sketch_on='trainer' (or 'auto' above "
-                f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or "
-                "'hooks', or set router_aux_loss_coef=0 in the GRPOConfig"
+                f"chunks run a sequence at a time: {_ROWS_FROM_HOOKS}, or set "
+                "router_aux_loss_coef=0 in the GRPOConfig"
             )
         if self.kernelscope.token_shares:
             raise UnsupportedTRLSettingError(

@@ -227,6 +227,18 @@ class LowPrecisionSampler:
         return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": logprobs}
 
 
+def _first_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
+    """The first of two micro-batches of a real generation batch (two prompts, four
+    completions each, shuffled as TRL does), the model in training mode and TRL's step
+    counter at two accumulation steps."""
+    trainer.model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]  # RepeatSampler order
+    torch.manual_seed(0)
+    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
+    trainer.current_gradient_accumulation_steps = 2
+    return dict(split_tensor_dict(generation, 2)[0])
+
+
 @pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
 def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> None:
     """``-sum_i weight_i A_i dS_i/dtheta`` equals the gradient of TRL's own ``compute_loss``
@@ -235,12 +247,7 @@ def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> 
     extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
     trainer = _plain_trainer(tmp_path, loss_type=loss_type, **extra)
     model = trainer.model
-    model.train()
-    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]  # RepeatSampler order
-    torch.manual_seed(0)
-    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
-    micro = split_tensor_dict(generation, 2)[0]
-    trainer.current_gradient_accumulation_steps = 2
+    micro = _first_micro_batch(trainer)
 
     model.zero_grad(set_to_none=True)
     trainer.compute_loss(model, micro).backward()
@@ -334,18 +341,6 @@ UPDATE_ROW_SETTINGS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {"last_entropy": 0.1},
     ),
 }
-
-
-def _first_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
-    """The first of two micro-batches of a real generation batch (two prompts, four
-    completions each, shuffled as TRL does), the model in training mode and TRL's step
-    counter at two accumulation steps."""
-    trainer.model.train()
-    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
-    torch.manual_seed(0)
-    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
-    trainer.current_gradient_accumulation_steps = 2
-    return dict(split_tensor_dict(generation, 2)[0])
 
 
 @pytest.mark.parametrize("setting", sorted(UPDATE_ROW_SETTINGS))

@@ -37,8 +37,8 @@ process measures both.
     python bench/capture.py --qwen2 100M --tokens 512 --checkpointing --methods plain,factorised
     python bench/capture.py --moe --methods plain,loop,hooked-countsketch
 
-``--moe`` takes a Qwen3-MoE of about 16M parameters (4 layers, 8 experts of which 2 per token,
-the experts 60% of the parameters) and a micro-batch of 16 sequences of up to 24 response
+``--moe`` takes a Qwen3-MoE of 17.6M parameters (4 layers, 8 experts of which 2 per token,
+the experts 6.3M of them) and a micro-batch of 16 sequences of up to 24 response
 tokens: its routers and experts are captured by a re-run per sequence (docs/clients.md), and
 before 2026-12-06 such a model fell back to ``loop``.
 """
@@ -145,7 +145,7 @@ def _gpt2(cfg: dict[str, Any], prompt_len: int) -> Any:
 
 
 def moe_model(vocab: int, positions: int) -> Any:
-    """A Qwen3-MoE of about 16M parameters at vocabulary 8192 (4 layers of 8 experts, 2 per
+    """A Qwen3-MoE of 17.6M parameters at vocabulary 8192 (4 layers of 8 experts, 2 per
     token), from a config: transformers' MoE layers (a router returning logits, routing weights
     and chosen experts; experts as 3-D parameters, grouped matmul)."""
     import torch
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("1M", "10M", "100M"),
         help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
     )
-    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE of about 16M parameters")
+    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE of 17.6M parameters")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=None, help="response length T")
     parser.add_argument(

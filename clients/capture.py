@@ -30,7 +30,7 @@ import inspect
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -41,6 +41,12 @@ from clients.shards import resharded
 from sketch.base import Sketcher
 
 Method = Literal["auto", "vmap", "loop"]
+
+
+class UnsplittableBatchError(ValueError):
+    """A batch with model inputs of its own (:attr:`SequenceBatch.model_inputs`) was to be
+    split into sequences or joined with another: only a model knows which of those inputs'
+    rows are a sequence's."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,18 @@ class SequenceBatch:
     response_mask:
         ``[n, L]`` bool, True at the positions whose token's log-prob is in ``S_i``
         (the response tokens); always False at position 0 and on padding.
+    model_inputs:
+        the model's other inputs for the whole batch, passed to every forward of it by name:
+        a vision-language model's ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``
+        (``[n, L]`` ones laid out like ``input_ids``) ...  Their rows are not the sequences'
+        (a model's patches or images, in its own layout), so a batch that has them is never
+        split or joined (:class:`UnsplittableBatchError`); empty for a text model.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
+    model_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2:
@@ -97,11 +110,22 @@ class SequenceBatch:
     def to(self, device: torch.device | str) -> SequenceBatch:
         """The same batch on ``device``."""
         return SequenceBatch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.response_mask.to(device),
+            {k: v.to(device) for k, v in self.model_inputs.items()},
         )
+
+    def _check_splittable(self, what: str) -> None:
+        if self.model_inputs:
+            raise UnsplittableBatchError(
+                f"cannot {what} a batch with model inputs of its own "
+                f"({', '.join(sorted(self.model_inputs))}): their rows are not its sequences"
+            )
 
     def select(self, rows: slice | Sequence[int] | torch.Tensor) -> SequenceBatch:
         """A sub-batch of the given rows (padding columns kept)."""
+        self._check_splittable("split")
         return SequenceBatch(
             self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
         )
@@ -109,6 +133,7 @@ class SequenceBatch:
     def trimmed(self) -> SequenceBatch:
         """The same rows without the padding columns they all share at the end (a sub-batch
         of short sequences, selected from a batch as wide as its longest one)."""
+        self._check_splittable("trim")
         width = int(self.lengths.max()) if self.size else 0
         return SequenceBatch(
             self.input_ids[:, :width], self.attention_mask[:, :width], self.response_mask[:, :width]
@@ -119,6 +144,8 @@ class SequenceBatch:
         """The rows of ``batches`` in order, right-padded to the widest (token 0)."""
         if not batches:
             raise ValueError("need at least one batch")
+        for b in batches:
+            b._check_splittable("join")
         width = max(int(b.input_ids.shape[1]) for b in batches)
 
         def padded(t: torch.Tensor) -> torch.Tensor:
@@ -233,9 +260,11 @@ def forward_logits(
     *,
     logits_to_keep: int = 0,
     position_ids: torch.Tensor | None = None,
+    model_inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``model(input_ids, attention_mask)`` logits ``[n, L, V]``; no KV cache for HF models;
-    ``position_ids`` passed on when given.
+    ``position_ids`` and ``model_inputs`` (:attr:`SequenceBatch.model_inputs`) passed on when
+    given.
 
     ``logits_to_keep`` ``> 0``: the last ``logits_to_keep`` positions' logits only (``[n,
     logits_to_keep, V]``), computed alone where the model supports it
@@ -247,6 +276,7 @@ def forward_logits(
         attention_mask,
         logits_to_keep=logits_to_keep,
         position_ids=position_ids,
+        model_inputs=model_inputs,
     )[0]
 
 
@@ -258,11 +288,12 @@ def forward_outputs(
     logits_to_keep: int = 0,
     position_ids: torch.Tensor | None = None,
     router_loss: bool = False,
+    model_inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`forward_logits` and, with ``router_loss``, the scalar load-balancing loss of a
     mixture-of-experts model over the batch's real tokens (transformers' ``aux_loss`` with
     ``output_router_logits=True``: what TRL adds to its loss), in the forward's graph."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(model_inputs or {})
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if hasattr(model, "config"):  # transformers: a cache is useless here and breaks vmap
@@ -404,7 +435,13 @@ def sequence_logprobs(
     """``[n]`` float32 ``S_i`` of every sequence, without gradients (e.g. ``logprob_after``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode), resharded(model):
         keep = response_window(batch.response_mask)
-        logits = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
+        logits = forward_logits(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            logits_to_keep=keep,
+            model_inputs=batch.model_inputs,
+        )
         return response_logprobs(
             logits, batch.input_ids, batch.response_mask, temperature=temperature
         )
@@ -444,7 +481,13 @@ def sequence_logprobs_and_entropy_sums(
     float32 tensors (``logprob_after`` and ``entropy_sum_after``, or ``entropy_sum``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode), resharded(model):
         keep = response_window(batch.response_mask)
-        logits = forward_logits(model, batch.input_ids, batch.attention_mask, logits_to_keep=keep)
+        logits = forward_logits(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            logits_to_keep=keep,
+            model_inputs=batch.model_inputs,
+        )
         logprobs = response_logprobs(
             logits, batch.input_ids, batch.response_mask, temperature=temperature
         )

@@ -1040,9 +1040,11 @@ class FactorisedCapture:
         the LM head's product and its hook then skip the prompt positions) and, with
         ``router_loss``, the batch's MoE load-balancing loss (:func:`forward_outputs`)."""
         positions = None
-        if self._takes_position_ids:
+        if self._takes_position_ids and not batch.model_inputs:
             # Per-row position ids: GPT-2 would otherwise look its position embeddings up once
             # for the whole batch ([1, L]) and broadcast them, summing the rows' gradients.
+            # Not with inputs of the model's own: a vision-language model derives its (M-RoPE)
+            # positions from them.
             n, width = batch.input_ids.shape
             positions = torch.arange(width, device=batch.input_ids.device).expand(n, width)
         return forward_outputs(
@@ -1052,6 +1054,7 @@ class FactorisedCapture:
             logits_to_keep=response_window(batch.response_mask),
             position_ids=positions,
             router_loss=router_loss,
+            model_inputs=batch.model_inputs,
         )
 
     def _rows(self, acc: _Accumulator, n: int, device: torch.device) -> torch.Tensor:

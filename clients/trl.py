@@ -31,7 +31,9 @@ accelerate/DDP, FSDP2 or DeepSpeed ZeRO 1-3 every rank pushes its own completion
 waits for all of them (``ranks``; docs/trl.md "Many ranks"); under FSDP2 and ZeRO 3 the rows
 come from hooks and the applied update is sketched from the ranks' shards or partitions
 (:mod:`clients.shards`, :mod:`clients.zero`).  With ``temperature != 1`` every log-prob is the
-tempered policy's, as TRL trains it, and so is the entropy predicted.
+tempered policy's, as TRL trains it, and so is the entropy predicted.  A vision-language
+policy's image inputs go with each micro-batch to every forward of the capture, which studies
+its language side (docs/real-run.md "Vision-language models").
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import math
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
@@ -97,6 +99,23 @@ _ROWS_FROM_HOOKS = (
     "use a sketch kind other than exact, sketch_on='trainer' (or 'auto' above "
     f"{TRAINER_SKETCH_MIN_PARAMETERS} parameters) and capture_method 'auto' or 'hooks'"
 )
+
+#: The model inputs a vision-language model's micro-batch carries besides its tokens, as
+#: ``GRPOTrainer._compute_loss`` passes them to the model (TRL 1.16): for one forward of the
+#: whole micro-batch each is passed as it is, except the counts TRL slices by
+#: (``num_images``, ``num_tiles``) and the per-token ones, which are re-packed with the tokens.
+_TRL_MODEL_INPUTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+_TRL_PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+_TRL_SLICE_COUNTS = ("num_images", "num_tiles")
 
 #: Loss types whose on-policy gradient is ``-sum_i weight_i A_i dS_i/dtheta`` (see
 #: :func:`trl_sequence_weights`).
@@ -493,7 +512,10 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         check_supported(self)
-        self.kernelscope = kernelscope
+        self.kernelscope = replace(
+            kernelscope, parameter_filter=self._kernelscope_language_filter(kernelscope)
+        )
+        kernelscope = self.kernelscope
         self.kernelscope_client = kernelscope_client or Client(
             kernelscope.url, token=kernelscope.token
         )
@@ -536,6 +558,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._hooked = self._kernelscope_hooked_capture(spec, declared)
         self._kernelscope_check_sharding()
         self._kernelscope_check_router_loss()
+        self._kernelscope_check_vision()
         if kernelscope.token_shares and (
             self._kernelscope_stage3 or self.accelerator.distributed_type == DistributedType.FSDP
         ):
@@ -685,6 +708,64 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 "router_aux_loss_coef=0 in the GRPOConfig for token shares"
             )
 
+    def _kernelscope_language_filter(self, config: KernelscopeConfig) -> ParameterFilter | None:
+        """The parameter filter of a vision-language policy (TRL's ``_is_vlm``): by default its
+        language side alone, the text decoder and LM head, with a warning that names what is
+        left out; a filter that selects a parameter of the vision side is refused.  The vision
+        tower and projector run on the images' patches (``[patches, dim]`` rows in the model's
+        own layout), not on the batch's sequences or tokens, so hooks cannot tell which
+        sequence a row of theirs belongs to.  A text policy's filter is returned as given."""
+        if not getattr(self, "_is_vlm", False):
+            return config.parameter_filter
+        policy = self._kernelscope_policy()
+        base: Any = getattr(policy, "get_base_model", lambda: policy)()
+        language: set[int] = set()
+        for part in (base.get_decoder(), base.get_output_embeddings()):
+            if isinstance(part, nn.Module):
+                language.update(id(p) for p in part.parameters())
+        vision = [n for n, p in policy.named_parameters() if id(p) not in language]
+        if config.parameter_filter is None:
+            chosen = ParameterFilter(exclude=tuple(vision))
+            left_out = [n for n, p in policy.named_parameters() if p.requires_grad and n in vision]
+            if left_out:
+                warnings.warn(
+                    f"kernelscope: a vision-language policy; its {len(left_out)} trainable "
+                    f"parameters outside the text decoder and LM head (the first: {left_out[0]}) "
+                    "are not studied: rows, dH1 and delta_h1_applied cover the language side "
+                    '(docs/trl.md "Vision-language models")',
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return chosen
+        studied = [n for n in select_parameters(policy, config.parameter_filter) if n in vision]
+        if studied:
+            raise UnsupportedTRLSettingError(
+                f"the parameter filter selects {len(studied)} parameters of the vision side of "
+                f"a vision-language policy (the first: {studied[0]}): they run on the images' "
+                "patches, not on the batch's sequences, and the capture cannot split their "
+                "gradients by sequence; exclude them (ParameterFilter(exclude_regex=...)) or "
+                "leave parameter_filter unset, which studies the text decoder and LM head"
+            )
+        return config.parameter_filter
+
+    def _kernelscope_check_vision(self) -> None:
+        """A vision-language micro-batch is one forward with the model's own inputs (pixel
+        values, image grids ...), whose rows only the model can split by sequence: rows come
+        from hooks, and token shares (forward-mode passes over sub-batches) are refused."""
+        if not getattr(self, "_is_vlm", False):
+            return
+        if self._factorised is None and self._hooked is None:
+            raise UnsupportedTRLSettingError(
+                "a vision-language policy's rows are captured with hooks, over one forward of "
+                "the micro-batch with its images; exact chunks run a few sequences at a time, "
+                f"and only the model can split its image inputs by sequence: {_ROWS_FROM_HOOKS}"
+            )
+        if self.kernelscope.token_shares:
+            raise UnsupportedTRLSettingError(
+                "token_shares with a vision-language policy: the shares' passes run on sub-batches "
+                "of a prompt's sequences, and only the model can split its image inputs by sequence"
+            )
+
     def _kernelscope_optimizer_family(self) -> str:
         """The optimizer the steps will be taken with, read when the trainer is built (before
         DeepSpeed has made its own): ``"adam"`` (:func:`clients.geometry.is_adam_optimizer`),
@@ -811,11 +892,19 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         # TRL left-pads prompts and right-pads completions; the capture wants right padding
         # (it keeps each row's real tokens in order: see SequenceBatch.from_padded).
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
         batch = SequenceBatch.from_padded(
             torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([prompt_mask, completion_mask], dim=1),
+            attention,
             torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1).bool(),
         )
+        model_inputs = {
+            k: repack(inputs[k], attention) if k in _TRL_PER_TOKEN_INPUTS else inputs[k]
+            for k in _TRL_MODEL_INPUTS
+            if inputs.get(k) is not None
+        }
+        if model_inputs:
+            batch = replace(batch, model_inputs=model_inputs)
         index = inputs["kernelscope_index"].tolist()
         groups = inputs["kernelscope_group"].tolist()
         ids = [f"s{i}" for i in index]
@@ -897,6 +986,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
                 torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
                 inputs["completion_ids"].size(1),
+                **{k: inputs.get(k) for k in (*_TRL_MODEL_INPUTS, *_TRL_SLICE_COUNTS)},
             )
             policy = self.accelerator.unwrap_model(self.model)
             ours = sequence_logprobs(policy, batch, temperature=float(self.temperature))

@@ -1,0 +1,338 @@
+"""A vision-language policy in a real ``GRPOTrainer``: a Qwen2.5-VL built from a config (one
+text layer, one vision block, random weights) with TRL's image path, prompts that each carry a
+56 x 56 image (16 patches, 4 image tokens), the processor built in code on the character
+tokenizer of ``test_trl``; nothing is downloaded.
+
+What is checked: the capture's forward gets the micro-batch's image inputs (TRL's log-probs
+are reproduced), each sequence's row is its own gradient, the update rows sum to ``-grad`` of
+TRL's loss on a later clipped pass, and a run keeps ``plugin dH1 = delta_h1_applied`` over the
+language side, the default for such a policy."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("PIL")
+
+import numpy as np
+from datasets import Dataset
+from PIL import Image
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+)
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import (
+    shuffle_sequence_dict,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
+
+from clients.capture import SequenceBatch, UnsplittableBatchError, repack
+from clients.filters import ParameterFilter
+from clients.http import Client
+from clients.trl import (
+    KernelscopeConfig,
+    KernelscopeGRPOTrainer,
+    UnsupportedTRLSettingError,
+    trl_token_coefficients,
+)
+from sketch.spec import sketcher_for
+from tests.clients.conftest import LiveService
+from tests.clients.test_trl import (
+    SKETCH_512,
+    _perturbed_logps,
+    assert_plugin_is_applied,
+    char_tokenizer,
+    grpo_args,
+    sgd_args,
+)
+
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+#: the user's turn: the image, then the text
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+)
+TEXTS = ["abc", "bcdef", "cd", "defg"]  # different lengths: TRL left-pads the prompts
+
+
+class ImageProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video processor: transformers checks that argument's
+    class through a registry that fails without torchvision, which this project does not
+    install, and TRL's image path never uses it."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+
+def vision_processor() -> ImageProcessor:
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    # The processor pads the prompts, and its mm_token_type_ids with them, on the tokenizer's
+    # side; TRL's prompts are left-padded.
+    tokenizer.padding_side = "left"
+    tokenizer.image_token, tokenizer.video_token = VISION_TOKENS[1], VISION_TOKENS[3]
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    return ImageProcessor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_qwen_vl(processor: ImageProcessor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    """A Qwen2.5-VL of one text layer (M-RoPE) and one vision block, about 40k parameters."""
+    ids = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(processor.tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "fullatt_block_indexes": [0],
+            "window_size": 28,
+        },
+        vision_start_token_id=ids[0],
+        image_token_id=ids[1],
+        vision_end_token_id=ids[2],
+        video_token_id=ids[3],
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _prompt(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def image_dataset() -> Dataset:
+    """Each text with an image of its own (random pixels), four times over."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) for _ in TEXTS]
+    return Dataset.from_dict({"prompt": [_prompt(t) for t in TEXTS] * 4, "image": images * 4})
+
+
+def length_reward(completions: list[Any], **_: Any) -> list[float]:
+    """The length of the completion (conversational: the assistant's message)."""
+    return [float(len(c[0]["content"])) for c in completions]
+
+
+def _trainer(args: GRPOConfig, kernelscope: KernelscopeConfig | None = None) -> GRPOTrainer:
+    processor = vision_processor()
+    common: dict[str, Any] = {
+        "model": tiny_qwen_vl(processor),
+        "reward_funcs": length_reward,
+        "args": args,
+        "train_dataset": image_dataset(),
+        "processing_class": processor,
+    }
+    if kernelscope is None:
+        return GRPOTrainer(**common)
+    return KernelscopeGRPOTrainer(**common, kernelscope=kernelscope)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _image_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
+    """The first of two micro-batches of a real generation batch with images (two prompts of
+    different lengths, four completions each, shuffled with their images as TRL's
+    ``_prepare_inputs`` does)."""
+    trainer.model.train()
+    dataset = image_dataset()
+    rows = [dataset[j] for j in (0, 1) for _ in range(4)]  # RepeatSampler order
+    torch.manual_seed(0)
+    generation = trainer._generate_and_score_completions(rows)
+    generation = shuffle_sequence_dict(split_pixel_values_by_grid(generation))
+    trainer.current_gradient_accumulation_steps = 2
+    micro = dict(unsplit_pixel_values_by_grid(split_tensor_dict(generation, 2)[0]))
+    assert micro["pixel_values"].shape[0] == 16 * micro["prompt_ids"].shape[0]
+    assert micro["prompt_mask"].min() == 0, "want left-padded prompts"
+    return micro
+
+
+def _capture_batch(micro: dict[str, Any]) -> SequenceBatch:
+    """The micro-batch as the trainer records it, image inputs included."""
+    mask = micro["completion_mask"]
+    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
+    batch = SequenceBatch.from_padded(
+        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
+        attention,
+        torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool(),
+    )
+    inputs = {
+        "pixel_values": micro["pixel_values"],
+        "image_grid_thw": micro["image_grid_thw"],
+        "mm_token_type_ids": repack(micro["mm_token_type_ids"], attention),
+    }
+    return SequenceBatch(batch.input_ids, batch.attention_mask, batch.response_mask, inputs)
+
+
+@pytest.mark.parametrize("capture_kind", ["hooked", "factorised"])
+def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str) -> None:
+    """On a micro-batch with images at a later clipped pass, rows from hooks over the language
+    side: the capture's ``S_i`` are TRL's (its forward gets the image inputs, and the model
+    its M-RoPE positions from them in the re-packed layout); each score row is the gradient of
+    its own ``S_i``, taken by autograd through a forward of the whole batch; and the update
+    rows sum to ``-grad`` of TRL's ``compute_loss`` (compared through the run's sketch, a
+    linear map), formed in the hooks (gaussian) or factorised (kronecker).  Without the image
+    inputs the log-probs are not TRL's."""
+    from clients.factorised import FactorisedCapture, HookedCapture
+
+    trainer = _trainer(grpo_args(tmp_path, loss_type="dapo", num_iterations=2, epsilon=0.02))
+    model = trainer.model
+    micro = _image_micro_batch(trainer)
+    micro["old_per_token_logps"] = _perturbed_logps(trainer, micro, 0.05, seed=1)
+    coefficients = trl_token_coefficients(trainer, model, micro)
+    model.zero_grad(set_to_none=True)
+    trainer.compute_loss(model, micro).backward()
+    trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    assert any(n.startswith("model.visual.") for n in trl_grad)  # the images do flow
+
+    batch = _capture_batch(micro)
+    language = ParameterFilter(exclude_regex=r"^model\.visual\.")
+    capture: Any
+    if capture_kind == "factorised":
+        capture = FactorisedCapture(model, dim=256, seed=3, parameter_filter=language, strict=True)
+        spec = capture.spec
+    else:
+        spec = {"kind": "gaussian", "dim": 256, "seed": 3}
+        capture = HookedCapture(model, spec, parameter_filter=language, strict=True)
+    sketcher = sketcher_for(spec, capture.parameters)
+    attention = torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1)
+    layout = repack(
+        torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients.logprob], 1),
+        attention,
+    )
+    sketches = capture(batch, token_coefficients=layout)
+    assert sketches.update_sketch is not None
+
+    with torch.no_grad():
+        per_token, _, _ = trainer._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
+            attention,
+            micro["completion_ids"].size(1),
+            pixel_values=micro["pixel_values"],
+            image_grid_thw=micro["image_grid_thw"],
+            num_images=micro["num_images"],
+            mm_token_type_ids=micro["mm_token_type_ids"],
+        )
+    trl_s = (per_token * micro["completion_mask"]).sum(1)
+    torch.testing.assert_close(sketches.logprobs, trl_s, rtol=1e-5, atol=1e-5)
+    text_only = SequenceBatch(batch.input_ids, batch.attention_mask, batch.response_mask)
+    assert float((capture(text_only).logprobs - trl_s).abs().max()) > 1e-2
+
+    params = {n: p for n, p in model.named_parameters() if n in capture.parameters}
+    for i in range(batch.size):  # w_i by autograd, through one forward of the whole batch
+        from clients.capture import forward_logits, response_logprobs
+
+        logits = forward_logits(
+            model, batch.input_ids, batch.attention_mask, model_inputs=batch.model_inputs
+        )
+        s = response_logprobs(logits, batch.input_ids, batch.response_mask)[i]
+        grads = torch.autograd.grad(s, list(params.values()), allow_unused=True)
+        w = {
+            n: (torch.zeros_like(p) if g is None else g).unsqueeze(0)
+            for (n, p), g in zip(params.items(), grads, strict=True)
+        }
+        expected = sketcher.sketch(w)[0]
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(sketches.sketch[i], expected, rtol=1e-4, atol=1e-5 * scale)
+
+    expected = sketcher.sketch(
+        {n: -trl_grad.get(n, torch.zeros_like(p)).unsqueeze(0) for n, p in params.items()}
+    )[0]
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(
+        sketches.update_sketch.sum(0), expected, rtol=1e-4, atol=1e-5 * scale
+    )
+    with pytest.raises(UnsplittableBatchError):
+        batch.select([0])
+
+
+def test_vision_language_run(live_service: LiveService, tmp_path: Path) -> None:
+    """A real GRPO run of the vision-language policy with AdamW (``beta1 = 0``), count-sketched
+    rows from hooks and a later clipped pass, the parameter filter left unset: the trainer
+    studies the text decoder and LM head (and says so), its log-probs match TRL's on the first
+    micro-batch (no warning), and ``plugin dH1 = delta_h1_applied`` on both steps."""
+    args = sgd_args(
+        tmp_path,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        adam_beta1=0.0,
+        num_iterations=2,
+        epsilon=0.02,
+    )
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(args, kernelscope)
+        assert isinstance(trainer, KernelscopeGRPOTrainer)
+        assert trainer._hooked is not None
+        studied = trainer._hooked.parameters
+        assert studied and not any(n.startswith("model.visual.") for n in studied)
+        assert "lm_head.weight" in studied
+        assert any("vision-language policy" in str(w.message) for w in caught)
+        caught.clear()
+        trainer.train()
+        assert trainer._ks_checked
+        assert not [w for w in caught if "kernelscope" in str(w.message)]
+    with Client(live_service.base_url) as client:
+        run = client.get_run(trainer.kernelscope_run_id)
+        assert run.geometry == "adam" and run.parameters == studied
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["vision_filter", "exact_chunks", "token_shares"],
+)
+def test_vision_language_refusals(tmp_path: Path, setting: str) -> None:
+    """What the capture of a vision-language policy cannot do is refused when the trainer is
+    built: studying the vision side, whose modules run on image patches; exact chunks, which
+    run sub-batches and would have to split the image inputs; token shares, likewise."""
+    config: dict[str, Any] = {"url": "http://127.0.0.1:9", "sketch": SKETCH_512}
+    if setting == "vision_filter":
+        config.update(sketch_on="trainer", parameter_filter=ParameterFilter())
+    elif setting == "exact_chunks":
+        config.update(sketch_on="service")
+    else:
+        config.update(sketch_on="trainer", token_shares=True)
+    with pytest.raises(UnsupportedTRLSettingError, match="vision"):
+        _trainer(grpo_args(tmp_path), KernelscopeConfig(**config))

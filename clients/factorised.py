@@ -327,10 +327,15 @@ def _external(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tens
 
 
 def _embedding_tokens(
-    module: nn.Embedding, acc: _Accumulator, ids: torch.Tensor, grad: torch.Tensor
+    module: nn.Embedding,
+    acc: _Accumulator,
+    ids: torch.Tensor,
+    grad: torch.Tensor,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An embedding call's ``ids [n, T]``, output gradients ``[n, T, dim]`` float32 and the
-    tokens that get a gradient ``[n, T]`` bool: real tokens, not ``padding_idx`` (as PyTorch)."""
+    """An embedding call's ``ids [n, T]``, gradients ``[n, T, dim]`` float32 of its looked-up
+    rows (the output's times ``scale``, :func:`_lookup_scale`) and the tokens that get a
+    gradient ``[n, T]`` bool: real tokens, not ``padding_idx`` (as PyTorch)."""
     n = acc.token_mask.shape[0]
     ids = ids.reshape(n, -1)
     keep = torch.ones_like(ids, dtype=torch.bool)
@@ -338,7 +343,35 @@ def _embedding_tokens(
         keep = keep & acc.token_mask
     if module.padding_idx is not None:
         keep = keep & (ids != module.padding_idx)
-    return ids, _tokens(grad, n), keep
+    ds = _tokens(grad, n)
+    return ids, ds if scale == 1.0 else ds * scale, keep
+
+
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether ``module``'s class overrides ``base.forward``: then its output is not the
+    base's, and neither is the gradient that a hook on it must pass on to the parameters."""
+    return type(module).forward is not base.forward
+
+
+def _lookup_scale(module: nn.Embedding, ids: torch.Tensor, output: torch.Tensor) -> float:
+    """The factor ``c`` of an embedding whose forward returns ``c * weight[ids]`` (Gemma's
+    ``ScaledWordEmbedding``, ``c = sqrt(hidden)``), read from one call's output and checked on
+    every entry: then ``dS/dweight[v] = c * sum_{t: id_t = v} dS/doutput_t``.  Any other forward
+    raises ``RuntimeError`` (its gradient is not a scaled scatter of the output's)."""
+    weight = module.weight
+    if hasattr(weight, "full_tensor"):  # FSDP2: every rank reads it here, in the same order
+        weight = weight.full_tensor()
+    plain = nn.functional.embedding(ids, whole_value(weight, copy=False)).float()
+    out = output.detach().float()
+    norm = float((plain * plain).sum())
+    scale = float((out * plain).sum()) / norm if norm > 0 else 1.0
+    tolerance = 1e-3 * (float(out.abs().max()) if out.numel() else 0.0) + 1e-12
+    if out.shape != plain.shape or not bool(((out - scale * plain).abs() <= tolerance).all()):
+        raise RuntimeError(
+            f"{type(module).__name__}: an embedding whose forward is not a scaled lookup of "
+            "its weight; exclude its parameters"
+        )
+    return scale
 
 
 def _call(
@@ -521,6 +554,8 @@ class FactorisedCapture:
         self._plan: list[tuple[nn.Module, str, dict[str, str]]] = []
         #: generic modules (by id) whose per-sequence parameter copies agreed with vmap or not
         self._copies_agree: dict[int, bool] = {}
+        #: embeddings (by id) whose forward scales the lookup: the factor (_lookup_scale)
+        self._lookup_scales: dict[int, float] = {}
         #: generic modules (by id) whose calls on flattened tokens were checked to keep the
         #: sequences apart (:meth:`_sequence_grads`)
         self._rows_checked: set[int] = set()
@@ -571,15 +606,22 @@ class FactorisedCapture:
 
     @staticmethod
     def _kind(module: nn.Module) -> str:
-        if isinstance(module, nn.Linear):
+        # A subclass with a forward of its own is re-run like any module, except an
+        # embedding's, which is taken for a scaled lookup and checked (_lookup_scale): re-runs
+        # would form a [vocab, dim] gradient per sequence.
+        if isinstance(module, nn.Linear) and not _own_forward(module, nn.Linear):
             return "linear"
-        if _HFConv1D is not None and isinstance(module, _HFConv1D):
+        if (
+            _HFConv1D is not None
+            and isinstance(module, _HFConv1D)
+            and not _own_forward(module, _HFConv1D)
+        ):
             return "conv1d"
         if isinstance(module, nn.Embedding):
             if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
                 return "generic"
             return "embedding"
-        if isinstance(module, nn.LayerNorm):
+        if isinstance(module, nn.LayerNorm) and not _own_forward(module, nn.LayerNorm):
             return "layernorm"
         return "generic"
 
@@ -618,7 +660,9 @@ class FactorisedCapture:
         name = own["weight"]
 
         def on_grad(ids: torch.Tensor, grad: torch.Tensor) -> None:
-            ids, ds, keep = _embedding_tokens(module, acc, ids, grad)
+            ids, ds, keep = _embedding_tokens(
+                module, acc, ids, grad, self._lookup_scales.get(id(module), 1.0)
+            )
             ds = torch.where(keep.unsqueeze(-1), ds, torch.zeros_like(ds))
             a, b = self._factors[name]
             ax = a.T[ids]  # [n, T, k_out]: A e_{id_t} = A[:, id_t]
@@ -925,6 +969,13 @@ class FactorisedCapture:
                         "sequences or gathers their tokens, so per-sequence gradients cannot be "
                         "separated; exclude its parameters"
                     )
+                if (
+                    kind == "embedding"
+                    and id(mod) not in self._lookup_scales
+                    and _own_forward(mod, nn.Embedding)
+                ):
+                    assert isinstance(mod, nn.Embedding)
+                    self._lookup_scales[id(mod)] = _lookup_scale(mod, args[0], graded[0])
                 # a checkpointed layer's activations are not kept: the re-run hands them over
                 call = None if id(mod) in acc.checkpointed else _detached(args, kwargs)
                 if not args[0].requires_grad:
@@ -1405,7 +1456,9 @@ class HookedCapture(FactorisedCapture):
         dim = int(module.embedding_dim)
 
         def on_grad(ids: torch.Tensor, grad: torch.Tensor) -> None:
-            ids, ds, keep = _embedding_tokens(module, acc, ids, grad)
+            ids, ds, keep = _embedding_tokens(
+                module, acc, ids, grad, self._lookup_scales.get(id(module), 1.0)
+            )
             n = ids.shape[0]
             rows = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)[keep]
             tokens, slot = torch.unique(ids[keep], return_inverse=True)

@@ -134,9 +134,10 @@ def full_shape(parameter: torch.Tensor) -> torch.Size:
     return parameter.shape if shape is None else shape
 
 
-def whole_value(parameter: torch.Tensor) -> torch.Tensor:
-    """A detached copy of ``parameter``'s whole value.  A ZeRO 3 parameter must be gathered
-    (inside its module's forward, where DeepSpeed's pre-forward hook has fetched it)."""
+def whole_value(parameter: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """A detached copy of ``parameter``'s whole value (``copy=False``: the detached value
+    itself, to read at once).  A ZeRO 3 parameter must be gathered (inside its module's
+    forward, where DeepSpeed's pre-forward hook has fetched it)."""
     if is_partitioned(parameter):
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -144,7 +145,7 @@ def whole_value(parameter: torch.Tensor) -> torch.Tensor:
             raise RuntimeError(
                 "a ZeRO 3 parameter read outside its module's forward: it is not gathered"
             )
-    return parameter.detach().clone()
+    return parameter.detach().clone() if copy else parameter.detach()
 
 
 def flat_offset(t: torch.Tensor) -> int:

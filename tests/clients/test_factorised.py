@@ -16,7 +16,7 @@ from clients.capture import SequenceBatch, capture_gradients
 from clients.factorised import FactorisedCapture
 from clients.filters import ParameterFilter
 from sketch.kronecker import KroneckerSketch
-from tests.clients.conftest import VOCAB, make_batch, tiny_gpt2
+from tests.clients.conftest import _TINY_DECODER, VOCAB, make_batch, tiny_gpt2, tiny_llama
 
 DIM, SEED = 48, 11
 
@@ -774,3 +774,80 @@ def test_linear_experts_on_gathered_tokens_are_refused() -> None:
     without = ParameterFilter(exclude_regex=r".*experts.*")
     got = HookedCapture(model, spec, parameter_filter=without, strict=True)(batch)
     assert float(got.sketch.abs().max()) > 0
+
+
+class _ScaledLookup(nn.Embedding):
+    """An embedding whose forward scales the lookup, as Gemma's ``ScaledWordEmbedding``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 3.0
+
+
+class _ShiftedLookup(nn.Embedding):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) + 1.0
+
+
+class _DoubledInputLinear(nn.Linear):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(2.0 * input, self.weight, self.bias)
+
+
+def tiny_gemma3(seed: int = 0) -> nn.Module:
+    """Gemma 3's text model: a scaled embedding (times sqrt(hidden)) tied to the LM head,
+    RMSNorms of ``1 + weight``, a sliding-window layer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        **{**_TINY_DECODER, "bos_token_id": 1},
+        intermediate_size=24,
+        num_attention_heads=4,
+        head_dim=4,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("model_name", ["gemma3", "subclassed-llama"])
+@pytest.mark.parametrize("capture_kind", ["hooked", "factorised"])
+def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
+    model_name: str, capture_kind: str, batch: SequenceBatch
+) -> None:
+    """A subclass of a module the hooks know (``nn.Embedding``, ``nn.Linear``) whose forward is
+    its own: an embedding that scales its lookup (Gemma's ``ScaledWordEmbedding``, and one
+    here that triples it) gets its factor in its rows, read from its first call and checked;
+    a linear layer that doubles its input is re-run per sequence like any module.  Rows equal
+    the sketch of exact rows; before, both took the base class's gradient (Gemma's embedding
+    rows were ``1/sqrt(hidden)`` of the truth).  A lookup that is not a scaled one is refused."""
+    from clients.capture import capture_sketches
+    from clients.factorised import HookedCapture
+    from sketch.spec import sketcher_for
+
+    if model_name == "gemma3":
+        model = tiny_gemma3()
+    else:
+        model = tiny_llama()
+        model.model.embed_tokens.__class__ = _ScaledLookup
+        model.model.layers[0].mlp.down_proj.__class__ = _DoubledInputLinear
+    spec: dict[str, Any] = {"kind": "kronecker", "dim": DIM, "seed": SEED}
+    if capture_kind == "hooked":
+        spec = {"kind": "countsketch", "dim": 64, "seed": 5}
+
+    def capture_of(m: nn.Module) -> Any:
+        if capture_kind == "factorised":
+            return FactorisedCapture(m, dim=DIM, seed=SEED, strict=True)
+        return HookedCapture(m, spec, strict=True)
+
+    capture = capture_of(model)
+    assert capture.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
+    got = capture(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = capture_sketches(model, batch, sketcher_for(spec, capture.parameters), method="loop")
+    _close(got.sketch, want.sketch)
+    if model_name != "gemma3":
+        model.model.embed_tokens.__class__ = _ShiftedLookup
+        with pytest.raises(RuntimeError, match="not a scaled lookup"):
+            capture_of(model)(batch)

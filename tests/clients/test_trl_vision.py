@@ -1,7 +1,9 @@
-"""A vision-language policy in a real ``GRPOTrainer``: a Qwen2.5-VL built from a config (one
-text layer, one vision block, random weights) with TRL's image path, prompts that each carry a
-56 x 56 image (16 patches, 4 image tokens), the processor built in code on the character
-tokenizer of ``test_trl``; nothing is downloaded.
+"""A vision-language policy in a real ``GRPOTrainer``: a Qwen2.5-VL (M-RoPE positions from
+``image_grid_thw`` and ``mm_token_type_ids``, patch rows in ``pixel_values``) and a Gemma 3
+(``token_type_ids`` that make the image tokens attend to each other, one image per row of
+``pixel_values``), each built from a config with random weights, with TRL's image path: prompts
+that each carry a 56 x 56 image, reaching the text model as 4 image tokens, the processors built
+in code on a character tokenizer; nothing is downloaded.
 
 What is checked: the capture's forward gets the micro-batch's image inputs (TRL's log-probs
 are reproduced), each sequence's row is its own gradient, the update rows sum to ``-grad`` of
@@ -23,12 +25,19 @@ pytest.importorskip("PIL")
 import numpy as np
 from datasets import Dataset
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessorPil,
 )
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import (
     shuffle_sequence_dict,
@@ -37,7 +46,13 @@ from trl.trainer.utils import (
     unsplit_pixel_values_by_grid,
 )
 
-from clients.capture import SequenceBatch, UnsplittableBatchError, repack
+from clients.capture import (
+    SequenceBatch,
+    UnsplittableBatchError,
+    forward_logits,
+    repack,
+    response_logprobs,
+)
 from clients.filters import ParameterFilter
 from clients.http import Client
 from clients.trl import (
@@ -57,17 +72,18 @@ from tests.clients.test_trl import (
     sgd_args,
 )
 
-VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
-#: the user's turn: the image, then the text
+QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+GEMMA_TOKENS = ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+#: the user's turn: the image (the processor's placeholder), then the text
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    "{% if c['type'] == 'image' %}IMAGE{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}"
 )
 TEXTS = ["abc", "bcdef", "cd", "defg"]  # different lengths: TRL left-pads the prompts
 
 
-class ImageProcessor(Qwen2_5_VLProcessor):
+class QwenImageProcessor(Qwen2_5_VLProcessor):
     """Qwen2.5-VL's processor without its video processor: transformers checks that argument's
     class through a registry that fails without torchvision, which this project does not
     install, and TRL's image path never uses it."""
@@ -77,22 +93,29 @@ class ImageProcessor(Qwen2_5_VLProcessor):
         return ["image_processor", "tokenizer"]
 
 
-def vision_processor() -> ImageProcessor:
-    tokenizer = char_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    # The processor pads the prompts, and its mm_token_type_ids with them, on the tokenizer's
+def _left_padded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    # The processor pads the prompts, and its per-token type ids with them, on the tokenizer's
     # side; TRL's prompts are left-padded.
     tokenizer.padding_side = "left"
-    tokenizer.image_token, tokenizer.video_token = VISION_TOKENS[1], VISION_TOKENS[3]
+    return tokenizer
+
+
+def qwen_processor() -> QwenImageProcessor:
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    tokenizer.image_token, tokenizer.video_token = QWEN_TOKENS[1], QWEN_TOKENS[3]
     images = Qwen2VLImageProcessorPil(
         min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
     )
-    return ImageProcessor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    template = CHAT_TEMPLATE.replace("IMAGE", "".join(QWEN_TOKENS[:3]))
+    return QwenImageProcessor(
+        image_processor=images, tokenizer=_left_padded(tokenizer), chat_template=template
+    )
 
 
-def tiny_qwen_vl(processor: ImageProcessor, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    """A Qwen2.5-VL of one text layer (M-RoPE) and one vision block, about 40k parameters."""
-    ids = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+def tiny_qwen_vl(processor: ProcessorMixin) -> Qwen2_5_VLForConditionalGeneration:
+    """A Qwen2.5-VL of one text layer and one vision block, about 40k parameters."""
+    ids = processor.tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(processor.tokenizer),
@@ -125,8 +148,84 @@ def tiny_qwen_vl(processor: ImageProcessor, seed: int = 0) -> Qwen2_5_VLForCondi
         eos_token_id=1,
         pad_token_id=0,
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def gemma_processor() -> Gemma3Processor:
+    # Gemma 3's processor frames each image with blank lines: the vocabulary needs "\n".
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate("abcdefgh\n")}}
+    tokens = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tokens.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokens,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        extra_special_tokens=dict(
+            zip(("boi_token", "image_token", "eoi_token"), GEMMA_TOKENS, strict=True)
+        ),
+    )
+    images = Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, do_pan_and_scan=False)
+    return Gemma3Processor(
+        image_processor=images,
+        tokenizer=_left_padded(tokenizer),
+        chat_template=CHAT_TEMPLATE.replace("IMAGE", GEMMA_TOKENS[0]),
+        image_seq_length=4,
+    )
+
+
+def tiny_gemma3(processor: ProcessorMixin) -> Gemma3ForConditionalGeneration:
+    """A Gemma 3 of two text layers (one with sliding-window attention) and a one-layer SigLIP
+    tower, 4 x 4 patches pooled to 4 image tokens; about 34k parameters."""
+    tokenizer = processor.tokenizer
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 256,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=4,
+        boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.convert_tokens_to_ids(GEMMA_TOKENS[2]),
+        image_token_id=tokenizer.image_token_id,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(config)
+
+
+#: family: (processor, model, the micro-batch's image inputs that the test passes itself)
+FAMILIES: dict[str, tuple[Any, Any, tuple[str, ...]]] = {
+    "qwen2_5_vl": (qwen_processor, tiny_qwen_vl, ("pixel_values", "image_grid_thw")),
+    "gemma3": (gemma_processor, tiny_gemma3, ("pixel_values",)),
+}
+#: the per-token inputs, laid out like the tokens
+PER_TOKEN = ("mm_token_type_ids", "token_type_ids")
+
+
+def language_side(model: torch.nn.Module) -> set[str]:
+    """The names of the text decoder's and LM head's parameters."""
+    ids = {id(p) for p in model.get_decoder().parameters()}
+    ids |= {id(p) for p in model.get_output_embeddings().parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _prompt(text: str) -> list[dict[str, Any]]:
@@ -145,10 +244,13 @@ def length_reward(completions: list[Any], **_: Any) -> list[float]:
     return [float(len(c[0]["content"])) for c in completions]
 
 
-def _trainer(args: GRPOConfig, kernelscope: KernelscopeConfig | None = None) -> GRPOTrainer:
-    processor = vision_processor()
+def _trainer(
+    args: GRPOConfig, kernelscope: KernelscopeConfig | None = None, family: str = "qwen2_5_vl"
+) -> GRPOTrainer:
+    make_processor, make_model, _ = FAMILIES[family]
+    processor = make_processor()
     common: dict[str, Any] = {
-        "model": tiny_qwen_vl(processor),
+        "model": make_model(processor),
         "reward_funcs": length_reward,
         "args": args,
         "train_dataset": image_dataset(),
@@ -178,12 +280,11 @@ def _image_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
     generation = shuffle_sequence_dict(split_pixel_values_by_grid(generation))
     trainer.current_gradient_accumulation_steps = 2
     micro = dict(unsplit_pixel_values_by_grid(split_tensor_dict(generation, 2)[0]))
-    assert micro["pixel_values"].shape[0] == 16 * micro["prompt_ids"].shape[0]
     assert micro["prompt_mask"].min() == 0, "want left-padded prompts"
     return micro
 
 
-def _capture_batch(micro: dict[str, Any]) -> SequenceBatch:
+def _capture_batch(micro: dict[str, Any], family: str) -> SequenceBatch:
     """The micro-batch as the trainer records it, image inputs included."""
     mask = micro["completion_mask"]
     attention = torch.cat([micro["prompt_mask"], mask], dim=1)
@@ -192,27 +293,29 @@ def _capture_batch(micro: dict[str, Any]) -> SequenceBatch:
         attention,
         torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool(),
     )
-    inputs = {
-        "pixel_values": micro["pixel_values"],
-        "image_grid_thw": micro["image_grid_thw"],
-        "mm_token_type_ids": repack(micro["mm_token_type_ids"], attention),
-    }
+    inputs = {k: micro[k] for k in FAMILIES[family][2]}
+    inputs.update({k: repack(micro[k], attention) for k in PER_TOKEN if k in micro})
+    assert set(inputs) < set(micro)
     return SequenceBatch(batch.input_ids, batch.attention_mask, batch.response_mask, inputs)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("capture_kind", ["hooked", "factorised"])
-def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str) -> None:
+def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str, family: str) -> None:
     """On a micro-batch with images at a later clipped pass, rows from hooks over the language
-    side: the capture's ``S_i`` are TRL's (its forward gets the image inputs, and the model
-    its M-RoPE positions from them in the re-packed layout); each score row is the gradient of
-    its own ``S_i``, taken by autograd through a forward of the whole batch; and the update
-    rows sum to ``-grad`` of TRL's ``compute_loss`` (compared through the run's sketch, a
-    linear map), formed in the hooks (gaussian) or factorised (kronecker).  Without the image
-    inputs the log-probs are not TRL's."""
+    side: the capture's ``S_i`` are TRL's (its forward gets the image inputs, from which the
+    model derives Qwen's M-RoPE positions and Gemma's image attention in the re-packed layout);
+    each score row is the gradient of its own ``S_i``, taken by autograd through a forward of
+    the whole batch; and the update rows sum to ``-grad`` of TRL's ``compute_loss`` (compared
+    through the run's sketch, a linear map), formed in the hooks (gaussian) or factorised
+    (kronecker).  Without the image inputs the log-probs are not TRL's."""
     from clients.factorised import FactorisedCapture, HookedCapture
 
-    trainer = _trainer(grpo_args(tmp_path, loss_type="dapo", num_iterations=2, epsilon=0.02))
+    trainer = _trainer(
+        grpo_args(tmp_path, loss_type="dapo", num_iterations=2, epsilon=0.02), family=family
+    )
     model = trainer.model
+    language = language_side(model)
     micro = _image_micro_batch(trainer)
     micro["old_per_token_logps"] = _perturbed_logps(trainer, micro, 0.05, seed=1)
     coefficients = trl_token_coefficients(trainer, model, micro)
@@ -220,17 +323,18 @@ def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str) -> N
     trainer.compute_loss(model, micro).backward()
     trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    assert any(n.startswith("model.visual.") for n in trl_grad)  # the images do flow
+    assert set(trl_grad) - language  # the images do flow: the vision side has gradients
 
-    batch = _capture_batch(micro)
-    language = ParameterFilter(exclude_regex=r"^model\.visual\.")
+    batch = _capture_batch(micro, family)
+    studied = ParameterFilter(include=tuple(language))
     capture: Any
     if capture_kind == "factorised":
-        capture = FactorisedCapture(model, dim=256, seed=3, parameter_filter=language, strict=True)
+        capture = FactorisedCapture(model, dim=256, seed=3, parameter_filter=studied, strict=True)
         spec = capture.spec
     else:
         spec = {"kind": "gaussian", "dim": 256, "seed": 3}
-        capture = HookedCapture(model, spec, parameter_filter=language, strict=True)
+        capture = HookedCapture(model, spec, parameter_filter=studied, strict=True)
+    assert set(capture.parameters) == language
     sketcher = sketcher_for(spec, capture.parameters)
     attention = torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1)
     layout = repack(
@@ -246,10 +350,8 @@ def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str) -> N
             torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
             attention,
             micro["completion_ids"].size(1),
-            pixel_values=micro["pixel_values"],
-            image_grid_thw=micro["image_grid_thw"],
             num_images=micro["num_images"],
-            mm_token_type_ids=micro["mm_token_type_ids"],
+            **{k: micro[k] for k in (*FAMILIES[family][2], *PER_TOKEN) if k in micro},
         )
     trl_s = (per_token * micro["completion_mask"]).sum(1)
     torch.testing.assert_close(sketches.logprobs, trl_s, rtol=1e-5, atol=1e-5)
@@ -258,8 +360,6 @@ def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str) -> N
 
     params = {n: p for n, p in model.named_parameters() if n in capture.parameters}
     for i in range(batch.size):  # w_i by autograd, through one forward of the whole batch
-        from clients.capture import forward_logits, response_logprobs
-
         logits = forward_logits(
             model, batch.input_ids, batch.attention_mask, model_inputs=batch.model_inputs
         )
@@ -284,8 +384,9 @@ def test_rows_of_a_vision_language_batch(tmp_path: Path, capture_kind: str) -> N
         batch.select([0])
 
 
-def test_vision_language_run(live_service: LiveService, tmp_path: Path) -> None:
-    """A real GRPO run of the vision-language policy with AdamW (``beta1 = 0``), count-sketched
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_vision_language_run(live_service: LiveService, tmp_path: Path, family: str) -> None:
+    """A real GRPO run of a vision-language policy with AdamW (``beta1 = 0``), count-sketched
     rows from hooks and a later clipped pass, the parameter filter left unset: the trainer
     studies the text decoder and LM head (and says so), its log-probs match TRL's on the first
     micro-batch (no warning), and ``plugin dH1 = delta_h1_applied`` on both steps."""
@@ -302,12 +403,11 @@ def test_vision_language_run(live_service: LiveService, tmp_path: Path) -> None:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = _trainer(args, kernelscope)
+        trainer = _trainer(args, kernelscope, family=family)
         assert isinstance(trainer, KernelscopeGRPOTrainer)
         assert trainer._hooked is not None
         studied = trainer._hooked.parameters
-        assert studied and not any(n.startswith("model.visual.") for n in studied)
-        assert "lm_head.weight" in studied
+        assert set(studied) == language_side(trainer.model)
         assert any("vision-language policy" in str(w.message) for w in caught)
         caught.clear()
         trainer.train()

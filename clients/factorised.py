@@ -69,7 +69,13 @@ from clients.capture import (
 )
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import OnAccess
-from clients.shards import full_shape, is_partitioned, leaf_reductions_suspended, whole_value
+from clients.shards import (
+    full_shape,
+    is_partitioned,
+    is_sharded,
+    leaf_reductions_suspended,
+    whole_value,
+)
 from sketch.base import Sketcher, SketchKind
 from sketch.groups import GroupedSketcher
 from sketch.kronecker import KroneckerSketch
@@ -165,6 +171,9 @@ class _Accumulator:
     checkpointed: frozenset[int] = frozenset()  # ids of the modules inside such layers
     in_backward: bool = False  # a backward of the capture is running: a forward is a re-run
     inputs: dict[int, Call] = field(default_factory=dict)  # module id -> re-run call
+    # the first capture's forward: (autograd node, parameter) edges made inside a call of the
+    # parameter's own module (None: not checking), held against the graph's (_check_uses)
+    inside: set[tuple[int, str]] | None = None
     waiting: list[tuple[int, Callable[[Call], None]]] = field(default_factory=list)
 
     def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
@@ -277,6 +286,44 @@ def _released(acc: _Accumulator) -> Iterator[None]:
         yield
     finally:
         acc.release()
+
+
+def _gradient_node(p: torch.Tensor) -> Any | None:
+    """The autograd node that accumulates a leaf parameter's gradient (None without one)."""
+    return torch.autograd.graph.get_gradient_edge(p).node if p.requires_grad else None
+
+
+def _edges_to(roots: Sequence[Any], targets: Mapping[int, str], stop: set[int]) -> Iterator[Any]:
+    """``(node, name)`` for every edge of the autograd graph above ``roots`` (nodes) that
+    reaches the gradient node of a target parameter (``targets``: node id -> name), without
+    walking past the nodes in ``stop`` (ids)."""
+    seen: set[int] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or id(node) in stop:
+            continue
+        seen.add(id(node))
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            name = targets.get(id(nxt))
+            if name is not None:
+                yield node, name
+            else:
+                stack.append(nxt)
+
+
+def _tensors_of(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a call's arguments (nested in tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors_of(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_of(v)
 
 
 def _tokens(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -559,6 +606,9 @@ class FactorisedCapture:
         #: generic modules (by id) whose calls on flattened tokens were checked to keep the
         #: sequences apart (:meth:`_sequence_grads`)
         self._rows_checked: set[int] = set()
+        #: whether a forward's graph was checked for studied parameters used outside a call
+        #: of their own module (:meth:`_check_uses`)
+        self._uses_checked = False
         #: at most this many bytes of per-sequence gradients of a module at once (HookedCapture's
         #: ``chunk_bytes``)
         self.chunk_bytes = 1 << 24
@@ -574,8 +624,12 @@ class FactorisedCapture:
             kind = self._kind(module)
             if kind in ("generic", "layernorm") and non_matrix == "exclude":
                 continue
-            # a module whose children hold parameters is not a leaf: its children are hooked
-            if kind == "generic" and any(True for c in module.children() for _ in c.parameters()):
+            # A module whose children hold parameters (GPT-OSS's attention and its sinks) is
+            # re-run whole for its own parameters, its children's hooks silent in the re-run;
+            # not under ZeRO 3, where the children's parameters are gathered in their own turn,
+            # nor the model itself (a re-run of it per sequence is the loop capture).
+            inner = [p for c in module.children() for p in c.parameters()]
+            if kind == "generic" and inner and (module is model or any(map(is_partitioned, inner))):
                 continue
             if non_matrix == "exclude":
                 own = {a: n for a, n in own.items() if a == "weight"}
@@ -804,8 +858,13 @@ class FactorisedCapture:
         args, kwargs = call
 
         def rows_of(value: Any, i: int) -> Any:
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == lead:
-                return value[i * per_row : (i + 1) * per_row]
+            if isinstance(value, (tuple, list)):  # rotary (cos, sin) of an attention module
+                return type(value)(rows_of(v, i) for v in value)
+            if isinstance(value, torch.Tensor) and value.ndim:
+                if value.shape[0] == lead:
+                    return value[i * per_row : (i + 1) * per_row]
+                if value.shape[0] == n:  # [n, L, ...] in, flattened inside (DeepSeek's router)
+                    return value[i : i + 1]
             return value
 
         def masked(g: torch.Tensor, i: int) -> torch.Tensor:
@@ -946,7 +1005,11 @@ class FactorisedCapture:
             ) -> None:
                 if acc.recomputing or acc.in_backward:  # a checkpoint's re-run: see pre_hook
                     return
-                if not args or not isinstance(args[0], torch.Tensor):
+                # the first tensor in (an attention module gets hidden_states by keyword)
+                first = next(
+                    (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None
+                )
+                if first is None or (args and first is not args[0]):
                     raise RuntimeError(f"{type(mod).__name__}: expected a tensor input")
                 if kind == "generic":
                     positions = _graded_positions(output)
@@ -962,7 +1025,7 @@ class FactorisedCapture:
                 # rows are the batch's sequences, or its tokens flattened ([n * L, ...]: a MoE
                 # block's router and experts, a shared expert); not rows picked by index, even
                 # as many (an older MoE's nn.Linear experts on their routed tokens)
-                if graded[0].shape[0] not in (n, n * width) or _gathers_rows(args[0]):
+                if graded[0].shape[0] not in (n, n * width) or _gathers_rows(first):
                     raise RuntimeError(
                         f"{type(mod).__name__} ran on a batch of {graded[0].shape[0]} rows, not "
                         f"{n} (or its {n * width} tokens): its output is broadcast over the "
@@ -975,10 +1038,21 @@ class FactorisedCapture:
                     and _own_forward(mod, nn.Embedding)
                 ):
                     assert isinstance(mod, nn.Embedding)
-                    self._lookup_scales[id(mod)] = _lookup_scale(mod, args[0], graded[0])
+                    self._lookup_scales[id(mod)] = _lookup_scale(mod, first, graded[0])
+                if acc.inside is not None:
+                    own_nodes = {
+                        id(node): name
+                        for attr, name in own.items()
+                        if (node := _gradient_node(getattr(mod, attr))) is not None
+                    }
+                    stop = {
+                        id(t.grad_fn) for t in _tensors_of((args, kwargs)) if t.grad_fn is not None
+                    }
+                    roots = [t.grad_fn for t in graded]
+                    acc.inside.update((id(e), nm) for e, nm in _edges_to(roots, own_nodes, stop))
                 # a checkpointed layer's activations are not kept: the re-run hands them over
                 call = None if id(mod) in acc.checkpointed else _detached(args, kwargs)
-                if not args[0].requires_grad:
+                if not first.requires_grad:
                     acc.roots.extend(graded)
                 number = acc.registered
 
@@ -1044,6 +1118,30 @@ class FactorisedCapture:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _check_uses(self, inside: set[tuple[int, str]], outputs: Sequence[Any]) -> None:
+        """Raise ``RuntimeError`` when the forward's graph uses a studied parameter outside a
+        call of its own module: the hooks see a module's calls, so such a use's part of the
+        gradient would be missing from the rows, silently (transformers' Mamba mixers read
+        ``conv1d.weight`` and ``dt_proj.weight`` for their own kernels; PEFT's DoRA multiplies
+        the adapters' weights).  Once per capture: a model's graph keeps its structure."""
+        targets = {
+            id(node): name
+            for module, _, own in self._plan
+            for attr, name in own.items()
+            if (node := _gradient_node(getattr(module, attr))) is not None
+        }
+        roots = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
+        outside = sorted(
+            {name for e, name in _edges_to(roots, targets, set()) if (id(e), name) not in inside}
+        )
+        if outside:
+            raise RuntimeError(
+                f"{len(outside)} studied parameter(s) are used outside a call of their own module "
+                f"(the first: {outside[0]}), where no hook sees them: their rows would miss that "
+                "part of the gradient; exclude them"
+            )
+        self._uses_checked = True
 
     @staticmethod
     def _rerun_hook(acc: _Accumulator) -> Callable[..., None]:
@@ -1169,6 +1267,12 @@ class FactorisedCapture:
             if self.use_eval_mode or layer.training
         ]
         acc.checkpointed = frozenset(id(m) for layer in layers for m in layer.modules())
+        # FSDP2 (which may shard the model after this capture is made) swaps a module's
+        # sharded parameters for gathered ones around its forward: the graph's edges are not
+        # to the parameters named here, and the check does not apply
+        sharded = any(is_sharded(getattr(m, a)) for m, _, own in self._plan for a in own)
+        if not self._uses_checked and not sharded:
+            acc.inside = set()
         with (
             eval_mode(self.model, self.use_eval_mode, training=layers),
             leaf_reductions_suspended(self.model),
@@ -1179,6 +1283,8 @@ class FactorisedCapture:
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
+            if acc.inside is not None:
+                self._check_uses(acc.inside, [logprobs, aux])
             if directions is not None:
                 weights_h = directions.coefficients(logprobs.detach().float())
                 if weights_h.ndim != 2 or weights_h.shape[1] != batch.size:

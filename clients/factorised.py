@@ -145,6 +145,10 @@ class EntropyDirections:
     totals: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
+class _ReplannedError(Exception):
+    """The first capture moved parameters to their parents' re-runs: capture again."""
+
+
 @dataclass
 class _Accumulator:
     """Per-capture state the hooks write into."""
@@ -174,6 +178,9 @@ class _Accumulator:
     # the first capture's forward: (autograd node, parameter) edges made inside a call of the
     # parameter's own module (None: not checking), held against the graph's (_check_uses)
     inside: set[tuple[int, str]] | None = None
+    # ... and inside a call of the parent of the parameter's module (a mixer that hands its
+    # conv1d's weight to its own kernel): where such a use can be captured instead
+    parent_inside: set[tuple[int, str]] = field(default_factory=set)
     waiting: list[tuple[int, Callable[[Call], None]]] = field(default_factory=list)
 
     def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
@@ -459,6 +466,20 @@ def _graded_positions(output: Any) -> list[int]:
         for j, t in enumerate(_outputs(output))
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
     ]
+
+
+def _flattened_tokens(t: torch.Tensor, n: int, width: int) -> bool:
+    """Whether ``t`` is a view, with rows ``[n * L * k, ...]``, of a tensor shaped ``[n, L,
+    ...]`` (``reshape(-1, d)`` of ``[n, L, heads, d]``): each sequence's rows then lie together,
+    each token's ``k`` in turn.  Only the view's own record tells: a row-wise module gives the
+    same outputs however its rows are cut, so a re-run could not catch a wrong cut."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ not in ("ViewBackward0", "UnsafeViewBackward0"):
+        return False
+    sizes = tuple(getattr(fn, "_saved_self_sym_sizes", ()))
+    if len(sizes) < 3 or tuple(sizes[:2]) != (n, width):
+        return False
+    return t.ndim >= 1 and t.shape[0] % (n * width) == 0 and t.shape[0] > n * width
 
 
 def _gathers_rows(t: torch.Tensor) -> bool:
@@ -775,7 +796,7 @@ class FactorisedCapture:
             values: dict[str, torch.Tensor] | None = None,
         ) -> None:
             n = acc.token_mask.shape[0]
-            params = values or {a: getattr(module, a).detach() for a in own}
+            params = values or {a: module.get_parameter(a).detach() for a in own}
             args, kwargs = call
             lead = next(g for g in grads if g is not None).shape[0]
             simple = (
@@ -854,7 +875,12 @@ class FactorisedCapture:
         shared by the batch) cannot be split into per-sequence gradients."""
         n, width = acc.token_mask.shape
         lead = next(g for g in grads if g is not None).shape[0]
-        per_row = 1 if lead == n else width  # the forward hook let only these two through
+        per_row = lead // n  # 1, L, or L times heads (the forward hook let only these in)
+
+        def tokens_of(i: int) -> torch.Tensor:
+            """Sequence ``i``'s real rows ``[per_row]`` bool: each token's rows in turn."""
+            return acc.token_mask[i].repeat_interleave(per_row // width)
+
         args, kwargs = call
 
         def rows_of(value: Any, i: int) -> Any:
@@ -869,7 +895,7 @@ class FactorisedCapture:
 
         def masked(g: torch.Tensor, i: int) -> torch.Tensor:
             if per_row > 1:
-                keep = acc.token_mask[i].reshape(width, *([1] * (g.ndim - 1)))
+                keep = tokens_of(i).reshape(per_row, *([1] * (g.ndim - 1)))
             elif g.ndim >= 2 and acc.padding(g.shape[1]) is not None:
                 keep = acc.token_mask[i : i + 1].reshape(1, width, *([1] * (g.ndim - 2)))
             else:
@@ -900,8 +926,8 @@ class FactorisedCapture:
                     )
                 if whole is not None:
                     for j in positions:
-                        want = rows_of(whole[j], i)[acc.token_mask[i]]
-                        if not _agree(out[j].detach()[acc.token_mask[i]], want):
+                        want = rows_of(whole[j], i)[tokens_of(i)]
+                        if not _agree(out[j].detach()[tokens_of(i)], want):
                             raise RuntimeError(
                                 f"{type(module).__name__}: a sequence's rows alone do not give "
                                 "the outputs of the whole batch; its parameters' per-sequence "
@@ -1023,9 +1049,14 @@ class FactorisedCapture:
                 graded = [outs[j] for j in positions]
                 n, width = acc.token_mask.shape
                 # rows are the batch's sequences, or its tokens flattened ([n * L, ...]: a MoE
-                # block's router and experts, a shared expert); not rows picked by index, even
-                # as many (an older MoE's nn.Linear experts on their routed tokens)
-                if graded[0].shape[0] not in (n, n * width) or _gathers_rows(first):
+                # block's router and experts, a shared expert; [n * L * heads, ...] made from a
+                # [n, L, heads, ...] tensor: Qwen3.5's gated norm); not rows picked by index,
+                # even as many (an older MoE's nn.Linear experts on their routed tokens)
+                rows = graded[0].shape[0]
+                if (
+                    rows not in (n, n * width)
+                    and not (rows == first.shape[0] and _flattened_tokens(first, n, width))
+                ) or _gathers_rows(first):
                     raise RuntimeError(
                         f"{type(mod).__name__} ran on a batch of {graded[0].shape[0]} rows, not "
                         f"{n} (or its {n * width} tokens): its output is broadcast over the "
@@ -1043,7 +1074,7 @@ class FactorisedCapture:
                     own_nodes = {
                         id(node): name
                         for attr, name in own.items()
-                        if (node := _gradient_node(getattr(mod, attr))) is not None
+                        if (node := _gradient_node(mod.get_parameter(attr))) is not None
                     }
                     stop = {
                         id(t.grad_fn) for t in _tensors_of((args, kwargs)) if t.grad_fn is not None
@@ -1067,7 +1098,7 @@ class FactorisedCapture:
                     # module's backward when its output's gradient arrives (read here, not
                     # kept from the forward: a MoE layer's experts are most of the model)
                     values = (
-                        {a: whole_value(getattr(mod, a)) for a in own}
+                        {a: whole_value(mod.get_parameter(a)) for a in own}
                         if kind == "generic" and partitioned
                         else None
                     )
@@ -1105,6 +1136,8 @@ class FactorisedCapture:
                     module.register_forward_pre_hook(self._rerun_hook(acc), with_kwargs=True)
                 )
         planned = {id(m) for m, _, _ in self._plan}
+        if acc.inside is not None:
+            handles.extend(self._parent_hooks(acc))
         for module in self.model.modules():
             if isinstance(module, nn.Embedding) and id(module) not in planned:
 
@@ -1119,29 +1152,97 @@ class FactorisedCapture:
             for handle in handles:
                 handle.remove()
 
-    def _check_uses(self, inside: set[tuple[int, str]], outputs: Sequence[Any]) -> None:
-        """Raise ``RuntimeError`` when the forward's graph uses a studied parameter outside a
-        call of its own module: the hooks see a module's calls, so such a use's part of the
-        gradient would be missing from the rows, silently (transformers' Mamba mixers read
-        ``conv1d.weight`` and ``dt_proj.weight`` for their own kernels; PEFT's DoRA multiplies
-        the adapters' weights).  Once per capture: a model's graph keeps its structure."""
+    def _parents(self) -> dict[int, tuple[nn.Module, str]]:
+        """``{id(module): (parent, its name there)}`` of each planned module whose parent may
+        re-run it (not the model itself: that re-run per sequence is the loop capture; not
+        under ZeRO 3, whose children's parameters are gathered in their own turn)."""
+        parents: dict[int, tuple[nn.Module, str]] = {}
+        planned = {id(m) for m, _, _ in self._plan}
+        for parent in self.model.modules():
+            if parent is self.model or any(map(is_partitioned, parent.parameters())):
+                continue
+            for child_name, child in parent.named_children():
+                if id(child) in planned:
+                    parents[id(child)] = (parent, child_name)
+        return parents
+
+    def _parent_hooks(self, acc: _Accumulator) -> list[Any]:
+        """Forward hooks that record, in ``acc.parent_inside``, the edges to each planned
+        module's parameters made inside a call of its parent (:meth:`_check_uses`)."""
+        studied: dict[int, list[tuple[torch.Tensor, str]]] = {}  # id(parent) -> parameters
+        parents: dict[int, nn.Module] = {}
+        found = self._parents()
+        for module, _, own in self._plan:
+            if id(module) in found:
+                parent = found[id(module)][0]
+                parents[id(parent)] = parent
+                for attr, name in own.items():
+                    studied.setdefault(id(parent), []).append((module.get_parameter(attr), name))
+
+        def record(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if acc.recomputing or acc.in_backward:
+                return
+            # a leaf's gradient node lives while a graph uses it: read during the forward
+            targets = {
+                id(node): name
+                for p, name in studied[id(mod)]
+                if (node := _gradient_node(p)) is not None
+            }
+            stop = {id(t.grad_fn) for t in _tensors_of((args, kwargs)) if t.grad_fn is not None}
+            roots = [t.grad_fn for t in _tensors_of(output) if t.grad_fn is not None]
+            edges = _edges_to(roots, targets, stop)
+            acc.parent_inside.update((id(e), name) for e, name in edges)
+
+        return [
+            parent.register_forward_hook(record, with_kwargs=True) for parent in parents.values()
+        ]
+
+    def _check_uses(self, acc: _Accumulator, outputs: Sequence[Any]) -> None:
+        """Check the forward's graph for a studied parameter used outside a call of its own
+        module: the hooks see a module's calls, so such a use's part of the gradient would be
+        missing from the rows, silently.  A parameter whose every such use is inside a call of
+        its module's parent (transformers' Mamba and gated-delta mixers hand ``conv1d.weight``
+        to their own kernels) is given to the parent, re-run per sequence as a generic module,
+        and the capture starts again (:class:`_ReplannedError`); any other is refused with
+        ``RuntimeError``.  Once per capture: a model's graph keeps its structure."""
+        assert acc.inside is not None
         targets = {
             id(node): name
             for module, _, own in self._plan
             for attr, name in own.items()
-            if (node := _gradient_node(getattr(module, attr))) is not None
+            if (node := _gradient_node(module.get_parameter(attr))) is not None
         }
         roots = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
-        outside = sorted(
-            {name for e, name in _edges_to(roots, targets, set()) if (id(e), name) not in inside}
-        )
-        if outside:
+        outside: dict[str, bool] = {}  # name -> every outside use is inside the parent's call
+        for e, name in _edges_to(roots, targets, set()):
+            if (id(e), name) not in acc.inside:
+                outside[name] = outside.get(name, True) and (id(e), name) in acc.parent_inside
+        self._uses_checked = True
+        if not outside:
+            return
+        stuck = sorted(name for name, movable in outside.items() if not movable)
+        if stuck:
             raise RuntimeError(
-                f"{len(outside)} studied parameter(s) are used outside a call of their own module "
-                f"(the first: {outside[0]}), where no hook sees them: their rows would miss that "
+                f"{len(stuck)} studied parameter(s) are used outside a call of their own module "
+                f"(the first: {stuck[0]}), where no hook sees them: their rows would miss that "
                 "part of the gradient; exclude them"
             )
-        self._uses_checked = True
+        parents = self._parents()
+        plan = []
+        moved: dict[int, tuple[nn.Module, dict[str, str]]] = {}
+        for module, kind, own in self._plan:
+            keep = {a: n for a, n in own.items() if n not in outside}
+            for attr in set(own) - set(keep):
+                parent, child_name = parents[id(module)]
+                moved.setdefault(id(parent), (parent, {}))[1][f"{child_name}.{attr}"] = own[attr]
+            if keep:
+                plan.append((module, kind, keep))
+        for module, _, own in plan:
+            if id(module) in moved:  # a parent with parameters of its own (A_log, dt_bias)
+                own.update(moved.pop(id(module))[1])
+        plan.extend((parent, "generic", own) for parent, own in moved.values())
+        self._plan = plan
+        raise _ReplannedError
 
     @staticmethod
     def _rerun_hook(acc: _Accumulator) -> Callable[..., None]:
@@ -1244,6 +1345,32 @@ class FactorisedCapture:
         loss's expert counts are constants of the batch, so its gradient at each token reaches
         that token's sequence's rows alone.
         """
+        try:
+            return self._capture_once(
+                batch,
+                token_coefficients,
+                entropy_coefficients,
+                directions=directions,
+                router_coefficient=router_coefficient,
+            )
+        except _ReplannedError:  # the first capture gave some parameters to their parents' re-runs
+            return self._capture_once(
+                batch,
+                token_coefficients,
+                entropy_coefficients,
+                directions=directions,
+                router_coefficient=router_coefficient,
+            )
+
+    def _capture_once(
+        self,
+        batch: SequenceBatch,
+        token_coefficients: torch.Tensor | None,
+        entropy_coefficients: torch.Tensor | None,
+        *,
+        directions: EntropyDirections | None,
+        router_coefficient: float,
+    ) -> FactorisedSketches:
         acc = _Accumulator(token_mask=batch.attention_mask.bool(), shapes=self.parameters)
         params = [p for p in self.model.parameters() if p.requires_grad]
         entropy = (
@@ -1270,7 +1397,7 @@ class FactorisedCapture:
         # FSDP2 (which may shard the model after this capture is made) swaps a module's
         # sharded parameters for gathered ones around its forward: the graph's edges are not
         # to the parameters named here, and the check does not apply
-        sharded = any(is_sharded(getattr(m, a)) for m, _, own in self._plan for a in own)
+        sharded = any(is_sharded(m.get_parameter(a)) for m, _, own in self._plan for a in own)
         if not self._uses_checked and not sharded:
             acc.inside = set()
         with (
@@ -1284,7 +1411,7 @@ class FactorisedCapture:
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
             if acc.inside is not None:
-                self._check_uses(acc.inside, [logprobs, aux])
+                self._check_uses(acc, [logprobs, aux])
             if directions is not None:
                 weights_h = directions.coefficients(logprobs.detach().float())
                 if weights_h.ndim != 2 or weights_h.shape[1] != batch.size:

@@ -935,6 +935,27 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layer_types": ["linear_attention", "full_attention"],
     },
     "olmo_hybrid": {},
+    # Kimi delta attention (a short convolution in a kernel) beside latent attention, MoE
+    "kimi_linear": {
+        "head_dim": 4,
+        "linear_attn_config": {
+            "kda_layers": [1],
+            "full_attn_layers": [2],
+            "num_heads": 2,
+            "head_dim": 4,
+            "short_conv_kernel_size": 2,
+        },
+        "num_experts": 4,
+        "num_experts_per_token": 2,
+        "moe_intermediate_size": 8,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 8,
+        "q_lora_rank": 8,
+        "qk_rope_head_dim": 4,
+        "qk_nope_head_dim": 4,
+        "v_head_dim": 4,
+        "num_key_value_heads": 4,
+    },
     # latent attention; a router that flattens its [n, L, hidden] input itself
     "deepseek_v3": {
         "n_routed_experts": 4,

@@ -36,11 +36,15 @@ process measures both.
     python bench/capture.py --device cuda --qwen2 100M   # the GPU targets (bench/gpu.sh)
     python bench/capture.py --qwen2 100M --tokens 512 --checkpointing --methods plain,factorised
     python bench/capture.py --moe --methods plain,loop,hooked-countsketch
+    python bench/capture.py --hybrid --methods plain,loop,hooked-countsketch
 
 ``--moe`` takes a Qwen3-MoE of 17.6M parameters (4 layers, 8 experts of which 2 per token,
 the experts 6.3M of them) and a micro-batch of 16 sequences of up to 24 response
 tokens: its routers and experts are captured by a re-run per sequence (docs/clients.md), and
-before 2026-12-06 such a model fell back to ``loop``.
+before 2026-12-06 such a model fell back to ``loop``.  ``--hybrid`` takes a Qwen3.5 text
+model (three gated delta nets and one full attention) and the same micro-batch: each mixer
+is re-run per sequence for its own parameters and its ``conv1d`` weight, which it hands to a
+kernel without calling the module (before 2026-12-06 such a model failed in the hooks).
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ sys.path.insert(0, str(REPO))
 METHODS = ("plain", "loop", "vmap", "factorised", "hooked-kronecker", "hooked-countsketch")
 
 
-def _config(quick: bool, qwen2: str | None = None, moe: bool = False) -> dict[str, Any]:
-    if moe:
-        return {"moe": True, "vocab": 8192, "n": 16, "T": 24, "k": 4096}
+def _config(
+    quick: bool, qwen2: str | None = None, moe: bool = False, hybrid: bool = False
+) -> dict[str, Any]:
+    if moe or hybrid:
+        return {"moe": moe, "hybrid": hybrid, "vocab": 8192, "n": 16, "T": 24, "k": 4096}
     if qwen2 is not None:  # bench/trl_step.py's model and one of its micro-batches
         from trl_step import SIZES  # bench/trl_step.py
 
@@ -115,6 +121,8 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[A
         model = build_model(cfg["qwen2"]).eval()
     elif cfg.get("moe"):
         model = moe_model(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
+    elif cfg.get("hybrid"):
+        model = hybrid_model(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
     else:
         model = _gpt2(cfg, prompt_len)
     if cfg.get("checkpointing"):  # as Trainer turns it on; dropout is 0 in both models
@@ -175,6 +183,37 @@ def moe_model(vocab: int, positions: int) -> Any:
             if name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.1)
     return model
+
+
+def hybrid_model(vocab: int, positions: int) -> Any:
+    """A Qwen3.5 text model (gated delta nets, three in four layers, beside full attention)
+    from a config, at vocabulary 8192: its mixers hand their ``conv1d`` weight to a kernel
+    and run a gated norm on each token's heads, so the hooks re-run each mixer per sequence."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen3_5_text",
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        max_position_embeddings=positions,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(config)
 
 
 def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callable[[], object]:
@@ -294,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
     )
     parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE of 17.6M parameters")
+    parser.add_argument(
+        "--hybrid", action="store_true", help="a Qwen3.5 (gated delta nets) from a config"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=None, help="response length T")
     parser.add_argument(
@@ -302,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = _config(args.quick, args.qwen2, args.moe)
+    cfg = _config(args.quick, args.qwen2, args.moe, args.hybrid)
     if args.tokens is not None:
         cfg["T"] = args.tokens
     cfg["checkpointing"] = args.checkpointing
@@ -319,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     common += ["--quick"] if args.quick else []
     common += ["--qwen2", args.qwen2] if args.qwen2 else []
     common += ["--moe"] if args.moe else []
+    common += ["--hybrid"] if args.hybrid else []
     common += ["--tokens", str(cfg["T"])]
     common += ["--checkpointing"] if args.checkpointing else []
     timing = _subprocess(
@@ -332,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             row = _subprocess(["--worker", m, *common])
             memory[m] = float("nan") if row is None else row["peak_mib"]
     best = {m: min(t) for m, t in timing["times"].items()}
+    family = "Qwen3-MoE" if args.moe else "Qwen3.5" if args.hybrid else None
     print(
-        f"{'Qwen3-MoE' if args.moe else 'Qwen2' if args.qwen2 else 'GPT-2'} "
+        f"{family or ('Qwen2' if args.qwen2 else 'GPT-2')} "
         f"{timing['params'] / 1e6:.1f}M parameters, "
         f"n = {timing['n']} sequences, "
         f"response <= {timing['T']} tokens (+16 prompt), kronecker k = {timing['k']}, "

@@ -889,6 +889,42 @@ def test_moe_run_with_its_router_loss(
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
+def test_hybrid_run_with_gated_delta_nets(live_service: LiveService, tmp_path: Path) -> None:
+    """A real GRPO run of a Qwen3.5 (a gated delta net and a full attention layer, checkpointed
+    as TRL's forward) with AdamW (``beta1 = 0``), rows from hooks and a later clipped pass: the
+    first capture gives each mixer its ``conv1d`` weight (read by the mixer's kernel, not
+    through the module), no micro-batch falls back to exact chunks, and ``plugin dH1 =
+    delta_h1_applied`` on both steps."""
+    from tests.clients.test_factorised import FAMILIES, tiny_family
+
+    values = {
+        **FAMILIES["qwen3_5_text"],
+        "vocab_size": len(CHARS) + 2,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+    }
+    args = sgd_args(
+        tmp_path,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        adam_beta1=0.0,
+        num_iterations=2,
+        epsilon=0.02,
+    )
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+    )
+    trainer = sgd_trainer(args, kernelscope, model=tiny_family("qwen3_5_text", values))
+    assert trainer._hooked is not None
+    trainer.train()
+    hooked = trainer._hooked
+    assert hooked is not None and hooked.checkpointing  # no fallback to exact chunks
+    mixers = [own for m, _, own in hooked._plan if type(m).__name__ == "Qwen3_5GatedDeltaNet"]
+    assert mixers and all("conv1d.weight" in own for own in mixers)
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
 def test_kronecker_with_adam_takes_exact_rows(live_service: LiveService, tmp_path: Path) -> None:
     """``kind="kronecker"`` in ``adam`` geometry (refused before): asked for, or the default
     with AdamW, it is accepted, and its rows are exact rows from hooks sketched with the run's

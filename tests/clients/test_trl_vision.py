@@ -1,5 +1,6 @@
 """A vision-language policy in a real ``GRPOTrainer``: a Qwen2.5-VL (M-RoPE positions from
-``image_grid_thw`` and ``mm_token_type_ids``, patch rows in ``pixel_values``) and a Gemma 3
+``image_grid_thw`` and ``mm_token_type_ids``, patch rows in ``pixel_values``), a Qwen3-VL (the
+same, interleaved, and DeepStack: vision features added to a text layer's output) and a Gemma 3
 (``token_type_ids`` that make the image tokens attend to each other, one image per row of
 ``pixel_values``), each built from a config with random weights, with TRL's image path: prompts
 that each carry a 56 x 56 image, reaching the text model as 4 image tokens, the processors built
@@ -36,6 +37,9 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from trl import GRPOConfig, GRPOTrainer
@@ -152,6 +156,72 @@ def tiny_qwen_vl(processor: ProcessorMixin) -> Qwen2_5_VLForConditionalGeneratio
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
+class Qwen3ImageProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without its video processor (as :class:`QwenImageProcessor`)."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return ["image_processor", "tokenizer"]
+
+
+def qwen3_processor() -> Qwen3ImageProcessor:
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    tokenizer.image_token, tokenizer.video_token = QWEN_TOKENS[1], QWEN_TOKENS[3]
+    # 16-pixel patches, merged 2 x 2: a 56 x 56 image is resized to 64 x 64, 4 tokens
+    images = Qwen2VLImageProcessorPil(
+        min_pixels=64 * 64, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2
+    )
+    template = CHAT_TEMPLATE.replace("IMAGE", "".join(QWEN_TOKENS[:3]))
+    return Qwen3ImageProcessor(
+        image_processor=images, tokenizer=_left_padded(tokenizer), chat_template=template
+    )
+
+
+def tiny_qwen3_vl(processor: ProcessorMixin) -> Qwen3VLForConditionalGeneration:
+    """A Qwen3-VL of two text layers (interleaved M-RoPE) and two vision blocks, the first's
+    features also added to the first text layer's output (DeepStack)."""
+    ids = processor.tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(processor.tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [1, 1, 2],
+                "mrope_interleaved": True,
+            },
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "deepstack_visual_indexes": [0],
+            "num_position_embeddings": 16,
+        },
+        vision_start_token_id=ids[0],
+        image_token_id=ids[1],
+        vision_end_token_id=ids[2],
+        video_token_id=ids[3],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return Qwen3VLForConditionalGeneration(config)
+
+
 def gemma_processor() -> Gemma3Processor:
     # Gemma 3's processor frames each image with blank lines: the vocabulary needs "\n".
     vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate("abcdefgh\n")}}
@@ -215,6 +285,7 @@ def tiny_gemma3(processor: ProcessorMixin) -> Gemma3ForConditionalGeneration:
 #: family: (processor, model, the micro-batch's image inputs that the test passes itself)
 FAMILIES: dict[str, tuple[Any, Any, tuple[str, ...]]] = {
     "qwen2_5_vl": (qwen_processor, tiny_qwen_vl, ("pixel_values", "image_grid_thw")),
+    "qwen3_vl": (qwen3_processor, tiny_qwen3_vl, ("pixel_values", "image_grid_thw")),
     "gemma3": (gemma_processor, tiny_gemma3, ("pixel_values",)),
 }
 #: the per-token inputs, laid out like the tokens

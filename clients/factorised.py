@@ -178,9 +178,10 @@ class _Accumulator:
     # the first capture's forward: (autograd node, parameter) edges made inside a call of the
     # parameter's own module (None: not checking), held against the graph's (_check_uses)
     inside: set[tuple[int, str]] | None = None
-    # ... and inside a call of the parent of the parameter's module (a mixer that hands its
-    # conv1d's weight to its own kernel): where such a use can be captured instead
-    parent_inside: set[tuple[int, str]] = field(default_factory=set)
+    # ... and (edge, parameter, id(ancestor)) inside a call of an ancestor of the parameter's
+    # module (a mixer that hands its conv1d's weight to its own kernel): where such a use can
+    # be captured instead
+    ancestor_inside: set[tuple[int, str, int]] = field(default_factory=set)
     waiting: list[tuple[int, Callable[[Call], None]]] = field(default_factory=list)
 
     def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
@@ -1137,7 +1138,7 @@ class FactorisedCapture:
                 )
         planned = {id(m) for m, _, _ in self._plan}
         if acc.inside is not None:
-            handles.extend(self._parent_hooks(acc))
+            handles.extend(self._ancestor_hooks(acc))
         for module in self.model.modules():
             if isinstance(module, nn.Embedding) and id(module) not in planned:
 
@@ -1152,32 +1153,34 @@ class FactorisedCapture:
             for handle in handles:
                 handle.remove()
 
-    def _parents(self) -> dict[int, tuple[nn.Module, str]]:
-        """``{id(module): (parent, its name there)}`` of each planned module whose parent may
-        re-run it (not the model itself: that re-run per sequence is the loop capture; not
-        under ZeRO 3, whose children's parameters are gathered in their own turn)."""
-        parents: dict[int, tuple[nn.Module, str]] = {}
+    def _ancestors(self) -> dict[int, list[tuple[nn.Module, str]]]:
+        """``{id(module): [(ancestor, the module's path in it), ...]}``, innermost first, of each
+        planned module: the modules that may re-run it (not the model itself, whose re-run per
+        sequence is the loop capture; none under ZeRO 3, whose modules' parameters are gathered
+        each in its own turn)."""
         planned = {id(m) for m, _, _ in self._plan}
-        for parent in self.model.modules():
-            if parent is self.model or any(map(is_partitioned, parent.parameters())):
+        found: dict[int, list[tuple[nn.Module, str]]] = {}
+        for ancestor in self.model.modules():
+            if ancestor is self.model or any(map(is_partitioned, ancestor.parameters())):
                 continue
-            for child_name, child in parent.named_children():
-                if id(child) in planned:
-                    parents[id(child)] = (parent, child_name)
-        return parents
+            for path, module in ancestor.named_modules():
+                if path and id(module) in planned:
+                    found.setdefault(id(module), []).append((ancestor, path))
+        for chain in found.values():
+            chain.sort(key=lambda item: item[1].count("."))
+        return found
 
-    def _parent_hooks(self, acc: _Accumulator) -> list[Any]:
-        """Forward hooks that record, in ``acc.parent_inside``, the edges to each planned
-        module's parameters made inside a call of its parent (:meth:`_check_uses`)."""
-        studied: dict[int, list[tuple[torch.Tensor, str]]] = {}  # id(parent) -> parameters
-        parents: dict[int, nn.Module] = {}
-        found = self._parents()
+    def _ancestor_hooks(self, acc: _Accumulator) -> list[Any]:
+        """Forward hooks that record, in ``acc.ancestor_inside``, the edges to each planned
+        module's parameters made inside a call of one of its ancestors (:meth:`_check_uses`)."""
+        studied: dict[int, list[tuple[torch.Tensor, str]]] = {}  # id(ancestor) -> parameters
+        ancestors: dict[int, nn.Module] = {}
+        found = self._ancestors()
         for module, _, own in self._plan:
-            if id(module) in found:
-                parent = found[id(module)][0]
-                parents[id(parent)] = parent
+            for ancestor, _ in found.get(id(module), []):
+                ancestors[id(ancestor)] = ancestor
                 for attr, name in own.items():
-                    studied.setdefault(id(parent), []).append((module.get_parameter(attr), name))
+                    studied.setdefault(id(ancestor), []).append((module.get_parameter(attr), name))
 
         def record(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if acc.recomputing or acc.in_backward:
@@ -1191,20 +1194,22 @@ class FactorisedCapture:
             stop = {id(t.grad_fn) for t in _tensors_of((args, kwargs)) if t.grad_fn is not None}
             roots = [t.grad_fn for t in _tensors_of(output) if t.grad_fn is not None]
             edges = _edges_to(roots, targets, stop)
-            acc.parent_inside.update((id(e), name) for e, name in edges)
+            acc.ancestor_inside.update((id(e), name, id(mod)) for e, name in edges)
 
         return [
-            parent.register_forward_hook(record, with_kwargs=True) for parent in parents.values()
+            ancestor.register_forward_hook(record, with_kwargs=True)
+            for ancestor in ancestors.values()
         ]
 
     def _check_uses(self, acc: _Accumulator, outputs: Sequence[Any]) -> None:
         """Check the forward's graph for a studied parameter used outside a call of its own
         module: the hooks see a module's calls, so such a use's part of the gradient would be
         missing from the rows, silently.  A parameter whose every such use is inside a call of
-        its module's parent (transformers' Mamba and gated-delta mixers hand ``conv1d.weight``
-        to their own kernels) is given to the parent, re-run per sequence as a generic module,
-        and the capture starts again (:class:`_ReplannedError`); any other is refused with
-        ``RuntimeError``.  Once per capture: a model's graph keeps its structure."""
+        one of its module's ancestors (transformers' Mamba and gated-delta mixers hand
+        ``conv1d.weight`` to their own kernels) is given to the innermost such ancestor,
+        re-run per sequence as a generic module, and the capture starts again
+        (:class:`_ReplannedError`); any other is refused with ``RuntimeError``.  Once per
+        capture: a model's graph keeps its structure."""
         assert acc.inside is not None
         targets = {
             id(node): name
@@ -1213,34 +1218,41 @@ class FactorisedCapture:
             if (node := _gradient_node(module.get_parameter(attr))) is not None
         }
         roots = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
-        outside: dict[str, bool] = {}  # name -> every outside use is inside the parent's call
+        outside: dict[str, set[int]] = {}  # name -> its edges from outside its module's calls
         for e, name in _edges_to(roots, targets, set()):
             if (id(e), name) not in acc.inside:
-                outside[name] = outside.get(name, True) and (id(e), name) in acc.parent_inside
+                outside.setdefault(name, set()).add(id(e))
         self._uses_checked = True
         if not outside:
             return
-        stuck = sorted(name for name, movable in outside.items() if not movable)
+        found = self._ancestors()
+        owner = {n: (m, a) for m, _, own in self._plan for a, n in own.items()}
+        home: dict[str, tuple[nn.Module, str]] = {}  # name -> (ancestor, path of the parameter)
+        for name, edges in outside.items():
+            module, attr = owner[name]
+            for ancestor, path in found.get(id(module), []):
+                if all((e, name, id(ancestor)) in acc.ancestor_inside for e in edges):
+                    home[name] = (ancestor, f"{path}.{attr}")
+                    break
+        stuck = sorted(set(outside) - set(home))
         if stuck:
             raise RuntimeError(
                 f"{len(stuck)} studied parameter(s) are used outside a call of their own module "
                 f"(the first: {stuck[0]}), where no hook sees them: their rows would miss that "
                 "part of the gradient; exclude them"
             )
-        parents = self._parents()
         plan = []
         moved: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for module, kind, own in self._plan:
-            keep = {a: n for a, n in own.items() if n not in outside}
-            for attr in set(own) - set(keep):
-                parent, child_name = parents[id(module)]
-                moved.setdefault(id(parent), (parent, {}))[1][f"{child_name}.{attr}"] = own[attr]
+            keep = {a: n for a, n in own.items() if n not in home}
             if keep:
                 plan.append((module, kind, keep))
+        for name, (ancestor, path) in home.items():
+            moved.setdefault(id(ancestor), (ancestor, {}))[1][path] = name
         for module, _, own in plan:
-            if id(module) in moved:  # a parent with parameters of its own (A_log, dt_bias)
+            if id(module) in moved:  # an ancestor with parameters of its own (A_log, dt_bias)
                 own.update(moved.pop(id(module))[1])
-        plan.extend((parent, "generic", own) for parent, own in moved.values())
+        plan.extend((ancestor, "generic", own) for ancestor, own in moved.values())
         self._plan = plan
         raise _ReplannedError
 

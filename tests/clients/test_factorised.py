@@ -1054,21 +1054,35 @@ def test_attention_sinks_are_captured_by_a_rerun_of_their_attention() -> None:
         _close(capture(batch).sketch, want.sketch)
 
 
-class _ReadsAWeightItself(nn.Module):
-    """A model whose own forward reads a block's weight without calling it (the weight's
-    module's parent is the block, whose call does not contain that use)."""
+class _Body(nn.Module):
+    """A block, and a forward that also reads the block's weight without calling it: the
+    weight's module's parent is the block, whose call does not contain that use; this body,
+    its grandparent, does."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8)
         self.block = nn.Sequential(nn.Linear(8, 8))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.block(h) + h @ self.block[0].weight.T)
+
+
+class _ReadsAWeight(nn.Module):
+    """The body inside a model (``inside=True``), or its forward in the model's own."""
+
+    def __init__(self, inside: bool) -> None:
+        super().__init__()
+        self.inside = inside
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.body = _Body()
         self.head = nn.Linear(8, VOCAB)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         h = self.embed(input_ids)
-        h = torch.tanh(self.block(h) + h @ self.block[0].weight.T)
+        block = self.body.block
+        h = self.body(h) if self.inside else torch.tanh(block(h) + h @ block[0].weight.T)
         out: torch.Tensor = self.head(h)
         return out
 
@@ -1080,7 +1094,8 @@ def test_parameters_used_outside_their_module(capture_kind: str, batch: Sequence
     (Jamba's mixer hands ``conv1d.weight`` to its kernel and multiplies by ``dt_proj.weight``
     itself), the first capture gives the parameter to the parent, re-run per sequence, and
     the rows equal exact rows (before 2026-12-06 those parameters' rows were off by up to their
-    whole size); where not, it is refused by name."""
+    whole size); likewise a grandparent's; where the use is in the model's own forward (whose
+    re-run per sequence would be the loop capture), it is refused by name."""
     from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
     from sketch.spec import sketcher_for
@@ -1104,5 +1119,15 @@ def test_parameters_used_outside_their_module(capture_kind: str, batch: Sequence
     _close(capture(batch).sketch, want.sketch)  # a second capture, on the plan the first made
 
     torch.manual_seed(0)
+    model = _ReadsAWeight(inside=True)  # the use is in the weight's module's grandparent
+    capture = capture_of(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = capture_sketches(
+            model, batch, sketcher_for(capture.spec, capture.parameters), method="loop"
+        )
+    _close(capture(batch).sketch, want.sketch)
+    assert any(m is model.body and "block.0.weight" in own for m, _, own in capture._plan)
+    model.inside = False  # the use is in the model's own forward: refused
     with pytest.raises(RuntimeError, match=r"used outside a call of their own module.*block"):
-        capture_of(_ReadsAWeightItself())(batch)
+        capture_of(model)(batch)

@@ -889,16 +889,27 @@ def test_moe_run_with_its_router_loss(
             assert report.delta_h1_applied == pytest.approx(report.delta_h1, rel=1e-3)
 
 
-def test_hybrid_run_with_gated_delta_nets(live_service: LiveService, tmp_path: Path) -> None:
-    """A real GRPO run of a Qwen3.5 (a gated delta net and a full attention layer, checkpointed
-    as TRL's forward) with AdamW (``beta1 = 0``), rows from hooks and a later clipped pass: the
-    first capture gives each mixer its ``conv1d`` weight (read by the mixer's kernel, not
-    through the module), no micro-batch falls back to exact chunks, and ``plugin dH1 =
-    delta_h1_applied`` on both steps."""
+#: family: (the module class re-run per sequence, one of the parameters that re-run takes)
+REREAD_FAMILIES = {
+    "qwen3_5_text": ("Qwen3_5GatedDeltaNet", "conv1d.weight"),
+    "gpt_oss": ("GptOssAttention", "sinks"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(REREAD_FAMILIES))
+def test_runs_of_families_whose_modules_are_re_run(
+    live_service: LiveService, tmp_path: Path, family: str
+) -> None:
+    """Real GRPO runs, checkpointed as TRL's forward, with AdamW (``beta1 = 0``), rows from
+    hooks and a later clipped pass, of a Qwen3.5 (a gated delta net, whose ``conv1d`` weight
+    the first capture gives to its mixer: its kernel reads it without calling the module) and
+    of a GPT-OSS (attention sinks, re-run with their attention; MoE with TRL's router loss):
+    no micro-batch falls back to exact chunks, and ``plugin dH1 = delta_h1_applied`` on both
+    steps."""
     from tests.clients.test_factorised import FAMILIES, tiny_family
 
     values = {
-        **FAMILIES["qwen3_5_text"],
+        **FAMILIES[family],
         "vocab_size": len(CHARS) + 2,
         "bos_token_id": 1,
         "eos_token_id": 1,
@@ -914,13 +925,15 @@ def test_hybrid_run_with_gated_delta_nets(live_service: LiveService, tmp_path: P
     kernelscope = KernelscopeConfig(
         url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
     )
-    trainer = sgd_trainer(args, kernelscope, model=tiny_family("qwen3_5_text", values))
+    trainer = sgd_trainer(args, kernelscope, model=tiny_family(family, values))
     assert trainer._hooked is not None
+    assert trainer.aux_loss_enabled == (family == "gpt_oss")
     trainer.train()
     hooked = trainer._hooked
     assert hooked is not None and hooked.checkpointing  # no fallback to exact chunks
-    mixers = [own for m, _, own in hooked._plan if type(m).__name__ == "Qwen3_5GatedDeltaNet"]
-    assert mixers and all("conv1d.weight" in own for own in mixers)
+    module, parameter = REREAD_FAMILIES[family]
+    owners = [own for m, _, own in hooked._plan if type(m).__name__ == module]
+    assert owners and all(parameter in own for own in owners)
     with Client(live_service.base_url) as client:
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 

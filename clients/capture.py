@@ -425,6 +425,18 @@ def checkpointing_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def response_window_logits(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """The logits of the positions ``batch``'s response log-probs need (:func:`response_window`),
+    from one forward of the whole batch with its model inputs."""
+    return forward_logits(
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        logits_to_keep=response_window(batch.response_mask),
+        model_inputs=batch.model_inputs,
+    )
+
+
 def sequence_logprobs(
     model: nn.Module,
     batch: SequenceBatch,
@@ -434,14 +446,7 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """``[n]`` float32 ``S_i`` of every sequence, without gradients (e.g. ``logprob_after``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode), resharded(model):
-        keep = response_window(batch.response_mask)
-        logits = forward_logits(
-            model,
-            batch.input_ids,
-            batch.attention_mask,
-            logits_to_keep=keep,
-            model_inputs=batch.model_inputs,
-        )
+        logits = response_window_logits(model, batch)
         return response_logprobs(
             logits, batch.input_ids, batch.response_mask, temperature=temperature
         )
@@ -480,14 +485,7 @@ def sequence_logprobs_and_entropy_sums(
     """``(S_i, sum_t H_t)`` of every sequence from one forward without gradients: two ``[n]``
     float32 tensors (``logprob_after`` and ``entropy_sum_after``, or ``entropy_sum``)."""
     with torch.no_grad(), eval_mode(model, use_eval_mode), resharded(model):
-        keep = response_window(batch.response_mask)
-        logits = forward_logits(
-            model,
-            batch.input_ids,
-            batch.attention_mask,
-            logits_to_keep=keep,
-            model_inputs=batch.model_inputs,
-        )
+        logits = response_window_logits(model, batch)
         logprobs = response_logprobs(
             logits, batch.input_ids, batch.response_mask, temperature=temperature
         )

@@ -1357,22 +1357,18 @@ class FactorisedCapture:
         loss's expert counts are constants of the batch, so its gradient at each token reaches
         that token's sequence's rows alone.
         """
+        once = functools.partial(
+            self._capture_once,
+            batch,
+            token_coefficients,
+            entropy_coefficients,
+            directions=directions,
+            router_coefficient=router_coefficient,
+        )
         try:
-            return self._capture_once(
-                batch,
-                token_coefficients,
-                entropy_coefficients,
-                directions=directions,
-                router_coefficient=router_coefficient,
-            )
-        except _ReplannedError:  # the first capture gave some parameters to their parents' re-runs
-            return self._capture_once(
-                batch,
-                token_coefficients,
-                entropy_coefficients,
-                directions=directions,
-                router_coefficient=router_coefficient,
-            )
+            return once()
+        except _ReplannedError:  # the first capture gave parameters to their ancestors' re-runs
+            return once()
 
     def _capture_once(
         self,

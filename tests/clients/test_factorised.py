@@ -853,6 +853,17 @@ def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
             capture_of(model)(batch)
 
 
+#: a gated delta net beside a full attention layer (Qwen3.5, Qwen3-Next)
+_GATED_DELTA: dict[str, Any] = {
+    "head_dim": 4,
+    "linear_num_value_heads": 2,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 4,
+    "linear_value_head_dim": 4,
+    "linear_conv_kernel_dim": 2,
+    "layer_types": ["linear_attention", "full_attention"],
+}
+
 #: transformers' decoder families (``model_type``) with the config values their tiny build needs
 #: beyond ``_TINY_DECODER``'s sizes
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -912,27 +923,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # a short convolution whose weight its block hands to a kernel
     "lfm2": {"conv_L_cache": 2, "layer_types": ["conv", "full_attention"], "block_ff_dim": 24},
     # gated delta nets: the conv1d's weight in a kernel, a gated norm on [n * L * heads] rows
-    "qwen3_5_text": {
-        "head_dim": 4,
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 4,
-        "linear_value_head_dim": 4,
-        "linear_conv_kernel_dim": 2,
-        "layer_types": ["linear_attention", "full_attention"],
-    },
+    "qwen3_5_text": _GATED_DELTA,
     "qwen3_next": {
+        **_GATED_DELTA,
         "num_experts": 4,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 8,
         "shared_expert_intermediate_size": 8,
-        "head_dim": 4,
-        "linear_num_value_heads": 2,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 4,
-        "linear_value_head_dim": 4,
-        "linear_conv_kernel_dim": 2,
-        "layer_types": ["linear_attention", "full_attention"],
     },
     "olmo_hybrid": {},
     # Kimi delta attention (a short convolution in a kernel) beside latent attention, MoE

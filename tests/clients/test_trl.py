@@ -239,6 +239,19 @@ def _first_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
     return dict(split_tensor_dict(generation, 2)[0])
 
 
+def micro_capture_batch(micro: dict[str, Any]) -> tuple[SequenceBatch, torch.Tensor]:
+    """A TRL micro-batch as the capture takes it (re-packed to right padding), and TRL's
+    ``[n, P + C]`` attention mask that :func:`repack` lays per-token values out by."""
+    mask = micro["completion_mask"]
+    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
+    batch = SequenceBatch.from_padded(
+        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
+        attention,
+        torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool(),
+    )
+    return batch, attention
+
+
 @pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
 def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> None:
     """``-sum_i weight_i A_i dS_i/dtheta`` equals the gradient of TRL's own ``compute_loss``
@@ -256,11 +269,7 @@ def test_weights_reproduce_trl_loss_gradient(tmp_path: Path, loss_type: str) -> 
     lengths = micro["completion_mask"].sum(1)
     assert lengths.unique().numel() > 1, "want completions of different lengths"
     assert micro["prompt_mask"].min() == 0, "want left-padded prompts"
-    batch = SequenceBatch.from_padded(
-        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
-        torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1),
-        torch.cat([torch.zeros_like(micro["prompt_mask"]), micro["completion_mask"]], dim=1).bool(),
-    )
+    batch, _ = micro_capture_batch(micro)
     captured = capture_gradients(model, batch)
     weights = trl_sequence_weights(
         loss_type,
@@ -403,11 +412,7 @@ def _assert_update_rows_are_trl_gradient(trainer: GRPOTrainer, micro: dict[str, 
         "the setting changes nothing"
     )
 
-    full = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)
-    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
-    batch = SequenceBatch.from_padded(
-        full, attention, torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool()
-    )
+    batch, attention = micro_capture_batch(micro)
 
     def layout(values: torch.Tensor) -> torch.Tensor:
         return repack(
@@ -503,13 +508,7 @@ def test_moe_router_loss_is_in_the_update_rows(
     trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    mask = micro["completion_mask"]
-    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
-    batch = SequenceBatch.from_padded(
-        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
-        attention,
-        torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool(),
-    )
+    batch, attention = micro_capture_batch(micro)
     layout = repack(
         torch.cat([torch.zeros_like(micro["prompt_mask"]).float(), coefficients.logprob], 1),
         attention,
@@ -651,11 +650,7 @@ def test_logprob_check_flags_absolute_positions_with_left_padding(
     rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
     micro = split_tensor_dict(trainer._generate_and_score_completions(rows), 2)[0]
     assert micro["prompt_mask"].min() == 0
-    batch = SequenceBatch.from_padded(
-        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
-        torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1),
-        torch.cat([torch.zeros_like(micro["prompt_mask"]), micro["completion_mask"]], dim=1).bool(),
-    )
+    batch, _ = micro_capture_batch(micro)
     # The check only reads the model and TRL's log-prob helper: run it on the plain trainer.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -686,6 +681,20 @@ def sgd_args(tmp_path: Path, learning_rate: float, **overrides: Any) -> GRPOConf
         **overrides,
     }
     return grpo_args(tmp_path, **values)
+
+
+def adam_later_pass_args(tmp_path: Path, **overrides: Any) -> GRPOConfig:
+    """Two steps of AdamW with ``beta1 = 0`` (each step ``-lr c P_t g_t``, so ``plugin dH1 =
+    delta_h1_applied`` on both), the second a later PPO pass at ratio != 1 with clipping."""
+    values: dict[str, Any] = {
+        "learning_rate": 1e-3,
+        "optim": "adamw_torch",
+        "adam_beta1": 0.0,
+        "num_iterations": 2,
+        "epsilon": 0.02,
+        **overrides,
+    }
+    return sgd_args(tmp_path, **values)
 
 
 def sgd_trainer(
@@ -852,16 +861,8 @@ def test_moe_run_with_its_router_loss(
     (router, 3-D experts and all, checkpointed as TRL's forward or not) and a later clipped
     pass: every micro-batch pushes update rows carrying the router loss's part, and
     ``plugin dH1 = delta_h1_applied`` on both steps."""
-    lr = 1e-3
-    args = sgd_args(
-        tmp_path,
-        learning_rate=lr,
-        optim="adamw_torch",
-        adam_beta1=0.0,
-        num_iterations=2,
-        epsilon=0.02,
-        router_aux_loss_coef=0.5,
-        gradient_checkpointing=checkpointing,
+    args = adam_later_pass_args(
+        tmp_path, router_aux_loss_coef=0.5, gradient_checkpointing=checkpointing
     )
     kernelscope = KernelscopeConfig(
         url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
@@ -914,14 +915,7 @@ def test_runs_of_families_whose_modules_are_re_run(
         "bos_token_id": 1,
         "eos_token_id": 1,
     }
-    args = sgd_args(
-        tmp_path,
-        learning_rate=1e-3,
-        optim="adamw_torch",
-        adam_beta1=0.0,
-        num_iterations=2,
-        epsilon=0.02,
-    )
+    args = adam_later_pass_args(tmp_path)
     kernelscope = KernelscopeConfig(
         url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
     )

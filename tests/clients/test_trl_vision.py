@@ -13,6 +13,7 @@ language side, the default for such a policy."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -70,10 +71,11 @@ from tests.clients.conftest import LiveService
 from tests.clients.test_trl import (
     SKETCH_512,
     _perturbed_logps,
+    adam_later_pass_args,
     assert_plugin_is_applied,
     char_tokenizer,
     grpo_args,
-    sgd_args,
+    micro_capture_batch,
 )
 
 QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
@@ -87,14 +89,17 @@ CHAT_TEMPLATE = (
 TEXTS = ["abc", "bcdef", "cd", "defg"]  # different lengths: TRL left-pads the prompts
 
 
-class QwenImageProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without its video processor: transformers checks that argument's
-    class through a registry that fails without torchvision, which this project does not
-    install, and TRL's image path never uses it."""
+def _without_videos(processor: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """A Qwen-VL processor class without its video processor: transformers checks that
+    argument's class through a registry that fails without torchvision, which this project
+    does not install, and TRL's image path never uses it."""
 
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return ["image_processor", "tokenizer"]
+    class ImagesOnly(processor):  # type: ignore[valid-type, misc]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
+
+    return ImagesOnly
 
 
 def _left_padded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
@@ -104,15 +109,22 @@ def _left_padded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def qwen_processor() -> QwenImageProcessor:
+def qwen_processor(processor: type[ProcessorMixin] = Qwen2_5_VLProcessor, patch: int = 14) -> Any:
+    """A Qwen-VL processor on the character tokenizer: ``patch``-pixel patches merged 2 x 2,
+    every image resized to 4 x 4 patches (4 image tokens)."""
     tokenizer = char_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
     tokenizer.image_token, tokenizer.video_token = QWEN_TOKENS[1], QWEN_TOKENS[3]
+    side = 4 * patch
     images = Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+        min_pixels=side * side,
+        max_pixels=side * side,
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
     )
     template = CHAT_TEMPLATE.replace("IMAGE", "".join(QWEN_TOKENS[:3]))
-    return QwenImageProcessor(
+    return _without_videos(processor)(
         image_processor=images, tokenizer=_left_padded(tokenizer), chat_template=template
     )
 
@@ -154,28 +166,6 @@ def tiny_qwen_vl(processor: ProcessorMixin) -> Qwen2_5_VLForConditionalGeneratio
     )
     torch.manual_seed(0)
     return Qwen2_5_VLForConditionalGeneration(config)
-
-
-class Qwen3ImageProcessor(Qwen3VLProcessor):
-    """Qwen3-VL's processor without its video processor (as :class:`QwenImageProcessor`)."""
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return ["image_processor", "tokenizer"]
-
-
-def qwen3_processor() -> Qwen3ImageProcessor:
-    tokenizer = char_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
-    tokenizer.image_token, tokenizer.video_token = QWEN_TOKENS[1], QWEN_TOKENS[3]
-    # 16-pixel patches, merged 2 x 2: a 56 x 56 image is resized to 64 x 64, 4 tokens
-    images = Qwen2VLImageProcessorPil(
-        min_pixels=64 * 64, max_pixels=64 * 64, patch_size=16, merge_size=2, temporal_patch_size=2
-    )
-    template = CHAT_TEMPLATE.replace("IMAGE", "".join(QWEN_TOKENS[:3]))
-    return Qwen3ImageProcessor(
-        image_processor=images, tokenizer=_left_padded(tokenizer), chat_template=template
-    )
 
 
 def tiny_qwen3_vl(processor: ProcessorMixin) -> Qwen3VLForConditionalGeneration:
@@ -285,7 +275,11 @@ def tiny_gemma3(processor: ProcessorMixin) -> Gemma3ForConditionalGeneration:
 #: family: (processor, model, the micro-batch's image inputs that the test passes itself)
 FAMILIES: dict[str, tuple[Any, Any, tuple[str, ...]]] = {
     "qwen2_5_vl": (qwen_processor, tiny_qwen_vl, ("pixel_values", "image_grid_thw")),
-    "qwen3_vl": (qwen3_processor, tiny_qwen3_vl, ("pixel_values", "image_grid_thw")),
+    "qwen3_vl": (
+        functools.partial(qwen_processor, Qwen3VLProcessor, 16),
+        tiny_qwen3_vl,
+        ("pixel_values", "image_grid_thw"),
+    ),
     "gemma3": (gemma_processor, tiny_gemma3, ("pixel_values",)),
 }
 #: the per-token inputs, laid out like the tokens
@@ -357,13 +351,7 @@ def _image_micro_batch(trainer: GRPOTrainer) -> dict[str, Any]:
 
 def _capture_batch(micro: dict[str, Any], family: str) -> SequenceBatch:
     """The micro-batch as the trainer records it, image inputs included."""
-    mask = micro["completion_mask"]
-    attention = torch.cat([micro["prompt_mask"], mask], dim=1)
-    batch = SequenceBatch.from_padded(
-        torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1),
-        attention,
-        torch.cat([torch.zeros_like(micro["prompt_mask"]), mask], dim=1).bool(),
-    )
+    batch, attention = micro_capture_batch(micro)
     inputs = {k: micro[k] for k in FAMILIES[family][2]}
     inputs.update({k: repack(micro[k], attention) for k in PER_TOKEN if k in micro})
     assert set(inputs) < set(micro)
@@ -461,14 +449,7 @@ def test_vision_language_run(live_service: LiveService, tmp_path: Path, family: 
     rows from hooks and a later clipped pass, the parameter filter left unset: the trainer
     studies the text decoder and LM head (and says so), its log-probs match TRL's on the first
     micro-batch (no warning), and ``plugin dH1 = delta_h1_applied`` on both steps."""
-    args = sgd_args(
-        tmp_path,
-        learning_rate=1e-3,
-        optim="adamw_torch",
-        adam_beta1=0.0,
-        num_iterations=2,
-        epsilon=0.02,
-    )
+    args = adam_later_pass_args(tmp_path)
     kernelscope = KernelscopeConfig(
         url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
     )

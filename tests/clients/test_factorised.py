@@ -821,9 +821,7 @@ def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
     a linear layer that doubles its input is re-run per sequence like any module.  Rows equal
     the sketch of exact rows; before, both took the base class's gradient (Gemma's embedding
     rows were ``1/sqrt(hidden)`` of the truth).  A lookup that is not a scaled one is refused."""
-    from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
-    from sketch.spec import sketcher_for
 
     if model_name == "gemma3":
         model = tiny_gemma3()
@@ -842,11 +840,7 @@ def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
 
     capture = capture_of(model)
     assert capture.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
-    got = capture(batch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = capture_sketches(model, batch, sketcher_for(spec, capture.parameters), method="loop")
-    _close(got.sketch, want.sketch)
+    _close(capture(batch).sketch, _exact_sketch(model, batch, capture))
     if model_name != "gemma3":
         model.model.embed_tokens.__class__ = _ShiftedLookup
         with pytest.raises(RuntimeError, match="not a scaled lookup"):
@@ -973,6 +967,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+def _exact_sketch(
+    model: nn.Module, batch: SequenceBatch, capture: Any, parameter_filter: Any = None
+) -> torch.Tensor:
+    """The run's sketch (``capture``'s spec) of exact per-sequence rows (chunks of a loop)."""
+    from clients.capture import capture_sketches
+    from sketch.spec import sketcher_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture_sketches(
+            model,
+            batch,
+            sketcher_for(capture.spec, capture.parameters),
+            method="loop",
+            parameter_filter=parameter_filter,
+        ).sketch
+
+
 def tiny_family(family: str, values: dict[str, Any] | None = None) -> nn.Module:
     """A tiny causal LM of a transformers family (``values``: its config values beyond the
     shared sizes; default those of :data:`FAMILIES`), its 1-D parameters moved off their
@@ -1001,9 +1013,7 @@ def test_transformers_families_are_captured_as_exact_rows(
     exact per-sequence rows.  Before 2026-12-06 Gemma's rows were wrong (its scaled embedding),
     GPT-OSS's attention sinks had no hook (the trainer fell back to exact chunks) and
     DeepSeek-V3's router failed in the backward."""
-    from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
-    from sketch.spec import sketcher_for
 
     model = tiny_family(family)
     for capture in (
@@ -1011,22 +1021,14 @@ def test_transformers_families_are_captured_as_exact_rows(
         FactorisedCapture(model, dim=DIM, seed=SEED, strict=True),
     ):
         assert capture.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
-        spec = capture.spec
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            want = capture_sketches(
-                model, batch, sketcher_for(spec, capture.parameters), method="loop"
-            )
-        _close(capture(batch).sketch, want.sketch)
+        _close(capture(batch).sketch, _exact_sketch(model, batch, capture))
 
 
 def test_attention_sinks_are_captured_by_a_rerun_of_their_attention() -> None:
     """GPT-OSS's sinks alone (a parameter of the attention module, whose projections are its
     children): the attention re-run per sequence gives each sequence's gradient, with and
     without the training forward's activation checkpointing."""
-    from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
-    from sketch.spec import sketcher_for
 
     model = tiny_family("gpt_oss")
     batch = make_batch()
@@ -1038,17 +1040,9 @@ def test_attention_sinks_are_captured_by_a_rerun_of_their_attention() -> None:
             model.train()
         capture = HookedCapture(model, spec, parameter_filter=sinks, strict=True)
         assert len(capture.parameters) == 2
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            want = capture_sketches(
-                model,
-                batch,
-                sketcher_for(spec, capture.parameters),
-                method="loop",
-                parameter_filter=sinks,
-            )
-        assert float(want.sketch.abs().max()) > 0
-        _close(capture(batch).sketch, want.sketch)
+        want = _exact_sketch(model, batch, capture, sinks)
+        assert float(want.abs().max()) > 0
+        _close(capture(batch).sketch, want)
 
 
 class _Body(nn.Module):
@@ -1093,9 +1087,7 @@ def test_parameters_used_outside_their_module(capture_kind: str, batch: Sequence
     the rows equal exact rows (before 2026-12-06 those parameters' rows were off by up to their
     whole size); likewise a grandparent's; where the use is in the model's own forward (whose
     re-run per sequence would be the loop capture), it is refused by name."""
-    from clients.capture import capture_sketches
     from clients.factorised import HookedCapture
-    from sketch.spec import sketcher_for
 
     def capture_of(model: nn.Module) -> Any:
         if capture_kind == "factorised":
@@ -1105,25 +1097,16 @@ def test_parameters_used_outside_their_module(capture_kind: str, batch: Sequence
     model = tiny_family("jamba")
     mixer = model.model.layers[0].mamba
     capture = capture_of(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = capture_sketches(
-            model, batch, sketcher_for(capture.spec, capture.parameters), method="loop"
-        )
-    _close(capture(batch).sketch, want.sketch)
+    want = _exact_sketch(model, batch, capture)
+    _close(capture(batch).sketch, want)
     own = next(own for m, _, own in capture._plan if m is mixer)
     assert {"conv1d.weight", "dt_proj.weight", "A_log", "D"} <= set(own)
-    _close(capture(batch).sketch, want.sketch)  # a second capture, on the plan the first made
+    _close(capture(batch).sketch, want)  # a second capture, on the plan the first made
 
     torch.manual_seed(0)
     model = _ReadsAWeight(inside=True)  # the use is in the weight's module's grandparent
     capture = capture_of(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = capture_sketches(
-            model, batch, sketcher_for(capture.spec, capture.parameters), method="loop"
-        )
-    _close(capture(batch).sketch, want.sketch)
+    _close(capture(batch).sketch, _exact_sketch(model, batch, capture))
     assert any(m is model.body and "block.0.weight" in own for m, _, own in capture._plan)
     model.inside = False  # the use is in the model's own forward: refused
     with pytest.raises(RuntimeError, match=r"used outside a call of their own module.*block"):

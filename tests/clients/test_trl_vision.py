@@ -129,9 +129,15 @@ def qwen_processor(processor: type[ProcessorMixin] = Qwen2_5_VLProcessor, patch:
     )
 
 
+def qwen_token_ids(processor: ProcessorMixin) -> dict[str, int]:
+    """A Qwen-VL config's ids of its vision tokens, in the processor's vocabulary."""
+    ids = processor.tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
+    keys = ("vision_start_token_id", "image_token_id", "vision_end_token_id", "video_token_id")
+    return dict(zip(keys, ids, strict=True))
+
+
 def tiny_qwen_vl(processor: ProcessorMixin) -> Qwen2_5_VLForConditionalGeneration:
     """A Qwen2.5-VL of one text layer and one vision block, about 40k parameters."""
-    ids = processor.tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(processor.tokenizer),
@@ -156,10 +162,7 @@ def tiny_qwen_vl(processor: ProcessorMixin) -> Qwen2_5_VLForConditionalGeneratio
             "fullatt_block_indexes": [0],
             "window_size": 28,
         },
-        vision_start_token_id=ids[0],
-        image_token_id=ids[1],
-        vision_end_token_id=ids[2],
-        video_token_id=ids[3],
+        **qwen_token_ids(processor),
         bos_token_id=None,
         eos_token_id=1,
         pad_token_id=0,
@@ -171,7 +174,6 @@ def tiny_qwen_vl(processor: ProcessorMixin) -> Qwen2_5_VLForConditionalGeneratio
 def tiny_qwen3_vl(processor: ProcessorMixin) -> Qwen3VLForConditionalGeneration:
     """A Qwen3-VL of two text layers (interleaved M-RoPE) and two vision blocks, the first's
     features also added to the first text layer's output (DeepStack)."""
-    ids = processor.tokenizer.convert_tokens_to_ids(QWEN_TOKENS)
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": len(processor.tokenizer),
@@ -202,10 +204,7 @@ def tiny_qwen3_vl(processor: ProcessorMixin) -> Qwen3VLForConditionalGeneration:
             "deepstack_visual_indexes": [0],
             "num_position_embeddings": 16,
         },
-        vision_start_token_id=ids[0],
-        image_token_id=ids[1],
-        vision_end_token_id=ids[2],
-        video_token_id=ids[3],
+        **qwen_token_ids(processor),
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)

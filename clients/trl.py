@@ -1136,10 +1136,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 )
             except RuntimeError as exc:  # e.g. a module broadcast over the batch
                 # exact chunks cannot take over a router loss (_kernelscope_check_router_loss)
+                # nor a batch with image inputs (_kernelscope_check_vision)
                 if (
                     self.kernelscope.capture_method == "hooks"
                     or self._kernelscope_sharded
                     or router
+                    or micro.batch.model_inputs
                 ):
                     raise
                 warnings.warn(

@@ -487,3 +487,23 @@ def test_vision_language_refusals(tmp_path: Path, setting: str) -> None:
         config.update(sketch_on="trainer", token_shares=True)
     with pytest.raises(UnsupportedTRLSettingError, match="vision"):
         _trainer(grpo_args(tmp_path), KernelscopeConfig(**config))
+
+
+def test_a_failed_hook_capture_of_images_is_not_retried_in_chunks(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """Where the capture by hooks fails on a text batch, the trainer falls back to exact
+    chunks; a batch with image inputs cannot be split into them, so the hooks' own error is
+    raised (before, the fallback's ``UnsplittableBatchError`` hid it)."""
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+    )
+    trainer = _trainer(adam_later_pass_args(tmp_path, max_steps=1), kernelscope)
+    assert isinstance(trainer, KernelscopeGRPOTrainer) and trainer._hooked is not None
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a module the hooks cannot split")
+
+    trainer._hooked.capture = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="hooks cannot split"):
+        trainer.train()

@@ -175,13 +175,10 @@ class _Accumulator:
     checkpointed: frozenset[int] = frozenset()  # ids of the modules inside such layers
     in_backward: bool = False  # a backward of the capture is running: a forward is a re-run
     inputs: dict[int, Call] = field(default_factory=dict)  # module id -> re-run call
-    # the first capture's forward: (autograd node, parameter) edges made inside a call of the
-    # parameter's own module (None: not checking), held against the graph's (_check_uses)
-    inside: set[tuple[int, str]] | None = None
-    # ... and (edge, parameter, id(ancestor)) inside a call of an ancestor of the parameter's
-    # module (a mixer that hands its conv1d's weight to its own kernel): where such a use can
-    # be captured instead
-    ancestor_inside: set[tuple[int, str, int]] = field(default_factory=set)
+    # the first capture's forward: (autograd node, parameter, id(module)) for the edges to a
+    # studied parameter made inside a call of its own module or of one of that module's
+    # ancestors (None: not checking), held against the graph's edges (_check_uses)
+    uses: set[tuple[int, str, int]] | None = None
     waiting: list[tuple[int, Callable[[Call], None]]] = field(default_factory=list)
 
     def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
@@ -1071,17 +1068,6 @@ class FactorisedCapture:
                 ):
                     assert isinstance(mod, nn.Embedding)
                     self._lookup_scales[id(mod)] = _lookup_scale(mod, first, graded[0])
-                if acc.inside is not None:
-                    own_nodes = {
-                        id(node): name
-                        for attr, name in own.items()
-                        if (node := _gradient_node(mod.get_parameter(attr))) is not None
-                    }
-                    stop = {
-                        id(t.grad_fn) for t in _tensors_of((args, kwargs)) if t.grad_fn is not None
-                    }
-                    roots = [t.grad_fn for t in graded]
-                    acc.inside.update((id(e), nm) for e, nm in _edges_to(roots, own_nodes, stop))
                 # a checkpointed layer's activations are not kept: the re-run hands them over
                 call = None if id(mod) in acc.checkpointed else _detached(args, kwargs)
                 if not first.requires_grad:
@@ -1137,8 +1123,8 @@ class FactorisedCapture:
                     module.register_forward_pre_hook(self._rerun_hook(acc), with_kwargs=True)
                 )
         planned = {id(m) for m, _, _ in self._plan}
-        if acc.inside is not None:
-            handles.extend(self._ancestor_hooks(acc))
+        if acc.uses is not None:
+            handles.extend(self._use_hooks(acc))
         for module in self.model.modules():
             if isinstance(module, nn.Embedding) and id(module) not in planned:
 
@@ -1170,17 +1156,18 @@ class FactorisedCapture:
             chain.sort(key=lambda item: item[1].count("."))
         return found
 
-    def _ancestor_hooks(self, acc: _Accumulator) -> list[Any]:
-        """Forward hooks that record, in ``acc.ancestor_inside``, the edges to each planned
-        module's parameters made inside a call of one of its ancestors (:meth:`_check_uses`)."""
-        studied: dict[int, list[tuple[torch.Tensor, str]]] = {}  # id(ancestor) -> parameters
-        ancestors: dict[int, nn.Module] = {}
+    def _use_hooks(self, acc: _Accumulator) -> list[Any]:
+        """Forward hooks that record, in ``acc.uses``, the edges to each planned module's
+        parameters made inside a call of the module itself or of one of its ancestors
+        (:meth:`_check_uses`)."""
+        studied: dict[int, list[tuple[torch.Tensor, str]]] = {}  # id(module) -> parameters
+        callers: dict[int, nn.Module] = {}
         found = self._ancestors()
         for module, _, own in self._plan:
-            for ancestor, _ in found.get(id(module), []):
-                ancestors[id(ancestor)] = ancestor
+            for caller in (module, *(a for a, _ in found.get(id(module), []))):
+                callers[id(caller)] = caller
                 for attr, name in own.items():
-                    studied.setdefault(id(ancestor), []).append((module.get_parameter(attr), name))
+                    studied.setdefault(id(caller), []).append((module.get_parameter(attr), name))
 
         def record(mod: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if acc.recomputing or acc.in_backward:
@@ -1193,12 +1180,11 @@ class FactorisedCapture:
             }
             stop = {id(t.grad_fn) for t in _tensors_of((args, kwargs)) if t.grad_fn is not None}
             roots = [t.grad_fn for t in _tensors_of(output) if t.grad_fn is not None]
-            edges = _edges_to(roots, targets, stop)
-            acc.ancestor_inside.update((id(e), name, id(mod)) for e, name in edges)
+            assert acc.uses is not None
+            acc.uses.update((id(e), name, id(mod)) for e, name in _edges_to(roots, targets, stop))
 
         return [
-            ancestor.register_forward_hook(record, with_kwargs=True)
-            for ancestor in ancestors.values()
+            caller.register_forward_hook(record, with_kwargs=True) for caller in callers.values()
         ]
 
     def _check_uses(self, acc: _Accumulator, outputs: Sequence[Any]) -> None:
@@ -1210,28 +1196,32 @@ class FactorisedCapture:
         re-run per sequence as a generic module, and the capture starts again
         (:class:`_ReplannedError`); any other is refused with ``RuntimeError``.  Once per
         capture: a model's graph keeps its structure."""
-        assert acc.inside is not None
+        uses = acc.uses
+        assert uses is not None
+        owner = {n: (m, a) for m, _, own in self._plan for a, n in own.items()}
+        owners: dict[str, set[int]] = {}  # a tied weight has two modules (GPT-2's wte, lm_head)
+        for module, _, own in self._plan:
+            for name in own.values():
+                owners.setdefault(name, set()).add(id(module))
         targets = {
             id(node): name
-            for module, _, own in self._plan
-            for attr, name in own.items()
+            for name, (module, attr) in owner.items()
             if (node := _gradient_node(module.get_parameter(attr))) is not None
         }
         roots = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
-        outside: dict[str, set[int]] = {}  # name -> its edges from outside its module's calls
+        outside: dict[str, set[int]] = {}  # name -> its edges from outside its modules' calls
         for e, name in _edges_to(roots, targets, set()):
-            if (id(e), name) not in acc.inside:
+            if not any((id(e), name, m) in uses for m in owners[name]):
                 outside.setdefault(name, set()).add(id(e))
         self._uses_checked = True
         if not outside:
             return
         found = self._ancestors()
-        owner = {n: (m, a) for m, _, own in self._plan for a, n in own.items()}
         home: dict[str, tuple[nn.Module, str]] = {}  # name -> (ancestor, path of the parameter)
         for name, edges in outside.items():
             module, attr = owner[name]
             for ancestor, path in found.get(id(module), []):
-                if all((e, name, id(ancestor)) in acc.ancestor_inside for e in edges):
+                if all((e, name, id(ancestor)) in uses for e in edges):
                     home[name] = (ancestor, f"{path}.{attr}")
                     break
         stuck = sorted(set(outside) - set(home))
@@ -1407,7 +1397,7 @@ class FactorisedCapture:
         # to the parameters named here, and the check does not apply
         sharded = any(is_sharded(m.get_parameter(a)) for m, _, own in self._plan for a in own)
         if not self._uses_checked and not sharded:
-            acc.inside = set()
+            acc.uses = set()
         with (
             eval_mode(self.model, self.use_eval_mode, training=layers),
             leaf_reductions_suspended(self.model),
@@ -1418,7 +1408,7 @@ class FactorisedCapture:
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
-            if acc.inside is not None:
+            if acc.uses is not None:
                 self._check_uses(acc, [logprobs, aux])
             if directions is not None:
                 weights_h = directions.coefficients(logprobs.detach().float())

@@ -37,6 +37,7 @@ process measures both.
     python bench/capture.py --qwen2 100M --tokens 512 --checkpointing --methods plain,factorised
     python bench/capture.py --moe --methods plain,loop,hooked-countsketch
     python bench/capture.py --hybrid --methods plain,loop,hooked-countsketch
+    python bench/capture.py --falcon --methods plain,loop,factorised,hooked-countsketch
 
 ``--moe`` takes a Qwen3-MoE of 17.6M parameters (4 layers, 8 experts of which 2 per token,
 the experts 6.3M of them) and a micro-batch of 16 sequences of up to 24 response
@@ -45,6 +46,8 @@ before 2026-12-06 such a model fell back to ``loop``.  ``--hybrid`` takes a Qwen
 model (three gated delta nets and one full attention) and the same micro-batch: each mixer
 is re-run per sequence for its own parameters and its ``conv1d`` weight, which it hands to a
 kernel without calling the module (before 2026-12-06 such a model failed in the hooks).
+``--falcon`` takes a Falcon, whose ``nn.Linear`` subclass keeps the linear hooks once its
+first call is checked.
 """
 
 from __future__ import annotations
@@ -69,11 +72,13 @@ sys.path.insert(0, str(REPO))
 METHODS = ("plain", "loop", "vmap", "factorised", "hooked-kronecker", "hooked-countsketch")
 
 
-def _config(
-    quick: bool, qwen2: str | None = None, moe: bool = False, hybrid: bool = False
-) -> dict[str, Any]:
-    if moe or hybrid:
-        return {"moe": moe, "hybrid": hybrid, "vocab": 8192, "n": 16, "T": 24, "k": 4096}
+#: ``--moe``, ``--hybrid``, ``--falcon``: a model of another family, its name in the table
+FAMILIES = {"moe": "Qwen3-MoE", "hybrid": "Qwen3.5", "falcon": "Falcon"}
+
+
+def _config(quick: bool, qwen2: str | None = None, family: str | None = None) -> dict[str, Any]:
+    if family is not None:
+        return {"family": family, "vocab": 8192, "n": 16, "T": 24, "k": 4096}
     if qwen2 is not None:  # bench/trl_step.py's model and one of its micro-batches
         from trl_step import SIZES  # bench/trl_step.py
 
@@ -119,10 +124,9 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[A
         from trl_step import build_model  # bench/trl_step.py
 
         model = build_model(cfg["qwen2"]).eval()
-    elif cfg.get("moe"):
-        model = moe_model(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
-    elif cfg.get("hybrid"):
-        model = hybrid_model(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
+    elif cfg.get("family") is not None:
+        build = {"moe": moe_model, "hybrid": hybrid_model, "falcon": falcon_model}[cfg["family"]]
+        model = build(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
     else:
         model = _gpt2(cfg, prompt_len)
     if cfg.get("checkpointing"):  # as Trainer turns it on; dropout is 0 in both models
@@ -209,6 +213,34 @@ def hybrid_model(vocab: int, positions: int) -> Any:
         linear_value_head_dim=64,
         max_position_embeddings=positions,
         tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def falcon_model(vocab: int, positions: int) -> Any:
+    """A Falcon (Falcon-7B's layout: parallel attention and MLP, one key-value head) of 4.9M
+    parameters at vocabulary 8192, from a config: its projections are ``FalconLinear``, an
+    ``nn.Linear`` subclass with a forward of its own, checked on the first capture against
+    ``nn.Linear``'s and then given the linear hooks (before 2026-12-06: re-run per sequence).
+    Falcon has no position limit to set (rotary), so ``positions`` is unused."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    del positions
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "falcon",
+        vocab_size=vocab,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        new_decoder_architecture=False,
+        multi_query=True,
+        parallel_attn=True,
+        bias=False,
         bos_token_id=1,
         eos_token_id=1,
         pad_token_id=0,
@@ -332,9 +364,26 @@ def main(argv: list[str] | None = None) -> int:
         choices=("1M", "10M", "100M"),
         help="bench/trl_step.py's Qwen2 of that size and a micro-batch of it (n = 16, T = 24)",
     )
-    parser.add_argument("--moe", action="store_true", help="a Qwen3-MoE of 17.6M parameters")
     parser.add_argument(
-        "--hybrid", action="store_true", help="a Qwen3.5 (gated delta nets) from a config"
+        "--moe",
+        dest="family",
+        action="store_const",
+        const="moe",
+        help="a Qwen3-MoE of 17.6M parameters",
+    )
+    parser.add_argument(
+        "--hybrid",
+        dest="family",
+        action="store_const",
+        const="hybrid",
+        help="a Qwen3.5 (gated delta nets) from a config",
+    )
+    parser.add_argument(
+        "--falcon",
+        dest="family",
+        action="store_const",
+        const="falcon",
+        help="a Falcon (its own nn.Linear subclass) from a config",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=None, help="response length T")
@@ -344,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cfg = _config(args.quick, args.qwen2, args.moe, args.hybrid)
+    cfg = _config(args.quick, args.qwen2, args.family)
     if args.tokens is not None:
         cfg["T"] = args.tokens
     cfg["checkpointing"] = args.checkpointing
@@ -360,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--seed", str(args.seed), "--threads", str(args.threads), "--device", args.device]
     common += ["--quick"] if args.quick else []
     common += ["--qwen2", args.qwen2] if args.qwen2 else []
-    common += ["--moe"] if args.moe else []
-    common += ["--hybrid"] if args.hybrid else []
+    common += [f"--{args.family}"] if args.family else []
     common += ["--tokens", str(cfg["T"])]
     common += ["--checkpointing"] if args.checkpointing else []
     timing = _subprocess(
@@ -375,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             row = _subprocess(["--worker", m, *common])
             memory[m] = float("nan") if row is None else row["peak_mib"]
     best = {m: min(t) for m, t in timing["times"].items()}
-    family = "Qwen3-MoE" if args.moe else "Qwen3.5" if args.hybrid else None
+    family = FAMILIES.get(args.family or "")
     print(
         f"{family or ('Qwen2' if args.qwen2 else 'GPT-2')} "
         f"{timing['params'] / 1e6:.1f}M parameters, "

@@ -146,7 +146,8 @@ class EntropyDirections:
 
 
 class _ReplannedError(Exception):
-    """The first capture moved parameters to their parents' re-runs: capture again."""
+    """The first capture re-planned some hooks (a module whose forward is not its base's,
+    parameters moved to an ancestor's re-run): capture again."""
 
 
 @dataclass
@@ -180,6 +181,9 @@ class _Accumulator:
     # ancestors (None: not checking), held against the graph's edges (_check_uses)
     uses: set[tuple[int, str, int]] | None = None
     waiting: list[tuple[int, Callable[[Call], None]]] = field(default_factory=list)
+    # modules (by id) whose own forward did not return their base's output
+    # (_runs_as_its_base): re-planned as generic before the backward
+    not_as_base: set[int] = field(default_factory=set)
 
     def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
         """A checkpointed module's output gradient: ``work(call)`` once its call is re-run."""
@@ -400,9 +404,58 @@ def _embedding_tokens(
 
 
 def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
-    """Whether ``module``'s class overrides ``base.forward``: then its output is not the
-    base's, and neither is the gradient that a hook on it must pass on to the parameters."""
-    return type(module).forward is not base.forward
+    """Whether ``module`` runs a forward other than ``base.forward``: its class overrides it
+    (Falcon's ``FalconLinear``, Gemma's scaled embedding), or one is set on the instance (TRL's
+    ``cast_lm_head_to_fp32``, accelerate's device hooks).  Then its output need not be the
+    base's, nor the gradient that a hook on it passes on to the parameters."""
+    return type(module).forward is not base.forward or "forward" in vars(module)
+
+
+def _whole_parameter(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value inside its module's forward, without a copy where it can."""
+    if hasattr(p, "full_tensor"):  # FSDP2: every rank reads it here, in the same order
+        p = p.full_tensor()
+    return whole_value(p, copy=False)
+
+
+def _runs_as_its_base(module: nn.Module, kind: str, x: torch.Tensor, output: Any) -> bool:
+    """Whether a linear, ``Conv1D`` or layer-norm module whose forward is its own
+    (:func:`_own_forward`) returned, on this call, what its base class's forward returns for
+    the same input: then the base's hook gives its gradients, and the module is not re-run
+    per sequence (a generic module's cost).  Checked on up to 256 rows of the call, in float32,
+    to a few units of rounding of the lowest precision involved."""
+    if not isinstance(output, torch.Tensor) or output.shape[:-1] != x.shape[:-1]:
+        return False
+    weight, bias = (
+        _whole_parameter(p) if isinstance(p := getattr(module, attr, None), torch.Tensor) else None
+        for attr in ("weight", "bias")
+    )
+    if kind == "layernorm":
+        assert isinstance(module, nn.LayerNorm)
+        shape, eps = tuple(module.normalized_shape), float(module.eps)
+        xs, out = x.reshape(-1, *shape), output.reshape(-1, *shape)
+    else:
+        xs, out = x.reshape(-1, x.shape[-1]), output.reshape(-1, output.shape[-1])
+    picked = torch.linspace(0, xs.shape[0] - 1, min(xs.shape[0], 256), device=xs.device).long()
+    xs, out = xs[picked].float(), out[picked].float()
+
+    def f32(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.float()
+
+    if kind == "layernorm":
+        want = nn.functional.layer_norm(xs, shape, f32(weight), f32(bias), eps)
+    elif kind == "conv1d":  # transformers' Conv1D: weight [in, out]
+        assert weight is not None
+        want = xs @ weight.float() + (0.0 if bias is None else bias.float())
+    else:
+        assert weight is not None
+        want = nn.functional.linear(xs, weight.float(), f32(bias))
+    if want.shape != out.shape:
+        return False
+    involved = [t for t in (x, output, weight) if t is not None and t.is_floating_point()]
+    rounding = max(torch.finfo(t.dtype).eps for t in involved)
+    tolerance = max(4 * rounding, 1e-5) * float(want.abs().max()) + 1e-12
+    return bool(((out - want).abs() <= tolerance).all())
 
 
 def _lookup_scale(module: nn.Embedding, ids: torch.Tensor, output: torch.Tensor) -> float:
@@ -410,10 +463,7 @@ def _lookup_scale(module: nn.Embedding, ids: torch.Tensor, output: torch.Tensor)
     ``ScaledWordEmbedding``, ``c = sqrt(hidden)``), read from one call's output and checked on
     every entry: then ``dS/dweight[v] = c * sum_{t: id_t = v} dS/doutput_t``.  Any other forward
     raises ``RuntimeError`` (its gradient is not a scaled scatter of the output's)."""
-    weight = module.weight
-    if hasattr(weight, "full_tensor"):  # FSDP2: every rank reads it here, in the same order
-        weight = weight.full_tensor()
-    plain = nn.functional.embedding(ids, whole_value(weight, copy=False)).float()
+    plain = nn.functional.embedding(ids, _whole_parameter(module.weight)).float()
     out = output.detach().float()
     norm = float((plain * plain).sum())
     scale = float((out * plain).sum()) / norm if norm > 0 else 1.0
@@ -622,6 +672,9 @@ class FactorisedCapture:
         self._copies_agree: dict[int, bool] = {}
         #: embeddings (by id) whose forward scales the lookup: the factor (_lookup_scale)
         self._lookup_scales: dict[int, float] = {}
+        #: linear, Conv1D and layer-norm modules (by id) whose forward is their own, not yet
+        #: checked against their base's (_runs_as_its_base)
+        self._unchecked: set[int] = set()
         #: generic modules (by id) whose calls on flattened tokens were checked to keep the
         #: sequences apart (:meth:`_sequence_grads`)
         self._rows_checked: set[int] = set()
@@ -654,6 +707,9 @@ class FactorisedCapture:
                 own = {a: n for a, n in own.items() if a == "weight"}
             self._plan.append((module, kind, own))
             covered.update(own.values())
+            base = {"linear": nn.Linear, "conv1d": _HFConv1D, "layernorm": nn.LayerNorm}.get(kind)
+            if base is not None and _own_forward(module, base):
+                self._unchecked.add(id(module))
         missing = [n for n in selected if n not in covered]
         if missing and strict:
             raise ValueError(f"no hook can capture these parameters: {missing}")
@@ -679,22 +735,19 @@ class FactorisedCapture:
 
     @staticmethod
     def _kind(module: nn.Module) -> str:
-        # A subclass with a forward of its own is re-run like any module, except an
-        # embedding's, which is taken for a scaled lookup and checked (_lookup_scale): re-runs
-        # would form a [vocab, dim] gradient per sequence.
-        if isinstance(module, nn.Linear) and not _own_forward(module, nn.Linear):
+        # A subclass (or an instance) with a forward of its own gets its base's hook, checked
+        # against the base's output on its first call (_runs_as_its_base; an embedding's
+        # forward is taken for a scaled lookup, _lookup_scale): re-runs per sequence cost more
+        # (an embedding's would form a [vocab, dim] gradient per sequence).
+        if isinstance(module, nn.Linear):
             return "linear"
-        if (
-            _HFConv1D is not None
-            and isinstance(module, _HFConv1D)
-            and not _own_forward(module, _HFConv1D)
-        ):
+        if _HFConv1D is not None and isinstance(module, _HFConv1D):
             return "conv1d"
         if isinstance(module, nn.Embedding):
             if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
                 return "generic"
             return "embedding"
-        if isinstance(module, nn.LayerNorm) and not _own_forward(module, nn.LayerNorm):
+        if isinstance(module, nn.LayerNorm):
             return "layernorm"
         return "generic"
 
@@ -1035,6 +1088,11 @@ class FactorisedCapture:
                 )
                 if first is None or (args and first is not args[0]):
                     raise RuntimeError(f"{type(mod).__name__}: expected a tensor input")
+                if id(mod) in self._unchecked:
+                    self._unchecked.discard(id(mod))
+                    if not _runs_as_its_base(mod, kind, first, output):
+                        acc.not_as_base.add(id(mod))
+                        return
                 if kind == "generic":
                     positions = _graded_positions(output)
                 elif isinstance(output, torch.Tensor) and output.requires_grad:
@@ -1355,10 +1413,14 @@ class FactorisedCapture:
             directions=directions,
             router_coefficient=router_coefficient,
         )
-        try:
-            return once()
-        except _ReplannedError:  # the first capture gave parameters to their ancestors' re-runs
-            return once()
+        # the first capture may re-plan (a forward of its own, parameters used by an
+        # ancestor): at most once for each, and then the capture runs on the final plan
+        for _ in range(2):
+            try:
+                return once()
+            except _ReplannedError:
+                continue
+        return once()
 
     def _capture_once(
         self,
@@ -1408,8 +1470,15 @@ class FactorisedCapture:
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
+            if acc.not_as_base:
+                self._plan = [
+                    (m, "generic" if id(m) in acc.not_as_base else kind, own)
+                    for m, kind, own in self._plan
+                ]
             if acc.uses is not None:
                 self._check_uses(acc, [logprobs, aux])
+            if acc.not_as_base:
+                raise _ReplannedError
             if directions is not None:
                 weights_h = directions.coefficients(logprobs.detach().float())
                 if weights_h.ndim != 2 or weights_h.shape[1] != batch.size:

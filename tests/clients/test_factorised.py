@@ -793,6 +793,19 @@ class _DoubledInputLinear(nn.Linear):
         return nn.functional.linear(2.0 * input, self.weight, self.bias)
 
 
+class _MatmulLinear(nn.Linear):
+    """A forward of its own that computes what ``nn.Linear``'s does (Falcon's ``FalconLinear``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = input @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+def _kinds(capture: Any) -> dict[str, str]:
+    """``{parameter: kind of the hook that captures it}`` of a capture's current plan."""
+    return {name: kind for _, kind, own in capture._plan for name in own.values()}
+
+
 def tiny_gemma3(seed: int = 0) -> nn.Module:
     """Gemma 3's text model: a scaled embedding (times sqrt(hidden)) tied to the LM head,
     RMSNorms of ``1 + weight``, a sliding-window layer."""
@@ -815,20 +828,28 @@ def tiny_gemma3(seed: int = 0) -> nn.Module:
 def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
     model_name: str, capture_kind: str, batch: SequenceBatch
 ) -> None:
-    """A subclass of a module the hooks know (``nn.Embedding``, ``nn.Linear``) whose forward is
-    its own: an embedding that scales its lookup (Gemma's ``ScaledWordEmbedding``, and one
-    here that triples it) gets its factor in its rows, read from its first call and checked;
-    a linear layer that doubles its input is re-run per sequence like any module.  Rows equal
-    the sketch of exact rows; before, both took the base class's gradient (Gemma's embedding
-    rows were ``1/sqrt(hidden)`` of the truth).  A lookup that is not a scaled one is refused."""
+    """A module the hooks know (``nn.Embedding``, ``nn.Linear``) whose forward is its own, by
+    its class or set on the instance: an embedding that scales its lookup (Gemma's
+    ``ScaledWordEmbedding``, and one here that triples it) gets its factor in its rows, read
+    from its first call and checked; a linear layer whose first call returns what
+    ``nn.Linear``'s forward would (Falcon's ``FalconLinear``) keeps the linear hook, and one
+    that doubles its input (by its class, or by a forward set on the instance) is re-run per
+    sequence like any module.  Rows equal the sketch of exact rows; before, the embedding and
+    the instance's forward took the base class's gradient (Gemma's embedding rows were
+    ``1/sqrt(hidden)`` of the truth).  A lookup that is not a scaled one is refused."""
     from clients.factorised import HookedCapture
 
+    rerun: set[str] = set()
     if model_name == "gemma3":
         model = tiny_gemma3()
     else:
         model = tiny_llama()
         model.model.embed_tokens.__class__ = _ScaledLookup
         model.model.layers[0].mlp.down_proj.__class__ = _DoubledInputLinear
+        model.model.layers[1].mlp.up_proj.__class__ = _MatmulLinear
+        up = model.model.layers[0].mlp.up_proj
+        up.forward = lambda x: nn.functional.linear(2.0 * x, up.weight, up.bias)
+        rerun = {"model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"}
     spec: dict[str, Any] = {"kind": "kronecker", "dim": DIM, "seed": SEED}
     if capture_kind == "hooked":
         spec = {"kind": "countsketch", "dim": 64, "seed": 5}
@@ -841,10 +862,34 @@ def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
     capture = capture_of(model)
     assert capture.parameters == {n: list(p.shape) for n, p in model.named_parameters()}
     _close(capture(batch).sketch, _exact_sketch(model, batch, capture))
+    kinds = _kinds(capture)
+    assert {n for n, kind in kinds.items() if kind == "generic" and ".mlp." in n} == rerun
     if model_name != "gemma3":
+        assert kinds["model.layers.1.mlp.up_proj.weight"] == "linear"
         model.model.embed_tokens.__class__ = _ShiftedLookup
         with pytest.raises(RuntimeError, match="not a scaled lookup"):
             capture_of(model)(batch)
+
+
+def test_a_head_cast_to_float32_keeps_its_hook(batch: SequenceBatch) -> None:
+    """TRL's ``cast_lm_head_to_fp32`` sets a forward on the LM head's instance that runs it in
+    float32 on the bfloat16 model's hidden states: its first call returns what ``nn.Linear``'s
+    forward does (to bfloat16 rounding), so the head keeps its linear hook instead of a
+    per-sequence re-run of a ``[L, vocab]`` projection, and its rows are right."""
+    from clients.factorised import HookedCapture
+
+    model = tiny_llama().to(torch.bfloat16)
+    head = model.lm_head.float()
+    model.lm_head = head
+    head.forward = lambda h: nn.functional.linear(h.float(), head.weight.float(), None)
+    for capture in (
+        HookedCapture(model, {"kind": "countsketch", "dim": 64, "seed": 5}, strict=True),
+        FactorisedCapture(model, dim=DIM, seed=SEED, strict=True),
+    ):
+        got = capture(batch).sketch.float()
+        want = _exact_sketch(model, batch, capture).float()
+        assert _kinds(capture)["lm_head.weight"] == "linear"
+        assert float((got - want).norm() / want.norm()) < 1e-2
 
 
 #: a gated delta net beside a full attention layer (Qwen3.5, Qwen3-Next)

@@ -418,6 +418,7 @@ def _whole_parameter(p: torch.Tensor) -> torch.Tensor:
     return whole_value(p, copy=False)
 
 
+@torch.no_grad()
 def _runs_as_its_base(module: nn.Module, kind: str, x: torch.Tensor, output: Any) -> bool:
     """Whether a linear, ``Conv1D`` or layer-norm module whose forward is its own
     (:func:`_own_forward`) returned, on this call, what its base class's forward returns for

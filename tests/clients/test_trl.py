@@ -932,6 +932,38 @@ def test_runs_of_families_whose_modules_are_re_run(
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{"cast_lm_head_to_fp32": True}, {"torch_compile": True, "torch_compile_backend": "aot_eager"}],
+    ids=["lm_head_in_float32", "torch_compile"],
+)
+def test_runs_with_what_trainers_do_to_the_model(
+    live_service: LiveService, tmp_path: Path, overrides: dict[str, Any]
+) -> None:
+    """Real GRPO runs (AdamW, ``beta1 = 0``, a later clipped pass, rows from hooks) where the
+    trainer changes the model it trains: TRL's ``cast_lm_head_to_fp32`` sets a forward on the
+    LM head's instance, which keeps its linear hook (its first call returns ``nn.Linear``'s);
+    ``torch_compile`` trains a compiled model (dynamo, here with the ``aot_eager`` backend,
+    which skips code generation) while the capture runs the eager one.  ``plugin dH1 =
+    delta_h1_applied`` on both steps."""
+    args = adam_later_pass_args(tmp_path, **overrides)
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+    )
+    trainer = sgd_trainer(args, kernelscope)
+    trainer.train()
+    hooked = trainer._hooked
+    assert hooked is not None and hooked.checkpointing
+    kinds = {name: kind for _, kind, own in hooked._plan for name in own.values()}
+    assert kinds["lm_head.weight"] == "linear"
+    if "torch_compile" in overrides:
+        assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)
+    else:
+        assert "forward" in vars(trainer._kernelscope_policy().lm_head)
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
 def test_kronecker_with_adam_takes_exact_rows(live_service: LiveService, tmp_path: Path) -> None:
     """``kind="kronecker"`` in ``adam`` geometry (refused before): asked for, or the default
     with AdamW, it is accepted, and its rows are exact rows from hooks sketched with the run's

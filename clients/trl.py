@@ -512,6 +512,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         check_supported(self)
+        parameter_filter = kernelscope.parameter_filter
         self.kernelscope = replace(
             kernelscope, parameter_filter=self._kernelscope_language_filter(kernelscope)
         )
@@ -551,6 +552,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 for n, p in select_parameters(policy, kernelscope.parameter_filter).items()
             }
         self._kernelscope_parameters = declared
+        self._kernelscope_warn_unstudied(declared, vision_default=parameter_filter is None)
         #: where exact rows are sketched: a trainer-side sketcher, or None (raw pushes)
         self.kernelscope_sketcher: Sketcher | None = self._kernelscope_trainer_sketcher(
             spec, declared
@@ -710,11 +712,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
 
     def _kernelscope_language_filter(self, config: KernelscopeConfig) -> ParameterFilter | None:
         """The parameter filter of a vision-language policy (TRL's ``_is_vlm``): by default its
-        language side alone, the text decoder and LM head, with a warning that names what is
-        left out; a filter that selects a parameter of the vision side is refused.  The vision
-        tower and projector run on the images' patches (``[patches, dim]`` rows in the model's
-        own layout), not on the batch's sequences or tokens, so hooks cannot tell which
-        sequence a row of theirs belongs to.  A text policy's filter is returned as given."""
+        language side alone, the text decoder and LM head; a filter that selects a parameter
+        of the vision side is refused.  The vision tower and projector run on the images'
+        patches (``[patches, dim]`` rows in the model's own layout), not on the batch's
+        sequences or tokens, so hooks cannot tell which sequence a row of theirs belongs to.
+        A text policy's filter is returned as given."""
         if not getattr(self, "_is_vlm", False):
             return config.parameter_filter
         policy = self._kernelscope_policy()
@@ -724,19 +726,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             if isinstance(part, nn.Module):
                 language.update(id(p) for p in part.parameters())
         vision = [n for n, p in policy.named_parameters() if id(p) not in language]
-        if config.parameter_filter is None:
-            chosen = ParameterFilter(exclude=tuple(vision))
-            left_out = [n for n, p in policy.named_parameters() if p.requires_grad and n in vision]
-            if left_out:
-                warnings.warn(
-                    f"kernelscope: a vision-language policy; its {len(left_out)} trainable "
-                    f"parameters outside the text decoder and LM head (the first: {left_out[0]}) "
-                    "are not studied: rows, dH1 and delta_h1_applied cover the language side "
-                    '(docs/trl.md "Vision-language models")',
-                    UserWarning,
-                    stacklevel=3,
-                )
-            return chosen
+        if config.parameter_filter is None:  # _kernelscope_warn_unstudied says what it leaves
+            return ParameterFilter(exclude=tuple(vision))
         studied = [n for n in select_parameters(policy, config.parameter_filter) if n in vision]
         if studied:
             raise UnsupportedTRLSettingError(
@@ -747,6 +738,41 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 "leave parameter_filter unset, which studies the text decoder and LM head"
             )
         return config.parameter_filter
+
+    def _kernelscope_warn_unstudied(
+        self, declared: Mapping[str, list[int]], vision_default: bool
+    ) -> None:
+        """Warn when the step moves trainable parameters that the run does not study (a
+        parameter filter, peft's ``modules_to_save`` copies beside ``lora_only``, the vision
+        side of a vision-language policy): the rows, ``dH1`` and ``delta_h1_applied`` cover the
+        studied parameters' part of the step, the realized entropy change all of it."""
+        left_out = {
+            n: math.prod(full_shape(p))
+            for n, p in self._kernelscope_policy().named_parameters()
+            if p.requires_grad and n not in declared
+        }
+        if not left_out:
+            return
+        if getattr(self, "_is_vlm", False) and vision_default:
+            hint = (
+                "a vision-language policy: by default its text decoder and LM head "
+                '(docs/trl.md "Vision-language models")'
+            )
+        else:
+            hint = (
+                "widen parameter_filter to study them (e.g. ParameterFilter(include_regex="
+                "[r'lora_', r'\\.modules_to_save\\.']) for peft's adapters and the modules it "
+                "trains whole)"
+            )
+        first = next(iter(left_out))
+        warnings.warn(
+            f"kernelscope: {len(left_out)} trainable parameters ({sum(left_out.values()):,} "
+            f"values; the first: {first}) are not studied: the rows, dH1 and delta_h1_applied "
+            f"cover the {len(declared)} studied ones' part of each step, the realized entropy "
+            f"change every parameter the step moves; {hint}",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _kernelscope_check_vision(self) -> None:
         """A vision-language micro-batch is one forward with the model's own inputs (pixel

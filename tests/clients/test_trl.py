@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -1092,34 +1093,54 @@ def test_vllm_sampler_run(live_service: LiveService, tmp_path: Path) -> None:
         )
 
 
-def test_lora_run_pushes_adapter_rows(live_service: LiveService, tmp_path: Path) -> None:
+@pytest.mark.parametrize("head", [False, True], ids=["adapters", "adapters_and_head"])
+def test_lora_run_pushes_adapter_rows(
+    live_service: LiveService, tmp_path: Path, head: bool
+) -> None:
     """A real GRPO run with a ``peft`` LoRA adapter on the attention projections and
     ``ParameterFilter(lora_only=True)``: only the adapter parameters are declared, captured and
     updated, and the identity of the one-process test holds over them (plain SGD, no gradient
     clipping: the ``plugin`` prediction equals ``delta_h1_applied`` from the real change of the
-    adapter parameters), also on a later pass at ratio != 1 with clipping (update rows)."""
+    adapter parameters), also on a later pass at ratio != 1 with clipping (update rows).
+    With ``modules_to_save=["lm_head"]`` peft also trains a whole copy of the head, which
+    ``lora_only`` leaves out: the trainer says so when it is built; a filter that takes the
+    copy too studies every parameter the step moves, with the same identity."""
     peft = pytest.importorskip("peft")
     from clients.filters import ParameterFilter
 
     args = sgd_args(tmp_path, learning_rate=0.5, num_iterations=2, epsilon=0.02)
-    trainer = sgd_trainer(
-        args,
-        KernelscopeConfig(
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        modules_to_save=["lm_head"] if head else None,
+    )
+
+    def trainer_with(parameter_filter: ParameterFilter) -> KernelscopeGRPOTrainer:
+        config = KernelscopeConfig(
             url=live_service.base_url,
             sketch={"kind": "countsketch", "dim": 256, "seed": 1},
-            parameter_filter=ParameterFilter(lora_only=True),
-        ),
-        peft_config=peft.LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
-        ),
-    )
+            parameter_filter=parameter_filter,
+        )
+        return sgd_trainer(args, config, peft_config=lora)
+
+    marker, studied = "lora_", ParameterFilter(lora_only=True)
+    if head:
+        with pytest.warns(UserWarning, match=r"1 trainable parameters .*modules_to_save"):
+            trainer_with(studied)
+        marker = r"lora_|\.modules_to_save\."
+        studied = ParameterFilter(include_regex=marker)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="kernelscope: .* not studied")
+        trainer = trainer_with(studied)
     trainer.train()
     with Client(live_service.base_url) as client:
         run = client.get_run(trainer.kernelscope_run_id)
         assert run.parameters is not None and run.parameters
-        assert all("lora_" in name for name in run.parameters)
-        adapter = sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)
-        assert sum(math.prod(s) for s in run.parameters.values()) == adapter
+        assert all(re.search(marker, name) for name in run.parameters)
+        trained = [p for p in trainer.model.parameters() if p.requires_grad]
+        assert sum(math.prod(s) for s in run.parameters.values()) == sum(p.numel() for p in trained)
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 

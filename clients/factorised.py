@@ -184,6 +184,9 @@ class _Accumulator:
     # modules (by id) whose own forward did not return their base's output
     # (_runs_as_its_base): re-planned as generic before the backward
     not_as_base: set[int] = field(default_factory=set)
+    # (autograd node, refusal) of each output of a call on rows that are not the batch's
+    # sequences or tokens: refused if the loss depends on it (:meth:`_check_unsplit`)
+    unsplit: list[tuple[Any, str]] = field(default_factory=list)
 
     def gradient_arrived(self, module: int, work: Callable[[Call], None]) -> None:
         """A checkpointed module's output gradient: ``work(call)`` once its call is re-run."""
@@ -223,6 +226,7 @@ class _Accumulator:
         self.fired_hooks.clear()
         self.inputs.clear()
         self.waiting.clear()
+        self.unsplit.clear()
 
     def release(self) -> None:
         self.clear()
@@ -321,6 +325,16 @@ def _edges_to(roots: Sequence[Any], targets: Mapping[int, str], stop: set[int]) 
                 yield node, name
             else:
                 stack.append(nxt)
+
+
+def _check_unsplit(acc: _Accumulator, outputs: Sequence[Any]) -> None:
+    """Refuse (``RuntimeError``) when the loss depends on the output of a hooked call whose rows
+    are not the batch's sequences or tokens (``acc.unsplit``): its gradient would reach the
+    hook with no sequence to give it to.  One whose output the loss does not reach is let be."""
+    targets = {id(node): message for node, message in acc.unsplit if node is not None}
+    roots = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor)]
+    for _, message in _edges_to(roots, targets, set()):
+        raise RuntimeError(message)
 
 
 def _tensors_of(value: Any) -> Iterator[torch.Tensor]:
@@ -1114,12 +1128,16 @@ class FactorisedCapture:
                     rows not in (n, n * width)
                     and not (rows == first.shape[0] and _flattened_tokens(first, n, width))
                 ) or _gathers_rows(first):
-                    raise RuntimeError(
-                        f"{type(mod).__name__} ran on a batch of {graded[0].shape[0]} rows, not "
-                        f"{n} (or its {n * width} tokens): its output is broadcast over the "
-                        "sequences or gathers their tokens, so per-sequence gradients cannot be "
-                        "separated; exclude its parameters"
+                    # refused when the loss depends on it (checked after the forward): peft's
+                    # DoRA runs its adapters on an identity matrix for a norm it detaches
+                    message = (
+                        f"{type(mod).__name__} ran on a batch of {rows} rows, not {n} (or its "
+                        f"{n * width} tokens): its output is broadcast over the sequences or "
+                        "gathers their tokens, so per-sequence gradients cannot be separated; "
+                        "exclude its parameters"
                     )
+                    acc.unsplit.extend((out.grad_fn, message) for out in graded)
+                    return
                 if (
                     kind == "embedding"
                     and id(mod) not in self._lookup_scales
@@ -1314,6 +1332,17 @@ class FactorisedCapture:
         def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not acc.in_backward or acc.recomputing:
                 return
+            first = next(
+                (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None
+            )
+            n, width = acc.token_mask.shape
+            if (
+                first is not None
+                and first.dim() > 0
+                and first.shape[0] not in (n, n * width)
+                and not _flattened_tokens(first, n, width)
+            ):
+                return  # a call on other rows, which got no hook (DoRA's identity matrix)
             if id(mod) in acc.inputs:
                 raise RuntimeError(
                     f"{type(mod).__name__} runs twice in one checkpointed layer: its inputs "
@@ -1471,6 +1500,8 @@ class FactorisedCapture:
             logprobs = response_logprobs(
                 logits, batch.input_ids, batch.response_mask, temperature=self.temperature
             )
+            if acc.unsplit:
+                _check_unsplit(acc, [logprobs, aux])
             if acc.not_as_base:
                 self._plan = [
                     (m, "generic" if id(m) in acc.not_as_base else kind, own)

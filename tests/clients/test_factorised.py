@@ -892,6 +892,44 @@ def test_a_head_cast_to_float32_keeps_its_hook(batch: SequenceBatch) -> None:
         assert float((got - want).norm() / want.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
+def test_peft_adapters_are_captured_as_exact_rows(variant: str, batch: SequenceBatch) -> None:
+    """peft's LoRA adapters (``lora_only``), DoRA's magnitude vectors among them: DoRA runs
+    each adapter on an identity matrix for a weight norm it detaches, a call on rows that are
+    not the batch's, which the loss does not depend on (before, the capture refused it); the
+    magnitude's module takes the adapters as arguments and is re-run per sequence.  With and
+    without the training forward's activation checkpointing, whose re-run of a layer calls the
+    adapters on the identity again (before, refused as a module run twice in one layer)."""
+    peft = pytest.importorskip("peft")
+    from clients.factorised import HookedCapture
+
+    torch.manual_seed(0)
+    extra = {"use_dora": True} if variant == "dora" else {"use_rslora": variant == "rslora"}
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **extra
+    )
+    model = peft.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():  # lora_B starts at zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    adapters = ParameterFilter(lora_only=True)
+    trained = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    assert any("magnitude" in n for n in trained) == (variant == "dora")
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+            model.train()
+        for capture in (
+            HookedCapture(
+                model, {"kind": "countsketch", "dim": 64, "seed": 5}, parameter_filter=adapters
+            ),
+            FactorisedCapture(model, dim=DIM, seed=SEED, parameter_filter=adapters),
+        ):
+            assert capture.parameters == trained
+            _close(capture(batch).sketch, _exact_sketch(model, batch, capture, adapters))
+
+
 #: a gated delta net beside a full attention layer (Qwen3.5, Qwen3-Next)
 _GATED_DELTA: dict[str, Any] = {
     "head_dim": 4,

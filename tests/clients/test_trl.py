@@ -1093,9 +1093,9 @@ def test_vllm_sampler_run(live_service: LiveService, tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.parametrize("head", [False, True], ids=["adapters", "adapters_and_head"])
+@pytest.mark.parametrize("variant", ["adapters", "adapters_and_head", "dora"])
 def test_lora_run_pushes_adapter_rows(
-    live_service: LiveService, tmp_path: Path, head: bool
+    live_service: LiveService, tmp_path: Path, variant: str
 ) -> None:
     """A real GRPO run with a ``peft`` LoRA adapter on the attention projections and
     ``ParameterFilter(lora_only=True)``: only the adapter parameters are declared, captured and
@@ -1104,7 +1104,10 @@ def test_lora_run_pushes_adapter_rows(
     adapter parameters), also on a later pass at ratio != 1 with clipping (update rows).
     With ``modules_to_save=["lm_head"]`` peft also trains a whole copy of the head, which
     ``lora_only`` leaves out: the trainer says so when it is built; a filter that takes the
-    copy too studies every parameter the step moves, with the same identity."""
+    copy too studies every parameter the step moves, with the same identity.  DoRA's
+    magnitude vectors are adapter parameters too, captured by hooks, checkpointed as TRL's
+    forward, with rows sketched on the trainer (before 2026-12-06 DoRA fell back to exact
+    chunks)."""
     peft = pytest.importorskip("peft")
     from clients.filters import ParameterFilter
 
@@ -1114,14 +1117,17 @@ def test_lora_run_pushes_adapter_rows(
         lora_alpha=8,
         target_modules=["q_proj", "v_proj"],
         lora_dropout=0.0,
-        modules_to_save=["lm_head"] if head else None,
+        modules_to_save=["lm_head"] if variant == "adapters_and_head" else None,
+        use_dora=variant == "dora",
     )
+    head = variant == "adapters_and_head"
 
     def trainer_with(parameter_filter: ParameterFilter) -> KernelscopeGRPOTrainer:
         config = KernelscopeConfig(
             url=live_service.base_url,
             sketch={"kind": "countsketch", "dim": 256, "seed": 1},
             parameter_filter=parameter_filter,
+            sketch_on="trainer" if variant == "dora" else "auto",
         )
         return sgd_trainer(args, config, peft_config=lora)
 
@@ -1135,10 +1141,13 @@ def test_lora_run_pushes_adapter_rows(
         warnings.filterwarnings("error", message="kernelscope: .* not studied")
         trainer = trainer_with(studied)
     trainer.train()
+    if variant == "dora":  # rows from hooks, no fallback to exact chunks
+        assert trainer._hooked is not None and trainer._hooked.checkpointing
     with Client(live_service.base_url) as client:
         run = client.get_run(trainer.kernelscope_run_id)
         assert run.parameters is not None and run.parameters
         assert all(re.search(marker, name) for name in run.parameters)
+        assert any("magnitude" in name for name in run.parameters) == (variant == "dora")
         trained = [p for p in trainer.model.parameters() if p.requires_grad]
         assert sum(math.prod(s) for s in run.parameters.values()) == sum(p.numel() for p in trained)
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))

@@ -892,19 +892,25 @@ def test_a_head_cast_to_float32_keeps_its_hook(batch: SequenceBatch) -> None:
         assert float((got - want).norm() / want.norm()) < 1e-2
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora", "trainable_tokens"])
 def test_peft_adapters_are_captured_as_exact_rows(variant: str, batch: SequenceBatch) -> None:
-    """peft's LoRA adapters (``lora_only``), DoRA's magnitude vectors among them: DoRA runs
-    each adapter on an identity matrix for a weight norm it detaches, a call on rows that are
-    not the batch's, which the loss does not depend on (before, the capture refused it); the
-    magnitude's module takes the adapters as arguments and is re-run per sequence.  With and
-    without the training forward's activation checkpointing, whose re-run of a layer calls the
-    adapters on the identity again (before, refused as a module run twice in one layer)."""
+    """peft's adapters: LoRA (``lora_only``; rsLoRA; DoRA, its magnitude vectors too) and the
+    deltas of trainable token rows (a wrapper of the embedding, re-run whole per sequence).
+    DoRA runs each adapter on an identity matrix for a weight norm it detaches, a call on rows
+    that are not the batch's, which the loss does not depend on (before, the capture refused
+    it); the magnitude's module takes the adapters as arguments and is re-run per sequence.
+    With and without the training forward's activation checkpointing, whose re-run of a layer
+    calls the adapters on the identity again (before, refused as a module run twice in one
+    layer)."""
     peft = pytest.importorskip("peft")
     from clients.factorised import HookedCapture
 
     torch.manual_seed(0)
-    extra = {"use_dora": True} if variant == "dora" else {"use_rslora": variant == "rslora"}
+    extra: dict[str, Any] = {
+        "dora": {"use_dora": True},
+        "rslora": {"use_rslora": True},
+        "trainable_tokens": {"trainable_token_indices": {"embed_tokens": [1, 2, 3, 5]}},
+    }.get(variant, {})
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **extra
     )
@@ -914,6 +920,8 @@ def test_peft_adapters_are_captured_as_exact_rows(variant: str, batch: SequenceB
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     adapters = ParameterFilter(lora_only=True)
+    if variant == "trainable_tokens":  # rows of the embedding wrapper's delta, re-run whole
+        adapters = ParameterFilter(include_regex=[r"lora_", r"\.trainable_tokens_delta\."])
     trained = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
     assert any("magnitude" in n for n in trained) == (variant == "dora")
     for checkpointing in (False, True):

@@ -382,6 +382,11 @@ class Endpoints:
         """``DELETE /v1/runs/{run_id}``: all of its data."""
         yield from self._send("DELETE", f"/v1/runs/{run_id}")
 
+    @endpoint
+    def delete_step(self, run_id: str, step: int) -> Flow[None]:
+        """``DELETE /v1/runs/{run_id}/steps/{step}``: everything stored for that step."""
+        yield from self._send("DELETE", f"/v1/runs/{run_id}/steps/{int(step)}")
+
     # -- step inputs -------------------------------------------------------------------------
 
     @endpoint

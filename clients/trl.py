@@ -65,6 +65,7 @@ from clients.capture import (
     sequence_logprobs,
     sequence_logprobs_and_entropy_sums,
 )
+from clients.errors import NotFoundError
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
     adam_applied_update,
@@ -579,6 +580,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             applied_includes_step=self._kernelscope_applied_includes_step(),
         )
         self._ks_generation = 0
+        self._ks_begun = False  # _kernelscope_begin has run
         self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
         self._ks_window: _Window | None = None
         self._ks_checked = False
@@ -862,9 +864,40 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         policy: nn.Module = self.accelerator.unwrap_model(self.model)
         return policy
 
+    def _kernelscope_begin(self) -> None:
+        """Once, at the first generation of ``train()``, when ``state.global_step`` is what a
+        checkpoint restored: a trainer resumed at step ``N > 0`` deletes the run's steps from
+        ``N`` on, which an earlier attempt pushed after its checkpoint (their sequences would
+        mix with this attempt's), and numbers its completions past every earlier step's
+        (a step has at most ``GA`` generations, so ``N * (GA + 1)`` generations are past)."""
+        self._ks_begun = True
+        step = int(self.state.global_step)
+        if step == 0:
+            return
+        accumulation = int(self._grpo_args.gradient_accumulation_steps)
+        self._ks_generation = max(self._ks_generation, step * (accumulation + 1))
+        if self.accelerator.is_main_process:
+            run = self.kernelscope_client.get_run(self.kernelscope_run_id)
+            stale = sorted(s.step for s in run.steps or () if s.step >= step)
+            for old in stale:
+                with contextlib.suppress(NotFoundError):
+                    self.kernelscope_client.delete_step(self.kernelscope_run_id, old)
+            if stale:
+                warnings.warn(
+                    f"kernelscope: resumed at step {step}: deleted steps {stale} of run "
+                    f"{self.kernelscope_run_id!r}, which an earlier attempt pushed after its "
+                    "checkpoint; this attempt pushes them again",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        if self.accelerator.num_processes > 1:  # no rank pushes before the deletion
+            self.accelerator.wait_for_everyone()
+
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         output: dict[str, Any] = super()._generate_and_score_completions(inputs)
         if self._kernelscope_policy().training:
+            if not self._ks_begun:
+                self._kernelscope_begin()
             # Before TRL shuffles and splits the generation batch.  TRL gathers the ranks'
             # completions in rank order, groups num_generations consecutive ones (one prompt,
             # RepeatSampler; a group may span ranks) and keeps rank r's slice

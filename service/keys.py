@@ -133,6 +133,10 @@ class Keys:
         return f"{self.prefix}:\\{{r:{check_id(run_id)}\\}}:*"
 
     # per step
+    def step_pattern(self, run_id: str, step: int) -> str:
+        """``SCAN MATCH`` pattern of every key of one step of the run (not of step 10 for 1)."""
+        return f"{self.run_pattern(run_id)[:-1]}s:{int(step)}:*"
+
     def step_base(self, run_id: str, step: int) -> str:
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")

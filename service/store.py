@@ -41,6 +41,7 @@ from redis.exceptions import RedisClusterException, RedisError, WatchError
 from service.keys import APPLIED_UPDATE_ID, Keys
 from service.queue import Job, Queue
 from service.settings import Settings
+from sketch.token_mean import Target
 
 log = logging.getLogger("kernelscope.store")
 
@@ -352,6 +353,29 @@ class Store:
         return bool(existed)
 
     # ----------------------------------------------------------------- steps
+    async def delete_step(self, run_id: str, step: int) -> bool:
+        """UNLINK every key of one step and its entropy summaries; False if the step had no
+        data.  A worker finishing an upload of the step meanwhile stores nothing (its commit
+        WATCHes the upload's raw body, :meth:`_finish`)."""
+        existed = await self.redis.zscore(self.keys.steps(run_id), str(step)) is not None
+        batch: list[bytes] = []
+        async for key in self.redis.scan_iter(
+            match=self.keys.step_pattern(run_id, step), count=500
+        ):
+            batch.append(key)
+            existed = True
+            if len(batch) >= 500:
+                await self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            await self.redis.unlink(*batch)
+        fields = [_summary_field(step, target.value) for target in Target]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.steps(run_id), str(step))
+            pipe.hdel(self.keys.summary(run_id), *fields)
+            await pipe.execute()
+        return existed
+
     async def list_steps(self, run_id: str) -> list[int]:
         """Step numbers of the run, ascending."""
         return [int(_text(s)) for s in await self.redis.zrange(self.keys.steps(run_id), 0, -1)]

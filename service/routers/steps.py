@@ -1,10 +1,11 @@
-"""``/v1/runs/{run_id}/steps/{step}``: sequence metadata, realized entropies, step status."""
+"""``/v1/runs/{run_id}/steps/{step}``: sequence metadata, realized entropies, step status,
+deletion."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from service import analysis as an
 from service.deps import RunDep, StepNo, StoreDep
@@ -42,6 +43,16 @@ async def post_sequences(
         "upserted": len(body.sequences),
         "sequences": total,
     }
+
+
+@router.delete("/{step}", status_code=204, response_class=Response)
+async def delete_step(run: RunDep, step: StepNo, store: StoreDep) -> Response:
+    """Delete everything stored for one step: its sequences, rows, uploads, realized
+    entropies, token shares and entropy summaries (a trainer that resumes from a checkpoint
+    replaces the steps an earlier attempt pushed after it).  404 if the step has no data."""
+    if not await store.delete_step(run["run_id"], step):
+        raise ProblemError(404, f"run {run['run_id']!r} has no step {step}")
+    return Response(status_code=204)
 
 
 @router.post("/{step}/realized", response_model=RealizedRecorded)

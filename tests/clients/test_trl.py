@@ -768,6 +768,37 @@ def test_trainer_pushes_two_steps(
             assert math.isfinite(default.delta_h1)
 
 
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """A run with its own ``run_id`` saves a checkpoint after every step; a second trainer
+    resumes from the first checkpoint into the same run.  The steps the first attempt pushed
+    after that checkpoint are deleted (with a warning) and pushed again: each holds exactly
+    this attempt's sequences, ready, with ``plugin dH1 = delta_h1_applied``, and no sequence
+    id repeats across the run's steps.  Before, the resumed steps mixed both attempts'
+    sequences (their ids began again at ``s0``)."""
+    args = sgd_args(tmp_path, learning_rate=0.05, max_steps=3, save_strategy="steps", save_steps=1)
+    generated = args.per_device_train_batch_size * args.steps_per_generation
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, run_id="resumed")
+    sgd_trainer(args, config).train()
+    checkpoint = tmp_path / "trl" / "checkpoint-1"
+    assert checkpoint.is_dir()
+    resumed = sgd_trainer(args, config)
+    with pytest.warns(UserWarning, match=r"resumed at step 1: deleted steps \[1, 2\]"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    with Client(live_service.base_url) as client:
+        seen: set[str] = set()
+        for step in (0, 1, 2):
+            status = client.wait_ready("resumed", step, timeout=60)
+            assert status.state == "ready" and status.applied_update
+            assert status.sequences == generated and status.rows == generated
+            ids = set(client.diagonal("resumed", step).ids)
+            assert len(ids) == generated and not ids & seen
+            seen |= ids
+        assert_plugin_is_applied(client, "resumed", (1, 2))
+
+
 KRONECKER_256 = {"kind": "kronecker", "dim": 256, "seed": 2}
 
 

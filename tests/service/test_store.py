@@ -87,6 +87,38 @@ def test_delete_run_removes_only_its_own_keys(settings: Settings) -> None:
     with_store(settings, body)
 
 
+def test_delete_step_removes_only_that_step(settings: Settings) -> None:
+    """A step's keys, its entropy summaries and its place among the run's steps go; step 10
+    beside step 1, the run's spec and the other steps stay byte for byte."""
+
+    def seq(i: str) -> dict[str, Any]:
+        return {"id": i, "prompt_id": "p", "logprob": -1.0, "advantage": 1.0, "num_tokens": 1}
+
+    async def body(store: Store, redis: Redis) -> None:
+        run: dict[str, Any] = {"run_id": "r", "created_at": 1.0, "sketch": {}}
+        assert (await store.create_run(run))[1]
+        for step in (1, 10):
+            await store.upsert_sequences("r", step, 0.1, None, [seq("a"), seq("b")])
+            await store.add_upload("r", step, "u1", "gradients", ["a", "b"], b"body")
+            await store.put_summary("r", step, {"delta_h1": 1.0})
+            await store.put_summary("r", step, {"delta_h1": 2.0}, target="token_mean")
+            await store.set_realized("r", step, 1.0, 2.0)
+        kept = sorted([k async for k in redis.scan_iter(match=store.keys.step_pattern("r", 10))])
+        assert await store.delete_step("r", 1)
+        assert not await store.delete_step("r", 1)
+        assert not [k async for k in redis.scan_iter(match=store.keys.step_pattern("r", 1))]
+        assert (
+            sorted([k async for k in redis.scan_iter(match=store.keys.step_pattern("r", 10))])
+            == kept
+        )
+        assert await store.list_steps("r") == [10]
+        assert list(await store.summaries("r")) == [10]
+        assert list(await store.summaries("r", "token_mean")) == [10]
+        assert await store.get_run("r") is not None
+
+    with_store(settings, body)
+
+
 def test_bulk_client_stores_and_reads_bodies_byte_for_byte(settings: Settings) -> None:
     """Upload bodies through the blocking bulk client (Python packer, hiredis reader when
     installed) land and come back unchanged, through both the API's and the worker's path."""

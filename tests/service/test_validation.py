@@ -513,3 +513,18 @@ def test_safetensors_header_over_16_mib_is_refused_before_parsing() -> None:
     with pytest.raises(InvalidUploadError) as refused:
         read_header(body)
     assert refused.value.status == 400
+
+
+def test_a_step_is_deleted_alone(client: TestClient) -> None:
+    """``DELETE /v1/runs/{run}/steps/{step}`` removes that step (204) and nothing else; a step
+    without data or an unknown run is a 404 problem."""
+    sketch = {"kind": "countsketch", "dim": 8, "seed": 0}
+    assert client.post("/v1/runs", json={"run_id": "del", "sketch": sketch}).status_code == 201
+    seqs = [{"id": "a", "prompt_id": "p", "logprob": -1.0, "advantage": 1.0, "num_tokens": 2}]
+    for step in (0, 1):
+        body = {"learning_rate": 0.1, "sequences": seqs}
+        assert client.post(f"/v1/runs/del/steps/{step}/sequences", json=body).status_code == 200
+    assert client.delete("/v1/runs/del/steps/0").status_code == 204
+    assert [s["step"] for s in client.get("/v1/runs/del").json()["steps"]] == [1]
+    assert "no step 0" in problem(client.delete("/v1/runs/del/steps/0"), 404)["detail"]
+    problem(client.delete("/v1/runs/nope/steps/1"), 404)

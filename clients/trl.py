@@ -42,7 +42,7 @@ import contextlib
 import math
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
@@ -65,7 +65,7 @@ from clients.capture import (
     sequence_logprobs,
     sequence_logprobs_and_entropy_sums,
 )
-from clients.errors import NotFoundError
+from clients.errors import KernelscopeError, NotFoundError
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
     adam_applied_update,
@@ -393,6 +393,13 @@ class KernelscopeConfig:
     check_logprobs:
         on the first micro-batch, compare the captured ``S_i`` with TRL's own log-probs and
         warn (``RuntimeWarning``) when they differ (one extra forward).
+    on_push_error:
+        what a push that fails after the client's retries does (the service unreachable,
+        overloaded or refusing a request): ``"warn"`` (default) drops the rest of that step's
+        pushes with one ``RuntimeWarning`` and lets training go on (the step stays incomplete in
+        the service); ``"raise"`` raises the client's error out of the training step.  The
+        trainer's computation and collectives run either way, so ranks stay in step.  Creating
+        the run (when the trainer is built) always raises.
     update_rows:
         push update rows ``u_i`` from TRL's own token coefficients (math.md §4 "Update rows",
         :func:`trl_token_coefficients`, one extra forward per micro-batch): ``None`` (default)
@@ -418,6 +425,7 @@ class KernelscopeConfig:
     push_entropy_sums: bool = True
     token_shares: bool = False
     check_logprobs: bool = True
+    on_push_error: Literal["warn", "raise"] = "warn"
     update_rows: bool | None = None
 
 
@@ -581,6 +589,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         )
         self._ks_generation = 0
         self._ks_begun = False  # _kernelscope_begin has run
+        self._ks_lost: set[int] = set()  # steps whose pushes failed (_kernelscope_send)
         self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
         self._ks_window: _Window | None = None
         self._ks_checked = False
@@ -893,6 +902,28 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if self.accelerator.num_processes > 1:  # no rank pushes before the deletion
             self.accelerator.wait_for_everyone()
 
+    def _kernelscope_send(
+        self, push: Callable[..., object], step: int, *args: Any, **kwargs: Any
+    ) -> None:
+        """``push(run_id, step, *args, **kwargs)``: one of the step's pushes.  After one has
+        failed (:attr:`KernelscopeConfig.on_push_error` ``"warn"``) the step's others are
+        skipped: its rows and sequences would not make a whole step."""
+        if step in self._ks_lost:
+            return
+        try:
+            push(self.kernelscope_run_id, step, *args, **kwargs)
+        except KernelscopeError as exc:
+            if self.kernelscope.on_push_error == "raise":
+                raise
+            self._ks_lost.add(step)
+            warnings.warn(
+                f"kernelscope: step {step} of run {self.kernelscope_run_id!r} not pushed "
+                f"({type(exc).__name__}: {exc}); training goes on, the step stays incomplete "
+                "in the service (KernelscopeConfig.on_push_error)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         output: dict[str, Any] = super()._generate_and_score_completions(inputs)
         if self._kernelscope_policy().training:
@@ -1167,7 +1198,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         part to (its batch holds whole prompts: :meth:`_kernelscope_regrouped`)."""
         from clients.factorised import EntropyDirections
 
-        client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
+        client, send, step = self.kernelscope_client, self._kernelscope_send, window.step
         coefficients = micro.coefficients
         token = None if coefficients is None else coefficients.logprob
         entropy = None if coefficients is None else coefficients.entropy
@@ -1210,9 +1241,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 )
                 self._hooked = None
         if sketches is not None:
-            client.push_sketches(run_id, step, sketches.sketch, micro.ids)
+            send(client.push_sketches, step, sketches.sketch, micro.ids)
             if sketches.update_sketch is not None:
-                client.push_sketches(run_id, step, sketches.update_sketch, micro.ids, rows="update")
+                send(client.push_sketches, step, sketches.update_sketch, micro.ids, rows="update")
             return sketches.logprobs, sketches.entropy_sums
         logprobs = self._kernelscope_push_exact(window, micro, None)
         if coefficients is not None:
@@ -1224,7 +1255,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> torch.Tensor:
         """Exact rows a chunk at a time: score rows (``coefficients`` None) or update rows,
         sketched on the trainer or pushed raw; returns the ``[n]`` values the capture computed."""
-        client, run_id, step = self.kernelscope_client, self.kernelscope_run_id, window.step
+        client, send, step = self.kernelscope_client, self._kernelscope_send, window.step
         rows: Literal["score", "update"] = "score" if coefficients is None else "update"
         values: list[torch.Tensor] = []
         sketched: list[torch.Tensor] = []
@@ -1244,10 +1275,10 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             if self.kernelscope_sketcher is not None:
                 sketched.append(self.kernelscope_sketcher.sketch(gradients))
             else:
-                client.push_gradients(run_id, step, gradients, micro.ids[span], rows=rows)
+                send(client.push_gradients, step, gradients, micro.ids[span], rows=rows)
             del gradients  # one chunk of per-sequence gradients at a time
         if sketched:
-            client.push_sketches(run_id, step, torch.cat(sketched), micro.ids, rows=rows)
+            send(client.push_sketches, step, torch.cat(sketched), micro.ids, rows=rows)
         return torch.cat(values)
 
     def _kernelscope_layouts(
@@ -1536,7 +1567,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         window = self._ks_window
         if window is None or not window.records:
             return
-        client, run_id = self.kernelscope_client, self.kernelscope_run_id
+        client, send = self.kernelscope_client, self._kernelscope_send
         if window.before is not None or window.adam_steps is not None:
             sketcher = (
                 self._factorised.sketcher
@@ -1547,11 +1578,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             if sketcher is None:  # raw rows: never sharded (refused at construction)
                 update = {n: u for n, u in parts if isinstance(u, torch.Tensor)}
                 if self.accelerator.is_main_process:
-                    client.push_applied_update(run_id, window.step, update)
+                    send(client.push_applied_update, window.step, update)
             else:  # k floats, like the rows, instead of N; one parameter's update at a time
                 sketch = sketch_of_whole(sketcher, parts)  # of every rank's shards (FSDP2, ZeRO 3)
                 if self.accelerator.is_main_process:
-                    client.push_applied_update(run_id, window.step, sketch=sketch)
+                    send(client.push_applied_update, window.step, sketch=sketch)
         records = list(window.records.values())
         if self.kernelscope.push_logprob_after:
             policy = self._kernelscope_policy()
@@ -1570,8 +1601,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         # Last, after this rank's rows: the step is ready once every rank has reported.
         ranks = int(self.accelerator.num_processes)
         rate = self._current_learning_rate(window)
-        client.push_sequences(
-            run_id,
+        send(
+            client.push_sequences,
             window.step,
             rate,
             records,
@@ -1582,5 +1613,5 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             tokens = [
                 {**t, "shares": [rate * a for a in t["shares"]]} for t in window.tokens.values()
             ]
-            client.push_tokens(run_id, window.step, rate, tokens, estimator="cross_fit")
+            send(client.push_tokens, window.step, rate, tokens, estimator="cross_fit")
         self._ks_window = None

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -46,7 +47,8 @@ from clients.capture import (  # noqa: E402
     checkpointing_layers,
     repack,
 )
-from clients.http import Client  # noqa: E402
+from clients.errors import TransportError  # noqa: E402
+from clients.http import Client, RetryPolicy  # noqa: E402
 from clients.trl import (  # noqa: E402
     SUPPORTED_LOSS_TYPES,
     KernelscopeConfig,
@@ -797,6 +799,56 @@ def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(
             assert len(ids) == generated and not ids & seen
             seen |= ids
         assert_plugin_is_applied(client, "resumed", (1, 2))
+
+
+class _Unreachable(httpx.HTTPTransport):
+    """The service's transport, with every request about one step refused as a dropped
+    connection (the service down while that step is pushed)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.marker = f"/steps/{step}/"
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.marker in request.url.path:
+            raise httpx.ConnectError("connection refused", request=request)
+        return super().handle_request(request)
+
+
+@pytest.mark.parametrize("on_push_error", ["warn", "raise"])
+def test_a_step_the_service_does_not_take_leaves_training_alone(
+    live_service: LiveService, tmp_path: Path, on_push_error: str
+) -> None:
+    """The service unreachable while step 1 is pushed (every retry refused): by default the
+    trainer warns once, skips the rest of that step's pushes and trains on; steps 0 and 2 are
+    whole and keep ``plugin dH1 = delta_h1_applied``, step 1 never reports its sequences.
+    With ``on_push_error="raise"`` the client's error ends the training step."""
+    args = sgd_args(tmp_path, learning_rate=0.05, max_steps=3)
+    config = KernelscopeConfig(
+        url=live_service.base_url,
+        sketch=SKETCH_512,
+        on_push_error=on_push_error,  # type: ignore[arg-type]
+    )
+    client = Client(
+        live_service.base_url,
+        transport=_Unreachable(step=1),
+        retry=RetryPolicy(attempts=2, backoff_s=0.01),
+    )
+    trainer = sgd_trainer(args, config, kernelscope_client=client)
+    if on_push_error == "raise":
+        with pytest.raises(TransportError):
+            trainer.train()
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    lost = [w for w in caught if "not pushed" in str(w.message)]
+    assert len(lost) == 1 and "step 1 of run" in str(lost[0].message)
+    assert trainer.state.global_step == 3
+    with Client(live_service.base_url) as reader:
+        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 2))
+        steps = {s.step: s for s in reader.get_run(trainer.kernelscope_run_id).steps or ()}
+        assert 1 not in steps or steps[1].state == "pending"
 
 
 KRONECKER_256 = {"kind": "kronecker", "dim": 256, "seed": 2}

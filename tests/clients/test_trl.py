@@ -728,8 +728,12 @@ def assert_plugin_is_applied(client: Client, run_id: str, steps: tuple[int, ...]
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"num_iterations": 2, "epsilon": 0.02}, {"entropy_coef": 0.1}],
-    ids=["on_policy", "later_pass_clipped", "entropy_bonus"],
+    [
+        {"eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 4},
+        {"num_iterations": 2, "epsilon": 0.02},
+        {"entropy_coef": 0.1},
+    ],
+    ids=["on_policy_with_evaluation", "later_pass_clipped", "entropy_bonus"],
 )
 def test_trainer_pushes_two_steps(
     live_service: LiveService, tmp_path: Path, overrides: dict[str, Any]
@@ -740,10 +744,19 @@ def test_trainer_pushes_two_steps(
     rows and learning rate) equals ``<grad_hat H, u>`` computed from the real parameter change.
     With ``num_iterations = 2`` the second step trains again on the first step's completions,
     at PPO ratio != 1 with clipping, and an entropy bonus adds ``e_{i,t} grad H_{i,t}`` terms:
-    the identity then holds only through the update rows."""
+    the identity then holds only through the update rows.  An evaluation after each step
+    (TRL generates and scores completions of the evaluation prompts in eval mode) pushes
+    nothing: each step holds its training completions alone."""
     args = sgd_args(tmp_path, learning_rate=0.05, **overrides)
-    trainer = sgd_trainer(args, KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512))
+    evaluation = Dataset.from_dict({"prompt": PROMPTS}) if "eval_strategy" in overrides else None
+    trainer = sgd_trainer(
+        args,
+        KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
+        eval_dataset=evaluation,
+    )
     trainer.train()
+    if evaluation is not None:
+        assert sum("eval_reward" in h for h in trainer.state.log_history) == 2
     generated = args.per_device_train_batch_size * args.steps_per_generation
     with Client(live_service.base_url) as client:
         run = client.get_run(trainer.kernelscope_run_id)

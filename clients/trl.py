@@ -590,6 +590,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._ks_generation = 0
         self._ks_begun = False  # _kernelscope_begin has run
         self._ks_lost: set[int] = set()  # steps whose pushes failed (_kernelscope_send)
+        method = kernelscope.capture_method
+        #: how exact chunks are captured: the configured method, then the one that worked
+        self._ks_exact_method: Literal["auto", "vmap", "loop"] = (
+            "auto" if method == "hooks" else method
+        )
         self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
         self._ks_window: _Window | None = None
         self._ks_checked = False
@@ -1259,12 +1264,11 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         rows: Literal["score", "update"] = "score" if coefficients is None else "update"
         values: list[torch.Tensor] = []
         sketched: list[torch.Tensor] = []
-        method = self.kernelscope.capture_method
-        for span, s, gradients, _ in iter_captured_chunks(
+        for span, s, gradients, used in iter_captured_chunks(
             self._kernelscope_policy(),
             micro.batch,
             parameter_filter=self.kernelscope.parameter_filter,
-            method="auto" if method == "hooks" else method,
+            method=self._ks_exact_method,
             chunk_size=self.kernelscope.chunk_size,
             token_coefficients=None if coefficients is None else coefficients.logprob,
             entropy_coefficients=None if coefficients is None else coefficients.entropy,
@@ -1272,6 +1276,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             row_scale=window.sqrt_p,
         ):
             values.append(s)
+            # what worked for this model: the next chunks skip an auto attempt at vmap that
+            # failed (activation checkpointing's hooks, for one), and its warning
+            self._ks_exact_method = used  # type: ignore[assignment]
             if self.kernelscope_sketcher is not None:
                 sketched.append(self.kernelscope_sketcher.sketch(gradients))
             else:

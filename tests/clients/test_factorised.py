@@ -849,7 +849,16 @@ def test_modules_with_a_forward_of_their_own_are_captured_as_it_runs(
         model.model.layers[1].mlp.up_proj.__class__ = _MatmulLinear
         up = model.model.layers[0].mlp.up_proj
         up.forward = lambda x: nn.functional.linear(2.0 * x, up.weight, up.bias)
-        rerun = {"model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+        # a zero weight: both forwards return zeros, and the check cannot tell them apart
+        zeroed = model.model.layers[1].mlp.down_proj
+        zeroed.__class__ = _DoubledInputLinear
+        with torch.no_grad():
+            zeroed.weight.zero_()
+        rerun = {
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.1.mlp.down_proj.weight",
+        }
     spec: dict[str, Any] = {"kind": "kronecker", "dim": DIM, "seed": SEED}
     if capture_kind == "hooked":
         spec = {"kind": "countsketch", "dim": 64, "seed": 5}

@@ -39,11 +39,13 @@ its language side (docs/real-run.md "Vision-language models").
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
@@ -52,6 +54,7 @@ from torch import nn
 try:
     from accelerate.utils import DistributedType
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
     from trl import GRPOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -94,6 +97,10 @@ if TYPE_CHECKING:
 #: Above this many studied parameters, ``sketch_on="auto"`` sketches rows on the trainer and
 #: pushes ``k`` floats per sequence instead of ``N`` (docs/trl.md "Where rows are sketched").
 TRAINER_SKETCH_MIN_PARAMETERS = 1 << 20
+
+#: the file in each checkpoint that names the run it was saved from (``train()`` resumed from
+#: it continues that run when no ``run_id`` is configured; docs/trl.md "Resuming")
+RUN_ID_FILE = "kernelscope.json"
 
 #: what makes the trainer capture rows by hooks, for the refusals that need them
 _ROWS_FROM_HOOKS = (
@@ -490,6 +497,9 @@ class _PushAfterStep(TrainerCallback):
             engine = self.trainer.accelerator.deepspeed_engine_wrapped.engine
             call_before_step(engine, self.trainer._kernelscope_before_step)
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._kernelscope_save_run_id(int(state.global_step))
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.trainer._kernelscope_deepspeed:
             self.trainer._kernelscope_before_step()
@@ -578,15 +588,16 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                 "passes call the model functionally with its whole parameters; use DDP or "
                 "ZeRO 1/2"
             )
-        self.kernelscope_client.create_run(
-            run_id=self.kernelscope_run_id,
-            sketch=spec,
-            normalization=_RUN_NORMALIZATION.get(self.loss_type, "dr_grpo"),
-            geometry=self.kernelscope_geometry,
-            parameters=declared,
-            ranks=int(self.accelerator.num_processes),
-            applied_includes_step=self._kernelscope_applied_includes_step(),
-        )
+        #: the run's spec as ``create_run`` takes it (a resumed run is created again with it)
+        self._kernelscope_spec: dict[str, Any] = {
+            "sketch": spec,
+            "normalization": _RUN_NORMALIZATION.get(self.loss_type, "dr_grpo"),
+            "geometry": self.kernelscope_geometry,
+            "parameters": declared,
+            "ranks": int(self.accelerator.num_processes),
+            "applied_includes_step": self._kernelscope_applied_includes_step(),
+        }
+        self.kernelscope_client.create_run(run_id=self.kernelscope_run_id, **self._kernelscope_spec)
         self._ks_generation = 0
         self._ks_begun = False  # _kernelscope_begin has run
         self._ks_lost: set[int] = set()  # steps whose pushes failed (_kernelscope_send)
@@ -877,6 +888,42 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     def _kernelscope_policy(self) -> nn.Module:
         policy: nn.Module = self.accelerator.unwrap_model(self.model)
         return policy
+
+    def train(  # type: ignore[override]
+        self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
+    ) -> Any:
+        """``GRPOTrainer.train``; resumed from a checkpoint of a run whose id was drawn (no
+        ``KernelscopeConfig.run_id``), it continues that run (:meth:`_kernelscope_resume_run`)."""
+        self._kernelscope_resume_run(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _kernelscope_save_run_id(self, step: int) -> None:
+        """Write the run's id into the checkpoint just saved (``RUN_ID_FILE``)."""
+        if not self.accelerator.is_main_process:
+            return
+        folder = Path(str(self.args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        if folder.is_dir():
+            (folder / RUN_ID_FILE).write_text(json.dumps({"run_id": self.kernelscope_run_id}))
+
+    def _kernelscope_resume_run(self, checkpoint: str | bool | None) -> None:
+        """Continue the run a checkpoint was saved from: with no configured ``run_id``, the
+        trainer drew one when it was built; the checkpoint's (``RUN_ID_FILE``) takes its place,
+        the run is created again with this trainer's spec (a 409 if it changed) and the
+        drawn run, which holds nothing yet, is deleted.  A configured ``run_id`` is kept."""
+        if checkpoint is None or checkpoint is False or self.kernelscope.run_id is not None:
+            return
+        folder = get_last_checkpoint(self.args.output_dir) if checkpoint is True else checkpoint
+        saved = Path(folder) / RUN_ID_FILE if folder else None
+        if saved is None or not saved.is_file():
+            return
+        run_id = str(json.loads(saved.read_text())["run_id"])
+        drawn, self.kernelscope_run_id = self.kernelscope_run_id, run_id
+        if run_id == drawn:
+            return
+        self.kernelscope_client.create_run(run_id=run_id, **self._kernelscope_spec)
+        if self.accelerator.is_main_process:
+            with contextlib.suppress(NotFoundError):
+                self.kernelscope_client.delete_run(drawn)
 
     def _kernelscope_begin(self) -> None:
         """Once, at the first generation of ``train()``, when ``state.global_step`` is what a

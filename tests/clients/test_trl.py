@@ -50,6 +50,7 @@ from clients.capture import (  # noqa: E402
 from clients.errors import TransportError  # noqa: E402
 from clients.http import Client, RetryPolicy  # noqa: E402
 from clients.trl import (  # noqa: E402
+    RUN_ID_FILE,
     SUPPORTED_LOSS_TYPES,
     KernelscopeConfig,
     KernelscopeGRPOTrainer,
@@ -788,35 +789,44 @@ def test_trainer_pushes_two_steps(
             assert math.isfinite(default.delta_h1)
 
 
+@pytest.mark.parametrize("run_id", ["resumed", None], ids=["configured_id", "drawn_id"])
 def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(
-    live_service: LiveService, tmp_path: Path
+    live_service: LiveService, tmp_path: Path, run_id: str | None
 ) -> None:
-    """A run with its own ``run_id`` saves a checkpoint after every step; a second trainer
-    resumes from the first checkpoint into the same run.  The steps the first attempt pushed
-    after that checkpoint are deleted (with a warning) and pushed again: each holds exactly
-    this attempt's sequences, ready, with ``plugin dH1 = delta_h1_applied``, and no sequence
-    id repeats across the run's steps.  Before, the resumed steps mixed both attempts'
-    sequences (their ids began again at ``s0``)."""
+    """A run saves a checkpoint after every step; a second trainer resumes from the first
+    checkpoint into the same run: the configured ``run_id``, or the drawn one, which each
+    checkpoint names (the second trainer's own drawn run, still empty, is deleted).  The steps
+    the first attempt pushed after that checkpoint are deleted (with a warning) and pushed
+    again: each holds exactly this attempt's sequences, ready, with ``plugin dH1 =
+    delta_h1_applied``, and no sequence id repeats across the run's steps.  Before, the
+    resumed steps mixed both attempts' sequences (their ids began again at ``s0``), and a
+    drawn run id was not kept: the resumed attempt opened a run of its own."""
     args = sgd_args(tmp_path, learning_rate=0.05, max_steps=3, save_strategy="steps", save_steps=1)
     generated = args.per_device_train_batch_size * args.steps_per_generation
-    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, run_id="resumed")
-    sgd_trainer(args, config).train()
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, run_id=run_id)
+    first = sgd_trainer(args, config)
+    first.train()
     checkpoint = tmp_path / "trl" / "checkpoint-1"
-    assert checkpoint.is_dir()
+    assert json.loads((checkpoint / RUN_ID_FILE).read_text())["run_id"] == first.kernelscope_run_id
     resumed = sgd_trainer(args, config)
+    drawn = resumed.kernelscope_run_id
     with pytest.warns(UserWarning, match=r"resumed at step 1: deleted steps \[1, 2\]"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 3
+    run = resumed.kernelscope_run_id
+    assert run == first.kernelscope_run_id
     with Client(live_service.base_url) as client:
+        runs = {r.run_id for r in client.runs()}
+        assert run in runs and (drawn == run or drawn not in runs)
         seen: set[str] = set()
         for step in (0, 1, 2):
-            status = client.wait_ready("resumed", step, timeout=60)
+            status = client.wait_ready(run, step, timeout=60)
             assert status.state == "ready" and status.applied_update
             assert status.sequences == generated and status.rows == generated
-            ids = set(client.diagonal("resumed", step).ids)
+            ids = set(client.diagonal(run, step).ids)
             assert len(ids) == generated and not ids & seen
             seen |= ids
-        assert_plugin_is_applied(client, "resumed", (1, 2))
+        assert_plugin_is_applied(client, run, (1, 2))
 
 
 class _Unreachable(httpx.HTTPTransport):

@@ -38,6 +38,7 @@ process measures both.
     python bench/capture.py --moe --methods plain,loop,hooked-countsketch
     python bench/capture.py --hybrid --methods plain,loop,hooked-countsketch
     python bench/capture.py --falcon --methods plain,loop,factorised,hooked-countsketch
+    python bench/capture.py --gpt-oss --methods plain,loop,hooked-countsketch
 
 ``--moe`` takes a Qwen3-MoE of 17.6M parameters (4 layers, 8 experts of which 2 per token,
 the experts 6.3M of them) and a micro-batch of 16 sequences of up to 24 response
@@ -47,7 +48,8 @@ model (three gated delta nets and one full attention) and the same micro-batch: 
 is re-run per sequence for its own parameters and its ``conv1d`` weight, which it hands to a
 kernel without calling the module (before 2026-12-06 such a model failed in the hooks).
 ``--falcon`` takes a Falcon, whose ``nn.Linear`` subclass keeps the linear hooks once its
-first call is checked.
+first call is checked; ``--gpt-oss`` a GPT-OSS, whose attention sinks make the hooks re-run
+each attention per sequence.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ METHODS = ("plain", "loop", "vmap", "factorised", "hooked-kronecker", "hooked-co
 
 
 #: ``--moe``, ``--hybrid``, ``--falcon``: a model of another family, its name in the table
-FAMILIES = {"moe": "Qwen3-MoE", "hybrid": "Qwen3.5", "falcon": "Falcon"}
+FAMILIES = {"moe": "Qwen3-MoE", "hybrid": "Qwen3.5", "falcon": "Falcon", "gpt-oss": "GPT-OSS"}
 
 
 def _config(quick: bool, qwen2: str | None = None, family: str | None = None) -> dict[str, Any]:
@@ -125,7 +127,12 @@ def _setup(cfg: dict[str, Any], seed: int, threads: int, device: str) -> tuple[A
 
         model = build_model(cfg["qwen2"]).eval()
     elif cfg.get("family") is not None:
-        build = {"moe": moe_model, "hybrid": hybrid_model, "falcon": falcon_model}[cfg["family"]]
+        build = {
+            "moe": moe_model,
+            "hybrid": hybrid_model,
+            "falcon": falcon_model,
+            "gpt-oss": gpt_oss_model,
+        }[cfg["family"]]
         model = build(cfg["vocab"], prompt_len + cfg["T"] + 8).eval()
     else:
         model = _gpt2(cfg, prompt_len)
@@ -246,6 +253,43 @@ def falcon_model(vocab: int, positions: int) -> Any:
         pad_token_id=0,
     )
     return AutoModelForCausalLM.from_config(config)
+
+
+def gpt_oss_model(vocab: int, positions: int) -> Any:
+    """A GPT-OSS of 4 layers (sliding and full attention in turn, hidden 256, 8 experts of
+    which 2 per token) at vocabulary 8192, from a config: each attention holds its sinks beside
+    its projections, so the hooks re-run the attention whole per sequence for them, and the
+    MoE layers' routers and experts are re-run per sequence too."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "gpt_oss",
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        max_position_embeddings=positions,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # the routers and sinks start at zero: route and attend by something
+        for name, p in model.named_parameters():
+            if name.endswith(("router.weight", "sinks")):
+                p.normal_(0.0, 0.1)
+    return model
 
 
 def _runner(method: str, model: Any, batch: Any, cfg: dict[str, Any]) -> Callable[[], object]:
@@ -377,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_const",
         const="hybrid",
         help="a Qwen3.5 (gated delta nets) from a config",
+    )
+    parser.add_argument(
+        "--gpt-oss",
+        dest="family",
+        action="store_const",
+        const="gpt-oss",
+        help="a GPT-OSS (attention sinks, MoE) from a config",
     )
     parser.add_argument(
         "--falcon",

@@ -75,6 +75,7 @@ from tests.clients.test_trl import (
     assert_plugin_is_applied,
     char_tokenizer,
     grpo_args,
+    launch_two_ranks,
     micro_capture_batch,
 )
 
@@ -468,6 +469,28 @@ def test_vision_language_run(live_service: LiveService, tmp_path: Path, family: 
         run = client.get_run(trainer.kernelscope_run_id)
         assert run.geometry == "adam" and run.parameters == studied
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
+def test_vision_language_run_on_two_ranks(live_service: LiveService, tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` of a Qwen2.5-VL GRPO run (gloo DDP
+    on the CPU, AdamW with ``beta1 = 0``, rows from hooks, 3 completions per rank and
+    micro-batch, groups of 4, so one group's images and completions span the ranks): each rank
+    captures its micro-batches with their own image inputs, and both steps are ready with
+    both ranks' sequences, four per prompt, and ``plugin dH1 = delta_h1_applied`` from the
+    DDP-averaged update, the later clipped pass included."""
+    launch_two_ranks("trl_vision_ranks.py", live_service.base_url, tmp_path)
+    run_id = (tmp_path / "run_id").read_text()
+    with Client(live_service.base_url) as client:
+        assert client.get_run(run_id).ranks == 2
+        for step in (0, 1):
+            status = client.wait_ready(run_id, step, timeout=60)
+            assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
+            assert status.sequences == status.rows == 12
+            groups: dict[str, int] = {}
+            for prompt in client.diagonal(run_id, step).prompt_ids:
+                groups[str(prompt)] = groups.get(str(prompt), 0) + 1
+            assert sorted(groups.values()) == [4, 4, 4]
+        assert_plugin_is_applied(client, run_id, (0, 1))
 
 
 @pytest.mark.parametrize(

@@ -609,6 +609,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
         self._ks_window: _Window | None = None
         self._ks_checked = False
+        self._ks_head_checked = False  # _kernelscope_head_check has run
         self.add_callback(_PushAfterStep(self))
 
     # -- configuration ---------------------------------------------------------------------
@@ -1005,7 +1006,52 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> torch.Tensor:
         if self._kernelscope_policy().training and "kernelscope_index" in inputs:
             self._kernelscope_record(inputs)
+            if not self._ks_head_checked and self.accelerator.is_fsdp2:
+                with self._kernelscope_head_check():
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _kernelscope_head_check(self) -> Iterator[None]:
+        """Around the first training loss under FSDP2: warn when TRL's fused LM head will read
+        ``lm_head.weight`` as a sharded DTensor.  TRL's forward runs the backbone, then reads
+        the head's weight without calling the head, and gathers a DTensor with
+        ``full_tensor()``, whose backward keeps each rank's own gradient of its shard: the head
+        is then trained on each rank's completions alone, not on their average.  accelerate
+        puts the head in one FSDP unit with the backbone's final norm, which gathers it, when
+        it finds that norm among the backbone's children; a vision-language model's is deeper.
+        The rows follow TRL's loss, so ``dH1`` and ``delta_h1_applied`` then differ by the
+        head's part of the step."""
+        self._ks_head_checked = True
+        policy = self._kernelscope_policy()
+        head = cast(Any, policy).get_output_embeddings()
+        backbone = getattr(policy, "base_model", None)
+        if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module):
+            yield
+            return
+
+        def check(module: nn.Module, args: Any, output: Any) -> None:
+            weight = getattr(head, "weight", None)
+            if weight is None or not hasattr(weight, "full_tensor"):
+                return
+            names = [n for n, p in policy.named_parameters() if p is weight]
+            warnings.warn(
+                f"kernelscope: under FSDP2 TRL's fused LM head reads {names[:1] or 'the head'} "
+                "as a sharded DTensor (the head is an FSDP unit of its own that the backbone's "
+                "forward does not gather) and gathers it with full_tensor(), whose backward does "
+                "not average the head's gradient over the ranks: each rank trains its shard of "
+                "the head on its own completions alone.  dH1 predicts the step of TRL's loss, "
+                "delta_h1_applied the step taken: they differ by the head's part "
+                '(docs/real-run.md "Many GPUs")',
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+        handle = backbone.register_forward_hook(check)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _kernelscope_weights(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         mask = inputs["completion_mask"]

@@ -14,6 +14,7 @@ language side, the default for such a policy."""
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -471,26 +472,39 @@ def test_vision_language_run(live_service: LiveService, tmp_path: Path, family: 
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
-def test_vision_language_run_on_two_ranks(live_service: LiveService, tmp_path: Path) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2`` of a Qwen2.5-VL GRPO run (gloo DDP
-    on the CPU, AdamW with ``beta1 = 0``, rows from hooks, 3 completions per rank and
-    micro-batch, groups of 4, so one group's images and completions span the ranks): each rank
-    captures its micro-batches with their own image inputs, and both steps are ready with
-    both ranks' sequences, four per prompt, and ``plugin dH1 = delta_h1_applied`` from the
-    DDP-averaged update, the later clipped pass included."""
+def test_vision_language_runs_on_two_ranks(live_service: LiveService, tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` of Qwen2.5-VL GRPO runs (gloo on the
+    CPU, AdamW with ``beta1 = 0``, rows from hooks, 3 completions per rank and micro-batch,
+    groups of 4, so one group's images and completions span the ranks), under DDP and under
+    accelerate's FSDP2.  Each rank captures its micro-batches with their own image inputs, and
+    both steps of each run are ready with both ranks' sequences, four per prompt, and
+    ``plugin dH1 = delta_h1_applied``, the later clipped pass included.
+
+    Under FSDP2 accelerate puts the LM head in an FSDP unit of its own (it looks for the final
+    norm among the backbone's direct children, and a vision-language model's is deeper), which
+    TRL's fused LM head reads as a sharded DTensor and gathers with ``full_tensor()``: the
+    head's gradient is not averaged over the ranks, each rank's shard trains on that rank's
+    completions alone.  The trainer says so on every rank, and the run studies the text
+    decoder without the head, where the identity holds."""
     launch_two_ranks("trl_vision_ranks.py", live_service.base_url, tmp_path)
-    run_id = (tmp_path / "run_id").read_text()
+    run_ids = json.loads((tmp_path / "run_ids.json").read_text())
+    for rank in (0, 1):
+        found = (tmp_path / f"warnings-{rank}").read_text()
+        assert "TRL's fused LM head reads ['lm_head.weight'] as a sharded DTensor" in found
     with Client(live_service.base_url) as client:
-        assert client.get_run(run_id).ranks == 2
-        for step in (0, 1):
-            status = client.wait_ready(run_id, step, timeout=60)
-            assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
-            assert status.sequences == status.rows == 12
-            groups: dict[str, int] = {}
-            for prompt in client.diagonal(run_id, step).prompt_ids:
-                groups[str(prompt)] = groups.get(str(prompt), 0) + 1
-            assert sorted(groups.values()) == [4, 4, 4]
-        assert_plugin_is_applied(client, run_id, (0, 1))
+        for name, run_id in run_ids.items():
+            run = client.get_run(run_id)
+            assert run.ranks == 2 and run.parameters
+            assert ("lm_head.weight" in run.parameters) == (name == "ddp")
+            for step in (0, 1):
+                status = client.wait_ready(run_id, step, timeout=60)
+                assert status.ranks_expected == 2 and status.ranks_reported == (0, 1)
+                assert status.sequences == status.rows == 12
+                groups: dict[str, int] = {}
+                for prompt in client.diagonal(run_id, step).prompt_ids:
+                    groups[str(prompt)] = groups.get(str(prompt), 0) + 1
+                assert sorted(groups.values()) == [4, 4, 4]
+            assert_plugin_is_applied(client, run_id, (0, 1))
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
-"""A vision-language GRPO run under ``accelerate launch`` (one process per rank), for
-``test_trl_vision.py::test_vision_language_run_on_two_ranks``.
+"""Vision-language GRPO runs under ``accelerate launch`` (one process per rank), for
+``test_trl_vision.py::test_vision_language_runs_on_two_ranks``.
 
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_vision_ranks.py URL
-OUT`` (the run has ``use_cpu``: gloo DDP on the CPU).  The main process writes the run id to
-``OUT/run_id``.
+OUT`` (the runs have ``use_cpu``: gloo on the CPU).  The main process writes ``{name: run id}``
+to ``OUT/run_ids.json``, and every rank the kernelscope warnings of the FSDP2 run to
+``OUT/warnings-RANK``.
 """
 
 from __future__ import annotations
@@ -11,28 +12,46 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
+from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig
 from tests.clients.test_trl import SKETCH_512, adam_later_pass_args
 from tests.clients.test_trl_vision import _trainer
-from tests.clients.trl_ranks import exit_without_teardown
+from tests.clients.trl_fsdp import ADAM_BETA0, fsdp_args
+from tests.clients.trl_ranks import exit_without_teardown, finish
+
+#: 3 completions per rank and micro-batch, groups of 4: one group spans the two ranks; step 1
+#: re-trains step 0's completions at ratio != 1 with clipping (update rows)
+SPLIT: dict[str, Any] = {"per_device_train_batch_size": 3, "num_generations": 4}
 
 
 def main(url: str, out: Path) -> None:
     warnings.simplefilter("ignore")
-    # 3 completions per rank and micro-batch, groups of 4: one group spans the two ranks; step
-    # 1 re-trains step 0's completions at ratio != 1 with clipping (update rows)
-    args = adam_later_pass_args(
-        out, per_device_train_batch_size=3, num_generations=4, ddp_backend="gloo"
-    )
-    config = KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer")
-    trainer = _trainer(args, config)
+    run_ids: dict[str, str] = {}
+    args = adam_later_pass_args(out / "ddp", **SPLIT, ddp_backend="gloo")
+    trainer = _trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer"))
     trainer.train()
-    if trainer.accelerator.is_main_process:
-        (out / "run_id").write_text(trainer.kernelscope_run_id)
-    trainer.accelerator.end_training()
-    exit_without_teardown()
+    run_ids["ddp"] = trainer.kernelscope_run_id
+    # FSDP2: accelerate's tail unit holds the LM head alone (it finds no final norm among the
+    # backbone's children), so TRL's fused head trains it without averaging over the ranks;
+    # the language side without the head keeps the identity
+    args = fsdp_args(out / "fsdp2", 1e-3, **ADAM_BETA0)  # rank_args: the same split
+    text_only = ParameterFilter(exclude_regex=[r"^model\.visual\.", r"^lm_head\."])
+    config = KernelscopeConfig(
+        url=url, sketch=SKETCH_512, sketch_on="trainer", parameter_filter=text_only
+    )
+    trainer = _trainer(args, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    rank = trainer.accelerator.process_index
+    found = [str(w.message) for w in caught if str(w.message).startswith("kernelscope:")]
+    (out / f"warnings-{rank}").write_text("\n".join(found))
+    run_ids["fsdp2"] = trainer.kernelscope_run_id
+    finish(out, run_ids)
 
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    exit_without_teardown()

@@ -196,18 +196,32 @@ def moe_model(vocab: int, positions: int) -> Any:
     return model
 
 
-def hybrid_model(vocab: int, positions: int) -> Any:
-    """A Qwen3.5 text model (gated delta nets, three in four layers, beside full attention)
-    from a config, at vocabulary 8192: its mixers hand their ``conv1d`` weight to a kernel
-    and run a gated norm on each token's heads, so the hooks re-run each mixer per sequence."""
+def _from_config(model_type: str, vocab: int, **values: Any) -> Any:
+    """A causal LM of a transformers ``model_type`` from a config (seed 0): hidden size 256,
+    vocabulary ``vocab``, token id 1 to begin and end and 0 to pad, and ``values``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
-        "qwen3_5_text",
+        model_type,
         vocab_size=vocab,
         hidden_size=256,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        **values,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def hybrid_model(vocab: int, positions: int) -> Any:
+    """A Qwen3.5 text model (gated delta nets, three in four layers, beside full attention)
+    from a config, at vocabulary 8192: its mixers hand their ``conv1d`` weight to a kernel
+    and run a gated norm on each token's heads, so the hooks re-run each mixer per sequence."""
+    return _from_config(
+        "qwen3_5_text",
+        vocab,
         intermediate_size=768,
         num_hidden_layers=4,
         layer_types=["linear_attention"] * 3 + ["full_attention"],
@@ -220,11 +234,7 @@ def hybrid_model(vocab: int, positions: int) -> Any:
         linear_value_head_dim=64,
         max_position_embeddings=positions,
         tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
     )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def falcon_model(vocab: int, positions: int) -> Any:
@@ -233,26 +243,17 @@ def falcon_model(vocab: int, positions: int) -> Any:
     ``nn.Linear`` subclass with a forward of its own, checked on the first capture against
     ``nn.Linear``'s and then given the linear hooks (before 2026-12-06: re-run per sequence).
     Falcon has no position limit to set (rotary), so ``positions`` is unused."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     del positions
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
+    return _from_config(
         "falcon",
-        vocab_size=vocab,
-        hidden_size=256,
+        vocab,
         num_hidden_layers=4,
         num_attention_heads=4,
         new_decoder_architecture=False,
         multi_query=True,
         parallel_attn=True,
         bias=False,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
     )
-    return AutoModelForCausalLM.from_config(config)
 
 
 def gpt_oss_model(vocab: int, positions: int) -> Any:
@@ -261,13 +262,10 @@ def gpt_oss_model(vocab: int, positions: int) -> Any:
     its projections, so the hooks re-run the attention whole per sequence for them, and the
     MoE layers' routers and experts are re-run per sequence too."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
+    model = _from_config(
         "gpt_oss",
-        vocab_size=vocab,
-        hidden_size=256,
+        vocab,
         intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -280,11 +278,7 @@ def gpt_oss_model(vocab: int, positions: int) -> Any:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         max_position_embeddings=positions,
         tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=1,
-        pad_token_id=0,
     )
-    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # the routers and sinks start at zero: route and attend by something
         for name, p in model.named_parameters():
             if name.endswith(("router.weight", "sinks")):

@@ -337,6 +337,12 @@ def _check_unsplit(acc: _Accumulator, outputs: Sequence[Any]) -> None:
         raise RuntimeError(message)
 
 
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """A module call's first tensor input, positional or keyword (an attention module gets
+    ``hidden_states`` by keyword)."""
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+
+
 def _tensors_of(value: Any) -> Iterator[torch.Tensor]:
     """The tensors in a call's arguments (nested in tuples, lists and dicts)."""
     if isinstance(value, torch.Tensor):
@@ -1098,10 +1104,7 @@ class FactorisedCapture:
             ) -> None:
                 if acc.recomputing or acc.in_backward:  # a checkpoint's re-run: see pre_hook
                     return
-                # the first tensor in (an attention module gets hidden_states by keyword)
-                first = next(
-                    (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None
-                )
+                first = _first_tensor(args, kwargs)
                 if first is None or (args and first is not args[0]):
                     raise RuntimeError(f"{type(mod).__name__}: expected a tensor input")
                 if id(mod) in self._unchecked:
@@ -1333,9 +1336,7 @@ class FactorisedCapture:
         def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not acc.in_backward or acc.recomputing:
                 return
-            first = next(
-                (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None
-            )
+            first = _first_tensor(args, kwargs)
             n, width = acc.token_mask.shape
             if (
                 first is not None

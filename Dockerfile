@@ -24,7 +24,7 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install "torch==${TORCH_VERSION}"; \
     fi
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY sketch ./sketch
 COPY service ./service
 COPY clients ./clients

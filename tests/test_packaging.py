@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ast
 import tomllib
+import warnings
 from pathlib import Path
+
+from setuptools.config.pyprojecttoml import apply_configuration
+from setuptools.dist import Distribution
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +61,13 @@ def test_requires_python_covers_what_the_code_uses() -> None:
     ]
     assert used, "the scan finds asyncio.Runner in service/loop.py"
     assert (major, minor) >= (3, 11), used
+
+
+def test_the_build_reads_the_metadata_without_deprecations() -> None:
+    """setuptools reads ``pyproject.toml`` without a deprecation warning: the table form of
+    ``project.license`` stops building on 2027-02-18, and the declared licence ships its text."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dist = apply_configuration(Distribution(), REPO / "pyproject.toml")
+    assert dist.metadata.license_expression == "Apache-2.0"
+    assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,19 @@ def test_dockerfile_pins_torch_from_a_build_arg_index() -> None:
     assert '"torch==${TORCH_VERSION}"' in text and '--index-url "$TORCH_INDEX_URL"' in text
     # torch is installed before the project so that `pip install .` keeps that build.
     assert text.index("torch==${TORCH_VERSION}") < text.index("RUN pip install .")
+
+
+def test_the_image_copies_every_file_the_build_reads() -> None:
+    """``pip install .`` in the image reads the readme and the licence file that
+    ``pyproject.toml`` names; a file missing from the ``COPY`` lines fails the build."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    copied = {
+        name
+        for line in re.findall(r"^COPY (.+) \S+$", DOCKERFILE.read_text(), re.M)
+        for name in line.split()
+    }
+    needed = {"pyproject.toml", project["readme"], *project.get("license-files", [])}
+    assert needed <= copied, sorted(needed - copied)
 
 
 def test_no_registry_host_names_in_deployment_files() -> None:

@@ -922,6 +922,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         if run_id == drawn:
             return
         self.kernelscope_client.create_run(run_id=run_id, **self._kernelscope_spec)
+        if self.accelerator.num_processes > 1:  # every rank has created the drawn run
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with contextlib.suppress(NotFoundError):
                 self.kernelscope_client.delete_run(drawn)

@@ -1293,7 +1293,12 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
     ranks): each rank pushes its own sequences' token shares, with the ``cross_fit`` halves
     and directions of all ranks' sequences, and every step's shares add up, per sequence, to
     the service's ``cross_fit`` ``a_i`` and in total to its ``delta_h1``, as with one
-    process."""
+    process.
+
+    A third run, with a drawn id, is resumed on both ranks from its first checkpoint: every
+    rank continues the run the checkpoint names, the resumed trainer's own drawn run is gone,
+    the main process deletes step 1 (once, with a warning), and the new step 1 holds both
+    ranks' fresh completions (ids unlike step 0's) with the identity."""
     launch_two_ranks("trl_ranks.py", live_service.base_url, tmp_path)
     run_id = (tmp_path / "run_id").read_text()
     with Client(live_service.base_url) as client:
@@ -1327,6 +1332,17 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
             a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
             for row in tokens.sequences:
                 assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
+        resumed = json.loads((tmp_path / "resumed.json").read_text())
+        run_id = resumed["first"]
+        assert resumed["resumed"] == run_id and resumed["drawn"] != run_id
+        assert resumed["drawn"] not in {r.run_id for r in client.runs()}
+        deleted = [w for w in resumed["warnings"] if "resumed at step 1" in w]
+        assert len(deleted) == 1 and "deleted steps [1]" in deleted[0]
+        before = set(client.diagonal(run_id, 0).ids)
+        status = client.wait_ready(run_id, 1, timeout=60)
+        assert status.ranks_reported == (0, 1) and status.sequences == status.rows == 12
+        assert len(set(client.diagonal(run_id, 1).ids) - before) == 12
+        assert_plugin_is_applied(client, run_id, (1,))
 
 
 def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(

@@ -3,8 +3,10 @@
 
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_ranks.py URL OUT``
 (the run has ``use_cpu``: gloo DDP on the CPU).
-The main process writes the run id to ``OUT_DIR/run_id``, and that of a second run with
-``token_shares=True`` to ``OUT_DIR/tokens_run_id``.
+The main process writes the run id to ``OUT_DIR/run_id``, that of a second run with
+``token_shares=True`` to ``OUT_DIR/tokens_run_id``, and for a third run, resumed from its
+first checkpoint, ``OUT_DIR/resumed.json``: the run id each attempt used, the id the resumed
+trainer drew, and the warnings it gave.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from accelerate.state import PartialState
 
+from clients.http import Client
 from clients.trl import KernelscopeConfig
 from tests.clients.test_trl import SKETCH_512, sgd_args, sgd_trainer
 
@@ -40,7 +44,40 @@ def main(url: str, out: Path) -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)
+    resume(url, out / "resumed")
     trainer.accelerator.end_training()
+
+
+class _SlowToCreate(Client):
+    """Rank 1's client, which creates runs 2 s late: the main process must not delete the
+    resumed trainer's drawn run before every rank has created it (else it comes back, empty)."""
+
+    def create_run(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(2.0)
+        return super().create_run(*args, **kwargs)
+
+
+def resume(url: str, out: Path) -> None:
+    """Two steps with a drawn run id and a checkpoint after each; a second trainer resumes
+    from the first checkpoint, which names the run."""
+    args = rank_args(out, 0.05, save_strategy="steps", save_steps=1)
+    config = KernelscopeConfig(url=url, sketch=SKETCH_512)
+    first = sgd_trainer(args, config)
+    first.train()
+    slow = _SlowToCreate(url) if PartialState().process_index == 1 else None
+    resumed = sgd_trainer(args, config, kernelscope_client=slow)
+    drawn = resumed.kernelscope_run_id
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.train(resume_from_checkpoint=str(out / "trl" / "checkpoint-1"))
+    if resumed.accelerator.is_main_process:
+        report = {
+            "first": first.kernelscope_run_id,
+            "resumed": resumed.kernelscope_run_id,
+            "drawn": drawn,
+            "warnings": [str(w.message) for w in caught if "kernelscope" in str(w.message)],
+        }
+        (out.parent / "resumed.json").write_text(json.dumps(report))
 
 
 def rank_args(out: Path, learning_rate: float, **overrides: Any) -> Any:

@@ -403,8 +403,10 @@ class KernelscopeConfig:
     on_push_error:
         what a push that fails after the client's retries does (the service unreachable,
         overloaded or refusing a request): ``"warn"`` (default) drops the rest of that step's
-        pushes with one ``RuntimeWarning`` and lets training go on (the step stays incomplete in
-        the service); ``"raise"`` raises the client's error out of the training step.  The
+        pushes with one ``RuntimeWarning`` and lets training go on; what the step had stored
+        is deleted once the service answers again (after a later step's pushes, or at the end
+        of ``train()``), so that no step waits forever for this rank's sequences.
+        ``"raise"`` raises the client's error out of the training step.  The
         trainer's computation and collectives run either way, so ranks stay in step.  Creating
         the run (when the trainer is built) always raises.
     update_rows:
@@ -600,7 +602,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self.kernelscope_client.create_run(run_id=self.kernelscope_run_id, **self._kernelscope_spec)
         self._ks_generation = 0
         self._ks_begun = False  # _kernelscope_begin has run
-        self._ks_lost: set[int] = set()  # steps whose pushes failed (_kernelscope_send)
+        #: steps whose pushes failed (_kernelscope_send), until their leftovers are deleted
+        self._ks_lost: set[int] = set()
         method = kernelscope.capture_method
         #: how exact chunks are captured: the configured method, then the one that worked
         self._ks_exact_method: Literal["auto", "vmap", "loop"] = (
@@ -896,7 +899,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         """``GRPOTrainer.train``; resumed from a checkpoint of a run whose id was drawn (no
         ``KernelscopeConfig.run_id``), it continues that run (:meth:`_kernelscope_resume_run`)."""
         self._kernelscope_resume_run(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._kernelscope_forget_lost(before=None)
+        return output
 
     def _kernelscope_save_run_id(self, step: int) -> None:
         """Write the run's id into the checkpoint just saved (``RUN_ID_FILE``)."""
@@ -973,11 +978,24 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             self._ks_lost.add(step)
             warnings.warn(
                 f"kernelscope: step {step} of run {self.kernelscope_run_id!r} not pushed "
-                f"({type(exc).__name__}: {exc}); training goes on, the step stays incomplete "
-                "in the service (KernelscopeConfig.on_push_error)",
+                f"({type(exc).__name__}: {exc}); training goes on, and what the step stored is "
+                "deleted once the service answers again (KernelscopeConfig.on_push_error)",
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _kernelscope_forget_lost(self, before: int | None) -> None:
+        """Delete what the lost steps (earlier than ``before``; all with None) had stored: this
+        rank's sequences never arrive, so they would stay pending.  A step the service still
+        does not take stays lost, to be deleted after a later step."""
+        for step in sorted(s for s in self._ks_lost if before is None or s < before):
+            try:
+                self.kernelscope_client.delete_step(self.kernelscope_run_id, step)
+            except NotFoundError:
+                pass  # nothing was stored, or another rank deleted it
+            except KernelscopeError:
+                continue
+            self._ks_lost.discard(step)
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         output: dict[str, Any] = super()._generate_and_score_completions(inputs)
@@ -1717,3 +1735,5 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             ]
             send(client.push_tokens, window.step, rate, tokens, estimator="cross_fit")
         self._ks_window = None
+        if self._ks_lost and window.step not in self._ks_lost:  # the service answers again
+            self._kernelscope_forget_lost(before=window.step)

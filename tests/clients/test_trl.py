@@ -10,6 +10,7 @@ bf16 precision.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -436,12 +437,18 @@ def _assert_update_rows_are_trl_gradient(trainer: GRPOTrainer, micro: dict[str, 
         torch.testing.assert_close(predicted, expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
-VLLM_MODES = {
+_WINDOW = {
+    "vllm_importance_sampling_clip_min": 0.9997,
+    "vllm_importance_sampling_clip_max": 1.0003,
+}
+#: TRL's four vLLM importance-sampling modes, each with a window narrow enough that it acts,
+#: and the KL term, whose gradient TRL weights by the same ratio (``use_bias_correction_kl``)
+VLLM_MODES: dict[str, dict[str, Any]] = {
     "token_truncate": {"vllm_importance_sampling_clip_max": 1.0002},
-    "sequence_mask": {
-        "vllm_importance_sampling_clip_min": 0.9997,
-        "vllm_importance_sampling_clip_max": 1.0003,
-    },
+    "token_mask": _WINDOW,
+    "sequence_truncate": _WINDOW,
+    "sequence_mask": _WINDOW,
+    "token_truncate-kl": {"vllm_importance_sampling_clip_max": 1.0002},
 }
 
 
@@ -452,17 +459,25 @@ def test_vllm_sampler_path_reproduces_trl_loss_gradient(tmp_path: Path, mode: st
     ``_generate_and_score_completions`` turns them into ``importance_sampling_ratio``
     (per token, truncated; or per sequence, masked outside a window), and ``sum_i u_i`` from
     :func:`trl_token_coefficients` equals ``-grad`` of TRL's ``compute_loss`` on the result.
-    The windows are narrow enough that truncation and masking both act."""
+    The windows are narrow enough that truncation and masking both act, in each of TRL's four
+    modes, and with the KL term, which TRL also weights by the ratio."""
     sampler = LowPrecisionSampler()
     trainer = sampler.attach(
         _plain_trainer(
             tmp_path,
             rollout_func=sampler,
             loss_type="dapo",
-            vllm_importance_sampling_mode=mode,
+            vllm_importance_sampling_mode=mode.removesuffix("-kl"),
             **VLLM_MODES[mode],
         )
     )
+    if mode.endswith("-kl"):  # a reference policy near the trainer's, as TRL's code uses it
+        trainer.beta = 0.04
+        trainer.ref_model = copy.deepcopy(trainer.model).eval()
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in trainer.ref_model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     trainer.model.train()
     rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
     generation = trainer._generate_and_score_completions(rows)
@@ -472,13 +487,25 @@ def test_vllm_sampler_path_reproduces_trl_loss_gradient(tmp_path: Path, mode: st
     mask = generation["completion_mask"].bool()
     gap = (generation["old_per_token_logps"] - sampled)[mask].abs()
     assert 1e-4 < float(gap.max()) < 0.01, "bf16 sampler: close to the trainer's policy"
-    if mode == "token_truncate":
+    if mode.startswith("token_truncate"):
         assert float(ratio[mask].max()) == pytest.approx(1.0002) and float(ratio[mask].min()) < 1
+    elif mode == "token_mask":
+        assert ratio.shape == mask.shape and (ratio[mask] == 0).any() and (ratio[mask] != 0).any()
+    elif mode == "sequence_truncate":
+        bounds = torch.tensor([0.9997, 1.0003])
+        assert ratio.shape[1] == 1 and torch.isclose(ratio, bounds).any()
     else:
         assert ratio.shape[1] == 1 and (ratio == 0).any() and (ratio != 0).any()
+    if mode.endswith("-kl"):
+        assert trainer.args.use_bias_correction_kl and "ref_per_token_logps" in generation
     micro = dict(split_tensor_dict(shuffle_sequence_dict(generation), 2)[0])
     trainer.current_gradient_accumulation_steps = 2
     _assert_update_rows_are_trl_gradient(trainer, micro)
+    if mode.endswith("-kl"):  # the KL term weighs in the coefficients
+        with_kl = trl_token_coefficients(trainer, trainer.model, micro).logprob
+        trainer.beta = 0.0
+        without = trl_token_coefficients(trainer, trainer.model, micro).logprob
+        assert not torch.allclose(with_kl, without, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,19 @@ TRAINER_SKETCH_MIN_PARAMETERS = 1 << 20
 #: it continues that run when no ``run_id`` is configured; docs/trl.md "Resuming")
 RUN_ID_FILE = "kernelscope.json"
 
+#: sampling settings that make the sampler draw from another distribution than the policy's,
+#: with the value at which they do not (``generation_kwargs`` may hold the last four too)
+_NEUTRAL_SAMPLING: dict[str, Any] = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "no_repeat_ngram_size": 0,
+}
+
 #: what makes the trainer capture rows by hooks, for the refusals that need them
 _ROWS_FROM_HOOKS = (
     "use a sketch kind other than exact, sketch_on='trainer' (or 'auto' above "
@@ -574,6 +587,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             }
         self._kernelscope_parameters = declared
         self._kernelscope_warn_unstudied(declared, vision_default=parameter_filter is None)
+        self._kernelscope_warn_sampling()
         #: where exact rows are sketched: a trainer-side sketcher, or None (raw pushes)
         self.kernelscope_sketcher: Sketcher | None = self._kernelscope_trainer_sketcher(
             spec, declared
@@ -801,6 +815,40 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             f"values; the first: {first}) are not studied: the rows, dH1 and delta_h1_applied "
             f"cover the {len(declared)} studied ones' part of each step, the realized entropy "
             f"change every parameter the step moves; {hint}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+    def _kernelscope_warn_sampling(self) -> None:
+        """Warn when completions are drawn from a distribution other than the policy's: a
+        truncated or penalised sampler (``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``
+        and their like in ``generation_kwargs``) never draws some of the policy's sequences, so
+        no importance weight can correct for it.  TRL's gradient, the rows and the update rows
+        are still exact; the entropy estimators (``dH1`` and its error bars, the realized
+        change from ``logprob_after``) average over samples assumed to come from the policy."""
+        args = self._grpo_args
+        settings: dict[str, Any] = {
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+            "min_p": args.min_p,
+            "repetition_penalty": args.repetition_penalty,
+        }
+        kwargs = args.generation_kwargs
+        if isinstance(kwargs, Mapping):
+            settings.update({k: v for k, v in kwargs.items() if k in _NEUTRAL_SAMPLING})
+        changed = {
+            k: v
+            for k, v in settings.items()
+            if v is not None and k in _NEUTRAL_SAMPLING and v != _NEUTRAL_SAMPLING[k]
+        }
+        if not changed:
+            return
+        named = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        warnings.warn(
+            f"kernelscope: completions are sampled with {named}, not from the policy itself: "
+            "TRL's gradient and the rows stay exact, but dH1, its error bars and the realized "
+            "entropy change are estimated from samples assumed to come from the policy, and "
+            'are biased by the truncation (docs/trl.md "Caveats")',
             UserWarning,
             stacklevel=3,
         )

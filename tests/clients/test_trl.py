@@ -909,6 +909,21 @@ def test_a_step_the_service_does_not_take_leaves_training_alone(
         assert sorted(steps) == [0, 2]
 
 
+def test_a_truncated_sampler_is_named_when_the_trainer_is_built(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """Nucleus or top-k sampling (in TRL's config or its ``generation_kwargs``) draws the
+    completions from another distribution than the policy's: the trainer says so, once, when
+    it is built; TRL's defaults say nothing."""
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="kernelscope: completions are sampled")
+        sgd_trainer(sgd_args(tmp_path, 0.05), config)
+    args = sgd_args(tmp_path, 0.05, top_p=0.9, generation_kwargs={"top_k": 5, "do_sample": True})
+    with pytest.warns(UserWarning, match=r"sampled with top_p=0\.9, top_k=5, not from the policy"):
+        sgd_trainer(args, config)
+
+
 KRONECKER_256 = {"kind": "kronecker", "dim": 256, "seed": 2}
 
 

@@ -4,7 +4,8 @@
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_vision_ranks.py URL
 OUT`` (the runs have ``use_cpu``: gloo on the CPU).  The main process writes ``{name: run id}``
 to ``OUT/run_ids.json``, and every rank the kernelscope warnings of the FSDP2 run to
-``OUT/warnings-RANK``.
+``OUT/warnings-RANK``.  The DeepSpeed ZeRO 3 run comes last: ``deepspeed.zero.Init`` patches
+``torch.nn.functional`` for the rest of the process.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import deepspeed
+
 from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig
 from tests.clients.test_trl import SKETCH_512, adam_later_pass_args
 from tests.clients.test_trl_vision import _trainer
 from tests.clients.trl_fsdp import ADAM_BETA0, fsdp_args
-from tests.clients.trl_ranks import exit_without_teardown, finish
+from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
+from tests.clients.trl_zero import ZERO3
 
 #: 3 completions per rank and micro-batch, groups of 4: one group spans the two ranks; step 1
 #: re-trains step 0's completions at ratio != 1 with clipping (update rows)
@@ -49,6 +53,15 @@ def main(url: str, out: Path) -> None:
     found = [str(w.message) for w in caught if str(w.message).startswith("kernelscope:")]
     (out / f"warnings-{rank}").write_text("\n".join(found))
     run_ids["fsdp2"] = trainer.kernelscope_run_id
+    # ZeRO 3, every parameter partitioned: TRL gathers the LM head for its fused head, and
+    # the whole language side, head included, keeps the identity
+    # DeepSpeed's own process group wrapper: accelerate sets it up only when DeepSpeed is the
+    # first thing in the process, and zero.Init reads the world size from it
+    deepspeed.init_distributed(dist_backend="gloo")
+    args = rank_args(out / "zero3", 1e-3, **ADAM_BETA0, deepspeed=ZERO3)
+    trainer = _trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer"))
+    trainer.train()
+    run_ids["zero3"] = trainer.kernelscope_run_id
     finish(out, run_ids)
 
 

@@ -659,7 +659,7 @@ def iter_captured_chunks(
                     if method == "vmap":
                         raise
                     warnings.warn(
-                        f"vmap capture failed for {type(model).__name__} "
+                        f"kernelscope: vmap capture failed for {type(model).__name__} "
                         f"({type(exc).__name__}: {str(exc)[:200]}); using the per-sequence loop",
                         RuntimeWarning,
                         stacklevel=3,

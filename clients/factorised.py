@@ -737,8 +737,8 @@ class FactorisedCapture:
             raise ValueError(f"no hook can capture these parameters: {missing}")
         if missing and non_matrix != "exclude":
             warnings.warn(
-                f"factorised capture leaves out {len(missing)} parameter(s) that no supported "
-                f"module owns: {missing[:8]}",
+                f"kernelscope: factorised capture leaves out {len(missing)} parameter(s) that no "
+                f"supported module owns: {missing[:8]}",
                 RuntimeWarning,
                 stacklevel=2,
             )

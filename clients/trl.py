@@ -1253,8 +1253,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             warnings.warn(
                 f"kernelscope: the captured log-probs differ from TRL's by up to {gap:.3g} "
                 f"(tolerance {tolerance:.3g}); the pushed gradients are not those of TRL's loss. "
-                "Likely cause: a model with absolute position embeddings (GPT-2) and prompts "
-                "of different lengths (TRL left-pads them); see docs/trl.md.",
+                "Likely causes: a model with absolute position embeddings (GPT-2) and prompts "
+                "of different lengths (TRL left-pads them), or dropout in TRL's forward "
+                '(disable_dropout=False); see docs/trl.md "Warnings".',
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -386,7 +386,8 @@ def _run_compiled(
         return compiled(*args)
     except Exception as exc:  # no compiler, unsupported device, ...: eager from now on
         warnings.warn(
-            f"torch.compile of the sketch generator failed, using eager: {exc}", stacklevel=2
+            f"kernelscope: torch.compile of the sketch generator failed, using eager: {exc}",
+            stacklevel=2,
         )
         _compile_enabled = False
         return None

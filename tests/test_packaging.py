@@ -71,3 +71,37 @@ def test_the_build_reads_the_metadata_without_deprecations() -> None:
         dist = apply_configuration(Distribution(), REPO / "pyproject.toml")
     assert dist.metadata.license_expression == "Apache-2.0"
     assert (REPO / "LICENSE").read_text().lstrip().startswith("Apache License")
+
+
+def _message_prefix(node: ast.expr) -> str:
+    """The literal start of a message: a string, or an f-string's first literal part."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values:
+        return _message_prefix(node.values[0])
+    return ""
+
+
+def test_every_warning_says_it_is_kernelscopes() -> None:
+    """Every warning the packages give starts with ``kernelscope:``, so that a trainer's log
+    says whose it is and ``warnings.filterwarnings(..., message="kernelscope:")`` reaches all
+    of them (docs/trl.md, "Warnings")."""
+    calls = []
+    for pkg in ("service", "sketch", "clients"):
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "warn"
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "warnings"
+                ):
+                    calls.append((f"{path.relative_to(REPO)}:{node.lineno}", node.args[0]))
+    assert len(calls) >= 10
+    unnamed = [
+        where
+        for where, message in calls
+        if not _message_prefix(message).startswith("kernelscope: ")
+    ]
+    assert not unnamed, unnamed

@@ -757,6 +757,15 @@ class Client(Endpoints):
             base_url=self.base_url, headers=_headers(token), timeout=timeout, transport=transport
         )
 
+    def reachable(self, timeout: float = 5.0) -> bool:
+        """Whether ``GET /healthz`` answers 200 within ``timeout`` seconds, in one try (no
+        retries): a cheap probe of a service that stopped answering, before pushes that would
+        each wait for the full timeout and retries."""
+        try:
+            return self._http.get("/healthz", timeout=timeout).status_code == 200
+        except httpx.TransportError:
+            return False
+
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -811,6 +820,13 @@ class AsyncClient(Endpoints):
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=_headers(token), timeout=timeout, transport=transport
         )
+
+    async def reachable(self, timeout: float = 5.0) -> bool:
+        """:meth:`Client.reachable`."""
+        try:
+            return (await self._http.get("/healthz", timeout=timeout)).status_code == 200
+        except httpx.TransportError:
+            return False
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -102,6 +102,9 @@ TRAINER_SKETCH_MIN_PARAMETERS = 1 << 20
 #: it continues that run when no ``run_id`` is configured; docs/trl.md "Resuming")
 RUN_ID_FILE = "kernelscope.json"
 
+#: seconds a step waits for ``GET /healthz`` after a push has failed (``on_push_error="warn"``)
+PROBE_TIMEOUT_S = 5.0
+
 #: sampling settings that make the sampler draw from another distribution than the policy's,
 #: with the value at which they do not (``generation_kwargs`` may hold the last four too)
 _NEUTRAL_SAMPLING: dict[str, Any] = {
@@ -418,7 +421,10 @@ class KernelscopeConfig:
         overloaded or refusing a request): ``"warn"`` (default) drops the rest of that step's
         pushes with one ``RuntimeWarning`` and lets training go on; what the step had stored
         is deleted once the service answers again (after a later step's pushes, or at the end
-        of ``train()``), so that no step waits forever for this rank's sequences.
+        of ``train()``), so that no step waits forever for this rank's sequences.  Until it
+        answers, each later step first probes it (``GET /healthz``, one try of
+        ``PROBE_TIMEOUT_S``) and is not pushed when the probe fails, so that a service that
+        hangs costs a step one short probe, not the client's timeout times its retries.
         ``"raise"`` raises the client's error out of the training step.  The
         trainer's computation and collectives run either way, so ranks stay in step.  Creating
         the run (when the trainer is built) always raises.
@@ -618,6 +624,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._ks_begun = False  # _kernelscope_begin has run
         #: steps whose pushes failed (_kernelscope_send), until their leftovers are deleted
         self._ks_lost: set[int] = set()
+        self._ks_down = False  # a push failed, and no probe has answered since
         method = kernelscope.capture_method
         #: how exact chunks are captured: the configured method, then the one that worked
         self._ks_exact_method: Literal["auto", "vmap", "loop"] = (
@@ -1015,19 +1022,35 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> None:
         """``push(run_id, step, *args, **kwargs)``: one of the step's pushes.  After one has
         failed (:attr:`KernelscopeConfig.on_push_error` ``"warn"``) the step's others are
-        skipped: its rows and sequences would not make a whole step."""
+        skipped: its rows and sequences would not make a whole step.  Until the service answers
+        a probe again, each later step's first push probes it and the step is skipped when it
+        does not answer."""
         if step in self._ks_lost:
             return
+        if self._ks_down:
+            if not self.kernelscope_client.reachable(timeout=PROBE_TIMEOUT_S):
+                self._ks_lost.add(step)
+                return
+            self._ks_down = False
+            warnings.warn(
+                f"kernelscope: the service answers again at step {step} of run "
+                f"{self.kernelscope_run_id!r}; steps {sorted(self._ks_lost)} were not pushed, "
+                "and what they stored is deleted",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         try:
             push(self.kernelscope_run_id, step, *args, **kwargs)
         except KernelscopeError as exc:
             if self.kernelscope.on_push_error == "raise":
                 raise
             self._ks_lost.add(step)
+            self._ks_down = True
             warnings.warn(
                 f"kernelscope: step {step} of run {self.kernelscope_run_id!r} not pushed "
-                f"({type(exc).__name__}: {exc}); training goes on, and what the step stored is "
-                "deleted once the service answers again (KernelscopeConfig.on_push_error)",
+                f"({type(exc).__name__}: {exc}); training goes on, later steps are pushed once "
+                "the service answers GET /healthz again, and what this one stored is then deleted "
+                "(KernelscopeConfig.on_push_error)",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -1036,6 +1059,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         """Delete what the lost steps (earlier than ``before``; all with None) had stored: this
         rank's sequences never arrive, so they would stay pending.  A step the service still
         does not take stays lost, to be deleted after a later step."""
+        if self._ks_down and not self.kernelscope_client.reachable(timeout=PROBE_TIMEOUT_S):
+            return  # the end of train() with the service still down: no waits for retries
         for step in sorted(s for s in self._ks_lost if before is None or s < before):
             try:
                 self.kernelscope_client.delete_step(self.kernelscope_run_id, step)

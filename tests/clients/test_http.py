@@ -289,6 +289,20 @@ def test_end_to_end_exact_kernel_with_split_uploads(live_service: LiveService) -
     assert report.delta_h1_applied == pytest.approx(float(h @ (W @ u_flat)), rel=1e-4, abs=1e-8)
 
 
+def test_reachable_is_one_short_try(live_service: LiveService) -> None:
+    """``reachable`` is True for a service that answers ``/healthz`` and False at once for a
+    port nothing listens on (no retries), for both clients."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    with Client(live_service.base_url) as up, Client(closed) as down:
+        assert up.reachable() and not down.reachable(timeout=1.0)
+
+    async def both() -> tuple[bool, bool]:
+        async with AsyncClient(live_service.base_url) as up, AsyncClient(closed) as down:
+            return await up.reachable(), await down.reachable(timeout=1.0)
+
+    assert asyncio.run(both()) == (True, False)
+
+
 def test_problem_details_surface_as_exceptions(live_service: LiveService) -> None:
     grads, _, seqs, cap = _captured(n=2)
     ids = [s["id"] for s in seqs]

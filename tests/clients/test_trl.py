@@ -10,6 +10,7 @@ bf16 precision.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import json
@@ -19,7 +20,7 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -857,16 +858,17 @@ def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(
 
 
 class _Unreachable(httpx.HTTPTransport):
-    """The service's transport, with every request to paths ending in ``suffix`` refused as a
-    dropped connection (the service down while one step's sequences are pushed, after its
-    rows and applied update were stored)."""
+    """The service's transport, with the requests that ``refused`` picks refused as a dropped
+    connection; ``seen`` counts every request by its path."""
 
-    def __init__(self, suffix: str) -> None:
+    def __init__(self, refused: Callable[[httpx.Request], bool]) -> None:
         super().__init__()
-        self.suffix = suffix
+        self.refused = refused
+        self.seen: collections.Counter[str] = collections.Counter()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith(self.suffix):
+        self.seen[request.url.path] += 1
+        if self.refused(request):
             raise httpx.ConnectError("connection refused", request=request)
         return super().handle_request(request)
 
@@ -889,7 +891,7 @@ def test_a_step_the_service_does_not_take_leaves_training_alone(
     )
     client = Client(
         live_service.base_url,
-        transport=_Unreachable("/steps/1/sequences"),
+        transport=_Unreachable(lambda r: r.url.path.endswith("/steps/1/sequences")),
         retry=RetryPolicy(attempts=2, backoff_s=0.01),
     )
     trainer = sgd_trainer(args, config, kernelscope_client=client)
@@ -900,13 +902,53 @@ def test_a_step_the_service_does_not_take_leaves_training_alone(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    lost = [w for w in caught if "not pushed" in str(w.message)]
-    assert len(lost) == 1 and "step 1 of run" in str(lost[0].message)
+    lost = [str(w.message) for w in caught if "not pushed (" in str(w.message)]
+    assert len(lost) == 1 and "step 1 of run" in lost[0]
+    back = [str(w.message) for w in caught if "answers again" in str(w.message)]
+    assert len(back) == 1 and "at step 2" in back[0]
     assert trainer.state.global_step == 3 and not trainer._ks_lost
     with Client(live_service.base_url) as reader:
         assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 2))
         steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
         assert sorted(steps) == [0, 2]
+
+
+def test_an_outage_costs_each_step_one_probe(live_service: LiveService, tmp_path: Path) -> None:
+    """The service stops answering during step 1 and comes back at step 4: step 1's push fails
+    after the client's retries; steps 2 and 3 each probe ``GET /healthz`` once (refused) and
+    send nothing else, so that a hung service costs a step one short probe, not the client's
+    timeout times its retries; step 4's probe answers, step 4 is pushed whole with the
+    identity, and steps 1-3 are deleted (step 1 had stored its rows).  Before, every step
+    of the outage retried each of its pushes."""
+    probes = {"refused": 0}
+
+    def down(request: httpx.Request) -> bool:
+        if request.url.path == "/healthz" and probes["refused"] < 2:
+            probes["refused"] += 1
+            return True
+        return request.url.path.endswith("/steps/1/sequences")
+
+    transport = _Unreachable(down)
+    client = Client(
+        live_service.base_url, transport=transport, retry=RetryPolicy(attempts=2, backoff_s=0.01)
+    )
+    args = sgd_args(tmp_path, learning_rate=0.05, max_steps=5)
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
+    trainer = sgd_trainer(args, config, kernelscope_client=client)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if str(w.message).startswith("kernelscope:")]
+    assert sum("not pushed (" in m for m in messages) == 1
+    back = [m for m in messages if "answers again" in m]
+    assert len(back) == 1 and "at step 4" in back[0] and "steps [1, 2, 3]" in back[0]
+    assert transport.seen["/healthz"] == 3
+    assert not any(f"/steps/{step}/" in path for path in transport.seen for step in (2, 3))
+    assert not trainer._ks_lost and not trainer._ks_down
+    with Client(live_service.base_url) as reader:
+        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 4))
+        steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
+        assert sorted(steps) == [0, 4]
 
 
 def test_a_truncated_sampler_is_named_when_the_trainer_is_built(

@@ -239,6 +239,23 @@ class TokenCoefficients(NamedTuple):
     router: float = 0.0
 
 
+def has_loss_of_its_own(trainer_class: type) -> bool:
+    """Whether a GRPO trainer class has a ``compute_loss`` or ``_compute_loss`` other than
+    TRL's and the kernelscope trainer's (its own, or a class's after the kernelscope trainer in
+    its MRO): then its token coefficients cannot be told from a micro-batch's inputs."""
+    return any(
+        name in vars(cls)
+        for cls in trainer_class.__mro__
+        if issubclass(cls, GRPOTrainer) and cls not in (KernelscopeGRPOTrainer, GRPOTrainer)
+        for name in ("compute_loss", "_compute_loss")
+    )
+
+
+#: set on a trainer while :func:`trl_token_coefficients` runs its loss: the kernelscope
+#: trainer's ``compute_loss`` then records nothing
+_COEFFICIENTS_PASS = "_kernelscope_coefficients_pass"
+
+
 @contextlib.contextmanager
 def _trl_state_kept(trainer: GRPOTrainer) -> Iterator[None]:
     """Run TRL's loss once more without side effects: its logged metrics and its adaptive
@@ -265,7 +282,9 @@ def trl_token_coefficients(
 ) -> TokenCoefficients:
     """The token coefficients of TRL's own loss on one micro-batch (:class:`TokenCoefficients`).
 
-    TRL's ``compute_loss`` runs as it does in training, except that its per-token log-probs
+    The trainer's ``compute_loss`` (TRL's, or a subclass's built on TRL's log-probs; the
+    kernelscope trainer's passes straight through) runs as it does in training, except that
+    its per-token log-probs
     (and, with an entropy bonus, its per-token entropies) are replaced by leaves (the same
     values, detached): autograd of the loss with respect to them gives every token's
     coefficients, whatever the loss type, PPO ratio, clipping, KL term, token mask, importance
@@ -287,14 +306,18 @@ def trl_token_coefficients(
         return (leaf, entropy_leaf, aux if aux_leaf is None else aux_leaf, *rest)
 
     trainer._get_per_token_logps_and_entropies = as_leaves  # type: ignore[method-assign]
+    setattr(trainer, _COEFFICIENTS_PASS, True)
     try:
         with _trl_state_kept(trainer):
-            # TRL's own compute_loss, not a subclass's (the kernelscope trainer captures there)
-            loss = GRPOTrainer.compute_loss(trainer, model, dict(inputs))
+            loss = trainer.compute_loss(model, dict(inputs))
     finally:
         del trainer._get_per_token_logps_and_entropies
+        delattr(trainer, _COEFFICIENTS_PASS)
     if len(leaves) != 1:
-        raise RuntimeError(f"TRL's loss computed its log-probs {len(leaves)} times, expected 1")
+        raise RuntimeError(
+            f"the trainer's loss computed TRL's per-token log-probs {len(leaves)} times, "
+            "expected once: update rows need a loss built on them"
+        )
     logps, entropies, aux = leaves[0]
     wrt = [t for t in (logps, entropies, aux) if t is not None]
     grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, allow_unused=True), strict=True))
@@ -1097,6 +1120,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> torch.Tensor:
+        if getattr(self, _COEFFICIENTS_PASS, False):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._kernelscope_policy().training and "kernelscope_index" in inputs:
             self._kernelscope_record(inputs)
             if not self._ks_head_checked and self.accelerator.is_fsdp2:
@@ -1240,10 +1265,12 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
         """Whether TRL's loss on this micro-batch is at PPO ratio 1 with nothing but the
         sequence weights (no earlier policy's log-probs, KL term, importance weight, token mask,
-        per-token advantage, entropy bonus): then its token coefficients are ``weight_i A_i``
-        and the forward that :func:`trl_token_coefficients` would spend is skipped."""
+        per-token advantage, entropy bonus, loss of a subclass's own): then its token
+        coefficients are ``weight_i A_i`` and the forward that :func:`trl_token_coefficients`
+        would spend is skipped."""
         return (
-            not getattr(self, "_entropy_bonus_enabled", False)
+            not has_loss_of_its_own(type(self))
+            and not getattr(self, "_entropy_bonus_enabled", False)
             and "old_per_token_logps" not in inputs
             and "importance_sampling_ratio" not in inputs
             and "tool_mask" not in inputs

@@ -58,6 +58,7 @@ from clients.trl import (  # noqa: E402
     KernelscopeGRPOTrainer,
     UnsupportedTRLSettingError,
     check_supported,
+    has_loss_of_its_own,
     trl_sequence_weights,
     trl_token_coefficients,
 )
@@ -949,6 +950,48 @@ def test_an_outage_costs_each_step_one_probe(live_service: LiveService, tmp_path
         assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 4))
         steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
         assert sorted(steps) == [0, 4]
+
+
+class _DoubledLoss(GRPOTrainer):
+    """A user's GRPO trainer with a loss of its own: twice TRL's."""
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        return 2.0 * super().compute_loss(*args, **kwargs)
+
+
+class _KernelscopeBeforeDoubled(KernelscopeGRPOTrainer, _DoubledLoss):
+    """kernelscope mixed into the user's trainer: its loss comes after in the MRO."""
+
+
+class _DoubledKernelscope(KernelscopeGRPOTrainer):
+    """The user's trainer as a subclass of kernelscope's: its loss comes first."""
+
+    def compute_loss(self, *args: Any, **kwargs: Any) -> Any:
+        return 2.0 * super().compute_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize("trainer_class", [_KernelscopeBeforeDoubled, _DoubledKernelscope])
+def test_a_trainer_with_a_loss_of_its_own_is_captured_with_it(
+    live_service: LiveService, tmp_path: Path, trainer_class: type[KernelscopeGRPOTrainer]
+) -> None:
+    """A subclass's own ``compute_loss`` (twice TRL's, on policy), before or after
+    kernelscope's trainer in the MRO: the update rows come from that loss, not TRL's, so a
+    two-step SGD run keeps ``plugin dH1 = delta_h1_applied``.  Before, the coefficients were
+    TRL's own loss's, and an on-policy micro-batch skipped them: the prediction was half the
+    applied change."""
+    args = sgd_args(tmp_path, learning_rate=0.05)
+    trainer = trainer_class(
+        model=tiny_llama(),
+        reward_funcs=first_char_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=char_tokenizer(),
+        kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
+    )
+    assert has_loss_of_its_own(trainer_class) and not has_loss_of_its_own(KernelscopeGRPOTrainer)
+    trainer.train()
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
 def test_a_truncated_sampler_is_named_when_the_trainer_is_built(

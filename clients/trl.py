@@ -106,7 +106,7 @@ RUN_ID_FILE = "kernelscope.json"
 PROBE_TIMEOUT_S = 5.0
 
 #: sampling settings that make the sampler draw from another distribution than the policy's,
-#: with the value at which they do not (``generation_kwargs`` may hold the last four too)
+#: with the value at which they do not (the last four only in ``generation_kwargs``)
 _NEUTRAL_SAMPLING: dict[str, Any] = {
     "top_p": 1.0,
     "top_k": 0,
@@ -280,18 +280,19 @@ def _trl_state_kept(trainer: GRPOTrainer) -> Iterator[None]:
 def trl_token_coefficients(
     trainer: GRPOTrainer, model: nn.Module, inputs: Mapping[str, Any]
 ) -> TokenCoefficients:
-    """The token coefficients of TRL's own loss on one micro-batch (:class:`TokenCoefficients`).
+    """The token coefficients of the trainer's loss on one micro-batch
+    (:class:`TokenCoefficients`).
 
     The trainer's ``compute_loss`` (TRL's, or a subclass's built on TRL's log-probs; the
     kernelscope trainer's passes straight through) runs as it does in training, except that
-    its per-token log-probs
-    (and, with an entropy bonus, its per-token entropies) are replaced by leaves (the same
-    values, detached): autograd of the loss with respect to them gives every token's
-    coefficients, whatever the loss type, PPO ratio, clipping, KL term, token mask, importance
-    weight or entropy bonus (static or adaptive).  A mixture-of-experts model's load-balancing
-    loss, which TRL adds to its loss, is a leaf too: its coefficient is ``router``.  The
-    model's forward runs without a graph, so this costs one forward.  Nothing is written to
-    ``.grad``, and TRL's logged metrics and adaptive entropy controller are left as they were.
+    its per-token log-probs (and, with an entropy bonus, its per-token entropies) are replaced
+    by leaves (the same values, detached): autograd of the loss with respect to them gives
+    every token's coefficients, whatever the loss type, PPO ratio, clipping, KL term, token
+    mask, importance weight or entropy bonus (static or adaptive).  A mixture-of-experts
+    model's load-balancing loss, which TRL adds to its loss, is a leaf too: its coefficient is
+    ``router``.  The model's forward runs without a graph, so this costs one forward.  Nothing
+    is written to ``.grad``, and TRL's logged metrics and adaptive entropy controller are left
+    as they were.
     """
     real = trainer._get_per_token_logps_and_entropies
     leaves: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []

@@ -487,9 +487,9 @@ def test_vision_language_runs_on_two_ranks(live_service: LiveService, tmp_path: 
     completions alone.  The trainer says so on every rank, and the run studies the text
     decoder without the head, where the identity holds.
 
-    Under DeepSpeed ZeRO 3, with every parameter partitioned as the model is built, TRL
-    gathers the head for its fused head, and the whole language side, head included, keeps
-    the identity."""
+    Under DeepSpeed ZeRO 3, with every parameter partitioned (the vision tower already as the
+    model is built, the rest by the engine), TRL gathers the head for its fused head, and the
+    whole language side, head included, keeps the identity."""
     launch_two_ranks("trl_vision_ranks.py", live_service.base_url, tmp_path)
     run_ids = json.loads((tmp_path / "run_ids.json").read_text())
     for rank in (0, 1):

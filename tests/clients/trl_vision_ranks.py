@@ -18,6 +18,7 @@ from typing import Any
 import deepspeed
 
 from clients.filters import ParameterFilter
+from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig
 from tests.clients.test_trl import SKETCH_512, adam_later_pass_args
 from tests.clients.test_trl_vision import _trainer
@@ -53,14 +54,16 @@ def main(url: str, out: Path) -> None:
     found = [str(w.message) for w in caught if str(w.message).startswith("kernelscope:")]
     (out / f"warnings-{rank}").write_text("\n".join(found))
     run_ids["fsdp2"] = trainer.kernelscope_run_id
-    # ZeRO 3, every parameter partitioned: TRL gathers the LM head for its fused head, and
-    # the whole language side, head included, keeps the identity
-    # DeepSpeed's own process group wrapper: accelerate sets it up only when DeepSpeed is the
-    # first thing in the process, and zero.Init reads the world size from it
+    # ZeRO 3, every parameter partitioned (by the engine; the vision tower, which the model
+    # builds with from_config, already under zero.Init): TRL gathers the LM head for its fused
+    # head, and the whole language side, head included, keeps the identity.  DeepSpeed's
+    # process group wrapper first: accelerate sets it up only when DeepSpeed is the first
+    # thing in the process, and zero.Init reads the world size from it
     deepspeed.init_distributed(dist_backend="gloo")
     args = rank_args(out / "zero3", 1e-3, **ADAM_BETA0, deepspeed=ZERO3)
     trainer = _trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, sketch_on="trainer"))
     trainer.train()
+    assert all(is_partitioned(p) for p in trainer.model.parameters())
     run_ids["zero3"] = trainer.kernelscope_run_id
     finish(out, run_ids)
 

@@ -106,16 +106,17 @@ RUN_ID_FILE = "kernelscope.json"
 PROBE_TIMEOUT_S = 5.0
 
 #: sampling settings that make the sampler draw from another distribution than the policy's,
-#: with the value at which they do not (the last four only in ``generation_kwargs``)
-_NEUTRAL_SAMPLING: dict[str, Any] = {
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-    "repetition_penalty": 1.0,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "no_repeat_ngram_size": 0,
+#: and the values at which they do (the last four only in ``generation_kwargs``; a top-k of 0
+#: or -1 is off, in transformers' and vLLM's conventions)
+_SAMPLER_CHANGES: dict[str, Callable[[float], bool]] = {
+    "top_p": lambda v: v < 1.0,
+    "top_k": lambda v: v > 0,
+    "min_p": lambda v: v > 0.0,
+    "repetition_penalty": lambda v: v != 1.0,
+    "typical_p": lambda v: v < 1.0,
+    "epsilon_cutoff": lambda v: v > 0.0,
+    "eta_cutoff": lambda v: v > 0.0,
+    "no_repeat_ngram_size": lambda v: v > 0,
 }
 
 #: what makes the trainer capture rows by hooks, for the refusals that need them
@@ -866,12 +867,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         }
         kwargs = args.generation_kwargs
         if isinstance(kwargs, Mapping):
-            settings.update({k: v for k, v in kwargs.items() if k in _NEUTRAL_SAMPLING})
-        changed = {
-            k: v
-            for k, v in settings.items()
-            if v is not None and k in _NEUTRAL_SAMPLING and v != _NEUTRAL_SAMPLING[k]
-        }
+            settings.update({k: v for k, v in kwargs.items() if k in _SAMPLER_CHANGES})
+        changed = {k: v for k, v in settings.items() if v is not None and _SAMPLER_CHANGES[k](v)}
         if not changed:
             return
         named = ", ".join(f"{k}={v!r}" for k, v in changed.items())

@@ -999,11 +999,12 @@ def test_a_truncated_sampler_is_named_when_the_trainer_is_built(
 ) -> None:
     """Nucleus or top-k sampling (in TRL's config or its ``generation_kwargs``) draws the
     completions from another distribution than the policy's: the trainer says so, once, when
-    it is built; TRL's defaults say nothing."""
+    it is built; TRL's defaults and a top-k of -1 (vLLM's "off") say nothing."""
     config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="kernelscope: completions are sampled")
         sgd_trainer(sgd_args(tmp_path, 0.05), config)
+        sgd_trainer(sgd_args(tmp_path, 0.05, top_k=-1), config)  # vLLM's "off"
     args = sgd_args(tmp_path, 0.05, top_p=0.9, generation_kwargs={"top_k": 5, "do_sample": True})
     with pytest.warns(UserWarning, match=r"sampled with top_p=0\.9, top_k=5, not from the policy"):
         sgd_trainer(args, config)

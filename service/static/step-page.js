@@ -91,6 +91,7 @@ export function stepPage(frame, runId, step, t, klCovRatio = null) {
   frame.view.replaceChildren(head, el("div", { class: "grid" }, summary, cSpec, cDiag, cHeatK, cHeatR, cPairs, cQuad, cGroups, table, cTokens));
   const seqSort = { key: "contribution", dir: "asc" };
   const tokenSorts = { down: { key: "share", dir: "asc" }, up: { key: "share", dir: "desc" } };
+  const ratioDraft = { value: null }; // a ratio typed, not applied: kept across redraws
   // a new ratio is a new address (a link reproduces the view); the hash change redraws the page
   const onRatio = (r) => {
     location.hash = `/runs/${enc(runId)}/steps/${step}?target=${t.key}&kl_cov_ratio=${r}`;
@@ -121,7 +122,7 @@ export function stepPage(frame, runId, step, t, klCovRatio = null) {
   function draw() {
     const { spectrum, blocks, diagonal, entropy, tokens } = data;
     cTokens.hidden = false;
-    drawTokensCard(cTokens, tokens, { runId, step, t, klCovRatio, onRatio, sorts: tokenSorts });
+    drawTokensCard(cTokens, tokens, { runId, step, t, klCovRatio, onRatio, sorts: tokenSorts, draft: ratioDraft });
     const e = entropy;
     summary.replaceChildren(
       el("h3", { text: `Change of the ${t.name} at this step (${t.per})` }),

@@ -96,9 +96,11 @@ function covarianceKpis(c, unit) {
  * Draw the "tokens" card of a step into `box` (a section): the KL-Cov ratio form, the
  * covariance comparison, and the tokens pushing entropy down and up (tables whose sequence
  * and token cells link to the sequence view).  `tokens`: TokensOut or null (no shares: a
- * one-line hint); `onRatio(r)`: called with the ratio the user asks for.
+ * one-line hint); `onRatio(r)`: called with the ratio the user asks for; `draft`: the page's
+ * `{ value }` of a ratio typed but not applied yet, which a redraw (new data, a resize) keeps
+ * with the field's focus instead of resetting what the user is typing.
  */
-export function drawTokensCard(box, tokens, { runId, step, t, klCovRatio, onRatio, sorts }) {
+export function drawTokensCard(box, tokens, { runId, step, t, klCovRatio, onRatio, sorts, draft }) {
   box.dataset.card = "tokens";
   box.className = "card wide tokens-card";
   if (tokens === null) {
@@ -107,7 +109,8 @@ export function drawTokensCard(box, tokens, { runId, step, t, klCovRatio, onRati
   }
   const c = tokens.covariance;
   const unit = tokens.target === "token_mean" ? "nats/token" : "nats";
-  const input = el("input", { id: "kl-cov-ratio", type: "number", min: "0", max: "1", step: "any", value: String(klCovRatio || c.kl_cov_ratio), "aria-label": "KL-Cov ratio" });
+  const focused = document.activeElement !== null && document.activeElement.id === "kl-cov-ratio";
+  const input = el("input", { id: "kl-cov-ratio", type: "number", min: "0", max: "1", step: "any", value: draft.value ?? String(klCovRatio || c.kl_cov_ratio), "aria-label": "KL-Cov ratio", oninput: () => { draft.value = input.value; } });
   const form = el(
     "form",
     {
@@ -147,4 +150,5 @@ export function drawTokensCard(box, tokens, { runId, step, t, klCovRatio, onRati
     ),
     el("div", { class: "tokens-tables" }, side("down", tokens.down, `pushing entropy down most (${tokens.down.length})`), side("up", tokens.up, `pushing entropy up most (${tokens.up.length})`)),
   );
+  if (focused) input.focus();
 }

@@ -1116,10 +1116,12 @@ RGB_RE = re.compile(r"rgb\((\d+), (\d+), (\d+)\)")
 def test_tokens_card_and_sequence_view(dashboard_service: LiveService) -> None:
     """A step with token shares: the step page's tokens card lists the API's top tokens down
     and up (sequence, position, text, share, covariance score) and its covariance comparison,
-    also under a KL-Cov ratio the user types in; a click on a token opens its sequence's view,
-    whose tokens carry the API's text (or id), share, colour side (vermillion down, blue up),
-    hover text and covariance bar, under a legend of the scale's values.  The pages run under
-    their Content-Security-Policy and log no console error."""
+    also under a KL-Cov ratio the user types in (kept through a redraw before it is applied:
+    before, the redraw on a resize reset it, and the test failed when the resize of its
+    full-page screenshot landed between typing and the click); a click on a token opens its
+    sequence's view, whose tokens carry the API's text (or id), share, colour side (vermillion
+    down, blue up), hover text and covariance bar, under a legend of the scale's values.  The
+    pages run under their Content-Security-Policy and log no console error."""
     from playwright.sync_api import sync_playwright
 
     base = dashboard_service.base_url
@@ -1189,7 +1191,15 @@ def test_tokens_card_and_sequence_view(dashboard_service: LiveService) -> None:
             page.wait_for_selector("[data-card=tokens] [data-side=up] tbody tr")
             check_card(tokens)
             page.screenshot(path=str(ARTIFACTS / "step-tokens-1280x800.png"), full_page=True)
+            # the full-page screenshot resizes the page, which redraws it 150 ms later: typing
+            # into the field while it is replaced would mix old and new text
+            page.wait_for_timeout(400)
             page.fill("#kl-cov-ratio", str(ratio))
+            # a redraw after the user typed (a resize) keeps the typed ratio and the focus
+            page.evaluate("window.dispatchEvent(new Event('resize'))")
+            page.wait_for_timeout(400)
+            assert page.input_value("#kl-cov-ratio") == str(ratio)
+            assert page.evaluate("document.activeElement.id") == "kl-cov-ratio"
             page.click(".ratio-form button")
             page.wait_for_selector(
                 f"[data-kpi=precision] >> text=precision at k = {wider['covariance']['k']}"

@@ -516,7 +516,7 @@ def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
 
     from clients.factorised import HookedCapture
     from clients.shards import whole
-    from tests.clients.conftest import fsdp2_llama
+    from tests.clients.conftest import exit_without_teardown, fsdp2_llama
 
     warnings.simplefilter("ignore")
     with fsdp2_llama(rank, world, init) as (model, plain):
@@ -541,6 +541,7 @@ def _sharded_capture_rank(rank: int, world: int, init: str, out: str) -> None:
         dist.all_reduce(result["grad_plain"])
         result["grad_plain"] /= world
         torch.save(result, f"{out}/{rank}.pt")
+    exit_without_teardown()
 
 
 def test_hook_captures_on_a_model_sharded_by_fsdp2(tmp_path: Any) -> None:

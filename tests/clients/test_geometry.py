@@ -418,7 +418,7 @@ def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
     ``logprob_after``'s forward."""
     from clients.shards import GatheredOnAccess, is_sharded, sketch_of_whole, whole
     from sketch.spec import SketchSpec, build_sketcher
-    from tests.clients.conftest import fsdp2_llama
+    from tests.clients.conftest import exit_without_teardown, fsdp2_llama
 
     warnings.simplefilter("ignore")
     # the head stays a plain tensor, whole on every rank (FSDP leaves it alone)
@@ -468,6 +468,7 @@ def _sharded_adam_rank(rank: int, world: int, init: str, out: str) -> None:
                 sketcher = build_sketcher(spec, declared)
                 result[f"{tag}/{kind}"] = sketch_of_whole(sketcher, list(update.items()))
         torch.save(result, f"{out}/{rank}.pt")
+    exit_without_teardown()
 
 
 def test_adam_geometry_of_a_model_sharded_by_fsdp2(tmp_path: Path) -> None:

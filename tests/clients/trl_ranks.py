@@ -12,7 +12,6 @@ trainer drew, and the warnings it gave.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import warnings
@@ -23,6 +22,7 @@ from accelerate.state import PartialState
 
 from clients.http import Client
 from clients.trl import KernelscopeConfig
+from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import SKETCH_512, sgd_args, sgd_trainer
 
 
@@ -101,16 +101,6 @@ def finish(out: Path, results: dict[str, Any]) -> None:
     if state.is_main_process:
         (out / "run_ids.json").write_text(json.dumps(results))
     state.destroy_process_group()
-
-
-def exit_without_teardown() -> None:
-    """Leave the process without the interpreter's teardown.  After a finished run a rank can
-    abort in the static destructors of torch's C++ threads (gloo's, the rank-0 store's):
-    "terminate called without an active exception", SIGABRT, even with the process group
-    destroyed first (seen once in CI, and in 1 of 14 runs of ``trl_fsdp.py`` here)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

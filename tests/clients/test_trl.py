@@ -731,10 +731,15 @@ def adam_later_pass_args(tmp_path: Path, **overrides: Any) -> GRPOConfig:
 
 
 def sgd_trainer(
-    args: GRPOConfig, kernelscope: KernelscopeConfig, model: Any = None, **kwargs: Any
+    args: GRPOConfig,
+    kernelscope: KernelscopeConfig,
+    model: Any = None,
+    trainer_class: type[KernelscopeGRPOTrainer] = KernelscopeGRPOTrainer,
+    **kwargs: Any,
 ) -> KernelscopeGRPOTrainer:
-    """A kernelscope trainer of the tiny Llama on the test prompts (``kwargs``: e.g. LoRA)."""
-    return KernelscopeGRPOTrainer(
+    """A kernelscope trainer (``trainer_class``) of the tiny Llama on the test prompts
+    (``kwargs``: e.g. LoRA)."""
+    return trainer_class(
         model=tiny_llama() if model is None else model,
         reward_funcs=first_char_reward,
         args=args,
@@ -979,15 +984,8 @@ def test_a_trainer_with_a_loss_of_its_own_is_captured_with_it(
     two-step SGD run keeps ``plugin dH1 = delta_h1_applied``.  Before, the coefficients were
     TRL's own loss's, and an on-policy micro-batch skipped them: the prediction was half the
     applied change."""
-    args = sgd_args(tmp_path, learning_rate=0.05)
-    trainer = trainer_class(
-        model=tiny_llama(),
-        reward_funcs=first_char_reward,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-        processing_class=char_tokenizer(),
-        kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
-    )
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
+    trainer = sgd_trainer(sgd_args(tmp_path, 0.05), config, trainer_class=trainer_class)
     assert has_loss_of_its_own(trainer_class) and not has_loss_of_its_own(KernelscopeGRPOTrainer)
     trainer.train()
     with Client(live_service.base_url) as client:

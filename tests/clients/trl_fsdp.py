@@ -24,8 +24,9 @@ from accelerate.utils import DistributedType
 
 from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
+from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_moe
-from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
+from tests.clients.trl_ranks import finish, rank_args
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
 

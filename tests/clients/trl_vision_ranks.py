@@ -20,10 +20,11 @@ import deepspeed
 from clients.filters import ParameterFilter
 from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig
+from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import SKETCH_512, adam_later_pass_args
 from tests.clients.test_trl_vision import _trainer
 from tests.clients.trl_fsdp import ADAM_BETA0, fsdp_args
-from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
+from tests.clients.trl_ranks import finish, rank_args
 from tests.clients.trl_zero import ZERO3
 
 #: 3 completions per rank and micro-batch, groups of 4: one group spans the two ranks; step 1

@@ -39,6 +39,7 @@ from clients.geometry import (
 from clients.shards import is_partitioned
 from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
 from clients.zero import zero_optimizer
+from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import (
     KRONECKER_256,
     SKETCH_512,
@@ -46,7 +47,7 @@ from tests.clients.test_trl import (
     tiny_llama_config,
     tiny_moe,
 )
-from tests.clients.trl_ranks import exit_without_teardown, finish, rank_args
+from tests.clients.trl_ranks import finish, rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 

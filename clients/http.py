@@ -70,11 +70,17 @@ class RetryPolicy:
 
     The wait before retry ``r`` (1-based) is ``min(max_backoff_s, backoff_s * 2^(r-1))`` times
     a random factor in ``[0.5, 1]`` (jitter), or the server's ``Retry-After`` when larger.
+
+    A request that timed out is retried only when ``GET /healthz`` answers 200 within
+    ``probe_timeout_s`` seconds: a service that hangs then costs one timeout and one probe,
+    not ``attempts`` timeouts; one that is only slow with this request is retried as before.
+    ``None`` retries timeouts like the other transport errors.
     """
 
     attempts: int = 6
     backoff_s: float = 0.2
     max_backoff_s: float = 8.0
+    probe_timeout_s: float | None = 5.0
 
     def delay(self, retry: int, retry_after: str | None = None) -> float:
         base = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
@@ -100,6 +106,7 @@ class Request:
     json: Any = None
     content: bytes | None = None
     headers: Mapping[str, str] | None = None
+    timeout: float | None = None  # seconds; None: the client's
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,19 @@ class Endpoints:
                 response = yield request
             except httpx.TransportError as exc:
                 last = exc
+                probe = self.retry.probe_timeout_s
+                if (
+                    attempt < attempts
+                    and isinstance(exc, httpx.TimeoutException)
+                    and probe is not None
+                    and not (yield from Endpoints.reachable.flow(self, probe))
+                ):
+                    raise TransportError(
+                        0,
+                        type(exc).__name__,
+                        f"{method} {path}: {exc}; not retried: GET /healthz did not answer "
+                        f"within {probe} s either",
+                    ) from exc
                 if attempt < attempts:
                     yield Sleep(self.retry.delay(attempt))
                     continue
@@ -318,6 +338,18 @@ class Endpoints:
         return (yield from self._send(method, path, **kwargs)).json()
 
     # -- runs --------------------------------------------------------------------------------
+
+    @endpoint
+    def reachable(self, timeout: float = 5.0) -> Flow[bool]:
+        """Whether ``GET /healthz`` answers 200 within ``timeout`` seconds, in one try (no
+        retries): a cheap probe of a service that stopped answering, before pushes that would
+        each wait for the full timeout and retries."""
+        try:
+            response = yield Request("GET", "/healthz", timeout=timeout)
+        except httpx.TransportError:
+            return False
+        assert response is not None
+        return bool(response.status_code == 200)
 
     @endpoint
     def health(self) -> Flow[dict[str, Any]]:
@@ -757,15 +789,6 @@ class Client(Endpoints):
             base_url=self.base_url, headers=_headers(token), timeout=timeout, transport=transport
         )
 
-    def reachable(self, timeout: float = 5.0) -> bool:
-        """Whether ``GET /healthz`` answers 200 within ``timeout`` seconds, in one try (no
-        retries): a cheap probe of a service that stopped answering, before pushes that would
-        each wait for the full timeout and retries."""
-        try:
-            return self._http.get("/healthz", timeout=timeout).status_code == 200
-        except httpx.TransportError:
-            return False
-
     def close(self) -> None:
         """Close the connection pool."""
         self._http.close()
@@ -796,6 +819,7 @@ class Client(Endpoints):
                     json=op.json,
                     content=op.content,
                     headers=op.headers,
+                    timeout=httpx.USE_CLIENT_DEFAULT if op.timeout is None else op.timeout,
                 )
             except httpx.TransportError as exc:
                 failure = exc
@@ -820,13 +844,6 @@ class AsyncClient(Endpoints):
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=_headers(token), timeout=timeout, transport=transport
         )
-
-    async def reachable(self, timeout: float = 5.0) -> bool:
-        """:meth:`Client.reachable`."""
-        try:
-            return (await self._http.get("/healthz", timeout=timeout)).status_code == 200
-        except httpx.TransportError:
-            return False
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -858,6 +875,7 @@ class AsyncClient(Endpoints):
                     json=op.json,
                     content=op.content,
                     headers=op.headers,
+                    timeout=httpx.USE_CLIENT_DEFAULT if op.timeout is None else op.timeout,
                 )
             except httpx.TransportError as exc:
                 failure = exc

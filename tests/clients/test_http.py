@@ -32,6 +32,7 @@ from clients.errors import (
     KernelscopeError,
     NotFoundError,
     PayloadTooLargeError,
+    TransportError,
     ValidationError,
 )
 from clients.factorised import FactorisedCapture
@@ -301,6 +302,83 @@ def test_reachable_is_one_short_try(live_service: LiveService) -> None:
             return await up.reachable(), await down.reachable(timeout=1.0)
 
     assert asyncio.run(both()) == (True, False)
+
+
+class _Hanging:
+    """An HTTP server that reads each request and never answers it: a service that hangs (a
+    stuck event loop, a stopped container behind a live proxy).  With ``healthz`` it answers
+    ``GET /healthz`` and hangs on the rest.  ``requests`` lists each request line's method and
+    path, in order."""
+
+    def __init__(self, *, healthz: bool) -> None:
+        self.healthz = healthz
+        self.requests: list[str] = []
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._sock.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+                head += chunk
+            method, path = head.split(b" ")[:2]
+            self.requests.append(f"{method.decode()} {path.decode()}")
+            if self.healthz and path == b"/healthz":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                return
+            self._stop.wait()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+@pytest.mark.parametrize(
+    ("healthz", "probe", "expected"),
+    [
+        # hung everywhere: one timeout and one probe, not six timeouts
+        (False, 0.3, ["GET /v1/runs/r/steps/0", "GET /healthz"]),
+        # slow with this request only: retried after each probe that answers
+        (True, 0.3, ["GET /v1/runs/r/steps/0", "GET /healthz"] * 2 + ["GET /v1/runs/r/steps/0"]),
+        # probing turned off: every attempt waits for its timeout
+        (False, None, ["GET /v1/runs/r/steps/0"] * 3),
+    ],
+    ids=["hung", "slow-request", "no-probe"],
+)
+def test_a_timed_out_request_is_retried_only_when_the_service_answers(
+    flavour: str, healthz: bool, probe: float | None, expected: list[str]
+) -> None:
+    """``RetryPolicy.probe_timeout_s``: after a timeout the client probes ``GET /healthz``
+    and gives up at once when that does not answer either, so a hung service costs a push one
+    timeout, not ``attempts`` of them (the TRL trainer's first failed push)."""
+    server = _Hanging(healthz=healthz)
+    attempts = 6 if probe is not None and not healthz else 3
+    retry = RetryPolicy(attempts=attempts, backoff_s=0.01, probe_timeout_s=probe)
+    try:
+        with pytest.raises(TransportError) as err:
+            if flavour == "sync":
+                with Client(server.url, timeout=0.3, retry=retry) as client:
+                    client.step_status("r", 0)
+            else:
+
+                async def status() -> None:
+                    async with AsyncClient(server.url, timeout=0.3, retry=retry) as client:
+                        await client.step_status("r", 0)
+
+                asyncio.run(status())
+    finally:
+        server.close()
+    assert server.requests == expected
+    assert ("did not answer" in str(err.value)) == (probe is not None and not healthz)
 
 
 def test_problem_details_surface_as_exceptions(live_service: LiveService) -> None:

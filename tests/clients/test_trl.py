@@ -1525,18 +1525,28 @@ def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
 
 
 @pytest.mark.parametrize(
-    ("bonus", "moe"),
-    [({}, False), ({"entropy_coef": 0.1}, False), ({"router_aux_loss_coef": 0.0}, True)],
-    ids=["plain", "entropy_bonus", "moe"],
+    ("bonus", "moe", "trainer_class"),
+    [
+        ({}, False, KernelscopeGRPOTrainer),
+        ({"entropy_coef": 0.1}, False, KernelscopeGRPOTrainer),
+        ({"router_aux_loss_coef": 0.0}, True, KernelscopeGRPOTrainer),
+        ({}, False, _DoubledKernelscope),
+    ],
+    ids=["plain", "entropy_bonus", "moe", "own_loss"],
 )
 def test_token_shares_add_up_to_the_services_dh1(
-    live_service: LiveService, tmp_path: Path, bonus: dict[str, float], moe: bool
+    live_service: LiveService,
+    tmp_path: Path,
+    bonus: dict[str, float],
+    moe: bool,
+    trainer_class: type[KernelscopeGRPOTrainer],
 ) -> None:
     """``token_shares=True`` on a real GRPO run (exact kernel, plain SGD, accumulation 2, the
     first step on-policy, the second a later clipped PPO pass with update rows), without and
-    with an entropy bonus (whose ``e_{i,t} grad H_{i,t}`` terms are in the update rows), and
-    of a mixture-of-experts policy (its experts' grouped matmul has no forward-mode
-    derivative: the shares' pass runs their eager implementation): each step's token shares
+    with an entropy bonus (whose ``e_{i,t} grad H_{i,t}`` terms are in the update rows), of a
+    mixture-of-experts policy (its experts' grouped matmul has no forward-mode derivative: the
+    shares' pass runs their eager implementation), and of a trainer with a loss of its own
+    (twice TRL's: the shares take its coefficients, as the rows do): each step's token shares
     sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total to its
     ``delta_h1``; the tokens carry their text and the covariance comparison is answered."""
     args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02, **bonus)
@@ -1545,6 +1555,7 @@ def test_token_shares_add_up_to_the_services_dh1(
         args,
         KernelscopeConfig(url=live_service.base_url, sketch=exact, token_shares=True),
         model=tiny_moe() if moe else None,
+        trainer_class=trainer_class,
     )
     trainer.train()
     with Client(live_service.base_url) as client:
@@ -1559,6 +1570,8 @@ def test_token_shares_add_up_to_the_services_dh1(
                 assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
             assert all(isinstance(t.token, str) for t in tokens.down)
             assert tokens.covariance.k >= 1
+        # and the rows the shares add up to are those of the loss trained on
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
 @pytest.mark.parametrize(

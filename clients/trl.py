@@ -453,6 +453,10 @@ class KernelscopeConfig:
         ``"raise"`` raises the client's error out of the training step.  The
         trainer's computation and collectives run either way, so ranks stay in step.  Creating
         the run (when the trainer is built) always raises.
+    every_n_steps:
+        capture and push optimizer steps ``0, N, 2N, ...`` only (default 1: every step).  The
+        other steps run as TRL's own, at no added cost, so a long run's overhead and the
+        service's memory shrink ``N`` times; its history then has a row every ``N`` steps.
     update_rows:
         push update rows ``u_i`` from TRL's own token coefficients (math.md §4 "Update rows",
         :func:`trl_token_coefficients`, one extra forward per micro-batch): ``None`` (default)
@@ -479,7 +483,14 @@ class KernelscopeConfig:
     token_shares: bool = False
     check_logprobs: bool = True
     on_push_error: Literal["warn", "raise"] = "warn"
+    every_n_steps: int = 1
     update_rows: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "every_n_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KernelscopeConfig.{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -1120,7 +1131,8 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
     ) -> torch.Tensor:
         if getattr(self, _COEFFICIENTS_PASS, False):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self._kernelscope_policy().training and "kernelscope_index" in inputs:
+        captured = int(self.state.global_step) % self.kernelscope.every_n_steps == 0
+        if captured and self._kernelscope_policy().training and "kernelscope_index" in inputs:
             self._kernelscope_record(inputs)
             if not self._ks_head_checked and self.accelerator.is_fsdp2:
                 with self._kernelscope_head_check():

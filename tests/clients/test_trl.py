@@ -957,6 +957,36 @@ def test_an_outage_costs_each_step_one_probe(live_service: LiveService, tmp_path
         assert sorted(steps) == [0, 4]
 
 
+def test_every_n_steps_captures_those_steps_alone(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """``every_n_steps=3`` over four AdamW steps (``beta1 = 0``; steps 1 and 3 later clipped
+    PPO passes): steps 0 and 3 are pushed whole, with ``plugin dH1 = delta_h1_applied`` (step
+    3's ``sqrt(P)`` read from the state that steps 1 and 2 left), and steps 1 and 2 send the
+    service nothing."""
+    transport = _Unreachable(lambda request: False)
+    client = Client(live_service.base_url, transport=transport)
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, every_n_steps=3)
+    trainer = sgd_trainer(
+        adam_later_pass_args(tmp_path, max_steps=4), config, kernelscope_client=client
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    sent = {path.split("/steps/")[1].split("/")[0] for path in transport.seen if "/steps/" in path}
+    assert sent == {"0", "3"}
+    with Client(live_service.base_url) as reader:
+        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 3))
+        steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
+        assert sorted(steps) == [0, 3]
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, True])
+def test_every_n_steps_and_chunk_size_are_counts(value: Any) -> None:
+    for name in ("every_n_steps", "chunk_size"):
+        with pytest.raises(ValueError, match=f"KernelscopeConfig.{name} must be an integer"):
+            KernelscopeConfig(url="http://127.0.0.1:1", **{name: value})
+
+
 class _DoubledLoss(GRPOTrainer):
     """A user's GRPO trainer with a loss of its own: twice TRL's."""
 

@@ -970,8 +970,16 @@ def test_every_n_steps_captures_those_steps_alone(
     trainer = sgd_trainer(
         adam_later_pass_args(tmp_path, max_steps=4), config, kernelscope_client=client
     )
+    recorded: list[int] = []  # the capture's entry point, one call per recorded micro-batch
+    record = trainer._kernelscope_record
+
+    def counted(inputs: Any) -> None:
+        recorded.append(int(trainer.state.global_step))
+        record(inputs)
+
+    trainer._kernelscope_record = counted  # type: ignore[method-assign]
     trainer.train()
-    assert trainer.state.global_step == 4
+    assert trainer.state.global_step == 4 and set(recorded) == {0, 3}
     sent = {path.split("/steps/")[1].split("/")[0] for path in transport.seen if "/steps/" in path}
     assert sent == {"0", "3"}
     with Client(live_service.base_url) as reader:

@@ -105,6 +105,10 @@ RUN_ID_FILE = "kernelscope.json"
 #: seconds a step waits for ``GET /healthz`` after a push has failed (``on_push_error="warn"``)
 PROBE_TIMEOUT_S = 5.0
 
+#: seconds the main process waits for a pushed step to be ready before it logs the step's
+#: answers (``log_metrics``); a step not ready by then is not logged (a warning)
+LOG_WAIT_S = 60.0
+
 #: sampling settings that make the sampler draw from another distribution than the policy's,
 #: and the values at which they do (the last four only in ``generation_kwargs``; a top-k of 0
 #: or -1 is off, in transformers' and vLLM's conventions)
@@ -453,6 +457,17 @@ class KernelscopeConfig:
         ``"raise"`` raises the client's error out of the training step.  The
         trainer's computation and collectives run either way, so ranks stay in step.  Creating
         the run (when the trainer is built) always raises.
+    log_metrics:
+        add each pushed step's answers to the trainer's own logged metrics (``report_to``:
+        wandb, TensorBoard, ...), beside TRL's ``entropy``: ``kernelscope/delta_h1``,
+        ``kernelscope/se_sampling``, ``kernelscope/se_sketch``,
+        ``kernelscope/delta_h1_applied``, ``kernelscope/realized`` and
+        ``kernelscope/realized_se`` (the default estimator; math.md §4, §6), and the same of the
+        token-mean entropy TRL logs under ``kernelscope/token_mean/`` (with
+        ``push_entropy_sums``).  They are logged with the step's other metrics, as TRL logs
+        its own.  Off by default: the main process then waits, after each pushed step, until
+        the service has it ready (at most ``LOG_WAIT_S``; a few milliseconds to store rows
+        sketched on the trainer) and asks for two analyses.
     every_n_steps:
         capture and push optimizer steps ``0, N, 2N, ...`` only (default 1: every step).  The
         other steps run as TRL's own, at no added cost, so a long run's overhead and the
@@ -483,6 +498,7 @@ class KernelscopeConfig:
     token_shares: bool = False
     check_logprobs: bool = True
     on_push_error: Literal["warn", "raise"] = "warn"
+    log_metrics: bool = False
     every_n_steps: int = 1
     update_rows: bool | None = None
 
@@ -1848,3 +1864,43 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         self._ks_window = None
         if self._ks_lost and window.step not in self._ks_lost:  # the service answers again
             self._kernelscope_forget_lost(before=window.step)
+        if (
+            self.kernelscope.log_metrics
+            and self.accelerator.is_main_process
+            and window.step not in self._ks_lost
+        ):
+            self._kernelscope_log(window.step)
+
+    def _kernelscope_log(self, step: int) -> None:
+        """Add the pushed ``step``'s answers to TRL's metrics of this step (``log_metrics``),
+        once the service has it ready: every rank has pushed its sequences before it moves on
+        to the next step, so the wait cannot hold up a collective."""
+        client, run_id = self.kernelscope_client, self.kernelscope_run_id
+        targets = {"kernelscope/": "sequence"}
+        if self.kernelscope.push_entropy_sums:
+            targets["kernelscope/token_mean/"] = "token_mean"
+        try:
+            client.wait_ready(run_id, step, timeout=LOG_WAIT_S)
+            reports = {p: client.entropy(run_id, step, target=t) for p, t in targets.items()}
+        except KernelscopeError as exc:
+            warnings.warn(
+                f"kernelscope: step {step} of run {run_id!r} is pushed but its answers are not "
+                f"logged ({type(exc).__name__}: {exc})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        metrics = self._metrics["train"]
+        for prefix, report in reports.items():
+            realized = report.realized or {}
+            values = {
+                "delta_h1": report.delta_h1,
+                "se_sampling": report.se_sampling,
+                "se_sketch": report.se_sketch,
+                "delta_h1_applied": report.delta_h1_applied,
+                "realized": realized.get("delta_h"),
+                "realized_se": realized.get("se"),
+            }
+            for key, value in values.items():
+                if value is not None:
+                    metrics[prefix + key].append(float(value))

@@ -988,6 +988,58 @@ def test_every_n_steps_captures_those_steps_alone(
         assert sorted(steps) == [0, 3]
 
 
+def test_log_metrics_puts_each_steps_answers_in_the_trainers_logs(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """``log_metrics=True``: each step's ``kernelscope/...`` metrics are in the trainer's log
+    of that step (``state.log_history``, what ``report_to`` receives), beside TRL's
+    ``entropy``, and equal the service's answers of the step, of both targets."""
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, log_metrics=True)
+    trainer = sgd_trainer(sgd_args(tmp_path, learning_rate=0.05), config)
+    trainer.train()
+    logged = {row["step"]: row for row in trainer.state.log_history if "entropy" in row}
+    assert sorted(logged) == [1, 2]  # TRL logs step s's metrics at global_step s + 1
+    with Client(live_service.base_url) as reader:
+        for step in (0, 1):
+            row = logged[step + 1]
+            for prefix, target in (
+                ("kernelscope/", "sequence"),
+                ("kernelscope/token_mean/", "token_mean"),
+            ):
+                report = reader.entropy(trainer.kernelscope_run_id, step, target=target)
+                assert report.realized is not None and report.delta_h1_applied is not None
+                assert row[prefix + "delta_h1"] == pytest.approx(report.delta_h1, rel=1e-9)
+                assert row[prefix + "se_sampling"] == pytest.approx(report.se_sampling, rel=1e-9)
+                assert row[prefix + "se_sketch"] == pytest.approx(report.se_sketch, rel=1e-9)
+                assert row[prefix + "delta_h1_applied"] == pytest.approx(report.delta_h1_applied)
+                assert row[prefix + "realized"] == pytest.approx(report.realized["delta_h"])
+                assert row[prefix + "realized_se"] == pytest.approx(report.realized["se"])
+
+
+def test_answers_the_service_does_not_give_are_not_logged(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """``log_metrics=True`` with the analyses refused: a warning per step, training goes on,
+    the steps are pushed whole and nothing of kernelscope's is logged."""
+    client = Client(
+        live_service.base_url,
+        transport=_Unreachable(lambda r: r.url.path.endswith("/entropy")),
+        retry=RetryPolicy(attempts=2, backoff_s=0.01),
+    )
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, log_metrics=True)
+    trainer = sgd_trainer(sgd_args(tmp_path, learning_rate=0.05), config, kernelscope_client=client)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if "answers are not logged" in str(w.message)]
+    assert len(messages) == 2 and "step 0 of run" in messages[0]
+    assert not any(
+        key.startswith("kernelscope/") for row in trainer.state.log_history for key in row
+    )
+    with Client(live_service.base_url) as reader:
+        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 1))
+
+
 @pytest.mark.parametrize("value", [0, -2, 1.5, True])
 def test_every_n_steps_and_chunk_size_are_counts(value: Any) -> None:
     for name in ("every_n_steps", "chunk_size"):

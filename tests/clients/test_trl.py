@@ -1517,11 +1517,17 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
     A third run, with a drawn id, is resumed on both ranks from its first checkpoint: every
     rank continues the run the checkpoint names, the resumed trainer's own drawn run is gone,
     the main process deletes step 1 (once, with a warning), and the new step 1 holds both
-    ranks' fresh completions (ids unlike step 0's) with the identity."""
+    ranks' fresh completions (ids unlike step 0's) with the identity.
+
+    The first run logs its answers (``log_metrics``): the main process's log of each step
+    holds that step's ``dH1`` of both ranks' sequences."""
     launch_two_ranks("trl_ranks.py", live_service.base_url, tmp_path)
     run_id = (tmp_path / "run_id").read_text()
+    logged = json.loads((tmp_path / "logged.json").read_text())
     with Client(live_service.base_url) as client:
         assert client.get_run(run_id).ranks == 2
+        # log_metrics: the main process logged each whole step's dH1
+        assert logged == pytest.approx([client.entropy(run_id, s).delta_h1 for s in (0, 1, 2)])
         ids: list[list[str]] = []
         for step in (0, 1, 2):
             status = client.wait_ready(run_id, step, timeout=60)

@@ -32,10 +32,17 @@ def main(url: str, out: Path) -> None:
     # 0 and 1 train on generation 0 (step 1 at ratio != 1, clipped: update rows), step 2 on
     # generation 1.
     args = rank_args(out, 0.05, num_iterations=2, max_steps=3)
-    trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512))
+    trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=SKETCH_512, log_metrics=True))
     trainer.train()
     if trainer.accelerator.is_main_process:
         (out / "run_id").write_text(trainer.kernelscope_run_id)
+        # the main process waited for each step, both ranks' sequences, to log its answers
+        logged = [
+            row["kernelscope/delta_h1"]
+            for row in trainer.state.log_history
+            if "kernelscope/delta_h1" in row
+        ]
+        (out / "logged.json").write_text(json.dumps(logged))
     # Token shares over the same split of groups (exact kernel, raw rows), two steps on
     # generation 0: on-policy, then a later clipped pass (update rows).
     args = rank_args(out / "tokens", 0.05, num_iterations=2)

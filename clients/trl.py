@@ -1,4 +1,4 @@
-"""kernelscope inside TRL's ``GRPOTrainer`` (optional extra ``kernelscope[trl]``).
+"""kernelscope inside TRL's ``GRPOTrainer`` and ``RLOOTrainer`` (extra ``kernelscope[trl]``).
 
 :class:`KernelscopeGRPOTrainer` is a ``trl.GRPOTrainer`` that, at every optimizer step, pushes
 to a kernelscope service what the step is made of (math.md §1):
@@ -34,6 +34,9 @@ come from hooks and the applied update is sketched from the ranks' shards or par
 tempered policy's, as TRL trains it, and so is the entropy predicted.  A vision-language
 policy's image inputs go with each micro-batch to every forward of the capture, which studies
 its language side (docs/real-run.md "Vision-language models").
+
+:class:`KernelscopeRLOOTrainer` does the same for ``trl.RLOOTrainer``, whose loss is built on
+the same log-probs (docs/trl.md, "Use": RLOO).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ try:
     from accelerate.utils import DistributedType
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "clients.trl needs the optional extra: pip install 'kernelscope[trl]'"
@@ -245,13 +248,15 @@ class TokenCoefficients(NamedTuple):
 
 
 def has_loss_of_its_own(trainer_class: type) -> bool:
-    """Whether a GRPO trainer class has a ``compute_loss`` or ``_compute_loss`` other than
-    TRL's and the kernelscope trainer's (its own, or a class's after the kernelscope trainer in
-    its MRO): then its token coefficients cannot be told from a micro-batch's inputs."""
+    """Whether a GRPO or RLOO trainer class has a ``compute_loss`` or ``_compute_loss`` other
+    than TRL's and the kernelscope trainer's (its own, or a class's after the kernelscope
+    trainer in its MRO): then its token coefficients cannot be told from a micro-batch's
+    inputs."""
+    ours = (KernelscopeGRPOTrainer, KernelscopeRLOOTrainer, GRPOTrainer, RLOOTrainer)
     return any(
         name in vars(cls)
         for cls in trainer_class.__mro__
-        if issubclass(cls, GRPOTrainer) and cls not in (KernelscopeGRPOTrainer, GRPOTrainer)
+        if issubclass(cls, (GRPOTrainer, RLOOTrainer)) and cls not in ours
         for name in ("compute_loss", "_compute_loss")
     )
 
@@ -262,7 +267,7 @@ _COEFFICIENTS_PASS = "_kernelscope_coefficients_pass"
 
 
 @contextlib.contextmanager
-def _trl_state_kept(trainer: GRPOTrainer) -> Iterator[None]:
+def _trl_state_kept(trainer: GRPOTrainer | RLOOTrainer) -> Iterator[None]:
     """Run TRL's loss once more without side effects: its logged metrics and its adaptive
     entropy controller (window statistics, coefficient, last world entropy) are as before."""
     metrics = {mode: {k: len(v) for k, v in m.items()} for mode, m in trainer._metrics.items()}
@@ -283,7 +288,7 @@ def _trl_state_kept(trainer: GRPOTrainer) -> Iterator[None]:
 
 
 def trl_token_coefficients(
-    trainer: GRPOTrainer, model: nn.Module, inputs: Mapping[str, Any]
+    trainer: GRPOTrainer | RLOOTrainer, model: nn.Module, inputs: Mapping[str, Any]
 ) -> TokenCoefficients:
     """The token coefficients of the trainer's loss on one micro-batch
     (:class:`TokenCoefficients`).
@@ -329,6 +334,9 @@ def trl_token_coefficients(
     grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, allow_unused=True), strict=True))
     # DDP averages the ranks' gradients: this rank's share of the step's gradient is 1/P.
     share = -1.0 / trainer.accelerator.num_processes
+    if not getattr(trainer, "loss_is_scaled_for_ga", True):
+        # transformers' training_step divides the loss by the accumulation steps (RLOO's)
+        share /= float(trainer.current_gradient_accumulation_steps)
 
     def coefficient(leaf: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
         return (
@@ -344,7 +352,7 @@ def trl_token_coefficients(
     return TokenCoefficients(coefficient(logps, grads[id(logps)]), entropy, router)
 
 
-def check_supported(trainer: GRPOTrainer) -> None:
+def check_supported(trainer: GRPOTrainer | RLOOTrainer) -> None:
     """Raise :class:`UnsupportedTRLSettingError` naming every setting of ``trainer`` that the
     capture cannot reproduce (see ``docs/trl.md``).  Settings whose gradient is a sum over the
     sampled tokens' log-probs and entropies (later PPO passes, the KL term, clipping, token and
@@ -352,9 +360,9 @@ def check_supported(trainer: GRPOTrainer) -> None:
     covered by update rows
     (:func:`trl_token_coefficients`); what remains is what does not flow through those
     log-probs, or what the capture does not compute the same way."""
-    args: Any = trainer.args  # a GRPOConfig
+    args: Any = trainer.args  # a GRPOConfig or an RLOOConfig
     problems: list[str] = []
-    if trainer.loss_type not in SUPPORTED_LOSS_TYPES:
+    if isinstance(trainer, GRPOTrainer) and trainer.loss_type not in SUPPORTED_LOSS_TYPES:
         problems.append(
             f"loss_type={trainer.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})"
         )
@@ -367,7 +375,7 @@ def check_supported(trainer: GRPOTrainer) -> None:
         )
     if problems:
         raise UnsupportedTRLSettingError(
-            "kernelscope cannot reproduce this GRPO step's gradient: " + "; ".join(problems)
+            "kernelscope cannot reproduce this step's gradient: " + "; ".join(problems)
         )
 
 
@@ -560,7 +568,7 @@ class _PushAfterStep(TrainerCallback):
     step is taken inside accelerate's ``backward``, before ``on_pre_optimizer_step``: the
     engine's step runs the capture first (:func:`clients.zero.call_before_step`)."""
 
-    def __init__(self, trainer: KernelscopeGRPOTrainer) -> None:
+    def __init__(self, trainer: _KernelscopeTrainer) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -581,19 +589,22 @@ class _PushAfterStep(TrainerCallback):
         self.trainer._kernelscope_after_step()
 
 
-class KernelscopeGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` that pushes every optimizer step to kernelscope.
+if TYPE_CHECKING:
+    _TRLTrainer = GRPOTrainer  # what the mixin reads of TRL's trainers, as GRPO's declares it
+else:
+    _TRLTrainer = object
 
-    Same constructor as ``GRPOTrainer`` plus ``kernelscope`` (a :class:`KernelscopeConfig`)
-    and, optionally, ``kernelscope_client`` (a ready :class:`clients.http.Client`).  The
-    service's step number is ``state.global_step`` at the time of the optimizer step (0, 1,
-    ...).  The run's id is :attr:`kernelscope_run_id`.
 
-    Each micro-batch's sequences are recorded in ``compute_loss``; their rows are captured once
-    the step's gradient is complete, just before ``optimizer.step()`` (the parameters do not
-    move within an accumulation window, so the rows are the same, and the Adam preconditioner
-    of the step is known then).
-    """
+class _KernelscopeTrainer(_TRLTrainer):
+    """What :class:`KernelscopeGRPOTrainer` and :class:`KernelscopeRLOOTrainer` add to TRL's
+    trainer that comes after it in their MRO (both read the same generation batch: prompt and
+    completion ids and masks, advantages, and TRL's per-token log-probs in their loss)."""
+
+    #: TRL's loss normalisation whose on-policy weights the trainer's loss has
+    #: (:func:`trl_sequence_weights`)
+    @property
+    def _kernelscope_loss_type(self) -> str:
+        return str(self.loss_type)
 
     def __init__(
         self,
@@ -665,7 +676,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
         #: the run's spec as ``create_run`` takes it (a resumed run is created again with it)
         self._kernelscope_spec: dict[str, Any] = {
             "sketch": spec,
-            "normalization": _RUN_NORMALIZATION.get(self.loss_type, "dr_grpo"),
+            "normalization": _RUN_NORMALIZATION.get(self._kernelscope_loss_type, "dr_grpo"),
             "geometry": self.kernelscope_geometry,
             "parameters": declared,
             "ranks": int(self.accelerator.num_processes),
@@ -1203,7 +1214,7 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             mask = mask * inputs["tool_mask"]
         items = inputs.get("num_items_in_batch")
         return trl_sequence_weights(
-            self.loss_type,
+            self._kernelscope_loss_type,
             mask,
             gradient_accumulation_steps=int(self.current_gradient_accumulation_steps),
             max_completion_length=self.max_completion_length,
@@ -1844,7 +1855,9 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
                     if self.kernelscope.push_entropy_sums:
                         after[i]["entropy_sum_after"] = float(total)
             records = [{**r, **after[r["id"]]} for r in records]
-        max_length = self.max_completion_length if self.loss_type == "dr_grpo" else None
+        max_length = (
+            self.max_completion_length if self._kernelscope_loss_type == "dr_grpo" else None
+        )
         # Last, after this rank's rows: the step is ready once every rank has reported.
         ranks = int(self.accelerator.num_processes)
         rate = self._current_learning_rate(window)
@@ -1904,3 +1917,41 @@ class KernelscopeGRPOTrainer(GRPOTrainer):
             for key, value in values.items():
                 if value is not None:
                     metrics[prefix + key].append(float(value))
+
+
+class KernelscopeGRPOTrainer(_KernelscopeTrainer, GRPOTrainer):
+    """``trl.GRPOTrainer`` that pushes every optimizer step to kernelscope.
+
+    Same constructor as ``GRPOTrainer`` plus ``kernelscope`` (a :class:`KernelscopeConfig`)
+    and, optionally, ``kernelscope_client`` (a ready :class:`clients.http.Client`).  The
+    service's step number is ``state.global_step`` at the time of the optimizer step (0, 1,
+    ...).  The run's id is :attr:`kernelscope_run_id`.
+
+    Each micro-batch's sequences are recorded in ``compute_loss``; their rows are captured once
+    the step's gradient is complete, just before ``optimizer.step()`` (the parameters do not
+    move within an accumulation window, so the rows are the same, and the Adam preconditioner
+    of the step is known then).
+    """
+
+
+# the two trainers' generation helpers differ in their signatures, which the mixin never calls
+class KernelscopeRLOOTrainer(_KernelscopeTrainer, RLOOTrainer):  # type: ignore[misc]
+    """``trl.RLOOTrainer`` that pushes every optimizer step to kernelscope: the constructor,
+    configuration and answers of :class:`KernelscopeGRPOTrainer`.
+
+    RLOO's loss on a micro-batch of ``b`` completions is ``-mean_i min(r_i A_i, clip(r_i)
+    A_i)`` with the sequence ratio ``r_i = exp(S_i - S_i^old)`` and the leave-one-out
+    advantage ``A_i`` (its KL penalty, with ``beta``, is part of the reward: a constant of the
+    loss).  The Trainer divides it by the accumulation steps, and DDP averages the ranks: at
+    ratio 1 its weights are ``1 / (b GA P)``, those of GRPO's ``luspo``.  RLOO always passes
+    the generation's ``old_logps``, so whether a micro-batch is on policy is told from its
+    token coefficients, which are always taken (one forward per micro-batch): where they
+    equal ``weight_i A_i`` no update rows are pushed.
+    """
+
+    @property
+    def _kernelscope_loss_type(self) -> str:
+        return "luspo"
+
+    def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
+        return False

@@ -1,0 +1,151 @@
+"""kernelscope inside TRL's ``RLOOTrainer`` (:class:`clients.trl.KernelscopeRLOOTrainer`).
+
+RLOO's loss is built on the sequences' log-probs, as GRPO's is: the same token coefficients
+give its gradient (``sum_i u_i = -grad L``, the Trainer's division by the accumulation steps
+included), and a real run keeps ``plugin dH1 = delta_h1_applied`` on every step, a later
+clipped pass included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytestmark = pytest.mark.trl
+
+from datasets import Dataset  # noqa: E402
+from trl import RLOOConfig, RLOOTrainer  # noqa: E402
+from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict  # noqa: E402
+
+from clients.capture import capture_gradients, repack  # noqa: E402
+from clients.http import Client  # noqa: E402
+from clients.trl import (  # noqa: E402
+    KernelscopeConfig,
+    KernelscopeRLOOTrainer,
+    has_loss_of_its_own,
+    trl_sequence_weights,
+    trl_token_coefficients,
+)
+from tests.clients.conftest import LiveService  # noqa: E402
+from tests.clients.test_trl import (  # noqa: E402
+    PROMPTS,
+    SKETCH_512,
+    _perturbed_logps,
+    assert_plugin_is_applied,
+    char_tokenizer,
+    first_char_reward,
+    micro_capture_batch,
+    tiny_llama,
+)
+
+
+def rloo_args(tmp_path: Path, **overrides: Any) -> RLOOConfig:
+    """The GRPO tests' batch (two micro-batches of four completions, groups of four, six
+    completion tokens) as an RLOO run, with plain SGD: the applied update is ``-eta grad L``."""
+    values: dict[str, Any] = {
+        "output_dir": str(tmp_path / "trl"),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "gradient_accumulation_steps": 2,
+        "steps_per_generation": 2,
+        "max_completion_length": 6,
+        "max_steps": 2,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "weight_decay": 0.0,
+        "beta": 0.0,  # else TRL loads a reference model by the policy's hub id
+        **overrides,
+    }
+    return RLOOConfig(**values)
+
+
+def _rloo(tmp_path: Path, trainer_class: type = RLOOTrainer, **kwargs: Any) -> Any:
+    overrides = kwargs.pop("args", {})
+    return trainer_class(
+        model=tiny_llama(),
+        reward_funcs=first_char_reward,
+        args=rloo_args(tmp_path, **overrides),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        processing_class=char_tokenizer(),
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("later_pass", [False, True], ids=["on_policy", "later_pass_clipped"])
+def test_rloo_token_coefficients_reproduce_its_loss_gradient(
+    tmp_path: Path, later_pass: bool
+) -> None:
+    """On a real RLOO micro-batch: ``sum_i u_i``, ``u_i`` from the token coefficients of RLOO's
+    own ``compute_loss``, equals ``-grad`` of that loss divided by the accumulation steps (the
+    Trainer's division, which RLOO's loss leaves to it).  On policy the coefficients are
+    ``weight_i A_i`` with ``luspo``'s weights ``1 / (b GA)``; on a later pass (``old_logps`` of
+    an earlier policy, ``epsilon = 0.02``) the clipping changes them."""
+    trainer = _rloo(tmp_path, args={"epsilon": 0.02})
+    model = trainer.model
+    model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]  # RepeatSampler order
+    torch.manual_seed(0)
+    generation = shuffle_sequence_dict(trainer._generate_and_score_completions(rows))
+    trainer.current_gradient_accumulation_steps = 2
+    micro = dict(split_tensor_dict(generation, 2)[0])
+    mask = micro["completion_mask"]
+    if later_pass:
+        earlier = _perturbed_logps(trainer, micro, 0.05, seed=1)
+        micro["old_logps"] = (earlier * mask).sum(1)
+    coefficients, entropy, router = trl_token_coefficients(trainer, model, micro)
+    assert entropy is None and router == 0.0
+    assert all(p.grad is None for p in model.parameters())
+    (trainer.compute_loss(model, micro) / 2).backward()
+    trl_grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    weights = trl_sequence_weights("luspo", mask, gradient_accumulation_steps=2)
+    on_policy = (weights * micro["advantages"].double())[:, None].float() * mask
+    assert torch.allclose(coefficients, on_policy, rtol=1e-5, atol=1e-7) != later_pass
+
+    batch, attention = micro_capture_batch(micro)
+    zeros = torch.zeros_like(micro["prompt_mask"]).float()
+    captured = capture_gradients(
+        model, batch, token_coefficients=repack(torch.cat([zeros, coefficients], 1), attention)
+    )
+    for name, rows_u in captured.gradients.items():
+        expected = -trl_grad.get(name, torch.zeros_like(rows_u[0]))
+        torch.testing.assert_close(rows_u.sum(0), expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_rloo_run_keeps_the_identity(live_service: LiveService, tmp_path: Path) -> None:
+    """A real RLOO run of two SGD steps on one generation batch (``num_iterations=2``): the
+    first on policy, the second a later pass on which the clipping holds back 6 of the 8
+    sequences (``epsilon = 0.2``: RLOO's ratio is the sequence's, and moves more than a
+    token's; update rows).
+    Both steps are ready with the applied update and keep ``plugin dH1 = delta_h1_applied``;
+    step 1 holds step 0's completions (the same ids) and only it pushed update rows."""
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
+    trainer = _rloo(
+        tmp_path,
+        KernelscopeRLOOTrainer,
+        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05},
+        kernelscope=config,
+    )
+    assert not has_loss_of_its_own(KernelscopeRLOOTrainer)
+    trainer.train()
+    run_id = trainer.kernelscope_run_id
+    with Client(live_service.base_url) as client:
+        assert client.get_run(run_id).normalization == "sequence_mean"
+        assert_plugin_is_applied(client, run_id, (0, 1))
+        ids = [sorted(client.diagonal(run_id, step).ids) for step in (0, 1)]
+        assert ids[0] == ids[1] and len(ids[0]) == 8
+        # step 0's token coefficients are weight_i A_i: no update rows; step 1's are not,
+        # one upload of update rows per micro-batch
+        uploads = [client.step_status(run_id, step).uploads for step in (0, 1)]
+        assert uploads[1] == uploads[0] + 2, uploads

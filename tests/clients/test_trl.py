@@ -1520,7 +1520,9 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
     ranks' fresh completions (ids unlike step 0's) with the identity.
 
     The first run logs its answers (``log_metrics``): the main process's log of each step
-    holds that step's ``dH1`` of both ranks' sequences."""
+    holds that step's ``dH1`` of both ranks' sequences.  An RLOO run over the same split
+    (``KernelscopeRLOOTrainer``, step 1 a later clipped pass) has every step ready with both
+    ranks' sequences and the same identity."""
     launch_two_ranks("trl_ranks.py", live_service.base_url, tmp_path)
     run_id = (tmp_path / "run_id").read_text()
     logged = json.loads((tmp_path / "logged.json").read_text())
@@ -1557,6 +1559,13 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
             a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
             for row in tokens.sequences:
                 assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
+        rloo_run = (tmp_path / "rloo_run_id").read_text()
+        for step in (0, 1, 2):
+            status = client.wait_ready(rloo_run, step, timeout=60)
+            assert status.ranks_reported == (0, 1) and status.sequences == 12
+            prompts = collections.Counter(client.diagonal(rloo_run, step).prompt_ids)
+            assert sorted(prompts.values()) == [4, 4, 4]
+        assert_plugin_is_applied(client, rloo_run, (0, 1, 2))
         resumed = json.loads((tmp_path / "resumed.json").read_text())
         run_id = resumed["first"]
         assert resumed["resumed"] == run_id and resumed["drawn"] != run_id

@@ -70,7 +70,9 @@ def rloo_args(tmp_path: Path, **overrides: Any) -> RLOOConfig:
     return RLOOConfig(**values)
 
 
-def _rloo(tmp_path: Path, trainer_class: type = RLOOTrainer, **kwargs: Any) -> Any:
+def rloo_trainer(tmp_path: Path, trainer_class: type = RLOOTrainer, **kwargs: Any) -> Any:
+    """An RLOO trainer (``trainer_class``) of the tiny Llama on the test prompts, with
+    :func:`rloo_args` updated by ``args``; other ``kwargs`` go to the constructor."""
     overrides = kwargs.pop("args", {})
     return trainer_class(
         model=tiny_llama(),
@@ -91,7 +93,7 @@ def test_rloo_token_coefficients_reproduce_its_loss_gradient(
     Trainer's division, which RLOO's loss leaves to it).  On policy the coefficients are
     ``weight_i A_i`` with ``luspo``'s weights ``1 / (b GA)``; on a later pass (``old_logps`` of
     an earlier policy, ``epsilon = 0.02``) the clipping changes them."""
-    trainer = _rloo(tmp_path, args={"epsilon": 0.02})
+    trainer = rloo_trainer(tmp_path, args={"epsilon": 0.02})
     model = trainer.model
     model.train()
     rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]  # RepeatSampler order
@@ -131,7 +133,7 @@ def test_rloo_run_keeps_the_identity(live_service: LiveService, tmp_path: Path) 
     Both steps are ready with the applied update and keep ``plugin dH1 = delta_h1_applied``;
     step 1 holds step 0's completions (the same ids) and only it pushed update rows."""
     config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
-    trainer = _rloo(
+    trainer = rloo_trainer(
         tmp_path,
         KernelscopeRLOOTrainer,
         args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05},

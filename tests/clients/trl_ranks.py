@@ -4,7 +4,8 @@
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/clients/trl_ranks.py URL OUT``
 (the run has ``use_cpu``: gloo DDP on the CPU).
 The main process writes the run id to ``OUT_DIR/run_id``, that of a second run with
-``token_shares=True`` to ``OUT_DIR/tokens_run_id``, and for a third run, resumed from its
+``token_shares=True`` to ``OUT_DIR/tokens_run_id``, that of a ``KernelscopeRLOOTrainer`` run
+to ``OUT_DIR/rloo_run_id``, and for a last run, resumed from its
 first checkpoint, ``OUT_DIR/resumed.json``: the run id each attempt used, the id the resumed
 trainer drew, and the warnings it gave.
 """
@@ -21,9 +22,10 @@ from typing import Any
 from accelerate.state import PartialState
 
 from clients.http import Client
-from clients.trl import KernelscopeConfig
+from clients.trl import KernelscopeConfig, KernelscopeRLOOTrainer
 from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import SKETCH_512, sgd_args, sgd_trainer
+from tests.clients.test_trl_rloo import rloo_trainer
 
 
 def main(url: str, out: Path) -> None:
@@ -51,6 +53,18 @@ def main(url: str, out: Path) -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)
+    # RLOO over the same split of groups: steps 0 and 1 on generation 0 (step 1 a later,
+    # clipped pass), step 2 on generation 1
+    rloo_args = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", "max_steps": 3}
+    rloo = rloo_trainer(
+        out / "rloo",
+        KernelscopeRLOOTrainer,
+        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05, **rloo_args},
+        kernelscope=KernelscopeConfig(url=url, sketch=SKETCH_512),
+    )
+    rloo.train()
+    if rloo.accelerator.is_main_process:
+        (out / "rloo_run_id").write_text(rloo.kernelscope_run_id)
     resume(url, out / "resumed")
     trainer.accelerator.end_training()
 

@@ -75,7 +75,7 @@ def rloo_trainer(tmp_path: Path, trainer_class: type = RLOOTrainer, **kwargs: An
     :func:`rloo_args` updated by ``args``; other ``kwargs`` go to the constructor."""
     overrides = kwargs.pop("args", {})
     return trainer_class(
-        model=tiny_llama(),
+        model=kwargs.pop("model", None) or tiny_llama(),
         reward_funcs=first_char_reward,
         args=rloo_args(tmp_path, **overrides),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
@@ -125,20 +125,31 @@ def test_rloo_token_coefficients_reproduce_its_loss_gradient(
         torch.testing.assert_close(rows_u.sum(0), expected, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_rloo_run_keeps_the_identity(live_service: LiveService, tmp_path: Path) -> None:
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_rloo_run_keeps_the_identity(
+    live_service: LiveService, tmp_path: Path, beta: float
+) -> None:
     """A real RLOO run of two SGD steps on one generation batch (``num_iterations=2``): the
     first on policy, the second a later pass on which the clipping holds back 6 of the 8
     sequences (``epsilon = 0.2``: RLOO's ratio is the sequence's, and moves more than a
-    token's; update rows).
+    token's; update rows).  With ``beta = 0.1`` the KL penalty to a reference model (TRL
+    loads it from the policy's path: saved here) is in the rewards, so in the advantages the
+    trainer reads: the identity holds the same.
     Both steps are ready with the applied update and keep ``plugin dH1 = delta_h1_applied``;
     step 1 holds step 0's completions (the same ids) and only it pushed update rows."""
     config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
+    model = None
+    if beta:
+        model = str(tmp_path / "policy")
+        tiny_llama().save_pretrained(model)
     trainer = rloo_trainer(
         tmp_path,
         KernelscopeRLOOTrainer,
-        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05},
+        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05, "beta": beta},
         kernelscope=config,
+        model=model,
     )
+    assert (trainer.ref_model is not None) == bool(beta)
     assert not has_loss_of_its_own(KernelscopeRLOOTrainer)
     trainer.train()
     run_id = trainer.kernelscope_run_id

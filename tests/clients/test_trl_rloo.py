@@ -162,3 +162,30 @@ def test_rloo_run_keeps_the_identity(
         # one upload of update rows per micro-batch
         uploads = [client.step_status(run_id, step).uploads for step in (0, 1)]
         assert uploads[1] == uploads[0] + 2, uploads
+
+
+def test_rloo_token_shares_add_up_to_the_services_dh1(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """``token_shares=True`` on an RLOO run (exact kernel, the second step a later clipped
+    pass with update rows): each step's token shares sum, per sequence, to the service's
+    ``cross_fit`` ``a_i`` and in total to its ``delta_h1``."""
+    exact = {"kind": "exact", "dim": 1}
+    trainer = rloo_trainer(
+        tmp_path,
+        KernelscopeRLOOTrainer,
+        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05},
+        kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=exact, token_shares=True),
+    )
+    trainer.train()
+    run_id = trainer.kernelscope_run_id
+    with Client(live_service.base_url) as client:
+        for step in (0, 1):
+            client.wait_ready(run_id, step, timeout=60)
+            report = client.entropy(run_id, step, estimator="cross_fit")
+            tokens = client.tokens(run_id, step, top=5)
+            assert report.delta_h1 != 0.0 and tokens.num_tokens > 0
+            assert tokens.total == pytest.approx(report.delta_h1, rel=1e-3, abs=1e-9)
+            a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
+            for row in tokens.sequences:
+                assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)

@@ -1943,10 +1943,12 @@ class KernelscopeRLOOTrainer(_KernelscopeTrainer, RLOOTrainer):  # type: ignore[
     A_i)`` with the sequence ratio ``r_i = exp(S_i - S_i^old)`` and the leave-one-out
     advantage ``A_i`` (its KL penalty, with ``beta``, is part of the reward: a constant of the
     loss).  The Trainer divides it by the accumulation steps, and DDP averages the ranks: at
-    ratio 1 its weights are ``1 / (b GA P)``, those of GRPO's ``luspo``.  RLOO always passes
-    the generation's ``old_logps``, so whether a micro-batch is on policy is told from its
-    token coefficients, which are always taken (one forward per micro-batch): where they
-    equal ``weight_i A_i`` no update rows are pushed.
+    ratio 1 its weights are ``1 / (b GA P)``, those of GRPO's ``luspo``.  RLOO passes the
+    generation's ``old_logps`` on every pass, so its inputs do not tell a first pass from a
+    later one: with ``num_iterations == 1`` every pass is the first (its ratio is 1 to float
+    precision, the ``old_logps`` being the same parameters' log-probs) and the weights are
+    taken; with more passes the token coefficients are (one forward per micro-batch), and
+    where they equal ``weight_i A_i`` no update rows are pushed.
     """
 
     @property
@@ -1954,4 +1956,8 @@ class KernelscopeRLOOTrainer(_KernelscopeTrainer, RLOOTrainer):  # type: ignore[
         return "luspo"
 
     def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
-        return False
+        return (
+            int(self.num_iterations) == 1
+            and not has_loss_of_its_own(type(self))
+            and not getattr(self, "aux_loss_enabled", False)
+        )

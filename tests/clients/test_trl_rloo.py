@@ -21,6 +21,7 @@ from datasets import Dataset  # noqa: E402
 from trl import RLOOConfig, RLOOTrainer  # noqa: E402
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict  # noqa: E402
 
+from clients import trl as trl_module  # noqa: E402
 from clients.capture import capture_gradients, repack  # noqa: E402
 from clients.http import Client  # noqa: E402
 from clients.trl import (  # noqa: E402
@@ -189,3 +190,29 @@ def test_rloo_token_shares_add_up_to_the_services_dh1(
             a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
             for row in tokens.sequences:
                 assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
+
+
+def test_an_on_policy_rloo_run_takes_the_weights(
+    live_service: LiveService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``num_iterations=1``: every micro-batch is on its first pass, so the trainer takes
+    ``luspo``'s weights without the forward of the token coefficients, and two AdamW steps
+    (``beta1 = 0``: each step ``-lr c P_t g_t``) keep ``plugin dH1 = delta_h1_applied``."""
+    calls: list[int] = []
+    original = trl_module.trl_token_coefficients
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trl_module, "trl_token_coefficients", counted)
+    trainer = rloo_trainer(
+        tmp_path,
+        KernelscopeRLOOTrainer,
+        args={"optim": "adamw_torch", "adam_beta1": 0.0, "learning_rate": 1e-3},
+        kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
+    )
+    trainer.train()
+    assert trainer.kernelscope_geometry == "adam" and not calls
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))

@@ -600,10 +600,10 @@ class _KernelscopeTrainer(_TRLTrainer):
     trainer that comes after it in their MRO (both read the same generation batch: prompt and
     completion ids and masks, advantages, and TRL's per-token log-probs in their loss)."""
 
-    #: TRL's loss normalisation whose on-policy weights the trainer's loss has
-    #: (:func:`trl_sequence_weights`)
     @property
     def _kernelscope_loss_type(self) -> str:
+        """The GRPO loss type whose on-policy weights the trainer's loss has
+        (:func:`trl_sequence_weights`)."""
         return str(self.loss_type)
 
     def __init__(

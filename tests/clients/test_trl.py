@@ -135,8 +135,10 @@ def first_char_reward(completions: list[str], prompts: list[str], **_: Any) -> l
     return [c.count(p[0]) + 0.1 * len(c) for c, p in zip(completions, prompts, strict=True)]
 
 
-def grpo_args(tmp_path: Path, **overrides: Any) -> GRPOConfig:
-    values: dict[str, Any] = {
+def trainer_arg_values(tmp_path: Path) -> dict[str, Any]:
+    """The tests' TRL arguments, GRPO's and RLOO's: two micro-batches of four completions per
+    optimizer step, groups of four, up to six completion tokens, one step, fp32 on the CPU."""
+    return {
         "output_dir": str(tmp_path / "trl"),
         "per_device_train_batch_size": 4,
         "num_generations": 4,
@@ -150,9 +152,11 @@ def grpo_args(tmp_path: Path, **overrides: Any) -> GRPOConfig:
         "save_strategy": "no",
         "logging_steps": 1,
         "seed": 0,
-        **overrides,
     }
-    return GRPOConfig(**values)
+
+
+def grpo_args(tmp_path: Path, **overrides: Any) -> GRPOConfig:
+    return GRPOConfig(**{**trainer_arg_values(tmp_path), **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -700,20 +704,21 @@ def test_weights_unknown_loss_type() -> None:
 SKETCH_512 = {"kind": "countsketch", "dim": 512, "seed": 1}
 
 
+#: two steps of plain SGD (constant rate, no gradient clipping, no weight decay)
+SGD_STEPS: dict[str, Any] = {
+    "max_steps": 2,
+    "optim": "sgd",
+    "lr_scheduler_type": "constant",
+    "max_grad_norm": 0.0,
+    "weight_decay": 0.0,
+}
+
+
 def sgd_args(tmp_path: Path, learning_rate: float, **overrides: Any) -> GRPOConfig:
     """Two steps (unless overridden) of plain SGD (constant rate, no gradient clipping, no
     weight decay): the applied update is exactly ``-eta grad L``, so ``plugin dH1 =
     delta_h1_applied``."""
-    values: dict[str, Any] = {
-        "max_steps": 2,
-        "optim": "sgd",
-        "learning_rate": learning_rate,
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 0.0,
-        "weight_decay": 0.0,
-        **overrides,
-    }
-    return grpo_args(tmp_path, **values)
+    return grpo_args(tmp_path, **{**SGD_STEPS, "learning_rate": learning_rate, **overrides})
 
 
 def adam_later_pass_args(tmp_path: Path, **overrides: Any) -> GRPOConfig:
@@ -748,6 +753,14 @@ def sgd_trainer(
         kernelscope=kernelscope,
         **kwargs,
     )
+
+
+def assert_run_holds(client: Client, run_id: str, steps: tuple[int, ...]) -> None:
+    """The run holds exactly ``steps``, each whole with the identity
+    (:func:`assert_plugin_is_applied`)."""
+    assert_plugin_is_applied(client, run_id, steps)
+    held = [s.step for s in client.get_run(run_id).steps or ()]
+    assert sorted(held) == list(steps)
 
 
 def assert_plugin_is_applied(client: Client, run_id: str, steps: tuple[int, ...]) -> None:
@@ -914,9 +927,7 @@ def test_a_step_the_service_does_not_take_leaves_training_alone(
     assert len(back) == 1 and "at step 2" in back[0]
     assert trainer.state.global_step == 3 and not trainer._ks_lost
     with Client(live_service.base_url) as reader:
-        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 2))
-        steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
-        assert sorted(steps) == [0, 2]
+        assert_run_holds(reader, trainer.kernelscope_run_id, (0, 2))
 
 
 def test_an_outage_costs_each_step_one_probe(live_service: LiveService, tmp_path: Path) -> None:
@@ -952,9 +963,7 @@ def test_an_outage_costs_each_step_one_probe(live_service: LiveService, tmp_path
     assert not any(f"/steps/{step}/" in path for path in transport.seen for step in (2, 3))
     assert not trainer._ks_lost and not trainer._ks_down
     with Client(live_service.base_url) as reader:
-        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 4))
-        steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
-        assert sorted(steps) == [0, 4]
+        assert_run_holds(reader, trainer.kernelscope_run_id, (0, 4))
 
 
 def test_every_n_steps_captures_those_steps_alone(
@@ -983,9 +992,7 @@ def test_every_n_steps_captures_those_steps_alone(
     sent = {path.split("/steps/")[1].split("/")[0] for path in transport.seen if "/steps/" in path}
     assert sent == {"0", "3"}
     with Client(live_service.base_url) as reader:
-        assert_plugin_is_applied(reader, trainer.kernelscope_run_id, (0, 3))
-        steps = [s.step for s in reader.get_run(trainer.kernelscope_run_id).steps or ()]
-        assert sorted(steps) == [0, 3]
+        assert_run_holds(reader, trainer.kernelscope_run_id, (0, 3))
 
 
 def test_log_metrics_puts_each_steps_answers_in_the_trainers_logs(

@@ -34,6 +34,7 @@ from clients.trl import (  # noqa: E402
 from tests.clients.conftest import LiveService  # noqa: E402
 from tests.clients.test_trl import (  # noqa: E402
     PROMPTS,
+    SGD_STEPS,
     SKETCH_512,
     _perturbed_logps,
     assert_plugin_is_applied,
@@ -41,6 +42,7 @@ from tests.clients.test_trl import (  # noqa: E402
     first_char_reward,
     micro_capture_batch,
     tiny_llama,
+    trainer_arg_values,
 )
 
 
@@ -48,23 +50,8 @@ def rloo_args(tmp_path: Path, **overrides: Any) -> RLOOConfig:
     """The GRPO tests' batch (two micro-batches of four completions, groups of four, six
     completion tokens) as an RLOO run, with plain SGD: the applied update is ``-eta grad L``."""
     values: dict[str, Any] = {
-        "output_dir": str(tmp_path / "trl"),
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "gradient_accumulation_steps": 2,
-        "steps_per_generation": 2,
-        "max_completion_length": 6,
-        "max_steps": 2,
-        "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        "optim": "sgd",
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 0.0,
-        "weight_decay": 0.0,
+        **trainer_arg_values(tmp_path),
+        **SGD_STEPS,
         "beta": 0.0,  # else TRL loads a reference model by the policy's hub id
         **overrides,
     }

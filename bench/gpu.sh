@@ -59,11 +59,14 @@ stage "bench/sketch.py --device $DEVICE" 90 \
 CAPTURE=(--device "$DEVICE" --threads 0 --methods plain,loop,factorised,hooked-countsketch)
 stage "bench/capture.py --device $DEVICE" 60 \
     "$PY" bench/capture.py "${CAPTURE[@]}" "${QUICK[@]}"
+# the capture's modes (countsketch-logged's wait for the service is not a GPU number)
+TRL_MODES=kronecker,kronecker-adam,countsketch,countsketch-chunks,countsketch-keep,countsketch-shares
 if [ "$DEVICE" = cuda ]; then
     stage "bench/capture.py --device cuda --qwen2 100M" 90 \
         "$PY" bench/capture.py "${CAPTURE[@]}" --qwen2 100M
-    stage "bench/trl_step.py --device cuda" 220 "$PY" bench/trl_step.py --device cuda --sizes 100M
+    stage "bench/trl_step.py --device cuda" 220 "$PY" bench/trl_step.py --device cuda --sizes 100M \
+        --modes "$TRL_MODES"
 else
-    stage "bench/trl_step.py --quick" 220 "$PY" bench/trl_step.py --quick
+    stage "bench/trl_step.py --quick" 220 "$PY" bench/trl_step.py --quick --modes "$TRL_MODES"
 fi
 exit "$status"

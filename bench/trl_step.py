@@ -24,6 +24,9 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
   (``token_shares=True``, math.md §9: ``cross_fit``, as a TRL step has no entropy-role
   sequences: a forward and a backward per half, and one forward-mode pass over the step's
   sequences, a micro-batch at a time).
+* ``countsketch-logged``: ``countsketch`` with ``log_metrics=True``: after each step the
+  trainer waits until the service has the step ready and asks for two analyses, whose answers
+  go to the trainer's logs.
 
 Per mode: the median wall time of an optimizer step after the first (warm-up), the peak RSS,
 and the bytes pushed per step (request bodies, counted in the client's transport).  ``T_train``
@@ -69,6 +72,7 @@ MODES = (
     "countsketch-chunks",
     "countsketch-keep",
     "countsketch-shares",
+    "countsketch-logged",
 )
 
 #: Qwen2 shapes: about 1M (quick), 10M and 100M parameters (untied embeddings).
@@ -231,6 +235,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
             sketch_on="trainer",
             capture_method="loop" if how == "chunks" else "auto",
             token_shares=how == "shares",
+            log_metrics=how == "logged",
             capture_checkpointing=how != "keep",
             # plain kronecker is the factorised capture, which only the sgd geometry allows
             geometry="sgd" if mode == "kronecker" else "auto",

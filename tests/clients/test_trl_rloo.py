@@ -42,6 +42,7 @@ from tests.clients.test_trl import (  # noqa: E402
     first_char_reward,
     micro_capture_batch,
     tiny_llama,
+    tiny_moe,
     trainer_arg_values,
 )
 
@@ -203,5 +204,35 @@ def test_an_on_policy_rloo_run_takes_the_weights(
     )
     trainer.train()
     assert trainer.kernelscope_geometry == "adam" and not calls
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
+def test_rloo_moe_run_with_its_router_loss(live_service: LiveService, tmp_path: Path) -> None:
+    """An RLOO run of a mixture-of-experts policy with AdamW (``beta1 = 0``) and its
+    load-balancing loss (``router_aux_loss_coef = 0.5``, which RLOO adds to its loss before
+    the Trainer divides it by the accumulation steps), rows from hooks, the second step a
+    later clipped pass: every micro-batch pushes update rows carrying the router loss's part,
+    and ``plugin dH1 = delta_h1_applied`` on both steps."""
+    trainer = rloo_trainer(
+        tmp_path,
+        KernelscopeRLOOTrainer,
+        args={
+            "optim": "adamw_torch",
+            "adam_beta1": 0.0,
+            "learning_rate": 1e-3,
+            "num_iterations": 2,
+            "epsilon": 0.02,
+            "router_aux_loss_coef": 0.5,
+        },
+        kernelscope=KernelscopeConfig(
+            url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+        ),
+        model=tiny_moe(),
+    )
+    assert trainer.kernelscope_geometry == "adam" and trainer._hooked is not None
+    assert trainer.aux_loss_enabled
+    trainer.train()
+    assert trainer._hooked is not None  # no fallback to exact chunks
     with Client(live_service.base_url) as client:
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))

@@ -260,6 +260,16 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
 
     GRPOTrainer.compute_loss = timed_loss  # type: ignore[method-assign]
     trainer.accelerator.backward = timed_backward  # type: ignore[method-assign]
+    logging: list[float] = []  # log_metrics: the wait for the step and its two analyses
+    if isinstance(trainer, KernelscopeGRPOTrainer):
+        log = trainer._kernelscope_log
+
+        def timed_log(step: int) -> None:
+            t0 = time.perf_counter()
+            log(step)
+            logging.append(time.perf_counter() - t0)
+
+        trainer._kernelscope_log = timed_log  # type: ignore[method-assign]
     parameters = sum(p.numel() for p in model.parameters())
     start_bytes = sent["bytes"]
     trainer.train()
@@ -273,6 +283,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
         "train_s": statistics.median(train_per_step[1:]),
         "peak_mib": _peak_mib(args.device),
         "bytes_per_step": (sent["bytes"] - start_bytes) / len(steps),
+        "log_s": statistics.median(logging[1:]) if len(logging) > 1 else None,
     }
 
 
@@ -365,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(exc, file=sys.stderr, flush=True)
                     failed.append(f"{size} {mode}")
     print(table(results, args.k))
+    for r in results:
+        if r.get("log_s") is not None:
+            print(f"\n{r['size']} {r['mode']}: log_metrics took {r['log_s']:.3f} s per step")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -71,7 +71,7 @@ from clients.capture import (
     sequence_logprobs,
     sequence_logprobs_and_entropy_sums,
 )
-from clients.errors import KernelscopeError, NotFoundError
+from clients.errors import KernelscopeError, NotFoundError, ValidationError
 from clients.filters import ParameterFilter, select_parameters
 from clients.geometry import (
     adam_applied_update,
@@ -1893,11 +1893,13 @@ class _KernelscopeTrainer(_TRLTrainer):
         if self.kernelscope.push_entropy_sums:
             targets["kernelscope/token_mean/"] = "token_mean"
         try:
-            # the first analysis waits on the service's side for the step to be ready
-            reports = {
-                p: client.entropy(run_id, step, target=t, wait=LOG_WAIT_S if i == 0 else None)
-                for i, (p, t) in enumerate(targets.items())
-            }
+            # the first analysis waits on the service's side for the step to be ready, or,
+            # where the service allows shorter waits (KERNELSCOPE_MAX_WAIT_S), polls its status
+            try:
+                client.entropy(run_id, step, wait=LOG_WAIT_S)
+            except ValidationError:
+                client.wait_ready(run_id, step, timeout=LOG_WAIT_S)
+            reports = {p: client.entropy(run_id, step, target=t) for p, t in targets.items()}
         except KernelscopeError as exc:
             warnings.warn(
                 f"kernelscope: step {step} of run {run_id!r} is pushed but its answers are not "

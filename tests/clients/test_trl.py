@@ -995,12 +995,19 @@ def test_every_n_steps_captures_those_steps_alone(
         assert_run_holds(reader, trainer.kernelscope_run_id, (0, 3))
 
 
+@pytest.mark.parametrize(
+    "live_service",
+    [{}, {"env": {"KERNELSCOPE_MAX_WAIT_S": "5"}}],
+    ids=["service_waits", "shorter_waits"],
+    indirect=True,
+)
 def test_log_metrics_puts_each_steps_answers_in_the_trainers_logs(
     live_service: LiveService, tmp_path: Path
 ) -> None:
     """``log_metrics=True``: each step's ``kernelscope/...`` metrics are in the trainer's log
     of that step (``state.log_history``, what ``report_to`` receives), beside TRL's
-    ``entropy``, and equal the service's answers of the step, of both targets."""
+    ``entropy``, and equal the service's answers of the step, of both targets; also from a
+    service that refuses waits as long as ``LOG_WAIT_S`` (the trainer then polls)."""
     config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512, log_metrics=True)
     trainer = sgd_trainer(sgd_args(tmp_path, learning_rate=0.05), config)
     trainer.train()

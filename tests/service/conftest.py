@@ -375,7 +375,8 @@ def live_service(
 
     One worker by default; ``@pytest.mark.parametrize("live_service", [{"workers": 0}],
     indirect=True)`` starts none (the test starts its own with ``start_worker``), and
-    ``{"cluster": True}`` runs everything on the :func:`redis_cluster`."""
+    ``{"cluster": True}`` runs everything on the :func:`redis_cluster`, and ``{"env": {...}}``
+    adds settings (``KERNELSCOPE_*`` variables)."""
     params = getattr(request, "param", {})
     workers = int(params.get("workers", 1))
     cluster = bool(params.get("cluster", False))
@@ -389,6 +390,7 @@ def live_service(
         "KERNELSCOPE_TOKEN": "",
         "KERNELSCOPE_MAX_BODY_MB": str(LIVE_MAX_BODY_MB),
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        **params.get("env", {}),
     }
     svc = LiveService(env=env, port=free_port(), logs=tmp_path)
     try:

@@ -474,8 +474,8 @@ class KernelscopeConfig:
         token-mean entropy TRL logs under ``kernelscope/token_mean/`` (with
         ``push_entropy_sums``).  They are logged with the step's other metrics, as TRL logs
         its own.  Off by default: the main process then waits, after each pushed step, until
-        the service has it ready (at most ``LOG_WAIT_S``) and asks for two analyses, about
-        0.02 s per step at 64 sequences and ``k = 4096`` (docs/real-run.md).
+        the service has it ready (at most ``LOG_WAIT_S``) and asks for two analyses, 0.02-0.04
+        s per step at 64 sequences and ``k = 4096`` (docs/real-run.md).
     every_n_steps:
         capture and push optimizer steps ``0, N, 2N, ...`` only (default 1: every step).  The
         other steps run as TRL's own, at no added cost, so a long run's overhead and the

@@ -896,7 +896,7 @@ class _KernelscopeTrainer(_TRLTrainer):
         no importance weight can correct for it.  TRL's gradient, the rows and the update rows
         are still exact; the entropy estimators (``dH1`` and its error bars, the realized
         change from ``logprob_after``) average over samples assumed to come from the policy."""
-        args = self._grpo_args
+        args = self._trl_args
         settings: dict[str, Any] = {
             "top_p": args.top_p,
             "top_k": args.top_k,
@@ -1000,8 +1000,8 @@ class _KernelscopeTrainer(_TRLTrainer):
     # -- what TRL computed ----------------------------------------------------------------
 
     @property
-    def _grpo_args(self) -> Any:
-        return self.args  # a GRPOConfig (typed TrainingArguments in the base class)
+    def _trl_args(self) -> Any:
+        return self.args  # a GRPOConfig or an RLOOConfig (typed TrainingArguments in the base)
 
     def _kernelscope_policy(self) -> nn.Module:
         policy: nn.Module = self.accelerator.unwrap_model(self.model)
@@ -1057,7 +1057,7 @@ class _KernelscopeTrainer(_TRLTrainer):
         step = int(self.state.global_step)
         if step == 0:
             return
-        accumulation = int(self._grpo_args.gradient_accumulation_steps)
+        accumulation = int(self._trl_args.gradient_accumulation_steps)
         self._ks_generation = max(self._ks_generation, step * (accumulation + 1))
         if self.accelerator.is_main_process:
             run = self.kernelscope_client.get_run(self.kernelscope_run_id)
@@ -1145,7 +1145,7 @@ class _KernelscopeTrainer(_TRLTrainer):
             index = torch.arange(first, first + n, device=output["advantages"].device)
             offset = self._ks_generation * total
             output["kernelscope_index"] = index + offset
-            output["kernelscope_group"] = index // int(self._grpo_args.num_generations) + offset
+            output["kernelscope_group"] = index // int(self._trl_args.num_generations) + offset
             self._ks_generation += 1
         return output
 
@@ -1219,7 +1219,7 @@ class _KernelscopeTrainer(_TRLTrainer):
             gradient_accumulation_steps=int(self.current_gradient_accumulation_steps),
             max_completion_length=self.max_completion_length,
             num_items_in_batch=None if items is None else float(items),
-            steps_per_generation=int(self._grpo_args.steps_per_generation),
+            steps_per_generation=int(self._trl_args.steps_per_generation),
             num_processes=int(self.accelerator.num_processes),
             epsilon_high=float(self.epsilon_high),
         )
@@ -1949,11 +1949,10 @@ class KernelscopeRLOOTrainer(_KernelscopeTrainer, RLOOTrainer):  # type: ignore[
     advantage ``A_i`` (its KL penalty, with ``beta``, is part of the reward: a constant of the
     loss).  The Trainer divides it by the accumulation steps, and DDP averages the ranks: at
     ratio 1 its weights are ``1 / (b GA P)``, those of GRPO's ``luspo``.  RLOO passes the
-    generation's ``old_logps`` on every pass, so its inputs do not tell a first pass from a
-    later one: with ``num_iterations == 1`` every pass is the first (its ratio is 1 to float
-    precision, the ``old_logps`` being the same parameters' log-probs) and the weights are
-    taken; with more passes the token coefficients are (one forward per micro-batch), and
-    where they equal ``weight_i A_i`` no update rows are pushed.
+    generation's ``old_logps`` on every pass, so its inputs do not tell whether the policy
+    has moved since they were computed: its micro-batch counter does
+    (:meth:`_kernelscope_plain_on_policy`).  Elsewhere the token coefficients are taken (one
+    forward per micro-batch), and where they equal ``weight_i A_i`` no update rows are pushed.
     """
 
     @property
@@ -1961,8 +1960,15 @@ class KernelscopeRLOOTrainer(_KernelscopeTrainer, RLOOTrainer):  # type: ignore[
         return "luspo"
 
     def _kernelscope_plain_on_policy(self, inputs: Mapping[str, Any]) -> bool:
-        return (
-            int(self.num_iterations) == 1
-            and not has_loss_of_its_own(type(self))
-            and not getattr(self, "aux_loss_enabled", False)
-        )
+        """Whether no optimizer step has been taken since this micro-batch's completions and
+        their ``old_logps`` were generated: then its ratio is 1 (to float precision) and its
+        coefficients are ``weight_i A_i``.  RLOO generates at every ``steps_per_generation *
+        num_iterations``-th micro-batch (its ``_step`` counts them) and the Trainer steps
+        every ``GA``-th.  A resumed run generates afresh at its first micro-batch, where its
+        ``_step`` starts again at 0."""
+        if has_loss_of_its_own(type(self)) or getattr(self, "aux_loss_enabled", False):
+            return False
+        ga = int(self.args.gradient_accumulation_steps)
+        every = int(self._trl_args.steps_per_generation) * int(self.num_iterations)
+        micro = int(self._step)
+        return (micro - micro % every) // ga == micro // ga

@@ -182,28 +182,52 @@ def test_rloo_token_shares_add_up_to_the_services_dh1(
                 assert row.total == pytest.approx(a[row.id], rel=1e-3, abs=1e-9)
 
 
-def test_an_on_policy_rloo_run_takes_the_weights(
-    live_service: LiveService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("args", "coefficients"),
+    [
+        # one generation batch per optimizer step: every micro-batch on policy
+        ({"optim": "adamw_torch", "adam_beta1": 0.0, "learning_rate": 1e-3}, 0),
+        # a generation batch over two optimizer steps: step 1's two micro-batches come after
+        # step 0 moved the policy, so their coefficients are taken (and differ)
+        (
+            {
+                "learning_rate": 0.05,
+                "steps_per_generation": 4,
+                "epsilon": 0.2,
+            },
+            2,
+        ),
+    ],
+    ids=["generation_per_step", "generation_over_two_steps"],
+)
+def test_rloo_takes_the_weights_until_the_policy_moves(
+    live_service: LiveService,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: dict[str, Any],
+    coefficients: int,
 ) -> None:
-    """``num_iterations=1``: every micro-batch is on its first pass, so the trainer takes
-    ``luspo``'s weights without the forward of the token coefficients, and two AdamW steps
-    (``beta1 = 0``: each step ``-lr c P_t g_t``) keep ``plugin dH1 = delta_h1_applied``."""
+    """RLOO's inputs do not tell whether the policy has moved since their ``old_logps``: its
+    micro-batch counter does.  Until it moves the trainer takes ``luspo``'s weights without
+    the forward of the token coefficients (AdamW, ``beta1 = 0``); after an optimizer step
+    within one generation batch (``steps_per_generation = 4``, two micro-batches per step) it
+    takes the coefficients.  Both runs keep ``plugin dH1 = delta_h1_applied`` on both steps."""
     calls: list[int] = []
     original = trl_module.trl_token_coefficients
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
+    def counted(*a: Any, **kw: Any) -> Any:
         calls.append(1)
-        return original(*args, **kwargs)
+        return original(*a, **kw)
 
     monkeypatch.setattr(trl_module, "trl_token_coefficients", counted)
     trainer = rloo_trainer(
         tmp_path,
         KernelscopeRLOOTrainer,
-        args={"optim": "adamw_torch", "adam_beta1": 0.0, "learning_rate": 1e-3},
+        args=args,
         kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
     )
     trainer.train()
-    assert trainer.kernelscope_geometry == "adam" and not calls
+    assert len(calls) == coefficients
     with Client(live_service.base_url) as client:
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 

@@ -1756,27 +1756,29 @@ def test_token_shares_take_their_directions_from_the_rows_backward(
 def test_zero_ranks_push_steps_with_the_identities_of_one_process(
     live_service: LiveService, tmp_path: Path
 ) -> None:
-    """Fifteen real GRPO runs under accelerate's DeepSpeed (two gloo processes on DeepSpeed's CPU
-    accelerator, ``trl_zero.py``), where the reduced gradient and Adam's state are flat
-    partitions and the step is taken inside accelerate's ``backward``, before ``Trainer``'s
-    ``on_pre_optimizer_step``: AdamW with ``beta1 = 0`` and count-sketched rows from hooks
-    under ZeRO 2, step 1 a later clipped pass (update rows); the same under ZeRO 1 with the
-    gradient norm clipped to 0.01 on every step and a linear decay of the rate; plain SGD
-    with factorised kronecker rows under ZeRO 2.  Under ZeRO 3, with every parameter
+    """Sixteen real GRPO and RLOO runs under accelerate's DeepSpeed (two gloo processes on
+    DeepSpeed's CPU accelerator, ``trl_zero.py``), where the reduced gradient and Adam's state
+    are flat partitions and the step is taken inside accelerate's ``backward``, before
+    ``Trainer``'s ``on_pre_optimizer_step``: AdamW with ``beta1 = 0`` and count-sketched rows
+    from hooks under ZeRO 2, step 1 a later clipped pass (update rows); the same under ZeRO 1
+    with the gradient norm clipped to 0.01 on every step and a linear decay of the rate; plain
+    SGD with factorised kronecker rows under ZeRO 2.  Under ZeRO 3, with every parameter
     partitioned from the model's construction on (``deepspeed.zero.Init``; odd sizes, so the
-    last partitions are padded): the AdamW run clipped to 0.01, loaded from a checkpoint
-    with ``beta = 0.04`` (TRL's reference model from the same path), the SGD kronecker run over
-    the matrix parameters alone (a filter on the whole shapes), and AdamW over ``peft`` LoRA
+    last partitions are padded): the AdamW run clipped to 0.01, loaded from a checkpoint with
+    ``beta = 0.04`` (TRL's reference model from the same path), the SGD kronecker run over the
+    matrix parameters alone (a filter on the whole shapes), and AdamW over ``peft`` LoRA
     adapters (``ParameterFilter(lora_only=True)``).  Under ZeRO 2, AdamW with token shares
     (exact kernel): both ranks' shares add up to the service's ``cross_fit`` ``delta_h1``.
-    DeepSpeed's own Adams: ZeRO-Offload, where accelerate puts DeepSpeed's CPU Adam in place
-    of the trainer's AdamW (ZeRO 2, and ZeRO 3 clipped), and an ``AdamW`` optimizer section,
-    from which the engine builds ``FusedAdam`` (ZeRO 2, weight decay 0.1).  bf16 under ZeRO 2
-    and ZeRO 3, and under ZeRO 1 with fp32 gradient accumulation, where the engine steps with
-    its ``BF16_Optimizer`` (clipped).  A mixture-of-experts policy with TRL's load-balancing
-    loss under ZeRO 2 and ZeRO 3, where accelerate makes each MoE block a ZeRO 3 leaf module
-    whose gradient reduction hook fired in the capture's backward too (it set ``.grad`` and
-    the step failed; ``clients.shards.leaf_reductions_suspended``).
+    DeepSpeed's own Adams: ZeRO-Offload, where accelerate puts DeepSpeed's CPU Adam in place of
+    the trainer's AdamW (ZeRO 2, and ZeRO 3 clipped), and an ``AdamW`` optimizer section, from
+    which the engine builds ``FusedAdam`` (ZeRO 2, weight decay 0.1).  bf16 under ZeRO 2 and
+    ZeRO 3, and under ZeRO 1 with fp32 gradient accumulation, where the engine steps with its
+    ``BF16_Optimizer`` (clipped).  A mixture-of-experts policy with TRL's load-balancing loss
+    under ZeRO 2 and ZeRO 3, where accelerate makes each MoE block a ZeRO 3 leaf module whose
+    gradient reduction hook fired in the capture's backward too (it set ``.grad`` and the step
+    failed; ``clients.shards.leaf_reductions_suspended``).  An RLOO run
+    (``KernelscopeRLOOTrainer``) under ZeRO 2, whose loss DeepSpeed's backward scales for the
+    accumulation steps.
 
     Every step is ready with both ranks' sequences and the applied update.  ``sqrt(P_t)``
     computed before the step from the gathered partitions equals the one the step divided by
@@ -1813,6 +1815,7 @@ def test_zero_ranks_push_steps_with_the_identities_of_one_process(
         "zero1-adam-bf16-fp32acc-clipped",
         "zero2-adam-moe",
         "zero3-adam-moe",
+        "zero2-adam-rloo",
     )
     # ZeRO-Offload: accelerate replaced the trainer's AdamW by DeepSpeed's CPU Adam; an
     # optimizer section: the engine built its own

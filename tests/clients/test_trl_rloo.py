@@ -61,12 +61,13 @@ def rloo_args(tmp_path: Path, **overrides: Any) -> RLOOConfig:
 
 def rloo_trainer(tmp_path: Path, trainer_class: type = RLOOTrainer, **kwargs: Any) -> Any:
     """An RLOO trainer (``trainer_class``) of the tiny Llama on the test prompts, with
-    :func:`rloo_args` updated by ``args``; other ``kwargs`` go to the constructor."""
-    overrides = kwargs.pop("args", {})
+    ``args`` (an ``RLOOConfig``, or overrides of :func:`rloo_args`); other ``kwargs`` go to
+    the constructor."""
+    args = kwargs.pop("args", {})
     return trainer_class(
         model=kwargs.pop("model", None) or tiny_llama(),
         reward_funcs=first_char_reward,
-        args=rloo_args(tmp_path, **overrides),
+        args=args if isinstance(args, RLOOConfig) else rloo_args(tmp_path, **args),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
         processing_class=char_tokenizer(),
         **kwargs,

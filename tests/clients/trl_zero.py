@@ -37,7 +37,12 @@ from clients.geometry import (
     adam_taken_preconditioner,
 )
 from clients.shards import is_partitioned
-from clients.trl import KernelscopeConfig, KernelscopeGRPOTrainer, UnsupportedTRLSettingError
+from clients.trl import (
+    KernelscopeConfig,
+    KernelscopeGRPOTrainer,
+    KernelscopeRLOOTrainer,
+    UnsupportedTRLSettingError,
+)
 from clients.zero import zero_optimizer
 from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import (
@@ -47,6 +52,7 @@ from tests.clients.test_trl import (
     tiny_llama_config,
     tiny_moe,
 )
+from tests.clients.test_trl_rloo import rloo_args, rloo_trainer
 from tests.clients.trl_ranks import finish, rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
@@ -162,6 +168,9 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
         {**ADAM_BETA0, "deepspeed": ZERO3, "router_aux_loss_coef": 0.5},
         SKETCH_512,
     ),
+    # KernelscopeRLOOTrainer: DeepSpeed scales RLOO's loss for the accumulation steps in the
+    # Trainer's backward, not in the loss (RLOO's sequence ratio: epsilon 0.2 clips some)
+    "zero2-adam-rloo": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2), "epsilon": 0.2}, SKETCH_512),
 }
 
 #: name -> (GRPOConfig overrides, KernelscopeConfig fields) that the trainer refuses.
@@ -265,7 +274,13 @@ def main(url: str, out: Path) -> None:
         except UnsupportedTRLSettingError as exc:
             results[f"refused-{name}"] = str(exc)
     for name, (learning_rate, overrides, sketch) in RUNS.items():
-        args = rank_args(out / name, learning_rate, **overrides)
+        # the arguments before the model: their DeepSpeed config makes transformers build a
+        # ZeRO 3 model partitioned (deepspeed.zero.Init)
+        if name.endswith("-rloo"):
+            rloo = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", **overrides}
+            args = rloo_args(out / name, learning_rate=learning_rate, **rloo)
+        else:
+            args = rank_args(out / name, learning_rate, **overrides)
         stage3 = name.startswith("zero3")
         tokens = name.endswith("-tokens")  # exact rows, raw: the shares add up to dH1
         config = KernelscopeConfig(
@@ -289,7 +304,12 @@ def main(url: str, out: Path) -> None:
             model = odd_llama(out / name / "checkpoint")
         elif stage3 and name != "zero3-adam-lora":  # LoRA: the tiny Llama, built whole
             model = odd_llama()
-        trainer = sgd_trainer(args, config, model, **adapters)
+        if name.endswith("-rloo"):
+            trainer = rloo_trainer(
+                out / name, KernelscopeRLOOTrainer, args=args, kernelscope=config
+            )
+        else:
+            trainer = sgd_trainer(args, config, model, **adapters)
         assert trainer._kernelscope_deepspeed and trainer._kernelscope_stage3 == stage3
         declared = trainer._kernelscope_parameters
         if name == "zero3-adam-clipped":  # partitioned from the start, declared whole

@@ -55,11 +55,11 @@ def main(url: str, out: Path) -> None:
         (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)
     # RLOO over the same split of groups: steps 0 and 1 on generation 0 (step 1 a later,
     # clipped pass), step 2 on generation 1
-    rloo_args = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", "max_steps": 3}
+    over_ranks = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", "max_steps": 3}
     rloo = rloo_trainer(
         out / "rloo",
         KernelscopeRLOOTrainer,
-        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05, **rloo_args},
+        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05, **over_ranks},
         kernelscope=KernelscopeConfig(url=url, sketch=SKETCH_512),
     )
     rloo.train()

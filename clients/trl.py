@@ -1889,17 +1889,18 @@ class _KernelscopeTrainer(_TRLTrainer):
         once the service has it ready: every rank has pushed its sequences before it moves on
         to the next step, so the wait cannot hold up a collective."""
         client, run_id = self.kernelscope_client, self.kernelscope_run_id
-        targets = {"kernelscope/": "sequence"}
-        if self.kernelscope.push_entropy_sums:
-            targets["kernelscope/token_mean/"] = "token_mean"
         try:
             # the first analysis waits on the service's side for the step to be ready, or,
             # where the service allows shorter waits (KERNELSCOPE_MAX_WAIT_S), polls its status
             try:
-                client.entropy(run_id, step, wait=LOG_WAIT_S)
+                sequence = client.entropy(run_id, step, target="sequence", wait=LOG_WAIT_S)
             except ValidationError:
                 client.wait_ready(run_id, step, timeout=LOG_WAIT_S)
-            reports = {p: client.entropy(run_id, step, target=t) for p, t in targets.items()}
+                sequence = client.entropy(run_id, step, target="sequence")
+            reports = {"kernelscope/": sequence}
+            if self.kernelscope.push_entropy_sums:
+                token_mean = client.entropy(run_id, step, target="token_mean")
+                reports["kernelscope/token_mean/"] = token_mean
         except KernelscopeError as exc:
             warnings.warn(
                 f"kernelscope: step {step} of run {run_id!r} is pushed but its answers are not "

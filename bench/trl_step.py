@@ -15,8 +15,8 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
   and backward, each layer's per-sequence gradients formed in its hook), count-sketched on the
   trainer (``k``, Adam geometry, the default for AdamW);
 * ``countsketch-chunks``: the same rows from exact per-sequence capture a chunk at a time
-  (``capture_method="loop"``: ``vmap`` cannot run through the forward hook TRL's gradient
-  checkpointing adds, so ``auto`` used to end up here);
+  (``capture_method="loop"``: before 2026-12-07 ``vmap`` failed on the forward hook TRL's
+  gradient checkpointing adds, so ``auto`` ended up here);
 * ``countsketch-keep``: ``countsketch`` with ``capture_checkpointing=False``: the capture
   keeps every activation of a micro-batch instead of checkpointing the layers TRL's gradient
   checkpointing (on by default) checkpoints, and runs no forward again in its backward;

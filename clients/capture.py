@@ -29,7 +29,7 @@ import contextlib
 import inspect
 import sys
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -524,6 +524,30 @@ class CapturedGradients:
         return {k: list(v.shape[1:]) for k, v in self.gradients.items()}
 
 
+@contextlib.contextmanager
+def without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
+    """transformers' ``enable_input_require_grads`` (gradient checkpointing, adapters; TRL
+    turns it on, sometimes more than once) hooks the input embeddings to call
+    ``requires_grad_`` on their output, which a functorch transform refuses (the vmap
+    capture, the token shares' forward-mode passes).  The hook only matters for a backward
+    through reentrant checkpoints, so its registrations are lifted for the transform and put
+    back after (``disable_input_require_grads`` would remove only the last one).  Before
+    2026-12-07 every TRL run (``gradient_checkpointing=True`` by default) fell back from vmap
+    to the per-sequence loop."""
+    lifted: list[tuple[dict[int, Callable[..., object]], int, Callable[..., object]]] = []
+    for module in model.modules():
+        hooks = module._forward_hooks
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                lifted.append((hooks, key, hook))
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, key, hook in lifted:
+            hooks[key] = hook
+
+
 def _vmap_chunk(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -559,9 +583,10 @@ def _vmap_chunk(
     mapped = [batch.input_ids, batch.response_mask, weights]
     if entropy_weights is not None:
         mapped.append(entropy_weights)
-    grads, values = vmap(grad_and_value(score), in_dims=(None, *[0] * len(mapped)))(
-        detached, *mapped
-    )
+    with without_input_grad_hooks(model):
+        grads, values = vmap(grad_and_value(score), in_dims=(None, *[0] * len(mapped)))(
+            detached, *mapped
+        )
     return values.detach(), {k: g.detach().float() for k, g in grads.items()}
 
 

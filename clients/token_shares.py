@@ -24,7 +24,7 @@ and no library exposes it for a causal LM batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,7 @@ from clients.capture import (
     response_logprobs,
     response_window,
     takes_logits_to_keep,
+    without_input_grad_hooks,
 )
 from sketch.cross_fit import cross_fit_halves
 
@@ -159,7 +160,7 @@ def token_derivatives(
         torch.no_grad(),
         eval_mode(model, use_eval_mode),
         sdpa_kernel(SDPBackend.MATH),
-        _without_input_grad_hooks(model),
+        without_input_grad_hooks(model),
         _contiguous_head_input(model),
         _eager_experts(model),
     ):
@@ -245,27 +246,6 @@ def _contiguous_head_input(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def _without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
-    """transformers' ``enable_input_require_grads`` (gradient checkpointing, adapters; TRL
-    turns it on, sometimes more than once) hooks the input embeddings to call
-    ``requires_grad_`` on their output, which a functorch transform refuses.  The hook only
-    matters for backward, so its registrations are lifted for the pass and put back after
-    (``disable_input_require_grads`` would remove only the last one)."""
-    lifted: list[tuple[dict[int, Callable[..., object]], int, Callable[..., object]]] = []
-    for module in model.modules():
-        hooks = module._forward_hooks
-        for key, hook in list(hooks.items()):
-            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
-                lifted.append((hooks, key, hook))
-                del hooks[key]
-    try:
-        yield
-    finally:
-        for hooks, key, hook in lifted:
-            hooks[key] = hook
 
 
 def _scaled(

@@ -155,6 +155,30 @@ class _ItemModel(nn.Module):
         return out
 
 
+def test_vmap_runs_with_transformers_input_grad_hooks(
+    model: nn.Module, batch: SequenceBatch
+) -> None:
+    """transformers' ``enable_input_require_grads`` (which TRL calls for its default gradient
+    checkpointing, twice in some versions) hooks the embeddings to call ``requires_grad_``,
+    which vmap refuses: the capture lifts those hooks for its pass, takes the same rows by
+    vmap, and puts them back.  Before, every TRL run fell back to the per-sequence loop."""
+    model.enable_input_require_grads()
+    model.enable_input_require_grads()
+    hooks = {id(m): dict(m._forward_hooks) for m in model.modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", "kernelscope: vmap capture failed", RuntimeWarning)
+        captured = capture_gradients(model, batch, method="auto", chunk_size=3)
+    assert captured.method == "vmap"
+    assert {id(m): dict(m._forward_hooks) for m in model.modules()} == hooks
+    assert sum(len(h) for h in hooks.values()) == 2
+    for i in range(batch.size):
+        s_ref, g_ref = _reference(model, batch, i)
+        assert captured.logprobs[i].item() == pytest.approx(s_ref, rel=1e-5, abs=1e-5)
+        for name, g in g_ref.items():
+            torch.testing.assert_close(captured.gradients[name][i], g, rtol=1e-4, atol=1e-6)
+
+
 def test_auto_falls_back_to_loop_when_vmap_fails() -> None:
     torch.manual_seed(0)
     model = _ItemModel()

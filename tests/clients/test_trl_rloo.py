@@ -36,6 +36,7 @@ from tests.clients.test_trl import (  # noqa: E402
     PROMPTS,
     SGD_STEPS,
     SKETCH_512,
+    LowPrecisionSampler,
     _perturbed_logps,
     assert_plugin_is_applied,
     char_tokenizer,
@@ -261,3 +262,29 @@ def test_rloo_moe_run_with_its_router_loss(live_service: LiveService, tmp_path: 
     assert trainer._hooked is not None  # no fallback to exact chunks
     with Client(live_service.base_url) as client:
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
+def test_rloo_run_with_a_vllm_sampler(live_service: LiveService, tmp_path: Path) -> None:
+    """RLOO's vLLM path (``use_vllm``), fed through TRL's own code as GRPO's test feeds it
+    (:class:`~tests.clients.test_trl.LowPrecisionSampler`, here as the trainer's
+    ``vllm_generation``): a bfloat16 copy of the policy, synced by TRL when the step changes, draws
+    every completion.  RLOO ignores the sampler's log-probs (no importance-sampling
+    correction), so its loss and the rows are the trainer's policy's alone: on a run of two
+    SGD steps on one generation batch, the second a later clipped pass, both steps keep
+    ``plugin dH1 = delta_h1_applied``, and only step 1 pushes update rows."""
+    sampler = LowPrecisionSampler()
+    trainer = rloo_trainer(
+        tmp_path,
+        KernelscopeRLOOTrainer,
+        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05},
+        kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
+        model=tiny_llama(initializer_range=0.2),
+    )
+    sampler.attach(trainer)
+    trainer.train()
+    assert sampler.syncs == 1  # one generation batch, two passes
+    run_id = trainer.kernelscope_run_id
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, run_id, (0, 1))
+        uploads = [client.step_status(run_id, step).uploads for step in (0, 1)]
+        assert uploads[1] == uploads[0] + 2, uploads

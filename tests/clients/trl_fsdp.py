@@ -23,9 +23,10 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
 from clients.filters import ParameterFilter
-from clients.trl import KernelscopeConfig, UnsupportedTRLSettingError
+from clients.trl import KernelscopeConfig, KernelscopeRLOOTrainer, UnsupportedTRLSettingError
 from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_moe
+from tests.clients.test_trl_rloo import rloo_args, rloo_trainer
 from tests.clients.trl_ranks import finish, rank_args
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
@@ -37,13 +38,15 @@ ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 #: of the whole model (its gradient norm clipped to 0.01 on every step), of LoRA adapters on the
 #: attention projections, and of the whole model in bf16 (accelerate's FSDP2 policy: parameters
 #: and gradient reduction in bf16); plain SGD and factorised kronecker rows; a mixture-of-experts
-#: policy (test_trl's ``tiny_moe``) with TRL's load-balancing loss in the update rows.
+#: policy (test_trl's ``tiny_moe``) with TRL's load-balancing loss in the update rows; an RLOO
+#: run (``KernelscopeRLOOTrainer``, its sequence ratio clipped at epsilon 0.2 on step 1).
 RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any], bool]] = {
     "adam-countsketch": (1e-3, {**ADAM_BETA0, "max_grad_norm": 0.01}, SKETCH_512, False),
     "adam-lora": (1e-2, ADAM_BETA0, SKETCH_512, True),
     "adam-bf16": (1e-3, {**ADAM_BETA0, "bf16": True}, SKETCH_512, False),
     "sgd-kronecker": (0.05, {}, KRONECKER_256, False),
     "adam-moe": (1e-3, {**ADAM_BETA0, "router_aux_loss_coef": 0.5}, SKETCH_512, False),
+    "adam-rloo": (1e-3, {**ADAM_BETA0, "epsilon": 0.2}, SKETCH_512, False),
 }
 
 
@@ -55,9 +58,14 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def fsdp_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
-    """A ``GRPOConfig`` under accelerate's FSDP on this CPU (see the module's docstring)."""
-    args = rank_args(out, learning_rate, **{**FSDP2, **overrides})
+def fsdp_args(out: Path, learning_rate: float, rloo: bool = False, **overrides: Any) -> Any:
+    """A ``GRPOConfig`` (an ``RLOOConfig`` with ``rloo``) under accelerate's FSDP on this CPU
+    (see the module's docstring)."""
+    if rloo:
+        rloo_values = {"per_device_train_batch_size": 3, "ddp_backend": "gloo"}
+        args = rloo_args(out, learning_rate=learning_rate, **{**rloo_values, **FSDP2, **overrides})
+    else:
+        args = rank_args(out, learning_rate, **{**FSDP2, **overrides})
     _ = args.device  # the process state, MULTI_CPU
     PartialState().distributed_type = DistributedType.MULTI_GPU
     return args
@@ -73,7 +81,8 @@ def main(url: str, out: Path) -> None:
         except UnsupportedTRLSettingError as exc:
             run_ids[f"refused-{name}"] = str(exc)
     for name, (learning_rate, overrides, sketch, lora) in RUNS.items():
-        args = fsdp_args(out / name, learning_rate, **overrides)
+        rloo = name.endswith("-rloo")
+        args = fsdp_args(out / name, learning_rate, rloo, **overrides)
         config = KernelscopeConfig(url=url, sketch=sketch, sketch_on="trainer")
         adapters: dict[str, Any] = {}
         if lora:
@@ -84,7 +93,12 @@ def main(url: str, out: Path) -> None:
                 r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
             )
         model = tiny_moe() if name == "adam-moe" else None
-        trainer = sgd_trainer(args, config, model, **adapters)
+        if rloo:
+            trainer = rloo_trainer(
+                out / name, KernelscopeRLOOTrainer, args=args, kernelscope=config
+            )
+        else:
+            trainer = sgd_trainer(args, config, model, **adapters)
         assert trainer.accelerator.is_fsdp2
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -169,8 +169,10 @@ RUNS: dict[str, tuple[float, dict[str, Any], dict[str, Any]]] = {
         SKETCH_512,
     ),
     # KernelscopeRLOOTrainer: DeepSpeed scales RLOO's loss for the accumulation steps in the
-    # Trainer's backward, not in the loss (RLOO's sequence ratio: epsilon 0.2 clips some)
+    # Trainer's backward, not in the loss (RLOO's sequence ratio: epsilon 0.2 clips some);
+    # under ZeRO 3 the model of odd sizes, partitioned from its construction
     "zero2-adam-rloo": (1e-3, {**ADAM_BETA0, "deepspeed": zero(2), "epsilon": 0.2}, SKETCH_512),
+    "zero3-adam-rloo": (1e-3, {**ADAM_BETA0, "deepspeed": ZERO3, "epsilon": 0.2}, SKETCH_512),
 }
 
 #: name -> (GRPOConfig overrides, KernelscopeConfig fields) that the trainer refuses.
@@ -306,7 +308,7 @@ def main(url: str, out: Path) -> None:
             model = odd_llama()
         if name.endswith("-rloo"):
             trainer = rloo_trainer(
-                out / name, KernelscopeRLOOTrainer, args=args, kernelscope=config
+                out / name, KernelscopeRLOOTrainer, args=args, kernelscope=config, model=model
             )
         else:
             trainer = sgd_trainer(args, config, model, **adapters)

@@ -17,6 +17,8 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
 * ``countsketch-chunks``: the same rows from exact per-sequence capture a chunk at a time
   (``capture_method="loop"``: before 2026-12-07 ``vmap`` failed on the forward hook TRL's
   gradient checkpointing adds, so ``auto`` ended up here);
+* ``countsketch-vmap``: the same exact chunks by ``torch.func.vmap`` (``capture_method="vmap"``,
+  what ``auto`` takes now);
 * ``countsketch-keep``: ``countsketch`` with ``capture_checkpointing=False``: the capture
   keeps every activation of a micro-batch instead of checkpointing the layers TRL's gradient
   checkpointing (on by default) checkpoints, and runs no forward again in its backward;
@@ -70,6 +72,7 @@ MODES = (
     "kronecker-adam",
     "countsketch",
     "countsketch-chunks",
+    "countsketch-vmap",
     "countsketch-keep",
     "countsketch-shares",
     "countsketch-logged",
@@ -233,7 +236,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
             url=url,
             sketch=sketch,
             sketch_on="trainer",
-            capture_method="loop" if how == "chunks" else "auto",
+            capture_method={"chunks": "loop", "vmap": "vmap"}.get(how, "auto"),
             token_shares=how == "shares",
             log_metrics=how == "logged",
             capture_checkpointing=how != "keep",

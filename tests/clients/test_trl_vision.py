@@ -472,6 +472,48 @@ def test_vision_language_run(live_service: LiveService, tmp_path: Path, family: 
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
+def test_rloo_vision_language_run(live_service: LiveService, tmp_path: Path) -> None:
+    """``KernelscopeRLOOTrainer`` on a vision-language policy (Qwen2.5-VL), AdamW with
+    ``beta1 = 0``, the second step a later pass whose sequence ratios are clipped: the
+    language side is studied, the log-probs match RLOO's own (no warning), and ``plugin dH1 =
+    delta_h1_applied`` on both steps."""
+    from clients.trl import KernelscopeRLOOTrainer
+    from tests.clients.test_trl_rloo import rloo_args
+
+    args = rloo_args(
+        tmp_path,
+        learning_rate=1e-3,
+        optim="adamw_torch",
+        adam_beta1=0.0,
+        num_iterations=2,
+        epsilon=0.2,
+    )
+    make_processor, make_model, _ = FAMILIES["qwen2_5_vl"]
+    processor = make_processor()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = KernelscopeRLOOTrainer(
+            model=make_model(processor),
+            reward_funcs=length_reward,
+            args=args,
+            train_dataset=image_dataset(),
+            processing_class=processor,
+            kernelscope=KernelscopeConfig(
+                url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+            ),
+        )
+        assert trainer._hooked is not None
+        assert set(trainer._hooked.parameters) == language_side(trainer.model)
+        caught.clear()
+        trainer.train()
+        assert trainer._ks_checked
+        assert not [w for w in caught if "kernelscope" in str(w.message)]
+    clipped = [h["clip_ratio/region_mean"] for h in trainer.state.log_history[:2]]
+    assert clipped[0] == 0.0 and clipped[1] > 0.0
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
 def test_vision_language_runs_on_two_ranks(live_service: LiveService, tmp_path: Path) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` of Qwen2.5-VL GRPO runs (gloo on the
     CPU, AdamW with ``beta1 = 0``, rows from hooks, 3 completions per rank and micro-batch,

@@ -1966,10 +1966,13 @@ class KernelscopeRLOOTrainer(_KernelscopeTrainer, RLOOTrainer):  # type: ignore[
         coefficients are ``weight_i A_i``.  RLOO generates at every ``steps_per_generation *
         num_iterations``-th micro-batch (its ``_step`` counts them) and the Trainer steps
         every ``GA``-th.  A resumed run generates afresh at its first micro-batch, where its
-        ``_step`` starts again at 0."""
+        ``_step`` starts again at 0.  Without that private counter (another TRL) the answer is
+        no: the coefficients, taken by autograd, are right either way, at one forward more."""
         if has_loss_of_its_own(type(self)) or getattr(self, "aux_loss_enabled", False):
+            return False
+        micro = getattr(self, "_step", None)
+        if not isinstance(micro, int):  # a TRL without this private counter: take coefficients
             return False
         ga = int(self.args.gradient_accumulation_steps)
         every = int(self._trl_args.steps_per_generation) * int(self.num_iterations)
-        micro = int(self._step)
         return (micro - micro % every) // ga == micro // ga

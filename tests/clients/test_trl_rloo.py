@@ -234,6 +234,25 @@ def test_rloo_takes_the_weights_until_the_policy_moves(
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
+def test_rloo_without_its_micro_batch_counter_takes_the_coefficients(
+    live_service: LiveService, tmp_path: Path
+) -> None:
+    """RLOO's on-policy test reads TRL's private ``_step``: a TRL without it makes the trainer
+    take the token coefficients (always right) instead of failing or guessing."""
+    trainer = rloo_trainer(
+        tmp_path,
+        KernelscopeRLOOTrainer,
+        args={"num_iterations": 2},
+        kernelscope=KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512),
+    )
+    inputs = {"advantages": torch.zeros(4)}
+    assert trainer._kernelscope_plain_on_policy(inputs)  # micro-batch 0 of a fresh generation
+    trainer._step = 3  # step 1's second micro-batch, on step 0's completions (GA 2, 2 passes)
+    assert not trainer._kernelscope_plain_on_policy(inputs)
+    del trainer._step
+    assert not trainer._kernelscope_plain_on_policy(inputs)
+
+
 def test_rloo_moe_run_with_its_router_loss(live_service: LiveService, tmp_path: Path) -> None:
     """An RLOO run of a mixture-of-experts policy with AdamW (``beta1 = 0``) and its
     load-balancing loss (``router_aux_loss_coef = 0.5``, which RLOO adds to its loss before

@@ -1114,6 +1114,33 @@ def test_a_trainer_with_a_loss_of_its_own_is_captured_with_it(
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
 
 
+@pytest.mark.parametrize("num_iterations", [1, 2], ids=["on_policy", "later_pass_clipped"])
+def test_trls_gmpo_trainer_composed_with_kernelscopes(
+    live_service: LiveService, tmp_path: Path, num_iterations: int
+) -> None:
+    """A loss of its own from TRL itself: ``trl.experimental.gmpo.GMPOTrainer`` (the geometric
+    mean of the clipped token ratios, per sequence; a ``_compute_loss`` of its own on TRL's
+    log-probs), composed as docs/trl.md says (``class Mine(KernelscopeGRPOTrainer,
+    GMPOTrainer)``).  On a two-step SGD run, on policy (GMPO's coefficients at ratio 1 are
+    ``A_i / |o_i|`` per token, not the ``dapo`` weights of the arguments) or with the second
+    step a later pass whose log-ratios GMPO clips, ``plugin dH1 = delta_h1_applied`` on both
+    steps: the update rows carry GMPO's coefficients."""
+    gmpo = pytest.importorskip("trl.experimental.gmpo")
+
+    class KernelscopeGMPOTrainer(KernelscopeGRPOTrainer, gmpo.GMPOTrainer):  # type: ignore[misc]
+        pass
+
+    assert has_loss_of_its_own(KernelscopeGMPOTrainer)
+    config = KernelscopeConfig(url=live_service.base_url, sketch=SKETCH_512)
+    args = sgd_args(tmp_path, 0.05, num_iterations=num_iterations, epsilon=0.02)
+    trainer = sgd_trainer(args, config, trainer_class=KernelscopeGMPOTrainer)
+    trainer.train()
+    clipped = [h["clip_ratio/region_mean"] for h in trainer.state.log_history[:2]]
+    assert clipped[0] == 0.0 and (clipped[1] > 0.0) == (num_iterations == 2)
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, (0, 1))
+
+
 def test_a_truncated_sampler_is_named_when_the_trainer_is_built(
     live_service: LiveService, tmp_path: Path
 ) -> None:

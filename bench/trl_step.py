@@ -36,7 +36,8 @@ is the plain step's training forward and backward (TRL's ``compute_loss`` plus t
 ``backward``, summed over the step's micro-batches), timed in every process.  The ``off``
 process runs first and again last; the plain step and ``T_train`` are the means of the two.
 Added time is reported as a multiple of that ``T_train`` and as a share of the plain step;
-ratios come from processes of the same run.
+ratios come from processes of the same run.  Stopped by SIGTERM (``timeout``, as
+``bench/gpu.sh`` runs it), it prints the table of the modes measured so far.
 
     python bench/trl_step.py                  # 10M and 100M (about half an hour on 2 cores)
     python bench/trl_step.py --sizes 10M      # one size
@@ -51,6 +52,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -342,6 +344,10 @@ def table(results: list[dict[str, Any]], k: int) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10M,100M")
@@ -366,18 +372,24 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.prompts, args.steps, args.k = "1M", 2, 2, 256
     results: list[dict[str, Any]] = []
     failed: list[str] = []
-    with serve(f"bench-trl-{os.getpid()}") as url:
-        for size in args.sizes.split(","):
-            # off first and last: the plain step is their mean, and their difference shows how
-            # far the machine's speed moved while the modes ran
-            modes = [m for m in args.modes.split(",") if m != "off"]
-            for mode in ["off", *modes, *(["off"] if modes else [])]:
-                print(f"{size} {mode} ...", file=sys.stderr, flush=True)
-                try:
-                    results.append(run_child(mode, size, url, args))
-                except RuntimeError as exc:  # one failing mode leaves the others' rows
-                    print(exc, file=sys.stderr, flush=True)
-                    failed.append(f"{size} {mode}")
+    # bench/gpu.sh runs this under `timeout`: its SIGTERM ends the run with the table of the
+    # modes measured so far (the plain step first), not with nothing
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        with serve(f"bench-trl-{os.getpid()}") as url:
+            for size in args.sizes.split(","):
+                # off first and last: the plain step is their mean, and their difference shows
+                # how far the machine's speed moved while the modes ran
+                modes = [m for m in args.modes.split(",") if m != "off"]
+                for mode in ["off", *modes, *(["off"] if modes else [])]:
+                    print(f"{size} {mode} ...", file=sys.stderr, flush=True)
+                    try:
+                        results.append(run_child(mode, size, url, args))
+                    except RuntimeError as exc:  # one failing mode leaves the others' rows
+                        print(exc, file=sys.stderr, flush=True)
+                        failed.append(f"{size} {mode}")
+    except KeyboardInterrupt:
+        failed.append("the rest (stopped)")
     print(table(results, args.k))
     for r in results:
         if r.get("log_s") is not None:

@@ -188,7 +188,9 @@ class LowPrecisionSampler:
     ``use_vllm`` and ``vllm_importance_sampling_correction`` switched on (``use_vllm=True`` in
     the config would start vLLM itself).  TRL's ``_generate_and_score_completions`` then
     computes ``sampling_per_token_logps``, the old log-probs and the truncated or masked
-    importance-sampling ratio exactly as it does for a vLLM server."""
+    importance-sampling ratio exactly as it does for a vLLM server.  RLOO has no
+    ``rollout_func`` route: there it is the trainer's ``vllm_generation``, whose ``generate``
+    TRL's ``_generate_single_turn`` calls (:meth:`generate`)."""
 
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)

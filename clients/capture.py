@@ -524,10 +524,16 @@ class CapturedGradients:
         return {k: list(v.shape[1:]) for k, v in self.gradients.items()}
 
 
+#: the names of the hooks that make the input embeddings' output require grad: transformers'
+#: ``enable_input_require_grads`` and the copies of it in TRL's and others' code
+_INPUT_GRAD_HOOKS = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})
+
+
 @contextlib.contextmanager
 def without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
     """transformers' ``enable_input_require_grads`` (gradient checkpointing, adapters; TRL
-    turns it on, sometimes more than once) hooks the input embeddings to call
+    turns it on, sometimes more than once, and some trainers register a copy of it) hooks the
+    input embeddings to call
     ``requires_grad_`` on their output, which a functorch transform refuses (the vmap
     capture, the token shares' forward-mode passes).  The hook only matters for a backward
     through reentrant checkpoints, so its registrations are lifted for the transform and put
@@ -538,7 +544,7 @@ def without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
     for module in model.modules():
         hooks = module._forward_hooks
         for key, hook in list(hooks.items()):
-            if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+            if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
                 lifted.append((hooks, key, hook))
                 del hooks[key]
     try:

@@ -159,11 +159,17 @@ def test_vmap_runs_with_transformers_input_grad_hooks(
     model: nn.Module, batch: SequenceBatch
 ) -> None:
     """transformers' ``enable_input_require_grads`` (which TRL calls for its default gradient
-    checkpointing, twice in some versions) hooks the embeddings to call ``requires_grad_``,
-    which vmap refuses: the capture lifts those hooks for its pass, takes the same rows by
-    vmap, and puts them back.  Before, every TRL run fell back to the per-sequence loop."""
+    checkpointing, twice in some versions) and its copies hook the embeddings to call
+    ``requires_grad_``, which vmap refuses: the capture lifts those hooks for its pass, takes
+    the same rows by vmap, and puts them back.  Before, every TRL run fell back to the
+    per-sequence loop."""
     model.enable_input_require_grads()
     model.enable_input_require_grads()
+
+    def make_inputs_require_grad(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        output.requires_grad_(True)  # the copy in TRL's experimental trainers' preparation
+
+    model.get_input_embeddings().register_forward_hook(make_inputs_require_grad)
     hooks = {id(m): dict(m._forward_hooks) for m in model.modules()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -171,7 +177,7 @@ def test_vmap_runs_with_transformers_input_grad_hooks(
         captured = capture_gradients(model, batch, method="auto", chunk_size=3)
     assert captured.method == "vmap"
     assert {id(m): dict(m._forward_hooks) for m in model.modules()} == hooks
-    assert sum(len(h) for h in hooks.values()) == 2
+    assert sum(len(h) for h in hooks.values()) == 3
     for i in range(batch.size):
         s_ref, g_ref = _reference(model, batch, i)
         assert captured.logprobs[i].item() == pytest.approx(s_ref, rel=1e-5, abs=1e-5)

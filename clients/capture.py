@@ -68,12 +68,19 @@ class SequenceBatch:
         (``[n, L]`` ones laid out like ``input_ids``) ...  Their rows are not the sequences'
         (a model's patches or images, in its own layout), so a batch that has them is never
         split or joined (:class:`UnsplittableBatchError`); empty for a text model.
+    position_offsets:
+        ``[n]`` int64 or None: each sequence's first position id, its tokens at ``offset, offset
+        + 1, ...`` (:meth:`positions`).  None: the model's own positions (``0, 1, ...`` for
+        right-padded rows).  A trainer that runs the model on left-padded rows without position
+        ids (TRL) gives a model with absolute position embeddings (GPT-2) positions shifted by
+        the padding: these offsets reproduce them.  Not with ``model_inputs``.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     model_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    position_offsets: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2:
@@ -91,6 +98,22 @@ class SequenceBatch:
             raise ValueError("the first token of a sequence cannot be a response token")
         if bool((self.response_mask & ~self.attention_mask.bool()).any()):
             raise ValueError("response_mask marks padded positions")
+        if self.position_offsets is not None:
+            if tuple(self.position_offsets.shape) != (shape[0],):
+                raise ValueError(
+                    f"position_offsets must be [n] = [{shape[0]}], "
+                    f"got {tuple(self.position_offsets.shape)}"
+                )
+            if self.model_inputs:
+                raise ValueError("position_offsets cannot go with model inputs of its own")
+
+    def positions(self) -> torch.Tensor | None:
+        """``[n, L]`` int64 position ids ``offset_i + t``, or None without offsets."""
+        if self.position_offsets is None:
+            return None
+        width = self.input_ids.shape[1]
+        steps = torch.arange(width, device=self.input_ids.device)
+        return self.position_offsets.to(self.input_ids.device)[:, None] + steps
 
     @property
     def size(self) -> int:
@@ -114,6 +137,7 @@ class SequenceBatch:
             self.attention_mask.to(device),
             self.response_mask.to(device),
             {k: v.to(device) for k, v in self.model_inputs.items()},
+            None if self.position_offsets is None else self.position_offsets.to(device),
         )
 
     def _check_splittable(self, what: str) -> None:
@@ -126,8 +150,12 @@ class SequenceBatch:
     def select(self, rows: slice | Sequence[int] | torch.Tensor) -> SequenceBatch:
         """A sub-batch of the given rows (padding columns kept)."""
         self._check_splittable("split")
+        offsets = self.position_offsets
         return SequenceBatch(
-            self.input_ids[rows], self.attention_mask[rows], self.response_mask[rows]
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.response_mask[rows],
+            position_offsets=None if offsets is None else offsets[rows],
         )
 
     def trimmed(self) -> SequenceBatch:
@@ -136,7 +164,10 @@ class SequenceBatch:
         self._check_splittable("trim")
         width = int(self.lengths.max()) if self.size else 0
         return SequenceBatch(
-            self.input_ids[:, :width], self.attention_mask[:, :width], self.response_mask[:, :width]
+            self.input_ids[:, :width],
+            self.attention_mask[:, :width],
+            self.response_mask[:, :width],
+            position_offsets=self.position_offsets,
         )
 
     @classmethod
@@ -151,10 +182,21 @@ class SequenceBatch:
         def padded(t: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, width - int(t.shape[1])))
 
+        offsets = None
+        if any(b.position_offsets is not None for b in batches):
+            offsets = torch.cat(
+                [
+                    torch.zeros(b.size, dtype=torch.long, device=b.input_ids.device)
+                    if b.position_offsets is None
+                    else b.position_offsets
+                    for b in batches
+                ]
+            )
         return cls(
             torch.cat([padded(b.input_ids) for b in batches]),
             torch.cat([padded(b.attention_mask) for b in batches]),
             torch.cat([padded(b.response_mask) for b in batches]),
+            position_offsets=offsets,
         )
 
     @classmethod
@@ -433,6 +475,7 @@ def response_window_logits(model: nn.Module, batch: SequenceBatch) -> torch.Tens
         batch.input_ids,
         batch.attention_mask,
         logits_to_keep=response_window(batch.response_mask),
+        position_ids=batch.positions(),
         model_inputs=batch.model_inputs,
     )
 
@@ -531,15 +574,14 @@ _INPUT_GRAD_HOOKS = frozenset({"make_inputs_require_grads", "make_inputs_require
 
 @contextlib.contextmanager
 def without_input_grad_hooks(model: nn.Module) -> Iterator[None]:
-    """transformers' ``enable_input_require_grads`` (gradient checkpointing, adapters; TRL
-    turns it on, sometimes more than once, and some trainers register a copy of it) hooks the
-    input embeddings to call
-    ``requires_grad_`` on their output, which a functorch transform refuses (the vmap
-    capture, the token shares' forward-mode passes).  The hook only matters for a backward
-    through reentrant checkpoints, so its registrations are lifted for the transform and put
-    back after (``disable_input_require_grads`` would remove only the last one).  Before
-    2026-12-07 every TRL run (``gradient_checkpointing=True`` by default) fell back from vmap
-    to the per-sequence loop."""
+    """transformers' ``enable_input_require_grads`` (gradient checkpointing, adapters; TRL turns
+    it on, sometimes more than once, and some trainers register a copy of it) hooks the input
+    embeddings to call ``requires_grad_`` on their output, which a functorch transform refuses
+    (the vmap capture, the token shares' forward-mode passes).  The hook only matters for a
+    backward through reentrant checkpoints, so its registrations are lifted for the transform
+    and put back after (``disable_input_require_grads`` would remove only the last one).  Before
+    2026-12-07 every TRL run (``gradient_checkpointing=True`` by default) fell back from vmap to
+    the per-sequence loop."""
     lifted: list[tuple[dict[int, Callable[..., object]], int, Callable[..., object]]] = []
     for module in model.modules():
         hooks = module._forward_hooks
@@ -608,10 +650,13 @@ def _loop_chunk(
     tensors = [params[k] for k in names]
     values = []
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    positions = batch.positions()
     for i in range(batch.size):
         length = int(batch.attention_mask[i].sum())
         ids = batch.input_ids[i : i + 1, :length]
-        logits = forward_logits(model, ids)
+        logits = forward_logits(
+            model, ids, position_ids=None if positions is None else positions[i : i + 1, :length]
+        )
         s = response_logprobs(
             logits,
             ids,
@@ -677,6 +722,12 @@ def iter_captured_chunks(
     if row_scale is not None and set(row_scale) != set(params):
         raise KeyError("row_scale must have one entry per selected parameter")
     used: str = method
+    if batch.position_offsets is not None:
+        # transformers checks position ids for packed sequences with data-dependent control
+        # flow, which vmap cannot run
+        if method == "vmap":
+            raise ValueError("vmap capture cannot take position_offsets: use the loop")
+        used = "loop"
     with eval_mode(model, use_eval_mode):
         for start in range(0, batch.size, chunk_size):
             span = slice(start, min(start + chunk_size, batch.size))

@@ -1381,8 +1381,8 @@ class FactorisedCapture:
         """The logits of the positions the response log-probs need (:func:`response_window`:
         the LM head's product and its hook then skip the prompt positions) and, with
         ``router_loss``, the batch's MoE load-balancing loss (:func:`forward_outputs`)."""
-        positions = None
-        if self._takes_position_ids and not batch.model_inputs:
+        positions = batch.positions()
+        if positions is None and self._takes_position_ids and not batch.model_inputs:
             # Per-row position ids: GPT-2 would otherwise look its position embeddings up once
             # for the whole batch ([1, L]) and broadcast them, summing the rows' gradients.
             # Not with inputs of the model's own: a vision-language model derives its (M-RoPE)

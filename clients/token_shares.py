@@ -83,7 +83,11 @@ def entropy_gradient(
     with eval_mode(model, use_eval_mode):
         keep = response_window(entropy.response_mask)
         logits = forward_logits(
-            model, entropy.input_ids, entropy.attention_mask, logits_to_keep=keep
+            model,
+            entropy.input_ids,
+            entropy.attention_mask,
+            logits_to_keep=keep,
+            position_ids=entropy.positions(),
         )
         logprobs = response_logprobs(
             logits, entropy.input_ids, entropy.response_mask, temperature=temperature
@@ -138,6 +142,8 @@ def token_derivatives(
     kwargs: dict[str, object] = {"attention_mask": batch.attention_mask}
     if hasattr(model, "config"):
         kwargs["use_cache"] = False
+    if batch.position_offsets is not None:
+        kwargs["position_ids"] = batch.positions()
     # the positions from the one before the earliest response token: the LM head and its
     # tangent skip the prompts
     keep = response_window(batch.response_mask)

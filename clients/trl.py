@@ -696,6 +696,9 @@ class _KernelscopeTrainer(_TRLTrainer):
         self._ks_grad_norm: Any = None  # Trainer's norm before clipping, this window's
         self._ks_window: _Window | None = None
         self._ks_checked = False
+        #: TRL's forward places a row's tokens after its left padding (absolute positions, as
+        #: GPT-2's): the capture batches get those offsets (_kernelscope_check_logprobs)
+        self._ks_padded_positions = False
         self._ks_head_checked = False  # _kernelscope_head_check has run
         self.add_callback(_PushAfterStep(self))
 
@@ -1256,6 +1259,8 @@ class _KernelscopeTrainer(_TRLTrainer):
         coefficients = self._kernelscope_update_layout(inputs, weights, advantages)
         if self.kernelscope.check_logprobs and not self._ks_checked:
             self._kernelscope_check_logprobs(inputs, batch)
+        if self._ks_padded_positions:
+            batch = replace(batch, position_offsets=attention.argmax(dim=1))
         for j, seq_id in enumerate(ids):
             window.records[seq_id] = {
                 "id": seq_id,
@@ -1319,32 +1324,67 @@ class _KernelscopeTrainer(_TRLTrainer):
         )
 
     def _kernelscope_check_logprobs(self, inputs: Mapping[str, Any], batch: SequenceBatch) -> None:
-        """Compare the capture's ``S_i`` with TRL's own per-token log-probs (two forwards, on
-        the first micro-batch only) and warn when they differ: then the captured gradients are
-        not those of TRL's loss (e.g. absolute position embeddings, as GPT-2's, with
-        left-padded prompts: TRL's forward shifts every position by the padding)."""
+        """Compare the capture's ``S_i`` with TRL's own per-token log-probs (on the first
+        micro-batch only) and warn when they differ: then the captured gradients are not those
+        of TRL's loss (e.g. dropout in TRL's forward).
+
+        TRL runs its forward on left-padded prompts without position ids, so a model with
+        absolute position embeddings (GPT-2) sees each row's tokens shifted by its padding,
+        while the capture re-packs the rows without it.  A text model's check adds one more
+        column of padding to TRL's forward, so that every row is shifted whatever this
+        micro-batch's prompt lengths: where the capture matches it only with each row's tokens
+        placed after its padding (:attr:`SequenceBatch.position_offsets`), every capture batch
+        of the run is given those offsets (``_ks_padded_positions``) and nothing is said.
+        """
         self._ks_checked = True
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_mask = inputs["completion_mask"]
+        policy = self.accelerator.unwrap_model(self.model)
+        config = getattr(policy, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        width = prompt_ids.size(1) + completion_mask.size(1)
+        padded = not batch.model_inputs and (limit is None or width < int(limit))
+        if padded:
+            prompt_ids = torch.cat([torch.zeros_like(prompt_ids[:, :1]), prompt_ids], dim=1)
+            prompt_mask = torch.cat([torch.zeros_like(prompt_mask[:, :1]), prompt_mask], dim=1)
+        attention = torch.cat([prompt_mask, completion_mask], dim=1)
+        temperature = float(self.temperature)
         with torch.no_grad(), self.accelerator.autocast():
             per_token, _, _ = self._get_per_token_logps_and_entropies(
                 self.model,
-                torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
-                torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-                inputs["completion_ids"].size(1),
+                torch.cat([prompt_ids, inputs["completion_ids"]], dim=1),
+                attention,
+                completion_mask.size(1),
                 **{k: inputs.get(k) for k in (*_TRL_MODEL_INPUTS, *_TRL_SLICE_COUNTS)},
             )
-            policy = self.accelerator.unwrap_model(self.model)
-            ours = sequence_logprobs(policy, batch, temperature=float(self.temperature))
-        trl_logprobs = (per_token * completion_mask).sum(dim=1).float().cpu()
-        gap = float((trl_logprobs - ours.float().cpu()).abs().max())
-        tolerance = 1e-3 * (1.0 + float(trl_logprobs.abs().max()))
-        if not gap <= tolerance:
+            trl_logprobs = (per_token * completion_mask).sum(dim=1).float().cpu()
+            tolerance = 1e-3 * (1.0 + float(trl_logprobs.abs().max()))
+
+            def gap(capture: SequenceBatch) -> float:
+                ours = sequence_logprobs(policy, capture, temperature=temperature)
+                return float((trl_logprobs - ours.float().cpu()).abs().max())
+
+            largest = gap(batch)
+            if not largest <= tolerance and padded:
+                shifted = replace(batch, position_offsets=attention.argmax(dim=1))
+                try:
+                    shifted_gap = gap(shifted)
+                except TypeError:  # a forward without position ids
+                    shifted_gap = float("inf")
+                if shifted_gap <= tolerance:
+                    self._ks_padded_positions = True
+                    if self._ks_exact_method == "vmap":  # vmap cannot take position ids
+                        self._ks_exact_method = "loop"
+                    return
+        if not largest <= tolerance:
             warnings.warn(
-                f"kernelscope: the captured log-probs differ from TRL's by up to {gap:.3g} "
+                f"kernelscope: the captured log-probs differ from TRL's by up to {largest:.3g} "
                 f"(tolerance {tolerance:.3g}); the pushed gradients are not those of TRL's loss. "
-                "Likely causes: a model with absolute position embeddings (GPT-2) and prompts "
-                "of different lengths (TRL left-pads them), or dropout in TRL's forward "
-                '(disable_dropout=False); see docs/trl.md "Warnings".',
+                "Likely causes: dropout in TRL's forward (disable_dropout=False), or a model "
+                "that places positions in a way the capture does not reproduce; see docs/trl.md "
+                '"Warnings".',
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -183,6 +184,85 @@ def test_vmap_runs_with_transformers_input_grad_hooks(
         assert captured.logprobs[i].item() == pytest.approx(s_ref, rel=1e-5, abs=1e-5)
         for name, g in g_ref.items():
             torch.testing.assert_close(captured.gradients[name][i], g, rtol=1e-4, atol=1e-6)
+
+
+def _left_padded(batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's rows left-padded to its width, as TRL lays a micro-batch out: ids,
+    attention mask and response mask, and each row's padding is its first position."""
+    width = batch.input_ids.shape[1]
+    ids = torch.zeros_like(batch.input_ids)
+    attention = torch.zeros_like(batch.attention_mask)
+    response = torch.zeros_like(batch.response_mask)
+    for i, length in enumerate(batch.lengths.tolist()):
+        ids[i, width - length :] = batch.input_ids[i, :length]
+        attention[i, width - length :] = 1
+        response[i, width - length :] = batch.response_mask[i, :length]
+    return ids, attention, response
+
+
+@pytest.mark.parametrize("method", ["auto", "loop"])
+def test_position_offsets_reproduce_a_left_padded_forward(
+    model: nn.Module, model_name: str, method: str
+) -> None:
+    """TRL runs the model on left-padded rows without position ids, so a model with absolute
+    position embeddings (GPT-2) sees each row's tokens at ``padding + t``.  The right-padded
+    batch with ``position_offsets`` = that padding gives the same ``S_i`` and ``dS_i/dtheta``
+    as autograd of each left-padded row (by the loop, which ``auto`` takes: transformers
+    checks position ids with data-dependent control flow, which vmap cannot run; and the
+    forward of ``sequence_logprobs``); without the offsets GPT-2's differ, a rotary model's do
+    not."""
+    ids, attention, response = _left_padded(make_batch())
+    batch = SequenceBatch.from_padded(ids, attention, response)
+    offsets = ids.shape[1] - batch.lengths
+    shifted = replace(batch, position_offsets=offsets)
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture_gradients(model, shifted, method=method, chunk_size=3)  # type: ignore[arg-type]
+    assert captured.method == "loop"
+    with pytest.raises(ValueError, match="vmap capture cannot take position_offsets"):
+        capture_gradients(model, shifted, method="vmap")
+    plain = sequence_logprobs(model, batch)
+    for i in range(batch.size):
+        logits = model(ids[i : i + 1], attention_mask=attention[i : i + 1]).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[i, 1:, None])[:, 0]
+        s = logp[response[i, 1:]].sum()
+        grads = torch.autograd.grad(s, params, allow_unused=True)
+        assert captured.logprobs[i].item() == pytest.approx(float(s), rel=1e-5, abs=1e-5)
+        for name, g in zip(names, grads, strict=True):
+            expected = torch.zeros_like(captured.gradients[name][i]) if g is None else g.float()
+            torch.testing.assert_close(captured.gradients[name][i], expected, rtol=1e-4, atol=1e-6)
+        if model_name == "gpt2" and int(offsets[i]):
+            assert abs(float(plain[i]) - float(s)) > 1e-4
+        else:
+            assert float(plain[i]) == pytest.approx(float(s), rel=1e-4, abs=1e-4)
+    torch.testing.assert_close(sequence_logprobs(model, shifted), captured.logprobs)
+
+
+def test_position_offsets_travel_with_the_rows() -> None:
+    """``select``, ``trimmed``, ``concat`` and ``to`` keep each row's offset; a batch without
+    offsets joined to one with them gets 0 (the model's own positions of a right-padded row);
+    an offset per row is required, and model inputs of its own exclude them."""
+    batch = make_batch(n=4)
+    shifted = replace(batch, position_offsets=torch.tensor([3, 0, 2, 1]))
+    assert shifted.select([2, 0]).position_offsets.tolist() == [2, 3]  # type: ignore[union-attr]
+    assert shifted.select(slice(1, 3)).trimmed().position_offsets.tolist() == [0, 2]  # type: ignore[union-attr]
+    joined = SequenceBatch.concat([batch.select([0]), shifted.select([2])])
+    assert joined.position_offsets.tolist() == [0, 2]  # type: ignore[union-attr]
+    assert SequenceBatch.concat([batch, batch]).position_offsets is None
+    assert shifted.to("cpu").position_offsets.tolist() == [3, 0, 2, 1]  # type: ignore[union-attr]
+    positions = shifted.positions()
+    assert positions is not None and positions[0, :3].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="position_offsets must be"):
+        replace(batch, position_offsets=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="model inputs"):
+        replace(
+            batch,
+            model_inputs={"pixel_values": torch.zeros(1)},
+            position_offsets=torch.zeros(4, dtype=torch.long),
+        )
 
 
 def test_auto_falls_back_to_loop_when_vmap_fails() -> None:

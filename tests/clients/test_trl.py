@@ -695,24 +695,32 @@ def test_kl_term_is_accepted(tmp_path: Path) -> None:
     check_supported(trainer)
 
 
-@pytest.mark.parametrize(("make_model", "warns"), [(tiny_llama, False), (tiny_gpt2, True)])
-def test_logprob_check_flags_absolute_positions_with_left_padding(
-    tmp_path: Path, make_model: Any, warns: bool
+@pytest.mark.parametrize(("make_model", "shifted"), [(tiny_llama, False), (tiny_gpt2, True)])
+@pytest.mark.parametrize("prompts", [2, 1], ids=["padded", "one_length"])
+def test_logprob_check_places_positions_as_trls_forward_does(
+    tmp_path: Path, make_model: Any, shifted: bool, prompts: int
 ) -> None:
-    """Rotary positions (Llama) survive TRL's left padding; GPT-2's absolute positions do not,
-    and the trainer's first-micro-batch check says so."""
+    """Rotary positions (Llama) survive TRL's left padding; GPT-2's absolute positions do not:
+    TRL's forward places each row's tokens after its padding.  The first micro-batch's check
+    finds that the capture matches TRL with those positions (and not without them) and turns
+    them on for the run, without a warning; it does so also when that micro-batch's prompts
+    are all of one length, with no padding to show it (the check adds a column of its own).
+    Before 2026-12-07 GPT-2 only got a warning, and its rows were not TRL's gradient."""
     trainer = _plain_trainer(tmp_path, model=make_model())
     trainer.model.train()
-    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(4)]
+    rows = [{"prompt": p} for p in PROMPTS[:prompts] for _ in range(4)]
     micro = split_tensor_dict(trainer._generate_and_score_completions(rows), 2)[0]
-    assert micro["prompt_mask"].min() == 0
+    assert (micro["prompt_mask"].min() == 0) == (prompts == 2)
     batch, _ = micro_capture_batch(micro)
     # The check only reads the model and TRL's log-prob helper: run it on the plain trainer.
+    trainer._ks_exact_method = "vmap"  # configured: it cannot take position ids
+    trainer._ks_padded_positions = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         KernelscopeGRPOTrainer._kernelscope_check_logprobs(trainer, micro, batch)
-    flagged = [w for w in caught if "captured log-probs differ" in str(w.message)]
-    assert bool(flagged) == warns
+    assert not [w for w in caught if "captured log-probs differ" in str(w.message)]
+    assert trainer._ks_padded_positions == shifted
+    assert trainer._ks_exact_method == ("loop" if shifted else "vmap")
 
 
 def test_weights_unknown_loss_type() -> None:
@@ -1482,6 +1490,41 @@ def test_vllm_sampler_run(live_service: LiveService, tmp_path: Path) -> None:
         assert all(
             abs(r.delta_h1 - r.delta_h1_applied) > 1e-3 * abs(r.delta_h1_applied) for r in without
         )
+
+
+@pytest.mark.parametrize(
+    ("sketch", "fields"),
+    [
+        (SKETCH_512, {}),
+        (SKETCH_512, {"sketch_on": "trainer"}),
+        (KRONECKER_256, {}),
+        ({"kind": "exact", "dim": 1}, {"token_shares": True}),
+    ],
+    ids=["exact_chunks", "hooks", "factorised", "token_shares"],
+)
+def test_gpt2_run_with_left_padded_prompts_keeps_the_identity(
+    live_service: LiveService, tmp_path: Path, sketch: dict[str, Any], fields: dict[str, Any]
+) -> None:
+    """A GPT-2 policy (absolute position embeddings) on prompts of different lengths, which
+    TRL left-pads: with the positions TRL's forward gives (``SequenceBatch.position_offsets``)
+    every capture (exact chunks, hooks, the factorised kronecker capture, token shares) takes
+    TRL's gradient, and a two-step SGD run keeps ``plugin dH1 = delta_h1_applied`` (token
+    shares: they add up to the ``cross_fit`` ``dH1``)."""
+    config = KernelscopeConfig(url=live_service.base_url, sketch=sketch, **fields)
+    trainer = sgd_trainer(sgd_args(tmp_path, 0.05), config, model=tiny_gpt2())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert trainer._ks_padded_positions
+    assert not [w for w in caught if "kernelscope" in str(w.message)]
+    run_id = trainer.kernelscope_run_id
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, run_id, (0, 1))
+        if fields.get("token_shares"):
+            for step in (0, 1):
+                fit = client.entropy(run_id, step, estimator="cross_fit")
+                tokens = client.tokens(run_id, step, top=5)
+                assert tokens.total == pytest.approx(fit.delta_h1, rel=1e-3, abs=1e-9)
 
 
 @pytest.mark.parametrize("variant", ["adapters", "adapters_and_head", "dora"])

@@ -1259,7 +1259,7 @@ class _KernelscopeTrainer(_TRLTrainer):
         coefficients = self._kernelscope_update_layout(inputs, weights, advantages)
         if self.kernelscope.check_logprobs and not self._ks_checked:
             self._kernelscope_check_logprobs(inputs, batch)
-        if self._ks_padded_positions:
+        if self._ks_padded_positions and not batch.model_inputs:
             batch = replace(batch, position_offsets=attention.argmax(dim=1))
         for j, seq_id in enumerate(ids):
             window.records[seq_id] = {

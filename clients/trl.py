@@ -1382,9 +1382,10 @@ class _KernelscopeTrainer(_TRLTrainer):
             warnings.warn(
                 f"kernelscope: the captured log-probs differ from TRL's by up to {largest:.3g} "
                 f"(tolerance {tolerance:.3g}); the pushed gradients are not those of TRL's loss. "
-                "Likely causes: dropout in TRL's forward (disable_dropout=False), or a model "
-                "that places positions in a way the capture does not reproduce; see docs/trl.md "
-                '"Warnings".',
+                "Likely causes: dropout in TRL's forward (disable_dropout=False, or dropout "
+                "that the model applies from its config, as OPT does, which disable_dropout does "
+                "not reach: set it to 0 in the config), or a model that places positions in a "
+                'way the capture does not reproduce; see docs/trl.md "Warnings".',
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -129,6 +129,79 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
+def _absolute_positions_family(family: str, dropout: float = 0.0) -> Any:
+    """A one- or two-layer model of another family with learned position embeddings over the
+    character vocabulary, its dropout ``dropout``: GPT-Neo, GPT-BigCode and BioGPT take
+    their positions from the token index (TRL's left padding shifts them), OPT from the
+    attention mask (it does not)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = {"vocab_size": len(CHARS) + 2, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
+    configs: dict[str, tuple[str, str, dict[str, Any]]] = {
+        "gpt_neo": (
+            "GPTNeoConfig",
+            "GPTNeoForCausalLM",
+            {
+                "hidden_size": 16,
+                "num_layers": 2,
+                "num_heads": 2,
+                "attention_types": [[["global", "local"], 1]],
+                "window_size": 8,
+                "max_position_embeddings": 64,
+                "resid_dropout": dropout,
+                "embed_dropout": dropout,
+                "attention_dropout": dropout,
+            },
+        ),
+        "gpt_bigcode": (
+            "GPTBigCodeConfig",
+            "GPTBigCodeForCausalLM",
+            {
+                "n_embd": 16,
+                "n_layer": 1,
+                "n_head": 2,
+                "n_positions": 64,
+                "resid_pdrop": dropout,
+                "embd_pdrop": dropout,
+                "attn_pdrop": dropout,
+            },
+        ),
+        "biogpt": (
+            "BioGptConfig",
+            "BioGptForCausalLM",
+            {
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 32,
+                "max_position_embeddings": 64,
+                "hidden_dropout_prob": dropout,
+                "attention_probs_dropout_prob": dropout,
+                "activation_dropout": dropout,
+                "layerdrop": 0.0,
+            },
+        ),
+        "opt": (
+            "OPTConfig",
+            "OPTForCausalLM",
+            {
+                "hidden_size": 16,
+                "num_hidden_layers": 1,
+                "ffn_dim": 32,
+                "num_attention_heads": 2,
+                "max_position_embeddings": 64,
+                "word_embed_proj_dim": 16,
+                "dropout": dropout,
+                "attention_dropout": dropout,
+            },
+        ),
+    }
+    config_name, model_name, values = configs[family]
+    config = getattr(transformers, config_name)(**common, **values)
+    return getattr(transformers, model_name)(config)
+
+
 def first_char_reward(completions: list[str], prompts: list[str], **_: Any) -> list[float]:
     """How often the completion repeats the prompt's first character, plus a length term so
     that rewards (hence advantages) vary within every group."""
@@ -695,17 +768,46 @@ def test_kl_term_is_accepted(tmp_path: Path) -> None:
     check_supported(trainer)
 
 
-@pytest.mark.parametrize(("make_model", "shifted"), [(tiny_llama, False), (tiny_gpt2, True)])
-@pytest.mark.parametrize("prompts", [2, 1], ids=["padded", "one_length"])
+#: (model, whether TRL's left padding shifts its positions, whether the check still warns)
+_POSITION_FAMILIES: dict[str, tuple[Any, bool, bool]] = {
+    "llama": (tiny_llama, False, False),
+    "gpt2": (tiny_gpt2, True, False),
+    "gpt_neo": (functools.partial(_absolute_positions_family, "gpt_neo"), True, False),
+    "gpt_bigcode": (functools.partial(_absolute_positions_family, "gpt_bigcode"), True, False),
+    "biogpt": (functools.partial(_absolute_positions_family, "biogpt"), True, False),
+    "opt": (functools.partial(_absolute_positions_family, "opt"), False, False),
+    # OPT applies its config's dropout functionally, where TRL's disable_dropout (which zeroes
+    # nn.Dropout modules) does not reach: TRL's forward has dropout, the capture's does not
+    "opt_config_dropout": (
+        functools.partial(_absolute_positions_family, "opt", dropout=0.5),
+        False,
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("family", "prompts"),
+    [
+        *((family, 2) for family in _POSITION_FAMILIES),
+        ("llama", 1),
+        ("gpt2", 1),
+    ],
+    ids=lambda value: str(value) if isinstance(value, str) else ("padded", "one_length")[2 - value],
+)
 def test_logprob_check_places_positions_as_trls_forward_does(
-    tmp_path: Path, make_model: Any, shifted: bool, prompts: int
+    tmp_path: Path, family: str, prompts: int
 ) -> None:
     """Rotary positions (Llama) survive TRL's left padding; GPT-2's absolute positions do not:
     TRL's forward places each row's tokens after its padding.  The first micro-batch's check
     finds that the capture matches TRL with those positions (and not without them) and turns
     them on for the run, without a warning; it does so also when that micro-batch's prompts
     are all of one length, with no padding to show it (the check adds a column of its own).
-    Before 2026-12-07 GPT-2 only got a warning, and its rows were not TRL's gradient."""
+    Before 2026-12-07 GPT-2 only got a warning, and its rows were not TRL's gradient.  The same
+    for GPT-Neo, GPT-BigCode and BioGPT; OPT, which takes its positions from the attention
+    mask, needs no shift.  What positions cannot explain (dropout in TRL's forward) is still
+    named."""
+    make_model, shifted, warns = _POSITION_FAMILIES[family]
     trainer = _plain_trainer(tmp_path, model=make_model())
     trainer.model.train()
     rows = [{"prompt": p} for p in PROMPTS[:prompts] for _ in range(4)]
@@ -718,7 +820,7 @@ def test_logprob_check_places_positions_as_trls_forward_does(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         KernelscopeGRPOTrainer._kernelscope_check_logprobs(trainer, micro, batch)
-    assert not [w for w in caught if "captured log-probs differ" in str(w.message)]
+    assert bool([w for w in caught if "captured log-probs differ" in str(w.message)]) == warns
     assert trainer._ks_padded_positions == shifted
     assert trainer._ks_exact_method == ("loop" if shifted else "vmap")
 

@@ -26,8 +26,8 @@ from clients.filters import ParameterFilter
 from clients.trl import KernelscopeConfig, KernelscopeRLOOTrainer, UnsupportedTRLSettingError
 from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import KRONECKER_256, SKETCH_512, sgd_trainer, tiny_moe
-from tests.clients.test_trl_rloo import rloo_args, rloo_trainer
-from tests.clients.trl_ranks import finish, rank_args
+from tests.clients.test_trl_rloo import rloo_trainer
+from tests.clients.trl_ranks import finish, rank_args, rloo_rank_args
 
 FSDP2 = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
 
@@ -61,11 +61,8 @@ REFUSED: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def fsdp_args(out: Path, learning_rate: float, rloo: bool = False, **overrides: Any) -> Any:
     """A ``GRPOConfig`` (an ``RLOOConfig`` with ``rloo``) under accelerate's FSDP on this CPU
     (see the module's docstring)."""
-    if rloo:
-        rloo_values = {"per_device_train_batch_size": 3, "ddp_backend": "gloo"}
-        args = rloo_args(out, learning_rate=learning_rate, **{**rloo_values, **FSDP2, **overrides})
-    else:
-        args = rank_args(out, learning_rate, **{**FSDP2, **overrides})
+    make = rloo_rank_args if rloo else rank_args
+    args = make(out, learning_rate, **{**FSDP2, **overrides})
     _ = args.device  # the process state, MULTI_CPU
     PartialState().distributed_type = DistributedType.MULTI_GPU
     return args

@@ -25,7 +25,7 @@ from clients.http import Client
 from clients.trl import KernelscopeConfig, KernelscopeRLOOTrainer
 from tests.clients.conftest import exit_without_teardown
 from tests.clients.test_trl import SKETCH_512, sgd_args, sgd_trainer
-from tests.clients.test_trl_rloo import rloo_trainer
+from tests.clients.test_trl_rloo import rloo_args, rloo_trainer
 
 
 def main(url: str, out: Path) -> None:
@@ -55,11 +55,10 @@ def main(url: str, out: Path) -> None:
         (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)
     # RLOO over the same split of groups: steps 0 and 1 on generation 0 (step 1 a later,
     # clipped pass), step 2 on generation 1
-    over_ranks = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", "max_steps": 3}
     rloo = rloo_trainer(
         out / "rloo",
         KernelscopeRLOOTrainer,
-        args={"num_iterations": 2, "epsilon": 0.2, "learning_rate": 0.05, **over_ranks},
+        args=rloo_rank_args(out / "rloo", 0.05, num_iterations=2, epsilon=0.2, max_steps=3),
         kernelscope=KernelscopeConfig(url=url, sketch=SKETCH_512),
     )
     rloo.train()
@@ -113,6 +112,13 @@ def rank_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
         ddp_backend="gloo",
         **overrides,
     )
+
+
+def rloo_rank_args(out: Path, learning_rate: float, **overrides: Any) -> Any:
+    """Plain-SGD ``RLOOConfig`` of the launched runs: the split of :func:`rank_args` (3
+    completions per rank and micro-batch, groups of 4 spanning the ranks), gloo."""
+    values = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", **overrides}
+    return rloo_args(out, learning_rate=learning_rate, **values)
 
 
 def finish(out: Path, results: dict[str, Any]) -> None:

@@ -52,8 +52,8 @@ from tests.clients.test_trl import (
     tiny_llama_config,
     tiny_moe,
 )
-from tests.clients.test_trl_rloo import rloo_args, rloo_trainer
-from tests.clients.trl_ranks import finish, rank_args
+from tests.clients.test_trl_rloo import rloo_trainer
+from tests.clients.trl_ranks import finish, rank_args, rloo_rank_args
 
 ADAM_BETA0 = {"optim": "adamw_torch", "adam_beta1": 0.0, "num_iterations": 2}
 
@@ -278,11 +278,8 @@ def main(url: str, out: Path) -> None:
     for name, (learning_rate, overrides, sketch) in RUNS.items():
         # the arguments before the model: their DeepSpeed config makes transformers build a
         # ZeRO 3 model partitioned (deepspeed.zero.Init)
-        if name.endswith("-rloo"):
-            rloo = {"per_device_train_batch_size": 3, "ddp_backend": "gloo", **overrides}
-            args = rloo_args(out / name, learning_rate=learning_rate, **rloo)
-        else:
-            args = rank_args(out / name, learning_rate, **overrides)
+        make = rloo_rank_args if name.endswith("-rloo") else rank_args
+        args = make(out / name, learning_rate, **overrides)
         stage3 = name.startswith("zero3")
         tokens = name.endswith("-tokens")  # exact rows, raw: the shares add up to dH1
         config = KernelscopeConfig(

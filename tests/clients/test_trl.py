@@ -134,14 +134,23 @@ def _absolute_positions_family(family: str, dropout: float = 0.0) -> Any:
     character vocabulary, its dropout ``dropout``: GPT-Neo, GPT-BigCode and BioGPT take
     their positions from the token index (TRL's left padding shifts them), OPT from the
     attention mask (it does not)."""
-    import transformers
+    from transformers import (
+        BioGptConfig,
+        BioGptForCausalLM,
+        GPTBigCodeConfig,
+        GPTBigCodeForCausalLM,
+        GPTNeoConfig,
+        GPTNeoForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = {"vocab_size": len(CHARS) + 2, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}
-    configs: dict[str, tuple[str, str, dict[str, Any]]] = {
+    configs: dict[str, tuple[type, type, dict[str, Any]]] = {
         "gpt_neo": (
-            "GPTNeoConfig",
-            "GPTNeoForCausalLM",
+            GPTNeoConfig,
+            GPTNeoForCausalLM,
             {
                 "hidden_size": 16,
                 "num_layers": 2,
@@ -155,8 +164,8 @@ def _absolute_positions_family(family: str, dropout: float = 0.0) -> Any:
             },
         ),
         "gpt_bigcode": (
-            "GPTBigCodeConfig",
-            "GPTBigCodeForCausalLM",
+            GPTBigCodeConfig,
+            GPTBigCodeForCausalLM,
             {
                 "n_embd": 16,
                 "n_layer": 1,
@@ -168,8 +177,8 @@ def _absolute_positions_family(family: str, dropout: float = 0.0) -> Any:
             },
         ),
         "biogpt": (
-            "BioGptConfig",
-            "BioGptForCausalLM",
+            BioGptConfig,
+            BioGptForCausalLM,
             {
                 "hidden_size": 16,
                 "num_hidden_layers": 1,
@@ -183,8 +192,8 @@ def _absolute_positions_family(family: str, dropout: float = 0.0) -> Any:
             },
         ),
         "opt": (
-            "OPTConfig",
-            "OPTForCausalLM",
+            OPTConfig,
+            OPTForCausalLM,
             {
                 "hidden_size": 16,
                 "num_hidden_layers": 1,
@@ -197,9 +206,8 @@ def _absolute_positions_family(family: str, dropout: float = 0.0) -> Any:
             },
         ),
     }
-    config_name, model_name, values = configs[family]
-    config = getattr(transformers, config_name)(**common, **values)
-    return getattr(transformers, model_name)(config)
+    config_class, model_class, values = configs[family]
+    return model_class(config_class(**common, **values))
 
 
 def first_char_reward(completions: list[str], prompts: list[str], **_: Any) -> list[float]:

@@ -44,7 +44,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig
 from trl.trainer.utils import (
     shuffle_sequence_dict,
     split_pixel_values_by_grid,
@@ -311,8 +311,13 @@ def length_reward(completions: list[Any], **_: Any) -> list[float]:
 
 
 def _trainer(
-    args: GRPOConfig, kernelscope: KernelscopeConfig | None = None, family: str = "qwen2_5_vl"
-) -> GRPOTrainer:
+    args: GRPOConfig | RLOOConfig,
+    kernelscope: KernelscopeConfig | None = None,
+    family: str = "qwen2_5_vl",
+    trainer_class: type = KernelscopeGRPOTrainer,
+) -> Any:
+    """A trainer (``trainer_class``, or TRL's plain GRPO without ``kernelscope``) of the
+    ``family``'s tiny vision-language model on the image dataset."""
     make_processor, make_model, _ = FAMILIES[family]
     processor = make_processor()
     common: dict[str, Any] = {
@@ -324,7 +329,7 @@ def _trainer(
     }
     if kernelscope is None:
         return GRPOTrainer(**common)
-    return KernelscopeGRPOTrainer(**common, kernelscope=kernelscope)
+    return trainer_class(**common, kernelscope=kernelscope)
 
 
 @pytest.fixture(autouse=True)
@@ -488,20 +493,12 @@ def test_rloo_vision_language_run(live_service: LiveService, tmp_path: Path) -> 
         num_iterations=2,
         epsilon=0.2,
     )
-    make_processor, make_model, _ = FAMILIES["qwen2_5_vl"]
-    processor = make_processor()
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = KernelscopeRLOOTrainer(
-            model=make_model(processor),
-            reward_funcs=length_reward,
-            args=args,
-            train_dataset=image_dataset(),
-            processing_class=processor,
-            kernelscope=KernelscopeConfig(
-                url=live_service.base_url, sketch=SKETCH_512, sketch_on="trainer"
-            ),
-        )
+        trainer = _trainer(args, kernelscope, trainer_class=KernelscopeRLOOTrainer)
         assert trainer._hooked is not None
         assert set(trainer._hooked.parameters) == language_side(trainer.model)
         caught.clear()

@@ -37,6 +37,13 @@ from sketch.cross_fit import cross_fit_halves, cross_half_pairs, per_half
 from sketch.crossed import bilinear_error_bar, crossed_error_bar
 from sketch.kernel import FloatArray, check_kernel
 from sketch.noise_scale import NoiseScale, noise_scale
+from sketch.rao_blackwell import (
+    EntropyGradient,
+    EntropySide,
+    EntropySumKernels,
+    entropy_sum_coefficients,
+    uses_entropy_sums,
+)
 from sketch.ratio import RatioInterval, fieller_interval
 from sketch.realized import (
     Realized,
@@ -59,6 +66,7 @@ from sketch.sequences import (
 from sketch.taylor import TaylorCheck, taylor_check
 from sketch.token_mean import (
     Target,
+    leave_one_out_levels,
     length_coefficients,
     level_influence,
     realized_token_mean,
@@ -283,6 +291,7 @@ class EntropyChange:
     ratio_interval: RatioInterval | None = None
     taylor: TaylorCheck | None = None
     target: Target = Target.SEQUENCE
+    entropy_gradient: EntropyGradient = EntropyGradient.SCORE
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -349,7 +358,9 @@ class PairProducts:
 
     ``row_b[j] = sum_i W(j, i) C(j, i)`` and ``row_a[i] = sum_j h_j W(j, i) C(j, i)``
     (float64 ``[n]``; ``b_j = eta h_j row_b[j]``, ``a_i = eta row_a[i]``), and the totals by
-    pair type.
+    pair type.  ``row_b_centre[j]``: the mean over the entropy rows ``k`` of ``j``'s prompt of
+    ``h_k sum_i W(j, i) C(k, i)``, row ``k`` paired as ``j`` is; ``h_j row_b[j] -
+    row_b_centre[j]`` is row ``j``'s part of the estimate's error (see :func:`_se_sampling`).
     """
 
     row_b: FloatArray
@@ -357,6 +368,7 @@ class PairProducts:
     diagonal: float
     same_prompt: float
     cross_prompt: float
+    row_b_centre: FloatArray
 
     @property
     def total(self) -> float:
@@ -396,6 +408,7 @@ def pair_products(
     C1 = C.sum(axis=1)
     row_b = C1.copy()
     row_a = C.T @ h
+    centre = np.zeros(seqs.n)
     diagonal = 0.0
     same = 0.0
     within_total = 0.0
@@ -416,12 +429,22 @@ def pair_products(
             row_b[rows] += (factor - 1.0) * s_c - factor * dblock
             row_a[rows] += (factor - 1.0) * s_h - factor * dblock * hp
             same += factor * (within - diag_here)
+            # j's weights exclude i = j: the prompt's rows k paired as j is differ by C(k, j)
+            inside = ent[rows]
+            count = max(int(inside.sum()), 1)
+            level = float(hp @ (C1[rows] + (factor - 1.0) * s_c)) / count
+            centre[rows] = np.where(inside, level - factor * s_h / count, 0.0)
         else:
             diagonal += diag_here
             same += within - diag_here
     cross = float(h @ C1) - within_total
     return PairProducts(
-        row_b=row_b, row_a=row_a, diagonal=diagonal, same_prompt=same, cross_prompt=cross
+        row_b=row_b,
+        row_a=row_a,
+        diagonal=diagonal,
+        same_prompt=same,
+        cross_prompt=cross,
+        row_b_centre=centre,
     )
 
 
@@ -439,13 +462,24 @@ def _cross_fit_products(C: FloatArray, h: FloatArray, seqs: StepSequences) -> Pa
     row_a = in_half[0] * from_half[1] + in_half[1] * from_half[0]
     codes, _ = seqs.prompt_index()
     same = 0.0
+    centre = np.zeros(seqs.n)
     for p in np.unique(codes):
         rows = np.flatnonzero(codes == p)
         other = cross_half_pairs(halves[rows])
         same += float(h[rows] @ np.where(other, C[np.ix_(rows, rows)], 0.0).sum(axis=1))
+        # a row of half X is paired with half 1 - X: so are the prompt's rows k in its centre
+        inside = halves[rows] >= 0
+        count = max(int(inside.sum()), 1)
+        level = [float(h[rows] @ to_half[1 - x][rows]) / count for x in (0, 1)]
+        centre[rows] = np.where(inside, np.where(halves[rows] == 1, level[1], level[0]), 0.0)
     total = float(h @ row_b)
     return PairProducts(
-        row_b=row_b, row_a=row_a, diagonal=0.0, same_prompt=same, cross_prompt=total - same
+        row_b=row_b,
+        row_a=row_a,
+        diagonal=0.0,
+        same_prompt=same,
+        cross_prompt=total - same,
+        row_b_centre=centre,
     )
 
 
@@ -561,12 +595,24 @@ class SketchCells:
     themselves (:mod:`sketch.crossed`) instead of the variance-factor bound.
 
     ``Y``: float ``[n, k]`` score rows; ``V``: float ``[n, k]`` update rows ``u_i`` (``c_i Y_i``
-    where a sequence has none); ``shape``: ``(k_out, k_in)``, both at least 2.
+    where a sequence has none); ``shape``: ``(k_out, k_in)``, both at least 2; ``Z``: float
+    ``[n, k]`` the entropy sums' gradient rows ``z_j`` (:mod:`sketch.rao_blackwell`; 0 where a
+    sequence has none), or None.
     """
 
     Y: FloatArray
     V: FloatArray
     shape: tuple[int, int]
+    Z: FloatArray | None = None
+
+    def entropy_rows(self, side: EntropySide) -> FloatArray:
+        """float64 ``[n, k]``: ``alpha_j Y_j + beta_j Z_j``, the rows of ``grad_hat H``."""
+        rows = side.alpha[:, None] * np.asarray(self.Y, dtype=np.float64)
+        if side.beta is not None:
+            if self.Z is None:
+                raise ValueError("the entropy-sum gradient needs the Z rows of the sketch cells")
+            rows = rows + side.beta[:, None] * np.asarray(self.Z, dtype=np.float64)
+        return rows
 
 
 def first_order_change(
@@ -577,17 +623,41 @@ def first_order_change(
     normalization: Normalization | str = Normalization.DR_GRPO,
     max_length: int | None = None,
     update: UpdateKernels | None = None,
+    entropy_sums: EntropySumKernels | None = None,
 ) -> float:
     """Only ``dH1`` (the ``delta_h1`` of :func:`entropy_change`), without the diagnostics."""
     mat = check_kernel(K, seqs.n)
     est = default_estimator(seqs) if estimator is None else Estimator(estimator)
     ent, upd = _checked_sets(seqs, est)
-    h = estimator_entropy_coefficients(seqs, est)
+    sums = None if entropy_sums is None else entropy_sums.checked(seqs.n)
+    side = entropy_side(seqs, est, ent, sums)
     if update is None:
         step = coefficient_updates(mat, update_coefficients(seqs, normalization, max_length))
     else:
         step = _checked_update(update, seqs.n, upd)
-    return float(learning_rate) * pair_products(step.cross, h, seqs, ent, est).total
+    cross = side.cross(step.cross, None if sums is None else sums.cross * upd[None, :])
+    return float(learning_rate) * pair_products(cross, ent.astype(np.float64), seqs, ent, est).total
+
+
+def entropy_side(
+    seqs: StepSequences,
+    estimator: Estimator,
+    mask: BoolArray,
+    sums: EntropySumKernels | None,
+    *,
+    whole_prompts: bool = False,
+) -> EntropySide:
+    """``grad_hat H`` over the rows of ``mask`` as ``estimator`` forms it: from the entropy
+    sums (:mod:`sketch.rao_blackwell`) when every row has its sum and its ``z`` row, else from
+    the score rows alone (``h_j``, math.md §3); ``cross_fit`` per half unless
+    ``whole_prompts``."""
+    halves = None if whole_prompts else estimator_halves(seqs, estimator)
+    if uses_entropy_sums(seqs, mask, sums):
+        alpha, beta = entropy_sum_coefficients(seqs, mask, halves)
+        return EntropySide(alpha, beta, sums)
+    if halves is None:
+        return EntropySide(entropy_coefficients(seqs, mask))
+    return EntropySide(per_half(entropy_coefficients, seqs, mask, halves))
 
 
 def _checked_update(update: UpdateKernels, n: int, upd: BoolArray) -> UpdateKernels:
@@ -705,6 +775,7 @@ def entropy_change(
     target: Target | str = Target.SEQUENCE,
     applied_row: NDArray[Any] | None = None,
     applied_includes_step: bool = False,
+    entropy_sums: EntropySumKernels | None = None,
 ) -> EntropyChange:
     """Predict the first-order entropy change of the step and explain it (math.md §2–§6).
 
@@ -741,6 +812,12 @@ def entropy_change(
         unbiased variance, scaled so that ``2 s.e.`` is a 95.45% t-interval with
         kurtosis-corrected degrees of freedom) rather than bounded with
         ``sketch_variance_factor``.
+    entropy_sums: the rows ``z_j = grad entropy_sum_j`` against the others
+        (:class:`sketch.rao_blackwell.EntropySumKernels`): when every row of E has its
+        ``entropy_sum`` and its ``z`` row, ``grad_hat H = sum_j alpha_j w_j + beta_j z_j``
+        (math.md §3 "From the entropy sums"; ``entropy_gradient = entropy_sum``), else the
+        score rows' ``h_j`` (``entropy_gradient = score``).  Every number below then runs over
+        ``e_j = alpha_j w_j + beta_j z_j`` where it ran over ``h_j w_j``.
     target: ``sequence`` (math.md §3-6) or ``token_mean``, the entropy trainers log
         (:mod:`sketch.token_mean`, math.md §8): every number is then about ``T`` in nats per
         token; ``delta_h2`` is not derived for it (``None``), the realized change comes from
@@ -764,20 +841,39 @@ def entropy_change(
 
     c = update_coefficients(seqs, norm, max_length)
     halves = estimator_halves(seqs, est)
-    h_sequence = estimator_entropy_coefficients(seqs, est)
-    h = h_sequence
+    sums = None if entropy_sums is None else entropy_sums.checked(seqs.n)
+    # grad_hat H = sum_j alpha_j w_j + beta_j z_j (beta = 0 without the entropy sums' rows):
+    # every pair sum below runs over e_j = alpha_j w_j + beta_j z_j with unit weights on E.
+    side_sequence = entropy_side(seqs, est, ent, sums)
+    gradient = EntropyGradient.SCORE if side_sequence.beta is None else EntropyGradient.ENTROPY_SUM
+    side = side_sequence
     if token_mean:
         fitted = None if halves is None else per_half(length_coefficients, seqs, ent, halves)
-        h, lengths, lv = token_mean_coefficients(seqs, ent, h_sequence, fitted)
+        h_tm, lengths, lv = token_mean_coefficients(seqs, ent, side_sequence.alpha, fitted)
+        side = side_sequence.scaled(h_tm, 1.0 / lv.length)
+    h = side.alpha
+    ones = ent.astype(np.float64)
     step = coefficient_updates(mat, c) if update is None else _checked_update(update, seqs.n, upd)
     C = step.cross
-    pairs = pair_products(C, h, seqs, ent, est)
-    b = eta * h * pairs.row_b
-    # Per-row parts of dH1 for its sampling error: the b_j, plus for the token mean the rows'
-    # influence through the estimated levels (delta method, sketch.token_mean).
-    influence = b
+    D = None if sums is None else sums.cross * upd[None, :]
+    Ce = side.cross(C, D)
+    if token_mean and est is not Estimator.INDEPENDENT:
+        # E = U: row i's pairs take levels without row i, which its update row would bias
+        # (the levels' part of dT1 is a product of two estimates from the same rows).
+        level_h, level_l = leave_one_out_levels(seqs, ent)
+        Ce = (
+            side_sequence.cross(C, D) / level_l[None, :]
+            - lengths[:, None] * C * (level_h / level_l**2)[None, :]
+        )
+    pairs = pair_products(Ce, ones, seqs, ent, est)
+    b = eta * ones * pairs.row_b
+    # Per-row parts of dH1's error for its sampling error: b_j less what row j's pairs
+    # estimate (rows pair with different update rows in u_statistic and cross_fit), plus for
+    # the token mean the rows' influence through the estimated levels (delta method,
+    # sketch.token_mean).
+    influence = b - eta * pairs.row_b_centre
     if token_mean:
-        d_entropy = eta * pair_products(C, h_sequence, seqs, ent, est).total
+        d_entropy = eta * pair_products(side_sequence.cross(C, D), ones, seqs, ent, est).total
         d_length = eta * pair_products(C, lengths, seqs, ent, est).total
         influence = b + level_influence(lv, d_entropy, d_length)
     a = eta * pairs.row_a
@@ -793,6 +889,8 @@ def entropy_change(
 
     groups: dict[str, float] | None = None
     if group_kernels is not None:
+        if side.beta is not None and (sums is None or sums.groups is None):
+            raise ValueError("the entropy-sum gradient's group split needs each group's z cross")
         groups = {}
         for name, part in group_kernels.items():
             cross = (
@@ -800,32 +898,43 @@ def entropy_change(
                 if isinstance(part, UpdateKernels)
                 else coefficient_updates(check_kernel(part, seqs.n), c).cross
             )
-            groups[str(name)] = eta * pair_products(cross, h, seqs, ent, est).total
+            z_cross = None
+            if side.beta is not None:
+                assert sums is not None and sums.groups is not None
+                z_cross = sums.groups[str(name)] * upd[None, :]
+            part_cross = side.cross(cross, z_cross)
+            groups[str(name)] = eta * pair_products(part_cross, ones, seqs, ent, est).total
 
-    # Diagonal-kernel approximation, always with h over the update rows.
-    h_upd = entropy_coefficients(seqs, upd)
+    # Diagonal-kernel approximation, always with grad_hat H over the update rows.
+    side_upd = entropy_side(seqs, Estimator.PLUGIN, upd, sums)
     if token_mean:
-        h_upd = token_mean_coefficients(seqs, upd, h_upd)[0]
-    delta_h1_diag = eta * float(np.sum(h_upd * np.diag(C)))
+        h_upd = token_mean_coefficients(seqs, upd, side_upd.alpha)
+        side_upd = side_upd.scaled(h_upd[0], 1.0 / h_upd[2].length)
+    diagonal = side_upd.alpha * np.diag(C)
+    if side_upd.beta is not None:
+        assert D is not None
+        diagonal = diagonal + side_upd.beta * np.diag(D)
+    delta_h1_diag = eta * float(np.sum(diagonal))
 
     # Sketch error bar (sketched units): the estimator's bilinear form of the rows, or the
-    # crossed cells of Kronecker rows.  u2 = |grad_hat H|^2 and C1 = <w_j, g_hat> are also the
-    # applied change's; v2 = |g_hat|^2 gives the step's norm.
+    # crossed cells of Kronecker rows.  u2 = |grad_hat H|^2 is also the applied change's; v2 =
+    # |g_hat|^2 gives the step's norm.
     C1 = C.sum(axis=1)
-    u2 = max(float(h @ (mat @ h)), 0.0)
+    Ke = side.gram(mat)
+    u2 = max(float(ones @ (Ke @ ones)), 0.0)
     v2 = max(float(step.gram.sum()), 0.0)
     if sketch_cells is None:
         se_sketch = 0.0
         if sketch_variance_factor > 0:
             if est in (Estimator.INDEPENDENT, Estimator.PLUGIN):  # every pair weight 1
-                variance = u2 * v2 + float(h @ C1) ** 2
+                variance = u2 * v2 + float(Ce.sum()) ** 2
             else:
-                variance = bilinear_sketch_variance(mat, C, step.gram, h, seqs, ent, est)
+                variance = bilinear_sketch_variance(Ke, Ce, step.gram, ones, seqs, ent, est)
             se_sketch = abs(eta) * math.sqrt(sketch_variance_factor * max(variance, 0.0))
     else:
-        weights = pair_weights(h, seqs, ent, est)
+        weights = pair_weights(ones, seqs, ent, est)
         se_sketch = abs(eta) * bilinear_error_bar(
-            sketch_cells.Y, sketch_cells.V, weights, sketch_cells.shape
+            sketch_cells.entropy_rows(side), sketch_cells.V, weights, sketch_cells.shape
         )
 
     delta_h1_applied: float | None = None
@@ -834,29 +943,40 @@ def entropy_change(
         applied = np.asarray(k_applied, dtype=np.float64).reshape(-1)
         if applied.shape != (seqs.n,) or not np.all(np.isfinite(applied)):
             raise ValueError(f"k_applied must be {seqs.n} finite values")
-        # With u = eta g_hat + r (applied_includes_step), pairing every h_j with the step's
+        # With u = eta g_hat + r (applied_includes_step), pairing every e_j with the step's
         # own part would pair a sequence with its own update row, as plugin does (biased when
         # E and U share sequences): the own part is paired as delta_h1 pairs it, the rest r
-        # (momentum of earlier steps, weight decay) with every h_j.
+        # (momentum of earlier steps, weight decay) with every e_j.
         rest = applied - eta * C1 if applied_includes_step else applied
-        # A fixed direction is paired with grad_hat H of all of E: cross_fit's h_j are each
-        # half's estimate of it, which summed over both halves give it twice.
-        h_fixed, h_seq_fixed, u2_fixed = h, h_sequence, u2
+        z_rest = None
+        if side.beta is not None:
+            assert sums is not None and D is not None
+            if sums.applied is None:
+                raise ValueError("the entropy-sum gradient needs <z_j, u> with the applied update")
+            z_rest = sums.applied - eta * D.sum(axis=1) if applied_includes_step else sums.applied
+        # A fixed direction is paired with grad_hat H of all of E: cross_fit's per-half
+        # estimates, summed over both halves, would count it twice.
+        seq_fixed, side_fixed, u2_fixed = side_sequence, side, u2
         if token_mean:
             lengths_fixed, lv_fixed = lengths, lv
         if est is Estimator.CROSS_FIT:
-            h_fixed = h_seq_fixed = entropy_coefficients(seqs, ent)
+            seq_fixed = side_fixed = entropy_side(seqs, est, ent, sums, whole_prompts=True)
             if token_mean:
-                h_fixed, lengths_fixed, lv_fixed = token_mean_coefficients(seqs, ent, h_fixed)
-            u2_fixed = max(float(h_fixed @ (mat @ h_fixed)), 0.0)
-        delta_h1_applied = float(h_fixed @ rest)
-        # Its error with r held fixed: grad_hat H's sampling error (per-row parts h_j <w_j, r>,
+                h_tm_fixed, lengths_fixed, lv_fixed = token_mean_coefficients(
+                    seqs, ent, seq_fixed.alpha
+                )
+                side_fixed = seq_fixed.scaled(h_tm_fixed, 1.0 / lv_fixed.length)
+            u2_fixed = max(float(ones @ (side_fixed.gram(mat) @ ones)), 0.0)
+        # Its error with r held fixed: grad_hat H's sampling error (per-row parts <e_j, r>,
         # plus the levels' influence for the token mean; plus delta_h1's own parts) and the
         # sketch's.
-        applied_influence = h_fixed * rest
+        applied_influence = side_fixed.applied(rest, z_rest)
+        delta_h1_applied = float(applied_influence.sum())
         if token_mean:
             applied_influence = applied_influence + level_influence(
-                lv_fixed, float(h_seq_fixed @ rest), float(lengths_fixed @ rest)
+                lv_fixed,
+                float(seq_fixed.applied(rest, z_rest).sum()),
+                float(lengths_fixed @ rest),
             )
         if applied_includes_step:
             delta_h1_applied += delta_h1
@@ -869,9 +989,9 @@ def entropy_change(
                 applied_sketch = math.sqrt(
                     sketch_variance_factor * (u2_fixed * norm2 + delta_h1_applied**2)
                 )
-            else:  # cells of sum_j h_j <y_j, u> over the sketch's k_out x k_in
+            else:  # cells of sum_j <e_j, u> over the sketch's k_out x k_in
                 k_out, k_in = sketch_cells.shape
-                cells = (h_fixed @ sketch_cells.Y) * row * (k_out * k_in)
+                cells = sketch_cells.entropy_rows(side_fixed).sum(axis=0) * row * (k_out * k_in)
                 applied_sketch = crossed_error_bar(cells.reshape(k_out, k_in))
         se_applied = math.hypot(_se_sampling(seqs, applied_influence, ent), applied_sketch)
 
@@ -947,6 +1067,7 @@ def entropy_change(
         ratio_interval=ratio_interval,
         taylor=taylor,
         target=tgt,
+        entropy_gradient=gradient,
     )
 
 

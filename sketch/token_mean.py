@@ -140,6 +140,33 @@ def token_mean_coefficients(
     return (h - lv.token_mean * g) / lv.length, g, lv
 
 
+def leave_one_out_levels(seqs: StepSequences, mask: NDArray[Any]) -> tuple[FloatArray, FloatArray]:
+    """``(Hbar^_{-i}, Lbar^_{-i})``, float64 ``[n]`` each: :func:`levels` over ``mask`` without
+    row ``i`` (a prompt left without rows drops out of ``B``); the full levels where ``i`` is
+    outside ``mask`` or is its only row.  For an update row that is also an entropy row (``E
+    = U``): levels that do not depend on it, as its pairs' coefficients do not."""
+    keep = np.asarray(mask, dtype=bool)
+    lv = levels(seqs, keep)
+    codes, prompts = seqs.prompt_index(keep)
+    M = group_sizes(codes).astype(np.float64)
+    B = float(len(prompts))
+    H = sequence_entropies(seqs)
+    n = seqs.num_tokens.astype(np.float64)
+    entropy = np.full(seqs.n, lv.entropy)
+    length = np.full(seqs.n, lv.length)
+    sums_h = np.bincount(codes[keep], weights=H[keep], minlength=len(prompts))
+    sums_n = np.bincount(codes[keep], weights=n[keep], minlength=len(prompts))
+    for i in np.flatnonzero(keep):
+        p, m = codes[i], M[i]
+        if m >= 2:  # the prompt's mean without i
+            entropy[i] = lv.entropy + ((sums_h[p] - H[i]) / (m - 1) - sums_h[p] / m) / B
+            length[i] = lv.length + ((sums_n[p] - n[i]) / (m - 1) - sums_n[p] / m) / B
+        elif B >= 2:  # the prompt drops out
+            entropy[i] = (lv.entropy * B - sums_h[p]) / (B - 1)
+            length[i] = (lv.length * B - sums_n[p]) / (B - 1)
+    return entropy, length
+
+
 def level_influence(lv: Levels, delta_entropy: float, delta_length: float) -> FloatArray:
     """Per-row influence of the levels on ``dT1 = (D_H - T D_L) / Lbar``, float64 ``[n]``.
 
@@ -299,6 +326,7 @@ __all__ = [
     "Target",
     "default_token_mean_mask",
     "entropy_sum_change",
+    "leave_one_out_levels",
     "length_coefficients",
     "level_influence",
     "levels",

@@ -184,6 +184,7 @@ class ExactPolicy:
             dim=-1,
         )
         self._score_gradients: torch.Tensor | None = None
+        self._entropy_sum_gradients: torch.Tensor | None = None
         # S at the current parameters, which never change: sampling needs it at every draw.
         with torch.no_grad():
             self._log_probs = self._sequence_logprob(self.params, self.input_ids)
@@ -326,6 +327,32 @@ class ExactPolicy:
             ]
             self._score_gradients = torch.stack(rows)
         return self._score_gradients
+
+    def all_entropy_sum_gradients(self) -> torch.Tensor:
+        """``z = grad sum_t H_t`` of every enumerated sequence (the gradient of its entropy sum,
+        :meth:`token_entropies` summed over the positions): ``[B, R, N]`` float64, cached."""
+        if self._entropy_sum_gradients is None:
+            live = self._live
+
+            def one(params: Params, seq: torch.Tensor) -> torch.Tensor:
+                ids = seq[None]
+                logits = functional_call(self.model, params, (ids,), {"use_cache": False}).logits
+                log_probs = torch.log_softmax(
+                    logits[:, self.prompt_length - 1 : -1, : self.response_vocab], dim=-1
+                )
+                return (-(log_probs.exp() * log_probs).sum(-1) * live(ids)).sum()
+
+            flat_ids = self.input_ids.reshape(-1, self.input_ids.shape[-1])
+            rows = []
+            for chunk in flat_ids.split(128):
+                named = vmap(grad(one), in_dims=(None, 0))(self.params, chunk)
+                rows.append(
+                    torch.cat([named[n].reshape(chunk.shape[0], -1) for n in self.names], 1)
+                )
+            self._entropy_sum_gradients = torch.cat(rows).reshape(
+                self.num_prompts, self.num_responses, -1
+            )
+        return self._entropy_sum_gradients
 
     # ------------------------------------------------------------------ flat <-> named
     def flatten(self, named: Mapping[str, torch.Tensor]) -> torch.Tensor:

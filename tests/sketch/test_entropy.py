@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from sketch.cross_fit import cross_fit_halves
 from sketch.crossed import bilinear_error_bar
 from sketch.entropy import (
     Estimator,
@@ -389,16 +390,43 @@ def test_applied_update_groups_and_sketch_error() -> None:
 
 
 def test_se_sampling_by_hand() -> None:
+    """``se_sampling = sqrt(sum_p M_p var_j(x_j))`` over each entropy row's part of the error,
+    ``x_j = b_j - mean_{k in p} eta h_k sum_i W(j, i) K(k, i) c_i`` (its pairs' estimate less
+    the prompt's rows paired as ``j`` is), by loops over explicit pair weights ``W``; in
+    ``u_statistic`` and ``cross_fit`` rows of one prompt pair with different update rows, and
+    ``x_j`` differs from ``b_j`` by more than a per-prompt constant."""
     rng = np.random.default_rng(5)
-    seqs, K = make_step(rng, [3, 2, 2], [4, 1, 3])
-    for est in ("independent", "u_statistic", "plugin"):
-        out = entropy_change(K, seqs, 0.2, estimator=est)
+    seqs, K = make_step(rng, [3, 2, 4], [4, 1, 3])
+    eta = 0.2
+    c = update_coefficients(seqs, "dr_grpo")
+    prompt = np.array(seqs.prompt_ids)
+    for est in ("independent", "u_statistic", "plugin", "cross_fit"):
+        out = entropy_change(K, seqs, eta, estimator=est)
+        h = np.array([0.0 if s.h is None else s.h for s in out.per_sequence])
+        ent = np.array([s.b is not None for s in out.per_sequence])
+        upd = seqs.update_mask
+        halves = cross_fit_halves(seqs.ids, seqs.prompt_ids, upd)
+        W = np.zeros((seqs.n, seqs.n))
+        for j in np.flatnonzero(ent):
+            m = int((ent & (prompt == prompt[j])).sum())
+            for i in np.flatnonzero(upd):
+                if est == "u_statistic":
+                    same = prompt[i] == prompt[j]
+                    W[j, i] = 0.0 if i == j else (m / (m - 1) if same else 1.0)
+                elif est == "cross_fit":
+                    W[j, i] = float(halves[i] != halves[j])
+                else:
+                    W[j, i] = 1.0
+        C = K * c[None, :]
+        b = eta * h * (W * C).sum(axis=1)
+        np.testing.assert_allclose(b[ent], [s.b for s in out.per_sequence if s.b is not None])
         by_prompt: dict[str, list[float]] = defaultdict(list)
-        for s in out.per_sequence:
-            if s.b is not None:
-                by_prompt[s.prompt_id].append(s.b)
+        for j in np.flatnonzero(ent):
+            mates = np.flatnonzero(ent & (prompt == prompt[j]))
+            centre = np.mean([eta * h[k] * (W[j] * C[k]).sum() for k in mates])
+            by_prompt[prompt[j]].append(b[j] - centre)
         var = sum(len(v) * np.var(v, ddof=1) for v in by_prompt.values() if len(v) >= 2)
-        assert out.se_sampling == pytest.approx(math.sqrt(var), rel=1e-12)
+        assert out.se_sampling == pytest.approx(math.sqrt(var), rel=1e-10), est
 
 
 def test_cov_baseline_by_hand() -> None:

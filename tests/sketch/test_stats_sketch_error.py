@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 
 from sketch.entropy import (
+    EntropyChange,
     Estimator,
     bilinear_sketch_variance,
     entropy_change,
     estimator_entropy_coefficients,
     estimator_sets,
     pair_weights,
+    update_coefficients,
 )
 from sketch.kernel import kernel_from_rows
+from sketch.rao_blackwell import EntropyGradient, EntropySumKernels
 from sketch.sequences import Role, StepSequences
 
 
@@ -76,6 +79,75 @@ def test_se_sketch_matches_gaussian_sketch_spread(estimator: str, n_upd: int, n_
     assert ratio == pytest.approx(1.0, abs=0.2)
     # Coverage of +-2 se: about 95 % (loose bounds for 300 draws and heavy-ish tails).
     assert 0.88 <= coverage <= 0.995
+
+
+@pytest.mark.parametrize(
+    ("estimator", "n_upd", "n_ent"),
+    [("independent", 8, 6), ("u_statistic", 16, 0), ("cross_fit", 16, 0)],
+)
+def test_se_sketch_from_the_entropy_sums_matches_gaussian_sketch_spread(
+    estimator: str, n_upd: int, n_ent: int
+) -> None:
+    """With ``grad_hat H = sum_j alpha_j w_j + beta_j z_j`` (the entropy sums' rows ``z_j``,
+    :mod:`sketch.rao_blackwell`) the sketched form runs over ``e_j = alpha_j w_j + beta_j z_j``:
+    ``se_sketch`` and the sketch part of ``se_applied`` against 300 Gaussian sketches of the
+    rows ``w``, ``z`` and the applied update: unbiased, the spread within 20% of the rms bar,
+    about 95% within 2 bars."""
+    rng = np.random.default_rng(2)
+    N, k, eta = 400, 64, 0.5
+    n = n_upd + n_ent
+    seqs = _step(rng, n_upd, n_ent)
+    seqs.entropy_sum[:] = rng.uniform(1.0, 20.0, size=n)
+    common = rng.normal(size=(1, N))
+    W = rng.normal(size=(n, N)) + 2.0 * common
+    Z = rng.normal(size=(n, N)) - 1.5 * common
+    u = W[:n_upd].sum(axis=0) + rng.normal(size=N)
+    c = update_coefficients(seqs)
+
+    def answer(Y: np.ndarray, Yz: np.ndarray, y_u: np.ndarray, factor: float) -> EntropyChange:
+        V = c[:, None] * Y
+        sums = EntropySumKernels(
+            cross=Yz @ V.T,
+            score=Yz @ Y.T,
+            gram=Yz @ Yz.T,
+            has_row=np.ones(n, dtype=bool),
+            applied=Yz @ y_u,
+        )
+        return entropy_change(
+            kernel_from_rows(Y),
+            seqs,
+            eta,
+            estimator=estimator,
+            sketch_variance_factor=factor,
+            k_applied=Y @ y_u,
+            applied_row=y_u if factor else None,
+            entropy_sums=sums,
+        )
+
+    exact = answer(W, Z, u, 0.0)
+    assert exact.entropy_gradient is EntropyGradient.ENTROPY_SUM
+    errors, bars, applied_errors, applied_bars = [], [], [], []
+    for _ in range(300):
+        Phi = rng.normal(scale=1.0 / np.sqrt(k), size=(k, N))
+        out = answer(W @ Phi.T, Z @ Phi.T, Phi @ u, 1.0 / k)
+        sampling = answer(W @ Phi.T, Z @ Phi.T, Phi @ u, 0.0).se_applied
+        assert out.delta_h1_applied is not None and exact.delta_h1_applied is not None
+        assert out.se_applied is not None and sampling is not None
+        errors.append(out.delta_h1 - exact.delta_h1)
+        bars.append(out.se_sketch)
+        applied_errors.append(out.delta_h1_applied - exact.delta_h1_applied)
+        applied_bars.append(np.sqrt(max(out.se_applied**2 - sampling**2, 0.0)))
+    for name, err_list, bar_list in (
+        ("delta_h1", errors, bars),
+        ("applied", applied_errors, applied_bars),
+    ):
+        err = np.array(err_list)
+        assert abs(err.mean()) < 4 * err.std(ddof=1) / np.sqrt(len(err)), name
+        ratio = err.std(ddof=1) / np.sqrt(np.mean(np.square(bar_list)))
+        coverage = float(np.mean(np.abs(err) <= 2 * np.array(bar_list)))
+        print(f"\n{estimator} {name}: spread / rms bar {ratio:.3f}, coverage {coverage:.3f}")
+        assert ratio == pytest.approx(1.0, abs=0.2), name
+        assert 0.88 <= coverage <= 0.995, name
 
 
 def test_se_applied_sketch_part_matches_gaussian_sketch_spread() -> None:

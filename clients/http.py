@@ -510,7 +510,9 @@ class Endpoints:
 
         Split into uploads of at most ``max_body_bytes`` (default: the client's), each retried
         with its own deterministic ``Idempotency-Key``.  ``progress`` shows a rich bar.
-        ``rows="update"`` sends update rows ``u_i`` instead of score rows (math.md §4).
+        ``rows="update"`` sends update rows ``u_i`` instead of score rows (math.md §4),
+        ``rows="entropy_sum"`` the gradients ``z_i`` of the sequences' entropy sums (math.md §3
+        "From the entropy sums": ``capture_gradients(..., entropy_coefficients=mask)``).
         """
         plans = plan_uploads(
             "gradients",
@@ -538,7 +540,8 @@ class Endpoints:
         rows: RowKind = "score",
     ) -> Flow[PushResult]:
         """``POST .../sketches``: client-made rows ``[n, k]`` (the run's spec; partials add up);
-        ``rows="update"`` for update rows (math.md §4)."""
+        ``rows="update"`` for update rows (math.md §4), ``"entropy_sum"`` for the entropy sums'
+        gradients (math.md §3)."""
         plans = plan_sketch_uploads(
             run_id,
             step,

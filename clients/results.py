@@ -241,6 +241,7 @@ class EntropyReport(_Answer):
     ratio_interval: dict[str, Any] | None
     taylor: dict[str, Any] | None
     target: Literal["sequence", "token_mean"]
+    entropy_gradient: Literal["score", "entropy_sum"]
 
     @property
     def realized_delta(self) -> float | None:
@@ -258,6 +259,7 @@ class HistoryRow(_Answer):
     se_sampling: float
     se_sketch: float
     estimator: str
+    entropy_gradient: Literal["score", "entropy_sum"]
     realized: float | None
     realized_se: float | None
     realized_source: Literal["logprob_after", "entropy_sum", "posted", "given"] | None

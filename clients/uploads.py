@@ -21,8 +21,9 @@ import torch
 from sketch.names import parse_tensor_name, slice_name
 
 UploadKind = Literal["gradients", "sketches"]
-#: Score rows ``w_i = dS_i/dtheta`` or update rows ``u_i`` of the step (math.md §4 "Update rows").
-RowKind = Literal["score", "update"]
+#: Score rows ``w_i = dS_i/dtheta``, update rows ``u_i`` of the step (math.md §4 "Update rows")
+#: or the gradients ``z_i`` of the sequences' entropy sums (math.md §3 "From the entropy sums").
+RowKind = Literal["score", "update", "entropy_sum"]
 _DTYPES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
@@ -49,8 +50,8 @@ class PlannedUpload:
             for k, v in self.tensors.items()
         }
         metadata = {"sequence_ids": json.dumps(self.sequence_ids)}
-        if self.rows == "update":
-            metadata["rows"] = "update"
+        if self.rows != "score":
+            metadata["rows"] = self.rows
         return safetensors.torch.save(tensors, metadata=metadata)
 
 
@@ -97,8 +98,9 @@ def plan_uploads(
 ) -> list[PlannedUpload]:
     """Split named row tensors ``{name: [n, ...]}`` into uploads of at most ``max_body_bytes``.
 
-    ``row_kind``: ``score`` rows ``w_i`` or ``update`` rows ``u_i`` (math.md §4 "Update rows"; the
-    ``rows`` metadata entry, and part of each upload's ``Idempotency-Key``).
+    ``row_kind``: ``score`` rows ``w_i``, ``update`` rows ``u_i`` (math.md §4 "Update rows") or
+    ``entropy_sum`` rows ``z_i`` (math.md §3): the ``rows`` metadata entry, and part of each
+    upload's ``Idempotency-Key``.
 
     Whole parameters are packed together while they fit; a parameter too big for one upload is
     cut into flat column slices ``name@offset`` (an input already named ``name@offset`` keeps
@@ -123,7 +125,7 @@ def plan_uploads(
             raise TypeError(f"tensor {name!r} is not a float tensor")
         flat[name] = t.detach().reshape(n, -1)
     item = _DTYPES[dtype]
-    key_salt = salt if row_kind == "score" else f"{salt}|rows=update"
+    key_salt = salt if row_kind == "score" else f"{salt}|rows={row_kind}"
     longest_name = max(len(k) for k in flat) + 24
     # Rows per upload: one column of every row plus the header must fit.
     rows_per = n

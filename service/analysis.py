@@ -72,6 +72,7 @@ from sketch.entropy import (
 from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.kronecker import KroneckerSketch
+from sketch.rao_blackwell import EntropySumKernels
 from sketch.sequences import StepSequences
 from sketch.spec import sketcher_for
 from sketch.spectrum import Spectrum, spectrum
@@ -81,7 +82,7 @@ from sketch.token_mean import Target
 #: Bumped whenever an analysis answer gains or changes fields: cached answers and history rows
 #: of an older revision are recomputed instead of served (their data version alone would not
 #: change across an upgrade).
-ANALYSIS_REVISION = 8
+ANALYSIS_REVISION = 9
 SPECTRUM_HEAD = 8
 
 
@@ -92,7 +93,8 @@ class StepMatrix:
     ``Y``: float64 ``[n, k]``, row ``i`` the summed sketch of ``seqs.ids[i]``; ``applied``:
     float64 ``[k]`` sketch of the applied update ``u`` (id ``__applied_update__``) or None;
     ``U``: float64 ``[n, k]`` summed update rows (math.md §4 "Update rows"), valid where
-    ``has_update``, or None when the step has none.
+    ``has_update``, or None when the step has none; ``Z``: float64 ``[n, k]`` summed rows of the
+    entropy sums' gradients (math.md §3 "From the entropy sums"), valid where ``has_z``, or None.
 
     Derived values (the kernel, the eigenvalues per role) are computed at most once per
     matrix, i.e. per data version, and shared by all routes (:meth:`kernel`,
@@ -109,6 +111,8 @@ class StepMatrix:
     entropy_after: float | None
     U: np.ndarray | None = None
     has_update: np.ndarray | None = None
+    Z: np.ndarray | None = None
+    has_z: np.ndarray | None = None
     #: ``Settings.eigen_blas_threads``: the BLAS threads of its eigen-decompositions.
     eigen_blas_threads: int = 1
     _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -249,9 +253,11 @@ def assemble(snapshot: StepSnapshot, eigen_blas_threads: int = 1) -> StepMatrix:
     """
     sums: dict[str, np.ndarray] = {}
     updates: dict[str, np.ndarray] = {}
+    entropy_sums: dict[str, np.ndarray] = {}
+    by_kind = {"score": sums, "update": updates, "entropy_sum": entropy_sums}
     for data in snapshot.parts.values():
         part = decode_part(data)
-        target = updates if part.kind == "update" else sums
+        target = by_kind[part.kind]
         for i, seq_id in enumerate(part.ids):
             row = part.rows[i].astype(np.float64)
             if seq_id in target:
@@ -262,7 +268,7 @@ def assemble(snapshot: StepSnapshot, eigen_blas_threads: int = 1) -> StepMatrix:
     missing = [i for i in ids if i not in sums]
     orphans = sorted(
         i
-        for i in set(sums) | set(updates)
+        for i in set(sums) | set(updates) | set(entropy_sums)
         if i not in snapshot.sequences and i != APPLIED_UPDATE_ID
     )
     not_update = sorted(
@@ -303,6 +309,8 @@ def assemble(snapshot: StepSnapshot, eigen_blas_threads: int = 1) -> StepMatrix:
         entropy_after=float(f["entropy_after"]) if "entropy_after" in f else None,
         U=np.stack([updates.get(i, zero) for i in ids]) if updates else None,
         has_update=np.array([i in updates for i in ids]) if updates else None,
+        Z=np.stack([entropy_sums.get(i, zero) for i in ids]) if entropy_sums else None,
+        has_z=np.array([i in entropy_sums for i in ids]) if entropy_sums else None,
         eigen_blas_threads=eigen_blas_threads,
     )
 
@@ -623,8 +631,31 @@ def entropy_answer(
         target=target,
         applied_row=m.applied,
         applied_includes_step=bool(run.get("applied_includes_step", False)),
+        entropy_sums=entropy_sum_kernels(m, c, sketcher),
     )
     return EntropyOut.from_change(result)
+
+
+def entropy_sum_kernels(
+    m: StepMatrix, c: np.ndarray, sketcher: Sketcher
+) -> EntropySumKernels | None:
+    """The rows of the entropy sums' gradients against the score rows, the update rows
+    (``c_i Y_i`` where a sequence has none), themselves and the applied update (math.md §3
+    "From the entropy sums"), per parameter group too; None without such rows."""
+    if m.Z is None or m.has_z is None:
+        return None
+    V = update_row_matrix(m.Y, c, m.U, m.has_update)
+    groups = None
+    if isinstance(sketcher, GroupedSketcher):
+        groups = {g: m.Z[:, sl] @ V[:, sl].T for g, sl in sketcher.group_slices().items()}
+    return EntropySumKernels(
+        cross=m.Z @ V.T,
+        score=m.Z @ m.Y.T,
+        gram=m.Z @ m.Z.T,
+        has_row=m.has_z,
+        applied=None if m.applied is None else m.Z @ m.applied,
+        groups=groups,
+    )
 
 
 def kronecker_cells(m: StepMatrix, c: np.ndarray, sketcher: Sketcher) -> SketchCells | None:
@@ -634,7 +665,7 @@ def kronecker_cells(m: StepMatrix, c: np.ndarray, sketcher: Sketcher) -> SketchC
     if not isinstance(sketcher, KroneckerSketch) or min(sketcher.k_out, sketcher.k_in) < 2:
         return None
     V = update_row_matrix(m.Y, c, m.U, m.has_update)
-    return SketchCells(Y=m.Y, V=V, shape=(sketcher.k_out, sketcher.k_in))
+    return SketchCells(Y=m.Y, V=V, shape=(sketcher.k_out, sketcher.k_in), Z=m.Z)
 
 
 def history_row(m: StepMatrix, step: int, entropy: EntropyOut) -> dict[str, Any]:

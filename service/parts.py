@@ -4,7 +4,9 @@ A part is a safetensors body (the format of the uploads it is made from) holding
 ``sketch`` float32 ``[n, k]`` and the ``__metadata__`` entries
 
 * ``sequence_ids``: a JSON list of the ``n`` row ids, in row order;
-* ``rows``: ``"update"`` for update rows (math.md §4 "Update rows"); absent for score rows.
+* ``rows``: ``"update"`` for update rows (math.md §4 "Update rows"), ``"entropy_sum"`` for the
+  gradients of the sequences' entropy sums (math.md §3 "From the entropy sums"); absent for
+  score rows.
 
 The same two metadata entries name the rows of an upload body, which the API has validated
 in full (:mod:`service.uploads`) before it was queued: :func:`read_rows` reads them from
@@ -24,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_np
 from safetensors.numpy import save as save_np
 
-RowKind = Literal["score", "update"]
+RowKind = Literal["score", "update", "entropy_sum"]
+ROW_KINDS: tuple[RowKind, ...] = ("score", "update", "entropy_sum")
 
 
 class PartFormatError(ValueError):
@@ -34,7 +37,7 @@ class PartFormatError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Part:
     """One upload's partial sketch: ``rows`` float32 ``[n, k]``, row ``i`` of ``ids[i]``;
-    ``kind`` says whether they are score rows or update rows."""
+    ``kind`` says which rows they are (:data:`RowKind`)."""
 
     ids: list[str]
     rows: np.ndarray
@@ -65,9 +68,10 @@ def read_rows(metadata: Mapping[str, str]) -> tuple[list[str], RowKind]:
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise PartFormatError("'sequence_ids' is not a JSON list of strings")
     kind = metadata.get("rows", "score")
-    if kind not in ("score", "update"):
-        raise PartFormatError(f"'rows' metadata {kind[:40]!r} is neither 'score' nor 'update'")
-    return ids, "update" if kind == "update" else "score"
+    for known in ROW_KINDS:
+        if kind == known:
+            return ids, known
+    raise PartFormatError(f"'rows' metadata {kind[:40]!r} is none of {list(ROW_KINDS)}")
 
 
 def encode_part(part: Part) -> bytes:
@@ -76,8 +80,8 @@ def encode_part(part: Part) -> bytes:
     if rows.ndim != 2 or rows.shape[0] != len(part.ids):
         raise PartFormatError(f"rows of shape {list(rows.shape)} for {len(part.ids)} ids")
     metadata = {"sequence_ids": json.dumps(part.ids)}
-    if part.kind == "update":
-        metadata["rows"] = "update"
+    if part.kind != "score":
+        metadata["rows"] = part.kind
     return save_np({"sketch": rows}, metadata=metadata)
 
 

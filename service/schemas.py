@@ -20,6 +20,7 @@ from service.keys import APPLIED_UPDATE_ID, ID_PATTERN
 from sketch.base import SketchKind
 from sketch.blocks import Blocks
 from sketch.entropy import EntropyChange, Estimator
+from sketch.rao_blackwell import EntropyGradient
 from sketch.realized import RealizedEstimator
 from sketch.sequences import Geometry, Normalization, Role
 from sketch.spectrum import Spectrum
@@ -728,6 +729,12 @@ class EntropyOut(_FromSketch):
         description="sequence: H, nats per response (math.md §3); token_mean: T, nats per "
         "token, the entropy trainers log (§8)",
     )
+    entropy_gradient: EntropyGradient = Field(
+        default=EntropyGradient.SCORE,
+        description="how grad_hat H was estimated (math.md §3): score, from the score rows "
+        "alone; entropy_sum, from the entropy sums and their gradients' rows (rows "
+        "'entropy_sum'), when every entropy-side sequence has both",
+    )
 
     @classmethod
     def from_change(cls, change: EntropyChange) -> EntropyOut:
@@ -743,6 +750,7 @@ class RunEntropyRow(BaseModel):
     se_sampling: float
     se_sketch: float
     estimator: Estimator
+    entropy_gradient: EntropyGradient = EntropyGradient.SCORE
     realized: float | None = Field(
         default=None, description="the realized change (math.md §6; control-variate estimate)"
     )
@@ -786,6 +794,7 @@ class RunEntropyRow(BaseModel):
             target=entropy.target,
             delta_h1=entropy.delta_h1,
             estimator=entropy.estimator,
+            entropy_gradient=entropy.entropy_gradient,
             se_sampling=entropy.se_sampling,
             se_sketch=entropy.se_sketch,
             realized=None if realized is None else realized.delta_h,

@@ -25,6 +25,7 @@ from starlette.requests import Request
 
 from service.domain_errors import BusyError, InvalidUploadError
 from service.keys import APPLIED_UPDATE_ID, ID_PATTERN, ID_RE
+from service.parts import ROW_KINDS, RowKind
 from sketch.base import parse_tensor_name
 
 UPLOAD_MEDIA_TYPES = ("application/octet-stream", "application/x-safetensors")
@@ -38,11 +39,6 @@ _EXPONENT: dict[str, tuple[np.dtype[Any], int]] = {
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_OFFSET = 1 << 62  # keeps offset + index inside int64 for the hashing kinds
 UploadKind = Literal["gradients", "sketches"]
-#: What an upload's rows are (``__metadata__`` entry ``rows``): the score rows ``w_i = dS_i /
-#: dtheta`` (default) or the update rows ``u_i`` of a loss built from token log-probs (math.md
-#: §4 "Update rows").
-RowKind = Literal["score", "update"]
-ROW_KINDS: tuple[RowKind, ...] = ("score", "update")
 #: An upload body: ``read_body`` hands out the bytearray it read into (no copy to ``bytes``).
 Body = bytes | bytearray
 #: Values checked per pass of :func:`check_finite`: its scratch buffers stay this small (and in
@@ -302,15 +298,16 @@ def sequence_ids(metadata: Mapping[str, str]) -> list[str]:
 
 
 def row_kind(metadata: Mapping[str, str]) -> RowKind:
-    """The ``rows`` metadata entry: ``score`` (absent) or ``update``; 422 otherwise."""
+    """The ``rows`` metadata entry: ``score`` (absent), ``update`` (the update rows ``u_i`` of a
+    loss built from token log-probs, math.md §4) or ``entropy_sum`` (the gradients of the
+    sequences' entropy sums, math.md §3); 422 otherwise."""
     value = metadata.get("rows", "score")
-    if value == "update":
-        return "update"
-    if value != "score":
-        raise InvalidUploadError(
-            422, f"__metadata__ 'rows' must be one of {list(ROW_KINDS)}, got {value[:40]!r}"
-        )
-    return "score"
+    for known in ROW_KINDS:
+        if value == known:
+            return known
+    raise InvalidUploadError(
+        422, f"__metadata__ 'rows' must be one of {list(ROW_KINDS)}, got {value[:40]!r}"
+    )
 
 
 def check_finite(body: Body, tensors: Mapping[str, TensorInfo]) -> None:
@@ -387,7 +384,7 @@ def validate_upload(body: Body, kind: UploadKind, run: Mapping[str, Any]) -> Par
 
     * framing, dtypes (F32/F16/BF16), offsets: :func:`read_header`;
     * ``sequence_ids`` metadata: ``n`` unique valid ids, every tensor ``[n, ...]``; ``rows``
-      metadata (optional): ``score`` or ``update`` (:func:`row_kind`);
+      metadata (optional): ``score``, ``update`` or ``entropy_sum`` (:func:`row_kind`);
     * gradients: names ``param`` / ``param@offset`` that fit the declared ``parameters``
       (``[n, *shape]`` or ``[n, numel]``; a slice ``[n, d]`` with ``offset + d <= numel``);
     * sketches: exactly one tensor ``sketch`` ``[n, k]`` with ``k`` the run's width;
@@ -397,9 +394,10 @@ def validate_upload(body: Body, kind: UploadKind, run: Mapping[str, Any]) -> Par
     if not tensors:
         raise InvalidUploadError(422, "the upload holds no tensors")
     ids = sequence_ids(metadata)
-    if row_kind(metadata) == "update" and APPLIED_UPDATE_ID in ids:
+    rows = row_kind(metadata)
+    if rows != "score" and APPLIED_UPDATE_ID in ids:
         raise InvalidUploadError(
-            422, f"{APPLIED_UPDATE_ID!r} is a score-kind row: it cannot be sent as an update row"
+            422, f"{APPLIED_UPDATE_ID!r} is a score-kind row: it cannot be sent as {rows} rows"
         )
     n = len(ids)
     for key, info in tensors.items():

@@ -115,15 +115,19 @@ def test_plan_uploads_splits_by_parameter_slice_and_row() -> None:
 
 
 def test_update_rows_carry_their_kind_and_their_own_keys() -> None:
-    """``row_kind="update"`` (math.md §4 "Update rows") writes ``rows: update`` into each body's
-    metadata and gives keys of their own: update rows of the same ids and shapes as the score
-    rows are a different upload, never a re-send of them."""
+    """``row_kind="update"`` (math.md §4 "Update rows") and ``"entropy_sum"`` (§3) write their
+    kind into each body's metadata and give keys of their own: rows of the same ids and shapes
+    as the score rows, or as each other, are a different upload, never a re-send of them."""
     tensors = {"w": torch.ones(2, 8)}
-    score = plan_uploads("gradients", "r", 0, tensors, ["x", "y"], 1 << 20)
-    update = plan_uploads("gradients", "r", 0, tensors, ["x", "y"], 1 << 20, row_kind="update")
-    assert {p.key for p in score}.isdisjoint(p.key for p in update)
-    assert read_header(update[0].body())[1]["rows"] == "update"
-    assert "rows" not in read_header(score[0].body())[1]
+    plans = {
+        kind: plan_uploads("gradients", "r", 0, tensors, ["x", "y"], 1 << 20, row_kind=kind)
+        for kind in ("score", "update", "entropy_sum")
+    }
+    keys = [{p.key for p in kind_plans} for kind_plans in plans.values()]
+    assert sum(len(k) for k in keys) == len(set().union(*keys))
+    for kind in ("update", "entropy_sum"):
+        assert read_header(plans[kind][0].body())[1]["rows"] == kind
+    assert "rows" not in read_header(plans["score"][0].body())[1]
 
 
 def test_sketch_spec_dict_accepts_dicts_and_objects() -> None:

@@ -21,9 +21,10 @@ from service.keys import APPLIED_UPDATE_ID, Keys
 from service.schemas import EntropyOut
 from service.settings import Settings
 from service.worker import Worker
-from sketch.entropy import entropy_change, row_updates, update_coefficients
+from sketch.entropy import entropy_change, row_updates, update_coefficients, update_row_matrix
 from sketch.groups import GroupedSketcher
 from sketch.kernel import kernel_from_rows
+from sketch.rao_blackwell import EntropySumKernels
 from sketch.realized import realized_from_entropies
 from sketch.sequences import StepSequences
 from sketch.spec import sketcher_for
@@ -373,6 +374,132 @@ def test_update_rows_drive_the_prediction(
     conflict = client.get("/v1/runs/u/steps/0/entropy")
     assert conflict.status_code == 409
     assert conflict.json()["update_rows_without_update_role"] == [data.ids[-1]]
+
+
+def test_entropy_sum_rows_give_the_entropy_gradient(
+    client: TestClient, settings: Settings, step_data: StepData
+) -> None:
+    """Rows ``z_i = grad entropy_sum_i`` (``rows: entropy_sum``, math.md §3 "From the entropy
+    sums") beside score rows, an update row and the applied update, raw and client-sketched:
+    the answer is ``sketch.entropy`` with :class:`EntropySumKernels` of the sketched rows and
+    says ``entropy_gradient: entropy_sum``, in the history row too; a step where one entropy
+    sequence lacks its ``z`` row keeps the score-only gradient; the applied update's id as a
+    ``z`` row is refused (422) and a ``z`` row of an unknown sequence leaves the step
+    incomplete (409)."""
+    data = step_data
+    run = post(client, "/v1/runs", json={"run_id": "z", "sketch": {"kind": "gaussian", "dim": 48}})
+    sketcher = sketcher_for(run["sketch"], run.get("parameters"))
+    seqs = [dict(s) for s in data.sequences]
+    for i, s in enumerate(seqs):
+        s["entropy_sum"] = 2.0 + 0.3 * i
+    post(client, "/v1/runs/z/steps/0/sequences", json={"learning_rate": 0.05, "sequences": seqs})
+    post(
+        client,
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body(data.grads, data.ids),
+        headers=OCTET,
+    )
+    gen = torch.Generator().manual_seed(8)
+    z = {k: 0.3 * torch.randn(v.shape, generator=gen) for k, v in data.grads.items()}
+    u = {k: 1e-2 * torch.randn(v.shape, generator=gen) for k, v in data.grads.items()}
+    applied = {
+        k: 1e-3 * torch.randn(v.shape[1:], generator=gen)[None] for k, v in data.grads.items()
+    }
+    half = len(data.ids) // 2
+    post(
+        client,
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body(
+            {k: v[:half] for k, v in z.items()}, data.ids[:half], "entropy_sum"
+        ),
+        headers=OCTET,
+    )
+    post(
+        client,
+        "/v1/runs/z/steps/0/sketches",
+        content=safetensors_body(
+            {"sketch": sketcher.sketch({k: v[half:-1] for k, v in z.items()})},
+            data.ids[half:-1],
+            "entropy_sum",
+        ),
+        headers=OCTET,
+    )
+    post(
+        client,
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body({k: v[:1] for k, v in u.items()}, data.ids[:1], "update"),
+        headers=OCTET,
+    )
+    post(
+        client,
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body(applied, [APPLIED_UPDATE_ID]),
+        headers=OCTET,
+    )
+    assert drain(settings).processed == 5
+    # the last sequence has no z row yet: the score-only gradient
+    partial = client.get("/v1/runs/z/steps/0/entropy").json()
+    assert partial["entropy_gradient"] == "score"
+
+    last = {k: v[-1:] for k, v in z.items()}
+    post(
+        client,
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body(last, data.ids[-1:], "entropy_sum"),
+        headers=OCTET,
+    )
+    drain(settings)
+    got = client.get("/v1/runs/z/steps/0/entropy").json()
+    assert got["entropy_gradient"] == "entropy_sum"
+
+    Y = sketcher.sketch(data.grads).double().numpy()
+    Z = sketcher.sketch(z).double().numpy()
+    U = np.zeros_like(Y)
+    U[:1] = sketcher.sketch({k: v[:1] for k, v in u.items()}).double().numpy()
+    has_u = np.arange(len(data.ids)) < 1
+    a = sketcher.sketch(applied).double().numpy()[0]
+    records = StepSequences.from_records(seqs)
+    c = update_coefficients(records, "dr_grpo")
+    V = update_row_matrix(Y, c, U, has_u)
+    sums = EntropySumKernels(
+        cross=Z @ V.T,
+        score=Z @ Y.T,
+        gram=Z @ Z.T,
+        has_row=np.ones(len(data.ids), dtype=bool),
+        applied=Z @ a,
+    )
+    want = entropy_change(
+        kernel_from_rows(Y),
+        records,
+        0.05,
+        sketch_variance_factor=sketcher.variance_factor(),
+        update=row_updates(Y, c, U, has_u),
+        k_applied=Y @ a,
+        applied_row=a,
+        entropy_sums=sums,
+    )
+    for field in ("delta_h1", "se_sampling", "se_sketch", "delta_h1_applied", "se_applied"):
+        assert got[field] == pytest.approx(getattr(want, field), rel=1e-5), field
+    assert got["delta_h1"] != pytest.approx(partial["delta_h1"], rel=1e-3)
+    history = client.get("/v1/runs/z/entropy").json()
+    assert history["steps"][0]["entropy_gradient"] == "entropy_sum"
+
+    refused = client.post(
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body(applied, [APPLIED_UPDATE_ID], "entropy_sum"),
+        headers=OCTET,
+    )
+    assert refused.status_code == 422 and "entropy_sum" in refused.json()["detail"]
+    post(
+        client,
+        "/v1/runs/z/steps/0/gradients",
+        content=safetensors_body(last, ["nobody"], "entropy_sum"),
+        headers=OCTET,
+    )
+    drain(settings)
+    incomplete = client.get("/v1/runs/z/steps/0/entropy")
+    assert incomplete.status_code == 409
+    assert incomplete.json()["rows_without_metadata"] == ["nobody"]
 
 
 def test_token_mean_target_and_its_history(

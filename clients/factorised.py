@@ -115,6 +115,10 @@ class FactorisedSketches:
         ``[n]`` float32 ``sum_t H_t`` of every sequence
         (:func:`clients.capture.response_entropy_sums`) from the capture's own forward: a
         sequence's ``entropy_sum`` without another forward.
+    entropy_sum_sketch:
+        ``[n, k]`` float32 sketches of ``z_i = grad sum_t H_t`` (math.md §3 "From the entropy
+        sums") when ``entropy_sum_rows`` was asked for; push them with
+        ``push_sketches(..., rows="entropy_sum")``.
     """
 
     logprobs: torch.Tensor
@@ -122,6 +126,7 @@ class FactorisedSketches:
     num_tokens: torch.Tensor
     update_sketch: torch.Tensor | None = None
     entropy_sums: torch.Tensor | None = None
+    entropy_sum_sketch: torch.Tensor | None = None
 
 
 @dataclass
@@ -1416,6 +1421,7 @@ class FactorisedCapture:
         *,
         directions: EntropyDirections | None = None,
         router_coefficient: float = 0.0,
+        entropy_sum_rows: bool = False,
     ) -> FactorisedSketches:
         """Sketch every sequence's score gradient with one batched forward and backward.
 
@@ -1435,7 +1441,9 @@ class FactorisedCapture:
         adds the load-balancing loss ``aux`` of this very batch, as TRL's) adds ``r grad
         aux_i`` to the update rows, ``aux_i`` sequence ``i``'s tokens' part of ``aux``: the
         loss's expert counts are constants of the batch, so its gradient at each token reaches
-        that token's sequence's rows alone.
+        that token's sequence's rows alone.  ``entropy_sum_rows`` adds the sketches of ``z_i =
+        grad sum_t H_t`` (the sequences' entropy sums, math.md §3 "From the entropy sums") from
+        one more backward over the same forward.
         """
         once = functools.partial(
             self._capture_once,
@@ -1444,6 +1452,7 @@ class FactorisedCapture:
             entropy_coefficients,
             directions=directions,
             router_coefficient=router_coefficient,
+            entropy_sum_rows=entropy_sum_rows,
         )
         # the first capture may re-plan (a forward of its own, parameters used by an
         # ancestor): at most once for each, and then the capture runs on the final plan
@@ -1462,6 +1471,7 @@ class FactorisedCapture:
         *,
         directions: EntropyDirections | None,
         router_coefficient: float,
+        entropy_sum_rows: bool = False,
     ) -> FactorisedSketches:
         acc = _Accumulator(token_mask=batch.attention_mask.bool(), shapes=self.parameters)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -1528,7 +1538,7 @@ class FactorisedCapture:
             # them and the loss, and autograd then skips the weight-gradient products (half of
             # a backward).  autograd.grad, not backward(): no parameter's .grad is touched.
             targets: list[torch.Tensor] = list(acc.roots) if acc.roots else list(params)
-            keep = weights is not None
+            keep = weights is not None or entropy_sum_rows
             self._backward(acc, logprobs.sum(), targets, retain_graph=keep)
             if acc.roots and acc.fired != acc.registered:
                 # some hooked output is not upstream of an embedding: run the full backward
@@ -1557,14 +1567,29 @@ class FactorisedCapture:
                 ).sum()
                 if aux is not None:
                     weighted = weighted + router_coefficient * aux
-                self._backward(acc, weighted, targets)
+                self._backward(acc, weighted, targets, retain_graph=entropy_sum_rows)
                 update_sketch = self._rows(acc, batch.size, logprobs.device)
+            entropy_sum_sketch = None
+            if entropy_sum_rows:
+                acc.clear_rows()
+                on = batch.response_mask.float()
+                sums = response_logprobs(
+                    logits,
+                    batch.input_ids,
+                    batch.response_mask,
+                    torch.zeros_like(on),
+                    self.temperature,
+                    on,
+                ).sum()
+                self._backward(acc, sums, targets)
+                entropy_sum_sketch = self._rows(acc, batch.size, logprobs.device)
         return FactorisedSketches(
             logprobs=logprobs.detach(),
             sketch=sketch,
             num_tokens=batch.num_tokens,
             update_sketch=update_sketch,
             entropy_sums=entropy_sums,
+            entropy_sum_sketch=entropy_sum_sketch,
         )
 
     __call__ = capture
@@ -1663,6 +1688,7 @@ class HookedCapture(FactorisedCapture):
         *,
         directions: EntropyDirections | None = None,
         router_coefficient: float = 0.0,
+        entropy_sum_rows: bool = False,
     ) -> FactorisedSketches:
         """:meth:`FactorisedCapture.capture` with the run's sketch; ``row_scale`` ``{name:
         sqrt(P)}`` (one entry per captured parameter) gives ``adam``-geometry rows (the
@@ -1677,6 +1703,7 @@ class HookedCapture(FactorisedCapture):
                 entropy_coefficients,
                 directions=directions,
                 router_coefficient=router_coefficient,
+                entropy_sum_rows=entropy_sum_rows,
             )
         finally:
             self._row_scale = None

@@ -88,6 +88,7 @@ from clients.geometry import (
 from clients.http import Client
 from clients.shards import FlatRange, GatheredOnAccess, full_shape, is_sharded, sketch_of_whole
 from clients.token_shares import half_directions, token_shares_cross_fit
+from clients.uploads import RowKind
 from clients.zero import local_partition
 from sketch.base import Sketcher
 from sketch.entropy import estimator_entropy_coefficients, estimator_halves
@@ -450,6 +451,15 @@ class KernelscopeConfig:
         per micro-batch) and, with ``push_logprob_after``, after it
         (``entropy_sum_after``, from the same forward as ``S'_i``): the token-mean entropy TRL
         logs as ``entropy`` is then predicted and its realized change measured (math.md §8).
+    entropy_sum_rows:
+        push each sequence's ``z_i = grad sum_t H_t`` too (``rows="entropy_sum"``): the service
+        then estimates ``grad H`` from the entropy sums (math.md §3 "From the entropy sums";
+        the answer's ``entropy_gradient`` reads ``entropy_sum``), whose error on exact
+        enumeration is a tenth of the score-only estimate's at the same samples.  One more
+        backward per micro-batch over the capture's forward (rows from hooks) or one more
+        chunked capture (exact chunks), and ``k`` more floats per sequence.  Needs
+        ``push_entropy_sums``; not with ``token_shares`` (their direction is the score-only
+        estimate).  Off by default.
     check_logprobs:
         on the first micro-batch, compare the captured ``S_i`` with TRL's own log-probs and
         warn (``RuntimeWarning``) when they differ (one extra forward).
@@ -504,6 +514,7 @@ class KernelscopeConfig:
     push_logprob_after: bool = True
     push_entropy_sums: bool = True
     token_shares: bool = False
+    entropy_sum_rows: bool = False
     check_logprobs: bool = True
     on_push_error: Literal["warn", "raise"] = "warn"
     log_metrics: bool = False
@@ -515,6 +526,13 @@ class KernelscopeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"KernelscopeConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.entropy_sum_rows and not self.push_entropy_sums:
+            raise ValueError("KernelscopeConfig.entropy_sum_rows needs push_entropy_sums")
+        if self.entropy_sum_rows and self.token_shares:
+            raise ValueError(
+                "KernelscopeConfig.entropy_sum_rows with token_shares: the shares' direction is"
+                " the score-only grad_hat H, and would not add up to the step's dH1"
+            )
 
 
 @dataclass
@@ -1507,9 +1525,15 @@ class _KernelscopeTrainer(_TRLTrainer):
                 directions,
             )
         sketches: FactorisedSketches | None = None
-        if self._factorised is not None:  # one forward for both kinds of rows
+        sums_rows = self.kernelscope.entropy_sum_rows
+        if self._factorised is not None:  # one forward for every kind of rows
             sketches = self._factorised.capture(
-                micro.batch, token, entropy, directions=adding, router_coefficient=router
+                micro.batch,
+                token,
+                entropy,
+                directions=adding,
+                router_coefficient=router,
+                entropy_sum_rows=sums_rows,
             )
         elif self._hooked is not None:
             try:
@@ -1520,6 +1544,7 @@ class _KernelscopeTrainer(_TRLTrainer):
                     window.sqrt_p,
                     directions=adding,
                     router_coefficient=router,
+                    entropy_sum_rows=sums_rows,
                 )
             except RuntimeError as exc:  # e.g. a module broadcast over the batch
                 # exact chunks cannot take over a router loss (_kernelscope_check_router_loss)
@@ -1541,19 +1566,37 @@ class _KernelscopeTrainer(_TRLTrainer):
             send(client.push_sketches, step, sketches.sketch, micro.ids)
             if sketches.update_sketch is not None:
                 send(client.push_sketches, step, sketches.update_sketch, micro.ids, rows="update")
+            if sketches.entropy_sum_sketch is not None:
+                send(
+                    client.push_sketches,
+                    step,
+                    sketches.entropy_sum_sketch,
+                    micro.ids,
+                    rows="entropy_sum",
+                )
             return sketches.logprobs, sketches.entropy_sums
         logprobs = self._kernelscope_push_exact(window, micro, None)
         if coefficients is not None:
             self._kernelscope_push_exact(window, micro, coefficients)
+        if sums_rows:  # z_i: the entropy term alone, on every response token
+            on = micro.batch.response_mask.float()
+            sums = TokenCoefficients(torch.zeros_like(on), on)
+            self._kernelscope_push_exact(window, micro, sums, rows="entropy_sum")
         return logprobs, None
 
     def _kernelscope_push_exact(
-        self, window: _Window, micro: _MicroBatch, coefficients: TokenCoefficients | None
+        self,
+        window: _Window,
+        micro: _MicroBatch,
+        coefficients: TokenCoefficients | None,
+        rows: RowKind | None = None,
     ) -> torch.Tensor:
-        """Exact rows a chunk at a time: score rows (``coefficients`` None) or update rows,
-        sketched on the trainer or pushed raw; returns the ``[n]`` values the capture computed."""
+        """Exact rows a chunk at a time: score rows (``coefficients`` None), update rows or
+        (``rows="entropy_sum"``) the entropy sums' gradients, sketched on the trainer or pushed
+        raw; returns the ``[n]`` values the capture computed."""
         client, send, step = self.kernelscope_client, self._kernelscope_send, window.step
-        rows: Literal["score", "update"] = "score" if coefficients is None else "update"
+        if rows is None:
+            rows = "score" if coefficients is None else "update"
         values: list[torch.Tensor] = []
         sketched: list[torch.Tensor] = []
         for span, s, gradients, used in iter_captured_chunks(

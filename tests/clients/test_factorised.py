@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from clients.capture import SequenceBatch, capture_gradients
-from clients.factorised import FactorisedCapture
+from clients.factorised import FactorisedCapture, HookedCapture
 from clients.filters import ParameterFilter
+from sketch.countsketch import CountSketch
 from sketch.kronecker import KroneckerSketch
 from tests.clients.conftest import _TINY_DECODER, VOCAB, make_batch, tiny_gpt2, tiny_llama
 
@@ -213,6 +214,43 @@ def test_factorised_update_rows_from_token_coefficients(
     for i in range(batch.size):
         row_i = server.sketch({k: g[i : i + 1] for k, g in explicit.gradients.items()})
         _close(result.update_sketch[i : i + 1], row_i)
+
+
+@pytest.mark.parametrize("coefficients", [False, True], ids=["score", "with_update_rows"])
+def test_entropy_sum_rows_from_the_same_forward(
+    model: nn.Module, batch: SequenceBatch, coefficients: bool
+) -> None:
+    """``entropy_sum_rows``: one more backward over the capture's forward gives the sketches of
+    ``z_i = grad sum_t H_t`` (math.md §3 "From the entropy sums"), equal to the kronecker sketch
+    of the explicit rows (``capture_gradients`` with the response mask as entropy
+    coefficients), beside unchanged score (and update) rows; by hooks in ``adam`` geometry
+    too."""
+    from tests.clients.test_capture import token_coefficients
+
+    coef = token_coefficients(batch) if coefficients else None
+    capture = FactorisedCapture(model, dim=DIM, seed=SEED)
+    result = capture(batch, token_coefficients=coef, entropy_sum_rows=True)
+    plain = capture(batch, token_coefficients=coef)
+    _close(result.sketch, plain.sketch)
+    if coefficients:
+        assert result.update_sketch is not None and plain.update_sketch is not None
+        _close(result.update_sketch, plain.update_sketch)
+    assert result.entropy_sum_sketch is not None and plain.entropy_sum_sketch is None
+    mask = batch.response_mask.float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explicit = capture_gradients(model, batch, method="loop", entropy_coefficients=mask)
+    server = KroneckerSketch(DIM, SEED, capture.parameters)
+    _close(
+        result.entropy_sum_sketch,
+        server.sketch({k: explicit.gradients[k] for k in capture.parameters}),
+    )
+    hooked = HookedCapture(model, {"kind": "countsketch", "dim": DIM, "seed": SEED})
+    scale = {k: torch.rand_like(p) for k, p in model.named_parameters() if k in hooked.parameters}
+    rows = hooked.capture(batch, row_scale=scale, entropy_sum_rows=True).entropy_sum_sketch
+    scaled = {k: explicit.gradients[k] * scale[k] for k in hooked.parameters}
+    assert rows is not None
+    _close(rows, CountSketch(DIM, SEED).sketch(scaled))
 
 
 @pytest.mark.parametrize("dim", [256, 1024])

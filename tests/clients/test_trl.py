@@ -1538,6 +1538,51 @@ def test_grouped_kronecker_run_takes_exact_rows(live_service: LiveService, tmp_p
         assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
 
 
+@pytest.mark.parametrize(
+    ("sketch", "method", "optim"),
+    [
+        (SKETCH_512, "auto", "adamw_torch"),
+        (SKETCH_512, "loop", "adamw_torch"),
+        (KRONECKER_256, "auto", "sgd"),
+    ],
+    ids=["countsketch-hooks-adam", "countsketch-loop-adam", "kronecker-factorised-sgd"],
+)
+def test_entropy_sum_rows_give_the_services_entropy_gradient(
+    live_service: LiveService, tmp_path: Path, sketch: dict[str, Any], method: str, optim: str
+) -> None:
+    """``entropy_sum_rows=True``: every sequence's ``z_i = grad sum_t H_t`` is pushed beside its
+    score rows (from the hooks' forward, from exact chunks, or factorised), so the service
+    answers with ``entropy_gradient = entropy_sum`` (math.md §3) on both steps of a run whose
+    second step is a later clipped pass; ``plugin dH1 = delta_h1_applied`` still holds (AdamW
+    with ``beta1 = 0``, or SGD); the configuration refuses it without entropy sums or with
+    token shares."""
+    args = sgd_args(
+        tmp_path,
+        learning_rate=1e-3 if optim != "sgd" else 0.05,
+        optim=optim,
+        adam_beta1=0.0,
+        num_iterations=2,
+        epsilon=0.02,
+    )
+    kernelscope = KernelscopeConfig(
+        url=live_service.base_url,
+        sketch=sketch,
+        sketch_on="trainer",
+        capture_method=method,  # type: ignore[arg-type]
+        entropy_sum_rows=True,
+    )
+    trainer = sgd_trainer(args, kernelscope)
+    trainer.train()
+    with Client(live_service.base_url) as client:
+        assert_plugin_is_applied(client, trainer.kernelscope_run_id, steps=(0, 1))
+        for step in (0, 1):
+            answer = client.entropy(trainer.kernelscope_run_id, step)
+            assert answer.entropy_gradient == "entropy_sum"
+    for wrong in ({"push_entropy_sums": False}, {"token_shares": True}):
+        with pytest.raises(ValueError, match="entropy_sum_rows"):
+            KernelscopeConfig(url=live_service.base_url, entropy_sum_rows=True, **wrong)
+
+
 def test_entropy_sums_before_the_step_come_from_the_capture_forward(
     live_service: LiveService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

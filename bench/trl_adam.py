@@ -11,6 +11,11 @@ fine-tuning uses, ``--steps`` optimizer steps each, rows count-sketched on the t
 * ``delta_h1_applied``: ``<grad H, u>`` of the update really applied (momentum included);
 * the realized change, estimated from ``logprob_after`` (math.md §6), with its standard error.
 
+With ``--entropy-sum-rows`` the trainer also pushes the gradients of the sequences' entropy
+sums, and both predictions are read twice from the same steps: with ``grad H`` estimated from
+the score rows alone (``?entropy_gradient=score``) and from the entropy sums (math.md §3), one
+table each, plus their error bars side by side.
+
 Each prediction is compared with the realized change within 2 of their standard errors
 combined (``se_sampling`` and ``se_sketch`` for ``delta_h1``, ``se_applied`` for the applied
 change; the covariance of the estimates, which share their sequences, is left out).
@@ -21,6 +26,7 @@ prediction, and the sign agreement; ``--per-step`` adds one row per step.
 
     python bench/trl_adam.py                     # lr 1e-6 and 1e-5, 20 steps (about 10 min)
     python bench/trl_adam.py --quick             # the 1M model, 4 steps
+    python bench/trl_adam.py --entropy-sum-rows  # grad H from the score rows and from the sums
 """
 
 from __future__ import annotations
@@ -85,35 +91,40 @@ def train(url: str, size: str, lr: float, args: argparse.Namespace) -> list[dict
         train_dataset=Dataset.from_dict({"prompt": prompts * (args.steps + 1)}),
         processing_class=build_tokenizer(vocab),
         kernelscope=KernelscopeConfig(
-            url=url, sketch={"kind": "countsketch", "dim": args.k, "seed": 0}, sketch_on="trainer"
+            url=url,
+            sketch={"kind": "countsketch", "dim": args.k, "seed": 0},
+            sketch_on="trainer",
+            entropy_sum_rows=args.entropy_sum_rows,
         ),
     )
     assert trainer.kernelscope_geometry == "adam"
     trainer.train()
-    rows = []
+    gradients = ("score", "entropy_sum") if args.entropy_sum_rows else ("score",)
+    rows: dict[str, list[dict[str, Any]]] = {g: [] for g in gradients}
     with Client(url) as client:
         for step in range(args.steps):
             status = client.wait_ready(trainer.kernelscope_run_id, step, timeout=300)
-            report = client.entropy(trainer.kernelscope_run_id, step)
             share = (1 - 0.9) / (1 - 0.9 ** (step + 1))  # beta1 = 0.9, step t = step + 1
-            realized = report.realized or {}
-            rows.append(
-                {
-                    "step": step,
-                    "dh1": report.delta_h1,
-                    "dh1_se": math.hypot(report.se_sampling, report.se_sketch),
-                    "applied": report.delta_h1_applied,
-                    "applied_se": report.se_applied,
-                    "realized": realized.get("delta_h"),
-                    "realized_se": realized.get("se"),
-                    # what clipping (max_grad_norm 1, TRL's default) scaled the gradient by
-                    "clip": status.learning_rate / (lr * share),
-                }
-            )
+            for gradient in gradients:
+                report = client.entropy(trainer.kernelscope_run_id, step, entropy_gradient=gradient)
+                realized = report.realized or {}
+                rows[gradient].append(
+                    {
+                        "step": step,
+                        "dh1": report.delta_h1,
+                        "dh1_se": math.hypot(report.se_sampling, report.se_sketch),
+                        "applied": report.delta_h1_applied,
+                        "applied_se": report.se_applied,
+                        "realized": realized.get("delta_h"),
+                        "realized_se": realized.get("se"),
+                        # what clipping (max_grad_norm 1, TRL's default) scaled the gradient by
+                        "clip": status.learning_rate / (lr * share),
+                    }
+                )
     return rows
 
 
-def summary(lr: float, rows: list[dict[str, Any]]) -> str:
+def summary(lr: float, gradient: str, rows: list[dict[str, Any]]) -> str:
     def within(pred: str) -> str:
         hits = sum(
             1
@@ -129,8 +140,11 @@ def summary(lr: float, rows: list[dict[str, Any]]) -> str:
     ratio_applied = statistics.median(r["applied"] / r["realized"] for r in rows)
     mean_abs = statistics.mean(abs(r["realized"]) for r in rows)
     clipped = sum(1 for r in rows if r["clip"] < 1 - 1e-6)
+    rms_se = math.sqrt(statistics.mean(r["dh1_se"] ** 2 for r in rows))
+    rms_applied_se = math.sqrt(statistics.mean(r["applied_se"] ** 2 for r in rows))
     return (
-        f"| {lr:g} | {len(rows)} | {clipped}/{len(rows)} | {mean_abs:.3g} | {ratio_pred:.3f} | "
+        f"| {lr:g} | {gradient} | {len(rows)} | {clipped}/{len(rows)} | {mean_abs:.3g} | "
+        f"{rms_se:.3g} | {rms_applied_se:.3g} | {ratio_pred:.3f} | "
         f"{ratio_applied:.3f} | {within('dh1')} | {within('applied')} | {same_sign('dh1')} | "
         f"{same_sign('applied')} |"
     )
@@ -146,33 +160,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--per-step", action="store_true")
+    parser.add_argument("--entropy-sum-rows", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.steps, args.prompts, args.k = "1M", 4, 4, 512
-    results: dict[float, list[dict[str, Any]]] = {}
+    results: dict[float, dict[str, list[dict[str, Any]]]] = {}
     with serve(f"bench-adam-{os.getpid()}") as url:
         for lr in (float(v) for v in args.lrs.split(",")):
             print(f"lr {lr:g} ...", file=sys.stderr, flush=True)
             results[lr] = train(url, args.size, lr, args)
     print(
-        "| lr | steps | clipped | mean abs realized | median dH1 / applied | median applied / "
-        "realized | realized within 2 s.e. of dH1 | ... of applied | same sign dH1 | same sign "
-        "applied |"
+        "| lr | grad H from | steps | clipped | mean abs realized | rms s.e. dH1 | rms s.e. "
+        "applied | median dH1 / applied | median applied / realized | realized within 2 s.e. "
+        "of dH1 | ... of applied | same sign dH1 | same sign applied |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for lr, rows in results.items():
-        print(summary(lr, rows))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for lr, by_gradient in results.items():
+        for gradient, rows in by_gradient.items():
+            print(summary(lr, gradient, rows))
     if args.per_step:
-        print("\n| lr | step | clip factor | dH1 | ± s.e. | applied | ± s.e. | realized | ± s.e. |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for lr, rows in results.items():
-            for r in rows:
-                print(
-                    f"| {lr:g} | {r['step']} | {r['clip']:.3g} | {r['dh1']:.4g} | "
-                    f"{r['dh1_se']:.2g} | {r['applied']:.4g} | {r['applied_se']:.2g} | "
-                    f"{r['realized']:.4g} | {r['realized_se']:.2g} |"
-                )
+        print(
+            "\n| lr | grad H from | step | clip factor | dH1 | ± s.e. | applied | ± s.e. | "
+            "realized | ± s.e. |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for lr, by_gradient in results.items():
+            for gradient, rows in by_gradient.items():
+                for r in rows:
+                    print(
+                        f"| {lr:g} | {gradient} | {r['step']} | {r['clip']:.3g} | "
+                        f"{r['dh1']:.4g} | {r['dh1_se']:.2g} | {r['applied']:.4g} | "
+                        f"{r['applied_se']:.2g} | {r['realized']:.4g} | {r['realized_se']:.2g} |"
+                    )
     return 0
 
 

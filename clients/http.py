@@ -719,10 +719,15 @@ class Endpoints:
         estimator: str | None = None,
         target: str | None = None,
         wait: float | None = None,
+        entropy_gradient: str | None = None,
     ) -> Flow[EntropyReport]:
         """``GET .../entropy``: ``dH1`` and everything math.md §4 reports with it;
-        ``target="token_mean"``: about the token-mean entropy trainers log (math.md §8)."""
-        params = _analysis_params(None, wait, estimator=estimator, target=target)
+        ``target="token_mean"``: about the token-mean entropy trainers log (math.md §8);
+        ``entropy_gradient``: ``"score"`` or ``"entropy_sum"`` forces that estimate of
+        ``grad H`` (math.md §3; default: from the entropy sums where the step has them)."""
+        params = _analysis_params(
+            None, wait, estimator=estimator, target=target, entropy_gradient=entropy_gradient
+        )
         data = yield from self._json("GET", _step_path(run_id, step, "/entropy"), params=params)
         return EntropyReport.from_json(data)
 

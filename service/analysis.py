@@ -72,7 +72,7 @@ from sketch.entropy import (
 from sketch.groups import GroupedSketcher
 from sketch.kernel import cosine, kernel_from_rows
 from sketch.kronecker import KroneckerSketch
-from sketch.rao_blackwell import EntropySumKernels
+from sketch.rao_blackwell import EntropyGradient, EntropySumKernels
 from sketch.sequences import StepSequences
 from sketch.spec import sketcher_for
 from sketch.spectrum import Spectrum, spectrum
@@ -469,13 +469,17 @@ async def step_answer(
 
 
 async def step_entropy(
-    q: StepQuery, estimator: Estimator | None, target: Target = Target.SEQUENCE
+    q: StepQuery,
+    estimator: Estimator | None,
+    target: Target = Target.SEQUENCE,
+    gradient: EntropyGradient | None = None,
 ) -> bytes:
     """The step's ``EntropyOut`` JSON (math.md §4; §8 for the token mean), cached per data
-    version.
+    version; ``gradient`` forces one estimate of ``grad H`` (default: from the entropy sums
+    where the step has them).
 
-    With the default estimator a fresh answer also writes the step's row of the run's
-    entropy history of that target (:func:`run_history`), built from the same answer.
+    With the default estimator and gradient a fresh answer also writes the step's row of the
+    run's entropy history of that target (:func:`run_history`), built from the same answer.
     """
     await ready_step(q)
 
@@ -487,15 +491,16 @@ async def step_entropy(
     def compute(m: StepMatrix) -> EntropyOut:
         # in the worker thread: a run's first analysis may build its sketcher's matrices
         sketcher = sketcher_for(q.run["sketch"], q.run.get("parameters"))
-        return entropy_answer(m, q.run, sketcher, estimator, target)
+        return entropy_answer(m, q.run, sketcher, estimator, target, gradient)
 
+    default = estimator is None and gradient is None
     return await cached_result(
         q,
         f"entropy|{None if estimator is None else estimator.value}|{target.value}"
-        f"|r{ANALYSIS_REVISION}",
+        f"|{None if gradient is None else gradient.value}|r{ANALYSIS_REVISION}",
         compute,
         lambda answer: answer.model_dump_json().encode(),
-        after=keep_history_row if estimator is None else None,
+        after=keep_history_row if default else None,
     )
 
 
@@ -596,8 +601,12 @@ def entropy_answer(
     sketcher: Sketcher,
     estimator: Estimator | None,
     target: Target = Target.SEQUENCE,
+    gradient: EntropyGradient | None = None,
 ) -> EntropyOut:
-    """``sketch.entropy.entropy_change`` on the step (math.md §4; §8 for the token mean)."""
+    """``sketch.entropy.entropy_change`` on the step (math.md §4; §8 for the token mean);
+    ``gradient``: ``score`` leaves the entropy sums' rows out, ``entropy_sum`` raises
+    :class:`CannotAnalyseError` where the step cannot use them (default: use them where it
+    can)."""
     _, K = m.kernel("all")
     group_kernels: dict[str, Any] | None = None
     update = None
@@ -631,8 +640,15 @@ def entropy_answer(
         target=target,
         applied_row=m.applied,
         applied_includes_step=bool(run.get("applied_includes_step", False)),
-        entropy_sums=entropy_sum_kernels(m, c, sketcher),
+        entropy_sums=None
+        if gradient is EntropyGradient.SCORE
+        else entropy_sum_kernels(m, c, sketcher),
     )
+    if gradient is EntropyGradient.ENTROPY_SUM and result.entropy_gradient is not gradient:
+        raise CannotAnalyseError(
+            "the step cannot estimate grad H from the entropy sums: every entropy-side sequence"
+            " needs its entropy_sum and its 'entropy_sum' rows (math.md §3)"
+        )
     return EntropyOut.from_change(result)
 
 

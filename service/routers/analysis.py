@@ -25,6 +25,7 @@ from service.schemas import (
     SpectrumOut,
 )
 from sketch.entropy import Estimator
+from sketch.rao_blackwell import EntropyGradient
 from sketch.token_mean import Target
 
 router = APIRouter(prefix="/v1/runs/{run_id}", tags=["analysis"])
@@ -140,12 +141,20 @@ async def step_entropy(
     q: StepQ,
     estimator: Annotated[Estimator | None, Query(description="default: see math.md §4")] = None,
     target: TargetQuery = Target.SEQUENCE,
+    entropy_gradient: Annotated[
+        EntropyGradient | None,
+        Query(
+            description="how to estimate grad H (math.md §3): default entropy_sum where every "
+            "entropy-side sequence has its entropy_sum and its 'entropy_sum' rows, else score"
+        ),
+    ] = None,
 ) -> Response:
     """First-order entropy change ``dH1`` with decomposition and error bars (math.md §4).
 
-    A query with the default estimator also records the step's row of
+    A query with the default estimator and gradient also records the step's row of
     ``GET /v1/runs/{run_id}/entropy`` (of the same target)."""
-    return Response(content=await an.step_entropy(q, estimator, target), media_type=JSON)
+    body = await an.step_entropy(q, estimator, target, entropy_gradient)
+    return Response(content=body, media_type=JSON)
 
 
 @router.get("/entropy", response_model=RunEntropyOut)

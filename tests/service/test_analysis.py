@@ -383,7 +383,9 @@ def test_entropy_sum_rows_give_the_entropy_gradient(
     sums") beside score rows, an update row and the applied update, raw and client-sketched:
     the answer is ``sketch.entropy`` with :class:`EntropySumKernels` of the sketched rows and
     says ``entropy_gradient: entropy_sum``, in the history row too; a step where one entropy
-    sequence lacks its ``z`` row keeps the score-only gradient; the applied update's id as a
+    sequence lacks its ``z`` row keeps the score-only gradient (and ``?entropy_gradient=
+    entropy_sum`` is 422 there), ``?entropy_gradient=score`` forces it (outside the history);
+    the applied update's id as a
     ``z`` row is refused (422) and a ``z`` row of an unknown sequence leaves the step
     incomplete (409)."""
     data = step_data
@@ -440,6 +442,8 @@ def test_entropy_sum_rows_give_the_entropy_gradient(
     # the last sequence has no z row yet: the score-only gradient
     partial = client.get("/v1/runs/z/steps/0/entropy").json()
     assert partial["entropy_gradient"] == "score"
+    forced = client.get("/v1/runs/z/steps/0/entropy", params={"entropy_gradient": "entropy_sum"})
+    assert forced.status_code == 422 and "entropy_sum" in forced.json()["detail"]
 
     last = {k: v[-1:] for k, v in z.items()}
     post(
@@ -481,6 +485,12 @@ def test_entropy_sum_rows_give_the_entropy_gradient(
     for field in ("delta_h1", "se_sampling", "se_sketch", "delta_h1_applied", "se_applied"):
         assert got[field] == pytest.approx(getattr(want, field), rel=1e-5), field
     assert got["delta_h1"] != pytest.approx(partial["delta_h1"], rel=1e-3)
+    history = client.get("/v1/runs/z/entropy").json()
+    assert history["steps"][0]["entropy_gradient"] == "entropy_sum"
+    # ?entropy_gradient=score leaves the rows out: the score-only answer, not in the history
+    score = client.get("/v1/runs/z/steps/0/entropy", params={"entropy_gradient": "score"}).json()
+    assert score["entropy_gradient"] == "score"
+    assert score["delta_h1"] == pytest.approx(partial["delta_h1"], rel=1e-9)
     history = client.get("/v1/runs/z/entropy").json()
     assert history["steps"][0]["entropy_gradient"] == "entropy_sum"
 

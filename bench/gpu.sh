@@ -60,7 +60,7 @@ CAPTURE=(--device "$DEVICE" --threads 0 --methods plain,loop,factorised,hooked-c
 stage "bench/capture.py --device $DEVICE" 60 \
     "$PY" bench/capture.py "${CAPTURE[@]}" "${QUICK[@]}"
 # the capture's modes (countsketch-logged's wait for the service is not a GPU number)
-TRL_MODES=kronecker,kronecker-adam,countsketch,countsketch-chunks,countsketch-vmap,countsketch-keep,countsketch-shares
+TRL_MODES=kronecker,kronecker-adam,countsketch,countsketch-chunks,countsketch-vmap,countsketch-keep,countsketch-shares,countsketch-sums
 if [ "$DEVICE" = cuda ]; then
     stage "bench/capture.py --device cuda --qwen2 100M" 90 \
         "$PY" bench/capture.py "${CAPTURE[@]}" --qwen2 100M

@@ -26,6 +26,9 @@ process (so that its peak RSS is its own), against one ``kernelscope serve`` on 
   (``token_shares=True``, math.md §9: ``cross_fit``, as a TRL step has no entropy-role
   sequences: a forward and a backward per half, and one forward-mode pass over the step's
   sequences, a micro-batch at a time).
+* ``countsketch-sums``: ``countsketch`` plus each sequence's ``z_i = grad sum_t H_t``
+  (``entropy_sum_rows=True``, math.md §3 "From the entropy sums": one more backward per
+  micro-batch over the capture's forward, ``k`` more floats per sequence).
 * ``countsketch-logged``: ``countsketch`` with ``log_metrics=True``: after each step the
   trainer waits until the service has the step ready and asks for two analyses, whose answers
   go to the trainer's logs.
@@ -77,6 +80,7 @@ MODES = (
     "countsketch-vmap",
     "countsketch-keep",
     "countsketch-shares",
+    "countsketch-sums",
     "countsketch-logged",
 )
 
@@ -240,6 +244,7 @@ def child(mode: str, size: str, url: str, args: argparse.Namespace) -> dict[str,
             sketch_on="trainer",
             capture_method={"chunks": "loop", "vmap": "vmap"}.get(how, "auto"),
             token_shares=how == "shares",
+            entropy_sum_rows=how == "sums",
             log_metrics=how == "logged",
             capture_checkpointing=how != "keep",
             # plain kronecker is the factorised capture, which only the sgd geometry allows

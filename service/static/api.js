@@ -54,6 +54,7 @@
  * @property {number} se_sampling
  * @property {number} se_sketch
  * @property {string} estimator
+ * @property {"score" | "entropy_sum"} entropy_gradient  how grad H was estimated (math.md §3)
  * @property {number | null} realized
  * @property {number | null} realized_se
  * @property {"logprob_after" | "entropy_sum" | "posted" | "given" | null} realized_source
@@ -210,6 +211,7 @@
  * @property {RatioInterval | null} ratio_interval  null exactly when realized is
  * @property {TaylorCheck} taylor
  * @property {Target} target  every number is about this entropy, in its unit
+ * @property {"score" | "entropy_sum"} entropy_gradient  how grad H was estimated (math.md §3)
  */
 
 /**

@@ -56,7 +56,7 @@ function stepKpis(e, t) {
   // T has no second-order term (docs/math.md §8): say so instead of a bare "–"
   const noSecond = t.d2 ? null : "not derived for the token-mean entropy (docs/math.md §8)";
   return [
-    { key: "dh1", label: `${t.d1} ± 1 s.e. (predicted, ${t.per})`, value: e.delta_h1, se: seTotal(e), text: pmText(e.delta_h1, seTotal(e)), note: `estimator ${e.estimator}; s.e. sampling ${fmt(e.se_sampling)}, sketch ${fmt(e.se_sketch)}`, title: `first-order change of the ${t.name}, η <grad_hat ${t.symbol}, g_hat>` },
+    { key: "dh1", label: `${t.d1} ± 1 s.e. (predicted, ${t.per})`, value: e.delta_h1, se: seTotal(e), text: pmText(e.delta_h1, seTotal(e)), note: `estimator ${e.estimator}, grad ${t.symbol} from ${e.entropy_gradient === "entropy_sum" ? "the entropy sums" : "the score rows"}; s.e. sampling ${fmt(e.se_sampling)}, sketch ${fmt(e.se_sketch)}`, title: `first-order change of the ${t.name}, η <grad_hat ${t.symbol}, g_hat>` },
     { key: "realized", label: `realized ${t.delta} ± 1 s.e. (${t.per})`, value: flat.realized, se: flat.realized_se, text: pmText(flat.realized, flat.realized_se), note: realizedNote(real, t), title: `the change of the ${t.name} that happened (docs/math.md ${t.key === "sequence" ? "§6" : "§8"})` },
     { key: "ratio", label: `realized / ${t.d1} [2 s.e.]`, value: e.ratio, text: ratioText(flat), note: ratioNote(e, t), title: "1 = first order explains the whole change" },
     { key: "kl", label: "step size KL(π‖π′) ± 1 s.e. (nats)", value: taylor.kl, se: taylor.kl_se, text: pmText(taylor.kl, taylor.kl_se), note: `limits ${KL_FIRST_ORDER} nats (first order), ${KL_SECOND_ORDER} nats (second order)`, title: "KL of the policy after the step from the policy before, per prompt, averaged; from logprob_after" },

@@ -755,6 +755,10 @@ def test_dashboard_pages_render_sort_and_update_live(
             assert "± 1 s.e." in realized["label"] and "±" in realized["text"]
             assert e["realized"]["estimator"].replace("_", " ") in realized["note"]
             assert "SNIS" in realized["note"] and e["realized"]["delta_h_snis"] is not None
+            # dH1 names its estimator and how grad H was estimated (math.md §3)
+            assert f"estimator {e['estimator']}" in kpi("dh1")["note"]
+            assert "from the score rows" in kpi("dh1")["note"]
+            assert e["entropy_gradient"] == "score"
             ratio = kpi("ratio")
             assert ratio["text"] == ratio_text(flat_ratio(e)) and "[" in ratio["text"]
             assert "Fieller" in ratio["note"]

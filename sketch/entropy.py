@@ -5,7 +5,9 @@ Everything is computed from the step's kernel ``K`` (float64 ``[n, n]``, rows in
 
 * ``c_i = lambda_i A_i`` (:func:`update_coefficients`, math.md §2): ``g_hat = sum_i c_i w_i``;
 * ``h_j = -(S_j - Sbar_{p,-j}) / (B M_p)`` (:func:`entropy_coefficients`, math.md §3):
-  ``grad_hat H = sum_j h_j w_j``;
+  ``grad_hat H = sum_j h_j w_j``; or, with the rows ``z_j`` of the entropy sums' gradients,
+  ``sum_j alpha_j w_j + beta_j z_j`` (:mod:`sketch.rao_blackwell`), every pair sum below then
+  running over ``e_j = alpha_j w_j + beta_j z_j`` in place of ``h_j w_j``;
 * ``dH1 = eta sum_{j in E, i in U} h_j W(j, i) K(j, i) c_i`` (math.md §4) with
 
   - ``independent``: E = entropy-role rows, U = update-role rows, W = 1 (E, U disjoint);

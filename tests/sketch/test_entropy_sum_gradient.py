@@ -206,22 +206,26 @@ def test_entropy_sum_gradient_is_the_pair_sum_of_its_rows(truth: Truth, estimato
     codes, prompts = seqs.prompt_index(ent)
     n = seqs.n
     weights = np.zeros((n, n))
-    alpha = np.zeros(n)
-    beta = np.zeros(n)
+
+    def coefficients(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``alpha``, ``beta`` by loops, each row's baseline and count over its part."""
+        alpha, beta = np.zeros(n), np.zeros(n)
+        for rows in parts:
+            codes_x, _ = seqs.prompt_index(rows)
+            for j in np.flatnonzero(rows):
+                mates = np.flatnonzero(codes_x == codes_x[j])
+                others = mates[mates != j]
+                base = seqs.entropy_sum[others].mean() if others.size else 0.0
+                beta[j] = 1.0 / (len(prompts) * mates.size)
+                alpha[j] = (seqs.entropy_sum[j] - base) * beta[j]
+        return alpha, beta
+
+    half = None
     if estimator == "cross_fit":
         half = cross_fit_halves(seqs.ids, seqs.prompt_ids, seqs.update_mask)
-        groups = [(ent & (half == x)) for x in (0, 1)]
+        alpha, beta = coefficients([ent & (half == x) for x in (0, 1)])
     else:
-        half = None
-        groups = [ent]
-    for rows in groups:
-        codes_x, _ = seqs.prompt_index(rows)
-        for j in np.flatnonzero(rows):
-            mates = np.flatnonzero(codes_x == codes_x[j])
-            others = mates[mates != j]
-            base = seqs.entropy_sum[others].mean() if others.size else 0.0
-            beta[j] = 1.0 / (len(prompts) * mates.size)
-            alpha[j] = (seqs.entropy_sum[j] - base) * beta[j]
+        alpha, beta = coefficients([ent])
     upd = seqs.update_mask
     for j in np.flatnonzero(ent):
         for i in np.flatnonzero(upd):
@@ -285,15 +289,24 @@ def test_entropy_sum_gradient_is_the_pair_sum_of_its_rows(truth: Truth, estimato
     expected = eta * bilinear_error_bar(padded(E), padded(d.U), weights, (8, width))
     assert with_cells.se_sketch == pytest.approx(expected, rel=1e-9)
     if estimator == "cross_fit":  # the applied update pairs with the whole-prompt estimate
-        alpha_w = np.zeros(n)
-        beta_w = np.zeros(n)
-        for j in np.flatnonzero(ent):
-            mates = np.flatnonzero(codes == codes[j])
-            others = mates[mates != j]
-            beta_w[j] = 1.0 / (len(prompts) * mates.size)
-            alpha_w[j] = (seqs.entropy_sum[j] - seqs.entropy_sum[others].mean()) * beta_w[j]
-        E = alpha_w[:, None] * d.W + beta_w[:, None] * d.Z
+        alpha, beta = coefficients([ent])
+        E = alpha[:, None] * d.W + beta[:, None] * d.Z
     assert result.delta_h1_applied == pytest.approx(float(E.sum(0) @ applied), rel=1e-10)
+    declared = entropy_change(
+        d.K,
+        seqs,
+        eta,
+        estimator=estimator,
+        max_length=L,
+        update=d.update,
+        entropy_sums=sums,
+        k_applied=k_applied,
+        applied_includes_step=True,
+    )
+    rest = applied - eta * d.U.sum(0)  # the part of u that is not eta g_hat
+    assert declared.delta_h1_applied == pytest.approx(
+        result.delta_h1 + float(E.sum(0) @ rest), rel=1e-9
+    )
     assert result.decomposition.groups is not None
     assert sum(result.decomposition.groups.values()) == pytest.approx(result.delta_h1, rel=1e-9)
     per = result.per_sequence

@@ -1781,7 +1781,8 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
     The first run logs its answers (``log_metrics``): the main process's log of each step
     holds that step's ``dH1`` of both ranks' sequences.  An RLOO run over the same split
     (``KernelscopeRLOOTrainer``, step 1 a later clipped pass) has every step ready with both
-    ranks' sequences and the same identity."""
+    ranks' sequences and the same identity, and with every rank's entropy-sum rows
+    (``entropy_sum_rows=True``) the service estimates ``grad H`` from the entropy sums."""
     launch_two_ranks("trl_ranks.py", live_service.base_url, tmp_path)
     run_id = (tmp_path / "run_id").read_text()
     logged = json.loads((tmp_path / "logged.json").read_text())
@@ -1824,6 +1825,8 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
             assert status.ranks_reported == (0, 1) and status.sequences == 12
             prompts = collections.Counter(client.diagonal(rloo_run, step).prompt_ids)
             assert sorted(prompts.values()) == [4, 4, 4]
+            # both ranks' entropy-sum rows: grad H from the entropy sums
+            assert client.entropy(rloo_run, step).entropy_gradient == "entropy_sum"
         assert_plugin_is_applied(client, rloo_run, (0, 1, 2))
         resumed = json.loads((tmp_path / "resumed.json").read_text())
         run_id = resumed["first"]

@@ -54,12 +54,12 @@ def main(url: str, out: Path) -> None:
     if trainer.accelerator.is_main_process:
         (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)
     # RLOO over the same split of groups: steps 0 and 1 on generation 0 (step 1 a later,
-    # clipped pass), step 2 on generation 1
+    # clipped pass), step 2 on generation 1; each rank pushes its sequences' entropy-sum rows
     rloo = rloo_trainer(
         out / "rloo",
         KernelscopeRLOOTrainer,
         args=rloo_rank_args(out / "rloo", 0.05, num_iterations=2, epsilon=0.2, max_steps=3),
-        kernelscope=KernelscopeConfig(url=url, sketch=SKETCH_512),
+        kernelscope=KernelscopeConfig(url=url, sketch=SKETCH_512, entropy_sum_rows=True),
     )
     rloo.train()
     if rloo.accelerator.is_main_process:

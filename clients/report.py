@@ -241,6 +241,11 @@ def entropy_table(entropy: Mapping[str, Any]) -> Table:
     rows: list[tuple[str, Any, str]] = [
         ("target", entropy.get("target"), "sequence (nats) / token_mean (nats per token)"),
         ("estimator", entropy.get("estimator"), "independent / u_statistic / plugin / cross_fit"),
+        (
+            "grad H from",
+            entropy.get("entropy_gradient"),
+            "score rows alone / entropy sums and their gradients (math.md §3)",
+        ),
         ("update rows", entropy.get("num_update"), "sequences driving the step (U)"),
         ("entropy rows", entropy.get("num_entropy"), "sequences estimating grad H (E)"),
         ("prompts", entropy.get("num_prompts"), "B"),

@@ -234,6 +234,9 @@ def test_report_step_shows_the_api_numbers(live: Live, step_data: StepData) -> N
         }
     )
     assert cell in out and entropy["taylor"]["regime"] in out
+    # how grad H was estimated (math.md §3): this step has no entropy-sum rows
+    assert entropy["entropy_gradient"] == "score"
+    assert any("grad H from" in line and "score" in line for line in out.splitlines())
     # exact sketch: no sketch error
     assert entropy["se_sketch"] == 0.0
 

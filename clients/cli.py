@@ -271,6 +271,14 @@ def demo(
             help="After training, keep the service up for the dashboard until Ctrl-C.",
         ),
     ] = True,
+    entropy_sum_rows: Annotated[
+        bool,
+        typer.Option(
+            "--entropy-sum-rows",
+            help="Also push each response's entropy-sum gradient: grad H from the entropy sums, "
+            "error bars about a tenth as wide (docs/math.md §3).",
+        ),
+    ] = False,
 ) -> None:
     """Train a tiny GPT-2 with GRPO on the CPU and watch kernelscope predict its entropy.
 
@@ -296,6 +304,6 @@ def demo(
         url=url,
         keep_alive=keep_alive,
         token=token,
-        config=DemoConfig(capture=capture.value),
+        config=DemoConfig(capture=capture.value, entropy_sum_rows=entropy_sum_rows),
         console=_out(),
     )

@@ -147,6 +147,36 @@ def test_demo_against_live_service(
             assert abs(tokens.total - row.delta_h1) <= 4 * row.se_sketch + 1e-9
 
 
+@pytest.mark.parametrize("capture", ["exact", "factorised"])
+def test_demo_with_entropy_sum_rows(live_service: LiveService, capture: str) -> None:
+    """``entropy_sum_rows``: the demo pushes every response's ``z_i`` beside its score row (raw,
+    or made by the factorised capture's extra backward), the service answers every step with
+    ``grad H`` from the entropy sums, the SGD identity ``delta_h1_applied = delta_h1`` still
+    holds, and on the same steps the score-only error bar is wider."""
+    config = DemoConfig(**{**SMALL.__dict__, "capture": capture, "entropy_sum_rows": True})
+    console = _console()
+    run_id = f"demo-sums-{capture}"
+    rows = run_demo(
+        steps=2,
+        url=live_service.base_url,
+        keep_alive=False,
+        config=config,
+        console=console,
+        run_id=run_id,
+    )
+    _check_steps(rows, 2)
+    assert "grad H from the entropy sums" in console.export_text()
+    with Client(live_service.base_url) as client:
+        for row in rows:
+            sums = client.entropy(run_id, row.step, estimator=SMALL.estimator)
+            score = client.entropy(
+                run_id, row.step, estimator=SMALL.estimator, entropy_gradient="score"
+            )
+            assert sums.entropy_gradient == "entropy_sum" and sums.delta_h1 == row.delta_h1
+            assert score.entropy_gradient == "score"
+            assert sums.se_sampling < score.se_sampling
+
+
 def test_demo_starts_its_own_embedded_service() -> None:
     """``url=None``: the demo runs ``python -m service serve`` (embedded Redis in a temporary
     directory) and stops it afterwards."""

@@ -65,16 +65,22 @@ def entropy_gradient(
     parameters: Collection[str] | None = None,
     temperature: float = 1.0,
     use_eval_mode: bool = True,
+    beta: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """``v = grad_hat H = sum_j h_j dS_j/dtheta`` (math.md §3): one forward and one backward pass.
 
     ``entropy``: the entropy-role sequences; ``h``: ``[m]`` float, their coefficients ``h_j``
     (constants); ``parameters``: the names studied (default: every trainable parameter), as the
-    run's kernel covers them.  Returns ``{name: tensor like the parameter}`` float32 (zeros
-    where ``S`` does not depend on one).
+    run's kernel covers them.  ``beta`` (``[m]``): ``grad_hat H`` from the entropy sums,
+    ``sum_j h_j w_j + beta_j grad Hs_j`` with ``h`` their ``alpha`` (math.md §3 "From the
+    entropy sums", :func:`sketch.rao_blackwell.entropy_sum_coefficients`), from the same
+    backward.  Returns ``{name: tensor like the parameter}`` float32 (zeros where ``S`` does
+    not depend on one).
     """
     if h.shape != (entropy.size,):
         raise ValueError(f"h must have one value per entropy sequence, got {tuple(h.shape)}")
+    if beta is not None and beta.shape != (entropy.size,):
+        raise ValueError(f"beta must have one value per entropy sequence, got {tuple(beta.shape)}")
     params = {
         n: p
         for n, p in model.named_parameters()
@@ -89,10 +95,12 @@ def entropy_gradient(
             logits_to_keep=keep,
             position_ids=entropy.positions(),
         )
-        logprobs = response_logprobs(
-            logits, entropy.input_ids, entropy.response_mask, temperature=temperature
-        )
-        total = (h.to(logprobs.device, logprobs.dtype) * logprobs).sum()
+        on = entropy.response_mask.float()
+        weights = h.to(on.device, torch.float32)[:, None] * on
+        sums = None if beta is None else beta.to(on.device, torch.float32)[:, None] * on
+        total = response_logprobs(
+            logits, entropy.input_ids, entropy.response_mask, weights, temperature, sums
+        ).sum()
         grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     return {
         name: (torch.zeros_like(p) if g is None else g.detach()).float()
@@ -458,10 +466,12 @@ def half_directions(
     parameters: Collection[str] | None,
     temperature: float,
     use_eval_mode: bool,
+    beta: torch.Tensor | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """``[v_0, v_1]``, ``v_X = sum_{j in X} h_j w_j`` over half ``X``'s rows (``members``), a
     chunk at a time: one forward and one backward over every row in all (not a backward of the
-    whole batch per half with ``h`` zeroed off it, which would cost one more)."""
+    whole batch per half with ``h`` zeroed off it, which would cost one more); with ``beta``,
+    ``+ beta_j grad Hs_j`` (:func:`entropy_gradient`)."""
     directions: list[dict[str, torch.Tensor]] = [{}, {}]
     for half, total in enumerate(directions):
         for first in range(0, len(members[half]), chunk_size):
@@ -473,6 +483,7 @@ def half_directions(
                 parameters=parameters,
                 temperature=temperature,
                 use_eval_mode=use_eval_mode,
+                beta=None if beta is None else beta[rows],
             )
             for name, g in gradient.items():
                 if name in total:
@@ -499,6 +510,7 @@ def token_shares_cross_fit(
     chunk_size: int = 16,
     directions: Sequence[dict[str, torch.Tensor]] | None = None,
     halves: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
 ) -> TokenShares:
     """The token shares of the ``cross_fit`` estimator (math.md §4 and §9), for a step without
     entropy-role sequences, laid out like :func:`token_shares`'s.
@@ -525,6 +537,11 @@ def token_shares_cross_fit(
     ``halves`` (int ``[n]``, with ``directions``): the sequences' halves when the step has more
     sequences than these (other ranks' of the same prompts): split over all of them, as the
     service splits them, with ``directions`` summed over all of them too.
+
+    ``beta`` (``[n]``, per half as ``h``): the directions from the entropy sums, ``v_X = sum_{j
+    in X} alpha_j w_j + beta_j grad Hs_j`` with ``h`` = ``alpha`` (math.md §3 "From the entropy
+    sums"): the shares of the service's ``cross_fit`` answer when it has the sequences'
+    entropy-sum rows.
     """
     if len(ids) != update.size or len(prompt_ids) != update.size or h.shape != (update.size,):
         raise ValueError("ids, prompt_ids and h must have one entry per update sequence")
@@ -548,6 +565,7 @@ def token_shares_cross_fit(
             parameters=parameters,
             temperature=temperature,
             use_eval_mode=use_eval_mode,
+            beta=beta,
         )
     elif len(directions) != 2:
         raise ValueError(f"directions must be [v_0, v_1], got {len(directions)}")

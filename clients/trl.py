@@ -92,6 +92,7 @@ from clients.uploads import RowKind
 from clients.zero import local_partition
 from sketch.base import Sketcher
 from sketch.entropy import estimator_entropy_coefficients, estimator_halves
+from sketch.rao_blackwell import entropy_sum_coefficients
 from sketch.sequences import StepSequences
 from sketch.spec import SketchSpec, build_sketcher
 
@@ -458,8 +459,8 @@ class KernelscopeConfig:
         enumeration is a tenth of the score-only estimate's at the same samples.  One more
         backward per micro-batch over the capture's forward (rows from hooks) or one more
         chunked capture (exact chunks), and ``k`` more floats per sequence.  Needs
-        ``push_entropy_sums``; not with ``token_shares`` (their direction is the score-only
-        estimate).  Off by default.
+        ``push_entropy_sums``.  With ``token_shares`` their directions come from the entropy
+        sums too (passes of their own).  Off by default.
     check_logprobs:
         on the first micro-batch, compare the captured ``S_i`` with TRL's own log-probs and
         warn (``RuntimeWarning``) when they differ (one extra forward).
@@ -528,11 +529,6 @@ class KernelscopeConfig:
                 raise ValueError(f"KernelscopeConfig.{name} must be an integer >= 1, got {value!r}")
         if self.entropy_sum_rows and not self.push_entropy_sums:
             raise ValueError("KernelscopeConfig.entropy_sum_rows needs push_entropy_sums")
-        if self.entropy_sum_rows and self.token_shares:
-            raise ValueError(
-                "KernelscopeConfig.entropy_sum_rows with token_shares: the shares' direction is"
-                " the score-only grad_hat H, and would not add up to the step's dH1"
-            )
 
 
 @dataclass
@@ -547,19 +543,26 @@ class _MicroBatch:
 
 
 def _cross_fit_split(
-    records: list[dict[str, Any]], ids: list[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([n] h_j, [n] int64 halves)`` of the sequences ``ids`` in the step whose sequences
-    are ``records`` (``S_j`` included): the ``cross_fit`` coefficients and halves, computed
-    over all of them as the service computes them (-1: a sequence without a half)."""
+    records: list[dict[str, Any]], ids: list[str], entropy_sums: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``([n] h_j, [n] beta_j or None, [n] int64 halves)`` of the sequences ``ids`` in the
+    step whose sequences are ``records`` (``S_j`` included): the ``cross_fit`` coefficients and
+    halves, computed over all of them as the service computes them (-1: a sequence without a
+    half).  With ``entropy_sums`` (every record has its ``entropy_sum``) ``h`` is the entropy
+    sums' ``alpha`` and ``beta`` theirs (math.md §3 "From the entropy sums")."""
     seqs = StepSequences.from_records(records)
-    h = estimator_entropy_coefficients(seqs, "cross_fit")
     halves = estimator_halves(seqs, "cross_fit")
     assert halves is not None
+    beta = None
+    if entropy_sums:
+        h, beta = entropy_sum_coefficients(seqs, seqs.update_mask, halves)
+    else:
+        h = estimator_entropy_coefficients(seqs, "cross_fit")
     row_of = {seq_id: row for row, seq_id in enumerate(seqs.ids)}
     rows = [row_of[i] for i in ids]
     return (
         torch.tensor([float(h[r]) for r in rows]),
+        None if beta is None else torch.tensor([float(beta[r]) for r in rows]),
         torch.tensor([int(halves[r]) for r in rows], dtype=torch.int64),
     )
 
@@ -1452,8 +1455,11 @@ class _KernelscopeTrainer(_TRLTrainer):
         # With several ranks a prompt's sequences are spread over them: each h_j needs every
         # rank's S first, so the directions come from passes of their own, summed over ranks
         # (_kernelscope_token_shares).
+        # (The directions from the entropy sums have passes of their own too: the hooks add up
+        # the score rows' part alone.)
         if (
             self.kernelscope.token_shares
+            and not self.kernelscope.entropy_sum_rows
             and (self._factorised is not None or self._hooked is not None)
             and int(self.accelerator.num_processes) == 1
         ):
@@ -1711,7 +1717,7 @@ class _KernelscopeTrainer(_TRLTrainer):
         prompts' ``S`` are placeholders, which no ``h_j`` of these prompts depends on."""
         known = dict(zip(ids, logprobs.tolist(), strict=True))
         records = [{**r, "logprob": known.get(r["id"], 0.0)} for r in window.records.values()]
-        h, halves = _cross_fit_split(records, ids)
+        h, _, halves = _cross_fit_split(records, ids)
         out = torch.zeros(2, len(ids))
         for column in range(len(ids)):
             if halves[column] >= 0:
@@ -1731,7 +1737,9 @@ class _KernelscopeTrainer(_TRLTrainer):
 
         gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, [window.records[i] for i in ids])
-        h, halves = _cross_fit_split([r for part in gathered for r in (part or [])], ids)
+        h, beta, halves = _cross_fit_split(
+            [r for part in gathered for r in (part or [])], ids, self.kernelscope.entropy_sum_rows
+        )
         members = [torch.nonzero(halves == half).flatten().tolist() for half in (0, 1)]
         local = half_directions(
             self._kernelscope_policy(),
@@ -1742,6 +1750,7 @@ class _KernelscopeTrainer(_TRLTrainer):
             parameters=set(self._kernelscope_parameters),
             temperature=float(self.temperature),
             use_eval_mode=True,
+            beta=beta,
         )
         device = batch.input_ids.device
         directions: list[dict[str, torch.Tensor]] = [{}, {}]
@@ -1768,8 +1777,10 @@ class _KernelscopeTrainer(_TRLTrainer):
             on_policy = self._kernelscope_on_policy(window, ids, batch)
             layout = TokenCoefficients(on_policy.to(batch.input_ids.device), None)
         coefficients, bonus = layout.logprob, layout.entropy
-        seqs = StepSequences.from_records([window.records[i] for i in ids])
-        h = torch.from_numpy(estimator_entropy_coefficients(seqs, "cross_fit")).float()
+        records = [window.records[i] for i in ids]
+        seqs = StepSequences.from_records(records)
+        # the service's grad_hat H: from the entropy sums when the rows carry them
+        h, beta, _ = _cross_fit_split(records, ids, self.kernelscope.entropy_sum_rows)
         halves = None
         if int(self.accelerator.num_processes) > 1:
             directions, halves = self._kernelscope_directions_of_all_ranks(window, ids, batch)
@@ -1789,6 +1800,7 @@ class _KernelscopeTrainer(_TRLTrainer):
             chunk_size=max(m.batch.size for m in micro),
             directions=directions or None,
             halves=halves,
+            beta=beta,
         )
         tokenizer = getattr(self, "processing_class", None)
         out: dict[str, dict[str, Any]] = {}

@@ -1554,8 +1554,7 @@ def test_entropy_sum_rows_give_the_services_entropy_gradient(
     score rows (from the hooks' forward, from exact chunks, or factorised), so the service
     answers with ``entropy_gradient = entropy_sum`` (math.md §3) on both steps of a run whose
     second step is a later clipped pass; ``plugin dH1 = delta_h1_applied`` still holds (AdamW
-    with ``beta1 = 0``, or SGD); the configuration refuses it without entropy sums or with
-    token shares."""
+    with ``beta1 = 0``, or SGD); the configuration refuses it without entropy sums."""
     args = sgd_args(
         tmp_path,
         learning_rate=1e-3 if optim != "sgd" else 0.05,
@@ -1578,9 +1577,8 @@ def test_entropy_sum_rows_give_the_services_entropy_gradient(
         for step in (0, 1):
             answer = client.entropy(trainer.kernelscope_run_id, step)
             assert answer.entropy_gradient == "entropy_sum"
-    for wrong in ({"push_entropy_sums": False}, {"token_shares": True}):
-        with pytest.raises(ValueError, match="entropy_sum_rows"):
-            KernelscopeConfig(url=live_service.base_url, entropy_sum_rows=True, **wrong)
+    with pytest.raises(ValueError, match="entropy_sum_rows"):
+        KernelscopeConfig(url=live_service.base_url, entropy_sum_rows=True, push_entropy_sums=False)
 
 
 def test_entropy_sums_before_the_step_come_from_the_capture_forward(
@@ -1767,9 +1765,10 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
     rows); step 2's are new ids.  The one-process identity holds on every step:
     ``plugin dH1 = delta_h1_applied`` from the DDP-averaged update.
 
-    A second run with ``token_shares=True`` (exact kernel, the same split of groups over the
-    ranks): each rank pushes its own sequences' token shares, with the ``cross_fit`` halves
-    and directions of all ranks' sequences, and every step's shares add up, per sequence, to
+    A second run with ``token_shares=True`` and ``entropy_sum_rows=True`` (exact kernel, the
+    same split of groups over the ranks): each rank pushes its own sequences' token shares,
+    with the ``cross_fit`` halves and directions of all ranks' sequences (from their entropy
+    sums, as the service's ``grad_hat H``), and every step's shares add up, per sequence, to
     the service's ``cross_fit`` ``a_i`` and in total to its ``delta_h1``, as with one
     process.
 
@@ -1814,6 +1813,7 @@ def test_two_ranks_push_one_step_each(live_service: LiveService, tmp_path: Path)
             report = client.entropy(tokens_run, step, estimator="cross_fit")
             tokens = client.tokens(tokens_run, step, top=5)
             assert tokens.estimator == "cross_fit" and len(tokens.sequences) == 12
+            assert report.entropy_gradient == "entropy_sum"
             assert report.delta_h1 != 0.0
             assert tokens.total == pytest.approx(report.delta_h1, rel=1e-3, abs=1e-9)
             a = {s["id"]: s["a"] for s in report.per_sequence if s["a"] is not None}
@@ -1894,14 +1894,15 @@ def test_fsdp2_ranks_push_steps_with_the_identities_of_one_process(
 
 
 @pytest.mark.parametrize(
-    ("bonus", "moe", "trainer_class"),
+    ("bonus", "moe", "trainer_class", "sums"),
     [
-        ({}, False, KernelscopeGRPOTrainer),
-        ({"entropy_coef": 0.1}, False, KernelscopeGRPOTrainer),
-        ({"router_aux_loss_coef": 0.0}, True, KernelscopeGRPOTrainer),
-        ({}, False, _DoubledKernelscope),
+        ({}, False, KernelscopeGRPOTrainer, False),
+        ({"entropy_coef": 0.1}, False, KernelscopeGRPOTrainer, False),
+        ({"router_aux_loss_coef": 0.0}, True, KernelscopeGRPOTrainer, False),
+        ({}, False, _DoubledKernelscope, False),
+        ({}, False, KernelscopeGRPOTrainer, True),
     ],
-    ids=["plain", "entropy_bonus", "moe", "own_loss"],
+    ids=["plain", "entropy_bonus", "moe", "own_loss", "entropy_sums"],
 )
 def test_token_shares_add_up_to_the_services_dh1(
     live_service: LiveService,
@@ -1909,6 +1910,7 @@ def test_token_shares_add_up_to_the_services_dh1(
     bonus: dict[str, float],
     moe: bool,
     trainer_class: type[KernelscopeGRPOTrainer],
+    sums: bool,
 ) -> None:
     """``token_shares=True`` on a real GRPO run (exact kernel, plain SGD, accumulation 2, the
     first step on-policy, the second a later clipped PPO pass with update rows), without and
@@ -1917,20 +1919,23 @@ def test_token_shares_add_up_to_the_services_dh1(
     shares' pass runs their eager implementation), and of a trainer with a loss of its own
     (twice TRL's: the shares take its coefficients, as the rows do): each step's token shares
     sum, per sequence, to the service's ``cross_fit`` ``a_i`` and in total to its
-    ``delta_h1``; the tokens carry their text and the covariance comparison is answered."""
+    ``delta_h1``; the tokens carry their text and the covariance comparison is answered.  With
+    ``entropy_sum_rows`` the shares take their directions from the entropy sums, as the
+    service's ``grad_hat H`` then does (math.md §3), and add up to that answer."""
     args = sgd_args(tmp_path, learning_rate=0.05, num_iterations=2, epsilon=0.02, **bonus)
     exact = {"kind": "exact", "dim": 1}
+    config = KernelscopeConfig(
+        url=live_service.base_url, sketch=exact, token_shares=True, entropy_sum_rows=sums
+    )
     trainer = sgd_trainer(
-        args,
-        KernelscopeConfig(url=live_service.base_url, sketch=exact, token_shares=True),
-        model=tiny_moe() if moe else None,
-        trainer_class=trainer_class,
+        args, config, model=tiny_moe() if moe else None, trainer_class=trainer_class
     )
     trainer.train()
     with Client(live_service.base_url) as client:
         for step in (0, 1):
             client.wait_ready(trainer.kernelscope_run_id, step, timeout=60)
             report = client.entropy(trainer.kernelscope_run_id, step, estimator="cross_fit")
+            assert report.entropy_gradient == ("entropy_sum" if sums else "score")
             tokens = client.tokens(trainer.kernelscope_run_id, step, top=5)
             assert tokens.estimator == "cross_fit" and tokens.num_tokens > 0
             assert tokens.total == pytest.approx(report.delta_h1, rel=1e-3, abs=1e-9)

@@ -46,10 +46,12 @@ def main(url: str, out: Path) -> None:
         ]
         (out / "logged.json").write_text(json.dumps(logged))
     # Token shares over the same split of groups (exact kernel, raw rows), two steps on
-    # generation 0: on-policy, then a later clipped pass (update rows).
+    # generation 0: on-policy, then a later clipped pass (update rows); their directions from
+    # the entropy sums of every rank's sequences
     args = rank_args(out / "tokens", 0.05, num_iterations=2)
     exact = {"kind": "exact", "dim": 1}
-    trainer = sgd_trainer(args, KernelscopeConfig(url=url, sketch=exact, token_shares=True))
+    config = KernelscopeConfig(url=url, sketch=exact, token_shares=True, entropy_sum_rows=True)
+    trainer = sgd_trainer(args, config)
     trainer.train()
     if trainer.accelerator.is_main_process:
         (out / "tokens_run_id").write_text(trainer.kernelscope_run_id)

@@ -113,12 +113,23 @@ def test_shares_add_up_to_each_a_i_and_to_the_kernels_dh1(model: nn.Module) -> N
 def test_entropy_gradient_is_the_weighted_sum_of_score_gradients(
     model: nn.Module, batch: SequenceBatch
 ) -> None:
-    """``v = sum_j h_j w_j`` with the captured per-sequence ``w_j``."""
+    """``v = sum_j h_j w_j`` with the captured per-sequence ``w_j``, and with ``beta`` ``+ sum_j
+    beta_j z_j`` with the captured gradients ``z_j`` of the entropy sums."""
     h = torch.linspace(-1.0, 1.0, batch.size)
     v = entropy_gradient(model, batch, h)
     captured = capture_gradients(model, batch, chunk_size=batch.size)
     for name, g in captured.gradients.items():
         torch.testing.assert_close(v[name], torch.einsum("n,n...->...", h, g), rtol=1e-4, atol=1e-6)
+    # from the entropy sums: sum_j h_j w_j + beta_j z_j, z_j = grad sum_t H_t (math.md §3)
+    beta = torch.linspace(0.5, 2.0, batch.size)
+    v = entropy_gradient(model, batch, h, beta=beta)
+    mask = batch.response_mask.float()
+    z = capture_gradients(model, batch, chunk_size=batch.size, entropy_coefficients=mask)
+    for name, g in captured.gradients.items():
+        want = torch.einsum("n,n...->...", h, g) + torch.einsum(
+            "n,n...->...", beta, z.gradients[name]
+        )
+        torch.testing.assert_close(v[name], want, rtol=1e-4, atol=1e-6)
 
 
 def test_u_statistic_shares_drop_the_self_term_and_add_up(model: nn.Module) -> None:

@@ -877,7 +877,7 @@ def entropy_change(
     if token_mean:
         d_entropy = eta * pair_products(side_sequence.cross(C, D), ones, seqs, ent, est).total
         d_length = eta * pair_products(C, lengths, seqs, ent, est).total
-        influence = b + level_influence(lv, d_entropy, d_length)
+        influence = influence + level_influence(lv, d_entropy, d_length)
     a = eta * pairs.row_a
     delta_h1 = eta * pairs.total
     pair_types = {

@@ -61,8 +61,8 @@ from sketch.sequences import (
     Normalization,
     Role,
     StepSequences,
+    centred_coefficients,
     group_sizes,
-    leave_one_out_mean,
     per_prompt_covariance,
 )
 from sketch.taylor import TaylorCheck, taylor_check
@@ -149,16 +149,7 @@ def entropy_coefficients(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
     ``B`` = number of distinct prompts among the masked rows, ``M_p`` = masked rows of prompt
     ``p``; ``Sbar_{p,-j}`` is the leave-one-out mean (0 when ``M_p = 1``).
     """
-    keep = np.asarray(mask, dtype=bool)
-    codes, prompts = seqs.prompt_index(keep)
-    h = np.zeros(seqs.n, dtype=np.float64)
-    if not prompts:
-        return h
-    B = float(len(prompts))
-    M = group_sizes(codes).astype(np.float64)
-    base = leave_one_out_mean(seqs.logprob, codes)
-    h[keep] = -(seqs.logprob[keep] - base[keep]) / (B * M[keep])
-    return h
+    return centred_coefficients(seqs, -seqs.logprob, mask)
 
 
 def default_estimator(seqs: StepSequences) -> Estimator:
@@ -858,15 +849,14 @@ def entropy_change(
     step = coefficient_updates(mat, c) if update is None else _checked_update(update, seqs.n, upd)
     C = step.cross
     D = None if sums is None else sums.cross * upd[None, :]
-    Ce = side.cross(C, D)
+    Ce = Ce_sequence = side_sequence.cross(C, D)  # <e_j, u_i> of grad_hat H
     if token_mean and est is not Estimator.INDEPENDENT:
         # E = U: row i's pairs take levels without row i, which its update row would bias
         # (the levels' part of dT1 is a product of two estimates from the same rows).
         level_h, level_l = leave_one_out_levels(seqs, ent)
-        Ce = (
-            side_sequence.cross(C, D) / level_l[None, :]
-            - lengths[:, None] * C * (level_h / level_l**2)[None, :]
-        )
+        Ce = Ce_sequence / level_l[None, :] - lengths[:, None] * C * (level_h / level_l**2)[None, :]
+    elif token_mean:
+        Ce = side.cross(C, D)
     pairs = pair_products(Ce, ones, seqs, ent, est)
     b = eta * ones * pairs.row_b
     # Per-row parts of dH1's error for its sampling error: b_j less what row j's pairs
@@ -875,7 +865,7 @@ def entropy_change(
     # sketch.token_mean).
     influence = b - eta * pairs.row_b_centre
     if token_mean:
-        d_entropy = eta * pair_products(side_sequence.cross(C, D), ones, seqs, ent, est).total
+        d_entropy = eta * pair_products(Ce_sequence, ones, seqs, ent, est).total
         d_length = eta * pair_products(C, lengths, seqs, ent, est).total
         influence = influence + level_influence(lv, d_entropy, d_length)
     a = eta * pairs.row_a
@@ -910,8 +900,8 @@ def entropy_change(
     # Diagonal-kernel approximation, always with grad_hat H over the update rows.
     side_upd = entropy_side(seqs, Estimator.PLUGIN, upd, sums)
     if token_mean:
-        h_upd = token_mean_coefficients(seqs, upd, side_upd.alpha)
-        side_upd = side_upd.scaled(h_upd[0], 1.0 / h_upd[2].length)
+        h_upd, _, lv_upd = token_mean_coefficients(seqs, upd, side_upd.alpha)
+        side_upd = side_upd.scaled(h_upd, 1.0 / lv_upd.length)
     diagonal = side_upd.alpha * np.diag(C)
     if side_upd.beta is not None:
         assert D is not None

@@ -39,7 +39,12 @@ from numpy.typing import NDArray
 
 from sketch.cross_fit import per_half
 from sketch.kernel import FloatArray, check_kernel
-from sketch.sequences import BoolArray, StepSequences, group_sizes, leave_one_out_mean
+from sketch.sequences import (
+    BoolArray,
+    StepSequences,
+    centred_coefficients,
+    prompt_mean_weights,
+)
 
 
 class EntropyGradient(str, Enum):
@@ -108,28 +113,14 @@ def uses_entropy_sums(
     return bool(np.all(kernels.has_row[ent]) and np.all(np.isfinite(seqs.entropy_sum[ent])))
 
 
-def _alpha(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
+def _alpha(seqs: StepSequences, mask: BoolArray) -> FloatArray:
     """``(Hs_j - Hsbar_{p,-j}) / (B M_p)`` over ``mask`` (0 elsewhere)."""
-    keep = np.asarray(mask, dtype=bool)
-    codes, prompts = seqs.prompt_index(keep)
-    out = np.zeros(seqs.n, dtype=np.float64)
-    if not prompts:
-        return out
-    M = group_sizes(codes).astype(np.float64)
-    sums = np.where(keep, seqs.entropy_sum, 0.0)
-    base = leave_one_out_mean(sums, codes)
-    out[keep] = (sums[keep] - base[keep]) / (len(prompts) * M[keep])
-    return out
+    return centred_coefficients(seqs, seqs.entropy_sum, mask)
 
 
-def _beta(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
+def _beta(seqs: StepSequences, mask: BoolArray) -> FloatArray:
     """``1 / (B M_p)`` over ``mask`` (0 elsewhere)."""
-    keep = np.asarray(mask, dtype=bool)
-    codes, prompts = seqs.prompt_index(keep)
-    out = np.zeros(seqs.n, dtype=np.float64)
-    if prompts:
-        out[keep] = 1.0 / (len(prompts) * group_sizes(codes)[keep])
-    return out
+    return prompt_mean_weights(seqs, mask)[0]
 
 
 def entropy_sum_coefficients(

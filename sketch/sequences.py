@@ -267,6 +267,29 @@ def leave_one_out_mean(values: FloatArray, codes: IntArray) -> FloatArray:
     return out
 
 
+def prompt_mean_weights(seqs: StepSequences, mask: BoolArray) -> tuple[FloatArray, IntArray]:
+    """``1 / (B M_p)`` per row of ``mask`` (0 elsewhere; ``B`` its prompts, ``M_p`` its rows of
+    prompt ``p``), the weight of a row in ``(1/B) sum_p mean_{j in p}``, and the rows' prompt
+    codes (:meth:`StepSequences.prompt_index`)."""
+    keep = np.asarray(mask, dtype=bool)
+    codes, prompts = seqs.prompt_index(keep)
+    weight = np.zeros(seqs.n)
+    if prompts:
+        weight[keep] = 1.0 / (len(prompts) * group_sizes(codes)[keep].astype(np.float64))
+    return weight, codes
+
+
+def centred_coefficients(seqs: StepSequences, values: FloatArray, mask: BoolArray) -> FloatArray:
+    """``(x_j - xbar_{p,-j}) / (B M_p)`` over the rows of ``mask``, float64 ``[n]`` (0
+    elsewhere, whatever ``values`` holds there): the score-function coefficients of a per-row
+    value ``x`` with the leave-one-out baseline of math.md §3 (``x = -S`` gives ``h_j``, the
+    lengths ``l_j``, the entropy sums ``alpha_j``)."""
+    weight, codes = prompt_mean_weights(seqs, mask)
+    inside = codes >= 0
+    x = np.where(inside, values, 0.0)
+    return np.where(inside, (x - leave_one_out_mean(x, codes)) * weight, 0.0)
+
+
 def per_prompt_covariance(x: FloatArray, y: FloatArray, codes: IntArray) -> float | None:
     """``sum_p M_p cov_{j in p}(x_j, y_j)`` (ddof 1) over the rows with ``codes >= 0``.
 

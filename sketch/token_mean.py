@@ -52,9 +52,11 @@ from numpy.typing import NDArray
 from sketch.sequences import (
     FloatArray,
     StepSequences,
+    centred_coefficients,
     group_sizes,
     leave_one_out_mean,
     per_prompt_covariance,
+    prompt_mean_weights,
 )
 
 
@@ -85,17 +87,6 @@ class Levels:
         return self.entropy / self.length
 
 
-def _weights(seqs: StepSequences, mask: NDArray[Any]) -> tuple[FloatArray, NDArray[np.int64]]:
-    """``1 / (B M_p)`` per masked row (0 elsewhere) and the rows' prompt codes."""
-    keep = np.asarray(mask, dtype=bool)
-    codes, prompts = seqs.prompt_index(keep)
-    weight = np.zeros(seqs.n)
-    if prompts:
-        M = group_sizes(codes).astype(np.float64)
-        weight[keep] = 1.0 / (len(prompts) * M[keep])
-    return weight, codes
-
-
 def sequence_entropies(seqs: StepSequences) -> FloatArray:
     """``H_j``: ``entropy_sum`` where the trainer sent it, else ``-S_j``; float64 ``[n]``.
 
@@ -108,7 +99,7 @@ def sequence_entropies(seqs: StepSequences) -> FloatArray:
 def levels(seqs: StepSequences, mask: NDArray[Any]) -> Levels:
     """:class:`Levels` over the rows in ``mask``; raises ``ValueError`` when they are empty or
     have no tokens."""
-    weight, _ = _weights(seqs, mask)
+    weight, _ = prompt_mean_weights(seqs, mask)
     if not weight.any():
         raise ValueError("no rows to estimate the token-mean entropy from")
     entropy_parts = sequence_entropies(seqs) * weight
@@ -123,9 +114,7 @@ def length_coefficients(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
     """``l_j = (n_j - nbar_{p,-j}) / (B M_p)``, float64 ``[n]`` (0 outside ``mask``): with
     ``grad_hat Lbar = sum_j l_j w_j``, the score-function gradient of the mean expected length,
     a leave-one-out baseline as in math.md §3."""
-    weight, codes = _weights(seqs, mask)
-    n = seqs.num_tokens.astype(np.float64)
-    return (n - leave_one_out_mean(n, codes)) * weight
+    return centred_coefficients(seqs, seqs.num_tokens.astype(np.float64), mask)
 
 
 def token_mean_coefficients(
@@ -238,7 +227,7 @@ def entropy_sum_change(seqs: StepSequences, mask: NDArray[Any]) -> FloatArray:
     Rows in ``mask`` must know ``logprob_after``, ``entropy_sum`` and ``entropy_sum_after``.
     """
     keep = np.asarray(mask, dtype=bool)
-    weight, codes = _weights(seqs, keep)
+    weight, codes = prompt_mean_weights(seqs, keep)
     return _entropy_sum_parts(seqs, keep, weight, codes, _importance_ratios(seqs, keep))
 
 
@@ -287,7 +276,7 @@ def realized_token_mean(
     keep = chosen & _knows_the_step(seqs)
     if not keep.any():
         return None
-    weight, codes = _weights(seqs, keep)
+    weight, codes = prompt_mean_weights(seqs, keep)
     n = seqs.num_tokens.astype(np.float64)
     if float((n * weight).sum()) <= 0:
         return None

@@ -1778,7 +1778,6 @@ class _KernelscopeTrainer(_TRLTrainer):
             layout = TokenCoefficients(on_policy.to(batch.input_ids.device), None)
         coefficients, bonus = layout.logprob, layout.entropy
         records = [window.records[i] for i in ids]
-        seqs = StepSequences.from_records(records)
         # the service's grad_hat H: from the entropy sums when the rows carry them
         h, beta, _ = _cross_fit_split(records, ids, self.kernelscope.entropy_sum_rows)
         halves = None
@@ -1787,8 +1786,8 @@ class _KernelscopeTrainer(_TRLTrainer):
         result = token_shares_cross_fit(
             self._kernelscope_policy(),
             batch,
-            seqs.ids,
-            seqs.prompt_ids,
+            ids,
+            [str(r["prompt_id"]) for r in records],
             coefficients,
             h,
             1.0,
